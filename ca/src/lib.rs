@@ -1,0 +1,8 @@
+//! stepmesh's identity authority: SPIFFE IDs, X.509-SVID issuance and
+//! validation, trust bundles, credential verification and the gRPC CA.
+//!
+//! The sidecar (`stepmesh` crate) uses [`spiffe_id`] and [`svid`] in its TLS
+//! verifiers and [`client`] to obtain its SVID; `stepmesh ca serve` runs
+//! [`server`].
+
+pub mod proto;

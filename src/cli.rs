@@ -1,0 +1,40 @@
+//! The command line: one binary, one subcommand per part of the mesh.
+//! Each subcommand's arguments live beside the code that runs it.
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// stepmesh: SPIFFE mTLS sidecar, certificate authority, injector and tools.
+#[derive(Debug, Parser)]
+#[command(name = "stepmesh", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format (the filter comes from RUST_LOG, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t, env = "STEPMESH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The parts of stepmesh.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificate authority.
+    #[command(subcommand)]
+    Ca(crate::ca_cmd::CaCommand),
+    /// The sidecar proxy: mTLS in and out, identity authorization, step-up gate.
+    Proxy(Box<crate::proxy::ProxyArgs>),
+    /// Install (or remove) the iptables rules of transparent interception.
+    Init(crate::init::InitArgs),
+    /// Sidecar injection: the admission webhook, or offline on YAML files.
+    Inject(crate::inject::InjectArgs),
+    /// Policy tools: check, explain a decision, compile to NetworkPolicies.
+    #[command(subcommand)]
+    Policy(crate::policy::PolicyCommand),
+    /// Certificate tools.
+    #[command(subcommand)]
+    Cert(crate::cert_cmd::CertCommand),
+    /// A whole mesh on loopback: CA, identity provider, two workloads.
+    Demo(crate::demo::DemoArgs),
+}
