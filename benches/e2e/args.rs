@@ -1,0 +1,138 @@
+//! Flags of the end-to-end benchmark (`cargo bench --bench e2e -- --help`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// End-to-end latency benchmark: client → outbound sidecar → mTLS →
+/// inbound sidecar → backend, against the same load sent directly.
+#[derive(Debug, Parser)]
+#[command(name = "e2e")]
+pub struct Args {
+    /// Fixed request rate of the latency scenario (requests per second).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Measured seconds of each latency, saturation and connection-rate run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before measuring (latency scenario).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Keep-alive connections of the latency scenario.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Keep-alive connections of the saturation scenario.
+    #[arg(long, default_value_t = 64)]
+    pub sat_connections: usize,
+    /// Connections in flight in the new-connection-per-request scenario.
+    #[arg(long, default_value_t = 16)]
+    pub conn_concurrency: usize,
+    /// Response body size of the HTTP backend, in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// MiB pushed through the echo backend in the bulk scenario.
+    #[arg(long, default_value_t = 256)]
+    pub bulk_mib: u64,
+    /// Idle connections held open in the memory scenario.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_conns: usize,
+    /// Rounds of every scenario; the tables show the median round.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Scenarios to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::all())]
+    pub scenarios: Vec<Scenario>,
+    /// Paths to measure (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Path::Direct, Path::L4, Path::Http])]
+    pub paths: Vec<Path>,
+    /// The stepmesh binary (default: target/release/stepmesh of this workspace).
+    #[arg(long)]
+    pub stepmesh: Option<PathBuf>,
+    /// Where to write the JSON results (default: target/bench-e2e.json).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Keep the temporary directory (process logs, policies) for inspection.
+    #[arg(long)]
+    pub keep_logs: bool,
+    /// Internal: run as the backend child process.
+    #[arg(long, hide = true)]
+    pub serve_backend: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    pub bench: bool,
+}
+
+impl Args {
+    /// `--duration` as a Duration.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration)
+    }
+
+    /// `--warmup` as a Duration.
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup)
+    }
+
+    /// Whether `scenario` was asked for.
+    pub fn wants(&self, scenario: Scenario) -> bool {
+        self.scenarios.contains(&scenario)
+    }
+
+    /// Whether any path goes through sidecars.
+    pub fn needs_mesh(&self) -> bool {
+        self.paths.iter().any(|p| *p != Path::Direct)
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Latency percentiles at a fixed rate (open loop).
+    Latency,
+    /// Maximum throughput (closed loop) and CPU per request per sidecar.
+    Throughput,
+    /// A new client connection per request, with and without resumption.
+    Connrate,
+    /// Bulk TCP throughput through an echo backend.
+    Bulk,
+    /// Sidecar RSS idle, after saturation and holding idle connections.
+    Memory,
+    /// Time from sidecar process start to `/ready`.
+    Startup,
+}
+
+impl Scenario {
+    fn all() -> [Scenario; 6] {
+        [
+            Scenario::Latency,
+            Scenario::Throughput,
+            Scenario::Connrate,
+            Scenario::Bulk,
+            Scenario::Memory,
+            Scenario::Startup,
+        ]
+    }
+}
+
+/// Which way the load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// Client straight to the backend.
+    Direct,
+    /// Through both sidecars on a `protocol: tcp` port (bytes copied).
+    L4,
+    /// Through both sidecars on a `protocol: http` port (HTTP proxied).
+    Http,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Direct => "direct",
+            Path::L4 => "sidecars, L4 port",
+            Path::Http => "sidecars, HTTP port",
+        })
+    }
+}

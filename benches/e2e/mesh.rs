@@ -1,0 +1,249 @@
+//! The mesh under test: a `stepmesh ca serve` process and pairs of
+//! `stepmesh proxy` processes (outbound sidecar → mTLS → inbound sidecar),
+//! each with an SVID issued by the CA against a join token.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::procs::{free_port, Proc};
+
+const TRUST_DOMAIN: &str = "bench.local";
+const CLIENT_ID: &str = "spiffe://bench.local/ns/bench/sa/client";
+const SERVER_ID: &str = "spiffe://bench.local/ns/bench/sa/server";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The backends a pair forwards to.
+#[derive(Clone, Copy)]
+pub struct Upstreams {
+    /// HTTP backend (behind both the L4 and the HTTP port).
+    pub http: SocketAddr,
+    /// Echo backend (behind the bulk port).
+    pub echo: SocketAddr,
+}
+
+/// A running CA.
+pub struct Ca {
+    proc: Proc,
+    addr: SocketAddr,
+    bundle: PathBuf,
+}
+
+impl Ca {
+    /// Starts `stepmesh ca serve` with a fresh state dir and the join tokens
+    /// of the benchmark's two identities; waits until it serves.
+    pub async fn start(stepmesh: &Path, dir: &Path) -> anyhow::Result<Ca> {
+        let state = dir.join("ca-state");
+        std::fs::create_dir_all(&state)?;
+        let tokens = dir.join("join-tokens");
+        let mut lines = String::new();
+        for (role, id) in [("client", CLIENT_ID), ("server", SERVER_ID)] {
+            let token = format!("bench-{role}-{:016x}", fastrand::u64(..));
+            writeln!(lines, "{token} {id}")?;
+            std::fs::write(dir.join(format!("{role}.token")), &token)?;
+        }
+        std::fs::write(&tokens, lines)?;
+        let addr = free_port()?;
+        let admin = free_port()?;
+        let mut cmd = Command::new(stepmesh);
+        cmd.args(["ca", "serve", "--trust-domain", TRUST_DOMAIN])
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--admin")
+            .arg(admin.to_string())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--join-tokens")
+            .arg(&tokens);
+        let mut proc = Proc::spawn("ca", cmd, dir)?;
+        proc.wait_ready(admin, READY_TIMEOUT).await?;
+        let bundle = state.join("bundle.pem");
+        if !bundle.exists() {
+            bail!("the CA is ready but wrote no {}", bundle.display());
+        }
+        Ok(Ca { proc, addr, bundle })
+    }
+
+    /// Fails if the CA process died.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.proc.check_alive()
+    }
+}
+
+/// The three ports a pair offers the client, and the sidecar processes.
+pub struct Pair {
+    /// Outbound listener to the inbound `protocol: tcp` port (HTTP backend).
+    pub l4: SocketAddr,
+    /// Outbound listener to the inbound `protocol: http` port (HTTP backend).
+    pub http: SocketAddr,
+    /// Outbound listener to the inbound `protocol: tcp` port (echo backend).
+    pub bulk: SocketAddr,
+    /// The client-side sidecar.
+    pub outbound: Proc,
+    /// The server-side sidecar.
+    pub inbound: Proc,
+    /// Time from spawn to `/ready` of each sidecar (inbound, outbound).
+    pub ready: [Duration; 2],
+}
+
+impl Pair {
+    /// Starts an inbound sidecar in front of `up`, then an outbound sidecar
+    /// pointing at it; both `--workers 1`.
+    pub async fn start(
+        stepmesh: &Path,
+        ca: &Ca,
+        dir: &Path,
+        label: &str,
+        up: Upstreams,
+        resumption: bool,
+    ) -> anyhow::Result<Pair> {
+        let [in_l4, in_http, in_bulk] = [free_port()?, free_port()?, free_port()?];
+        let [l4, http, bulk] = [free_port()?, free_port()?, free_port()?];
+        let policy = dir.join(format!("policy-{label}.yaml"));
+        std::fs::write(
+            &policy,
+            policy_yaml(&[
+                (in_l4, "tcp"),
+                (in_http, "http"),
+                (in_bulk, "tcp"),
+                (l4, "tcp"),
+                (http, "http"),
+                (bulk, "tcp"),
+            ]),
+        )?;
+
+        let inbound_args = [
+            format!("{in_l4}={}", up.http),
+            format!("{in_http}={}", up.http),
+            format!("{in_bulk}={}", up.echo),
+        ];
+        let mut inbound = sidecar(
+            stepmesh,
+            ca,
+            dir,
+            &format!("inbound {label}"),
+            "server",
+            &policy,
+            resumption,
+            |cmd| {
+                for a in &inbound_args {
+                    cmd.arg("--inbound").arg(a);
+                }
+            },
+        )?;
+        let outbound_args = [(l4, in_l4), (http, in_http), (bulk, in_bulk)]
+            .map(|(listen, peer)| format!("{listen}={peer}@{SERVER_ID}"));
+        let mut outbound = sidecar(
+            stepmesh,
+            ca,
+            dir,
+            &format!("outbound {label}"),
+            "client",
+            &policy,
+            resumption,
+            |cmd| {
+                for a in &outbound_args {
+                    cmd.arg("--outbound").arg(a);
+                }
+            },
+        )?;
+        let ready_in = inbound.0.wait_ready(inbound.1, READY_TIMEOUT).await?;
+        let ready_out = outbound.0.wait_ready(outbound.1, READY_TIMEOUT).await?;
+        Ok(Pair {
+            l4,
+            http,
+            bulk,
+            outbound: outbound.0,
+            inbound: inbound.0,
+            ready: [ready_in, ready_out],
+        })
+    }
+
+    /// Fails if either sidecar died.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.inbound.check_alive()?;
+        self.outbound.check_alive()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sidecar(
+    stepmesh: &Path,
+    ca: &Ca,
+    dir: &Path,
+    name: &str,
+    role: &str,
+    policy: &Path,
+    resumption: bool,
+    listeners: impl FnOnce(&mut Command),
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let admin = free_port()?;
+    let mut cmd = Command::new(stepmesh);
+    cmd.args(["proxy", "--workers", "1", "--trust-domain", TRUST_DOMAIN])
+        .arg("--ca")
+        .arg(ca.addr.to_string())
+        .arg("--ca-bundle")
+        .arg(&ca.bundle)
+        .arg("--token-file")
+        .arg(dir.join(format!("{role}.token")))
+        .arg("--policy")
+        .arg(policy)
+        .arg("--admin")
+        .arg(admin.to_string());
+    if !resumption {
+        cmd.arg("--no-session-resumption");
+    }
+    listeners(&mut cmd);
+    Ok((Proc::spawn(name, cmd, dir)?, admin))
+}
+
+fn policy_yaml(ports: &[(SocketAddr, &str)]) -> String {
+    let mut yaml = format!(
+        "trustDomain: {TRUST_DOMAIN}\nmode: enforce\ninbound:\n  default: deny\n  ports:\n"
+    );
+    for (addr, protocol) in ports {
+        // Writing to a String cannot fail.
+        let _ = write!(
+            yaml,
+            "    - port: {}\n      protocol: {protocol}\n      allow:\n        - from: [{CLIENT_ID}]\n",
+            addr.port()
+        );
+    }
+    yaml
+}
+
+/// Spawns a fresh sidecar `n` times against the running CA and returns each
+/// one's time from process start to `/ready` (an SVID from the CA included).
+pub async fn startup_times(
+    stepmesh: &Path,
+    ca: &Ca,
+    dir: &Path,
+    up: Upstreams,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let policy = dir.join("policy-startup.yaml");
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let port = free_port()?;
+        std::fs::write(&policy, policy_yaml(&[(port, "tcp")]))?;
+        let target = format!("{port}={}", up.http);
+        let (mut proc, admin) = sidecar(
+            stepmesh,
+            ca,
+            dir,
+            &format!("startup {i}"),
+            "server",
+            &policy,
+            true,
+            |cmd| {
+                cmd.arg("--inbound").arg(&target);
+            },
+        )?;
+        times.push(proc.wait_ready(admin, READY_TIMEOUT).await?);
+    }
+    Ok(times)
+}

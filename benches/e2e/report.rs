@@ -1,0 +1,365 @@
+//! The results: what is kept per round, the medians, and their rendering as
+//! markdown tables (the JSON is the same structs through serde).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::args::Path;
+
+/// Everything one run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// The machine the figures come from.
+    pub machine: Machine,
+    /// The command line of the run.
+    pub command: String,
+    /// The stepmesh binary measured (None: direct path only).
+    pub stepmesh: Option<String>,
+    /// The settings in force.
+    pub settings: serde_json::Value,
+    /// Fixed-rate latency per path.
+    pub latency: Vec<LatencyRow>,
+    /// Saturation throughput per path.
+    pub throughput: Vec<ThroughputRow>,
+    /// New connection per request, per path and resumption setting.
+    pub connrate: Vec<ConnRow>,
+    /// Bulk TCP throughput per path.
+    pub bulk: Vec<BulkRow>,
+    /// Sidecar memory.
+    pub memory: Vec<MemoryRow>,
+    /// Sidecar start to `/ready`.
+    pub startup: Option<StartupRow>,
+}
+
+/// nproc, CPU model and memory, from /proc.
+#[derive(Debug, Default, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// /proc/cpuinfo "model name".
+    pub cpu_model: String,
+    /// MemTotal in MiB.
+    pub memory_mib: u64,
+    /// Load average when the run started.
+    pub loadavg_at_start: String,
+}
+
+impl Machine {
+    /// Reads the machine description.
+    pub fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_mib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024);
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            memory_mib,
+            loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+/// Latency percentiles of one run, in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Slowest request.
+    pub max_us: f64,
+    /// Requests completed per second.
+    pub achieved_rate: f64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+/// Fixed-rate latency of one path: every round and the median round.
+#[derive(Debug, Serialize)]
+pub struct LatencyRow {
+    /// The path.
+    pub path: Path,
+    /// Each round.
+    pub rounds: Vec<Percentiles>,
+    /// Per field, the median over rounds.
+    pub median: Percentiles,
+    /// median p50 / direct median p50 (sidecar paths).
+    pub p50_vs_direct: Option<f64>,
+    /// median p99 / direct median p99 (sidecar paths).
+    pub p99_vs_direct: Option<f64>,
+}
+
+/// Saturation throughput of one path.
+#[derive(Debug, Serialize)]
+pub struct ThroughputRow {
+    /// The path.
+    pub path: Path,
+    /// Requests per second, each round.
+    pub rounds_rps: Vec<f64>,
+    /// Median requests per second.
+    pub rps: f64,
+    /// rps / direct rps.
+    pub vs_direct: Option<f64>,
+    /// Median CPU µs per request of the outbound sidecar.
+    pub cpu_us_per_req_outbound: Option<f64>,
+    /// Median CPU µs per request of the inbound sidecar.
+    pub cpu_us_per_req_inbound: Option<f64>,
+    /// Median CPU µs per request of the backend.
+    pub cpu_us_per_req_backend: f64,
+    /// Failed requests, all rounds.
+    pub errors: u64,
+}
+
+/// New-connection rate of one path.
+#[derive(Debug, Serialize)]
+pub struct ConnRow {
+    /// The path.
+    pub path: Path,
+    /// Whether the sidecars may resume TLS sessions.
+    pub resumption: bool,
+    /// Connections (requests) per second, each round.
+    pub rounds_cps: Vec<f64>,
+    /// Median connections per second.
+    pub cps: f64,
+    /// Median CPU µs per connection of the outbound sidecar.
+    pub cpu_us_per_conn_outbound: Option<f64>,
+    /// Median CPU µs per connection of the inbound sidecar.
+    pub cpu_us_per_conn_inbound: Option<f64>,
+    /// Failed connections, all rounds.
+    pub errors: u64,
+}
+
+/// Bulk throughput of one path.
+#[derive(Debug, Serialize)]
+pub struct BulkRow {
+    /// The path.
+    pub path: Path,
+    /// MiB/s each round (bytes sent one way / time to the last echoed byte).
+    pub rounds_mib_s: Vec<f64>,
+    /// Median MiB/s.
+    pub mib_s: f64,
+}
+
+/// Memory of one sidecar, in MiB.
+#[derive(Debug, Serialize)]
+pub struct MemoryRow {
+    /// "outbound" or "inbound".
+    pub sidecar: String,
+    /// RSS right after `/ready`, before any traffic.
+    pub idle_mib: f64,
+    /// Peak RSS (VmHWM) after the first saturation run.
+    pub peak_saturation_mib: Option<f64>,
+    /// RSS holding the idle connections on the L4 port.
+    pub idle_conns_l4_mib: Option<f64>,
+    /// How many were held on the L4 port (bounded by the open-file limit).
+    pub idle_conns_l4: usize,
+    /// RSS holding the idle connections on the HTTP port.
+    pub idle_conns_http_mib: Option<f64>,
+    /// How many were held on the HTTP port.
+    pub idle_conns_http: usize,
+}
+
+/// Sidecar start to `/ready`, with an SVID from the local CA.
+#[derive(Debug, Serialize)]
+pub struct StartupRow {
+    /// Each sample in milliseconds.
+    pub samples_ms: Vec<f64>,
+    /// Median.
+    pub median_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+}
+
+/// The median of `values` (0 for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// Per field, the median over rounds.
+pub fn median_percentiles(rounds: &[Percentiles]) -> Percentiles {
+    let m = |f: fn(&Percentiles) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+    Percentiles {
+        p50_us: m(|p| p.p50_us),
+        p90_us: m(|p| p.p90_us),
+        p99_us: m(|p| p.p99_us),
+        p999_us: m(|p| p.p999_us),
+        max_us: m(|p| p.max_us),
+        achieved_rate: m(|p| p.achieved_rate),
+        errors: rounds.iter().map(|p| p.errors).sum(),
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+impl Report {
+    /// The tables, in markdown.
+    pub fn markdown(&self, rounds: usize) -> String {
+        let mut md = String::new();
+        // Writing to a String cannot fail: the results of write! are ignored.
+        let m = &self.machine;
+        let _ = writeln!(
+            md,
+            "Machine: {} CPUs, {}, {} MiB; load at start {}\n",
+            m.cpus, m.cpu_model, m.memory_mib, m.loadavg_at_start
+        );
+        let _ = writeln!(
+            md,
+            "Median of {rounds} round(s). Command: `{}`\n",
+            self.command
+        );
+        if !self.latency.is_empty() {
+            let s = &self.settings;
+            let _ = writeln!(
+                md,
+                "Latency at {} req/s over {} keep-alive connections, {} s measured (µs, from each request's intended send time)\n",
+                s["rate"], s["connections"], s["duration_s"]
+            );
+            md.push_str("| path | p50 | p90 | p99 | p99.9 | max | p50 × direct | p99 × direct | achieved req/s | errors |\n");
+            md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            for r in &self.latency {
+                let p = &r.median;
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {} |",
+                    r.path,
+                    p.p50_us,
+                    p.p90_us,
+                    p.p99_us,
+                    p.p999_us,
+                    p.max_us,
+                    opt(r.p50_vs_direct, 2),
+                    opt(r.p99_vs_direct, 2),
+                    p.achieved_rate,
+                    p.errors
+                );
+            }
+            md.push('\n');
+        }
+        if !self.throughput.is_empty() {
+            let _ = writeln!(
+                md,
+                "Saturation, closed loop over {} keep-alive connections\n",
+                self.settings["sat_connections"]
+            );
+            md.push_str("| path | req/s | × direct | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req backend | errors |\n");
+            md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+            for r in &self.throughput {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {} | {} | {} | {:.1} | {} |",
+                    r.path,
+                    r.rps,
+                    opt(r.vs_direct, 2),
+                    opt(r.cpu_us_per_req_outbound, 1),
+                    opt(r.cpu_us_per_req_inbound, 1),
+                    r.cpu_us_per_req_backend,
+                    r.errors
+                );
+            }
+            md.push('\n');
+        }
+        if !self.connrate.is_empty() {
+            let _ = writeln!(
+                md,
+                "A new client connection per request, {} in flight\n",
+                self.settings["conn_concurrency"]
+            );
+            md.push_str("| path | session resumption | conn/s | CPU µs/conn outbound | CPU µs/conn inbound | errors |\n");
+            md.push_str("|---|---|---:|---:|---:|---:|\n");
+            for r in &self.connrate {
+                let resumption = if r.path == Path::Direct {
+                    "–"
+                } else if r.resumption {
+                    "yes"
+                } else {
+                    "no"
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {resumption} | {:.0} | {} | {} | {} |",
+                    r.path,
+                    r.cps,
+                    opt(r.cpu_us_per_conn_outbound, 0),
+                    opt(r.cpu_us_per_conn_inbound, 0),
+                    r.errors
+                );
+            }
+            md.push('\n');
+        }
+        if !self.bulk.is_empty() {
+            let _ = writeln!(
+                md,
+                "Bulk TCP, {} MiB through an echo backend, one connection\n",
+                self.settings["bulk_mib"]
+            );
+            md.push_str("| path | MiB/s |\n|---|---:|\n");
+            for r in &self.bulk {
+                let _ = writeln!(md, "| {} | {:.0} |", r.path, r.mib_s);
+            }
+            md.push('\n');
+        }
+        if !self.memory.is_empty() {
+            let (l4, http) = (self.memory[0].idle_conns_l4, self.memory[0].idle_conns_http);
+            let _ = writeln!(md, "Sidecar memory (RSS, MiB)\n");
+            let _ = writeln!(
+                md,
+                "| sidecar | idle | peak after saturation ({} conns) | holding {l4} idle conns, L4 port | holding {http} idle conns, HTTP port |",
+                self.settings["sat_connections"]
+            );
+            md.push_str("|---|---:|---:|---:|---:|\n");
+            for r in &self.memory {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {} | {} | {} |",
+                    r.sidecar,
+                    r.idle_mib,
+                    opt(r.peak_saturation_mib, 1),
+                    opt(r.idle_conns_l4_mib, 1),
+                    opt(r.idle_conns_http_mib, 1)
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(s) = &self.startup {
+            let _ = writeln!(
+                md,
+                "Sidecar start to /ready (SVID from the local CA included): median {:.1} ms, max {:.1} ms over {} starts\n",
+                s.median_ms,
+                s.max_ms,
+                s.samples_ms.len()
+            );
+        }
+        md
+    }
+}

@@ -1,0 +1,428 @@
+//! One benchmark run: start the backend, the CA and the sidecar pairs, run
+//! every asked scenario on every path for each round, collect the report.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::args::{Args, Path, Scenario};
+use crate::backend::{self, Backend};
+use crate::load;
+use crate::mesh::{self, Ca, Pair, Upstreams};
+use crate::procs::{self, Proc};
+use crate::report::*;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The processes of a run.
+struct Setup {
+    backend: Backend,
+    ca: Option<Ca>,
+    pair: Option<Pair>,
+    /// A second pair started with `--no-session-resumption`.
+    pair_no_resumption: Option<Pair>,
+    stepmesh: Option<PathBuf>,
+}
+
+impl Setup {
+    fn pair(&self) -> anyhow::Result<&Pair> {
+        self.pair.as_ref().context("no sidecar pair in this run")
+    }
+
+    fn addr(&self, path: Path) -> anyhow::Result<SocketAddr> {
+        Ok(match path {
+            Path::Direct => self.backend.http,
+            Path::L4 => self.pair()?.l4,
+            Path::Http => self.pair()?.http,
+        })
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.backend.proc.check_alive()?;
+        if let Some(ca) = &mut self.ca {
+            ca.check_alive()?;
+        }
+        for pair in [&mut self.pair, &mut self.pair_no_resumption]
+            .into_iter()
+            .flatten()
+        {
+            pair.check_alive()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the benchmark as `args` says.
+pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
+    let mut report = Report {
+        machine: Machine::read(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        settings: serde_json::json!({
+            "rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
+            "connections": args.connections, "sat_connections": args.sat_connections,
+            "conn_concurrency": args.conn_concurrency, "payload_bytes": args.payload,
+            "bulk_mib": args.bulk_mib, "idle_conns": args.idle_conns, "rounds": args.rounds,
+            "sidecar_workers": 1,
+        }),
+        ..Report::default()
+    };
+    let mut setup = start(args, dir).await?;
+    report.stepmesh = setup.stepmesh.as_ref().map(|p| p.display().to_string());
+    let idle = match &setup.pair {
+        Some(pair) => Some((pair.outbound.memory()?, pair.inbound.memory()?)),
+        None => None,
+    };
+
+    let mut latency: Vec<(Path, Vec<Percentiles>)> =
+        args.paths.iter().map(|p| (*p, vec![])).collect();
+    let mut throughput: Vec<(Path, Vec<Sat>)> = args.paths.iter().map(|p| (*p, vec![])).collect();
+    let mut connrate: Vec<((Path, bool), Vec<Sat>)> = vec![];
+    let mut bulk: Vec<(Path, Vec<f64>)> = vec![];
+    let mut peak = None;
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}", round + 1, args.rounds);
+        if args.wants(Scenario::Latency) {
+            for (path, rounds) in &mut latency {
+                eprintln!("  latency, {path}");
+                let run = load::latency(
+                    setup.addr(*path)?,
+                    args.rate,
+                    args.duration(),
+                    args.warmup(),
+                    args.connections,
+                )
+                .await?;
+                rounds.push(percentiles(&run));
+            }
+        }
+        if args.wants(Scenario::Throughput) {
+            for (path, rounds) in &mut throughput {
+                eprintln!("  throughput, {path}");
+                let addr = setup.addr(*path)?;
+                let pair = if *path == Path::Direct {
+                    None
+                } else {
+                    setup.pair.as_ref()
+                };
+                let sat = measure_cpu(
+                    &setup.backend.proc,
+                    pair,
+                    load::throughput(addr, args.duration(), args.sat_connections),
+                )
+                .await?;
+                rounds.push(sat);
+                if peak.is_none() && *path != Path::Direct {
+                    let pair = setup.pair()?;
+                    peak = Some((pair.outbound.memory()?.hwm, pair.inbound.memory()?.hwm));
+                }
+            }
+        }
+        if args.wants(Scenario::Connrate) {
+            for (path, resumption) in connrate_cases(args, &setup) {
+                eprintln!("  new connections, {path}, resumption {resumption}");
+                let (addr, pair) = match (path, resumption) {
+                    (Path::Direct, _) => (setup.backend.http, None),
+                    (Path::L4, false) => {
+                        let pair = setup
+                            .pair_no_resumption
+                            .as_ref()
+                            .context("no --no-session-resumption pair")?;
+                        (pair.l4, Some(pair))
+                    }
+                    (p, _) => (setup.addr(p)?, setup.pair.as_ref()),
+                };
+                let sat = measure_cpu(
+                    &setup.backend.proc,
+                    pair,
+                    load::new_connections(addr, args.duration(), args.conn_concurrency),
+                )
+                .await?;
+                match connrate.iter_mut().find(|(k, _)| *k == (path, resumption)) {
+                    Some((_, rounds)) => rounds.push(sat),
+                    None => connrate.push(((path, resumption), vec![sat])),
+                }
+            }
+        }
+        if args.wants(Scenario::Bulk) {
+            for path in args.paths.iter().filter(|p| **p != Path::Http) {
+                eprintln!("  bulk, {path}");
+                let addr = if *path == Path::Direct {
+                    setup.backend.echo
+                } else {
+                    setup.pair()?.bulk
+                };
+                let bytes = args.bulk_mib * 1024 * 1024;
+                let took = load::bulk(addr, bytes).await?;
+                let mib_s = bytes as f64 / MIB / took.as_secs_f64();
+                match bulk.iter_mut().find(|(p, _)| p == path) {
+                    Some((_, rounds)) => rounds.push(mib_s),
+                    None => bulk.push((*path, vec![mib_s])),
+                }
+            }
+        }
+        setup.check_alive()?;
+    }
+
+    report.latency = latency_rows(latency);
+    report.throughput = throughput_rows(throughput);
+    report.connrate = connrate
+        .into_iter()
+        .map(|((path, resumption), rounds)| {
+            let sat = median_sat(&rounds);
+            ConnRow {
+                path,
+                resumption,
+                rounds_cps: rounds.iter().map(|s| s.rate).collect(),
+                cps: sat.rate,
+                cpu_us_per_conn_outbound: sat.outbound_us,
+                cpu_us_per_conn_inbound: sat.inbound_us,
+                errors: rounds.iter().map(|s| s.errors).sum(),
+            }
+        })
+        .collect();
+    report.bulk = bulk
+        .into_iter()
+        .map(|(path, r)| BulkRow {
+            path,
+            mib_s: median(&r),
+            rounds_mib_s: r,
+        })
+        .collect();
+
+    if let (Some((idle_out, idle_in)), true) = (idle, args.wants(Scenario::Memory)) {
+        let mut with_conns = [[None; 2]; 2];
+        let mut held_counts = [0; 2];
+        // The outbound sidecar holds two sockets per L4 connection and one
+        // per HTTP connection (its upstream is pooled); stay under the limit.
+        let nofile = procs::raise_nofile(200_000) as usize;
+        for (i, path) in [Path::L4, Path::Http].into_iter().enumerate() {
+            let fit = nofile.saturating_sub(256) / if path == Path::L4 { 2 } else { 1 };
+            let n = args.idle_conns.min(fit);
+            if !args.paths.contains(&path) || n == 0 {
+                continue;
+            }
+            if n < args.idle_conns {
+                eprintln!(
+                    "  open-file limit {nofile}: {n} idle connections on the {path} instead of {}",
+                    args.idle_conns
+                );
+            }
+            eprintln!("  memory, {n} idle connections, {path}");
+            held_counts[i] = n;
+            let held = load::hold_idle(setup.addr(path)?, n).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let pair = setup.pair()?;
+            with_conns[i] = [
+                Some(pair.outbound.memory()?.rss as f64 / MIB),
+                Some(pair.inbound.memory()?.rss as f64 / MIB),
+            ];
+            drop(held);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for (i, (name, idle)) in [("outbound", idle_out), ("inbound", idle_in)]
+            .into_iter()
+            .enumerate()
+        {
+            report.memory.push(MemoryRow {
+                sidecar: name.to_owned(),
+                idle_mib: idle.rss as f64 / MIB,
+                peak_saturation_mib: peak.map(|(o, n)| [o, n][i] as f64 / MIB),
+                idle_conns_l4_mib: with_conns[0][i],
+                idle_conns_l4: held_counts[0],
+                idle_conns_http_mib: with_conns[1][i],
+                idle_conns_http: held_counts[1],
+            });
+        }
+    }
+
+    if args.wants(Scenario::Startup) {
+        if let (Some(ca), Some(stepmesh)) = (&setup.ca, &setup.stepmesh) {
+            eprintln!("  startup");
+            let up = Upstreams {
+                http: setup.backend.http,
+                echo: setup.backend.echo,
+            };
+            let mut times: Vec<Duration> = [&setup.pair, &setup.pair_no_resumption]
+                .into_iter()
+                .flatten()
+                .flat_map(|p| p.ready)
+                .collect();
+            times.extend(mesh::startup_times(stepmesh, ca, dir, up, args.rounds.max(5)).await?);
+            let samples_ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1e3).collect();
+            report.startup = Some(StartupRow {
+                median_ms: median(&samples_ms),
+                max_ms: samples_ms.iter().copied().fold(0.0, f64::max),
+                samples_ms,
+            });
+        }
+    }
+    setup.check_alive()?;
+    Ok(report)
+}
+
+async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
+    let backend = backend::spawn(args.payload, dir)?;
+    let mut setup = Setup {
+        backend,
+        ca: None,
+        pair: None,
+        pair_no_resumption: None,
+        stepmesh: None,
+    };
+    if !args.needs_mesh() {
+        return Ok(setup);
+    }
+    let stepmesh = match &args.stepmesh {
+        Some(path) => path.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/stepmesh"),
+    };
+    anyhow::ensure!(
+        stepmesh.exists(),
+        "{} does not exist: build it with `cargo build --release -j2`, pass --stepmesh PATH, or measure --paths direct",
+        stepmesh.display()
+    );
+    eprintln!("starting the CA and the sidecars ({})", stepmesh.display());
+    let ca = Ca::start(&stepmesh, dir).await?;
+    let up = Upstreams {
+        http: setup.backend.http,
+        echo: setup.backend.echo,
+    };
+    setup.pair = Some(Pair::start(&stepmesh, &ca, dir, "main", up, true).await?);
+    if args.wants(Scenario::Connrate) && args.paths.contains(&Path::L4) {
+        setup.pair_no_resumption =
+            Some(Pair::start(&stepmesh, &ca, dir, "no-resumption", up, false).await?);
+    }
+    setup.ca = Some(ca);
+    setup.stepmesh = Some(stepmesh);
+    Ok(setup)
+}
+
+fn connrate_cases(args: &Args, setup: &Setup) -> Vec<(Path, bool)> {
+    let mut cases = vec![];
+    for path in &args.paths {
+        cases.push((*path, true));
+        if *path == Path::L4 && setup.pair_no_resumption.is_some() {
+            cases.push((Path::L4, false));
+        }
+    }
+    cases
+}
+
+/// A closed-loop run with the CPU each process spent on it.
+#[derive(Debug, Clone, Copy)]
+struct Sat {
+    rate: f64,
+    errors: u64,
+    outbound_us: Option<f64>,
+    inbound_us: Option<f64>,
+    backend_us: f64,
+}
+
+async fn measure_cpu(
+    backend: &Proc,
+    pair: Option<&Pair>,
+    run: impl std::future::Future<Output = anyhow::Result<load::Count>>,
+) -> anyhow::Result<Sat> {
+    let cpu = |p: Option<&Proc>| p.map(|p| p.cpu()).transpose();
+    let before = (
+        cpu(pair.map(|p| &p.outbound))?,
+        cpu(pair.map(|p| &p.inbound))?,
+        backend.cpu()?,
+    );
+    let count = run.await?;
+    let after = (
+        cpu(pair.map(|p| &p.outbound))?,
+        cpu(pair.map(|p| &p.inbound))?,
+        backend.cpu()?,
+    );
+    let per_op = |b: Duration, a: Duration| (a - b).as_secs_f64() * 1e6 / count.ok.max(1) as f64;
+    Ok(Sat {
+        rate: count.rate(),
+        errors: count.errors,
+        outbound_us: before.0.zip(after.0).map(|(b, a)| per_op(b, a)),
+        inbound_us: before.1.zip(after.1).map(|(b, a)| per_op(b, a)),
+        backend_us: per_op(before.2, after.2),
+    })
+}
+
+fn median_sat(rounds: &[Sat]) -> Sat {
+    let m = |f: fn(&Sat) -> Option<f64>| {
+        let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
+    Sat {
+        rate: median(&rounds.iter().map(|s| s.rate).collect::<Vec<_>>()),
+        errors: rounds.iter().map(|s| s.errors).sum(),
+        outbound_us: m(|s| s.outbound_us),
+        inbound_us: m(|s| s.inbound_us),
+        backend_us: median(&rounds.iter().map(|s| s.backend_us).collect::<Vec<_>>()),
+    }
+}
+
+fn percentiles(run: &load::Latency) -> Percentiles {
+    let us = |q: f64| run.hist.value_at_quantile(q) as f64 / 1e3;
+    Percentiles {
+        p50_us: us(0.5),
+        p90_us: us(0.9),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: run.hist.max() as f64 / 1e3,
+        achieved_rate: run.achieved_rate,
+        errors: run.errors,
+    }
+}
+
+fn latency_rows(latency: Vec<(Path, Vec<Percentiles>)>) -> Vec<LatencyRow> {
+    let direct = latency
+        .iter()
+        .find(|(p, r)| *p == Path::Direct && !r.is_empty())
+        .map(|(_, r)| median_percentiles(r));
+    latency
+        .into_iter()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(path, rounds)| {
+            let median = median_percentiles(&rounds);
+            let vs = |f: fn(&Percentiles) -> f64| {
+                direct
+                    .as_ref()
+                    .filter(|_| path != Path::Direct)
+                    .map(|d| f(&median) / f(d))
+            };
+            LatencyRow {
+                path,
+                p50_vs_direct: vs(|p| p.p50_us),
+                p99_vs_direct: vs(|p| p.p99_us),
+                rounds,
+                median,
+            }
+        })
+        .collect()
+}
+
+fn throughput_rows(throughput: Vec<(Path, Vec<Sat>)>) -> Vec<ThroughputRow> {
+    let direct = throughput
+        .iter()
+        .find(|(p, r)| *p == Path::Direct && !r.is_empty())
+        .map(|(_, r)| median_sat(r).rate);
+    throughput
+        .into_iter()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(path, rounds)| {
+            let sat = median_sat(&rounds);
+            ThroughputRow {
+                path,
+                rounds_rps: rounds.iter().map(|s| s.rate).collect(),
+                rps: sat.rate,
+                vs_direct: direct
+                    .filter(|_| path != Path::Direct)
+                    .map(|d| sat.rate / d),
+                cpu_us_per_req_outbound: sat.outbound_us,
+                cpu_us_per_req_inbound: sat.inbound_us,
+                cpu_us_per_req_backend: sat.backend_us,
+                errors: sat.errors,
+            }
+        })
+        .collect()
+}
