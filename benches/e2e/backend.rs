@@ -3,10 +3,10 @@
 //! generator's: an HTTP/1.1 server answering a fixed body, and a TCP echo.
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -27,38 +27,38 @@ pub struct Backend {
     pub proc: Proc,
 }
 
-/// Starts the backend child and waits for its addresses.
-pub fn spawn(body_size: usize, log_dir: &Path) -> anyhow::Result<Backend> {
+/// Starts the backend child and waits for the addresses it prints.
+pub async fn spawn(body_size: usize, log_dir: &Path) -> anyhow::Result<Backend> {
     let exe = std::env::current_exe().context("locating the bench binary")?;
-    let log = log_dir.join("backend.log");
-    let err = std::fs::File::create(&log).context("creating backend.log")?;
-    let mut child = Command::new(exe)
-        .args(["--serve-backend", "--payload", &body_size.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .context("spawning the backend child")?;
-    let stdout = child.stdout.take().context("backend stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the backend's addresses")?;
-    let proc = Proc::adopt("backend", child, log);
+    let mut cmd = Command::new(exe);
+    cmd.args(["--serve-backend", "--payload", &body_size.to_string()]);
+    let mut proc = Proc::spawn("backend", cmd, &log_dir.join("backend.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
     // "READY http=ADDR echo=ADDR"
-    let mut http = None;
-    let mut echo = None;
-    for word in line.split_whitespace() {
-        if let Some(a) = word.strip_prefix("http=") {
-            http = Some(a.parse().context("backend http address")?);
-        } else if let Some(a) = word.strip_prefix("echo=") {
-            echo = Some(a.parse().context("backend echo address")?);
+    let line = loop {
+        if let Some(line) = proc.log().lines().find(|l| l.starts_with("READY ")) {
+            break line.to_owned();
         }
-    }
-    match (http, echo) {
-        (Some(http), Some(echo)) => Ok(Backend { http, echo, proc }),
-        _ => bail!("backend did not start: {line:?}; log:\n{}", proc.log_tail()),
-    }
+        proc.check_alive()?;
+        if Instant::now() > deadline {
+            bail!(
+                "the backend printed no addresses; log:\n{}",
+                proc.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+        let word = line.split_whitespace().find_map(|w| w.strip_prefix(key));
+        word.with_context(|| format!("no {key} in {line:?}"))?
+            .parse()
+            .context("a backend address")
+    };
+    Ok(Backend {
+        http: addr("http=")?,
+        echo: addr("echo=")?,
+        proc,
+    })
 }
 
 /// The child's main: serves until its stdin closes (the parent went away).
@@ -77,12 +77,12 @@ pub fn serve(body_size: usize) -> anyhow::Result<()> {
         let body = Bytes::from(vec![b'x'; body_size]);
         tokio::spawn(serve_http(http, body));
         tokio::spawn(serve_echo(echo));
-        // The parent holds our stdin; EOF means it is gone, and so are we.
-        tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-        })
-        .await?;
+        // Lives as long as the bench that started it: re-parented means it
+        // is gone (killed before it could kill us).
+        let parent = std::os::unix::process::parent_id();
+        while std::os::unix::process::parent_id() == parent {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         anyhow::Ok(())
     })
 }

@@ -59,7 +59,7 @@ impl Ca {
             .arg(&state)
             .arg("--join-tokens")
             .arg(&tokens);
-        let mut proc = Proc::spawn("ca", cmd, dir)?;
+        let mut proc = Proc::spawn("ca", cmd, &dir.join("ca.log"))?;
         proc.wait_ready(admin, READY_TIMEOUT).await?;
         let bundle = state.join("bundle.pem");
         if !bundle.exists() {
@@ -70,7 +70,7 @@ impl Ca {
 
     /// Fails if the CA process died.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        self.proc.check_alive()
+        Ok(self.proc.check_alive()?)
     }
 }
 
@@ -166,7 +166,7 @@ impl Pair {
     /// Fails if either sidecar died.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         self.inbound.check_alive()?;
-        self.outbound.check_alive()
+        Ok(self.outbound.check_alive()?)
     }
 }
 
@@ -198,7 +198,14 @@ fn sidecar(
         cmd.arg("--no-session-resumption");
     }
     listeners(&mut cmd);
-    Ok((Proc::spawn(name, cmd, dir)?, admin))
+    Ok((
+        Proc::spawn(
+            name,
+            cmd,
+            &dir.join(format!("{}.log", name.replace(' ', "-"))),
+        )?,
+        admin,
+    ))
 }
 
 fn policy_yaml(ports: &[(SocketAddr, &str)]) -> String {

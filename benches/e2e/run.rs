@@ -71,7 +71,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     let mut setup = start(args, dir).await?;
     report.stepmesh = setup.stepmesh.as_ref().map(|p| p.display().to_string());
     let idle = match &setup.pair {
-        Some(pair) => Some((pair.outbound.memory()?, pair.inbound.memory()?)),
+        Some(pair) => Some((procs::mem(&pair.outbound)?, procs::mem(&pair.inbound)?)),
         None => None,
     };
 
@@ -115,7 +115,10 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
                 rounds.push(sat);
                 if peak.is_none() && *path != Path::Direct {
                     let pair = setup.pair()?;
-                    peak = Some((pair.outbound.memory()?.hwm, pair.inbound.memory()?.hwm));
+                    peak = Some((
+                        procs::mem(&pair.outbound)?.hwm,
+                        procs::mem(&pair.inbound)?.hwm,
+                    ));
                 }
             }
         }
@@ -215,8 +218,8 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let pair = setup.pair()?;
             with_conns[i] = [
-                Some(pair.outbound.memory()?.rss as f64 / MIB),
-                Some(pair.inbound.memory()?.rss as f64 / MIB),
+                Some(procs::mem(&pair.outbound)?.rss as f64 / MIB),
+                Some(procs::mem(&pair.inbound)?.rss as f64 / MIB),
             ];
             drop(held);
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -263,7 +266,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
 }
 
 async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
-    let backend = backend::spawn(args.payload, dir)?;
+    let backend = backend::spawn(args.payload, dir).await?;
     let mut setup = Setup {
         backend,
         ca: None,
@@ -325,17 +328,17 @@ async fn measure_cpu(
     pair: Option<&Pair>,
     run: impl std::future::Future<Output = anyhow::Result<load::Count>>,
 ) -> anyhow::Result<Sat> {
-    let cpu = |p: Option<&Proc>| p.map(|p| p.cpu()).transpose();
+    let cpu = |p: Option<&Proc>| p.map(procs::cpu).transpose();
     let before = (
         cpu(pair.map(|p| &p.outbound))?,
         cpu(pair.map(|p| &p.inbound))?,
-        backend.cpu()?,
+        procs::cpu(backend)?,
     );
     let count = run.await?;
     let after = (
         cpu(pair.map(|p| &p.outbound))?,
         cpu(pair.map(|p| &p.inbound))?,
-        backend.cpu()?,
+        procs::cpu(backend)?,
     );
     let per_op = |b: Duration, a: Duration| (a - b).as_secs_f64() * 1e6 / count.ok.max(1) as f64;
     Ok(Sat {
