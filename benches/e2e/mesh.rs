@@ -13,8 +13,12 @@ use anyhow::bail;
 use crate::procs::{free_port, Proc};
 
 const TRUST_DOMAIN: &str = "bench.local";
-const CLIENT_ID: &str = "spiffe://bench.local/ns/bench/sa/client";
-const SERVER_ID: &str = "spiffe://bench.local/ns/bench/sa/server";
+
+/// The SPIFFE ID of a benchmark workload. Every sidecar has its own, so the
+/// CA's per-identity rate limit never throttles the benchmark's starts.
+fn id(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/bench/sa/{name}")
+}
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The backends a pair forwards to.
@@ -34,17 +38,17 @@ pub struct Ca {
 }
 
 impl Ca {
-    /// Starts `stepmesh ca serve` with a fresh state dir and the join tokens
-    /// of the benchmark's two identities; waits until it serves.
-    pub async fn start(stepmesh: &Path, dir: &Path) -> anyhow::Result<Ca> {
+    /// Starts `stepmesh ca serve` with a fresh state dir and a join token
+    /// for each of `names` (in `<dir>/<name>.token`); waits until it serves.
+    pub async fn start(stepmesh: &Path, dir: &Path, names: &[String]) -> anyhow::Result<Ca> {
         let state = dir.join("ca-state");
         std::fs::create_dir_all(&state)?;
         let tokens = dir.join("join-tokens");
         let mut lines = String::new();
-        for (role, id) in [("client", CLIENT_ID), ("server", SERVER_ID)] {
-            let token = format!("bench-{role}-{:016x}", fastrand::u64(..));
-            writeln!(lines, "{token} {id}")?;
-            std::fs::write(dir.join(format!("{role}.token")), &token)?;
+        for name in names {
+            let token = format!("bench-{name}-{:016x}", fastrand::u64(..));
+            writeln!(lines, "{token} {}", id(name))?;
+            std::fs::write(dir.join(format!("{name}.token")), &token)?;
         }
         std::fs::write(&tokens, lines)?;
         let addr = free_port()?;
@@ -103,17 +107,21 @@ impl Pair {
     ) -> anyhow::Result<Pair> {
         let [in_l4, in_http, in_bulk] = [free_port()?, free_port()?, free_port()?];
         let [l4, http, bulk] = [free_port()?, free_port()?, free_port()?];
+        let (client, server) = (format!("client-{label}"), format!("server-{label}"));
         let policy = dir.join(format!("policy-{label}.yaml"));
         std::fs::write(
             &policy,
-            policy_yaml(&[
-                (in_l4, "tcp"),
-                (in_http, "http"),
-                (in_bulk, "tcp"),
-                (l4, "tcp"),
-                (http, "http"),
-                (bulk, "tcp"),
-            ]),
+            policy_yaml(
+                &id(&client),
+                &[
+                    (in_l4, "tcp"),
+                    (in_http, "http"),
+                    (in_bulk, "tcp"),
+                    (l4, "tcp"),
+                    (http, "http"),
+                    (bulk, "tcp"),
+                ],
+            ),
         )?;
 
         let inbound_args = [
@@ -126,7 +134,7 @@ impl Pair {
             ca,
             dir,
             &format!("inbound {label}"),
-            "server",
+            &server,
             &policy,
             resumption,
             |cmd| {
@@ -136,13 +144,13 @@ impl Pair {
             },
         )?;
         let outbound_args = [(l4, in_l4), (http, in_http), (bulk, in_bulk)]
-            .map(|(listen, peer)| format!("{listen}={peer}@{SERVER_ID}"));
+            .map(|(listen, peer)| format!("{listen}={peer}@{}", id(&server)));
         let mut outbound = sidecar(
             stepmesh,
             ca,
             dir,
             &format!("outbound {label}"),
-            "client",
+            &client,
             &policy,
             resumption,
             |cmd| {
@@ -176,7 +184,7 @@ fn sidecar(
     ca: &Ca,
     dir: &Path,
     name: &str,
-    role: &str,
+    identity: &str,
     policy: &Path,
     resumption: bool,
     listeners: impl FnOnce(&mut Command),
@@ -189,7 +197,7 @@ fn sidecar(
         .arg("--ca-bundle")
         .arg(&ca.bundle)
         .arg("--token-file")
-        .arg(dir.join(format!("{role}.token")))
+        .arg(dir.join(format!("{identity}.token")))
         .arg("--policy")
         .arg(policy)
         .arg("--admin")
@@ -208,7 +216,17 @@ fn sidecar(
     ))
 }
 
-fn policy_yaml(ports: &[(SocketAddr, &str)]) -> String {
+/// Pair labels and fresh-start names whose tokens the CA must know.
+pub fn identities(labels: &[&str], startups: usize) -> Vec<String> {
+    let mut names: Vec<String> = labels
+        .iter()
+        .flat_map(|l| [format!("client-{l}"), format!("server-{l}")])
+        .collect();
+    names.extend((0..startups).map(|i| format!("startup-{i}")));
+    names
+}
+
+fn policy_yaml(client: &str, ports: &[(SocketAddr, &str)]) -> String {
     let mut yaml = format!(
         "trustDomain: {TRUST_DOMAIN}\nmode: enforce\ninbound:\n  default: deny\n  ports:\n"
     );
@@ -216,7 +234,7 @@ fn policy_yaml(ports: &[(SocketAddr, &str)]) -> String {
         // Writing to a String cannot fail.
         let _ = write!(
             yaml,
-            "    - port: {}\n      protocol: {protocol}\n      allow:\n        - from: [{CLIENT_ID}]\n",
+            "    - port: {}\n      protocol: {protocol}\n      allow:\n        - from: [{client}]\n",
             addr.port()
         );
     }
@@ -236,20 +254,12 @@ pub async fn startup_times(
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
         let port = free_port()?;
-        std::fs::write(&policy, policy_yaml(&[(port, "tcp")]))?;
+        std::fs::write(&policy, policy_yaml(&id("client-main"), &[(port, "tcp")]))?;
         let target = format!("{port}={}", up.http);
-        let (mut proc, admin) = sidecar(
-            stepmesh,
-            ca,
-            dir,
-            &format!("startup {i}"),
-            "server",
-            &policy,
-            true,
-            |cmd| {
-                cmd.arg("--inbound").arg(&target);
-            },
-        )?;
+        let name = format!("startup-{i}");
+        let (mut proc, admin) = sidecar(stepmesh, ca, dir, &name, &name, &policy, true, |cmd| {
+            cmd.arg("--inbound").arg(&target);
+        })?;
         times.push(proc.wait_ready(admin, READY_TIMEOUT).await?);
     }
     Ok(times)

@@ -287,7 +287,13 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
         stepmesh.display()
     );
     eprintln!("starting the CA and the sidecars ({})", stepmesh.display());
-    let ca = Ca::start(&stepmesh, dir).await?;
+    let startups = args.rounds.max(5);
+    let ca = Ca::start(
+        &stepmesh,
+        dir,
+        &mesh::identities(&["main", "no-resumption"], startups),
+    )
+    .await?;
     let up = Upstreams {
         http: setup.backend.http,
         echo: setup.backend.echo,
