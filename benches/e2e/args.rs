@@ -49,6 +49,9 @@ pub struct Args {
     /// The stepmesh binary (default: target/release/stepmesh of this workspace).
     #[arg(long)]
     pub stepmesh: Option<PathBuf>,
+    /// The oha binary for the cross-check (default: `oha` on PATH or in ~/.cargo/bin).
+    #[arg(long)]
+    pub oha: Option<PathBuf>,
     /// Where to write the JSON results (default: target/bench-e2e.json).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -100,11 +103,14 @@ pub enum Scenario {
     Memory,
     /// Time from sidecar process start to `/ready`.
     Startup,
+    /// The latency and saturation runs again, with oha as the load generator.
+    Oha,
 }
 
 impl Scenario {
-    fn all() -> [Scenario; 6] {
+    fn all() -> [Scenario; 7] {
         [
+            Scenario::Oha,
             Scenario::Latency,
             Scenario::Throughput,
             Scenario::Connrate,

@@ -8,6 +8,7 @@ mod args;
 mod backend;
 mod load;
 mod mesh;
+mod oha;
 mod procs;
 mod report;
 mod run;

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::args::Path;
+use crate::oha::OhaRun;
 
 /// Everything one run measured.
 #[derive(Debug, Default, Serialize)]
@@ -30,6 +31,44 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     /// Sidecar start to `/ready`.
     pub startup: Option<StartupRow>,
+    /// The oha cross-check per path.
+    pub oha: Vec<OhaRow>,
+    /// Why a scenario was skipped.
+    pub notes: Vec<String>,
+}
+
+/// The oha cross-check of one path (medians over rounds).
+#[derive(Debug, Serialize)]
+pub struct OhaRow {
+    /// The path.
+    pub path: Path,
+    /// At the fixed rate, each round.
+    pub rounds_fixed_rate: Vec<OhaRun>,
+    /// Closed loop, each round.
+    pub rounds_saturation: Vec<OhaRun>,
+    /// Per field, the median fixed-rate round.
+    pub fixed_rate: OhaRun,
+    /// Median requests/s closed loop.
+    pub saturation_rps: f64,
+    /// p50 / direct p50.
+    pub p50_vs_direct: Option<f64>,
+    /// p99 / direct p99.
+    pub p99_vs_direct: Option<f64>,
+    /// saturation rps / direct.
+    pub rps_vs_direct: Option<f64>,
+}
+
+/// Per field, the median of oha runs.
+pub fn median_oha(runs: &[OhaRun]) -> OhaRun {
+    let m = |f: fn(&OhaRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    OhaRun {
+        p50_us: m(|r| r.p50_us),
+        p90_us: m(|r| r.p90_us),
+        p99_us: m(|r| r.p99_us),
+        p999_us: m(|r| r.p999_us),
+        rps: m(|r| r.rps),
+        success_rate: m(|r| r.success_rate),
+    }
 }
 
 /// nproc, CPU model and memory, from /proc.
@@ -350,6 +389,36 @@ impl Report {
                 );
             }
             md.push('\n');
+        }
+        if !self.oha.is_empty() {
+            let s = &self.settings;
+            let _ = writeln!(
+                md,
+                "Cross-check with oha: {} req/s over {} connections (latency-corrected, µs), and closed loop over {} connections\n",
+                s["rate"], s["connections"], s["sat_connections"]
+            );
+            md.push_str("| path | p50 | p90 | p99 | p99.9 | p50 × direct | p99 × direct | saturation req/s | × direct |\n");
+            md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            for r in &self.oha {
+                let f = &r.fixed_rate;
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {} |",
+                    r.path,
+                    f.p50_us,
+                    f.p90_us,
+                    f.p99_us,
+                    f.p999_us,
+                    opt(r.p50_vs_direct, 2),
+                    opt(r.p99_vs_direct, 2),
+                    r.saturation_rps,
+                    opt(r.rps_vs_direct, 2)
+                );
+            }
+            md.push('\n');
+        }
+        for note in &self.notes {
+            let _ = writeln!(md, "Note: {note}\n");
         }
         if let Some(s) = &self.startup {
             let _ = writeln!(

@@ -11,6 +11,7 @@ use crate::args::{Args, Path, Scenario};
 use crate::backend::{self, Backend};
 use crate::load;
 use crate::mesh::{self, Ca, Pair, Upstreams};
+use crate::oha::{self, OhaRun};
 use crate::procs::{self, Proc};
 use crate::report::*;
 
@@ -81,6 +82,17 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     let mut connrate: Vec<((Path, bool), Vec<Sat>)> = vec![];
     let mut bulk: Vec<(Path, Vec<f64>)> = vec![];
     let mut peak = None;
+    let oha_bin = args
+        .wants(Scenario::Oha)
+        .then(|| oha::find(args.oha.as_deref()))
+        .flatten();
+    if args.wants(Scenario::Oha) && oha_bin.is_none() {
+        report.notes.push(
+            "oha cross-check skipped: no oha binary (`cargo install oha --locked`, or --oha PATH)"
+                .into(),
+        );
+    }
+    let mut oha_runs: Vec<(Path, Vec<OhaRun>, Vec<OhaRun>)> = vec![];
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
         if args.wants(Scenario::Latency) {
@@ -165,9 +177,32 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
                 }
             }
         }
+        if let Some(bin) = &oha_bin {
+            for path in &args.paths {
+                eprintln!("  oha, {path}");
+                let addr = setup.addr(*path)?;
+                let fixed = oha::run(
+                    bin,
+                    addr,
+                    args.duration(),
+                    args.connections,
+                    Some(args.rate),
+                )
+                .await?;
+                let sat = oha::run(bin, addr, args.duration(), args.sat_connections, None).await?;
+                match oha_runs.iter_mut().find(|(p, _, _)| p == path) {
+                    Some((_, f, s)) => {
+                        f.push(fixed);
+                        s.push(sat);
+                    }
+                    None => oha_runs.push((*path, vec![fixed], vec![sat])),
+                }
+            }
+        }
         setup.check_alive()?;
     }
 
+    report.oha = oha_rows(oha_runs);
     report.latency = latency_rows(latency);
     report.throughput = throughput_rows(throughput);
     report.connrate = connrate
@@ -431,6 +466,40 @@ fn throughput_rows(throughput: Vec<(Path, Vec<Sat>)>) -> Vec<ThroughputRow> {
                 cpu_us_per_req_inbound: sat.inbound_us,
                 cpu_us_per_req_backend: sat.backend_us,
                 errors: sat.errors,
+            }
+        })
+        .collect()
+}
+
+fn oha_rows(runs: Vec<(Path, Vec<OhaRun>, Vec<OhaRun>)>) -> Vec<OhaRow> {
+    let summarize = |fixed: &[OhaRun], sat: &[OhaRun]| {
+        (
+            median_oha(fixed),
+            median(&sat.iter().map(|r| r.rps).collect::<Vec<_>>()),
+        )
+    };
+    let direct = runs
+        .iter()
+        .find(|(p, _, _)| *p == Path::Direct)
+        .map(|(_, f, s)| summarize(f, s));
+    runs.into_iter()
+        .map(|(path, rounds_fixed_rate, rounds_saturation)| {
+            let (fixed_rate, saturation_rps) = summarize(&rounds_fixed_rate, &rounds_saturation);
+            let vs = |f: &dyn Fn(&OhaRun, f64) -> f64| {
+                direct
+                    .as_ref()
+                    .filter(|_| path != Path::Direct)
+                    .map(|(d, drps)| f(&fixed_rate, saturation_rps) / f(d, *drps))
+            };
+            OhaRow {
+                path,
+                p50_vs_direct: vs(&|r, _| r.p50_us),
+                p99_vs_direct: vs(&|r, _| r.p99_us),
+                rps_vs_direct: vs(&|_, rps| rps),
+                rounds_fixed_rate,
+                rounds_saturation,
+                fixed_rate,
+                saturation_rps,
             }
         })
         .collect()
