@@ -3,12 +3,12 @@
 //! JWTs on sensitive HTTP routes. See ARCHITECTURE.md for the map.
 
 pub mod app;
-pub mod cli;
-pub mod telemetry;
 pub mod ca_cmd;
 pub mod cert_cmd;
+pub mod cli;
 pub mod demo;
 pub mod init;
 pub mod inject;
 pub mod policy;
 pub mod proxy;
+pub mod telemetry;
