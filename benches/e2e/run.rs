@@ -415,6 +415,7 @@ fn percentiles(run: &load::Latency) -> Percentiles {
         max_us: run.hist.max() as f64 / 1e3,
         achieved_rate: run.achieved_rate,
         errors: run.errors,
+        dispatch_p50_us: run.dispatch.value_at_quantile(0.5) as f64 / 1e3,
     }
 }
 
