@@ -49,6 +49,12 @@ pub struct Args {
     /// The stepmesh binary (default: target/release/stepmesh of this workspace).
     #[arg(long)]
     pub stepmesh: Option<PathBuf>,
+    /// Run each sidecar under this command (e.g. "valgrind --tool=callgrind"), split on spaces.
+    #[arg(long)]
+    pub sidecar_wrap: Option<String>,
+    /// Extra flags for every sidecar (e.g. "--no-access-log"), split on spaces.
+    #[arg(long, allow_hyphen_values = true)]
+    pub sidecar_args: Option<String>,
     /// The oha binary for the cross-check (default: `oha` on PATH or in ~/.cargo/bin).
     #[arg(long)]
     pub oha: Option<PathBuf>,

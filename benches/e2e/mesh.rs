@@ -30,6 +30,16 @@ pub struct Upstreams {
     pub echo: SocketAddr,
 }
 
+/// How sidecars are started.
+pub struct SidecarCmd {
+    /// The stepmesh binary.
+    pub program: PathBuf,
+    /// A command the sidecar runs under (`valgrind --tool=callgrind`), if any.
+    pub wrap: Vec<String>,
+    /// Flags added to every sidecar's command line.
+    pub extra: Vec<String>,
+}
+
 /// A running CA.
 pub struct Ca {
     proc: Proc,
@@ -98,7 +108,7 @@ impl Pair {
     /// Starts an inbound sidecar in front of `up`, then an outbound sidecar
     /// pointing at it; both `--workers 1`.
     pub async fn start(
-        stepmesh: &Path,
+        stepmesh: &SidecarCmd,
         ca: &Ca,
         dir: &Path,
         label: &str,
@@ -180,7 +190,7 @@ impl Pair {
 
 #[allow(clippy::too_many_arguments)]
 fn sidecar(
-    stepmesh: &Path,
+    stepmesh: &SidecarCmd,
     ca: &Ca,
     dir: &Path,
     name: &str,
@@ -190,7 +200,14 @@ fn sidecar(
     listeners: impl FnOnce(&mut Command),
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let admin = free_port()?;
-    let mut cmd = Command::new(stepmesh);
+    let mut cmd = match stepmesh.wrap.split_first() {
+        Some((wrapper, wrapper_args)) => {
+            let mut cmd = Command::new(wrapper);
+            cmd.args(wrapper_args).arg(&stepmesh.program);
+            cmd
+        }
+        None => Command::new(&stepmesh.program),
+    };
     cmd.args(["proxy", "--workers", "1", "--trust-domain", TRUST_DOMAIN])
         .arg("--ca")
         .arg(ca.addr.to_string())
@@ -206,6 +223,7 @@ fn sidecar(
         cmd.arg("--no-session-resumption");
     }
     listeners(&mut cmd);
+    cmd.args(&stepmesh.extra);
     Ok((
         Proc::spawn(
             name,
@@ -244,7 +262,7 @@ fn policy_yaml(client: &str, ports: &[(SocketAddr, &str)]) -> String {
 /// Spawns a fresh sidecar `n` times against the running CA and returns each
 /// one's time from process start to `/ready` (an SVID from the CA included).
 pub async fn startup_times(
-    stepmesh: &Path,
+    stepmesh: &SidecarCmd,
     ca: &Ca,
     dir: &Path,
     up: Upstreams,

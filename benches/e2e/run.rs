@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::args::{Args, Path, Scenario};
 use crate::backend::{self, Backend};
 use crate::load;
-use crate::mesh::{self, Ca, Pair, Upstreams};
+use crate::mesh::{self, Ca, Pair, SidecarCmd, Upstreams};
 use crate::oha::{self, OhaRun};
 use crate::procs::{self, Proc};
 use crate::report::*;
@@ -25,6 +25,7 @@ struct Setup {
     /// A second pair started with `--no-session-resumption`.
     pair_no_resumption: Option<Pair>,
     stepmesh: Option<PathBuf>,
+    sidecars: Option<SidecarCmd>,
 }
 
 impl Setup {
@@ -276,7 +277,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     }
 
     if args.wants(Scenario::Startup) {
-        if let (Some(ca), Some(stepmesh)) = (&setup.ca, &setup.stepmesh) {
+        if let (Some(ca), Some(stepmesh)) = (&setup.ca, &setup.sidecars) {
             eprintln!("  startup");
             let up = Upstreams {
                 http: setup.backend.http,
@@ -308,6 +309,7 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
         pair: None,
         pair_no_resumption: None,
         stepmesh: None,
+        sidecars: None,
     };
     if !args.needs_mesh() {
         return Ok(setup);
@@ -333,13 +335,26 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
         http: setup.backend.http,
         echo: setup.backend.echo,
     };
-    setup.pair = Some(Pair::start(&stepmesh, &ca, dir, "main", up, true).await?);
+    let words = |s: &Option<String>| {
+        s.as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let sidecars = SidecarCmd {
+        program: stepmesh.clone(),
+        wrap: words(&args.sidecar_wrap),
+        extra: words(&args.sidecar_args),
+    };
+    setup.pair = Some(Pair::start(&sidecars, &ca, dir, "main", up, true).await?);
     if args.wants(Scenario::Connrate) && args.paths.contains(&Path::L4) {
         setup.pair_no_resumption =
-            Some(Pair::start(&stepmesh, &ca, dir, "no-resumption", up, false).await?);
+            Some(Pair::start(&sidecars, &ca, dir, "no-resumption", up, false).await?);
     }
     setup.ca = Some(ca);
     setup.stepmesh = Some(stepmesh);
+    setup.sidecars = Some(sidecars);
     Ok(setup)
 }
 
