@@ -260,6 +260,12 @@ impl CaClient {
         })
     }
 
+    /// The generated gRPC client on this client's channel, for calls the
+    /// typed methods do not cover (tests, benchmarks).
+    pub fn grpc(&self) -> CertificateAuthorityClient<Channel> {
+        CertificateAuthorityClient::new(self.channel.clone())
+    }
+
     /// The CA's current trust bundle (no credential needed).
     pub async fn trust_bundle(&self) -> Result<BundleUpdate, ClientError> {
         let mut client = CertificateAuthorityClient::new(self.channel.clone());
