@@ -266,6 +266,11 @@ impl CaClient {
         CertificateAuthorityClient::new(self.channel.clone())
     }
 
+    /// The channel to the CA (for other services it serves, such as gRPC health).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// The CA's current trust bundle (no credential needed).
     pub async fn trust_bundle(&self) -> Result<BundleUpdate, ClientError> {
         let mut client = CertificateAuthorityClient::new(self.channel.clone());

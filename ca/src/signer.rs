@@ -267,3 +267,56 @@ pub fn random_serial() -> SerialNumber {
     bytes[0] |= 0x80;
     SerialNumber::from_slice(&bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn csr_for(alg: &'static rcgen::SignatureAlgorithm) -> String {
+        let key = if alg == &rcgen::PKCS_RSA_SHA256 {
+            rcgen::KeyPair::generate_rsa_for(alg, rcgen::RsaKeySize::_2048).unwrap()
+        } else {
+            rcgen::KeyPair::generate_for(alg).unwrap()
+        };
+        crate::client::make_csr(&key, None).unwrap()
+    }
+
+    #[test]
+    fn key_policy() {
+        let cases: [(&'static rcgen::SignatureAlgorithm, Result<&str, &str>); 4] = [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, Ok("ECDSA P-256")),
+            (&rcgen::PKCS_ED25519, Ok("Ed25519")),
+            (&rcgen::PKCS_RSA_SHA256, Ok("RSA 2048")),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, Err("only P-256")),
+        ];
+        for (alg, want) in cases {
+            let got = Csr::from_pem(&csr_for(alg));
+            match want {
+                Ok(kind) => assert_eq!(got.unwrap().key_type(), kind),
+                Err(needle) => {
+                    let err = got.unwrap_err();
+                    assert_eq!(err.reason(), "unsupported_key");
+                    assert!(err.to_string().contains(needle), "{err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identity_rules() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let me = SpiffeId::parse("spiffe://td/a").unwrap();
+        let other = SpiffeId::parse("spiffe://td/b").unwrap();
+        let none = Csr::from_pem(&crate::client::make_csr(&key, None).unwrap()).unwrap();
+        assert!(none.check_identity(&me).is_ok());
+        let mine = Csr::from_pem(&crate::client::make_csr(&key, Some(&me)).unwrap()).unwrap();
+        assert!(mine.check_identity(&me).is_ok());
+        let err = mine.check_identity(&other).unwrap_err();
+        assert_eq!(err.reason(), "identity_mismatch");
+        assert!(
+            err.to_string().contains("spiffe://td/a") && err.to_string().contains("spiffe://td/b")
+        );
+    }
+}
