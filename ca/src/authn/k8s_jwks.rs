@@ -66,7 +66,8 @@ pub struct K8sJwks {
     audience: String,
     td: TrustDomain,
     keys: ArcSwap<HashMap<String, Key>>,
-    last_fetch: Mutex<Instant>,
+    /// When an unknown `kid` last caused a fetch (`None`: never).
+    last_fetch: Mutex<Option<Instant>>,
 }
 
 #[derive(Deserialize)]
@@ -112,7 +113,7 @@ impl K8sJwks {
             audience,
             td,
             keys: ArcSwap::from_pointee(HashMap::new()),
-            last_fetch: Mutex::new(Instant::now()),
+            last_fetch: Mutex::new(None),
         };
         let n = this.refresh().await?;
         tracing::info!(keys = n, source = %this.source_name(), "k8s-jwks: loaded service-account issuer keys");
@@ -275,10 +276,10 @@ impl K8sJwks {
             let Ok(mut last) = self.last_fetch.lock() else {
                 return;
             };
-            if last.elapsed() < REFETCH_MIN_INTERVAL {
+            if last.is_some_and(|t| t.elapsed() < REFETCH_MIN_INTERVAL) {
                 return;
             }
-            *last = Instant::now();
+            *last = Some(Instant::now());
         }
         if let Err(e) = self.refresh().await {
             tracing::warn!(error = %e, "k8s-jwks: refresh after an unknown kid failed; keeping the last keys");
@@ -326,3 +327,6 @@ fn usable_key(jwk: &Jwk) -> Option<(String, Key)> {
     let key = DecodingKey::from_jwk(jwk).ok()?;
     Some((kid, Key { key, alg }))
 }
+
+#[cfg(test)]
+mod tests;
