@@ -1,5 +1,11 @@
 //! Sidecar injection: the admission webhook and offline injection.
 
+pub mod config;
+pub mod mutate;
+pub mod overrides;
+pub mod patch;
+pub mod template;
+
 use clap::Args;
 
 /// Flags of `stepmesh inject`.
