@@ -3,6 +3,7 @@
 //! what is redirected and what is not. Needs root, `ip` and iptables; skips
 //! with a printed reason otherwise.
 #![allow(unsafe_code)] // setns(2) and getsockopt(SO_ORIGINAL_DST) in the test harness only.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};

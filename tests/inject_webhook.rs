@@ -3,6 +3,7 @@
 //! generate.py), patches applied with the json-patch crate, the result read
 //! as a k8s-openapi Pod and validated by kubernetes-validate; bad requests;
 //! certificate reload; TLS 1.3 only.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod inject_support;
 
@@ -172,7 +173,9 @@ async fn bad_requests_get_clear_4xx_and_the_server_keeps_serving() {
         .remove("object");
     let json = Some("application/json");
     let bytes = |v: &Value| serde_json::to_vec(v).unwrap();
-    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    // (what, path, content type, body, expected status, text in the error)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed",
             "/inject",

@@ -198,6 +198,7 @@ fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -232,5 +232,6 @@ fn add_map_entries(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 #[path = "mutate_tests.rs"]
 mod tests;

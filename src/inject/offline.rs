@@ -137,6 +137,7 @@ fn inject_object(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -200,6 +200,7 @@ pub fn is_dns_subdomain(s: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 

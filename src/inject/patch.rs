@@ -81,6 +81,7 @@ pub fn apply(target: &mut Value, ops: &[PatchOp]) -> Result<(), PatchError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 

@@ -131,6 +131,7 @@ fn allow(uid: &str, patch: Option<String>, warning: Option<&str>) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

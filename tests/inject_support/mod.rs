@@ -118,8 +118,21 @@ pub fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// One HTTPS request on a fresh connection: status and body.
+/// One HTTPS request on a fresh connection to `localhost`: status and body.
 pub async fn request(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
+    request_to("localhost", addr, tls, method, path, content_type, body).await
+}
+
+/// One HTTPS request, verifying the server as `server_name`.
+pub async fn request_to(
+    server_name: &str,
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     method: &str,
@@ -130,7 +143,7 @@ pub async fn request(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
@@ -142,7 +155,7 @@ pub async fn request(
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "localhost");
+        .header("host", server_name);
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
