@@ -279,10 +279,24 @@ async fn bad_requests_get_clear_4xx_and_the_server_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(status, 405);
-    let (status, body) = request(hook.addr, tls, "GET", "/healthz", None, Vec::new())
+    let (status, body) = request(hook.addr, tls.clone(), "GET", "/healthz", None, Vec::new())
         .await
         .unwrap();
     assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    // Every answer was counted: 11 good reviews, 10 bad requests, 1 wrong method.
+    let (status, body) = request(hook.addr, tls, "GET", "/metrics", None, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains(r#"stepmesh_injector_reviews_total{outcome="injected"} 11"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"stepmesh_injector_reviews_total{outcome="bad_request"} 10"#),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,4 +360,49 @@ async fn serving_certificate_is_reloaded_and_only_tls13_is_spoken() {
     .await
     .unwrap_err();
     assert!(err.starts_with("TLS"), "old CA still accepted: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_is_served_as_the_api_server_prefers() {
+    use http_body_util::{BodyExt as _, Full};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "h2");
+    let hook = Webhook::start(&pki.cert, &pki.key, &[]);
+    let mut tls = (*client_config(&pki.ca_pem)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let review = fixture("pod-generate-name");
+    // Several reviews multiplexed on the one connection.
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let req = http::Request::post("https://localhost/inject")
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(
+                serde_json::to_vec(&review).unwrap(),
+            )))
+            .unwrap();
+        answers.push(sender.send_request(req));
+    }
+    for answer in answers {
+        let resp = answer.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+        assert!(answer["response"]["patch"].is_string());
+    }
 }

@@ -3,6 +3,7 @@
 //! from the pure pod mutation ([`mutate`]).
 
 pub mod config;
+pub mod metrics;
 pub mod mutate;
 pub mod offline;
 pub mod overrides;

@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::config::InjectorConfig;
+use super::metrics::{render, InjectorMetrics};
 use super::review::{review, Outcome};
 
 /// Deadline for a client's TLS handshake and request headers.
@@ -30,6 +31,8 @@ const MAX_CONNECTIONS: usize = 1024;
 struct State {
     config: InjectorConfig,
     max_body: usize,
+    metrics: InjectorMetrics,
+    registry: prometheus_client::registry::Registry,
 }
 
 /// A bound, not yet running webhook server.
@@ -47,10 +50,17 @@ impl Server {
         config: InjectorConfig,
         max_body: usize,
     ) -> std::io::Result<Self> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = InjectorMetrics::new(&mut registry);
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            state: Arc::new(State { config, max_body }),
+            state: Arc::new(State {
+                config,
+                max_body,
+                metrics,
+                registry,
+            }),
         })
     }
 
@@ -114,8 +124,15 @@ async fn handle(
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz" | "/ready") => text(StatusCode::OK, "ok"),
-        (&Method::POST, "/inject") => inject(req, &state).await,
+        (&Method::GET, "/healthz" | "/ready") => text(StatusCode::OK, "ok".into()),
+        (&Method::GET, "/metrics") => text(StatusCode::OK, render(&state.registry)),
+        (&Method::POST, "/inject") => {
+            let response = inject(req, &state).await;
+            if response.status() != StatusCode::OK {
+                state.metrics.count("bad_request");
+            }
+            response
+        }
         (_, "/inject") => {
             let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             r.headers_mut()
@@ -175,6 +192,11 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
                 Outcome::Unchanged(why) => tracing::debug!(uid, why, "not injected"),
                 Outcome::Denied(why) => tracing::warn!(uid, why, "denied"),
             }
+            state.metrics.count(match outcome {
+                Outcome::Injected => "injected",
+                Outcome::Unchanged(_) => "unchanged",
+                Outcome::Denied(_) => "denied",
+            });
             json(StatusCode::OK, answer.to_string())
         }
         Err(err) => {
@@ -198,8 +220,8 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r
 }
