@@ -20,6 +20,8 @@ pub enum Skip {
     HostNetwork,
     /// The namespace is on the configuration's exclusion list.
     ExcludedNamespace,
+    /// `spec.os.name: windows`: no iptables, no Linux sidecar.
+    Windows,
 }
 
 impl Skip {
@@ -30,6 +32,7 @@ impl Skip {
             Self::OptedOut => "opted out (stepmesh.io/inject: \"false\")",
             Self::HostNetwork => "hostNetwork pod",
             Self::ExcludedNamespace => "namespace excluded from injection",
+            Self::Windows => "Windows pod",
         }
     }
 }
@@ -191,6 +194,14 @@ fn skip(
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Some(Skip::HostNetwork));
+    }
+    if spec
+        .get("os")
+        .and_then(|os| os.get("name"))
+        .and_then(Value::as_str)
+        == Some("windows")
+    {
+        return Ok(Some(Skip::Windows));
     }
     if config.excluded_namespaces.iter().any(|n| n == namespace) {
         return Ok(Some(Skip::ExcludedNamespace));

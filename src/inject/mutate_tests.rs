@@ -165,6 +165,12 @@ fn skips_and_idempotence() {
         mutate(&bare(), &config, "kube-system").unwrap(),
         Mutation::Skipped(Skip::ExcludedNamespace)
     );
+    let mut windows = bare();
+    windows["spec"]["os"] = json!({"name": "windows"});
+    assert_eq!(
+        mutate(&windows, &config, "apps").unwrap(),
+        Mutation::Skipped(Skip::Windows)
+    );
 }
 
 #[test]

@@ -164,6 +164,26 @@ mod tests {
     }
 
     #[test]
+    fn list_items_are_walked() {
+        let input = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: a}\n  spec: {containers: [{name: a, image: x}]}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: c}\n";
+        let (out, reports) = inject_yaml(input, &InjectorConfig::default()).unwrap();
+        assert_eq!(
+            reports[0],
+            Report {
+                object: "pod/a".into(),
+                action: "injected".into()
+            }
+        );
+        assert_eq!(reports[1].action, "unchanged (not a workload)");
+        let doc: Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            doc["items"][0]["spec"]["initContainers"][0]["name"],
+            "stepmesh-init"
+        );
+        assert!(doc["items"][1].get("spec").is_none());
+    }
+
+    #[test]
     fn errors_name_the_object() {
         let bad = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata:\n      annotations: {stepmesh.io/exclude-inbound-ports: x}\n    spec:\n      containers: [{name: a, image: x}]\n";
         let err = inject_yaml(bad, &InjectorConfig::default())
