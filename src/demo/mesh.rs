@@ -111,23 +111,15 @@ impl Mesh {
             &policy,
             policy_yaml(payments_inbound.port(), Some(&idp), dir),
         )?;
-        let (mut payments_sidecar, admin) = sidecar("payments", &inbound, Some(&policy))?;
-        let mut stepup_unavailable = None;
-        if let Err(err) = payments_sidecar.wait_ready(admin, READY_TIMEOUT).await {
-            // This build's sidecar refused the step-up policy: run what it can.
-            let reason = err
-                .to_string()
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .to_owned();
-            println!("  note: the sidecar refused the step-up policy ({reason}); falling back to identity rules only");
-            stepup_unavailable = Some(reason);
+        // This build must understand the step-up policy; if `policy check`
+        // refuses it, run the identity rules alone and say so.
+        let stepup_unavailable = policy_refused(&exe, &policy)?;
+        if let Some(reason) = &stepup_unavailable {
+            println!("  note: this build refuses the step-up policy ({reason}); running the identity rules only");
             std::fs::write(&policy, policy_yaml(payments_inbound.port(), None, dir))?;
-            let (mut again, admin) = sidecar("payments", &inbound, Some(&policy))?;
-            again.wait_ready(admin, READY_TIMEOUT).await?;
-            payments_sidecar = again;
         }
+        let (mut payments_sidecar, admin) = sidecar("payments", &inbound, Some(&policy))?;
+        payments_sidecar.wait_ready(admin, READY_TIMEOUT).await?;
         println!(
             "  payments sidecar  mTLS on {payments_inbound} as {PAYMENTS}, policy {}",
             policy.display()
@@ -178,6 +170,22 @@ impl Mesh {
         }
         Ok(())
     }
+}
+
+/// Why `stepmesh policy check` refuses `policy`, if it does.
+fn policy_refused(exe: &Path, policy: &Path) -> anyhow::Result<Option<String>> {
+    let out = Command::new(exe)
+        .args(["policy", "check"])
+        .arg(policy)
+        .output()
+        .context("running stepmesh policy check")?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Ok(Some(
+        stderr.lines().last().unwrap_or("refused").trim().to_owned(),
+    ))
 }
 
 async fn start_ca(exe: &Path, dir: &Path) -> anyhow::Result<(SocketAddr, Child, PathBuf)> {
