@@ -53,7 +53,7 @@ async fn health_service_reports_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_token_file_is_reloaded_and_a_broken_one_keeps_the_old_tokens() {
+async fn join_token_file_is_reloaded_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let join = cfg.join_tokens.clone().unwrap();
@@ -69,15 +69,6 @@ async fn join_token_file_is_reloaded_and_a_broken_one_keeps_the_old_tokens() {
         async move { client.issue(&cred, None).await }
     };
     assert!(issue("tok-b").await.is_err());
-
-    // A broken file: refused, tok-a keeps working.
-    std::fs::write(
-        &join,
-        "tok-a spiffe://td/ns/a/sa/a\nbroken line with three\n",
-    )
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    issue("tok-a").await.expect("old tokens kept");
 
     std::fs::write(
         &join,

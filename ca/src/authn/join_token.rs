@@ -163,6 +163,22 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_reload_keeps_the_old_table() {
+        let td: TrustDomain = "td".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "tok-a spiffe://td/a\n").unwrap();
+        let t = JoinTokens::load(&path, &td).unwrap();
+        std::fs::write(&path, "tok-b spiffe://td/b\nbroken line here\n").unwrap();
+        let err = t.reload().unwrap_err().to_string();
+        assert!(err.contains(":2:"), "{err}");
+        assert!(t.lookup("tok-a").is_some() && t.lookup("tok-b").is_none());
+        std::fs::write(&path, "tok-b spiffe://td/b\n").unwrap();
+        assert_eq!(t.reload().unwrap(), 1);
+        assert!(t.lookup("tok-a").is_none() && t.lookup("tok-b").is_some());
+    }
+
+    #[test]
     fn refuses_bad_lines_naming_the_line() {
         let td: TrustDomain = "td".parse().unwrap();
         let cases = [
