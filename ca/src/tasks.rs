@@ -30,7 +30,6 @@ pub(crate) async fn poll_sources(
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_jwks = tokio::time::Instant::now();
-    let mut last_join_mtime = None;
     loop {
         tokio::select! {
             _ = stop.recv() => return,
@@ -62,20 +61,14 @@ pub(crate) async fn poll_sources(
                 tracing::warn!(error = %e, "could not read the trust bundle sources; keeping the old bundle")
             }
         }
-        if let Some(join) = authn.join_tokens() {
-            let mtime = tokio::fs::metadata(join.path())
-                .await
-                .and_then(|m| m.modified())
-                .ok();
-            if last_join_mtime.is_some() && mtime != last_join_mtime {
-                match reload_join(authn.clone()).await {
-                    Ok(n) => tracing::info!(tokens = n, "join-token file reloaded"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "join-token file refused; keeping the old tokens")
-                    }
+        if authn.join_tokens().is_some() {
+            match reload_join(authn.clone()).await {
+                Ok(Some(n)) => tracing::info!(tokens = n, "join-token file reloaded"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "join-token file refused; keeping the old tokens")
                 }
             }
-            last_join_mtime = mtime;
         }
         if let Some(jwks) = authn.jwks() {
             if last_jwks.elapsed() >= JWKS_REFRESH {
@@ -88,10 +81,10 @@ pub(crate) async fn poll_sources(
     }
 }
 
-async fn reload_join(authn: Arc<Authenticator>) -> Result<usize, String> {
+async fn reload_join(authn: Arc<Authenticator>) -> Result<Option<usize>, String> {
     tokio::task::spawn_blocking(move || match authn.join_tokens() {
-        Some(j) => j.reload().map_err(|e| e.to_string()),
-        None => Ok(0),
+        Some(j) => j.reload_if_changed().map_err(|e| e.to_string()),
+        None => Ok(None),
     })
     .await
     .map_err(|e| e.to_string())?
