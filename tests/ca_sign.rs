@@ -462,7 +462,24 @@ async fn intermediate_mode_signs_under_the_outside_intermediate() {
     );
     std::fs::write(&cert, &pki.intermediate.cert_pem).unwrap();
     std::fs::write(&key, &pki.intermediate.key_pem).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if openssl() {
+        // cert-manager and Vault write SEC1 ("EC PRIVATE KEY"); accept that too.
+        let out = Command::new("openssl")
+            .args(["ec", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("EC PRIVATE KEY"));
+    }
     std::fs::write(&roots, pki.bundle_pem()).unwrap();
     let args = [
         "--intermediate-cert",
@@ -472,6 +489,29 @@ async fn intermediate_mode_signs_under_the_outside_intermediate() {
         "--root-bundle",
         roots.to_str().unwrap(),
     ];
+    // A key others can read is refused, naming the file.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
+        .args([
+            "ca",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("int-key.pem") && err.contains("mode 644"),
+        "{err}"
+    );
+    // Group-readable (a Secret with defaultMode 0440 for fsGroup) is accepted.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let ca = CaProcess::start_with(TD, &[("tok-web", WEB)], &args);
     assert_eq!(ca.bundle_pem, pki.bundle_pem(), "serves the outside roots");
     let svid = ca.issue("tok-web").await;
