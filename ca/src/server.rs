@@ -31,6 +31,9 @@ use crate::store::{self, Mode};
 use crate::svid::TrustBundle;
 use crate::tls::{self, ServingCert};
 
+/// How long shutdown waits for open calls before closing connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Largest gRPC request accepted (a CSR is about 1 KiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -286,9 +289,14 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
 
     let task = tokio::spawn(async move {
         let _ = stop_rx.await;
+        // Stopping the poller drops the bundle sender, which ends every
+        // WatchTrustBundle stream, so the graceful drain can finish.
         let _ = stop_all.send(());
-        for t in tasks {
-            let _ = t.await;
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let drain = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     });
     ready.set(true);

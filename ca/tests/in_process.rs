@@ -116,3 +116,27 @@ async fn unsafe_or_foreign_state_is_refused() {
     assert!(err.contains("refusing to make a new root"), "{err}");
     assert!(key.exists(), "the old key is left untouched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_watch_streams_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(config(dir.path())).await.unwrap();
+    let client = CaClient::connect(
+        &format!("localhost:{}", ca.grpc_addr.port()),
+        &ca.bundle_pem(),
+    )
+    .unwrap();
+    let mut watch = client.watch_trust_bundle().await.unwrap();
+    assert_eq!(watch.next().await.unwrap().unwrap().sequence, 1);
+    let started = Instant::now();
+    ca.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap();
+    assert!(end.is_none_or(|r| r.is_err()), "the stream ends");
+}
