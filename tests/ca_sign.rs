@@ -512,8 +512,25 @@ async fn intermediate_mode_signs_under_the_outside_intermediate() {
     );
     // Group-readable (a Secret with defaultMode 0440 for fsGroup) is accepted.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let ca = CaProcess::start_with(TD, &[("tok-web", WEB)], &args);
+    let mut with_poll = args.to_vec();
+    with_poll.extend(["--poll-interval", "100ms"]);
+    let ca = CaProcess::start_with(TD, &[("tok-web", WEB)], &with_poll);
     assert_eq!(ca.bundle_pem, pki.bundle_pem(), "serves the outside roots");
+    // The outside PKI adds a root: served and written to bundle.pem.
+    let mut watch = ca.client().watch_trust_bundle().await.unwrap();
+    assert_eq!(watch.next().await.unwrap().unwrap().sequence, 1);
+    let next_root = Pki::new(TD);
+    std::fs::write(&roots, pki.bundle_pem() + &next_root.bundle_pem()).unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((update.sequence, update.bundle.roots().len()), (2, 2));
+    assert_eq!(
+        std::fs::read_to_string(&ca.bundle_path).unwrap(),
+        update.bundle.to_pem()
+    );
     let svid = ca.issue("tok-web").await;
     assert_eq!(svid.chain.len(), 2, "leaf + intermediate");
     assert_eq!(svid.chain[1], pki.intermediate.cert);
