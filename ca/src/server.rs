@@ -306,6 +306,14 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         trust_domain = %config.trust_domain,
         state_dir = %config.state_dir.display(),
         dns_names = ?names,
+        mode = match config.mode {
+            Mode::Root => "root",
+            Mode::Intermediate { .. } => "intermediate",
+        },
+        verifiers = ?verifiers(&config),
+        audience = %config.audience,
+        default_ttl = ?config.default_ttl,
+        max_ttl = ?config.max_ttl,
         "CA serving"
     );
     Ok(RunningCa {
@@ -321,6 +329,21 @@ fn unix(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The configured credential verifiers, for the start-up line.
+fn verifiers(config: &CaConfig) -> Vec<&'static str> {
+    let mut v = vec!["svid"];
+    if config.join_tokens.is_some() {
+        v.push("join-token");
+    }
+    if config.k8s_jwks.is_some() {
+        v.push("k8s-jwks");
+    }
+    if config.k8s_tokenreview.is_some() {
+        v.push("k8s-tokenreview");
+    }
+    v
 }
 
 pub(crate) async fn read_roots_blocking(
