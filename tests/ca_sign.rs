@@ -75,7 +75,7 @@ async fn issued_chain_passes_openssl_verify_and_carries_only_the_proven_identity
     let nb = leaf.validity().not_before.timestamp();
     let na = leaf.validity().not_after.timestamp();
     assert!(
-        (now - 75..=now - 45).contains(&nb),
+        (now - 300..=now - 59).contains(&nb),
         "notBefore backdated 60 s: {nb} vs now {now}"
     );
     assert!(
