@@ -250,15 +250,30 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
             eprintln!("  memory, {n} idle connections, {path}");
             held_counts[i] = n;
-            let held = load::hold_idle(setup.addr(path)?, n).await?;
+            // A fresh pair per port: memory the allocator kept from earlier
+            // scenarios would otherwise be counted.
+            let (Some(ca), Some(sidecars)) = (&setup.ca, &setup.sidecars) else {
+                continue;
+            };
+            let up = Upstreams {
+                http: setup.backend.http,
+                echo: setup.backend.echo,
+            };
+            let label = if path == Path::L4 {
+                "idle-l4"
+            } else {
+                "idle-http"
+            };
+            let pair = Pair::start(sidecars, ca, dir, label, up, true).await?;
+            let addr = if path == Path::L4 { pair.l4 } else { pair.http };
+            let held = load::hold_idle(addr, n).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let pair = setup.pair()?;
             with_conns[i] = [
                 Some(procs::mem(&pair.outbound)?.rss as f64 / MIB),
                 Some(procs::mem(&pair.inbound)?.rss as f64 / MIB),
             ];
             drop(held);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(pair);
         }
         for (i, (name, idle)) in [("outbound", idle_out), ("inbound", idle_in)]
             .into_iter()
@@ -328,7 +343,7 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
     let ca = Ca::start(
         &stepmesh,
         dir,
-        &mesh::identities(&["main", "no-resumption"], startups),
+        &mesh::identities(&["main", "no-resumption", "idle-l4", "idle-http"], startups),
     )
     .await?;
     let up = Upstreams {
