@@ -10,7 +10,13 @@ use crate::telemetry::LogFormat;
 #[command(name = "stepmesh", version, about, propagate_version = true)]
 pub struct Cli {
     /// Log line format (the filter comes from RUST_LOG, default `info`).
-    #[arg(long, global = true, value_enum, default_value_t, env = "STEPMESH_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "STEPMESH_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// What to run.
     #[command(subcommand)]

@@ -1,14 +1,10 @@
 //! The sidecar: identity, listeners, forwarding.
 
-use clap::Args;
+pub mod args;
+pub mod forward;
+pub mod listener;
 
-/// Flags of `stepmesh proxy`.
-#[derive(Debug, Args)]
-pub struct ProxyArgs {
-    /// Tokio worker threads (default: one per core).
-    #[arg(long, env = "STEPMESH_WORKERS")]
-    pub workers: Option<usize>,
-}
+pub use args::ProxyArgs;
 
 /// Builds the runtime the proxy runs on (`--workers`).
 pub fn runtime(args: &ProxyArgs) -> anyhow::Result<tokio::runtime::Runtime> {
