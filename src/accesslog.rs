@@ -130,6 +130,7 @@ pub fn rfc3339(at: std::time::SystemTime) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

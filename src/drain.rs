@@ -73,6 +73,7 @@ pub async fn shutdown_signal() -> std::io::Result<&'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

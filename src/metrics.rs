@@ -240,6 +240,7 @@ pub fn encode(registry: &Registry) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
