@@ -13,6 +13,8 @@ pub mod drain;
 pub mod init;
 pub mod inject;
 pub mod metrics;
+pub mod identity;
+pub mod tls;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

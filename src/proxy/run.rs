@@ -1,0 +1,279 @@
+//! Wiring of `stepmesh proxy`: registry, identity source, admin, policy,
+//! listeners, then wait for a signal and drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use stepmesh_ca::spiffe_id::{SpiffeIdPattern, TrustDomain};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::args::ProxyArgs;
+use super::conn::{Shared, Timeouts};
+use super::inbound::{Inbound, InboundTarget};
+use super::listener::accept_loop;
+use super::outbound::{Outbound, OutboundTarget};
+use crate::accesslog::AccessLog;
+use crate::admin::AdminState;
+use crate::drain::{self, DrainWatch};
+use crate::identity::files::FileSource;
+use crate::identity::store::CertStore;
+use crate::metrics::{Direction, IdentityMetrics, ProxyMetrics};
+use crate::policy::{Policy, PolicyWatch};
+use crate::tls::verify::Expected;
+use crate::tls::{self, TlsSettings};
+
+/// A bound listener, for `/config` and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+struct ListenerInfo {
+    kind: &'static str,
+    listen: SocketAddr,
+    target: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_id: Option<String>,
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT and the drain end.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    if args.inbound.is_empty() && args.outbound.is_empty() && !args.transparent {
+        anyhow::bail!("no listener: give --inbound, --outbound or --transparent");
+    }
+    let expected: Vec<SpiffeIdPattern> = args
+        .outbound
+        .iter()
+        .map(|o| {
+            SpiffeIdPattern::parse(&o.expected_id)
+                .with_context(|| format!("--outbound SPIFFE_ID {:?}", o.expected_id))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let trust_domain: Option<TrustDomain> = args
+        .trust_domain
+        .as_deref()
+        .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
+        .transpose()?;
+
+    let provider = tls::provider();
+    let mut registry = Registry::default();
+    let proxy_metrics = ProxyMetrics::new(&mut registry);
+    let identity_metrics = IdentityMetrics::new(&mut registry);
+    let watched_policy = match &args.policy {
+        Some(path) => Some(
+            PolicyWatch::start(path.clone(), &mut registry)
+                .with_context(|| format!("--policy {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let registry = Arc::new(registry);
+    let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
+
+    // Identity first: nothing can be served without an SVID.
+    let source = super::identity_source(&args)?;
+    tokio::spawn(source.run(store.clone(), identity_metrics));
+
+    let listeners_up = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+    let policy_slot: Arc<OnceLock<PolicyWatch>> = Arc::new(OnceLock::new());
+    let listener_infos: Arc<OnceLock<Vec<ListenerInfo>>> = Arc::new(OnceLock::new());
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("--admin {}", args.admin))?;
+    let admin_state = Arc::new(AdminState {
+        registry,
+        ready: {
+            let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
+            Box::new(move || {
+                store.is_loaded() && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
+            })
+        },
+        config: {
+            let (store, policy, infos, draining) = (
+                store.clone(),
+                policy_slot.clone(),
+                listener_infos.clone(),
+                draining.clone(),
+            );
+            Box::new(move || {
+                let svid = store.info();
+                let policy = policy.get().map(|p| p.current());
+                serde_json::json!({
+                    "spiffe_id": svid.as_ref().map(|s| s.id.to_string()),
+                    "serial": svid.as_ref().map(|s| s.serial.clone()),
+                    "not_after": svid.as_ref().map(|s| crate::accesslog::rfc3339(s.not_after)),
+                    "trust_domain": store.trust_domain().map(|td| td.to_string()),
+                    "policy_digest": policy.as_ref().map(|p| p.digest().to_owned()),
+                    "policy_mode": policy.as_ref().map(|p| format!("{:?}", p.mode()).to_lowercase()),
+                    "listeners": infos.get(),
+                    "draining": draining.load(Ordering::Acquire),
+                })
+            })
+        },
+    });
+    tracing::info!(admin = %admin.local_addr()?, "admin listening");
+    tokio::spawn(crate::admin::serve(admin, admin_state));
+
+    tracing::info!("waiting for the first SVID");
+    tokio::select! {
+        () = store.wait_loaded() => {}
+        signal = drain::shutdown_signal() => {
+            tracing::info!(signal = signal?, "stopping before the first SVID");
+            return Ok(());
+        }
+    }
+    let td = store
+        .trust_domain()
+        .context("SVID loaded without a trust domain")?;
+    let policy = watched_policy.unwrap_or_else(|| PolicyWatch::fixed(Policy::allow_authenticated(td.clone())));
+    if policy.current().trust_domain() != &td {
+        tracing::warn!(policy = %policy.current().trust_domain(), svid = %td, "policy trust domain differs from the SVID's");
+    }
+    let _ = policy_slot.set(policy.clone());
+
+    let access_log = if args.no_access_log {
+        AccessLog::disabled()
+    } else {
+        AccessLog::stdout().context("starting the access log writer")?
+    };
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        policy,
+        metrics: proxy_metrics.clone(),
+        access_log,
+        timeouts: Timeouts {
+            handshake: args.handshake_timeout,
+            idle: args.idle_timeout,
+            connect: args.connect_timeout,
+        },
+    });
+    let settings = TlsSettings {
+        tls12: args.tls12,
+        session_resumption: !args.no_session_resumption,
+    };
+    let server_config = tls::server_config(&provider, &store, Vec::new(), settings)?;
+    let permits = Arc::new(Semaphore::new(args.max_connections));
+    let (trigger, watch) = drain::channel();
+    let mut infos = Vec::new();
+    let spawn = |listener: TcpListener, direction: Direction, handler: Handler, watch: DrainWatch| {
+        let (permits, metrics) = (permits.clone(), proxy_metrics.clone());
+        tokio::spawn(async move {
+            match handler {
+                Handler::In(inbound) => {
+                    accept_loop(listener, direction, watch, permits, metrics, move |tcp, client| {
+                        inbound.clone().handle(tcp, client)
+                    })
+                    .await
+                }
+                Handler::Out(outbound) => {
+                    accept_loop(listener, direction, watch, permits, metrics, move |tcp, client| {
+                        outbound.clone().handle(tcp, client)
+                    })
+                    .await
+                }
+            }
+        });
+    };
+
+    for spec in &args.inbound {
+        let listener = bind(spec.listen, "--inbound").await?;
+        let listen = listener.local_addr()?;
+        let target = InboundTarget::App {
+            port: listen.port(),
+            app: spec.app.as_str().into(),
+        };
+        let handler = Arc::new(Inbound::new(shared.clone(), server_config.clone(), target));
+        spawn(listener, Direction::Inbound, Handler::In(handler), watch.clone());
+        infos.push(ListenerInfo {
+            kind: "inbound",
+            listen,
+            target: spec.app.clone(),
+            expected_id: None,
+        });
+    }
+    for (spec, pattern) in args.outbound.iter().zip(expected) {
+        let config = tls::client_config(
+            &provider,
+            &store,
+            Expected::Pattern(pattern),
+            Vec::new(),
+            settings,
+        )?;
+        let listener = bind(spec.listen, "--outbound").await?;
+        let listen = listener.local_addr()?;
+        let target = OutboundTarget::Peer {
+            peer: spec.peer.as_str().into(),
+            expected: spec.expected_id.as_str().into(),
+        };
+        let handler = Arc::new(Outbound::new(shared.clone(), config, target));
+        spawn(listener, Direction::Outbound, Handler::Out(handler), watch.clone());
+        infos.push(ListenerInfo {
+            kind: "outbound",
+            listen,
+            target: spec.peer.clone(),
+            expected_id: Some(spec.expected_id.clone()),
+        });
+    }
+    if args.transparent {
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        let listener = bind(SocketAddr::new(any.ip(), args.inbound_port), "--inbound-port").await?;
+        let listen = listener.local_addr()?;
+        let handler = Arc::new(Inbound::new(
+            shared.clone(),
+            server_config.clone(),
+            InboundTarget::OriginalDst,
+        ));
+        spawn(listener, Direction::Inbound, Handler::In(handler), watch.clone());
+        infos.push(ListenerInfo {
+            kind: "transparent-inbound",
+            listen,
+            target: "original destination".into(),
+            expected_id: None,
+        });
+        let config = tls::client_config(
+            &provider,
+            &store,
+            Expected::AnyInTrustDomain,
+            Vec::new(),
+            settings,
+        )?;
+        let listener =
+            bind(SocketAddr::new(any.ip(), args.outbound_port), "--outbound-port").await?;
+        let listen = listener.local_addr()?;
+        let handler = Arc::new(Outbound::new(shared.clone(), config, OutboundTarget::OriginalDst));
+        spawn(listener, Direction::Outbound, Handler::Out(handler), watch.clone());
+        infos.push(ListenerInfo {
+            kind: "transparent-outbound",
+            listen,
+            target: "original destination (policy outbound rules)".into(),
+            expected_id: Some(format!("spiffe://{td}/*")),
+        });
+    }
+    for info in &infos {
+        tracing::info!(kind = info.kind, listen = %info.listen, target = %info.target, "listening");
+    }
+    let _ = listener_infos.set(infos);
+    drop(watch);
+    listeners_up.store(true, Ordering::Release);
+
+    let signal = drain::shutdown_signal().await?;
+    draining.store(true, Ordering::Release);
+    tracing::info!(signal, timeout = ?args.drain_timeout, "draining");
+    if trigger.drain(args.drain_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    Ok(())
+}
+
+enum Handler {
+    In(Arc<Inbound>),
+    Out(Arc<Outbound>),
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag}: binding {addr}"))
+}
