@@ -66,7 +66,7 @@ fn outbound_refuses_a_peer_with_another_identity() {
     ]);
     let client = Sidecar::spawn(&args);
     client.wait_ready();
-    let listeners: Vec<std::net::SocketAddr> = client.wait_log("two outbound listeners", |_| {
+    let listeners: Vec<std::net::SocketAddr> = eventually("two outbound listeners", || {
         let found: Vec<_> = client
             .logs()
             .iter()

@@ -36,11 +36,18 @@ pub enum InboundTarget {
 }
 
 /// One inbound listener's handler.
-#[derive(Debug)]
 pub struct Inbound {
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
     target: InboundTarget,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inbound {

@@ -38,11 +38,18 @@ pub enum OutboundTarget {
 }
 
 /// One outbound listener's handler.
-#[derive(Debug)]
 pub struct Outbound {
     shared: Arc<Shared>,
     connector: TlsConnector,
     target: OutboundTarget,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbound {

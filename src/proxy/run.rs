@@ -19,7 +19,6 @@ use super::outbound::{Outbound, OutboundTarget};
 use crate::accesslog::AccessLog;
 use crate::admin::AdminState;
 use crate::drain::{self, DrainWatch};
-use crate::identity::files::FileSource;
 use crate::identity::store::CertStore;
 use crate::metrics::{Direction, IdentityMetrics, ProxyMetrics};
 use crate::policy::{Policy, PolicyWatch};

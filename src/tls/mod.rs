@@ -41,11 +41,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 fn versions(settings: TlsSettings) -> &'static [&'static rustls::SupportedProtocolVersion] {
     if settings.tls12 {
         rustls::ALL_VERSIONS
     } else {
-        &[&rustls::version::TLS13]
+        TLS13_ONLY
     }
 }
 
