@@ -2,7 +2,23 @@
 //! validation, trust bundles, credential verification and the gRPC CA.
 //!
 //! The sidecar (`stepmesh` crate) uses [`spiffe_id`] and [`svid`] in its TLS
-//! verifiers and [`client`] to obtain its SVID; `stepmesh ca serve` runs
-//! [`server`].
+//! verifiers and `client` to obtain its SVID; `stepmesh ca serve` runs
+//! `server`.
 
+pub mod admin;
+pub mod authn;
+pub mod client;
+mod conn;
+pub mod metrics;
+pub mod pem;
 pub mod proto;
+pub mod ratelimit;
+pub mod server;
+pub mod service;
+pub mod signer;
+pub mod spiffe_id;
+pub mod store;
+pub mod svid;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod tls;

@@ -1,0 +1,136 @@
+//! Decisions: may this peer connect to this port, which route does a request
+//! take, what does outbound do with a destination. Pure functions of an
+//! immutable [`Policy`]: no allocation beyond an `Arc` clone, no locks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::{InboundDefault, Mode, OutboundAction, Policy, Route, SpiffeId};
+
+/// The outcome of an authorization, audit mode already applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Let the connection or request through.
+    pub allow: bool,
+    /// Audit mode only: enforce mode would have denied.
+    pub would_deny: bool,
+    /// The rule that decided (its name or field path).
+    pub rule: Arc<str>,
+    /// A stable label: `allowed`, `authenticated`, `not_allowed`,
+    /// `default_deny`, `foreign_trust_domain`, `route_not_allowed`.
+    pub reason: &'static str,
+}
+
+/// A request's decision and the route it took (none: no route matched, the
+/// port's allow list alone decided).
+#[derive(Debug)]
+pub struct RouteMatch<'p> {
+    /// Identity decision for this request.
+    pub decision: Decision,
+    /// The first matching route.
+    pub route: Option<&'p Route>,
+}
+
+impl Policy {
+    /// May `peer` connect to inbound `port`?
+    pub fn authorize(&self, peer: &SpiffeId, port: u16) -> Decision {
+        let (allowed, rule, reason) = self.identity(peer, port);
+        self.finish(allowed, rule, reason)
+    }
+
+    /// The identity decision for one HTTP request: the port's allow list,
+    /// then the first matching route's `from`, if it has one.
+    pub fn authorize_request(
+        &self,
+        peer: &SpiffeId,
+        port: u16,
+        method: &http::Method,
+        path: &str,
+    ) -> RouteMatch<'_> {
+        let (allowed, rule, reason) = self.identity(peer, port);
+        let route = self.route(port, method, path);
+        if !allowed {
+            return RouteMatch {
+                decision: self.finish(false, rule, reason),
+                route,
+            };
+        }
+        let decision = match route.and_then(|r| r.from.as_ref().map(|f| (r, f))) {
+            Some((r, from)) if !from.iter().any(|p| p.matches(peer)) => {
+                self.finish(false, r.name.clone(), "route_not_allowed")
+            }
+            _ => self.finish(true, rule, reason),
+        };
+        RouteMatch { decision, route }
+    }
+
+    /// The first route of `port` matching the method and path (query excluded).
+    pub fn route(&self, port: u16, method: &http::Method, path: &str) -> Option<&Route> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        self.port(port)?
+            .routes
+            .iter()
+            .find(|r| (r.methods.is_empty() || r.methods.contains(method)) && r.path.matches(path))
+    }
+
+    /// What outbound does with `dest`: the first rule matching both its
+    /// address and port, else `outbound.default`. Audit mode is not applied
+    /// here: callers log a `Deny` in audit mode as would-deny.
+    pub fn outbound(&self, dest: SocketAddr) -> (OutboundAction, Arc<str>) {
+        let ip = dest.ip();
+        for rule in &self.outbound_rules {
+            let ip_ok = rule.cidrs.is_empty() || rule.cidrs.iter().any(|c| c.contains(ip));
+            let port_ok = rule.ports.is_empty() || rule.ports.contains(&dest.port());
+            if ip_ok && port_ok {
+                return (rule.action, rule.name.clone());
+            }
+        }
+        (self.outbound_default, self.labels.outbound_default.clone())
+    }
+
+    fn identity(&self, peer: &SpiffeId, port: u16) -> (bool, Arc<str>, &'static str) {
+        if let Some(p) = self.port(port) {
+            for rule in &p.allow {
+                if rule.from.iter().any(|pat| pat.matches(peer)) {
+                    return (true, rule.name.clone(), "allowed");
+                }
+            }
+            return (false, p.label.clone(), "not_allowed");
+        }
+        let rule = self.labels.inbound_default.clone();
+        match self.inbound_default {
+            InboundDefault::Deny => (false, rule, "default_deny"),
+            InboundDefault::AllowAuthenticated if peer.trust_domain() == &self.trust_domain => {
+                (true, rule, "authenticated")
+            }
+            InboundDefault::AllowAuthenticated => (false, rule, "foreign_trust_domain"),
+        }
+    }
+
+    fn finish(&self, allowed: bool, rule: Arc<str>, reason: &'static str) -> Decision {
+        match (allowed, self.mode) {
+            (true, _) => Decision {
+                allow: true,
+                would_deny: false,
+                rule,
+                reason,
+            },
+            (false, Mode::Enforce) => Decision {
+                allow: false,
+                would_deny: false,
+                rule,
+                reason,
+            },
+            (false, Mode::Audit) => Decision {
+                allow: true,
+                would_deny: true,
+                rule,
+                reason,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;
