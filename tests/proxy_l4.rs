@@ -1,5 +1,6 @@
 //! Two real sidecars with SVID files: bytes, half-close, identity checks,
 //! L4 policy (allow list, audit, hot reload) and drain.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -29,15 +30,24 @@ fn carries_64_mib_each_way_byte_exact_with_half_close() {
     let started = Instant::now();
     let back = roundtrip(mesh.outbound, &up).unwrap();
     let took = started.elapsed();
-    assert_eq!(back.len(), down.len(), "{}", String::from_utf8_lossy(&back[..back.len().min(200)]));
+    assert_eq!(
+        back.len(),
+        down.len(),
+        "{}",
+        String::from_utf8_lossy(&back[..back.len().min(200)])
+    );
     assert!(back == down, "answer differs from what the app sent");
     eprintln!("128 MiB through two sidecars in {took:?}");
 
-    let line = mesh.server.wait_access("inbound line", |l| l["bytes_in"] == 64 * MIB);
+    let line = mesh
+        .server
+        .wait_access("inbound line", |l| l["bytes_in"] == 64 * MIB);
     assert_eq!(line["peer_id"], CLIENT_ID);
     assert_eq!(line["decision"], "allow");
     assert_eq!(line["bytes_out"], 64 * MIB);
-    let line = mesh.client.wait_access("outbound line", |l| l["bytes_in"] == 64 * MIB);
+    let line = mesh
+        .client
+        .wait_access("outbound line", |l| l["bytes_in"] == 64 * MIB);
     assert_eq!(line["peer_id"], SERVER_ID);
     assert_eq!(line["direction"], "outbound");
     let sent = mesh
@@ -76,9 +86,14 @@ fn outbound_refuses_a_peer_with_another_identity() {
         (found.len() == 2).then_some(found)
     });
     let wrong = roundtrip(listeners[0], b"secret").unwrap_or_default();
-    assert!(wrong.is_empty(), "bytes reached a peer with the wrong identity");
+    assert!(
+        wrong.is_empty(),
+        "bytes reached a peer with the wrong identity"
+    );
     eventually("wrong_peer_id counted", || {
-        (client.metric(r#"stepmesh_tls_handshake_failures_total{direction="outbound",reason="wrong_peer_id"}"#) >= 1.0)
+        (client.metric(
+            r#"stepmesh_tls_handshake_failures_total{direction="outbound",reason="wrong_peer_id"}"#,
+        ) >= 1.0)
             .then_some(())
     });
     // The prefix pattern accepts the same peer.
@@ -92,7 +107,11 @@ fn allow_list_denies_and_audit_mode_logs_would_deny() {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("policy.yaml");
-        std::fs::write(&policy, l4_policy(port, mode, &["spiffe://mesh.test/ns/shop/sa/web"])).unwrap();
+        std::fs::write(
+            &policy,
+            l4_policy(port, mode, &["spiffe://mesh.test/ns/shop/sa/web"]),
+        )
+        .unwrap();
         let pki = stepmesh_ca::testing::Pki::new("mesh.test");
         let server_files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
         let client_files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
@@ -106,7 +125,10 @@ fn allow_list_denies_and_audit_mode_logs_would_deny() {
         let server = Sidecar::spawn(&args);
         let inbound = server.listener("inbound");
         let mut args = client_files.args();
-        args.extend(["--outbound".into(), format!("127.0.0.1:0={inbound}@{SERVER_ID}")]);
+        args.extend([
+            "--outbound".into(),
+            format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
+        ]);
         let client = Sidecar::spawn(&args);
         let outbound = client.listener("outbound");
         client.wait_ready();
@@ -114,7 +136,10 @@ fn allow_list_denies_and_audit_mode_logs_would_deny() {
 
         let back = roundtrip(outbound, b"hello").unwrap_or_default();
         let line = server.wait_access("decision line", |l| l["peer_id"] == CLIENT_ID);
-        assert!(!line["rule"].as_str().unwrap_or_default().is_empty(), "{line}");
+        assert!(
+            !line["rule"].as_str().unwrap_or_default().is_empty(),
+            "{line}"
+        );
         assert_eq!(line["port"], port);
         if mode == "enforce" {
             assert!(back.is_empty(), "denied peer got bytes back");
@@ -151,7 +176,10 @@ fn policy_hot_reload_keeps_old_on_bad_file_and_spares_live_connections() {
     let server = Sidecar::spawn(&args);
     let inbound = server.listener("inbound");
     let mut args = client_files.args();
-    args.extend(["--outbound".into(), format!("127.0.0.1:0={inbound}@{SERVER_ID}")]);
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
+    ]);
     let client = Sidecar::spawn(&args);
     let outbound = client.listener("outbound");
     client.wait_ready();
@@ -167,20 +195,48 @@ fn policy_hot_reload_keeps_old_on_bad_file_and_spares_live_connections() {
     assert_eq!(&buf, b"ping");
 
     let digest = server.config()["policy_digest"].clone();
-    std::fs::write(&policy, "trustDomain: mesh.test\ninbound: {default: nonsense}\n").unwrap();
+    std::fs::write(
+        &policy,
+        "trustDomain: mesh.test\ninbound: {default: nonsense}\n",
+    )
+    .unwrap();
     eventually("the bad policy refused and counted", || {
         let m = server.metrics();
-        (m.lines().any(|l| l.starts_with("stepmesh_policy_reloads_total") && l.contains("error") && !l.ends_with(" 0"))).then_some(())
+        (m.lines().any(|l| {
+            l.starts_with("stepmesh_policy_reloads_total")
+                && l.contains("error")
+                && !l.ends_with(" 0")
+        }))
+        .then_some(())
     });
-    assert_eq!(server.config()["policy_digest"], digest, "bad file must not replace the policy");
-    assert_eq!(roundtrip(outbound, b"two").unwrap(), b"two", "old decisions hold");
+    assert_eq!(
+        server.config()["policy_digest"],
+        digest,
+        "bad file must not replace the policy"
+    );
+    assert_eq!(
+        roundtrip(outbound, b"two").unwrap(),
+        b"two",
+        "old decisions hold"
+    );
 
-    std::fs::write(&policy, l4_policy(port, "enforce", &["spiffe://mesh.test/ns/other/sa/x"])).unwrap();
+    std::fs::write(
+        &policy,
+        l4_policy(port, "enforce", &["spiffe://mesh.test/ns/other/sa/x"]),
+    )
+    .unwrap();
     let swapped = Instant::now();
     eventually("new policy denies", || {
-        roundtrip(outbound, b"three").unwrap_or_default().is_empty().then_some(())
+        roundtrip(outbound, b"three")
+            .unwrap_or_default()
+            .is_empty()
+            .then_some(())
     });
-    assert!(swapped.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500), "took {:?}", swapped.elapsed());
+    assert!(
+        swapped.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500),
+        "took {:?}",
+        swapped.elapsed()
+    );
 
     // The established connection is untouched.
     live.write_all(b"pong").unwrap();
@@ -205,9 +261,13 @@ fn sigterm_drains_in_flight_and_refuses_new() {
     let mut server = mesh.server;
     server.signal(libc::SIGTERM);
     server.wait_log("draining", |l| (l["message"] == "draining").then_some(()));
-    eventually("/ready 503 while draining", || (http_get(server.admin, "/ready").0 == 503).then_some(()));
+    eventually("/ready 503 while draining", || {
+        (http_get(server.admin, "/ready").0 == 503).then_some(())
+    });
     // New connections are refused at the inbound listener.
-    eventually("inbound refuses", || TcpStream::connect(mesh.inbound).is_err().then_some(()));
+    eventually("inbound refuses", || {
+        TcpStream::connect(mesh.inbound).is_err().then_some(())
+    });
 
     // The in-flight transfer still completes.
     let payload = random_bytes(4 * 1024 * 1024, 3);

@@ -122,14 +122,15 @@ impl FileSource {
         let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_slice())
             .map_err(|e| pem_err(&self.key, e.to_string()))?
             .ok_or_else(|| pem_err(&self.key, "no PRIVATE KEY block".into()))?;
-        let bundle_pem = String::from_utf8(bundle)
-            .map_err(|_| pem_err(&self.bundle, "not UTF-8 PEM".into()))?;
-        let bundle = TrustBundle::from_pem(id.trust_domain().clone(), &bundle_pem).map_err(
-            |source| FilesError::Bundle {
-                path: self.bundle.clone(),
-                source,
-            },
-        )?;
+        let bundle_pem =
+            String::from_utf8(bundle).map_err(|_| pem_err(&self.bundle, "not UTF-8 PEM".into()))?;
+        let bundle =
+            TrustBundle::from_pem(id.trust_domain().clone(), &bundle_pem).map_err(|source| {
+                FilesError::Bundle {
+                    path: self.bundle.clone(),
+                    source,
+                }
+            })?;
         Ok(Svid { chain, key, bundle })
     }
 }

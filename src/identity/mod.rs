@@ -1,6 +1,7 @@
 //! The sidecar's identity: where its SVID comes from (the CA or files), how
 //! it is rotated, and the store the TLS layer reads it from.
 
+pub mod ca;
 pub mod files;
 pub mod store;
 
@@ -18,6 +19,8 @@ pub fn unix_secs(at: SystemTime) -> i64 {
 pub enum IdentitySource {
     /// `--cert --key --bundle`.
     Files(files::FileSource),
+    /// `--ca --ca-bundle --token-file --trust-domain`.
+    Ca(ca::CaSource),
 }
 
 impl IdentitySource {
@@ -29,6 +32,7 @@ impl IdentitySource {
     ) {
         match self {
             Self::Files(files) => files.run(store, metrics).await,
+            Self::Ca(ca) => ca.run(store, metrics).await,
         }
     }
 }

@@ -96,31 +96,69 @@ impl Inbound {
                 shared.metrics.handshake_failure(Direction::Inbound, reason);
                 tracing::debug!(%client, reason, error = %e, "inbound handshake failed");
                 let outcome = Outcome::failed(reason, &e);
-                log.write(&shared.access_log, None, "handshake_failed", reason, None, &outcome);
+                log.write(
+                    &shared.access_log,
+                    None,
+                    "handshake_failed",
+                    reason,
+                    None,
+                    &outcome,
+                );
                 return;
             }
             Err(_) => {
-                shared.metrics.handshake_failure(Direction::Inbound, "timeout");
+                shared
+                    .metrics
+                    .handshake_failure(Direction::Inbound, "timeout");
                 let outcome = Outcome::failed("timeout", "handshake timed out");
-                log.write(&shared.access_log, None, "handshake_failed", "timeout", None, &outcome);
+                log.write(
+                    &shared.access_log,
+                    None,
+                    "handshake_failed",
+                    "timeout",
+                    None,
+                    &outcome,
+                );
                 return;
             }
         };
         let (_, conn) = tls.get_ref();
+        if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
+            shared.metrics.handshake_failure(Direction::Inbound, reason);
+            let outcome = Outcome::failed(reason, "resumed session no longer valid");
+            log.write(
+                &shared.access_log,
+                None,
+                "handshake_failed",
+                reason,
+                None,
+                &outcome,
+            );
+            return;
+        }
         // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
         let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
-            shared.metrics.handshake_failure(Direction::Inbound, "no_client_cert");
+            shared
+                .metrics
+                .handshake_failure(Direction::Inbound, "no_client_cert");
             return;
         };
         let Some(peer_id) = spiffe_id_of(leaf) else {
-            shared.metrics.handshake_failure(Direction::Inbound, "bad_san");
+            shared
+                .metrics
+                .handshake_failure(Direction::Inbound, "bad_san");
             return;
         };
         let peer_cert_sha256 = cert_sha256(leaf);
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
 
         let policy = shared.policy.current();
-        let decision = policy.authorize(&peer_id, port);
+        let decision = match crate::policy::SpiffeId::parse(peer_id.as_str()) {
+            // Same type once `policy` re-exports `stepmesh_ca::spiffe_id`;
+            // until then the ID is re-parsed (cannot fail: it is valid).
+            Ok(id) => policy.authorize(&id, port),
+            Err(_) => return,
+        };
         let label = decision_label(decision.allow, decision.would_deny);
         shared
             .metrics
@@ -166,11 +204,7 @@ impl Inbound {
 /// **The inbound protocol seam**: an authenticated, authorized connection
 /// goes to its port's protocol layer. The HTTP layer takes over the
 /// `Http`/`Auto` arm; everything else is opaque TCP.
-pub async fn serve(
-    shared: &Shared,
-    ctx: &InboundContext,
-    tls: TlsStream<TcpStream>,
-) -> Outcome {
+pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
     match ctx.protocol {
         Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
     }

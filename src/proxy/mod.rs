@@ -35,7 +35,19 @@ fn identity_source(args: &ProxyArgs) -> anyhow::Result<IdentitySource> {
                 poll: args.file_poll_interval,
             }))
         }
-        (Some(_), None, None, None) => anyhow::bail!("--ca needs stepmesh_ca::client (not merged yet)"),
+        (Some(ca), None, None, None) => {
+            let missing = |flag: &str| anyhow::anyhow!("--ca needs {flag}");
+            let td = args.trust_domain.as_deref().ok_or_else(|| missing("--trust-domain"))?;
+            Ok(IdentitySource::Ca(crate::identity::ca::CaSource {
+                addr: ca.clone(),
+                ca_bundle: args.ca_bundle.clone().ok_or_else(|| missing("--ca-bundle"))?,
+                token_file: args.token_file.clone().ok_or_else(|| missing("--token-file"))?,
+                trust_domain: td
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--trust-domain {td:?}: {e}"))?,
+                ttl: args.svid_ttl,
+            }))
+        }
         _ => anyhow::bail!(
             "identity: give either --ca --ca-bundle --token-file --trust-domain, or --cert --key --bundle"
         ),

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::conn::{ConnLog, Outcome, OutboundContext, Shared};
+use super::conn::{ConnLog, OutboundContext, Outcome, Shared};
 use super::forward::forward;
 use super::listener::dial;
 use crate::metrics::Direction;
@@ -79,7 +79,13 @@ impl Outbound {
                         .rsplit_once(':')
                         .and_then(|(_, p)| p.parse().ok())
                         .unwrap_or(0);
-                    (peer.clone(), port, OutboundAction::Mtls, None, expected.clone())
+                    (
+                        peer.clone(),
+                        port,
+                        OutboundAction::Mtls,
+                        None,
+                        expected.clone(),
+                    )
                 }
                 OutboundTarget::OriginalDst => {
                     let dst = match super::transparent::original_dst(&app) {
@@ -96,7 +102,13 @@ impl Outbound {
                         .trust_domain()
                         .map(|td| format!("spiffe://{}/*", td.as_str()))
                         .unwrap_or_default();
-                    (dst.to_string().into(), dst.port(), action, Some(rule), td.into())
+                    (
+                        dst.to_string().into(),
+                        dst.port(),
+                        action,
+                        Some(rule),
+                        td.into(),
+                    )
                 }
             };
         let log = ConnLog {
@@ -107,12 +119,17 @@ impl Outbound {
             started,
         };
         if action == OutboundAction::Deny {
-            shared
-                .metrics
-                .connection(Direction::Outbound, "", "deny");
+            shared.metrics.connection(Direction::Outbound, "", "deny");
             tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
             let outcome = Outcome::default();
-            log.write(&shared.access_log, None, "deny", "outbound_deny", rule.as_deref(), &outcome);
+            log.write(
+                &shared.access_log,
+                None,
+                "deny",
+                "outbound_deny",
+                rule.as_deref(),
+                &outcome,
+            );
             return;
         }
         let ctx = OutboundContext {
@@ -171,7 +188,9 @@ pub async fn forward_tcp(
     };
     if ctx.action == OutboundAction::Passthrough {
         let mut tcp = tcp;
-        return Outcome::forwarded(forward(&mut app, &mut tcp, shared.timeouts.idle, &counters).await);
+        return Outcome::forwarded(
+            forward(&mut app, &mut tcp, shared.timeouts.idle, &counters).await,
+        );
     }
     let name = server_name(&ctx.dst);
     let handshake =
@@ -180,15 +199,25 @@ pub async fn forward_tcp(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = failure::reason(&e);
-            shared.metrics.handshake_failure(Direction::Outbound, reason);
+            shared
+                .metrics
+                .handshake_failure(Direction::Outbound, reason);
             tracing::warn!(dst = %ctx.dst, expected = %ctx.expected, reason, error = %e, "outbound handshake failed");
             return Outcome::failed(reason, e);
         }
         Err(_) => {
-            shared.metrics.handshake_failure(Direction::Outbound, "timeout");
+            shared
+                .metrics
+                .handshake_failure(Direction::Outbound, "timeout");
             return Outcome::failed("timeout", "handshake timed out");
         }
     };
+    if let Err(reason) = crate::tls::check_resumed(tls.get_ref().1, &shared.store) {
+        shared
+            .metrics
+            .handshake_failure(Direction::Outbound, reason);
+        return Outcome::failed(reason, "resumed session no longer valid");
+    }
     let peer_id = tls
         .get_ref()
         .1

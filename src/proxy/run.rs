@@ -124,8 +124,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let td = store
         .trust_domain()
         .context("SVID loaded without a trust domain")?;
-    let policy = watched_policy.unwrap_or_else(|| PolicyWatch::fixed(Policy::allow_authenticated(td.clone())));
-    if policy.current().trust_domain() != &td {
+    let policy = match watched_policy {
+        Some(policy) => policy,
+        None => PolicyWatch::fixed(Policy::allow_authenticated(
+            td.as_str()
+                .parse()
+                .with_context(|| format!("trust domain {td}"))?,
+        )),
+    };
+    if policy.current().trust_domain().as_str() != td.as_str() {
         tracing::warn!(policy = %policy.current().trust_domain(), svid = %td, "policy trust domain differs from the SVID's");
     }
     let _ = policy_slot.set(policy.clone());
@@ -154,25 +161,36 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(args.max_connections));
     let (trigger, watch) = drain::channel();
     let mut infos = Vec::new();
-    let spawn = |listener: TcpListener, direction: Direction, handler: Handler, watch: DrainWatch| {
-        let (permits, metrics) = (permits.clone(), proxy_metrics.clone());
-        tokio::spawn(async move {
-            match handler {
-                Handler::In(inbound) => {
-                    accept_loop(listener, direction, watch, permits, metrics, move |tcp, client| {
-                        inbound.clone().handle(tcp, client)
-                    })
-                    .await
+    let spawn =
+        |listener: TcpListener, direction: Direction, handler: Handler, watch: DrainWatch| {
+            let (permits, metrics) = (permits.clone(), proxy_metrics.clone());
+            tokio::spawn(async move {
+                match handler {
+                    Handler::In(inbound) => {
+                        accept_loop(
+                            listener,
+                            direction,
+                            watch,
+                            permits,
+                            metrics,
+                            move |tcp, client| inbound.clone().handle(tcp, client),
+                        )
+                        .await
+                    }
+                    Handler::Out(outbound) => {
+                        accept_loop(
+                            listener,
+                            direction,
+                            watch,
+                            permits,
+                            metrics,
+                            move |tcp, client| outbound.clone().handle(tcp, client),
+                        )
+                        .await
+                    }
                 }
-                Handler::Out(outbound) => {
-                    accept_loop(listener, direction, watch, permits, metrics, move |tcp, client| {
-                        outbound.clone().handle(tcp, client)
-                    })
-                    .await
-                }
-            }
-        });
-    };
+            });
+        };
 
     for spec in &args.inbound {
         let listener = bind(spec.listen, "--inbound").await?;
@@ -182,7 +200,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             app: spec.app.as_str().into(),
         };
         let handler = Arc::new(Inbound::new(shared.clone(), server_config.clone(), target));
-        spawn(listener, Direction::Inbound, Handler::In(handler), watch.clone());
+        spawn(
+            listener,
+            Direction::Inbound,
+            Handler::In(handler),
+            watch.clone(),
+        );
         infos.push(ListenerInfo {
             kind: "inbound",
             listen,
@@ -205,7 +228,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             expected: spec.expected_id.as_str().into(),
         };
         let handler = Arc::new(Outbound::new(shared.clone(), config, target));
-        spawn(listener, Direction::Outbound, Handler::Out(handler), watch.clone());
+        spawn(
+            listener,
+            Direction::Outbound,
+            Handler::Out(handler),
+            watch.clone(),
+        );
         infos.push(ListenerInfo {
             kind: "outbound",
             listen,
@@ -215,14 +243,23 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     if args.transparent {
         let any = SocketAddr::from(([0, 0, 0, 0], 0));
-        let listener = bind(SocketAddr::new(any.ip(), args.inbound_port), "--inbound-port").await?;
+        let listener = bind(
+            SocketAddr::new(any.ip(), args.inbound_port),
+            "--inbound-port",
+        )
+        .await?;
         let listen = listener.local_addr()?;
         let handler = Arc::new(Inbound::new(
             shared.clone(),
             server_config.clone(),
             InboundTarget::OriginalDst,
         ));
-        spawn(listener, Direction::Inbound, Handler::In(handler), watch.clone());
+        spawn(
+            listener,
+            Direction::Inbound,
+            Handler::In(handler),
+            watch.clone(),
+        );
         infos.push(ListenerInfo {
             kind: "transparent-inbound",
             listen,
@@ -236,11 +273,23 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             Vec::new(),
             settings,
         )?;
-        let listener =
-            bind(SocketAddr::new(any.ip(), args.outbound_port), "--outbound-port").await?;
+        let listener = bind(
+            SocketAddr::new(any.ip(), args.outbound_port),
+            "--outbound-port",
+        )
+        .await?;
         let listen = listener.local_addr()?;
-        let handler = Arc::new(Outbound::new(shared.clone(), config, OutboundTarget::OriginalDst));
-        spawn(listener, Direction::Outbound, Handler::Out(handler), watch.clone());
+        let handler = Arc::new(Outbound::new(
+            shared.clone(),
+            config,
+            OutboundTarget::OriginalDst,
+        ));
+        spawn(
+            listener,
+            Direction::Outbound,
+            Handler::Out(handler),
+            watch.clone(),
+        );
         infos.push(ListenerInfo {
             kind: "transparent-outbound",
             listen,

@@ -100,6 +100,21 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Re-checks the peer's chain of a *resumed* session against the current
+/// bundle and clock: a ticket may outlive the SVID it was issued for, or a
+/// root may have left the bundle since. Full handshakes were verified by the
+/// verifier already and pass straight through.
+pub fn check_resumed(conn: &rustls::CommonState, store: &CertStore) -> Result<(), &'static str> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = conn.peer_certificates().ok_or("no_client_cert")?;
+    let bundle = store.bundle().ok_or("no_bundle")?;
+    stepmesh_ca::svid::verify(chain, &bundle, rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.reason())
+}
+
 /// The SPIFFE ID in a (verified) leaf certificate's URI SAN.
 pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;

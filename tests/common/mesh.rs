@@ -110,7 +110,8 @@ impl Sidecar {
             access,
         };
         let admin = sidecar.wait_log("admin address", |l| {
-            (l["message"] == "admin listening").then(|| l["admin"].as_str().unwrap().parse().unwrap())
+            (l["message"] == "admin listening")
+                .then(|| l["admin"].as_str().unwrap().parse().unwrap())
         });
         sidecar.admin = admin;
         sidecar
@@ -153,12 +154,16 @@ impl Sidecar {
 
     /// Waits for an access-log line matching `f`.
     pub fn wait_access(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        eventually(what, || self.access.lock().unwrap().iter().find(|l| f(l)).cloned())
+        eventually(what, || {
+            self.access.lock().unwrap().iter().find(|l| f(l)).cloned()
+        })
     }
 
     /// Waits for `/ready` to say 200.
     pub fn wait_ready(&self) {
-        eventually("/ready", || (http_get(self.admin, "/ready").0 == 200).then_some(()));
+        eventually("/ready", || {
+            (http_get(self.admin, "/ready").0 == 200).then_some(())
+        });
     }
 
     /// The address of the first listener of `kind` (`inbound`, `outbound`, ...).
@@ -242,7 +247,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -368,12 +376,20 @@ impl Mesh {
 /// A port free right now on 127.0.0.1 (for a policy that must name the
 /// listener's port before the listener exists).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An L4 policy for `port`, allowing `from`, in `mode`.
 pub fn l4_policy(port: u16, mode: &str, from: &[&str]) -> String {
-    let from = from.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
+    let from = from
+        .iter()
+        .map(|f| format!("\"{f}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "trustDomain: mesh.test\nmode: {mode}\ninbound:\n  default: deny\n  ports:\n    - port: {port}\n      protocol: tcp\n      allow:\n        - from: [{from}]\n"
     )
