@@ -18,7 +18,7 @@ use super::conn::{ConnLog, OutboundContext, Outcome, Shared};
 use super::forward::forward;
 use super::listener::dial;
 use crate::metrics::Direction;
-use crate::policy::OutboundAction;
+use crate::policy::{Mode, OutboundAction};
 use crate::tls::{failure, spiffe_id_of};
 
 /// Where an outbound listener's connections go.
@@ -72,6 +72,7 @@ impl Outbound {
         let shared = &self.shared;
         let started = Instant::now();
         let _open = shared.metrics.open_guard(Direction::Outbound);
+        let mut would_deny = false;
         let (dst, port, action, rule, expected): (Arc<str>, u16, _, Option<Arc<str>>, Arc<str>) =
             match &self.target {
                 OutboundTarget::Peer { peer, expected } => {
@@ -96,7 +97,13 @@ impl Outbound {
                             return;
                         }
                     };
-                    let (action, rule) = shared.policy.current().outbound(dst);
+                    let policy = shared.policy.current();
+                    let (mut action, rule) = policy.outbound(dst);
+                    if action == OutboundAction::Deny && policy.mode() == Mode::Audit {
+                        // Audit mode: what enforce would refuse leaves unmeshed.
+                        would_deny = true;
+                        action = OutboundAction::Passthrough;
+                    }
                     let td = shared
                         .store
                         .trust_domain()
@@ -132,6 +139,11 @@ impl Outbound {
             );
             return;
         }
+        if would_deny {
+            shared
+                .metrics
+                .connection(Direction::Outbound, "", "would_deny");
+        }
         let ctx = OutboundContext {
             own_id: shared.store.info().map(|info| info.id),
             client,
@@ -146,6 +158,7 @@ impl Outbound {
                 shared.metrics.error(Direction::Outbound, reason);
                 ("error", *reason)
             }
+            (None, _) if would_deny => ("would_deny", "outbound_deny"),
             (None, OutboundAction::Passthrough) => ("allow", "passthrough"),
             (None, _) => ("allow", "mtls"),
         };
