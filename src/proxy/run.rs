@@ -298,7 +298,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         });
     }
     for info in &infos {
-        tracing::info!(kind = info.kind, listen = %info.listen, target = %info.target, "listening");
+        tracing::info!(kind = info.kind, listen = %info.listen, upstream = %info.target, "listening");
     }
     let _ = listener_infos.set(infos);
     drop(watch);

@@ -82,6 +82,8 @@ pub fn atomic_write(path: &Path, data: &[u8]) {
 pub struct Sidecar {
     child: Child,
     pub admin: SocketAddr,
+    /// Network namespace the sidecar runs in (admin queried through it).
+    netns: Option<String>,
     logs: Arc<Mutex<Vec<Value>>>,
     access: Arc<Mutex<Vec<Value>>>,
 }
@@ -90,7 +92,21 @@ impl Sidecar {
     /// Starts `stepmesh proxy ARGS` (admin on 127.0.0.1:0 unless given) and
     /// waits until the admin address is logged.
     pub fn spawn(args: &[String]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepmesh"));
+        Self::spawn_wrapped(&[], None, args)
+    }
+
+    /// As [`Sidecar::spawn`], under a wrapper command (`ip netns exec NS
+    /// setpriv ...`); `netns` names the namespace the admin port lives in.
+    pub fn spawn_wrapped(wrapper: &[String], netns: Option<&str>, args: &[String]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_stepmesh");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--log-format").arg("json").arg("proxy");
         if !args.iter().any(|a| a == "--admin") {
             cmd.args(["--admin", "127.0.0.1:0"]);
@@ -106,6 +122,7 @@ impl Sidecar {
         let mut sidecar = Self {
             child,
             admin: "0.0.0.0:0".parse().unwrap(),
+            netns: netns.map(str::to_owned),
             logs,
             access,
         };
@@ -159,10 +176,36 @@ impl Sidecar {
         })
     }
 
+    /// GET on the admin port: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let Some(ns) = &self.netns else {
+            return http_get(self.admin, path);
+        };
+        let url = format!("http://127.0.0.1:{}{path}", self.admin.port());
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
     /// Waits for `/ready` to say 200.
     pub fn wait_ready(&self) {
         eventually("/ready", || {
-            (http_get(self.admin, "/ready").0 == 200).then_some(())
+            (self.admin_get("/ready").0 == 200).then_some(())
         });
     }
 
@@ -176,7 +219,7 @@ impl Sidecar {
 
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
-        let (status, body) = http_get(self.admin, "/metrics");
+        let (status, body) = self.admin_get("/metrics");
         assert_eq!(status, 200);
         body
     }
@@ -189,7 +232,7 @@ impl Sidecar {
 
     /// `/config` as JSON.
     pub fn config(&self) -> Value {
-        let (status, body) = http_get(self.admin, "/config");
+        let (status, body) = self.admin_get("/config");
         assert_eq!(status, 200);
         serde_json::from_str(&body).unwrap()
     }
