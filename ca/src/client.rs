@@ -3,22 +3,22 @@
 //! alone), and a check of the answer — the chain must validate to the trust
 //! bundle and carry the identity we expect.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
-use rustls::pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
-use tokio::net::TcpStream;
-use tonic::codegen::{Context, Poll, Service};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_client::CertificateAuthorityClient;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, TrustBundle};
+
+mod connect;
+
+use connect::{bracket, parse_target, Target, TlsConnector};
 
 /// How long connecting to the CA may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,13 +116,6 @@ pub struct CaClient {
     channel: Channel,
     expect_td: Option<TrustDomain>,
     expect_id: Option<SpiffeId>,
-}
-
-#[derive(Clone)]
-struct Target {
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
 }
 
 impl CaClient {
@@ -364,102 +357,4 @@ pub fn make_csr(key: &KeyPair, id: Option<&SpiffeId>) -> Result<String, ClientEr
         .serialize_request(key)
         .and_then(|csr| csr.pem())
         .map_err(|e| ClientError::Key(e.to_string()))
-}
-
-fn parse_target(addr: &str) -> Result<Target, ClientError> {
-    let bad = || ClientError::Config(format!("CA address {addr:?} is not host:port"));
-    let rest = addr
-        .strip_prefix("https://")
-        .unwrap_or(addr)
-        .trim_end_matches('/');
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, p) = v6.split_once("]:").ok_or_else(bad)?;
-        (h.to_owned(), p)
-    } else {
-        let (h, p) = rest.rsplit_once(':').ok_or_else(bad)?;
-        (h.to_owned(), p)
-    };
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let server_name = match host.parse::<IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(host.clone()).map_err(|_| bad())?,
-    };
-    Ok(Target {
-        host,
-        port,
-        server_name,
-    })
-}
-
-fn bracket(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
-}
-
-/// Dials the CA: TCP, then TLS 1.3 verified against the bundle, ALPN h2.
-#[derive(Clone)]
-struct TlsConnector {
-    target: Target,
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl TlsConnector {
-    fn new(
-        target: Target,
-        roots: Arc<rustls::RootCertStore>,
-        client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    ) -> Result<Self, ClientError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(e.to_string()))?
-            .with_root_certificates(roots);
-        let mut config = match client_cert {
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Config(format!("client SVID: {e}")))?,
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Self {
-            target,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })
-    }
-}
-
-type ConnectFuture = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = std::io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-                >,
-            > + Send,
-    >,
->;
-
-impl Service<Uri> for TlsConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect((this.target.host.as_str(), this.target.port)).await?;
-            tcp.set_nodelay(true)?;
-            let tls = this
-                .tls
-                .connect(this.target.server_name.clone(), tcp)
-                .await?;
-            Ok(hyper_util::rt::TokioIo::new(tls))
-        })
-    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,11 +20,16 @@ use crate::service::ConnInfo;
 
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections (handshaking or open) beyond this are closed at once, so a
+/// flood cannot exhaust memory or file descriptors.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// One accepted, handshaken connection.
 pub struct CaConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    // Released when tonic drops the connection.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Connected for CaConn {
@@ -82,6 +87,7 @@ pub fn incoming(
     mut stop: broadcast::Receiver<()>,
 ) -> ReceiverStream<io::Result<CaConn>> {
     let (tx, rx) = mpsc::channel(128);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -96,6 +102,10 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, "CA connection limit ({MAX_CONNECTIONS}) reached; closing");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
@@ -109,7 +119,12 @@ pub fn incoming(
                             remote: Some(remote),
                             peer_chain,
                         };
-                        let _ = tx.send(Ok(CaConn { stream, info })).await;
+                        let conn = CaConn {
+                            stream,
+                            info,
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "CA TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "CA TLS handshake timed out"),

@@ -19,6 +19,7 @@ pub mod signer;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
+mod tasks;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

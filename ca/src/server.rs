@@ -31,6 +31,9 @@ use crate::store::{self, Mode};
 use crate::svid::TrustBundle;
 use crate::tls::{self, ServingCert};
 
+/// How long shutdown waits for open calls before closing connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Largest gRPC request accepted (a CSR is about 1 KiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -269,7 +272,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     tasks.push(tokio::spawn(admin_server.serve(admin, async move {
         let _ = stop.recv().await;
     })));
-    tasks.push(tokio::spawn(poll_sources(
+    tasks.push(tokio::spawn(crate::tasks::poll_sources(
         config.clone(),
         own_root,
         authn.clone(),
@@ -278,7 +281,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         metrics,
         stop_all.subscribe(),
     )));
-    tasks.push(tokio::spawn(refresh_serving_cert(
+    tasks.push(tokio::spawn(crate::tasks::refresh_serving_cert(
         serving,
         signer,
         stop_all.subscribe(),
@@ -286,9 +289,14 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
 
     let task = tokio::spawn(async move {
         let _ = stop_rx.await;
+        // Stopping the poller drops the bundle sender, which ends every
+        // WatchTrustBundle stream, so the graceful drain can finish.
         let _ = stop_all.send(());
-        for t in tasks {
-            let _ = t.await;
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let drain = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     });
     ready.set(true);
@@ -298,6 +306,14 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         trust_domain = %config.trust_domain,
         state_dir = %config.state_dir.display(),
         dns_names = ?names,
+        mode = match config.mode {
+            Mode::Root => "root",
+            Mode::Intermediate { .. } => "intermediate",
+        },
+        verifiers = ?verifiers(&config),
+        audience = %config.audience,
+        default_ttl = ?config.default_ttl,
+        max_ttl = ?config.max_ttl,
         "CA serving"
     );
     Ok(RunningCa {
@@ -315,7 +331,22 @@ fn unix(t: std::time::SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-async fn read_roots_blocking(
+/// The configured credential verifiers, for the start-up line.
+fn verifiers(config: &CaConfig) -> Vec<&'static str> {
+    let mut v = vec!["svid"];
+    if config.join_tokens.is_some() {
+        v.push("join-token");
+    }
+    if config.k8s_jwks.is_some() {
+        v.push("k8s-jwks");
+    }
+    if config.k8s_tokenreview.is_some() {
+        v.push("k8s-tokenreview");
+    }
+    v
+}
+
+pub(crate) async fn read_roots_blocking(
     config: &Arc<CaConfig>,
     own: &rustls_pki_types::CertificateDer<'static>,
 ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, StartError> {
@@ -326,7 +357,10 @@ async fn read_roots_blocking(
         .map_err(StartError::from)
 }
 
-async fn write_bundle_blocking(config: &Arc<CaConfig>, pem: String) -> Result<(), StartError> {
+pub(crate) async fn write_bundle_blocking(
+    config: &Arc<CaConfig>,
+    pem: String,
+) -> Result<(), StartError> {
     let cfg = config.clone();
     tokio::task::spawn_blocking(move || store::write_bundle(&cfg.state_dir, &pem))
         .await
@@ -403,106 +437,4 @@ async fn build_authenticator(
         None => None,
     };
     Ok(Authenticator::new(join, jwks, review, bundle))
-}
-
-/// Re-reads the bundle sources, the join-token file and (every 5 minutes)
-/// the JWKS; publishes a changed bundle to watchers and `bundle.pem`.
-async fn poll_sources(
-    config: Arc<CaConfig>,
-    own_root: rustls_pki_types::CertificateDer<'static>,
-    authn: Arc<Authenticator>,
-    live: Arc<ArcSwap<TrustBundle>>,
-    tx: watch::Sender<Arc<BundleState>>,
-    metrics: CaMetrics,
-    mut stop: tokio::sync::broadcast::Receiver<()>,
-) {
-    const JWKS_REFRESH: Duration = Duration::from_secs(300);
-    let mut tick = tokio::time::interval(config.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_jwks = tokio::time::Instant::now();
-    let mut last_join_mtime = None;
-    loop {
-        tokio::select! {
-            _ = stop.recv() => return,
-            _ = tick.tick() => {}
-        }
-        match read_roots_blocking(&config, &own_root).await {
-            Ok(roots) if roots.as_slice() != live.load().roots() => {
-                match TrustBundle::new(config.trust_domain.clone(), roots) {
-                    Ok(bundle) => {
-                        let pem = bundle.to_pem();
-                        if let Err(e) = write_bundle_blocking(&config, pem.clone()).await {
-                            tracing::warn!(error = %e, "could not write bundle.pem");
-                        }
-                        live.store(Arc::new(bundle));
-                        let sequence = tx.borrow().sequence + 1;
-                        metrics
-                            .bundle_sequence
-                            .set(i64::try_from(sequence).unwrap_or(i64::MAX));
-                        tx.send_replace(Arc::new(BundleState { pem, sequence }));
-                        tracing::info!(sequence, "trust bundle changed; sent to watchers");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "new trust bundle refused; keeping the old one")
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the trust bundle sources; keeping the old bundle")
-            }
-        }
-        if let Some(join) = authn.join_tokens() {
-            let mtime = tokio::fs::metadata(join.path())
-                .await
-                .and_then(|m| m.modified())
-                .ok();
-            if last_join_mtime.is_some() && mtime != last_join_mtime {
-                match reload_join(authn.clone()).await {
-                    Ok(n) => tracing::info!(tokens = n, "join-token file reloaded"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "join-token file refused; keeping the old tokens")
-                    }
-                }
-            }
-            last_join_mtime = mtime;
-        }
-        if let Some(jwks) = authn.jwks() {
-            if last_jwks.elapsed() >= JWKS_REFRESH {
-                last_jwks = tokio::time::Instant::now();
-                if let Err(e) = jwks.refresh().await {
-                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the last keys");
-                }
-            }
-        }
-    }
-}
-
-async fn reload_join(authn: Arc<Authenticator>) -> Result<usize, String> {
-    tokio::task::spawn_blocking(move || match authn.join_tokens() {
-        Some(j) => j.reload().map_err(|e| e.to_string()),
-        None => Ok(0),
-    })
-    .await
-    .map_err(|e| e.to_string())?
-}
-
-async fn refresh_serving_cert(
-    serving: Arc<ServingCert>,
-    signer: Arc<Signer>,
-    mut stop: tokio::sync::broadcast::Receiver<()>,
-) {
-    let mut tick = tokio::time::interval(tls::SERVING_CERT_REFRESH);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.recv() => return,
-            _ = tick.tick() => {
-                match serving.refresh(&signer) {
-                    Ok(()) => tracing::info!("CA serving certificate re-issued"),
-                    Err(e) => tracing::warn!(error = %e, "could not re-issue the serving certificate"),
-                }
-            }
-        }
-    }
 }

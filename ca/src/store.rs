@@ -18,7 +18,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -163,7 +163,7 @@ fn load_or_create_root(dir: &Path, td: &TrustDomain) -> Result<Authority, StoreE
             ))
         }
     }
-    check_private_mode(&key_path)?;
+    check_private_mode(&key_path, false)?;
     let key = read_key(&key_path)?;
     let certs = read_certs(&cert_path)?;
     let cert = certs
@@ -223,7 +223,7 @@ fn load_intermediate(
     key_path: &Path,
     bundle_path: &Path,
 ) -> Result<Authority, StoreError> {
-    check_private_mode(key_path)?;
+    check_private_mode(key_path, true)?;
     let key = read_key(key_path)?;
     let mut certs = read_certs(cert_path)?;
     if certs.is_empty() {
@@ -310,28 +310,42 @@ fn ca_trust_domain(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
-/// Refuses a key file readable by group or others.
-fn check_private_mode(path: &Path) -> Result<(), StoreError> {
+/// Refuses a key file others can read; the CA's own root key must be
+/// owner-only, while an outside key may be group-readable (a Kubernetes
+/// Secret mounted with `defaultMode: 0440` for the pod's fsGroup).
+fn check_private_mode(path: &Path, allow_group: bool) -> Result<(), StoreError> {
     let mode = fs::metadata(path)
         .map_err(io_err(path))?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    let forbidden = if allow_group { 0o007 } else { 0o077 };
+    if mode & forbidden != 0 {
+        let fix = if allow_group {
+            "chmod 600 (or 640)"
+        } else {
+            "chmod 600"
+        };
         return Err(invalid(
             path,
             format!(
-                "private key is mode {:o}; it must be readable by its owner only (chmod 600)",
+                "private key is mode {:o}; it must not be readable by others ({fix})",
                 mode & 0o777
             ),
         ));
     }
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "private key is group-readable");
+    }
     Ok(())
 }
 
+/// Reads a PEM private key: PKCS#8, SEC1 (`EC PRIVATE KEY`) or PKCS#1
+/// (`RSA PRIVATE KEY`), as cert-manager and Vault write them.
 fn read_key(path: &Path) -> Result<KeyPair, StoreError> {
-    let pem = fs::read_to_string(path).map_err(io_err(path))?;
-    KeyPair::from_pem(&pem)
-        .map_err(|e| invalid(path, format!("not a usable PKCS#8 private key: {e}")))
+    let pem = fs::read(path).map_err(io_err(path))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| invalid(path, format!("no PEM private key: {e}")))?;
+    KeyPair::try_from(&der).map_err(|e| invalid(path, format!("not a usable private key: {e}")))
 }
 
 /// Reads every CERTIFICATE block of a PEM file.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::digest;
@@ -47,17 +47,19 @@ pub struct JoinTokens {
     path: PathBuf,
     td: TrustDomain,
     table: ArcSwap<Table>,
+    /// SHA-256 of the file content last seen (loaded or refused), so a
+    /// change is noticed even within one mtime tick and a broken file is
+    /// reported once.
+    seen: Mutex<[u8; 32]>,
 }
 
 impl JoinTokens {
     /// Loads `path`; every ID must be in `td`.
     pub fn load(path: &Path, td: &TrustDomain) -> Result<Self, JoinTokenError> {
-        let table = read_table(path, td)?;
-        Ok(Self {
-            path: path.to_owned(),
-            td: td.clone(),
-            table: ArcSwap::from_pointee(table),
-        })
+        let text = read_file(path)?;
+        let mut this = Self::parse(&text, path, td)?;
+        this.seen = Mutex::new(digest_of(&text));
+        Ok(this)
     }
 
     /// Parses file contents (exposed for tests and `policy`-style checks).
@@ -66,6 +68,7 @@ impl JoinTokens {
             path: path.to_owned(),
             td: td.clone(),
             table: ArcSwap::from_pointee(parse_table(text, path, td)?),
+            seen: Mutex::new(digest_of(text)),
         })
     }
 
@@ -86,7 +89,26 @@ impl JoinTokens {
 
     /// Re-reads the file (blocking); on error the old table stays.
     pub fn reload(&self) -> Result<usize, JoinTokenError> {
-        let table = read_table(&self.path, &self.td)?;
+        let text = read_file(&self.path)?;
+        self.install(&text)
+    }
+
+    /// Re-reads the file (blocking) and, if its content changed since last
+    /// seen, loads it: `Ok(None)` when unchanged; on error the old table stays.
+    pub fn reload_if_changed(&self) -> Result<Option<usize>, JoinTokenError> {
+        let text = read_file(&self.path)?;
+        let digest = digest_of(&text);
+        if let Ok(mut seen) = self.seen.lock() {
+            if *seen == digest {
+                return Ok(None);
+            }
+            *seen = digest;
+        }
+        self.install(&text).map(Some)
+    }
+
+    fn install(&self, text: &str) -> Result<usize, JoinTokenError> {
+        let table = parse_table(text, &self.path, &self.td)?;
         let n = table.len();
         self.table.store(Arc::new(table));
         Ok(n)
@@ -105,12 +127,11 @@ fn digest_of(token: &str) -> [u8; 32] {
     out
 }
 
-fn read_table(path: &Path, td: &TrustDomain) -> Result<Table, JoinTokenError> {
-    let text = std::fs::read_to_string(path).map_err(|source| JoinTokenError::Io {
+fn read_file(path: &Path) -> Result<String, JoinTokenError> {
+    std::fs::read_to_string(path).map_err(|source| JoinTokenError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    parse_table(&text, path, td)
+    })
 }
 
 fn parse_table(text: &str, path: &Path, td: &TrustDomain) -> Result<Table, JoinTokenError> {
@@ -160,6 +181,31 @@ mod tests {
         assert_eq!(t.lookup("tok-b").unwrap().as_str(), "spiffe://td/vm/b");
         assert!(t.lookup("tok-c").is_none());
         assert!(t.lookup("tok-").is_none());
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_the_old_table() {
+        let td: TrustDomain = "td".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "tok-a spiffe://td/a\n").unwrap();
+        let t = JoinTokens::load(&path, &td).unwrap();
+        std::fs::write(&path, "tok-b spiffe://td/b\nbroken line here\n").unwrap();
+        let err = t.reload().unwrap_err().to_string();
+        assert!(err.contains(":2:"), "{err}");
+        assert!(t.lookup("tok-a").is_some() && t.lookup("tok-b").is_none());
+        assert_eq!(
+            t.reload_if_changed().unwrap_err().to_string(),
+            err,
+            "reported"
+        );
+        assert!(
+            t.reload_if_changed().unwrap().is_none(),
+            "then quiet until it changes"
+        );
+        std::fs::write(&path, "tok-b spiffe://td/b\n").unwrap();
+        assert_eq!(t.reload_if_changed().unwrap(), Some(1));
+        assert!(t.lookup("tok-a").is_none() && t.lookup("tok-b").is_some());
     }
 
     #[test]
