@@ -1,13 +1,18 @@
 //! Opaque TCP forwarding: bytes copied exactly in both directions, half-close
 //! kept, backpressure by construction, an idle deadline, no allocation per read.
 //!
-//! Each direction owns one fixed buffer for the life of the connection. A
-//! direction reads only when its buffer is fully written out, so a slow reader
-//! on one side stops reads on the other (backpressure) instead of queueing.
-//! When one side sends EOF, the other side's write half is shut down (for TLS:
-//! `close_notify`, then a TCP FIN) and the opposite direction keeps flowing
-//! until it ends too.
+//! Reads land in one scratch buffer per worker thread and are written
+//! straight through to the other side in the same poll, so an idle or chatty
+//! connection holds no buffer of its own. Only when the writer cannot take
+//! everything (backpressure) are the leftover bytes kept in the direction's
+//! spill buffer — allocated on first need, its capacity kept for the life of
+//! the connection — and that direction reads nothing more until the spill is
+//! written out: a slow reader on one side stops reads on the other instead
+//! of queueing. When one side sends EOF, the other side's write half is shut
+//! down (for TLS: `close_notify`, then a TCP FIN) and the opposite direction
+//! keeps flowing until it ends too.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -18,9 +23,15 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Bytes buffered per direction: one maximal TLS record of plaintext, so a
-/// full buffer becomes one record and a connection costs 32 KiB of buffers.
+/// Bytes read at once: one maximal TLS record of plaintext, so a full read
+/// becomes one record.
 pub const BUF_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// The read buffer of every connection polled on this thread. Borrowed
+    /// only inside one synchronous poll step, never across an await.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUF_SIZE].into_boxed_slice());
+}
 
 /// Why a forwarded connection ended before both sides closed cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +132,12 @@ where
     }
 }
 
-/// One direction of the copy: a fixed buffer and where it stands.
+/// One direction of the copy.
 struct Half {
-    buf: Box<[u8]>,
+    /// Bytes read but not yet accepted by the writer (backpressure only).
+    spill: Vec<u8>,
+    /// How much of `spill` is written.
     pos: usize,
-    cap: usize,
     total: u64,
     read_done: bool,
     need_flush: bool,
@@ -134,18 +146,40 @@ struct Half {
     write_side: &'static str,
 }
 
+/// What one read-and-write-through step did.
+enum Step {
+    /// Nothing to read now.
+    Pending,
+    /// The reader is at EOF.
+    Eof,
+    /// `written` of the bytes read went out; the rest is in the spill.
+    Moved { written: usize },
+    /// Reading failed.
+    ReadFailed(io::Error),
+    /// Writing failed after `written` bytes went out.
+    WriteFailed { written: usize, error: io::Error },
+}
+
 impl Half {
     fn new(read_side: &'static str, write_side: &'static str) -> Self {
         Self {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            spill: Vec::new(),
             pos: 0,
-            cap: 0,
             total: 0,
             read_done: false,
             need_flush: false,
             done: false,
             read_side,
             write_side,
+        }
+    }
+
+    fn written(&mut self, n: usize, counter: &Counter, active: &mut bool) {
+        if n > 0 {
+            self.total += n as u64;
+            counter.inc_by(n as u64);
+            self.need_flush = true;
+            *active = true;
         }
     }
 
@@ -167,49 +201,18 @@ impl Half {
             source,
         };
         loop {
-            if self.pos == self.cap && !self.read_done {
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        self.pos = 0;
-                        self.cap = n;
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            *active = true;
-                        }
-                    }
-                    Poll::Ready(Err(source)) => {
-                        return Poll::Ready(Err(ForwardError::Io {
-                            side: self.read_side,
-                            source,
-                        }))
-                    }
-                    Poll::Pending => {
-                        // Nothing more to read now: push out what the writer
-                        // buffered (a TLS stream holds records until flushed).
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-            while self.pos < self.cap {
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]))
-                        .map_err(write_err)?;
+            // Leftovers first: nothing new is read until they are out.
+            while self.pos < self.spill.len() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.spill[self.pos..]))
+                    .map_err(write_err)?;
                 if n == 0 {
                     return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
                 }
                 self.pos += n;
-                self.total += n as u64;
-                counter.inc_by(n as u64);
-                self.need_flush = true;
-                *active = true;
+                self.written(n, counter, active);
             }
+            self.spill.clear(); // keeps the capacity
+            self.pos = 0;
             if self.read_done {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
                 // Half-close: pass the EOF on. A peer that already went away
@@ -220,7 +223,73 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            match self.step(cx, reader, writer) {
+                Step::Pending => {
+                    // Nothing more to read now: push out what the writer
+                    // buffered (a TLS stream holds records until flushed).
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Step::Eof => self.read_done = true,
+                Step::Moved { written } => {
+                    *active = true;
+                    self.written(written, counter, active);
+                }
+                Step::ReadFailed(source) => {
+                    return Poll::Ready(Err(ForwardError::Io {
+                        side: self.read_side,
+                        source,
+                    }))
+                }
+                Step::WriteFailed { written, error } => {
+                    self.written(written, counter, active);
+                    return Poll::Ready(Err(write_err(error)));
+                }
+            }
         }
+    }
+
+    /// Reads into this thread's scratch buffer and writes as much as the
+    /// writer takes right away; the rest goes to the spill.
+    fn step<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Step
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            let n = match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                Poll::Pending => return Step::Pending,
+                Poll::Ready(Err(e)) => return Step::ReadFailed(e),
+                Poll::Ready(Ok(())) => rb.filled().len(),
+            };
+            if n == 0 {
+                return Step::Eof;
+            }
+            let mut written = 0;
+            while written < n {
+                match Pin::new(&mut *writer).poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) => {
+                        let error = io::ErrorKind::WriteZero.into();
+                        return Step::WriteFailed { written, error };
+                    }
+                    Poll::Ready(Ok(k)) => written += k,
+                    Poll::Ready(Err(error)) => return Step::WriteFailed { written, error },
+                    Poll::Pending => break,
+                }
+            }
+            // Backpressure: keep the rest (the only copy, and the spill's
+            // capacity is reused, so this allocates at most once).
+            if written < n && self.spill.capacity() == 0 {
+                self.spill.reserve_exact(BUF_SIZE);
+            }
+            self.spill.extend_from_slice(&scratch[written..n]);
+            Step::Moved { written }
+        })
     }
 }
 
