@@ -233,7 +233,7 @@ fn policy_hot_reload_keeps_old_on_bad_file_and_spares_live_connections() {
             .then_some(())
     });
     assert!(
-        swapped.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500),
+        swapped.elapsed() < Duration::from_secs(2),
         "took {:?}",
         swapped.elapsed()
     );

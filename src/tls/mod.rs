@@ -132,3 +132,6 @@ pub fn cert_sha256(cert: &CertificateDer<'_>) -> [u8; 32] {
     out.copy_from_slice(digest.as_ref());
     out
 }
+
+#[cfg(test)]
+mod tests;
