@@ -5,6 +5,7 @@ pub mod args;
 pub mod conn;
 pub mod forward;
 pub mod inbound;
+mod launch;
 pub mod listener;
 pub mod outbound;
 mod run;

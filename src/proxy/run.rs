@@ -1,7 +1,6 @@
 //! Wiring of `stepmesh proxy`: registry, identity source, admin, policy,
 //! listeners, then wait for a signal and drain.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -9,31 +8,17 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use stepmesh_ca::spiffe_id::{SpiffeIdPattern, TrustDomain};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::args::ProxyArgs;
 use super::conn::{Shared, Timeouts};
-use super::inbound::{Inbound, InboundTarget};
-use super::listener::accept_loop;
-use super::outbound::{Outbound, OutboundTarget};
+use super::launch::ListenerInfo;
 use crate::accesslog::AccessLog;
 use crate::admin::AdminState;
-use crate::drain::{self, DrainWatch};
+use crate::drain;
 use crate::identity::store::CertStore;
-use crate::metrics::{Direction, IdentityMetrics, ProxyMetrics};
+use crate::metrics::{IdentityMetrics, ProxyMetrics};
 use crate::policy::{Policy, PolicyWatch};
-use crate::tls::verify::Expected;
-use crate::tls::{self, TlsSettings};
-
-/// A bound listener, for `/config` and logs.
-#[derive(Debug, Clone, serde::Serialize)]
-struct ListenerInfo {
-    kind: &'static str,
-    listen: SocketAddr,
-    target: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expected_id: Option<String>,
-}
+use crate::tls;
 
 /// Runs the sidecar until SIGTERM/SIGINT and the drain end.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
@@ -153,153 +138,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             connect: args.connect_timeout,
         },
     });
-    let settings = TlsSettings {
-        tls12: args.tls12,
-        session_resumption: !args.no_session_resumption,
-    };
-    let server_config = tls::server_config(&provider, &store, Vec::new(), settings)?;
-    let permits = Arc::new(Semaphore::new(args.max_connections));
     let (trigger, watch) = drain::channel();
-    let mut infos = Vec::new();
-    let spawn =
-        |listener: TcpListener, direction: Direction, handler: Handler, watch: DrainWatch| {
-            let (permits, metrics) = (permits.clone(), proxy_metrics.clone());
-            tokio::spawn(async move {
-                match handler {
-                    Handler::In(inbound) => {
-                        accept_loop(
-                            listener,
-                            direction,
-                            watch,
-                            permits,
-                            metrics,
-                            move |tcp, client| inbound.clone().handle(tcp, client),
-                        )
-                        .await
-                    }
-                    Handler::Out(outbound) => {
-                        accept_loop(
-                            listener,
-                            direction,
-                            watch,
-                            permits,
-                            metrics,
-                            move |tcp, client| outbound.clone().handle(tcp, client),
-                        )
-                        .await
-                    }
-                }
-            });
-        };
-
-    for spec in &args.inbound {
-        let listener = bind(spec.listen, "--inbound").await?;
-        let listen = listener.local_addr()?;
-        let target = InboundTarget::App {
-            port: listen.port(),
-            app: spec.app.as_str().into(),
-        };
-        let handler = Arc::new(Inbound::new(shared.clone(), server_config.clone(), target));
-        spawn(
-            listener,
-            Direction::Inbound,
-            Handler::In(handler),
-            watch.clone(),
-        );
-        infos.push(ListenerInfo {
-            kind: "inbound",
-            listen,
-            target: spec.app.clone(),
-            expected_id: None,
-        });
-    }
-    for (spec, pattern) in args.outbound.iter().zip(expected) {
-        let config = tls::client_config(
-            &provider,
-            &store,
-            Expected::Pattern(pattern),
-            Vec::new(),
-            settings,
-        )?;
-        let listener = bind(spec.listen, "--outbound").await?;
-        let listen = listener.local_addr()?;
-        let target = OutboundTarget::Peer {
-            peer: spec.peer.as_str().into(),
-            expected: spec.expected_id.as_str().into(),
-        };
-        let handler = Arc::new(Outbound::new(shared.clone(), config, target));
-        spawn(
-            listener,
-            Direction::Outbound,
-            Handler::Out(handler),
-            watch.clone(),
-        );
-        infos.push(ListenerInfo {
-            kind: "outbound",
-            listen,
-            target: spec.peer.clone(),
-            expected_id: Some(spec.expected_id.clone()),
-        });
-    }
-    if args.transparent {
-        let any = SocketAddr::from(([0, 0, 0, 0], 0));
-        let listener = bind(
-            SocketAddr::new(any.ip(), args.inbound_port),
-            "--inbound-port",
-        )
-        .await?;
-        let listen = listener.local_addr()?;
-        let handler = Arc::new(Inbound::new(
-            shared.clone(),
-            server_config.clone(),
-            InboundTarget::OriginalDst,
-        ));
-        spawn(
-            listener,
-            Direction::Inbound,
-            Handler::In(handler),
-            watch.clone(),
-        );
-        infos.push(ListenerInfo {
-            kind: "transparent-inbound",
-            listen,
-            target: "original destination".into(),
-            expected_id: None,
-        });
-        let config = tls::client_config(
-            &provider,
-            &store,
-            Expected::AnyInTrustDomain,
-            Vec::new(),
-            settings,
-        )?;
-        let listener = bind(
-            SocketAddr::new(any.ip(), args.outbound_port),
-            "--outbound-port",
-        )
-        .await?;
-        let listen = listener.local_addr()?;
-        let handler = Arc::new(Outbound::new(
-            shared.clone(),
-            config,
-            OutboundTarget::OriginalDst,
-        ));
-        spawn(
-            listener,
-            Direction::Outbound,
-            Handler::Out(handler),
-            watch.clone(),
-        );
-        infos.push(ListenerInfo {
-            kind: "transparent-outbound",
-            listen,
-            target: "original destination (policy outbound rules)".into(),
-            expected_id: Some(format!("spiffe://{td}/*")),
-        });
-    }
-    for info in &infos {
-        tracing::info!(kind = info.kind, listen = %info.listen, upstream = %info.target, "listening");
-    }
+    let infos = super::launch::listeners(&args, expected, &td, &provider, &shared, &watch).await?;
     let _ = listener_infos.set(infos);
     drop(watch);
     listeners_up.store(true, Ordering::Release);
@@ -313,15 +153,4 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tracing::warn!("drain timeout: closing the remaining connections");
     }
     Ok(())
-}
-
-enum Handler {
-    In(Arc<Inbound>),
-    Out(Arc<Outbound>),
-}
-
-async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{flag}: binding {addr}"))
 }
