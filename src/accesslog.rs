@@ -3,10 +3,10 @@
 //! diagnostics and a slow stdout never blocks a runtime thread.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Lines waiting for the writer; beyond this, lines are dropped and counted.
@@ -48,12 +48,12 @@ pub struct ConnectionRecord<'a> {
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     tx: Option<SyncSender<String>>,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 impl AccessLog {
-    /// Starts the writer thread on stdout.
-    pub fn stdout() -> std::io::Result<Self> {
+    /// Starts the writer thread on stdout; registers the dropped-lines counter.
+    pub fn stdout(registry: &mut Registry) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<String>(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
@@ -69,9 +69,15 @@ impl AccessLog {
                     let _ = out.flush();
                 }
             })?;
+        let dropped = Counter::default();
+        registry.register(
+            "stepmesh_access_log_dropped",
+            "Access-log lines dropped because stdout could not keep up",
+            dropped.clone(),
+        );
         Ok(Self {
             tx: Some(tx),
-            dropped: Arc::default(),
+            dropped,
         })
     }
 
@@ -79,7 +85,7 @@ impl AccessLog {
     pub fn disabled() -> Self {
         Self {
             tx: None,
-            dropped: Arc::default(),
+            dropped: Counter::default(),
         }
     }
 
@@ -91,13 +97,13 @@ impl AccessLog {
         };
         line.push('\n');
         if let Err(TrySendError::Full(_)) = tx.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
     /// Lines dropped because stdout could not keep up.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 }
 

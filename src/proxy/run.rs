@@ -50,6 +50,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let access_log = if args.no_access_log {
+        AccessLog::disabled()
+    } else {
+        AccessLog::stdout(&mut registry).context("starting the access log writer")?
+    };
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
@@ -122,11 +127,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let _ = policy_slot.set(policy.clone());
 
-    let access_log = if args.no_access_log {
-        AccessLog::disabled()
-    } else {
-        AccessLog::stdout().context("starting the access log writer")?
-    };
     let shared = Arc::new(Shared {
         store: store.clone(),
         policy,
