@@ -16,12 +16,20 @@ pub use run::run;
 
 use crate::identity::IdentitySource;
 
-/// Builds the runtime the proxy runs on (`--workers`).
+/// Builds the runtime the proxy runs on (`--workers`). One worker means a
+/// current-thread runtime: every task on one thread, no cross-thread wakeups
+/// or work stealing to pay for.
 pub fn runtime(args: &ProxyArgs) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = args.workers {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match args.workers {
+        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     Ok(builder.enable_all().build()?)
 }
 
