@@ -1,6 +1,8 @@
 //! Limits and refusals of `stepmesh proxy`: the connection limit, the idle
 //! timeout, bad flags and bad SVID files.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -98,14 +98,16 @@ impl Sidecar {
     /// As [`Sidecar::spawn`], under a wrapper command (`ip netns exec NS
     /// setpriv ...`); `netns` names the namespace the admin port lives in.
     pub fn spawn_wrapped(wrapper: &[String], netns: Option<&str>, args: &[String]) -> Self {
-        let bin = env!("CARGO_BIN_EXE_stepmesh");
+        // STEPMESH_BIN points measurements at a release build.
+        let bin = std::env::var("STEPMESH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stepmesh").to_owned());
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut cmd = Command::new(first);
-                cmd.args(rest).arg(bin);
+                cmd.args(rest).arg(&bin);
                 cmd
             }
-            None => Command::new(bin),
+            None => Command::new(&bin),
         };
         cmd.arg("--log-format").arg("json").arg("proxy");
         if !args.iter().any(|a| a == "--admin") {
@@ -132,6 +134,17 @@ impl Sidecar {
         });
         sidecar.admin = admin;
         sidecar
+    }
+
+    /// CPU time used so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces): utime is the
+        // 14th field overall, stime the 15th; clock ticks of 1/100 s.
+        let rest = stat.rsplit_once(')').unwrap().1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
     }
 
     /// Resident set size now, KiB (from /proc).
