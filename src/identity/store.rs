@@ -2,8 +2,9 @@
 //! TLS resolvers and verifiers read from it per handshake (lock-free loads),
 //! so a rotation swaps the certificate without touching live connections.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use rustls::crypto::CryptoProvider;
@@ -67,6 +68,8 @@ pub struct CertStore {
     trust_domain: ArcSwapOption<TrustDomain>,
     current: ArcSwapOption<Current>,
     generation: tokio::sync::watch::Sender<u64>,
+    /// Unix seconds of the last change of the bundle's roots (0: never).
+    roots_changed_at: AtomicU64,
 }
 
 impl CertStore {
@@ -78,6 +81,7 @@ impl CertStore {
             trust_domain: ArcSwapOption::new(trust_domain.map(Arc::new)),
             current: ArcSwapOption::empty(),
             generation: tokio::sync::watch::Sender::new(0),
+            roots_changed_at: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +105,16 @@ impl CertStore {
             not_after: verified.not_after,
             serial: verified.serial,
         };
+        if let Some(old) = self.current.load().as_ref() {
+            if old.bundle.roots() != svid.bundle.roots() {
+                let now = super::unix_secs(SystemTime::now()).max(1) as u64;
+                self.roots_changed_at.store(now, Ordering::Release);
+                tracing::info!(
+                    roots = svid.bundle.roots().len(),
+                    "trust bundle roots changed"
+                );
+            }
+        }
         self.current.store(Some(Arc::new(Current {
             certified: Arc::new(certified),
             bundle: Arc::new(svid.bundle),
@@ -135,6 +149,13 @@ impl CertStore {
         let mut rx = self.generation.subscribe();
         // The sender lives in `self`, so the channel cannot close meanwhile.
         let _ = rx.wait_for(|generation| *generation > 0).await;
+    }
+
+    /// Whether the bundle's roots changed within `window` of now (resumed
+    /// sessions older than the change must be verified again in full).
+    pub fn roots_changed_within(&self, window: Duration) -> bool {
+        let at = self.roots_changed_at.load(Ordering::Acquire);
+        at != 0 && (super::unix_secs(SystemTime::now()) as u64) < at + window.as_secs()
     }
 
     /// Whether an SVID is loaded.

@@ -100,19 +100,35 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Re-checks the peer's chain of a *resumed* session against the current
-/// bundle and clock: a ticket may outlive the SVID it was issued for, or a
-/// root may have left the bundle since. Full handshakes were verified by the
-/// verifier already and pass straight through.
+/// How long a session ticket can be redeemed (rustls' aws-lc-rs `Ticketer`
+/// rotates its key every 6 h and honours the previous one: 12 h), plus margin.
+const RESUMPTION_WINDOW: std::time::Duration = std::time::Duration::from_secs(13 * 3600);
+
+/// Re-checks the peer of a *resumed* session, which rustls does not verify
+/// again: a ticket must not outlive the SVID it was made with (leaf expiry,
+/// a cheap parse), nor a root removed from the bundle (full chain
+/// verification, only while a roots change is younger than any ticket).
+/// Full handshakes were verified already and pass straight through.
 pub fn check_resumed(conn: &rustls::CommonState, store: &CertStore) -> Result<(), &'static str> {
     if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
         return Ok(());
     }
     let chain = conn.peer_certificates().ok_or("no_client_cert")?;
-    let bundle = store.bundle().ok_or("no_bundle")?;
-    stepmesh_ca::svid::verify(chain, &bundle, rustls::pki_types::UnixTime::now())
-        .map(|_| ())
-        .map_err(|e| e.reason())
+    let now = rustls::pki_types::UnixTime::now();
+    if store.roots_changed_within(RESUMPTION_WINDOW) {
+        let bundle = store.bundle().ok_or("no_bundle")?;
+        return stepmesh_ca::svid::verify(chain, &bundle, now)
+            .map(|_| ())
+            .map_err(|e| e.reason());
+    }
+    let leaf = chain.first().ok_or("no_client_cert")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|_| "malformed")?;
+    let not_after = cert.validity().not_after.timestamp();
+    let skew = stepmesh_ca::svid::CLOCK_SKEW.as_secs() as i64;
+    if (now.as_secs() as i64) > not_after.saturating_add(skew) {
+        return Err("expired");
+    }
+    Ok(())
 }
 
 /// The SPIFFE ID in a (verified) leaf certificate's URI SAN.

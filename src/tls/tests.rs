@@ -212,3 +212,62 @@ fn store_refuses_bad_material_and_keeps_the_old() {
         "the old SVID stays"
     );
 }
+
+/// A handshake whose server side runs `check_resumed`: (resumed, verdict).
+async fn resumed_verdict(
+    server: &Arc<ServerConfig>,
+    client: &Arc<ClientConfig>,
+    store: &Arc<CertStore>,
+) -> (bool, Result<(), &'static str>) {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = TlsAcceptor::from(server.clone());
+    let connector = TlsConnector::from(client.clone());
+    let name = rustls::pki_types::ServerName::try_from("peer.test").unwrap();
+    let store = store.clone();
+    let server_side = tokio::spawn(async move {
+        let mut tls = acceptor.accept(s).await.unwrap();
+        let conn = tls.get_ref().1;
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let verdict = check_resumed(conn, &store);
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.unwrap();
+        tls.write_all(&b).await.unwrap();
+        tls.flush().await.unwrap();
+        (resumed, verdict)
+    });
+    let mut tls = connector.connect(name, c).await.unwrap();
+    tls.write_all(b"x").await.unwrap();
+    tls.flush().await.unwrap();
+    // Reading takes in the session tickets sent after the handshake.
+    let mut b = [0u8; 1];
+    tls.read_exact(&mut b).await.unwrap();
+    let verdict = server_side.await.unwrap();
+    drop(tls);
+    verdict
+}
+
+#[tokio::test]
+async fn resumed_sessions_are_rechecked_after_a_roots_change() {
+    let pki = Pki::new("t.test");
+    let (server_store, server, client) =
+        configs(&pki, &pki.leaf(SERVER), &pki.leaf(CLIENT), SERVER);
+    assert_eq!(
+        resumed_verdict(&server, &client, &server_store).await,
+        (false, Ok(()))
+    );
+    assert_eq!(
+        resumed_verdict(&server, &client, &server_store).await,
+        (true, Ok(()))
+    );
+
+    // The trust domain moves to a new root: sessions of the old chain end.
+    let successor = Pki::new("t.test");
+    server_store
+        .publish(svid(&successor, &successor.leaf(SERVER)))
+        .unwrap();
+    assert!(server_store.roots_changed_within(std::time::Duration::from_secs(60)));
+    assert_eq!(
+        resumed_verdict(&server, &client, &server_store).await,
+        (true, Err("unknown_issuer"))
+    );
+}
