@@ -47,26 +47,43 @@ pub struct ConnectionRecord<'a> {
 /// A cheap handle to the writer thread (clone per listener).
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Msg>>,
     dropped: Counter,
+}
+
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Msg {
+    /// One line, newline included.
+    Line(String),
+    /// Everything queued before is written: acknowledge.
+    Flush(SyncSender<()>),
 }
 
 impl AccessLog {
     /// Starts the writer thread on stdout; registers the dropped-lines counter.
     pub fn stdout(registry: &mut Registry) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<String>(QUEUE);
+        let (tx, rx) = sync_channel::<Msg>(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let stdout = std::io::stdout();
-                while let Ok(line) = rx.recv() {
+                let mut acks = Vec::new();
+                while let Ok(msg) = rx.recv() {
                     let mut out = stdout.lock();
-                    let _ = out.write_all(line.as_bytes());
-                    // Drain what queued meanwhile before the flush syscall.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = out.write_all(line.as_bytes());
+                    // Take what queued meanwhile before the flush syscall.
+                    for msg in std::iter::once(msg).chain(rx.try_iter()) {
+                        match msg {
+                            Msg::Line(line) => {
+                                let _ = out.write_all(line.as_bytes());
+                            }
+                            Msg::Flush(ack) => acks.push(ack),
+                        }
                     }
                     let _ = out.flush();
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
                 }
             })?;
         let dropped = Counter::default();
@@ -96,8 +113,18 @@ impl AccessLog {
             return;
         };
         line.push('\n');
-        if let Err(TrySendError::Full(_)) = tx.try_send(line) {
+        if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Line(line)) {
             self.dropped.inc();
+        }
+    }
+
+    /// Blocks until every line queued so far is written, or `timeout`
+    /// passes (at exit; call it off the runtime threads).
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (ack, done) = sync_channel(1);
+        if tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(timeout);
         }
     }
 

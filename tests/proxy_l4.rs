@@ -284,6 +284,10 @@ fn sigterm_drains_in_flight_and_refuses_new() {
     let status = server.wait_exit();
     assert!(status.success(), "{status:?}");
     server.wait_log("drained", |l| (l["message"] == "drained").then_some(()));
+    // Its access-log line was written before the exit.
+    let total = (payload.len() + 6) as u64;
+    let line = server.wait_access("in-flight line", |l| l["bytes_in"] == total);
+    assert_eq!(line["bytes_out"], total);
 }
 
 #[test]

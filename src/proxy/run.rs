@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -152,5 +153,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     } else {
         tracing::warn!("drain timeout: closing the remaining connections");
     }
+    let log = shared.access_log.clone();
+    let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
     Ok(())
 }
