@@ -46,12 +46,12 @@ pub struct InitArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     /// The iptables tool could not be started.
-    #[error("running {tool}: {source} (is iptables installed?)")]
+    #[error("running {tool}: {cause} (is iptables installed?)")]
     Spawn {
         /// The program.
         tool: &'static str,
         /// What the OS said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The iptables tool ran and refused.
     #[error("{tool} failed ({status}): {stderr}")]
@@ -110,7 +110,7 @@ fn save() -> Result<String, InitError> {
         .args(["-t", "nat"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if !out.status.success() {
         return Err(InitError::Failed {
             tool,
@@ -130,15 +130,15 @@ fn restore(input: &str) -> Result<(), InitError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input.as_bytes())
-            .map_err(|source| InitError::Spawn { tool, source })?;
+            .map_err(|cause| InitError::Spawn { tool, cause })?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if !out.status.success() {
         return Err(InitError::Failed {
             tool,

@@ -11,20 +11,20 @@ use crate::init::Cidr;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Read {
         /// The file.
         path: String,
         /// What the OS said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The YAML did not parse or has unknown fields.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Parse {
         /// The file.
         path: String,
         /// What the parser said (names the field).
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     /// A value parsed but makes no sense.
     #[error("{path}: {field}: {reason}")]
@@ -181,13 +181,13 @@ impl InjectorConfig {
             return Ok(Self::default());
         };
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: shown.clone(),
-            source,
+            cause,
         })?;
-        let config: Self = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: Self = serde_yaml::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         config
             .check()
