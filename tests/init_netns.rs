@@ -227,6 +227,31 @@ fn dry_run_prints_restore_input_without_root() {
 #[test]
 fn install_is_idempotent_and_cleanup_removes_everything() {
     let Some((_a, b)) = pair() else { return };
+    // Someone else's rules (a CNI's, kube-proxy's) must survive us.
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &b.0,
+        "iptables",
+        "-t",
+        "nat",
+        "-N",
+        "OTHER_CHAIN",
+    ]));
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &b.0,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-j",
+        "OTHER_CHAIN",
+    ]));
     let before = nat_rules(&b);
     init(&b, &ARGS);
     let once = nat_rules(&b);
@@ -252,6 +277,7 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
     ] {
         assert!(once.contains(rule), "{rule} missing:\n{once}");
     }
+    assert!(once.contains("-A OUTPUT -p udp -j OTHER_CHAIN"), "{once}");
     init(&b, &ARGS);
     assert_eq!(nat_rules(&b), once, "applying twice changed the rules");
 
@@ -268,7 +294,10 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
     init(&b, &["--cleanup"]);
     let after = nat_rules(&b);
     assert!(!after.contains("STEPMESH"), "left behind:\n{after}");
-    assert_eq!(after, before);
+    assert_eq!(
+        after, before,
+        "cleanup must restore the table exactly, foreign rules included"
+    );
     init(&b, &["--cleanup"]); // nothing to remove is not an error
 }
 
