@@ -174,7 +174,7 @@ fn main() {
         .await
         .unwrap();
         let addr = server.local_addr().unwrap();
-        tokio::spawn(server.run(std::future::pending()));
+        tokio::spawn(server.run(std::future::pending(), Duration::from_secs(1)));
         let client = Arc::new(Client {
             tls: client_tls,
             addr,

@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// How often the certificate files are checked, e.g. `2s` or `500ms`.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// After SIGTERM, how long in-flight reviews may finish.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// Largest request body accepted (bytes); the API server sends at most ~3 MiB.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -105,7 +108,7 @@ async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<(
     tracing::info!(%addr, "injector webhook listening on /inject");
     // Tests and scripts read the bound port from this line.
     println!("listening on {addr}");
-    server.run(shutdown_signal()).await;
+    server.run(shutdown_signal(), args.drain_timeout).await;
     tracing::info!("injector stopped");
     Ok(())
 }

@@ -69,19 +69,23 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes; then stops accepting.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` completes, then drains: stops accepting, lets
+    /// every connection finish the request it is on (idle keep-alive
+    /// connections close at once), and returns when all are done or after
+    /// `drain` at most.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 permit = limit.clone().acquire_owned() => permit,
             };
             // The semaphore is never closed.
-            let Ok(permit) = permit else { return };
+            let Ok(permit) = permit else { break };
             let accepted = tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 accepted = self.listener.accept() => accepted,
             };
             let (tcp, peer) = match accepted {
@@ -94,28 +98,58 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = self.acceptor.clone();
-            let state = self.state.clone();
+            let (acceptor, state) = (self.acceptor.clone(), self.state.clone());
+            let stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-                let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT);
-                if let Err(err) = builder.serve_connection(TokioIo::new(tls), service).await {
-                    tracing::debug!(%peer, %err, "connection ended with an error");
-                }
+                serve_connection(acceptor, tcp, peer, state, stop).await;
             });
         }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timed out; closing the remaining connections");
+        }
+    }
+}
+
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let stopped = async move {
+        // The guard `wait_for` returns must not live across an await.
+        let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, %err, "connection ended with an error");
     }
 }
 
