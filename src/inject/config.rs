@@ -81,7 +81,7 @@ pub struct InjectorConfig {
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound ports never redirected, for every pod.
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound IPv4 networks never redirected, for every pod.
+    /// Outbound networks (IPv4 or IPv6 CIDRs) never redirected, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
     /// Namespaces never injected, whatever the webhook configuration says.
     pub excluded_namespaces: Vec<String>,

@@ -24,7 +24,7 @@ pub const NATIVE_SIDECAR: &str = "stepmesh.io/native-sidecar";
 pub const EXCLUDE_INBOUND_PORTS: &str = "stepmesh.io/exclude-inbound-ports";
 /// Comma-separated outbound ports not redirected (added to the config's).
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "stepmesh.io/exclude-outbound-ports";
-/// Comma-separated outbound IPv4 CIDRs not redirected (added to the config's).
+/// Comma-separated outbound CIDRs (IPv4 or IPv6) not redirected (added to the config's).
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "stepmesh.io/exclude-outbound-cidrs";
 /// Sidecar CPU request.
 pub const CPU_REQUEST: &str = "stepmesh.io/proxy-cpu-request";
