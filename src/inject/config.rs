@@ -85,6 +85,10 @@ pub struct InjectorConfig {
     pub exclude_outbound_cidrs: Vec<String>,
     /// Namespaces never injected, whatever the webhook configuration says.
     pub excluded_namespaces: Vec<String>,
+    /// Leave the app's probe ports out of inbound interception so kubelet's
+    /// plaintext probes reach the app. Off: those ports then also accept
+    /// plaintext from anyone, bypassing mTLS (docs/INJECT.md).
+    pub exclude_probe_ports: bool,
 }
 
 /// Requests and limits of one container.
@@ -131,6 +135,7 @@ impl Default for InjectorConfig {
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
+            exclude_probe_ports: false,
         }
     }
 }
@@ -320,6 +325,12 @@ mod tests {
         assert!(!c.native_sidecar);
         assert_eq!(c.image, "example/stepmesh:dev");
         assert_eq!(c.admin_port, 15020);
+    }
+
+    #[test]
+    fn shipped_config_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/injector/config.yaml");
+        assert_eq!(InjectorConfig::load(Some(&path)).unwrap(), InjectorConfig::default());
     }
 
     #[test]

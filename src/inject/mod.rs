@@ -8,6 +8,7 @@ pub mod mutate;
 pub mod offline;
 pub mod overrides;
 pub mod patch;
+pub mod probes;
 pub mod review;
 pub mod server;
 pub mod template;

@@ -142,6 +142,39 @@ fn exclusions_reach_the_init_container_args() {
 }
 
 #[test]
+fn probe_ports_are_excluded_only_when_asked() {
+    let mut pod = bare();
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/healthz", "port": 8080}});
+    let init_args = |out: &Value| out["spec"]["initContainers"][0]["args"].to_string();
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        !init_args(&out).contains("--exclude-inbound-ports"),
+        "off by default"
+    );
+    pod["metadata"]["annotations"] = json!({
+        "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/exclude-inbound-ports": "9090",
+    });
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        init_args(&out).contains(r#""--exclude-inbound-ports","9090,8080""#),
+        "{}",
+        init_args(&out)
+    );
+    let config = InjectorConfig {
+        exclude_probe_ports: true,
+        ..InjectorConfig::default()
+    };
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/exclude-probe-ports": "false"});
+    let out = apply(&pod, &config);
+    assert!(
+        !init_args(&out).contains("--exclude-inbound-ports"),
+        "the annotation wins"
+    );
+}
+
+#[test]
 fn skips_and_idempotence() {
     let config = InjectorConfig::default();
     let injected = apply(&bare(), &config);
