@@ -307,7 +307,9 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
             .unwrap()
             .contains("spiffe://cluster.local/ns/stepmesh-demo/sa/frontend")
     );
-    find("NetworkPolicy", "stepmesh-default-deny");
+    find("NetworkPolicy", "stepmesh-backend-default-deny");
+    find("NetworkPolicy", "stepmesh-backend-port-8080");
+    find("NetworkPolicy", "stepmesh-frontend-default-deny");
 
     // The rendered base through the offline injector: the example workloads
     // are injected, the control plane (stepmesh-system) is not.
