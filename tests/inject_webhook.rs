@@ -463,3 +463,29 @@ async fn sigterm_drains_an_in_flight_review_then_exits() {
     }
     assert!(hook.child.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_gets_408() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "slow");
+    let mut hook = Webhook::start(&pki.cert, &pki.key, &["--body-timeout", "1s"]);
+    let tls = client_config(&pki.ca_pem);
+    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head = "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("not received in time"), "{text}");
+    assert!(hook.alive());
+    let (status, _) = post_review(hook.addr, tls, &fixture("pod-bare")).await;
+    assert_eq!(status, 200);
+}

@@ -330,7 +330,10 @@ mod tests {
     #[test]
     fn shipped_config_is_exactly_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/injector/config.yaml");
-        assert_eq!(InjectorConfig::load(Some(&path)).unwrap(), InjectorConfig::default());
+        assert_eq!(
+            InjectorConfig::load(Some(&path)).unwrap(),
+            InjectorConfig::default()
+        );
     }
 
     #[test]

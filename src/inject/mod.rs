@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// How often the certificate files are checked, e.g. `2s` or `500ms`.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// Deadline for receiving a request body (408 beyond).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
     /// After SIGTERM, how long in-flight reviews may finish.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -101,7 +104,11 @@ fn run_offline(file: &std::path::Path, config: &InjectorConfig) -> anyhow::Resul
 async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<()> {
     let cert = tls::ReloadingCert::load(&args.cert, &args.key)?;
     let tls_config = tls::server_config(cert.clone())?;
-    let server = server::Server::bind(args.listen, tls_config, config, args.max_body_bytes)
+    let limits = server::Limits {
+        max_body: args.max_body_bytes,
+        body_timeout: args.body_timeout,
+    };
+    let server = server::Server::bind(args.listen, tls_config, config, limits)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = server.local_addr()?;

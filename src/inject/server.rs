@@ -26,11 +26,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// Per-request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body accepted (413 beyond).
+    pub max_body: usize,
+    /// Deadline for receiving the body (408 beyond): a slow sender cannot
+    /// hold a connection slot.
+    pub body_timeout: Duration,
+}
+
 /// What every request handler shares.
 #[derive(Debug)]
 struct State {
     config: InjectorConfig,
-    max_body: usize,
+    limits: Limits,
     metrics: InjectorMetrics,
     registry: prometheus_client::registry::Registry,
 }
@@ -43,12 +53,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `addr`; bodies over `max_body` bytes are refused with 413.
+    /// Binds `addr`.
     pub async fn bind(
         addr: SocketAddr,
         tls: rustls::ServerConfig,
         config: InjectorConfig,
-        max_body: usize,
+        limits: Limits,
     ) -> std::io::Result<Self> {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = InjectorMetrics::new(&mut registry);
@@ -57,7 +67,7 @@ impl Server {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             state: Arc::new(State {
                 config,
-                max_body,
+                limits,
                 metrics,
                 registry,
             }),
@@ -196,7 +206,7 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
     let too_big = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {} bytes", state.max_body),
+            &format!("body larger than {} bytes", state.limits.max_body),
         )
     };
     let declared = req
@@ -204,13 +214,17 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > state.max_body as u64) {
+    if declared.is_some_and(|len| len > state.limits.max_body as u64) {
         return too_big();
     }
-    let body = match Limited::new(req.into_body(), state.max_body)
-        .collect()
-        .await
-    {
+    let collect = Limited::new(req.into_body(), state.limits.max_body).collect();
+    let Ok(collected) = tokio::time::timeout(state.limits.body_timeout, collect).await else {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_big(),
         Err(err) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {err}")),
