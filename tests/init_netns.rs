@@ -79,6 +79,17 @@ fn pair() -> Option<(Netns, Netns)> {
     }
     let b = Netns(format!("smB{id}"));
     run(Command::new("ip").args(["netns", "add", &b.0]));
+    for tool in ["iptables", "ip6tables"] {
+        let nat = Command::new("ip")
+            .args(["netns", "exec", &b.0, tool, "-t", "nat", "-L", "-n"])
+            .output()
+            .unwrap();
+        if !nat.status.success() {
+            let why = String::from_utf8_lossy(&nat.stderr);
+            eprintln!("skipped: the kernel has no {tool} nat table here: {why}");
+            return None;
+        }
+    }
     run(Command::new("ip").args([
         "link", "add", "va", "netns", &a.0, "type", "veth", "peer", "name", "vb", "netns", &b.0,
     ]));

@@ -93,6 +93,11 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     for family in [Family::V4, Family::V6] {
+        if family == Family::V6 && !std::path::Path::new("/proc/net/if_inet6").exists() {
+            // IPv6 disabled in this kernel: no IPv6 traffic to intercept.
+            tracing::info!("IPv6 is disabled in the kernel; IPv4 rules only");
+            continue;
+        }
         let tools = Tools::of(family);
         let existing = match save(tools) {
             Ok(existing) => existing,
