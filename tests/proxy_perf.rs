@@ -65,6 +65,28 @@ fn measure() {
         let mesh = Mesh::start(app, &one_worker(), &extra);
         let cpu0 = (mesh.client.cpu_time(), mesh.server.cpu_time());
         let outbound = mesh.outbound;
+        // STEPMESH_PERF_DIR=dir: a `perf record` of each sidecar meanwhile.
+        let perf: Vec<_> = std::env::var("STEPMESH_PERF_DIR")
+            .ok()
+            .map(|dir| {
+                [
+                    ("outbound", mesh.client.pid()),
+                    ("inbound", mesh.server.pid()),
+                ]
+                .map(|(name, pid)| {
+                    std::process::Command::new("perf")
+                        .args(["record", "-g", "-o"])
+                        .arg(format!("{dir}/{name}-resumption-{resumption}.data"))
+                        .args(["-p", &pid.to_string(), "--", "sleep", "2"])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap()
+                })
+                .into_iter()
+                .collect()
+            })
+            .unwrap_or_default();
         let ops = load(4, move |stop| {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -73,6 +95,9 @@ fn measure() {
             }
             n
         });
+        for mut p in perf {
+            p.wait().unwrap();
+        }
         let label = if resumption {
             "new connection per request, resumption"
         } else {

@@ -70,6 +70,8 @@ pub struct CertStore {
     generation: tokio::sync::watch::Sender<u64>,
     /// Unix seconds of the last change of the bundle's roots (0: never).
     roots_changed_at: AtomicU64,
+    /// Bumped on every change of the bundle's roots.
+    roots_generation: AtomicU64,
 }
 
 impl CertStore {
@@ -82,6 +84,7 @@ impl CertStore {
             current: ArcSwapOption::empty(),
             generation: tokio::sync::watch::Sender::new(0),
             roots_changed_at: AtomicU64::new(0),
+            roots_generation: AtomicU64::new(0),
         }
     }
 
@@ -109,6 +112,7 @@ impl CertStore {
             if old.bundle.roots() != svid.bundle.roots() {
                 let now = super::unix_secs(SystemTime::now()).max(1) as u64;
                 self.roots_changed_at.store(now, Ordering::Release);
+                self.roots_generation.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(
                     roots = svid.bundle.roots().len(),
                     "trust bundle roots changed"
@@ -156,6 +160,11 @@ impl CertStore {
     pub fn roots_changed_within(&self, window: Duration) -> bool {
         let at = self.roots_changed_at.load(Ordering::Acquire);
         at != 0 && (super::unix_secs(SystemTime::now()) as u64) < at + window.as_secs()
+    }
+
+    /// Changes whenever the bundle's roots change (keys verification caches).
+    pub fn roots_generation(&self) -> u64 {
+        self.roots_generation.load(Ordering::Acquire)
     }
 
     /// Whether an SVID is loaded.

@@ -31,12 +31,25 @@ pub struct TlsSettings {
 }
 
 /// The aws-lc-rs provider restricted to the mesh's key exchange groups:
-/// X25519MLKEM768 (post-quantum hybrid) first, then X25519.
+/// X25519MLKEM768 (post-quantum hybrid) first, then X25519. The TLS 1.3
+/// suites prefer AES-128-GCM/SHA-256: the SHA-384 key schedule of the
+/// AES-256 suite was the largest single cost of a resumed handshake in a
+/// profile (SHA-256 runs on the CPU's SHA extensions, SHA-512 does not).
 pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.kx_groups = vec![
-        rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
-        rustls::crypto::aws_lc_rs::kx_group::X25519,
+    provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519];
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        // Used only with --tls12.
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
     ];
     Arc::new(provider)
 }

@@ -271,3 +271,49 @@ async fn resumed_sessions_are_rechecked_after_a_roots_change() {
         (true, Err("unknown_issuer"))
     );
 }
+
+#[tokio::test]
+async fn verification_cache_is_dropped_when_roots_change() {
+    let pki = Pki::new("t.test");
+    let p = provider();
+    let server_store = store(&pki, &pki.leaf(SERVER));
+    let server = server_config(&p, &server_store, Vec::new(), SETTINGS).unwrap();
+    let no_resume = TlsSettings {
+        tls12: false,
+        session_resumption: false,
+    };
+    // The client trusts the old root and its successor.
+    let successor = Pki::new("t.test");
+    let both = stepmesh_ca::svid::TrustBundle::new(
+        pki.bundle().trust_domain().clone(),
+        vec![pki.root.cert.clone(), successor.root.cert.clone()],
+    )
+    .unwrap();
+    let client_leaf = pki.leaf(CLIENT);
+    let client_store = Arc::new(CertStore::new(p.clone(), None));
+    client_store
+        .publish(Svid {
+            chain: client_leaf.chain.clone(),
+            key: client_leaf.key(),
+            bundle: both,
+        })
+        .unwrap();
+    let client = client_config(
+        &p,
+        &client_store,
+        Expected::AnyInTrustDomain,
+        Vec::new(),
+        no_resume,
+    )
+    .unwrap();
+    // Twice: the second full handshake is answered from the cache.
+    handshake(&server, &client).await.unwrap();
+    handshake(&server, &client).await.unwrap();
+
+    // The server's trust domain moves to the successor root alone.
+    server_store
+        .publish(svid(&successor, &successor.leaf(SERVER)))
+        .unwrap();
+    let failed = handshake(&server, &client).await.unwrap_err();
+    assert_eq!(failed.server, Some("unknown_issuer"), "{failed:?}");
+}
