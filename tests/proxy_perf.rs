@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::ca::CaProcess;
 use common::mesh::*;
 
 const RUN: Duration = Duration::from_secs(3);
@@ -150,4 +151,39 @@ fn measure() {
             mesh.server.rss_kib()
         );
     }
+}
+
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture, ideally on a release build"]
+fn measure_start_to_ready() {
+    let ca = CaProcess::start("mesh.test", &[("t", SERVER_ID)]);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").unwrap();
+    let app = echo_server();
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let sidecar = Sidecar::spawn(&[
+            "--ca".into(),
+            ca.grpc_host_port(),
+            "--ca-bundle".into(),
+            ca.bundle_path.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--trust-domain".into(),
+            "mesh.test".into(),
+            "--inbound".into(),
+            format!("127.0.0.1:0={app}"),
+            "--workers".into(),
+            "1".into(),
+        ]);
+        while http_get(sidecar.admin, "/ready").0 != 200 {
+            assert!(started.elapsed() < PATIENCE);
+        }
+        let took = started.elapsed();
+        eprintln!("process start to /ready 200 with an SVID from the CA: {took:?}");
+        best = best.min(took);
+    }
+    eprintln!("best of 5: {best:?}");
 }
