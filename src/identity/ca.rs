@@ -88,7 +88,7 @@ impl CaSource {
     async fn attempt(
         &self,
         client: &mut Option<CaClient>,
-        store: &CertStore,
+        store: &Arc<CertStore>,
     ) -> Result<SystemTime, CaSourceError> {
         let client = match client {
             Some(client) => client,
@@ -96,6 +96,7 @@ impl CaSource {
                 let pem = read(&self.ca_bundle).await?;
                 let new = CaClient::connect(&self.addr, &pem)?
                     .expect_trust_domain(self.trust_domain.clone());
+                tokio::spawn(watch_bundle(new.clone(), store.clone()));
                 client.insert(new)
             }
         };
@@ -118,6 +119,35 @@ impl CaSource {
         store.publish(Svid { chain, key, bundle })?;
         tracing::info!(%id, %serial, not_after = %crate::accesslog::rfc3339(not_after), "SVID issued by the CA");
         Ok(not_after)
+    }
+}
+
+/// Follows the CA's trust bundle stream (roots can rotate long before our
+/// next renewal), reconnecting with backoff, forever.
+async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match client.watch_trust_bundle().await {
+            Ok(mut watch) => {
+                backoff = MIN_BACKOFF;
+                while let Some(update) = watch.next().await {
+                    match update {
+                        Ok(update) => {
+                            if let Err(e) = store.update_bundle(update.bundle) {
+                                tracing::warn!(error = %e, "trust bundle from the CA refused");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "trust bundle stream ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "trust bundle stream unavailable"),
+        }
+        tokio::time::sleep(jitter(backoff, 0.2)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -128,6 +128,39 @@ impl CertStore {
         Ok(info)
     }
 
+    /// Installs a new trust bundle (the CA's `WatchTrustBundle` stream)
+    /// under the current SVID. Refused (nothing changes) before the first
+    /// SVID or for another trust domain.
+    pub fn update_bundle(&self, bundle: TrustBundle) -> Result<(), StoreError> {
+        let Some(current) = self.current.load_full() else {
+            return Ok(());
+        };
+        if bundle.trust_domain() != current.bundle.trust_domain() {
+            return Err(StoreError::TrustDomain {
+                want: current.bundle.trust_domain().clone(),
+                got: bundle.trust_domain().clone(),
+            });
+        }
+        if bundle.roots() == current.bundle.roots() {
+            return Ok(());
+        }
+        let chain = &current.certified.cert;
+        if let Err(e) = stepmesh_ca::svid::verify(chain, &bundle, UnixTime::now()) {
+            // Peers verify us with their own bundles; keep serving, but say so.
+            tracing::warn!(error = %e, "our SVID does not chain to the new trust bundle");
+        }
+        let now = super::unix_secs(SystemTime::now()).max(1) as u64;
+        self.roots_changed_at.store(now, Ordering::Release);
+        self.roots_generation.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
+        self.current.store(Some(Arc::new(Current {
+            certified: current.certified.clone(),
+            bundle: Arc::new(bundle),
+            info: current.info.clone(),
+        })));
+        Ok(())
+    }
+
     /// The key and chain to present, if any yet.
     pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
         self.current.load().as_ref().map(|c| c.certified.clone())

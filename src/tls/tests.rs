@@ -317,3 +317,31 @@ async fn verification_cache_is_dropped_when_roots_change() {
     let failed = handshake(&server, &client).await.unwrap_err();
     assert_eq!(failed.server, Some("unknown_issuer"), "{failed:?}");
 }
+
+#[test]
+fn bundle_updates_keep_the_svid_and_bump_the_roots_generation() {
+    let pki = Pki::new("t.test");
+    let store = store(&pki, &pki.leaf(SERVER));
+    let serial = store.info().unwrap().serial;
+    assert_eq!(store.roots_generation(), 0);
+    store.update_bundle(pki.bundle()).unwrap();
+    assert_eq!(store.roots_generation(), 0, "same roots: no change");
+
+    let successor = Pki::new("t.test");
+    let both = stepmesh_ca::svid::TrustBundle::new(
+        pki.bundle().trust_domain().clone(),
+        vec![pki.root.cert.clone(), successor.root.cert.clone()],
+    )
+    .unwrap();
+    store.update_bundle(both).unwrap();
+    assert_eq!(store.roots_generation(), 1);
+    assert_eq!(store.bundle().unwrap().roots().len(), 2);
+    assert_eq!(store.info().unwrap().serial, serial, "the SVID stays");
+
+    let foreign = Pki::new("other.test");
+    assert!(matches!(
+        store.update_bundle(foreign.bundle()),
+        Err(StoreError::TrustDomain { .. })
+    ));
+    assert_eq!(store.bundle().unwrap().roots().len(), 2);
+}
