@@ -255,3 +255,29 @@ fn ca_outage_keeps_serving_and_recovers() {
     let _ = again.kill();
     let _ = again.wait();
 }
+
+#[test]
+fn a_root_added_at_the_ca_reaches_the_sidecar_without_renewal() {
+    let ca = CaProcess::start_with(
+        TD,
+        &[("server-token", SERVER_ID)],
+        &["--poll-interval", "200ms"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let app = echo_server();
+    // A long TTL: any change seen comes from the bundle stream, not a renewal.
+    let mut args = ca_args(&ca, dir.path(), "server-token", "1h");
+    args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    assert_eq!(server.config()["bundle_roots"], 1);
+    let serial = server.config()["serial"].clone();
+
+    let next_root = stepmesh_ca::testing::Pki::new(TD);
+    std::fs::write(ca.state_dir.join("extra-roots.pem"), next_root.bundle_pem()).unwrap();
+    eventually("the new root in the sidecar's bundle", || {
+        (server.config()["bundle_roots"] == 2).then_some(())
+    });
+    assert_eq!(server.config()["serial"], serial, "no renewal was needed");
+    assert_eq!(server.metric(RENEWED), 1.0);
+}

@@ -93,6 +93,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                     "serial": svid.as_ref().map(|s| s.serial.clone()),
                     "not_after": svid.as_ref().map(|s| crate::accesslog::rfc3339(s.not_after)),
                     "trust_domain": store.trust_domain().map(|td| td.to_string()),
+                    "bundle_roots": store.bundle().map(|b| b.roots().len()),
                     "policy_digest": policy.as_ref().map(|p| p.digest().to_owned()),
                     "policy_mode": policy.as_ref().map(|p| format!("{:?}", p.mode()).to_lowercase()),
                     "listeners": infos.get(),
