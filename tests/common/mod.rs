@@ -5,3 +5,4 @@
 
 pub mod ca;
 pub mod mesh;
+pub mod netns;
