@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use common::ca::CaProcess;
-use common::mesh::{eventually, http_get, random_bytes, PATIENCE};
+use common::mesh::{eventually, http_get, metric_value, random_bytes, PATIENCE};
 use common::netns::{check, Link, Netns};
 use rustls::pki_types::PrivateKeyDer;
 use serde_json::Value;
@@ -70,8 +70,8 @@ fn transparent_mtls_between_two_network_namespaces() {
             .args(["init", "--exclude-inbound-ports", &plain]),
     );
 
-    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a");
-    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b");
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &[]);
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", Some("b-policy.yaml"), &[]);
     sidecar_a.wait_ready();
     sidecar_b.wait_ready();
     for sidecar in [&sidecar_a, &sidecar_b] {
@@ -220,6 +220,48 @@ fn transparent_mtls_between_two_network_namespaces() {
     }
 }
 
+/// A connection that was not redirected has no destination but the
+/// listener itself, so it must be closed and counted, never forwarded: the
+/// sidecar (UID 1337, exempt from the rules) would dial its own listener,
+/// which would accept and dial again, and again. Two ways in: a local
+/// process dialling 127.0.0.1:15001 (loopback is never redirected), and a
+/// mesh peer dialling the pod's IP on port 15001 (redirected to 15006,
+/// allowed by the default policy, then dialled by the sidecar unredirected).
+#[test]
+#[ignore = "bug in src/proxy/transparent.rs: original_dst returns the listener's own address for a connection that was not redirected, so the sidecar dials itself in a loop until fds run out (see the netns helper's report)"]
+fn the_sidecar_never_dials_its_own_listener() {
+    let Some(link) = Link::create("smtl", &["iptables", "iptables-restore", "setpriv"]) else {
+        return;
+    };
+    let ca = CaProcess::start(TD, &[("a-token", A_ID), ("b-token", B_ID)]);
+    let files = SidecarFiles::new(&ca);
+    check(link.a.command(&files.bin).arg("init"));
+    check(link.b.command(&files.bin).arg("init"));
+    let limit = ["--max-connections", "64"];
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &limit);
+    // No --policy: inbound allows every SVID of the trust domain.
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", None, &limit);
+    sidecar_a.wait_ready();
+    sidecar_b.wait_ready();
+
+    let mut conn = connect(&link.a, Ipv4Addr::LOCALHOST, 15001);
+    let _ = conn.write_all(b"where am I going?");
+    assert_closed(&mut conn, "a local connection straight to 15001");
+    sidecar_a.assert_refused_once("a local connection straight to 15001");
+
+    let mut conn = connect(&link.a, Link::B_IP, 15001);
+    let _ = conn.write_all(b"and over there?");
+    assert_closed(&mut conn, "a peer's connection to B's port 15001");
+    sidecar_b.assert_refused_once("a peer's connection to B's port 15001");
+
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "a sidecar exited"
+        );
+    }
+}
+
 /// B's policy: A on the app port, only OPS_ID on the denied port, the
 /// rest denied. A's: outbound mTLS by default, plaintext to the control
 /// port, the blocked port denied.
@@ -295,28 +337,32 @@ struct NsSidecar<'a> {
 }
 
 impl<'a> NsSidecar<'a> {
-    fn spawn(ns: &'a Netns, files: &SidecarFiles, name: &str) -> Self {
+    /// `name` picks the SVID files; `policy` a policy file by name (`None`:
+    /// no `--policy`, so inbound allows any SVID of the trust domain).
+    fn spawn(
+        ns: &'a Netns,
+        files: &SidecarFiles,
+        name: &str,
+        policy: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let uid = PROXY_UID.to_string();
-        let mut child = ns
-            .command("setpriv")
-            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+        let mut cmd = ns.command("setpriv");
+        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
             .arg(&files.bin)
-            .args([
-                "--log-format",
-                "json",
-                "proxy",
-                "--transparent",
-                "--admin",
-                ADMIN,
-            ])
+            .args(["--log-format", "json", "proxy", "--transparent"])
+            .args(["--admin", ADMIN])
             .arg("--cert")
             .arg(files.path(&format!("{name}.crt")))
             .arg("--key")
             .arg(files.path(&format!("{name}.key")))
             .arg("--bundle")
-            .arg(files.path(&format!("{name}-bundle.pem")))
-            .arg("--policy")
-            .arg(files.path(&format!("{name}-policy.yaml")))
+            .arg(files.path(&format!("{name}-bundle.pem")));
+        if let Some(policy) = policy {
+            cmd.arg("--policy").arg(files.path(policy));
+        }
+        let mut child = cmd
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -358,6 +404,37 @@ impl<'a> NsSidecar<'a> {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Exactly one outbound connection was closed for want of an original
+    /// destination, none is open, and none was forwarded (a loop would
+    /// count many, hit the connection limit and log line after line).
+    fn assert_refused_once(&self, what: &str) {
+        let errors =
+            r#"stepmesh_connection_errors_total{direction="outbound",reason="original_dst"}"#;
+        let open = r#"stepmesh_connections_open{direction="outbound"}"#;
+        let limit = r#"stepmesh_connections_rejected_total{direction="outbound",reason="connection_limit"}"#;
+        eventually(&format!("{what}: closed as not redirected"), || {
+            let metrics = self.get("/metrics");
+            let counted = metric_value(&metrics, errors) == 1.0;
+            (counted && metric_value(&metrics, open) == 0.0).then_some(metrics)
+        });
+        let metrics = self.get("/metrics");
+        assert_eq!(metric_value(&metrics, errors), 1.0, "{what}:\n{metrics}");
+        assert_eq!(
+            metric_value(&metrics, limit),
+            0.0,
+            "{what}: the sidecar dialled itself:\n{metrics}"
+        );
+        let forwarded = self
+            .access_log()
+            .into_iter()
+            .filter(|l| l["direction"] == "outbound")
+            .count();
+        assert!(
+            forwarded <= 1,
+            "{what}: {forwarded} outbound access-log lines"
+        );
+    }
+
     fn access_log(&self) -> Vec<Value> {
         let lines = self.access.lock().unwrap();
         lines
@@ -382,26 +459,19 @@ impl Drop for NsSidecar<'_> {
 struct Capture {
     child: Child,
     pcap: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Capture {
     /// Starts capturing TCP on `dev` and waits until tcpdump says it listens.
+    /// The 64 MiB ring (`-B`, in KiB) holds the whole test's traffic, so a
+    /// busy machine that is slow to run tcpdump does not make it drop.
     fn start(ns: &Netns, dev: &str) -> Self {
         let mut child = ns
             .command("tcpdump")
-            .args([
-                "-i",
-                dev,
-                "-n",
-                "-U",
-                "--immediate-mode",
-                "-s",
-                "0",
-                "-w",
-                "-",
-                "tcp",
-            ])
+            .args(["-i", dev, "-n", "-U", "--immediate-mode", "-B", "65536"])
+            .args(["-s", "0", "-w", "-", "tcp"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -420,19 +490,24 @@ impl Capture {
         let mut capture = Self {
             child,
             pcap,
+            stderr,
             reader: Some(reader),
         };
         eventually("tcpdump to listen", || {
             if let Some(status) = capture.child.try_wait().unwrap() {
-                panic!("tcpdump exited: {status}: {:?}", stderr.lock().unwrap());
+                panic!(
+                    "tcpdump exited: {status}: {:?}",
+                    capture.stderr.lock().unwrap()
+                );
             }
-            let lines = stderr.lock().unwrap();
-            lines
-                .iter()
-                .any(|l| l.contains("listening on"))
-                .then_some(())
+            capture.stderr_line("listening on").map(|_| ())
         });
         capture
+    }
+
+    fn stderr_line(&self, pattern: &str) -> Option<String> {
+        let lines = self.stderr.lock().unwrap();
+        lines.iter().find(|l| l.contains(pattern)).cloned()
     }
 
     /// Waits until `needle` shows up in the captured bytes.
@@ -442,13 +517,22 @@ impl Capture {
         });
     }
 
-    /// Stops tcpdump (SIGINT: it flushes) and returns the whole pcap.
+    /// Stops tcpdump (SIGINT: it flushes and prints its statistics) and
+    /// returns the whole pcap, asserting the kernel dropped no packet: a
+    /// dropped packet could have held the plaintext we look for.
     fn stop(mut self) -> Vec<u8> {
         check(Command::new("kill").args(["-INT", &self.child.id().to_string()]));
         let _ = self.child.wait();
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
+        let dropped = eventually("tcpdump's statistics", || {
+            self.stderr_line("packets dropped by kernel")
+        });
+        assert!(
+            dropped.starts_with("0 "),
+            "the capture is incomplete, nothing can be concluded from it: {dropped}"
+        );
         std::mem::take(&mut *self.pcap.lock().unwrap())
     }
 }
