@@ -16,15 +16,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use common::ca::CaProcess;
+use common::capture::{collect_lines, find_bytes, Capture};
 use common::mesh::{eventually, http_get, metric_value, random_bytes, PATIENCE};
 use common::netns::{check, Link, Netns};
 use rustls::pki_types::PrivateKeyDer;
@@ -45,7 +46,7 @@ const DENIED_PORT: u16 = 9090;
 const PLAIN_PORT: u16 = 7070;
 /// A's outbound rules deny this destination.
 const BLOCKED_PORT: u16 = 6000;
-/// B's admin address, inside each namespace.
+/// Each sidecar's admin address (every namespace has its own loopback).
 const ADMIN: &str = "127.0.0.1:15020";
 
 #[test]
@@ -126,8 +127,9 @@ fn transparent_mtls_between_two_network_namespaces() {
     );
 
     // 2. Control: plaintext through A's passthrough rule to B's excluded
-    //    port. Once the capture holds this marker it has seen everything
-    //    sent before it on the veth, so the absence of the secrets is real.
+    //    port. Once the capture holds this marker it holds everything sent
+    //    before it on the veth (and `stop` checks tcpdump dropped nothing),
+    //    so the absence of the secrets is real.
     let control = format!("STEPMESH-CONTROL-{:032x}", fastrand::u128(..));
     let got = answer_once(listen(&link.b, PLAIN_PORT), Vec::new());
     exchange(&link.a, b_ip, PLAIN_PORT, control.as_bytes()).unwrap();
@@ -142,7 +144,7 @@ fn transparent_mtls_between_two_network_namespaces() {
     let pcap = capture.stop();
     for marker in [&secret, &secret_reply] {
         assert!(
-            find(&pcap, marker.as_bytes()).is_none(),
+            find_bytes(&pcap, marker.as_bytes()).is_none(),
             "plaintext {marker} on the veth"
         );
     }
@@ -158,7 +160,7 @@ fn transparent_mtls_between_two_network_namespaces() {
         .any(|w| w[..3] == [0x16, 0x03, 0x01] && w[5] == 0x01);
     assert!(hello, "no TLS ClientHello in the capture");
     assert!(
-        find(&pcap, &[0x17, 0x03, 0x03]).is_some(),
+        find_bytes(&pcap, &[0x17, 0x03, 0x03]).is_some(),
         "no TLS application data in the capture"
     );
 
@@ -455,113 +457,6 @@ impl Drop for NsSidecar<'_> {
     }
 }
 
-/// tcpdump on one interface of a namespace, the pcap streamed into memory.
-struct Capture {
-    child: Child,
-    pcap: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl Capture {
-    /// Starts capturing TCP on `dev` and waits until tcpdump says it listens.
-    /// The 64 MiB ring (`-B`, in KiB) holds the whole test's traffic, so a
-    /// busy machine that is slow to run tcpdump does not make it drop.
-    fn start(ns: &Netns, dev: &str) -> Self {
-        let mut child = ns
-            .command("tcpdump")
-            .args(["-i", dev, "-n", "-U", "--immediate-mode", "-B", "65536"])
-            .args(["-s", "0", "-w", "-", "tcp"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = collect_lines(child.stderr.take().unwrap(), Some("[tcpdump]".into()));
-        let mut stdout = child.stdout.take().unwrap();
-        let pcap = Arc::new(Mutex::new(Vec::new()));
-        let sink = pcap.clone();
-        let reader = thread::spawn(move || {
-            let mut buf = vec![0; 64 << 10];
-            while let Ok(n @ 1..) = stdout.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let mut capture = Self {
-            child,
-            pcap,
-            stderr,
-            reader: Some(reader),
-        };
-        eventually("tcpdump to listen", || {
-            if let Some(status) = capture.child.try_wait().unwrap() {
-                panic!(
-                    "tcpdump exited: {status}: {:?}",
-                    capture.stderr.lock().unwrap()
-                );
-            }
-            capture.stderr_line("listening on").map(|_| ())
-        });
-        capture
-    }
-
-    fn stderr_line(&self, pattern: &str) -> Option<String> {
-        let lines = self.stderr.lock().unwrap();
-        lines.iter().find(|l| l.contains(pattern)).cloned()
-    }
-
-    /// Waits until `needle` shows up in the captured bytes.
-    fn wait_for(&self, needle: &[u8]) {
-        eventually("the control marker in the capture", || {
-            find(&self.pcap.lock().unwrap(), needle).map(|_| ())
-        });
-    }
-
-    /// Stops tcpdump (SIGINT: it flushes and prints its statistics) and
-    /// returns the whole pcap, asserting the kernel dropped no packet: a
-    /// dropped packet could have held the plaintext we look for.
-    fn stop(mut self) -> Vec<u8> {
-        check(Command::new("kill").args(["-INT", &self.child.id().to_string()]));
-        let _ = self.child.wait();
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        let dropped = eventually("tcpdump's statistics", || {
-            self.stderr_line("packets dropped by kernel")
-        });
-        assert!(
-            dropped.starts_with("0 "),
-            "the capture is incomplete, nothing can be concluded from it: {dropped}"
-        );
-        std::mem::take(&mut *self.pcap.lock().unwrap())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Lines of `pipe`, collected by a thread (and echoed with `echo` as prefix).
-fn collect_lines(
-    pipe: impl Read + Send + 'static,
-    echo: Option<String>,
-) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if let Some(prefix) = &echo {
-                eprintln!("{prefix} {line}");
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
 /// `data` with `marker` written at its start, middle and end.
 fn with_marker(mut data: Vec<u8>, marker: &str) -> Vec<u8> {
     let m = marker.as_bytes();
@@ -569,10 +464,6 @@ fn with_marker(mut data: Vec<u8>, marker: &str) -> Vec<u8> {
         data[at..at + m.len()].copy_from_slice(m);
     }
     data
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A listener on 0.0.0.0:`port` inside `ns`.
