@@ -20,7 +20,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
@@ -278,8 +278,9 @@ fn policies(b_ip: Ipv4Addr) -> (String, String) {
 }
 
 /// What the sidecars read, owned by the proxy UID in a directory it can
-/// enter: the binary (the build tree may be closed to UID 1337), SVIDs
-/// issued by the real CA (keys 0600), bundles, policies.
+/// enter: SVIDs issued by the real CA (keys 0600), bundles, policies; and
+/// the binary, copied there when UID 1337 cannot run the built one (a
+/// build tree under /root, say).
 struct SidecarFiles {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -288,11 +289,23 @@ struct SidecarFiles {
 impl SidecarFiles {
     fn new(ca: &CaProcess) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let files = Self {
-            bin: dir.path().join("stepmesh"),
-            dir,
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_stepmesh"));
+        let uid = PROXY_UID.to_string();
+        let runnable = Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(&built)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let bin = if runnable {
+            built
+        } else {
+            let copy = dir.path().join("stepmesh");
+            std::fs::copy(&built, &copy).unwrap();
+            chown(&copy, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+            copy
         };
-        std::fs::copy(env!("CARGO_BIN_EXE_stepmesh"), &files.bin).unwrap();
+        let files = Self { bin, dir };
         let rt = tokio::runtime::Runtime::new().unwrap();
         for (name, token) in [("a", "a-token"), ("b", "b-token")] {
             let svid = rt.block_on(ca.issue(token));
@@ -311,9 +324,7 @@ impl SidecarFiles {
         let (policy_a, policy_b) = policies(Link::B_IP);
         files.write("a-policy.yaml", &policy_a, 0o644);
         files.write("b-policy.yaml", &policy_b, 0o644);
-        for path in [files.dir.path(), &files.bin] {
-            chown(path, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-        }
+        chown(files.dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
         std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         files
     }
