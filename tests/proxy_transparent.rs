@@ -230,7 +230,6 @@ fn transparent_mtls_between_two_network_namespaces() {
 /// mesh peer dialling the pod's IP on port 15001 (redirected to 15006,
 /// allowed by the default policy, then dialled by the sidecar unredirected).
 #[test]
-#[ignore = "bug in src/proxy/transparent.rs: original_dst returns the listener's own address for a connection that was not redirected, so the sidecar dials itself in a loop until fds run out (see the netns helper's report)"]
 fn the_sidecar_never_dials_its_own_listener() {
     let Some(link) = Link::create("smtl", &["iptables", "iptables-restore", "setpriv"]) else {
         return;
