@@ -74,7 +74,7 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
             ),
         ] {
             header(n, title);
-            println!("      NOT AVAILABLE in this build: the sidecar refused the step-up policy ({reason})");
+            println!("      NOT AVAILABLE: step-up is not available in this build ({reason})");
             println!("  step {n}: not available");
             outcomes.push(Outcome::NotAvailable);
         }
@@ -198,8 +198,8 @@ fn verdict(n: usize, expected: &str, ok: bool, answer: &Answer) -> Outcome {
     }
 }
 
-/// The payments sidecar's access-log line about `who`, waiting a little
-/// for it to be written.
+/// The payments sidecar's JSON access-log line (on its stdout) denying
+/// `who`, waiting a little for it to be written.
 async fn access_log_line(mesh: &Mesh, who: &str) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -207,7 +207,7 @@ async fn access_log_line(mesh: &Mesh, who: &str) -> Option<String> {
         let found = log
             .lines()
             .rev()
-            .find(|l| l.contains(who) && (l.contains("deny") || l.contains("denied")));
+            .find(|l| l.starts_with('{') && l.contains(who) && l.contains(r#""decision":"deny""#));
         if let Some(line) = found {
             return Some(line.to_owned());
         }
