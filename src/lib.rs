@@ -11,4 +11,5 @@ pub mod init;
 pub mod inject;
 pub mod policy;
 pub mod proxy;
+pub mod stepup;
 pub mod telemetry;
