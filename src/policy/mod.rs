@@ -8,6 +8,7 @@ mod cmd;
 mod compile;
 mod decide;
 mod model;
+pub mod netpol;
 mod spiffe;
 mod units;
 mod watch;
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use cmd::{run, PolicyCommand};
+pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
