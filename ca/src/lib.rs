@@ -2,7 +2,12 @@
 //! validation, trust bundles, credential verification and the gRPC CA.
 //!
 //! The sidecar (`stepmesh` crate) uses [`spiffe_id`] and [`svid`] in its TLS
-//! verifiers and [`client`] to obtain its SVID; `stepmesh ca serve` runs
-//! [`server`].
+//! verifiers and `client` to obtain its SVID; `stepmesh ca serve` runs
+//! `server`.
 
+pub mod pem;
 pub mod proto;
+pub mod spiffe_id;
+pub mod svid;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
