@@ -9,7 +9,6 @@ mod compile;
 mod decide;
 mod model;
 pub mod netpol;
-mod spiffe;
 mod units;
 mod watch;
 
@@ -20,7 +19,7 @@ use std::time::Duration;
 pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
-pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
+pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use units::Cidr;
 pub use watch::PolicyWatch;
 
