@@ -7,6 +7,7 @@ pub mod ca_cmd;
 pub mod cert_cmd;
 pub mod cli;
 pub mod demo;
+pub mod http;
 pub mod init;
 pub mod inject;
 pub mod policy;
