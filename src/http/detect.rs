@@ -91,6 +91,32 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(Detected, By
     }
 }
 
+/// Peeks (without consuming) at a plaintext socket's first bytes until they
+/// classify, EOF, or `wait` passes; a silent client (a server-speaks-first
+/// protocol) is `Opaque` after `wait`.
+pub async fn peek(tcp: &tokio::net::TcpStream, wait: std::time::Duration) -> Detected {
+    let look = async {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match tcp.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Detected::Opaque,
+                Ok(n) => n,
+            };
+            match classify(&buf[..n]) {
+                // A request line longer than the buffer: the method and a
+                // space were seen, which is enough to try HTTP.
+                Detected::NeedMore if n == buf.len() => return Detected::Http1,
+                // peek returns at once while bytes wait: pause for more.
+                Detected::NeedMore => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+                d => return d,
+            }
+        }
+    };
+    tokio::time::timeout(wait, look)
+        .await
+        .unwrap_or(Detected::Opaque)
+}
+
 pin_project_lite::pin_project! {
     /// An I/O whose first reads replay bytes already consumed by detection.
     #[derive(Debug)]
@@ -194,5 +220,32 @@ mod tests {
         let mut all = Vec::new();
         p.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET /x HTTP/1.1\r\n\r\nrest");
+    }
+
+    #[tokio::test]
+    async fn peeks_without_consuming() {
+        use tokio::io::AsyncWriteExt;
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        for (sent, want) in [
+            (&b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"[..], Detected::Http1),
+            (H2_PREFACE, Detected::Http2),
+            (&b"\x16\x03\x01"[..], Detected::Opaque),
+        ] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            client.write_all(sent).await.unwrap();
+            assert_eq!(peek(&server, wait).await, want);
+            let mut got = vec![0; sent.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, sent, "peek consumed nothing");
+        }
+        // A silent client: opaque once the wait is over.
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let d = peek(&server, std::time::Duration::from_millis(100)).await;
+        assert_eq!(d, Detected::Opaque);
     }
 }
