@@ -2,14 +2,20 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use stepmesh_ca::ratelimit::RateLimit;
+use stepmesh_ca::server::{self, CaConfig};
+use stepmesh_ca::spiffe_id::TrustDomain;
+use stepmesh_ca::store::Mode;
 
 /// `stepmesh ca` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Serve the gRPC certificate authority.
-    Serve(CaServeArgs),
+    Serve(Box<CaServeArgs>),
 }
 
 /// Flags of `stepmesh ca serve`.
@@ -23,15 +29,210 @@ pub struct CaServeArgs {
     pub admin: SocketAddr,
     /// Trust domain of every issued SPIFFE ID.
     #[arg(long, default_value = "cluster.local", env = "STEPMESH_TRUST_DOMAIN")]
-    pub trust_domain: String,
+    pub trust_domain: TrustDomain,
     /// Directory holding the root key (0600) and bundle.pem.
     #[arg(long, env = "STEPMESH_CA_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// Sign under this intermediate (PEM) instead of a self-made root.
+    #[arg(long, requires_all = ["intermediate_key", "root_bundle"], env = "STEPMESH_CA_INTERMEDIATE_CERT")]
+    pub intermediate_cert: Option<PathBuf>,
+    /// The intermediate's PKCS#8 PEM private key (mode 0600).
+    #[arg(
+        long,
+        requires = "intermediate_cert",
+        env = "STEPMESH_CA_INTERMEDIATE_KEY"
+    )]
+    pub intermediate_key: Option<PathBuf>,
+    /// Roots of the outside PKI, served as the trust bundle (re-read on change).
+    #[arg(long, requires = "intermediate_cert", env = "STEPMESH_CA_ROOT_BUNDLE")]
+    pub root_bundle: Option<PathBuf>,
+    /// Service-account issuer keys: a JWKS file or the issuer's /openid/v1/jwks URL.
+    #[arg(long, requires = "k8s_issuer", env = "STEPMESH_CA_K8S_JWKS")]
+    pub k8s_jwks: Option<String>,
+    /// Expected `iss` of service-account tokens.
+    #[arg(long, env = "STEPMESH_CA_K8S_ISSUER")]
+    pub k8s_issuer: Option<String>,
+    /// CA file to verify a JWKS URL (default: the in-cluster CA).
+    #[arg(long, env = "STEPMESH_CA_K8S_JWKS_CA")]
+    pub k8s_jwks_ca: Option<PathBuf>,
+    /// Bearer token file sent when fetching a JWKS URL.
+    #[arg(long, env = "STEPMESH_CA_K8S_JWKS_TOKEN_FILE")]
+    pub k8s_jwks_token_file: Option<PathBuf>,
+    /// API server URL for the TokenReview API.
+    #[arg(long, env = "STEPMESH_CA_K8S_TOKENREVIEW")]
+    pub k8s_tokenreview: Option<String>,
+    /// The CA's own token for TokenReview (default: the in-cluster token).
+    #[arg(long, env = "STEPMESH_CA_K8S_TOKENREVIEW_TOKEN_FILE")]
+    pub k8s_tokenreview_token_file: Option<PathBuf>,
+    /// CA file of the API server (default: the in-cluster CA).
+    #[arg(long, env = "STEPMESH_CA_K8S_TOKENREVIEW_CA")]
+    pub k8s_tokenreview_ca: Option<PathBuf>,
+    /// Join-token file: `<token> <spiffe-id>` lines, `#` comments (re-read on change).
+    #[arg(long, env = "STEPMESH_CA_JOIN_TOKENS")]
+    pub join_tokens: Option<PathBuf>,
+    /// Audience every token must carry.
+    #[arg(long, default_value = "stepmesh-ca", env = "STEPMESH_CA_AUDIENCE")]
+    pub audience: String,
+    /// SVID lifetime when the request asks none (e.g. 24h, 90m).
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "STEPMESH_CA_DEFAULT_TTL")]
+    pub default_ttl: Duration,
+    /// Longest SVID lifetime granted.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "STEPMESH_CA_MAX_TTL")]
+    pub max_ttl: Duration,
+    /// Extra DNS name of the CA's serving certificate (repeatable), e.g. the
+    /// Service's cluster DNS name.
+    #[arg(
+        long = "dns-name",
+        env = "STEPMESH_CA_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub dns_names: Vec<String>,
+    /// Sustained signings per second allowed per identity (0 = no limit).
+    #[arg(long, default_value_t = 1.0, env = "STEPMESH_CA_SIGN_RATE")]
+    pub sign_rate: f64,
+    /// Signings per identity allowed at once.
+    #[arg(long, default_value_t = 20, env = "STEPMESH_CA_SIGN_BURST")]
+    pub sign_burst: u32,
+    /// How often the bundle sources and join-token file are re-read.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
+    pub poll_interval: Duration,
+}
+
+impl CaServeArgs {
+    /// The server configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<CaConfig> {
+        let mut c = CaConfig::new(self.trust_domain.clone(), self.state_dir.clone());
+        c.listen = self.listen;
+        c.admin = self.admin;
+        if let (Some(cert), Some(key), Some(root_bundle)) = (
+            &self.intermediate_cert,
+            &self.intermediate_key,
+            &self.root_bundle,
+        ) {
+            c.mode = Mode::Intermediate {
+                cert: cert.clone(),
+                key: key.clone(),
+                root_bundle: root_bundle.clone(),
+            };
+        }
+        c.k8s_jwks.clone_from(&self.k8s_jwks);
+        c.k8s_issuer.clone_from(&self.k8s_issuer);
+        c.k8s_jwks_ca.clone_from(&self.k8s_jwks_ca);
+        c.k8s_jwks_token_file.clone_from(&self.k8s_jwks_token_file);
+        c.k8s_tokenreview.clone_from(&self.k8s_tokenreview);
+        c.k8s_tokenreview_token_file
+            .clone_from(&self.k8s_tokenreview_token_file);
+        c.k8s_tokenreview_ca.clone_from(&self.k8s_tokenreview_ca);
+        c.join_tokens.clone_from(&self.join_tokens);
+        c.audience.clone_from(&self.audience);
+        if self.default_ttl > self.max_ttl {
+            anyhow::bail!(
+                "--default-ttl ({:?}) is longer than --max-ttl ({:?})",
+                self.default_ttl,
+                self.max_ttl
+            );
+        }
+        c.default_ttl = self.default_ttl;
+        c.max_ttl = self.max_ttl;
+        c.dns_names.clone_from(&self.dns_names);
+        if !(self.sign_rate >= 0.0 && self.sign_rate.is_finite()) {
+            anyhow::bail!("--sign-rate must be a number >= 0, got {}", self.sign_rate);
+        }
+        c.rate_limit = RateLimit {
+            per_second: self.sign_rate,
+            burst: self.sign_burst,
+        };
+        c.poll_interval = self.poll_interval.max(Duration::from_millis(50));
+        Ok(c)
+    }
+}
+
+/// Parses `90s`, `15m`, `24h`, `7d`, `500ms` or a sum like `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 30s, 15m, 24h, 7d or 1h30m");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 /// Runs a `stepmesh ca` subcommand.
 pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
-        CaCommand::Serve(args) => anyhow::bail!("ca serve is not built yet ({args:?})"),
+        CaCommand::Serve(args) => serve(*args).await,
+    }
+}
+
+async fn serve(args: CaServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let ca = server::start(config).await.context("starting the CA")?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    ca.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("30s", 30),
+            ("15m", 900),
+            ("24h", 86_400),
+            ("7d", 604_800),
+            ("1h30m", 5_400),
+        ];
+        for (s, secs) in cases {
+            assert_eq!(parse_duration(s).unwrap(), Duration::from_secs(secs), "{s}");
+        }
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        for bad in ["", "h", "10", "10x", "-5s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -5,9 +5,21 @@
 //! verifiers and `client` to obtain its SVID; `stepmesh ca serve` runs
 //! `server`.
 
+pub mod admin;
+pub mod authn;
+pub mod client;
+mod conn;
+pub mod metrics;
 pub mod pem;
 pub mod proto;
+pub mod ratelimit;
+pub mod server;
+pub mod service;
+pub mod signer;
 pub mod spiffe_id;
+pub mod store;
 pub mod svid;
+mod tasks;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod tls;

@@ -1,16 +1,143 @@
-//! Sidecar injection: the admission webhook and offline injection.
+//! Sidecar injection: the admission webhook (`inject serve`) and the same
+//! mutation offline (`inject -f FILE`). Decoding ([`review`]) is kept apart
+//! from the pure pod mutation ([`mutate`]).
 
-use clap::Args;
+pub mod config;
+pub mod metrics;
+pub mod mutate;
+pub mod offline;
+pub mod overrides;
+pub mod patch;
+pub mod review;
+pub mod server;
+pub mod template;
+pub mod tls;
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+use self::config::InjectorConfig;
 
 /// Flags of `stepmesh inject`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct InjectArgs {
-    /// Inject offline into the objects of this YAML file (`-` for stdin).
+    /// Run the admission webhook.
+    #[command(subcommand)]
+    pub command: Option<InjectCommand>,
+    /// Inject offline into the objects of this YAML file (`-` for stdin) and
+    /// print the result.
     #[arg(short = 'f', long)]
-    pub file: Option<std::path::PathBuf>,
+    pub file: Option<PathBuf>,
+    /// Injector configuration file (YAML; defaults for every field).
+    #[arg(long, global = true, env = "STEPMESH_INJECT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Subcommands of `stepmesh inject`.
+#[derive(Debug, Subcommand)]
+pub enum InjectCommand {
+    /// The HTTPS mutating admission webhook on /inject.
+    Serve(ServeArgs),
+}
+
+/// Flags of `stepmesh inject serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8443", env = "STEPMESH_INJECT_LISTEN")]
+    pub listen: SocketAddr,
+    /// Serving certificate chain (PEM; reloaded when it changes).
+    #[arg(long, env = "STEPMESH_INJECT_CERT")]
+    pub cert: PathBuf,
+    /// Serving private key (PEM; reloaded when it changes).
+    #[arg(long, env = "STEPMESH_INJECT_KEY")]
+    pub key: PathBuf,
+    /// How often the certificate files are checked, e.g. `2s` or `500ms`.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// Largest request body accepted (bytes); the API server sends at most ~3 MiB.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
 }
 
 /// Runs the webhook or offline injection.
 pub async fn run(args: InjectArgs) -> anyhow::Result<()> {
-    anyhow::bail!("inject is not built yet ({args:?})")
+    let config = InjectorConfig::load(args.config.as_deref())?;
+    match (args.command, args.file) {
+        (Some(InjectCommand::Serve(serve)), _) => run_server(serve, config).await,
+        (None, Some(file)) => run_offline(&file, &config),
+        (None, None) => anyhow::bail!("give -f FILE (or -f - for stdin), or `serve`"),
+    }
+}
+
+fn run_offline(file: &std::path::Path, config: &InjectorConfig) -> anyhow::Result<()> {
+    let input = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let (output, reports) = offline::inject_yaml(&input, config)?;
+    for r in reports {
+        eprintln!("{} {}", r.object, r.action);
+    }
+    print!("{output}");
+    Ok(())
+}
+
+async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<()> {
+    let cert = tls::ReloadingCert::load(&args.cert, &args.key)?;
+    let tls_config = tls::server_config(cert.clone())?;
+    let server = server::Server::bind(args.listen, tls_config, config, args.max_body_bytes)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = server.local_addr()?;
+    tokio::spawn(cert.watch(args.reload_interval));
+    tracing::info!(%addr, "injector webhook listening on /inject");
+    // Tests and scripts read the bound port from this line.
+    println!("listening on {addr}");
+    server.run(shutdown_signal()).await;
+    tracing::info!("injector stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+/// `500ms`, `2s`, `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("{s:?}: add a unit (ms, s, m)"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: not a duration"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }

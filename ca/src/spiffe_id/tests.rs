@@ -120,3 +120,59 @@ fn patterns() {
         assert!(SpiffeIdPattern::parse(bad).is_err(), "{bad:?} accepted");
     }
 }
+
+/// Random inputs built from the characters that matter: parsing never
+/// panics, and whatever is accepted satisfies every rule and round-trips.
+#[test]
+fn random_inputs_uphold_the_invariants() {
+    const ALPHABET: &[u8] = b"spiffe:/abcAZ09.-_%?#@:/// ..";
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let len = (next() % 40) as usize;
+        let body: String = (0..len)
+            .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize] as char)
+            .collect();
+        let input = if next() % 2 == 0 {
+            format!("spiffe://{body}")
+        } else {
+            body
+        };
+        let Ok(id) = SpiffeId::parse(&input) else {
+            continue;
+        };
+        accepted += 1;
+        assert_eq!(id.as_str(), input);
+        assert_eq!(SpiffeId::parse(id.as_str()).unwrap(), id);
+        let td = id.trust_domain().as_str();
+        assert!(!td.is_empty());
+        assert!(td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)));
+        if !id.path().is_empty() {
+            for seg in id.path()[1..].split('/') {
+                assert!(!seg.is_empty() && seg != "." && seg != "..", "{input}");
+                assert!(
+                    seg.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+                    "{input}"
+                );
+            }
+        }
+        let pattern = SpiffeIdPattern::parse(&format!("{id}/*")).unwrap();
+        assert!(
+            !pattern.matches(&id),
+            "a prefix pattern never matches its own root"
+        );
+    }
+    assert!(
+        accepted > 100,
+        "the generator should hit valid IDs too ({accepted})"
+    );
+}

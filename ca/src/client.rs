@@ -1,0 +1,360 @@
+//! What the sidecar calls to get its SVID: a key made in memory, a CSR,
+//! `Sign` with the credential over TLS 1.3 (the CA verified with the bundle
+//! alone), and a check of the answer — the chain must validate to the trust
+//! bundle and carry the identity we expect.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::v1 as pb;
+use crate::proto::v1::certificate_authority_client::CertificateAuthorityClient;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::{self, TrustBundle};
+
+mod connect;
+
+use connect::{bracket, parse_target, Target, TlsConnector};
+
+/// How long connecting to the CA may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one RPC may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call to the CA failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Bad address or bundle given to `connect`.
+    #[error("CA client configuration: {0}")]
+    Config(String),
+    /// The CA answered with an error status (or could not be reached).
+    #[error("CA {code:?}: {message}")]
+    Rpc {
+        /// The gRPC code (`Unauthenticated`, `PermissionDenied`, `Unavailable`, ...).
+        code: tonic::Code,
+        /// The CA's message.
+        message: String,
+    },
+    /// The CA answered, but the answer does not check out.
+    #[error("CA answer refused: {0}")]
+    BadAnswer(String),
+    /// The key or CSR could not be made.
+    #[error("making the key or CSR: {0}")]
+    Key(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Rpc {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// How the caller proves who it is.
+pub enum Credential {
+    /// A bearer token: projected ServiceAccount token or join token.
+    Token(String),
+    /// A still-valid SVID, presented as the TLS client certificate (renewal).
+    Svid {
+        /// Leaf first.
+        chain: Vec<CertificateDer<'static>>,
+        /// The leaf's key.
+        key: PrivateKeyDer<'static>,
+    },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a token or a key.
+        match self {
+            Self::Token(_) => f.write_str("Credential::Token(<redacted>)"),
+            Self::Svid { chain, .. } => {
+                write!(f, "Credential::Svid({} certs, <key redacted>)", chain.len())
+            }
+        }
+    }
+}
+
+/// A freshly issued SVID; the key exists only in this value.
+#[derive(Debug)]
+pub struct IssuedSvid {
+    /// The identity the CA certified.
+    pub id: SpiffeId,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key, made in this process and never sent anywhere.
+    pub key: PrivateKeyDer<'static>,
+    /// The trust bundle the CA sent with it.
+    pub bundle: TrustBundle,
+    /// The leaf's notAfter.
+    pub not_after: SystemTime,
+    /// The leaf's serial, lower-case hex.
+    pub serial: String,
+}
+
+/// One trust bundle as the CA publishes it.
+#[derive(Debug, Clone)]
+pub struct BundleUpdate {
+    /// The roots.
+    pub bundle: TrustBundle,
+    /// Increases by one on every change.
+    pub sequence: u64,
+}
+
+/// A client of one CA.
+#[derive(Clone)]
+pub struct CaClient {
+    endpoint: Endpoint,
+    target: Target,
+    roots: Arc<rustls::RootCertStore>,
+    channel: Channel,
+    expect_td: Option<TrustDomain>,
+    expect_id: Option<SpiffeId>,
+}
+
+impl CaClient {
+    /// A client of the CA at `addr` (`host:port`, optionally `https://`),
+    /// trusting only the roots of `bundle_pem`. Connects lazily (the CA may
+    /// be down now); must be called inside a Tokio runtime.
+    pub fn connect(addr: &str, bundle_pem: &str) -> Result<Self, ClientError> {
+        let target = parse_target(addr)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+            let cert = cert.map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Config("CA bundle holds no certificate".into()));
+        }
+        let uri = format!("https://{}:{}", bracket(&target.host), target.port);
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| ClientError::Config(format!("CA address {uri}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let roots = Arc::new(roots);
+        let connector = TlsConnector::new(target.clone(), roots.clone(), None)?;
+        let channel = endpoint.connect_with_connector_lazy(connector);
+        Ok(Self {
+            endpoint,
+            target,
+            roots,
+            channel,
+            expect_td: None,
+            expect_id: None,
+        })
+    }
+
+    /// Refuses SVIDs of any other trust domain.
+    pub fn expect_trust_domain(mut self, td: TrustDomain) -> Self {
+        self.expect_td = Some(td);
+        self
+    }
+
+    /// Refuses SVIDs for any other identity (and asks for this one in the CSR).
+    pub fn expect_id(mut self, id: SpiffeId) -> Self {
+        self.expect_td = Some(id.trust_domain().clone());
+        self.expect_id = Some(id);
+        self
+    }
+
+    /// Gets an SVID: key and CSR made here, signed by the CA for the
+    /// identity `cred` proves, checked before it is returned.
+    pub async fn issue(
+        &self,
+        cred: &Credential,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedSvid, ClientError> {
+        // A renewal must keep the identity of the SVID it presents.
+        let renewing = match cred {
+            Credential::Svid { chain, .. } => Some(leaf_id(chain)?),
+            Credential::Token(_) => None,
+        };
+        let expect_id = self.expect_id.clone().or(renewing);
+        let key = KeyPair::generate().map_err(|e| ClientError::Key(e.to_string()))?;
+        let csr_pem = make_csr(&key, expect_id.as_ref())?;
+        let mut request = tonic::Request::new(pb::SignRequest {
+            csr_pem,
+            ttl_seconds: ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
+        });
+        let channel = match cred {
+            Credential::Token(token) => {
+                let value = format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| ClientError::Config("token is not a valid header value".into()))?;
+                request.metadata_mut().insert("authorization", value);
+                self.channel.clone()
+            }
+            Credential::Svid { chain, key } => {
+                let connector = TlsConnector::new(
+                    self.target.clone(),
+                    self.roots.clone(),
+                    Some((chain.clone(), key.clone_key())),
+                )?;
+                self.endpoint.connect_with_connector_lazy(connector)
+            }
+        };
+        let answer = with_timeout(CertificateAuthorityClient::new(channel).sign(request))
+            .await?
+            .into_inner();
+        self.check_answer(answer, key, expect_id.as_ref())
+    }
+
+    fn check_answer(
+        &self,
+        answer: pb::SignResponse,
+        key: KeyPair,
+        expect_id: Option<&SpiffeId>,
+    ) -> Result<IssuedSvid, ClientError> {
+        let bad = |m: String| ClientError::BadAnswer(m);
+        let mut chain = Vec::with_capacity(answer.cert_chain_pem.len());
+        for pem in &answer.cert_chain_pem {
+            chain.push(
+                CertificateDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| bad(format!("chain: {e}")))?,
+            );
+        }
+        let id = leaf_id(&chain)?;
+        let td = self
+            .expect_td
+            .clone()
+            .unwrap_or_else(|| id.trust_domain().clone());
+        // The bundle came over a TLS session authenticated by the roots we
+        // already trust, so it is as trustworthy as they are.
+        let bundle =
+            TrustBundle::from_pem(td, &answer.trust_bundle_pem).map_err(|e| bad(e.to_string()))?;
+        let verified = svid::verify(&chain, &bundle, UnixTime::now())
+            .map_err(|e| bad(format!("issued SVID: {e}")))?;
+        if let Some(want) = expect_id {
+            if verified.id != *want {
+                return Err(bad(format!(
+                    "CA issued {} but {want} was expected",
+                    verified.id
+                )));
+            }
+        }
+        if !leaf_key_matches(&chain[0], &key) {
+            return Err(bad("issued certificate is not for our key".into()));
+        }
+        Ok(IssuedSvid {
+            id: verified.id,
+            chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            bundle,
+            not_after: verified.not_after,
+            serial: verified.serial,
+        })
+    }
+
+    /// The generated gRPC client on this client's channel, for calls the
+    /// typed methods do not cover (tests, benchmarks).
+    pub fn grpc(&self) -> CertificateAuthorityClient<Channel> {
+        CertificateAuthorityClient::new(self.channel.clone())
+    }
+
+    /// The channel to the CA (for other services it serves, such as gRPC health).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The CA's current trust bundle (no credential needed).
+    pub async fn trust_bundle(&self) -> Result<BundleUpdate, ClientError> {
+        let mut client = CertificateAuthorityClient::new(self.channel.clone());
+        let answer = with_timeout(client.get_trust_bundle(pb::GetTrustBundleRequest {}))
+            .await?
+            .into_inner();
+        to_update(answer)
+    }
+
+    /// A stream of trust bundles: the current one, then each change.
+    pub async fn watch_trust_bundle(&self) -> Result<BundleWatch, ClientError> {
+        // Only opening the stream is bounded; it then lives as long as wanted.
+        let mut client = CertificateAuthorityClient::new(self.channel.clone());
+        let stream = with_timeout(client.watch_trust_bundle(pb::WatchTrustBundleRequest {}))
+            .await?
+            .into_inner();
+        Ok(BundleWatch { stream })
+    }
+}
+
+/// Trust bundles as the CA sends them.
+pub struct BundleWatch {
+    stream: tonic::Streaming<pb::TrustBundle>,
+}
+
+impl BundleWatch {
+    /// The next bundle; `None` when the CA ended the stream.
+    pub async fn next(&mut self) -> Option<Result<BundleUpdate, ClientError>> {
+        match self.stream.message().await {
+            Ok(Some(b)) => Some(to_update(b)),
+            Ok(None) => None,
+            Err(status) => Some(Err(status.into())),
+        }
+    }
+}
+
+async fn with_timeout<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+        Ok(result) => result.map_err(ClientError::from),
+        Err(_) => Err(ClientError::Rpc {
+            code: tonic::Code::DeadlineExceeded,
+            message: format!("no answer from the CA within {RPC_TIMEOUT:?}"),
+        }),
+    }
+}
+
+fn to_update(b: pb::TrustBundle) -> Result<BundleUpdate, ClientError> {
+    let td: TrustDomain = b
+        .trust_domain
+        .parse()
+        .map_err(|e| ClientError::BadAnswer(format!("trust domain {:?}: {e}", b.trust_domain)))?;
+    let bundle = TrustBundle::from_pem(td, &b.bundle_pem)
+        .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+    Ok(BundleUpdate {
+        bundle,
+        sequence: b.sequence,
+    })
+}
+
+fn leaf_id(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, ClientError> {
+    use x509_parser::prelude::FromDer;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| ClientError::BadAnswer("empty certificate chain".into()))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map_err(|e| ClientError::BadAnswer(format!("leaf: {e}")))?;
+    svid::leaf_spiffe_id(&cert).map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
+
+fn leaf_key_matches(leaf: &CertificateDer<'_>, key: &KeyPair) -> bool {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map(|(_, c)| c.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+        .unwrap_or(false)
+}
+
+/// A CSR for `key`, naming `id` when we know which identity we expect.
+pub fn make_csr(key: &KeyPair, id: Option<&SpiffeId>) -> Result<String, ClientError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    if let Some(id) = id {
+        let uri = id
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| ClientError::Key(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| ClientError::Key(e.to_string()))
+}

@@ -1,0 +1,62 @@
+//! The CA's Prometheus metrics (prefix `stepmesh_ca_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of one signing decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignLabels {
+    /// `issued`, `unauthenticated`, `denied`, `invalid`, `rate_limited`, `unavailable`, `error`.
+    pub outcome: &'static str,
+    /// The verifier that decided (`join-token`, `k8s-jwks`, ...).
+    pub verifier: &'static str,
+    /// A stable reason label (`ok` when issued).
+    pub reason: &'static str,
+}
+
+/// Everything the CA counts.
+#[derive(Clone)]
+pub struct CaMetrics {
+    /// Signing decisions.
+    pub sign: Family<SignLabels, Counter>,
+    /// Time to handle one Sign call, authentication included.
+    pub sign_duration: Histogram,
+    /// The trust bundle's sequence number (increases on each change).
+    pub bundle_sequence: Gauge,
+    /// When the issuing certificate expires, Unix seconds.
+    pub issuer_expiry: Gauge,
+}
+
+impl CaMetrics {
+    /// Registers the metrics in `registry` under `stepmesh_ca_`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let this = Self {
+            sign: Family::default(),
+            sign_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            bundle_sequence: Gauge::default(),
+            issuer_expiry: Gauge::default(),
+        };
+        let reg = registry.sub_registry_with_prefix("stepmesh_ca");
+        reg.register("sign", "Signing decisions by outcome", this.sign.clone());
+        reg.register(
+            "sign_duration_seconds",
+            "Time to handle one Sign call",
+            this.sign_duration.clone(),
+        );
+        reg.register(
+            "trust_bundle_sequence",
+            "Sequence number of the served trust bundle",
+            this.bundle_sequence.clone(),
+        );
+        reg.register(
+            "issuer_expiry_timestamp_seconds",
+            "notAfter of the issuing certificate",
+            this.issuer_expiry.clone(),
+        );
+        this
+    }
+}

@@ -1,0 +1,290 @@
+//! The interception rule set as text for `iptables-restore --noflush`: a pure
+//! function of the configuration and of what `iptables-save` shows now.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// Chain that decides which inbound TCP goes to the sidecar.
+pub const INBOUND: &str = "STEPMESH_INBOUND";
+/// Chain that redirects inbound TCP to the sidecar's inbound port.
+pub const REDIRECT_IN: &str = "STEPMESH_REDIRECT_IN";
+/// Chain that decides which outbound TCP goes to the sidecar.
+pub const OUTPUT: &str = "STEPMESH_OUTPUT";
+/// Chain that redirects outbound TCP to the sidecar's outbound port.
+pub const REDIRECT_OUT: &str = "STEPMESH_REDIRECT_OUT";
+/// Our chains, in the order they are declared.
+pub const CHAINS: [&str; 4] = [INBOUND, REDIRECT_IN, OUTPUT, REDIRECT_OUT];
+
+/// The jumps from the built-in chains into ours: `(built-in chain, rule spec)`.
+const JUMPS: [(&str, &str); 2] = [
+    ("PREROUTING", "-p tcp -j STEPMESH_INBOUND"),
+    ("OUTPUT", "-p tcp -j STEPMESH_OUTPUT"),
+];
+
+/// Everything the rule set depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// UID of the sidecar: its own traffic is never redirected.
+    pub proxy_uid: u32,
+    /// Where inbound TCP is redirected.
+    pub inbound_port: u16,
+    /// Where outbound TCP is redirected.
+    pub outbound_port: u16,
+    /// The sidecar's admin port: never redirected inbound (kubelet probes it).
+    pub admin_port: u16,
+    /// Inbound destination ports left alone.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination networks left alone.
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self {
+            proxy_uid: 1337,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            admin_port: 15020,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// An IPv4 network `a.b.c.d/len` (host bits must be zero, as iptables would
+/// otherwise silently widen or narrow what the operator meant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("CIDR {s:?}: {addr:?} is not an IPv4 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("CIDR {s:?}: prefix length must be 0..=32"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!("CIDR {s:?}: host bits are set"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The whole rule set, for `--dry-run` and a first install.
+pub fn install(config: &RuleConfig) -> String {
+    install_over(config, "")
+}
+
+/// The `iptables-restore --noflush` input that (re)builds our chains over the
+/// current nat table `existing` (`iptables-save -t nat` output). Declaring a
+/// chain flushes it, so applying twice yields the same rules; a jump already
+/// present is not added again.
+pub fn install_over(config: &RuleConfig, existing: &str) -> String {
+    let mut out = String::from("*nat\n");
+    for chain in CHAINS {
+        // writeln! into a String cannot fail.
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    let mut rule = |chain: &str, spec: &str| {
+        let _ = writeln!(out, "-A {chain} {spec}");
+    };
+    rule(
+        REDIRECT_IN,
+        &format!("-p tcp -j REDIRECT --to-ports {}", config.inbound_port),
+    );
+    rule(
+        REDIRECT_OUT,
+        &format!("-p tcp -j REDIRECT --to-ports {}", config.outbound_port),
+    );
+
+    // Inbound: the admin port always, then the operator's exclusions.
+    let mut inbound_excluded = vec![config.admin_port];
+    inbound_excluded.extend(&config.exclude_inbound_ports);
+    for port in dedup(inbound_excluded) {
+        rule(INBOUND, &format!("-p tcp --dport {port} -j RETURN"));
+    }
+    rule(INBOUND, &format!("-p tcp -j {REDIRECT_IN}"));
+
+    // Outbound: the sidecar's own traffic, loopback, then exclusions.
+    rule(
+        OUTPUT,
+        &format!("-m owner --uid-owner {} -j RETURN", config.proxy_uid),
+    );
+    rule(OUTPUT, "-o lo -j RETURN");
+    rule(OUTPUT, "-d 127.0.0.0/8 -j RETURN");
+    for port in dedup(config.exclude_outbound_ports.clone()) {
+        rule(OUTPUT, &format!("-p tcp --dport {port} -j RETURN"));
+    }
+    for cidr in &config.exclude_outbound_cidrs {
+        rule(OUTPUT, &format!("-d {cidr} -j RETURN"));
+    }
+    rule(OUTPUT, &format!("-p tcp -j {REDIRECT_OUT}"));
+
+    let present = jumps_present(existing);
+    for (chain, spec) in JUMPS {
+        if !present.iter().any(|(c, s)| *c == chain && *s == spec) {
+            rule(chain, spec);
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// The input that removes every trace of ours from `existing`, or `None` when
+/// there is nothing to remove.
+pub fn cleanup(existing: &str) -> Option<String> {
+    let mut out = String::from("*nat\n");
+    let mut any = false;
+    for (chain, spec) in jumps_present(existing) {
+        let _ = writeln!(out, "-D {chain} {spec}");
+        any = true;
+    }
+    let ours: Vec<&str> = CHAINS
+        .into_iter()
+        .filter(|c| existing.lines().any(|l| l.starts_with(&format!(":{c} "))))
+        .collect();
+    // Flush all before deleting any: our chains jump into each other.
+    for chain in &ours {
+        let _ = writeln!(out, "-F {chain}");
+    }
+    for chain in &ours {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    any |= !ours.is_empty();
+    out.push_str("COMMIT\n");
+    any.then_some(out)
+}
+
+/// Rules in built-in chains that jump to one of ours, as `(chain, spec)`.
+fn jumps_present(existing: &str) -> Vec<(&str, &str)> {
+    existing
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(chain, spec)| {
+            !CHAINS.contains(chain) && spec.split_whitespace().any(|word| CHAINS.contains(&word))
+        })
+        .collect()
+}
+
+fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
+    let mut seen = Vec::with_capacity(ports.len());
+    ports.retain(|p| {
+        let new = !seen.contains(p);
+        seen.push(*p);
+        new
+    });
+    ports
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config() -> RuleConfig {
+        RuleConfig {
+            exclude_inbound_ports: vec![9090, 15020],
+            exclude_outbound_ports: vec![5432],
+            exclude_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            ..RuleConfig::default()
+        }
+    }
+
+    #[test]
+    fn install_has_chains_exclusions_and_jumps() {
+        let rules = install(&config());
+        let expected = "*nat
+:STEPMESH_INBOUND - [0:0]
+:STEPMESH_REDIRECT_IN - [0:0]
+:STEPMESH_OUTPUT - [0:0]
+:STEPMESH_REDIRECT_OUT - [0:0]
+-A STEPMESH_REDIRECT_IN -p tcp -j REDIRECT --to-ports 15006
+-A STEPMESH_REDIRECT_OUT -p tcp -j REDIRECT --to-ports 15001
+-A STEPMESH_INBOUND -p tcp --dport 15020 -j RETURN
+-A STEPMESH_INBOUND -p tcp --dport 9090 -j RETURN
+-A STEPMESH_INBOUND -p tcp -j STEPMESH_REDIRECT_IN
+-A STEPMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A STEPMESH_OUTPUT -o lo -j RETURN
+-A STEPMESH_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A STEPMESH_OUTPUT -p tcp --dport 5432 -j RETURN
+-A STEPMESH_OUTPUT -d 10.96.0.0/12 -j RETURN
+-A STEPMESH_OUTPUT -p tcp -j STEPMESH_REDIRECT_OUT
+-A PREROUTING -p tcp -j STEPMESH_INBOUND
+-A OUTPUT -p tcp -j STEPMESH_OUTPUT
+COMMIT
+";
+        assert_eq!(rules, expected);
+    }
+
+    #[test]
+    fn jumps_are_not_added_twice() {
+        let existing = "*nat\n:PREROUTING ACCEPT [0:0]\n:STEPMESH_INBOUND - [0:0]\n\
+                        -A PREROUTING -p tcp -j STEPMESH_INBOUND\n\
+                        -A OUTPUT -p tcp -j STEPMESH_OUTPUT\nCOMMIT\n";
+        let rules = install_over(&config(), existing);
+        assert!(!rules.contains("-A PREROUTING"), "{rules}");
+        assert!(!rules.contains("-A OUTPUT "), "{rules}");
+        assert!(rules.contains(":STEPMESH_INBOUND - [0:0]"));
+    }
+
+    #[test]
+    fn cleanup_removes_jumps_then_chains() {
+        let existing = install(&config());
+        let undo = cleanup(&existing).unwrap();
+        assert!(undo.contains("-D PREROUTING -p tcp -j STEPMESH_INBOUND\n"));
+        assert!(undo.contains("-D OUTPUT -p tcp -j STEPMESH_OUTPUT\n"));
+        let flush = undo.find("-F STEPMESH_REDIRECT_OUT").unwrap();
+        let delete = undo.find("-X STEPMESH_INBOUND").unwrap();
+        assert!(
+            flush < delete,
+            "every chain is flushed before any is deleted"
+        );
+        assert_eq!(cleanup("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), None);
+    }
+
+    #[test]
+    fn foreign_rules_are_left_alone() {
+        let existing = "-A PREROUTING -p tcp -j KUBE-SERVICES\n-A OUTPUT -j DOCKER_OUTPUT\n";
+        assert_eq!(cleanup(existing), None);
+    }
+
+    #[test]
+    fn cidrs_are_strict() {
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().to_string(), "1.2.3.4/32");
+        assert!("10.0.0.1/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("host bits"));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/8".parse::<Cidr>().unwrap_err().contains("IPv4"));
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! The pure heart of injection: a pod (or pod template) in, JSON Patch
+//! operations out. No I/O, no AdmissionReview: the webhook and offline
+//! injection both call [`mutate`].
+
+use serde_json::{json, Map, Value};
+
+use super::config::InjectorConfig;
+use super::overrides::{self as ann, BadAnnotation, PodSettings};
+use super::patch::{escape, PatchOp};
+use super::template::{self, INIT_NAME, PROXY_NAME, VOLUMES};
+
+/// Why a pod was left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// It carries `stepmesh.io/injected` or our containers already.
+    AlreadyInjected,
+    /// `stepmesh.io/inject: "false"`.
+    OptedOut,
+    /// `hostNetwork: true`: iptables would rewrite the node's traffic.
+    HostNetwork,
+    /// The namespace is on the configuration's exclusion list.
+    ExcludedNamespace,
+    /// `spec.os.name: windows`: no iptables, no Linux sidecar.
+    Windows,
+}
+
+impl Skip {
+    /// A short reason for logs and `inject -f` output.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::AlreadyInjected => "already injected",
+            Self::OptedOut => "opted out (stepmesh.io/inject: \"false\")",
+            Self::HostNetwork => "hostNetwork pod",
+            Self::ExcludedNamespace => "namespace excluded from injection",
+            Self::Windows => "Windows pod",
+        }
+    }
+}
+
+/// What [`mutate`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mutation {
+    /// Left alone, and why.
+    Skipped(Skip),
+    /// The operations that inject stepmesh.
+    Patch(Vec<PatchOp>),
+}
+
+/// Why a pod cannot be injected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MutateError {
+    /// Not a pod: no `spec` object or no containers.
+    #[error("not a pod: {0}")]
+    NotAPod(&'static str),
+    /// A per-pod annotation is unusable.
+    #[error(transparent)]
+    Annotation(#[from] BadAnnotation),
+    /// The pod already uses a name the injector needs.
+    #[error("the pod already has a volume named {0:?}")]
+    VolumeNameTaken(String),
+}
+
+/// The JSON Patch that injects stepmesh into `pod` (a Pod, or the `template`
+/// of a workload: any object with `metadata` and `spec`). Valid whether or not
+/// the arrays and maps it adds to exist; unknown fields are never touched.
+pub fn mutate(
+    pod: &Value,
+    config: &InjectorConfig,
+    namespace: &str,
+) -> Result<Mutation, MutateError> {
+    let empty = Map::new();
+    let metadata = pod.get("metadata").and_then(Value::as_object);
+    let annotations = metadata
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or(MutateError::NotAPod("no spec"))?;
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or(MutateError::NotAPod("no containers"))?;
+    let init_containers = spec.get("initContainers").and_then(Value::as_array);
+
+    if let Some(skip) = skip(
+        config,
+        namespace,
+        annotations,
+        spec,
+        containers,
+        init_containers,
+    )? {
+        return Ok(Mutation::Skipped(skip));
+    }
+    let settings = PodSettings::new(config, annotations)?;
+    let volumes = spec.get("volumes").and_then(Value::as_array);
+    for existing in volumes.into_iter().flatten() {
+        let name = existing.get("name").and_then(Value::as_str).unwrap_or("");
+        if VOLUMES.contains(&name) {
+            return Err(MutateError::VolumeNameTaken(name.to_owned()));
+        }
+    }
+
+    let native = settings.native_sidecar;
+    let init = template::init_container(config, &settings);
+    let proxy = template::proxy_container(config, &settings, native);
+    let mut ops = Vec::with_capacity(12);
+
+    // Order matters: the iptables init first; with native sidecars the proxy
+    // next, so the app's own init containers already run in the mesh.
+    // Classic: the app's init containers run before interception, and the
+    // proxy is the first container (kubelet starts containers in order).
+    match (native, init_containers) {
+        (true, None) => ops.push(PatchOp::add("/spec/initContainers", json!([init, proxy]))),
+        (true, Some(_)) => {
+            ops.push(PatchOp::add("/spec/initContainers/0", init));
+            ops.push(PatchOp::add("/spec/initContainers/1", proxy));
+        }
+        (false, existing) => {
+            ops.push(match existing {
+                None => PatchOp::add("/spec/initContainers", json!([init])),
+                Some(_) => PatchOp::add("/spec/initContainers/-", init),
+            });
+            ops.push(PatchOp::add("/spec/containers/0", proxy));
+        }
+    }
+    let [v1, v2, v3] = template::volumes(config, &settings);
+    match volumes {
+        None => ops.push(PatchOp::add("/spec/volumes", json!([v1, v2, v3]))),
+        Some(_) => ops.extend([v1, v2, v3].map(|v| PatchOp::add("/spec/volumes/-", v))),
+    }
+
+    let mode = if native { "native" } else { "classic" };
+    let status = json!({
+        "initContainers": if native { vec![INIT_NAME, PROXY_NAME] } else { vec![INIT_NAME] },
+        "containers": if native { vec![] } else { vec![PROXY_NAME] },
+        "volumes": VOLUMES,
+    });
+    let mut add_annotations = vec![
+        (ann::INJECTED, json!("true")),
+        (ann::SIDECAR_MODE, json!(mode)),
+        (ann::PROXY_IMAGE, json!(config.image)),
+        (ann::STATUS, json!(status.to_string())),
+    ];
+    let default_container = "kubectl.kubernetes.io/default-container";
+    if !native && !annotations.contains_key(default_container) {
+        // The proxy is now first; keep `kubectl logs/exec` on the app.
+        let app = containers[0].get("name").cloned().unwrap_or(Value::Null);
+        add_annotations.push((default_container, app));
+    }
+    let sa = spec
+        .get("serviceAccountName")
+        .or_else(|| spec.get("serviceAccount"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    // A label value is at most 63 characters; a longer name gets no label and
+    // so matches no NetworkPolicy allow (deny, the safe side).
+    let labels: Vec<(&str, Value)> = if sa.len() <= 63 {
+        vec![(ann::SERVICE_ACCOUNT_LABEL, json!(sa))]
+    } else {
+        Vec::new()
+    };
+    if metadata.is_none() {
+        ops.push(PatchOp::add("/metadata", json!({})));
+    }
+    add_map_entries(&mut ops, metadata, "annotations", add_annotations);
+    add_map_entries(&mut ops, metadata, "labels", labels);
+    Ok(Mutation::Patch(ops))
+}
+
+fn skip(
+    config: &InjectorConfig,
+    namespace: &str,
+    annotations: &Map<String, Value>,
+    spec: &Map<String, Value>,
+    containers: &[Value],
+    init_containers: Option<&Vec<Value>>,
+) -> Result<Option<Skip>, MutateError> {
+    let ours = |c: &Value| {
+        let name = c.get("name").and_then(Value::as_str);
+        name == Some(INIT_NAME) || name == Some(PROXY_NAME)
+    };
+    if annotations.contains_key(ann::INJECTED)
+        || containers.iter().any(ours)
+        || init_containers.into_iter().flatten().any(ours)
+    {
+        return Ok(Some(Skip::AlreadyInjected));
+    }
+    if ann::opted_out(annotations)? {
+        return Ok(Some(Skip::OptedOut));
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Some(Skip::HostNetwork));
+    }
+    if spec
+        .get("os")
+        .and_then(|os| os.get("name"))
+        .and_then(Value::as_str)
+        == Some("windows")
+    {
+        return Ok(Some(Skip::Windows));
+    }
+    if config.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Ok(Some(Skip::ExcludedNamespace));
+    }
+    Ok(None)
+}
+
+/// Adds `entries` to `metadata.<map>`, creating the map when absent: adding
+/// a member to a missing object is not valid JSON Patch.
+fn add_map_entries(
+    ops: &mut Vec<PatchOp>,
+    metadata: Option<&Map<String, Value>>,
+    map: &str,
+    entries: Vec<(&str, Value)>,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let exists = metadata
+        .and_then(|m| m.get(map))
+        .is_some_and(Value::is_object);
+    if exists {
+        for (key, value) in entries {
+            ops.push(PatchOp::add(
+                format!("/metadata/{map}/{}", escape(key)),
+                value,
+            ));
+        }
+        return;
+    }
+    let whole: Map<String, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    ops.push(PatchOp::add(
+        format!("/metadata/{map}"),
+        Value::Object(whole),
+    ));
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+#[path = "mutate_tests.rs"]
+mod tests;

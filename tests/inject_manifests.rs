@@ -1,0 +1,394 @@
+//! Manifests: `stepmesh inject -f` on every supported kind, `kubectl
+//! kustomize deploy/` and the bootstrap overlay, each object validated with
+//! kubernetes-validate; the bootstrap's serving certificate served for real.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod inject_support;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use inject_support::{client_config, request_to, validate, Webhook, BIN};
+use serde::Deserialize as _;
+use serde_json::{json, Value};
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_ok()
+        || Command::new(tool).arg("version").output().is_ok();
+    if !ok {
+        eprintln!("skipped: {tool} is not installed");
+    }
+    ok
+}
+
+/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
+fn inject_stdin(input: &str) -> (String, String) {
+    let mut child = Command::new(BIN)
+        .args(["inject", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const POD_SPEC: &str = "
+      restartPolicy: Never
+      containers:
+        - name: app
+          image: registry.k8s.io/pause:3.10";
+
+fn every_kind() -> String {
+    let template = format!("\n    metadata:\n      labels: {{app: x}}\n    spec:{POD_SPEC}");
+    let always = template.replace("restartPolicy: Never", "restartPolicy: Always");
+    format!(
+        "# a comment, then documents of every kind
+apiVersion: v1
+kind: Pod
+metadata: {{name: pod, namespace: apps}}
+spec:{pod}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: deploy}}
+spec:
+  selector: {{matchLabels: {{app: x}}}}
+  template:{always}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: sts}}
+spec:
+  serviceName: sts
+  selector: {{matchLabels: {{app: x}}}}
+  template:{always}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: ds}}
+spec:
+  selector: {{matchLabels: {{app: x}}}}
+  template:{always}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: job}}
+spec:
+  template:{template}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {{name: cron}}
+spec:
+  schedule: '*/5 * * * *'
+  jobTemplate:
+    spec:
+      template:{nested}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: svc, annotations: {{stepmesh.io/inject: 'true'}}}}
+spec:
+  selector: {{app: x}}
+  ports: [{{port: 80, targetPort: 8080}}]
+",
+        pod = POD_SPEC.replace("\n      ", "\n  "),
+        nested = template.replace('\n', "\n    "),
+    )
+}
+
+#[test]
+fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
+    let input = every_kind();
+    let before = docs(&input);
+    assert_eq!(before.len(), 7, "{input}");
+    let (output, stderr) = inject_stdin(&input);
+    let after = docs(&output);
+    assert_eq!(after.len(), 7);
+    let pointers = [
+        "/spec",
+        "/spec/template/spec",
+        "/spec/template/spec",
+        "/spec/template/spec",
+        "/spec/template/spec",
+        "/spec/jobTemplate/spec/template/spec",
+    ];
+    for (object, pointer) in after.iter().zip(pointers) {
+        let spec = object.pointer(pointer).unwrap();
+        assert_eq!(
+            spec["initContainers"][0]["name"], "stepmesh-init",
+            "{object}"
+        );
+        assert_eq!(
+            spec["initContainers"][1]["name"], "stepmesh-proxy",
+            "{object}"
+        );
+        assert_eq!(spec["containers"][0]["name"], "app");
+    }
+    assert_eq!(after[6], before[6], "the Service is unchanged");
+    for line in [
+        "pod/pod injected",
+        "cronjob/cron injected",
+        "service/svc unchanged",
+    ] {
+        assert!(stderr.contains(line), "{line} not in {stderr}");
+    }
+    validate(&after).unwrap();
+
+    // Injecting the output again changes nothing.
+    let (again, stderr) = inject_stdin(&output);
+    assert_eq!(docs(&again), after);
+    assert!(
+        stderr.contains("deployment/deploy skipped: already injected"),
+        "{stderr}"
+    );
+
+    // From a file, classic mode by config: the proxy becomes a container.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.yaml");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&file, &input).unwrap();
+    std::fs::write(&config, "nativeSidecar: false\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["inject", "-f"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let classic = docs(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(
+        classic[1]["spec"]["template"]["spec"]["containers"][0]["name"],
+        "stepmesh-proxy"
+    );
+    validate(&classic).unwrap();
+}
+
+#[test]
+fn inject_f_refuses_bad_input_with_a_reason() {
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty(), "nothing printed on failure");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let bad_annotation = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {stepmesh.io/exclude-inbound-ports: '80,x'}\nspec:\n  containers: [{name: a, image: b}]\n";
+    let err = run(&["inject", "-f", "-"], bad_annotation);
+    assert!(
+        err.contains("pod/p: annotation stepmesh.io/exclude-inbound-ports"),
+        "{err}"
+    );
+    let err = run(&["inject", "-f", "-"], "kind: [unclosed");
+    assert!(err.contains("document 1"), "{err}");
+    let err = run(&["inject", "-f", "/nonexistent/x.yaml"], "");
+    assert!(err.contains("/nonexistent/x.yaml"), "{err}");
+    let err = run(
+        &["inject", "-f", "-", "--config", "/nonexistent/c.yaml"],
+        "",
+    );
+    assert!(err.contains("/nonexistent/c.yaml"), "{err}");
+}
+
+#[test]
+fn kustomize_base_renders_validates_and_is_scoped_safely() {
+    if !have("kubectl") {
+        return;
+    }
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let rendered = kustomize(&base);
+    let objects = docs(&rendered);
+    assert!(objects.len() >= 20, "{} objects", objects.len());
+    validate(&objects).unwrap();
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+    };
+    let hook = &find("MutatingWebhookConfiguration", "stepmesh-injector")["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
+    assert!(hook["timeoutSeconds"].as_u64().unwrap() <= 10);
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/inject");
+    let exprs = hook["namespaceSelector"]["matchExpressions"]
+        .as_array()
+        .unwrap();
+    assert!(exprs
+        .contains(&json!({"key": "stepmesh.io/inject", "operator": "In", "values": ["enabled"]})));
+    assert!(exprs.contains(
+        &json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                                   "values": ["stepmesh-system", "kube-system"]})
+    ));
+    assert_eq!(
+        find("ClusterRole", "stepmesh-ca-tokenreview")["rules"],
+        json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}])
+    );
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+            .count(),
+        1
+    );
+    assert_eq!(
+        find("Namespace", "stepmesh-demo")["metadata"]["labels"]["stepmesh.io/inject"],
+        "enabled"
+    );
+    assert!(
+        find("ConfigMap", "stepmesh-policy-backend")["data"]["policy.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("spiffe://cluster.local/ns/stepmesh-demo/sa/frontend")
+    );
+    find("NetworkPolicy", "stepmesh-default-deny");
+
+    // The rendered base through the offline injector: the example workloads
+    // are injected, the control plane (stepmesh-system) is not.
+    let (output, stderr) = inject_stdin(&rendered);
+    let injected = docs(&output);
+    let backend = injected
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "backend")
+        .unwrap();
+    assert_eq!(
+        backend["spec"]["template"]["spec"]["volumes"][2]["configMap"]["name"],
+        "stepmesh-policy-backend"
+    );
+    assert!(
+        stderr.contains("deployment/stepmesh-injector skipped: namespace excluded"),
+        "{stderr}"
+    );
+    validate(&injected).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
+    if !have("kubectl") || !have("openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("overlay");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/scripts/bootstrap.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for key in [
+        "root.key",
+        "intermediate.key",
+        "webhook-ca.key",
+        "webhook.key",
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(out.join(key)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let objects = docs(&kustomize(&out));
+    validate(&objects).unwrap();
+    let webhook_ca = std::fs::read_to_string(out.join("webhook-ca.crt")).unwrap();
+    let hook = objects
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let ca_bundle = base64::engine::general_purpose::STANDARD
+        .decode(
+            hook["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8(ca_bundle).unwrap(), webhook_ca);
+    let bundles: Vec<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "stepmesh-ca-bundle")
+        .map(|o| o["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(bundles, ["stepmesh-demo", "stepmesh-system"]);
+    assert!(objects
+        .iter()
+        .any(|o| o["kind"] == "Secret" && o["metadata"]["name"] == "stepmesh-ca-pki"));
+
+    // The API server's view: caBundle as the only root, the Service's DNS name.
+    let hook = Webhook::start(&out.join("webhook.crt"), &out.join("webhook.key"), &[]);
+    let tls = client_config(&webhook_ca);
+    let (status, _) = request_to(
+        "stepmesh-injector.stepmesh-system.svc",
+        hook.addr,
+        tls,
+        "GET",
+        "/ready",
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+
+    // Re-running keeps the keys; --rotate-webhook replaces only the serving pair.
+    let root_before = std::fs::read(out.join("root.key")).unwrap();
+    let leaf_before = std::fs::read(out.join("webhook.crt")).unwrap();
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .arg("--rotate-webhook")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read(out.join("root.key")).unwrap(), root_before);
+    assert_ne!(std::fs::read(out.join("webhook.crt")).unwrap(), leaf_before);
+}
