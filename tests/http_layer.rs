@@ -374,3 +374,66 @@ async fn a_100_mib_body_streams_without_being_buffered() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_an_in_flight_stream_finish() {
+    let pki = stepmesh_ca::testing::Pki::new(http_support::TD);
+    let app = http_support::app::TestApp::start(true).await;
+    let (trigger, drain) = tokio::sync::watch::channel(false);
+    let open = Policy::allow_authenticated(http_support::TD.parse().unwrap());
+    let inbound = http_support::start_inbound_draining(
+        &pki,
+        http_support::layer(open),
+        8080,
+        app.addr,
+        drain,
+    )
+    .await;
+    let me = pki.leaf(FRONTEND);
+    let outbound = http_support::start_outbound(
+        &pki,
+        &me,
+        http_support::layer(Policy::allow_authenticated(
+            http_support::TD.parse().unwrap(),
+        )),
+        inbound,
+    )
+    .await;
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let call = tokio::spawn(send(
+        outbound,
+        true,
+        request(
+            true,
+            "POST",
+            "/grpc.Echo/Stream",
+            &grpc,
+            b"\x00\x00\x00\x00\x00",
+        ),
+    ));
+    // The stream takes ~100 ms; drain while it runs.
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    trigger.send(true).unwrap();
+    let a = call.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 5 * 10, "every message arrived");
+    assert_eq!(
+        a.trailers.expect("trailers after drain")["grpc-status"],
+        "0"
+    );
+    // Draining: once HTTP/2's two-phase GOAWAY is over, the inbound side
+    // takes no new request (new connections drain at once), so the
+    // outbound side answers 502.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let a = send(outbound, true, request(true, "GET", "/after", &[], b"")).await;
+        if a.status == 502 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still served after the drain"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

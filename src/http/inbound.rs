@@ -4,6 +4,7 @@
 //! app over a pooled connection in the protocol the client spoke.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,12 +15,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::headers::{path_is_canonical, set_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
-use super::{local_response, HttpLayer, ProxyBody, RequestRecord};
+use super::{local_response, serve_until, HttpLayer, ProxyBody, RequestRecord};
 use crate::policy::SpiffeId;
 use crate::stepup::{self, Outcome, Peer, RequestInfo};
 
@@ -65,11 +66,14 @@ impl AppClients {
     }
 }
 
-/// Serves HTTP on an authenticated connection until it closes.
+/// Serves HTTP on an authenticated connection until it closes, or until
+/// `drain` resolves: then in-flight requests finish and the connection
+/// closes (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
 pub async fn serve<I>(
     layer: Arc<HttpLayer>,
     conn: Arc<InboundConn>,
     io: I,
+    drain: impl Future<Output = ()> + Send,
 ) -> Result<(), super::BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -87,7 +91,7 @@ where
     if mesh {
         builder = builder.http2_only();
     }
-    builder.serve_connection(TokioIo::new(io), svc).await
+    serve_until(&builder, io, svc, drain).await
 }
 
 fn version_label(v: Version) -> &'static str {

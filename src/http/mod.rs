@@ -70,6 +70,33 @@ impl HttpLayer {
     }
 }
 
+/// Runs one server connection; when `drain` resolves, shuts it down
+/// gracefully (in-flight requests finish, no new ones are taken).
+pub(crate) async fn serve_until<I, S>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    svc: S,
+    drain: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<ProxyBody>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn, drain);
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        () = drain.as_mut() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
+}
+
 /// A small response the proxy answers itself.
 pub(crate) fn local_response(
     status: http::StatusCode,

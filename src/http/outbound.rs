@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +24,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{strip_hop_by_hop, ORIG_PROTO};
-use super::{local_response, BoxError, HttpLayer, ProxyBody, RequestRecord, MESH_ALPN};
+use super::{
+    local_response, serve_until, BoxError, HttpLayer, ProxyBody, RequestRecord, MESH_ALPN,
+};
 
 /// Where an outbound HTTP connection's requests go.
 #[derive(Clone)]
@@ -152,8 +155,14 @@ pub async fn connect(
     layer.mesh.get(conn).await.map(|p| p.peer)
 }
 
-/// Serves the app's HTTP connection until it closes.
-pub async fn serve<I>(layer: Arc<HttpLayer>, conn: Arc<OutboundConn>, io: I) -> Result<(), BoxError>
+/// Serves the app's HTTP connection until it closes, or gracefully once
+/// `drain` resolves.
+pub async fn serve<I>(
+    layer: Arc<HttpLayer>,
+    conn: Arc<OutboundConn>,
+    io: I,
+    drain: impl Future<Output = ()> + Send,
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -166,7 +175,7 @@ where
         .http2()
         .adaptive_window(true)
         .timer(TokioTimer::new());
-    builder.serve_connection(TokioIo::new(io), svc).await
+    serve_until(&builder, io, svc, drain).await
 }
 
 fn orig_proto(v: Version) -> &'static str {

@@ -112,6 +112,17 @@ pub async fn start_inbound(
     port: u16,
     app: SocketAddr,
 ) -> SocketAddr {
+    start_inbound_draining(pki, layer, port, app, tokio::sync::watch::channel(false).1).await
+}
+
+/// As [`start_inbound`]; connections drain gracefully once `drain` says true.
+pub async fn start_inbound_draining(
+    pki: &Pki,
+    layer: Arc<HttpLayer>,
+    port: u16,
+    app: SocketAddr,
+    drain: tokio::sync::watch::Receiver<bool>,
+) -> SocketAddr {
     let leaf = pki.leaf(API);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.root.cert.clone()).unwrap();
@@ -135,6 +146,7 @@ pub async fn start_inbound(
                 return;
             };
             let (acceptor, layer, bundle) = (acceptor.clone(), layer.clone(), bundle.clone());
+            let mut drain = drain.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -153,7 +165,10 @@ pub async fn start_inbound(
                     client,
                     mesh: session.alpn_protocol() == Some(MESH_ALPN),
                 };
-                let _ = stepmesh::http::inbound::serve(layer, Arc::new(conn), tls).await;
+                let drained = async move {
+                    let _ = drain.wait_for(|d| *d).await;
+                };
+                let _ = stepmesh::http::inbound::serve(layer, Arc::new(conn), tls, drained).await;
             });
         }
     });
@@ -204,7 +219,8 @@ pub async fn start_outbound(
                 stepmesh::http::outbound::connect(&layer, &conn)
                     .await
                     .unwrap();
-                let _ = stepmesh::http::outbound::serve(layer, conn, tcp).await;
+                let _ =
+                    stepmesh::http::outbound::serve(layer, conn, tcp, std::future::pending()).await;
             });
         }
     });
