@@ -10,6 +10,9 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+/// The most bytes detection looks at.
+const MAX_SNIFF: usize = 8192;
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -35,6 +38,13 @@ impl Detected {
 
 /// Classifies a prefix of the client's first bytes.
 pub fn classify(bytes: &[u8]) -> Detected {
+    // RFC 9112 §2.2: servers may skip empty lines before a request line, so
+    // they must not hide one from detection.
+    let skipped = bytes
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let bytes = &bytes[skipped..];
     if bytes.is_empty() {
         return Detected::NeedMore;
     }
@@ -66,7 +76,7 @@ pub fn classify(bytes: &[u8]) -> Detected {
     }
     match line_end {
         Some(_) => Detected::Opaque,
-        None if bytes.len() < 8192 => Detected::NeedMore,
+        None if bytes.len() < MAX_SNIFF => Detected::NeedMore,
         None => Detected::Opaque,
     }
 }
@@ -80,7 +90,7 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(Detected, By
         let n = io.read(&mut chunk).await?;
         buf.extend_from_slice(&chunk[..n]);
         let d = classify(&buf);
-        if n == 0 || d != Detected::NeedMore || buf.len() >= 8192 {
+        if n == 0 || d != Detected::NeedMore || buf.len() >= MAX_SNIFF {
             let d = if d == Detected::NeedMore {
                 Detected::Opaque
             } else {
@@ -93,21 +103,29 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(Detected, By
 
 /// Peeks (without consuming) at a plaintext socket's first bytes until they
 /// classify, EOF, or `wait` passes; a silent client (a server-speaks-first
-/// protocol) is `Opaque` after `wait`.
+/// protocol) is `Opaque` after `wait`. Up to 8 KiB are examined: an HTTP/1
+/// request line must show ` HTTP/1.` within them.
 pub async fn peek(tcp: &tokio::net::TcpStream, wait: std::time::Duration) -> Detected {
+    // On the heap, and only during detection: the connection's task keeps
+    // no buffer.
+    let mut buf = vec![0u8; MAX_SNIFF];
     let look = async {
-        let mut buf = [0u8; 64];
+        let mut seen = 0;
         loop {
             let n = match tcp.peek(&mut buf).await {
                 Ok(0) | Err(_) => return Detected::Opaque,
                 Ok(n) => n,
             };
             match classify(&buf[..n]) {
-                // A request line longer than the buffer: the method and a
-                // space were seen, which is enough to try HTTP.
-                Detected::NeedMore if n == buf.len() => return Detected::Http1,
-                // peek returns at once while bytes wait: pause for more.
-                Detected::NeedMore => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+                Detected::NeedMore if n >= MAX_SNIFF => return Detected::Opaque,
+                // peek returns at once while the same bytes wait: pause
+                // until more arrive.
+                Detected::NeedMore => {
+                    if n == seen {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                    seen = n;
+                }
                 d => return d,
             }
         }
@@ -188,6 +206,11 @@ mod tests {
         assert_eq!(classify(&H2_PREFACE[..10]), Detected::NeedMore);
         assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), Detected::Http1);
         assert_eq!(classify(b"POST /refunds/1 HTTP/1.0\r\n"), Detected::Http1);
+        assert_eq!(
+            classify(b"\r\n\r\nGET /refunds HTTP/1.1\r\n"),
+            Detected::Http1
+        );
+        assert_eq!(classify(b"\r\n"), Detected::NeedMore);
         assert_eq!(classify(b"GET /long/path"), Detected::NeedMore);
         assert_eq!(classify(b"GE"), Detected::NeedMore);
         assert_eq!(
@@ -242,6 +265,15 @@ mod tests {
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(got, sent, "peek consumed nothing");
         }
+        // Not HTTP: a method-like start and a space, then no request line
+        // (random payloads look like this one time in ~2,500).
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut junk = b"Q ".to_vec();
+        junk.extend(std::iter::repeat_n(0xAAu8, 510));
+        client.write_all(&junk).await.unwrap();
+        let d = peek(&server, std::time::Duration::from_millis(300)).await;
+        assert_eq!(d, Detected::Opaque);
         // A silent client: opaque once the wait is over.
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
