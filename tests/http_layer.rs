@@ -437,3 +437,61 @@ async fn drain_lets_an_in_flight_stream_finish() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_gets_one_access_log_line_with_bytes_and_durations() {
+    use std::sync::{Arc, Mutex};
+    let lines: Arc<Mutex<Vec<stepmesh::http::RequestRecord>>> = Arc::default();
+    let sink = lines.clone();
+    let log = stepmesh::http::RequestLog::new(move |r| sink.lock().unwrap().push(r.clone()));
+    let pki = stepmesh_ca::testing::Pki::new(http_support::TD);
+    let app = http_support::app::TestApp::start(false).await;
+    let open = Policy::allow_authenticated(http_support::TD.parse().unwrap());
+    let inbound = http_support::start_inbound(
+        &pki,
+        http_support::layer_with_log(open, log),
+        8080,
+        app.addr,
+    )
+    .await;
+    let me = pki.leaf(FRONTEND);
+    let plain = Policy::allow_authenticated(http_support::TD.parse().unwrap());
+    let outbound =
+        http_support::start_outbound(&pki, &me, http_support::layer(plain), inbound).await;
+    let a = send(
+        outbound,
+        false,
+        request(false, "POST", "/orders?secret=1", &[], b"0123456789"),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let line = loop {
+        if let Some(l) = lines.lock().unwrap().first().cloned() {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access-log line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.lock().unwrap().len(), 1);
+    assert_eq!(
+        (line.kind, line.direction, line.decision, line.reason),
+        ("http", "inbound", "allow", "authenticated")
+    );
+    assert_eq!(line.peer_id.as_deref(), Some(FRONTEND));
+    assert_eq!(
+        (line.method.as_str(), line.path.as_str(), line.status),
+        ("POST", "/orders", 200)
+    );
+    assert_eq!(line.bytes_in, 10);
+    assert_eq!(line.bytes_out, a.body.len() as u64);
+    assert!(
+        line.duration_ms >= line.headers_ms && line.headers_ms > 0.0,
+        "{line:?}"
+    );
+    let json = serde_json::to_string(&line).unwrap();
+    assert!(
+        !json.contains("secret"),
+        "queries stay out of the log: {json}"
+    );
+}

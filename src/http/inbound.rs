@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -20,7 +20,8 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::headers::{path_is_canonical, set_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
-use super::{local_response, serve_until, HttpLayer, ProxyBody, RequestRecord};
+use super::record::{CountIn, Exchange};
+use super::{local_body, respond, serve_until, HttpLayer, ProxyBody};
 use crate::policy::SpiffeId;
 use crate::stepup::{self, Outcome, Peer, RequestInfo};
 
@@ -46,8 +47,8 @@ pub struct InboundConn {
 
 /// Pooled plaintext clients to local apps, one per HTTP version.
 pub(crate) struct AppClients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, CountIn<Incoming>>,
+    h2: Client<HttpConnector, CountIn<Incoming>>,
 }
 
 impl AppClients {
@@ -109,10 +110,8 @@ async fn handle(
     conn: &InboundConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
+    let mut x = Exchange::new("inbound", conn.port, &layer.log, &layer.metrics);
     let policy = layer.policy.current();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
     // From a peer sidecar, the app's protocol rides in a header.
     let orig = if conn.mesh {
         match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
@@ -123,52 +122,19 @@ async fn handle(
     } else {
         req.version()
     };
-    let log = |route: Option<&str>,
-               decision,
-               reason: &str,
-               rule: Option<&str>,
-               sub: Option<&str>,
-               status: StatusCode| {
-        let secs = started.elapsed().as_secs_f64();
-        layer.metrics.request(
-            "inbound",
-            conn.port,
-            route.unwrap_or(""),
-            decision,
-            status.as_u16(),
-            secs,
-        );
-        layer.log.write(&RequestRecord {
-            ts: super::record::now_ts(),
-            kind: "http",
-            direction: "inbound",
-            peer_id: Some(conn.peer.as_str()),
-            port: conn.port,
-            method: method.as_str(),
-            path: &path,
-            version: version_label(orig),
-            route,
-            decision,
-            reason,
-            rule,
-            stepup_sub: sub,
-            status: status.as_u16(),
-            duration_ms: secs * 1000.0,
-        });
-    };
+    x.record.peer_id = Some(conn.peer.as_str().to_owned());
+    x.record.method = req.method().as_str().to_owned();
+    x.record.path = req.uri().path().to_owned();
+    x.record.version = version_label(orig);
     let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
-    if has_routes && !path_is_canonical(&path) {
-        log(
-            None,
+    if has_routes && !path_is_canonical(req.uri().path()) {
+        let body = local_body("request path is not in canonical form\n");
+        return respond(
+            x,
+            StatusCode::BAD_REQUEST,
             "deny",
             "non_canonical_path",
-            None,
-            None,
-            StatusCode::BAD_REQUEST,
-        );
-        return local_response(
-            StatusCode::BAD_REQUEST,
-            "request path is not in canonical form\n",
+            body,
         );
     }
     let info = RequestInfo {
@@ -177,47 +143,29 @@ async fn handle(
             x5t_s256: &conn.x5t,
         },
         port: conn.port,
-        method: &method,
-        path: &path,
+        method: req.method(),
+        path: req.uri().path(),
         headers: req.headers(),
     };
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
     drop(policy);
-    let route = d.route.as_deref();
+    x.record.route = d.route.as_deref().map(str::to_owned);
+    x.record.rule = Some(d.rule.to_string());
     match &d.outcome {
         Outcome::Forbidden => {
-            log(
-                route,
-                "deny",
-                d.reason,
-                Some(&d.rule),
-                None,
-                StatusCode::FORBIDDEN,
-            );
-            return local_response(
-                StatusCode::FORBIDDEN,
-                "forbidden: this workload may not call this route\n",
-            );
+            let body = local_body("forbidden: this workload may not call this route\n");
+            return respond(x, StatusCode::FORBIDDEN, "deny", d.reason, body);
         }
         Outcome::Challenge(challenge) => {
-            log(
-                route,
-                "deny",
-                d.reason,
-                Some(&d.rule),
-                None,
-                StatusCode::UNAUTHORIZED,
-            );
-            let mut resp = local_response(
-                StatusCode::UNAUTHORIZED,
-                "step-up authentication required\n",
-            );
+            let body = local_body("step-up authentication required\n");
+            let mut resp = respond(x, StatusCode::UNAUTHORIZED, "deny", d.reason, body);
             resp.headers_mut()
                 .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
             return resp;
         }
         Outcome::Allow => {}
     }
+    x.record.stepup_sub.clone_from(&d.subject);
     let decision = if d.would_deny { "would_deny" } else { "allow" };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -248,15 +196,13 @@ async fn handle(
     parts.uri = match format!("http://{}{pq}", conn.app).parse() {
         Ok(uri) => uri,
         Err(_) => {
-            log(
-                route,
+            return respond(
+                x,
+                StatusCode::BAD_GATEWAY,
                 "error",
                 "bad_target",
-                Some(&d.rule),
-                d.subject.as_deref(),
-                StatusCode::BAD_GATEWAY,
-            );
-            return local_response(StatusCode::BAD_GATEWAY, "bad app address\n");
+                local_body("bad app address\n"),
+            )
         }
     };
     parts.version = if to_h2 {
@@ -264,7 +210,7 @@ async fn handle(
     } else {
         Version::HTTP_11
     };
-    let upstream = Request::from_parts(parts, body);
+    let upstream = Request::from_parts(parts, x.count_request(body));
     let answer = if to_h2 {
         layer.app.h2.request(upstream).await
     } else {
@@ -274,27 +220,18 @@ async fn handle(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            log(
-                route,
-                decision,
-                d.reason,
-                Some(&d.rule),
-                d.subject.as_deref(),
-                parts.status,
-            );
-            Response::from_parts(parts, body.boxed())
+            let body = x.respond(parts.status, decision, d.reason, body.boxed());
+            Response::from_parts(parts, body)
         }
         Err(e) => {
             tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
-            log(
-                route,
+            respond(
+                x,
+                StatusCode::BAD_GATEWAY,
                 "error",
                 "app_unavailable",
-                Some(&d.rule),
-                d.subject.as_deref(),
-                StatusCode::BAD_GATEWAY,
-            );
-            local_response(StatusCode::BAD_GATEWAY, "the app did not answer\n")
+                local_body("the app did not answer\n"),
+            )
         }
     }
 }

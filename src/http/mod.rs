@@ -97,16 +97,22 @@ where
     conn.await
 }
 
-/// A small response the proxy answers itself.
-pub(crate) fn local_response(
+/// The body of a response the proxy answers itself.
+pub(crate) fn local_body(text: &'static str) -> ProxyBody {
+    Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|n| match n {})
+        .boxed()
+}
+
+/// A response the proxy answers itself, counted and logged through `x`.
+pub(crate) fn respond(
+    x: record::Exchange,
     status: http::StatusCode,
-    text: &'static str,
+    decision: &'static str,
+    reason: &'static str,
+    body: ProxyBody,
 ) -> http::Response<ProxyBody> {
-    let mut resp = http::Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
+    let mut resp = http::Response::new(x.respond(status, decision, reason, body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -24,9 +24,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{strip_hop_by_hop, ORIG_PROTO};
-use super::{
-    local_response, serve_until, BoxError, HttpLayer, ProxyBody, RequestRecord, MESH_ALPN,
-};
+use super::record::{CountIn, Exchange};
+use super::{local_body, respond, serve_until, BoxError, HttpLayer, ProxyBody, MESH_ALPN};
 
 /// Where an outbound HTTP connection's requests go.
 #[derive(Clone)]
@@ -79,7 +78,7 @@ pub enum MeshError {
 /// A pooled connection to a peer sidecar and whom it reached.
 #[derive(Clone)]
 struct Pooled {
-    send: SendRequest<Incoming>,
+    send: SendRequest<CountIn<Incoming>>,
     peer: Option<Arc<str>>,
 }
 
@@ -191,34 +190,11 @@ async fn handle(
     conn: &OutboundConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
+    let mut x = Exchange::new("outbound", conn.port, &layer.log, &layer.metrics);
     let orig = req.version();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let mut peer: Option<Arc<str>> = None;
-    let log = |peer: Option<&str>, decision, reason: &str, status: StatusCode| {
-        let secs = started.elapsed().as_secs_f64();
-        layer
-            .metrics
-            .request("outbound", conn.port, "", decision, status.as_u16(), secs);
-        layer.log.write(&RequestRecord {
-            ts: super::record::now_ts(),
-            kind: "http",
-            direction: "outbound",
-            peer_id: peer,
-            port: conn.port,
-            method: method.as_str(),
-            path: &path,
-            version: orig_proto(orig),
-            route: None,
-            decision,
-            reason,
-            rule: None,
-            stepup_sub: None,
-            status: status.as_u16(),
-            duration_ms: secs * 1000.0,
-        });
-    };
+    x.record.method = req.method().as_str().to_owned();
+    x.record.path = req.uri().path().to_owned();
+    x.record.version = orig_proto(orig);
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // HTTP/2 wants the authority in the URI, not a Host header.
@@ -239,8 +215,14 @@ async fn handle(
     parts.uri = match format!("http://{authority}{pq}").parse() {
         Ok(uri) => uri,
         Err(_) => {
-            log(None, "error", "bad_request_target", StatusCode::BAD_REQUEST);
-            return local_response(StatusCode::BAD_REQUEST, "bad request target\n");
+            let body = local_body("bad request target\n");
+            return respond(
+                x,
+                StatusCode::BAD_REQUEST,
+                "error",
+                "bad_request_target",
+                body,
+            );
         }
     };
     parts.version = Version::HTTP_2;
@@ -251,41 +233,38 @@ async fn handle(
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: no mesh connection");
-            log(None, "error", "peer_unavailable", StatusCode::BAD_GATEWAY);
-            return local_response(
+            let body = local_body("the destination's sidecar is unreachable\n");
+            return respond(
+                x,
                 StatusCode::BAD_GATEWAY,
-                "the destination's sidecar is unreachable\n",
+                "error",
+                "peer_unavailable",
+                body,
             );
         }
     };
-    peer.clone_from(&pooled.peer);
+    x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    let request = Request::from_parts(parts, x.count_request(body));
     let sent = match pooled.send.ready().await {
-        Ok(()) => {
-            pooled
-                .send
-                .send_request(Request::from_parts(parts, body))
-                .await
-        }
+        Ok(()) => pooled.send.send_request(request).await,
         Err(e) => Err(e),
     };
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            log(peer.as_deref(), "allow", "mesh", parts.status);
-            Response::from_parts(parts, body.boxed())
+            let body = x.respond(parts.status, "allow", "mesh", body.boxed());
+            Response::from_parts(parts, body)
         }
         Err(e) => {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: mesh request failed");
-            log(
-                peer.as_deref(),
+            let body = local_body("the request to the destination failed\n");
+            respond(
+                x,
+                StatusCode::BAD_GATEWAY,
                 "error",
                 "peer_request_failed",
-                StatusCode::BAD_GATEWAY,
-            );
-            local_response(
-                StatusCode::BAD_GATEWAY,
-                "the request to the destination failed\n",
+                body,
             )
         }
     }

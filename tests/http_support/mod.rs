@@ -96,12 +96,16 @@ impl ServerCertVerifier for SvidServerVerifier {
 }
 
 pub fn layer(policy: Policy) -> Arc<HttpLayer> {
+    layer_with_log(policy, RequestLog::disabled())
+}
+
+pub fn layer_with_log(policy: Policy, log: RequestLog) -> Arc<HttpLayer> {
     let stepup = Arc::new(StepUp::new(StepUpMetrics::default()));
     Arc::new(HttpLayer::new(
         PolicyWatch::fixed(policy),
         stepup,
         HttpMetrics::default(),
-        RequestLog::disabled(),
+        log,
     ))
 }
 
@@ -166,7 +170,10 @@ pub async fn start_inbound_draining(
                     mesh: session.alpn_protocol() == Some(MESH_ALPN),
                 };
                 let drained = async move {
-                    let _ = drain.wait_for(|d| *d).await;
+                    // A dropped trigger means "never drain".
+                    if drain.wait_for(|d| *d).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
                 };
                 let _ = stepmesh::http::inbound::serve(layer, Arc::new(conn), tls, drained).await;
             });
