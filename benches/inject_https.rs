@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair};
 use stepmesh::inject::config::InjectorConfig;
-use stepmesh::inject::server::Server;
+use stepmesh::inject::server::{Limits, Server};
 use stepmesh::inject::tls::{server_config, ReloadingCert};
 
 const FIXTURE: &str = include_str!("../tests/fixtures/k8s/admissionreview-pod-create.json");
@@ -169,12 +169,15 @@ fn main() {
             "127.0.0.1:0".parse().unwrap(),
             tls,
             InjectorConfig::default(),
-            4 << 20,
+            Limits {
+                max_body: 4 << 20,
+                body_timeout: Duration::from_secs(30),
+            },
         )
         .await
         .unwrap();
         let addr = server.local_addr().unwrap();
-        tokio::spawn(server.run(std::future::pending()));
+        tokio::spawn(server.run(std::future::pending(), Duration::from_secs(1)));
         let client = Arc::new(Client {
             tls: client_tls,
             addr,

@@ -2,15 +2,21 @@
 //! SPIFFE X.509-SVIDs, authorizes by workload identity and demands step-up
 //! JWTs on sensitive HTTP routes. See ARCHITECTURE.md for the map.
 
+pub mod accesslog;
+pub mod admin;
 pub mod app;
 pub mod ca_cmd;
 pub mod cert_cmd;
 pub mod cli;
 pub mod demo;
+pub mod drain;
 pub mod http;
+pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod stepup;
 pub mod telemetry;
+pub mod tls;

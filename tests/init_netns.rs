@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
 const A_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
+const B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A named network namespace, deleted on drop.
@@ -49,7 +51,14 @@ fn pair() -> Option<(Netns, Netns)> {
         eprintln!("skipped: needs root (network namespaces and iptables)");
         return None;
     }
-    for tool in ["ip", "iptables-restore", "iptables-save", "setpriv", "bash"] {
+    for tool in [
+        "ip",
+        "iptables-restore",
+        "iptables-save",
+        "ip6tables-restore",
+        "setpriv",
+        "bash",
+    ] {
         if !have(tool) {
             eprintln!("skipped: {tool} is not installed");
             return None;
@@ -70,9 +79,25 @@ fn pair() -> Option<(Netns, Netns)> {
     }
     let b = Netns(format!("smB{id}"));
     run(Command::new("ip").args(["netns", "add", &b.0]));
+    for tool in ["iptables", "ip6tables"] {
+        let nat = Command::new("ip")
+            .args(["netns", "exec", &b.0, tool, "-t", "nat", "-L", "-n"])
+            .output()
+            .unwrap();
+        if !nat.status.success() {
+            let why = String::from_utf8_lossy(&nat.stderr);
+            eprintln!("skipped: the kernel has no {tool} nat table here: {why}");
+            return None;
+        }
+    }
     run(Command::new("ip").args([
         "link", "add", "va", "netns", &a.0, "type", "veth", "peer", "name", "vb", "netns", &b.0,
     ]));
+    for (ns, dev, ip) in [(&a, "va", A_IP6), (&b, "vb", B_IP6)] {
+        // nodad: usable at once, no duplicate address detection delay.
+        let ip = format!("{ip}/64");
+        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", &ip, "dev", dev, "nodad"]));
+    }
     for (ns, dev, ip) in [(&a, "va", A_IP), (&b, "vb", B_IP)] {
         run(Command::new("ip").args(["-n", &ns.0, "addr", "add", &format!("{ip}/24"), "dev", dev]));
         run(Command::new("ip").args(["-n", &ns.0, "link", "set", dev, "up"]));
@@ -96,17 +121,27 @@ fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// A listener in `ns`; an IPv6 one is v6-only so it can share its port
+/// with the IPv4 one.
 fn listen(ns: &Netns, addr: &str) -> TcpListener {
     let addr: SocketAddr = addr.parse().unwrap();
-    let l = in_ns(ns, || TcpListener::bind(addr).unwrap());
+    let l: TcpListener = in_ns(ns, || {
+        let domain = socket2::Domain::for_address(addr);
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        if addr.is_ipv6() {
+            s.set_only_v6(true).unwrap();
+        }
+        s.bind(&addr.into()).unwrap();
+        s.listen(16).unwrap();
+        s.into()
+    });
     l.set_nonblocking(true).unwrap();
     l
 }
 
-fn connect(ns: &Netns, ip: Ipv4Addr, port: u16, payload: &str) -> TcpStream {
-    let mut s = in_ns(ns, || {
-        TcpStream::connect_timeout(&SocketAddrV4::new(ip, port).into(), TIMEOUT).unwrap()
-    });
+fn connect(ns: &Netns, ip: impl Into<IpAddr>, port: u16, payload: &str) -> TcpStream {
+    let addr = SocketAddr::new(ip.into(), port);
+    let mut s = in_ns(ns, || TcpStream::connect_timeout(&addr, TIMEOUT).unwrap());
     s.write_all(payload.as_bytes()).unwrap();
     s
 }
@@ -141,30 +176,33 @@ fn assert_idle(l: &TcpListener) {
     }
 }
 
-fn original_dst(s: &TcpStream) -> SocketAddrV4 {
+/// The pre-redirect destination, as the sidecar reads it.
+fn original_dst(s: &TcpStream) -> SocketAddr {
+    if s.local_addr().unwrap().is_ipv6() {
+        // SAFETY: zeroed sockaddr_in6 is a valid value to be overwritten.
+        let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        getsockopt(s, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST, &mut addr);
+        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+        return SocketAddr::new(ip.into(), u16::from_be(addr.sin6_port));
+    }
     // SAFETY: zeroed sockaddr_in is a valid value to be overwritten.
     let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: fd is open for the life of `s`; addr/len describe a writable buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_IP,
-            libc::SO_ORIGINAL_DST,
-            (&mut addr as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
+    getsockopt(s, libc::SOL_IP, libc::SO_ORIGINAL_DST, &mut addr);
+    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    SocketAddr::new(ip.into(), u16::from_be(addr.sin_port))
+}
+
+fn getsockopt<T>(s: &TcpStream, level: libc::c_int, name: libc::c_int, out: &mut T) {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: fd is open for the life of `s`; out/len describe a writable buffer.
+    let rc =
+        unsafe { libc::getsockopt(s.as_raw_fd(), level, name, (out as *mut T).cast(), &mut len) };
     assert_eq!(
         rc,
         0,
-        "SO_ORIGINAL_DST: {}",
+        "getsockopt({name}): {}",
         std::io::Error::last_os_error()
     );
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
-        u16::from_be(addr.sin_port),
-    )
 }
 
 fn init(ns: &Netns, args: &[&str]) -> Output {
@@ -173,13 +211,20 @@ fn init(ns: &Netns, args: &[&str]) -> Output {
         .args(args))
 }
 
-/// The nat table without comments and counters, for comparisons.
+/// The nat tables (IPv4 then IPv6) without comments and counters.
 fn nat_rules(ns: &Netns) -> String {
-    let out = run(Command::new("ip").args(["netns", "exec", &ns.0, "iptables-save", "-t", "nat"]));
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.0,
+        "sh",
+        "-c",
+        "iptables-save -t nat && echo '# v6' && ip6tables-save -t nat",
+    ]));
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .filter(|l| !l.starts_with('#'))
+        .filter(|l| !l.starts_with("# ") || *l == "# v6")
         .map(|l| l.split(" [").next().unwrap_or(l).to_owned() + "\n")
         .collect()
 }
@@ -190,7 +235,7 @@ const ARGS: [&str; 6] = [
     "--exclude-outbound-ports",
     "5432",
     "--exclude-outbound-cidrs",
-    "10.96.0.0/12",
+    "10.96.0.0/12,fd00:96::/108",
 ];
 
 #[test]
@@ -206,6 +251,8 @@ fn dry_run_prints_restore_input_without_root() {
         "-A STEPMESH_INBOUND -p tcp --dport 9090 -j RETURN",
         "-A STEPMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
         "-A STEPMESH_OUTPUT -d 10.96.0.0/12 -j RETURN",
+        "-A STEPMESH_OUTPUT -d fd00:96::/108 -j RETURN",
+        "-A STEPMESH_OUTPUT -d ::1/128 -j RETURN",
         "-A STEPMESH_REDIRECT_IN -p tcp -j REDIRECT --to-ports 15006",
         "-A STEPMESH_REDIRECT_OUT -p tcp -j REDIRECT --to-ports 15001",
     ] {
@@ -227,6 +274,31 @@ fn dry_run_prints_restore_input_without_root() {
 #[test]
 fn install_is_idempotent_and_cleanup_removes_everything() {
     let Some((_a, b)) = pair() else { return };
+    // Someone else's rules (a CNI's, kube-proxy's) must survive us.
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &b.0,
+        "iptables",
+        "-t",
+        "nat",
+        "-N",
+        "OTHER_CHAIN",
+    ]));
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &b.0,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-j",
+        "OTHER_CHAIN",
+    ]));
     let before = nat_rules(&b);
     init(&b, &ARGS);
     let once = nat_rules(&b);
@@ -248,10 +320,22 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
         "--dport 15020 -j RETURN",
         "--dport 5432 -j RETURN",
         "-d 10.96.0.0/12 -j RETURN",
+        "-d fd00:96::/108 -j RETURN",
         "--uid-owner 1337 -j RETURN",
     ] {
         assert!(once.contains(rule), "{rule} missing:\n{once}");
     }
+    let (v4, v6) = once.split_once("# v6").unwrap();
+    for table in [v4, v6] {
+        assert_eq!(
+            table
+                .matches("-A PREROUTING -p tcp -j STEPMESH_INBOUND")
+                .count(),
+            1,
+            "{table}"
+        );
+    }
+    assert!(once.contains("-A OUTPUT -p udp -j OTHER_CHAIN"), "{once}");
     init(&b, &ARGS);
     assert_eq!(nat_rules(&b), once, "applying twice changed the rules");
 
@@ -261,14 +345,17 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
     assert!(changed.contains("--dport 7070 -j RETURN") && !changed.contains("--dport 9090"));
     assert_eq!(
         changed.matches("-j STEPMESH_INBOUND").count(),
-        1,
-        "{changed}"
+        2,
+        "one jump per family: {changed}"
     );
 
     init(&b, &["--cleanup"]);
     let after = nat_rules(&b);
     assert!(!after.contains("STEPMESH"), "left behind:\n{after}");
-    assert_eq!(after, before);
+    assert_eq!(
+        after, before,
+        "cleanup must restore the table exactly, foreign rules included"
+    );
     init(&b, &["--cleanup"]); // nothing to remove is not an error
 }
 
@@ -289,7 +376,7 @@ fn connections_are_redirected_except_exclusions_and_proxy_uid() {
     // Inbound to the app's port lands on 15006 with the original destination.
     let _c = connect(&a, B_IP, 8080, "in-8080");
     let s = accept(&inbound, "in-8080");
-    assert_eq!(original_dst(&s), SocketAddrV4::new(B_IP, 8080));
+    assert_eq!(original_dst(&s), SocketAddr::new(B_IP.into(), 8080));
     assert_idle(&app);
 
     // Excluded inbound port and the admin port reach their listeners directly.
@@ -302,7 +389,7 @@ fn connections_are_redirected_except_exclusions_and_proxy_uid() {
     // Outbound from the app lands on 15001 with the original destination.
     let _c = connect(&b, A_IP, 8080, "out-8080");
     let s = accept(&outbound, "out-8080");
-    assert_eq!(original_dst(&s), SocketAddrV4::new(A_IP, 8080));
+    assert_eq!(original_dst(&s), SocketAddr::new(A_IP.into(), 8080));
     assert_idle(&peer);
 
     // Excluded outbound port goes straight out; so does loopback.
@@ -329,5 +416,20 @@ fn connections_are_redirected_except_exclusions_and_proxy_uid() {
         &script,
     ]));
     accept(&peer, "proxy-uid");
+    assert_idle(&outbound);
+
+    // IPv6 is intercepted too: inbound and outbound, original destinations kept.
+    let inbound6 = listen(&b, "[::]:15006");
+    let outbound6 = listen(&b, "[::]:15001");
+    let excluded_in6 = listen(&b, "[::]:9090");
+    let _c = connect(&a, B_IP6, 8080, "in6-8080");
+    let s = accept(&inbound6, "in6-8080");
+    assert_eq!(original_dst(&s), SocketAddr::new(B_IP6.into(), 8080));
+    let _c = connect(&a, B_IP6, 9090, "in6-9090");
+    accept(&excluded_in6, "in6-9090");
+    let _c = connect(&b, A_IP6, 8080, "out6-8080");
+    let s = accept(&outbound6, "out6-8080");
+    assert_eq!(original_dst(&s), SocketAddr::new(A_IP6.into(), 8080));
+    assert_idle(&inbound);
     assert_idle(&outbound);
 }

@@ -172,6 +172,21 @@ fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
     }
     validate(&after).unwrap();
 
+    // The init container's command line is one our own binary accepts.
+    let args: Vec<String> =
+        serde_json::from_value(after[0]["spec"]["initContainers"][0]["args"].clone()).unwrap();
+    let out = Command::new(BIN)
+        .args(&args)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--to-ports 15006"));
+
     // Injecting the output again changes nothing.
     let (again, stderr) = inject_stdin(&output);
     assert_eq!(docs(&again), after);
@@ -292,7 +307,9 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
             .unwrap()
             .contains("spiffe://cluster.local/ns/stepmesh-demo/sa/frontend")
     );
-    find("NetworkPolicy", "stepmesh-default-deny");
+    find("NetworkPolicy", "stepmesh-backend-default-deny");
+    find("NetworkPolicy", "stepmesh-backend-port-8080");
+    find("NetworkPolicy", "stepmesh-frontend-default-deny");
 
     // The rendered base through the offline injector: the example workloads
     // are injected, the control plane (stepmesh-system) is not.

@@ -7,6 +7,7 @@
 
 mod inject_support;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -405,4 +406,105 @@ async fn http2_is_served_as_the_api_server_prefers() {
         assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
         assert!(answer["response"]["patch"].is_string());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_review_then_exits() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "drain");
+    let mut hook = Webhook::start(&pki.cert, &pki.key, &["--drain-timeout", "20s"]);
+    let tls = client_config(&pki.ca_pem);
+
+    // Half a review sent: the request is in flight.
+    let body = serde_json::to_vec(&fixture("pod-bare")).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // `Expect: 100-continue` makes the server say when its handler has
+    // started reading the body: only then is the review truly in flight
+    // (bytes still in the socket buffer are not, and would race SIGTERM).
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte))
+            .await
+            .expect("no 100 Continue within 30 s")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    stream.flush().await.unwrap();
+
+    let pid = hook.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // New connections are refused once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(hook.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(hook.alive(), "exited with a review in flight");
+
+    // The rest of the body: the review is answered in full.
+    stream.write_all(&body[body.len() / 2..]).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("JSONPatch"), "{text}");
+
+    // Then the process exits cleanly, well before the drain timeout.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hook.alive() {
+        assert!(Instant::now() < deadline, "did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(hook.child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_gets_408() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "slow");
+    let mut hook = Webhook::start(&pki.cert, &pki.key, &["--body-timeout", "1s"]);
+    let tls = client_config(&pki.ca_pem);
+    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head = "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("not received in time"), "{text}");
+    assert!(hook.alive());
+    let (status, _) = post_review(hook.addr, tls, &fixture("pod-bare")).await;
+    assert_eq!(status, 200);
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use clap::Args;
 
-pub use rules::{Cidr, RuleConfig};
+pub use rules::{Cidr, Family, RuleConfig};
 
 /// Flags of `stepmesh init`.
 #[derive(Debug, Args)]
@@ -31,7 +31,7 @@ pub struct InitArgs {
     /// Outbound destination ports not redirected (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination IPv4 networks not redirected (comma-separated CIDRs).
+    /// Outbound destination networks not redirected (comma-separated IPv4 or IPv6 CIDRs).
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// Print the rules (iptables-restore format) instead of installing them.
@@ -46,12 +46,12 @@ pub struct InitArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     /// The iptables tool could not be started.
-    #[error("running {tool}: {source} (is iptables installed?)")]
+    #[error("running {tool}: {cause} (is iptables installed?)")]
     Spawn {
         /// The program.
         tool: &'static str,
         /// What the OS said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The iptables tool ran and refused.
     #[error("{tool} failed ({status}): {stderr}")]
@@ -80,37 +80,85 @@ impl InitArgs {
     }
 }
 
-/// Installs, prints or removes the rules.
+/// Installs, prints or removes the rules: IPv4 always, IPv6 too when
+/// `ip6tables-restore` is present (a pod's IPv6 traffic must not bypass the
+/// sidecar; without the tool there is nothing to bypass through it, and that
+/// is logged).
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let config = args.rule_config();
-    match (args.dry_run, args.cleanup) {
-        (true, false) => print!("{}", rules::install(&config)),
-        (true, true) => match rules::cleanup(&save()?) {
-            Some(input) => print!("{input}"),
-            None => println!("# nothing to remove"),
-        },
-        (false, true) => {
-            if let Some(input) = rules::cleanup(&save()?) {
-                restore(&input)?;
-            }
-            tracing::info!("interception rules removed");
+    if args.dry_run && !args.cleanup {
+        print!("{}", rules::install(&config, Family::V4));
+        println!("# IPv6 (ip6tables-restore)");
+        print!("{}", rules::install(&config, Family::V6));
+        return Ok(());
+    }
+    for family in [Family::V4, Family::V6] {
+        if family == Family::V6 && !std::path::Path::new("/proc/net/if_inet6").exists() {
+            // IPv6 disabled in this kernel: no IPv6 traffic to intercept.
+            tracing::info!("IPv6 is disabled in the kernel; IPv4 rules only");
+            continue;
         }
-        (false, false) => {
-            restore(&rules::install_over(&config, &save()?))?;
-            tracing::info!(?config, "interception rules installed");
+        let tools = Tools::of(family);
+        let existing = match save(tools) {
+            Ok(existing) => existing,
+            Err(InitError::Spawn { cause, .. })
+                if family == Family::V6 && cause.kind() == std::io::ErrorKind::NotFound =>
+            {
+                tracing::warn!("ip6tables-restore not found: IPv6 traffic is not intercepted");
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
+        match (args.dry_run, args.cleanup) {
+            (true, _) => match rules::cleanup(&existing) {
+                Some(input) => print!("# {}\n{input}", tools.restore),
+                None => println!("# {}: nothing to remove", tools.restore),
+            },
+            (false, true) => {
+                if let Some(input) = rules::cleanup(&existing) {
+                    restore(tools, &input)?;
+                }
+                tracing::info!(?family, "interception rules removed");
+            }
+            (false, false) => {
+                restore(tools, &rules::install_over(&config, family, &existing))?;
+                tracing::info!(?family, ?config, "interception rules installed");
+            }
         }
     }
     Ok(())
 }
 
+/// The save/restore programs of one family.
+#[derive(Debug, Clone, Copy)]
+struct Tools {
+    save: &'static str,
+    restore: &'static str,
+}
+
+impl Tools {
+    fn of(family: Family) -> Self {
+        match family {
+            Family::V4 => Self {
+                save: "iptables-save",
+                restore: "iptables-restore",
+            },
+            Family::V6 => Self {
+                save: "ip6tables-save",
+                restore: "ip6tables-restore",
+            },
+        }
+    }
+}
+
 /// The current nat table, as `iptables-save -t nat` prints it.
-fn save() -> Result<String, InitError> {
-    let tool = "iptables-save";
+fn save(tools: Tools) -> Result<String, InitError> {
+    let tool = tools.save;
     let out = Command::new(tool)
         .args(["-t", "nat"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if !out.status.success() {
         return Err(InitError::Failed {
             tool,
@@ -122,23 +170,23 @@ fn save() -> Result<String, InitError> {
 }
 
 /// Applies `input` in one atomic transaction, leaving other rules alone.
-fn restore(input: &str) -> Result<(), InitError> {
-    let tool = "iptables-restore";
+fn restore(tools: Tools, input: &str) -> Result<(), InitError> {
+    let tool = tools.restore;
     let mut child = Command::new(tool)
         .arg("--noflush")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input.as_bytes())
-            .map_err(|source| InitError::Spawn { tool, source })?;
+            .map_err(|cause| InitError::Spawn { tool, cause })?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|source| InitError::Spawn { tool, source })?;
+        .map_err(|cause| InitError::Spawn { tool, cause })?;
     if !out.status.success() {
         return Err(InitError::Failed {
             tool,

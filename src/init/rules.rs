@@ -2,7 +2,7 @@
 //! function of the configuration and of what `iptables-save` shows now.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 /// Chain that decides which inbound TCP goes to the sidecar.
@@ -55,29 +55,75 @@ impl Default for RuleConfig {
     }
 }
 
-/// An IPv4 network `a.b.c.d/len` (host bits must be zero, as iptables would
-/// otherwise silently widen or narrow what the operator meant).
+/// The IP family a rule set is for: `iptables` or `ip6tables`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 (`iptables-restore`).
+    V4,
+    /// IPv6 (`ip6tables-restore`).
+    V6,
+}
+
+impl Family {
+    /// The loopback network of this family.
+    fn loopback(self) -> &'static str {
+        match self {
+            Self::V4 => "127.0.0.0/8",
+            Self::V6 => "::1/128",
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network `addr/len` (host bits must be zero, as iptables
+/// would otherwise silently widen or narrow what the operator meant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     len: u8,
+}
+
+impl Cidr {
+    /// The family whose rules this network belongs in.
+    pub fn family(&self) -> Family {
+        if self.addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
 }
 
 impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("CIDR {s:?}: {addr:?} is not an IPv4 address"))?;
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("CIDR {s:?}: prefix length must be 0..=32"))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        if u32::from(addr) & !mask != 0 {
+            .map_err(|_| format!("CIDR {s:?}: {addr:?} is not an IP address"))?;
+        let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            None => bits,
+            Some(len) => len
+                .parse()
+                .ok()
+                .filter(|l| *l <= bits)
+                .ok_or_else(|| format!("CIDR {s:?}: prefix length must be 0..={bits}"))?,
+        };
+        let value: u128 = match addr {
+            IpAddr::V4(a) => u32::from(a).into(),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let host_bits = u32::from(bits - len);
+        let host_mask = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        if value & host_mask != 0 {
             return Err(format!("CIDR {s:?}: host bits are set"));
         }
         Ok(Self { addr, len })
@@ -90,16 +136,17 @@ impl std::fmt::Display for Cidr {
     }
 }
 
-/// The whole rule set, for `--dry-run` and a first install.
-pub fn install(config: &RuleConfig) -> String {
-    install_over(config, "")
+/// The whole rule set of one family, for `--dry-run` and a first install.
+pub fn install(config: &RuleConfig, family: Family) -> String {
+    install_over(config, family, "")
 }
 
-/// The `iptables-restore --noflush` input that (re)builds our chains over the
-/// current nat table `existing` (`iptables-save -t nat` output). Declaring a
-/// chain flushes it, so applying twice yields the same rules; a jump already
-/// present is not added again.
-pub fn install_over(config: &RuleConfig, existing: &str) -> String {
+/// The `iptables-restore --noflush` (or `ip6tables-restore`) input that
+/// (re)builds our chains over the current nat table `existing` (`-save -t
+/// nat` output). Declaring a chain flushes it, so applying twice yields the
+/// same rules; a jump already present is not added again. CIDRs of the other
+/// family are left to the other table.
+pub fn install_over(config: &RuleConfig, family: Family, existing: &str) -> String {
     let mut out = String::from("*nat\n");
     for chain in CHAINS {
         // writeln! into a String cannot fail.
@@ -131,11 +178,15 @@ pub fn install_over(config: &RuleConfig, existing: &str) -> String {
         &format!("-m owner --uid-owner {} -j RETURN", config.proxy_uid),
     );
     rule(OUTPUT, "-o lo -j RETURN");
-    rule(OUTPUT, "-d 127.0.0.0/8 -j RETURN");
+    rule(OUTPUT, &format!("-d {} -j RETURN", family.loopback()));
     for port in dedup(config.exclude_outbound_ports.clone()) {
         rule(OUTPUT, &format!("-p tcp --dport {port} -j RETURN"));
     }
-    for cidr in &config.exclude_outbound_cidrs {
+    for cidr in config
+        .exclude_outbound_cidrs
+        .iter()
+        .filter(|c| c.family() == family)
+    {
         rule(OUTPUT, &format!("-d {cidr} -j RETURN"));
     }
     rule(OUTPUT, &format!("-p tcp -j {REDIRECT_OUT}"));
@@ -206,14 +257,17 @@ mod tests {
         RuleConfig {
             exclude_inbound_ports: vec![9090, 15020],
             exclude_outbound_ports: vec![5432],
-            exclude_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            exclude_outbound_cidrs: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10::/108".parse().unwrap(),
+            ],
             ..RuleConfig::default()
         }
     }
 
     #[test]
     fn install_has_chains_exclusions_and_jumps() {
-        let rules = install(&config());
+        let rules = install(&config(), Family::V4);
         let expected = "*nat
 :STEPMESH_INBOUND - [0:0]
 :STEPMESH_REDIRECT_IN - [0:0]
@@ -235,6 +289,20 @@ mod tests {
 COMMIT
 ";
         assert_eq!(rules, expected);
+        let v6 = install(&config(), Family::V6);
+        assert!(
+            v6.contains("-A STEPMESH_OUTPUT -d ::1/128 -j RETURN\n"),
+            "{v6}"
+        );
+        assert!(
+            v6.contains("-A STEPMESH_OUTPUT -d fd00:10::/108 -j RETURN\n"),
+            "{v6}"
+        );
+        assert!(
+            !v6.contains("10.96.0.0/12") && !v6.contains("127.0.0.0/8"),
+            "{v6}"
+        );
+        assert!(v6.contains("-A STEPMESH_INBOUND -p tcp --dport 9090 -j RETURN\n"));
     }
 
     #[test]
@@ -242,7 +310,7 @@ COMMIT
         let existing = "*nat\n:PREROUTING ACCEPT [0:0]\n:STEPMESH_INBOUND - [0:0]\n\
                         -A PREROUTING -p tcp -j STEPMESH_INBOUND\n\
                         -A OUTPUT -p tcp -j STEPMESH_OUTPUT\nCOMMIT\n";
-        let rules = install_over(&config(), existing);
+        let rules = install_over(&config(), Family::V4, existing);
         assert!(!rules.contains("-A PREROUTING"), "{rules}");
         assert!(!rules.contains("-A OUTPUT "), "{rules}");
         assert!(rules.contains(":STEPMESH_INBOUND - [0:0]"));
@@ -250,7 +318,7 @@ COMMIT
 
     #[test]
     fn cleanup_removes_jumps_then_chains() {
-        let existing = install(&config());
+        let existing = install(&config(), Family::V4);
         let undo = cleanup(&existing).unwrap();
         assert!(undo.contains("-D PREROUTING -p tcp -j STEPMESH_INBOUND\n"));
         assert!(undo.contains("-D OUTPUT -p tcp -j STEPMESH_OUTPUT\n"));
@@ -281,7 +349,18 @@ COMMIT
             .unwrap_err()
             .contains("host bits"));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("fd00::/8".parse::<Cidr>().unwrap_err().contains("IPv4"));
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().family(), Family::V6);
+        assert!("fd00::1/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("host bits"));
+        assert!("::/129".parse::<Cidr>().is_err());
+        assert_eq!("::/0".parse::<Cidr>().unwrap().to_string(), "::/0");
+        assert!("example.com/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("not an IP"));
         assert_eq!(
             "0.0.0.0/0".parse::<Cidr>().unwrap().to_string(),
             "0.0.0.0/0"

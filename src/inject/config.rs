@@ -11,20 +11,20 @@ use crate::init::Cidr;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Read {
         /// The file.
         path: String,
         /// What the OS said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The YAML did not parse or has unknown fields.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Parse {
         /// The file.
         path: String,
         /// What the parser said (names the field).
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     /// A value parsed but makes no sense.
     #[error("{path}: {field}: {reason}")]
@@ -81,10 +81,14 @@ pub struct InjectorConfig {
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound ports never redirected, for every pod.
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound IPv4 networks never redirected, for every pod.
+    /// Outbound networks (IPv4 or IPv6 CIDRs) never redirected, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
     /// Namespaces never injected, whatever the webhook configuration says.
     pub excluded_namespaces: Vec<String>,
+    /// Leave the app's probe ports out of inbound interception so kubelet's
+    /// plaintext probes reach the app. Off: those ports then also accept
+    /// plaintext from anyone, bypassing mTLS (docs/INJECT.md).
+    pub exclude_probe_ports: bool,
 }
 
 /// Requests and limits of one container.
@@ -131,6 +135,7 @@ impl Default for InjectorConfig {
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
+            exclude_probe_ports: false,
         }
     }
 }
@@ -181,13 +186,13 @@ impl InjectorConfig {
             return Ok(Self::default());
         };
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: shown.clone(),
-            source,
+            cause,
         })?;
-        let config: Self = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: Self = serde_yaml::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         config
             .check()
@@ -320,6 +325,15 @@ mod tests {
         assert!(!c.native_sidecar);
         assert_eq!(c.image, "example/stepmesh:dev");
         assert_eq!(c.admin_port, 15020);
+    }
+
+    #[test]
+    fn shipped_config_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/injector/config.yaml");
+        assert_eq!(
+            InjectorConfig::load(Some(&path)).unwrap(),
+            InjectorConfig::default()
+        );
     }
 
     #[test]

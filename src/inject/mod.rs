@@ -8,6 +8,7 @@ pub mod mutate;
 pub mod offline;
 pub mod overrides;
 pub mod patch;
+pub mod probes;
 pub mod review;
 pub mod server;
 pub mod template;
@@ -61,6 +62,12 @@ pub struct ServeArgs {
     /// How often the certificate files are checked, e.g. `2s` or `500ms`.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// Deadline for receiving a request body (408 beyond).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// After SIGTERM, how long in-flight reviews may finish.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// Largest request body accepted (bytes); the API server sends at most ~3 MiB.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -97,7 +104,11 @@ fn run_offline(file: &std::path::Path, config: &InjectorConfig) -> anyhow::Resul
 async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<()> {
     let cert = tls::ReloadingCert::load(&args.cert, &args.key)?;
     let tls_config = tls::server_config(cert.clone())?;
-    let server = server::Server::bind(args.listen, tls_config, config, args.max_body_bytes)
+    let limits = server::Limits {
+        max_body: args.max_body_bytes,
+        body_timeout: args.body_timeout,
+    };
+    let server = server::Server::bind(args.listen, tls_config, config, limits)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = server.local_addr()?;
@@ -105,7 +116,7 @@ async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<(
     tracing::info!(%addr, "injector webhook listening on /inject");
     // Tests and scripts read the bound port from this line.
     println!("listening on {addr}");
-    server.run(shutdown_signal()).await;
+    server.run(shutdown_signal(), args.drain_timeout).await;
     tracing::info!("injector stopped");
     Ok(())
 }

@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 use super::config::InjectorConfig;
 use super::overrides::{self as ann, BadAnnotation, PodSettings};
 use super::patch::{escape, PatchOp};
+use super::probes::probe_ports;
 use super::template::{self, INIT_NAME, PROXY_NAME, VOLUMES};
 
 /// Why a pod was left alone.
@@ -95,7 +96,14 @@ pub fn mutate(
     )? {
         return Ok(Mutation::Skipped(skip));
     }
-    let settings = PodSettings::new(config, annotations)?;
+    let mut settings = PodSettings::new(config, annotations)?;
+    if settings.exclude_probe_ports {
+        for port in probe_ports(containers) {
+            if !settings.exclude_inbound_ports.contains(&port) {
+                settings.exclude_inbound_ports.push(port);
+            }
+        }
+    }
     let volumes = spec.get("volumes").and_then(Value::as_array);
     for existing in volumes.into_iter().flatten() {
         let name = existing.get("name").and_then(Value::as_str).unwrap_or("");

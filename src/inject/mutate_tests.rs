@@ -142,6 +142,39 @@ fn exclusions_reach_the_init_container_args() {
 }
 
 #[test]
+fn probe_ports_are_excluded_only_when_asked() {
+    let mut pod = bare();
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/healthz", "port": 8080}});
+    let init_args = |out: &Value| out["spec"]["initContainers"][0]["args"].to_string();
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        !init_args(&out).contains("--exclude-inbound-ports"),
+        "off by default"
+    );
+    pod["metadata"]["annotations"] = json!({
+        "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/exclude-inbound-ports": "9090",
+    });
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        init_args(&out).contains(r#""--exclude-inbound-ports","9090,8080""#),
+        "{}",
+        init_args(&out)
+    );
+    let config = InjectorConfig {
+        exclude_probe_ports: true,
+        ..InjectorConfig::default()
+    };
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/exclude-probe-ports": "false"});
+    let out = apply(&pod, &config);
+    assert!(
+        !init_args(&out).contains("--exclude-inbound-ports"),
+        "the annotation wins"
+    );
+}
+
+#[test]
 fn skips_and_idempotence() {
     let config = InjectorConfig::default();
     let injected = apply(&bare(), &config);
@@ -206,4 +239,98 @@ fn no_metadata_and_bad_input() {
     bad["metadata"]["annotations"] = json!({"stepmesh.io/exclude-inbound-ports": "http"});
     let err = mutate(&bad, &config, "a").unwrap_err().to_string();
     assert!(err.contains("stepmesh.io/exclude-inbound-ports"), "{err}");
+}
+
+/// Every combination of present, empty, null and absent targets, in both
+/// modes: the patch applies (json-patch crate), our containers land where
+/// they belong, nothing of the pod is lost, and a second pass is a no-op.
+#[test]
+fn patch_applies_over_every_shape_of_pod() {
+    let shapes = |present: Value| [None, Some(Value::Null), Some(json!([])), Some(present)];
+    let maps = [
+        None,
+        Some(Value::Null),
+        Some(json!({})),
+        Some(json!({"k/x": "v"})),
+    ];
+    let mut cases = 0;
+    for native in [true, false] {
+        let config = InjectorConfig {
+            native_sidecar: native,
+            ..InjectorConfig::default()
+        };
+        for init in shapes(json!([{"name": "migrate", "image": "m"}])) {
+            for volumes in shapes(json!([{"name": "data", "emptyDir": {}}])) {
+                for annotations in &maps {
+                    for labels in &maps {
+                        for metadata in [true, false] {
+                            let mut pod = bare();
+                            set(&mut pod["spec"], "initContainers", init.clone());
+                            set(&mut pod["spec"], "volumes", volumes.clone());
+                            if metadata {
+                                set(&mut pod["metadata"], "annotations", annotations.clone());
+                                set(&mut pod["metadata"], "labels", labels.clone());
+                            } else {
+                                pod.as_object_mut().unwrap().remove("metadata");
+                            }
+                            let out = apply(&pod, &config);
+                            check(&pod, &out, native);
+                            assert_eq!(
+                                mutate(&out, &config, "apps").unwrap(),
+                                Mutation::Skipped(Skip::AlreadyInjected)
+                            );
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 2 * 4 * 4 * 4 * 4 * 2);
+}
+
+fn set(target: &mut Value, key: &str, value: Option<Value>) {
+    let map = target.as_object_mut().unwrap();
+    match value {
+        Some(v) => map.insert(key.to_owned(), v),
+        None => map.remove(key),
+    };
+}
+
+fn check(before: &Value, after: &Value, native: bool) {
+    let init = names(&after["spec"]["initContainers"]);
+    let had_migrate = before["spec"]["initContainers"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty());
+    let expected: Vec<&str> = match (native, had_migrate) {
+        (true, true) => vec!["stepmesh-init", "stepmesh-proxy", "migrate"],
+        (true, false) => vec!["stepmesh-init", "stepmesh-proxy"],
+        (false, true) => vec!["migrate", "stepmesh-init"],
+        (false, false) => vec!["stepmesh-init"],
+    };
+    assert_eq!(init, expected, "{before}");
+    let volumes = names(&after["spec"]["volumes"]);
+    assert_eq!(&volumes[volumes.len() - 3..], VOLUMES, "{before}");
+    if before["spec"]["volumes"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        assert_eq!(volumes[0], "data");
+    }
+    if before.pointer("/metadata/annotations/k~1x").is_some() {
+        assert_eq!(after["metadata"]["annotations"]["k/x"], "v");
+    }
+    if before.pointer("/metadata/labels/k~1x").is_some() {
+        assert_eq!(after["metadata"]["labels"]["k/x"], "v");
+    }
+    assert_eq!(
+        after["metadata"]["annotations"]["stepmesh.io/injected"],
+        "true"
+    );
+    assert_eq!(
+        after["metadata"]["labels"]["stepmesh.io/service-account"],
+        "default"
+    );
+    let app = names(&after["spec"]["containers"]);
+    assert_eq!(app.last(), Some(&"app"));
 }

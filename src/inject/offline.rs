@@ -12,28 +12,28 @@ use super::patch::{apply, PatchError};
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
     /// The input is not YAML.
-    #[error("document {doc}: {source}")]
+    #[error("document {doc}: {cause}")]
     Yaml {
         /// 1-based document number.
         doc: usize,
         /// What the parser said.
-        source: serde_yaml::Error,
+        cause: serde_yaml::Error,
     },
     /// A pod (template) could not be injected.
-    #[error("{object}: {source}")]
+    #[error("{object}: {cause}")]
     Mutate {
         /// `kind/name` of the object.
         object: String,
         /// Why.
-        source: MutateError,
+        cause: MutateError,
     },
     /// Our own patch did not apply (a bug, reported rather than hidden).
-    #[error("{object}: {source}")]
+    #[error("{object}: {cause}")]
     Patch {
         /// `kind/name` of the object.
         object: String,
         /// Why.
-        source: PatchError,
+        cause: PatchError,
     },
 }
 
@@ -56,7 +56,7 @@ pub fn inject_yaml(
     let mut reports = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
         let mut value =
-            Value::deserialize(doc).map_err(|source| OfflineError::Yaml { doc: i + 1, source })?;
+            Value::deserialize(doc).map_err(|cause| OfflineError::Yaml { doc: i + 1, cause })?;
         if value.is_null() {
             continue; // an empty document, e.g. a leading `---`
         }
@@ -118,19 +118,19 @@ fn inject_object(
         }
     };
     let Some(pod) = value.pointer_mut(pointer) else {
-        let source = MutateError::NotAPod("no pod template");
-        return Err(OfflineError::Mutate { object, source });
+        let cause = MutateError::NotAPod("no pod template");
+        return Err(OfflineError::Mutate { object, cause });
     };
     let action = match mutate(pod, config, &namespace) {
         Ok(Mutation::Patch(ops)) => {
-            apply(pod, &ops).map_err(|source| OfflineError::Patch {
+            apply(pod, &ops).map_err(|cause| OfflineError::Patch {
                 object: object.clone(),
-                source,
+                cause,
             })?;
             "injected".to_owned()
         }
         Ok(Mutation::Skipped(skip)) => format!("skipped: {}", skip.reason()),
-        Err(source) => return Err(OfflineError::Mutate { object, source }),
+        Err(cause) => return Err(OfflineError::Mutate { object, cause }),
     };
     reports.push(Report { object, action });
     Ok(())

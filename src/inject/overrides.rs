@@ -24,8 +24,10 @@ pub const NATIVE_SIDECAR: &str = "stepmesh.io/native-sidecar";
 pub const EXCLUDE_INBOUND_PORTS: &str = "stepmesh.io/exclude-inbound-ports";
 /// Comma-separated outbound ports not redirected (added to the config's).
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "stepmesh.io/exclude-outbound-ports";
-/// Comma-separated outbound IPv4 CIDRs not redirected (added to the config's).
+/// Comma-separated outbound CIDRs (IPv4 or IPv6) not redirected (added to the config's).
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "stepmesh.io/exclude-outbound-cidrs";
+/// `"true"`/`"false"`: leave the app's probe ports out of interception.
+pub const EXCLUDE_PROBE_PORTS: &str = "stepmesh.io/exclude-probe-ports";
 /// Sidecar CPU request.
 pub const CPU_REQUEST: &str = "stepmesh.io/proxy-cpu-request";
 /// Sidecar CPU limit.
@@ -62,6 +64,8 @@ pub struct PodSettings {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound networks not redirected.
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// Add the app's probe ports to the inbound exclusions.
+    pub exclude_probe_ports: bool,
     /// Sidecar resources.
     pub resources: Resources,
     /// Sidecar log filter.
@@ -93,6 +97,7 @@ impl PodSettings {
             exclude_outbound_ports: config.exclude_outbound_ports.clone(),
             // Checked when the configuration was loaded; a bad entry is dropped.
             exclude_outbound_cidrs: config.cidrs().unwrap_or_default(),
+            exclude_probe_ports: config.exclude_probe_ports,
             resources: config.resources.clone(),
             log_level: config.log_level.clone(),
             policy_config_map: config.policy_config_map.clone(),
@@ -103,6 +108,13 @@ impl PodSettings {
                 "true" => true,
                 "false" => false,
                 other => return Err(bad(NATIVE_SIDECAR, other, "is not true or false")),
+            };
+        }
+        if let Some(v) = get(EXCLUDE_PROBE_PORTS) {
+            s.exclude_probe_ports = match v {
+                "true" => true,
+                "false" => false,
+                other => return Err(bad(EXCLUDE_PROBE_PORTS, other, "is not true or false")),
             };
         }
         if let Some(v) = get(EXCLUDE_INBOUND_PORTS) {

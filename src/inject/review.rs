@@ -20,7 +20,7 @@ pub enum ReviewError {
     Empty,
     /// The body is not JSON.
     #[error("malformed JSON: {0}")]
-    Malformed(#[from] serde_json::Error),
+    Malformed(serde_json::Error),
     /// Top-level `apiVersion` is not `admission.k8s.io/v1`.
     #[error("apiVersion {0:?} is not supported: expected \"admission.k8s.io/v1\"")]
     ApiVersion(String),
@@ -48,7 +48,7 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<(Value, Outcome), 
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ReviewError::Empty);
     }
-    let doc: Value = serde_json::from_slice(body)?;
+    let doc: Value = serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
     let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let api_version = text(&doc, "apiVersion").ok_or(ReviewError::Field("apiVersion"))?;
     if api_version != API_VERSION {

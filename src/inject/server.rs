@@ -26,11 +26,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// Per-request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body accepted (413 beyond).
+    pub max_body: usize,
+    /// Deadline for receiving the body (408 beyond): a slow sender cannot
+    /// hold a connection slot.
+    pub body_timeout: Duration,
+}
+
 /// What every request handler shares.
 #[derive(Debug)]
 struct State {
     config: InjectorConfig,
-    max_body: usize,
+    limits: Limits,
     metrics: InjectorMetrics,
     registry: prometheus_client::registry::Registry,
 }
@@ -43,12 +53,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `addr`; bodies over `max_body` bytes are refused with 413.
+    /// Binds `addr`.
     pub async fn bind(
         addr: SocketAddr,
         tls: rustls::ServerConfig,
         config: InjectorConfig,
-        max_body: usize,
+        limits: Limits,
     ) -> std::io::Result<Self> {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = InjectorMetrics::new(&mut registry);
@@ -57,7 +67,7 @@ impl Server {
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             state: Arc::new(State {
                 config,
-                max_body,
+                limits,
                 metrics,
                 registry,
             }),
@@ -69,19 +79,23 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes; then stops accepting.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` completes, then drains: stops accepting, lets
+    /// every connection finish the request it is on (idle keep-alive
+    /// connections close at once), and returns when all are done or after
+    /// `drain` at most.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 permit = limit.clone().acquire_owned() => permit,
             };
             // The semaphore is never closed.
-            let Ok(permit) = permit else { return };
+            let Ok(permit) = permit else { break };
             let accepted = tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 accepted = self.listener.accept() => accepted,
             };
             let (tcp, peer) = match accepted {
@@ -94,28 +108,58 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = self.acceptor.clone();
-            let state = self.state.clone();
+            let (acceptor, state) = (self.acceptor.clone(), self.state.clone());
+            let stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-                let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT);
-                if let Err(err) = builder.serve_connection(TokioIo::new(tls), service).await {
-                    tracing::debug!(%peer, %err, "connection ended with an error");
-                }
+                serve_connection(acceptor, tcp, peer, state, stop).await;
             });
         }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timed out; closing the remaining connections");
+        }
+    }
+}
+
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let stopped = async move {
+        // The guard `wait_for` returns must not live across an await.
+        let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, %err, "connection ended with an error");
     }
 }
 
@@ -162,7 +206,7 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
     let too_big = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {} bytes", state.max_body),
+            &format!("body larger than {} bytes", state.limits.max_body),
         )
     };
     let declared = req
@@ -170,13 +214,17 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > state.max_body as u64) {
+    if declared.is_some_and(|len| len > state.limits.max_body as u64) {
         return too_big();
     }
-    let body = match Limited::new(req.into_body(), state.max_body)
-        .collect()
-        .await
-    {
+    let collect = Limited::new(req.into_body(), state.limits.max_body).collect();
+    let Ok(collected) = tokio::time::timeout(state.limits.body_timeout, collect).await else {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_big(),
         Err(err) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {err}")),

@@ -16,12 +16,12 @@ use rustls::ServerConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file holds no usable PEM of the expected kind.
     #[error("{path}: {what}")]
@@ -33,7 +33,7 @@ pub enum TlsError {
     },
     /// rustls refused the pair (unsupported key, or key and cert differ).
     #[error("certificate and key: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
 }
 
 /// Resolves every handshake to the current certificate.
@@ -109,7 +109,8 @@ impl ResolvesServerCert for ReloadingCert {
 /// A TLS 1.3-only server config offering `h2` and `http/1.1`.
 pub fn server_config(cert: Arc<ReloadingCert>) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Rustls)?
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -121,9 +122,9 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -153,5 +154,5 @@ fn certified_key(
             what: "no private key block",
         })?;
     // from_der also checks that the key belongs to the leaf.
-    Ok(CertifiedKey::from_der(certs, key, &provider())?)
+    CertifiedKey::from_der(certs, key, &provider()).map_err(TlsError::Rustls)
 }

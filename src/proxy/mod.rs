@@ -1,25 +1,64 @@
-//! The sidecar: identity, listeners, forwarding.
+//! The sidecar (`stepmesh proxy`): listeners, mTLS in and out, L4
+//! authorization, forwarding, drain. See docs/PROXY.md.
 
-use clap::Args;
+pub mod args;
+pub mod conn;
+pub mod forward;
+pub mod inbound;
+mod launch;
+pub mod listener;
+pub mod outbound;
+mod run;
+pub mod transparent;
 
-/// Flags of `stepmesh proxy`.
-#[derive(Debug, Args)]
-pub struct ProxyArgs {
-    /// Tokio worker threads (default: one per core).
-    #[arg(long, env = "STEPMESH_WORKERS")]
-    pub workers: Option<usize>,
-}
+pub use args::ProxyArgs;
+pub use run::run;
 
-/// Builds the runtime the proxy runs on (`--workers`).
+use crate::identity::IdentitySource;
+
+/// Builds the runtime the proxy runs on (`--workers`). One worker means a
+/// current-thread runtime: every task on one thread, no cross-thread wakeups
+/// or work stealing to pay for.
 pub fn runtime(args: &ProxyArgs) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = args.workers {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match args.workers {
+        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     Ok(builder.enable_all().build()?)
 }
 
-/// Runs the sidecar until SIGTERM/SIGINT and the drain end.
-pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    anyhow::bail!("proxy is not built yet ({args:?})")
+/// The identity source the flags select.
+fn identity_source(args: &ProxyArgs) -> anyhow::Result<IdentitySource> {
+    match (&args.ca, &args.cert, &args.key, &args.bundle) {
+        (None, Some(cert), Some(key), Some(bundle)) => {
+            Ok(IdentitySource::Files(crate::identity::files::FileSource {
+                cert: cert.clone(),
+                key: key.clone(),
+                bundle: bundle.clone(),
+                poll: args.file_poll_interval,
+            }))
+        }
+        (Some(ca), None, None, None) => {
+            let missing = |flag: &str| anyhow::anyhow!("--ca needs {flag}");
+            let td = args.trust_domain.as_deref().ok_or_else(|| missing("--trust-domain"))?;
+            Ok(IdentitySource::Ca(crate::identity::ca::CaSource {
+                addr: ca.clone(),
+                ca_bundle: args.ca_bundle.clone().ok_or_else(|| missing("--ca-bundle"))?,
+                token_file: args.token_file.clone().ok_or_else(|| missing("--token-file"))?,
+                trust_domain: td
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--trust-domain {td:?}: {e}"))?,
+                ttl: args.svid_ttl,
+            }))
+        }
+        _ => anyhow::bail!(
+            "identity: give either --ca --ca-bundle --token-file --trust-domain, or --cert --key --bundle"
+        ),
+    }
 }

@@ -1,0 +1,196 @@
+//! The JSON access log: one line per connection on stdout, through its own
+//! writer thread (not tracing's stderr), so operators can ship it apart from
+//! diagnostics and a slow stdout never blocks a runtime thread.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Lines waiting for the writer; beyond this, lines are dropped and counted.
+const QUEUE: usize = 8192;
+
+/// One connection's record.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord<'a> {
+    /// RFC 3339 UTC time the connection ended.
+    pub ts: String,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The peer's SPIFFE ID (inbound: the client; outbound: the server), if known.
+    pub peer_id: Option<&'a str>,
+    /// The client's socket address.
+    pub src: String,
+    /// Where the bytes went (app or peer address).
+    pub dst: &'a str,
+    /// The policy port.
+    pub port: u16,
+    /// `allow`, `deny`, `would_deny` (audit mode), `error`.
+    pub decision: &'static str,
+    /// Why: the policy's reason, or the failure.
+    pub reason: &'a str,
+    /// The policy rule that decided, if any.
+    pub rule: Option<&'a str>,
+    /// Bytes from the client to the server.
+    pub bytes_in: u64,
+    /// Bytes from the server back to the client.
+    pub bytes_out: u64,
+    /// Connection lifetime in milliseconds.
+    pub duration_ms: u64,
+    /// The error that ended the connection, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A cheap handle to the writer thread (clone per listener).
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: Option<SyncSender<Msg>>,
+    dropped: Counter,
+}
+
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Msg {
+    /// One line, newline included.
+    Line(String),
+    /// Everything queued before is written: acknowledge.
+    Flush(SyncSender<()>),
+}
+
+impl AccessLog {
+    /// Starts the writer thread on stdout; registers the dropped-lines counter.
+    pub fn stdout(registry: &mut Registry) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Msg>(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let mut acks = Vec::new();
+                while let Ok(msg) = rx.recv() {
+                    let mut out = stdout.lock();
+                    // Take what queued meanwhile before the flush syscall.
+                    for msg in std::iter::once(msg).chain(rx.try_iter()) {
+                        match msg {
+                            Msg::Line(line) => {
+                                let _ = out.write_all(line.as_bytes());
+                            }
+                            Msg::Flush(ack) => acks.push(ack),
+                        }
+                    }
+                    let _ = out.flush();
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
+                }
+            })?;
+        let dropped = Counter::default();
+        registry.register(
+            "stepmesh_access_log_dropped",
+            "Access-log lines dropped because stdout could not keep up",
+            dropped.clone(),
+        );
+        Ok(Self {
+            tx: Some(tx),
+            dropped,
+        })
+    }
+
+    /// An access log that writes nothing (`--no-access-log`).
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            dropped: Counter::default(),
+        }
+    }
+
+    /// Queues one line; never blocks (a full queue drops and counts the line).
+    pub fn log(&self, record: &ConnectionRecord<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(record) else {
+            return;
+        };
+        line.push('\n');
+        if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Line(line)) {
+            self.dropped.inc();
+        }
+    }
+
+    /// Blocks until every line queued so far is written, or `timeout`
+    /// passes (at exit; call it off the runtime threads).
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (ack, done) = sync_channel(1);
+        if tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(timeout);
+        }
+    }
+
+    /// Lines dropped because stdout could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+}
+
+/// Now as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A time as RFC 3339 UTC with milliseconds (civil-from-days, H. Hinnant).
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_is_one_json_line() {
+        let record = ConnectionRecord {
+            ts: now_rfc3339(),
+            direction: "inbound",
+            peer_id: Some("spiffe://td/ns/a/sa/b"),
+            src: "127.0.0.1:1".into(),
+            dst: "127.0.0.1:2",
+            port: 8443,
+            decision: "deny",
+            reason: "not in allow list",
+            rule: Some("ports[0]"),
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 1,
+            error: None,
+        };
+        let line = serde_json::to_string(&record).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["peer_id"], "spiffe://td/ns/a/sa/b");
+        assert_eq!(v["rule"], "ports[0]");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        assert!(!line.contains('\n'));
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_709_251_199_123);
+        assert_eq!(rfc3339(t), "2024-02-29T23:59:59.123Z");
+    }
+}

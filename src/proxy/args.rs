@@ -1,0 +1,208 @@
+//! Flags of `stepmesh proxy` and the small value types they parse into.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Flags of `stepmesh proxy`: identity source, listeners, limits.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// CA address (host:port) to obtain an SVID from (identity source 1).
+    #[arg(long, env = "STEPMESH_CA", requires_all = ["ca_bundle", "token_file", "trust_domain"], conflicts_with_all = ["cert", "key", "bundle"])]
+    pub ca: Option<String>,
+    /// PEM trust bundle the CA's TLS certificate chains to.
+    #[arg(long, env = "STEPMESH_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// File holding the credential for the CA (re-read on every renewal: kubelet rotates it).
+    #[arg(long, env = "STEPMESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Our trust domain (with --ca).
+    #[arg(long, env = "STEPMESH_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// SVID TTL to ask the CA for (default: the CA's).
+    #[arg(long, value_parser = parse_duration, env = "STEPMESH_SVID_TTL")]
+    pub svid_ttl: Option<Duration>,
+    /// SVID chain PEM from an outside issuer (identity source 2; watched).
+    #[arg(long, env = "STEPMESH_CERT", requires_all = ["key", "bundle"])]
+    pub cert: Option<PathBuf>,
+    /// Private key PEM of --cert (watched).
+    #[arg(long, env = "STEPMESH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust bundle PEM of our trust domain (watched).
+    #[arg(long, env = "STEPMESH_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// How often --cert/--key/--bundle are checked for changes.
+    #[arg(long, value_parser = parse_duration, default_value = "1s", env = "STEPMESH_FILE_POLL")]
+    pub file_poll_interval: Duration,
+    /// mTLS inbound listener: LISTEN=APP_ADDR (repeatable).
+    #[arg(long, env = "STEPMESH_INBOUND", value_delimiter = ',')]
+    pub inbound: Vec<InboundSpec>,
+    /// mTLS outbound listener: LISTEN=PEER_ADDR@SPIFFE_ID, ID exact or ending `/*` (repeatable).
+    #[arg(long, env = "STEPMESH_OUTBOUND", value_delimiter = ',')]
+    pub outbound: Vec<OutboundSpec>,
+    /// Transparent mode: listeners on --inbound-port/--outbound-port, destination from SO_ORIGINAL_DST.
+    #[arg(long, env = "STEPMESH_TRANSPARENT")]
+    pub transparent: bool,
+    /// Transparent inbound port (where `stepmesh init` redirects inbound TCP).
+    #[arg(long, default_value_t = 15006, env = "STEPMESH_INBOUND_PORT")]
+    pub inbound_port: u16,
+    /// Transparent outbound port (where `stepmesh init` redirects outbound TCP).
+    #[arg(long, default_value_t = 15001, env = "STEPMESH_OUTBOUND_PORT")]
+    pub outbound_port: u16,
+    /// Policy file (watched; a bad file keeps the old policy). Default: allow
+    /// authenticated peers of our trust domain.
+    #[arg(long, env = "STEPMESH_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Admin address: /healthz, /ready, /metrics, /config.
+    #[arg(long, default_value = "127.0.0.1:15020", env = "STEPMESH_ADMIN")]
+    pub admin: SocketAddr,
+    /// How long in-flight connections may finish after SIGTERM.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "STEPMESH_DRAIN_TIMEOUT")]
+    pub drain_timeout: Duration,
+    /// TLS handshake deadline for inbound and outbound mTLS.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Duration,
+    /// A connection with no byte in either direction for this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
+    /// Deadline for dialling the app or the peer.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
+    pub connect_timeout: Duration,
+    /// Connections open at once, all listeners together; more are closed at accept.
+    #[arg(long, default_value_t = 16384, env = "STEPMESH_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long, env = "STEPMESH_WORKERS")]
+    pub workers: Option<usize>,
+    /// Do not resume TLS sessions on outbound connections.
+    #[arg(long, env = "STEPMESH_NO_SESSION_RESUMPTION")]
+    pub no_session_resumption: bool,
+    /// Also accept and offer TLS 1.2 (default: TLS 1.3 only).
+    #[arg(long, env = "STEPMESH_TLS12")]
+    pub tls12: bool,
+    /// Do not write the JSON access log to stdout.
+    #[arg(long, env = "STEPMESH_NO_ACCESS_LOG")]
+    pub no_access_log: bool,
+}
+
+/// `--inbound LISTEN=APP_ADDR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundSpec {
+    /// Where mTLS is terminated; its port is the policy port.
+    pub listen: SocketAddr,
+    /// The local app (host:port).
+    pub app: String,
+}
+
+impl FromStr for InboundSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (listen, app) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--inbound {s:?}: expected LISTEN=APP_ADDR"))?;
+        let listen = listen
+            .parse()
+            .map_err(|e| format!("--inbound {s:?}: LISTEN {listen:?}: {e}"))?;
+        check_host_port(app).map_err(|e| format!("--inbound {s:?}: APP_ADDR {e}"))?;
+        Ok(Self {
+            listen,
+            app: app.to_owned(),
+        })
+    }
+}
+
+/// `--outbound LISTEN=PEER_ADDR@SPIFFE_ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundSpec {
+    /// Plaintext listener for the local app.
+    pub listen: SocketAddr,
+    /// The peer sidecar (host:port).
+    pub peer: String,
+    /// The identity the peer must present: exact, or a `/*` prefix pattern.
+    pub expected_id: String,
+}
+
+impl FromStr for OutboundSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (listen, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--outbound {s:?}: expected LISTEN=PEER_ADDR@SPIFFE_ID"))?;
+        let (peer, id) = rest
+            .split_once('@')
+            .ok_or_else(|| format!("--outbound {s:?}: expected LISTEN=PEER_ADDR@SPIFFE_ID"))?;
+        let listen = listen
+            .parse()
+            .map_err(|e| format!("--outbound {s:?}: LISTEN {listen:?}: {e}"))?;
+        check_host_port(peer).map_err(|e| format!("--outbound {s:?}: PEER_ADDR {e}"))?;
+        if !id.starts_with("spiffe://") {
+            return Err(format!(
+                "--outbound {s:?}: SPIFFE_ID {id:?} must start with spiffe://"
+            ));
+        }
+        Ok(Self {
+            listen,
+            peer: peer.to_owned(),
+            expected_id: id.to_owned(),
+        })
+    }
+}
+
+fn check_host_port(addr: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{addr:?}: expected host:port")),
+    }
+}
+
+/// Parses `500ms`, `5s`, `10m`, `24h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 5s, 10m, 24h"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn inbound_spec() {
+        let spec: InboundSpec = "127.0.0.1:8443=127.0.0.1:8080".parse().unwrap();
+        assert_eq!(spec.listen.port(), 8443);
+        assert_eq!(spec.app, "127.0.0.1:8080");
+        assert!("127.0.0.1:8443".parse::<InboundSpec>().is_err());
+        assert!("nope=127.0.0.1:8080".parse::<InboundSpec>().is_err());
+        assert!("127.0.0.1:1=app".parse::<InboundSpec>().is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! What every connection handler shares: the process-wide state, the
+//! contexts handed to the protocol seams, and the access-log line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stepmesh_ca::spiffe_id::SpiffeId;
+use tokio::time::Instant;
+
+use crate::accesslog::{now_rfc3339, AccessLog, ConnectionRecord};
+use crate::identity::store::CertStore;
+use crate::metrics::{Direction, ProxyMetrics};
+use crate::policy::{OutboundAction, PolicyWatch, Protocol};
+use crate::proxy::forward::Forwarded;
+
+/// Deadlines of one connection's phases.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TLS handshake.
+    pub handshake: Duration,
+    /// No byte either way.
+    pub idle: Duration,
+    /// Dialling the app or the peer.
+    pub connect: Duration,
+}
+
+/// Process-wide state every connection handler reads.
+#[derive(Debug)]
+pub struct Shared {
+    /// Our SVID and trust bundle.
+    pub store: Arc<CertStore>,
+    /// The live policy.
+    pub policy: PolicyWatch,
+    /// Connection metrics.
+    pub metrics: ProxyMetrics,
+    /// The JSON access log.
+    pub access_log: AccessLog,
+    /// Phase deadlines.
+    pub timeouts: Timeouts,
+}
+
+/// An authenticated, authorized inbound connection, as the protocol layer
+/// (L4 forwarding now, HTTP later) receives it.
+#[derive(Debug, Clone)]
+pub struct InboundContext {
+    /// The client workload's verified SPIFFE ID.
+    pub peer_id: SpiffeId,
+    /// SHA-256 of the client's leaf certificate (RFC 8705 `x5t#S256` binding).
+    pub peer_cert_sha256: [u8; 32],
+    /// Our own SPIFFE ID (for `x-forwarded-client-cert: By=`).
+    pub own_id: Option<SpiffeId>,
+    /// The policy port (listener port, or original destination port).
+    pub port: u16,
+    /// Where the app listens.
+    pub app: Arc<str>,
+    /// The client's socket address.
+    pub client: SocketAddr,
+    /// ALPN protocol negotiated in the mTLS handshake.
+    pub alpn: Option<Vec<u8>>,
+    /// How the policy says to treat this port.
+    pub protocol: Protocol,
+}
+
+/// An accepted outbound connection from the local app, before dialling.
+#[derive(Debug, Clone)]
+pub struct OutboundContext {
+    /// Our own SPIFFE ID.
+    pub own_id: Option<SpiffeId>,
+    /// The app's socket address.
+    pub client: SocketAddr,
+    /// The peer (explicit) or original destination (transparent), host:port.
+    pub dst: Arc<str>,
+    /// Destination port (the policy port of outbound rules).
+    pub port: u16,
+    /// mTLS or passthrough (deny never reaches the seam).
+    pub action: OutboundAction,
+    /// The identity the peer must have, as configured (for logs).
+    pub expected: Arc<str>,
+}
+
+/// How a connection's protocol phase ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Bytes from the client to the server.
+    pub bytes_in: u64,
+    /// Bytes from the server back to the client.
+    pub bytes_out: u64,
+    /// Outbound: the verified peer identity.
+    pub peer_id: Option<SpiffeId>,
+    /// Why it failed (stable label, detail), if it did.
+    pub error: Option<(&'static str, String)>,
+}
+
+impl Outcome {
+    /// A failure before any byte moved.
+    pub fn failed(reason: &'static str, detail: impl ToString) -> Self {
+        Self {
+            error: Some((reason, detail.to_string())),
+            ..Self::default()
+        }
+    }
+
+    /// From a finished forwarding loop (`a` = the client side).
+    pub fn forwarded(done: Forwarded) -> Self {
+        Self {
+            bytes_in: done.a_to_b,
+            bytes_out: done.b_to_a,
+            peer_id: None,
+            error: done.error.map(|e| (e.reason(), e.to_string())),
+        }
+    }
+}
+
+/// The access-log fields known before the protocol phase.
+#[derive(Debug)]
+pub struct ConnLog<'a> {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// App or peer address.
+    pub dst: &'a str,
+    /// The policy port.
+    pub port: u16,
+    /// When the connection was accepted.
+    pub started: Instant,
+}
+
+impl ConnLog<'_> {
+    /// Writes the connection's line.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        log: &AccessLog,
+        peer: Option<&SpiffeId>,
+        decision: &'static str,
+        reason: &str,
+        rule: Option<&str>,
+        outcome: &Outcome,
+    ) {
+        log.log(&ConnectionRecord {
+            ts: now_rfc3339(),
+            direction: self.direction.as_str(),
+            peer_id: peer.map(SpiffeId::as_str),
+            src: self.client.to_string(),
+            dst: self.dst,
+            port: self.port,
+            decision,
+            reason,
+            rule,
+            bytes_in: outcome.bytes_in,
+            bytes_out: outcome.bytes_out,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            error: outcome.error.as_ref().map(|(_, detail)| detail.clone()),
+        });
+    }
+}
+
+/// The metric/log label of a decision.
+pub fn decision_label(allow: bool, would_deny: bool) -> &'static str {
+    match (allow, would_deny) {
+        (false, _) => "deny",
+        (true, true) => "would_deny",
+        (true, false) => "allow",
+    }
+}

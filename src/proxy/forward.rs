@@ -1,0 +1,344 @@
+//! Opaque TCP forwarding: bytes copied exactly in both directions, half-close
+//! kept, backpressure by construction, an idle deadline, no allocation per read.
+//!
+//! Reads land in one scratch buffer per worker thread and are written
+//! straight through to the other side in the same poll, so an idle or chatty
+//! connection holds no buffer of its own. Only when the writer cannot take
+//! everything (backpressure) are the leftover bytes kept in the direction's
+//! spill buffer — allocated on first need, its capacity kept for the life of
+//! the connection — and that direction reads nothing more until the spill is
+//! written out: a slow reader on one side stops reads on the other instead
+//! of queueing. When one side sends EOF, the other side's write half is shut
+//! down (for TLS: `close_notify`, then a TCP FIN) and the opposite direction
+//! keeps flowing until it ends too.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// Bytes read at once: one maximal TLS record of plaintext, so a full read
+/// becomes one record.
+pub const BUF_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// The read buffer of every connection polled on this thread. Borrowed
+    /// only inside one synchronous poll step, never across an await.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUF_SIZE].into_boxed_slice());
+}
+
+/// Why a forwarded connection ended before both sides closed cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No byte moved in either direction for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// A read or write failed; `side` says which stream and which operation.
+    #[error("{side}: {source}")]
+    Io {
+        /// `read client`, `write server`, ...
+        side: &'static str,
+        /// The socket or TLS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ForwardError {
+    /// A stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Idle(_) => "idle_timeout",
+            Self::Io { .. } => "io_error",
+        }
+    }
+}
+
+/// Counters bumped as bytes are written (atomics: no lock on the data path).
+#[derive(Debug, Clone, Default)]
+pub struct ByteCounters {
+    /// Bytes written from the accepting side to the dialled side.
+    pub forward: Counter,
+    /// Bytes written from the dialled side back to the accepting side.
+    pub backward: Counter,
+}
+
+/// The outcome of one forwarded connection, for the access log.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Bytes copied from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes copied from `b` to `a`.
+    pub b_to_a: u64,
+    /// `None` when both sides ended with EOF.
+    pub error: Option<ForwardError>,
+}
+
+/// Copies `a` ⇄ `b` until both directions saw EOF, an error, or the idle
+/// deadline. Idle detection is coarse on purpose (it fires between one and two
+/// idle periods after the last byte) so the hot path only sets a flag.
+pub async fn forward<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+    counters: &ByteCounters,
+) -> Forwarded
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut ab = Half::new("read client", "write server");
+    let mut ba = Half::new("read server", "write client");
+    let mut active = false;
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let result = poll_fn(|cx| {
+        if !ab.done {
+            if let Poll::Ready(Err(e)) =
+                ab.poll_copy(cx, &mut *a, &mut *b, &mut active, &counters.forward)
+            {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if !ba.done {
+            if let Poll::Ready(Err(e)) =
+                ba.poll_copy(cx, &mut *b, &mut *a, &mut active, &counters.backward)
+            {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if ab.done && ba.done {
+            return Poll::Ready(Ok(()));
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if !std::mem::take(&mut active) {
+                return Poll::Ready(Err(ForwardError::Idle(idle)));
+            }
+            sleep.as_mut().reset(Instant::now() + idle);
+        }
+        Poll::Pending
+    })
+    .await;
+    Forwarded {
+        a_to_b: ab.total,
+        b_to_a: ba.total,
+        error: result.err(),
+    }
+}
+
+/// One direction of the copy.
+struct Half {
+    /// Bytes read but not yet accepted by the writer (backpressure only).
+    spill: Vec<u8>,
+    /// How much of `spill` is written.
+    pos: usize,
+    total: u64,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    read_side: &'static str,
+    write_side: &'static str,
+}
+
+/// What one read-and-write-through step did.
+enum Step {
+    /// Nothing to read now.
+    Pending,
+    /// The reader is at EOF.
+    Eof,
+    /// `written` of the bytes read went out; the rest is in the spill.
+    Moved { written: usize },
+    /// Reading failed.
+    ReadFailed(io::Error),
+    /// Writing failed after `written` bytes went out.
+    WriteFailed { written: usize, error: io::Error },
+}
+
+impl Half {
+    fn new(read_side: &'static str, write_side: &'static str) -> Self {
+        Self {
+            spill: Vec::new(),
+            pos: 0,
+            total: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            read_side,
+            write_side,
+        }
+    }
+
+    fn written(&mut self, n: usize, counter: &Counter, active: &mut bool) {
+        if n > 0 {
+            self.total += n as u64;
+            counter.inc_by(n as u64);
+            self.need_flush = true;
+            *active = true;
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        active: &mut bool,
+        counter: &Counter,
+    ) -> Poll<Result<(), ForwardError>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let write_side = self.write_side;
+        let write_err = |source| ForwardError::Io {
+            side: write_side,
+            source,
+        };
+        loop {
+            // Leftovers first: nothing new is read until they are out.
+            while self.pos < self.spill.len() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.spill[self.pos..]))
+                    .map_err(write_err)?;
+                if n == 0 {
+                    return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+                }
+                self.pos += n;
+                self.written(n, counter, active);
+            }
+            self.spill.clear(); // keeps the capacity
+            self.pos = 0;
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
+                // Half-close: pass the EOF on. A peer that already went away
+                // makes shutdown fail; the other direction decides the outcome.
+                if let Err(e) = ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                    tracing::debug!(side = self.write_side, error = %e, "shutdown after EOF");
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            match self.step(cx, reader, writer) {
+                Step::Pending => {
+                    // Nothing more to read now: push out what the writer
+                    // buffered (a TLS stream holds records until flushed).
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Step::Eof => self.read_done = true,
+                Step::Moved { written } => {
+                    *active = true;
+                    self.written(written, counter, active);
+                }
+                Step::ReadFailed(source) => {
+                    return Poll::Ready(Err(ForwardError::Io {
+                        side: self.read_side,
+                        source,
+                    }))
+                }
+                Step::WriteFailed { written, error } => {
+                    self.written(written, counter, active);
+                    return Poll::Ready(Err(write_err(error)));
+                }
+            }
+        }
+    }
+
+    /// Reads into this thread's scratch buffer and writes as much as the
+    /// writer takes right away; the rest goes to the spill.
+    fn step<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Step
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            let n = match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                Poll::Pending => return Step::Pending,
+                Poll::Ready(Err(e)) => return Step::ReadFailed(e),
+                Poll::Ready(Ok(())) => rb.filled().len(),
+            };
+            if n == 0 {
+                return Step::Eof;
+            }
+            let mut written = 0;
+            while written < n {
+                match Pin::new(&mut *writer).poll_write(cx, &scratch[written..n]) {
+                    Poll::Ready(Ok(0)) => {
+                        let error = io::ErrorKind::WriteZero.into();
+                        return Step::WriteFailed { written, error };
+                    }
+                    Poll::Ready(Ok(k)) => written += k,
+                    Poll::Ready(Err(error)) => return Step::WriteFailed { written, error },
+                    Poll::Pending => break,
+                }
+            }
+            // Backpressure: keep the rest (the only copy, and the spill's
+            // capacity is reused, so this allocates at most once).
+            if written < n && self.spill.capacity() == 0 {
+                self.spill.reserve_exact(BUF_SIZE);
+            }
+            self.spill.extend_from_slice(&scratch[written..n]);
+            Step::Moved { written }
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_and_keeps_half_close() {
+        let (mut client, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut server) = tokio::io::duplex(1024);
+        let counters = ByteCounters::default();
+        let task = tokio::spawn(async move {
+            forward(&mut a, &mut b, Duration::from_secs(30), &counters).await
+        });
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload, "server saw the exact bytes, then EOF");
+        server.write_all(b"answer after EOF").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"answer after EOF");
+        let done = task.await.unwrap();
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(done.a_to_b, payload.len() as u64);
+        assert_eq!(done.b_to_a, 16);
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_closed() {
+        let (_client, mut a) = tokio::io::duplex(64);
+        let (mut b, _server) = tokio::io::duplex(64);
+        let done = forward(
+            &mut a,
+            &mut b,
+            Duration::from_millis(100),
+            &ByteCounters::default(),
+        )
+        .await;
+        assert!(matches!(done.error, Some(ForwardError::Idle(_))));
+    }
+}

@@ -1,0 +1,229 @@
+//! Inbound: terminate mTLS, identify the peer by its SVID, authorize it by
+//! the policy, then hand the connection to the port's protocol layer.
+//!
+//! **Seam for the HTTP layer:** [`serve`] is the one function that decides
+//! what happens after authentication and L4 authorization. Today every
+//! protocol takes the opaque TCP path; the HTTP layer replaces the
+//! `Protocol::Http | Protocol::Auto` arm with its own server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::conn::{decision_label, ConnLog, InboundContext, Outcome, Shared};
+use super::forward::forward;
+use super::listener::dial;
+use crate::metrics::Direction;
+use crate::policy::Protocol;
+use crate::tls::{cert_sha256, failure, spiffe_id_of};
+
+/// Where an inbound listener's connections go.
+#[derive(Debug, Clone)]
+pub enum InboundTarget {
+    /// `--inbound LISTEN=APP`: a fixed app; the policy port is LISTEN's port.
+    App {
+        /// The policy port.
+        port: u16,
+        /// The app's address.
+        app: Arc<str>,
+    },
+    /// `--transparent`: the original destination (the pod's own IP:port).
+    OriginalDst,
+}
+
+/// One inbound listener's handler.
+pub struct Inbound {
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    target: InboundTarget,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// A handler terminating TLS with `config`.
+    pub fn new(
+        shared: Arc<Shared>,
+        config: Arc<rustls::ServerConfig>,
+        target: InboundTarget,
+    ) -> Self {
+        Self {
+            shared,
+            acceptor: TlsAcceptor::from(config),
+            target,
+        }
+    }
+
+    /// Handles one accepted connection to its end.
+    pub async fn handle(self: Arc<Self>, tcp: TcpStream, client: SocketAddr) {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let _open = shared.metrics.open_guard(Direction::Inbound);
+        let (port, app): (u16, Arc<str>) = match &self.target {
+            InboundTarget::App { port, app } => (*port, app.clone()),
+            InboundTarget::OriginalDst => match super::transparent::original_dst(&tcp) {
+                Ok(dst) => (dst.port(), dst.to_string().into()),
+                Err(e) => {
+                    shared.metrics.error(Direction::Inbound, "original_dst");
+                    tracing::warn!(%client, error = %e, "inbound: no original destination");
+                    return;
+                }
+            },
+        };
+        let log = ConnLog {
+            direction: Direction::Inbound,
+            client,
+            dst: &app,
+            port,
+            started,
+        };
+        let handshake =
+            tokio::time::timeout(shared.timeouts.handshake, self.acceptor.accept(tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = failure::reason(&e);
+                shared.metrics.handshake_failure(Direction::Inbound, reason);
+                tracing::debug!(%client, reason, error = %e, "inbound handshake failed");
+                let outcome = Outcome::failed(reason, &e);
+                log.write(
+                    &shared.access_log,
+                    None,
+                    "handshake_failed",
+                    reason,
+                    None,
+                    &outcome,
+                );
+                return;
+            }
+            Err(_) => {
+                shared
+                    .metrics
+                    .handshake_failure(Direction::Inbound, "timeout");
+                let outcome = Outcome::failed("timeout", "handshake timed out");
+                log.write(
+                    &shared.access_log,
+                    None,
+                    "handshake_failed",
+                    "timeout",
+                    None,
+                    &outcome,
+                );
+                return;
+            }
+        };
+        let (_, conn) = tls.get_ref();
+        if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
+            shared.metrics.handshake_failure(Direction::Inbound, reason);
+            let outcome = Outcome::failed(reason, "resumed session no longer valid");
+            log.write(
+                &shared.access_log,
+                None,
+                "handshake_failed",
+                reason,
+                None,
+                &outcome,
+            );
+            return;
+        }
+        // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
+        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+            shared
+                .metrics
+                .handshake_failure(Direction::Inbound, "no_client_cert");
+            return;
+        };
+        let Some(peer_id) = spiffe_id_of(leaf) else {
+            shared
+                .metrics
+                .handshake_failure(Direction::Inbound, "bad_san");
+            return;
+        };
+        let peer_cert_sha256 = cert_sha256(leaf);
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+
+        let policy = shared.policy.current();
+        let decision = match crate::policy::SpiffeId::parse(peer_id.as_str()) {
+            // Same type once `policy` re-exports `stepmesh_ca::spiffe_id`;
+            // until then the ID is re-parsed (cannot fail: it is valid).
+            Ok(id) => policy.authorize(&id, port),
+            Err(_) => return,
+        };
+        let label = decision_label(decision.allow, decision.would_deny);
+        shared
+            .metrics
+            .connection(Direction::Inbound, peer_id.as_str(), label);
+        if !decision.allow {
+            tracing::info!(%client, peer = %peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound denied");
+            log.write(
+                &shared.access_log,
+                Some(&peer_id),
+                label,
+                decision.reason,
+                Some(&decision.rule),
+                &Outcome::default(),
+            );
+            return;
+        }
+        let ctx = InboundContext {
+            peer_id,
+            peer_cert_sha256,
+            own_id: shared.store.info().map(|info| info.id),
+            port,
+            app: app.clone(),
+            client,
+            alpn,
+            protocol: policy.port_protocol(port),
+        };
+        drop(policy);
+        let outcome = serve(shared, &ctx, tls).await;
+        if let Some((reason, _)) = &outcome.error {
+            shared.metrics.error(Direction::Inbound, reason);
+        }
+        log.write(
+            &shared.access_log,
+            Some(&ctx.peer_id),
+            label,
+            decision.reason,
+            Some(&decision.rule),
+            &outcome,
+        );
+    }
+}
+
+/// **The inbound protocol seam**: an authenticated, authorized connection
+/// goes to its port's protocol layer. The HTTP layer takes over the
+/// `Http`/`Auto` arm; everything else is opaque TCP.
+pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+    match ctx.protocol {
+        Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
+    }
+}
+
+/// Opaque TCP: dial the app and copy bytes both ways.
+pub async fn forward_tcp(
+    shared: &Shared,
+    ctx: &InboundContext,
+    mut tls: TlsStream<TcpStream>,
+) -> Outcome {
+    let mut app = match dial(&ctx.app, shared.timeouts.connect).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::warn!(app = %ctx.app, error = %e, "inbound: app unreachable");
+            return Outcome::failed("app_connect", e);
+        }
+    };
+    let counters = shared.metrics.byte_counters(Direction::Inbound);
+    let done = forward(&mut tls, &mut app, shared.timeouts.idle, &counters).await;
+    Outcome::forwarded(done)
+}

@@ -1,0 +1,184 @@
+//! Binds the listeners the flags ask for and starts their accept loops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::crypto::CryptoProvider;
+use stepmesh_ca::spiffe_id::{SpiffeIdPattern, TrustDomain};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::args::ProxyArgs;
+use super::conn::Shared;
+use super::inbound::{Inbound, InboundTarget};
+use super::listener::accept_loop;
+use super::outbound::{Outbound, OutboundTarget};
+use crate::drain::DrainWatch;
+use crate::metrics::Direction;
+use crate::tls::verify::Expected;
+use crate::tls::{self, TlsSettings};
+
+/// A bound listener, for `/config` and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListenerInfo {
+    /// `inbound`, `outbound`, `transparent-inbound`, `transparent-outbound`.
+    pub kind: &'static str,
+    /// The bound address.
+    pub listen: SocketAddr,
+    /// Where its connections go.
+    pub target: String,
+    /// The identity an outbound peer must present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_id: Option<String>,
+}
+
+/// Starts every listener of `args`; the accept loops hold clones of `watch`.
+pub async fn listeners(
+    args: &ProxyArgs,
+    expected: Vec<SpiffeIdPattern>,
+    td: &TrustDomain,
+    provider: &Arc<CryptoProvider>,
+    shared: &Arc<Shared>,
+    watch: &DrainWatch,
+) -> anyhow::Result<Vec<ListenerInfo>> {
+    let settings = TlsSettings {
+        tls12: args.tls12,
+        session_resumption: !args.no_session_resumption,
+    };
+    let store = &shared.store;
+    let server_config = tls::server_config(provider, store, Vec::new(), settings)?;
+    let mut launcher = Launcher {
+        shared: shared.clone(),
+        permits: Arc::new(Semaphore::new(args.max_connections)),
+        watch: watch.clone(),
+        infos: Vec::new(),
+    };
+    for spec in &args.inbound {
+        let listener = bind(spec.listen, "--inbound").await?;
+        let target = InboundTarget::App {
+            port: listener.local_addr()?.port(),
+            app: spec.app.as_str().into(),
+        };
+        let info = (listener.local_addr()?, "inbound", spec.app.clone(), None);
+        launcher.inbound(listener, &server_config, target, info);
+    }
+    for (spec, pattern) in args.outbound.iter().zip(expected) {
+        let config = tls::client_config(
+            provider,
+            store,
+            Expected::Pattern(pattern),
+            Vec::new(),
+            settings,
+        )?;
+        let listener = bind(spec.listen, "--outbound").await?;
+        let target = OutboundTarget::Peer {
+            peer: spec.peer.as_str().into(),
+            expected: spec.expected_id.as_str().into(),
+        };
+        let expected = Some(spec.expected_id.clone());
+        let info = (
+            listener.local_addr()?,
+            "outbound",
+            spec.peer.clone(),
+            expected,
+        );
+        launcher.outbound(listener, config, target, info);
+    }
+    if args.transparent {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        let listener = bind(any(args.inbound_port), "--inbound-port").await?;
+        let info = (
+            listener.local_addr()?,
+            "transparent-inbound",
+            "original destination".into(),
+            None,
+        );
+        launcher.inbound(listener, &server_config, InboundTarget::OriginalDst, info);
+        let config = tls::client_config(
+            provider,
+            store,
+            Expected::AnyInTrustDomain,
+            Vec::new(),
+            settings,
+        )?;
+        let listener = bind(any(args.outbound_port), "--outbound-port").await?;
+        let info = (
+            listener.local_addr()?,
+            "transparent-outbound",
+            "original destination (policy outbound rules)".into(),
+            Some(format!("spiffe://{td}/*")),
+        );
+        launcher.outbound(listener, config, OutboundTarget::OriginalDst, info);
+    }
+    Ok(launcher.infos)
+}
+
+type Info = (SocketAddr, &'static str, String, Option<String>);
+
+struct Launcher {
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    watch: DrainWatch,
+    infos: Vec<ListenerInfo>,
+}
+
+impl Launcher {
+    fn inbound(
+        &mut self,
+        listener: TcpListener,
+        config: &Arc<rustls::ServerConfig>,
+        target: InboundTarget,
+        info: Info,
+    ) {
+        let handler = Arc::new(Inbound::new(self.shared.clone(), config.clone(), target));
+        let (watch, permits) = (self.watch.clone(), self.permits.clone());
+        let metrics = self.shared.metrics.clone();
+        tokio::spawn(accept_loop(
+            listener,
+            Direction::Inbound,
+            watch,
+            permits,
+            metrics,
+            move |tcp, client| handler.clone().handle(tcp, client),
+        ));
+        self.record(info);
+    }
+
+    fn outbound(
+        &mut self,
+        listener: TcpListener,
+        config: Arc<rustls::ClientConfig>,
+        target: OutboundTarget,
+        info: Info,
+    ) {
+        let handler = Arc::new(Outbound::new(self.shared.clone(), config, target));
+        let (watch, permits) = (self.watch.clone(), self.permits.clone());
+        let metrics = self.shared.metrics.clone();
+        tokio::spawn(accept_loop(
+            listener,
+            Direction::Outbound,
+            watch,
+            permits,
+            metrics,
+            move |tcp, client| handler.clone().handle(tcp, client),
+        ));
+        self.record(info);
+    }
+
+    fn record(&mut self, (listen, kind, target, expected_id): Info) {
+        tracing::info!(kind, %listen, upstream = %target, "listening");
+        self.infos.push(ListenerInfo {
+            kind,
+            listen,
+            target,
+            expected_id,
+        });
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag}: binding {addr}"))
+}

@@ -1,0 +1,71 @@
+//! Accept loops: a shared connection limit, TCP_NODELAY, one task per
+//! connection, and a stop on drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::drain::DrainWatch;
+use crate::metrics::{Direction, ProxyMetrics};
+
+/// Accepts until a drain starts; each connection runs `handle` in its own
+/// task holding a connection permit and a drain watch. Over the limit, a
+/// connection is closed at once (and counted) rather than left in the backlog.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    drain: DrainWatch,
+    permits: Arc<Semaphore>,
+    metrics: ProxyMetrics,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut stop = drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.signaled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.rejected(direction, "connection_limit");
+            tracing::debug!(%client, "connection limit reached; closing");
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let work = handle(stream, client);
+        let watch = drain.clone();
+        tokio::spawn(async move {
+            work.await;
+            drop(permit);
+            drop(watch);
+        });
+    }
+    tracing::debug!(listener = ?listener.local_addr().ok(), "stopped accepting");
+}
+
+/// Dials `addr` (host:port) with a deadline and TCP_NODELAY.
+pub async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

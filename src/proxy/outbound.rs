@@ -1,0 +1,262 @@
+//! Outbound: accept plaintext from the local app, decide what the
+//! destination gets (mTLS, passthrough, deny), then hand over to the
+//! protocol layer, which dials.
+//!
+//! **Seam for the HTTP layer:** [`serve`] runs after accept and
+//! classification, before any dial; the HTTP layer can take over there
+//! (pooled HTTP/2 between sidecars) and fall back to [`forward_tcp`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use super::conn::{ConnLog, OutboundContext, Outcome, Shared};
+use super::forward::forward;
+use super::listener::dial;
+use crate::metrics::Direction;
+use crate::policy::{Mode, OutboundAction};
+use crate::tls::{failure, spiffe_id_of};
+
+/// Where an outbound listener's connections go.
+#[derive(Debug, Clone)]
+pub enum OutboundTarget {
+    /// `--outbound LISTEN=PEER@ID`: always mTLS to PEER, which must be ID.
+    Peer {
+        /// The peer sidecar, host:port.
+        peer: Arc<str>,
+        /// The ID pattern as configured.
+        expected: Arc<str>,
+    },
+    /// `--transparent`: the original destination, classified by the policy's
+    /// outbound rules; an mTLS destination must present an SVID of our trust
+    /// domain (any workload: the destination's identity is not configured).
+    OriginalDst,
+}
+
+/// One outbound listener's handler.
+pub struct Outbound {
+    shared: Arc<Shared>,
+    connector: TlsConnector,
+    target: OutboundTarget,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// A handler originating TLS with `config` (its verifier holds the
+    /// expected identity, its session cache the resumable sessions).
+    pub fn new(
+        shared: Arc<Shared>,
+        config: Arc<rustls::ClientConfig>,
+        target: OutboundTarget,
+    ) -> Self {
+        Self {
+            shared,
+            connector: TlsConnector::from(config),
+            target,
+        }
+    }
+
+    /// Handles one accepted connection to its end.
+    pub async fn handle(self: Arc<Self>, app: TcpStream, client: SocketAddr) {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let _open = shared.metrics.open_guard(Direction::Outbound);
+        let mut would_deny = false;
+        let (dst, port, action, rule, expected): (Arc<str>, u16, _, Option<Arc<str>>, Arc<str>) =
+            match &self.target {
+                OutboundTarget::Peer { peer, expected } => {
+                    let port = peer
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse().ok())
+                        .unwrap_or(0);
+                    (
+                        peer.clone(),
+                        port,
+                        OutboundAction::Mtls,
+                        None,
+                        expected.clone(),
+                    )
+                }
+                OutboundTarget::OriginalDst => {
+                    let dst = match super::transparent::original_dst(&app) {
+                        Ok(dst) => dst,
+                        Err(e) => {
+                            shared.metrics.error(Direction::Outbound, "original_dst");
+                            tracing::warn!(%client, error = %e, "outbound: no original destination");
+                            return;
+                        }
+                    };
+                    let policy = shared.policy.current();
+                    let (mut action, rule) = policy.outbound(dst);
+                    if action == OutboundAction::Deny && policy.mode() == Mode::Audit {
+                        // Audit mode: what enforce would refuse leaves unmeshed.
+                        would_deny = true;
+                        action = OutboundAction::Passthrough;
+                    }
+                    let td = shared
+                        .store
+                        .trust_domain()
+                        .map(|td| format!("spiffe://{}/*", td.as_str()))
+                        .unwrap_or_default();
+                    (
+                        dst.to_string().into(),
+                        dst.port(),
+                        action,
+                        Some(rule),
+                        td.into(),
+                    )
+                }
+            };
+        let log = ConnLog {
+            direction: Direction::Outbound,
+            client,
+            dst: &dst,
+            port,
+            started,
+        };
+        if action == OutboundAction::Deny {
+            shared.metrics.connection(Direction::Outbound, "", "deny");
+            tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
+            let outcome = Outcome::default();
+            log.write(
+                &shared.access_log,
+                None,
+                "deny",
+                "outbound_deny",
+                rule.as_deref(),
+                &outcome,
+            );
+            return;
+        }
+        if would_deny {
+            shared
+                .metrics
+                .connection(Direction::Outbound, "", "would_deny");
+        }
+        let ctx = OutboundContext {
+            own_id: shared.store.info().map(|info| info.id),
+            client,
+            dst: dst.clone(),
+            port,
+            action,
+            expected,
+        };
+        let outcome = serve(shared, &self.connector, &ctx, app).await;
+        let (decision, reason) = match (&outcome.error, action) {
+            (Some((reason, _)), _) => {
+                shared.metrics.error(Direction::Outbound, reason);
+                ("error", *reason)
+            }
+            (None, _) if would_deny => ("would_deny", "outbound_deny"),
+            (None, OutboundAction::Passthrough) => ("allow", "passthrough"),
+            (None, _) => ("allow", "mtls"),
+        };
+        log.write(
+            &shared.access_log,
+            outcome.peer_id.as_ref(),
+            decision,
+            reason,
+            rule.as_deref(),
+            &outcome,
+        );
+    }
+}
+
+/// **The outbound protocol seam**: a classified connection from the app,
+/// not yet dialled. The HTTP layer may take over mTLS destinations here.
+pub async fn serve(
+    shared: &Shared,
+    connector: &TlsConnector,
+    ctx: &OutboundContext,
+    app: TcpStream,
+) -> Outcome {
+    forward_tcp(shared, connector, ctx, app).await
+}
+
+/// Opaque TCP: dial the destination (mTLS or plain) and copy both ways.
+pub async fn forward_tcp(
+    shared: &Shared,
+    connector: &TlsConnector,
+    ctx: &OutboundContext,
+    mut app: TcpStream,
+) -> Outcome {
+    let counters = shared.metrics.byte_counters(Direction::Outbound);
+    let tcp = match dial(&ctx.dst, shared.timeouts.connect).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: destination unreachable");
+            return Outcome::failed("peer_connect", e);
+        }
+    };
+    if ctx.action == OutboundAction::Passthrough {
+        let mut tcp = tcp;
+        return Outcome::forwarded(
+            forward(&mut app, &mut tcp, shared.timeouts.idle, &counters).await,
+        );
+    }
+    let name = server_name(&ctx.dst);
+    let handshake =
+        tokio::time::timeout(shared.timeouts.handshake, connector.connect(name, tcp)).await;
+    let mut tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = failure::reason(&e);
+            shared
+                .metrics
+                .handshake_failure(Direction::Outbound, reason);
+            tracing::warn!(dst = %ctx.dst, expected = %ctx.expected, reason, error = %e, "outbound handshake failed");
+            return Outcome::failed(reason, e);
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .handshake_failure(Direction::Outbound, "timeout");
+            return Outcome::failed("timeout", "handshake timed out");
+        }
+    };
+    if let Err(reason) = crate::tls::check_resumed(tls.get_ref().1, &shared.store) {
+        shared
+            .metrics
+            .handshake_failure(Direction::Outbound, reason);
+        return Outcome::failed(reason, "resumed session no longer valid");
+    }
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(spiffe_id_of);
+    if let Some(peer) = &peer_id {
+        shared
+            .metrics
+            .connection(Direction::Outbound, peer.as_str(), "allow");
+    }
+    let mut outcome =
+        Outcome::forwarded(forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await);
+    outcome.peer_id = peer_id;
+    outcome
+}
+
+/// The TLS server name for a `host:port` destination: an IP (no SNI sent)
+/// or a DNS name. It keys the session cache; identity is checked by SPIFFE
+/// ID, not by this name.
+pub fn server_name(dst: &str) -> ServerName<'static> {
+    let host = dst.rsplit_once(':').map_or(dst, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ServerName::IpAddress(ip.into());
+    }
+    ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into()))
+}

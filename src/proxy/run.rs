@@ -1,0 +1,160 @@
+//! Wiring of `stepmesh proxy`: registry, identity source, admin, policy,
+//! listeners, then wait for a signal and drain.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use stepmesh_ca::spiffe_id::{SpiffeIdPattern, TrustDomain};
+use tokio::net::TcpListener;
+
+use super::args::ProxyArgs;
+use super::conn::{Shared, Timeouts};
+use super::launch::ListenerInfo;
+use crate::accesslog::AccessLog;
+use crate::admin::AdminState;
+use crate::drain;
+use crate::identity::store::CertStore;
+use crate::metrics::{IdentityMetrics, ProxyMetrics};
+use crate::policy::{Policy, PolicyWatch};
+use crate::tls;
+
+/// Runs the sidecar until SIGTERM/SIGINT and the drain end.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    if args.inbound.is_empty() && args.outbound.is_empty() && !args.transparent {
+        anyhow::bail!("no listener: give --inbound, --outbound or --transparent");
+    }
+    let expected: Vec<SpiffeIdPattern> = args
+        .outbound
+        .iter()
+        .map(|o| {
+            SpiffeIdPattern::parse(&o.expected_id)
+                .with_context(|| format!("--outbound SPIFFE_ID {:?}", o.expected_id))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let trust_domain: Option<TrustDomain> = args
+        .trust_domain
+        .as_deref()
+        .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
+        .transpose()?;
+
+    let provider = tls::provider();
+    let mut registry = Registry::default();
+    let proxy_metrics = ProxyMetrics::new(&mut registry);
+    let identity_metrics = IdentityMetrics::new(&mut registry);
+    let watched_policy = match &args.policy {
+        Some(path) => Some(
+            PolicyWatch::start(path.clone(), &mut registry)
+                .with_context(|| format!("--policy {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let access_log = if args.no_access_log {
+        AccessLog::disabled()
+    } else {
+        AccessLog::stdout(&mut registry).context("starting the access log writer")?
+    };
+    let registry = Arc::new(registry);
+    let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
+
+    // Identity first: nothing can be served without an SVID.
+    let source = super::identity_source(&args)?;
+    tokio::spawn(source.run(store.clone(), identity_metrics));
+
+    let listeners_up = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+    let policy_slot: Arc<OnceLock<PolicyWatch>> = Arc::new(OnceLock::new());
+    let listener_infos: Arc<OnceLock<Vec<ListenerInfo>>> = Arc::new(OnceLock::new());
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("--admin {}", args.admin))?;
+    let admin_state = Arc::new(AdminState {
+        registry,
+        ready: {
+            let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
+            Box::new(move || {
+                store.is_loaded() && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
+            })
+        },
+        config: {
+            let (store, policy, infos, draining) = (
+                store.clone(),
+                policy_slot.clone(),
+                listener_infos.clone(),
+                draining.clone(),
+            );
+            Box::new(move || {
+                let svid = store.info();
+                let policy = policy.get().map(|p| p.current());
+                serde_json::json!({
+                    "spiffe_id": svid.as_ref().map(|s| s.id.to_string()),
+                    "serial": svid.as_ref().map(|s| s.serial.clone()),
+                    "not_after": svid.as_ref().map(|s| crate::accesslog::rfc3339(s.not_after)),
+                    "trust_domain": store.trust_domain().map(|td| td.to_string()),
+                    "bundle_roots": store.bundle().map(|b| b.roots().len()),
+                    "policy_digest": policy.as_ref().map(|p| p.digest().to_owned()),
+                    "policy_mode": policy.as_ref().map(|p| format!("{:?}", p.mode()).to_lowercase()),
+                    "listeners": infos.get(),
+                    "draining": draining.load(Ordering::Acquire),
+                })
+            })
+        },
+    });
+    tracing::info!(admin = %admin.local_addr()?, "admin listening");
+    tokio::spawn(crate::admin::serve(admin, admin_state));
+
+    tracing::info!("waiting for the first SVID");
+    tokio::select! {
+        () = store.wait_loaded() => {}
+        signal = drain::shutdown_signal() => {
+            tracing::info!(signal = signal?, "stopping before the first SVID");
+            return Ok(());
+        }
+    }
+    let td = store
+        .trust_domain()
+        .context("SVID loaded without a trust domain")?;
+    let policy = match watched_policy {
+        Some(policy) => policy,
+        None => PolicyWatch::fixed(Policy::allow_authenticated(
+            td.as_str()
+                .parse()
+                .with_context(|| format!("trust domain {td}"))?,
+        )),
+    };
+    if policy.current().trust_domain().as_str() != td.as_str() {
+        tracing::warn!(policy = %policy.current().trust_domain(), svid = %td, "policy trust domain differs from the SVID's");
+    }
+    let _ = policy_slot.set(policy.clone());
+
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        policy,
+        metrics: proxy_metrics.clone(),
+        access_log,
+        timeouts: Timeouts {
+            handshake: args.handshake_timeout,
+            idle: args.idle_timeout,
+            connect: args.connect_timeout,
+        },
+    });
+    let (trigger, watch) = drain::channel();
+    let infos = super::launch::listeners(&args, expected, &td, &provider, &shared, &watch).await?;
+    let _ = listener_infos.set(infos);
+    drop(watch);
+    listeners_up.store(true, Ordering::Release);
+
+    let signal = drain::shutdown_signal().await?;
+    draining.store(true, Ordering::Release);
+    tracing::info!(signal, timeout = ?args.drain_timeout, "draining");
+    if trigger.drain(args.drain_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    let log = shared.access_log.clone();
+    let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
+    Ok(())
+}
