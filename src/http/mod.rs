@@ -9,6 +9,7 @@ pub mod inbound;
 mod metrics;
 pub mod outbound;
 mod record;
+pub mod seam;
 
 use std::sync::Arc;
 
@@ -119,16 +120,4 @@ pub(crate) fn respond(
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-/// The SPIFFE ID of a verified leaf certificate (its URI SAN).
-pub(crate) fn peer_id(
-    leaf: &rustls_pki_types::CertificateDer<'_>,
-) -> Option<crate::policy::SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => crate::policy::SpiffeId::parse(uri).ok(),
-        _ => None,
-    })
 }

@@ -120,7 +120,7 @@ impl MeshPool {
         let peer = session
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|leaf| crate::http::peer_id(leaf))
+            .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

@@ -167,7 +167,7 @@ impl Exchange {
             .as_ref()
             .map_or(0, |c| c.load(Ordering::Relaxed));
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        self.record.ts = now_ts();
+        self.record.ts = crate::accesslog::now_rfc3339();
         self.log.write(&self.record);
     }
 }
@@ -257,12 +257,4 @@ impl<B: Body<Data = Bytes>> Body for LogAtEnd<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// The record's timestamp (seconds.millis since the epoch).
-fn now_ts() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
 }

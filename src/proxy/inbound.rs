@@ -18,7 +18,6 @@ use super::conn::{decision_label, ConnLog, InboundContext, Outcome, Shared};
 use super::forward::forward;
 use super::listener::dial;
 use crate::metrics::Direction;
-use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
 
 /// Where an inbound listener's connections go.
@@ -163,7 +162,9 @@ impl Inbound {
         shared
             .metrics
             .connection(Direction::Inbound, peer_id.as_str(), label);
-        if !decision.allow {
+        // HTTP connections are served even when denied: each request gets 403.
+        let protocol = policy.port_protocol(port);
+        if !decision.allow && !crate::http::seam::serves_denied(alpn.as_deref(), protocol) {
             tracing::info!(%client, peer = %peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound denied");
             log.write(
                 &shared.access_log,
@@ -183,7 +184,7 @@ impl Inbound {
             app: app.clone(),
             client,
             alpn,
-            protocol: policy.port_protocol(port),
+            protocol,
         };
         drop(policy);
         let outcome = serve(shared, &ctx, tls).await;
@@ -205,9 +206,7 @@ impl Inbound {
 /// goes to its port's protocol layer. The HTTP layer takes over the
 /// `Http`/`Auto` arm; everything else is opaque TCP.
 pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
-    match ctx.protocol {
-        Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
-    }
+    crate::http::seam::inbound(shared, ctx, tls).await
 }
 
 /// Opaque TCP: dial the app and copy bytes both ways.
