@@ -5,6 +5,8 @@
 //! pass/fail gate: run with
 //! `cargo test --test http_perf -- --ignored --nocapture` (ideally release).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 mod common;
 mod http_support;
 
@@ -16,7 +18,7 @@ use bytes::Bytes;
 use common::mesh::{free_port, Sidecar, SvidFiles};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use stepmesh::stepup::testing::{base_claims, TestIdp};
 use stepmesh_ca::testing::Pki;
@@ -141,9 +143,9 @@ inbound:
     claims["acr"] = json!("mfa");
     claims["azp"] = json!(CLIENT_ID);
     let auth = format!("Bearer {}", idp.es256(&claims).unwrap());
-    let mut call = |send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-                    path: &str,
-                    token: bool| {
+    let call = |send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+                path: &str,
+                token: bool| {
         let mut req = http::Request::builder().uri(path).header("host", "api");
         if token {
             req = req.header("authorization", auth.as_str());
