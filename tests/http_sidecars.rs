@@ -449,3 +449,70 @@ fn auto_ports_detect_http_and_keep_opaque_tcp_working() {
         "opaque bytes on a port with routes never reach the app: {back:?}"
     );
 }
+
+#[test]
+fn sigterm_closes_idle_http_connections_without_waiting_for_the_deadline() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(TestApp::start(false));
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let port = free_port();
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        format!("trustDomain: mesh.test\ninbound:\n  ports:\n    - port: {port}\n      protocol: http\n      allow: [{{from: [{FRONTEND}]}}]\n"),
+    )
+    .unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend(["--inbound".into(), format!("127.0.0.1:{port}={}", app.addr)]);
+    args.extend([
+        "--policy".into(),
+        policy_file.display().to_string(),
+        "--drain-timeout".into(),
+        "60s".into(),
+    ]);
+    let mut server = Sidecar::spawn(&args);
+    let files = SvidFiles::write(dir.path(), "frontend", &pki, &pki.leaf(FRONTEND));
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0=127.0.0.1:{port}@{SERVER_ID}"),
+    ]);
+    args.extend(["--drain-timeout".into(), "60s".into()]);
+    let mut client = Sidecar::spawn(&args);
+    server.wait_ready();
+    client.wait_ready();
+    let outbound = client.listener("outbound");
+    // An idle keep-alive connection from the app, and the pooled mesh
+    // connection behind it, both stay open after this request.
+    let idle = rt.block_on(async {
+        let io =
+            hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(outbound).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(request(false, "GET", "/catalog", &[], b""))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        send
+    });
+    for sidecar in [&mut server, &mut client] {
+        let started = std::time::Instant::now();
+        sidecar.signal(libc::SIGTERM);
+        let status = sidecar.wait_exit();
+        assert!(status.success(), "{status:?}");
+        sidecar.wait_log("drained", |l| (l["message"] == "drained").then_some(()));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "drain waited for the deadline"
+        );
+    }
+    drop(idle);
+}

@@ -44,6 +44,7 @@ pub struct HttpLayer {
     pub log: RequestLog,
     app: inbound::AppClients,
     mesh: outbound::MeshPool,
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for HttpLayer {
@@ -67,6 +68,22 @@ impl HttpLayer {
             log,
             app: inbound::AppClients::new(),
             mesh: outbound::MeshPool::default(),
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Starts a graceful drain of every HTTP connection: in-flight requests
+    /// finish, then connections close (the process is shutting down).
+    pub fn start_drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Resolves once [`HttpLayer::start_drain`] has been called.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            // The sender lives as long as the layer, which outlives this.
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 }

@@ -116,7 +116,7 @@ where
         shared.http.clone(),
         Arc::new(conn),
         io,
-        std::future::pending(),
+        shared.http.drained(),
     )
     .await
     {
@@ -166,17 +166,13 @@ async fn outbound_http(
     match super::outbound::connect(&shared.http, &conn).await {
         Ok(peer) => {
             let peer_id = peer.and_then(|p| crate::policy::SpiffeId::parse(&p).ok());
-            let mut outcome = match super::outbound::serve(
-                shared.http.clone(),
-                conn,
-                app,
-                std::future::pending(),
-            )
-            .await
-            {
-                Ok(()) => Outcome::default(),
-                Err(e) => Outcome::failed("http", e),
-            };
+            let mut outcome =
+                match super::outbound::serve(shared.http.clone(), conn, app, shared.http.drained())
+                    .await
+                {
+                    Ok(()) => Outcome::default(),
+                    Err(e) => Outcome::failed("http", e),
+                };
             outcome.peer_id = peer_id;
             Ok(outcome)
         }

@@ -167,6 +167,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
     let signal = drain::shutdown_signal().await?;
     draining.store(true, Ordering::Release);
+    shared.http.start_drain();
     tracing::info!(signal, timeout = ?args.drain_timeout, "draining");
     if trigger.drain(args.drain_timeout).await {
         tracing::info!("drained");
