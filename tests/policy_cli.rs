@@ -68,6 +68,9 @@ inbound:
             acr: [urn:stepmesh:acr:mfa]
             maxAge: 300s
             bindToPeer: azp
+        - name: bound
+          match: {{path: /bound}}
+          stepUp: {{provider: corp-idp, bindToPeer: cnf}}
     - port: 5432
       protocol: tcp
       allow:
@@ -310,5 +313,35 @@ fn validate(file: &Path) {
     assert!(
         report.contains("passed for resource networkpolicy/stepmesh-payments-api-port-8080"),
         "{report}"
+    );
+}
+
+#[test]
+fn explain_binds_cnf_to_the_given_certificate() {
+    let s = setup();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(FRONTEND.try_into().unwrap())];
+    let cert = params.self_signed(&key).unwrap();
+    let pem = s.policy.with_file_name("peer.pem");
+    std::fs::write(&pem, cert.pem()).unwrap();
+    let mut c = base_claims(ISS, "payments", "alice");
+    c["cnf"] = json!({"x5t#S256": stepmesh::stepup::x5t_s256(cert.der())});
+    let token = s.idp.es256(&c).unwrap();
+    let args = ["--method", "GET", "--path", "/bound", "--token", &token];
+    let with_cert: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--cert", pem.to_str().unwrap()])
+        .collect();
+    let out = explain(&s, FRONTEND, "8080", &with_cert);
+    assert!(
+        out.contains("decision: allow\nrule: bound\nreason: step_up_ok"),
+        "{out}"
+    );
+    let out = explain(&s, FRONTEND, "8080", &args);
+    assert!(
+        out.contains("reason: cnf_mismatch"),
+        "without --cert: {out}"
     );
 }
