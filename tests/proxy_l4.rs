@@ -326,7 +326,7 @@ fn idle_connections_cost_little_memory() {
     // docs/PROXY.md for where the rest goes.) Debug build, loaded machine:
     // a generous bound that still catches per-connection buffers coming back.
     assert!(
-        out_kib < 26.0 && in_kib < 26.0,
+        out_kib < 18.0 && in_kib < 18.0,
         "{out_kib:.1} / {in_kib:.1} KiB per idle connection"
     );
     drop(conns);

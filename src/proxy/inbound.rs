@@ -21,6 +21,9 @@ use crate::metrics::Direction;
 use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
 
+/// An authenticated inbound connection as the protocol layer receives it.
+pub type InboundStream = Box<TlsStream<TcpStream>>;
+
 /// Where an inbound listener's connections go.
 #[derive(Debug, Clone)]
 pub enum InboundTarget {
@@ -186,7 +189,9 @@ impl Inbound {
             protocol: policy.port_protocol(port),
         };
         drop(policy);
-        let outcome = serve(shared, &ctx, tls).await;
+        // Boxed once here: the stream then moves into the protocol layer's
+        // futures as a pointer instead of being stored again at each level.
+        let outcome = serve(shared, &ctx, Box::new(tls)).await;
         if let Some((reason, _)) = &outcome.error {
             shared.metrics.error(Direction::Inbound, reason);
         }
@@ -204,18 +209,14 @@ impl Inbound {
 /// **The inbound protocol seam**: an authenticated, authorized connection
 /// goes to its port's protocol layer. The HTTP layer takes over the
 /// `Http`/`Auto` arm; everything else is opaque TCP.
-pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: InboundStream) -> Outcome {
     match ctx.protocol {
         Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
     }
 }
 
 /// Opaque TCP: dial the app and copy bytes both ways.
-pub async fn forward_tcp(
-    shared: &Shared,
-    ctx: &InboundContext,
-    mut tls: TlsStream<TcpStream>,
-) -> Outcome {
+pub async fn forward_tcp(shared: &Shared, ctx: &InboundContext, mut tls: InboundStream) -> Outcome {
     let mut app = match dial(&ctx.app, shared.timeouts.connect).await {
         Ok(app) => app,
         Err(e) => {
@@ -224,6 +225,6 @@ pub async fn forward_tcp(
         }
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
-    let done = forward(&mut tls, &mut app, shared.timeouts.idle, &counters).await;
+    let done = forward(&mut *tls, &mut app, shared.timeouts.idle, &counters).await;
     Outcome::forwarded(done)
 }
