@@ -424,11 +424,30 @@ async fn sigterm_drains_an_in_flight_review_then_exits() {
         .connect(name, tcp)
         .await
         .unwrap();
+    // `Expect: 100-continue` makes the server say when its handler has
+    // started reading the body: only then is the review truly in flight
+    // (bytes still in the socket buffer are not, and would race SIGTERM).
     let head = format!(
-        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte))
+            .await
+            .expect("no 100 Continue within 30 s")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
     stream.write_all(&body[..body.len() / 2]).await.unwrap();
     stream.flush().await.unwrap();
 

@@ -1,342 +1,540 @@
 //! Transparent mode end to end: two network namespaces joined by a veth
-//! pair, each with `stepmesh init` rules and a sidecar running as UID 1337.
-//! The app in A dials B's plain IP:port; the bytes on the veth are TLS (a
-//! packet capture on B's veth never sees the payload, while a passthrough
-//! payload is seen, proving the capture works); B's policy applies; A's
-//! outbound rules apply. Needs root, iptables, ip and python3 (the programs
-//! inside the namespaces); skipped with the reason otherwise.
+//! pair, `stepmesh init` rules in each, a `stepmesh proxy --transparent`
+//! sidecar in each running as UID 1337 with an SVID from a real
+//! `stepmesh ca serve`. The app in A dials B's plain IP:port; a capture on
+//! B's veth shows TLS and no plaintext; B's app gets the exact bytes; the
+//! policies of both sidecars apply. Needs root; skips with a reason otherwise.
+//!
+//! Identity: the CA listens on the root namespace's loopback, which the
+//! namespaces cannot reach, so the test issues both SVIDs from the real CA
+//! beforehand and hands them to the sidecars as `--cert/--key/--bundle`
+//! files (the outside-issuer source). The veth between A and B then carries
+//! only the traffic under test, and no CA traffic has to cross the
+//! interception rules.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
 
-use common::mesh::*;
-use stepmesh_ca::testing::Pki;
+use common::ca::CaProcess;
+use common::capture::{collect_lines, find_bytes, Capture};
+use common::mesh::{eventually, http_get, metric_value, random_bytes, PATIENCE};
+use common::netns::{check, Link, Netns};
+use rustls::pki_types::PrivateKeyDer;
+use serde_json::Value;
 
-const A_IP: &str = "10.77.0.1";
-const B_IP: &str = "10.77.0.2";
+const TD: &str = "mesh.test";
+const A_ID: &str = "spiffe://mesh.test/ns/a/sa/client";
+const B_ID: &str = "spiffe://mesh.test/ns/b/sa/server";
+/// The only identity B lets in on `DENIED_PORT`.
+const OPS_ID: &str = "spiffe://mesh.test/ns/ops/sa/admin";
 const PROXY_UID: u32 = 1337;
-
-const HELPER: &str = r#"
-import socket, sys, threading, time
-mode = sys.argv[1]
-if mode == "echo":
-    host = sys.argv[2]
-    def handle(c):
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            c.sendall(d)
-        c.shutdown(socket.SHUT_WR)
-        c.close()
-    def serve(port):
-        l = socket.socket()
-        l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind((host, port))
-        l.listen(64)
-        while True:
-            c, _ = l.accept()
-            threading.Thread(target=handle, args=(c,), daemon=True).start()
-    for p in sys.argv[3:]:
-        threading.Thread(target=serve, args=(int(p),), daemon=True).start()
-    time.sleep(0.5)
-    print("ready", flush=True)
-    while True:
-        time.sleep(3600)
-elif mode == "client":
-    host, port, payload = sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
-    try:
-        c = socket.create_connection((host, port), timeout=30)
-        c.settimeout(30)
-        c.sendall(payload)
-        c.shutdown(socket.SHUT_WR)
-        got = b""
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            got += d
-        sys.stdout.write(got.decode(errors="replace"))
-    except Exception as e:
-        sys.stdout.write("ERROR " + repr(e))
-elif mode == "sniff":
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
-    s.bind((sys.argv[2], 0))
-    s.settimeout(0.2)
-    out = open(sys.argv[3], "wb")
-    print("ready", flush=True)
-    while True:
-        try:
-            out.write(s.recv(65535))
-            out.flush()
-        except socket.timeout:
-            pass
-"#;
-
-fn skip_reason() -> Option<String> {
-    if unsafe_free_uid() != 0 {
-        return Some("not root".into());
-    }
-    for tool in ["iptables", "ip", "python3", "setpriv", "curl"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
-
-/// The effective UID, read from /proc (no libc call needed).
-fn unsafe_free_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(u32::MAX)
-}
-
-fn run(cmd: &[&str]) {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Two namespaces and a veth pair, removed on drop.
-struct Netns {
-    a: String,
-    b: String,
-    veth_b: String,
-}
-
-impl Netns {
-    fn create() -> Self {
-        let id = std::process::id();
-        let n = Self {
-            a: format!("smA{id}"),
-            b: format!("smB{id}"),
-            veth_b: format!("smb{id}"),
-        };
-        let veth_a = format!("sma{id}");
-        run(&["ip", "netns", "add", &n.a]);
-        run(&["ip", "netns", "add", &n.b]);
-        run(&[
-            "ip", "link", "add", &veth_a, "type", "veth", "peer", "name", &n.veth_b,
-        ]);
-        run(&["ip", "link", "set", &veth_a, "netns", &n.a]);
-        run(&["ip", "link", "set", &n.veth_b, "netns", &n.b]);
-        for (ns, dev, ip) in [(&n.a, &veth_a, A_IP), (&n.b, &n.veth_b, B_IP)] {
-            run(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ]);
-            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        n
-    }
-
-    fn exec(&self, ns: &str) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), ns.into()]
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
-    }
-}
-
-/// A python helper in a namespace, killed on drop.
-struct Helper(Child);
-
-impl Helper {
-    fn start(ns: &str, script: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3"])
-            .arg(script)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready", "helper {args:?} did not start");
-        Self(child)
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn client(ns: &str, script: &Path, port: u16, payload: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "python3"])
-        .arg(script)
-        .args(["client", B_IP, &port.to_string(), payload])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// SVID files readable by the proxy UID (key 0600, owned by it).
-fn proxy_files(dir: &Path, name: &str, pki: &Pki, id: &str) -> SvidFiles {
-    let files = SvidFiles::write(dir, name, pki, &pki.leaf(id));
-    for path in [&files.cert, &files.key, &files.bundle] {
-        std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    }
-    files
-}
+/// B's app port; A's identity is allowed there.
+const APP_PORT: u16 = 8080;
+/// B's port whose allow list does not name A.
+const DENIED_PORT: u16 = 9090;
+/// Plaintext on purpose (A: outbound passthrough, B: inbound excluded): the
+/// capture's positive control.
+const PLAIN_PORT: u16 = 7070;
+/// A's outbound rules deny this destination.
+const BLOCKED_PORT: u16 = 6000;
+/// Each sidecar's admin address (every namespace has its own loopback).
+const ADMIN: &str = "127.0.0.1:15020";
 
 #[test]
-fn transparent_mesh_between_two_namespaces() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
+fn transparent_mtls_between_two_network_namespaces() {
+    let Some(link) = Link::create(
+        "smtp",
+        &["iptables", "iptables-restore", "setpriv", "tcpdump"],
+    ) else {
         return;
-    }
-    let net = Netns::create();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let script = dir.path().join("helper.py");
-    std::fs::write(&script, HELPER).unwrap();
-    let pki = Pki::new("mesh.test");
-    let files_a = proxy_files(dir.path(), "a", &pki, CLIENT_ID);
-    let files_b = proxy_files(dir.path(), "b", &pki, SERVER_ID);
-    let policy_a = dir.path().join("policy-a.yaml");
-    std::fs::write(
-        &policy_a,
-        "trustDomain: mesh.test\ninbound:\n  default: deny\noutbound:\n  default: mtls\n  rules:\n    - to: {cidrs: [10.77.0.0/24], ports: [9090]}\n      action: passthrough\n    - to: {cidrs: [10.77.0.0/24], ports: [9091]}\n      action: deny\n",
-    )
-    .unwrap();
-    let policy_b = dir.path().join("policy-b.yaml");
-    std::fs::write(
-        &policy_b,
-        format!("trustDomain: mesh.test\ninbound:\n  default: deny\n  ports:\n    - port: 8080\n      protocol: tcp\n      allow:\n        - from: [{CLIENT_ID}]\n    - port: 8081\n      protocol: tcp\n      allow:\n        - from: [spiffe://mesh.test/ns/other/sa/x]\n"),
-    )
-    .unwrap();
-
-    let bin = env!("CARGO_BIN_EXE_stepmesh");
-    let mut exec_a = net.exec(&net.a);
-    exec_a.push(bin.into());
-    exec_a.push("init".into());
-    run(&exec_a.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut exec_b = net.exec(&net.b);
-    exec_b.extend([
-        bin.into(),
-        "init".into(),
-        "--exclude-inbound-ports".into(),
-        "9090".into(),
-    ]);
-    run(&exec_b.iter().map(String::as_str).collect::<Vec<_>>());
-
-    let _apps = Helper::start(
-        &net.b,
-        &script,
-        &["echo", B_IP, "8080", "8081", "9090", "9091"],
-    );
-    let capture = dir.path().join("veth-b.bin");
-    let _sniffer = Helper::start(
-        &net.b,
-        &script,
-        &["sniff", &net.veth_b, capture.to_str().unwrap()],
-    );
-
-    let sidecar = |ns: &str, files: &SvidFiles, policy: &Path| {
-        let mut wrapper = net.exec(ns);
-        wrapper.extend(
-            [
-                "setpriv",
-                "--reuid",
-                "1337",
-                "--regid",
-                "1337",
-                "--clear-groups",
-                "--",
-            ]
-            .map(String::from),
-        );
-        let mut args = files.args();
-        args.extend([
-            "--transparent".into(),
-            "--policy".into(),
-            policy.display().to_string(),
-            "--admin".into(),
-            "0.0.0.0:15020".into(),
-        ]);
-        let s = Sidecar::spawn_wrapped(&wrapper, Some(ns), &args);
-        s.wait_ready();
-        s
     };
-    let side_a = sidecar(&net.a, &files_a, &policy_a);
-    let side_b = sidecar(&net.b, &files_b, &policy_b);
+    let b_ip = Link::B_IP;
+    let ca = CaProcess::start(TD, &[("a-token", A_ID), ("b-token", B_ID)]);
+    let files = SidecarFiles::new(&ca);
 
-    let secret = format!("MESHED-PAYLOAD-{}", std::process::id());
-    assert_eq!(client(&net.a, &script, 8080, &secret), secret);
-    let line = side_b.wait_access("B inbound line", |l| l["port"] == 8080);
-    assert_eq!(line["peer_id"], CLIENT_ID);
-    assert_eq!(line["decision"], "allow");
-    let line = side_a.wait_access("A outbound line", |l| l["port"] == 8080);
-    assert_eq!(line["peer_id"], SERVER_ID, "A's sidecar verified B's SVID");
+    // `stepmesh init` in both: A's outbound and B's inbound are intercepted;
+    // B leaves the control port alone.
+    let plain = PLAIN_PORT.to_string();
+    check(link.a.command(&files.bin).arg("init"));
+    check(
+        link.b
+            .command(&files.bin)
+            .args(["init", "--exclude-inbound-ports", &plain]),
+    );
 
-    // B's policy applies to port 8081.
-    let denied = client(&net.a, &script, 8081, "denied-payload");
-    assert!(!denied.contains("denied-payload"), "{denied}");
-    let line = side_b.wait_access("B deny line", |l| l["port"] == 8081);
-    assert_eq!(line["decision"], "deny");
-    assert_eq!(line["peer_id"], CLIENT_ID);
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &[]);
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", Some("b-policy.yaml"), &[]);
+    sidecar_a.wait_ready();
+    sidecar_b.wait_ready();
+    for sidecar in [&sidecar_a, &sidecar_b] {
+        assert_eq!(
+            sidecar.uid(),
+            PROXY_UID,
+            "the sidecar must run as the proxy UID"
+        );
+    }
+    let capture = Capture::start(&link.b, Link::B_DEV);
 
-    // A's outbound rules: passthrough stays plaintext, deny is refused.
-    let plain = format!("PASSTHROUGH-PAYLOAD-{}", std::process::id());
-    assert_eq!(client(&net.a, &script, 9090, &plain), plain);
-    let refused = client(&net.a, &script, 9091, "refused-payload");
-    assert!(!refused.contains("refused-payload"), "{refused}");
-    let line = side_a.wait_access("A deny line", |l| l["port"] == 9091);
-    assert_eq!(line["decision"], "deny");
+    // 1. Allowed: A's app → A:15001 → mTLS over the veth → B:15006 → B's app.
+    let secret = format!("STEPMESH-SECRET-{:032x}", fastrand::u128(..));
+    let secret_reply = format!("STEPMESH-REPLY-{:032x}", fastrand::u128(..));
+    let request = with_marker(random_bytes(1 << 20, 1), &secret);
+    let reply = with_marker(random_bytes(256 << 10, 2), &secret_reply);
+    let app_b = listen(&link.b, APP_PORT);
+    let got = answer_once(app_b, reply.clone());
+    let back = exchange(&link.a, b_ip, APP_PORT, &request).unwrap();
+    let received = got
+        .recv_timeout(PATIENCE)
+        .expect("B's app got no connection");
+    assert!(
+        received == request,
+        "B's app got {} bytes, not the {} sent",
+        received.len(),
+        request.len()
+    );
+    assert!(
+        back == reply,
+        "A's app got {} bytes back, not the {} answered",
+        back.len(),
+        reply.len()
+    );
 
-    // On the wire: the passthrough payload is visible (the capture works),
-    // the meshed one never is, and TLS application records are there.
-    let wire = eventually("the capture to see the passthrough payload", || {
-        let wire = std::fs::read(&capture).unwrap_or_default();
-        contains(&wire, plain.as_bytes()).then_some(wire)
+    let line = sidecar_b.wait_access("B: inbound allow on the app port", |l| {
+        l["direction"] == "inbound" && l["port"] == APP_PORT
+    });
+    assert_eq!(line["peer_id"], A_ID, "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["dst"], format!("{b_ip}:{APP_PORT}"), "{line}");
+    assert_eq!(line["bytes_in"], request.len() as u64, "{line}");
+    assert_eq!(line["bytes_out"], reply.len() as u64, "{line}");
+    let line = sidecar_a.wait_access("A: outbound mTLS to B", |l| {
+        l["direction"] == "outbound" && l["dst"] == format!("{b_ip}:{APP_PORT}")
+    });
+    assert_eq!(line["peer_id"], B_ID, "{line}");
+    assert_eq!(
+        (&line["decision"], &line["reason"]),
+        (&"allow".into(), &"mtls".into()),
+        "{line}"
+    );
+
+    // 2. Control: plaintext through A's passthrough rule to B's excluded
+    //    port. Once the capture holds this marker it holds everything sent
+    //    before it on the veth (and `stop` checks tcpdump dropped nothing),
+    //    so the absence of the secrets is real.
+    let control = format!("STEPMESH-CONTROL-{:032x}", fastrand::u128(..));
+    let got = answer_once(listen(&link.b, PLAIN_PORT), Vec::new());
+    exchange(&link.a, b_ip, PLAIN_PORT, control.as_bytes()).unwrap();
+    assert_eq!(got.recv_timeout(PATIENCE).unwrap(), control.as_bytes());
+    let line = sidecar_a.wait_access("A: passthrough", |l| l["port"] == PLAIN_PORT);
+    assert_eq!(
+        (&line["decision"], &line["reason"]),
+        (&"allow".into(), &"passthrough".into()),
+        "{line}"
+    );
+    capture.wait_for(control.as_bytes());
+    let pcap = capture.stop();
+    for marker in [&secret, &secret_reply] {
+        assert!(
+            find_bytes(&pcap, marker.as_bytes()).is_none(),
+            "plaintext {marker} on the veth"
+        );
+    }
+    assert!(
+        pcap.len() > request.len() + reply.len(),
+        "the transfer did not cross the veth ({} bytes captured)",
+        pcap.len()
+    );
+    // A TLS ClientHello (record 0x16, legacy version 0x0301, type 1) and
+    // TLS 1.3 application data records (0x17 0x0303) crossed the veth.
+    let hello = pcap
+        .windows(6)
+        .any(|w| w[..3] == [0x16, 0x03, 0x01] && w[5] == 0x01);
+    assert!(hello, "no TLS ClientHello in the capture");
+    assert!(
+        find_bytes(&pcap, &[0x17, 0x03, 0x03]).is_some(),
+        "no TLS application data in the capture"
+    );
+
+    // 3. Inbound policy: B's port 9090 allows only OPS_ID, so A is refused
+    //    after the handshake: connection closed, access log and metric say deny.
+    let app_b_denied = listen(&link.b, DENIED_PORT);
+    app_b_denied.set_nonblocking(true).unwrap();
+    let mut conn = connect(&link.a, b_ip, DENIED_PORT);
+    conn.write_all(b"let me in").unwrap();
+    assert_closed(&mut conn, "A's app on B's denied port");
+    let line = sidecar_b.wait_access("B: inbound deny", |l| l["port"] == DENIED_PORT);
+    assert_eq!(line["direction"], "inbound", "{line}");
+    assert_eq!(line["peer_id"], A_ID, "{line}");
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["reason"], "not_allowed", "{line}");
+    assert_eq!(line["rule"], "inbound.ports[1]", "{line}");
+    let metrics = sidecar_b.get("/metrics");
+    let denied = metrics.lines().find(|l| {
+        l.starts_with("stepmesh_connections_total{")
+            && l.contains(&format!("peer=\"{A_ID}\""))
+            && l.contains("decision=\"deny\"")
     });
     assert!(
-        !contains(&wire, secret.as_bytes()),
-        "meshed payload seen in plaintext on the veth"
+        denied.is_some_and(|l| l.ends_with(" 1")),
+        "deny not counted: {denied:?}\n{metrics}"
     );
+    assert_idle(&app_b_denied, "B's app on the denied port");
+
+    // 4. Outbound policy: A's rules deny B:6000; A's sidecar closes the
+    //    connection itself and nothing reaches B.
+    let app_b_blocked = listen(&link.b, BLOCKED_PORT);
+    app_b_blocked.set_nonblocking(true).unwrap();
+    let mut conn = connect(&link.a, b_ip, BLOCKED_PORT);
+    let _ = conn.write_all(b"anyone there?");
+    assert_closed(&mut conn, "A's app to a denied destination");
+    let line = sidecar_a.wait_access("A: outbound deny", |l| l["port"] == BLOCKED_PORT);
+    assert_eq!(line["direction"], "outbound", "{line}");
+    assert_eq!(line["dst"], format!("{b_ip}:{BLOCKED_PORT}"), "{line}");
+    assert_eq!(
+        (&line["decision"], &line["reason"]),
+        (&"deny".into(), &"outbound_deny".into()),
+        "{line}"
+    );
+    assert_eq!(line["rule"], "block-6000", "{line}");
+    assert_idle(&app_b_blocked, "B's app on the blocked port");
     assert!(
-        contains(&wire, &[0x17, 0x03, 0x03]),
-        "no TLS application data record on the veth"
+        !sidecar_b
+            .access_log()
+            .iter()
+            .any(|l| l["port"] == BLOCKED_PORT),
+        "a denied destination reached B's sidecar"
     );
+
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "a sidecar exited"
+        );
+    }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// A connection that was not redirected has no destination but the
+/// listener itself, so it must be closed and counted, never forwarded: the
+/// sidecar (UID 1337, exempt from the rules) would dial its own listener,
+/// which would accept and dial again, and again. Two ways in: a local
+/// process dialling 127.0.0.1:15001 (loopback is never redirected), and a
+/// mesh peer dialling the pod's IP on port 15001 (redirected to 15006,
+/// allowed by the default policy, then dialled by the sidecar unredirected).
+#[test]
+fn the_sidecar_never_dials_its_own_listener() {
+    let Some(link) = Link::create("smtl", &["iptables", "iptables-restore", "setpriv"]) else {
+        return;
+    };
+    let ca = CaProcess::start(TD, &[("a-token", A_ID), ("b-token", B_ID)]);
+    let files = SidecarFiles::new(&ca);
+    check(link.a.command(&files.bin).arg("init"));
+    check(link.b.command(&files.bin).arg("init"));
+    let limit = ["--max-connections", "64"];
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &limit);
+    // No --policy: inbound allows every SVID of the trust domain.
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", None, &limit);
+    sidecar_a.wait_ready();
+    sidecar_b.wait_ready();
+
+    let mut conn = connect(&link.a, Ipv4Addr::LOCALHOST, 15001);
+    let _ = conn.write_all(b"where am I going?");
+    assert_closed(&mut conn, "a local connection straight to 15001");
+    sidecar_a.assert_refused_once("a local connection straight to 15001");
+
+    let mut conn = connect(&link.a, Link::B_IP, 15001);
+    let _ = conn.write_all(b"and over there?");
+    assert_closed(&mut conn, "a peer's connection to B's port 15001");
+    sidecar_b.assert_refused_once("a peer's connection to B's port 15001");
+
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "a sidecar exited"
+        );
+    }
+}
+
+/// B's policy: A on the app port, only OPS_ID on the denied port, the
+/// rest denied. A's: outbound mTLS by default, plaintext to the control
+/// port, the blocked port denied.
+fn policies(b_ip: Ipv4Addr) -> (String, String) {
+    let a = format!(
+        "trustDomain: {TD}\nmode: enforce\ninbound:\n  default: deny\noutbound:\n  default: mtls\n  rules:\n    - to: {{cidrs: [{b_ip}/32], ports: [{PLAIN_PORT}]}}\n      action: passthrough\n    - name: block-6000\n      to: {{cidrs: [{b_ip}/32], ports: [{BLOCKED_PORT}]}}\n      action: deny\n"
+    );
+    let b = format!(
+        "trustDomain: {TD}\nmode: enforce\ninbound:\n  default: deny\n  ports:\n    - port: {APP_PORT}\n      protocol: tcp\n      allow:\n        - from: [{A_ID}]\n    - port: {DENIED_PORT}\n      protocol: tcp\n      allow:\n        - from: [{OPS_ID}]\n"
+    );
+    (a, b)
+}
+
+/// What the sidecars read, owned by the proxy UID in a directory it can
+/// enter: SVIDs issued by the real CA (keys 0600), bundles, policies; and
+/// the binary, copied there when UID 1337 cannot run the built one (a
+/// build tree under /root, say).
+struct SidecarFiles {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl SidecarFiles {
+    fn new(ca: &CaProcess) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_stepmesh"));
+        let uid = PROXY_UID.to_string();
+        let runnable = Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(&built)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let bin = if runnable {
+            built
+        } else {
+            let copy = dir.path().join("stepmesh");
+            std::fs::copy(&built, &copy).unwrap();
+            chown(&copy, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+            copy
+        };
+        let files = Self { bin, dir };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for (name, token) in [("a", "a-token"), ("b", "b-token")] {
+            let svid = rt.block_on(ca.issue(token));
+            let chain = stepmesh_ca::pem::encode_certs(svid.chain.iter().map(|c| c.as_ref()));
+            let label = match &svid.key {
+                PrivateKeyDer::Pkcs8(_) => "PRIVATE KEY",
+                PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+                PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+                other => panic!("unexpected key format {other:?}"),
+            };
+            let key = stepmesh_ca::pem::encode(label, svid.key.secret_der());
+            files.write(&format!("{name}.key"), &key, 0o600);
+            files.write(&format!("{name}.crt"), &chain, 0o644);
+            files.write(&format!("{name}-bundle.pem"), &svid.bundle.to_pem(), 0o644);
+        }
+        let (policy_a, policy_b) = policies(Link::B_IP);
+        files.write("a-policy.yaml", &policy_a, 0o644);
+        files.write("b-policy.yaml", &policy_b, 0o644);
+        chown(files.dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        files
+    }
+
+    fn write(&self, name: &str, text: &str, mode: u32) {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        chown(&path, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// `stepmesh proxy --transparent` inside a namespace as UID 1337; killed
+/// on drop.
+struct NsSidecar<'a> {
+    ns: &'a Netns,
+    child: Child,
+    access: Arc<Mutex<Vec<String>>>,
+}
+
+impl<'a> NsSidecar<'a> {
+    /// `name` picks the SVID files; `policy` a policy file by name (`None`:
+    /// no `--policy`, so inbound allows any SVID of the trust domain).
+    fn spawn(
+        ns: &'a Netns,
+        files: &SidecarFiles,
+        name: &str,
+        policy: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
+        let uid = PROXY_UID.to_string();
+        let mut cmd = ns.command("setpriv");
+        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(&files.bin)
+            .args(["--log-format", "json", "proxy", "--transparent"])
+            .args(["--admin", ADMIN])
+            .arg("--cert")
+            .arg(files.path(&format!("{name}.crt")))
+            .arg("--key")
+            .arg(files.path(&format!("{name}.key")))
+            .arg("--bundle")
+            .arg(files.path(&format!("{name}-bundle.pem")));
+        if let Some(policy) = policy {
+            cmd.arg("--policy").arg(files.path(policy));
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        collect_lines(
+            child.stderr.take().unwrap(),
+            Some(format!("[sidecar {name}]")),
+        );
+        let access = collect_lines(
+            child.stdout.take().unwrap(),
+            Some(format!("[access {name}]")),
+        );
+        Self { ns, child, access }
+    }
+
+    /// GET on the admin port inside the namespace: the body of a 200.
+    fn get(&self, path: &str) -> String {
+        let (status, body) = self.ns.enter(|| http_get(ADMIN.parse().unwrap(), path));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    fn wait_ready(&mut self) {
+        eventually("the sidecar's /ready", || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the sidecar in {} exited: {status}", self.ns.name());
+            }
+            let (status, _) = self.ns.enter(|| http_get(ADMIN.parse().unwrap(), "/ready"));
+            (status == 200).then_some(())
+        });
+    }
+
+    /// The real UID of the sidecar process.
+    fn uid(&self) -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Exactly one outbound connection was closed for want of an original
+    /// destination, none is open, and none was forwarded (a loop would
+    /// count many, hit the connection limit and log line after line).
+    fn assert_refused_once(&self, what: &str) {
+        let errors =
+            r#"stepmesh_connection_errors_total{direction="outbound",reason="original_dst"}"#;
+        let open = r#"stepmesh_connections_open{direction="outbound"}"#;
+        let limit = r#"stepmesh_connections_rejected_total{direction="outbound",reason="connection_limit"}"#;
+        eventually(&format!("{what}: closed as not redirected"), || {
+            let metrics = self.get("/metrics");
+            let counted = metric_value(&metrics, errors) == 1.0;
+            (counted && metric_value(&metrics, open) == 0.0).then_some(metrics)
+        });
+        let metrics = self.get("/metrics");
+        assert_eq!(metric_value(&metrics, errors), 1.0, "{what}:\n{metrics}");
+        assert_eq!(
+            metric_value(&metrics, limit),
+            0.0,
+            "{what}: the sidecar dialled itself:\n{metrics}"
+        );
+        let forwarded = self
+            .access_log()
+            .into_iter()
+            .filter(|l| l["direction"] == "outbound")
+            .count();
+        assert!(
+            forwarded <= 1,
+            "{what}: {forwarded} outbound access-log lines"
+        );
+    }
+
+    fn access_log(&self) -> Vec<Value> {
+        let lines = self.access.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn wait_access(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, || self.access_log().into_iter().find(&f))
+    }
+}
+
+impl Drop for NsSidecar<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `data` with `marker` written at its start, middle and end.
+fn with_marker(mut data: Vec<u8>, marker: &str) -> Vec<u8> {
+    let m = marker.as_bytes();
+    for at in [0, data.len() / 2, data.len() - m.len()] {
+        data[at..at + m.len()].copy_from_slice(m);
+    }
+    data
+}
+
+/// A listener on 0.0.0.0:`port` inside `ns`.
+fn listen(ns: &Netns, port: u16) -> TcpListener {
+    ns.enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
+}
+
+/// Serves one connection: reads to EOF (so the client's half-close must
+/// arrive), sends what it read on the channel, answers `reply`, closes.
+fn answer_once(listener: TcpListener, reply: Vec<u8>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        tx.send(got).unwrap();
+        conn.write_all(&reply).unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+    });
+    rx
+}
+
+/// Connects from inside `ns` to the plain `ip:port`.
+fn connect(ns: &Netns, ip: Ipv4Addr, port: u16) -> TcpStream {
+    let addr = SocketAddr::from((ip, port));
+    let conn = ns.enter(|| TcpStream::connect_timeout(&addr, PATIENCE).unwrap());
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn
+}
+
+/// Sends `data` from inside `ns`, half-closes, returns the whole answer.
+fn exchange(ns: &Netns, ip: Ipv4Addr, port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let conn = connect(ns, ip, port);
+    let mut writer = conn.try_clone()?;
+    let data = data.to_vec();
+    let sender = thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    let read = (&conn).read_to_end(&mut back);
+    sender.join().unwrap()?;
+    read.map(|_| back)
+}
+
+/// The peer closed `conn` (EOF or reset) without sending a byte.
+fn assert_closed(conn: &mut TcpStream, what: &str) {
+    let mut buf = [0; 64];
+    match conn.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {}
+        Ok(n) => panic!("{what}: got {n} bytes, expected the connection closed"),
+        Err(e) => panic!("{what}: not closed: {e}"),
+    }
+}
+
+/// No connection is waiting on the (non-blocking) `listener`.
+fn assert_idle(listener: &TcpListener, what: &str) {
+    match listener.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("{what}: unexpected connection {other:?}"),
+    }
 }

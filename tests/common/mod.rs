@@ -4,4 +4,6 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod ca;
+pub mod capture;
 pub mod mesh;
+pub mod netns;
