@@ -75,7 +75,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ready: {
             let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
             Box::new(move || {
-                store.is_loaded() && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
+                // An expired SVID (the CA down for too long) makes every
+                // peer refuse us: stop attracting traffic until renewed.
+                let valid = store.info().is_some_and(|svid| {
+                    svid.not_after + stepmesh_ca::svid::CLOCK_SKEW > std::time::SystemTime::now()
+                });
+                valid && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
             })
         },
         config: {
