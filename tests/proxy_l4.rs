@@ -331,3 +331,30 @@ fn idle_connections_cost_little_memory() {
     );
     drop(conns);
 }
+
+#[test]
+fn a_second_signal_ends_the_drain_at_once() {
+    let app = echo_server();
+    let mesh = Mesh::start(app, &["--drain-timeout".into(), "10m".into()], &[]);
+    let mut live = TcpStream::connect(mesh.outbound).unwrap();
+    live.set_read_timeout(Some(PATIENCE)).unwrap();
+    live.write_all(b"held").unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).unwrap();
+
+    let mut server = mesh.server;
+    server.signal(libc::SIGTERM);
+    server.wait_log("draining", |l| (l["message"] == "draining").then_some(()));
+    assert!(
+        server.try_wait().is_none(),
+        "the held connection keeps the drain going"
+    );
+    let started = Instant::now();
+    server.signal(libc::SIGINT);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    server.wait_log("forced", |l| {
+        (l["message"] == "second signal: closing the remaining connections now").then_some(())
+    });
+}

@@ -40,6 +40,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
         .transpose()?;
 
+    let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
     let provider = tls::provider();
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::new(&mut registry);
@@ -113,8 +114,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!("waiting for the first SVID");
     tokio::select! {
         () = store.wait_loaded() => {}
-        signal = drain::shutdown_signal() => {
-            tracing::info!(signal = signal?, "stopping before the first SVID");
+        signal = signals.recv() => {
+            tracing::info!(signal, "stopping before the first SVID");
             return Ok(());
         }
     }
@@ -151,13 +152,18 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     drop(watch);
     listeners_up.store(true, Ordering::Release);
 
-    let signal = drain::shutdown_signal().await?;
+    let signal = signals.recv().await;
     draining.store(true, Ordering::Release);
     tracing::info!(signal, timeout = ?args.drain_timeout, "draining");
-    if trigger.drain(args.drain_timeout).await {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!("drain timeout: closing the remaining connections");
+    tokio::select! {
+        drained = trigger.drain(args.drain_timeout) => if drained {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain timeout: closing the remaining connections");
+        },
+        second = signals.recv() => {
+            tracing::warn!(signal = second, "second signal: closing the remaining connections now");
+        }
     }
     let log = shared.access_log.clone();
     let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
