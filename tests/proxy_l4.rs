@@ -358,3 +358,39 @@ fn a_second_signal_ends_the_drain_at_once() {
         (l["message"] == "second signal: closing the remaining connections now").then_some(())
     });
 }
+
+#[test]
+fn sidecars_resume_sessions_unless_told_not_to() {
+    let app = echo_server();
+    for resume in [true, false] {
+        let extra: Vec<String> = if resume {
+            Vec::new()
+        } else {
+            vec!["--no-session-resumption".into()]
+        };
+        let mesh = Mesh::start(app, &[], &extra);
+        for _ in 0..3 {
+            assert_eq!(roundtrip(mesh.outbound, b"again").unwrap(), b"again");
+        }
+        let series = |kind: &str| {
+            format!(r#"stepmesh_tls_handshakes_total{{direction="outbound",kind="{kind}"}}"#)
+        };
+        let (full, resumed) = (
+            mesh.client.metric(&series("full")),
+            mesh.client.metric(&series("resumed")),
+        );
+        assert_eq!(full + resumed, 3.0);
+        if resume {
+            assert!(
+                resumed >= 1.0,
+                "no resumed session: {full} full, {resumed} resumed"
+            );
+        } else {
+            assert_eq!(resumed, 0.0);
+        }
+        let inbound_resumed = mesh
+            .server
+            .metric(r#"stepmesh_tls_handshakes_total{direction="inbound",kind="resumed"}"#);
+        assert_eq!(inbound_resumed, resumed, "both ends agree");
+    }
+}

@@ -126,6 +126,8 @@ impl Inbound {
             }
         };
         let (_, conn) = tls.get_ref();
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        shared.metrics.handshake(Direction::Inbound, resumed);
         if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
             shared.metrics.handshake_failure(Direction::Inbound, reason);
             let outcome = Outcome::failed(reason, "resumed session no longer valid");

@@ -249,6 +249,8 @@ pub async fn forward_tcp(
             return Outcome::failed("timeout", "handshake timed out");
         }
     };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    shared.metrics.handshake(Direction::Outbound, resumed);
     if let Err(reason) = crate::tls::check_resumed(tls.get_ref().1, &shared.store) {
         shared
             .metrics
