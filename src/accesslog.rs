@@ -108,6 +108,11 @@ impl AccessLog {
 
     /// Queues one line; never blocks (a full queue drops and counts the line).
     pub fn log(&self, record: &ConnectionRecord<'_>) {
+        self.log_json(record);
+    }
+
+    /// Queues any record as one JSON line (the HTTP layer's request lines).
+    pub fn log_json<T: Serialize + ?Sized>(&self, record: &T) {
         let Some(tx) = &self.tx else { return };
         let Ok(mut line) = serde_json::to_string(record) else {
             return;

@@ -19,11 +19,7 @@ use super::conn::{decision_label, ConnLog, InboundContext, Outcome, Shared};
 use super::forward::forward;
 use super::listener::dial;
 use crate::metrics::Direction;
-use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
-
-/// An authenticated inbound connection as the protocol layer receives it.
-pub type InboundStream = Box<TlsStream<TcpStream>>;
 
 /// Where an inbound listener's connections go.
 #[derive(Debug, Clone)]
@@ -168,7 +164,9 @@ impl Inbound {
         shared
             .metrics
             .connection(Direction::Inbound, peer_id.as_str(), label);
-        if !decision.allow {
+        // HTTP connections are served even when denied: each request gets 403.
+        let protocol = policy.port_protocol(port);
+        if !decision.allow && !crate::http::seam::serves_denied(alpn.as_deref(), protocol) {
             tracing::info!(%client, peer = %peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound denied");
             log.write(
                 &shared.access_log,
@@ -188,12 +186,10 @@ impl Inbound {
             app: app.clone(),
             client,
             alpn,
-            protocol: policy.port_protocol(port),
+            protocol,
         };
         drop(policy);
-        // Boxed once here: the stream then moves into the protocol layer's
-        // futures as a pointer instead of being stored again at each level.
-        let outcome = serve(shared, &ctx, Box::new(tls)).await;
+        let outcome = serve(shared, &ctx, tls).await;
         if let Some((reason, _)) = &outcome.error {
             shared.metrics.error(Direction::Inbound, reason);
         }
@@ -211,14 +207,16 @@ impl Inbound {
 /// **The inbound protocol seam**: an authenticated, authorized connection
 /// goes to its port's protocol layer. The HTTP layer takes over the
 /// `Http`/`Auto` arm; everything else is opaque TCP.
-pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: InboundStream) -> Outcome {
-    match ctx.protocol {
-        Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
-    }
+pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+    crate::http::seam::inbound(shared, ctx, tls).await
 }
 
 /// Opaque TCP: dial the app and copy bytes both ways.
-pub async fn forward_tcp(shared: &Shared, ctx: &InboundContext, mut tls: InboundStream) -> Outcome {
+pub async fn forward_tcp(
+    shared: &Shared,
+    ctx: &InboundContext,
+    mut tls: TlsStream<TcpStream>,
+) -> Outcome {
     let mut app = match dial(&ctx.app, shared.timeouts.connect).await {
         Ok(app) => app,
         Err(e) => {
@@ -227,6 +225,6 @@ pub async fn forward_tcp(shared: &Shared, ctx: &InboundContext, mut tls: Inbound
         }
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
-    let done = forward(&mut *tls, &mut app, shared.timeouts.idle, &counters).await;
+    let done = forward(&mut tls, &mut app, shared.timeouts.idle, &counters).await;
     Outcome::forwarded(done)
 }

@@ -51,6 +51,9 @@ struct Route {
 pub struct Outbound {
     shared: Arc<Shared>,
     connector: TlsConnector,
+    /// The same TLS identity and verifier, offering ALPN `stepmesh/h2` for
+    /// the pooled sidecar-to-sidecar HTTP/2 connections.
+    mesh: TlsConnector,
     target: OutboundTarget,
 }
 
@@ -70,9 +73,12 @@ impl Outbound {
         config: Arc<rustls::ClientConfig>,
         target: OutboundTarget,
     ) -> Self {
+        let mut mesh = (*config).clone();
+        mesh.alpn_protocols = vec![crate::http::MESH_ALPN.to_vec()];
         Self {
             shared,
             connector: TlsConnector::from(config),
+            mesh: TlsConnector::from(Arc::new(mesh)),
             target,
         }
     }
@@ -176,7 +182,7 @@ impl Outbound {
             action,
             expected,
         };
-        let outcome = serve(shared, &self.connector, &ctx, app).await;
+        let outcome = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
         let (decision, reason) = match (&outcome.error, action) {
             (Some((reason, _)), _) => {
                 shared.metrics.error(Direction::Outbound, reason);
@@ -202,10 +208,11 @@ impl Outbound {
 pub async fn serve(
     shared: &Shared,
     connector: &TlsConnector,
+    mesh: &TlsConnector,
     ctx: &OutboundContext,
     app: TcpStream,
 ) -> Outcome {
-    forward_tcp(shared, connector, ctx, app).await
+    crate::http::seam::outbound(shared, connector, mesh, ctx, app).await
 }
 
 /// Opaque TCP: dial the destination (mTLS or plain) and copy both ways.

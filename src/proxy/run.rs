@@ -57,6 +57,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     } else {
         AccessLog::stdout(&mut registry).context("starting the access log writer")?
     };
+    let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
+    let http_metrics = crate::http::HttpMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
@@ -135,7 +137,24 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let _ = policy_slot.set(policy.clone());
 
+    let stepup = Arc::new(crate::stepup::StepUp::new(stepup_metrics));
+    {
+        // Fetch step-up keys before the first request needs them.
+        let (stepup, policy) = (stepup.clone(), policy.current());
+        tokio::spawn(async move { stepup.sync(&policy).await });
+    }
+    let request_log = {
+        let log = access_log.clone();
+        crate::http::RequestLog::new(move |record| log.log_json(record))
+    };
+    let http = Arc::new(crate::http::HttpLayer::new(
+        policy.clone(),
+        stepup,
+        http_metrics,
+        request_log,
+    ));
     let shared = Arc::new(Shared {
+        http,
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),
