@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Lines waiting for the writer; beyond this, lines are dropped and counted.
-const QUEUE: usize = 8192;
+const QUEUE: usize = 2048;
 
 /// One connection's record.
 #[derive(Debug, Clone, Serialize)]

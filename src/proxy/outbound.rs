@@ -37,6 +37,16 @@ pub enum OutboundTarget {
     OriginalDst,
 }
 
+/// What a connection's destination gets, decided before any dial.
+struct Route {
+    dst: Arc<str>,
+    port: u16,
+    action: OutboundAction,
+    rule: Option<Arc<str>>,
+    expected: Arc<str>,
+    would_deny: bool,
+}
+
 /// One outbound listener's handler.
 pub struct Outbound {
     shared: Arc<Shared>,
@@ -73,57 +83,71 @@ impl Outbound {
         }
     }
 
+    /// Where this connection goes and how, or `None` when a transparent
+    /// connection has no original destination (counted and logged).
+    fn classify(&self, app: &TcpStream, client: SocketAddr) -> Option<Route> {
+        let shared = &self.shared;
+        match &self.target {
+            OutboundTarget::Peer { peer, expected } => Some(Route {
+                dst: peer.clone(),
+                port: peer
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(0),
+                action: OutboundAction::Mtls,
+                rule: None,
+                expected: expected.clone(),
+                would_deny: false,
+            }),
+            OutboundTarget::OriginalDst => {
+                let dst = match super::transparent::original_dst(app) {
+                    Ok(dst) => dst,
+                    Err(e) => {
+                        shared.metrics.error(Direction::Outbound, "original_dst");
+                        tracing::warn!(%client, error = %e, "outbound: no original destination");
+                        return None;
+                    }
+                };
+                let policy = shared.policy.current();
+                let (mut action, rule) = policy.outbound(dst);
+                // Audit mode: what enforce would refuse leaves unmeshed.
+                let would_deny = action == OutboundAction::Deny && policy.mode() == Mode::Audit;
+                if would_deny {
+                    action = OutboundAction::Passthrough;
+                }
+                let expected = shared
+                    .store
+                    .trust_domain()
+                    .map(|td| format!("spiffe://{}/*", td.as_str()))
+                    .unwrap_or_default();
+                Some(Route {
+                    dst: dst.to_string().into(),
+                    port: dst.port(),
+                    action,
+                    rule: Some(rule),
+                    expected: expected.into(),
+                    would_deny,
+                })
+            }
+        }
+    }
+
     /// Handles one accepted connection to its end.
     pub async fn handle(self: Arc<Self>, app: TcpStream, client: SocketAddr) {
         let shared = &self.shared;
         let started = Instant::now();
         let _open = shared.metrics.open_guard(Direction::Outbound);
-        let mut would_deny = false;
-        let (dst, port, action, rule, expected): (Arc<str>, u16, _, Option<Arc<str>>, Arc<str>) =
-            match &self.target {
-                OutboundTarget::Peer { peer, expected } => {
-                    let port = peer
-                        .rsplit_once(':')
-                        .and_then(|(_, p)| p.parse().ok())
-                        .unwrap_or(0);
-                    (
-                        peer.clone(),
-                        port,
-                        OutboundAction::Mtls,
-                        None,
-                        expected.clone(),
-                    )
-                }
-                OutboundTarget::OriginalDst => {
-                    let dst = match super::transparent::original_dst(&app) {
-                        Ok(dst) => dst,
-                        Err(e) => {
-                            shared.metrics.error(Direction::Outbound, "original_dst");
-                            tracing::warn!(%client, error = %e, "outbound: no original destination");
-                            return;
-                        }
-                    };
-                    let policy = shared.policy.current();
-                    let (mut action, rule) = policy.outbound(dst);
-                    if action == OutboundAction::Deny && policy.mode() == Mode::Audit {
-                        // Audit mode: what enforce would refuse leaves unmeshed.
-                        would_deny = true;
-                        action = OutboundAction::Passthrough;
-                    }
-                    let td = shared
-                        .store
-                        .trust_domain()
-                        .map(|td| format!("spiffe://{}/*", td.as_str()))
-                        .unwrap_or_default();
-                    (
-                        dst.to_string().into(),
-                        dst.port(),
-                        action,
-                        Some(rule),
-                        td.into(),
-                    )
-                }
-            };
+        let Some(Route {
+            dst,
+            port,
+            action,
+            rule,
+            expected,
+            would_deny,
+        }) = self.classify(&app, client)
+        else {
+            return;
+        };
         let log = ConnLog {
             direction: Direction::Outbound,
             client,
@@ -232,6 +256,8 @@ pub async fn forward_tcp(
             return Outcome::failed("timeout", "handshake timed out");
         }
     };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    shared.metrics.handshake(Direction::Outbound, resumed);
     if let Err(reason) = crate::tls::check_resumed(tls.get_ref().1, &shared.store) {
         shared
             .metrics
