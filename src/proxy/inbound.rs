@@ -154,12 +154,7 @@ impl Inbound {
         } = peer;
 
         let policy = shared.policy.current();
-        let decision = match crate::policy::SpiffeId::parse(peer_id.as_str()) {
-            // Same type once `policy` re-exports `stepmesh_ca::spiffe_id`;
-            // until then the ID is re-parsed (cannot fail: it is valid).
-            Ok(id) => policy.authorize(&id, port),
-            Err(_) => return,
-        };
+        let decision = policy.authorize(&peer_id, port);
         let label = decision_label(decision.allow, decision.would_deny);
         shared
             .metrics
