@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Lines waiting for the writer; beyond this, lines are dropped and counted.
-const QUEUE: usize = 8192;
+const QUEUE: usize = 2048;
 
 /// One connection's record.
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +108,11 @@ impl AccessLog {
 
     /// Queues one line; never blocks (a full queue drops and counts the line).
     pub fn log(&self, record: &ConnectionRecord<'_>) {
+        self.log_json(record);
+    }
+
+    /// Queues any record as one JSON line (the HTTP layer's request lines).
+    pub fn log_json<T: Serialize + ?Sized>(&self, record: &T) {
         let Some(tx) = &self.tx else { return };
         let Ok(mut line) = serde_json::to_string(record) else {
             return;

@@ -63,6 +63,13 @@ pub struct ProxyMetrics {
     handshake_failures: Family<ReasonLabels, Counter>,
     errors: Family<ReasonLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
+    handshakes: Family<KindLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    direction: &'static str,
+    kind: &'static str,
 }
 
 impl ProxyMetrics {
@@ -75,6 +82,7 @@ impl ProxyMetrics {
             handshake_failures: Family::default(),
             errors: Family::default(),
             bytes: Family::default(),
+            handshakes: Family::default(),
         };
         registry.register(
             "stepmesh_connections",
@@ -102,6 +110,11 @@ impl ProxyMetrics {
             m.errors.clone(),
         );
         registry.register(
+            "stepmesh_tls_handshakes",
+            "TLS handshakes completed, full or resumed",
+            m.handshakes.clone(),
+        );
+        registry.register(
             "stepmesh_tcp_bytes",
             "Bytes forwarded, client_to_server and server_to_client",
             m.bytes.clone(),
@@ -126,6 +139,17 @@ impl ProxyMetrics {
             .get_or_create(&ReasonLabels {
                 direction: direction.as_str(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// Counts a completed handshake: `resumed` or `full`.
+    pub fn handshake(&self, direction: Direction, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.handshakes
+            .get_or_create(&KindLabels {
+                direction: direction.as_str(),
+                kind,
             })
             .inc();
     }

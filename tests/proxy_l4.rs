@@ -326,8 +326,71 @@ fn idle_connections_cost_little_memory() {
     // docs/PROXY.md for where the rest goes.) Debug build, loaded machine:
     // a generous bound that still catches per-connection buffers coming back.
     assert!(
-        out_kib < 26.0 && in_kib < 26.0,
+        out_kib < 18.0 && in_kib < 18.0,
         "{out_kib:.1} / {in_kib:.1} KiB per idle connection"
     );
     drop(conns);
+}
+
+#[test]
+fn a_second_signal_ends_the_drain_at_once() {
+    let app = echo_server();
+    let mesh = Mesh::start(app, &["--drain-timeout".into(), "10m".into()], &[]);
+    let mut live = TcpStream::connect(mesh.outbound).unwrap();
+    live.set_read_timeout(Some(PATIENCE)).unwrap();
+    live.write_all(b"held").unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).unwrap();
+
+    let mut server = mesh.server;
+    server.signal(libc::SIGTERM);
+    server.wait_log("draining", |l| (l["message"] == "draining").then_some(()));
+    assert!(
+        server.try_wait().is_none(),
+        "the held connection keeps the drain going"
+    );
+    let started = Instant::now();
+    server.signal(libc::SIGINT);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    server.wait_log("forced", |l| {
+        (l["message"] == "second signal: closing the remaining connections now").then_some(())
+    });
+}
+
+#[test]
+fn sidecars_resume_sessions_unless_told_not_to() {
+    let app = echo_server();
+    for resume in [true, false] {
+        let extra: Vec<String> = if resume {
+            Vec::new()
+        } else {
+            vec!["--no-session-resumption".into()]
+        };
+        let mesh = Mesh::start(app, &[], &extra);
+        for _ in 0..3 {
+            assert_eq!(roundtrip(mesh.outbound, b"again").unwrap(), b"again");
+        }
+        let series = |kind: &str| {
+            format!(r#"stepmesh_tls_handshakes_total{{direction="outbound",kind="{kind}"}}"#)
+        };
+        let (full, resumed) = (
+            mesh.client.metric(&series("full")),
+            mesh.client.metric(&series("resumed")),
+        );
+        assert_eq!(full + resumed, 3.0);
+        if resume {
+            assert!(
+                resumed >= 1.0,
+                "no resumed session: {full} full, {resumed} resumed"
+            );
+        } else {
+            assert_eq!(resumed, 0.0);
+        }
+        let inbound_resumed = mesh
+            .server
+            .metric(r#"stepmesh_tls_handshakes_total{direction="inbound",kind="resumed"}"#);
+        assert_eq!(inbound_resumed, resumed, "both ends agree");
+    }
 }

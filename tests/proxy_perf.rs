@@ -64,6 +64,11 @@ fn measure() {
             extra.push("--no-session-resumption".into());
         }
         let mesh = Mesh::start(app, &one_worker(), &extra);
+        eprintln!(
+            "RSS idle after start: outbound {} KiB, inbound {} KiB",
+            mesh.client.rss_kib(),
+            mesh.server.rss_kib()
+        );
         let cpu0 = (mesh.client.cpu_time(), mesh.server.cpu_time());
         let outbound = mesh.outbound;
         // STEPMESH_PERF_DIR=dir: a `perf record` of each sidecar meanwhile.

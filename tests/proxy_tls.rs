@@ -36,6 +36,18 @@ fn greeter() -> SocketAddr {
 
 /// Runs `openssl s_client` against `addr` with the leaf (or none); returns stdout.
 fn s_client(addr: SocketAddr, dir: &Path, name: &str, pki: &Pki, leaf: Option<&Leaf>) -> String {
+    s_client_version(addr, dir, name, pki, leaf, "-tls1_3")
+}
+
+/// As [`s_client`], with the TLS version flag (`-tls1_2`, `-tls1_3`).
+fn s_client_version(
+    addr: SocketAddr,
+    dir: &Path,
+    name: &str,
+    pki: &Pki,
+    leaf: Option<&Leaf>,
+    version: &str,
+) -> String {
     let mut cmd = Command::new("openssl");
     cmd.args([
         "s_client",
@@ -43,7 +55,7 @@ fn s_client(addr: SocketAddr, dir: &Path, name: &str, pki: &Pki, leaf: Option<&L
         &addr.to_string(),
         "-quiet",
         "-ign_eof",
-        "-tls1_3",
+        version,
     ]);
     if let Some(leaf) = leaf {
         let cert = dir.join(format!("{name}.crt"));
@@ -163,4 +175,31 @@ fn plaintext_and_silent_clients_fail_the_handshake() {
     );
     let series = r#"stepmesh_tls_handshake_failures_total{direction="inbound",reason="timeout"}"#;
     eventually(series, || (server.metric(series) == 1.0).then_some(()));
+}
+
+#[test]
+fn tls12_only_with_the_flag() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: openssl is not installed");
+        return;
+    }
+    let app = greeter();
+    let pki = Pki::new("mesh.test");
+    let dir = tempfile::tempdir().unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let client = pki.leaf(CLIENT_ID);
+    for (flag, works) in [(None, false), (Some("--tls12"), true)] {
+        let mut args = files.args();
+        args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
+        args.extend(flag.map(String::from));
+        let server = Sidecar::spawn(&args);
+        let inbound = server.listener("inbound");
+        server.wait_ready();
+        let out = s_client_version(inbound, dir.path(), "c12", &pki, Some(&client), "-tls1_2");
+        assert_eq!(out.contains(GREETING), works, "{flag:?}: {out:?}");
+        if !works {
+            let series = r#"stepmesh_tls_handshake_failures_total{direction="inbound",reason="incompatible"}"#;
+            eventually(series, || (server.metric(series) == 1.0).then_some(()));
+        }
+    }
 }

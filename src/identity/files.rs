@@ -60,13 +60,13 @@ pub struct FileSource {
 impl FileSource {
     /// Loads the files now and whenever their contents change, forever.
     pub async fn run(self, store: Arc<CertStore>, metrics: IdentityMetrics) {
-        let mut seen: Option<[u8; 32]> = None;
+        let mut seen = Seen::Nothing;
         loop {
             match self.read().await {
                 Ok(files) => {
                     let fingerprint = fingerprint(&files);
-                    if seen != Some(fingerprint) {
-                        seen = Some(fingerprint);
+                    if seen != Seen::Content(fingerprint) {
+                        seen = Seen::Content(fingerprint);
                         match self.load(files).and_then(|svid| Ok(store.publish(svid)?)) {
                             Ok(info) => {
                                 metrics.renewal("files", true);
@@ -82,8 +82,8 @@ impl FileSource {
                 }
                 Err(e) => {
                     // Counted once per outage, not once per poll.
-                    if seen != Some([0; 32]) {
-                        seen = Some([0; 32]);
+                    if seen != Seen::Unreadable {
+                        seen = Seen::Unreadable;
                         metrics.renewal("files", false);
                         tracing::warn!(error = %e, "SVID files unreadable; keeping the current SVID");
                     }
@@ -133,6 +133,17 @@ impl FileSource {
             })?;
         Ok(Svid { chain, key, bundle })
     }
+}
+
+/// What the last poll found, so each change is handled (and counted) once.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Nothing polled yet.
+    Nothing,
+    /// A file could not be read.
+    Unreadable,
+    /// These contents (SHA-256 over the three files).
+    Content([u8; 32]),
 }
 
 fn fingerprint(files: &[Vec<u8>; 3]) -> [u8; 32] {

@@ -1,11 +1,13 @@
 //! `stepmesh policy`: check a file, explain a decision, compile NetworkPolicies.
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::Policy;
+use super::{netpol, Policy, SpiffeId};
+use crate::stepup::{self, Outcome, Peer, RequestInfo, StepUp, StepUpMetrics};
 
 /// `stepmesh policy` subcommands.
 #[derive(Debug, Subcommand)]
@@ -15,26 +17,195 @@ pub enum PolicyCommand {
         /// Policy file.
         file: PathBuf,
     },
+    /// Print the decision for a peer, port and (for HTTP) request, and the
+    /// rule that made it. Step-up keys are fetched as the sidecar would.
+    Explain(ExplainArgs),
+    /// Print Kubernetes NetworkPolicies (default deny + allows derived from
+    /// the identity rules) for the pods a selector picks.
+    Netpol {
+        /// Policy file.
+        file: PathBuf,
+        /// Namespace of the pods the policy protects.
+        #[arg(long)]
+        namespace: String,
+        /// Pod label selecting them, `key=value`.
+        #[arg(long)]
+        selector: String,
+    },
+}
+
+/// Flags of `stepmesh policy explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Policy file.
+    pub file: PathBuf,
+    /// The caller's SPIFFE ID.
+    #[arg(long)]
+    pub from: String,
+    /// The port it dials.
+    #[arg(long)]
+    pub port: u16,
+    /// HTTP method (an HTTP request is explained when --method or --path is given).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// HTTP path.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Step-up token, sent in the header the matched route reads.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// The caller's certificate (PEM), for routes with `bindToPeer: cnf`.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
 }
 
 /// Runs a `stepmesh policy` subcommand.
 pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Check { file } => {
-            let policy = load(&file)?;
+            let policy = load(&file).await?;
             println!(
-                "{}: ok (trust domain {}, {} ports, {} step-up providers, digest {})",
+                "{}: ok (trust domain {}, mode {:?}, {} ports, {} step-up providers, digest {})",
                 file.display(),
                 policy.trust_domain(),
+                policy.mode(),
                 policy.ports().len(),
                 policy.providers().len(),
                 policy.digest()
             );
-            Ok(())
+        }
+        PolicyCommand::Explain(args) => print!("{}", explain(&args).await?),
+        PolicyCommand::Netpol {
+            file,
+            namespace,
+            selector,
+        } => {
+            let policy = load(&file).await?;
+            print!("{}", netpol::render(&policy, &namespace, &selector)?);
         }
     }
+    Ok(())
 }
 
-fn load(file: &std::path::Path) -> anyhow::Result<Policy> {
-    Policy::from_file(file).with_context(|| format!("policy {}", file.display()))
+async fn load(file: &Path) -> anyhow::Result<Policy> {
+    let text = tokio::fs::read_to_string(file)
+        .await
+        .with_context(|| format!("reading policy {}", file.display()))?;
+    Policy::from_yaml(&text).with_context(|| format!("policy {}", file.display()))
+}
+
+/// The decision, as `key: value` lines.
+pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
+    let policy = load(&args.file).await?;
+    let peer = SpiffeId::parse(&args.from).context("--from")?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "policy: {} (digest {}, mode {:?})",
+        args.file.display(),
+        policy.digest(),
+        policy.mode()
+    );
+    let _ = writeln!(
+        out,
+        "peer: {peer}\nport: {} ({:?})",
+        args.port,
+        policy.port_protocol(args.port)
+    );
+    if args.method.is_none() && args.path.is_none() {
+        let d = policy.authorize(&peer, args.port);
+        let verdict = if d.would_deny {
+            "allow (audit: enforce would deny)"
+        } else if d.allow {
+            "allow"
+        } else {
+            "deny"
+        };
+        let _ = writeln!(
+            out,
+            "decision: {verdict}\nrule: {}\nreason: {}",
+            d.rule, d.reason
+        );
+        return Ok(out);
+    }
+    let method = http::Method::from_bytes(
+        args.method
+            .as_deref()
+            .unwrap_or("GET")
+            .to_ascii_uppercase()
+            .as_bytes(),
+    )
+    .context("--method")?;
+    let path = args.path.as_deref().unwrap_or("/");
+    let mut headers = http::HeaderMap::new();
+    if let Some(token) = &args.token {
+        let step_up = policy
+            .route(args.port, &method, path)
+            .and_then(|r| r.step_up.as_ref());
+        if let Some(rule) = step_up {
+            let value = if rule.header == http::header::AUTHORIZATION {
+                format!("Bearer {token}")
+            } else {
+                token.clone()
+            };
+            headers.insert(
+                rule.header.clone(),
+                http::HeaderValue::from_str(&value).context("--token")?,
+            );
+        }
+    }
+    let x5t = match &args.cert {
+        Some(path) => {
+            let pem = tokio::fs::read(path)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+            let cert = rustls_pemfile::certs(&mut pem.as_slice())
+                .next()
+                .with_context(|| format!("{}: no certificate", path.display()))??;
+            stepup::x5t_s256(&cert)
+        }
+        None => String::new(),
+    };
+    let stepup = StepUp::new(StepUpMetrics::default());
+    stepup.sync(&policy).await;
+    let req = RequestInfo {
+        peer: Peer {
+            id: &peer,
+            x5t_s256: &x5t,
+        },
+        port: args.port,
+        method: &method,
+        path,
+        headers: &headers,
+    };
+    let d = stepup::decide(&policy, &stepup, req, stepup::gate::unix_now()).await;
+    let verdict = match (&d.outcome, d.would_deny) {
+        (Outcome::Allow, true) => "allow (audit: enforce would refuse)".to_owned(),
+        (Outcome::Allow, false) => "allow".to_owned(),
+        (Outcome::Forbidden, _) => "403 forbidden".to_owned(),
+        (Outcome::Challenge(_), _) => "401 unauthorized".to_owned(),
+    };
+    let _ = writeln!(out, "request: {method} {path}");
+    let _ = writeln!(
+        out,
+        "route: {}",
+        d.route
+            .as_deref()
+            .unwrap_or("(none: the port's allow list decides)")
+    );
+    let _ = writeln!(
+        out,
+        "decision: {verdict}\nrule: {}\nreason: {}",
+        d.rule, d.reason
+    );
+    if let Outcome::Challenge(v) = &d.outcome {
+        let _ = writeln!(out, "www-authenticate: {}", v.to_str().unwrap_or("?"));
+    }
+    if let Some(sub) = &d.subject {
+        let _ = writeln!(out, "x-stepup-sub: {sub}");
+    }
+    if let Some(h) = &d.strip {
+        let _ = writeln!(out, "strips: {h}");
+    }
+    Ok(out)
 }

@@ -358,8 +358,17 @@ fn step_up(
         }
         None => http::header::AUTHORIZATION,
     };
-    if s.acr.iter().any(String::is_empty) {
-        return Err(invalid(format!("{path}.acr"), "empty acr value"));
+    // acr values go into a quoted, space-separated challenge parameter.
+    if let Some(i) = s.acr.iter().position(|a| {
+        a.is_empty()
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    }) {
+        return Err(invalid(
+            format!("{path}.acr[{i}]"),
+            "acr values are non-empty visible ASCII without quotes or backslashes",
+        ));
     }
     if s.amr.iter().any(String::is_empty) {
         return Err(invalid(format!("{path}.amr"), "empty amr value"));

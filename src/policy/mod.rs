@@ -8,7 +8,7 @@ mod cmd;
 mod compile;
 mod decide;
 mod model;
-mod spiffe;
+pub mod netpol;
 mod units;
 mod watch;
 
@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use cmd::{run, PolicyCommand};
+pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
-pub use spiffe::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
+pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use units::Cidr;
 pub use watch::PolicyWatch;
 

@@ -38,6 +38,8 @@ pub struct Shared {
     pub access_log: AccessLog,
     /// Phase deadlines.
     pub timeouts: Timeouts,
+    /// The HTTP layer (route and step-up decisions, pools).
+    pub http: Arc<crate::http::HttpLayer>,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer

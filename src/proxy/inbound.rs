@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use stepmesh_ca::spiffe_id::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -18,7 +19,6 @@ use super::conn::{decision_label, ConnLog, InboundContext, Outcome, Shared};
 use super::forward::forward;
 use super::listener::dial;
 use crate::metrics::Direction;
-use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
 
 /// Where an inbound listener's connections go.
@@ -33,6 +33,13 @@ pub enum InboundTarget {
     },
     /// `--transparent`: the original destination (the pod's own IP:port).
     OriginalDst,
+}
+
+/// The client a handshake verified.
+struct Peer {
+    id: SpiffeId,
+    cert_sha256: [u8; 32],
+    alpn: Option<Vec<u8>>,
 }
 
 /// One inbound listener's handler.
@@ -64,6 +71,56 @@ impl Inbound {
         }
     }
 
+    /// The TLS handshake (with its deadline) and the peer it verified; a
+    /// failure is counted by reason and access-logged here.
+    async fn authenticate(
+        &self,
+        tcp: TcpStream,
+        log: &ConnLog<'_>,
+    ) -> Option<(TlsStream<TcpStream>, Peer)> {
+        let shared = &self.shared;
+        let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
+            shared.metrics.handshake_failure(Direction::Inbound, reason);
+            tracing::debug!(client = %log.client, reason, error = %detail, "inbound handshake failed");
+            let outcome = Outcome::failed(reason, detail);
+            log.write(
+                &shared.access_log,
+                None,
+                "handshake_failed",
+                reason,
+                None,
+                &outcome,
+            );
+            None
+        };
+        let handshake =
+            tokio::time::timeout(shared.timeouts.handshake, self.acceptor.accept(tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return refuse(failure::reason(&e), &e),
+            Err(_) => return refuse("timeout", &"handshake timed out"),
+        };
+        let (_, conn) = tls.get_ref();
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        shared.metrics.handshake(Direction::Inbound, resumed);
+        if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
+            return refuse(reason, &"resumed session no longer valid");
+        }
+        // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
+        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+            return refuse("no_client_cert", &"no client certificate");
+        };
+        let Some(id) = spiffe_id_of(leaf) else {
+            return refuse("bad_san", &"no SPIFFE ID in the client certificate");
+        };
+        let peer = Peer {
+            id,
+            cert_sha256: cert_sha256(leaf),
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        };
+        Some((tls, peer))
+    }
+
     /// Handles one accepted connection to its end.
     pub async fn handle(self: Arc<Self>, tcp: TcpStream, client: SocketAddr) {
         let shared = &self.shared;
@@ -87,83 +144,24 @@ impl Inbound {
             port,
             started,
         };
-        let handshake =
-            tokio::time::timeout(shared.timeouts.handshake, self.acceptor.accept(tcp)).await;
-        let tls = match handshake {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let reason = failure::reason(&e);
-                shared.metrics.handshake_failure(Direction::Inbound, reason);
-                tracing::debug!(%client, reason, error = %e, "inbound handshake failed");
-                let outcome = Outcome::failed(reason, &e);
-                log.write(
-                    &shared.access_log,
-                    None,
-                    "handshake_failed",
-                    reason,
-                    None,
-                    &outcome,
-                );
-                return;
-            }
-            Err(_) => {
-                shared
-                    .metrics
-                    .handshake_failure(Direction::Inbound, "timeout");
-                let outcome = Outcome::failed("timeout", "handshake timed out");
-                log.write(
-                    &shared.access_log,
-                    None,
-                    "handshake_failed",
-                    "timeout",
-                    None,
-                    &outcome,
-                );
-                return;
-            }
-        };
-        let (_, conn) = tls.get_ref();
-        if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
-            shared.metrics.handshake_failure(Direction::Inbound, reason);
-            let outcome = Outcome::failed(reason, "resumed session no longer valid");
-            log.write(
-                &shared.access_log,
-                None,
-                "handshake_failed",
-                reason,
-                None,
-                &outcome,
-            );
-            return;
-        }
-        // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
-        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
-            shared
-                .metrics
-                .handshake_failure(Direction::Inbound, "no_client_cert");
+        let Some((tls, peer)) = self.authenticate(tcp, &log).await else {
             return;
         };
-        let Some(peer_id) = spiffe_id_of(leaf) else {
-            shared
-                .metrics
-                .handshake_failure(Direction::Inbound, "bad_san");
-            return;
-        };
-        let peer_cert_sha256 = cert_sha256(leaf);
-        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let Peer {
+            id: peer_id,
+            cert_sha256: peer_cert_sha256,
+            alpn,
+        } = peer;
 
         let policy = shared.policy.current();
-        let decision = match crate::policy::SpiffeId::parse(peer_id.as_str()) {
-            // Same type once `policy` re-exports `stepmesh_ca::spiffe_id`;
-            // until then the ID is re-parsed (cannot fail: it is valid).
-            Ok(id) => policy.authorize(&id, port),
-            Err(_) => return,
-        };
+        let decision = policy.authorize(&peer_id, port);
         let label = decision_label(decision.allow, decision.would_deny);
         shared
             .metrics
             .connection(Direction::Inbound, peer_id.as_str(), label);
-        if !decision.allow {
+        // HTTP connections are served even when denied: each request gets 403.
+        let protocol = policy.port_protocol(port);
+        if !decision.allow && !crate::http::seam::serves_denied(alpn.as_deref(), protocol) {
             tracing::info!(%client, peer = %peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound denied");
             log.write(
                 &shared.access_log,
@@ -183,7 +181,7 @@ impl Inbound {
             app: app.clone(),
             client,
             alpn,
-            protocol: policy.port_protocol(port),
+            protocol,
         };
         drop(policy);
         let outcome = serve(shared, &ctx, tls).await;
@@ -205,9 +203,7 @@ impl Inbound {
 /// goes to its port's protocol layer. The HTTP layer takes over the
 /// `Http`/`Auto` arm; everything else is opaque TCP.
 pub async fn serve(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
-    match ctx.protocol {
-        Protocol::Tcp | Protocol::Http | Protocol::Auto => forward_tcp(shared, ctx, tls).await,
-    }
+    crate::http::seam::inbound(shared, ctx, tls).await
 }
 
 /// Opaque TCP: dial the app and copy bytes both ways.

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::drain::DrainWatch;
 use crate::metrics::{Direction, ProxyMetrics};
@@ -50,15 +51,37 @@ pub async fn accept_loop<F, Fut>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        let work = handle(stream, client);
-        let watch = drain.clone();
-        tokio::spawn(async move {
-            work.await;
-            drop(permit);
-            drop(watch);
+        tokio::spawn(Tracked {
+            work: handle(stream, client),
+            _permit: permit,
+            _watch: drain.clone(),
         });
     }
     tracing::debug!(listener = ?listener.local_addr().ok(), "stopped accepting");
+}
+
+pin_project! {
+    /// A connection's work holding its permit and drain watch until it ends.
+    /// A struct rather than an `async` block around `work`: the block would
+    /// store the (large) connection future twice, once as a captured value
+    /// and once as the awaited one, doubling every task's memory.
+    struct Tracked<F> {
+        #[pin]
+        work: F,
+        _permit: OwnedSemaphorePermit,
+        _watch: DrainWatch,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.project().work.poll(cx)
+    }
 }
 
 /// Dials `addr` (host:port) with a deadline and TCP_NODELAY.

@@ -37,10 +37,23 @@ pub enum OutboundTarget {
     OriginalDst,
 }
 
+/// What a connection's destination gets, decided before any dial.
+struct Route {
+    dst: Arc<str>,
+    port: u16,
+    action: OutboundAction,
+    rule: Option<Arc<str>>,
+    expected: Arc<str>,
+    would_deny: bool,
+}
+
 /// One outbound listener's handler.
 pub struct Outbound {
     shared: Arc<Shared>,
     connector: TlsConnector,
+    /// The same TLS identity and verifier, offering ALPN `stepmesh/h2` for
+    /// the pooled sidecar-to-sidecar HTTP/2 connections.
+    mesh: TlsConnector,
     target: OutboundTarget,
 }
 
@@ -60,10 +73,62 @@ impl Outbound {
         config: Arc<rustls::ClientConfig>,
         target: OutboundTarget,
     ) -> Self {
+        let mut mesh = (*config).clone();
+        mesh.alpn_protocols = vec![crate::http::MESH_ALPN.to_vec()];
         Self {
             shared,
             connector: TlsConnector::from(config),
+            mesh: TlsConnector::from(Arc::new(mesh)),
             target,
+        }
+    }
+
+    /// Where this connection goes and how, or `None` when a transparent
+    /// connection has no original destination (counted and logged).
+    fn classify(&self, app: &TcpStream, client: SocketAddr) -> Option<Route> {
+        let shared = &self.shared;
+        match &self.target {
+            OutboundTarget::Peer { peer, expected } => Some(Route {
+                dst: peer.clone(),
+                port: peer
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(0),
+                action: OutboundAction::Mtls,
+                rule: None,
+                expected: expected.clone(),
+                would_deny: false,
+            }),
+            OutboundTarget::OriginalDst => {
+                let dst = match super::transparent::original_dst(app) {
+                    Ok(dst) => dst,
+                    Err(e) => {
+                        shared.metrics.error(Direction::Outbound, "original_dst");
+                        tracing::warn!(%client, error = %e, "outbound: no original destination");
+                        return None;
+                    }
+                };
+                let policy = shared.policy.current();
+                let (mut action, rule) = policy.outbound(dst);
+                // Audit mode: what enforce would refuse leaves unmeshed.
+                let would_deny = action == OutboundAction::Deny && policy.mode() == Mode::Audit;
+                if would_deny {
+                    action = OutboundAction::Passthrough;
+                }
+                let expected = shared
+                    .store
+                    .trust_domain()
+                    .map(|td| format!("spiffe://{}/*", td.as_str()))
+                    .unwrap_or_default();
+                Some(Route {
+                    dst: dst.to_string().into(),
+                    port: dst.port(),
+                    action,
+                    rule: Some(rule),
+                    expected: expected.into(),
+                    would_deny,
+                })
+            }
         }
     }
 
@@ -72,52 +137,17 @@ impl Outbound {
         let shared = &self.shared;
         let started = Instant::now();
         let _open = shared.metrics.open_guard(Direction::Outbound);
-        let mut would_deny = false;
-        let (dst, port, action, rule, expected): (Arc<str>, u16, _, Option<Arc<str>>, Arc<str>) =
-            match &self.target {
-                OutboundTarget::Peer { peer, expected } => {
-                    let port = peer
-                        .rsplit_once(':')
-                        .and_then(|(_, p)| p.parse().ok())
-                        .unwrap_or(0);
-                    (
-                        peer.clone(),
-                        port,
-                        OutboundAction::Mtls,
-                        None,
-                        expected.clone(),
-                    )
-                }
-                OutboundTarget::OriginalDst => {
-                    let dst = match super::transparent::original_dst(&app) {
-                        Ok(dst) => dst,
-                        Err(e) => {
-                            shared.metrics.error(Direction::Outbound, "original_dst");
-                            tracing::warn!(%client, error = %e, "outbound: no original destination");
-                            return;
-                        }
-                    };
-                    let policy = shared.policy.current();
-                    let (mut action, rule) = policy.outbound(dst);
-                    if action == OutboundAction::Deny && policy.mode() == Mode::Audit {
-                        // Audit mode: what enforce would refuse leaves unmeshed.
-                        would_deny = true;
-                        action = OutboundAction::Passthrough;
-                    }
-                    let td = shared
-                        .store
-                        .trust_domain()
-                        .map(|td| format!("spiffe://{}/*", td.as_str()))
-                        .unwrap_or_default();
-                    (
-                        dst.to_string().into(),
-                        dst.port(),
-                        action,
-                        Some(rule),
-                        td.into(),
-                    )
-                }
-            };
+        let Some(Route {
+            dst,
+            port,
+            action,
+            rule,
+            expected,
+            would_deny,
+        }) = self.classify(&app, client)
+        else {
+            return;
+        };
         let log = ConnLog {
             direction: Direction::Outbound,
             client,
@@ -152,7 +182,7 @@ impl Outbound {
             action,
             expected,
         };
-        let outcome = serve(shared, &self.connector, &ctx, app).await;
+        let outcome = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
         let (decision, reason) = match (&outcome.error, action) {
             (Some((reason, _)), _) => {
                 shared.metrics.error(Direction::Outbound, reason);
@@ -178,10 +208,11 @@ impl Outbound {
 pub async fn serve(
     shared: &Shared,
     connector: &TlsConnector,
+    mesh: &TlsConnector,
     ctx: &OutboundContext,
     app: TcpStream,
 ) -> Outcome {
-    forward_tcp(shared, connector, ctx, app).await
+    crate::http::seam::outbound(shared, connector, mesh, ctx, app).await
 }
 
 /// Opaque TCP: dial the destination (mTLS or plain) and copy both ways.
@@ -225,6 +256,8 @@ pub async fn forward_tcp(
             return Outcome::failed("timeout", "handshake timed out");
         }
     };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    shared.metrics.handshake(Direction::Outbound, resumed);
     if let Err(reason) = crate::tls::check_resumed(tls.get_ref().1, &shared.store) {
         shared
             .metrics

@@ -40,6 +40,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
         .transpose()?;
 
+    let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
     let provider = tls::provider();
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::new(&mut registry);
@@ -56,6 +57,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     } else {
         AccessLog::stdout(&mut registry).context("starting the access log writer")?
     };
+    let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
+    let http_metrics = crate::http::HttpMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
@@ -75,7 +78,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ready: {
             let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
             Box::new(move || {
-                store.is_loaded() && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
+                // An expired SVID (the CA down for too long) makes every
+                // peer refuse us: stop attracting traffic until renewed.
+                let valid = store.info().is_some_and(|svid| {
+                    svid.not_after + stepmesh_ca::svid::CLOCK_SKEW > std::time::SystemTime::now()
+                });
+                valid && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
             })
         },
         config: {
@@ -108,8 +116,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!("waiting for the first SVID");
     tokio::select! {
         () = store.wait_loaded() => {}
-        signal = drain::shutdown_signal() => {
-            tracing::info!(signal = signal?, "stopping before the first SVID");
+        signal = signals.recv() => {
+            tracing::info!(signal, "stopping before the first SVID");
             return Ok(());
         }
     }
@@ -129,7 +137,24 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let _ = policy_slot.set(policy.clone());
 
+    let stepup = Arc::new(crate::stepup::StepUp::new(stepup_metrics));
+    {
+        // Fetch step-up keys before the first request needs them.
+        let (stepup, policy) = (stepup.clone(), policy.current());
+        tokio::spawn(async move { stepup.sync(&policy).await });
+    }
+    let request_log = {
+        let log = access_log.clone();
+        crate::http::RequestLog::new(move |record| log.log_json(record))
+    };
+    let http = Arc::new(crate::http::HttpLayer::new(
+        policy.clone(),
+        stepup,
+        http_metrics,
+        request_log,
+    ));
     let shared = Arc::new(Shared {
+        http,
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),
@@ -146,13 +171,19 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     drop(watch);
     listeners_up.store(true, Ordering::Release);
 
-    let signal = drain::shutdown_signal().await?;
+    let signal = signals.recv().await;
     draining.store(true, Ordering::Release);
+    shared.http.start_drain();
     tracing::info!(signal, timeout = ?args.drain_timeout, "draining");
-    if trigger.drain(args.drain_timeout).await {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!("drain timeout: closing the remaining connections");
+    tokio::select! {
+        drained = trigger.drain(args.drain_timeout) => if drained {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain timeout: closing the remaining connections");
+        },
+        second = signals.recv() => {
+            tracing::warn!(signal = second, "second signal: closing the remaining connections now");
+        }
     }
     let log = shared.access_log.clone();
     let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;

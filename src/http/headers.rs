@@ -1,0 +1,171 @@
+//! Header and path hygiene of the proxy: hop-by-hop headers removed (RFC
+//! 9110 §7.6.1), `x-forwarded-client-cert` replaced, the step-up headers
+//! cleaned, and paths that an app could normalize into a different route
+//! refused before the route decision sees them.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `x-forwarded-client-cert` (Envoy's format: `By=<us>;URI=<peer>`).
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The verified step-up subject passed to the app.
+pub const STEPUP_SUB: HeaderName = HeaderName::from_static("x-stepup-sub");
+/// Between sidecars: the protocol the app spoke (`HTTP/1.1`, `HTTP/2`), as
+/// Linkerd's `l5d-orig-proto`.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("stepmesh-orig-proto");
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers and those the `Connection` header names. `TE:
+/// trailers` survives (gRPC needs it); any other TE goes.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Sets `x-forwarded-client-cert: By=<own>;URI=<peer>`, replacing every copy
+/// the caller sent (a caller must never choose what the app believes).
+pub fn set_xfcc(headers: &mut HeaderMap, own: Option<&str>, peer: &str) {
+    headers.remove(XFCC);
+    let value = match own {
+        Some(own) => format!("By={own};URI={peer}"),
+        None => format!("URI={peer}"),
+    };
+    // SPIFFE IDs are URI-safe ASCII, so this cannot fail.
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(XFCC, v);
+    }
+}
+
+/// Whether `path` is in the form an app will not rewrite into another
+/// route: no `.`/`..` segments, no `//`, no backslash, no percent-encoded
+/// unreserved characters, slashes or backslashes.
+pub fn path_is_canonical(path: &str) -> bool {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    if !path.starts_with('/') || path.contains("//") || path.contains('\\') {
+        return false;
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return false;
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = bytes[i..].iter().position(|b| *b == b'%') {
+        let at = i + pos;
+        let Some(hex) = path.get(at + 1..at + 3) else {
+            return false;
+        };
+        let Ok(b) = u8::from_str_radix(hex, 16) else {
+            return false;
+        };
+        if b.is_ascii_alphanumeric() || b"-._~/\\".contains(&b) {
+            return false;
+        }
+        i = at + 3;
+    }
+    true
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-kept"], "1");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn xfcc_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.append(
+            XFCC,
+            HeaderValue::from_static("URI=spiffe://evil/ns/a/sa/admin"),
+        );
+        h.append(XFCC, HeaderValue::from_static("By=x"));
+        set_xfcc(
+            &mut h,
+            Some("spiffe://td/ns/b/sa/api"),
+            "spiffe://td/ns/a/sa/web",
+        );
+        assert_eq!(h.get_all(XFCC).iter().count(), 1);
+        assert_eq!(
+            h[XFCC],
+            "By=spiffe://td/ns/b/sa/api;URI=spiffe://td/ns/a/sa/web"
+        );
+    }
+
+    #[test]
+    fn canonical_paths() {
+        for ok in [
+            "/",
+            "/refunds/1",
+            "/a-b_c.d~e",
+            "/q?x=../y",
+            "/%20space",
+            "/caf%C3%A9",
+        ] {
+            assert!(path_is_canonical(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "x",
+            "//refunds",
+            "/a/../refunds",
+            "/./refunds",
+            "/refunds/.",
+            "/a\\b",
+            "/%72efunds",
+            "/x%2F..%2Frefunds",
+            "/%2e%2e/refunds",
+            "/%5c",
+            "/%",
+            "/%zz",
+        ] {
+            assert!(!path_is_canonical(bad), "{bad}");
+        }
+    }
+}

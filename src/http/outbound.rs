@@ -1,0 +1,271 @@
+//! Outbound HTTP: requests from the local app ride pooled HTTP/2 mTLS
+//! connections to the peer sidecar (ALPN `stepmesh/h2`), multiplexed
+//! whatever the app speaks, the app's protocol carried in
+//! `stepmesh-orig-proto` so the far side speaks it to its app. A new app
+//! connection costs no handshake once the pool holds a connection.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::headers::{strip_hop_by_hop, ORIG_PROTO};
+use super::record::{CountIn, Exchange};
+use super::{local_body, respond, serve_until, BoxError, HttpLayer, ProxyBody, MESH_ALPN};
+
+/// Where an outbound HTTP connection's requests go.
+#[derive(Clone)]
+pub struct OutboundConn {
+    /// Pool key: the listener's expected identity and the destination.
+    pub key: Arc<str>,
+    /// The peer sidecar, host:port.
+    pub dst: Arc<str>,
+    /// The policy port (logs, metrics).
+    pub port: u16,
+    /// TLS to the peer: SVID client certificate, verifier of the expected
+    /// identity, ALPN `stepmesh/h2`.
+    pub connector: TlsConnector,
+    /// TLS server name (session cache key; identity is checked by SPIFFE ID).
+    pub server_name: ServerName<'static>,
+    /// Dial deadline.
+    pub connect_timeout: Duration,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// The app's address (logs).
+    pub client: SocketAddr,
+}
+
+impl std::fmt::Debug for OutboundConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundConn")
+            .field("dst", &self.dst)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a mesh connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// TCP connect failed or timed out.
+    #[error("connecting to {0}: {1}")]
+    Connect(Arc<str>, String),
+    /// TLS handshake failed or timed out.
+    #[error("TLS to {0}: {1}")]
+    Tls(Arc<str>, String),
+    /// The peer is not a stepmesh sidecar speaking `stepmesh/h2`.
+    #[error("{0} does not speak stepmesh/h2")]
+    NoMeshAlpn(Arc<str>),
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2 with {0}: {1}")]
+    H2(Arc<str>, String),
+}
+
+/// A pooled connection to a peer sidecar and whom it reached.
+#[derive(Clone)]
+struct Pooled {
+    send: SendRequest<CountIn<Incoming>>,
+    peer: Option<Arc<str>>,
+}
+
+/// HTTP/2 connections to peer sidecars, one per (identity, destination).
+#[derive(Default)]
+pub(crate) struct MeshPool {
+    conns: Mutex<HashMap<Arc<str>, Pooled>>,
+}
+
+impl MeshPool {
+    fn cached(&self, key: &str) -> Option<Pooled> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.get(key).filter(|p| !p.send.is_closed()).cloned()
+    }
+
+    /// A live connection to `conn.dst`, made if there is none. Two racing
+    /// callers may both connect; the later one wins the slot, both work.
+    async fn get(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+        if let Some(p) = self.cached(&conn.key) {
+            return Ok(p);
+        }
+        let dst = conn.dst.clone();
+        let tcp = tokio::time::timeout(conn.connect_timeout, TcpStream::connect(&*dst))
+            .await
+            .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
+            .map_err(|e| MeshError::Connect(dst.clone(), e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            conn.handshake_timeout,
+            conn.connector.connect(conn.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| MeshError::Tls(dst.clone(), "handshake timed out".into()))?
+        .map_err(|e| MeshError::Tls(dst.clone(), e.to_string()))?;
+        let session = tls.get_ref().1;
+        if session.alpn_protocol() != Some(MESH_ALPN) {
+            return Err(MeshError::NoMeshAlpn(dst));
+        }
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
+            .map(|id| Arc::from(id.as_str()));
+        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
+            }
+        });
+        let pooled = Pooled { send, peer };
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn.key.clone(), pooled.clone());
+        Ok(pooled)
+    }
+}
+
+/// Makes sure a mesh connection to `conn.dst` exists (so the caller can
+/// fall back to opaque TCP when the peer is not a stepmesh sidecar), and
+/// returns the peer's SPIFFE ID.
+pub async fn connect(
+    layer: &HttpLayer,
+    conn: &OutboundConn,
+) -> Result<Option<Arc<str>>, MeshError> {
+    layer.mesh.get(conn).await.map(|p| p.peer)
+}
+
+/// Serves the app's HTTP connection until it closes, or gracefully once
+/// `drain` resolves.
+pub async fn serve<I>(
+    layer: Arc<HttpLayer>,
+    conn: Arc<OutboundConn>,
+    io: I,
+    drain: impl Future<Output = ()> + Send,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let (layer, conn) = (layer.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .adaptive_window(true)
+        .timer(TokioTimer::new());
+    serve_until(&builder, io, svc, drain).await
+}
+
+fn orig_proto(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+async fn handle(
+    layer: &HttpLayer,
+    conn: &OutboundConn,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let mut x = Exchange::new("outbound", conn.port, &layer.log, &layer.metrics);
+    let orig = req.version();
+    x.record.method = req.method().as_str().to_owned();
+    x.record.path = req.uri().path().to_owned();
+    x.record.version = orig_proto(orig);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // HTTP/2 wants the authority in the URI, not a Host header.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| conn.dst.to_string());
+    parts.headers.remove(http::header::HOST);
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = match format!("http://{authority}{pq}").parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            let body = local_body("bad request target\n");
+            return respond(
+                x,
+                StatusCode::BAD_REQUEST,
+                "error",
+                "bad_request_target",
+                body,
+            );
+        }
+    };
+    parts.version = Version::HTTP_2;
+    parts
+        .headers
+        .insert(ORIG_PROTO, HeaderValue::from_static(orig_proto(orig)));
+    let mut pooled = match layer.mesh.get(conn).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(dst = %conn.dst, error = %e, "outbound: no mesh connection");
+            let body = local_body("the destination's sidecar is unreachable\n");
+            return respond(
+                x,
+                StatusCode::BAD_GATEWAY,
+                "error",
+                "peer_unavailable",
+                body,
+            );
+        }
+    };
+    x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    let request = Request::from_parts(parts, x.count_request(body));
+    let sent = match pooled.send.ready().await {
+        Ok(()) => pooled.send.send_request(request).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = x.respond(parts.status, "allow", "mesh", body.boxed());
+            Response::from_parts(parts, body)
+        }
+        Err(e) => {
+            tracing::warn!(dst = %conn.dst, error = %e, "outbound: mesh request failed");
+            let body = local_body("the request to the destination failed\n");
+            respond(
+                x,
+                StatusCode::BAD_GATEWAY,
+                "error",
+                "peer_request_failed",
+                body,
+            )
+        }
+    }
+}

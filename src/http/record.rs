@@ -1,0 +1,260 @@
+//! The access-log line of one HTTP request (JSON): decided when the
+//! response headers go out, written when the response body ends (or the
+//! client goes away), so it carries the bytes moved both ways and the whole
+//! duration.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use serde::Serialize;
+
+use super::{HttpMetrics, ProxyBody};
+
+/// One request's record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RequestRecord {
+    /// RFC 3339 UTC time the response ended.
+    pub ts: String,
+    /// Always `http`: tells request lines from connection lines.
+    pub kind: &'static str,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The client workload (inbound) or the peer sidecar (outbound).
+    pub peer_id: Option<String>,
+    /// The policy port.
+    pub port: u16,
+    /// Method.
+    pub method: String,
+    /// Path (no query: queries may carry secrets).
+    pub path: String,
+    /// The HTTP version the client spoke.
+    pub version: &'static str,
+    /// The matched route.
+    pub route: Option<String>,
+    /// `allow`, `deny`, `would_deny`, `error`.
+    pub decision: &'static str,
+    /// The reason label (see `stepup::GateDecision::reason`).
+    pub reason: &'static str,
+    /// The deciding rule.
+    pub rule: Option<String>,
+    /// The verified step-up subject.
+    pub stepup_sub: Option<String>,
+    /// Response status.
+    pub status: u16,
+    /// Request body bytes forwarded.
+    pub bytes_in: u64,
+    /// Response body bytes sent back.
+    pub bytes_out: u64,
+    /// Milliseconds to the response headers.
+    pub headers_ms: f64,
+    /// Milliseconds to the end of the response.
+    pub duration_ms: f64,
+}
+
+/// Where request records go (the process's access log, or nowhere).
+#[derive(Clone)]
+pub struct RequestLog(Option<Arc<Sink>>);
+
+type Sink = dyn Fn(&RequestRecord) + Send + Sync;
+
+impl std::fmt::Debug for RequestLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RequestLog(on)"
+        } else {
+            "RequestLog(off)"
+        })
+    }
+}
+
+impl RequestLog {
+    /// Records go to `sink` (must not block: queue and return).
+    pub fn new(sink: impl Fn(&RequestRecord) + Send + Sync + 'static) -> RequestLog {
+        RequestLog(Some(Arc::new(sink)))
+    }
+
+    /// No access log.
+    pub fn disabled() -> RequestLog {
+        RequestLog(None)
+    }
+
+    /// Writes one record.
+    pub fn write(&self, record: &RequestRecord) {
+        if let Some(sink) = &self.0 {
+            sink(record);
+        }
+    }
+}
+
+/// A request in flight: its record so far, and what finishing it needs.
+pub(crate) struct Exchange {
+    pub record: RequestRecord,
+    started: Instant,
+    bytes_in: Option<Arc<AtomicU64>>,
+    log: RequestLog,
+    metrics: HttpMetrics,
+}
+
+impl Exchange {
+    pub(crate) fn new(
+        direction: &'static str,
+        port: u16,
+        log: &RequestLog,
+        metrics: &HttpMetrics,
+    ) -> Exchange {
+        Exchange {
+            record: RequestRecord {
+                kind: "http",
+                direction,
+                port,
+                ..RequestRecord::default()
+            },
+            started: Instant::now(),
+            bytes_in: None,
+            log: log.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Wraps the request body so the bytes forwarded are counted.
+    pub(crate) fn count_request<B>(&mut self, body: B) -> CountIn<B> {
+        let count = Arc::new(AtomicU64::new(0));
+        self.bytes_in = Some(count.clone());
+        CountIn { inner: body, count }
+    }
+
+    /// The response is decided: counts the request metric now, and returns
+    /// the body that writes the access-log line when it ends.
+    pub(crate) fn respond(
+        mut self,
+        status: http::StatusCode,
+        decision: &'static str,
+        reason: &'static str,
+        body: ProxyBody,
+    ) -> ProxyBody {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.record.status = status.as_u16();
+        self.record.decision = decision;
+        self.record.reason = reason;
+        self.record.headers_ms = secs * 1000.0;
+        let r = &self.record;
+        self.metrics.request(
+            r.direction,
+            r.port,
+            r.route.as_deref().unwrap_or(""),
+            decision,
+            r.status,
+            secs,
+        );
+        LogAtEnd {
+            inner: body,
+            out: 0,
+            done: Some(self),
+        }
+        .boxed()
+    }
+
+    fn finish(mut self, bytes_out: u64) {
+        self.record.bytes_out = bytes_out;
+        self.record.bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.record.ts = crate::accesslog::now_rfc3339();
+        self.log.write(&self.record);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body counting the bytes that pass.
+    pub(crate) struct CountIn<B> {
+        #[pin]
+        inner: B,
+        count: Arc<AtomicU64>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for CountIn<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            if let Some(d) = f.data_ref() {
+                this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        frame
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that writes the exchange's log line when it ends or
+    /// is dropped (the client went away).
+    pub(crate) struct LogAtEnd<B> {
+        #[pin]
+        inner: B,
+        out: u64,
+        done: Option<Exchange>,
+    }
+
+    impl<B> PinnedDrop for LogAtEnd<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(x) = this.done.take() {
+                x.finish(*this.out);
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for LogAtEnd<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        match &frame {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    *this.out += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(x) = this.done.take() {
+                    x.finish(*this.out);
+                }
+            }
+            Poll::Pending => {}
+        }
+        frame
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,188 @@
+//! Where the data plane hands connections to the HTTP layer: the inbound
+//! and outbound protocol seams of `proxy::inbound` / `proxy::outbound` call
+//! in here once a connection is authenticated (inbound) or classified
+//! (outbound), and fall back to opaque TCP where HTTP does not apply.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::detect::{self, Detected, Prefixed};
+use super::inbound::InboundConn;
+use super::outbound::{MeshError, OutboundConn};
+use super::MESH_ALPN;
+use crate::metrics::Direction;
+use crate::policy::{OutboundAction, Protocol};
+use crate::proxy::conn::{InboundContext, OutboundContext, Outcome, Shared};
+
+/// How long the outbound side waits for the app's first bytes before
+/// treating the connection as opaque (server-speaks-first protocols).
+pub const OUTBOUND_DETECT: Duration = Duration::from_millis(500);
+/// How long an `auto` inbound port waits for the first bytes.
+pub const INBOUND_DETECT: Duration = Duration::from_secs(10);
+
+/// The ALPN ids inbound listeners accept: ours first, then the app protocols.
+pub fn server_alpn() -> Vec<Vec<u8>> {
+    vec![MESH_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()]
+}
+
+/// Whether a connection the L4 decision denied still gets served, so each
+/// request can be answered 403 (SPEC.md: HTTP routes answer 403): a peer
+/// sidecar's HTTP connection, an `http` port, or an `auto` port (denied and
+/// not HTTP, it is closed after detection).
+pub fn serves_denied(alpn: Option<&[u8]>, protocol: Protocol) -> bool {
+    alpn == Some(MESH_ALPN) || matches!(protocol, Protocol::Http | Protocol::Auto)
+}
+
+/// The inbound seam: HTTP for peer sidecars, `http` ports and HTTP-looking
+/// `auto` connections; opaque TCP otherwise (and only if allowed).
+pub async fn inbound(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+    // The HTTP paths are boxed: an opaque TCP connection's task must stay
+    // as small as the L4 path alone (idle connections are counted in KiB).
+    let mesh = ctx.alpn.as_deref() == Some(MESH_ALPN);
+    if mesh || ctx.protocol == Protocol::Http {
+        return Box::pin(serve_inbound_http(shared, ctx, tls, mesh)).await;
+    }
+    if ctx.protocol == Protocol::Tcp {
+        return if allowed(shared, ctx) {
+            crate::proxy::inbound::forward_tcp(shared, ctx, tls).await
+        } else {
+            Outcome::default()
+        };
+    }
+    Box::pin(inbound_auto(shared, ctx, tls)).await
+}
+
+fn allowed(shared: &Shared, ctx: &InboundContext) -> bool {
+    shared
+        .policy
+        .current()
+        .authorize(&ctx.peer_id, ctx.port)
+        .allow
+}
+
+/// An `auto` port: HTTP if the first bytes say so, else opaque TCP.
+async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+    let mut tls = tls;
+    let sniffed = tokio::time::timeout(INBOUND_DETECT, detect::sniff(&mut tls)).await;
+    let (detected, prefix) = match sniffed {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Outcome::failed("io", e),
+        Err(_) => (Detected::Opaque, bytes::Bytes::new()),
+    };
+    let io = Prefixed::new(prefix, tls);
+    if detected.is_http() {
+        return serve_inbound_http(shared, ctx, io, false).await;
+    }
+    // A port with routes is HTTP by the operator's word: opaque bytes must
+    // not slip past the route decisions to the app.
+    let has_routes = shared
+        .policy
+        .current()
+        .port(ctx.port)
+        .is_some_and(|p| !p.routes.is_empty());
+    if has_routes || !allowed(shared, ctx) {
+        return Outcome::default();
+    }
+    let mut io = io;
+    let mut app = match crate::proxy::listener::dial(&ctx.app, shared.timeouts.connect).await {
+        Ok(app) => app,
+        Err(e) => return Outcome::failed("app_connect", e),
+    };
+    let counters = shared.metrics.byte_counters(Direction::Inbound);
+    Outcome::forwarded(
+        crate::proxy::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters).await,
+    )
+}
+
+async fn serve_inbound_http<I>(shared: &Shared, ctx: &InboundContext, io: I, mesh: bool) -> Outcome
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = InboundConn {
+        peer: ctx.peer_id.clone(),
+        x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.peer_cert_sha256),
+        own: ctx.own_id.as_ref().map(ToString::to_string),
+        port: ctx.port,
+        app: ctx.app.clone(),
+        client: ctx.client,
+        mesh,
+    };
+    match super::inbound::serve(
+        shared.http.clone(),
+        Arc::new(conn),
+        io,
+        shared.http.drained(),
+    )
+    .await
+    {
+        Ok(()) => Outcome::default(),
+        Err(e) => Outcome::failed("http", e),
+    }
+}
+
+/// The outbound seam: an mTLS destination whose app speaks HTTP rides the
+/// pooled `stepmesh/h2` connection; anything else (or a peer that is not a
+/// stepmesh sidecar) is opaque TCP.
+pub async fn outbound(
+    shared: &Shared,
+    connector: &TlsConnector,
+    mesh: &TlsConnector,
+    ctx: &OutboundContext,
+    app: TcpStream,
+) -> Outcome {
+    if ctx.action == OutboundAction::Mtls && detect::peek(&app, OUTBOUND_DETECT).await.is_http() {
+        // Boxed, so opaque TCP connections keep a small task (see inbound).
+        return match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
+            Ok(outcome) => outcome,
+            Err(app) => crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await,
+        };
+    }
+    crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
+}
+
+/// HTTP over the mesh pool; `Err(app)` hands the connection back for opaque
+/// TCP when the peer is not a stepmesh sidecar.
+async fn outbound_http(
+    shared: &Shared,
+    mesh: &TlsConnector,
+    ctx: &OutboundContext,
+    app: TcpStream,
+) -> Result<Outcome, TcpStream> {
+    let conn = Arc::new(OutboundConn {
+        key: format!("{}@{}", ctx.expected, ctx.dst).into(),
+        dst: ctx.dst.clone(),
+        port: ctx.port,
+        connector: mesh.clone(),
+        server_name: crate::proxy::outbound::server_name(&ctx.dst),
+        connect_timeout: shared.timeouts.connect,
+        handshake_timeout: shared.timeouts.handshake,
+        client: ctx.client,
+    });
+    match super::outbound::connect(&shared.http, &conn).await {
+        Ok(peer) => {
+            let peer_id = peer.and_then(|p| crate::policy::SpiffeId::parse(&p).ok());
+            let mut outcome =
+                match super::outbound::serve(shared.http.clone(), conn, app, shared.http.drained())
+                    .await
+                {
+                    Ok(()) => Outcome::default(),
+                    Err(e) => Outcome::failed("http", e),
+                };
+            outcome.peer_id = peer_id;
+            Ok(outcome)
+        }
+        Err(MeshError::NoMeshAlpn(dst)) => {
+            tracing::debug!(%dst, "peer does not speak stepmesh/h2: opaque TCP");
+            Err(app)
+        }
+        Err(e) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: no mesh connection");
+            Ok(Outcome::failed("peer_connect", e))
+        }
+    }
+}

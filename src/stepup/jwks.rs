@@ -1,0 +1,248 @@
+//! A parsed JWKS: the usable signature keys of one provider, and the lookup
+//! of the key a token names. Keys meant for encryption, symmetric keys and
+//! unsupported types are skipped; a set with no usable key is an error, so
+//! an empty or broken answer can never replace good keys.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+/// Why a JWKS document was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    /// Not JSON, or no `keys` array.
+    #[error("not a JWKS document: {0}")]
+    Malformed(String),
+    /// Parsed, but no key can verify signatures.
+    #[error("no usable signature keys in the JWKS")]
+    Empty,
+}
+
+/// What kind of public key a JWK holds (its algorithm family and curve).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+struct Key {
+    kid: Option<String>,
+    /// The JWK's own `alg`, when it pins one.
+    alg: Option<String>,
+    kind: Kind,
+    key: DecodingKey,
+}
+
+/// The verification keys of a provider.
+#[derive(Default)]
+pub struct KeySet {
+    keys: Vec<Key>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.keys
+                    .iter()
+                    .map(|k| k.kid.as_deref().unwrap_or("<no kid>")),
+            )
+            .finish()
+    }
+}
+
+/// The outcome of looking up a token's key.
+pub enum Lookup<'k> {
+    /// Candidate keys (one for a kid; possibly several without one).
+    Found(Vec<&'k DecodingKey>),
+    /// The kid is not in the set (a refresh may help).
+    UnknownKid,
+    /// No key of the set can verify this algorithm.
+    NoKeyForAlg,
+}
+
+impl KeySet {
+    /// Parses a JWKS document, keeping the keys that can verify signatures.
+    pub fn parse(bytes: &[u8]) -> Result<KeySet, JwksError> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| JwksError::Malformed(e.to_string()))?;
+        let list = doc
+            .get("keys")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| JwksError::Malformed("no \"keys\" array".into()))?;
+        let mut keys = Vec::with_capacity(list.len());
+        for value in list {
+            // One odd key (an encryption key, a new kty) must not sink the set.
+            let Ok(jwk) = serde_json::from_value::<Jwk>(value.clone()) else {
+                continue;
+            };
+            if let Some(key) = usable(&jwk) {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err(JwksError::Empty);
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// Number of usable keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none (only before the first good fetch).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The keys that may have signed a token with this `kid` and `alg`.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Lookup<'_> {
+        let fits = |k: &&Key| {
+            kind_fits(k.kind, alg) && k.alg.as_deref().is_none_or(|a| a == alg_name(alg))
+        };
+        match kid {
+            Some(kid) => match self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                None => Lookup::UnknownKid,
+                Some(k) if fits(&k) => Lookup::Found(vec![&k.key]),
+                Some(_) => Lookup::NoKeyForAlg,
+            },
+            None => {
+                let found: Vec<_> = self.keys.iter().filter(fits).map(|k| &k.key).collect();
+                if found.is_empty() {
+                    Lookup::NoKeyForAlg
+                } else {
+                    Lookup::Found(found)
+                }
+            }
+        }
+    }
+}
+
+fn usable(jwk: &Jwk) -> Option<Key> {
+    if matches!(&jwk.common.public_key_use, Some(u) if *u != PublicKeyUse::Signature) {
+        return None;
+    }
+    let kind = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Kind::Rsa,
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => Kind::P256,
+            EllipticCurve::P384 => Kind::P384,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => Kind::Ed25519,
+        // Symmetric (`oct`) keys are never verification keys here.
+        _ => return None,
+    };
+    let key = DecodingKey::from_jwk(jwk).ok()?;
+    let alg = jwk
+        .common
+        .key_algorithm
+        .and_then(|a| serde_json::to_value(a).ok())
+        .and_then(|v| v.as_str().map(str::to_owned));
+    Some(Key {
+        kid: jwk.common.key_id.clone(),
+        alg,
+        kind,
+        key,
+    })
+}
+
+fn kind_fits(kind: Kind, alg: Algorithm) -> bool {
+    use Algorithm::*;
+    match alg {
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => kind == Kind::Rsa,
+        ES256 => kind == Kind::P256,
+        ES384 => kind == Kind::P384,
+        EdDSA => kind == Kind::Ed25519,
+        _ => false,
+    }
+}
+
+/// The JOSE name of an algorithm.
+pub fn alg_name(alg: Algorithm) -> &'static str {
+    use Algorithm::*;
+    match alg {
+        HS256 => "HS256",
+        HS384 => "HS384",
+        HS512 => "HS512",
+        ES256 => "ES256",
+        ES384 => "ES384",
+        RS256 => "RS256",
+        RS384 => "RS384",
+        RS512 => "RS512",
+        PS256 => "PS256",
+        PS384 => "PS384",
+        PS512 => "PS512",
+        EdDSA => "EdDSA",
+        // A future variant: never on an allow-list we built.
+        _ => "unsupported",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use crate::stepup::testing::TestIdp;
+    use serde_json::json;
+
+    #[test]
+    fn keeps_signature_keys_and_skips_the_rest() {
+        let idp = TestIdp::with_kids("https://idp", "e1", "r1").unwrap();
+        let mut doc = idp.jwks();
+        let keys = doc["keys"].as_array_mut().unwrap();
+        keys.push(json!({"kty": "oct", "kid": "h1", "k": "c2VjcmV0"}));
+        keys.push(json!({"kty": "RSA", "use": "enc", "kid": "enc1", "n": "AQAB", "e": "AQAB"}));
+        keys.push(json!({"kty": "XYZ", "kid": "odd"}));
+        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.len(), 2);
+        assert!(matches!(set.find(Some("e1"), Algorithm::ES256), Lookup::Found(v) if v.len() == 1));
+        assert!(matches!(
+            set.find(Some("r1"), Algorithm::RS256),
+            Lookup::Found(_)
+        ));
+        assert!(matches!(
+            set.find(Some("r1"), Algorithm::ES256),
+            Lookup::NoKeyForAlg
+        ));
+        assert!(matches!(
+            set.find(Some("e1"), Algorithm::RS256),
+            Lookup::NoKeyForAlg
+        ));
+        assert!(matches!(
+            set.find(Some("h1"), Algorithm::HS256),
+            Lookup::UnknownKid
+        ));
+        assert!(matches!(
+            set.find(Some("zz"), Algorithm::ES256),
+            Lookup::UnknownKid
+        ));
+        assert!(matches!(set.find(None, Algorithm::ES256), Lookup::Found(v) if v.len() == 1));
+        assert!(matches!(
+            set.find(None, Algorithm::HS256),
+            Lookup::NoKeyForAlg
+        ));
+    }
+
+    #[test]
+    fn empty_and_garbage_are_errors() {
+        assert_eq!(
+            KeySet::parse(b"{\"keys\": []}").unwrap_err(),
+            JwksError::Empty
+        );
+        assert_eq!(
+            KeySet::parse(b"{\"keys\": [{\"kty\": \"oct\", \"k\": \"AA\"}]}").unwrap_err(),
+            JwksError::Empty
+        );
+        assert!(matches!(
+            KeySet::parse(b"<html>").unwrap_err(),
+            JwksError::Malformed(_)
+        ));
+        assert!(matches!(
+            KeySet::parse(b"{\"k\": 1}").unwrap_err(),
+            JwksError::Malformed(_)
+        ));
+    }
+}

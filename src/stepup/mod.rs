@@ -1,0 +1,91 @@
+//! Step-up authentication on sensitive routes: JWKS providers (cached,
+//! refreshed, last good keys kept), JWT verification (RFC 8725), route
+//! requirements (acr, amr, claims, maxAge, binding to the peer) and the
+//! RFC 6750 / RFC 9470 challenges. [`gate::decide`] is the whole decision.
+
+mod cache;
+pub mod challenge;
+mod fetch;
+pub mod gate;
+pub mod jwks;
+mod metrics;
+mod provider;
+pub mod require;
+pub mod testing;
+pub mod verify;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use fetch::FetchError;
+pub use gate::{decide, GateDecision, Outcome, RequestInfo};
+pub use metrics::StepUpMetrics;
+pub use provider::Provider;
+pub use require::{x5t_s256, Peer};
+pub use verify::{TokenError, VerifiedToken};
+
+use crate::policy::{Policy, ProviderConfig};
+
+/// The providers in use, shared by every request. A provider lives as long
+/// as some policy names it with the same configuration, so a policy reload
+/// that leaves a provider unchanged keeps its keys and token cache.
+#[derive(Debug)]
+pub struct StepUp {
+    providers: ArcSwap<Vec<Arc<Provider>>>,
+    create: tokio::sync::Mutex<()>,
+    metrics: StepUpMetrics,
+}
+
+impl StepUp {
+    /// An empty registry reporting to `metrics`.
+    pub fn new(metrics: StepUpMetrics) -> StepUp {
+        StepUp {
+            providers: ArcSwap::from_pointee(Vec::new()),
+            create: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// The metric families.
+    pub fn metrics(&self) -> &StepUpMetrics {
+        &self.metrics
+    }
+
+    /// The provider for `config`, started (first key fetch awaited) if new.
+    pub async fn provider(&self, config: &Arc<ProviderConfig>) -> Arc<Provider> {
+        if let Some(p) = self.find(config) {
+            return p;
+        }
+        let _one_at_a_time = self.create.lock().await;
+        if let Some(p) = self.find(config) {
+            return p;
+        }
+        let provider = Provider::start(config.clone(), self.metrics.clone()).await;
+        let mut next: Vec<_> = self
+            .providers
+            .load()
+            .iter()
+            .filter(|p| p.config().name != config.name)
+            .cloned()
+            .collect();
+        next.push(provider.clone());
+        self.providers.store(Arc::new(next));
+        provider
+    }
+
+    /// Starts every provider of `policy` ahead of the first request.
+    pub async fn sync(&self, policy: &Policy) {
+        for config in policy.providers() {
+            self.provider(config).await;
+        }
+    }
+
+    fn find(&self, config: &Arc<ProviderConfig>) -> Option<Arc<Provider>> {
+        self.providers
+            .load()
+            .iter()
+            .find(|p| Arc::ptr_eq(p.config(), config) || **p.config() == **config)
+            .cloned()
+    }
+}

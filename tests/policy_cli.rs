@@ -1,0 +1,347 @@
+//! `stepmesh policy check | explain | netpol` as an operator runs them.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::json;
+use stepmesh::stepup::testing::{base_claims, mint_hs256, now, TestIdp};
+
+const ISS: &str = "https://idp.example.com";
+const FRONTEND: &str = "spiffe://cluster.local/ns/web/sa/frontend";
+
+fn stepmesh(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stepmesh"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    policy: PathBuf,
+    idp: TestIdp,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = TestIdp::new(ISS).unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+trustDomain: cluster.local
+stepUp:
+  providers:
+    corp-idp:
+      issuer: {ISS}
+      jwks: {{file: {}}}
+      audiences: [payments]
+      algorithms: [ES256, RS256]
+inbound:
+  default: deny
+  ports:
+    - port: 8080
+      protocol: http
+      allow:
+        - name: web-and-ops
+          from: [{FRONTEND}, spiffe://cluster.local/ns/ops/*]
+      routes:
+        - name: refunds
+          match: {{methods: [POST, DELETE], path: /refunds/*}}
+          from: [{FRONTEND}]
+          stepUp:
+            provider: corp-idp
+            acr: [urn:stepmesh:acr:mfa]
+            maxAge: 300s
+            bindToPeer: azp
+        - name: bound
+          match: {{path: /bound}}
+          stepUp: {{provider: corp-idp, bindToPeer: cnf}}
+    - port: 5432
+      protocol: tcp
+      allow:
+        - from: [spiffe://cluster.local/ns/payments/sa/api]
+"#,
+            jwks.display()
+        ),
+    )
+    .unwrap();
+    Setup {
+        _dir: dir,
+        policy,
+        idp,
+    }
+}
+
+fn explain(s: &Setup, from: &str, port: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "policy",
+        "explain",
+        s.policy.to_str().unwrap(),
+        "--from",
+        from,
+        "--port",
+        port,
+    ];
+    args.extend_from_slice(extra);
+    stdout(&stepmesh(&args))
+}
+
+#[test]
+fn check_accepts_a_good_file_and_names_the_field_of_a_bad_one() {
+    let s = setup();
+    let out = stdout(&stepmesh(&["policy", "check", s.policy.to_str().unwrap()]));
+    assert!(out.contains("ok (trust domain cluster.local"), "{out}");
+    let bad = s.policy.with_file_name("bad.yaml");
+    let text = std::fs::read_to_string(&s.policy)
+        .unwrap()
+        .replace("protocol: tcp", "protocol: udp");
+    std::fs::write(&bad, text).unwrap();
+    let o = stepmesh(&["policy", "check", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("inbound.ports[1].protocol") && err.contains("udp"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn explain_names_the_deciding_rule_for_each_branch() {
+    let s = setup();
+    let out = explain(&s, FRONTEND, "8080", &[]);
+    assert!(
+        out.contains("decision: allow\nrule: web-and-ops\nreason: allowed"),
+        "{out}"
+    );
+    let out = explain(&s, FRONTEND, "5432", &[]);
+    assert!(
+        out.contains("decision: deny\nrule: inbound.ports[1]\nreason: not_allowed"),
+        "{out}"
+    );
+    let out = explain(&s, FRONTEND, "9999", &[]);
+    assert!(
+        out.contains("decision: deny\nrule: inbound.default\nreason: default_deny"),
+        "{out}"
+    );
+
+    let out = explain(
+        &s,
+        FRONTEND,
+        "8080",
+        &["--method", "GET", "--path", "/catalog"],
+    );
+    assert!(
+        out.contains("route: (none") && out.contains("decision: allow\nrule: web-and-ops"),
+        "{out}"
+    );
+    let ops = "spiffe://cluster.local/ns/ops/sa/oncall";
+    let out = explain(
+        &s,
+        ops,
+        "8080",
+        &["--method", "POST", "--path", "/refunds/7"],
+    );
+    assert!(
+        out.contains("decision: 403 forbidden\nrule: refunds\nreason: route_not_allowed"),
+        "{out}"
+    );
+    let out = explain(
+        &s,
+        FRONTEND,
+        "8080",
+        &["--method", "POST", "--path", "/refunds/7"],
+    );
+    assert!(
+        out.contains("decision: 401 unauthorized\nrule: refunds\nreason: no_token"),
+        "{out}"
+    );
+    assert!(out.contains(r#"www-authenticate: Bearer realm="stepmesh", acr_values="urn:stepmesh:acr:mfa", max_age=300"#), "{out}");
+
+    let claims = || {
+        let mut c = base_claims(ISS, "payments", "alice");
+        c["acr"] = json!("urn:stepmesh:acr:mfa");
+        c["azp"] = json!(FRONTEND);
+        c
+    };
+    let with = |token: &str| {
+        explain(
+            &s,
+            FRONTEND,
+            "8080",
+            &["--method", "POST", "--path", "/refunds/7", "--token", token],
+        )
+    };
+    let out = with(&s.idp.es256(&claims()).unwrap());
+    assert!(out.contains("decision: allow\nrule: refunds\nreason: step_up_ok\nx-stepup-sub: alice\nstrips: authorization"), "{out}");
+    let mut weak = claims();
+    weak["acr"] = json!("urn:stepmesh:acr:pwd");
+    let out = with(&s.idp.es256(&weak).unwrap());
+    assert!(
+        out.contains("reason: insufficient_acr")
+            && out.contains("insufficient_user_authentication"),
+        "{out}"
+    );
+    let mut stale = claims();
+    stale["auth_time"] = json!(now() - 1000);
+    assert!(with(&s.idp.es256(&stale).unwrap()).contains("reason: stale_auth_time"));
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (json!({"exp": now() - 600}), "expired"),
+        (json!({"nbf": now() + 600}), "not_yet_valid"),
+        (json!({"iss": "https://evil"}), "wrong_issuer"),
+        (json!({"aud": "other"}), "wrong_audience"),
+        (
+            json!({"azp": "spiffe://cluster.local/ns/x/sa/y"}),
+            "azp_mismatch",
+        ),
+    ];
+    for (patch, reason) in cases {
+        let mut c = claims();
+        for (k, v) in patch.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let out = with(&s.idp.es256(&c).unwrap());
+        assert!(
+            out.contains(&format!("rule: refunds\nreason: {reason}"))
+                && out.contains("error=\"invalid_token\""),
+            "{reason}: {out}"
+        );
+    }
+    let none = s.idp.mint(&json!({"alg": "none"}), &claims()).unwrap();
+    assert!(with(&none).contains("reason: alg_not_allowed"));
+    let hs = mint_hs256(
+        s.idp.es_public_pem().unwrap().as_bytes(),
+        &json!({"alg": "HS256"}),
+        &claims(),
+    );
+    assert!(with(&hs).contains("reason: alg_not_allowed"));
+    let unknown = s
+        .idp
+        .mint(&json!({"alg": "ES256", "kid": "nope"}), &claims())
+        .unwrap();
+    assert!(with(&unknown).contains("reason: unknown_kid"));
+    let other = TestIdp::with_kids(ISS, s.idp.es_kid(), "r").unwrap();
+    assert!(with(&other.es256(&claims()).unwrap()).contains("reason: bad_signature"));
+}
+
+#[test]
+fn explain_refuses_bad_arguments() {
+    let s = setup();
+    let o = stepmesh(&[
+        "policy",
+        "explain",
+        s.policy.to_str().unwrap(),
+        "--from",
+        "not-an-id",
+        "--port",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--from"));
+}
+
+#[test]
+fn netpol_output_validates_against_the_kubernetes_schemas() {
+    let s = setup();
+    let out = stdout(&stepmesh(&[
+        "policy",
+        "netpol",
+        s.policy.to_str().unwrap(),
+        "--namespace",
+        "payments",
+        "--selector",
+        "app=payments-api",
+    ]));
+    assert!(
+        out.contains("name: stepmesh-payments-api-default-deny"),
+        "{out}"
+    );
+    assert!(
+        out.contains("stepmesh.io/service-account: frontend"),
+        "{out}"
+    );
+    assert!(out.contains("port: 5432"), "{out}");
+    let file = s.policy.with_file_name("netpol.yaml");
+    std::fs::write(&file, &out).unwrap();
+    validate(&file);
+    let o = stepmesh(&[
+        "policy",
+        "netpol",
+        s.policy.to_str().unwrap(),
+        "--namespace",
+        "payments",
+        "--selector",
+        "nolabel",
+    ]);
+    assert!(!o.status.success());
+}
+
+fn validate(file: &Path) {
+    let o = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", "1.33.0"])
+        .arg(file)
+        .output()
+        .expect("python3 with kubernetes-validate is needed (pip install -r tests/python/requirements.txt)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success(),
+        "kubernetes-validate refused the output:\n{report}"
+    );
+    assert!(
+        report.contains("passed for resource networkpolicy/stepmesh-payments-api-default-deny"),
+        "{report}"
+    );
+    assert!(
+        report.contains("passed for resource networkpolicy/stepmesh-payments-api-port-8080"),
+        "{report}"
+    );
+}
+
+#[test]
+fn explain_binds_cnf_to_the_given_certificate() {
+    let s = setup();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(FRONTEND.try_into().unwrap())];
+    let cert = params.self_signed(&key).unwrap();
+    let pem = s.policy.with_file_name("peer.pem");
+    std::fs::write(&pem, cert.pem()).unwrap();
+    let mut c = base_claims(ISS, "payments", "alice");
+    c["cnf"] = json!({"x5t#S256": stepmesh::stepup::x5t_s256(cert.der())});
+    let token = s.idp.es256(&c).unwrap();
+    let args = ["--method", "GET", "--path", "/bound", "--token", &token];
+    let with_cert: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--cert", pem.to_str().unwrap()])
+        .collect();
+    let out = explain(&s, FRONTEND, "8080", &with_cert);
+    assert!(
+        out.contains("decision: allow\nrule: bound\nreason: step_up_ok"),
+        "{out}"
+    );
+    let out = explain(&s, FRONTEND, "8080", &args);
+    assert!(
+        out.contains("reason: cnf_mismatch"),
+        "without --cert: {out}"
+    );
+}
