@@ -25,7 +25,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
     let idp = TestIdp::new(ISSUER).expect("test keys");
     let dir = tempfile::tempdir().expect("a temp dir");
     let jwks = dir.path().join("jwks.json");
@@ -37,7 +40,14 @@ fn setup() -> Setup {
     let policy = Policy::from_yaml(&yaml).expect("the bench policy is valid");
     let config = policy.provider("idp").expect("provider idp").clone();
     let metrics = StepUpMetrics::register(&mut Registry::default());
-    Setup { rt, idp, policy, config, metrics, _dir: dir }
+    Setup {
+        rt,
+        idp,
+        policy,
+        config,
+        metrics,
+        _dir: dir,
+    }
 }
 
 fn claims() -> serde_json::Value {
@@ -53,17 +63,24 @@ fn verify(c: &mut Criterion) {
     let es = s.idp.es256(&claims()).expect("minting");
     let rs = s.idp.rs256(&claims()).expect("minting");
     let at = now() as u64;
-    let fresh = || s.rt.block_on(Provider::start(s.config.clone(), s.metrics.clone()));
+    let fresh = || {
+        s.rt.block_on(Provider::start(s.config.clone(), s.metrics.clone()))
+    };
     let provider = fresh();
     for token in [&es, &rs] {
-        s.rt.block_on(provider.verify(token, at)).expect("the bench tokens verify");
+        s.rt.block_on(provider.verify(token, at))
+            .expect("the bench tokens verify");
     }
 
     let mut group = c.benchmark_group("jwt");
     for (name, token) in [("ES256", &es), ("RS256", &rs)] {
         // A provider that has never seen the token: nothing cached.
         group.bench_function(format!("verify cold/{name}"), |b| {
-            b.iter_batched(fresh, |p| s.rt.block_on(p.verify(black_box(token), at)), BatchSize::PerIteration)
+            b.iter_batched(
+                fresh,
+                |p| s.rt.block_on(p.verify(black_box(token), at)),
+                BatchSize::PerIteration,
+            )
         });
         group.bench_function(format!("verify cached/{name}"), |b| {
             b.iter(|| s.rt.block_on(provider.verify(black_box(token), at)))
@@ -75,19 +92,32 @@ fn verify(c: &mut Criterion) {
     s.rt.block_on(stepup.sync(&s.policy));
     let peer_id = SpiffeId::parse(FRONTEND).expect("valid ID");
     let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, format!("Bearer {es}").parse().expect("a header value"));
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {es}").parse().expect("a header value"),
+    );
     let method = http::Method::POST;
     let request = RequestInfo {
-        peer: Peer { id: &peer_id, x5t_s256: "" },
+        peer: Peer {
+            id: &peer_id,
+            x5t_s256: "",
+        },
         port: 8080,
         method: &method,
         path: "/refunds/1",
         headers: &headers,
     };
-    let first = s.rt.block_on(stepup::decide(&s.policy, &stepup, request, at));
-    assert_eq!(first.subject.as_deref(), Some("alice"), "the bench request is allowed: {first:?}");
+    let first =
+        s.rt.block_on(stepup::decide(&s.policy, &stepup, request, at));
+    assert_eq!(
+        first.subject.as_deref(),
+        Some("alice"),
+        "the bench request is allowed: {first:?}"
+    );
     group.bench_function("gate decision/sensitive route, cached token", |b| {
-        b.iter(|| s.rt.block_on(stepup::decide(&s.policy, &stepup, black_box(request), at)))
+        b.iter(|| {
+            s.rt.block_on(stepup::decide(&s.policy, &stepup, black_box(request), at))
+        })
     });
     group.finish();
 }

@@ -26,7 +26,7 @@ pub const REPORTS: &str = "spiffe://demo.local/ns/web/sa/reports";
 /// Whether this build's sidecar has the HTTP layer (routes, step-up gate,
 /// 403/401 answers). Without it the demo runs the identity steps only and
 /// says which steps it could not run.
-const HTTP_LAYER: bool = false;
+const HTTP_LAYER: bool = true;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 

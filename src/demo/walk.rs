@@ -123,9 +123,14 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
     let saw_alice = answer.status.map(|s| s.as_u16()) == Some(200)
         && answer.body.contains(r#""x-stepup-sub":"alice""#);
     if saw_alice {
-        println!(
-            "      the payments app saw x-stepup-sub: alice (the verified subject), and no token"
-        );
+        let token = match answer
+            .body
+            .contains(r#""token forwarded to the app":false"#)
+        {
+            true => "the token itself was stripped",
+            false => "the token was forwarded too",
+        };
+        println!("      the payments app saw x-stepup-sub: alice (the verified subject); {token}");
     }
     outcomes.push(verdict(
         4,
