@@ -409,3 +409,63 @@ async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
     assert_eq!(std::fs::read(out.join("root.key")).unwrap(), root_before);
     assert_ne!(std::fs::read(out.join("webhook.crt")).unwrap(), leaf_before);
 }
+
+/// deploy/example/networkpolicies.yaml is exactly what the `stepmesh policy
+/// netpol` commands in its header print, so the example's L3/L4 layer
+/// cannot drift from its identity policies. `STEPMESH_BLESS=1` rewrites it.
+#[test]
+fn example_networkpolicies_are_what_policy_netpol_prints() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/example");
+    let path = example.join("networkpolicies.yaml");
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    let header: String = checked_in
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let commands: Vec<Vec<&str>> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   stepmesh "))
+        .map(|c| c.split_whitespace().collect())
+        .collect();
+    // Every policy the kustomization publishes has its command.
+    let kustomization = std::fs::read_to_string(example.join("kustomization.yaml")).unwrap();
+    let published: Vec<&str> = kustomization
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- policy.yaml="))
+        .collect();
+    assert_eq!(published.len(), 2, "{kustomization}");
+    for policy in &published {
+        assert!(
+            commands
+                .iter()
+                .any(|c| c[..3] == ["policy", "netpol", *policy]),
+            "no netpol command for {policy} in the header of {}",
+            path.display()
+        );
+    }
+    let mut expected = header.clone();
+    for args in &commands {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(&example)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stepmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        expected.push_str(&String::from_utf8(out.stdout).unwrap());
+    }
+    if checked_in != expected && std::env::var_os("STEPMESH_BLESS").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+        return;
+    }
+    assert!(
+        checked_in == expected,
+        "{} is stale: re-run the commands in its header, or this test with \
+         STEPMESH_BLESS=1; expected:\n{expected}",
+        path.display()
+    );
+}
