@@ -10,50 +10,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use base64::Engine as _;
-use inject_support::{client_config, request_to, validate, Webhook, BIN};
-use serde::Deserialize as _;
-use serde_json::{json, Value};
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_ok()
-        || Command::new(tool).arg("version").output().is_ok();
-    if !ok {
-        eprintln!("skipped: {tool} is not installed");
-    }
-    ok
-}
-
-/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
-fn inject_stdin(input: &str) -> (String, String) {
-    let mut child = Command::new(BIN)
-        .args(["inject", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(out.status.success(), "{stderr}");
-    (String::from_utf8(out.stdout).unwrap(), stderr)
-}
+use inject_support::{
+    bootstrap, client_config, docs, have, inject_stdin, request_to, validate, Webhook, BIN,
+};
+use serde_json::json;
 
 fn kustomize(dir: &Path) -> String {
     let out = Command::new("kubectl")
@@ -337,13 +297,7 @@ async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("overlay");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/scripts/bootstrap.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    bootstrap(&out, &[]);
     for key in [
         "root.key",
         "intermediate.key",
@@ -399,13 +353,7 @@ async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
     // Re-running keeps the keys; --rotate-webhook replaces only the serving pair.
     let root_before = std::fs::read(out.join("root.key")).unwrap();
     let leaf_before = std::fs::read(out.join("webhook.crt")).unwrap();
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .arg("--rotate-webhook")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    bootstrap(&out, &["--rotate-webhook"]);
     assert_eq!(std::fs::read(out.join("root.key")).unwrap(), root_before);
     assert_ne!(std::fs::read(out.join("webhook.crt")).unwrap(), leaf_before);
 }
