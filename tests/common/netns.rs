@@ -185,6 +185,42 @@ impl Link {
         }
         Some(Self { a, b })
     }
+    /// A's IPv6 address on the veth (after [`Link::with_ipv6`]).
+    pub const A_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 1);
+    /// B's IPv6 address on the veth (after [`Link::with_ipv6`]).
+    pub const B_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 2);
+
+    /// Adds fd00:203::1/64 (A) and fd00:203::2/64 (B) to the veth, or
+    /// `None` after printing why not (no ip6tables nat table in B).
+    pub fn with_ipv6(self) -> Option<Self> {
+        let nat = self
+            .b
+            .command("ip6tables")
+            .args(["-t", "nat", "-L", "-n"])
+            .output();
+        if !nat.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: no ip6tables nat table in a network namespace here: {nat:?}");
+            return None;
+        }
+        for (ns, dev, ip) in [
+            (&self.a, Self::A_DEV, Self::A_IP6),
+            (&self.b, Self::B_DEV, Self::B_IP6),
+        ] {
+            // nodad: usable at once, no duplicate address detection delay.
+            let cidr = format!("{ip}/64");
+            check(Command::new("ip").args([
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &cidr,
+                "dev",
+                dev,
+                "nodad",
+            ]));
+        }
+        Some(self)
+    }
 }
 
 /// Forwards every connection accepted on `listener` (made in any namespace)
