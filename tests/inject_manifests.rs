@@ -5,13 +5,13 @@
 
 mod inject_support;
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use base64::Engine as _;
 use inject_support::{
-    bootstrap, client_config, docs, have, inject_stdin, request_to, validate, Webhook, BIN,
+    bootstrap, client_config, docs, have, inject_stdin, request_to, run_stdin, validate, Webhook,
+    BIN,
 };
 use serde_json::json;
 
@@ -165,20 +165,7 @@ fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
 #[test]
 fn inject_f_refuses_bad_input_with_a_reason() {
     let run = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_stdin(args, stdin);
         assert!(!out.status.success());
         assert!(out.stdout.is_empty(), "nothing printed on failure");
         String::from_utf8(out.stderr).unwrap()

@@ -325,10 +325,10 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
-/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
-pub fn inject_stdin(input: &str) -> (String, String) {
+/// `stepmesh ARGS` with `stdin` written to its standard input.
+pub fn run_stdin(args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = Command::new(BIN)
-        .args(["inject", "-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -338,9 +338,14 @@ pub fn inject_stdin(input: &str) -> (String, String) {
         .stdin
         .take()
         .unwrap()
-        .write_all(input.as_bytes())
+        .write_all(stdin.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
+pub fn inject_stdin(input: &str) -> (String, String) {
+    let out = run_stdin(&["inject", "-f", "-"], input);
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
     (String::from_utf8(out.stdout).unwrap(), stderr)
