@@ -2,130 +2,44 @@
 //! network namespaces joined by a veth pair, then connections that prove
 //! what is redirected and what is not. Needs root, `ip` and iptables; skips
 //! with a printed reason otherwise.
-#![allow(unsafe_code)] // setns(2) and getsockopt(SO_ORIGINAL_DST) in the test harness only.
+#![allow(unsafe_code)] // getsockopt(SO_ORIGINAL_DST) in the test harness only.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::{check, Link, Netns};
+
 const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
-const A_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
-const B_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
-const A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
-const B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
+const A_IP: Ipv4Addr = Link::A_IP;
+const B_IP: Ipv4Addr = Link::B_IP;
+const A_IP6: Ipv6Addr = Link::A_IP6;
+const B_IP6: Ipv6Addr = Link::B_IP6;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A named network namespace, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
-}
-
-/// Two namespaces, A (a peer) and B (the pod), joined by a veth pair; `None`
-/// with a printed reason when this machine cannot run the test.
-fn pair() -> Option<(Netns, Netns)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root (network namespaces and iptables)");
-        return None;
-    }
-    for tool in [
-        "ip",
+/// Namespaces A (a peer) and B (the pod) joined by a veth pair, IPv4 and
+/// IPv6; `None` with a printed reason when this machine cannot run the test.
+fn pair() -> Option<Link> {
+    let tools = [
         "iptables-restore",
         "iptables-save",
         "ip6tables-restore",
         "setpriv",
         "bash",
-    ] {
-        if !have(tool) {
-            eprintln!("skipped: {tool} is not installed");
-            return None;
-        }
-    }
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let id = format!("{}x{n}", std::process::id());
-    let a = Netns(format!("smA{id}"));
-    if !Command::new("ip")
-        .args(["netns", "add", &a.0])
-        .status()
-        .unwrap()
-        .success()
-    {
-        eprintln!("skipped: `ip netns add` is not permitted here");
-        return None;
-    }
-    let b = Netns(format!("smB{id}"));
-    run(Command::new("ip").args(["netns", "add", &b.0]));
-    for tool in ["iptables", "ip6tables"] {
-        let nat = Command::new("ip")
-            .args(["netns", "exec", &b.0, tool, "-t", "nat", "-L", "-n"])
-            .output()
-            .unwrap();
-        if !nat.status.success() {
-            let why = String::from_utf8_lossy(&nat.stderr);
-            eprintln!("skipped: the kernel has no {tool} nat table here: {why}");
-            return None;
-        }
-    }
-    run(Command::new("ip").args([
-        "link", "add", "va", "netns", &a.0, "type", "veth", "peer", "name", "vb", "netns", &b.0,
-    ]));
-    for (ns, dev, ip) in [(&a, "va", A_IP6), (&b, "vb", B_IP6)] {
-        // nodad: usable at once, no duplicate address detection delay.
-        let ip = format!("{ip}/64");
-        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", &ip, "dev", dev, "nodad"]));
-    }
-    for (ns, dev, ip) in [(&a, "va", A_IP), (&b, "vb", B_IP)] {
-        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", &format!("{ip}/24"), "dev", dev]));
-        run(Command::new("ip").args(["-n", &ns.0, "link", "set", dev, "up"]));
-        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
-    }
-    Some((a, b))
-}
-
-/// Runs `f` on a thread that has entered `ns`; sockets made there stay there.
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
-            // SAFETY: a valid namespace fd; setns affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    ];
+    Link::create("smi", &tools)?.with_ipv6()
 }
 
 /// A listener in `ns`; an IPv6 one is v6-only so it can share its port
 /// with the IPv4 one.
 fn listen(ns: &Netns, addr: &str) -> TcpListener {
     let addr: SocketAddr = addr.parse().unwrap();
-    let l: TcpListener = in_ns(ns, || {
+    let l: TcpListener = ns.enter(|| {
         let domain = socket2::Domain::for_address(addr);
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
         if addr.is_ipv6() {
@@ -141,7 +55,7 @@ fn listen(ns: &Netns, addr: &str) -> TcpListener {
 
 fn connect(ns: &Netns, ip: impl Into<IpAddr>, port: u16, payload: &str) -> TcpStream {
     let addr = SocketAddr::new(ip.into(), port);
-    let mut s = in_ns(ns, || TcpStream::connect_timeout(&addr, TIMEOUT).unwrap());
+    let mut s = ns.enter(|| TcpStream::connect_timeout(&addr, TIMEOUT).unwrap());
     s.write_all(payload.as_bytes()).unwrap();
     s
 }
@@ -206,18 +120,12 @@ fn getsockopt<T>(s: &TcpStream, level: libc::c_int, name: libc::c_int, out: &mut
 }
 
 fn init(ns: &Netns, args: &[&str]) -> Output {
-    run(Command::new("ip")
-        .args(["netns", "exec", &ns.0, BIN, "init"])
-        .args(args))
+    check(ns.command(BIN).arg("init").args(args))
 }
 
 /// The nat tables (IPv4 then IPv6) without comments and counters.
 fn nat_rules(ns: &Netns) -> String {
-    let out = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.0,
-        "sh",
+    let out = check(ns.command("sh").args([
         "-c",
         "iptables-save -t nat && echo '# v6' && ip6tables-save -t nat",
     ]));
@@ -240,7 +148,7 @@ const ARGS: [&str; 6] = [
 
 #[test]
 fn dry_run_prints_restore_input_without_root() {
-    let out = run(Command::new(BIN).args(["init", "--dry-run"]).args(ARGS));
+    let out = check(Command::new(BIN).args(["init", "--dry-run"]).args(ARGS));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.starts_with("*nat\n") && text.ends_with("COMMIT\n"),
@@ -273,23 +181,14 @@ fn dry_run_prints_restore_input_without_root() {
 
 #[test]
 fn install_is_idempotent_and_cleanup_removes_everything() {
-    let Some((_a, b)) = pair() else { return };
+    let Some(link) = pair() else { return };
+    let b = &link.b;
     // Someone else's rules (a CNI's, kube-proxy's) must survive us.
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &b.0,
-        "iptables",
-        "-t",
-        "nat",
-        "-N",
-        "OTHER_CHAIN",
-    ]));
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &b.0,
-        "iptables",
+    check(
+        b.command("iptables")
+            .args(["-t", "nat", "-N", "OTHER_CHAIN"]),
+    );
+    check(b.command("iptables").args([
         "-t",
         "nat",
         "-A",
@@ -299,9 +198,9 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
         "-j",
         "OTHER_CHAIN",
     ]));
-    let before = nat_rules(&b);
-    init(&b, &ARGS);
-    let once = nat_rules(&b);
+    let before = nat_rules(b);
+    init(b, &ARGS);
+    let once = nat_rules(b);
     for chain in [
         "STEPMESH_INBOUND",
         "STEPMESH_REDIRECT_IN",
@@ -336,12 +235,12 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
         );
     }
     assert!(once.contains("-A OUTPUT -p udp -j OTHER_CHAIN"), "{once}");
-    init(&b, &ARGS);
-    assert_eq!(nat_rules(&b), once, "applying twice changed the rules");
+    init(b, &ARGS);
+    assert_eq!(nat_rules(b), once, "applying twice changed the rules");
 
     // Changed flags rebuild the chains rather than adding to them.
-    init(&b, &["--exclude-inbound-ports", "7070"]);
-    let changed = nat_rules(&b);
+    init(b, &["--exclude-inbound-ports", "7070"]);
+    let changed = nat_rules(b);
     assert!(changed.contains("--dport 7070 -j RETURN") && !changed.contains("--dport 9090"));
     assert_eq!(
         changed.matches("-j STEPMESH_INBOUND").count(),
@@ -349,63 +248,60 @@ fn install_is_idempotent_and_cleanup_removes_everything() {
         "one jump per family: {changed}"
     );
 
-    init(&b, &["--cleanup"]);
-    let after = nat_rules(&b);
+    init(b, &["--cleanup"]);
+    let after = nat_rules(b);
     assert!(!after.contains("STEPMESH"), "left behind:\n{after}");
     assert_eq!(
         after, before,
         "cleanup must restore the table exactly, foreign rules included"
     );
-    init(&b, &["--cleanup"]); // nothing to remove is not an error
+    init(b, &["--cleanup"]); // nothing to remove is not an error
 }
 
 #[test]
 fn connections_are_redirected_except_exclusions_and_proxy_uid() {
-    let Some((a, b)) = pair() else { return };
-    init(&b, &ARGS);
+    let Some(link) = pair() else { return };
+    let (a, b) = (&link.a, &link.b);
+    init(b, &ARGS);
 
-    let inbound = listen(&b, "0.0.0.0:15006");
-    let outbound = listen(&b, "0.0.0.0:15001");
-    let app = listen(&b, "0.0.0.0:8080");
-    let excluded_in = listen(&b, "0.0.0.0:9090");
-    let admin = listen(&b, "0.0.0.0:15020");
-    let local = listen(&b, "127.0.0.1:7000");
-    let peer = listen(&a, "0.0.0.0:8080");
-    let peer_db = listen(&a, "0.0.0.0:5432");
+    let inbound = listen(b, "0.0.0.0:15006");
+    let outbound = listen(b, "0.0.0.0:15001");
+    let app = listen(b, "0.0.0.0:8080");
+    let excluded_in = listen(b, "0.0.0.0:9090");
+    let admin = listen(b, "0.0.0.0:15020");
+    let local = listen(b, "127.0.0.1:7000");
+    let peer = listen(a, "0.0.0.0:8080");
+    let peer_db = listen(a, "0.0.0.0:5432");
 
     // Inbound to the app's port lands on 15006 with the original destination.
-    let _c = connect(&a, B_IP, 8080, "in-8080");
+    let _c = connect(a, B_IP, 8080, "in-8080");
     let s = accept(&inbound, "in-8080");
     assert_eq!(original_dst(&s), SocketAddr::new(B_IP.into(), 8080));
     assert_idle(&app);
 
     // Excluded inbound port and the admin port reach their listeners directly.
-    let _c = connect(&a, B_IP, 9090, "in-9090");
+    let _c = connect(a, B_IP, 9090, "in-9090");
     accept(&excluded_in, "in-9090");
-    let _c = connect(&a, B_IP, 15020, "in-admin");
+    let _c = connect(a, B_IP, 15020, "in-admin");
     accept(&admin, "in-admin");
     assert_idle(&inbound);
 
     // Outbound from the app lands on 15001 with the original destination.
-    let _c = connect(&b, A_IP, 8080, "out-8080");
+    let _c = connect(b, A_IP, 8080, "out-8080");
     let s = accept(&outbound, "out-8080");
     assert_eq!(original_dst(&s), SocketAddr::new(A_IP.into(), 8080));
     assert_idle(&peer);
 
     // Excluded outbound port goes straight out; so does loopback.
-    let _c = connect(&b, A_IP, 5432, "out-5432");
+    let _c = connect(b, A_IP, 5432, "out-5432");
     accept(&peer_db, "out-5432");
-    let _c = connect(&b, Ipv4Addr::LOCALHOST, 7000, "loopback");
+    let _c = connect(b, Ipv4Addr::LOCALHOST, 7000, "loopback");
     accept(&local, "loopback");
     assert_idle(&outbound);
 
     // The proxy's own traffic (UID 1337) is never redirected.
     let script = format!("exec 3<>/dev/tcp/{A_IP}/8080 && printf proxy-uid >&3");
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &b.0,
-        "setpriv",
+    check(b.command("setpriv").args([
         "--reuid",
         "1337",
         "--regid",
@@ -419,15 +315,15 @@ fn connections_are_redirected_except_exclusions_and_proxy_uid() {
     assert_idle(&outbound);
 
     // IPv6 is intercepted too: inbound and outbound, original destinations kept.
-    let inbound6 = listen(&b, "[::]:15006");
-    let outbound6 = listen(&b, "[::]:15001");
-    let excluded_in6 = listen(&b, "[::]:9090");
-    let _c = connect(&a, B_IP6, 8080, "in6-8080");
+    let inbound6 = listen(b, "[::]:15006");
+    let outbound6 = listen(b, "[::]:15001");
+    let excluded_in6 = listen(b, "[::]:9090");
+    let _c = connect(a, B_IP6, 8080, "in6-8080");
     let s = accept(&inbound6, "in6-8080");
     assert_eq!(original_dst(&s), SocketAddr::new(B_IP6.into(), 8080));
-    let _c = connect(&a, B_IP6, 9090, "in6-9090");
+    let _c = connect(a, B_IP6, 9090, "in6-9090");
     accept(&excluded_in6, "in6-9090");
-    let _c = connect(&b, A_IP6, 8080, "out6-8080");
+    let _c = connect(b, A_IP6, 8080, "out6-8080");
     let s = accept(&outbound6, "out6-8080");
     assert_eq!(original_dst(&s), SocketAddr::new(A_IP6.into(), 8080));
     assert_idle(&inbound);

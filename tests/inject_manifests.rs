@@ -5,55 +5,15 @@
 
 mod inject_support;
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use base64::Engine as _;
-use inject_support::{client_config, request_to, validate, Webhook, BIN};
-use serde::Deserialize as _;
-use serde_json::{json, Value};
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_ok()
-        || Command::new(tool).arg("version").output().is_ok();
-    if !ok {
-        eprintln!("skipped: {tool} is not installed");
-    }
-    ok
-}
-
-/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
-fn inject_stdin(input: &str) -> (String, String) {
-    let mut child = Command::new(BIN)
-        .args(["inject", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(out.status.success(), "{stderr}");
-    (String::from_utf8(out.stdout).unwrap(), stderr)
-}
+use inject_support::{
+    bootstrap, client_config, docs, have, inject_stdin, request_to, run_stdin, validate, Webhook,
+    BIN,
+};
+use serde_json::json;
 
 fn kustomize(dir: &Path) -> String {
     let out = Command::new("kubectl")
@@ -172,21 +132,6 @@ fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
     }
     validate(&after).unwrap();
 
-    // The init container's command line is one our own binary accepts.
-    let args: Vec<String> =
-        serde_json::from_value(after[0]["spec"]["initContainers"][0]["args"].clone()).unwrap();
-    let out = Command::new(BIN)
-        .args(&args)
-        .arg("--dry-run")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--to-ports 15006"));
-
     // Injecting the output again changes nothing.
     let (again, stderr) = inject_stdin(&output);
     assert_eq!(docs(&again), after);
@@ -220,20 +165,7 @@ fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
 #[test]
 fn inject_f_refuses_bad_input_with_a_reason() {
     let run = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_stdin(args, stdin);
         assert!(!out.status.success());
         assert!(out.stdout.is_empty(), "nothing printed on failure");
         String::from_utf8(out.stderr).unwrap()
@@ -337,13 +269,7 @@ async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("overlay");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/scripts/bootstrap.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    bootstrap(&out, &[]);
     for key in [
         "root.key",
         "intermediate.key",
@@ -399,13 +325,67 @@ async fn bootstrap_overlay_validates_and_its_serving_cert_works() {
     // Re-running keeps the keys; --rotate-webhook replaces only the serving pair.
     let root_before = std::fs::read(out.join("root.key")).unwrap();
     let leaf_before = std::fs::read(out.join("webhook.crt")).unwrap();
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .arg("--rotate-webhook")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    bootstrap(&out, &["--rotate-webhook"]);
     assert_eq!(std::fs::read(out.join("root.key")).unwrap(), root_before);
     assert_ne!(std::fs::read(out.join("webhook.crt")).unwrap(), leaf_before);
+}
+
+/// deploy/example/networkpolicies.yaml is exactly what the `stepmesh policy
+/// netpol` commands in its header print, so the example's L3/L4 layer
+/// cannot drift from its identity policies. `STEPMESH_BLESS=1` rewrites it.
+#[test]
+fn example_networkpolicies_are_what_policy_netpol_prints() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/example");
+    let path = example.join("networkpolicies.yaml");
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    let header: String = checked_in
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let commands: Vec<Vec<&str>> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   stepmesh "))
+        .map(|c| c.split_whitespace().collect())
+        .collect();
+    // Every policy the kustomization publishes has its command.
+    let kustomization = std::fs::read_to_string(example.join("kustomization.yaml")).unwrap();
+    let published: Vec<&str> = kustomization
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- policy.yaml="))
+        .collect();
+    assert_eq!(published.len(), 2, "{kustomization}");
+    for policy in &published {
+        assert!(
+            commands
+                .iter()
+                .any(|c| c[..3] == ["policy", "netpol", *policy]),
+            "no netpol command for {policy} in the header of {}",
+            path.display()
+        );
+    }
+    let mut expected = header.clone();
+    for args in &commands {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(&example)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stepmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        expected.push_str(&String::from_utf8(out.stdout).unwrap());
+    }
+    if checked_in != expected && std::env::var_os("STEPMESH_BLESS").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+        return;
+    }
+    assert!(
+        checked_in == expected,
+        "{} is stale: re-run the commands in its header, or this test with \
+         STEPMESH_BLESS=1; expected:\n{expected}",
+        path.display()
+    );
 }

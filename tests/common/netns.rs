@@ -74,6 +74,15 @@ impl Netns {
         cmd
     }
 
+    /// Gives programs started by [`Netns::command`] this `/etc/hosts`
+    /// (`ip netns exec` bind-mounts `/etc/netns/NAME/hosts` over it), so a
+    /// cluster DNS name can resolve to an address here. Removed on drop.
+    pub fn set_hosts(&self, text: &str) -> std::io::Result<()> {
+        let dir = format!("/etc/netns/{}", self.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(format!("{dir}/hosts"), text)
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets made
     /// there belong to the namespace for their whole life, whichever thread
     /// uses them afterwards.
@@ -94,6 +103,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // The hosts file of `set_hosts`, if any.
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
         // Also removes the veth end inside it (and so its peer).
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
@@ -174,4 +185,81 @@ impl Link {
         }
         Some(Self { a, b })
     }
+    /// A's IPv6 address on the veth (after [`Link::with_ipv6`]).
+    pub const A_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 1);
+    /// B's IPv6 address on the veth (after [`Link::with_ipv6`]).
+    pub const B_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 2);
+
+    /// Adds fd00:203::1/64 (A) and fd00:203::2/64 (B) to the veth, or
+    /// `None` after printing why not (no ip6tables nat table in B).
+    pub fn with_ipv6(self) -> Option<Self> {
+        let nat = self
+            .b
+            .command("ip6tables")
+            .args(["-t", "nat", "-L", "-n"])
+            .output();
+        if !nat.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: no ip6tables nat table in a network namespace here: {nat:?}");
+            return None;
+        }
+        for (ns, dev, ip) in [
+            (&self.a, Self::A_DEV, Self::A_IP6),
+            (&self.b, Self::B_DEV, Self::B_IP6),
+        ] {
+            // nodad: usable at once, no duplicate address detection delay.
+            let cidr = format!("{ip}/64");
+            check(Command::new("ip").args([
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &cidr,
+                "dev",
+                dev,
+                "nodad",
+            ]));
+        }
+        Some(self)
+    }
+}
+
+/// Forwards every connection accepted on `listener` (made in any namespace)
+/// to `to` (dialled from the root namespace), bytes both ways, on
+/// background threads for the rest of the test process.
+pub fn relay(listener: std::net::TcpListener, to: std::net::SocketAddr) {
+    use std::net::{Shutdown, TcpStream};
+    fn pipe(mut from: TcpStream, mut to: TcpStream) {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Write);
+    }
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let Ok(upstream) = TcpStream::connect(to) else {
+                continue;
+            };
+            let (c2, u2) = (conn.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || pipe(conn, upstream));
+            std::thread::spawn(move || pipe(u2, c2));
+        }
+    });
+}
+
+/// `bin`, or a copy of it in `dir` owned by `uid` when `uid` cannot run the
+/// built one (a build tree under /root, say).
+pub fn runnable_by(uid: u32, bin: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let id = uid.to_string();
+    let runnable = Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .arg(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runnable {
+        return bin.to_owned();
+    }
+    let copy = dir.join(bin.file_name().unwrap());
+    std::fs::copy(bin, &copy).unwrap();
+    std::os::unix::fs::chown(&copy, Some(uid), Some(uid)).unwrap();
+    copy
 }

@@ -3,7 +3,7 @@
 //! schema validator (kubernetes-validate from PyPI).
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use serde::Deserialize as _;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
@@ -300,4 +301,65 @@ fn complete(response: &[u8]) -> bool {
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.trim().parse::<usize>().ok())
         .is_some_and(|len| body.len() >= len)
+}
+
+/// The documents of a multi-document YAML text (empty ones dropped).
+pub fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Whether `tool` runs here; prints the skip reason when not.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_ok()
+        || Command::new(tool).arg("version").output().is_ok();
+    if !ok {
+        eprintln!("skipped: {tool} is not installed");
+    }
+    ok
+}
+
+/// `stepmesh ARGS` with `stdin` written to its standard input.
+pub fn run_stdin(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `stepmesh inject -f -` with `input` on stdin: (stdout, stderr).
+pub fn inject_stdin(input: &str) -> (String, String) {
+    let out = run_stdin(&["inject", "-f", "-"], input);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+/// Runs deploy/scripts/bootstrap.sh into `out` with `extra` flags (offline:
+/// openssl only).
+pub fn bootstrap(out: &Path, extra: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/scripts/bootstrap.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .args(extra)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{} failed: {status}", script.display());
 }
