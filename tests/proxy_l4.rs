@@ -148,6 +148,21 @@ fn allow_list_denies_and_audit_mode_logs_would_deny() {
                 r#"stepmesh_connections_total{{direction="inbound",peer="{CLIENT_ID}",decision="deny"}}"#
             ));
             assert_eq!(denied, 1.0);
+            // The client side sees a deliberate close (TLS close_notify),
+            // logged as the peer's refusal, not as a broken connection.
+            let line = client.wait_access("outbound line", |l| l["direction"] == "outbound");
+            assert_eq!(
+                (&line["decision"], &line["reason"]),
+                (&"refused".into(), &"peer_refused".into()),
+                "{line}"
+            );
+            assert!(line["error"].is_null(), "{line}");
+            let errors = client.metrics();
+            assert!(!errors.contains("reason=\"io_error\""), "{errors}");
+            let refused = client.metric(
+                r#"stepmesh_connections_rejected_total{direction="outbound",reason="peer_refused"}"#,
+            );
+            assert_eq!(refused, 1.0);
         } else {
             assert_eq!(back, b"hello", "audit mode lets the peer through");
             assert_eq!(line["decision"], "would_deny", "{line}");

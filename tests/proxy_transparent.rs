@@ -17,7 +17,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -263,6 +263,111 @@ fn the_sidecar_never_dials_its_own_listener() {
     }
 }
 
+/// `stepmesh init` also redirects IPv6 TCP, so the sidecar must listen on
+/// IPv6 too: otherwise a meshed pod's IPv6 connections are refused (or, with
+/// the rules missing, would bypass the sidecar). A's app dials B's IPv6
+/// address; the bytes arrive through both sidecars and both log the
+/// connection with its IPv6 original destination.
+#[test]
+fn transparent_mtls_over_ipv6() {
+    let Some(link) = Link::create(
+        "smt6",
+        &[
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-restore",
+            "setpriv",
+        ],
+    ) else {
+        return;
+    };
+    if let Err(why) = add_ipv6(&link) {
+        eprintln!("skipped: no IPv6 in the namespaces: {why}");
+        return;
+    }
+    let ca = CaProcess::start(TD, &[("a-token", A_ID), ("b-token", B_ID)]);
+    let files = SidecarFiles::new(&ca);
+    check(link.a.command(&files.bin).arg("init"));
+    check(link.b.command(&files.bin).arg("init"));
+    let v6_rules = check(link.b.command("ip6tables-save").args(["-t", "nat"]));
+    assert!(
+        String::from_utf8_lossy(&v6_rules.stdout).contains("STEPMESH_REDIRECT_IN"),
+        "stepmesh init installed no IPv6 rules"
+    );
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &[]);
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", Some("b-policy.yaml"), &[]);
+    sidecar_a.wait_ready();
+    sidecar_b.wait_ready();
+
+    let request = random_bytes(256 << 10, 3);
+    let reply = random_bytes(64 << 10, 4);
+    let app_b = link.b.enter(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_only_v6(true).unwrap();
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, APP_PORT)).into())
+            .unwrap();
+        s.listen(16).unwrap();
+        TcpListener::from(s)
+    });
+    let got = answer_once(app_b, reply.clone());
+    let back = exchange(&link.a, B_IP6, APP_PORT, &request)
+        .unwrap_or_else(|e| panic!("A's app to [{B_IP6}]:{APP_PORT}: {e}"));
+    let received = got
+        .recv_timeout(PATIENCE)
+        .expect("B's app got no connection");
+    assert!(received == request, "B's app got {} bytes", received.len());
+    assert!(back == reply, "A's app got {} bytes back", back.len());
+
+    let dst = format!("[{B_IP6}]:{APP_PORT}");
+    let line = sidecar_a.wait_access("A: outbound mTLS over IPv6", |l| {
+        l["direction"] == "outbound" && l["dst"] == dst.as_str()
+    });
+    assert_eq!(line["peer_id"], B_ID, "{line}");
+    assert_eq!(line["reason"], "mtls", "{line}");
+    let line = sidecar_b.wait_access("B: inbound over IPv6", |l| {
+        l["direction"] == "inbound" && l["dst"] == dst.as_str()
+    });
+    assert_eq!(line["peer_id"], A_ID, "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["bytes_in"], request.len() as u64, "{line}");
+    assert_eq!(line["bytes_out"], reply.len() as u64, "{line}");
+
+    // Not redirected over IPv6 either (loopback is exempt): refused, not looped.
+    let mut conn = connect(&link.a, Ipv6Addr::LOCALHOST, 15001);
+    let _ = conn.write_all(b"where am I going?");
+    assert_closed(&mut conn, "a local IPv6 connection straight to 15001");
+    sidecar_a.assert_refused_once("a local IPv6 connection straight to 15001");
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "a sidecar exited"
+        );
+    }
+}
+
+/// A's and B's IPv6 addresses on the veth (ULA, like a dual-stack pod's).
+const A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 1);
+const B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 2);
+
+/// Puts `A_IP6`/`B_IP6` on the veth ends (`nodad`: usable at once), or says
+/// why IPv6 is not available here.
+fn add_ipv6(link: &Link) -> Result<(), String> {
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        return Err("the kernel has IPv6 disabled (no /proc/net/if_inet6)".into());
+    }
+    for (ns, dev, ip) in [(&link.a, Link::A_DEV, A_IP6), (&link.b, Link::B_DEV, B_IP6)] {
+        let cidr = format!("{ip}/64");
+        let out = Command::new("ip")
+            .args(["-n", ns.name(), "addr", "add", &cidr, "dev", dev, "nodad"])
+            .output()
+            .map_err(|e| format!("ip addr add: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+    }
+    Ok(())
+}
+
 /// B's policy: A on the app port, only OPS_ID on the denied port, the
 /// rest denied. A's: outbound mTLS by default, plaintext to the control
 /// port, the blocked port denied.
@@ -498,15 +603,15 @@ fn answer_once(listener: TcpListener, reply: Vec<u8>) -> mpsc::Receiver<Vec<u8>>
 }
 
 /// Connects from inside `ns` to the plain `ip:port`.
-fn connect(ns: &Netns, ip: Ipv4Addr, port: u16) -> TcpStream {
-    let addr = SocketAddr::from((ip, port));
+fn connect(ns: &Netns, ip: impl Into<IpAddr>, port: u16) -> TcpStream {
+    let addr = SocketAddr::new(ip.into(), port);
     let conn = ns.enter(|| TcpStream::connect_timeout(&addr, PATIENCE).unwrap());
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
     conn
 }
 
 /// Sends `data` from inside `ns`, half-closes, returns the whole answer.
-fn exchange(ns: &Netns, ip: Ipv4Addr, port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+fn exchange(ns: &Netns, ip: impl Into<IpAddr>, port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let conn = connect(ns, ip, port);
     let mut writer = conn.try_clone()?;
     let data = data.to_vec();

@@ -92,6 +92,9 @@ pub struct Outcome {
     pub peer_id: Option<SpiffeId>,
     /// Why it failed (stable label, detail), if it did.
     pub error: Option<(&'static str, String)>,
+    /// Outbound: the peer sidecar closed the connection deliberately (TLS
+    /// close_notify) without sending a byte: its policy refused us.
+    pub refused: bool,
 }
 
 impl Outcome {
@@ -110,7 +113,26 @@ impl Outcome {
             bytes_out: done.b_to_a,
             peer_id: None,
             error: done.error.map(|e| (e.reason(), e.to_string())),
+            refused: false,
         }
+    }
+}
+
+/// How long a deliberate close may wait for the peer to take our TLS
+/// `close_notify`: a peer that reads nothing cannot hold the connection.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Ends a connection we close on purpose (policy deny, app unreachable,
+/// idle) with TLS `close_notify` and a FIN rather than a bare close, so the
+/// peer sees a deliberate end, not a broken connection. Errors are moot:
+/// the connection is going away either way.
+pub async fn close_gracefully<S>(stream: &mut S)
+where
+    S: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::AsyncWriteExt;
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await {
+        tracing::debug!(error = %e, "closing");
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Forwarded {
     pub b_to_a: u64,
     /// `None` when both sides ended with EOF.
     pub error: Option<ForwardError>,
+    /// `b` ended its direction with EOF (for TLS: its `close_notify`).
+    pub b_closed: bool,
 }
 
 /// Copies `a` ⇄ `b` until both directions saw EOF, an error, or the idle
@@ -129,6 +131,7 @@ where
         a_to_b: ab.total,
         b_to_a: ba.total,
         error: result.err(),
+        b_closed: ba.read_done,
     }
 }
 
@@ -324,6 +327,7 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"answer after EOF");
         let done = task.await.unwrap();
         assert!(done.error.is_none(), "{:?}", done.error);
+        assert!(done.b_closed);
         assert_eq!(done.a_to_b, payload.len() as u64);
         assert_eq!(done.b_to_a, 16);
     }
@@ -340,5 +344,6 @@ mod tests {
         )
         .await;
         assert!(matches!(done.error, Some(ForwardError::Idle(_))));
+        assert!(!done.b_closed);
     }
 }

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conn::{decision_label, ConnLog, InboundContext, Outcome, Shared};
-use super::forward::forward;
+use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, Outcome, Shared};
+use super::forward::{forward, ForwardError};
 use super::listener::dial;
 use crate::metrics::Direction;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
@@ -40,6 +40,27 @@ struct Peer {
     id: SpiffeId,
     cert_sha256: [u8; 32],
     alpn: Option<Vec<u8>>,
+}
+
+/// The client a completed handshake proved, or why it does not count
+/// (a resumed session no longer valid, no SPIFFE ID).
+fn verified_peer(
+    conn: &rustls::ServerConnection,
+    store: &crate::identity::store::CertStore,
+) -> Result<Peer, (&'static str, &'static str)> {
+    crate::tls::check_resumed(conn, store)
+        .map_err(|reason| (reason, "resumed session no longer valid"))?;
+    // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(("no_client_cert", "no client certificate"))?;
+    let id = spiffe_id_of(leaf).ok_or(("bad_san", "no SPIFFE ID in the client certificate"))?;
+    Ok(Peer {
+        id,
+        cert_sha256: cert_sha256(leaf),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+    })
 }
 
 /// One inbound listener's handler.
@@ -95,7 +116,7 @@ impl Inbound {
         };
         let handshake =
             tokio::time::timeout(shared.timeouts.handshake, self.acceptor.accept(tcp)).await;
-        let tls = match handshake {
+        let mut tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return refuse(failure::reason(&e), &e),
             Err(_) => return refuse("timeout", &"handshake timed out"),
@@ -103,22 +124,13 @@ impl Inbound {
         let (_, conn) = tls.get_ref();
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         shared.metrics.handshake(Direction::Inbound, resumed);
-        if let Err(reason) = crate::tls::check_resumed(conn, &shared.store) {
-            return refuse(reason, &"resumed session no longer valid");
+        match verified_peer(conn, &shared.store) {
+            Ok(peer) => Some((tls, peer)),
+            Err((reason, detail)) => {
+                close_gracefully(&mut tls).await;
+                refuse(reason, &detail)
+            }
         }
-        // The verifier accepted a chain, so a leaf with a SPIFFE ID exists.
-        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
-            return refuse("no_client_cert", &"no client certificate");
-        };
-        let Some(id) = spiffe_id_of(leaf) else {
-            return refuse("bad_san", &"no SPIFFE ID in the client certificate");
-        };
-        let peer = Peer {
-            id,
-            cert_sha256: cert_sha256(leaf),
-            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-        };
-        Some((tls, peer))
     }
 
     /// Handles one accepted connection to its end.
@@ -144,7 +156,7 @@ impl Inbound {
             port,
             started,
         };
-        let Some((tls, peer)) = self.authenticate(tcp, &log).await else {
+        let Some((mut tls, peer)) = self.authenticate(tcp, &log).await else {
             return;
         };
         let Peer {
@@ -171,6 +183,8 @@ impl Inbound {
                 Some(&decision.rule),
                 &Outcome::default(),
             );
+            // close_notify: the client's sidecar sees a refusal, not an error.
+            close_gracefully(&mut tls).await;
             return;
         }
         let ctx = InboundContext {
@@ -216,10 +230,14 @@ pub async fn forward_tcp(
         Ok(app) => app,
         Err(e) => {
             tracing::warn!(app = %ctx.app, error = %e, "inbound: app unreachable");
+            close_gracefully(&mut tls).await;
             return Outcome::failed("app_connect", e);
         }
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
     let done = forward(&mut tls, &mut app, shared.timeouts.idle, &counters).await;
+    if matches!(done.error, Some(ForwardError::Idle(_))) {
+        close_gracefully(&mut tls).await;
+    }
     Outcome::forwarded(done)
 }

@@ -87,8 +87,7 @@ pub async fn listeners(
         launcher.outbound(listener, config, target, info);
     }
     if args.transparent {
-        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-        let listener = bind(any(args.inbound_port), "--inbound-port").await?;
+        let listener = bind_dual_stack(args.inbound_port, "--inbound-port")?;
         let info = (
             listener.local_addr()?,
             "transparent-inbound",
@@ -103,7 +102,7 @@ pub async fn listeners(
             Vec::new(),
             settings,
         )?;
-        let listener = bind(any(args.outbound_port), "--outbound-port").await?;
+        let listener = bind_dual_stack(args.outbound_port, "--outbound-port")?;
         let info = (
             listener.local_addr()?,
             "transparent-outbound",
@@ -182,4 +181,44 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{flag}: binding {addr}"))
+}
+
+/// Binds `[::]:port` with `IPV6_V6ONLY` off, so one listener takes both the
+/// IPv4 and the IPv6 connections `stepmesh init` redirects (IPv4 ones
+/// arrive as v4-mapped addresses). On a host with IPv6 disabled it falls
+/// back to `0.0.0.0:port`, logged; there is no IPv6 traffic to take then.
+fn bind_dual_stack(port: u16, flag: &str) -> anyhow::Result<TcpListener> {
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    match listen_socket(v6, false) {
+        Ok(listener) => Ok(listener),
+        // The port is taken (or not ours to take): IPv4 would fail alike.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Err(anyhow::Error::new(e).context(format!("{flag}: binding {v6}")))
+        }
+        Err(e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+            tracing::warn!(error = %e, %v4, "IPv6 unavailable: listening on IPv4 only");
+            listen_socket(v4, true).with_context(|| format!("{flag}: binding {v4}"))
+        }
+    }
+}
+
+/// A listening socket on `addr` (with `SO_REUSEADDR`, as tokio's `bind`);
+/// `v6_only` matters for IPv6 addresses only.
+fn listen_socket(addr: SocketAddr, v6_only: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }

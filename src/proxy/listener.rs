@@ -35,7 +35,8 @@ pub async fn accept_loop<F, Fut>(
             accepted = listener.accept() => accepted,
         };
         let (stream, client) = match accepted {
-            Ok(accepted) => accepted,
+            // A dual-stack listener shows IPv4 clients as v4-mapped IPv6.
+            Ok((stream, client)) => (stream, super::transparent::canonical(client)),
             Err(e) => {
                 // EMFILE and friends: back off rather than spin on the error.
                 tracing::warn!(error = %e, "accept failed");

@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::conn::{ConnLog, OutboundContext, Outcome, Shared};
-use super::forward::forward;
+use super::conn::{close_gracefully, ConnLog, OutboundContext, Outcome, Shared};
+use super::forward::{forward, ForwardError, Forwarded};
 use super::listener::dial;
 use crate::metrics::Direction;
 use crate::policy::{Mode, OutboundAction};
@@ -184,6 +184,10 @@ impl Outbound {
         };
         let outcome = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
         let (decision, reason) = match (&outcome.error, action) {
+            (None, _) if outcome.refused => {
+                shared.metrics.rejected(Direction::Outbound, "peer_refused");
+                ("refused", "peer_refused")
+            }
             (Some((reason, _)), _) => {
                 shared.metrics.error(Direction::Outbound, reason);
                 ("error", *reason)
@@ -262,6 +266,7 @@ pub async fn forward_tcp(
         shared
             .metrics
             .handshake_failure(Direction::Outbound, reason);
+        close_gracefully(&mut tls).await;
         return Outcome::failed(reason, "resumed session no longer valid");
     }
     let peer_id = tls
@@ -275,10 +280,33 @@ pub async fn forward_tcp(
             .metrics
             .connection(Direction::Outbound, peer.as_str(), "allow");
     }
-    let mut outcome =
-        Outcome::forwarded(forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await);
+    let done = forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await;
+    if matches!(done.error, Some(ForwardError::Idle(_))) {
+        close_gracefully(&mut tls).await;
+    }
+    let refused = peer_refused(&done);
+    let mut outcome = Outcome::forwarded(done);
+    if refused {
+        // What failed afterwards (our writes to the closed peer) is moot.
+        outcome.error = None;
+        outcome.refused = true;
+    }
     outcome.peer_id = peer_id;
     outcome
+}
+
+/// The peer sidecar ended the connection on purpose (TLS close_notify: a
+/// TLS stream reports EOF only then) without sending a byte: what its
+/// policy deny does (its access log names the rule). Our writes failing
+/// after that are a consequence, not the cause. A peer app that closes
+/// without ever answering looks the same from here.
+fn peer_refused(done: &Forwarded) -> bool {
+    let after = match &done.error {
+        None => true,
+        Some(ForwardError::Io { side, .. }) => *side == "write server",
+        Some(ForwardError::Idle(_)) => false,
+    };
+    done.b_closed && done.b_to_a == 0 && after
 }
 
 /// The TLS server name for a `host:port` destination: an IP (no SNI sent)

@@ -13,9 +13,13 @@ use tokio::net::TcpStream;
 /// query with the socket's own local address, and following it would make
 /// the sidecar dial its own listener in a loop (a peer could trigger that
 /// remotely by dialling a pod's 15001).
+///
+/// The listeners are dual-stack, so an IPv4 connection shows a v4-mapped
+/// local address (`::ffff:a.b.c.d`); its original destination is asked for
+/// at the IPv4 level (`SO_ORIGINAL_DST`), where the nat entry lives.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr()?;
+    let local = canonical(stream.local_addr()?);
     let addr = if local.is_ipv6() {
         sock.original_dst_v6()?
     } else {
@@ -31,4 +35,24 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         ));
     }
     Ok(addr)
+}
+
+/// `addr` with a v4-mapped IPv6 address (`[::ffff:10.0.0.1]:80`, how a
+/// dual-stack listener sees IPv4) turned into the IPv4 one (`10.0.0.1:80`).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::canonical;
+
+    #[test]
+    fn v4_mapped_addresses_become_ipv4() {
+        let mapped = "[::ffff:10.0.0.1]:8080".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "10.0.0.1:8080");
+        let v6 = "[fd00::1]:8080".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
 }
