@@ -209,14 +209,16 @@ impl Outbound {
 
 /// **The outbound protocol seam**: a classified connection from the app,
 /// not yet dialled. The HTTP layer may take over mTLS destinations here.
-pub async fn serve(
-    shared: &Shared,
-    connector: &TlsConnector,
-    mesh: &TlsConnector,
-    ctx: &OutboundContext,
+/// (A plain `fn` returning the seam's future: one task level less, see
+/// `inbound::serve`.)
+pub fn serve<'a>(
+    shared: &'a Shared,
+    connector: &'a TlsConnector,
+    mesh: &'a TlsConnector,
+    ctx: &'a OutboundContext,
     app: TcpStream,
-) -> Outcome {
-    crate::http::seam::outbound(shared, connector, mesh, ctx, app).await
+) -> impl std::future::Future<Output = Outcome> + Send + 'a {
+    crate::http::seam::outbound(shared, connector, mesh, ctx, app)
 }
 
 /// Opaque TCP: dial the destination (mTLS or plain) and copy both ways.
