@@ -267,13 +267,14 @@ mod tests {
     /// Every connection's task is this future: its size is paid per idle
     /// connection. An `async fn` layer taking the TLS stream by value stores
     /// it twice (rust-lang/rust#62958); this catches such a layer coming
-    /// back (debug build: 6.1 KiB with one, 3.7 KiB without).
+    /// back (debug build: 6.1 KiB with one, 3.7 KiB without), and the
+    /// outbound handshake state coming back inline (4.2 KiB; boxed 3.5 KiB).
     #[test]
     fn the_connection_task_stays_small() {
         let inbound = future_size(Inbound::handle);
         let outbound = future_size(super::super::outbound::Outbound::handle);
         eprintln!("connection futures: inbound {inbound} B, outbound {outbound} B");
-        assert!(inbound <= 4608, "inbound connection future: {inbound} B");
-        assert!(outbound <= 4608, "outbound connection future: {outbound} B");
+        assert!(inbound <= 4096, "inbound connection future: {inbound} B");
+        assert!(outbound <= 3840, "outbound connection future: {outbound} B");
     }
 }

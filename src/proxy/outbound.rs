@@ -243,8 +243,14 @@ pub async fn forward_tcp(
         );
     }
     let name = server_name(&ctx.dst);
-    let handshake =
-        tokio::time::timeout(shared.timeouts.handshake, connector.connect(name, tcp)).await;
+    // Boxed: the handshake state (the client connection mid-handshake plus
+    // its deadline) is the task's largest; on the heap only while it runs,
+    // it no longer sizes every idle connection's task (-0.8 KiB).
+    let handshake = Box::pin(tokio::time::timeout(
+        shared.timeouts.handshake,
+        connector.connect(name, tcp),
+    ))
+    .await;
     let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
