@@ -23,6 +23,9 @@ pub struct Backend {
     pub http: SocketAddr,
     /// TCP echo server (bulk transfer).
     pub echo: SocketAddr,
+    /// The HTTP server again, behind a one-byte prefix that keeps the
+    /// outbound sidecar from detecting HTTP (the opaque TCP path).
+    pub l4: SocketAddr,
     /// The child process (killed on drop).
     pub proc: Proc,
 }
@@ -34,7 +37,7 @@ pub async fn spawn(body_size: usize, log_dir: &Path) -> anyhow::Result<Backend> 
     cmd.args(["--serve-backend", "--payload", &body_size.to_string()]);
     let mut proc = Proc::spawn("backend", cmd, &log_dir.join("backend.log"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    // "READY http=ADDR echo=ADDR"
+    // "READY http=ADDR echo=ADDR l4=ADDR"
     let line = loop {
         if let Some(line) = proc.log().lines().find(|l| l.starts_with("READY ")) {
             break line.to_owned();
@@ -57,6 +60,7 @@ pub async fn spawn(body_size: usize, log_dir: &Path) -> anyhow::Result<Backend> 
     Ok(Backend {
         http: addr("http=")?,
         echo: addr("echo=")?,
+        l4: addr("l4=")?,
         proc,
     })
 }
@@ -69,13 +73,16 @@ pub fn serve(body_size: usize) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let echo = TcpListener::bind("127.0.0.1:0").await?;
+        let l4 = TcpListener::bind("127.0.0.1:0").await?;
         println!(
-            "READY http={} echo={}",
+            "READY http={} echo={} l4={}",
             http.local_addr()?,
-            echo.local_addr()?
+            echo.local_addr()?,
+            l4.local_addr()?
         );
         let body = Bytes::from(vec![b'x'; body_size]);
-        tokio::spawn(serve_http(http, body));
+        tokio::spawn(serve_http(http, body.clone(), false));
+        tokio::spawn(serve_http(l4, body, true));
         tokio::spawn(serve_echo(echo));
         // Lives as long as the bench that started it: re-parented means it
         // is gone (killed before it could kill us).
@@ -87,14 +94,25 @@ pub fn serve(body_size: usize) -> anyhow::Result<()> {
     })
 }
 
-async fn serve_http(listener: TcpListener, body: Bytes) {
+/// With `prefixed`, each connection's first byte (the load generator's
+/// non-HTTP marker) is dropped before HTTP starts.
+async fn serve_http(listener: TcpListener, body: Bytes, prefixed: bool) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
         tokio::spawn(async move {
+            if prefixed {
+                let mut marker = [0u8; 1];
+                if tokio::io::AsyncReadExt::read_exact(&mut stream, &mut marker)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             let service = service_fn(move |_req| {
                 let body = body.clone();
                 async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }

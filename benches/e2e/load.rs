@@ -16,18 +16,39 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+/// Where load goes. With `opaque`, each connection starts with one byte no
+/// HTTP request starts with, so the outbound sidecar forwards it as opaque
+/// TCP (its HTTP detection says no); the backend's `l4` listener drops it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// The address to connect to.
+    pub addr: SocketAddr,
+    /// Send the one-byte non-HTTP prefix first.
+    pub opaque: bool,
+}
+
+impl Target {
+    async fn connect(self) -> anyhow::Result<TcpStream> {
+        let mut stream = TcpStream::connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        if self.opaque {
+            stream.write_all(&[0]).await?;
+        }
+        Ok(stream)
+    }
+}
+
 /// One keep-alive HTTP/1.1 client connection.
 struct Conn {
-    addr: SocketAddr,
+    addr: Target,
     sender: SendRequest<Empty<Bytes>>,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
+    async fn open(addr: Target) -> anyhow::Result<Conn> {
+        let stream = addr.connect().await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         Ok(Conn { addr, sender })
@@ -77,7 +98,7 @@ pub struct Latency {
 /// for `warmup + duration`; records the latency of the requests of the last
 /// `duration` from the instant each one was due.
 pub async fn latency(
-    addr: SocketAddr,
+    addr: Target,
     rate: u64,
     duration: Duration,
     warmup: Duration,
@@ -188,7 +209,7 @@ impl Count {
 /// Saturation: each of `connections` keep-alive connections sends its next
 /// request as soon as the previous answer arrives, for `duration`.
 pub async fn throughput(
-    addr: SocketAddr,
+    addr: Target,
     duration: Duration,
     connections: usize,
 ) -> anyhow::Result<Count> {
@@ -219,7 +240,7 @@ pub async fn throughput(
 /// A new TCP connection per request (`Connection: close`), `concurrency`
 /// of them in flight, for `duration`.
 pub async fn new_connections(
-    addr: SocketAddr,
+    addr: Target,
     duration: Duration,
     concurrency: usize,
 ) -> anyhow::Result<Count> {
@@ -243,9 +264,8 @@ pub async fn new_connections(
     sum_counts(tasks, start).await
 }
 
-async fn one_shot(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+async fn one_shot(addr: Target, buf: &mut [u8]) -> anyhow::Result<()> {
+    let mut stream = addr.connect().await?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
         .await?;
@@ -310,7 +330,7 @@ pub async fn bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
 
 /// Opens `n` keep-alive connections, each proven end to end by one request,
 /// and returns them to be held idle.
-pub async fn hold_idle(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<impl Sized>> {
+pub async fn hold_idle(addr: Target, n: usize) -> anyhow::Result<Vec<impl Sized>> {
     let mut held = Vec::with_capacity(n);
     let mut batch = Vec::new();
     for i in 0..n {

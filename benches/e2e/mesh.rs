@@ -24,10 +24,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The backends a pair forwards to.
 #[derive(Clone, Copy)]
 pub struct Upstreams {
-    /// HTTP backend (behind both the L4 and the HTTP port).
+    /// HTTP backend (behind the HTTP port).
     pub http: SocketAddr,
     /// Echo backend (behind the bulk port).
     pub echo: SocketAddr,
+    /// HTTP backend behind a one-byte prefix (behind the L4 port).
+    pub l4: SocketAddr,
 }
 
 /// How sidecars are started.
@@ -135,7 +137,7 @@ impl Pair {
         )?;
 
         let inbound_args = [
-            format!("{in_l4}={}", up.http),
+            format!("{in_l4}={}", up.l4),
             format!("{in_http}={}", up.http),
             format!("{in_bulk}={}", up.echo),
         ];

@@ -1,7 +1,6 @@
 //! One benchmark run: start the backend, the CA and the sidecar pairs, run
 //! every asked scenario on every path for each round, collect the report.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use anyhow::Context;
 
 use crate::args::{Args, Path, Scenario};
 use crate::backend::{self, Backend};
-use crate::load;
+use crate::load::{self, Target};
 use crate::mesh::{self, Ca, Pair, SidecarCmd, Upstreams};
 use crate::oha::{self, OhaRun};
 use crate::procs::{self, Proc};
@@ -33,12 +32,13 @@ impl Setup {
         self.pair.as_ref().context("no sidecar pair in this run")
     }
 
-    fn addr(&self, path: Path) -> anyhow::Result<SocketAddr> {
-        Ok(match path {
-            Path::Direct => self.backend.http,
-            Path::L4 => self.pair()?.l4,
-            Path::Http => self.pair()?.http,
-        })
+    fn addr(&self, path: Path) -> anyhow::Result<Target> {
+        let (addr, opaque) = match path {
+            Path::Direct => (self.backend.http, false),
+            Path::L4 => (self.pair()?.l4, true),
+            Path::Http => (self.pair()?.http, false),
+        };
+        Ok(Target { addr, opaque })
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
@@ -139,13 +139,19 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             for (path, resumption) in connrate_cases(args, &setup) {
                 eprintln!("  new connections, {path}, resumption {resumption}");
                 let (addr, pair) = match (path, resumption) {
-                    (Path::Direct, _) => (setup.backend.http, None),
+                    (Path::Direct, _) => (setup.addr(Path::Direct)?, None),
                     (Path::L4, false) => {
                         let pair = setup
                             .pair_no_resumption
                             .as_ref()
                             .context("no --no-session-resumption pair")?;
-                        (pair.l4, Some(pair))
+                        (
+                            Target {
+                                addr: pair.l4,
+                                opaque: true,
+                            },
+                            Some(pair),
+                        )
                     }
                     (p, _) => (setup.addr(p)?, setup.pair.as_ref()),
                 };
@@ -179,9 +185,10 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
         }
         if let Some(bin) = &oha_bin {
-            for path in &args.paths {
+            // oha cannot send the L4 path's non-HTTP first byte.
+            for path in args.paths.iter().filter(|p| **p != Path::L4) {
                 eprintln!("  oha, {path}");
-                let addr = setup.addr(*path)?;
+                let addr = setup.addr(*path)?.addr;
                 let fixed = oha::run(
                     bin,
                     addr,
@@ -258,6 +265,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             let up = Upstreams {
                 http: setup.backend.http,
                 echo: setup.backend.echo,
+                l4: setup.backend.l4,
             };
             let label = if path == Path::L4 {
                 "idle-l4"
@@ -265,7 +273,16 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
                 "idle-http"
             };
             let pair = Pair::start(sidecars, ca, dir, label, up, true).await?;
-            let addr = if path == Path::L4 { pair.l4 } else { pair.http };
+            let addr = match path {
+                Path::L4 => Target {
+                    addr: pair.l4,
+                    opaque: true,
+                },
+                _ => Target {
+                    addr: pair.http,
+                    opaque: false,
+                },
+            };
             let held = load::hold_idle(addr, n).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             with_conns[i] = [
@@ -297,6 +314,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             let up = Upstreams {
                 http: setup.backend.http,
                 echo: setup.backend.echo,
+                l4: setup.backend.l4,
             };
             let mut times: Vec<Duration> = [&setup.pair, &setup.pair_no_resumption]
                 .into_iter()
@@ -349,6 +367,7 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
     let up = Upstreams {
         http: setup.backend.http,
         echo: setup.backend.echo,
+        l4: setup.backend.l4,
     };
     let words = |s: &Option<String>| {
         s.as_deref()
