@@ -23,11 +23,6 @@ pub const PAYMENTS: &str = "spiffe://demo.local/ns/payments/sa/api";
 /// A workload the payments policy does not list.
 pub const REPORTS: &str = "spiffe://demo.local/ns/web/sa/reports";
 
-/// Whether this build's sidecar has the HTTP layer (routes, step-up gate,
-/// 403/401 answers). Without it the demo runs the identity steps only and
-/// says which steps it could not run.
-const HTTP_LAYER: bool = true;
-
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Every process and server of the demo; dropping it stops them all.
@@ -38,8 +33,6 @@ pub struct Mesh {
     pub frontend_out: SocketAddr,
     /// The reports sidecar's outbound listener (plain HTTP, to payments).
     pub reports_out: SocketAddr,
-    /// Why the step-up steps cannot run with this build, if they cannot.
-    pub stepup_unavailable: Option<String>,
     /// The identity provider.
     pub idp: Idp,
     /// The payments app.
@@ -112,24 +105,11 @@ impl Mesh {
         let payments_inbound = free_port()?;
         let inbound = [format!("--inbound={payments_inbound}={}", payments.addr)];
         let policy = dir.join("payments-policy.yaml");
-        std::fs::write(
-            &policy,
-            policy_yaml(payments_inbound.port(), Some(&idp), dir),
-        )?;
-        // This build must proxy HTTP and understand the step-up policy;
-        // if not, run the identity rules alone and say so.
-        let stepup_unavailable = match HTTP_LAYER {
-            true => policy_refused(&exe, &policy)?,
-            false => Some(
-                "this build's sidecar has no HTTP layer yet: HTTP ports are forwarded as TCP"
-                    .to_owned(),
-            ),
-        };
-        if let Some(reason) = &stepup_unavailable {
-            println!(
-                "  note: step-up is not available ({reason}); running the identity rules only"
-            );
-            std::fs::write(&policy, policy_yaml(payments_inbound.port(), None, dir))?;
+        std::fs::write(&policy, policy_yaml(payments_inbound.port(), &idp, dir))?;
+        // Checked before any sidecar starts, so a policy mistake is one
+        // clear line rather than a sidecar that never becomes ready.
+        if let Some(reason) = policy_refused(&exe, &policy)? {
+            anyhow::bail!("the demo's payments policy is refused: {reason}");
         }
         let (mut payments_sidecar, admin) = sidecar("payments", &inbound, Some(&policy))?;
         payments_sidecar.wait_ready(admin, READY_TIMEOUT).await?;
@@ -162,7 +142,6 @@ impl Mesh {
             payments_inbound,
             frontend_out: outs[0],
             reports_out: outs[1],
-            stepup_unavailable,
             idp,
             payments,
             children,
@@ -255,31 +234,37 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// The payments policy: frontend may call the port; POST /refunds needs a
-/// fresh MFA step-up bound to the calling workload. Without `idp`, only
-/// the identity rules (for a build whose sidecar has no step-up yet).
-fn policy_yaml(port: u16, idp: Option<&Idp>, dir: &Path) -> String {
-    // Writing to a String cannot fail: the write! results are ignored.
-    let mut yaml = format!("trustDomain: {TRUST_DOMAIN}\nmode: enforce\n");
-    if let Some(idp) = idp {
-        let _ = write!(
-            yaml,
-            "stepUp:\n  providers:\n    demo-idp:\n      issuer: {}\n      jwks: {{file: {}}}\n      audiences: [{}]\n      algorithms: [ES256]\n",
-            idp.issuer(),
-            dir.join("idp-jwks.json").display(),
-            idp::AUDIENCE
-        );
-    }
-    let protocol = if idp.is_some() { "http" } else { "tcp" };
-    let _ = write!(
-        yaml,
-        "inbound:\n  default: deny\n  ports:\n    - port: {port}\n      protocol: {protocol}\n      allow:\n        - from: [{FRONTEND}]\n"
-    );
-    if idp.is_some() {
-        let _ = write!(
-            yaml,
-            "      routes:\n        - name: refunds\n          match: {{methods: [POST], path: /refunds}}\n          stepUp:\n            provider: demo-idp\n            acr: [{}]\n            maxAge: 300s\n            bindToPeer: azp\n",
-            idp::ACR_MFA
-        );
-    }
-    yaml
+/// fresh MFA step-up bound to the calling workload.
+fn policy_yaml(port: u16, idp: &Idp, dir: &Path) -> String {
+    format!(
+        "trustDomain: {TRUST_DOMAIN}
+mode: enforce
+stepUp:
+  providers:
+    demo-idp:
+      issuer: {issuer}
+      jwks: {{file: {jwks}}}
+      audiences: [{audience}]
+      algorithms: [ES256]
+inbound:
+  default: deny
+  ports:
+    - port: {port}
+      protocol: http
+      allow:
+        - from: [{FRONTEND}]
+      routes:
+        - name: refunds
+          match: {{methods: [POST], path: /refunds}}
+          stepUp:
+            provider: demo-idp
+            acr: [{acr}]
+            maxAge: 300s
+            bindToPeer: azp
+",
+        issuer = idp.issuer(),
+        jwks = dir.join("idp-jwks.json").display(),
+        audience = idp::AUDIENCE,
+        acr = idp::ACR_MFA,
+    )
 }

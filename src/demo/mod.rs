@@ -57,18 +57,11 @@ async fn demo(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .filter(|o| **o == Outcome::AsExpected)
         .count();
-    let unavailable = outcomes
-        .iter()
-        .filter(|o| **o == Outcome::NotAvailable)
-        .count();
     println!(
         "\n{expected} of {} steps behaved as the policy says",
         outcomes.len()
     );
-    if unavailable > 0 {
-        println!("{unavailable} step(s) not available in this build (see above); none of them is counted as passed");
-    }
-    let unexpected = outcomes.len() - expected - unavailable;
+    let unexpected = outcomes.len() - expected;
     anyhow::ensure!(
         unexpected == 0,
         "{unexpected} step(s) did not behave as the policy says"
@@ -87,16 +80,14 @@ fn print_curl(mesh: &Mesh) {
     println!("  curl -si http://{front}/balance");
     println!("  # as reports: denied by identity");
     println!("  curl -si http://{reports}/balance");
-    if mesh.stepup_unavailable.is_none() {
-        println!("  # a sensitive route without step-up: 401 and the challenge");
-        println!("  curl -si -X POST http://{front}/refunds");
-        println!("  # the \"MFA login\", then the same request with the token");
-        println!(
-            "  TOKEN=$(curl -s -X POST '{}')",
-            mesh.idp.token_url("alice", FRONTEND)
-        );
-        println!("  curl -si -X POST -H \"Authorization: Bearer $TOKEN\" http://{front}/refunds");
-    }
+    println!("  # a sensitive route without step-up: 401 and the challenge");
+    println!("  curl -si -X POST http://{front}/refunds");
+    println!("  # the \"MFA login\", then the same request with the token");
+    println!(
+        "  TOKEN=$(curl -s -X POST '{}')",
+        mesh.idp.token_url("alice", FRONTEND)
+    );
+    println!("  curl -si -X POST -H \"Authorization: Bearer $TOKEN\" http://{front}/refunds");
     println!("\n  policy: {}", mesh.policy.display());
     for child in &mesh.children {
         println!("  {} log: {}", child.name(), child.log_path().display());

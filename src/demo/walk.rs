@@ -16,14 +16,11 @@ pub enum Outcome {
     AsExpected,
     /// Something else came back.
     Unexpected,
-    /// This build cannot run the step.
-    NotAvailable,
 }
 
 /// Runs the steps; returns each outcome in order.
 pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
-    let stepup = mesh.stepup_unavailable.is_none();
 
     header(1, "frontend → payments: GET /balance");
     why(&format!(
@@ -45,16 +42,8 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
     ));
     let answer = call(mesh.reports_out, Method::GET, "/balance", &[]).await;
     show(&answer);
-    let denied = if stepup {
-        answer.status.map(|s| s.as_u16()) == Some(403)
-    } else {
-        answer.status.is_none()
-    };
-    let expected = if stepup {
-        "403 Forbidden"
-    } else {
-        "connection closed (L4 deny)"
-    };
+    let denied = answer.status.map(|s| s.as_u16()) == Some(403);
+    let expected = "403 Forbidden";
     match access_log_line(mesh, "reports").await {
         Some(line) => println!("      payments sidecar access log: {line}"),
         None => println!(
@@ -63,23 +52,6 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
         ),
     }
     outcomes.push(verdict(2, expected, denied, &answer));
-
-    if let Some(reason) = &mesh.stepup_unavailable {
-        for (n, title) in [
-            (3, "frontend → payments: POST /refunds without step-up"),
-            (4, "frontend → payments: POST /refunds after an MFA login"),
-            (
-                5,
-                "frontend → payments: POST /refunds with a token minted for reports",
-            ),
-        ] {
-            header(n, title);
-            println!("      NOT AVAILABLE: step-up is not available in this build ({reason})");
-            println!("  step {n}: not available");
-            outcomes.push(Outcome::NotAvailable);
-        }
-        return outcomes;
-    }
 
     header(3, "frontend → payments: POST /refunds without step-up");
     why("route `refunds` needs a fresh MFA token (acr urn:stepmesh:acr:mfa, maxAge 300 s) bound to the caller");
