@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,7 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::headers::{path_is_canonical, set_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
+use super::headers::{
+    absolute, path_is_canonical, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+};
 use super::record::{CountIn, Exchange};
 use super::{local_body, respond, serve_until, HttpLayer, ProxyBody};
 use crate::policy::SpiffeId;
@@ -80,6 +83,8 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mesh = conn.mesh;
+    // What every request of the connection shares is made once, here.
+    let conn = Arc::new(Served::new(conn));
     let svc = service_fn(move |req| {
         let (layer, conn) = (layer.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
@@ -95,6 +100,25 @@ where
     serve_until(&builder, io, svc, drain).await
 }
 
+/// A served connection and what its requests share, made once: the
+/// `x-forwarded-client-cert` value and the app's authority.
+struct Served {
+    conn: Arc<InboundConn>,
+    xfcc: Option<HeaderValue>,
+    /// `None`: the app address is not a valid authority (each request 502).
+    app: Option<Authority>,
+}
+
+impl Served {
+    fn new(conn: Arc<InboundConn>) -> Served {
+        Served {
+            xfcc: xfcc_value(conn.own.as_deref(), conn.peer.as_str()),
+            app: Authority::try_from(&*conn.app).ok(),
+            conn,
+        }
+    }
+}
+
 fn version_label(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
@@ -105,11 +129,8 @@ fn version_label(v: Version) -> &'static str {
     }
 }
 
-async fn handle(
-    layer: &HttpLayer,
-    conn: &InboundConn,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> Response<ProxyBody> {
+    let conn = &*served.conn;
     let mut x = Exchange::new("inbound", conn.port, &layer.log, &layer.metrics);
     let policy = layer.policy.current();
     // From a peer sidecar, the app's protocol rides in a header.
@@ -181,7 +202,7 @@ async fn handle(
     {
         parts.headers.insert(STEPUP_SUB, sub);
     }
-    set_xfcc(&mut parts.headers, conn.own.as_deref(), conn.peer.as_str());
+    replace_xfcc(&mut parts.headers, served.xfcc.clone());
     let to_h2 = orig == Version::HTTP_2;
     if !to_h2 && !parts.headers.contains_key(http::header::HOST) {
         if let Some(authority) = parts
@@ -192,10 +213,9 @@ async fn handle(
             parts.headers.insert(http::header::HOST, authority);
         }
     }
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = match format!("http://{}{pq}", conn.app).parse() {
-        Ok(uri) => uri,
-        Err(_) => {
+    parts.uri = match served.app.clone().and_then(|app| absolute(app, &parts.uri)) {
+        Some(uri) => uri,
+        None => {
             return respond(
                 x,
                 StatusCode::BAD_GATEWAY,
