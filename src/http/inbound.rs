@@ -143,10 +143,12 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     } else {
         req.version()
     };
-    x.record.peer_id = Some(conn.peer.as_str().to_owned());
-    x.record.method = req.method().as_str().to_owned();
-    x.record.path = req.uri().path().to_owned();
-    x.record.version = version_label(orig);
+    if x.logging() {
+        x.record.peer_id = Some(conn.peer.as_str().to_owned());
+        x.record.method = req.method().as_str().to_owned();
+        x.record.path = req.uri().path().to_owned();
+        x.record.version = version_label(orig);
+    }
     let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
     if has_routes && !path_is_canonical(req.uri().path()) {
         let body = local_body("request path is not in canonical form\n");
@@ -171,7 +173,9 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
     drop(policy);
     x.record.route = d.route.as_deref().map(str::to_owned);
-    x.record.rule = Some(d.rule.to_string());
+    if x.logging() {
+        x.record.rule = Some(d.rule.to_string());
+    }
     match &d.outcome {
         Outcome::Forbidden => {
             let body = local_body("forbidden: this workload may not call this route\n");
@@ -186,7 +190,9 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
         }
         Outcome::Allow => {}
     }
-    x.record.stepup_sub.clone_from(&d.subject);
+    if x.logging() {
+        x.record.stepup_sub.clone_from(&d.subject);
+    }
     let decision = if d.would_deny { "would_deny" } else { "allow" };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -193,9 +193,11 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let mut x = Exchange::new("outbound", conn.port, &layer.log, &layer.metrics);
     let orig = req.version();
-    x.record.method = req.method().as_str().to_owned();
-    x.record.path = req.uri().path().to_owned();
-    x.record.version = orig_proto(orig);
+    if x.logging() {
+        x.record.method = req.method().as_str().to_owned();
+        x.record.path = req.uri().path().to_owned();
+        x.record.version = orig_proto(orig);
+    }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // HTTP/2 wants the authority in the URI, not a Host header.
@@ -238,7 +240,9 @@ async fn handle(
             );
         }
     };
-    x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    if x.logging() {
+        x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    }
     let request = Request::from_parts(parts, x.count_request(body));
     let sent = match pooled.send.ready().await {
         Ok(()) => pooled.send.send_request(request).await,
