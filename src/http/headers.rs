@@ -28,6 +28,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers and those the `Connection` header names. `TE:
 /// trailers` survives (gRPC needs it); any other TE goes.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !headers
+        .keys()
+        .any(|k| *k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -143,6 +150,11 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "nothing hop-by-hop, nothing removed: {h:?}");
     }
 
     #[test]
