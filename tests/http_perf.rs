@@ -12,6 +12,8 @@ mod http_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,6 +30,9 @@ const SERVER_ID: &str = "spiffe://mesh.test/ns/payments/sa/api";
 const CLIENT_ID: &str = "spiffe://mesh.test/ns/web/sa/frontend";
 const RATE: u64 = 1000;
 const SECONDS: u64 = 5;
+/// Saturation phase: this many closed-loop keep-alive connections, this long.
+const SAT_CONNS: usize = 16;
+const SAT_RUN: Duration = Duration::from_secs(3);
 
 fn report(name: &str, h: &Histogram<u64>) {
     eprintln!(
@@ -54,6 +59,92 @@ fn paced(mut op: impl FnMut()) -> Histogram<u64> {
         h.record(t.elapsed().as_micros() as u64).unwrap();
     }
     h
+}
+
+/// Runs `op` in a closed loop on SAT_CONNS threads, each with its own
+/// connection from `connect`, for SAT_RUN; returns the operations done.
+fn saturate<C: Send + 'static>(
+    connect: impl Fn() -> C + Send + Sync + 'static,
+    op: fn(&mut C),
+) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let connect = Arc::new(connect);
+    let threads: Vec<_> = (0..SAT_CONNS)
+        .map(|_| {
+            let (stop, connect) = (stop.clone(), connect.clone());
+            std::thread::spawn(move || {
+                let mut c = connect();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    op(&mut c);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(SAT_RUN);
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// One HTTP/1.1 keep-alive `GET /fast` on a blocking socket (the answer is
+/// `ok` with a Content-Length, as the test app sends it).
+fn get_fast(s: &mut TcpStream) {
+    s.write_all(b"GET /fast HTTP/1.1\r\nhost: api\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..]).unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        have += n;
+        let text = &buf[..have];
+        if let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&text[..end])
+                .unwrap()
+                .to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            if have >= end + 4 + len {
+                assert_eq!(have, end + 4 + len, "one response at a time");
+                return;
+            }
+        }
+    }
+}
+
+fn echo64(s: &mut TcpStream) {
+    let mut back = [0u8; 64];
+    s.write_all(&[7u8; 64]).unwrap();
+    s.read_exact(&mut back).unwrap();
+}
+
+fn connect_to(port: u16) -> impl Fn() -> TcpStream + Send + Sync + 'static {
+    move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+}
+
+/// CPU per operation of each sidecar while `run` saturates the pair.
+fn cpu_per_op(name: &str, client: &Sidecar, server: &Sidecar, run: impl FnOnce() -> u64) {
+    let cpu0 = (client.cpu_time(), server.cpu_time());
+    let ops = run();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;
+    eprintln!(
+        "{name:<28} {:>7.0} ops/s; CPU per op: outbound sidecar {:>5.1} µs, inbound sidecar {:>5.1} µs",
+        ops as f64 / SAT_RUN.as_secs_f64(),
+        per(client.cpu_time() - cpu0.0),
+        per(server.cpu_time() - cpu0.1),
+    );
 }
 
 #[test]
@@ -126,10 +217,12 @@ inbound:
     tcp.set_nodelay(true).unwrap();
     let ping = [7u8; 64];
     let mut back = [0u8; 64];
+    let cpu0 = (client.cpu_time(), server.cpu_time());
     let l4 = paced(|| {
         tcp.write_all(&ping).unwrap();
         tcp.read_exact(&mut back).unwrap();
     });
+    let l4_cpu = (client.cpu_time() - cpu0.0, server.cpu_time() - cpu0.1);
 
     // HTTP/1.1 keep-alive on one connection.
     let addr: SocketAddr = format!("127.0.0.1:{out_web}").parse().unwrap();
@@ -184,7 +277,9 @@ inbound:
                 .collect()
         })
         .unwrap_or_default();
+    let cpu0 = (client.cpu_time(), server.cpu_time());
     let plain = paced(|| call(&mut send, "/fast", false));
+    let http_cpu = (client.cpu_time() - cpu0.0, server.cpu_time() - cpu0.1);
     for mut p in perf {
         p.wait().unwrap();
     }
@@ -218,4 +313,26 @@ inbound:
         (added_http / added_l4 - 1.0) * 100.0,
         (added_stepup / added_l4 - 1.0) * 100.0
     );
+    eprintln!(
+        "p50 through the pair / direct: L4 {:.2}x, HTTP {:.2}x; p99: L4 {:.2}x, HTTP {:.2}x",
+        p50(&l4) / p50(&l4_direct),
+        p50(&plain) / p50(&http_direct),
+        l4.value_at_quantile(0.99) as f64 / l4_direct.value_at_quantile(0.99) as f64,
+        plain.value_at_quantile(0.99) as f64 / http_direct.value_at_quantile(0.99) as f64,
+    );
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / (RATE * SECONDS) as f64;
+    eprintln!(
+        "CPU per request at {RATE}/s (outbound, inbound sidecar): L4 {:.0} µs, {:.0} µs; HTTP {:.0} µs, {:.0} µs",
+        per(l4_cpu.0),
+        per(l4_cpu.1),
+        per(http_cpu.0),
+        per(http_cpu.1)
+    );
+    eprintln!("\nSaturation, {SAT_CONNS} closed-loop connections for {SAT_RUN:?}:");
+    cpu_per_op("L4 echo (64 B)", &client, &server, || {
+        saturate(connect_to(out_raw), echo64)
+    });
+    cpu_per_op("HTTP/1.1 GET /fast", &client, &server, || {
+        saturate(connect_to(out_web), get_fast)
+    });
 }

@@ -4,6 +4,8 @@
 //! refused before the route decision sees them.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
 
 /// `x-forwarded-client-cert` (Envoy's format: `By=<us>;URI=<peer>`).
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -26,6 +28,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers and those the `Connection` header names. `TE:
 /// trailers` survives (gRPC needs it); any other TE goes.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !headers
+        .keys()
+        .any(|k| *k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -51,15 +60,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Sets `x-forwarded-client-cert: By=<own>;URI=<peer>`, replacing every copy
 /// the caller sent (a caller must never choose what the app believes).
 pub fn set_xfcc(headers: &mut HeaderMap, own: Option<&str>, peer: &str) {
-    headers.remove(XFCC);
+    replace_xfcc(headers, xfcc_value(own, peer));
+}
+
+/// The `x-forwarded-client-cert` value for a connection (made once per
+/// connection, not per request). SPIFFE IDs are URI-safe ASCII, so `None`
+/// only for IDs that could not be parsed as such anyway.
+pub fn xfcc_value(own: Option<&str>, peer: &str) -> Option<HeaderValue> {
     let value = match own {
         Some(own) => format!("By={own};URI={peer}"),
         None => format!("URI={peer}"),
     };
-    // SPIFFE IDs are URI-safe ASCII, so this cannot fail.
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    HeaderValue::from_str(&value).ok()
+}
+
+/// Replaces every caller-sent `x-forwarded-client-cert` with `value`.
+pub fn replace_xfcc(headers: &mut HeaderMap, value: Option<HeaderValue>) {
+    headers.remove(XFCC);
+    if let Some(v) = value {
         headers.insert(XFCC, v);
     }
+}
+
+/// `http://<authority><path and query of uri>`, built from parts (no
+/// formatting and re-parsing per request); `None` if it is not a valid URI.
+pub fn absolute(authority: Authority, uri: &Uri) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 /// Whether `path` is in the form an app will not rewrite into another
@@ -116,6 +150,11 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "nothing hop-by-hop, nothing removed: {h:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,7 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::headers::{path_is_canonical, set_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
+use super::headers::{
+    absolute, path_is_canonical, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+};
 use super::record::{CountIn, Exchange};
 use super::{local_body, respond, serve_until, HttpLayer, ProxyBody};
 use crate::policy::SpiffeId;
@@ -80,6 +83,8 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mesh = conn.mesh;
+    // What every request of the connection shares is made once, here.
+    let conn = Arc::new(Served::new(conn));
     let svc = service_fn(move |req| {
         let (layer, conn) = (layer.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
@@ -95,6 +100,25 @@ where
     serve_until(&builder, io, svc, drain).await
 }
 
+/// A served connection and what its requests share, made once: the
+/// `x-forwarded-client-cert` value and the app's authority.
+struct Served {
+    conn: Arc<InboundConn>,
+    xfcc: Option<HeaderValue>,
+    /// `None`: the app address is not a valid authority (each request 502).
+    app: Option<Authority>,
+}
+
+impl Served {
+    fn new(conn: Arc<InboundConn>) -> Served {
+        Served {
+            xfcc: xfcc_value(conn.own.as_deref(), conn.peer.as_str()),
+            app: Authority::try_from(&*conn.app).ok(),
+            conn,
+        }
+    }
+}
+
 fn version_label(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
@@ -105,11 +129,8 @@ fn version_label(v: Version) -> &'static str {
     }
 }
 
-async fn handle(
-    layer: &HttpLayer,
-    conn: &InboundConn,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> Response<ProxyBody> {
+    let conn = &*served.conn;
     let mut x = Exchange::new("inbound", conn.port, &layer.log, &layer.metrics);
     let policy = layer.policy.current();
     // From a peer sidecar, the app's protocol rides in a header.
@@ -122,10 +143,12 @@ async fn handle(
     } else {
         req.version()
     };
-    x.record.peer_id = Some(conn.peer.as_str().to_owned());
-    x.record.method = req.method().as_str().to_owned();
-    x.record.path = req.uri().path().to_owned();
-    x.record.version = version_label(orig);
+    if x.logging() {
+        x.record.peer_id = Some(conn.peer.as_str().to_owned());
+        x.record.method = req.method().as_str().to_owned();
+        x.record.path = req.uri().path().to_owned();
+        x.record.version = version_label(orig);
+    }
     let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
     if has_routes && !path_is_canonical(req.uri().path()) {
         let body = local_body("request path is not in canonical form\n");
@@ -150,7 +173,9 @@ async fn handle(
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
     drop(policy);
     x.record.route = d.route.as_deref().map(str::to_owned);
-    x.record.rule = Some(d.rule.to_string());
+    if x.logging() {
+        x.record.rule = Some(d.rule.to_string());
+    }
     match &d.outcome {
         Outcome::Forbidden => {
             let body = local_body("forbidden: this workload may not call this route\n");
@@ -165,7 +190,9 @@ async fn handle(
         }
         Outcome::Allow => {}
     }
-    x.record.stepup_sub.clone_from(&d.subject);
+    if x.logging() {
+        x.record.stepup_sub.clone_from(&d.subject);
+    }
     let decision = if d.would_deny { "would_deny" } else { "allow" };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -181,7 +208,7 @@ async fn handle(
     {
         parts.headers.insert(STEPUP_SUB, sub);
     }
-    set_xfcc(&mut parts.headers, conn.own.as_deref(), conn.peer.as_str());
+    replace_xfcc(&mut parts.headers, served.xfcc.clone());
     let to_h2 = orig == Version::HTTP_2;
     if !to_h2 && !parts.headers.contains_key(http::header::HOST) {
         if let Some(authority) = parts
@@ -192,10 +219,9 @@ async fn handle(
             parts.headers.insert(http::header::HOST, authority);
         }
     }
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = match format!("http://{}{pq}", conn.app).parse() {
-        Ok(uri) => uri,
-        Err(_) => {
+    parts.uri = match served.app.clone().and_then(|app| absolute(app, &parts.uri)) {
+        Some(uri) => uri,
+        None => {
             return respond(
                 x,
                 StatusCode::BAD_GATEWAY,

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -23,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::headers::{strip_hop_by_hop, ORIG_PROTO};
+use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
 use super::record::{CountIn, Exchange};
 use super::{local_body, respond, serve_until, BoxError, HttpLayer, ProxyBody, MESH_ALPN};
 
@@ -192,29 +193,25 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let mut x = Exchange::new("outbound", conn.port, &layer.log, &layer.metrics);
     let orig = req.version();
-    x.record.method = req.method().as_str().to_owned();
-    x.record.path = req.uri().path().to_owned();
-    x.record.version = orig_proto(orig);
+    if x.logging() {
+        x.record.method = req.method().as_str().to_owned();
+        x.record.path = req.uri().path().to_owned();
+        x.record.version = orig_proto(orig);
+    }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // HTTP/2 wants the authority in the URI, not a Host header.
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| conn.dst.to_string());
+    let authority = match parts.uri.authority() {
+        Some(a) => Ok(a.clone()),
+        None => match parts.headers.get(http::header::HOST).map(|h| h.to_str()) {
+            Some(Ok(host)) => Authority::try_from(host),
+            _ => Authority::try_from(&*conn.dst),
+        },
+    };
     parts.headers.remove(http::header::HOST);
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = match format!("http://{authority}{pq}").parse() {
-        Ok(uri) => uri,
-        Err(_) => {
+    parts.uri = match authority.ok().and_then(|a| absolute(a, &parts.uri)) {
+        Some(uri) => uri,
+        None => {
             let body = local_body("bad request target\n");
             return respond(
                 x,
@@ -243,7 +240,9 @@ async fn handle(
             );
         }
     };
-    x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    if x.logging() {
+        x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
+    }
     let request = Request::from_parts(parts, x.count_request(body));
     let sent = match pooled.send.ready().await {
         Ok(()) => pooled.send.send_request(request).await,

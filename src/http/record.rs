@@ -84,6 +84,11 @@ impl RequestLog {
         RequestLog(None)
     }
 
+    /// Whether records go anywhere (else the line is not even made).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Writes one record.
     pub fn write(&self, record: &RequestRecord) {
         if let Some(sink) = &self.0 {
@@ -122,10 +127,18 @@ impl Exchange {
         }
     }
 
+    /// Whether the access-log line will be written: only then are the
+    /// record's descriptive fields worth filling (the route is always
+    /// filled: metrics use it).
+    pub(crate) fn logging(&self) -> bool {
+        self.log.enabled()
+    }
+
     /// Wraps the request body so the bytes forwarded are counted.
     pub(crate) fn count_request<B>(&mut self, body: B) -> CountIn<B> {
-        let count = Arc::new(AtomicU64::new(0));
-        self.bytes_in = Some(count.clone());
+        // Only the access-log line reports the count.
+        let count = self.logging().then(|| Arc::new(AtomicU64::new(0)));
+        self.bytes_in.clone_from(&count);
         CountIn { inner: body, count }
     }
 
@@ -152,6 +165,10 @@ impl Exchange {
             r.status,
             secs,
         );
+        if !self.logging() {
+            // No line to write at the end: the body needs no wrapper.
+            return body;
+        }
         LogAtEnd {
             inner: body,
             out: 0,
@@ -161,6 +178,9 @@ impl Exchange {
     }
 
     fn finish(mut self, bytes_out: u64) {
+        if !self.log.enabled() {
+            return;
+        }
         self.record.bytes_out = bytes_out;
         self.record.bytes_in = self
             .bytes_in
@@ -177,7 +197,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct CountIn<B> {
         #[pin]
         inner: B,
-        count: Arc<AtomicU64>,
+        count: Option<Arc<AtomicU64>>,
     }
 }
 
@@ -191,9 +211,9 @@ impl<B: Body<Data = Bytes>> Body for CountIn<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &frame {
+        if let (Poll::Ready(Some(Ok(f))), Some(count)) = (&frame, this.count) {
             if let Some(d) = f.data_ref() {
-                this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                count.fetch_add(d.len() as u64, Ordering::Relaxed);
             }
         }
         frame
