@@ -103,13 +103,16 @@ fn outbound_refuses_a_peer_with_another_identity() {
 #[test]
 fn allow_list_denies_and_audit_mode_logs_would_deny() {
     let app = echo_server();
-    for mode in ["enforce", "audit"] {
+    // An `auto` port sniffs the first bytes before its L4 decision: a
+    // denied opaque connection there must close just as cleanly.
+    for (mode, protocol) in [("enforce", "tcp"), ("audit", "tcp"), ("enforce", "auto")] {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("policy.yaml");
         std::fs::write(
             &policy,
-            l4_policy(port, mode, &["spiffe://mesh.test/ns/shop/sa/web"]),
+            l4_policy(port, mode, &["spiffe://mesh.test/ns/shop/sa/web"])
+                .replace("protocol: tcp", &format!("protocol: {protocol}")),
         )
         .unwrap();
         let pki = stepmesh_ca::testing::Pki::new("mesh.test");

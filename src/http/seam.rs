@@ -17,7 +17,7 @@ use super::outbound::{MeshError, OutboundConn};
 use super::MESH_ALPN;
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
-use crate::proxy::conn::{InboundContext, OutboundContext, Outcome, Shared};
+use crate::proxy::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
 
 /// How long the outbound side waits for the app's first bytes before
 /// treating the connection as opaque (server-speaks-first protocols).
@@ -48,11 +48,12 @@ pub async fn inbound(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpSt
         return Box::pin(serve_inbound_http(shared, ctx, tls, mesh)).await;
     }
     if ctx.protocol == Protocol::Tcp {
-        return if allowed(shared, ctx) {
-            crate::proxy::inbound::forward_tcp(shared, ctx, tls).await
-        } else {
-            Outcome::default()
-        };
+        if allowed(shared, ctx) {
+            return crate::proxy::inbound::forward_tcp(shared, ctx, tls).await;
+        }
+        let mut tls = tls;
+        close_gracefully(&mut tls).await;
+        return Outcome::default();
     }
     Box::pin(inbound_auto(shared, ctx, tls)).await
 }
@@ -85,13 +86,19 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
         .current()
         .port(ctx.port)
         .is_some_and(|p| !p.routes.is_empty());
+    let mut io = io;
+    // Deliberate closes say so with close_notify, so the peer sidecar logs a
+    // refusal rather than an I/O error.
     if has_routes || !allowed(shared, ctx) {
+        close_gracefully(&mut io).await;
         return Outcome::default();
     }
-    let mut io = io;
     let mut app = match crate::proxy::listener::dial(&ctx.app, shared.timeouts.connect).await {
         Ok(app) => app,
-        Err(e) => return Outcome::failed("app_connect", e),
+        Err(e) => {
+            close_gracefully(&mut io).await;
+            return Outcome::failed("app_connect", e);
+        }
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
     Outcome::forwarded(
