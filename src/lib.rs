@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod ca_cmd;
 pub mod cert_cmd;
+pub mod cidr;
 pub mod cli;
 pub mod demo;
 pub mod drain;

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 
 use clap::Args;
 
-pub use rules::{Cidr, Family, RuleConfig};
+pub use crate::cidr::Cidr;
+pub use rules::{Family, RuleConfig};
 
 /// Flags of `stepmesh init`.
 #[derive(Debug, Args)]

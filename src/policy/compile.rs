@@ -10,11 +10,12 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 
 use super::model::*;
-use super::units::{parse_duration, Cidr};
+use super::units::parse_duration;
 use super::{
     AllowRule, DefaultLabels, JwksSource, OutboundRule, PathMatch, Policy, PolicyError, PortPolicy,
     ProviderConfig, Route, SpiffeIdPattern, StepUpRule, TrustDomain,
 };
+use crate::cidr::Cidr;
 
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(10);
@@ -412,7 +413,10 @@ fn outbound_rule(path: &str, r: RawOutboundRule) -> Result<OutboundRule, PolicyE
         r.to.cidrs
             .iter()
             .enumerate()
-            .map(|(i, c)| Cidr::parse(c).map_err(|m| invalid(format!("{path}.to.cidrs[{i}]"), m)))
+            .map(|(i, c)| {
+                c.parse::<Cidr>()
+                    .map_err(|m| invalid(format!("{path}.to.cidrs[{i}]"), m))
+            })
             .collect::<Result<Vec<_>, _>>()?;
     if let Some(i) = r.to.ports.iter().position(|p| *p == 0) {
         return Err(invalid(

@@ -16,11 +16,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::cidr::Cidr;
 pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
-pub use units::Cidr;
 pub use watch::PolicyWatch;
 
 /// Why a policy was refused. Every variant names where the problem is.
