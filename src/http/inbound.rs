@@ -1,16 +1,19 @@
-//! Inbound HTTP: one hyper server per authenticated connection (HTTP/1.1
-//! and HTTP/2 detected by hyper; HTTP/2 only from a peer sidecar), the
-//! route and step-up decision per request, then the request streamed to the
-//! app over a pooled connection in the protocol the client spoke.
+//! Inbound HTTP: the route and step-up decision per request on an
+//! authenticated connection, then the request streamed to the app in the
+//! protocol the client spoke. HTTP/1 is relayed on the connection's own
+//! task to an app connection of its own ([`h1`]); HTTP/2 (a peer sidecar's
+//! multiplexed connection included) is served by hyper and sent over a
+//! pooled app client.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{request, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -19,14 +22,17 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
+use super::detect::{self, Detected, Prefixed};
 use super::headers::{
     absolute, path_is_canonical, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
-use super::{local_body, respond, serve_until, HttpLayer, ProxyBody};
+use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
 use crate::policy::SpiffeId;
-use crate::stepup::{self, Outcome, Peer, RequestInfo};
+use crate::proxy::conn::Outcome;
+use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
 
 /// An authenticated inbound connection, as the HTTP layer needs it.
 #[derive(Debug, Clone)]
@@ -48,7 +54,11 @@ pub struct InboundConn {
     pub mesh: bool,
 }
 
-/// Pooled plaintext clients to local apps, one per HTTP version.
+/// Deadline for dialling the app, unless the proxy sets its own.
+pub(crate) const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pooled plaintext clients to local apps, one per HTTP version (HTTP/2
+/// requests; HTTP/1 connections each dial their own, see [`h1`]).
 pub(crate) struct AppClients {
     h1: Client<HttpConnector, CountIn<Incoming>>,
     h2: Client<HttpConnector, CountIn<Incoming>>,
@@ -58,7 +68,7 @@ impl AppClients {
     pub(crate) fn new() -> AppClients {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(Duration::from_secs(90))
@@ -72,7 +82,8 @@ impl AppClients {
 
 /// Serves HTTP on an authenticated connection until it closes, or until
 /// `drain` resolves: then in-flight requests finish and the connection
-/// closes (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
+/// closes (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). HTTP/1 or HTTP/2
+/// is told from the first bytes (a peer sidecar's is HTTP/2).
 pub async fn serve<I>(
     layer: Arc<HttpLayer>,
     conn: Arc<InboundConn>,
@@ -82,12 +93,87 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mesh = conn.mesh;
+    let outcome = serve_outcome(layer, conn, io, drain).await;
+    match outcome.error {
+        Some((_, detail)) => Err(detail.into()),
+        None => Ok(()),
+    }
+}
+
+/// As [`serve`], reporting bytes and failure as the data plane logs them.
+pub(crate) async fn serve_outcome<I>(
+    layer: Arc<HttpLayer>,
+    conn: Arc<InboundConn>,
+    io: I,
+    drain: impl Future<Output = ()> + Send,
+) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if conn.mesh {
+        return serve_hyper(layer, conn, io, drain, true).await;
+    }
+    let mut io = io;
+    let sniffed = tokio::time::timeout(super::seam::INBOUND_DETECT, detect::sniff(&mut io)).await;
+    match sniffed {
+        Ok(Ok((detected, prefix))) => {
+            serve_detected(layer, conn, io, detected, &prefix, drain).await
+        }
+        Ok(Err(e)) => Outcome::failed("io", e),
+        Err(_) => Outcome::failed("idle_timeout", "no request"),
+    }
+}
+
+/// Serves a connection whose first bytes (`prefix`) detection has read:
+/// HTTP/2 through hyper, anything else through the HTTP/1 relay (which
+/// answers 400 to what is not HTTP).
+pub(crate) async fn serve_detected<I>(
+    layer: Arc<HttpLayer>,
+    conn: Arc<InboundConn>,
+    io: I,
+    detected: Detected,
+    prefix: &[u8],
+    drain: impl Future<Output = ()> + Send,
+) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if detected == Detected::Http2 {
+        let io = Prefixed::new(bytes::Bytes::copy_from_slice(prefix), io);
+        return serve_hyper(layer, conn, io, drain, false).await;
+    }
+    let (idle, connect) = (layer.idle_timeout, layer.connect_timeout);
+    let side = AppSide {
+        served: Served::new(conn),
+        layer,
+        connect,
+    };
+    let mut io = io;
+    let done = h1::relay(&side, &mut io, prefix, None, idle, drain).await;
+    Outcome {
+        bytes_in: done.bytes_in,
+        bytes_out: done.bytes_out,
+        peer_id: None,
+        error: done.error,
+        refused: false,
+    }
+}
+
+async fn serve_hyper<I>(
+    layer: Arc<HttpLayer>,
+    conn: Arc<InboundConn>,
+    io: I,
+    drain: impl Future<Output = ()> + Send,
+    mesh: bool,
+) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // What every request of the connection shares is made once, here.
-    let conn = Arc::new(Served::new(conn));
+    let served = Arc::new(Served::new(conn));
     let svc = service_fn(move |req| {
-        let (layer, conn) = (layer.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
+        let (layer, served) = (layer.clone(), served.clone());
+        async move { Ok::<_, Infallible>(handle(&layer, &served, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -97,7 +183,10 @@ where
     if mesh {
         builder = builder.http2_only();
     }
-    serve_until(&builder, io, svc, drain).await
+    match serve_until(&builder, io, svc, drain).await {
+        Ok(()) => Outcome::default(),
+        Err(e) => Outcome::failed("http", e),
+    }
 }
 
 /// A served connection and what its requests share, made once: the
@@ -117,6 +206,48 @@ impl Served {
             conn,
         }
     }
+
+    fn exchange(&self, layer: &HttpLayer) -> Exchange {
+        Exchange::new("inbound", self.conn.port, &layer.log, &layer.metrics)
+    }
+}
+
+/// The inbound end of the HTTP/1 relay: requests decided here, relayed to
+/// the app over one connection of their own.
+struct AppSide {
+    layer: Arc<HttpLayer>,
+    served: Served,
+    connect: Duration,
+}
+
+impl h1::Side for AppSide {
+    type Upstream = TcpStream;
+    const REDIAL: bool = true;
+
+    fn exchange(&self) -> Exchange {
+        self.served.exchange(&self.layer)
+    }
+
+    fn admit<'a>(
+        &'a self,
+        x: &'a mut Exchange,
+        head: &'a mut request::Parts,
+    ) -> impl Future<Output = Verdict> + Send + 'a {
+        let version = head.version;
+        admit(&self.layer, &self.served, x, head, version)
+    }
+
+    fn dial(&self) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        crate::proxy::listener::dial(&self.served.conn.app, self.connect)
+    }
+
+    fn unavailable(&self) -> Local {
+        Local::error(
+            StatusCode::BAD_GATEWAY,
+            "app_unavailable",
+            "the app did not answer\n",
+        )
+    }
 }
 
 fn version_label(v: Version) -> &'static str {
@@ -129,10 +260,96 @@ fn version_label(v: Version) -> &'static str {
     }
 }
 
+/// The route and step-up decision for one request (the app spoke `orig`),
+/// and its headers rewritten for the app: hop-by-hop and step-up headers
+/// removed, `x-stepup-sub` and `x-forwarded-client-cert` set by us.
+async fn admit(
+    layer: &HttpLayer,
+    served: &Served,
+    x: &mut Exchange,
+    parts: &mut request::Parts,
+    orig: Version,
+) -> Verdict {
+    let conn = &*served.conn;
+    let policy = layer.policy.current();
+    if x.logging() {
+        x.record.peer_id = Some(conn.peer.as_str().to_owned());
+        x.record.method = parts.method.as_str().to_owned();
+        x.record.path = parts.uri.path().to_owned();
+        x.record.version = version_label(orig);
+    }
+    let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
+    if has_routes && !path_is_canonical(parts.uri.path()) {
+        return Verdict::Answer(Local::deny(
+            StatusCode::BAD_REQUEST,
+            "non_canonical_path",
+            "request path is not in canonical form\n",
+        ));
+    }
+    let info = RequestInfo {
+        peer: Peer {
+            id: &conn.peer,
+            x5t_s256: &conn.x5t,
+        },
+        port: conn.port,
+        method: &parts.method,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
+    drop(policy);
+    x.record.route = d.route.as_deref().map(str::to_owned);
+    if x.logging() {
+        x.record.rule = Some(d.rule.to_string());
+    }
+    match &d.outcome {
+        GateOutcome::Forbidden => {
+            return Verdict::Answer(Local::deny(
+                StatusCode::FORBIDDEN,
+                d.reason,
+                "forbidden: this workload may not call this route\n",
+            ));
+        }
+        GateOutcome::Challenge(challenge) => {
+            let mut local = Local::deny(
+                StatusCode::UNAUTHORIZED,
+                d.reason,
+                "step-up authentication required\n",
+            );
+            local.challenge = Some(challenge.clone());
+            return Verdict::Answer(local);
+        }
+        GateOutcome::Allow => {}
+    }
+    if x.logging() {
+        x.record.stepup_sub.clone_from(&d.subject);
+    }
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    headers.remove(ORIG_PROTO);
+    if let Some(h) = &d.strip {
+        headers.remove(h);
+    }
+    headers.remove(STEPUP_SUB);
+    if let Some(sub) = d
+        .subject
+        .as_deref()
+        .and_then(|s| HeaderValue::from_str(s).ok())
+    {
+        headers.insert(STEPUP_SUB, sub);
+    }
+    replace_xfcc(headers, served.xfcc.clone());
+    Verdict::Forward {
+        decision: if d.would_deny { "would_deny" } else { "allow" },
+        reason: d.reason,
+    }
+}
+
+/// One request on a hyper-served connection (HTTP/2, or HTTP/1 from a peer
+/// sidecar's HTTP/2): decided, then sent over the pooled app client.
 async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> Response<ProxyBody> {
     let conn = &*served.conn;
-    let mut x = Exchange::new("inbound", conn.port, &layer.log, &layer.metrics);
-    let policy = layer.policy.current();
+    let mut x = served.exchange(layer);
     // From a peer sidecar, the app's protocol rides in a header.
     let orig = if conn.mesh {
         match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
@@ -143,72 +360,11 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     } else {
         req.version()
     };
-    if x.logging() {
-        x.record.peer_id = Some(conn.peer.as_str().to_owned());
-        x.record.method = req.method().as_str().to_owned();
-        x.record.path = req.uri().path().to_owned();
-        x.record.version = version_label(orig);
-    }
-    let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
-    if has_routes && !path_is_canonical(req.uri().path()) {
-        let body = local_body("request path is not in canonical form\n");
-        return respond(
-            x,
-            StatusCode::BAD_REQUEST,
-            "deny",
-            "non_canonical_path",
-            body,
-        );
-    }
-    let info = RequestInfo {
-        peer: Peer {
-            id: &conn.peer,
-            x5t_s256: &conn.x5t,
-        },
-        port: conn.port,
-        method: req.method(),
-        path: req.uri().path(),
-        headers: req.headers(),
-    };
-    let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
-    drop(policy);
-    x.record.route = d.route.as_deref().map(str::to_owned);
-    if x.logging() {
-        x.record.rule = Some(d.rule.to_string());
-    }
-    match &d.outcome {
-        Outcome::Forbidden => {
-            let body = local_body("forbidden: this workload may not call this route\n");
-            return respond(x, StatusCode::FORBIDDEN, "deny", d.reason, body);
-        }
-        Outcome::Challenge(challenge) => {
-            let body = local_body("step-up authentication required\n");
-            let mut resp = respond(x, StatusCode::UNAUTHORIZED, "deny", d.reason, body);
-            resp.headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
-            return resp;
-        }
-        Outcome::Allow => {}
-    }
-    if x.logging() {
-        x.record.stepup_sub.clone_from(&d.subject);
-    }
-    let decision = if d.would_deny { "would_deny" } else { "allow" };
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(ORIG_PROTO);
-    if let Some(h) = &d.strip {
-        parts.headers.remove(h);
-    }
-    parts.headers.remove(STEPUP_SUB);
-    if let Some(sub) = d
-        .subject
-        .as_deref()
-        .and_then(|s| HeaderValue::from_str(s).ok())
-    {
-        parts.headers.insert(STEPUP_SUB, sub);
-    }
-    replace_xfcc(&mut parts.headers, served.xfcc.clone());
+    let (decision, reason) = match admit(layer, served, &mut x, &mut parts, orig).await {
+        Verdict::Answer(local) => return local.respond(x),
+        Verdict::Forward { decision, reason } => (decision, reason),
+    };
     let to_h2 = orig == Version::HTTP_2;
     if !to_h2 && !parts.headers.contains_key(http::header::HOST) {
         if let Some(authority) = parts
@@ -222,13 +378,8 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     parts.uri = match served.app.clone().and_then(|app| absolute(app, &parts.uri)) {
         Some(uri) => uri,
         None => {
-            return respond(
-                x,
-                StatusCode::BAD_GATEWAY,
-                "error",
-                "bad_target",
-                local_body("bad app address\n"),
-            )
+            let local = Local::error(StatusCode::BAD_GATEWAY, "bad_target", "bad app address\n");
+            return local.respond(x);
         }
     };
     parts.version = if to_h2 {
@@ -246,18 +397,17 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = x.respond(parts.status, decision, d.reason, body.boxed());
+            let body = x.respond(parts.status, decision, reason, body.boxed());
             Response::from_parts(parts, body)
         }
         Err(e) => {
             tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
-            respond(
-                x,
+            Local::error(
                 StatusCode::BAD_GATEWAY,
-                "error",
                 "app_unavailable",
-                local_body("the app did not answer\n"),
+                "the app did not answer\n",
             )
+            .respond(x)
         }
     }
 }

@@ -4,6 +4,7 @@
 //! side. Bodies and trailers stream through; nothing is buffered whole.
 
 pub mod detect;
+mod h1;
 pub mod headers;
 pub mod inbound;
 mod metrics;
@@ -45,6 +46,10 @@ pub struct HttpLayer {
     app: inbound::AppClients,
     mesh: outbound::MeshPool,
     draining: tokio::sync::watch::Sender<bool>,
+    /// HTTP/1 connections idle this long are closed.
+    idle_timeout: std::time::Duration,
+    /// Deadline for dialling the app.
+    connect_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for HttpLayer {
@@ -69,7 +74,21 @@ impl HttpLayer {
             app: inbound::AppClients::new(),
             mesh: outbound::MeshPool::default(),
             draining: tokio::sync::watch::Sender::new(false),
+            idle_timeout: std::time::Duration::from_secs(3600),
+            connect_timeout: inbound::APP_CONNECT_TIMEOUT,
         }
+    }
+
+    /// The proxy's idle and connect timeouts (`--idle-timeout`,
+    /// `--connect-timeout`) instead of the defaults (1 h, 10 s).
+    pub fn with_timeouts(
+        mut self,
+        idle: std::time::Duration,
+        connect: std::time::Duration,
+    ) -> HttpLayer {
+        self.idle_timeout = idle;
+        self.connect_timeout = connect;
+        self
     }
 
     /// Starts a graceful drain of every HTTP connection: in-flight requests
@@ -122,6 +141,100 @@ pub(crate) fn local_body(text: &'static str) -> ProxyBody {
         .boxed()
 }
 
+/// What the proxy does with a request once decided.
+pub(crate) enum Verdict {
+    /// Relay it upstream (labels for the request metric and log line).
+    Forward {
+        /// `allow` or `would_deny`.
+        decision: &'static str,
+        /// The reason label.
+        reason: &'static str,
+    },
+    /// Answer it here.
+    Answer(Local),
+}
+
+/// A response the proxy makes itself: a denial, a challenge, an error.
+pub(crate) struct Local {
+    pub status: http::StatusCode,
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub text: &'static str,
+    /// `WWW-Authenticate` of a step-up challenge.
+    pub challenge: Option<http::HeaderValue>,
+}
+
+impl Local {
+    /// An answer for a request the policy refused or challenged.
+    pub(crate) fn deny(
+        status: http::StatusCode,
+        reason: &'static str,
+        text: &'static str,
+    ) -> Local {
+        Local {
+            status,
+            decision: "deny",
+            reason,
+            text,
+            challenge: None,
+        }
+    }
+
+    /// An answer for a request that could not be relayed.
+    pub(crate) fn error(
+        status: http::StatusCode,
+        reason: &'static str,
+        text: &'static str,
+    ) -> Local {
+        Local {
+            decision: "error",
+            ..Local::deny(status, reason, text)
+        }
+    }
+
+    /// As a hyper response, counted and logged through `x`.
+    pub(crate) fn respond(self, x: record::Exchange) -> http::Response<ProxyBody> {
+        let mut resp = respond(
+            x,
+            self.status,
+            self.decision,
+            self.reason,
+            local_body(self.text),
+        );
+        if let Some(challenge) = self.challenge {
+            resp.headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, challenge);
+        }
+        resp
+    }
+
+    /// As HTTP/1.1 bytes, head and body.
+    pub(crate) fn write_h1(&self, close: bool, out: &mut Vec<u8>) {
+        use http::header;
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = self.status;
+        let headers = &mut parts.headers;
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static(TEXT_PLAIN),
+        );
+        headers.insert(
+            header::CONTENT_LENGTH,
+            http::HeaderValue::from(self.text.len()),
+        );
+        if let Some(challenge) = &self.challenge {
+            headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
+        }
+        if close {
+            headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        h1::message::write_response(&parts, out);
+        out.extend_from_slice(self.text.as_bytes());
+    }
+}
+
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
 /// A response the proxy answers itself, counted and logged through `x`.
 pub(crate) fn respond(
     x: record::Exchange,
@@ -134,7 +247,7 @@ pub(crate) fn respond(
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        http::HeaderValue::from_static(TEXT_PLAIN),
     );
     resp
 }

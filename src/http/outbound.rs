@@ -1,8 +1,10 @@
-//! Outbound HTTP: requests from the local app ride pooled HTTP/2 mTLS
-//! connections to the peer sidecar (ALPN `stepmesh/h2`), multiplexed
-//! whatever the app speaks, the app's protocol carried in
-//! `stepmesh-orig-proto` so the far side speaks it to its app. A new app
-//! connection costs no handshake once the pool holds a connection.
+//! Outbound HTTP. HTTP/1 from the local app is relayed request by request
+//! ([`relay_h1`]) over an mTLS connection of its own to the peer sidecar,
+//! as the L4 path would carry it, so the request costs what the L4 path
+//! costs plus a head parse. HTTP/2 rides pooled, multiplexed mTLS
+//! connections to the peer sidecar (ALPN `stepmesh/h2`, the app's protocol
+//! in `stepmesh-orig-proto`): a new app connection costs no handshake once
+//! the pool holds a connection.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{request, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -26,7 +28,9 @@ use tokio_rustls::TlsConnector;
 
 use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
 use super::record::{CountIn, Exchange};
-use super::{local_body, respond, serve_until, BoxError, HttpLayer, ProxyBody, MESH_ALPN};
+use super::{
+    h1, local_body, respond, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict, MESH_ALPN,
+};
 
 /// Where an outbound HTTP connection's requests go.
 #[derive(Clone)]
@@ -176,6 +180,81 @@ where
         .adaptive_window(true)
         .timer(TokioTimer::new());
     serve_until(&builder, io, svc, drain).await
+}
+
+/// Relays the app's HTTP/1 requests (their first bytes still unread in
+/// `app`) over `peer`, the mTLS connection to the destination's sidecar,
+/// which reached `peer_id`.
+pub(crate) async fn relay_h1(
+    layer: &HttpLayer,
+    port: u16,
+    peer_id: Option<&str>,
+    app: &mut TcpStream,
+    peer: PeerStream,
+    idle: Duration,
+) -> h1::Relayed {
+    let side = PeerSide {
+        layer,
+        port,
+        peer_id,
+    };
+    h1::relay(&side, app, &[], Some(peer), idle, layer.drained()).await
+}
+
+/// The outbound end of the HTTP/1 relay: requests counted and logged, and
+/// sent to the one peer connection (the decisions are the far side's).
+struct PeerSide<'a> {
+    layer: &'a HttpLayer,
+    port: u16,
+    peer_id: Option<&'a str>,
+}
+
+/// An mTLS connection to a peer sidecar.
+pub(crate) type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+impl h1::Side for PeerSide<'_> {
+    type Upstream = PeerStream;
+    const REDIAL: bool = false;
+
+    fn exchange(&self) -> Exchange {
+        let mut x = Exchange::new("outbound", self.port, &self.layer.log, &self.layer.metrics);
+        if x.logging() {
+            x.record.peer_id = self.peer_id.map(str::to_owned);
+        }
+        x
+    }
+
+    fn admit<'a>(
+        &'a self,
+        x: &'a mut Exchange,
+        head: &'a mut request::Parts,
+    ) -> impl Future<Output = Verdict> + Send + 'a {
+        if x.logging() {
+            x.record.method = head.method.as_str().to_owned();
+            x.record.path = head.uri.path().to_owned();
+            x.record.version = orig_proto(head.version);
+        }
+        strip_hop_by_hop(&mut head.headers);
+        std::future::ready(Verdict::Forward {
+            decision: "allow",
+            reason: "mesh",
+        })
+    }
+
+    fn dial(&self) -> impl Future<Output = std::io::Result<PeerStream>> + Send {
+        std::future::ready(Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the peer sidecar closed the connection",
+        )))
+    }
+
+    fn unavailable(&self) -> Local {
+        Local::error(
+            StatusCode::BAD_GATEWAY,
+            "peer_request_failed",
+            "the request to the destination failed\n",
+        )
+    }
 }
 
 fn orig_proto(v: Version) -> &'static str {

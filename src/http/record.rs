@@ -142,15 +142,13 @@ impl Exchange {
         CountIn { inner: body, count }
     }
 
-    /// The response is decided: counts the request metric now, and returns
-    /// the body that writes the access-log line when it ends.
-    pub(crate) fn respond(
-        mut self,
+    /// The response is decided: counts the request metric now.
+    pub(crate) fn decided(
+        &mut self,
         status: http::StatusCode,
         decision: &'static str,
         reason: &'static str,
-        body: ProxyBody,
-    ) -> ProxyBody {
+    ) {
         let secs = self.started.elapsed().as_secs_f64();
         self.record.status = status.as_u16();
         self.record.decision = decision;
@@ -165,6 +163,18 @@ impl Exchange {
             r.status,
             secs,
         );
+    }
+
+    /// The response is decided: counts the request metric now, and returns
+    /// the body that writes the access-log line when it ends.
+    pub(crate) fn respond(
+        mut self,
+        status: http::StatusCode,
+        decision: &'static str,
+        reason: &'static str,
+        body: ProxyBody,
+    ) -> ProxyBody {
+        self.decided(status, decision, reason);
         if !self.logging() {
             // No line to write at the end: the body needs no wrapper.
             return body;
@@ -177,15 +187,21 @@ impl Exchange {
         .boxed()
     }
 
-    fn finish(mut self, bytes_out: u64) {
-        if !self.log.enabled() {
-            return;
-        }
-        self.record.bytes_out = bytes_out;
-        self.record.bytes_in = self
+    fn finish(self, bytes_out: u64) {
+        let bytes_in = self
             .bytes_in
             .as_ref()
             .map_or(0, |c| c.load(Ordering::Relaxed));
+        self.ended(bytes_in, bytes_out);
+    }
+
+    /// The exchange is over: writes its access-log line (if logging).
+    pub(crate) fn ended(mut self, bytes_in: u64, bytes_out: u64) {
+        if !self.log.enabled() {
+            return;
+        }
+        self.record.bytes_in = bytes_in;
+        self.record.bytes_out = bytes_out;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.record.ts = crate::accesslog::now_rfc3339();
         self.log.write(&self.record);

@@ -75,10 +75,20 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
         Ok(Err(e)) => return Outcome::failed("io", e),
         Err(_) => (Detected::Opaque, bytes::Bytes::new()),
     };
-    let io = Prefixed::new(prefix, tls);
     if detected.is_http() {
-        return serve_inbound_http(shared, ctx, io, false).await;
+        let conn = inbound_conn(ctx, false);
+        let drain = shared.http.drained();
+        return super::inbound::serve_detected(
+            shared.http.clone(),
+            conn,
+            tls,
+            detected,
+            &prefix,
+            drain,
+        )
+        .await;
     }
+    let io = Prefixed::new(prefix, tls);
     // A port with routes is HTTP by the operator's word: opaque bytes must
     // not slip past the route decisions to the app.
     let has_routes = shared
@@ -110,7 +120,12 @@ async fn serve_inbound_http<I>(shared: &Shared, ctx: &InboundContext, io: I, mes
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = InboundConn {
+    let conn = inbound_conn(ctx, mesh);
+    super::inbound::serve_outcome(shared.http.clone(), conn, io, shared.http.drained()).await
+}
+
+fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
+    Arc::new(InboundConn {
         peer: ctx.peer_id.clone(),
         x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.peer_cert_sha256),
         own: ctx.own_id.as_ref().map(ToString::to_string),
@@ -118,23 +133,13 @@ where
         app: ctx.app.clone(),
         client: ctx.client,
         mesh,
-    };
-    match super::inbound::serve(
-        shared.http.clone(),
-        Arc::new(conn),
-        io,
-        shared.http.drained(),
-    )
-    .await
-    {
-        Ok(()) => Outcome::default(),
-        Err(e) => Outcome::failed("http", e),
-    }
+    })
 }
 
-/// The outbound seam: an mTLS destination whose app speaks HTTP rides the
-/// pooled `stepmesh/h2` connection; anything else (or a peer that is not a
-/// stepmesh sidecar) is opaque TCP.
+/// The outbound seam: an mTLS destination's HTTP/1 is relayed request by
+/// request over an mTLS connection of its own, HTTP/2 rides the pooled
+/// `stepmesh/h2` connection; anything else (or HTTP/2 to a peer that is not
+/// a stepmesh sidecar) is opaque TCP.
 pub async fn outbound(
     shared: &Shared,
     connector: &TlsConnector,
@@ -142,14 +147,47 @@ pub async fn outbound(
     ctx: &OutboundContext,
     app: TcpStream,
 ) -> Outcome {
-    if ctx.action == OutboundAction::Mtls && detect::peek(&app, OUTBOUND_DETECT).await.is_http() {
-        // Boxed, so opaque TCP connections keep a small task (see inbound).
-        return match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
-            Ok(outcome) => outcome,
-            Err(app) => crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await,
-        };
+    if ctx.action == OutboundAction::Mtls {
+        match detect::peek(&app, OUTBOUND_DETECT).await {
+            // Boxed, so opaque TCP connections keep a small task (see inbound).
+            Detected::Http1 => return Box::pin(outbound_h1(shared, connector, ctx, app)).await,
+            Detected::Http2 => {
+                return match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
+                    Ok(outcome) => outcome,
+                    Err(app) => {
+                        crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
+                    }
+                }
+            }
+            Detected::Opaque | Detected::NeedMore => {}
+        }
     }
     crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
+}
+
+/// HTTP/1 relayed over an mTLS connection to the peer, one per app
+/// connection, as the L4 path would carry it.
+async fn outbound_h1(
+    shared: &Shared,
+    connector: &TlsConnector,
+    ctx: &OutboundContext,
+    mut app: TcpStream,
+) -> Outcome {
+    let (tls, peer_id) = match crate::proxy::outbound::connect_peer(shared, connector, ctx).await {
+        Ok(connected) => connected,
+        Err(outcome) => return outcome,
+    };
+    let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
+    let idle = shared.timeouts.idle;
+    let done = super::outbound::relay_h1(&shared.http, ctx.port, peer, &mut app, tls, idle).await;
+    let refused = done.upstream_closed_first && done.requests == 0;
+    Outcome {
+        bytes_in: done.bytes_in,
+        bytes_out: done.bytes_out,
+        error: if refused { None } else { done.error },
+        refused,
+        peer_id,
+    }
 }
 
 /// HTTP over the mesh pool; `Err(app)` hands the connection back for opaque

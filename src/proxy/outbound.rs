@@ -4,7 +4,8 @@
 //!
 //! **Seam for the HTTP layer:** [`serve`] runs after accept and
 //! classification, before any dial; the HTTP layer can take over there
-//! (pooled HTTP/2 between sidecars) and fall back to [`forward_tcp`].
+//! (HTTP/1 relayed over [`connect_peer`]'s connection, or pooled HTTP/2
+//! between sidecars) and fall back to [`forward_tcp`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, ConnLog, OutboundContext, Outcome, Shared};
 use super::forward::{forward, ForwardError, Forwarded};
 use super::listener::dial;
 use crate::metrics::Direction;
-use crate::policy::{Mode, OutboundAction};
+use crate::policy::{Mode, OutboundAction, SpiffeId};
 use crate::tls::{failure, spiffe_id_of};
 
 /// Where an outbound listener's connections go.
@@ -229,19 +231,52 @@ pub async fn forward_tcp(
     mut app: TcpStream,
 ) -> Outcome {
     let counters = shared.metrics.byte_counters(Direction::Outbound);
-    let tcp = match dial(&ctx.dst, shared.timeouts.connect).await {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: destination unreachable");
-            return Outcome::failed("peer_connect", e);
-        }
-    };
     if ctx.action == OutboundAction::Passthrough {
-        let mut tcp = tcp;
+        let mut tcp = match dial_destination(shared, ctx).await {
+            Ok(tcp) => tcp,
+            Err(outcome) => return outcome,
+        };
         return Outcome::forwarded(
             forward(&mut app, &mut tcp, shared.timeouts.idle, &counters).await,
         );
     }
+    // Boxed: the dial and handshake states are large and live only while
+    // connecting; inline they would size every idle connection's task.
+    let (mut tls, peer_id) = match Box::pin(connect_peer(shared, connector, ctx)).await {
+        Ok(connected) => connected,
+        Err(outcome) => return outcome,
+    };
+    let done = forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await;
+    if matches!(done.error, Some(ForwardError::Idle(_))) {
+        close_gracefully(&mut tls).await;
+    }
+    let refused = peer_refused(&done);
+    let mut outcome = Outcome::forwarded(done);
+    if refused {
+        // What failed afterwards (our writes to the closed peer) is moot.
+        outcome.error = None;
+        outcome.refused = true;
+    }
+    outcome.peer_id = peer_id;
+    outcome
+}
+
+async fn dial_destination(shared: &Shared, ctx: &OutboundContext) -> Result<TcpStream, Outcome> {
+    dial(&ctx.dst, shared.timeouts.connect).await.map_err(|e| {
+        tracing::warn!(dst = %ctx.dst, error = %e, "outbound: destination unreachable");
+        Outcome::failed("peer_connect", e)
+    })
+}
+
+/// An mTLS connection to the destination's sidecar, its identity checked
+/// (the verifier in `connector`, and again for a resumed session), counted
+/// in the handshake metrics; the failure as the connection's outcome.
+pub async fn connect_peer(
+    shared: &Shared,
+    connector: &TlsConnector,
+    ctx: &OutboundContext,
+) -> Result<(TlsStream<TcpStream>, Option<SpiffeId>), Outcome> {
+    let tcp = dial_destination(shared, ctx).await?;
     let name = server_name(&ctx.dst);
     // Boxed: the handshake state (the client connection mid-handshake plus
     // its deadline) is the task's largest; on the heap only while it runs,
@@ -259,13 +294,13 @@ pub async fn forward_tcp(
                 .metrics
                 .handshake_failure(Direction::Outbound, reason);
             tracing::warn!(dst = %ctx.dst, expected = %ctx.expected, reason, error = %e, "outbound handshake failed");
-            return Outcome::failed(reason, e);
+            return Err(Outcome::failed(reason, e));
         }
         Err(_) => {
             shared
                 .metrics
                 .handshake_failure(Direction::Outbound, "timeout");
-            return Outcome::failed("timeout", "handshake timed out");
+            return Err(Outcome::failed("timeout", "handshake timed out"));
         }
     };
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -275,7 +310,7 @@ pub async fn forward_tcp(
             .metrics
             .handshake_failure(Direction::Outbound, reason);
         close_gracefully(&mut tls).await;
-        return Outcome::failed(reason, "resumed session no longer valid");
+        return Err(Outcome::failed(reason, "resumed session no longer valid"));
     }
     let peer_id = tls
         .get_ref()
@@ -288,19 +323,7 @@ pub async fn forward_tcp(
             .metrics
             .connection(Direction::Outbound, peer.as_str(), "allow");
     }
-    let done = forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await;
-    if matches!(done.error, Some(ForwardError::Idle(_))) {
-        close_gracefully(&mut tls).await;
-    }
-    let refused = peer_refused(&done);
-    let mut outcome = Outcome::forwarded(done);
-    if refused {
-        // What failed afterwards (our writes to the closed peer) is moot.
-        outcome.error = None;
-        outcome.refused = true;
-    }
-    outcome.peer_id = peer_id;
-    outcome
+    Ok((tls, peer_id))
 }
 
 /// The peer sidecar ended the connection on purpose (TLS close_notify: a

@@ -147,12 +147,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         let log = access_log.clone();
         crate::http::RequestLog::new(move |record| log.log_json(record))
     };
-    let http = Arc::new(crate::http::HttpLayer::new(
-        policy.clone(),
-        stepup,
-        http_metrics,
-        request_log,
-    ));
+    let http = Arc::new(
+        crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
+            .with_timeouts(args.idle_timeout, args.connect_timeout),
+    );
     let shared = Arc::new(Shared {
         http,
         store: store.clone(),

@@ -1,0 +1,482 @@
+//! HTTP/1.x message heads: parsed from the wire into `http` types (so route
+//! and step-up decisions see the same request whichever engine carried
+//! it), how each body is delimited (RFC 9112 §6), and written back out.
+//!
+//! Parsing is strict where a lenient parser would let two hops disagree on
+//! where a message ends (request smuggling): `Transfer-Encoding` with
+//! `Content-Length`, a coding list not ending in `chunked`, conflicting
+//! lengths, obsolete line folding (httparse refuses it) are all refused.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, response, Method, StatusCode, Uri, Version};
+
+/// The most header fields a head may carry (hyper's default is 100 too).
+pub const MAX_HEADERS: usize = 100;
+/// The largest head accepted, request line or status line included.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Why a head was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not an HTTP/1.x message head.
+    #[error("malformed message head: {0}")]
+    Malformed(String),
+    /// Over [`MAX_HEAD`] bytes or [`MAX_HEADERS`] fields.
+    #[error("message head over {MAX_HEAD} bytes or {MAX_HEADERS} fields")]
+    TooLarge,
+    /// `Content-Length` not a number, or two different ones.
+    #[error("invalid or conflicting Content-Length")]
+    ContentLength,
+    /// A request with both `Transfer-Encoding` and `Content-Length`.
+    #[error("Transfer-Encoding together with Content-Length")]
+    TransferAndLength,
+    /// A request whose codings do not end in `chunked`, or an HTTP/1.0
+    /// request with any (its length cannot be known).
+    #[error("Transfer-Encoding must end in chunked")]
+    TransferEncoding,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    #[error("HTTP/1.1 request without Host")]
+    NoHost,
+}
+
+/// How a message body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, ended by the last chunk and trailers.
+    Chunked,
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
+/// A parsed request head and what the proxy needs to know about it beyond
+/// the `http` parts (read before hop-by-hop headers are stripped).
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Method, target, version, headers.
+    pub parts: request::Parts,
+    /// How its body is delimited.
+    pub framing: Framing,
+    /// Whether the client keeps the connection open after the response.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`: the client waits for a 100 before the body.
+    pub expect_continue: bool,
+    /// `Upgrade` (with `Connection: upgrade`): the protocol asked for.
+    pub upgrade: Option<HeaderValue>,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status, version, headers.
+    pub parts: response::Parts,
+    /// How its body is delimited (given the request's method).
+    pub framing: Framing,
+    /// Whether the server keeps the connection open after the response.
+    pub keep_alive: bool,
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` while it is
+/// incomplete, else the head and its length in bytes.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    // httparse fills every field of a complete request.
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed("incomplete request line".into()));
+    };
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method".into()))?;
+    let uri: Uri = target
+        .parse()
+        .map_err(|_| HeadError::Malformed("invalid request target".into()))?;
+    let version = version_of(minor);
+    let headers = header_map(req.headers)?;
+    let framing = request_framing(version, &headers)?;
+    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(HeadError::NoHost);
+    }
+    let keep_alive = keep_alive(version, &headers);
+    let expect_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = (version == Version::HTTP_11 && has_token(&headers, "upgrade"))
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some((
+        RequestHead {
+            parts,
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+        },
+        len,
+    )))
+}
+
+/// Parses a response head at the start of `buf` (the answer to a `method`
+/// request): `Ok(None)` while incomplete.
+pub fn parse_response(
+    buf: &[u8],
+    method: &Method,
+) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    let (Some(code), Some(minor)) = (resp.code, resp.version) else {
+        return Err(HeadError::Malformed("incomplete status line".into()));
+    };
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| HeadError::Malformed(format!("invalid status {code}")))?;
+    let version = version_of(minor);
+    let mut headers = header_map(resp.headers)?;
+    let framing = response_framing(method, status, &mut headers)?;
+    let keep_alive = keep_alive(version, &headers) && framing != Framing::UntilClose;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some((
+        ResponseHead {
+            parts,
+            framing,
+            keep_alive,
+        },
+        len,
+    )))
+}
+
+fn version_of(minor: u8) -> Version {
+    if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    }
+}
+
+fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| HeadError::Malformed(format!("invalid header name {:?}", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| HeadError::Malformed(format!("invalid value of header {name}")))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Whether the comma-separated `Connection` values hold `token`.
+pub fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    list(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated elements of every `name` field, trimmed.
+fn list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    if has_token(headers, "close") {
+        return false;
+    }
+    version == Version::HTTP_11 || has_token(headers, "keep-alive")
+}
+
+/// `Some(true)`: codings present and the last is `chunked` (only once);
+/// `Some(false)`: codings present otherwise; `None`: no codings.
+fn chunked_last(headers: &HeaderMap) -> Option<bool> {
+    let mut codings = list(headers, &header::TRANSFER_ENCODING).peekable();
+    codings.peek()?;
+    let mut chunked_seen = false;
+    let mut last_is_chunked = false;
+    for coding in codings {
+        last_is_chunked = coding.eq_ignore_ascii_case("chunked");
+        if last_is_chunked && std::mem::replace(&mut chunked_seen, true) {
+            return Some(false);
+        }
+    }
+    Some(last_is_chunked)
+}
+
+/// The `Content-Length`: every copy and list element must be the same
+/// decimal number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, HeadError> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| HeadError::ContentLength)?;
+        for element in text.split(',') {
+            let element = element.trim();
+            if element.is_empty() || !element.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::ContentLength);
+            }
+            let n: u64 = element.parse().map_err(|_| HeadError::ContentLength)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(HeadError::ContentLength);
+            }
+            found = Some(n);
+        }
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) && found.is_none() {
+        return Err(HeadError::ContentLength);
+    }
+    Ok(found)
+}
+
+fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> {
+    match chunked_last(headers) {
+        Some(_) if version == Version::HTTP_10 => Err(HeadError::TransferEncoding),
+        Some(_) if headers.contains_key(header::CONTENT_LENGTH) => {
+            Err(HeadError::TransferAndLength)
+        }
+        Some(true) => Ok(Framing::Chunked),
+        Some(false) => Err(HeadError::TransferEncoding),
+        None => Ok(match content_length(headers)? {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }),
+    }
+}
+
+/// RFC 9112 §6.3, for a response; a `Content-Length` beside
+/// `Transfer-Encoding` is removed (the coding wins).
+fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Result<Framing, HeadError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    match chunked_last(headers) {
+        Some(chunked) => {
+            headers.remove(header::CONTENT_LENGTH);
+            Ok(if chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            })
+        }
+        None => Ok(match content_length(headers)? {
+            None => Framing::UntilClose,
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }),
+    }
+}
+
+/// Appends a request head to `out`: origin-form target, the headers as
+/// they are in `parts` (names lower-case).
+pub fn write_request(parts: &request::Parts, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = match parts.uri.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
+        _ => "/",
+    };
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(version_str(parts.version));
+    out.extend_from_slice(b"\r\n");
+    write_fields(&parts.headers, out);
+}
+
+/// Appends a response head to `out`.
+pub fn write_response(parts: &response::Parts, out: &mut Vec<u8>) {
+    let version = if parts.version == Version::HTTP_10 {
+        &b"HTTP/1.0 "[..]
+    } else {
+        &b"HTTP/1.1 "[..]
+    };
+    out.extend_from_slice(version);
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    write_fields(&parts.headers, out);
+}
+
+fn version_str(version: Version) -> &'static [u8] {
+    if version == Version::HTTP_10 {
+        b" HTTP/1.0"
+    } else {
+        b" HTTP/1.1"
+    }
+}
+
+fn write_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
+        parse_request(text.as_bytes())
+    }
+
+    fn framing(text: &str) -> Result<Framing, HeadError> {
+        req(text).map(|r| r.expect("complete").0.framing)
+    }
+
+    #[test]
+    fn a_plain_get_parses_and_writes_back() {
+        let text = "GET /a?b=c HTTP/1.1\r\nHost: api\r\nX-Thing: 1\r\n\r\nrest";
+        let (head, len) = req(text).unwrap().unwrap();
+        assert_eq!(len, text.len() - 4);
+        assert_eq!(head.parts.method, Method::GET);
+        assert_eq!(head.parts.uri.path(), "/a");
+        assert_eq!(head.framing, Framing::Empty);
+        assert!(head.keep_alive);
+        assert!(!head.expect_continue);
+        let mut out = Vec::new();
+        write_request(&head.parts, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a?b=c HTTP/1.1\r\nhost: api\r\nx-thing: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn incomplete_heads_wait_and_oversized_ones_are_refused() {
+        assert!(req("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(req(&huge).unwrap_err(), HeadError::TooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
+        let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(req(&text).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let both =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing(both).unwrap_err(), HeadError::TransferAndLength);
+        let not_last = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+        assert_eq!(framing(not_last).unwrap_err(), HeadError::TransferEncoding);
+        let twice = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing(twice).unwrap_err(), HeadError::TransferEncoding);
+        let two_lengths =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert_eq!(framing(two_lengths).unwrap_err(), HeadError::ContentLength);
+        let signed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n";
+        assert_eq!(framing(signed).unwrap_err(), HeadError::ContentLength);
+        let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing(http10).unwrap_err(), HeadError::TransferEncoding);
+        let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
+        assert!(matches!(req(folded), Err(HeadError::Malformed(_))));
+        assert_eq!(
+            req("GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+            HeadError::NoHost
+        );
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112() {
+        let same = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n";
+        assert_eq!(framing(same).unwrap(), Framing::Length(5));
+        let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n";
+        assert_eq!(framing(chunked).unwrap(), Framing::Chunked);
+        let zero = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(framing(zero).unwrap(), Framing::Empty);
+    }
+
+    #[test]
+    fn connection_semantics() {
+        let (h, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!h.keep_alive, "HTTP/1.0 closes by default");
+        let (h, _) = req("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        let (h, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let text = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nExpect: 100-Continue\r\n\r\n";
+        let (h, _) = req(text).unwrap().unwrap();
+        assert_eq!(h.upgrade.unwrap(), "websocket");
+        assert!(h.expect_continue);
+        let no_token = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
+        assert!(req(no_token).unwrap().unwrap().0.upgrade.is_none());
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let get = Method::GET;
+        let parse = |text: &str, m: &Method| parse_response(text.as_bytes(), m).unwrap().unwrap().0;
+        let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", &get);
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(2), true));
+        let r = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(r.framing, Framing::Empty);
+        let r = parse("HTTP/1.1 204 No Content\r\n\r\n", &get);
+        assert_eq!(r.framing, Framing::Empty);
+        let r = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            &get,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        assert!(!r.parts.headers.contains_key(header::CONTENT_LENGTH));
+        let r = parse("HTTP/1.1 200 OK\r\n\r\n", &get);
+        assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+        let r = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &get);
+        assert!(!r.keep_alive);
+        let bad = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", &get);
+        assert_eq!(bad.unwrap_err(), HeadError::ContentLength);
+        let mut out = Vec::new();
+        let r = parse("HTTP/1.1 404 Nope\r\nContent-Length: 0\r\n\r\n", &get);
+        write_response(&r.parts, &mut out);
+        assert_eq!(out, b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+    }
+}
