@@ -223,6 +223,7 @@ struct AppSide {
 impl h1::Side for AppSide {
     type Upstream = TcpStream;
     const REDIAL: bool = true;
+    const DECIDES: bool = true;
 
     fn exchange(&self) -> Exchange {
         self.served.exchange(&self.layer)
@@ -231,10 +232,11 @@ impl h1::Side for AppSide {
     fn admit<'a>(
         &'a self,
         x: &'a mut Exchange,
-        head: &'a mut request::Parts,
+        head: &'a mut h1::RequestHead,
+        _raw: &'a [u8],
     ) -> impl Future<Output = Verdict> + Send + 'a {
-        let version = head.version;
-        admit(&self.layer, &self.served, x, head, version)
+        let version = head.parts.version;
+        admit(&self.layer, &self.served, x, &mut head.parts, version)
     }
 
     fn dial(&self) -> impl Future<Output = io::Result<TcpStream>> + Send {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{request, HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -215,6 +215,7 @@ pub(crate) type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
 impl h1::Side for PeerSide<'_> {
     type Upstream = PeerStream;
     const REDIAL: bool = false;
+    const DECIDES: bool = false;
 
     fn exchange(&self) -> Exchange {
         let mut x = Exchange::new("outbound", self.port, &self.layer.log, &self.layer.metrics);
@@ -227,14 +228,20 @@ impl h1::Side for PeerSide<'_> {
     fn admit<'a>(
         &'a self,
         x: &'a mut Exchange,
-        head: &'a mut request::Parts,
+        head: &'a mut h1::RequestHead,
+        raw: &'a [u8],
     ) -> impl Future<Output = Verdict> + Send + 'a {
         if x.logging() {
-            x.record.method = head.method.as_str().to_owned();
-            x.record.path = head.uri.path().to_owned();
-            x.record.version = orig_proto(head.version);
+            let target = raw.get(head.target.clone()).unwrap_or_default();
+            let target = String::from_utf8_lossy(target);
+            let path = target.split_once('?').map_or(&*target, |(path, _)| path);
+            x.record.method = head.parts.method.as_str().to_owned();
+            x.record.path = path.to_owned();
+            x.record.version = orig_proto(head.parts.version);
         }
-        strip_hop_by_hop(&mut head.headers);
+        if !head.clean {
+            strip_hop_by_hop(&mut head.parts.headers);
+        }
         std::future::ready(Verdict::Forward {
             decision: "allow",
             reason: "mesh",

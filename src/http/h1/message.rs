@@ -8,7 +8,7 @@
 //! lengths, obsolete line folding (httparse refuses it) are all refused.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{request, response, Method, StatusCode, Uri, Version};
+use http::{request, response, Method, StatusCode, Version};
 
 /// The most header fields a head may carry (hyper's default is 100 too).
 pub const MAX_HEADERS: usize = 100;
@@ -66,6 +66,12 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// `Upgrade` (with `Connection: upgrade`): the protocol asked for.
     pub upgrade: Option<HeaderValue>,
+    /// The request target's bytes within the head.
+    pub target: std::ops::Range<usize>,
+    /// No hop-by-hop field and CRLF line ends: the head can be relayed as
+    /// it came. Then, unless parsed in full, `parts` holds only the method
+    /// and version (no URI, no headers: nothing was allocated for them).
+    pub clean: bool,
 }
 
 /// A parsed response head.
@@ -77,11 +83,14 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the server keeps the connection open after the response.
     pub keep_alive: bool,
+    /// As [`RequestHead::clean`]; `parts.headers` is empty when clean.
+    pub clean: bool,
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` while it is
-/// incomplete, else the head and its length in bytes.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+/// incomplete, else the head and its length in bytes. With `full` false a
+/// clean head is only scanned (see [`RequestHead::clean`]).
+pub fn parse_request(buf: &[u8], full: bool) -> Result<Option<(RequestHead, usize)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(buf) {
@@ -100,28 +109,34 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadErr
     };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| HeadError::Malformed("invalid method".into()))?;
-    let uri: Uri = target
-        .parse()
-        .map_err(|_| HeadError::Malformed("invalid request target".into()))?;
     let version = version_of(minor);
-    let headers = header_map(req.headers)?;
-    let framing = request_framing(version, &headers)?;
-    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+    let fields = &*req.headers;
+    let framing = request_framing(version, fields)?;
+    if version == Version::HTTP_11 && !has_field(fields, "host") {
         return Err(HeadError::NoHost);
     }
-    let keep_alive = keep_alive(version, &headers);
+    let keep_alive = keep_alive(version, fields);
     let expect_continue = version == Version::HTTP_11
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = (version == Version::HTTP_11 && has_token(&headers, "upgrade"))
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
+        && values(fields, "expect").any(|v| v.eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = if version == Version::HTTP_11 && has_token(fields, "upgrade") {
+        values(fields, "upgrade")
+            .next()
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+    } else {
+        None
+    };
+    let clean = is_clean(&buf[..len], fields);
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
-    parts.uri = uri;
     parts.version = version;
-    parts.headers = headers;
+    if full || !clean {
+        parts.uri = target
+            .parse()
+            .map_err(|_| HeadError::Malformed("invalid request target".into()))?;
+        parts.headers = header_map(fields)?;
+    }
+    // The target is a slice of `buf`.
+    let start = target.as_ptr() as usize - buf.as_ptr() as usize;
     Ok(Some((
         RequestHead {
             parts,
@@ -129,13 +144,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadErr
             keep_alive,
             expect_continue,
             upgrade,
+            target: start..start + target.len(),
+            clean,
         },
         len,
     )))
 }
 
 /// Parses a response head at the start of `buf` (the answer to a `method`
-/// request): `Ok(None)` while incomplete.
+/// request): `Ok(None)` while incomplete. Headers are only collected when
+/// the head is not clean (it must then be rewritten).
 pub fn parse_response(
     buf: &[u8],
     method: &Method,
@@ -155,21 +173,62 @@ pub fn parse_response(
     let status = StatusCode::from_u16(code)
         .map_err(|_| HeadError::Malformed(format!("invalid status {code}")))?;
     let version = version_of(minor);
-    let mut headers = header_map(resp.headers)?;
-    let framing = response_framing(method, status, &mut headers)?;
-    let keep_alive = keep_alive(version, &headers) && framing != Framing::UntilClose;
+    let fields = &*resp.headers;
+    let (framing, drop_length) = response_framing(method, status, fields)?;
+    let keep_alive = keep_alive(version, fields) && framing != Framing::UntilClose;
+    let clean = !drop_length && is_clean(&buf[..len], fields);
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
-    parts.headers = headers;
+    if !clean {
+        parts.headers = header_map(fields)?;
+        if drop_length {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+    }
     Ok(Some((
         ResponseHead {
             parts,
             framing,
             keep_alive,
+            clean,
         },
         len,
     )))
+}
+
+/// Request or response header fields as the relay sees them.
+type Fields<'a> = [httparse::Header<'a>];
+
+/// The fields hop-by-hop stripping would touch (RFC 9110 §7.6.1;
+/// `Transfer-Encoding` is relayed with its body, so it does not count).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "upgrade",
+];
+
+fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
+    head.ends_with(b"\r\n\r\n")
+        && !fields
+            .iter()
+            .any(|f| HOP_BY_HOP.iter().any(|h| f.name.eq_ignore_ascii_case(h)))
+}
+
+/// The values of every `name` field.
+fn values<'a>(fields: &'a Fields<'a>, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields
+        .iter()
+        .filter(move |f| f.name.eq_ignore_ascii_case(name))
+        .map(|f| f.value)
+}
+
+fn has_field(fields: &Fields<'_>, name: &str) -> bool {
+    fields.iter().any(|f| f.name.eq_ignore_ascii_case(name))
 }
 
 fn version_of(minor: u8) -> Version {
@@ -193,32 +252,30 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
 }
 
 /// Whether the comma-separated `Connection` values hold `token`.
-pub fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    list(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+fn has_token(fields: &Fields<'_>, token: &str) -> bool {
+    list(fields, "connection").any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The comma-separated elements of every `name` field, trimmed.
-fn list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+fn list<'a>(fields: &'a Fields<'a>, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    values(fields, name)
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())
 }
 
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    if has_token(headers, "close") {
+fn keep_alive(version: Version, fields: &Fields<'_>) -> bool {
+    if has_token(fields, "close") {
         return false;
     }
-    version == Version::HTTP_11 || has_token(headers, "keep-alive")
+    version == Version::HTTP_11 || has_token(fields, "keep-alive")
 }
 
 /// `Some(true)`: codings present and the last is `chunked` (only once);
 /// `Some(false)`: codings present otherwise; `None`: no codings.
-fn chunked_last(headers: &HeaderMap) -> Option<bool> {
-    let mut codings = list(headers, &header::TRANSFER_ENCODING).peekable();
+fn chunked_last(fields: &Fields<'_>) -> Option<bool> {
+    let mut codings = list(fields, "transfer-encoding").peekable();
     codings.peek()?;
     let mut chunked_seen = false;
     let mut last_is_chunked = false;
@@ -233,10 +290,10 @@ fn chunked_last(headers: &HeaderMap) -> Option<bool> {
 
 /// The `Content-Length`: every copy and list element must be the same
 /// decimal number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, HeadError> {
+fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
     let mut found = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| HeadError::ContentLength)?;
+    for value in values(fields, "content-length") {
+        let text = std::str::from_utf8(value).map_err(|_| HeadError::ContentLength)?;
         for element in text.split(',') {
             let element = element.trim();
             if element.is_empty() || !element.bytes().all(|b| b.is_ascii_digit()) {
@@ -249,55 +306,57 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, HeadError> {
             found = Some(n);
         }
     }
-    if headers.contains_key(header::CONTENT_LENGTH) && found.is_none() {
+    if has_field(fields, "content-length") && found.is_none() {
         return Err(HeadError::ContentLength);
     }
     Ok(found)
 }
 
-fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> {
-    match chunked_last(headers) {
+fn request_framing(version: Version, fields: &Fields<'_>) -> Result<Framing, HeadError> {
+    match chunked_last(fields) {
         Some(_) if version == Version::HTTP_10 => Err(HeadError::TransferEncoding),
-        Some(_) if headers.contains_key(header::CONTENT_LENGTH) => {
-            Err(HeadError::TransferAndLength)
-        }
+        Some(_) if has_field(fields, "content-length") => Err(HeadError::TransferAndLength),
         Some(true) => Ok(Framing::Chunked),
         Some(false) => Err(HeadError::TransferEncoding),
-        None => Ok(match content_length(headers)? {
+        None => Ok(match content_length(fields)? {
             None | Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
         }),
     }
 }
 
-/// RFC 9112 §6.3, for a response; a `Content-Length` beside
-/// `Transfer-Encoding` is removed (the coding wins).
+/// RFC 9112 §6.3, for a response; `true` beside the framing when a
+/// `Content-Length` sits beside `Transfer-Encoding` and must go (the coding
+/// wins).
 fn response_framing(
     method: &Method,
     status: StatusCode,
-    headers: &mut HeaderMap,
-) -> Result<Framing, HeadError> {
+    fields: &Fields<'_>,
+) -> Result<(Framing, bool), HeadError> {
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok(Framing::Empty);
+        return Ok((Framing::Empty, false));
     }
-    match chunked_last(headers) {
+    match chunked_last(fields) {
         Some(chunked) => {
-            headers.remove(header::CONTENT_LENGTH);
-            Ok(if chunked {
+            let framing = if chunked {
                 Framing::Chunked
             } else {
                 Framing::UntilClose
-            })
+            };
+            Ok((framing, has_field(fields, "content-length")))
         }
-        None => Ok(match content_length(headers)? {
-            None => Framing::UntilClose,
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-        }),
+        None => Ok((
+            match content_length(fields)? {
+                None => Framing::UntilClose,
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+            },
+            false,
+        )),
     }
 }
 
@@ -360,7 +419,7 @@ mod tests {
     use super::*;
 
     fn req(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
-        parse_request(text.as_bytes())
+        parse_request(text.as_bytes(), true)
     }
 
     fn framing(text: &str) -> Result<Framing, HeadError> {
@@ -475,8 +534,44 @@ mod tests {
         let bad = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", &get);
         assert_eq!(bad.unwrap_err(), HeadError::ContentLength);
         let mut out = Vec::new();
-        let r = parse("HTTP/1.1 404 Nope\r\nContent-Length: 0\r\n\r\n", &get);
+        let r = parse(
+            "HTTP/1.1 404 Nope\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            &get,
+        );
+        assert!(!r.clean, "a hop-by-hop field must be stripped");
         write_response(&r.parts, &mut out);
-        assert_eq!(out, b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(
+            out,
+            b"HTTP/1.1 404 Not Found\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn clean_heads_are_only_scanned() {
+        let text = "GET /a?b HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (head, _) = parse_request(text.as_bytes(), false).unwrap().unwrap();
+        assert!(head.clean);
+        assert!(
+            head.parts.headers.is_empty(),
+            "nothing allocated for a clean head"
+        );
+        assert_eq!(&text[head.target.clone()], "/a?b");
+        assert_eq!(head.framing, Framing::Chunked);
+        let (full, _) = parse_request(text.as_bytes(), true).unwrap().unwrap();
+        assert_eq!(full.parts.headers.len(), 2);
+        assert_eq!(full.parts.uri.path(), "/a");
+        for dirty in [
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\n\n",
+        ] {
+            let (head, _) = parse_request(dirty.as_bytes(), false).unwrap().unwrap();
+            assert!(!head.clean, "{dirty:?}");
+            assert!(!head.parts.headers.is_empty(), "{dirty:?}: parsed in full");
+        }
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (r, len) = parse_response(resp, &Method::GET).unwrap().unwrap();
+        assert!(r.clean && r.parts.headers.is_empty());
+        assert_eq!(len, resp.len() - 2);
     }
 }

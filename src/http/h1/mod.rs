@@ -24,13 +24,14 @@ use std::task::{Context, Waker};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{request, Method, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use self::body::{BodyError, Remaining};
 use self::buf::Buf;
-use self::message::{Framing, HeadError, RequestHead, ResponseHead};
+pub(crate) use self::message::RequestHead;
+use self::message::{Framing, HeadError, ResponseHead};
 use super::headers::strip_hop_by_hop;
 use super::record::Exchange;
 use super::{Local, Verdict};
@@ -47,11 +48,18 @@ pub(crate) trait Side: Send + Sync {
     /// A new request's record (direction, port, log, metrics).
     fn exchange(&self) -> Exchange;
 
-    /// Decides the request and rewrites its head for the upstream.
+    /// Whether requests are decided and rewritten here (inbound): their
+    /// heads are then parsed in full. Otherwise (outbound) a clean head is
+    /// relayed as it came.
+    const DECIDES: bool;
+
+    /// Decides the request and rewrites its head for the upstream; `raw`
+    /// is the head as it came.
     fn admit<'a>(
         &'a self,
         x: &'a mut Exchange,
-        head: &'a mut request::Parts,
+        head: &'a mut RequestHead,
+        raw: &'a [u8],
     ) -> impl Future<Output = Verdict> + Send + 'a;
 
     /// A new upstream connection, when there is none (first request, or
@@ -236,14 +244,19 @@ impl<S: Side> Relay<'_, S> {
         let Relay {
             cbuf,
             ubuf,
+            out,
             idle,
             done,
             draining,
             ..
         } = self;
         loop {
-            match message::parse_request(cbuf.bytes()) {
+            match message::parse_request(cbuf.bytes(), S::DECIDES) {
                 Ok(Some((head, len))) => {
+                    // The head as it came: relayed verbatim when clean,
+                    // and where the request target is read for the log.
+                    out.clear();
+                    out.extend_from_slice(&cbuf.bytes()[..len]);
                     cbuf.consume(len);
                     return Ok(Some(head));
                 }
@@ -307,16 +320,18 @@ impl<S: Side> Relay<'_, S> {
             );
             return self.answer(client, x, &head, local, true).await;
         }
-        let (decision, reason) = match self.side.admit(&mut x, &mut head.parts).await {
+        let (decision, reason) = match self.side.admit(&mut x, &mut head, &self.out).await {
             Verdict::Answer(local) => {
                 let close = !head.keep_alive || self.draining;
                 return self.answer(client, x, &head, local, close).await;
             }
             Verdict::Forward { decision, reason } => (decision, reason),
         };
-        restore_framing(&mut head);
-        self.out.clear();
-        message::write_request(&head.parts, &mut self.out);
+        if S::DECIDES || !head.clean {
+            restore_framing(&mut head);
+            self.out.clear();
+            message::write_request(&head.parts, &mut self.out);
+        }
         let (mut up, fresh) = match upstream.take() {
             Some(up) => (up, false),
             None => match self.side.dial().await {
@@ -383,10 +398,22 @@ impl<S: Side> Relay<'_, S> {
             || body_unsent
             || self.draining
             || (!S::REDIAL && !resp.keep_alive);
-        finish_response_head(&mut resp, close, head.parts.version);
         x.decided(resp.parts.status, decision, reason);
-        self.out.clear();
-        message::write_response(&resp.parts, &mut self.out);
+        let connection: &[u8] = if close {
+            b"connection: close\r\n"
+        } else if head.parts.version == Version::HTTP_10 {
+            b"connection: keep-alive\r\n"
+        } else {
+            b""
+        };
+        if resp.clean {
+            self.out.extend_from_slice(connection);
+            self.out.extend_from_slice(b"\r\n");
+        } else {
+            finish_response_head(&mut resp, close, head.parts.version);
+            self.out.clear();
+            message::write_response(&resp.parts, &mut self.out);
+        }
         let head_len = self.out.len() as u64;
         let mut rest = Remaining::of(resp.framing);
         let sent = pipe(
@@ -446,10 +473,9 @@ impl<S: Side> Relay<'_, S> {
         while self.cbuf.is_empty() {
             match message::parse_response(self.ubuf.bytes(), &head.parts.method) {
                 Ok(Some((resp, len))) if resp.parts.status.is_informational() => {
-                    self.ubuf.consume(len);
                     let mut resp = resp;
-                    strip_hop_by_hop(&mut resp.parts.headers);
-                    message::write_response(&resp.parts, &mut self.out);
+                    take_head(&mut self.ubuf, &mut self.out, &resp, len);
+                    finish_interim(&mut resp, &mut self.out);
                     write_flush(client, &self.out)
                         .await
                         .map_err(PipeError::Write)?;
@@ -524,8 +550,7 @@ impl<S: Side> Relay<'_, S> {
                     Some(Err(e)) => return Err(Fail::Upstream(e.to_string())),
                 }
             };
-            self.ubuf.consume(len);
-            self.out.clear();
+            take_head(&mut self.ubuf, &mut self.out, &resp, len);
             let status = resp.parts.status;
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(protocol) = &head.upgrade else {
@@ -535,6 +560,7 @@ impl<S: Side> Relay<'_, S> {
                 let headers = &mut resp.parts.headers;
                 headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 headers.insert(header::UPGRADE, protocol.clone());
+                self.out.clear();
                 message::write_response(&resp.parts, &mut self.out);
                 self.tunnel(client, up).await?;
                 return Ok(None);
@@ -542,8 +568,7 @@ impl<S: Side> Relay<'_, S> {
             if !status.is_informational() {
                 return Ok(Some(resp));
             }
-            strip_hop_by_hop(&mut resp.parts.headers);
-            message::write_response(&resp.parts, &mut self.out);
+            finish_interim(&mut resp, &mut self.out);
             write_flush(client, &self.out).await.map_err(Fail::Client)?;
         }
     }
@@ -673,6 +698,27 @@ fn restore_framing(head: &mut RequestHead) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     } else if head.parts.version == Version::HTTP_10 {
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+}
+
+/// Takes a parsed response head off `ubuf`; a clean one is copied into
+/// `out` as it came, but for its last CRLF (headers may follow).
+fn take_head(ubuf: &mut Buf, out: &mut Vec<u8>, resp: &ResponseHead, len: usize) {
+    out.clear();
+    if resp.clean {
+        out.extend_from_slice(&ubuf.bytes()[..len - 2]);
+    }
+    ubuf.consume(len);
+}
+
+/// Completes an interim (1xx) head in `out` (see [`take_head`]).
+fn finish_interim(resp: &mut ResponseHead, out: &mut Vec<u8>) {
+    if resp.clean {
+        out.extend_from_slice(b"\r\n");
+    } else {
+        strip_hop_by_hop(&mut resp.parts.headers);
+        out.clear();
+        message::write_response(&resp.parts, out);
     }
 }
 
