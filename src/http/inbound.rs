@@ -243,6 +243,10 @@ impl h1::Side for AppSide {
         crate::proxy::listener::dial(&self.served.conn.app, self.connect)
     }
 
+    fn draining(&self) -> bool {
+        self.layer.is_draining()
+    }
+
     fn unavailable(&self) -> Local {
         Local::error(
             StatusCode::BAD_GATEWAY,

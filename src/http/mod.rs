@@ -46,6 +46,7 @@ pub struct HttpLayer {
     app: inbound::AppClients,
     mesh: outbound::MeshPool,
     draining: tokio::sync::watch::Sender<bool>,
+    draining_now: std::sync::atomic::AtomicBool,
     /// HTTP/1 connections idle this long are closed.
     idle_timeout: std::time::Duration,
     /// Deadline for dialling the app.
@@ -74,6 +75,7 @@ impl HttpLayer {
             app: inbound::AppClients::new(),
             mesh: outbound::MeshPool::default(),
             draining: tokio::sync::watch::Sender::new(false),
+            draining_now: std::sync::atomic::AtomicBool::new(false),
             idle_timeout: std::time::Duration::from_secs(3600),
             connect_timeout: inbound::APP_CONNECT_TIMEOUT,
         }
@@ -94,7 +96,14 @@ impl HttpLayer {
     /// Starts a graceful drain of every HTTP connection: in-flight requests
     /// finish, then connections close (the process is shutting down).
     pub fn start_drain(&self) {
+        self.draining_now
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.draining.send_replace(true);
+    }
+
+    /// Whether the drain has begun (one load, for per-request checks).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining_now.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves once [`HttpLayer::start_drain`] has been called.

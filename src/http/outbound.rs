@@ -255,6 +255,10 @@ impl h1::Side for PeerSide<'_> {
         )))
     }
 
+    fn draining(&self) -> bool {
+        self.layer.is_draining()
+    }
+
     fn unavailable(&self) -> Local {
         Local::error(
             StatusCode::BAD_GATEWAY,

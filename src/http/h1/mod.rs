@@ -20,7 +20,6 @@ pub mod message;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Waker};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -72,6 +71,11 @@ pub(crate) trait Side: Send + Sync {
 
     /// The answer when the upstream cannot be reached or fails.
     fn unavailable(&self) -> Local;
+
+    /// Whether the process is draining: responses then close their
+    /// connection (checked once per request; an idle connection closes on
+    /// the `drain` future given to [`relay`]).
+    fn draining(&self) -> bool;
 }
 
 /// How a relayed connection ended.
@@ -154,12 +158,6 @@ impl Idle {
     }
 }
 
-/// Whether `f` has completed, without waiting (the drain signal, checked
-/// once per response).
-fn ready_now<F: Future>(f: Pin<&mut F>) -> bool {
-    f.poll(&mut Context::from_waker(Waker::noop())).is_ready()
-}
-
 /// Relays HTTP/1.x requests from `client` (whose first bytes, read by
 /// protocol detection, are `prefix`) until either side closes, the idle
 /// timeout, or `drain` (then the connection closes after the response in
@@ -196,9 +194,7 @@ where
                 break;
             }
         };
-        if !r.draining && ready_now(drain.as_mut()) {
-            r.draining = true;
-        }
+        r.draining = r.draining || side.draining();
         match r.exchange(client, &mut upstream, head).await {
             Ok(true) => continue,
             Ok(false) => break,
@@ -275,6 +271,7 @@ impl<S: Side> Relay<'_, S> {
                 }
             };
             tokio::select! {
+                biased;
                 read = idle.guard(cbuf.fill(client)) => match read {
                     None => return if between { Ok(None) } else { Err(Fail::Idle) },
                     Some(Ok(0)) if between => return Ok(None),
