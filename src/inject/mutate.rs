@@ -97,8 +97,15 @@ pub fn mutate(
         return Ok(Mutation::Skipped(skip));
     }
     let mut settings = PodSettings::new(config, annotations)?;
+    // Probe operations index the containers as they are now: they come
+    // before the classic sidecar is inserted at `/spec/containers/0`.
+    let probes = if settings.rewrite_probes {
+        probes::rewrite(containers, config.admin_port)
+    } else {
+        probes::Rewrite::default()
+    };
     if settings.exclude_probe_ports {
-        for port in probe_ports(containers) {
+        for port in probe_ports(containers, &probes) {
             if !settings.exclude_inbound_ports.contains(&port) {
                 settings.exclude_inbound_ports.push(port);
             }
@@ -112,13 +119,6 @@ pub fn mutate(
         }
     }
 
-    // Probe operations index the containers as they are now: they come
-    // before the classic sidecar is inserted at `/spec/containers/0`.
-    let probes = if settings.rewrite_probes {
-        probes::rewrite(containers, config.admin_port)
-    } else {
-        probes::Rewrite::default()
-    };
     let native = settings.native_sidecar;
     let init = template::init_container(config, &settings);
     let proxy = template::proxy_container(config, &settings, native, &probes.table);

@@ -152,8 +152,22 @@ fn probe_ports_are_excluded_only_when_asked() {
         !init_args(&out).contains("--exclude-inbound-ports"),
         "off by default"
     );
+    // Asked for, with rewriting on: the probe went to the admin port, so
+    // its port needs no exclusion (it keeps mTLS).
     pod["metadata"]["annotations"] = json!({
         "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/exclude-inbound-ports": "9090",
+    });
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        init_args(&out).contains(r#""--exclude-inbound-ports","9090""#),
+        "{}",
+        init_args(&out)
+    );
+    // ... with rewriting off, the probed port is excluded.
+    pod["metadata"]["annotations"] = json!({
+        "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/rewrite-probes": "false",
         "stepmesh.io/exclude-inbound-ports": "9090",
     });
     let out = apply(&pod, &InjectorConfig::default());
@@ -164,6 +178,7 @@ fn probe_ports_are_excluded_only_when_asked() {
     );
     let config = InjectorConfig {
         exclude_probe_ports: true,
+        rewrite_probes: false,
         ..InjectorConfig::default()
     };
     pod["metadata"]["annotations"] = json!({"stepmesh.io/exclude-probe-ports": "false"});

@@ -20,6 +20,8 @@ pub struct Rewrite {
     pub ops: Vec<PatchOp>,
     /// The originals, for the sidecar (`STEPMESH_APP_PROBES`).
     pub table: ProbeTable,
+    /// Which probes were moved: (container index, probe field).
+    pub moved: Vec<(usize, &'static str)>,
 }
 
 /// Moves each app container's `httpGet`, `tcpSocket` and `grpc` readiness,
@@ -62,6 +64,7 @@ pub fn rewrite(containers: &[Value], admin_port: u16) -> Rewrite {
                 Value::Object(rewritten),
             ));
             out.table.insert(path, original);
+            out.moved.push((index, field));
         }
     }
     out
@@ -128,13 +131,18 @@ fn original(container: &Value, probe: &Map<String, Value>) -> Option<AppProbe> {
 }
 
 /// Ports of the `httpGet`, `tcpSocket` and `grpc` readiness, liveness and
-/// startup probes of `containers`; named ports are resolved against the
-/// container's own `ports` (an unknown name is skipped: the API server
-/// refuses such a pod anyway). Sorted, without duplicates.
-pub fn probe_ports(containers: &[Value]) -> Vec<u16> {
+/// startup probes of `containers` that still aim at the app after `moved`
+/// (the probes [`rewrite`] sent to the admin port need no exclusion); named
+/// ports are resolved against the container's own `ports` (an unknown name
+/// is skipped: the API server refuses such a pod anyway). Sorted, without
+/// duplicates.
+pub fn probe_ports(containers: &[Value], moved: &Rewrite) -> Vec<u16> {
     let mut ports = Vec::new();
-    for container in containers {
+    for (index, container) in containers.iter().enumerate() {
         for (_, probe) in ProbeKind::ALL {
+            if moved.moved.contains(&(index, probe)) {
+                continue;
+            }
             for handler in PORT_HANDLERS {
                 let Some(port) = container
                     .get(probe)
@@ -190,10 +198,17 @@ mod tests {
             {"name": "c", "readinessProbe": {"exec": {"command": ["true"]}}},
             {"name": "d", "readinessProbe": {"httpGet": {"port": "7070"}}},
         ]);
-        assert_eq!(
-            probe_ports(containers.as_array().unwrap()),
-            [7070, 8080, 9000]
-        );
-        assert!(probe_ports(&[]).is_empty());
+        let containers = containers.as_array().unwrap();
+        let none = Rewrite::default();
+        assert_eq!(probe_ports(containers, &none), [7070, 8080, 9000]);
+        assert!(probe_ports(&[], &none).is_empty());
+        // Once rewritten, only the probe that could not be moved is left.
+        let moved = rewrite(containers, 15020);
+        assert_eq!(moved.moved.len(), 4);
+        assert_eq!(probe_ports(containers, &moved), Vec::<u16>::new());
+        let mut with_host = containers.to_vec();
+        with_host[2]["livenessProbe"] = json!({"tcpSocket": {"host": "db", "port": 5432}});
+        let moved = rewrite(&with_host, 15020);
+        assert_eq!(probe_ports(&with_host, &moved), [5432]);
     }
 }
