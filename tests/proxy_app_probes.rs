@@ -264,6 +264,18 @@ fn admin_runs_the_apps_probes() {
     assert_eq!(probe(admin, "/app-health/web/startupz").0, 404);
     assert_eq!(probe(admin, "/app-health/nope/readyz").0, 404);
     assert_eq!(probe(admin, "/app-health/").0, 404);
+    // Counted by admin path and result; made-up paths are not labels.
+    let count = |probe: &str, result: &str| {
+        sidecar.metric(&format!(
+            "stepmesh_app_probes_total{{probe=\"/app-health/{probe}\",result=\"{result}\"}}"
+        ))
+    };
+    assert_eq!(count("web/readyz", "healthy"), 3.0);
+    assert_eq!(count("web/readyz", "unhealthy"), 3.0);
+    assert_eq!(count("down/readyz", "unreachable"), 1.0);
+    assert_eq!(count("silent/readyz", "timeout"), 1.0);
+    assert_eq!(count("grpc/startupz", "unhealthy"), 1.0);
+    assert!(!sidecar.metrics().contains("nope/readyz"));
     // The rest of the admin server is unchanged.
     sidecar.wait_ready();
     assert_eq!(probe(admin, "/healthz").0, 200);

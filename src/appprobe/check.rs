@@ -11,6 +11,10 @@ use http::{HeaderValue, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -31,6 +35,15 @@ pub struct Prober {
     in_flight: Semaphore,
     /// For `scheme: HTTPS` (built only when the table has such a probe).
     https: Option<tokio_rustls::TlsConnector>,
+    /// `stepmesh_app_probes_total{probe, result}`.
+    results: Family<ResultLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    /// An admin path of the table (never a path a caller made up).
+    probe: String,
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Prober {
@@ -49,6 +62,9 @@ pub struct Answer {
     pub status: StatusCode,
     /// A short explanation for people reading the probe's output.
     pub detail: String,
+    /// The metric label: `healthy`, `unhealthy` (the app said so),
+    /// `unreachable`, `timeout`, `busy` or `unknown` (not in the table).
+    pub result: &'static str,
 }
 
 /// Why a probe could not get an answer from the app.
@@ -69,8 +85,15 @@ enum ProbeError {
 }
 
 impl Prober {
-    /// A prober for `table` (checked by [`super::parse`]).
-    pub fn new(table: ProbeTable) -> Self {
+    /// A prober for `table` (checked by [`super::parse`]), counting its
+    /// results in `registry`.
+    pub fn new(table: ProbeTable, registry: &mut Registry) -> Self {
+        let results = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "stepmesh_app_probes",
+            "kubelet probes of the app run by the sidecar, by admin path and result",
+            results.clone(),
+        );
         let wants_https = table
             .values()
             .any(|p| p.http_get.as_ref().is_some_and(HttpGet::is_https));
@@ -82,39 +105,40 @@ impl Prober {
             } else {
                 None
             },
+            results,
         }
-    }
-
-    /// Whether the table has no probe.
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
     }
 
     /// Runs the probe of admin path `path`; `user_agent` is kubelet's, passed on.
     pub async fn answer(&self, path: &str, user_agent: Option<&HeaderValue>) -> Answer {
         let Some(probe) = self.table.get(path) else {
-            return Answer::new(StatusCode::NOT_FOUND, "no such app probe".into());
+            return Answer::new(StatusCode::NOT_FOUND, "no such app probe".into(), "unknown");
         };
         let Ok(_permit) = self.in_flight.try_acquire() else {
-            return Answer::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many probes in flight".into(),
-            );
+            let answer = Answer::unavailable("too many probes in flight".into(), "busy");
+            self.count(path, &answer);
+            return answer;
         };
         let limit = Duration::from_secs(probe.timeout_seconds.clamp(1, MAX_TIMEOUT_SECONDS).into());
         let run = self.run(probe, user_agent);
         let answer = match tokio::time::timeout(limit, run).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => Answer::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            Err(_) => Answer::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ProbeError::Timeout(limit).to_string(),
-            ),
+            Ok(Err(e)) => Answer::unavailable(e.to_string(), "unreachable"),
+            Err(_) => Answer::unavailable(ProbeError::Timeout(limit).to_string(), "timeout"),
         };
         if !answer.status.is_success() {
             tracing::debug!(path, status = answer.status.as_u16(), detail = %answer.detail, "app probe failed");
         }
+        self.count(path, &answer);
         answer
+    }
+
+    fn count(&self, path: &str, answer: &Answer) {
+        let labels = ResultLabels {
+            probe: path.to_owned(),
+            result: answer.result,
+        };
+        self.results.get_or_create(&labels).inc();
     }
 
     async fn run(
@@ -126,14 +150,14 @@ impl Prober {
             let status = self.http(h, user_agent).await?;
             let code = status.as_u16();
             return Ok(if (200..400).contains(&code) {
-                Answer::new(StatusCode::OK, format!("app answered {code}"))
+                Answer::healthy(format!("app answered {code}"))
             } else {
-                Answer::new(status, format!("app answered {code}"))
+                Answer::new(status, format!("app answered {code}"), "unhealthy")
             });
         }
         if let Some(t) = &probe.tcp_socket {
             connect(t.port).await?;
-            return Ok(Answer::new(StatusCode::OK, format!("port {} open", t.port)));
+            return Ok(Answer::healthy(format!("port {} open", t.port)));
         }
         if let Some(g) = &probe.grpc {
             return grpc(g).await;
@@ -142,6 +166,7 @@ impl Prober {
         Ok(Answer::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "probe without a handler".into(),
+            "unreachable",
         ))
     }
 
@@ -163,8 +188,20 @@ impl Prober {
 }
 
 impl Answer {
-    fn new(status: StatusCode, detail: String) -> Self {
-        Self { status, detail }
+    fn new(status: StatusCode, detail: String, result: &'static str) -> Self {
+        Self {
+            status,
+            detail,
+            result,
+        }
+    }
+
+    fn healthy(detail: String) -> Self {
+        Self::new(StatusCode::OK, detail, "healthy")
+    }
+
+    fn unavailable(detail: String, result: &'static str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, detail, result)
     }
 }
 
@@ -246,12 +283,9 @@ async fn grpc(g: &Grpc) -> Result<Answer, ProbeError> {
         .map_err(|status| ProbeError::Grpc(format!("{}: {}", status.code(), status.message())))?;
     let serving = response.into_inner().status();
     Ok(if serving == ServingStatus::Serving {
-        Answer::new(StatusCode::OK, "SERVING".into())
+        Answer::healthy("SERVING".into())
     } else {
-        Answer::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serving.as_str_name().to_owned(),
-        )
+        Answer::unavailable(serving.as_str_name().to_owned(), "unhealthy")
     })
 }
 

@@ -46,7 +46,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
         .transpose()
         .config_err()?;
-    let probes = app_probes(args.app_probes.as_deref())?;
+    let probe_table = app_probes(args.app_probes.as_deref())?;
 
     let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
     let provider = tls::provider();
@@ -68,6 +68,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
+    let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
@@ -202,7 +203,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
 /// The `--app-probes` table (none when absent or blank); a malformed one is
 /// a configuration error naming the entry and field.
-fn app_probes(json: Option<&str>) -> anyhow::Result<crate::appprobe::Prober> {
+fn app_probes(json: Option<&str>) -> anyhow::Result<crate::appprobe::ProbeTable> {
     let table = match json.map(str::trim) {
         None | Some("") => Default::default(),
         Some(json) => crate::appprobe::parse(json)
@@ -212,5 +213,5 @@ fn app_probes(json: Option<&str>) -> anyhow::Result<crate::appprobe::Prober> {
     if !table.is_empty() {
         tracing::info!(probes = table.len(), "app probes served on the admin port");
     }
-    Ok(crate::appprobe::Prober::new(table))
+    Ok(table)
 }
