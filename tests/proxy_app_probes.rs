@@ -276,8 +276,15 @@ fn admin_runs_the_apps_probes() {
     assert_eq!(count("silent/readyz", "timeout"), 1.0);
     assert_eq!(count("grpc/startupz", "unhealthy"), 1.0);
     assert!(!sidecar.metrics().contains("nope/readyz"));
-    // The rest of the admin server is unchanged.
+    // The rest of the admin server is unchanged; /config lists the probes.
     sidecar.wait_ready();
+    let config = sidecar.config();
+    let listed = config["app_probes"].as_array().unwrap();
+    assert_eq!(listed.len(), 9, "{config}");
+    assert!(
+        listed.contains(&json!("/app-health/grpc/livez")),
+        "{config}"
+    );
     assert_eq!(probe(admin, "/healthz").0, 200);
 }
 

@@ -68,6 +68,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
+    let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
@@ -116,6 +117,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                     "policy_mode": policy.as_ref().map(|p| format!("{:?}", p.mode()).to_lowercase()),
                     "listeners": infos.get(),
                     "draining": draining.load(Ordering::Acquire),
+                    "app_probes": probe_paths,
                 })
             })
         },
