@@ -1,5 +1,7 @@
-//! The sidecar's admin server: `/healthz`, `/ready`, `/metrics`, `/config`.
-//! Plain HTTP/1.1 on a separate listener, off the data path.
+//! The sidecar's admin server: `/healthz`, `/ready`, `/metrics`, `/config`,
+//! and kubelet's rewritten app probes on `/app-health/...` (run by
+//! [`crate::appprobe`]). Plain HTTP/1.1 on a separate listener, off the
+//! data path.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::appprobe::PATH_PREFIX;
+
 /// What the admin endpoints read; built once the registry is complete.
 pub struct AdminState {
     /// The process's frozen metrics registry.
@@ -19,6 +23,8 @@ pub struct AdminState {
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
     /// `/config`: the running configuration as JSON.
     pub config: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// `/app-health/...`: the app's original probes (`--app-probes`).
+    pub probes: crate::appprobe::Prober,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -43,7 +49,18 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                async move {
+                    let probe = req.uri().path().starts_with(PATH_PREFIX)
+                        && (req.method() == Method::GET || req.method() == Method::HEAD);
+                    if !probe {
+                        return Ok::<_, Infallible>(respond(&state, &req));
+                    }
+                    // Not gated on /ready: the app's health is the app's, and
+                    // a CA outage must not make kubelet restart the app.
+                    let ua = req.headers().get(http::header::USER_AGENT);
+                    let answer = state.probes.answer(req.uri().path(), ua).await;
+                    Ok(text(answer.status, answer.detail + "\n"))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);

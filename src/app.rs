@@ -1,8 +1,11 @@
-//! Wiring: turns a parsed command line into a running part.
+//! Wiring: turns a parsed command line into a running part. Errors come
+//! back to `main`, which exits 64 for configuration errors (marked with
+//! [`crate::exit`]) and 1 for failed runs.
 
 use anyhow::Context;
 
 use crate::cli::{Cli, Command};
+use crate::exit::ConfigResult as _;
 
 /// Runs the chosen subcommand to completion.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -14,8 +17,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(cmd) => multi_thread()?.block_on(crate::ca_cmd::run(cmd)),
         Command::Init(args) => crate::init::run(args),
         Command::Inject(args) => multi_thread()?.block_on(crate::inject::run(args)),
-        Command::Policy(cmd) => multi_thread()?.block_on(crate::policy::run(cmd)),
-        Command::Cert(cmd) => crate::cert_cmd::run(cmd),
+        // The policy and cert tools only read the files and flags they are
+        // given: whatever fails is that input (exit 64).
+        Command::Policy(cmd) => multi_thread()?
+            .block_on(crate::policy::run(cmd))
+            .config_err(),
+        Command::Cert(cmd) => crate::cert_cmd::run(cmd).config_err(),
         Command::Demo(args) => multi_thread()?.block_on(crate::demo::run(args)),
     }
 }

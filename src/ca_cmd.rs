@@ -11,6 +11,8 @@ use stepmesh_ca::server::{self, CaConfig};
 use stepmesh_ca::spiffe_id::TrustDomain;
 use stepmesh_ca::store::Mode;
 
+use crate::exit::{self, ConfigResult as _};
+
 /// `stepmesh ca` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -189,12 +191,28 @@ pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 async fn serve(args: CaServeArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
-    let ca = server::start(config).await.context("starting the CA")?;
+    let config = args.to_config().config_err()?;
+    let ca = server::start(config)
+        .await
+        .map_err(exit_class)
+        .context("starting the CA")?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     ca.shutdown().await;
     Ok(())
+}
+
+/// Flags and the files they name are configuration (exit 64); a port in use
+/// or a failure to make a key is a failed run (exit 1).
+fn exit_class(err: server::StartError) -> anyhow::Error {
+    use server::StartError;
+    use stepmesh_ca::store::StoreError;
+    match err {
+        StartError::Config(_)
+        | StartError::Store(StoreError::Io { .. } | StoreError::Invalid { .. })
+        | StartError::Tls(stepmesh_ca::tls::TlsError::Issue(_)) => exit::config(err),
+        other => other.into(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -5,12 +5,14 @@
 pub mod accesslog;
 pub mod admin;
 pub mod app;
+pub mod appprobe;
 pub mod ca_cmd;
 pub mod cert_cmd;
 pub mod cidr;
 pub mod cli;
 pub mod demo;
 pub mod drain;
+pub mod exit;
 pub mod http;
 pub mod identity;
 pub mod init;

@@ -12,7 +12,8 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line, the whole cause chain: what an operator reads at 3 a.m.
             eprintln!("stepmesh: {err:#}");
-            ExitCode::from(1)
+            // 64 for a configuration error, 1 for a failed run (src/exit.rs).
+            ExitCode::from(stepmesh::exit::code(&err))
         }
     }
 }

@@ -21,10 +21,11 @@ mod common;
 mod inject_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +55,11 @@ spec:
   containers:
     - name: app
       image: registry.k8s.io/pause:3.10
-      ports: [{containerPort: 8080}]
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe:
+        httpGet: {path: /healthz, port: http}
+        periodSeconds: 2
+        timeoutSeconds: 3
 ";
 
 fn repo(path: &str) -> PathBuf {
@@ -358,6 +363,13 @@ fn injected_pod_starts_in_a_network_namespace() {
         .args(&argv);
     let mut proxy = Proxy::spawn(cmd, &pod.proxy_env(&Link::B_IP.to_string()));
 
+    // The app: plain HTTP on 0.0.0.0:8080 in the pod, answering `status`.
+    let status = Arc::new(AtomicU16::new(200));
+    let app = link
+        .b
+        .enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 8080)).unwrap());
+    serve_status(app, status.clone());
+
     // kubelet's readiness probe: the pod IP, the probe's port, from outside.
     let probe = &pod.proxy["readinessProbe"]["httpGet"];
     let port = probe["port"].as_u64().unwrap() as u16;
@@ -373,6 +385,39 @@ fn injected_pod_starts_in_a_network_namespace() {
     // the init container's --proxy-uid; otherwise it would have been sent
     // back to the proxy's own outbound port): the CA issued over the veth.
     ca.wait_audit(|a| a["outcome"] == "issued" && a["identity"] == ID);
+
+    // The app's own readiness probe, as kubelet runs it after injection:
+    // the rewritten probe's port and path on the pod IP, from the node
+    // side. The sidecar runs the original against the app over localhost.
+    let rewritten = &pod.spec["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!(rewritten["path"], "/app-health/app/readyz");
+    let path = rewritten["path"].as_str().unwrap();
+    let admin = SocketAddr::from((Link::B_IP, rewritten["port"].as_u64().unwrap() as u16));
+    let (code, body) = get(Some(&link.a), admin, path).unwrap();
+    assert_eq!(code, 200, "{body}");
+    status.store(500, Ordering::SeqCst);
+    assert_eq!(get(Some(&link.a), admin, path).unwrap().0, 500);
+    // Without the rewrite, kubelet's plaintext probe of the app port meets
+    // the sidecar's mTLS inbound: no HTTP answer at all.
+    let direct = SocketAddr::from((Link::B_IP, 8080));
+    assert_eq!(get(Some(&link.a), direct, "/healthz"), None);
+}
+
+/// A plain HTTP app answering every request with `status`.
+fn serve_status(listener: TcpListener, status: Arc<AtomicU16>) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+            let code = status.load(Ordering::SeqCst);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
 }
 
 #[test]

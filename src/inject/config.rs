@@ -89,6 +89,10 @@ pub struct InjectorConfig {
     /// plaintext probes reach the app. Off: those ports then also accept
     /// plaintext from anyone, bypassing mTLS (docs/INJECT.md).
     pub exclude_probe_ports: bool,
+    /// Move the app containers' HTTP, TCP and gRPC probes to the sidecar's
+    /// admin port (`/app-health/...`), which runs them against the app over
+    /// localhost; mTLS stays on for every app port (docs/INJECT.md).
+    pub rewrite_probes: bool,
 }
 
 /// Requests and limits of one container.
@@ -136,6 +140,7 @@ impl Default for InjectorConfig {
             exclude_outbound_cidrs: Vec::new(),
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
             exclude_probe_ports: false,
+            rewrite_probes: true,
         }
     }
 }

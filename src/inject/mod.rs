@@ -23,6 +23,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use self::config::InjectorConfig;
+use crate::exit::{self, ConfigResult as _};
 
 /// Flags of `stepmesh inject`.
 #[derive(Debug, Args)]
@@ -75,11 +76,15 @@ pub struct ServeArgs {
 
 /// Runs the webhook or offline injection.
 pub async fn run(args: InjectArgs) -> anyhow::Result<()> {
-    let config = InjectorConfig::load(args.config.as_deref())?;
+    let config = InjectorConfig::load(args.config.as_deref()).config_err()?;
     match (args.command, args.file) {
         (Some(InjectCommand::Serve(serve)), _) => run_server(serve, config).await,
-        (None, Some(file)) => run_offline(&file, &config),
-        (None, None) => anyhow::bail!("give -f FILE (or -f - for stdin), or `serve`"),
+        // Everything offline injection reads is the operator's input: a
+        // failure is theirs to fix (exit 64).
+        (None, Some(file)) => run_offline(&file, &config).config_err(),
+        (None, None) => Err(exit::config(anyhow::anyhow!(
+            "give -f FILE (or -f - for stdin), or `serve`"
+        ))),
     }
 }
 
@@ -102,7 +107,7 @@ fn run_offline(file: &std::path::Path, config: &InjectorConfig) -> anyhow::Resul
 }
 
 async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<()> {
-    let cert = tls::ReloadingCert::load(&args.cert, &args.key)?;
+    let cert = tls::ReloadingCert::load(&args.cert, &args.key).config_err()?;
     let tls_config = tls::server_config(cert.clone())?;
     let limits = server::Limits {
         max_body: args.max_body_bytes,

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use super::config::InjectorConfig;
 use super::overrides::{self as ann, BadAnnotation, PodSettings};
 use super::patch::{escape, PatchOp};
-use super::probes::probe_ports;
+use super::probes::{self, probe_ports};
 use super::template::{self, INIT_NAME, PROXY_NAME, VOLUMES};
 
 /// Why a pod was left alone.
@@ -97,8 +97,15 @@ pub fn mutate(
         return Ok(Mutation::Skipped(skip));
     }
     let mut settings = PodSettings::new(config, annotations)?;
+    // Probe operations index the containers as they are now: they come
+    // before the classic sidecar is inserted at `/spec/containers/0`.
+    let probes = if settings.rewrite_probes {
+        probes::rewrite(containers, config.admin_port)
+    } else {
+        probes::Rewrite::default()
+    };
     if settings.exclude_probe_ports {
-        for port in probe_ports(containers) {
+        for port in probe_ports(containers, &probes) {
             if !settings.exclude_inbound_ports.contains(&port) {
                 settings.exclude_inbound_ports.push(port);
             }
@@ -114,8 +121,9 @@ pub fn mutate(
 
     let native = settings.native_sidecar;
     let init = template::init_container(config, &settings);
-    let proxy = template::proxy_container(config, &settings, native);
-    let mut ops = Vec::with_capacity(12);
+    let proxy = template::proxy_container(config, &settings, native, &probes.table);
+    let mut ops = probes.ops;
+    ops.reserve(12);
 
     // Order matters: the iptables init first; with native sidecars the proxy
     // next, so the app's own init containers already run in the mesh.

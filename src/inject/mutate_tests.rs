@@ -152,8 +152,22 @@ fn probe_ports_are_excluded_only_when_asked() {
         !init_args(&out).contains("--exclude-inbound-ports"),
         "off by default"
     );
+    // Asked for, with rewriting on: the probe went to the admin port, so
+    // its port needs no exclusion (it keeps mTLS).
     pod["metadata"]["annotations"] = json!({
         "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/exclude-inbound-ports": "9090",
+    });
+    let out = apply(&pod, &InjectorConfig::default());
+    assert!(
+        init_args(&out).contains(r#""--exclude-inbound-ports","9090""#),
+        "{}",
+        init_args(&out)
+    );
+    // ... with rewriting off, the probed port is excluded.
+    pod["metadata"]["annotations"] = json!({
+        "stepmesh.io/exclude-probe-ports": "true",
+        "stepmesh.io/rewrite-probes": "false",
         "stepmesh.io/exclude-inbound-ports": "9090",
     });
     let out = apply(&pod, &InjectorConfig::default());
@@ -164,6 +178,7 @@ fn probe_ports_are_excluded_only_when_asked() {
     );
     let config = InjectorConfig {
         exclude_probe_ports: true,
+        rewrite_probes: false,
         ..InjectorConfig::default()
     };
     pod["metadata"]["annotations"] = json!({"stepmesh.io/exclude-probe-ports": "false"});
@@ -333,4 +348,153 @@ fn check(before: &Value, after: &Value, native: bool) {
     );
     let app = names(&after["spec"]["containers"]);
     assert_eq!(app.last(), Some(&"app"));
+}
+
+/// An app with every kind of probe: HTTP on a named port with headers,
+/// TCP, gRPC, exec (never moved) and an HTTP probe with a host (not moved).
+fn probed() -> Value {
+    json!({"metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "web", "image": "x",
+         "ports": [{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 9090}],
+         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http", "scheme": "HTTP",
+                            "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                            "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4,
+                            "successThreshold": 1, "initialDelaySeconds": 5},
+         "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 10},
+         "startupProbe": {"grpc": {"port": 9090, "service": "web"}, "failureThreshold": 30}},
+        {"name": "worker", "image": "y",
+         "readinessProbe": {"exec": {"command": ["true"]}},
+         "livenessProbe": {"httpGet": {"host": "example.com", "path": "/", "port": 80}}},
+    ]}})
+}
+
+fn probe_table(out: &Value, native: bool) -> Option<Value> {
+    let proxy = if native {
+        &out["spec"]["initContainers"][1]
+    } else {
+        &out["spec"]["containers"][0]
+    };
+    assert_eq!(proxy["name"], PROXY_NAME);
+    let env = proxy["env"].as_array().unwrap();
+    let value = env
+        .iter()
+        .find(|e| e["name"] == "STEPMESH_APP_PROBES")?
+        .get("value")?
+        .as_str()?;
+    // Exactly what the sidecar accepts.
+    crate::appprobe::parse(value).unwrap();
+    Some(serde_json::from_str(value).unwrap())
+}
+
+#[test]
+fn probes_move_to_the_admin_port_and_the_originals_to_the_sidecar() {
+    for native in [true, false] {
+        let config = InjectorConfig {
+            native_sidecar: native,
+            ..InjectorConfig::default()
+        };
+        let out = apply(&probed(), &config);
+        let web = out["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "web")
+            .unwrap();
+        assert_eq!(
+            web["readinessProbe"],
+            json!({"httpGet": {"path": "/app-health/web/readyz", "port": 15020, "scheme": "HTTP"},
+                   "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4,
+                   "successThreshold": 1, "initialDelaySeconds": 5}),
+            "timing kept, handler replaced"
+        );
+        assert_eq!(
+            web["livenessProbe"],
+            json!({"httpGet": {"path": "/app-health/web/livez", "port": 15020, "scheme": "HTTP"},
+                   "periodSeconds": 10})
+        );
+        assert_eq!(
+            web["startupProbe"],
+            json!({"httpGet": {"path": "/app-health/web/startupz", "port": 15020, "scheme": "HTTP"},
+                   "failureThreshold": 30})
+        );
+        let table = probe_table(&out, native).unwrap();
+        assert_eq!(
+            table,
+            json!({
+                "/app-health/web/readyz": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP",
+                    "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 2},
+                "/app-health/web/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+                "/app-health/web/startupz": {"grpc": {"port": 9090, "service": "web"}, "timeoutSeconds": 1},
+            }),
+            "named port resolved; exec and host probes not in the table"
+        );
+        let worker = out["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "worker")
+            .unwrap();
+        assert_eq!(
+            worker["readinessProbe"],
+            probed()["spec"]["containers"][1]["readinessProbe"]
+        );
+        assert_eq!(
+            worker["livenessProbe"],
+            probed()["spec"]["containers"][1]["livenessProbe"]
+        );
+        assert_eq!(
+            mutate(&out, &config, "apps").unwrap(),
+            Mutation::Skipped(Skip::AlreadyInjected)
+        );
+    }
+}
+
+#[test]
+fn probe_rewriting_is_switched_off_by_annotation_or_config() {
+    let original = probed()["spec"]["containers"].clone();
+    let mut pod = probed();
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/rewrite-probes": "false"});
+    let out = apply(&pod, &InjectorConfig::default());
+    assert_eq!(
+        out["spec"]["containers"], original,
+        "app containers untouched"
+    );
+    assert_eq!(probe_table(&out, true), None);
+
+    let off = InjectorConfig {
+        rewrite_probes: false,
+        ..InjectorConfig::default()
+    };
+    let out = apply(&probed(), &off);
+    assert_eq!(out["spec"]["containers"], original);
+    assert_eq!(probe_table(&out, true), None);
+    // ... and the annotation turns it back on.
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/rewrite-probes": "true"});
+    let out = apply(&pod, &off);
+    assert!(probe_table(&out, true).is_some());
+
+    // Nothing to rewrite: no env entry at all.
+    assert_eq!(
+        probe_table(&apply(&bare(), &InjectorConfig::default()), true),
+        None
+    );
+
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/rewrite-probes": "no"});
+    let err = mutate(&pod, &InjectorConfig::default(), "a")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stepmesh.io/rewrite-probes"), "{err}");
+}
+
+#[test]
+fn probes_the_sidecar_would_refuse_are_left_alone() {
+    let mut pod = bare();
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/", "port": "nope"}});
+    pod["spec"]["containers"][0]["livenessProbe"] =
+        json!({"httpGet": {"path": "/", "port": 8080, "scheme": "FTP"}});
+    pod["spec"]["containers"][0]["startupProbe"] = json!({"tcpSocket": {"port": 0}});
+    let out = apply(&pod, &InjectorConfig::default());
+    assert_eq!(out["spec"]["containers"], pod["spec"]["containers"]);
+    assert_eq!(probe_table(&out, true), None);
 }

@@ -28,6 +28,8 @@ pub const EXCLUDE_OUTBOUND_PORTS: &str = "stepmesh.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "stepmesh.io/exclude-outbound-cidrs";
 /// `"true"`/`"false"`: leave the app's probe ports out of interception.
 pub const EXCLUDE_PROBE_PORTS: &str = "stepmesh.io/exclude-probe-ports";
+/// `"true"`/`"false"`: move the app's probes to the sidecar's admin port.
+pub const REWRITE_PROBES: &str = "stepmesh.io/rewrite-probes";
 /// Sidecar CPU request.
 pub const CPU_REQUEST: &str = "stepmesh.io/proxy-cpu-request";
 /// Sidecar CPU limit.
@@ -66,6 +68,8 @@ pub struct PodSettings {
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// Add the app's probe ports to the inbound exclusions.
     pub exclude_probe_ports: bool,
+    /// Rewrite the app's probes to the sidecar's admin port.
+    pub rewrite_probes: bool,
     /// Sidecar resources.
     pub resources: Resources,
     /// Sidecar log filter.
@@ -98,24 +102,24 @@ impl PodSettings {
             // Checked when the configuration was loaded; a bad entry is dropped.
             exclude_outbound_cidrs: config.cidrs().unwrap_or_default(),
             exclude_probe_ports: config.exclude_probe_ports,
+            rewrite_probes: config.rewrite_probes,
             resources: config.resources.clone(),
             log_level: config.log_level.clone(),
             policy_config_map: config.policy_config_map.clone(),
         };
         let get = |key| ann.get(key).map(text);
-        if let Some(v) = get(NATIVE_SIDECAR) {
-            s.native_sidecar = match v {
-                "true" => true,
-                "false" => false,
-                other => return Err(bad(NATIVE_SIDECAR, other, "is not true or false")),
-            };
-        }
-        if let Some(v) = get(EXCLUDE_PROBE_PORTS) {
-            s.exclude_probe_ports = match v {
-                "true" => true,
-                "false" => false,
-                other => return Err(bad(EXCLUDE_PROBE_PORTS, other, "is not true or false")),
-            };
+        for (key, slot) in [
+            (NATIVE_SIDECAR, &mut s.native_sidecar),
+            (EXCLUDE_PROBE_PORTS, &mut s.exclude_probe_ports),
+            (REWRITE_PROBES, &mut s.rewrite_probes),
+        ] {
+            if let Some(v) = get(key) {
+                *slot = match v {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(bad(key, other, "is not true or false")),
+                };
+            }
         }
         if let Some(v) = get(EXCLUDE_INBOUND_PORTS) {
             s.exclude_inbound_ports
@@ -254,6 +258,7 @@ mod tests {
                 EXCLUDE_OUTBOUND_CIDRS,
             ),
             (json!({NATIVE_SIDECAR: "yes"}), NATIVE_SIDECAR),
+            (json!({REWRITE_PROBES: "off"}), REWRITE_PROBES),
             (json!({CPU_REQUEST: "lots"}), CPU_REQUEST),
             (json!({LOG_LEVEL: "info\" --evil"}), LOG_LEVEL),
             (json!({POLICY_CONFIG_MAP: "Bad_Name"}), POLICY_CONFIG_MAP),

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use super::config::InjectorConfig;
 use super::overrides::PodSettings;
+use crate::appprobe::{self, ProbeTable};
 
 /// Name of the init container that runs `stepmesh init`.
 pub const INIT_NAME: &str = "stepmesh-init";
@@ -82,7 +83,14 @@ pub fn init_container(config: &InjectorConfig, s: &PodSettings) -> Value {
 
 /// The sidecar. As a native sidecar it carries `restartPolicy: Always` and a
 /// startup probe, so the containers after it wait until it is ready.
-pub fn proxy_container(config: &InjectorConfig, s: &PodSettings, native: bool) -> Value {
+/// `probes` are the app's rewritten probes, handed over in
+/// `STEPMESH_APP_PROBES` (absent when empty).
+pub fn proxy_container(
+    config: &InjectorConfig,
+    s: &PodSettings,
+    native: bool,
+    probes: &ProbeTable,
+) -> Value {
     let admin = config.admin_port;
     let field = |path: &str| json!({"fieldRef": {"apiVersion": "v1", "fieldPath": path}});
     let probe = |path: &str, period: u32, failures: u32| {
@@ -139,6 +147,13 @@ pub fn proxy_container(config: &InjectorConfig, s: &PodSettings, native: bool) -
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
+    if !probes.is_empty() {
+        // A map of plain structs always serializes.
+        let table = serde_json::to_string(probes).unwrap_or_default();
+        if let Some(env) = c.get_mut("env").and_then(Value::as_array_mut) {
+            env.push(json!({"name": appprobe::ENV, "value": table}));
+        }
+    }
     if native {
         // Object literal above: the index cannot fail.
         if let Some(obj) = c.as_object_mut() {

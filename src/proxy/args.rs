@@ -59,6 +59,12 @@ pub struct ProxyArgs {
     /// Admin address: /healthz, /ready, /metrics, /config.
     #[arg(long, default_value = "127.0.0.1:15020", env = "STEPMESH_ADMIN")]
     pub admin: SocketAddr,
+    /// kubelet probes to run against the app, as a JSON probe table (the
+    /// injector sets it): `{"/app-health/<container>/<readyz|livez|startupz>":
+    /// {"httpGet"|"tcpSocket"|"grpc": {...}, "timeoutSeconds": N}}`, served on
+    /// the admin port. A malformed table stops the sidecar at start (exit 64).
+    #[arg(long, env = "STEPMESH_APP_PROBES")]
+    pub app_probes: Option<String>,
     /// How long in-flight connections may finish after SIGTERM.
     #[arg(long, value_parser = parse_duration, default_value = "5s", env = "STEPMESH_DRAIN_TIMEOUT")]
     pub drain_timeout: Duration,

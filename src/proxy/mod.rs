@@ -21,7 +21,11 @@ use crate::identity::IdentitySource;
 /// or work stealing to pay for.
 pub fn runtime(args: &ProxyArgs) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = match args.workers {
-        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(0) => {
+            return Err(crate::exit::config(anyhow::anyhow!(
+                "--workers must be at least 1"
+            )))
+        }
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(workers) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();

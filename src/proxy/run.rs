@@ -16,6 +16,7 @@ use super::launch::ListenerInfo;
 use crate::accesslog::AccessLog;
 use crate::admin::AdminState;
 use crate::drain;
+use crate::exit::{self, ConfigResult as _};
 use crate::identity::store::CertStore;
 use crate::metrics::{IdentityMetrics, ProxyMetrics};
 use crate::policy::{Policy, PolicyWatch};
@@ -23,8 +24,12 @@ use crate::tls;
 
 /// Runs the sidecar until SIGTERM/SIGINT and the drain end.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    // Everything the flags say is checked before anything starts; a bad
+    // value is a configuration error (exit 64).
     if args.inbound.is_empty() && args.outbound.is_empty() && !args.transparent {
-        anyhow::bail!("no listener: give --inbound, --outbound or --transparent");
+        return Err(exit::config(anyhow::anyhow!(
+            "no listener: give --inbound, --outbound or --transparent"
+        )));
     }
     let expected: Vec<SpiffeIdPattern> = args
         .outbound
@@ -33,12 +38,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             SpiffeIdPattern::parse(&o.expected_id)
                 .with_context(|| format!("--outbound SPIFFE_ID {:?}", o.expected_id))
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<_>>()
+        .config_err()?;
     let trust_domain: Option<TrustDomain> = args
         .trust_domain
         .as_deref()
         .map(|td| td.parse().with_context(|| format!("--trust-domain {td:?}")))
-        .transpose()?;
+        .transpose()
+        .config_err()?;
+    let probe_table = app_probes(args.app_probes.as_deref())?;
 
     let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
     let provider = tls::provider();
@@ -48,7 +56,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let watched_policy = match &args.policy {
         Some(path) => Some(
             PolicyWatch::start(path.clone(), &mut registry)
-                .with_context(|| format!("--policy {}", path.display()))?,
+                .with_context(|| format!("--policy {}", path.display()))
+                .config_err()?,
         ),
         None => None,
     };
@@ -59,11 +68,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
+    let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
+    let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
     // Identity first: nothing can be served without an SVID.
-    let source = super::identity_source(&args)?;
+    let source = super::identity_source(&args).config_err()?;
     tokio::spawn(source.run(store.clone(), identity_metrics));
 
     let listeners_up = Arc::new(AtomicBool::new(false));
@@ -106,9 +117,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                     "policy_mode": policy.as_ref().map(|p| format!("{:?}", p.mode()).to_lowercase()),
                     "listeners": infos.get(),
                     "draining": draining.load(Ordering::Acquire),
+                    "app_probes": probe_paths,
                 })
             })
         },
+        probes,
     });
     tracing::info!(admin = %admin.local_addr()?, "admin listening");
     tokio::spawn(crate::admin::serve(admin, admin_state));
@@ -186,4 +199,19 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let log = shared.access_log.clone();
     let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
     Ok(())
+}
+
+/// The `--app-probes` table (none when absent or blank); a malformed one is
+/// a configuration error naming the entry and field.
+fn app_probes(json: Option<&str>) -> anyhow::Result<crate::appprobe::ProbeTable> {
+    let table = match json.map(str::trim) {
+        None | Some("") => Default::default(),
+        Some(json) => crate::appprobe::parse(json)
+            .context("--app-probes")
+            .config_err()?,
+    };
+    if !table.is_empty() {
+        tracing::info!(probes = table.len(), "app probes served on the admin port");
+    }
+    Ok(table)
 }
