@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::RequestRecord;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
@@ -24,6 +26,16 @@ struct DirectionLabel {
 fn latency() -> Histogram {
     // 100 µs .. ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// The request series a connection counted last (see
+/// [`HttpMetrics::request_cached`]).
+#[derive(Debug, Default)]
+pub(crate) struct LastSeries {
+    key: Option<(String, &'static str, u16)>,
+    direction: &'static str,
+    port: u16,
+    counter: Counter,
 }
 
 /// The HTTP layer's metric families.
@@ -69,6 +81,48 @@ impl HttpMetrics {
         m
     }
 
+    /// Counts one request in the series `last` holds, looking the series up
+    /// only when it differs from the connection's previous request (most
+    /// requests of a connection share one: one atomic add, no lookup).
+    pub(crate) fn request_cached(&self, last: &mut LastSeries, r: &RequestRecord, secs: f64) {
+        let (direction, port, decision, status) = (r.direction, r.port, r.decision, r.status);
+        let route = r.route.as_deref().unwrap_or("");
+        let hit = last
+            .key
+            .as_ref()
+            .is_some_and(|(r, d, s)| r == route && *d == decision && *s == status)
+            && last.direction == direction
+            && last.port == port;
+        if !hit {
+            last.counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    direction,
+                    port,
+                    route: route.to_owned(),
+                    decision,
+                    status,
+                })
+                .clone();
+            last.key = Some((route.to_owned(), decision, status));
+            last.direction = direction;
+            last.port = port;
+        }
+        last.counter.inc();
+        self.observe(direction, secs);
+    }
+
+    fn observe(&self, direction: &'static str, secs: f64) {
+        match direction {
+            "inbound" => self.inbound.observe(secs),
+            "outbound" => self.outbound.observe(secs),
+            _ => self
+                .latency
+                .get_or_create(&DirectionLabel { direction })
+                .observe(secs),
+        }
+    }
+
     /// Counts one finished request.
     pub fn request(
         &self,
@@ -88,13 +142,58 @@ impl HttpMetrics {
                 status,
             })
             .inc();
-        match direction {
-            "inbound" => self.inbound.observe(secs),
-            "outbound" => self.outbound.observe(secs),
-            _ => self
-                .latency
-                .get_or_create(&DirectionLabel { direction })
-                .observe(secs),
+        self.observe(direction, secs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(route: Option<&str>, decision: &'static str, status: u16) -> RequestRecord {
+        RequestRecord {
+            direction: "inbound",
+            port: 80,
+            route: route.map(str::to_owned),
+            decision,
+            status,
+            ..RequestRecord::default()
         }
+    }
+
+    fn exposition(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_cached_series_counts_like_a_looked_up_one() {
+        let mut registry = Registry::default();
+        let m = HttpMetrics::register(&mut registry);
+        let mut last = LastSeries::default();
+        for _ in 0..3 {
+            m.request_cached(&mut last, &record(None, "allow", 200), 0.001);
+        }
+        let denied = record(Some("refunds"), "deny", 401);
+        m.request_cached(&mut last, &denied, 0.001);
+        m.request_cached(&mut last, &record(None, "allow", 200), 0.001);
+        m.request("inbound", 80, "", "allow", 200, 0.001);
+        let text = exposition(&registry);
+        let line = |route: &str, decision: &str, status: u16| {
+            let wanted = format!(
+                "stepmesh_http_requests_total{{direction=\"inbound\",port=\"80\",route=\"{route}\",decision=\"{decision}\",status=\"{status}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&wanted))
+                .unwrap_or_else(|| panic!("no {wanted} in\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(line("", "allow", 200), "5");
+        assert_eq!(line("refunds", "deny", 401), "1");
+        assert!(
+            text.contains("stepmesh_http_request_duration_seconds_count{direction=\"inbound\"} 6"),
+            "{text}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
 
+use super::metrics::LastSeries;
 use super::{HttpMetrics, ProxyBody};
 
 /// One request's record.
@@ -149,11 +150,7 @@ impl Exchange {
         decision: &'static str,
         reason: &'static str,
     ) {
-        let secs = self.started.elapsed().as_secs_f64();
-        self.record.status = status.as_u16();
-        self.record.decision = decision;
-        self.record.reason = reason;
-        self.record.headers_ms = secs * 1000.0;
+        let secs = self.decide(status, decision, reason);
         let r = &self.record;
         self.metrics.request(
             r.direction,
@@ -163,6 +160,33 @@ impl Exchange {
             r.status,
             secs,
         );
+    }
+
+    /// As [`Exchange::decided`], for a connection that keeps its last
+    /// series in `last`.
+    pub(crate) fn decided_in(
+        &mut self,
+        last: &mut LastSeries,
+        status: http::StatusCode,
+        decision: &'static str,
+        reason: &'static str,
+    ) {
+        let secs = self.decide(status, decision, reason);
+        self.metrics.request_cached(last, &self.record, secs);
+    }
+
+    fn decide(
+        &mut self,
+        status: http::StatusCode,
+        decision: &'static str,
+        reason: &'static str,
+    ) -> f64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.record.status = status.as_u16();
+        self.record.decision = decision;
+        self.record.reason = reason;
+        self.record.headers_ms = secs * 1000.0;
+        secs
     }
 
     /// The response is decided: counts the request metric now, and returns

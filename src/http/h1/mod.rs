@@ -32,6 +32,7 @@ use self::buf::Buf;
 pub(crate) use self::message::RequestHead;
 use self::message::{Framing, HeadError, ResponseHead};
 use super::headers::strip_hop_by_hop;
+use super::metrics::LastSeries;
 use super::record::Exchange;
 use super::{Local, Verdict};
 
@@ -182,6 +183,7 @@ where
         idle: Idle::new(idle),
         done: Relayed::default(),
         draining: false,
+        series: LastSeries::default(),
     };
     let mut upstream = upstream;
     tokio::pin!(drain);
@@ -190,7 +192,7 @@ where
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(fail) => {
-                r.fail(client, fail).await;
+                Box::pin(r.fail(client, fail)).await;
                 break;
             }
         };
@@ -199,7 +201,7 @@ where
             Ok(true) => continue,
             Ok(false) => break,
             Err(fail) => {
-                r.fail(client, fail).await;
+                Box::pin(r.fail(client, fail)).await;
                 break;
             }
         }
@@ -221,6 +223,8 @@ struct Relay<'s, S> {
     done: Relayed,
     /// Draining: close after the response in flight.
     draining: bool,
+    /// The request-metric series of the last answer.
+    series: LastSeries,
 }
 
 impl<S: Side> Relay<'_, S> {
@@ -315,12 +319,12 @@ impl<S: Side> Relay<'_, S> {
                 "connect",
                 "CONNECT is not supported\n",
             );
-            return self.answer(client, x, &head, local, true).await;
+            return Box::pin(self.answer(client, x, &head, local, true)).await;
         }
         let (decision, reason) = match self.side.admit(&mut x, &mut head, &self.out).await {
             Verdict::Answer(local) => {
                 let close = !head.keep_alive || self.draining;
-                return self.answer(client, x, &head, local, close).await;
+                return Box::pin(self.answer(client, x, &head, local, close)).await;
             }
             Verdict::Forward { decision, reason } => (decision, reason),
         };
@@ -336,7 +340,7 @@ impl<S: Side> Relay<'_, S> {
                 Err(e) => {
                     tracing::warn!(error = %e, "http: upstream unavailable");
                     let local = self.side.unavailable();
-                    return self.answer(client, x, &head, local, true).await;
+                    return Box::pin(self.answer(client, x, &head, local, true)).await;
                 }
             },
         };
@@ -353,8 +357,9 @@ impl<S: Side> Relay<'_, S> {
                     .map(|()| 0)
                     .map_err(PipeError::Write)
             } else if head.expect_continue {
-                self.send_expecting(client, &mut up, &mut head, &mut body_unsent)
-                    .await
+                // Boxed, as every rare path: the common one's state stays
+                // small and close together.
+                Box::pin(self.send_expecting(client, &mut up, &mut head, &mut body_unsent)).await
             } else {
                 let mut rest = Remaining::of(head.framing);
                 pipe(
@@ -390,12 +395,14 @@ impl<S: Side> Relay<'_, S> {
             }
         };
         let mut resp = resp;
+        // An app closing its connection does not close the client's (the
+        // next request redials), unless the close is what ends the body.
         let close = !head.keep_alive
-            || !resp.keep_alive
             || body_unsent
             || self.draining
+            || resp.framing == Framing::UntilClose
             || (!S::REDIAL && !resp.keep_alive);
-        x.decided(resp.parts.status, decision, reason);
+        x.decided_in(&mut self.series, resp.parts.status, decision, reason);
         let connection: &[u8] = if close {
             b"connection: close\r\n"
         } else if head.parts.version == Version::HTTP_10 {
@@ -559,7 +566,7 @@ impl<S: Side> Relay<'_, S> {
                 headers.insert(header::UPGRADE, protocol.clone());
                 self.out.clear();
                 message::write_response(&resp.parts, &mut self.out);
-                self.tunnel(client, up).await?;
+                Box::pin(self.tunnel(client, up)).await?;
                 return Ok(None);
             }
             if !status.is_informational() {
@@ -621,7 +628,7 @@ impl<S: Side> Relay<'_, S> {
             .await
             .map_err(request_pipe_fail)?;
         }
-        x.decided(local.status, local.decision, local.reason);
+        x.decided_in(&mut self.series, local.status, local.decision, local.reason);
         self.out.clear();
         local.write_h1(close, &mut self.out);
         let n = self.out.len() as u64;

@@ -1,0 +1,416 @@
+//! The HTTP/1 relay through a real sidecar pair, on raw sockets so every
+//! byte on the wire is what the test says: WebSocket upgrades tunnelled,
+//! chunked bodies and trailers passed through, `Expect: 100-continue`,
+//! smuggling shapes refused before the app, a denied request keeping its
+//! connection, pipelining, and the app closing idle connections.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mesh::{free_port, Sidecar, SvidFiles};
+use stepmesh_ca::testing::Pki;
+
+const SERVER_ID: &str = "spiffe://mesh.test/ns/payments/sa/api";
+const CLIENT_ID: &str = "spiffe://mesh.test/ns/web/sa/frontend";
+const ADMIN_ID: &str = "spiffe://mesh.test/ns/ops/sa/admin";
+
+/// One HTTP/1 message as read off a socket.
+#[derive(Debug)]
+struct Message {
+    /// Start line and header lines, as sent.
+    head: String,
+    /// The body, de-chunked.
+    body: Vec<u8>,
+    /// Trailer lines of a chunked body.
+    trailers: Vec<String>,
+}
+
+impl Message {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).unwrap().parse().unwrap()
+    }
+}
+
+/// Reads one message head and its body (Content-Length or chunked; a
+/// request with neither has none, a response with neither runs to EOF).
+fn read_message(r: &mut impl BufRead, response: bool) -> Option<Message> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut m = Message {
+        head,
+        body: Vec::new(),
+        trailers: Vec::new(),
+    };
+    let no_body = response && (m.status() / 100 == 1 || m.status() == 204 || m.status() == 304);
+    if no_body {
+        return Some(m);
+    }
+    if m.header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+            if size == 0 {
+                loop {
+                    let mut t = String::new();
+                    r.read_line(&mut t).unwrap();
+                    if t == "\r\n" {
+                        return Some(m);
+                    }
+                    m.trailers.push(t.trim().to_owned());
+                }
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).unwrap();
+            m.body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(len) = m.header("content-length") {
+        m.body = vec![0; len.parse().unwrap()];
+        r.read_exact(&mut m.body).unwrap();
+    } else if response {
+        r.read_to_end(&mut m.body).unwrap();
+    }
+    Some(m)
+}
+
+/// The app, on raw sockets: answers by path (see `answer`), counting the
+/// requests it saw.
+struct RawApp {
+    addr: SocketAddr,
+    seen: Arc<AtomicUsize>,
+}
+
+impl RawApp {
+    fn start() -> RawApp {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let counter = counter.clone();
+                std::thread::spawn(move || serve_app(conn, &counter));
+            }
+        });
+        RawApp { addr, seen }
+    }
+}
+
+fn serve_app(conn: TcpStream, seen: &AtomicUsize) {
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    loop {
+        // The Expect case needs the 100 before the body is read.
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        seen.fetch_add(1, Ordering::SeqCst);
+        let path = head.split(' ').nth(1).unwrap().to_owned();
+        if head.to_ascii_lowercase().contains("expect: 100-continue") {
+            w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+        }
+        // Re-read the body with the message reader, from the head we have.
+        let mut replay = std::io::Cursor::new(format!("{head}\r\n").into_bytes()).chain(&mut r);
+        let mut replay = BufReader::new(&mut replay);
+        let req = read_message(&mut replay, false).unwrap();
+        // Whatever the inner reader buffered past the body is lost; the
+        // tests send the next request only after the answer.
+        match path.as_str() {
+            "/ws" => {
+                w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .unwrap();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = replay.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    w.write_all(&buf[..n]).unwrap();
+                }
+            }
+            "/chunked" => {
+                let len = req.body.len();
+                let text = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbytes\r\n{:x}\r\n{}\r\n0\r\nx-received: {len}\r\nx-trailers: {}\r\n\r\n",
+                    len.to_string().len(),
+                    len,
+                    req.trailers.join("|")
+                );
+                w.write_all(text.as_bytes()).unwrap();
+            }
+            "/bye" => {
+                // An idle keep-alive timeout: the answer, then a close
+                // with no `Connection: close` announced.
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+                    .unwrap();
+                return;
+            }
+            _ => {
+                let body = format!("{head}body={}", req.body.len());
+                let text = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                w.write_all(text.as_bytes()).unwrap();
+            }
+        }
+    }
+}
+
+struct Pair {
+    app: RawApp,
+    _dir: tempfile::TempDir,
+    _server: Sidecar,
+    client: Sidecar,
+}
+
+fn pair() -> Pair {
+    let app = RawApp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let port = free_port();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+trustDomain: mesh.test
+inbound:
+  default: deny
+  ports:
+    - port: {port}
+      protocol: http
+      allow: [{{from: [{CLIENT_ID}, {ADMIN_ID}]}}]
+      routes:
+        - name: admin
+          match: {{path: /admin/*}}
+          from: [{ADMIN_ID}]
+"#
+        ),
+    )
+    .unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{port}={}", app.addr),
+        "--policy".into(),
+        policy.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    let inbound = server.listener("inbound");
+    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
+    ]);
+    let client = Sidecar::spawn(&args);
+    server.wait_ready();
+    client.wait_ready();
+    Pair {
+        app,
+        _dir: dir,
+        _server: server,
+        client,
+    }
+}
+
+impl Pair {
+    fn connect(&self) -> (TcpStream, BufReader<TcpStream>) {
+        let s = TcpStream::connect(self.client.listener("outbound")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+}
+
+#[test]
+fn a_websocket_upgrade_is_tunnelled_end_to_end() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 101, "{}", resp.head);
+    assert_eq!(resp.header("upgrade").unwrap(), "websocket");
+    for frame in [
+        &b"ping"[..],
+        b"a longer frame of bytes",
+        &[0u8, 255, 13, 10, 13, 10],
+    ] {
+        s.write_all(frame).unwrap();
+        let mut back = vec![0; frame.len()];
+        r.read_exact(&mut back).unwrap();
+        assert_eq!(back, frame, "tunnelled bytes come back unchanged");
+    }
+}
+
+#[test]
+fn chunked_bodies_and_trailers_pass_through() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"POST /chunked HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n4\r\nabcd\r\n6;ext=1\r\nefghij\r\n0\r\nx-digest: 42\r\n\r\n")
+        .unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.head);
+    assert_eq!(resp.body, b"bytes10");
+    assert!(
+        resp.trailers.contains(&"x-received: 10".to_owned()),
+        "{:?}",
+        resp.trailers
+    );
+    assert!(
+        resp.trailers
+            .contains(&"x-trailers: x-digest: 42".to_owned()),
+        "the request's trailer reached the app: {:?}",
+        resp.trailers
+    );
+    // The connection is still good.
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_message(&mut r, true).unwrap().status(), 200);
+}
+
+#[test]
+fn expect_100_continue_is_relayed_before_the_body() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(
+        b"PUT /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let interim = read_message(&mut r, true).unwrap();
+    assert_eq!(interim.status(), 100, "the client gets the app's 100 first");
+    s.write_all(b"hello").unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(String::from_utf8_lossy(&resp.body).ends_with("body=5"));
+}
+
+#[test]
+fn smuggling_shapes_are_refused_before_the_app() {
+    let p = pair();
+    for attack in [
+        &b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api\r\n\r\n"[..],
+        b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
+        b"POST /x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: api\r\nX-Folded: a\r\n b\r\n\r\n",
+    ] {
+        let before = p.app.seen.load(Ordering::SeqCst);
+        let (mut s, mut r) = p.connect();
+        s.write_all(attack).unwrap();
+        let resp = read_message(&mut r, true).unwrap();
+        assert_eq!(resp.status(), 400, "{:?}", String::from_utf8_lossy(attack));
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        assert!(read_message(&mut r, true).is_none(), "the connection is closed");
+        assert_eq!(p.app.seen.load(Ordering::SeqCst), before, "the app saw nothing");
+    }
+}
+
+#[test]
+fn a_denied_request_keeps_the_connection_and_hop_headers_stay_behind() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"POST /admin/reset HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    let denied = read_message(&mut r, true).unwrap();
+    assert_eq!(denied.status(), 403);
+    assert_ne!(denied.header("connection").as_deref(), Some("close"));
+    s.write_all(b"GET /hello?x=1 HTTP/1.1\r\nHost: api\r\nConnection: keep-alive, x-private\r\nX-Private: hop\r\nKeep-Alive: timeout=5\r\nX-Forwarded-Client-Cert: URI=spiffe://evil\r\n\r\n")
+        .unwrap();
+    let ok = read_message(&mut r, true).unwrap();
+    assert_eq!(ok.status(), 200, "{}", ok.head);
+    let seen = String::from_utf8_lossy(&ok.body).to_ascii_lowercase();
+    assert!(seen.starts_with("get /hello?x=1 http/1.1"), "{seen}");
+    assert!(
+        !seen.contains("x-private"),
+        "a header named by Connection is hop-by-hop: {seen}"
+    );
+    assert!(!seen.contains("keep-alive: timeout"), "{seen}");
+    assert!(!seen.contains("spiffe://evil"), "{seen}");
+    assert!(seen.contains(&format!("uri={CLIENT_ID}")), "{seen}");
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: api\r\n\r\nGET /two HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    for path in ["/one", "/two"] {
+        let resp = read_message(&mut r, true).unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(seen.starts_with(&format!("GET {path} ")), "{seen}");
+    }
+}
+
+#[test]
+fn an_app_closing_its_idle_connection_is_redialled() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"GET /bye HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    let bye = read_message(&mut r, true).unwrap();
+    assert_eq!((bye.status(), &bye.body[..]), (200, &b"bye"[..]));
+    for _ in 0..3 {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: api\r\n\r\n")
+            .unwrap();
+        let resp = read_message(&mut r, true).unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.head);
+    }
+}
+
+#[test]
+fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
+    let p = pair();
+    for request in [
+        &b"GET /old HTTP/1.0\r\n\r\n"[..],
+        b"GET /last HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+    ] {
+        let (mut s, mut r) = p.connect();
+        s.write_all(request).unwrap();
+        let resp = read_message(&mut r, true).unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        assert!(
+            read_message(&mut r, true).is_none(),
+            "closed after the answer"
+        );
+    }
+}
