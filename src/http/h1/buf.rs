@@ -1,6 +1,8 @@
-//! A connection side's read buffer: bytes read but not yet relayed, kept
-//! in one allocation for the connection's life (grown only for a head
-//! larger than the initial size, up to the head limit).
+//! A connection side's read buffer: bytes read but not yet relayed. Small
+//! while a connection only carries small messages (an idle connection is
+//! paid for in KiB); grown while reads fill it (a body streaming through
+//! is read a TLS record's worth at a time) or a head does not fit (up to
+//! the head limit), and shrunk back once the connection is idle.
 
 use std::io;
 
@@ -8,8 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::message::MAX_HEAD;
 
-/// The initial size: a typical head and a TLS record's worth of body.
-pub const INITIAL: usize = 16 * 1024;
+/// The size of an idle connection's buffer: a typical head fits.
+pub const INITIAL: usize = 4 * 1024;
+/// The size reads grow to while they fill the buffer: one maximal TLS
+/// record of plaintext, so a full read becomes one record.
+pub const STREAMING: usize = 16 * 1024;
 
 /// Read bytes in `data[start..end]`.
 #[derive(Debug)]
@@ -68,9 +73,23 @@ impl Buf {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "buffer full"));
             }
         }
+        let spare = self.data.len() - self.end;
         let n = io.read(&mut self.data[self.end..]).await?;
         self.end += n;
+        if n == spare && self.data.len() < STREAMING {
+            // The read took all there was room for: more is coming.
+            self.data.resize(STREAMING, 0);
+        }
         Ok(n)
+    }
+
+    /// Gives back what reads grew the buffer to, once it is empty (the
+    /// connection is between messages).
+    pub fn relax(&mut self) {
+        if self.is_empty() && self.data.len() > INITIAL {
+            self.data.truncate(INITIAL);
+            self.data.shrink_to_fit();
+        }
     }
 }
 
@@ -89,6 +108,7 @@ mod tests {
         assert_eq!(b.bytes(), b"cdef");
         b.consume(10);
         assert!(b.is_empty());
+        b.relax();
         let big = vec![7u8; MAX_HEAD * 2];
         let mut src: &[u8] = &big;
         let mut total = 0;
@@ -103,5 +123,21 @@ mod tests {
         }
         assert_eq!(total, MAX_HEAD + 1);
         assert_eq!(b.bytes().len(), MAX_HEAD + 1);
+        b.consume(usize::MAX);
+        b.relax();
+        assert_eq!(b.data.capacity(), INITIAL, "an idle buffer shrinks back");
+    }
+
+    #[tokio::test]
+    async fn reads_that_fill_the_buffer_grow_it_to_a_record() {
+        let mut b = Buf::with_prefix(&[]);
+        let body = vec![1u8; 3 * STREAMING];
+        let mut src: &[u8] = &body;
+        assert_eq!(b.fill(&mut src).await.unwrap(), INITIAL);
+        b.consume(usize::MAX);
+        assert_eq!(b.fill(&mut src).await.unwrap(), STREAMING);
+        b.consume(usize::MAX);
+        b.relax();
+        assert_eq!(b.data.len(), INITIAL);
     }
 }

@@ -264,6 +264,10 @@ impl<S: Side> Relay<'_, S> {
                 Err(e) => return Err(Fail::BadRequest(e)),
             }
             let between = cbuf.is_empty();
+            if between {
+                cbuf.relax();
+                ubuf.relax();
+            }
             let watch = async {
                 match upstream.as_mut() {
                     // Any read outcome (EOF, error, unasked-for bytes)
