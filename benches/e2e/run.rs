@@ -240,11 +240,12 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     if let (Some((idle_out, idle_in)), true) = (idle, args.wants(Scenario::Memory)) {
         let mut with_conns = [[None; 2]; 2];
         let mut held_counts = [0; 2];
-        // The outbound sidecar holds two sockets per L4 connection and one
-        // per HTTP connection (its upstream is pooled); stay under the limit.
+        // Each sidecar holds two sockets per connection, L4 or HTTP/1 (the
+        // HTTP/1 relay keeps one upstream connection per client
+        // connection); stay under the limit.
         let nofile = procs::raise_nofile(200_000) as usize;
         for (i, path) in [Path::L4, Path::Http].into_iter().enumerate() {
-            let fit = nofile.saturating_sub(256) / if path == Path::L4 { 2 } else { 1 };
+            let fit = nofile.saturating_sub(256) / 2;
             let n = args.idle_conns.min(fit);
             if !args.paths.contains(&path) || n == 0 {
                 continue;

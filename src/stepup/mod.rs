@@ -61,7 +61,10 @@ impl StepUp {
         if let Some(p) = self.find(config) {
             return p;
         }
-        let provider = Provider::start(config.clone(), self.metrics.clone()).await;
+        // Boxed: starting a provider fetches keys (an HTTPS client future of
+        // several KiB); inline, it would size every request's future, and
+        // with it every idle HTTP/1 connection's task.
+        let provider = Box::pin(Provider::start(config.clone(), self.metrics.clone())).await;
         let mut next: Vec<_> = self
             .providers
             .load()

@@ -86,7 +86,10 @@ impl Provider {
         let peeked = verify::peek(token, &self.config)?;
         let keys = self.keys.load_full();
         let verified = match verify::verify(token, &peeked, &self.config, &keys, now) {
-            Err(TokenError::UnknownKid | TokenError::NoKeys) if self.refetch(&keys).await => {
+            // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.
+            Err(TokenError::UnknownKid | TokenError::NoKeys)
+                if Box::pin(self.refetch(&keys)).await =>
+            {
                 verify::verify(token, &peeked, &self.config, &self.keys.load(), now)?
             }
             other => other?,
