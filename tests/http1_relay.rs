@@ -414,3 +414,42 @@ fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
         );
     }
 }
+
+/// The outbound sidecar's completed handshakes, full and resumed.
+fn outbound_handshakes(p: &Pair) -> f64 {
+    ["full", "resumed"]
+        .iter()
+        .map(|kind| {
+            p.client.metric(&format!(
+                r#"stepmesh_tls_handshakes_total{{direction="outbound",kind="{kind}"}}"#
+            ))
+        })
+        .sum()
+}
+
+#[test]
+fn short_lived_app_connections_reuse_one_peer_connection() {
+    let p = pair();
+    for i in 0..5 {
+        let (mut s, mut r) = p.connect();
+        s.write_all(b"GET /once HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let resp = read_message(&mut r, true).unwrap();
+        assert_eq!(resp.status(), 200, "request {i}: {}", resp.head);
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        let seen = String::from_utf8_lossy(&resp.body).to_ascii_lowercase();
+        assert!(
+            !seen.contains("connection: close"),
+            "the app's close is hop-by-hop, not sent on: {seen}"
+        );
+        assert!(
+            read_message(&mut r, true).is_none(),
+            "the app's connection closes"
+        );
+    }
+    assert_eq!(
+        outbound_handshakes(&p),
+        1.0,
+        "five app connections, one after the other, rode one peer connection"
+    );
+}

@@ -149,7 +149,8 @@ where
         connect,
     };
     let mut io = io;
-    let done = h1::relay(&side, &mut io, prefix, None, idle, drain).await;
+    let done = h1::relay(&side, &mut io, prefix, &mut None, idle, drain).await;
+    crate::proxy::conn::close_gracefully(&mut io).await;
     Outcome {
         bytes_in: done.bytes_in,
         bytes_out: done.bytes_out,

@@ -45,6 +45,8 @@ pub struct HttpLayer {
     pub log: RequestLog,
     app: inbound::AppClients,
     mesh: outbound::MeshPool,
+    /// Idle HTTP/1 connections to peer sidecars.
+    pub(crate) peers: outbound::PeerPool,
     draining: tokio::sync::watch::Sender<bool>,
     draining_now: std::sync::atomic::AtomicBool,
     /// HTTP/1 connections idle this long are closed.
@@ -74,6 +76,7 @@ impl HttpLayer {
             log,
             app: inbound::AppClients::new(),
             mesh: outbound::MeshPool::default(),
+            peers: outbound::PeerPool::default(),
             draining: tokio::sync::watch::Sender::new(false),
             draining_now: std::sync::atomic::AtomicBool::new(false),
             idle_timeout: std::time::Duration::from_secs(3600),

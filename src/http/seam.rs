@@ -165,21 +165,35 @@ pub async fn outbound(
     crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
 }
 
-/// HTTP/1 relayed over an mTLS connection to the peer, one per app
-/// connection, as the L4 path would carry it.
+/// HTTP/1 relayed over an mTLS connection to the peer, one at a time per
+/// app connection, as the L4 path would carry it; an idle one left by an
+/// earlier app connection is taken first, and this one is left for the
+/// next when the app closes.
 async fn outbound_h1(
     shared: &Shared,
     connector: &TlsConnector,
     ctx: &OutboundContext,
     mut app: TcpStream,
 ) -> Outcome {
-    let (tls, peer_id) = match crate::proxy::outbound::connect_peer(shared, connector, ctx).await {
-        Ok(connected) => connected,
-        Err(outcome) => return outcome,
+    let key: Arc<str> = format!("{}@{}", ctx.expected, ctx.dst).into();
+    let pooled = shared.http.peers.take(&key);
+    let (tls, peer_id) = match pooled {
+        Some(parked) => parked,
+        None => match crate::proxy::outbound::connect_peer(shared, connector, ctx).await {
+            Ok(connected) => connected,
+            Err(outcome) => return outcome,
+        },
     };
     let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
     let idle = shared.timeouts.idle;
-    let done = super::outbound::relay_h1(&shared.http, ctx.port, peer, &mut app, tls, idle).await;
+    let mut upstream = Some(tls);
+    let done =
+        super::outbound::relay_h1(&shared.http, ctx.port, peer, &mut app, &mut upstream, idle)
+            .await;
+    if let Some(tls) = upstream {
+        shared.http.peers.put(key, tls, peer_id.clone());
+    }
+    close_gracefully(&mut app).await;
     let refused = done.upstream_closed_first && done.requests == 0;
     Outcome {
         bytes_in: done.bytes_in,

@@ -162,12 +162,15 @@ impl Idle {
 /// Relays HTTP/1.x requests from `client` (whose first bytes, read by
 /// protocol detection, are `prefix`) until either side closes, the idle
 /// timeout, or `drain` (then the connection closes after the response in
-/// flight, or at once when idle).
+/// flight, or at once when idle). `upstream` is the connection to start
+/// with, if any; afterwards it holds a connection still good for another
+/// client (idle between messages, kept alive), or `None`. The caller
+/// closes `client` (after parking `upstream`, so the next client finds it).
 pub(crate) async fn relay<S, C>(
     side: &S,
     client: &mut C,
     prefix: &[u8],
-    upstream: Option<S::Upstream>,
+    upstream: &mut Option<S::Upstream>,
     idle: Duration,
     drain: impl Future<Output = ()> + Send,
 ) -> Relayed
@@ -185,10 +188,9 @@ where
         draining: false,
         series: LastSeries::default(),
     };
-    let mut upstream = upstream;
     tokio::pin!(drain);
     loop {
-        let head = match r.next_request(client, &mut upstream, drain.as_mut()).await {
+        let head = match r.next_request(client, upstream, drain.as_mut()).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(fail) => {
@@ -197,7 +199,7 @@ where
             }
         };
         r.draining = r.draining || side.draining();
-        match r.exchange(client, &mut upstream, head).await {
+        match r.exchange(client, upstream, head).await {
             Ok(true) => continue,
             Ok(false) => break,
             Err(fail) => {
@@ -206,7 +208,9 @@ where
             }
         }
     }
-    crate::proxy::conn::close_gracefully(client).await;
+    if r.draining || !r.ubuf.is_empty() {
+        *upstream = None;
+    }
     r.done
 }
 
@@ -333,7 +337,10 @@ impl<S: Side> Relay<'_, S> {
             Verdict::Forward { decision, reason } => (decision, reason),
         };
         if S::DECIDES || !head.clean {
-            restore_framing(&mut head);
+            // The client's `close` is about its own connection: the
+            // outbound side keeps its peer connection for another client
+            // (HTTP/1.0 asks nothing else: its upstream request is 1.0).
+            restore_framing(&mut head, S::DECIDES);
             self.out.clear();
             message::write_request(&head.parts, &mut self.out);
         }
@@ -448,7 +455,9 @@ impl<S: Side> Relay<'_, S> {
         self.done.bytes_out += head_len + bytes_out;
         self.done.requests += 1;
         x.ended(bytes_in, bytes_out);
-        if resp.keep_alive {
+        // A request whose body was never sent leaves the upstream expecting
+        // it: that connection carries nothing more.
+        if resp.keep_alive && !body_unsent {
             *upstream = Some(up);
         }
         Ok(!close)
@@ -690,8 +699,9 @@ impl<S: Side> Relay<'_, S> {
 
 /// Puts back the framing and connection headers hop-by-hop stripping
 /// removed, as this hop relays them: chunked bodies pass through as they
-/// are, an upgrade request keeps asking, HTTP/1.0 keep-alive stays asked.
-fn restore_framing(head: &mut RequestHead) {
+/// are, an upgrade request keeps asking, HTTP/1.0 keep-alive stays asked,
+/// and the client's `close` is passed on when `passes_close`.
+fn restore_framing(head: &mut RequestHead, passes_close: bool) {
     let headers = &mut head.parts.headers;
     if head.framing == Framing::Chunked {
         headers.insert(
@@ -702,7 +712,7 @@ fn restore_framing(head: &mut RequestHead) {
     if let Some(protocol) = &head.upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
-    } else if !head.keep_alive {
+    } else if !head.keep_alive && passes_close {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     } else if head.parts.version == Version::HTTP_10 {
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
