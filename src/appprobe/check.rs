@@ -303,7 +303,9 @@ impl Drop for AbortOnDrop {
 /// neither do we (the connection never leaves the pod).
 fn insecure_connector() -> Option<tokio_rustls::TlsConnector> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = Arc::new(AnyCertificate(provider.clone()));
+    let verifier = Arc::new(AnyCertificate {
+        provider: provider.clone(),
+    });
     // TLS 1.2 and 1.3, as kubelet: apps are not ours to hold to 1.3.
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -319,7 +321,9 @@ fn insecure_connector() -> Option<tokio_rustls::TlsConnector> {
 
 /// Accepts any server certificate; the handshake signature is still checked.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+}
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
@@ -333,35 +337,5 @@ impl ServerCertVerifier for AnyCertificate {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::tls::verify::handshake_signatures!();
 }

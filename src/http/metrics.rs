@@ -94,16 +94,7 @@ impl HttpMetrics {
             && last.direction == direction
             && last.port == port;
         if !hit {
-            last.counter = self
-                .requests
-                .get_or_create(&RequestLabels {
-                    direction,
-                    port,
-                    route: route.to_owned(),
-                    decision,
-                    status,
-                })
-                .clone();
+            last.counter = self.series(direction, port, route, decision, status);
             last.key = Some((route.to_owned(), decision, status));
             last.direction = direction;
             last.port = port;
@@ -133,6 +124,19 @@ impl HttpMetrics {
         status: u16,
         secs: f64,
     ) {
+        self.series(direction, port, route, decision, status).inc();
+        self.observe(direction, secs);
+    }
+
+    /// The request counter of one label set (made on first use).
+    fn series(
+        &self,
+        direction: &'static str,
+        port: u16,
+        route: &str,
+        decision: &'static str,
+        status: u16,
+    ) -> Counter {
         self.requests
             .get_or_create(&RequestLabels {
                 direction,
@@ -141,8 +145,7 @@ impl HttpMetrics {
                 decision,
                 status,
             })
-            .inc();
-        self.observe(direction, secs);
+            .clone()
     }
 }
 

@@ -57,6 +57,7 @@ macro_rules! handshake_signatures {
         }
     };
 }
+pub(crate) use handshake_signatures;
 
 /// Which server identity an outbound connection accepts.
 #[derive(Debug, Clone)]
