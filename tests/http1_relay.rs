@@ -278,6 +278,16 @@ fn a_websocket_upgrade_is_tunnelled_end_to_end() {
         r.read_exact(&mut back).unwrap();
         assert_eq!(back, frame, "tunnelled bytes come back unchanged");
     }
+    let metrics = p.client.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stepmesh_http_requests_total{")
+                && l.contains(r#"direction="outbound""#)
+                && l.contains(r#"status="101""#)
+                && l.ends_with(" 1")),
+        "the upgrade is counted as a request: {metrics}"
+    );
 }
 
 #[test]

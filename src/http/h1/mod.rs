@@ -271,6 +271,11 @@ impl<S: Side> Relay<'_, S> {
             if between {
                 cbuf.relax();
                 ubuf.relax();
+                if out.capacity() > buf::INITIAL {
+                    // It gathered a body once; an idle connection keeps
+                    // no more than a head's worth.
+                    *out = Vec::with_capacity(buf::INITIAL);
+                }
             }
             let watch = async {
                 match upstream.as_mut() {
@@ -397,8 +402,15 @@ impl<S: Side> Relay<'_, S> {
             self.done.bytes_in += bytes_in;
             match self.response_head(client, &mut up, &method, &head).await {
                 Ok(Some(resp)) => break resp,
-                // Switched protocols: the tunnel ran to its end.
-                Ok(None) => return Ok(false),
+                // Switched protocols (the 101 head is in `out`): counted
+                // now, then a tunnel to its end.
+                Ok(None) => {
+                    let status = StatusCode::SWITCHING_PROTOCOLS;
+                    x.decided_in(&mut self.series, status, decision, reason);
+                    Box::pin(self.tunnel(client, &mut up)).await?;
+                    x.ended(bytes_in, 0);
+                    return Ok(false);
+                }
                 Err(Fail::Upstream(_)) if std::mem::take(&mut retry) && self.ubuf.is_empty() => {
                     up = self.redial().await?;
                 }
@@ -541,7 +553,7 @@ impl<S: Side> Relay<'_, S> {
     }
 
     /// Reads the response head, relaying interim (1xx) responses; `None`
-    /// after a protocol switch, tunnelled to its end here.
+    /// for a protocol switch, its head written into `out` for the tunnel.
     async fn response_head<C, U>(
         &mut self,
         client: &mut C,
@@ -579,7 +591,6 @@ impl<S: Side> Relay<'_, S> {
                 headers.insert(header::UPGRADE, protocol.clone());
                 self.out.clear();
                 message::write_response(&resp.parts, &mut self.out);
-                Box::pin(self.tunnel(client, up)).await?;
                 return Ok(None);
             }
             if !status.is_informational() {
