@@ -117,7 +117,7 @@ where
     let sniffed = tokio::time::timeout(super::seam::INBOUND_DETECT, detect::sniff(&mut io)).await;
     match sniffed {
         Ok(Ok((detected, prefix))) => {
-            serve_detected(layer, conn, io, detected, &prefix, drain).await
+            serve_detected(layer, conn, io, detected, prefix, drain).await
         }
         Ok(Err(e)) => Outcome::failed("io", e),
         Err(_) => Outcome::failed("idle_timeout", "no request"),
@@ -132,14 +132,14 @@ pub(crate) async fn serve_detected<I>(
     conn: Arc<InboundConn>,
     io: I,
     detected: Detected,
-    prefix: &[u8],
+    prefix: bytes::Bytes,
     drain: impl Future<Output = ()> + Send,
 ) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if detected == Detected::Http2 {
-        let io = Prefixed::new(bytes::Bytes::copy_from_slice(prefix), io);
+        let io = Prefixed::new(prefix, io);
         return serve_hyper(layer, conn, io, drain, false).await;
     }
     let (idle, connect) = (layer.idle_timeout, layer.connect_timeout);
@@ -457,7 +457,7 @@ mod tests {
             conn,
             io,
             Detected::Http1,
-            b"",
+            bytes::Bytes::new(),
             std::future::pending(),
         );
         let size = size_of_future(&fut);

@@ -199,7 +199,7 @@ pub(crate) async fn relay_h1(
         port,
         peer_id,
     };
-    h1::relay(&side, app, &[], peer, idle, layer.drained()).await
+    h1::relay(&side, app, bytes::Bytes::new(), peer, idle, layer.drained()).await
 }
 
 /// How long an idle peer connection waits in the pool for another app

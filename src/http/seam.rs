@@ -83,7 +83,7 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
             conn,
             tls,
             detected,
-            &prefix,
+            prefix,
             drain,
         )
         .await;

@@ -169,7 +169,7 @@ impl Idle {
 pub(crate) async fn relay<S, C>(
     side: &S,
     client: &mut C,
-    prefix: &[u8],
+    prefix: bytes::Bytes,
     upstream: &mut Option<S::Upstream>,
     idle: Duration,
     drain: impl Future<Output = ()> + Send,
@@ -180,7 +180,7 @@ where
 {
     let mut r = Relay {
         side,
-        cbuf: Buf::with_prefix(prefix),
+        cbuf: Buf::with_prefix(&prefix),
         ubuf: Buf::with_prefix(&[]),
         out: Vec::new(),
         idle: Idle::new(idle),
@@ -188,6 +188,8 @@ where
         draining: false,
         series: LastSeries::default(),
     };
+    // Copied: the detection buffer is not kept for the connection's life.
+    drop(prefix);
     tokio::pin!(drain);
     loop {
         let head = match r.next_request(client, upstream, drain.as_mut()).await {
