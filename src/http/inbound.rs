@@ -249,12 +249,17 @@ impl h1::Side for AppSide {
     }
 
     fn unavailable(&self) -> Local {
-        Local::error(
-            StatusCode::BAD_GATEWAY,
-            "app_unavailable",
-            "the app did not answer\n",
-        )
+        app_unavailable()
     }
+}
+
+/// The answer when the app cannot be reached or fails (either engine).
+fn app_unavailable() -> Local {
+    Local::error(
+        StatusCode::BAD_GATEWAY,
+        "app_unavailable",
+        "the app did not answer\n",
+    )
 }
 
 fn version_label(v: Version) -> &'static str {
@@ -409,12 +414,7 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
         }
         Err(e) => {
             tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
-            Local::error(
-                StatusCode::BAD_GATEWAY,
-                "app_unavailable",
-                "the app did not answer\n",
-            )
-            .respond(x)
+            app_unavailable().respond(x)
         }
     }
 }

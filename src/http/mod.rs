@@ -146,13 +146,6 @@ where
     conn.await
 }
 
-/// The body of a response the proxy answers itself.
-pub(crate) fn local_body(text: &'static str) -> ProxyBody {
-    Full::new(Bytes::from_static(text.as_bytes()))
-        .map_err(|n| match n {})
-        .boxed()
-}
-
 /// What the proxy does with a request once decided.
 pub(crate) enum Verdict {
     /// Relay it upstream (labels for the request metric and log line).
@@ -206,12 +199,15 @@ impl Local {
 
     /// As a hyper response, counted and logged through `x`.
     pub(crate) fn respond(self, x: record::Exchange) -> http::Response<ProxyBody> {
-        let mut resp = respond(
-            x,
-            self.status,
-            self.decision,
-            self.reason,
-            local_body(self.text),
+        let body = Full::new(Bytes::from_static(self.text.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed();
+        let body = x.respond(self.status, self.decision, self.reason, body);
+        let mut resp = http::Response::new(body);
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(TEXT_PLAIN),
         );
         if let Some(challenge) = self.challenge {
             resp.headers_mut()
@@ -246,20 +242,3 @@ impl Local {
 }
 
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
-
-/// A response the proxy answers itself, counted and logged through `x`.
-pub(crate) fn respond(
-    x: record::Exchange,
-    status: http::StatusCode,
-    decision: &'static str,
-    reason: &'static str,
-    body: ProxyBody,
-) -> http::Response<ProxyBody> {
-    let mut resp = http::Response::new(x.respond(status, decision, reason, body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(TEXT_PLAIN),
-    );
-    resp
-}

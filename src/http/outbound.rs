@@ -28,9 +28,7 @@ use tokio_rustls::TlsConnector;
 
 use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
 use super::record::{CountIn, Exchange};
-use super::{
-    h1, local_body, respond, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict, MESH_ALPN,
-};
+use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict, MESH_ALPN};
 
 /// Where an outbound HTTP connection's requests go.
 #[derive(Clone)]
@@ -329,12 +327,17 @@ impl h1::Side for PeerSide<'_> {
     }
 
     fn unavailable(&self) -> Local {
-        Local::error(
-            StatusCode::BAD_GATEWAY,
-            "peer_request_failed",
-            "the request to the destination failed\n",
-        )
+        peer_request_failed()
     }
+}
+
+/// The answer when a request to the peer sidecar fails (either engine).
+fn peer_request_failed() -> Local {
+    Local::error(
+        StatusCode::BAD_GATEWAY,
+        "peer_request_failed",
+        "the request to the destination failed\n",
+    )
 }
 
 fn orig_proto(v: Version) -> &'static str {
@@ -371,14 +374,12 @@ async fn handle(
     parts.uri = match authority.ok().and_then(|a| absolute(a, &parts.uri)) {
         Some(uri) => uri,
         None => {
-            let body = local_body("bad request target\n");
-            return respond(
-                x,
+            let local = Local::error(
                 StatusCode::BAD_REQUEST,
-                "error",
                 "bad_request_target",
-                body,
+                "bad request target\n",
             );
+            return local.respond(x);
         }
     };
     parts.version = Version::HTTP_2;
@@ -389,14 +390,12 @@ async fn handle(
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: no mesh connection");
-            let body = local_body("the destination's sidecar is unreachable\n");
-            return respond(
-                x,
+            let local = Local::error(
                 StatusCode::BAD_GATEWAY,
-                "error",
                 "peer_unavailable",
-                body,
+                "the destination's sidecar is unreachable\n",
             );
+            return local.respond(x);
         }
     };
     if x.logging() {
@@ -416,14 +415,7 @@ async fn handle(
         }
         Err(e) => {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: mesh request failed");
-            let body = local_body("the request to the destination failed\n");
-            respond(
-                x,
-                StatusCode::BAD_GATEWAY,
-                "error",
-                "peer_request_failed",
-                body,
-            )
+            peer_request_failed().respond(x)
         }
     }
 }

@@ -165,6 +165,12 @@ pub async fn outbound(
     crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
 }
 
+/// Where pooled peer connections are kept: the expected identity and the
+/// destination (both pools).
+fn pool_key(ctx: &OutboundContext) -> Arc<str> {
+    format!("{}@{}", ctx.expected, ctx.dst).into()
+}
+
 /// HTTP/1 relayed over an mTLS connection to the peer, one at a time per
 /// app connection, as the L4 path would carry it; an idle one left by an
 /// earlier app connection is taken first, and this one is left for the
@@ -175,7 +181,7 @@ async fn outbound_h1(
     ctx: &OutboundContext,
     mut app: TcpStream,
 ) -> Outcome {
-    let key: Arc<str> = format!("{}@{}", ctx.expected, ctx.dst).into();
+    let key = pool_key(ctx);
     let pooled = shared.http.peers.take(&key);
     let (tls, peer_id) = match pooled {
         Some(parked) => parked,
@@ -213,7 +219,7 @@ async fn outbound_http(
     app: TcpStream,
 ) -> Result<Outcome, TcpStream> {
     let conn = Arc::new(OutboundConn {
-        key: format!("{}@{}", ctx.expected, ctx.dst).into(),
+        key: pool_key(ctx),
         dst: ctx.dst.clone(),
         port: ctx.port,
         connector: mesh.clone(),

@@ -11,17 +11,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::DigitallySignedStruct;
 use stepmesh::http::inbound::InboundConn;
 use stepmesh::http::outbound::OutboundConn;
 use stepmesh::http::{HttpLayer, HttpMetrics, RequestLog, MESH_ALPN};
-use stepmesh::policy::{Policy, PolicyWatch, SpiffeId};
+use stepmesh::identity::store::{CertStore, Svid};
+use stepmesh::policy::{Policy, PolicyWatch, SpiffeId, SpiffeIdPattern};
 use stepmesh::stepup::{x5t_s256, StepUp, StepUpMetrics};
-use stepmesh_ca::svid::TrustBundle;
+use stepmesh::tls::verify::Expected;
+use stepmesh::tls::TlsSettings;
 use stepmesh_ca::testing::{Leaf, Pki};
 use tokio::net::TcpListener;
 
@@ -31,68 +31,6 @@ pub const API: &str = "spiffe://cluster.local/ns/payments/sa/api";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// Verifies the server's SVID against the bundle and one expected ID.
-#[derive(Debug)]
-struct SvidServerVerifier {
-    bundle: TrustBundle,
-    expected: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SvidServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut chain = vec![end_entity.clone()];
-        chain.extend(intermediates.iter().cloned());
-        let v = stepmesh_ca::svid::verify(&chain, &self.bundle, now)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        if v.id.as_str() != self.expected {
-            return Err(rustls::Error::General(format!(
-                "server is {}, not {}",
-                v.id, self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 pub fn layer(policy: Policy) -> Arc<HttpLayer> {
@@ -189,20 +127,30 @@ pub async fn start_outbound(
     layer: Arc<HttpLayer>,
     peer: SocketAddr,
 ) -> SocketAddr {
-    let verifier = Arc::new(SvidServerVerifier {
-        bundle: pki.bundle(),
-        expected: API.into(),
-        provider: provider(),
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(me.chain.clone(), me.key())
+    // The sidecar's own client side: our SVID out, the server's SVID
+    // verified against the bundle and `API`.
+    let store = Arc::new(CertStore::new(provider(), None));
+    store
+        .publish(Svid {
+            chain: me.chain.clone(),
+            key: me.key(),
+            bundle: pki.bundle(),
+        })
         .unwrap();
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let expected = Expected::Pattern(SpiffeIdPattern::parse(API).unwrap());
+    let settings = TlsSettings {
+        tls12: false,
+        session_resumption: true,
+    };
+    let config = stepmesh::tls::client_config(
+        &provider(),
+        &store,
+        expected,
+        vec![MESH_ALPN.to_vec()],
+        settings,
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let key: Arc<str> = format!("{}@{peer}", me.id).into();

@@ -670,10 +670,12 @@ impl<S: Side> Relay<'_, S> {
     where
         C: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        // The label the connection's outcome carries: none for a malformed
+        // request (answered 400, the client's fault, not the connection's).
         let (label, detail, local) = match fail {
-            Fail::Client(e) => ("client_io", e.to_string(), None),
-            Fail::Idle => ("idle_timeout", "idle".to_owned(), None),
-            Fail::UpstreamLate(d) => ("upstream_io", d, None),
+            Fail::Client(e) => (Some("client_io"), e.to_string(), None),
+            Fail::Idle => (Some("idle_timeout"), "idle".to_owned(), None),
+            Fail::UpstreamLate(d) => (Some("upstream_io"), d, None),
             Fail::BadRequest(e) => {
                 let status = if e == HeadError::TooLarge {
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -681,7 +683,7 @@ impl<S: Side> Relay<'_, S> {
                     StatusCode::BAD_REQUEST
                 };
                 let local = Local::error(status, "bad_request", "malformed HTTP request\n");
-                ("bad_request", e.to_string(), Some(local))
+                (None, e.to_string(), Some(local))
             }
             Fail::BadBody(e) => {
                 let local = Local::error(
@@ -689,12 +691,12 @@ impl<S: Side> Relay<'_, S> {
                     "bad_request",
                     "malformed HTTP request body\n",
                 );
-                ("bad_request", e.to_string(), Some(local))
+                (None, e.to_string(), Some(local))
             }
-            Fail::Upstream(d) => ("upstream", d, Some(self.side.unavailable())),
+            Fail::Upstream(d) => (Some("upstream"), d, Some(self.side.unavailable())),
         };
         if let Some(local) = local {
-            tracing::debug!(reason = label, detail = %detail, "http/1: answering and closing");
+            tracing::debug!(reason = local.reason, detail = %detail, "http/1: answering and closing");
             let mut x = self.side.exchange();
             x.decided(local.status, local.decision, local.reason);
             self.out.clear();
@@ -704,9 +706,7 @@ impl<S: Side> Relay<'_, S> {
             }
             x.ended(0, self.out.len() as u64);
         }
-        if label != "bad_request" {
-            self.done.error = Some((label, detail));
-        }
+        self.done.error = label.map(|label| (label, detail));
     }
 }
 
