@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 use super::detect::{self, Detected, Prefixed};
 use super::headers::{
-    absolute, path_is_canonical, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+    absolute, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
 use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
@@ -290,14 +290,6 @@ async fn admit(
         x.record.path = parts.uri.path().to_owned();
         x.record.version = version_label(orig);
     }
-    let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
-    if has_routes && !path_is_canonical(parts.uri.path()) {
-        return Verdict::Answer(Local::deny(
-            StatusCode::BAD_REQUEST,
-            "non_canonical_path",
-            "request path is not in canonical form\n",
-        ));
-    }
     let info = RequestInfo {
         peer: Peer {
             id: &conn.peer,
@@ -305,7 +297,7 @@ async fn admit(
         },
         port: conn.port,
         method: &parts.method,
-        path: parts.uri.path(),
+        uri: &parts.uri,
         headers: &parts.headers,
     };
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
@@ -315,6 +307,14 @@ async fn admit(
         x.record.rule = Some(d.rule.to_string());
     }
     match &d.outcome {
+        GateOutcome::BadRequest(refusal) => {
+            layer.metrics.refusal("inbound", refusal.reason());
+            return Verdict::Answer(Local::deny(
+                StatusCode::BAD_REQUEST,
+                refusal.reason(),
+                refusal.message(),
+            ));
+        }
         GateOutcome::Forbidden => {
             return Verdict::Answer(Local::deny(
                 StatusCode::FORBIDDEN,

@@ -130,9 +130,8 @@ pub fn parse_request(buf: &[u8], full: bool) -> Result<Option<(RequestHead, usiz
     parts.method = method;
     parts.version = version;
     if full || !clean {
-        parts.uri = target
-            .parse()
-            .map_err(|_| HeadError::Malformed("invalid request target".into()))?;
+        parts.uri = crate::policy::target::parse(target)
+            .map_err(|refusal| HeadError::Malformed(refusal.to_string()))?;
         parts.headers = header_map(fields)?;
     }
     // The target is a slice of `buf`.
