@@ -1,35 +1,52 @@
-//! Exit codes of the real binary: 64 and a one-line reason for bad
-//! configuration (flag values clap cannot judge, unreadable or invalid
-//! config, policy and identity inputs), 1 for a run that fails (a port in
-//! use), clap's 2 for usage errors.
+//! Exit codes of the real binary, every row of the README's exit-code
+//! paragraph: 0 for `--help` and `--version`; 64 and one line on stderr for
+//! anything wrong in what the operator gave — the command line (a value a
+//! parser rejects, an unknown flag, a missing argument), a config, policy or
+//! identity file; 1 for a run that fails (a port in use).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
 
-/// Runs `stepmesh ARGS` (10 s at most) and returns (code, last stderr line).
-fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> (Option<i32>, String) {
-    let out = Command::new("timeout")
-        .arg("10")
-        .arg(BIN)
-        .args(args)
-        .env("RUST_LOG", "error")
+/// Runs `stepmesh ARGS` (with `env`, 20 s at most; no `STEPMESH_*` from the
+/// caller's environment).
+fn output<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("20").arg(BIN).args(args);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("STEPMESH_")) {
+        cmd.env_remove(name);
+    }
+    cmd.env("RUST_LOG", "error")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let last = stderr.lines().last().unwrap_or_default().to_owned();
-    (out.status.code(), last)
+        .unwrap()
 }
 
+/// Runs `stepmesh ARGS` and returns (code, stderr).
+fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> (Option<i32>, String) {
+    let out = output(args, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
+}
+
+/// Exit 64 with exactly one line on stderr, `stepmesh: ...needle...`.
 fn assert_config_error<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needle: &str) {
-    let (code, line) = run(args);
-    assert_eq!(code, Some(64), "{args:?}: {line}");
-    assert!(line.starts_with("stepmesh: "), "{args:?}: {line}");
-    assert!(line.contains(needle), "{args:?}: {needle:?} not in {line}");
+    let (code, stderr) = run(args);
+    assert_one_line(code, &stderr, 64, &format!("{args:?}"), needle);
+}
+
+fn assert_one_line(code: Option<i32>, stderr: &str, want: i32, what: &str, needle: &str) {
+    assert_eq!(code, Some(want), "{what}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: not one line: {stderr}");
+    assert!(stderr.starts_with("stepmesh: "), "{what}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{what}: {needle:?} not in {stderr}"
+    );
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -150,7 +167,7 @@ fn configuration_errors_exit_64_with_a_reason() {
 }
 
 #[test]
-fn runtime_failures_exit_1_and_usage_errors_2() {
+fn runtime_failures_exit_1() {
     // A port already taken is a failed run, not bad configuration.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -167,8 +184,7 @@ fn runtime_failures_exit_1_and_usage_errors_2() {
         "--admin",
         &addr,
     ]);
-    assert_eq!(code, Some(1), "{line}");
-    assert!(line.contains("--admin"), "{line}");
+    assert_one_line(code, &line, 1, "--admin in use", "--admin");
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state").display().to_string();
     let (code, line) = run(&[
@@ -181,8 +197,221 @@ fn runtime_failures_exit_1_and_usage_errors_2() {
         "--state-dir",
         &state,
     ]);
-    assert_eq!(code, Some(1), "{line}");
-    assert!(line.contains("binding"), "{line}");
-    // clap's own usage errors keep clap's code.
-    assert_eq!(run(&["proxy", "--no-such-flag"]).0, Some(2));
+    assert_one_line(code, &line, 1, "ca --listen in use", "binding");
+}
+
+/// Every command: a value its parser rejects (from a flag or a `STEPMESH_*`
+/// variable), an unknown flag or subcommand, a missing argument: one line
+/// naming the flag, exit 64.
+#[test]
+fn command_line_errors_exit_64_with_one_line() {
+    let cases: &[(&[&str], &str)] = &[
+        // stepmesh proxy
+        (
+            &["proxy", "--drain-timeout", "xyz"],
+            "stepmesh: invalid value 'xyz' for '--drain-timeout <DURATION>': expected a duration",
+        ),
+        (
+            &["proxy", "--inbound", "nonsense"],
+            "invalid value 'nonsense' for '--inbound <LISTEN=APP_ADDR>': expected LISTEN=APP_ADDR",
+        ),
+        (
+            &["proxy", "--outbound", "127.0.0.1:1=peer:1@x"],
+            "'--outbound <LISTEN=PEER_ADDR@SPIFFE_ID>': SPIFFE_ID \"x\" must start with spiffe://",
+        ),
+        (&["proxy", "--admin", "localhost"], "'--admin <ADMIN>'"),
+        (
+            &["proxy", "--max-connections", "lots"],
+            "'--max-connections <MAX_CONNECTIONS>'",
+        ),
+        (
+            &["proxy", "--inbound-port", "70000"],
+            "'--inbound-port <INBOUND_PORT>'",
+        ),
+        (
+            &["proxy", "--file-poll-interval", "1y"],
+            "'--file-poll-interval <DURATION>': unknown unit",
+        ),
+        (&["proxy", "--svid-ttl=-1s"], "'--svid-ttl <DURATION>'"),
+        (
+            &["--log-format", "xml", "proxy"],
+            "(possible values: plain, json)",
+        ),
+        (
+            &["proxy", "--no-such-flag"],
+            "unexpected argument '--no-such-flag' found",
+        ),
+        (
+            &["proxy", "--ca", "ca:1"],
+            "required arguments were not provided: --ca-bundle",
+        ),
+        (
+            &["proxy", "--cert", "c", "--ca", "ca:1"],
+            "cannot be used with",
+        ),
+        // stepmesh ca serve
+        (
+            &[
+                "ca",
+                "serve",
+                "--state-dir",
+                "s",
+                "--trust-domain",
+                "Bad.Domain",
+            ],
+            "invalid value 'Bad.Domain' for '--trust-domain <TRUST_DOMAIN>'",
+        ),
+        (
+            &["ca", "serve", "--state-dir", "s", "--max-ttl", "a day"],
+            "'--max-ttl <DURATION>'",
+        ),
+        (
+            &["ca", "serve", "--state-dir", "s", "--listen", "x"],
+            "'--listen <LISTEN>'",
+        ),
+        (
+            &["ca", "serve", "--state-dir", "s", "--sign-burst", "-"],
+            "'--sign-burst <SIGN_BURST>'",
+        ),
+        (
+            &["ca", "serve"],
+            "required arguments were not provided: --state-dir",
+        ),
+        (&["ca", "frob"], "unrecognized subcommand 'frob'"),
+        // stepmesh inject (serve and offline)
+        (
+            &[
+                "inject",
+                "serve",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--body-timeout",
+                "x",
+            ],
+            "'--body-timeout <DURATION>'",
+        ),
+        (
+            &[
+                "inject",
+                "serve",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--max-body-bytes",
+                "4MiB",
+            ],
+            "'--max-body-bytes <MAX_BODY_BYTES>'",
+        ),
+        (
+            &[
+                "inject",
+                "serve",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--timeout",
+                "1s",
+            ],
+            "tip: a similar argument exists: '--body-timeout'",
+        ),
+        // stepmesh policy
+        (
+            &[
+                "policy",
+                "explain",
+                "p.yaml",
+                "--from",
+                "spiffe://td/a",
+                "--port",
+                "http",
+            ],
+            "'--port <PORT>'",
+        ),
+        (
+            &["policy", "check"],
+            "required arguments were not provided: <FILE>",
+        ),
+        // stepmesh init
+        (
+            &["init", "--proxy-uid", "envoy"],
+            "'--proxy-uid <PROXY_UID>'",
+        ),
+        (
+            &["init", "--exclude-outbound-cidrs", "10.0.0.0/33"],
+            "prefix length",
+        ),
+        (
+            &["init", "--exclude-inbound-ports", "22,ssh"],
+            "'--exclude-inbound-ports <EXCLUDE_INBOUND_PORTS>'",
+        ),
+        // stepmesh cert inspect
+        (
+            &["cert", "inspect"],
+            "required arguments were not provided: <FILE>",
+        ),
+        (
+            &["cert", "inspect", "a.pem", "b.pem"],
+            "unexpected argument 'b.pem'",
+        ),
+        // stepmesh demo
+        (
+            &["demo", "--serve=yes"],
+            "unexpected value 'yes' for '--serve'",
+        ),
+        // no such command
+        (&["frob"], "unrecognized subcommand 'frob'"),
+    ];
+    for (args, needle) in cases {
+        assert_config_error(args, needle);
+    }
+    // The same parsers read the STEPMESH_* variables.
+    let out = output(&["proxy"], &[("STEPMESH_DRAIN_TIMEOUT", "xyz")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line(
+        out.status.code(),
+        &stderr,
+        64,
+        "STEPMESH_DRAIN_TIMEOUT",
+        "'--drain-timeout <DURATION>'",
+    );
+}
+
+/// `--help` and `--version` exit 0 on stdout; a command without its
+/// subcommand prints its help on stderr and exits 64.
+#[test]
+fn help_exits_0_and_a_missing_subcommand_64() {
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["proxy", "--help"],
+        &["ca", "serve", "--help"],
+        &["inject", "serve", "--help"],
+        &["policy", "explain", "-h"],
+        &["init", "--help"],
+        &["cert", "inspect", "--help"],
+        &["demo", "--help"],
+        &["help", "proxy"],
+    ] {
+        let out = output(args, &[]);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty(), "{args:?}: nothing on stdout");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for args in [&[][..], &["ca"], &["policy"], &["cert"]] {
+        let out = output(args, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Usage: stepmesh"),
+            "{args:?}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
