@@ -37,6 +37,13 @@ pub struct ProxyArgs {
     /// How often --cert/--key/--bundle are checked for changes.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s", env = "STEPMESH_FILE_POLL")]
     pub file_poll_interval: Duration,
+    /// At start, how long to wait for an identity file that does not exist
+    /// yet (--cert/--key/--bundle, --ca-bundle, --token-file: a volume
+    /// written after the container started); `/ready` says which one. Past
+    /// it, or at once with 0s, a missing file stops the sidecar (exit 64).
+    /// A file that exists but cannot be used stops it at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s", env = "STEPMESH_WAIT_FOR_FILES")]
+    pub wait_for_files: Duration,
     /// mTLS inbound listener: LISTEN=APP_ADDR (repeatable).
     #[arg(
         long,
