@@ -390,10 +390,22 @@ fn command_line_errors_exit_64_with_one_line() {
     );
 }
 
-/// `--help` and `--version` exit 0 on stdout; a command without its
-/// subcommand prints its help on stderr and exits 64.
+/// A command that does its job, `--help` and `--version` exit 0 on stdout;
+/// a command without its subcommand prints its help on stderr and exits 64.
 #[test]
-fn help_exits_0_and_a_missing_subcommand_64() {
+fn success_and_help_exit_0_and_a_missing_subcommand_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("td.test");
+    let cert = write(
+        dir.path(),
+        "a.pem",
+        &pki.leaf("spiffe://td.test/a").chain_pem,
+    );
+    let out = output(&["cert", "inspect", &cert], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://td.test/a"));
+    assert!(out.stderr.is_empty(), "{out:?}");
+
     for args in [
         &["--help"][..],
         &["--version"],
