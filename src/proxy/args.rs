@@ -97,6 +97,36 @@ pub struct ProxyArgs {
     /// Connections open at once, all listeners together; more are closed at accept.
     #[arg(long, default_value_t = 16384, env = "STEPMESH_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Inbound connections one peer identity may hold open at once (0: no
+    /// cap); more are closed after the handshake, counted and logged.
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "STEPMESH_MAX_CONNECTIONS_PER_PEER"
+    )]
+    pub max_connections_per_peer: usize,
+    /// App-facing (outbound) connections one source address may hold open
+    /// at once (0: no cap); more are closed at accept.
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "STEPMESH_MAX_CONNECTIONS_PER_SOURCE"
+    )]
+    pub max_connections_per_source: usize,
+    /// An HTTP/1 request head must be complete this long after its first
+    /// byte, else 408 and the connection closes (slow-header clients).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HEADER_TIMEOUT")]
+    pub header_timeout: Duration,
+    /// An HTTP/1 request body may pause this long between bytes, else 408
+    /// and the connection closes (slow-body clients).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s", env = "STEPMESH_BODY_IDLE_TIMEOUT")]
+    pub body_idle_timeout: Duration,
+    /// Largest HTTP request head in bytes (at most 65536); over it: 431.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=65536), env = "STEPMESH_MAX_REQUEST_HEADER_BYTES")]
+    pub max_request_header_bytes: u32,
+    /// Most fields in an HTTP/1 request head (at most 256); over it: 431.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=256), env = "STEPMESH_MAX_REQUEST_HEADERS")]
+    pub max_request_headers: u16,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "STEPMESH_WORKERS")]
     pub workers: Option<usize>,

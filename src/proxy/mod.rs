@@ -2,6 +2,7 @@
 //! authorization, forwarding, drain. See docs/PROXY.md.
 
 pub mod args;
+pub mod caps;
 pub mod conn;
 pub mod forward;
 pub mod inbound;

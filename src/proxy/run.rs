@@ -161,10 +161,20 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
-            .with_timeouts(args.idle_timeout, args.connect_timeout),
+            .with_timeouts(args.idle_timeout, args.connect_timeout)
+            .with_limits(crate::http::HttpLimits {
+                header_timeout: args.header_timeout,
+                body_idle_timeout: args.body_idle_timeout,
+                head: crate::http::HeadLimits {
+                    bytes: args.max_request_header_bytes as usize,
+                    fields: usize::from(args.max_request_headers),
+                },
+            }),
     );
     let shared = Arc::new(Shared {
         http,
+        peer_cap: super::caps::PerKeyCap::new(args.max_connections_per_peer),
+        source_cap: super::caps::PerKeyCap::new(args.max_connections_per_source),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),
