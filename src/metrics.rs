@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::forward::ByteCounters;
+use crate::net::forward::ByteCounters;
 
 /// Which way a connection goes through the sidecar.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]

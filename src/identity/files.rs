@@ -208,7 +208,7 @@ impl FileSource {
         let leaf = chain
             .first()
             .ok_or_else(|| pem_err(&self.cert, "no CERTIFICATE block".into()))?;
-        let id = crate::tls::spiffe_id_of(leaf)
+        let id = super::spiffe_id_of(leaf)
             .ok_or_else(|| pem_err(&self.cert, "leaf has no SPIFFE ID URI SAN".into()))?;
         let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_slice())
             .map_err(|e| pem_err(&self.key, e.to_string()))?

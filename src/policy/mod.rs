@@ -1,10 +1,10 @@
 //! Authorization policy: the YAML model, strict loading, decisions, hot
-//! reload, and the `stepmesh policy` tools (check, explain, NetworkPolicy).
+//! reload, request-target canonicalisation, the NetworkPolicy compiler. The
+//! `stepmesh policy` commands are in `policy_cmd`.
 //!
 //! A [`Policy`] is immutable once built; [`PolicyWatch`] swaps whole
 //! policies atomically, so a decision never sees half of a reload.
 
-mod cmd;
 mod compile;
 mod decide;
 mod model;
@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::cidr::Cidr;
-pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};

@@ -173,8 +173,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     );
     let shared = Arc::new(Shared {
         http,
-        peer_cap: super::caps::PerKeyCap::new(args.max_connections_per_peer),
-        source_cap: super::caps::PerKeyCap::new(args.max_connections_per_source),
+        peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
+        source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),

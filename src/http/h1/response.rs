@@ -148,8 +148,8 @@ impl<S: Side> Relay<'_, S> {
             .await
             .map_err(|e| Fail::UpstreamLate(e.to_string()))?;
         self.cbuf.consume(usize::MAX);
-        let counters = crate::proxy::forward::ByteCounters::default();
-        let done = crate::proxy::forward::forward(client, up, self.idle_period, &counters).await;
+        let counters = crate::net::forward::ByteCounters::default();
+        let done = crate::net::forward::forward(client, up, self.idle_period, &counters).await;
         self.done.bytes_in += done.a_to_b;
         self.done.bytes_out += done.b_to_a;
         self.done.requests += 1;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::{netpol, target, Policy, SpiffeId};
+use crate::policy::{netpol, target, Policy, SpiffeId};
 use crate::stepup::{self, Outcome, Peer, RequestInfo, StepUp, StepUpMetrics};
 
 /// `stepmesh policy` subcommands.
