@@ -268,7 +268,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         }
     }));
     let mut stop = stop_all.subscribe();
-    let admin_server = Admin::new(Arc::new(registry), ready.clone());
+    let admin_server = Admin::new(Arc::new(registry), ready.check());
     tasks.push(tokio::spawn(admin_server.serve(admin, async move {
         let _ = stop.recv().await;
     })));
