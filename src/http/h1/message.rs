@@ -365,11 +365,19 @@ fn response_framing(
 pub fn write_request(parts: &request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    let target = match parts.uri.path_and_query() {
-        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
-        _ => "/",
-    };
-    out.extend_from_slice(target.as_bytes());
+    // An absolute-form target may have an empty path with a query
+    // (`http://a?b`); its origin form is `/?b` (RFC 9112 §3.2.1), which
+    // `PathAndQuery::path` gives by answering "/" for an empty path.
+    match parts.uri.path_and_query() {
+        Some(pq) => {
+            out.extend_from_slice(pq.path().as_bytes());
+            if let Some(query) = pq.query() {
+                out.push(b'?');
+                out.extend_from_slice(query.as_bytes());
+            }
+        }
+        None => out.push(b'/'),
+    }
     out.extend_from_slice(version_str(parts.version));
     out.extend_from_slice(b"\r\n");
     write_fields(&parts.headers, out);
@@ -442,6 +450,27 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /a?b=c HTTP/1.1\r\nhost: api\r\nx-thing: 1\r\n\r\n"
         );
+    }
+
+    /// Fuzz finding (fuzz/ target h1_head): an absolute-form target with an
+    /// empty path and a query was written upstream as `GET ?b HTTP/1.0`, a
+    /// request line no server accepts.
+    #[test]
+    fn absolute_form_with_an_empty_path_is_written_with_a_slash() {
+        let text = "GET http://a?b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+        let (head, _) = req(text).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_request(&head.parts, &mut out);
+        assert!(out.starts_with(b"GET /?b HTTP/1.0\r\n"), "{out:?}");
+        assert!(req(std::str::from_utf8(&out).unwrap()).unwrap().is_some());
+        for (target, written) in [("http://a", "/"), ("http://a/p?q", "/p?q"), ("*", "*")] {
+            let text = format!("OPTIONS {target} HTTP/1.0\r\n\r\n");
+            let (head, _) = req(&text).unwrap().unwrap();
+            let mut out = Vec::new();
+            write_request(&head.parts, &mut out);
+            let want = format!("OPTIONS {written} HTTP/1.0\r\n");
+            assert!(out.starts_with(want.as_bytes()), "{target}: {out:?}");
+        }
     }
 
     #[test]
