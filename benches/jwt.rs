@@ -97,6 +97,7 @@ fn verify(c: &mut Criterion) {
         format!("Bearer {es}").parse().expect("a header value"),
     );
     let method = http::Method::POST;
+    let uri = http::Uri::from_static("/refunds/1");
     let request = RequestInfo {
         peer: Peer {
             id: &peer_id,
@@ -104,7 +105,7 @@ fn verify(c: &mut Criterion) {
         },
         port: 8080,
         method: &method,
-        path: "/refunds/1",
+        uri: &uri,
         headers: &headers,
     };
     let first =

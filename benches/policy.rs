@@ -59,21 +59,26 @@ fn decisions(c: &mut Criterion) {
         b.iter(|| policy.authorize(black_box(&unlisted), black_box(port)))
     });
     let post = http::Method::POST;
-    group.bench_function("authorize_request/last route of 5", |b| {
-        b.iter(|| {
-            policy.authorize_request(
-                black_box(&last_exact),
-                port,
-                &post,
-                black_box("/api4/refunds/123"),
-            )
-        })
-    });
-    group.bench_function("authorize_request/no route matches", |b| {
-        b.iter(|| {
-            policy.authorize_request(black_box(&last_exact), port, &post, black_box("/health"))
-        })
-    });
+    let headers = http::HeaderMap::new();
+    for (name, target) in [
+        ("last route of 5", "/api4/refunds/123"),
+        ("no route matches", "/health"),
+        // Upper case, a `;` parameter and an escape: 8 readings, each matched.
+        ("hostile path, 8 readings", "/API4/Refunds;v=1/caf%C3%A9"),
+    ] {
+        let uri = http::Uri::from_static(target);
+        group.bench_function(format!("authorize_request/{name}"), |b| {
+            b.iter(|| {
+                policy.authorize_request(
+                    black_box(&last_exact),
+                    port,
+                    &post,
+                    black_box(&uri),
+                    &headers,
+                )
+            })
+        });
+    }
     group.finish();
 }
 

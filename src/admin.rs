@@ -19,8 +19,9 @@ use crate::appprobe::PATH_PREFIX;
 pub struct AdminState {
     /// The process's frozen metrics registry.
     pub registry: Arc<Registry>,
-    /// `/ready`: true once an SVID is loaded and every listener is up.
-    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// `/ready`: `None` once an SVID is loaded and every listener is up,
+    /// else why not (the 503's body).
+    pub ready: Box<dyn Fn() -> Option<String> + Send + Sync>,
     /// `/config`: the running configuration as JSON.
     pub config: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// `/app-health/...`: the app's original probes (`--app-probes`).
@@ -77,8 +78,13 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/ready" if (state.ready)() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => match (state.ready)() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         "/metrics" => {
             let body = crate::metrics::encode(&state.registry);
             let mut resp = text(StatusCode::OK, body);

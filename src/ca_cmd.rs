@@ -76,10 +76,10 @@ pub struct CaServeArgs {
     #[arg(long, default_value = "stepmesh-ca", env = "STEPMESH_CA_AUDIENCE")]
     pub audience: String,
     /// SVID lifetime when the request asks none (e.g. 24h, 90m).
-    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "STEPMESH_CA_DEFAULT_TTL")]
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_DEFAULT_TTL")]
     pub default_ttl: Duration,
     /// Longest SVID lifetime granted.
-    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "STEPMESH_CA_MAX_TTL")]
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_MAX_TTL")]
     pub max_ttl: Duration,
     /// Extra DNS name of the CA's serving certificate (repeatable), e.g. the
     /// Service's cluster DNS name.
@@ -96,7 +96,7 @@ pub struct CaServeArgs {
     #[arg(long, default_value_t = 20, env = "STEPMESH_CA_SIGN_BURST")]
     pub sign_burst: u32,
     /// How often the bundle sources and join-token file are re-read.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
     pub poll_interval: Duration,
 }
 

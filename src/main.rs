@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = stepmesh::cli::Cli::parse();
+    let cli = match stepmesh::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version: 0; anything else on the command line: one
+        // line and 64, like every other configuration error.
+        Err(err) => return stepmesh::exit::command_line(&err),
+    };
     stepmesh::telemetry::init(cli.log_format);
     match stepmesh::app::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

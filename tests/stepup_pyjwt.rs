@@ -83,7 +83,7 @@ inbound:
                 peer: Peer { id, x5t_s256: "" },
                 port: 443,
                 method: &Method::POST,
-                path,
+                uri: &http::Uri::from_static(path),
                 headers: &h,
             };
             decide(policy, stepup, req, unix_now()).await

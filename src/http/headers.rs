@@ -1,7 +1,6 @@
 //! Header and path hygiene of the proxy: hop-by-hop headers removed (RFC
 //! 9110 §7.6.1), `x-forwarded-client-cert` replaced, the step-up headers
-//! cleaned, and paths that an app could normalize into a different route
-//! refused before the route decision sees them.
+//! cleaned. (Request targets are checked by `policy::target`.)
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -96,35 +95,6 @@ pub fn absolute(authority: Authority, uri: &Uri) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Whether `path` is in the form an app will not rewrite into another
-/// route: no `.`/`..` segments, no `//`, no backslash, no percent-encoded
-/// unreserved characters, slashes or backslashes.
-pub fn path_is_canonical(path: &str) -> bool {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    if !path.starts_with('/') || path.contains("//") || path.contains('\\') {
-        return false;
-    }
-    if path.split('/').any(|s| s == "." || s == "..") {
-        return false;
-    }
-    let bytes = path.as_bytes();
-    let mut i = 0;
-    while let Some(pos) = bytes[i..].iter().position(|b| *b == b'%') {
-        let at = i + pos;
-        let Some(hex) = path.get(at + 1..at + 3) else {
-            return false;
-        };
-        let Ok(b) = u8::from_str_radix(hex, 16) else {
-            return false;
-        };
-        if b.is_ascii_alphanumeric() || b"-._~/\\".contains(&b) {
-            return false;
-        }
-        i = at + 3;
-    }
-    true
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
@@ -175,36 +145,5 @@ mod tests {
             h[XFCC],
             "By=spiffe://td/ns/b/sa/api;URI=spiffe://td/ns/a/sa/web"
         );
-    }
-
-    #[test]
-    fn canonical_paths() {
-        for ok in [
-            "/",
-            "/refunds/1",
-            "/a-b_c.d~e",
-            "/q?x=../y",
-            "/%20space",
-            "/caf%C3%A9",
-        ] {
-            assert!(path_is_canonical(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "x",
-            "//refunds",
-            "/a/../refunds",
-            "/./refunds",
-            "/refunds/.",
-            "/a\\b",
-            "/%72efunds",
-            "/x%2F..%2Frefunds",
-            "/%2e%2e/refunds",
-            "/%5c",
-            "/%",
-            "/%zz",
-        ] {
-            assert!(!path_is_canonical(bad), "{bad}");
-        }
     }
 }

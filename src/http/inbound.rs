@@ -20,13 +20,12 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::detect::{self, Detected, Prefixed};
 use super::headers::{
-    absolute, path_is_canonical, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+    absolute, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
 use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
@@ -114,13 +113,19 @@ where
         return serve_hyper(layer, conn, io, drain, true).await;
     }
     let mut io = io;
-    let sniffed = tokio::time::timeout(super::seam::INBOUND_DETECT, detect::sniff(&mut io)).await;
+    // Detection reads the first request's first bytes: the header deadline
+    // bounds it (the relay then counts from its own start).
+    let deadline = layer.limits.header_timeout;
+    let sniffed = tokio::time::timeout(deadline, detect::sniff(&mut io)).await;
     match sniffed {
         Ok(Ok((detected, prefix))) => {
             serve_detected(layer, conn, io, detected, prefix, drain).await
         }
         Ok(Err(e)) => Outcome::failed("io", e),
-        Err(_) => Outcome::failed("idle_timeout", "no request"),
+        Err(_) => {
+            layer.metrics.refusal("inbound", "header_timeout");
+            Outcome::failed("header_timeout", "no complete request start in time")
+        }
     }
 }
 
@@ -172,15 +177,11 @@ where
 {
     // What every request of the connection shares is made once, here.
     let served = Arc::new(Served::new(conn));
+    let mut builder = super::server_builder(&layer.limits);
     let svc = service_fn(move |req| {
         let (layer, served) = (layer.clone(), served.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &served, req).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .adaptive_window(true)
-        .timer(TokioTimer::new());
     if mesh {
         builder = builder.http2_only();
     }
@@ -224,6 +225,12 @@ struct AppSide {
 impl h1::Side for AppSide {
     type Upstream = TcpStream;
     const REDIAL: bool = true;
+    const DIRECTION: &'static str = "inbound";
+
+    fn layer(&self) -> &HttpLayer {
+        &self.layer
+    }
+
     const DECIDES: bool = true;
 
     fn exchange(&self) -> Exchange {
@@ -290,14 +297,6 @@ async fn admit(
         x.record.path = parts.uri.path().to_owned();
         x.record.version = version_label(orig);
     }
-    let has_routes = policy.port(conn.port).is_some_and(|p| !p.routes.is_empty());
-    if has_routes && !path_is_canonical(parts.uri.path()) {
-        return Verdict::Answer(Local::deny(
-            StatusCode::BAD_REQUEST,
-            "non_canonical_path",
-            "request path is not in canonical form\n",
-        ));
-    }
     let info = RequestInfo {
         peer: Peer {
             id: &conn.peer,
@@ -305,7 +304,7 @@ async fn admit(
         },
         port: conn.port,
         method: &parts.method,
-        path: parts.uri.path(),
+        uri: &parts.uri,
         headers: &parts.headers,
     };
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
@@ -315,6 +314,14 @@ async fn admit(
         x.record.rule = Some(d.rule.to_string());
     }
     match &d.outcome {
+        GateOutcome::BadRequest(refusal) => {
+            layer.metrics.refusal("inbound", refusal.reason());
+            return Verdict::Answer(Local::deny(
+                StatusCode::BAD_REQUEST,
+                refusal.reason(),
+                refusal.message(),
+            ));
+        }
         GateOutcome::Forbidden => {
             return Verdict::Answer(Local::deny(
                 StatusCode::FORBIDDEN,

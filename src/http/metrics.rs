@@ -19,6 +19,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -42,6 +48,7 @@ pub(crate) struct LastSeries {
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     latency: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     /// The two series of `latency`, looked up once (no label lookup per
     /// request); they share their state with the family's.
@@ -56,6 +63,7 @@ impl Default for HttpMetrics {
         let series = |direction| latency.get_or_create(&DirectionLabel { direction }).clone();
         HttpMetrics {
             requests: Family::default(),
+            refusals: Family::default(),
             inbound: series("inbound"),
             outbound: series("outbound"),
             latency,
@@ -72,6 +80,11 @@ impl HttpMetrics {
             "stepmesh_http_requests",
             "HTTP requests by direction, port, route, decision (allow, deny, would_deny, error) and status",
             m.requests.clone(),
+        );
+        registry.register(
+            "stepmesh_http_refusals",
+            "Requests and connections refused before the app by the proxy's own checks, by direction and reason (request-target checks, header and body deadlines)",
+            m.refusals.clone(),
         );
         registry.register(
             "stepmesh_http_request_duration_seconds",
@@ -112,6 +125,13 @@ impl HttpMetrics {
                 .get_or_create(&DirectionLabel { direction })
                 .observe(secs),
         }
+    }
+
+    /// Counts one refusal by the proxy's own checks (not by policy).
+    pub fn refusal(&self, direction: &'static str, reason: &'static str) {
+        self.refusals
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
     }
 
     /// Counts one finished request.

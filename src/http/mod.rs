@@ -6,6 +6,7 @@
 pub mod detect;
 pub(crate) mod h1;
 pub mod headers;
+pub use h1::message::HeadLimits;
 pub mod inbound;
 mod metrics;
 pub mod outbound;
@@ -53,6 +54,32 @@ pub struct HttpLayer {
     idle_timeout: std::time::Duration,
     /// Deadline for dialling the app.
     connect_timeout: std::time::Duration,
+    /// What one client may hold of the proxy.
+    pub(crate) limits: HttpLimits,
+}
+
+/// What one HTTP/1 client may hold of the proxy, so that slow or greedy
+/// clients cannot pin connections (slowloris) or memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head must be complete this long after its first byte
+    /// (`--header-timeout`): else 408 and the connection closes.
+    pub header_timeout: std::time::Duration,
+    /// A request body may pause this long between bytes
+    /// (`--body-idle-timeout`): else 408 and the connection closes.
+    pub body_idle_timeout: std::time::Duration,
+    /// Request head size and field count (431 over either).
+    pub head: HeadLimits,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_idle_timeout: std::time::Duration::from_secs(60),
+            head: HeadLimits::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for HttpLayer {
@@ -81,7 +108,14 @@ impl HttpLayer {
             draining_now: std::sync::atomic::AtomicBool::new(false),
             idle_timeout: std::time::Duration::from_secs(3600),
             connect_timeout: inbound::APP_CONNECT_TIMEOUT,
+            limits: HttpLimits::default(),
         }
+    }
+
+    /// The per-client limits instead of [`HttpLimits::default`].
+    pub fn with_limits(mut self, limits: HttpLimits) -> HttpLayer {
+        self.limits = limits;
+        self
     }
 
     /// The proxy's idle and connect timeouts (`--idle-timeout`,
@@ -117,6 +151,21 @@ impl HttpLayer {
             let _ = rx.wait_for(|d| *d).await;
         }
     }
+}
+
+/// The HTTP server settings both directions use: adaptive HTTP/2 windows,
+/// and the head size limit as HTTP/2's header list limit.
+pub(crate) fn server_builder(
+    limits: &HttpLimits,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http2()
+        .adaptive_window(true)
+        .max_header_list_size(u32::try_from(limits.head.bytes).unwrap_or(u32::MAX))
+        .timer(hyper_util::rt::TokioTimer::new());
+    builder
 }
 
 /// Runs one server connection; when `drain` resolves, shuts it down

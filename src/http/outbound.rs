@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -168,15 +167,11 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let builder = super::server_builder(&layer.limits);
     let svc = service_fn(move |req| {
         let (layer, conn) = (layer.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .adaptive_window(true)
-        .timer(TokioTimer::new());
     serve_until(&builder, io, svc, drain).await
 }
 
@@ -282,6 +277,12 @@ pub(crate) type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
 impl h1::Side for PeerSide<'_> {
     type Upstream = PeerStream;
     const REDIAL: bool = false;
+    const DIRECTION: &'static str = "outbound";
+
+    fn layer(&self) -> &HttpLayer {
+        self.layer
+    }
+
     const DECIDES: bool = false;
 
     fn exchange(&self) -> Exchange {

@@ -2,8 +2,10 @@
 //! client, the token file is re-read before every request (kubelet rotates
 //! it), renewal happens at half the SVID's remaining life with jitter, and a
 //! failure is retried with exponential backoff while the current SVID keeps
-//! serving.
+//! serving. At start, a missing bundle or token file is waited for
+//! (`--wait-for-files`) and a bundle the client cannot use stops the sidecar.
 
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,6 +14,7 @@ use stepmesh_ca::client::{CaClient, Credential, IssuedSvid};
 use stepmesh_ca::spiffe_id::TrustDomain;
 
 use super::store::{CertStore, Svid};
+use super::StartWait;
 use crate::metrics::IdentityMetrics;
 
 /// First retry delay after a failure; doubled up to [`MAX_BACKOFF`].
@@ -57,15 +60,26 @@ pub struct CaSource {
     pub trust_domain: TrustDomain,
     /// Lifetime to ask for (None: the CA's default).
     pub ttl: Option<Duration>,
+    /// At start, how long a missing bundle or token file is waited for.
+    pub wait: Duration,
 }
 
+/// How often a missing file is looked for at start.
+const START_POLL: Duration = Duration::from_millis(500);
+
 impl CaSource {
-    /// Obtains the SVID and renews it, forever.
-    pub async fn run(self, store: Arc<CertStore>, metrics: IdentityMetrics) {
-        let mut client: Option<CaClient> = None;
+    /// Obtains the SVID and renews it, forever. Returns only if the start
+    /// cannot work (see [`Self::client`]).
+    pub async fn run(
+        self,
+        store: Arc<CertStore>,
+        metrics: IdentityMetrics,
+    ) -> anyhow::Result<Infallible> {
+        let client = self.client(&store).await?;
+        tokio::spawn(watch_bundle(client.clone(), store.clone()));
         let mut backoff = MIN_BACKOFF;
         loop {
-            let attempt = self.attempt(&mut client, &store).await;
+            let attempt = self.attempt(&client, &store).await;
             let wait = match attempt {
                 Ok(not_after) => {
                     metrics.renewal("ca", true);
@@ -77,6 +91,10 @@ impl CaSource {
                     metrics.renewal("ca", false);
                     let wait = jitter(backoff, 0.2);
                     tracing::warn!(error = %e, retry_in = ?wait, serving = store.is_loaded(), "SVID renewal failed; keeping the current SVID");
+                    store.set_trouble(format!(
+                        "the last request to the CA {} failed: {e}",
+                        self.addr
+                    ));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     wait
                 }
@@ -85,21 +103,47 @@ impl CaSource {
         }
     }
 
+    /// The CA client, once `--ca-bundle` and `--token-file` exist (each
+    /// waited for up to `--wait-for-files`). A file that cannot be read, or
+    /// a bundle with no usable certificate, is a configuration error naming
+    /// the file. The client connects lazily: the CA is not dialled here.
+    async fn client(&self, store: &CertStore) -> anyhow::Result<CaClient> {
+        let mut wait = StartWait::new(self.wait, START_POLL);
+        loop {
+            let pem = match tokio::fs::read_to_string(&self.ca_bundle).await {
+                Ok(pem) => pem,
+                Err(e) if super::is_missing(&e) => {
+                    wait.missing("--ca-bundle", &self.ca_bundle, store).await?;
+                    continue;
+                }
+                Err(e) => return Err(file_error("--ca-bundle", &self.ca_bundle, e)),
+            };
+            // Read, not stat: a token we may not read is as wrong as a bundle.
+            match tokio::fs::read(&self.token_file).await {
+                Ok(_) => {}
+                Err(e) if super::is_missing(&e) => {
+                    wait.missing("--token-file", &self.token_file, store)
+                        .await?;
+                    continue;
+                }
+                Err(e) => return Err(file_error("--token-file", &self.token_file, e)),
+            }
+            let client = CaClient::connect(&self.addr, &pem).map_err(|e| {
+                crate::exit::config(anyhow::anyhow!(
+                    "--ca {} with --ca-bundle {}: {e}",
+                    self.addr,
+                    self.ca_bundle.display()
+                ))
+            })?;
+            return Ok(client.expect_trust_domain(self.trust_domain.clone()));
+        }
+    }
+
     async fn attempt(
         &self,
-        client: &mut Option<CaClient>,
+        client: &CaClient,
         store: &Arc<CertStore>,
     ) -> Result<SystemTime, CaSourceError> {
-        let client = match client {
-            Some(client) => client,
-            None => {
-                let pem = read(&self.ca_bundle).await?;
-                let new = CaClient::connect(&self.addr, &pem)?
-                    .expect_trust_domain(self.trust_domain.clone());
-                tokio::spawn(watch_bundle(new.clone(), store.clone()));
-                client.insert(new)
-            }
-        };
         let token = read(&self.token_file).await?;
         let token = token.trim();
         if token.is_empty() {
@@ -158,6 +202,11 @@ async fn read(path: &PathBuf) -> Result<String, CaSourceError> {
             path: path.clone(),
             source,
         })
+}
+
+/// A file given with `flag` cannot be read: a configuration error.
+fn file_error(flag: &str, path: &std::path::Path, err: std::io::Error) -> anyhow::Error {
+    crate::exit::config(anyhow::anyhow!("{flag} {}: {err}", path.display()))
 }
 
 /// When to renew: half the remaining lifetime, ±10 % so a fleet started

@@ -5,7 +5,13 @@ pub mod ca;
 pub mod files;
 pub mod store;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use store::CertStore;
 
 /// Unix seconds of a time (0 before the epoch), for metrics.
 pub fn unix_secs(at: SystemTime) -> i64 {
@@ -24,15 +30,78 @@ pub enum IdentitySource {
 }
 
 impl IdentitySource {
-    /// Obtains the SVID and keeps it fresh, forever.
+    /// Obtains the SVID and keeps it fresh, forever. Returns only when the
+    /// configuration cannot work (a configuration error, exit 64): a file
+    /// missing past `--wait-for-files`, or one that exists but cannot be
+    /// used, before the first SVID.
     pub async fn run(
         self,
-        store: std::sync::Arc<store::CertStore>,
+        store: std::sync::Arc<CertStore>,
         metrics: crate::metrics::IdentityMetrics,
-    ) {
+    ) -> anyhow::Result<Infallible> {
         match self {
             Self::Files(files) => files.run(store, metrics).await,
             Self::Ca(ca) => ca.run(store, metrics).await,
         }
     }
+}
+
+/// At start, the wait for files that may appear after the container starts
+/// (a CSI driver, a projected volume, a helper writing an `emptyDir`): a
+/// missing file is waited for until `--wait-for-files` has passed, with a
+/// log line and `/ready` saying which; then it is a configuration error.
+#[derive(Debug)]
+struct StartWait {
+    wait: Duration,
+    deadline: Instant,
+    poll: Duration,
+    /// The file last said to be waited for (said once per file).
+    announced: Option<PathBuf>,
+}
+
+impl StartWait {
+    fn new(wait: Duration, poll: Duration) -> Self {
+        Self {
+            wait,
+            deadline: Instant::now() + wait,
+            poll,
+            announced: None,
+        }
+    }
+
+    /// `path` (the value of `flag`) does not exist: sleeps one poll while
+    /// there is time left, else the configuration error naming it.
+    async fn missing(&mut self, flag: &str, path: &Path, store: &CertStore) -> anyhow::Result<()> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            let why = if self.wait.is_zero() {
+                "no such file (--wait-for-files 0s: not waited for)".to_owned()
+            } else {
+                format!(
+                    "still no such file after waiting {:?} (--wait-for-files)",
+                    self.wait
+                )
+            };
+            return Err(crate::exit::config(anyhow::anyhow!(
+                "{flag} {}: {why}",
+                path.display()
+            )));
+        }
+        if self.announced.as_deref() != Some(path) {
+            let why = format!(
+                "waiting for {flag} {} to appear (mounted later?)",
+                path.display()
+            );
+            tracing::warn!(gives_up_in = ?self.deadline - now, "{why}");
+            store.set_trouble(why);
+            self.announced = Some(path.to_owned());
+        }
+        tokio::time::sleep(self.poll.min(self.deadline - now)).await;
+        Ok(())
+    }
+}
+
+/// Whether an I/O error says the file (or a directory above it) is absent.
+fn is_missing(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::NotFound
 }

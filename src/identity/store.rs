@@ -67,6 +67,8 @@ pub struct CertStore {
     provider: Arc<CryptoProvider>,
     trust_domain: ArcSwapOption<TrustDomain>,
     current: ArcSwapOption<Current>,
+    /// Why the source has no (new) SVID for us, for `/ready`.
+    trouble: ArcSwapOption<String>,
     generation: tokio::sync::watch::Sender<u64>,
     /// Unix seconds of the last change of the bundle's roots (0: never).
     roots_changed_at: AtomicU64,
@@ -82,6 +84,7 @@ impl CertStore {
             provider,
             trust_domain: ArcSwapOption::new(trust_domain.map(Arc::new)),
             current: ArcSwapOption::empty(),
+            trouble: ArcSwapOption::empty(),
             generation: tokio::sync::watch::Sender::new(0),
             roots_changed_at: AtomicU64::new(0),
             roots_generation: AtomicU64::new(0),
@@ -124,6 +127,7 @@ impl CertStore {
             bundle: Arc::new(svid.bundle),
             info: info.clone(),
         })));
+        self.trouble.store(None);
         self.generation.send_modify(|g| *g += 1);
         Ok(info)
     }
@@ -198,6 +202,18 @@ impl CertStore {
     /// Changes whenever the bundle's roots change (keys verification caches).
     pub fn roots_generation(&self) -> u64 {
         self.roots_generation.load(Ordering::Acquire)
+    }
+
+    /// Records why the source cannot give us an SVID (waiting for a file,
+    /// the CA refusing); shown by `/ready`, cleared by the next
+    /// [`publish`](Self::publish).
+    pub fn set_trouble(&self, why: String) {
+        self.trouble.store(Some(Arc::new(why)));
+    }
+
+    /// Why the source has not given us an SVID since its last one, if known.
+    pub fn trouble(&self) -> Option<Arc<String>> {
+        self.trouble.load_full()
     }
 
     /// Whether an SVID is loaded.

@@ -61,13 +61,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STEPMESH_INJECT_KEY")]
     pub key: PathBuf,
     /// How often the certificate files are checked, e.g. `2s` or `500ms`.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     pub reload_interval: Duration,
     /// Deadline for receiving a request body (408 beyond).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// After SIGTERM, how long in-flight reviews may finish.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Duration,
     /// Largest request body accepted (bytes); the API server sends at most ~3 MiB.
     #[arg(long, default_value_t = 4 << 20)]

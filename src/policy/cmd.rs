@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::{netpol, Policy, SpiffeId};
+use super::{netpol, target, Policy, SpiffeId};
 use crate::stepup::{self, Outcome, Peer, RequestInfo, StepUp, StepUpMetrics};
 
 /// `stepmesh policy` subcommands.
@@ -48,9 +48,14 @@ pub struct ExplainArgs {
     /// HTTP method (an HTTP request is explained when --method or --path is given).
     #[arg(long)]
     pub method: Option<String>,
-    /// HTTP path.
+    /// HTTP request target as sent: a path with optional query, or an
+    /// absolute-form `http://host/path` (read exactly as the sidecar reads it).
     #[arg(long)]
     pub path: Option<String>,
+    /// The request's `Host` (checked against an absolute-form target's
+    /// authority; give it twice to explain a request with two).
+    #[arg(long)]
+    pub host: Vec<String>,
     /// Step-up token, sent in the header the matched route reads.
     #[arg(long)]
     pub token: Option<String>,
@@ -138,9 +143,29 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     .context("--method")?;
     let path = args.path.as_deref().unwrap_or("/");
     let mut headers = http::HeaderMap::new();
+    for host in &args.host {
+        headers.append(
+            http::header::HOST,
+            http::HeaderValue::from_str(host).context("--host")?,
+        );
+    }
+    let uri = match target::parse(path) {
+        Ok(uri) => uri,
+        Err(refusal) => {
+            let _ = writeln!(out, "request: {method} {path}");
+            let _ = writeln!(
+                out,
+                "decision: 400 bad request\nrule: request target\nreason: {}\nwhy: {refusal}",
+                refusal.reason()
+            );
+            return Ok(out);
+        }
+    };
     if let Some(token) = &args.token {
         let step_up = policy
-            .route(args.port, &method, path)
+            .route_request(args.port, &method, &uri, &headers)
+            .ok()
+            .flatten()
             .and_then(|r| r.step_up.as_ref());
         if let Some(rule) = step_up {
             let value = if rule.header == http::header::AUTHORIZATION {
@@ -175,7 +200,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         },
         port: args.port,
         method: &method,
-        path,
+        uri: &uri,
         headers: &headers,
     };
     let d = stepup::decide(&policy, &stepup, req, stepup::gate::unix_now()).await;
@@ -184,6 +209,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         (Outcome::Allow, false) => "allow".to_owned(),
         (Outcome::Forbidden, _) => "403 forbidden".to_owned(),
         (Outcome::Challenge(_), _) => "401 unauthorized".to_owned(),
+        (Outcome::BadRequest(_), _) => "400 bad request".to_owned(),
     };
     let _ = writeln!(out, "request: {method} {path}");
     let _ = writeln!(
@@ -198,6 +224,9 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         "decision: {verdict}\nrule: {}\nreason: {}",
         d.rule, d.reason
     );
+    if let Outcome::BadRequest(refusal) = &d.outcome {
+        let _ = writeln!(out, "why: {refusal}");
+    }
     if let Outcome::Challenge(v) = &d.outcome {
         let _ = writeln!(out, "www-authenticate: {}", v.to_str().unwrap_or("?"));
     }

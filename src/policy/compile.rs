@@ -10,6 +10,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 
 use super::model::*;
+use super::target;
 use super::units::parse_duration;
 use super::{
     AllowRule, DefaultLabels, JwksSource, OutboundRule, PathMatch, Policy, PolicyError, PortPolicy,
@@ -271,7 +272,9 @@ fn port(
         port: p.port,
         protocol: p.protocol,
         allow,
+        mixed_case_routes: routes.iter().any(|r| r.path != r.folded),
         routes,
+        path_match: p.path_match,
         label: Arc::from(path),
     })
 }
@@ -297,13 +300,18 @@ fn route(path: &str, r: RawRoute, providers: &[Arc<ProviderConfig>]) -> Result<R
     if !p.starts_with('/') {
         return Err(invalid(ppath, format!("{p:?} must start with /")));
     }
-    if p.contains(['?', '#', '%'])
+    // A pattern must be a path a request can canonically have: requests
+    // with these are refused before matching (policy::target).
+    if p.contains(['?', '#', '%', ';', '\\'])
+        || p.chars().any(char::is_control)
         || p.split('/').any(|s| s == "." || s == "..")
         || p.contains("//")
     {
         return Err(invalid(
             ppath,
-            format!("{p:?}: no query, fragment, percent-escapes, empty, . or .. segments"),
+            format!(
+                "{p:?}: no query, fragment, percent-escapes, ';', backslash, control characters, empty, . or .. segments"
+            ),
         ));
     }
     let body = p.strip_suffix("/*");
@@ -313,9 +321,14 @@ fn route(path: &str, r: RawRoute, providers: &[Arc<ProviderConfig>]) -> Result<R
             format!("{p:?}: '*' is only allowed as a final /* segment"),
         ));
     }
-    let matcher = match body {
-        Some(base) => PathMatch::Prefix(base.to_owned()),
-        None => PathMatch::Exact(p.clone()),
+    // One trailing slash never matters to a request: nor to a pattern.
+    let matcher = |fold: bool| {
+        let text = |s: &str| if fold { target::fold(s) } else { s.to_owned() };
+        match body {
+            Some(base) => PathMatch::Prefix(text(base)),
+            None if p.len() > 1 => PathMatch::Exact(text(p.trim_end_matches('/'))),
+            None => PathMatch::Exact(text(p)),
+        }
     };
     let from = match &r.from {
         Some(f) => Some(patterns(&format!("{path}.from"), f)?),
@@ -328,7 +341,8 @@ fn route(path: &str, r: RawRoute, providers: &[Arc<ProviderConfig>]) -> Result<R
     Ok(Route {
         name: Arc::from(r.name),
         methods,
-        path: matcher,
+        path: matcher(false),
+        folded: matcher(true),
         from,
         step_up,
     })

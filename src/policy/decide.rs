@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::{HeaderMap, Method, Uri};
+
+use super::target::{self, Readings, Refusal};
 use super::{InboundDefault, Mode, OutboundAction, Policy, Route, SpiffeId};
 
 /// The outcome of an authorization, audit mode already applied.
@@ -39,21 +42,23 @@ impl Policy {
     }
 
     /// The identity decision for one HTTP request: the port's allow list,
-    /// then the first matching route's `from`, if it has one.
+    /// then the first matching route's `from`, if it has one. On a port with
+    /// routes the target is checked first ([`target`]): a refusal is a 400.
     pub fn authorize_request(
         &self,
         peer: &SpiffeId,
         port: u16,
-        method: &http::Method,
-        path: &str,
-    ) -> RouteMatch<'_> {
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<RouteMatch<'_>, Refusal> {
+        let route = self.route_request(port, method, uri, headers)?;
         let (allowed, rule, reason) = self.identity(peer, port);
-        let route = self.route(port, method, path);
         if !allowed {
-            return RouteMatch {
+            return Ok(RouteMatch {
                 decision: self.finish(false, rule, reason),
                 route,
-            };
+            });
         }
         let decision = match route.and_then(|r| r.from.as_ref().map(|f| (r, f))) {
             Some((r, from)) if !from.iter().any(|p| p.matches(peer)) => {
@@ -61,16 +66,62 @@ impl Policy {
             }
             _ => self.finish(true, rule, reason),
         };
-        RouteMatch { decision, route }
+        Ok(RouteMatch { decision, route })
     }
 
-    /// The first route of `port` matching the method and path (query excluded).
-    pub fn route(&self, port: u16, method: &http::Method, path: &str) -> Option<&Route> {
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
-        self.port(port)?
-            .routes
-            .iter()
-            .find(|r| (r.methods.is_empty() || r.methods.contains(method)) && r.path.matches(path))
+    /// The route of a request on `port`: none when the port has no routes
+    /// (its target is then not the policy's business), else the target
+    /// checked and read every way the port's app may read it.
+    pub fn route_request(
+        &self,
+        port: u16,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Option<&Route>, Refusal> {
+        let Some(p) = self.port(port).filter(|p| !p.routes.is_empty()) else {
+            return Ok(None);
+        };
+        let path = target::request_path(method, uri, headers)?;
+        let readings = Readings::of(path, p.path_match)?;
+        self.route(port, method, &readings)
+    }
+
+    /// The route the readings of a path agree on: a reading that matches a
+    /// route beats one that matches none (a route only adds requirements);
+    /// readings that match different routes are ambiguous.
+    pub fn route(
+        &self,
+        port: u16,
+        method: &Method,
+        readings: &Readings<'_>,
+    ) -> Result<Option<&Route>, Refusal> {
+        let Some(p) = self.port(port) else {
+            return Ok(None);
+        };
+        let mut chosen: Option<&Route> = None;
+        let mut previous: Option<&str> = None;
+        for reading in readings.iter() {
+            // A folded reading equal to the reading before it finds the same
+            // route when no pattern has upper case: skip the second scan.
+            let same = previous == Some(reading.path.as_ref());
+            previous = Some(reading.path.as_ref());
+            if reading.folded && same && !p.mixed_case_routes {
+                continue;
+            }
+            let found = p
+                .routes
+                .iter()
+                .find(|r| r.matches_method(method) && r.matches_path(reading));
+            match (chosen, found) {
+                (Some(a), Some(b)) if !std::ptr::eq(a, b) => {
+                    return Err(Refusal::Ambiguous(a.name.to_string(), b.name.to_string()))
+                }
+                (None, found) => chosen = found,
+                _ => {}
+            }
+        }
+        Ok(chosen)
     }
 
     /// What outbound does with `dest`: the first rule matching both its

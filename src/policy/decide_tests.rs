@@ -154,37 +154,44 @@ fn port_protocols() {
     assert_eq!(p.port_protocol(1), Protocol::Tcp);
 }
 
+/// The name of the route a request target takes (through the one
+/// canonicalisation), or why it was refused.
+fn route(
+    p: &Policy,
+    port: u16,
+    method: &http::Method,
+    target: &str,
+) -> Result<Option<String>, String> {
+    let uri = super::target::parse(target).map_err(|r| r.reason().to_owned())?;
+    p.route_request(port, method, &uri, &http::HeaderMap::new())
+        .map(|r| r.map(|r| r.name.to_string()))
+        .map_err(|r| r.reason().to_owned())
+}
+
 #[test]
 fn routes_match_method_and_path() {
     let p = policy();
     let post = http::Method::POST;
+    let named = |m: &http::Method, t: &str| route(&p, 8080, m, t).unwrap();
+    assert_eq!(named(&post, "/refunds/42").as_deref(), Some("refunds"));
+    assert_eq!(named(&post, "/refunds").as_deref(), Some("refunds"));
     assert_eq!(
-        p.route(8080, &post, "/refunds/42").unwrap().name.as_ref(),
-        "refunds"
+        named(&http::Method::DELETE, "/refunds/1?x=y").as_deref(),
+        Some("refunds")
     );
+    assert_eq!(named(&http::Method::GET, "/refunds/42"), None);
+    assert_eq!(named(&post, "/refundsX"), None);
     assert_eq!(
-        p.route(8080, &post, "/refunds").unwrap().name.as_ref(),
-        "refunds"
+        named(&http::Method::GET, "/healthz").as_deref(),
+        Some("health")
     );
-    assert_eq!(
-        p.route(8080, &http::Method::DELETE, "/refunds/1?x=y")
-            .unwrap()
-            .name
-            .as_ref(),
-        "refunds"
-    );
-    assert!(p.route(8080, &http::Method::GET, "/refunds/42").is_none());
-    assert!(p.route(8080, &post, "/refundsX").is_none());
-    assert_eq!(
-        p.route(8080, &http::Method::GET, "/healthz")
-            .unwrap()
-            .name
-            .as_ref(),
-        "health"
-    );
-    assert!(p.route(8080, &http::Method::GET, "/healthz/x").is_none());
-    assert!(p.route(5432, &post, "/refunds/1").is_none());
-    let r = p.route(8080, &post, "/refunds/1").unwrap();
+    assert_eq!(named(&http::Method::GET, "/healthz/x"), None);
+    assert_eq!(route(&p, 5432, &post, "/refunds/1").unwrap(), None);
+    let uri = http::Uri::from_static("/refunds/1");
+    let r = p
+        .route_request(8080, &post, &uri, &http::HeaderMap::new())
+        .unwrap()
+        .unwrap();
     let s = r.step_up.as_ref().unwrap();
     assert_eq!(s.header.as_str(), "x-step-up-token");
     assert_eq!(s.max_age, Some(std::time::Duration::from_secs(300)));
@@ -194,24 +201,156 @@ fn routes_match_method_and_path() {
 }
 
 #[test]
+fn routes_match_every_reading_an_app_may_make() {
+    let p = policy();
+    let post = http::Method::POST;
+    let named = |m: &http::Method, t: &str| route(&p, 8080, m, t);
+    for (method, target, want) in [
+        // Case folded (ASP.NET, Express), `;` stripped (Tomcat), escapes
+        // decoded, one trailing slash: the route still applies.
+        (&post, "/REFUNDS/1", Ok(Some("refunds"))),
+        (&post, "/Refunds", Ok(Some("refunds"))),
+        (&post, "/refunds;jsessionid=1/2", Ok(Some("refunds"))),
+        (&post, "/refunds;x", Ok(Some("refunds"))),
+        (&post, "/refunds/", Ok(Some("refunds"))),
+        (&post, "/%72efunds/1", Ok(Some("refunds"))),
+        (&http::Method::GET, "/healthz/", Ok(Some("health"))),
+        // Methods without case; HEAD takes GET routes.
+        (
+            &http::Method::from_bytes(b"post").unwrap(),
+            "/refunds/1",
+            Ok(Some("refunds")),
+        ),
+        (&http::Method::HEAD, "/healthz", Ok(Some("health"))),
+        // Refused before matching.
+        (&post, "//refunds/1", Err("path_empty_segment")),
+        (&post, "/x/../refunds/1", Err("path_dot_segment")),
+        (&post, "/x/%2e%2e/refunds/1", Err("path_dot_segment")),
+        (&post, "/x/..;/refunds/1", Err("path_dot_segment")),
+        (&post, "/refunds%2F1", Err("path_encoded_delimiter")),
+        (&post, "/refunds%5c1", Err("path_encoded_delimiter")),
+        (&post, "/refunds%001", Err("path_encoded_control")),
+        (&post, "/%c0%ae%c0%ae/refunds", Err("path_invalid_utf8")),
+        (&post, "/refunds#x", Err("target_fragment")),
+        (&post, "*", Err("target_not_a_path")),
+        // An unprotected path with parameters is left alone.
+        (&http::Method::GET, "/public;jsessionid=1", Ok(None)),
+    ] {
+        let got = named(method, target);
+        let want = want.map(|r| r.map(str::to_owned)).map_err(str::to_owned);
+        assert_eq!(got, want, "{method} {target}");
+    }
+    // Without routes on the port, targets are not the policy's business.
+    assert_eq!(route(&p, 5432, &post, "//x/../y").unwrap(), None);
+}
+
+#[test]
+fn path_match_narrows_the_readings() {
+    let yaml = |options: &str| {
+        POLICY.replace(
+            "      protocol: http\n",
+            &format!("      protocol: http\n      pathMatch: {options}\n"),
+        )
+    };
+    let post = http::Method::POST;
+    let sensitive = Policy::from_yaml(&yaml("{case: sensitive, params: kept}")).unwrap();
+    assert_eq!(route(&sensitive, 8080, &post, "/REFUNDS/1").unwrap(), None);
+    assert_eq!(route(&sensitive, 8080, &post, "/refunds;x").unwrap(), None);
+    let folding = Policy::from_yaml(&yaml("{case: insensitive, params: stripped}")).unwrap();
+    assert_eq!(
+        route(&folding, 8080, &post, "/REFUNDS;x/1")
+            .unwrap()
+            .as_deref(),
+        Some("refunds")
+    );
+    assert!(Policy::from_yaml(&yaml("{case: maybe}")).is_err());
+}
+
+#[test]
+fn readings_that_pick_different_routes_are_refused() {
+    let p = Policy::from_yaml(
+        "trustDomain: td\ninbound:\n  ports:\n    - port: 80\n      protocol: http\n      allow: [{from: [spiffe://td/*]}]\n      routes:\n        - name: public\n          match: {path: /Admin/public}\n        - name: admin\n          match: {path: /admin/*}\n",
+    )
+    .unwrap();
+    let get = http::Method::GET;
+    // As sent: "admin" (a case-sensitive app); folded, as ASP.NET reads
+    // it: "public", first in the list.
+    assert_eq!(
+        route(&p, 80, &get, "/admin/public"),
+        Err("path_ambiguous".to_owned())
+    );
+    assert_eq!(
+        route(&p, 80, &get, "/Admin/public").unwrap().as_deref(),
+        Some("public")
+    );
+    assert_eq!(
+        route(&p, 80, &get, "/ADMIN/x").unwrap().as_deref(),
+        Some("admin")
+    );
+}
+
+#[test]
+fn host_must_agree_with_the_target() {
+    let p = policy();
+    let post = http::Method::POST;
+    let uri = http::Uri::from_static("http://payments/refunds/1");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::HOST, "payments".parse().unwrap());
+    assert!(p
+        .route_request(8080, &post, &uri, &headers)
+        .unwrap()
+        .is_some());
+    headers.insert(http::header::HOST, "other".parse().unwrap());
+    assert_eq!(
+        p.route_request(8080, &post, &uri, &headers)
+            .unwrap_err()
+            .reason(),
+        "host_mismatch"
+    );
+    headers.insert(http::header::HOST, "payments".parse().unwrap());
+    headers.append(http::header::HOST, "payments".parse().unwrap());
+    assert_eq!(
+        p.route_request(8080, &post, &uri, &headers)
+            .unwrap_err()
+            .reason(),
+        "duplicate_host"
+    );
+    let uri = http::Uri::from_static("http://u@payments/refunds/1");
+    assert!(p
+        .route_request(8080, &post, &uri, &http::HeaderMap::new())
+        .is_err());
+}
+
+#[test]
 fn route_from_narrows_the_port() {
     let p = policy();
+    let headers = http::HeaderMap::new();
+    let authorize = |peer: &SpiffeId, method: http::Method, target: &'static str| {
+        p.authorize_request(
+            peer,
+            8080,
+            &method,
+            &http::Uri::from_static(target),
+            &headers,
+        )
+        .unwrap()
+    };
     let ops = id("spiffe://cluster.local/ns/ops/sa/oncall");
-    let m = p.authorize_request(&ops, 8080, &http::Method::POST, "/refunds/1");
+    let m = authorize(&ops, http::Method::POST, "/refunds/1");
     assert_eq!(
         (m.decision.allow, &*m.decision.rule, m.decision.reason),
         (false, "refunds", "route_not_allowed")
     );
-    let m = p.authorize_request(&ops, 8080, &http::Method::GET, "/healthz");
+    let m = authorize(&ops, http::Method::GET, "/healthz");
     assert!(m.decision.allow);
     assert_eq!(m.route.unwrap().name.as_ref(), "health");
     let fe = id("spiffe://cluster.local/ns/web/sa/frontend");
-    let m = p.authorize_request(&fe, 8080, &http::Method::POST, "/refunds/1");
+    let m = authorize(&fe, http::Method::POST, "/refunds/1");
     assert!(m.decision.allow);
     assert_eq!(m.route.unwrap().name.as_ref(), "refunds");
     // Listed in the route but not on the port: the port decides first.
     let stranger = id("spiffe://cluster.local/ns/x/sa/y");
-    let m = p.authorize_request(&stranger, 8080, &http::Method::GET, "/other");
+    let m = authorize(&stranger, http::Method::GET, "/other");
     assert_eq!(
         (m.decision.allow, m.decision.reason),
         (false, "not_allowed")

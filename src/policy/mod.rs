@@ -9,6 +9,7 @@ mod compile;
 mod decide;
 mod model;
 pub mod netpol;
+pub mod target;
 mod units;
 mod watch;
 
@@ -81,6 +82,11 @@ pub struct PortPolicy {
     /// HTTP routes, first match wins; requests matching none are allowed
     /// on the port's allow list alone.
     pub routes: Vec<Route>,
+    /// How the port's app reads paths (`pathMatch`), so routes match what
+    /// the app will serve.
+    pub path_match: target::PathOptions,
+    /// Some route pattern changes when folded (has upper case).
+    pub mixed_case_routes: bool,
     /// Rule name when no allow entry matches (`inbound.ports[i]`).
     pub label: Arc<str>,
 }
@@ -103,6 +109,8 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     /// Path it matches.
     pub path: PathMatch,
+    /// The same, case folded: what folded readings are compared with.
+    pub folded: PathMatch,
     /// Narrows the port's allow list for this route.
     pub from: Option<Vec<SpiffeIdPattern>>,
     /// The step-up requirement, if the route is sensitive.
@@ -118,8 +126,31 @@ pub enum PathMatch {
     Prefix(String),
 }
 
+impl Route {
+    /// Methods compare without case (ASP.NET routes `post` as `POST`), and a
+    /// route for `GET` also takes `HEAD`, which most frameworks serve with
+    /// the `GET` handler.
+    pub fn matches_method(&self, method: &http::Method) -> bool {
+        self.methods.is_empty()
+            || self.methods.iter().any(|m| {
+                m.as_str().eq_ignore_ascii_case(method.as_str())
+                    || (m == http::Method::GET && method.as_str().eq_ignore_ascii_case("HEAD"))
+            })
+    }
+
+    /// Whether one reading of a request path matches.
+    pub fn matches_path(&self, reading: &target::Reading<'_>) -> bool {
+        let pattern = if reading.folded {
+            &self.folded
+        } else {
+            &self.path
+        };
+        pattern.matches(&reading.path)
+    }
+}
+
 impl PathMatch {
-    /// Whether `path` (no query) matches.
+    /// Whether `path` (no query, no trailing slash) matches.
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Exact(p) => path == p,

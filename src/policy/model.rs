@@ -109,6 +109,8 @@ pub(crate) struct RawPort {
     pub allow: Vec<RawAllow>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default, rename = "pathMatch")]
+    pub path_match: super::target::PathOptions,
 }
 
 #[derive(Debug, Deserialize)]

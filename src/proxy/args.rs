@@ -23,7 +23,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "STEPMESH_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
     /// SVID TTL to ask the CA for (default: the CA's).
-    #[arg(long, value_parser = parse_duration, env = "STEPMESH_SVID_TTL")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_SVID_TTL")]
     pub svid_ttl: Option<Duration>,
     /// SVID chain PEM from an outside issuer (identity source 2; watched).
     #[arg(long, env = "STEPMESH_CERT", requires_all = ["key", "bundle"])]
@@ -35,13 +35,30 @@ pub struct ProxyArgs {
     #[arg(long, env = "STEPMESH_BUNDLE")]
     pub bundle: Option<PathBuf>,
     /// How often --cert/--key/--bundle are checked for changes.
-    #[arg(long, value_parser = parse_duration, default_value = "1s", env = "STEPMESH_FILE_POLL")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s", env = "STEPMESH_FILE_POLL")]
     pub file_poll_interval: Duration,
+    /// At start, how long to wait for an identity file that does not exist
+    /// yet (--cert/--key/--bundle, --ca-bundle, --token-file: a volume
+    /// written after the container started); `/ready` says which one. Past
+    /// it, or at once with 0s, a missing file stops the sidecar (exit 64).
+    /// A file that exists but cannot be used stops it at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s", env = "STEPMESH_WAIT_FOR_FILES")]
+    pub wait_for_files: Duration,
     /// mTLS inbound listener: LISTEN=APP_ADDR (repeatable).
-    #[arg(long, env = "STEPMESH_INBOUND", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "STEPMESH_INBOUND",
+        value_name = "LISTEN=APP_ADDR",
+        value_delimiter = ','
+    )]
     pub inbound: Vec<InboundSpec>,
     /// mTLS outbound listener: LISTEN=PEER_ADDR@SPIFFE_ID, ID exact or ending `/*` (repeatable).
-    #[arg(long, env = "STEPMESH_OUTBOUND", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "STEPMESH_OUTBOUND",
+        value_name = "LISTEN=PEER_ADDR@SPIFFE_ID",
+        value_delimiter = ','
+    )]
     pub outbound: Vec<OutboundSpec>,
     /// Transparent mode: listeners on --inbound-port/--outbound-port, destination from SO_ORIGINAL_DST.
     #[arg(long, env = "STEPMESH_TRANSPARENT")]
@@ -66,20 +83,50 @@ pub struct ProxyArgs {
     #[arg(long, env = "STEPMESH_APP_PROBES")]
     pub app_probes: Option<String>,
     /// How long in-flight connections may finish after SIGTERM.
-    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "STEPMESH_DRAIN_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_DRAIN_TIMEOUT")]
     pub drain_timeout: Duration,
     /// TLS handshake deadline for inbound and outbound mTLS.
-    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HANDSHAKE_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Duration,
     /// A connection with no byte in either direction for this long is closed.
-    #[arg(long, value_parser = parse_duration, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
     /// Deadline for dialling the app or the peer.
-    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
     /// Connections open at once, all listeners together; more are closed at accept.
     #[arg(long, default_value_t = 16384, env = "STEPMESH_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Inbound connections one peer identity may hold open at once (0: no
+    /// cap); more are closed after the handshake, counted and logged.
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "STEPMESH_MAX_CONNECTIONS_PER_PEER"
+    )]
+    pub max_connections_per_peer: usize,
+    /// App-facing (outbound) connections one source address may hold open
+    /// at once (0: no cap); more are closed at accept.
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "STEPMESH_MAX_CONNECTIONS_PER_SOURCE"
+    )]
+    pub max_connections_per_source: usize,
+    /// An HTTP/1 request head must be complete this long after its first
+    /// byte, else 408 and the connection closes (slow-header clients).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HEADER_TIMEOUT")]
+    pub header_timeout: Duration,
+    /// An HTTP/1 request body may pause this long between bytes, else 408
+    /// and the connection closes (slow-body clients).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s", env = "STEPMESH_BODY_IDLE_TIMEOUT")]
+    pub body_idle_timeout: Duration,
+    /// Largest HTTP request head in bytes (at most 65536); over it: 431.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=65536), env = "STEPMESH_MAX_REQUEST_HEADER_BYTES")]
+    pub max_request_header_bytes: u32,
+    /// Most fields in an HTTP/1 request head (at most 256); over it: 431.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=256), env = "STEPMESH_MAX_REQUEST_HEADERS")]
+    pub max_request_headers: u16,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "STEPMESH_WORKERS")]
     pub workers: Option<usize>,
@@ -109,11 +156,11 @@ impl FromStr for InboundSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (listen, app) = s
             .split_once('=')
-            .ok_or_else(|| format!("--inbound {s:?}: expected LISTEN=APP_ADDR"))?;
+            .ok_or_else(|| "expected LISTEN=APP_ADDR".to_owned())?;
         let listen = listen
             .parse()
-            .map_err(|e| format!("--inbound {s:?}: LISTEN {listen:?}: {e}"))?;
-        check_host_port(app).map_err(|e| format!("--inbound {s:?}: APP_ADDR {e}"))?;
+            .map_err(|e| format!("LISTEN {listen:?}: {e}"))?;
+        check_host_port(app).map_err(|e| format!("APP_ADDR {e}"))?;
         Ok(Self {
             listen,
             app: app.to_owned(),
@@ -138,18 +185,16 @@ impl FromStr for OutboundSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (listen, rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("--outbound {s:?}: expected LISTEN=PEER_ADDR@SPIFFE_ID"))?;
+            .ok_or_else(|| "expected LISTEN=PEER_ADDR@SPIFFE_ID".to_owned())?;
         let (peer, id) = rest
             .split_once('@')
-            .ok_or_else(|| format!("--outbound {s:?}: expected LISTEN=PEER_ADDR@SPIFFE_ID"))?;
+            .ok_or_else(|| "expected LISTEN=PEER_ADDR@SPIFFE_ID".to_owned())?;
         let listen = listen
             .parse()
-            .map_err(|e| format!("--outbound {s:?}: LISTEN {listen:?}: {e}"))?;
-        check_host_port(peer).map_err(|e| format!("--outbound {s:?}: PEER_ADDR {e}"))?;
+            .map_err(|e| format!("LISTEN {listen:?}: {e}"))?;
+        check_host_port(peer).map_err(|e| format!("PEER_ADDR {e}"))?;
         if !id.starts_with("spiffe://") {
-            return Err(format!(
-                "--outbound {s:?}: SPIFFE_ID {id:?} must start with spiffe://"
-            ));
+            return Err(format!("SPIFFE_ID {id:?} must start with spiffe://"));
         }
         Ok(Self {
             listen,
@@ -175,15 +220,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 5s, 10m, 24h"))?;
+        .map_err(|_| "expected a duration like 500ms, 5s, 10m, 24h".to_owned())?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+        _ => return Err(format!("unknown unit {unit:?} (ms, s, m, h)")),
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub struct Shared {
     pub timeouts: Timeouts,
     /// The HTTP layer (route and step-up decisions, pools).
     pub http: Arc<crate::http::HttpLayer>,
+    /// Inbound connections open at once per peer identity.
+    pub peer_cap: Arc<super::caps::PerKeyCap<SpiffeId>>,
+    /// App-facing (outbound) connections open at once per source address.
+    pub source_cap: Arc<super::caps::PerKeyCap<std::net::IpAddr>>,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::caps::Slot;
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, Outcome, Shared};
 use super::forward::{forward, ForwardError};
 use super::listener::dial;
@@ -41,6 +42,8 @@ struct Peer {
     id: SpiffeId,
     cert_sha256: [u8; 32],
     alpn: Option<Vec<u8>>,
+    /// Its place under the per-peer connection cap.
+    _slot: Option<Slot<SpiffeId>>,
 }
 
 /// The client a completed handshake proved, or why it does not count
@@ -61,6 +64,7 @@ fn verified_peer(
         id,
         cert_sha256: cert_sha256(leaf),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        _slot: None,
     })
 }
 
@@ -125,13 +129,24 @@ impl Inbound {
         let (_, conn) = tls.get_ref();
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         shared.metrics.handshake(Direction::Inbound, resumed);
-        match verified_peer(conn, &shared.store) {
-            Ok(peer) => Some((tls, peer)),
-            Err((reason, detail)) => {
-                close_gracefully(&mut tls).await;
-                refuse(reason, &detail)
-            }
-        }
+        let refused = match verified_peer(conn, &shared.store) {
+            Ok(mut peer) => match shared.peer_cap.acquire(&peer.id) {
+                Ok(slot) => {
+                    peer._slot = slot;
+                    return Some((tls, peer));
+                }
+                Err(reached) => {
+                    shared.metrics.rejected(Direction::Inbound, "peer_limit");
+                    if reached.log {
+                        tracing::warn!(client = %log.client, peer = %peer.id, limit = reached.limit, "inbound: per-peer connection cap reached; refusing (--max-connections-per-peer)");
+                    }
+                    None
+                }
+            },
+            Err(failed) => Some(failed),
+        };
+        close_gracefully(&mut tls).await;
+        refused.and_then(|(reason, detail)| refuse(reason, &detail))
     }
 
     /// Handles one accepted connection to its end.
@@ -164,6 +179,7 @@ impl Inbound {
             id: peer_id,
             cert_sha256: peer_cert_sha256,
             alpn,
+            _slot,
         } = peer;
 
         let policy = shared.policy.current();

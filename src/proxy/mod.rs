@@ -2,6 +2,7 @@
 //! authorization, forwarding, drain. See docs/PROXY.md.
 
 pub mod args;
+pub mod caps;
 pub mod conn;
 pub mod forward;
 pub mod inbound;
@@ -46,6 +47,7 @@ fn identity_source(args: &ProxyArgs) -> anyhow::Result<IdentitySource> {
                 key: key.clone(),
                 bundle: bundle.clone(),
                 poll: args.file_poll_interval,
+                wait: args.wait_for_files,
             }))
         }
         (Some(ca), None, None, None) => {
@@ -59,6 +61,7 @@ fn identity_source(args: &ProxyArgs) -> anyhow::Result<IdentitySource> {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--trust-domain {td:?}: {e}"))?,
                 ttl: args.svid_ttl,
+                wait: args.wait_for_files,
             }))
         }
         _ => anyhow::bail!(

@@ -139,6 +139,16 @@ impl Outbound {
         let shared = &self.shared;
         let started = Instant::now();
         let _open = shared.metrics.open_guard(Direction::Outbound);
+        let _slot = match shared.source_cap.acquire(&client.ip()) {
+            Ok(slot) => slot,
+            Err(reached) => {
+                shared.metrics.rejected(Direction::Outbound, "source_limit");
+                if reached.log {
+                    tracing::warn!(%client, limit = reached.limit, "outbound: per-source connection cap reached; refusing (--max-connections-per-source)");
+                }
+                return;
+            }
+        };
         let Some(Route {
             dst,
             port,

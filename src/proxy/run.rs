@@ -75,7 +75,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
     // Identity first: nothing can be served without an SVID.
     let source = super::identity_source(&args).config_err()?;
-    tokio::spawn(source.run(store.clone(), identity_metrics));
+    let mut source = tokio::spawn(source.run(store.clone(), identity_metrics));
 
     let listeners_up = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
@@ -88,14 +88,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         registry,
         ready: {
             let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
-            Box::new(move || {
-                // An expired SVID (the CA down for too long) makes every
-                // peer refuse us: stop attracting traffic until renewed.
-                let valid = store.info().is_some_and(|svid| {
-                    svid.not_after + stepmesh_ca::svid::CLOCK_SKEW > std::time::SystemTime::now()
-                });
-                valid && up.load(Ordering::Acquire) && !draining.load(Ordering::Acquire)
-            })
+            Box::new(move || not_ready(&store, &up, &draining))
         },
         config: {
             let (store, policy, infos, draining) = (
@@ -129,6 +122,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!("waiting for the first SVID");
     tokio::select! {
         () = store.wait_loaded() => {}
+        // The source gives up only when its configuration cannot work.
+        ended = &mut source => return Err(match ended {
+            Ok(Err(e)) => e,
+            Ok(Ok(never)) => match never {},
+            Err(e) => anyhow::Error::new(e).context("identity source"),
+        }),
         signal = signals.recv() => {
             tracing::info!(signal, "stopping before the first SVID");
             return Ok(());
@@ -162,10 +161,20 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
-            .with_timeouts(args.idle_timeout, args.connect_timeout),
+            .with_timeouts(args.idle_timeout, args.connect_timeout)
+            .with_limits(crate::http::HttpLimits {
+                header_timeout: args.header_timeout,
+                body_idle_timeout: args.body_idle_timeout,
+                head: crate::http::HeadLimits {
+                    bytes: args.max_request_header_bytes as usize,
+                    fields: usize::from(args.max_request_headers),
+                },
+            }),
     );
     let shared = Arc::new(Shared {
         http,
+        peer_cap: super::caps::PerKeyCap::new(args.max_connections_per_peer),
+        source_cap: super::caps::PerKeyCap::new(args.max_connections_per_source),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),
@@ -199,6 +208,33 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let log = shared.access_log.clone();
     let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
     Ok(())
+}
+
+/// Why `/ready` says 503, or `None` when ready: an SVID that is valid now,
+/// every listener up, no drain.
+fn not_ready(store: &CertStore, up: &AtomicBool, draining: &AtomicBool) -> Option<String> {
+    if draining.load(Ordering::Acquire) {
+        return Some("draining".into());
+    }
+    let trouble = || {
+        store
+            .trouble()
+            .map(|t| format!(": {t}"))
+            .unwrap_or_default()
+    };
+    let Some(svid) = store.info() else {
+        return Some(format!("no SVID yet{}", trouble()));
+    };
+    // An expired SVID (the CA down for too long) makes every peer refuse
+    // us: stop attracting traffic until renewed.
+    if svid.not_after + stepmesh_ca::svid::CLOCK_SKEW <= std::time::SystemTime::now() {
+        let at = crate::accesslog::rfc3339(svid.not_after);
+        return Some(format!("SVID expired at {at}{}", trouble()));
+    }
+    if !up.load(Ordering::Acquire) {
+        return Some("listeners not up yet".into());
+    }
+    None
 }
 
 /// The `--app-probes` table (none when absent or blank); a malformed one is

@@ -2,15 +2,18 @@
 //! (port allow list, route `from`) → 403; sensitive route without token →
 //! 401 (RFC 6750); token invalid or bound to another workload → 401
 //! `invalid_token`; authentication not strong or recent enough → 401
-//! `insufficient_user_authentication` (RFC 9470); else forward. Shared by
-//! the HTTP proxy and `stepmesh policy explain`.
+//! `insufficient_user_authentication` (RFC 9470); else forward. Before all
+//! of it, on a port with routes, a request target the policy cannot read
+//! unambiguously is refused (400, `policy::target`). Shared by the HTTP
+//! proxy and `stepmesh policy explain`.
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::require::{self, Failure, Peer};
 use super::{challenge, StepUp};
+use crate::policy::target::Refusal;
 use crate::policy::{Mode, Policy, StepUpRule};
 
 /// What the proxy does with the request.
@@ -18,6 +21,8 @@ use crate::policy::{Mode, Policy, StepUpRule};
 pub enum Outcome {
     /// Forward it.
     Allow,
+    /// Answer 400: the target cannot be matched safely.
+    BadRequest(Refusal),
     /// Answer 403.
     Forbidden,
     /// Answer 401 with this `WWW-Authenticate`.
@@ -51,6 +56,7 @@ impl GateDecision {
     pub fn status(&self) -> Option<http::StatusCode> {
         match self.outcome {
             Outcome::Allow => None,
+            Outcome::BadRequest(_) => Some(http::StatusCode::BAD_REQUEST),
             Outcome::Forbidden => Some(http::StatusCode::FORBIDDEN),
             Outcome::Challenge(_) => Some(http::StatusCode::UNAUTHORIZED),
         }
@@ -66,8 +72,8 @@ pub struct RequestInfo<'a> {
     pub port: u16,
     /// Request method.
     pub method: &'a Method,
-    /// Request path (a query is ignored).
-    pub path: &'a str,
+    /// Request target (its query is ignored).
+    pub uri: &'a Uri,
     /// Request headers (the token is read from them).
     pub headers: &'a HeaderMap,
 }
@@ -121,7 +127,24 @@ pub async fn decide(
     req: RequestInfo<'_>,
     now: u64,
 ) -> GateDecision {
-    let matched = policy.authorize_request(req.peer.id, req.port, req.method, req.path);
+    let matched =
+        match policy.authorize_request(req.peer.id, req.port, req.method, req.uri, req.headers) {
+            Ok(m) => m,
+            Err(refusal) => {
+                return GateDecision {
+                    rule: Arc::from(match &refusal {
+                        Refusal::Ambiguous(a, b) => format!("routes {a} | {b}"),
+                        _ => "request target".to_owned(),
+                    }),
+                    route: None,
+                    reason: refusal.reason(),
+                    outcome: Outcome::BadRequest(refusal),
+                    would_deny: false,
+                    subject: None,
+                    strip: None,
+                };
+            }
+        };
     let route = matched.route.map(|r| r.name.clone());
     let id = matched.decision;
     let mut d = GateDecision {

@@ -111,6 +111,7 @@ impl Fixture {
         headers: HeaderMap,
     ) -> GateDecision {
         let id = SpiffeId::parse(peer).unwrap();
+        let uri: http::Uri = path.parse().unwrap();
         let req = RequestInfo {
             peer: Peer {
                 id: &id,
@@ -118,7 +119,7 @@ impl Fixture {
             },
             port: 8080,
             method: &method,
-            path,
+            uri: &uri,
             headers: &headers,
         };
         decide(&self.policy, &self.stepup, req, unix_now()).await

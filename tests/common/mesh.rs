@@ -413,12 +413,23 @@ pub const CLIENT_ID: &str = "spiffe://mesh.test/ns/shop/sa/api";
 impl Mesh {
     /// Starts both sidecars; `server_extra`/`client_extra` add flags.
     pub fn start(app: SocketAddr, server_extra: &[String], client_extra: &[String]) -> Self {
+        Self::start_on(0, app, server_extra, client_extra)
+    }
+
+    /// As [`Mesh::start`], the inbound listener on `port` (0: any), for a
+    /// policy that names it.
+    pub fn start_on(
+        port: u16,
+        app: SocketAddr,
+        server_extra: &[String],
+        client_extra: &[String],
+    ) -> Self {
         let pki = Pki::new("mesh.test");
         let dir = tempfile::tempdir().unwrap();
         let server_files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
         let client_files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
         let mut args = server_files.args();
-        args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
+        args.extend(["--inbound".into(), format!("127.0.0.1:{port}={app}")]);
         args.extend_from_slice(server_extra);
         let server = Sidecar::spawn(&args);
         let inbound = server.listener("inbound");

@@ -10,10 +10,33 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Method, StatusCode, Version};
 
-/// The most header fields a head may carry (hyper's default is 100 too).
+/// The most header fields a head may carry by default (hyper's and
+/// Envoy's default is 100 too).
 pub const MAX_HEADERS: usize = 100;
-/// The largest head accepted, request line or status line included.
+/// The largest head accepted, request line or status line included (and
+/// the ceiling of a request's configurable limit: the read buffer's).
 pub const MAX_HEAD: usize = 64 * 1024;
+/// The ceiling of a request's configurable field count.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+/// How large a request head may be (`--max-request-header-bytes`,
+/// `--max-request-headers`); over either: 431.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Bytes, request line included; at most [`MAX_HEAD`].
+    pub bytes: usize,
+    /// Fields; at most [`MAX_HEADERS_CEILING`].
+    pub fields: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits {
+            bytes: MAX_HEAD,
+            fields: MAX_HEADERS,
+        }
+    }
+}
 
 /// Why a head was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,17 +113,24 @@ pub struct ResponseHead {
 /// Parses a request head at the start of `buf`: `Ok(None)` while it is
 /// incomplete, else the head and its length in bytes. With `full` false a
 /// clean head is only scanned (see [`RequestHead::clean`]).
-pub fn parse_request(buf: &[u8], full: bool) -> Result<Option<(RequestHead, usize)>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+pub fn parse_request(
+    buf: &[u8],
+    full: bool,
+    limits: HeadLimits,
+) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    // Uninitialised slots: no per-parse memset of the whole table.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS_CEILING];
+    let max_fields = limits.fields.min(MAX_HEADERS_CEILING);
+    let max_bytes = limits.bytes.min(MAX_HEAD);
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields[..max_fields]) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
         Err(e) => return Err(HeadError::Malformed(e.to_string())),
     };
-    if len > MAX_HEAD {
+    if len > max_bytes {
         return Err(HeadError::TooLarge);
     }
     // httparse fills every field of a complete request.
@@ -130,9 +160,8 @@ pub fn parse_request(buf: &[u8], full: bool) -> Result<Option<(RequestHead, usiz
     parts.method = method;
     parts.version = version;
     if full || !clean {
-        parts.uri = target
-            .parse()
-            .map_err(|_| HeadError::Malformed("invalid request target".into()))?;
+        parts.uri = crate::policy::target::parse(target)
+            .map_err(|refusal| HeadError::Malformed(refusal.to_string()))?;
         parts.headers = header_map(fields)?;
     }
     // The target is a slice of `buf`.
@@ -427,11 +456,40 @@ mod tests {
     use super::*;
 
     fn req(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
-        parse_request(text.as_bytes(), true)
+        parse_request(text.as_bytes(), true, HeadLimits::default())
     }
 
     fn framing(text: &str) -> Result<Framing, HeadError> {
         req(text).map(|r| r.expect("complete").0.framing)
+    }
+
+    #[test]
+    fn head_limits_are_the_configured_ones() {
+        let limits = HeadLimits {
+            bytes: 64,
+            fields: 3,
+        };
+        let parse = |t: &str| parse_request(t.as_bytes(), true, limits);
+        assert!(parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n").is_ok());
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n").err(),
+            Some(HeadError::TooLarge)
+        );
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(64));
+        assert_eq!(parse(&long).err(), Some(HeadError::TooLarge));
+        // Still incomplete and already over: refused without waiting.
+        assert_eq!(parse(&long[..70]).err(), Some(HeadError::TooLarge));
+        // The ceiling holds whatever is configured.
+        let many: String = (0..300).map(|i| format!("x{i}: 1\r\n")).collect();
+        let wide = HeadLimits {
+            bytes: usize::MAX,
+            fields: usize::MAX,
+        };
+        let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+        assert_eq!(
+            parse_request(text.as_bytes(), true, wide).err(),
+            Some(HeadError::TooLarge)
+        );
     }
 
     #[test]
@@ -578,7 +636,9 @@ mod tests {
     #[test]
     fn clean_heads_are_only_scanned() {
         let text = "GET /a?b HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let (head, _) = parse_request(text.as_bytes(), false).unwrap().unwrap();
+        let (head, _) = parse_request(text.as_bytes(), false, HeadLimits::default())
+            .unwrap()
+            .unwrap();
         assert!(head.clean);
         assert!(
             head.parts.headers.is_empty(),
@@ -586,7 +646,9 @@ mod tests {
         );
         assert_eq!(&text[head.target.clone()], "/a?b");
         assert_eq!(head.framing, Framing::Chunked);
-        let (full, _) = parse_request(text.as_bytes(), true).unwrap().unwrap();
+        let (full, _) = parse_request(text.as_bytes(), true, HeadLimits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(full.parts.headers.len(), 2);
         assert_eq!(full.parts.uri.path(), "/a");
         for dirty in [
@@ -594,7 +656,9 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
             "GET / HTTP/1.1\nHost: a\n\n",
         ] {
-            let (head, _) = parse_request(dirty.as_bytes(), false).unwrap().unwrap();
+            let (head, _) = parse_request(dirty.as_bytes(), false, HeadLimits::default())
+                .unwrap()
+                .unwrap();
             assert!(!head.clean, "{dirty:?}");
             assert!(!head.parts.headers.is_empty(), "{dirty:?}: parsed in full");
         }

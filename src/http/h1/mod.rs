@@ -48,6 +48,12 @@ pub(crate) trait Side: Send + Sync {
     /// A new request's record (direction, port, log, metrics).
     fn exchange(&self) -> Exchange;
 
+    /// The layer: per-client limits, the refusal counter.
+    fn layer(&self) -> &super::HttpLayer;
+
+    /// `inbound` or `outbound` (metric label).
+    const DIRECTION: &'static str;
+
     /// Whether requests are decided and rewritten here (inbound): their
     /// heads are then parsed in full. Otherwise (outbound) a clean head is
     /// relayed as it came.
@@ -110,6 +116,10 @@ enum Fail {
     UpstreamLate(String),
     /// Nothing moved for the idle timeout.
     Idle,
+    /// A request head still incomplete at its deadline: answer 408.
+    HeaderTimeout,
+    /// A request body paused past its deadline: answer 408.
+    BodyTimeout,
 }
 
 /// What a message body relay failed on.
@@ -127,6 +137,9 @@ struct Idle {
     sleep: Pin<Box<Sleep>>,
     period: Duration,
     active: bool,
+    /// A hard deadline besides the idle period (a request head's), on the
+    /// same timer: no second timer in every connection's task.
+    deadline: Option<Instant>,
 }
 
 impl Idle {
@@ -135,10 +148,36 @@ impl Idle {
             sleep: Box::pin(tokio::time::sleep(period)),
             period,
             active: false,
+            deadline: None,
         }
     }
 
-    /// Runs `f`, or gives up once nothing has completed for the period.
+    /// Sets or clears the hard deadline ([`Idle::guard`] gives up at it).
+    fn set_deadline(&mut self, at: Option<Instant>) {
+        self.deadline = at;
+        if let Some(at) = at {
+            if at < self.sleep.deadline() {
+                self.sleep.as_mut().reset(at);
+            }
+        }
+    }
+
+    /// Whether the hard deadline has passed.
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// A new period from now (a request body's deadline, then back).
+    fn set_period(&mut self, period: Duration) {
+        if period != self.period {
+            self.period = period;
+            self.active = false;
+            self.sleep.as_mut().reset(Instant::now() + period);
+        }
+    }
+
+    /// Runs `f`, or gives up once nothing has completed for the period or
+    /// the deadline has passed.
     async fn guard<F: Future>(&mut self, f: F) -> Option<F::Output> {
         tokio::pin!(f);
         loop {
@@ -149,10 +188,12 @@ impl Idle {
                     return Some(out);
                 }
                 () = self.sleep.as_mut() => {
-                    if !std::mem::take(&mut self.active) {
+                    if self.past_deadline() || !std::mem::take(&mut self.active) {
                         return None;
                     }
-                    self.sleep.as_mut().reset(Instant::now() + self.period);
+                    let next = Instant::now() + self.period;
+                    let at = self.deadline.map_or(next, |d| d.min(next));
+                    self.sleep.as_mut().reset(at);
                 }
             }
         }
@@ -184,6 +225,7 @@ where
         ubuf: Buf::with_prefix(&[]),
         out: Vec::new(),
         idle: Idle::new(idle),
+        idle_period: idle,
         done: Relayed::default(),
         draining: false,
         series: LastSeries::default(),
@@ -226,6 +268,9 @@ struct Relay<'s, S> {
     /// A head being written (and kept until its answer, for a retry).
     out: Vec<u8>,
     idle: Idle,
+    /// The connection's idle period (the body deadline replaces it while a
+    /// request body is read).
+    idle_period: Duration,
     done: Relayed,
     /// Draining: close after the response in flight.
     draining: bool,
@@ -247,6 +292,7 @@ impl<S: Side> Relay<'_, S> {
         C: AsyncRead + AsyncWrite + Unpin + Send,
         D: Future<Output = ()>,
     {
+        let limits = self.side.layer().limits;
         let Relay {
             cbuf,
             ubuf,
@@ -256,20 +302,28 @@ impl<S: Side> Relay<'_, S> {
             draining,
             ..
         } = self;
+        // The head's deadline runs from its first byte (for the first
+        // request: from the end of protocol detection, which read it).
+        let mut deadline = false;
         loop {
-            match message::parse_request(cbuf.bytes(), S::DECIDES) {
+            match message::parse_request(cbuf.bytes(), S::DECIDES, limits.head) {
                 Ok(Some((head, len))) => {
                     // The head as it came: relayed verbatim when clean,
                     // and where the request target is read for the log.
                     out.clear();
                     out.extend_from_slice(&cbuf.bytes()[..len]);
                     cbuf.consume(len);
+                    idle.set_deadline(None);
                     return Ok(Some(head));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(Fail::BadRequest(e)),
             }
             let between = cbuf.is_empty();
+            if !between && !deadline {
+                deadline = true;
+                idle.set_deadline(Some(Instant::now() + limits.header_timeout));
+            }
             if between {
                 cbuf.relax();
                 ubuf.relax();
@@ -292,6 +346,7 @@ impl<S: Side> Relay<'_, S> {
             tokio::select! {
                 biased;
                 read = idle.guard(cbuf.fill(client)) => match read {
+                    None if idle.past_deadline() => return Err(Fail::HeaderTimeout),
                     None => return if between { Ok(None) } else { Err(Fail::Idle) },
                     Some(Ok(0)) if between => return Ok(None),
                     Some(Ok(0)) => return Err(Fail::Client(io::ErrorKind::UnexpectedEof.into())),
@@ -377,10 +432,18 @@ impl<S: Side> Relay<'_, S> {
             } else if head.expect_continue {
                 // Boxed, as every rare path: the common one's state stays
                 // small and close together.
-                Box::pin(self.send_expecting(client, &mut up, &mut head, &mut body_unsent)).await
+                self.idle
+                    .set_period(self.side.layer().limits.body_idle_timeout);
+                let sent =
+                    Box::pin(self.send_expecting(client, &mut up, &mut head, &mut body_unsent))
+                        .await;
+                self.idle.set_period(self.idle_period);
+                sent
             } else {
                 let mut rest = Remaining::of(head.framing);
-                pipe(
+                self.idle
+                    .set_period(self.side.layer().limits.body_idle_timeout);
+                let sent = pipe(
                     client,
                     &mut self.cbuf,
                     &mut up,
@@ -388,7 +451,9 @@ impl<S: Side> Relay<'_, S> {
                     &mut rest,
                     &mut self.idle,
                 )
-                .await
+                .await;
+                self.idle.set_period(self.idle_period);
+                sent
             };
             match sent {
                 Ok(n) => bytes_in = n,
@@ -675,13 +740,27 @@ impl<S: Side> Relay<'_, S> {
         let (label, detail, local) = match fail {
             Fail::Client(e) => (Some("client_io"), e.to_string(), None),
             Fail::Idle => (Some("idle_timeout"), "idle".to_owned(), None),
+            Fail::HeaderTimeout | Fail::BodyTimeout => {
+                let reason = if matches!(fail, Fail::HeaderTimeout) {
+                    "header_timeout"
+                } else {
+                    "body_timeout"
+                };
+                self.side.layer().metrics.refusal(S::DIRECTION, reason);
+                let local = Local::error(StatusCode::REQUEST_TIMEOUT, reason, "request timeout\n");
+                (Some(reason), reason.to_owned(), Some(local))
+            }
             Fail::UpstreamLate(d) => (Some("upstream_io"), d, None),
             Fail::BadRequest(e) => {
-                let status = if e == HeadError::TooLarge {
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                let (status, reason) = if e == HeadError::TooLarge {
+                    (
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "head_too_large",
+                    )
                 } else {
-                    StatusCode::BAD_REQUEST
+                    (StatusCode::BAD_REQUEST, "malformed_head")
                 };
+                self.side.layer().metrics.refusal(S::DIRECTION, reason);
                 let local = Local::error(status, "bad_request", "malformed HTTP request\n");
                 (None, e.to_string(), Some(local))
             }
@@ -836,7 +915,7 @@ fn request_pipe_fail(e: PipeError) -> Fail {
         PipeError::Read(e) => Fail::Client(e),
         PipeError::Eof => Fail::Client(io::ErrorKind::UnexpectedEof.into()),
         PipeError::Framing(e) => Fail::BadBody(e),
-        PipeError::Idle => Fail::Idle,
+        PipeError::Idle => Fail::BodyTimeout,
         PipeError::Write(e) => Fail::Upstream(e.to_string()),
     }
 }
