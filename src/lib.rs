@@ -32,6 +32,6 @@ pub mod fuzzing {
     pub use crate::http::h1::body::{BodyError, Remaining};
     pub use crate::http::h1::message::{
         parse_request, parse_response, write_request, write_response, Framing, HeadError,
-        RequestHead, ResponseHead,
+        HeadLimits, RequestHead, ResponseHead,
     };
 }

@@ -11,18 +11,19 @@
 //!   back to the same method / status, headers and framing.
 //!
 //! Input: byte 0 picks request or response (and the request method a
-//! response answers); the rest is the wire.
+//! response answers, or for a request default or small `HeadLimits`); the
+//! rest is the wire.
 #![no_main]
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use stepmesh::fuzzing::{parse_request, parse_response, write_request, write_response};
+use stepmesh::fuzzing::{parse_request, parse_response, write_request, write_response, HeadLimits};
 
 const METHODS: [Method; 4] = [Method::GET, Method::HEAD, Method::POST, Method::CONNECT];
 
-fn request(wire: &[u8]) {
-    let scanned = parse_request(wire, false);
-    let full = parse_request(wire, true);
+fn request(wire: &[u8], limits: HeadLimits) {
+    let scanned = parse_request(wire, false, limits);
+    let full = parse_request(wire, true, limits);
     let (Ok(Some((scan, scan_len))), Ok(Some((head, len)))) = (&scanned, &full) else {
         // The full parse may refuse a target or field the scan never looked at;
         // it never accepts what the scan refuses.
@@ -50,7 +51,7 @@ fn request(wire: &[u8]) {
 
     let mut out = Vec::new();
     write_request(&head.parts, &mut out);
-    let (again, again_len) = match parse_request(&out, true) {
+    let (again, again_len) = match parse_request(&out, true, HeadLimits::default()) {
         Ok(Some(x)) => x,
         other => panic!(
             "a rewritten head does not parse: {other:?}\n{}",
@@ -101,7 +102,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if pick % 2 == 0 {
-        request(wire);
+        // Bit 1: the configurable limits at their smallest useful setting.
+        let limits = if pick & 2 == 0 {
+            HeadLimits::default()
+        } else {
+            HeadLimits {
+                bytes: 256,
+                fields: 4,
+            }
+        };
+        request(wire, limits);
     } else {
         response(wire, &METHODS[usize::from(pick / 2) % METHODS.len()]);
     }

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
+use stepmesh::policy::target::{self, Readings};
 use stepmesh::policy::{netpol, Mode, Policy, SpiffeId};
 
 fuzz_target!(|data: &[u8]| {
@@ -32,7 +33,17 @@ fuzz_target!(|data: &[u8]| {
     let mut ports: Vec<u16> = policy.ports().iter().map(|p| p.port).collect();
     ports.extend([0, 80, 8080, 65535]);
     let methods = [http::Method::GET, http::Method::POST, http::Method::DELETE];
-    let paths = ["/", "/admin", "/api/v1/x", "/a/../b", ""];
+    let paths = [
+        "/",
+        "/admin",
+        "/Admin/",
+        "/api/v1/x",
+        "/a;x/b",
+        "/a%41",
+        "/a/../b",
+        "*",
+    ];
+    let no_headers = http::HeaderMap::new();
     for peer in peers.iter().flatten() {
         for &port in &ports {
             let d = policy.authorize(peer, port);
@@ -41,15 +52,30 @@ fuzz_target!(|data: &[u8]| {
                 Mode::Audit => assert!(d.allow, "audit mode never denies"),
             }
             let _ = policy.port_protocol(port);
+            let options = policy.port(port).map(|p| p.path_match).unwrap_or_default();
             for method in &methods {
                 for path in paths {
-                    let m = policy.authorize_request(peer, port, method, path);
+                    let Ok(uri) = target::parse(path) else {
+                        continue;
+                    };
+                    let Ok(m) = policy.authorize_request(peer, port, method, &uri, &no_headers)
+                    else {
+                        continue;
+                    };
                     if m.decision.allow && !m.decision.would_deny {
                         assert!(d.allow && !d.would_deny, "a route only narrows the port");
                     }
                     if let Some(route) = m.route {
-                        assert!(route.path.matches(path), "the route taken matches the path");
-                        assert!(route.methods.is_empty() || route.methods.contains(method));
+                        assert!(
+                            route.matches_method(method),
+                            "the route taken matches the method"
+                        );
+                        let readings =
+                            Readings::of(uri.path(), options).expect("a routed path has readings");
+                        assert!(
+                            readings.iter().any(|r| route.matches_path(r)),
+                            "the route taken matches a reading of the path"
+                        );
                     }
                 }
             }

@@ -223,6 +223,17 @@ outbound:
     for i, b in enumerate(bodies):
         put("h1_chunked", f"{i:02}", bytes([37, 181]) + b)
 
+    # path_canon: byte 0 = pathMatch (case x params) and method; then the
+    # target and optional Host lines. Hostile shapes from tests/hostile_targets.rs.
+    targets = [
+        "/admin/x", "/ADMIN/x", "/Admin;x/y", "/admin%2Fx", "/%61dmin/x", "/admin/./x",
+        "/a/..;/admin", "//admin", "/admin\\x", "/caf%C3%A9/x", "/CAF%C3%89/x",
+        "/users/", "/users;a/1", "/API/v1/x", "/api/v1/x", "/login", "/Login/",
+        "http://a/admin?x\na", "http://u@a/admin\na", "/x\na\nb", "/%00", "/%zz", "*",
+    ]
+    for i, t in enumerate(targets):
+        put("path_canon", f"{i:02}", bytes([(7 * i) % 45]) + t.encode())
+
 
 if __name__ == "__main__":
     main()
