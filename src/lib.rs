@@ -25,3 +25,15 @@ pub mod proxy;
 pub mod stepup;
 pub mod telemetry;
 pub mod tls;
+
+/// Entry points for the fuzz targets in `fuzz/` (see docs/FUZZING.md): the
+/// HTTP/1 head and body parsers, which are otherwise internal to the relay.
+/// Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::h1::body::{BodyError, Remaining};
+    pub use crate::http::h1::message::{
+        parse_request, parse_response, write_request, write_response, Framing, HeadError,
+        HeadLimits, RequestHead, ResponseHead,
+    };
+}

@@ -4,7 +4,7 @@
 //! side. Bodies and trailers stream through; nothing is buffered whole.
 
 pub mod detect;
-mod h1;
+pub(crate) mod h1;
 pub mod headers;
 pub use h1::message::HeadLimits;
 pub mod inbound;

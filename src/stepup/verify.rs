@@ -98,13 +98,19 @@ pub struct VerifiedToken {
 }
 
 /// The header fields read before any key is looked up.
-pub(crate) struct Peeked {
+#[derive(Debug)]
+pub struct Peeked {
+    /// `alg`, already checked against the provider's allow-list.
     pub alg: Algorithm,
+    /// `kid`, when the header names one.
     pub kid: Option<String>,
 }
 
 /// Checks shape, algorithm allow-list and `typ`; returns alg and kid.
-pub(crate) fn peek(token: &str, cfg: &ProviderConfig) -> Result<Peeked, TokenError> {
+///
+/// Public (with [`verify`]) so the fuzz targets in `fuzz/` can reach the
+/// verifier without a running [`super::Provider`].
+pub fn peek(token: &str, cfg: &ProviderConfig) -> Result<Peeked, TokenError> {
     if token.len() > MAX_TOKEN || token.split('.').count() != 3 {
         return Err(TokenError::Malformed);
     }
@@ -155,7 +161,7 @@ fn same_media_type(a: &str, b: &str) -> bool {
 }
 
 /// Verifies signature and standard claims with the key the token names.
-pub(crate) fn verify(
+pub fn verify(
     token: &str,
     peeked: &Peeked,
     cfg: &ProviderConfig,

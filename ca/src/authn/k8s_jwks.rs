@@ -161,17 +161,7 @@ impl K8sJwks {
                 resp.body.to_vec()
             }
         };
-        let set: JwkSet =
-            serde_json::from_slice(&body).map_err(|e| err(format!("not a JWKS: {e}")))?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            if let Some((kid, key)) = usable_key(jwk) {
-                keys.insert(kid, key);
-            }
-        }
-        if keys.is_empty() {
-            return Err(err("no usable signing key (RSA/EC/OKP with a kid)".into()));
-        }
+        let keys = parse_keys(&body).map_err(err)?;
         let n = keys.len();
         self.keys.store(keys.into());
         Ok(n)
@@ -285,6 +275,35 @@ impl K8sJwks {
             tracing::warn!(error = %e, "k8s-jwks: refresh after an unknown kid failed; keeping the last keys");
         }
     }
+}
+
+/// The usable keys of a JWKS document by `kid`; an error says why there are
+/// none (not a JWKS, or no key that can verify a service-account token).
+fn parse_keys(body: &[u8]) -> Result<HashMap<String, Key>, String> {
+    let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        if let Some((kid, key)) = usable_key(jwk) {
+            keys.insert(kid, key);
+        }
+    }
+    if keys.is_empty() {
+        return Err("no usable signing key (RSA/EC/OKP with a kid)".into());
+    }
+    Ok(keys)
+}
+
+/// The `kid` and algorithm of each usable key of a JWKS document, as
+/// [`K8sJwks::refresh`] would load them (sorted by `kid`). Public for the
+/// fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub fn usable_keys(body: &[u8]) -> Result<Vec<(String, Algorithm)>, String> {
+    let mut keys: Vec<_> = parse_keys(body)?
+        .into_iter()
+        .map(|(kid, key)| (kid, key.alg))
+        .collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
 }
 
 fn raw_header(token: &str) -> Option<RawHeader> {

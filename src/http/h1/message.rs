@@ -394,11 +394,19 @@ fn response_framing(
 pub fn write_request(parts: &request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    let target = match parts.uri.path_and_query() {
-        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
-        _ => "/",
-    };
-    out.extend_from_slice(target.as_bytes());
+    // An absolute-form target may have an empty path with a query
+    // (`http://a?b`); its origin form is `/?b` (RFC 9112 §3.2.1), which
+    // `PathAndQuery::path` gives by answering "/" for an empty path.
+    match parts.uri.path_and_query() {
+        Some(pq) => {
+            out.extend_from_slice(pq.path().as_bytes());
+            if let Some(query) = pq.query() {
+                out.push(b'?');
+                out.extend_from_slice(query.as_bytes());
+            }
+        }
+        None => out.push(b'/'),
+    }
     out.extend_from_slice(version_str(parts.version));
     out.extend_from_slice(b"\r\n");
     write_fields(&parts.headers, out);

@@ -193,3 +193,21 @@ fn clean_heads_are_only_scanned() {
     assert!(r.clean && r.parts.headers.is_empty());
     assert_eq!(len, resp.len() - 2);
 }
+
+#[test]
+fn absolute_form_with_an_empty_path_is_written_with_a_slash() {
+    let text = "GET http://a?b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let (head, _) = req(text).unwrap().unwrap();
+    let mut out = Vec::new();
+    write_request(&head.parts, &mut out);
+    assert!(out.starts_with(b"GET /?b HTTP/1.0\r\n"), "{out:?}");
+    assert!(req(std::str::from_utf8(&out).unwrap()).unwrap().is_some());
+    for (target, written) in [("http://a", "/"), ("http://a/p?q", "/p?q"), ("*", "*")] {
+        let text = format!("OPTIONS {target} HTTP/1.0\r\n\r\n");
+        let (head, _) = req(&text).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_request(&head.parts, &mut out);
+        let want = format!("OPTIONS {written} HTTP/1.0\r\n");
+        assert!(out.starts_with(want.as_bytes()), "{target}: {out:?}");
+    }
+}

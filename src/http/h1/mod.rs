@@ -13,7 +13,7 @@
 //! tunnel (WebSocket). Anything the framing rules refuse ends the connection
 //! (400/502 when a response can still be written).
 
-mod body;
+pub(crate) mod body;
 mod buf;
 mod idle;
 mod local;
