@@ -23,3 +23,4 @@ pub mod proxy;
 pub mod stepup;
 pub mod telemetry;
 pub mod tls;
+pub mod units;

@@ -11,12 +11,12 @@ use jsonwebtoken::Algorithm;
 
 use super::model::*;
 use super::target;
-use super::units::parse_duration;
 use super::{
     AllowRule, DefaultLabels, JwksSource, OutboundRule, PathMatch, Policy, PolicyError, PortPolicy,
     ProviderConfig, Route, SpiffeIdPattern, StepUpRule, TrustDomain,
 };
 use crate::cidr::Cidr;
+use crate::units::parse_duration;
 
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(10);
