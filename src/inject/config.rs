@@ -25,7 +25,7 @@ pub enum ConfigError {
         /// The file.
         path: String,
         /// What the parser said (names the field).
-        cause: serde_yaml::Error,
+        cause: serde_norway::Error,
     },
     /// A value parsed but makes no sense.
     #[error("{path}: {field}: {reason}")]
@@ -202,7 +202,7 @@ impl InjectorConfig {
             path: shown.clone(),
             cause,
         })?;
-        let config: Self = serde_yaml::from_str(&text).map_err(|cause| ConfigError::Parse {
+        let config: Self = serde_norway::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: shown.clone(),
             cause,
         })?;

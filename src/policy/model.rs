@@ -152,7 +152,7 @@ pub(crate) struct RawRouteStepUp {
     #[serde(default)]
     pub amr: Vec<String>,
     #[serde(default)]
-    pub claims: BTreeMap<String, serde_yaml::Value>,
+    pub claims: BTreeMap<String, serde_norway::Value>,
     #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub max_age: Option<String>,
     #[serde(default)]

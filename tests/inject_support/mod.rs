@@ -305,7 +305,7 @@ fn complete(response: &[u8]) -> bool {
 
 /// The documents of a multi-document YAML text (empty ones dropped).
 pub fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
+    serde_norway::Deserializer::from_str(yaml)
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
