@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod stepup;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 
 /// Entry points for the fuzz targets in `fuzz/` (see docs/FUZZING.md): the
 /// HTTP/1 head and body parsers, which are otherwise internal to the relay.

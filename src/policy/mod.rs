@@ -10,7 +10,6 @@ mod decide;
 mod model;
 pub mod netpol;
 pub mod target;
-mod units;
 mod watch;
 
 use std::path::PathBuf;

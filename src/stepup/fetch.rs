@@ -154,8 +154,7 @@ fn roots(ca_file: Option<PathBuf>) -> Result<rustls::RootCertStore, FetchError> 
             path: path.clone(),
             source,
         })?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
+        let certs = stepmesh_ca::pem::decode_certs(&pem)
             .map_err(|e| FetchError::Tls(format!("{}: {e}", path.display())))?;
         if certs.is_empty() {
             return Err(FetchError::Tls(format!(

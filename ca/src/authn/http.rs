@@ -11,8 +11,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 /// The in-cluster CA file Kubernetes mounts into every pod.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
@@ -73,8 +71,7 @@ impl HttpsClient {
         };
         let pem = std::fs::read(ca_file).map_err(|e| ca_err(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+        for cert in crate::pem::decode_certs(&pem).map_err(ca_err)? {
             roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
         }
         if roots.is_empty() {
