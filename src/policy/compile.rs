@@ -185,14 +185,16 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
     }
     Ok(ProviderConfig {
         name: Arc::from(name),
-        issuer: p.issuer,
+        token: stepmesh_ca::jwt::Rules {
+            issuer: p.issuer,
+            audiences: p.audiences,
+            algorithms,
+            typ: p.typ,
+            leeway,
+        },
         jwks,
         refresh,
         min_refresh_interval,
-        audiences: p.audiences,
-        algorithms,
-        typ: p.typ,
-        leeway,
     })
 }
 

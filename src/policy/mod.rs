@@ -194,22 +194,15 @@ pub struct StepUpRule {
 pub struct ProviderConfig {
     /// Key in `stepUp.providers`.
     pub name: Arc<str>,
-    /// Expected `iss`.
-    pub issuer: String,
+    /// What its tokens must satisfy (issuer, audiences, algorithms, typ,
+    /// leeway): the one verifier's rules, `stepmesh_ca::jwt`.
+    pub token: stepmesh_ca::jwt::Rules,
     /// Where its signing keys are.
     pub jwks: JwksSource,
     /// Scheduled refresh period.
     pub refresh: Duration,
     /// At most one unknown-`kid` refetch per this interval.
     pub min_refresh_interval: Duration,
-    /// Accepted `aud` values (any of).
-    pub audiences: Vec<String>,
-    /// Accepted signature algorithms (asymmetric only).
-    pub algorithms: Vec<jsonwebtoken::Algorithm>,
-    /// Accepted `typ` header values, if pinned.
-    pub typ: Option<Vec<String>>,
-    /// Clock skew allowed on exp, nbf, iat and auth_time.
-    pub leeway: Duration,
 }
 
 /// Where a provider's JWKS comes from.
