@@ -9,6 +9,7 @@ pub mod admin;
 pub mod authn;
 pub mod client;
 mod conn;
+pub mod https;
 pub mod jwt;
 pub mod metrics;
 pub mod pem;

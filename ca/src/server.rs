@@ -15,12 +15,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, Readiness};
-use crate::authn::http::{HttpsClient, IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
 use crate::authn::join_token::JoinTokens;
 use crate::authn::k8s_jwks::{JwksSource, K8sJwks};
 use crate::authn::k8s_tokenreview::TokenReview;
 use crate::authn::Authenticator;
 use crate::conn;
+use crate::https::{HttpsClient, IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
 use crate::metrics::CaMetrics;
 use crate::proto::v1::certificate_authority_server::CertificateAuthorityServer;
 use crate::ratelimit::{RateLimit, RateLimiter};

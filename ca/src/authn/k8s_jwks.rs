@@ -17,8 +17,8 @@ use base64::Engine;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
-use super::http::HttpsClient;
 use super::AuthnError;
+use crate::https::HttpsClient;
 use crate::jwt::{self, KeySet, Rules, TokenError};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
