@@ -20,7 +20,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         // The policy and cert tools only read the files and flags they are
         // given: whatever fails is that input (exit 64).
         Command::Policy(cmd) => multi_thread()?
-            .block_on(crate::policy::run(cmd))
+            .block_on(crate::policy_cmd::run(cmd))
             .config_err(),
         Command::Cert(cmd) => crate::cert_cmd::run(cmd).config_err(),
         Command::Demo(args) => multi_thread()?.block_on(crate::demo::run(args)),

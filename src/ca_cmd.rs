@@ -12,6 +12,7 @@ use stepmesh_ca::spiffe_id::TrustDomain;
 use stepmesh_ca::store::Mode;
 
 use crate::exit::{self, ConfigResult as _};
+use crate::units::parse_duration;
 
 /// `stepmesh ca` subcommands.
 #[derive(Debug, Subcommand)]
@@ -149,40 +150,6 @@ impl CaServeArgs {
     }
 }
 
-/// Parses `90s`, `15m`, `24h`, `7d`, `500ms` or a sum like `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like 30s, 15m, 24h, 7d or 1h30m");
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(part);
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
-
 /// Runs a `stepmesh ca` subcommand.
 pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
@@ -226,31 +193,6 @@ async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn durations() {
-        let cases = [
-            ("30s", 30),
-            ("15m", 900),
-            ("24h", 86_400),
-            ("7d", 604_800),
-            ("1h30m", 5_400),
-        ];
-        for (s, secs) in cases {
-            assert_eq!(parse_duration(s).unwrap(), Duration::from_secs(secs), "{s}");
-        }
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        for bad in ["", "h", "10", "10x", "-5s", "1.5h"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -6,8 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Subcommand;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::oid_registry::{
@@ -42,9 +40,7 @@ pub fn run(cmd: CertCommand) -> anyhow::Result<()> {
 
 /// Describes the first certificate of `pem` (and counts the rest).
 pub fn inspect(pem: &[u8], now: SystemTime) -> anyhow::Result<String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("not PEM: {e}"))?;
+    let certs = stepmesh_ca::pem::decode_certs(pem).map_err(|e| anyhow::anyhow!("not PEM: {e}"))?;
     let first = certs.first().context("no CERTIFICATE block in the file")?;
     let (_, cert) = X509Certificate::from_der(first)
         .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;

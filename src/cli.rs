@@ -37,7 +37,7 @@ pub enum Command {
     Inject(crate::inject::InjectArgs),
     /// Policy tools: check, explain a decision, compile to NetworkPolicies.
     #[command(subcommand)]
-    Policy(crate::policy::PolicyCommand),
+    Policy(crate::policy_cmd::PolicyCommand),
     /// Certificate tools.
     #[command(subcommand)]
     Cert(crate::cert_cmd::CertCommand),

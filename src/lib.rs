@@ -18,11 +18,14 @@ pub mod identity;
 pub mod init;
 pub mod inject;
 pub mod metrics;
+pub mod net;
 pub mod policy;
+pub mod policy_cmd;
 pub mod proxy;
 pub mod stepup;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 
 /// Entry points for the fuzz targets in `fuzz/` (see docs/FUZZING.md): the
 /// HTTP/1 head and body parsers, which are otherwise internal to the relay.

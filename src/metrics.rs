@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::forward::ByteCounters;
+use crate::net::forward::ByteCounters;
 
 /// Which way a connection goes through the sidecar.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -255,14 +255,6 @@ impl IdentityMetrics {
     }
 }
 
-/// Renders the registry in the Prometheus/OpenMetrics text format.
-pub fn encode(registry: &Registry) -> String {
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
-    out
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -277,7 +269,8 @@ mod tests {
         proxy.connection(Direction::Inbound, "spiffe://td/ns/a/sa/b", "deny");
         proxy.byte_counters(Direction::Outbound).forward.inc_by(42);
         identity.renewal("ca", false);
-        let text = encode(&registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(
             r#"stepmesh_tls_handshake_failures_total{direction="inbound",reason="expired"} 1"#
         ));

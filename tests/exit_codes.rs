@@ -244,6 +244,18 @@ fn command_line_errors_exit_64_with_one_line() {
         ),
         (&["proxy", "--svid-ttl=-1s"], "'--svid-ttl <DURATION>'"),
         (
+            &["proxy", "--header-timeout", "soon"],
+            "'--header-timeout <DURATION>'",
+        ),
+        (
+            &["proxy", "--max-request-headers", "1000"],
+            "'--max-request-headers <MAX_REQUEST_HEADERS>'",
+        ),
+        (
+            &["proxy", "--max-connections-per-peer", "many"],
+            "'--max-connections-per-peer <MAX_CONNECTIONS_PER_PEER>'",
+        ),
+        (
             &["--log-format", "xml", "proxy"],
             "(possible values: plain, json)",
         ),

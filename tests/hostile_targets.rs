@@ -8,18 +8,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::mesh::{free_port, Sidecar, SvidFiles};
+use common::mesh::{free_port, http_ok_app, Mesh, CLIENT_ID};
 use stepmesh::stepup::testing::TestIdp;
-use stepmesh_ca::testing::Pki;
-
-const SERVER_ID: &str = "spiffe://mesh.test/ns/payments/sa/api";
-const CLIENT_ID: &str = "spiffe://mesh.test/ns/web/sa/frontend";
 
 /// (method, request target, extra header lines, expected status).
 const TABLE: &[(&str, &str, &str, u16)] = &[
@@ -106,40 +101,6 @@ inbound:
     )
 }
 
-/// An app that records the target of every request it is given.
-fn app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    log.lock().unwrap().push(line.trim().to_owned());
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                    }
-                    w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .unwrap();
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 /// Sends one request on a new connection; the status of the answer.
 fn send(outbound: SocketAddr, method: &str, target: &str, extra: &str) -> u16 {
     let mut s = TcpStream::connect(outbound).unwrap();
@@ -190,34 +151,21 @@ fn explain(policy: &Path, port: u16, method: &str, target: &str, extra: &str) ->
 #[test]
 fn no_spelling_of_a_protected_path_reaches_the_app_unchallenged() {
     assert!(TABLE.len() >= 40);
-    let (app, seen) = app();
+    let (app, seen) = http_ok_app();
     let dir = tempfile::tempdir().unwrap();
     let idp = TestIdp::new("https://idp.example.com").unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
-    let pki = Pki::new("mesh.test");
     let port = free_port();
     let policy_file = dir.path().join("policy.yaml");
     std::fs::write(&policy_file, policy(port, &jwks)).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{port}={app}"),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
-    let mut args = files.args();
-    args.extend([
-        "--outbound".into(),
-        format!("127.0.0.1:0={}@{SERVER_ID}", server.listener("inbound")),
-    ]);
-    let client = Sidecar::spawn(&args);
-    server.wait_ready();
-    client.wait_ready();
-    let outbound = client.listener("outbound");
+    let mesh = Mesh::start_on(
+        port,
+        app,
+        &["--policy".into(), policy_file.display().to_string()],
+        &[],
+    );
+    let (server, outbound) = (&mesh.server, mesh.outbound);
 
     // The control: an unprotected path reaches the app.
     assert_eq!(send(outbound, "GET", "/public", ""), 200);

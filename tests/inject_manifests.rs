@@ -15,16 +15,20 @@ use inject_support::{
 };
 use serde_json::json;
 
+/// `kubectl kustomize DIR`, which must succeed without a deprecation
+/// warning (`bases`, `patchesJson6902`, ... print one on stderr).
 fn kustomize(dir: &Path) -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(dir)
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !stderr.to_lowercase().contains("deprecated"),
+        "{}: {stderr}",
+        dir.display()
     );
     String::from_utf8(out.stdout).unwrap()
 }

@@ -390,8 +390,8 @@ async fn serving_certificate_is_reloaded_and_only_tls13_is_spoken() {
 
     // TLS 1.2 is refused.
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut first.ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
+    for c in stepmesh_ca::pem::decode_certs(first.ca_pem.as_bytes()).unwrap() {
+        roots.add(c).unwrap();
     }
     let tls12 = std::sync::Arc::new(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(

@@ -17,15 +17,7 @@ use stepmesh_ca::testing::Defect;
 fn connection_limit_closes_the_excess_and_counts_it() {
     let app = echo_server();
     let mesh = Mesh::start(app, &[], &["--max-connections".into(), "2".into()]);
-    let mut held = Vec::new();
-    for i in 0..2u8 {
-        let mut c = TcpStream::connect(mesh.outbound).unwrap();
-        c.set_read_timeout(Some(PATIENCE)).unwrap();
-        c.write_all(&[i]).unwrap();
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).unwrap();
-        held.push(c);
-    }
+    let held = hold(mesh.outbound, 2);
     let over = roundtrip(mesh.outbound, b"third").unwrap_or_default();
     assert!(over.is_empty(), "a third connection got through");
     let series =

@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::mesh::*;
@@ -17,32 +17,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OTHER_ID: &str = "spiffe://mesh.test/ns/shop/sa/batch";
 
-/// An HTTP/1 app answering every request `200 ok`, keep-alive.
-fn http_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line == "\r\n"
-                        && w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+/// A pair whose inbound port is `protocol: http`, with extra flags.
+fn http_pair(server_extra: &[&str], client_extra: &[&str]) -> (Mesh, tempfile::TempDir) {
+    let (app, _) = http_ok_app();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "trustDomain: mesh.test\ninbound:\n  ports:\n    - port: {port}\n      protocol: http\n      allow: [{{from: [\"spiffe://mesh.test/*\"]}}]\n"
+        ),
+    )
+    .unwrap();
+    let mut server: Vec<String> = vec!["--policy".into(), policy.display().to_string()];
+    server.extend(server_extra.iter().map(|s| s.to_string()));
+    let client: Vec<String> = client_extra.iter().map(|s| s.to_string()).collect();
+    (Mesh::start_on(port, app, &server, &client), dir)
 }
 
 /// The soft limit on open files, from /proc.
@@ -93,21 +84,8 @@ fn slow_header_clients_are_closed_at_the_deadline_and_a_good_client_keeps_its_la
     }
     const SLOW: usize = 2_000;
     let deadline = Duration::from_secs(5);
-    let app = http_app();
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "trustDomain: mesh.test\ninbound:\n  default: allow-authenticated\n  ports:\n    - port: {port}\n      protocol: http\n      allow: [{{from: [\"spiffe://mesh.test/*\"]}}]\n"
-        ),
-    )
-    .unwrap();
-    let timeout = ["--header-timeout".to_owned(), "5s".to_owned()];
-    let mut server_extra = vec!["--policy".to_owned(), policy.display().to_string()];
-    server_extra.extend(timeout.clone());
-    let mesh = Mesh::start_on(port, app, &server_extra, &timeout);
+    let timeout = ["--header-timeout", "5s"];
+    let (mesh, _dir) = http_pair(&timeout, &timeout);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -198,15 +176,7 @@ fn slow_header_clients_are_closed_at_the_deadline_and_a_good_client_keeps_its_la
 fn one_workload_meets_its_per_peer_cap_and_another_still_connects() {
     let app = echo_server();
     let mesh = Mesh::start(app, &["--max-connections-per-peer".into(), "3".into()], &[]);
-    let mut held = Vec::new();
-    for i in 0..3u8 {
-        let mut c = TcpStream::connect(mesh.outbound).unwrap();
-        c.set_read_timeout(Some(PATIENCE)).unwrap();
-        c.write_all(&[i]).unwrap();
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).unwrap();
-        held.push(c);
-    }
+    let held = hold(mesh.outbound, 3);
     let over = roundtrip(mesh.outbound, b"fourth").unwrap_or_default();
     assert!(
         over.is_empty(),
@@ -255,15 +225,7 @@ fn one_source_meets_its_per_source_cap() {
         &[],
         &["--max-connections-per-source".into(), "2".into()],
     );
-    let mut held = Vec::new();
-    for i in 0..2u8 {
-        let mut c = TcpStream::connect(mesh.outbound).unwrap();
-        c.set_read_timeout(Some(PATIENCE)).unwrap();
-        c.write_all(&[i]).unwrap();
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).unwrap();
-        held.push(c);
-    }
+    let _held = hold(mesh.outbound, 2);
     let over = roundtrip(mesh.outbound, b"third").unwrap_or_default();
     assert!(
         over.is_empty(),
@@ -282,32 +244,16 @@ fn one_source_meets_its_per_source_cap() {
 
 #[test]
 fn a_stalled_body_meets_its_deadline_and_head_limits_are_configurable() {
-    let app = http_app();
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "trustDomain: mesh.test\ninbound:\n  ports:\n    - port: {port}\n      protocol: http\n      allow: [{{from: [\"spiffe://mesh.test/*\"]}}]\n"
-        ),
-    )
-    .unwrap();
-    let client_extra: Vec<String> = [
-        "--body-idle-timeout",
-        "1s",
-        "--max-request-headers",
-        "4",
-        "--max-request-header-bytes",
-        "2048",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mesh = Mesh::start_on(
-        port,
-        app,
-        &["--policy".into(), policy.display().to_string()],
-        &client_extra,
+    let (mesh, _dir) = http_pair(
+        &[],
+        &[
+            "--body-idle-timeout",
+            "1s",
+            "--max-request-headers",
+            "4",
+            "--max-request-header-bytes",
+            "2048",
+        ],
     );
     let status = |request: &[u8]| {
         let mut s = TcpStream::connect(mesh.outbound).unwrap();

@@ -102,7 +102,8 @@ inbound:
         ("wrong_aud", "wrong_audience"),
         ("none", "alg_not_allowed"),
         ("weak_acr", "insufficient_acr"),
-        ("ps256_on_rs256_kid", "bad_signature"),
+        // The named key pins RS256: a PS256 token is an algorithm it refuses.
+        ("ps256_on_rs256_kid", "alg_not_allowed"),
     ] {
         let d = ask(name, "/pay").await;
         assert_eq!(d.reason, reason, "{name}");

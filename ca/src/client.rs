@@ -125,8 +125,9 @@ impl CaClient {
     pub fn connect(addr: &str, bundle_pem: &str) -> Result<Self, ClientError> {
         let target = parse_target(addr)?;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
-            let cert = cert.map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
+        let certs = crate::pem::decode_certs(bundle_pem.as_bytes())
+            .map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
+        for cert in certs {
             roots
                 .add(cert)
                 .map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
@@ -218,7 +219,7 @@ impl CaClient {
         for pem in &answer.cert_chain_pem {
             chain.push(
                 CertificateDer::from_pem_slice(pem.as_bytes())
-                    .map_err(|e| bad(format!("chain: {e}")))?,
+                    .map_err(|e| bad(format!("chain: {}", crate::pem::describe(&e))))?,
             );
         }
         let id = leaf_id(&chain)?;

@@ -9,6 +9,8 @@ pub mod admin;
 pub mod authn;
 pub mod client;
 mod conn;
+pub mod https;
+pub mod jwt;
 pub mod metrics;
 pub mod pem;
 pub mod proto;

@@ -15,12 +15,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, Readiness};
-use crate::authn::http::{HttpsClient, IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
 use crate::authn::join_token::JoinTokens;
 use crate::authn::k8s_jwks::{JwksSource, K8sJwks};
 use crate::authn::k8s_tokenreview::TokenReview;
 use crate::authn::Authenticator;
 use crate::conn;
+use crate::https::{HttpsClient, IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
 use crate::metrics::CaMetrics;
 use crate::proto::v1::certificate_authority_server::CertificateAuthorityServer;
 use crate::ratelimit::{RateLimit, RateLimiter};
@@ -268,7 +268,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         }
     }));
     let mut stop = stop_all.subscribe();
-    let admin_server = Admin::new(Arc::new(registry), ready.clone());
+    let admin_server = Admin::new(Arc::new(registry), ready.check());
     tasks.push(tokio::spawn(admin_server.serve(admin, async move {
         let _ = stop.recv().await;
     })));

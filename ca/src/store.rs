@@ -17,8 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -343,17 +342,14 @@ fn check_private_mode(path: &Path, allow_group: bool) -> Result<(), StoreError> 
 /// (`RSA PRIVATE KEY`), as cert-manager and Vault write them.
 fn read_key(path: &Path) -> Result<KeyPair, StoreError> {
     let pem = fs::read(path).map_err(io_err(path))?;
-    let der = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| invalid(path, format!("no PEM private key: {e}")))?;
+    let der = crate::pem::decode_private_key(&pem).map_err(|e| invalid(path, e))?;
     KeyPair::try_from(&der).map_err(|e| invalid(path, format!("not a usable private key: {e}")))
 }
 
 /// Reads every CERTIFICATE block of a PEM file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StoreError> {
     let pem = fs::read(path).map_err(io_err(path))?;
-    CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("bad PEM: {e}")))
+    crate::pem::decode_certs(&pem).map_err(|e| invalid(path, format!("bad PEM: {e}")))
 }
 
 /// Writes a file through a temporary sibling and a rename, created with

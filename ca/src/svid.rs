@@ -8,7 +8,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, ExtendedKeyUsageValidator, KeyPurposeId, KeyPurposeIdIter};
 use x509_parser::certificate::X509Certificate;
@@ -148,9 +147,7 @@ impl TrustBundle {
     /// A bundle from PEM text (one or more CERTIFICATE blocks; other blocks
     /// are ignored).
     pub fn from_pem(trust_domain: TrustDomain, pem: &str) -> Result<Self, BundleError> {
-        let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BundleError::Pem(e.to_string()))?;
+        let roots = crate::pem::decode_certs(pem.as_bytes()).map_err(BundleError::Pem)?;
         Self::new(trust_domain, roots)
     }
 

@@ -45,19 +45,21 @@ struct Fixture {
 fn provider(typ: Option<Vec<String>>) -> ProviderConfig {
     ProviderConfig {
         name: Arc::from("fuzz"),
-        issuer: ISS.into(),
+        token: stepmesh_ca::jwt::Rules {
+            issuer: ISS.into(),
+            audiences: vec![AUD.into(), "other".into()],
+            algorithms: vec![
+                Algorithm::ES256,
+                Algorithm::RS256,
+                Algorithm::PS256,
+                Algorithm::EdDSA,
+            ],
+            typ,
+            leeway: Duration::from_secs(LEEWAY),
+        },
         jwks: JwksSource::File("/nonexistent/jwks.json".into()),
         refresh: Duration::from_secs(300),
         min_refresh_interval: Duration::from_secs(10),
-        audiences: vec![AUD.into(), "other".into()],
-        algorithms: vec![
-            Algorithm::ES256,
-            Algorithm::RS256,
-            Algorithm::PS256,
-            Algorithm::EdDSA,
-        ],
-        typ,
-        leeway: Duration::from_secs(LEEWAY),
     }
 }
 
@@ -99,8 +101,8 @@ fn raw(token: &str) {
     let fx = fixture();
     let now = unix_now();
     for cfg in [&fx.stepup, &fx.stepup_typ] {
-        if let Ok(peeked) = peek(token, cfg) {
-            let verdict = verify(token, &peeked, cfg, &fx.keys, now);
+        if let Ok(peeked) = peek(token, &cfg.token) {
+            let verdict = verify(token, &peeked, &cfg.token, &fx.keys, now);
             assert!(
                 verdict.is_err(),
                 "step-up accepted a forged token: {verdict:?}"
@@ -141,8 +143,8 @@ fn signed(claims_json: &[u8]) {
         return;
     };
     let now = unix_now();
-    let peeked = peek(&token, &fx.stepup).expect("our own header passes peek");
-    if let Ok(v) = verify(&token, &peeked, &fx.stepup, &fx.keys, now) {
+    let peeked = peek(&token, &fx.stepup.token).expect("our own header passes peek");
+    if let Ok(v) = verify(&token, &peeked, &fx.stepup.token, &fx.keys, now) {
         assert_eq!(claims.get("iss").and_then(Value::as_str), Some(ISS));
         assert!(
             audience_ok(&claims, &[AUD, "other"]),

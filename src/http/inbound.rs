@@ -29,8 +29,8 @@ use super::headers::{
 };
 use super::record::{CountIn, Exchange};
 use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
+use crate::net::Outcome;
 use crate::policy::SpiffeId;
-use crate::proxy::conn::Outcome;
 use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
 
 /// An authenticated inbound connection, as the HTTP layer needs it.
@@ -155,7 +155,7 @@ where
     };
     let mut io = io;
     let done = h1::relay(&side, &mut io, prefix, &mut None, idle, drain).await;
-    crate::proxy::conn::close_gracefully(&mut io).await;
+    crate::net::close_gracefully(&mut io).await;
     Outcome {
         bytes_in: done.bytes_in,
         bytes_out: done.bytes_out,
@@ -248,7 +248,7 @@ impl h1::Side for AppSide {
     }
 
     fn dial(&self) -> impl Future<Output = io::Result<TcpStream>> + Send {
-        crate::proxy::listener::dial(&self.served.conn.app, self.connect)
+        crate::net::dial(&self.served.conn.app, self.connect)
     }
 
     fn draining(&self) -> bool {

@@ -11,7 +11,6 @@ pub mod inbound;
 mod metrics;
 pub mod outbound;
 mod record;
-pub mod seam;
 
 use std::sync::Arc;
 

@@ -202,17 +202,15 @@ impl FileSource {
             path: path.clone(),
             what,
         };
-        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| pem_err(&self.cert, e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            stepmesh_ca::pem::decode_certs(&cert).map_err(|e| pem_err(&self.cert, e))?;
         let leaf = chain
             .first()
             .ok_or_else(|| pem_err(&self.cert, "no CERTIFICATE block".into()))?;
-        let id = crate::tls::spiffe_id_of(leaf)
+        let id = super::spiffe_id_of(leaf)
             .ok_or_else(|| pem_err(&self.cert, "leaf has no SPIFFE ID URI SAN".into()))?;
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_slice())
-            .map_err(|e| pem_err(&self.key, e.to_string()))?
-            .ok_or_else(|| pem_err(&self.key, "no PRIVATE KEY block".into()))?;
+        let key: PrivateKeyDer<'static> =
+            stepmesh_ca::pem::decode_private_key(&key).map_err(|e| pem_err(&self.key, e))?;
         let bundle_pem =
             String::from_utf8(bundle).map_err(|_| pem_err(&self.bundle, "not UTF-8 PEM".into()))?;
         let bundle =

@@ -105,3 +105,17 @@ impl StartWait {
 fn is_missing(err: &std::io::Error) -> bool {
     err.kind() == std::io::ErrorKind::NotFound
 }
+
+/// The SPIFFE ID in a (verified) leaf certificate's URI SAN.
+pub fn spiffe_id_of(
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+) -> Option<stepmesh_ca::spiffe_id::SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            stepmesh_ca::spiffe_id::SpiffeId::parse(uri).ok()
+        }
+        _ => None,
+    })
+}

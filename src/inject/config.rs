@@ -2,6 +2,7 @@
 //! has a default that works with the manifests in deploy/.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,7 +25,7 @@ pub enum ConfigError {
         /// The file.
         path: String,
         /// What the parser said (names the field).
-        cause: serde_yaml::Error,
+        cause: serde_norway::Error,
     },
     /// A value parsed but makes no sense.
     #[error("{path}: {field}: {reason}")]
@@ -93,6 +94,11 @@ pub struct InjectorConfig {
     /// admin port (`/app-health/...`), which runs them against the app over
     /// localhost; mTLS stays on for every app port (docs/INJECT.md).
     pub rewrite_probes: bool,
+    /// How long the sidecar lets in-flight connections finish after SIGTERM
+    /// (its `--drain-timeout`, in the grammar of [`crate::units`]); unset
+    /// keeps the sidecar's own default.
+    #[serde(deserialize_with = "proxy_drain_timeout")]
+    pub proxy_drain_timeout: Option<Duration>,
 }
 
 /// Requests and limits of one container.
@@ -141,6 +147,7 @@ impl Default for InjectorConfig {
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
             exclude_probe_ports: false,
             rewrite_probes: true,
+            proxy_drain_timeout: None,
         }
     }
 }
@@ -195,7 +202,7 @@ impl InjectorConfig {
             path: shown.clone(),
             cause,
         })?;
-        let config: Self = serde_yaml::from_str(&text).map_err(|cause| ConfigError::Parse {
+        let config: Self = serde_norway::from_str(&text).map_err(|cause| ConfigError::Parse {
             path: shown.clone(),
             cause,
         })?;
@@ -263,6 +270,20 @@ impl InjectorConfig {
         self.cidrs().map_err(|e| ("excludeOutboundCidrs", e))?;
         Ok(())
     }
+}
+
+/// `proxyDrainTimeout`: the YAML parser's own errors name no field for a
+/// custom error, so the message does.
+fn proxy_drain_timeout<'de, D>(de: D) -> Result<Option<Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    crate::units::opt_text_or_number(de)?
+        .map(|text| {
+            crate::units::parse_duration(&text)
+                .map_err(|e| serde::de::Error::custom(format!("proxyDrainTimeout: {e}")))
+        })
+        .transpose()
 }
 
 /// A `RUST_LOG`-style filter limited to characters that cannot escape an

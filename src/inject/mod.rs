@@ -24,6 +24,7 @@ use clap::{Args, Subcommand};
 
 use self::config::InjectorConfig;
 use crate::exit::{self, ConfigResult as _};
+use crate::units::parse_duration;
 
 /// Flags of `stepmesh inject`.
 #[derive(Debug, Args)]
@@ -138,22 +139,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         () = term => {},
-    }
-}
-
-/// `500ms`, `2s`, `1m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .ok_or_else(|| format!("{s:?}: add a unit (ms, s, m)"))?;
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: not a duration"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
     }
 }

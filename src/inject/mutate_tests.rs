@@ -142,6 +142,35 @@ fn exclusions_reach_the_init_container_args() {
 }
 
 #[test]
+fn drain_timeout_reaches_the_sidecar_args_only_when_set() {
+    let proxy_args = |pod: &Value, config: &InjectorConfig| {
+        apply(pod, config)["spec"]["initContainers"][1]["args"].clone()
+    };
+    let default = proxy_args(&bare(), &InjectorConfig::default());
+    assert!(
+        !default.to_string().contains("--drain-timeout"),
+        "{default}"
+    );
+    let config = InjectorConfig {
+        proxy_drain_timeout: Some(std::time::Duration::from_millis(2500)),
+        ..InjectorConfig::default()
+    };
+    let args = proxy_args(&bare(), &config);
+    assert!(
+        args.to_string().ends_with(r#""--drain-timeout","2.5s"]"#),
+        "{args}"
+    );
+    // The annotation wins over the configuration.
+    let mut pod = bare();
+    pod["metadata"]["annotations"] = json!({"stepmesh.io/proxy-drain-timeout": "1m30s"});
+    let args = proxy_args(&pod, &config);
+    assert!(
+        args.to_string().ends_with(r#""--drain-timeout","90s"]"#),
+        "{args}"
+    );
+}
+
+#[test]
 fn probe_ports_are_excluded_only_when_asked() {
     let mut pod = bare();
     pod["spec"]["containers"][0]["readinessProbe"] =

@@ -17,7 +17,7 @@ pub enum OfflineError {
         /// 1-based document number.
         doc: usize,
         /// What the parser said.
-        cause: serde_yaml::Error,
+        cause: serde_norway::Error,
     },
     /// A pod (template) could not be injected.
     #[error("{object}: {cause}")]
@@ -54,7 +54,7 @@ pub fn inject_yaml(
 ) -> Result<(String, Vec<Report>), OfflineError> {
     let mut out = String::new();
     let mut reports = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(input).enumerate() {
         let mut value =
             Value::deserialize(doc).map_err(|cause| OfflineError::Yaml { doc: i + 1, cause })?;
         if value.is_null() {
@@ -65,7 +65,7 @@ pub fn inject_yaml(
             out.push_str("---\n");
         }
         // Serializing a JSON value to YAML cannot fail.
-        out.push_str(&serde_yaml::to_string(&value).unwrap_or_default());
+        out.push_str(&serde_norway::to_string(&value).unwrap_or_default());
     }
     Ok((out, reports))
 }
@@ -154,7 +154,7 @@ mod tests {
                 action: "injected".into()
             }
         );
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&out)
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(&out)
             .map(|d| Value::deserialize(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 2);
@@ -175,7 +175,7 @@ mod tests {
             }
         );
         assert_eq!(reports[1].action, "unchanged (not a workload)");
-        let doc: Value = serde_yaml::from_str(&out).unwrap();
+        let doc: Value = serde_norway::from_str(&out).unwrap();
         assert_eq!(
             doc["items"][0]["spec"]["initContainers"][0]["name"],
             "stepmesh-init"

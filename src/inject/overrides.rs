@@ -1,6 +1,8 @@
 //! Per-pod `stepmesh.io/*` annotations: the names, and the settings they
 //! yield on top of the injector's configuration.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value};
 
 use super::config::{check_log_level, quantity, InjectorConfig, Resources};
@@ -42,6 +44,8 @@ pub const MEMORY_LIMIT: &str = "stepmesh.io/proxy-memory-limit";
 pub const LOG_LEVEL: &str = "stepmesh.io/log-level";
 /// ConfigMap holding the pod's policy (default from the config).
 pub const POLICY_CONFIG_MAP: &str = "stepmesh.io/policy-configmap";
+/// Sidecar `--drain-timeout` (a duration: `30s`, `1m30s`).
+pub const PROXY_DRAIN_TIMEOUT: &str = "stepmesh.io/proxy-drain-timeout";
 
 /// A per-pod annotation whose value is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +80,8 @@ pub struct PodSettings {
     pub log_level: String,
     /// Policy ConfigMap name.
     pub policy_config_map: String,
+    /// Sidecar drain timeout; `None` keeps the sidecar's default.
+    pub drain_timeout: Option<Duration>,
 }
 
 /// Whether the pod's annotations opt it out.
@@ -106,6 +112,7 @@ impl PodSettings {
             resources: config.resources.clone(),
             log_level: config.log_level.clone(),
             policy_config_map: config.policy_config_map.clone(),
+            drain_timeout: config.proxy_drain_timeout,
         };
         let get = |key| ann.get(key).map(text);
         for (key, slot) in [
@@ -169,6 +176,10 @@ impl PodSettings {
                 return Err(bad(POLICY_CONFIG_MAP, v, "is not a ConfigMap name"));
             }
             v.clone_into(&mut s.policy_config_map);
+        }
+        if let Some(v) = get(PROXY_DRAIN_TIMEOUT) {
+            let d = crate::units::parse_duration(v).map_err(|e| bad(PROXY_DRAIN_TIMEOUT, v, &e))?;
+            s.drain_timeout = Some(d);
         }
         Ok(s)
     }
@@ -235,8 +246,10 @@ mod tests {
             CPU_LIMIT: "2",
             MEMORY_REQUEST: "128Mi",
             LOG_LEVEL: "stepmesh=debug",
+            PROXY_DRAIN_TIMEOUT: "1m30s",
         }))
         .unwrap();
+        assert_eq!(s.drain_timeout, Some(std::time::Duration::from_secs(90)));
         assert!(!s.native_sidecar);
         assert_eq!(s.exclude_inbound_ports, [9090, 9091]);
         assert_eq!(s.exclude_outbound_cidrs[0].to_string(), "10.96.0.0/12");
@@ -262,6 +275,7 @@ mod tests {
             (json!({CPU_REQUEST: "lots"}), CPU_REQUEST),
             (json!({LOG_LEVEL: "info\" --evil"}), LOG_LEVEL),
             (json!({POLICY_CONFIG_MAP: "Bad_Name"}), POLICY_CONFIG_MAP),
+            (json!({PROXY_DRAIN_TIMEOUT: "30"}), PROXY_DRAIN_TIMEOUT),
         ] {
             let err = settings(ann).unwrap_err();
             assert_eq!(err.key, key, "{err}");

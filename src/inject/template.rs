@@ -147,6 +147,12 @@ pub fn proxy_container(
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
+    if let Some(drain) = s.drain_timeout {
+        if let Some(args) = c.get_mut("args").and_then(Value::as_array_mut) {
+            args.push(json!("--drain-timeout"));
+            args.push(json!(crate::units::format_duration(drain)));
+        }
+    }
     if !probes.is_empty() {
         // A map of plain structs always serializes.
         let table = serde_json::to_string(probes).unwrap_or_default();

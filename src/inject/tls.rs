@@ -29,7 +29,7 @@ pub enum TlsError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        what: &'static str,
+        what: String,
     },
     /// rustls refused the pair (unsupported key, or key and cert differ).
     #[error("certificate and key: {0}")]
@@ -134,25 +134,20 @@ fn certified_key(
     key_path: &Path,
     key_pem: &[u8],
 ) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|_| TlsError::Pem {
-            path: cert_path.to_owned(),
-            what: "malformed PEM",
-        })?;
+    let certs = stepmesh_ca::pem::decode_certs(cert_pem).map_err(|what| TlsError::Pem {
+        path: cert_path.to_owned(),
+        what,
+    })?;
     if certs.is_empty() {
         return Err(TlsError::Pem {
             path: cert_path.to_owned(),
-            what: "no CERTIFICATE block",
+            what: "no CERTIFICATE block".into(),
         });
     }
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::Pem {
-            path: key_path.to_owned(),
-            what: "no private key block",
-        })?;
+    let key = stepmesh_ca::pem::decode_private_key(key_pem).map_err(|what| TlsError::Pem {
+        path: key_path.to_owned(),
+        what,
+    })?;
     // from_der also checks that the key belongs to the leaf.
     CertifiedKey::from_der(certs, key, &provider()).map_err(TlsError::Rustls)
 }

@@ -11,12 +11,12 @@ use jsonwebtoken::Algorithm;
 
 use super::model::*;
 use super::target;
-use super::units::parse_duration;
 use super::{
     AllowRule, DefaultLabels, JwksSource, OutboundRule, PathMatch, Policy, PolicyError, PortPolicy,
     ProviderConfig, Route, SpiffeIdPattern, StepUpRule, TrustDomain,
 };
 use crate::cidr::Cidr;
+use crate::units::parse_duration;
 
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(10);
@@ -39,7 +39,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
     let raw: RawPolicy =
-        serde_yaml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        serde_norway::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
     let trust_domain = TrustDomain::from_str(&raw.trust_domain)
         .map_err(|e| invalid("trustDomain", e.to_string()))?;
     let providers = match raw.step_up {
@@ -185,14 +185,16 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
     }
     Ok(ProviderConfig {
         name: Arc::from(name),
-        issuer: p.issuer,
+        token: stepmesh_ca::jwt::Rules {
+            issuer: p.issuer,
+            audiences: p.audiences,
+            algorithms,
+            typ: p.typ,
+            leeway,
+        },
         jwks,
         refresh,
         min_refresh_interval,
-        audiences: p.audiences,
-        algorithms,
-        typ: p.typ,
-        leeway,
     })
 }
 
@@ -392,9 +394,9 @@ fn step_up(
     for (name, value) in s.claims {
         let cpath = format!("{path}.claims.{name}");
         let json = match value {
-            serde_yaml::Value::String(v) => serde_json::Value::String(v),
-            serde_yaml::Value::Bool(v) => serde_json::Value::Bool(v),
-            serde_yaml::Value::Number(n) => {
+            serde_norway::Value::String(v) => serde_json::Value::String(v),
+            serde_norway::Value::Bool(v) => serde_json::Value::Bool(v),
+            serde_norway::Value::Number(n) => {
                 serde_json::to_value(&n).map_err(|e| invalid(&cpath, e.to_string()))?
             }
             _ => {

@@ -43,7 +43,7 @@ fn base_is_valid_with_defaults() {
     assert_eq!(p.inbound_default(), InboundDefault::Deny);
     let prov = p.provider("idp").unwrap();
     assert_eq!(prov.refresh, std::time::Duration::from_secs(300));
-    assert_eq!(prov.leeway, std::time::Duration::from_secs(30));
+    assert_eq!(prov.token.leeway, std::time::Duration::from_secs(30));
     assert!(matches!(prov.jwks, JwksSource::Url { .. }));
     let r = &p.port(8080).unwrap().routes[0];
     assert_eq!(r.path, PathMatch::Prefix("/x".into()));

@@ -1,16 +1,15 @@
 //! Authorization policy: the YAML model, strict loading, decisions, hot
-//! reload, and the `stepmesh policy` tools (check, explain, NetworkPolicy).
+//! reload, request-target canonicalisation, the NetworkPolicy compiler. The
+//! `stepmesh policy` commands are in `policy_cmd`.
 //!
 //! A [`Policy`] is immutable once built; [`PolicyWatch`] swaps whole
 //! policies atomically, so a decision never sees half of a reload.
 
-mod cmd;
 mod compile;
 mod decide;
 mod model;
 pub mod netpol;
 pub mod target;
-mod units;
 mod watch;
 
 use std::path::PathBuf;
@@ -18,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::cidr::Cidr;
-pub use cmd::{explain, run, ExplainArgs, PolicyCommand};
 pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
@@ -196,22 +194,15 @@ pub struct StepUpRule {
 pub struct ProviderConfig {
     /// Key in `stepUp.providers`.
     pub name: Arc<str>,
-    /// Expected `iss`.
-    pub issuer: String,
+    /// What its tokens must satisfy (issuer, audiences, algorithms, typ,
+    /// leeway): the one verifier's rules, `stepmesh_ca::jwt`.
+    pub token: stepmesh_ca::jwt::Rules,
     /// Where its signing keys are.
     pub jwks: JwksSource,
     /// Scheduled refresh period.
     pub refresh: Duration,
     /// At most one unknown-`kid` refetch per this interval.
     pub min_refresh_interval: Duration,
-    /// Accepted `aud` values (any of).
-    pub audiences: Vec<String>,
-    /// Accepted signature algorithms (asymmetric only).
-    pub algorithms: Vec<jsonwebtoken::Algorithm>,
-    /// Accepted `typ` header values, if pinned.
-    pub typ: Option<Vec<String>>,
-    /// Clock skew allowed on exp, nbf, iat and auth_time.
-    pub leeway: Duration,
 }
 
 /// Where a provider's JWKS comes from.

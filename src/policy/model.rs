@@ -47,7 +47,7 @@ pub(crate) struct RawProvider {
     pub algorithms: Vec<String>,
     #[serde(default)]
     pub typ: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub leeway: Option<String>,
 }
 
@@ -58,9 +58,9 @@ pub(crate) struct RawJwks {
     pub file: Option<String>,
     #[serde(default)]
     pub url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub refresh: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub min_refresh_interval: Option<String>,
     #[serde(default)]
     pub ca_file: Option<String>,
@@ -152,8 +152,8 @@ pub(crate) struct RawRouteStepUp {
     #[serde(default)]
     pub amr: Vec<String>,
     #[serde(default)]
-    pub claims: BTreeMap<String, serde_yaml::Value>,
-    #[serde(default)]
+    pub claims: BTreeMap<String, serde_norway::Value>,
+    #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub max_age: Option<String>,
     #[serde(default)]
     pub bind_to_peer: BindToPeer,

@@ -180,7 +180,9 @@ pub fn render(policy: &Policy, namespace: &str, selector: &str) -> Result<String
         for n in notes {
             out.push_str(&format!("# {n}\n"));
         }
-        out.push_str(&serde_yaml::to_string(&doc).map_err(|e| NetpolError::Render(e.to_string()))?);
+        out.push_str(
+            &serde_norway::to_string(&doc).map_err(|e| NetpolError::Render(e.to_string()))?,
+        );
     }
     Ok(out)
 }
@@ -206,10 +208,10 @@ inbound:
       allow: []
 "#;
 
-    fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
+    fn docs(yaml: &str) -> Vec<serde_norway::Value> {
         yaml.split("---\n")
             .filter(|d| d.contains("kind"))
-            .map(|d| serde_yaml::from_str(d).unwrap())
+            .map(|d| serde_norway::from_str(d).unwrap())
             .collect()
     }
 

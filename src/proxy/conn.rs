@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use crate::accesslog::{now_rfc3339, AccessLog, ConnectionRecord};
 use crate::identity::store::CertStore;
 use crate::metrics::{Direction, ProxyMetrics};
+pub use crate::net::{close_gracefully, Outcome};
 use crate::policy::{OutboundAction, PolicyWatch, Protocol};
-use crate::proxy::forward::Forwarded;
 
 /// Deadlines of one connection's phases.
 #[derive(Debug, Clone, Copy)]
@@ -41,9 +41,9 @@ pub struct Shared {
     /// The HTTP layer (route and step-up decisions, pools).
     pub http: Arc<crate::http::HttpLayer>,
     /// Inbound connections open at once per peer identity.
-    pub peer_cap: Arc<super::caps::PerKeyCap<SpiffeId>>,
+    pub peer_cap: Arc<crate::net::caps::PerKeyCap<SpiffeId>>,
     /// App-facing (outbound) connections open at once per source address.
-    pub source_cap: Arc<super::caps::PerKeyCap<std::net::IpAddr>>,
+    pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer
@@ -83,61 +83,6 @@ pub struct OutboundContext {
     pub action: OutboundAction,
     /// The identity the peer must have, as configured (for logs).
     pub expected: Arc<str>,
-}
-
-/// How a connection's protocol phase ended.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Bytes from the client to the server.
-    pub bytes_in: u64,
-    /// Bytes from the server back to the client.
-    pub bytes_out: u64,
-    /// Outbound: the verified peer identity.
-    pub peer_id: Option<SpiffeId>,
-    /// Why it failed (stable label, detail), if it did.
-    pub error: Option<(&'static str, String)>,
-    /// Outbound: the peer sidecar closed the connection deliberately (TLS
-    /// close_notify) without sending a byte: its policy refused us.
-    pub refused: bool,
-}
-
-impl Outcome {
-    /// A failure before any byte moved.
-    pub fn failed(reason: &'static str, detail: impl ToString) -> Self {
-        Self {
-            error: Some((reason, detail.to_string())),
-            ..Self::default()
-        }
-    }
-
-    /// From a finished forwarding loop (`a` = the client side).
-    pub fn forwarded(done: Forwarded) -> Self {
-        Self {
-            bytes_in: done.a_to_b,
-            bytes_out: done.b_to_a,
-            peer_id: None,
-            error: done.error.map(|e| (e.reason(), e.to_string())),
-            refused: false,
-        }
-    }
-}
-
-/// How long a deliberate close may wait for the peer to take our TLS
-/// `close_notify`: a peer that reads nothing cannot hold the connection.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Ends a connection we close on purpose (policy deny, app unreachable,
-/// idle) with TLS `close_notify` and a FIN rather than a bare close, so the
-/// peer sees a deliberate end, not a broken connection. Errors are moot:
-/// the connection is going away either way.
-pub async fn close_gracefully<S>(stream: &mut S)
-where
-    S: tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    use tokio::io::AsyncWriteExt;
-    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await {
-        tracing::debug!(error = %e, "closing");
-    }
 }
 
 /// The access-log fields known before the protocol phase.

@@ -16,11 +16,11 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::caps::Slot;
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, Outcome, Shared};
-use super::forward::{forward, ForwardError};
-use super::listener::dial;
 use crate::metrics::Direction;
+use crate::net::caps::Slot;
+use crate::net::dial;
+use crate::net::forward::{forward, ForwardError};
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
 
 /// Where an inbound listener's connections go.
@@ -190,7 +190,7 @@ impl Inbound {
             .connection(Direction::Inbound, peer_id.as_str(), label);
         // HTTP connections are served even when denied: each request gets 403.
         let protocol = policy.port_protocol(port);
-        if !decision.allow && !crate::http::seam::serves_denied(alpn.as_deref(), protocol) {
+        if !decision.allow && !super::seam::serves_denied(alpn.as_deref(), protocol) {
             tracing::info!(%client, peer = %peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound denied");
             log.write(
                 &shared.access_log,
@@ -242,7 +242,7 @@ pub fn serve<'a>(
     ctx: &'a InboundContext,
     tls: TlsStream<TcpStream>,
 ) -> impl Future<Output = Outcome> + Send + 'a {
-    crate::http::seam::inbound(shared, ctx, tls)
+    super::seam::inbound(shared, ctx, tls)
 }
 
 /// Opaque TCP: dial the app and copy bytes both ways. (A `fn` around an

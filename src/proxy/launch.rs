@@ -47,8 +47,7 @@ pub async fn listeners(
         session_resumption: !args.no_session_resumption,
     };
     let store = &shared.store;
-    let server_config =
-        tls::server_config(provider, store, crate::http::seam::server_alpn(), settings)?;
+    let server_config = tls::server_config(provider, store, super::seam::server_alpn(), settings)?;
     let mut launcher = Launcher {
         shared: shared.clone(),
         permits: Arc::new(Semaphore::new(args.max_connections)),

@@ -84,12 +84,3 @@ impl<F: Future> Future for Tracked<F> {
         self.project().work.poll(cx)
     }
 }
-
-/// Dials `addr` (host:port) with a deadline and TCP_NODELAY.
-pub async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}

@@ -2,14 +2,13 @@
 //! authorization, forwarding, drain. See docs/PROXY.md.
 
 pub mod args;
-pub mod caps;
 pub mod conn;
-pub mod forward;
 pub mod inbound;
 mod launch;
 pub mod listener;
 pub mod outbound;
 mod run;
+pub mod seam;
 pub mod transparent;
 
 pub use args::ProxyArgs;

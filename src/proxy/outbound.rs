@@ -17,9 +17,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, ConnLog, OutboundContext, Outcome, Shared};
-use super::forward::{forward, ForwardError, Forwarded};
-use super::listener::dial;
 use crate::metrics::Direction;
+use crate::net::dial;
+use crate::net::forward::{forward, ForwardError, Forwarded};
 use crate::policy::{Mode, OutboundAction, SpiffeId};
 use crate::tls::{failure, spiffe_id_of};
 
@@ -230,7 +230,7 @@ pub fn serve<'a>(
     ctx: &'a OutboundContext,
     app: TcpStream,
 ) -> impl std::future::Future<Output = Outcome> + Send + 'a {
-    crate::http::seam::outbound(shared, connector, mesh, ctx, app)
+    super::seam::outbound(shared, connector, mesh, ctx, app)
 }
 
 /// Opaque TCP: dial the destination (mTLS or plain) and copy both ways.

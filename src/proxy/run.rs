@@ -84,11 +84,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let admin = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("--admin {}", args.admin))?;
-    let admin_state = Arc::new(AdminState {
+    let admin_state = AdminState {
         registry,
         ready: {
             let (store, up, draining) = (store.clone(), listeners_up.clone(), draining.clone());
-            Box::new(move || not_ready(&store, &up, &draining))
+            Arc::new(move || not_ready(&store, &up, &draining))
         },
         config: {
             let (store, policy, infos, draining) = (
@@ -115,9 +115,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             })
         },
         probes,
-    });
+    };
     tracing::info!(admin = %admin.local_addr()?, "admin listening");
-    tokio::spawn(crate::admin::serve(admin, admin_state));
+    tokio::spawn(crate::admin::sidecar(admin_state).serve(admin, std::future::pending()));
 
     tracing::info!("waiting for the first SVID");
     tokio::select! {
@@ -173,8 +173,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     );
     let shared = Arc::new(Shared {
         http,
-        peer_cap: super::caps::PerKeyCap::new(args.max_connections_per_peer),
-        source_cap: super::caps::PerKeyCap::new(args.max_connections_per_source),
+        peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
+        source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),

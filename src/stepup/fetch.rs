@@ -1,23 +1,15 @@
-//! Getting a JWKS document: re-reading a file, or GET over HTTPS with the
-//! system roots plus an optional CA file. Bounded in size and time.
+//! Getting a JWKS document: re-reading a file, or GET over HTTPS (the one
+//! HTTPS client, `stepmesh_ca::https`) with the system roots plus an
+//! optional CA file. Bounded in size (1 MiB) and time (10 s) by the client.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
+use stepmesh_ca::https::{add_pem_roots, HttpsClient};
 
 use crate::policy::JwksSource;
-
-/// A JWKS larger than this is refused (real ones are a few KiB).
-const MAX_JWKS: usize = 1 << 20;
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a fetch failed (the old keys stay).
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +41,10 @@ pub(crate) enum Fetcher {
     Https(Box<Https>),
 }
 
-/// A JWKS URL and the TLS client that fetches it.
+/// A JWKS URL and the client that fetches it.
 pub(crate) struct Https {
     url: String,
-    uri: http::Uri,
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: HttpsClient,
 }
 
 impl Fetcher {
@@ -64,27 +55,11 @@ impl Fetcher {
             JwksSource::File(path) => return Ok(Fetcher::File(path.clone())),
             JwksSource::Url { url, ca_file } => (url.clone(), ca_file.clone()),
         };
-        let uri: http::Uri = url.parse().map_err(|e| FetchError::Http {
-            url: url.clone(),
-            message: format!("{e}"),
-        })?;
         let roots = tokio::task::spawn_blocking(move || roots(ca_file))
             .await
             .map_err(|e| FetchError::Tls(e.to_string()))??;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| FetchError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Fetcher::Https(Box::new(Https { url, uri, client })))
+        let client = HttpsClient::with_roots(roots).map_err(|e| FetchError::Tls(e.to_string()))?;
+        Ok(Fetcher::Https(Box::new(Https { url, client })))
     }
 
     /// The document's bytes.
@@ -100,35 +75,19 @@ impl Fetcher {
                 Ok(Bytes::from(bytes))
             }
             Fetcher::Https(https) => {
-                let Https { url, uri, client } = &**https;
                 let err = |message: String| FetchError::Http {
-                    url: url.clone(),
+                    url: https.url.clone(),
                     message,
                 };
-                let req = http::Request::get(uri.clone())
-                    .header(
-                        http::header::ACCEPT,
-                        "application/json, application/jwk-set+json",
-                    )
-                    .body(Empty::new())
-                    .map_err(|e| err(e.to_string()))?;
-                let get = async {
-                    let resp = client
-                        .request(req)
-                        .await
-                        .map_err(|e| err(format!("{e:#}")))?;
-                    if resp.status() != http::StatusCode::OK {
-                        return Err(err(format!("status {}", resp.status())));
-                    }
-                    let body = Limited::new(resp.into_body(), MAX_JWKS)
-                        .collect()
-                        .await
-                        .map_err(|e| err(format!("reading body: {e}")))?;
-                    Ok(body.to_bytes())
-                };
-                tokio::time::timeout(FETCH_TIMEOUT, get)
+                let resp = https
+                    .client
+                    .send(&https.url, None, None)
                     .await
-                    .map_err(|_| err(format!("no answer within {FETCH_TIMEOUT:?}")))?
+                    .map_err(|e| err(e.to_string()))?;
+                if resp.status != http::StatusCode::OK {
+                    return Err(err(format!("status {}", resp.status)));
+                }
+                Ok(resp.body)
             }
         }
     }
@@ -150,24 +109,7 @@ fn roots(ca_file: Option<PathBuf>) -> Result<rustls::RootCertStore, FetchError> 
     let mut store = rustls::RootCertStore::empty();
     let _ = store.add_parsable_certificates(native_roots().iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(&path).map_err(|source| FetchError::File {
-            path: path.clone(),
-            source,
-        })?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| FetchError::Tls(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(FetchError::Tls(format!(
-                "{}: no certificates",
-                path.display()
-            )));
-        }
-        for cert in certs {
-            store
-                .add(cert)
-                .map_err(|e| FetchError::Tls(format!("{}: {e}", path.display())))?;
-        }
+        add_pem_roots(&mut store, &path).map_err(|e| FetchError::Tls(e.to_string()))?;
     }
     Ok(store)
 }

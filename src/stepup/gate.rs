@@ -214,7 +214,13 @@ async fn step_up(
         .ok_or_else(|| invalid(TokenError::NoKeys))?;
     let provider = stepup.provider(config).await;
     let verified = provider.verify(token, now).await.map_err(invalid)?;
-    match require::check(rule, &verified, req.peer, now, config.leeway.as_secs()) {
+    match require::check(
+        rule,
+        &verified,
+        req.peer,
+        now,
+        config.token.leeway.as_secs(),
+    ) {
         Ok(()) => Ok(verified.sub.clone()),
         Err(Failure::Invalid(e)) => Err(invalid(e)),
         Err(Failure::Insufficient(unmet)) => {

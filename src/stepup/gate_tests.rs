@@ -334,6 +334,36 @@ async fn cnf_binds_the_token_to_the_peer_certificate() {
     );
 }
 
+/// docs/STEPUP.md: a token over 16 KiB is `malformed`, refused unparsed; a
+/// good one just under the cap passes.
+#[tokio::test]
+async fn tokens_over_16_kib_are_malformed() {
+    let f = fixture("enforce");
+    let padded = |len: usize| {
+        let mut c = good_claims();
+        c["pad"] = json!("");
+        let base = f.idp.es256(&c).unwrap().len();
+        // Base64url: 4 characters per 3 bytes of padding.
+        c["pad"] = json!("x".repeat((len - base) / 4 * 3));
+        f.idp.es256(&c).unwrap()
+    };
+    let under = padded(16 * 1024 - 8);
+    assert!(
+        (16 * 1024 - 16..=16 * 1024).contains(&under.len()),
+        "{}",
+        under.len()
+    );
+    let d = f.with_token("/refunds/1", &under).await;
+    assert_eq!((d.outcome, d.reason), (Outcome::Allow, "step_up_ok"));
+    let over = padded(16 * 1024 + 8);
+    assert!(
+        (16 * 1024 + 1..=16 * 1024 + 16).contains(&over.len()),
+        "{}",
+        over.len()
+    );
+    assert_invalid(&f.with_token("/refunds/1", &over).await, "malformed");
+}
+
 #[tokio::test]
 async fn good_token_is_forwarded_without_the_token_and_with_the_subject() {
     let f = fixture("enforce");

@@ -7,12 +7,14 @@ mod cache;
 pub mod challenge;
 mod fetch;
 pub mod gate;
-pub mod jwks;
+/// JWKS key sets: the one parser, `stepmesh_ca::jwt::keys`.
+pub use stepmesh_ca::jwt::keys as jwks;
 mod metrics;
 mod provider;
 pub mod require;
 pub mod testing;
-pub mod verify;
+/// Token verification: the one verifier, `stepmesh_ca::jwt::verify`.
+pub use stepmesh_ca::jwt::verify;
 
 use std::sync::Arc;
 
@@ -23,7 +25,7 @@ pub use gate::{decide, GateDecision, Outcome, RequestInfo};
 pub use metrics::StepUpMetrics;
 pub use provider::Provider;
 pub use require::{x5t_s256, Peer};
-pub use verify::{TokenError, VerifiedToken};
+pub use stepmesh_ca::jwt::{TokenError, VerifiedToken};
 
 use crate::policy::{Policy, ProviderConfig};
 
@@ -92,3 +94,7 @@ impl StepUp {
             .cloned()
     }
 }
+
+#[cfg(test)]
+#[path = "keys_tests.rs"]
+mod keys_tests;

@@ -71,7 +71,7 @@ impl Provider {
     /// Verifies `token` (cached until `exp`); an unknown `kid` triggers one
     /// refetch, at most once per `minRefreshInterval` across all requests.
     pub async fn verify(&self, token: &str, now: u64) -> Result<Arc<VerifiedToken>, TokenError> {
-        let leeway = self.config.leeway.as_secs();
+        let leeway = self.config.token.leeway.as_secs();
         if let Some(hit) = self.cache.get(token, now, leeway) {
             self.metrics
                 .cache
@@ -83,14 +83,14 @@ impl Provider {
             .cache
             .get_or_create(&CacheLabel { result: "miss" })
             .inc();
-        let peeked = verify::peek(token, &self.config)?;
+        let peeked = verify::peek(token, &self.config.token)?;
         let keys = self.keys.load_full();
-        let verified = match verify::verify(token, &peeked, &self.config, &keys, now) {
+        let verified = match verify::verify(token, &peeked, &self.config.token, &keys, now) {
             // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.
             Err(TokenError::UnknownKid | TokenError::NoKeys)
                 if Box::pin(self.refetch(&keys)).await =>
             {
-                verify::verify(token, &peeked, &self.config, &self.keys.load(), now)?
+                verify::verify(token, &peeked, &self.config.token, &self.keys.load(), now)?
             }
             other => other?,
         };

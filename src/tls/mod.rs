@@ -12,7 +12,6 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, ServerConfig};
-use stepmesh_ca::spiffe_id::SpiffeId;
 
 use crate::identity::store::CertStore;
 use resolve::SvidResolver;
@@ -144,15 +143,9 @@ pub fn check_resumed(conn: &rustls::CommonState, store: &CertStore) -> Result<()
     Ok(())
 }
 
-/// The SPIFFE ID in a (verified) leaf certificate's URI SAN.
-pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => SpiffeId::parse(uri).ok(),
-        _ => None,
-    })
-}
+/// The SPIFFE ID in a (verified) leaf certificate's URI SAN (defined with
+/// the identity it reads; here where handshakes use it).
+pub use crate::identity::spiffe_id_of;
 
 /// SHA-256 of a certificate's DER (the RFC 8705 `x5t#S256` thumbprint input).
 pub fn cert_sha256(cert: &CertificateDer<'_>) -> [u8; 32] {

@@ -367,6 +367,58 @@ pub fn echo_server() -> SocketAddr {
     addr
 }
 
+/// Opens `n` connections to an echo path and holds them, each proven
+/// through by one echoed byte.
+pub fn hold(addr: SocketAddr, n: u8) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            c.write_all(&[i]).unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).unwrap();
+            c
+        })
+        .collect()
+}
+
+/// An HTTP/1 app answering every request `200 ok` (keep-alive), recording
+/// each request line it is given.
+pub fn http_ok_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let log = log.clone();
+            thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                let mut first = true;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if first {
+                        log.lock().unwrap().push(line.trim().to_owned());
+                    }
+                    first = line == "\r\n";
+                    if first
+                        && w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
 /// Sends `data`, half-closes, returns everything read back.
 pub fn roundtrip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;

@@ -106,8 +106,8 @@ impl Drop for Webhook {
 
 pub fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
+    for cert in stepmesh_ca::pem::decode_certs(ca_pem.as_bytes()).unwrap() {
+        roots.add(cert).unwrap();
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Arc::new(
@@ -305,7 +305,7 @@ fn complete(response: &[u8]) -> bool {
 
 /// The documents of a multi-document YAML text (empty ones dropped).
 pub fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
+    serde_norway::Deserializer::from_str(yaml)
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::HttpsClient;
 use super::AuthnError;
+use crate::https::HttpsClient;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 /// The verifier's name in audit lines and metrics.

@@ -7,7 +7,6 @@
 //! TokenReview is not configured). A TLS client certificate is a renewal and
 //! must be a valid SVID of the CA's own trust bundle.
 
-pub mod http;
 pub mod join_token;
 pub mod k8s_jwks;
 pub mod k8s_tokenreview;

@@ -112,7 +112,7 @@ async fn symmetric_only_key_sets_are_refused_at_start() {
     )
     .unwrap();
     let err = verifier(&path).await.err().unwrap().to_string();
-    assert!(err.contains("no usable signing key"), "{err}");
+    assert!(err.contains("no usable signature keys"), "{err}");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! A parsed JWKS: the usable signature keys of one provider, and the lookup
-//! of the key a token names. Keys meant for encryption, symmetric keys and
+//! A parsed JWKS: the usable signature keys of one issuer (a step-up
+//! provider, the Kubernetes ServiceAccount issuer), and the lookup of the
+//! key a token names. Keys meant for encryption, symmetric keys and
 //! unsupported types are skipped; a set with no usable key is an error, so
 //! an empty or broken answer can never replace good keys.
 
@@ -178,71 +179,5 @@ pub fn alg_name(alg: Algorithm) -> &'static str {
         EdDSA => "EdDSA",
         // A future variant: never on an allow-list we built.
         _ => "unsupported",
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod tests {
-    use super::*;
-    use crate::stepup::testing::TestIdp;
-    use serde_json::json;
-
-    #[test]
-    fn keeps_signature_keys_and_skips_the_rest() {
-        let idp = TestIdp::with_kids("https://idp", "e1", "r1").unwrap();
-        let mut doc = idp.jwks();
-        let keys = doc["keys"].as_array_mut().unwrap();
-        keys.push(json!({"kty": "oct", "kid": "h1", "k": "c2VjcmV0"}));
-        keys.push(json!({"kty": "RSA", "use": "enc", "kid": "enc1", "n": "AQAB", "e": "AQAB"}));
-        keys.push(json!({"kty": "XYZ", "kid": "odd"}));
-        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
-        assert_eq!(set.len(), 2);
-        assert!(matches!(set.find(Some("e1"), Algorithm::ES256), Lookup::Found(v) if v.len() == 1));
-        assert!(matches!(
-            set.find(Some("r1"), Algorithm::RS256),
-            Lookup::Found(_)
-        ));
-        assert!(matches!(
-            set.find(Some("r1"), Algorithm::ES256),
-            Lookup::NoKeyForAlg
-        ));
-        assert!(matches!(
-            set.find(Some("e1"), Algorithm::RS256),
-            Lookup::NoKeyForAlg
-        ));
-        assert!(matches!(
-            set.find(Some("h1"), Algorithm::HS256),
-            Lookup::UnknownKid
-        ));
-        assert!(matches!(
-            set.find(Some("zz"), Algorithm::ES256),
-            Lookup::UnknownKid
-        ));
-        assert!(matches!(set.find(None, Algorithm::ES256), Lookup::Found(v) if v.len() == 1));
-        assert!(matches!(
-            set.find(None, Algorithm::HS256),
-            Lookup::NoKeyForAlg
-        ));
-    }
-
-    #[test]
-    fn empty_and_garbage_are_errors() {
-        assert_eq!(
-            KeySet::parse(b"{\"keys\": []}").unwrap_err(),
-            JwksError::Empty
-        );
-        assert_eq!(
-            KeySet::parse(b"{\"keys\": [{\"kty\": \"oct\", \"k\": \"AA\"}]}").unwrap_err(),
-            JwksError::Empty
-        );
-        assert!(matches!(
-            KeySet::parse(b"<html>").unwrap_err(),
-            JwksError::Malformed(_)
-        ));
-        assert!(matches!(
-            KeySet::parse(b"{\"k\": 1}").unwrap_err(),
-            JwksError::Malformed(_)
-        ));
     }
 }

@@ -1,5 +1,7 @@
-//! The small HTTPS client the Kubernetes verifiers share: trusts only the
-//! given CA file, sends an optional bearer token, bounds time and body size.
+//! The one outbound HTTPS client of stepmesh: the CA's Kubernetes verifiers
+//! (TokenReview, the ServiceAccount issuer's JWKS) and the sidecar's step-up
+//! JWKS fetches. Trusts the roots it is given, sends an optional bearer
+//! token, bounds time (10 s) and body size (1 MiB).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +13,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 /// The in-cluster CA file Kubernetes mounts into every pod.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
@@ -35,6 +35,9 @@ pub enum HttpError {
         /// What is wrong.
         reason: String,
     },
+    /// The TLS client could not be set up.
+    #[error("TLS setup: {0}")]
+    Tls(String),
     /// The URL is not usable.
     #[error("bad URL {0:?}")]
     Url(String),
@@ -51,7 +54,7 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// HTTPS client trusting one CA file.
+/// An HTTPS client trusting a fixed set of roots.
 #[derive(Clone)]
 pub struct HttpsClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -64,32 +67,31 @@ impl std::fmt::Debug for HttpsClient {
 }
 
 impl HttpsClient {
-    /// A client trusting the roots in `ca_file` (TLS 1.2 or 1.3, as API
-    /// servers may still offer 1.2).
+    /// A client trusting only the roots in `ca_file` (the Kubernetes API
+    /// server's CA).
     pub fn new(ca_file: &Path) -> Result<Self, HttpError> {
-        let ca_err = |reason: String| HttpError::Ca {
-            path: ca_file.to_owned(),
-            reason,
-        };
-        let pem = std::fs::read(ca_file).map_err(|e| ca_err(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| ca_err(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
-        }
+        add_pem_roots(&mut roots, ca_file)?;
+        Self::with_roots(roots)
+    }
+
+    /// A client trusting `roots` (TLS 1.2 or 1.3, as API servers and
+    /// identity providers may still offer 1.2; HTTP/1.1 or HTTP/2).
+    pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, HttpError> {
         if roots.is_empty() {
-            return Err(ca_err("no certificate".into()));
+            return Err(HttpError::Tls("no trusted roots".into()));
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| ca_err(e.to_string()))?
+            .map_err(|e| HttpError::Tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()
             .enable_http1()
+            .enable_http2()
             .build();
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
@@ -104,9 +106,10 @@ impl HttpsClient {
         body: Option<Vec<u8>>,
     ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
-        let mut req = http::Request::builder()
-            .uri(uri)
-            .header(http::header::ACCEPT, "application/json");
+        let mut req = http::Request::builder().uri(uri).header(
+            http::header::ACCEPT,
+            "application/json, application/jwk-set+json",
+        );
         if let Some(token) = bearer {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -136,6 +139,24 @@ impl HttpsClient {
             .await
             .map_err(|_| HttpError::Request(format!("no answer within {TIMEOUT:?}")))?
     }
+}
+
+/// Adds the certificates of the PEM file `path` to `roots`; a file with
+/// none is an error naming the file.
+pub fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), HttpError> {
+    let ca_err = |reason: String| HttpError::Ca {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+    let certs = crate::pem::decode_certs(&pem).map_err(ca_err)?;
+    if certs.is_empty() {
+        return Err(ca_err("no certificate".into()));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// An error and its sources on one line ("connection refused" is deep inside).

@@ -1,7 +1,7 @@
-//! Where the data plane hands connections to the HTTP layer: the inbound
-//! and outbound protocol seams of `proxy::inbound` / `proxy::outbound` call
-//! in here once a connection is authenticated (inbound) or classified
-//! (outbound), and fall back to opaque TCP where HTTP does not apply.
+//! The protocol seams: once a connection is authenticated (inbound) or
+//! classified (outbound), this decides its protocol handler — the HTTP
+//! layer (`crate::http`) or opaque TCP (`crate::net::forward`). The sidecar
+//! sits above both; neither imports the sidecar.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +11,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::detect::{self, Detected, Prefixed};
-use super::inbound::InboundConn;
-use super::outbound::{MeshError, OutboundConn};
-use super::MESH_ALPN;
+use super::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
+use crate::http::detect::{self, Detected, Prefixed};
+use crate::http::inbound::InboundConn;
+use crate::http::outbound::{MeshError, OutboundConn};
+use crate::http::MESH_ALPN;
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
-use crate::proxy::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
 
 /// How long the outbound side waits for the app's first bytes before
 /// treating the connection as opaque (server-speaks-first protocols).
@@ -49,7 +49,7 @@ pub async fn inbound(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpSt
     }
     if ctx.protocol == Protocol::Tcp {
         if allowed(shared, ctx) {
-            return crate::proxy::inbound::forward_tcp(shared, ctx, tls).await;
+            return super::inbound::forward_tcp(shared, ctx, tls).await;
         }
         let mut tls = tls;
         close_gracefully(&mut tls).await;
@@ -78,7 +78,7 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
     if detected.is_http() {
         let conn = inbound_conn(ctx, false);
         let drain = shared.http.drained();
-        return super::inbound::serve_detected(
+        return crate::http::inbound::serve_detected(
             shared.http.clone(),
             conn,
             tls,
@@ -103,7 +103,7 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
         close_gracefully(&mut io).await;
         return Outcome::default();
     }
-    let mut app = match crate::proxy::listener::dial(&ctx.app, shared.timeouts.connect).await {
+    let mut app = match crate::net::dial(&ctx.app, shared.timeouts.connect).await {
         Ok(app) => app,
         Err(e) => {
             close_gracefully(&mut io).await;
@@ -112,7 +112,7 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
     Outcome::forwarded(
-        crate::proxy::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters).await,
+        crate::net::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters).await,
     )
 }
 
@@ -121,7 +121,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn = inbound_conn(ctx, mesh);
-    super::inbound::serve_outcome(shared.http.clone(), conn, io, shared.http.drained()).await
+    crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, shared.http.drained()).await
 }
 
 fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
@@ -154,15 +154,13 @@ pub async fn outbound(
             Detected::Http2 => {
                 return match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
                     Ok(outcome) => outcome,
-                    Err(app) => {
-                        crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
-                    }
+                    Err(app) => super::outbound::forward_tcp(shared, connector, ctx, app).await,
                 }
             }
             Detected::Opaque | Detected::NeedMore => {}
         }
     }
-    crate::proxy::outbound::forward_tcp(shared, connector, ctx, app).await
+    super::outbound::forward_tcp(shared, connector, ctx, app).await
 }
 
 /// Where pooled peer connections are kept: the expected identity and the
@@ -185,7 +183,7 @@ async fn outbound_h1(
     let pooled = shared.http.peers.take(&key);
     let (tls, peer_id) = match pooled {
         Some(parked) => parked,
-        None => match crate::proxy::outbound::connect_peer(shared, connector, ctx).await {
+        None => match super::outbound::connect_peer(shared, connector, ctx).await {
             Ok(connected) => connected,
             Err(outcome) => return outcome,
         },
@@ -193,9 +191,15 @@ async fn outbound_h1(
     let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
     let idle = shared.timeouts.idle;
     let mut upstream = Some(tls);
-    let done =
-        super::outbound::relay_h1(&shared.http, ctx.port, peer, &mut app, &mut upstream, idle)
-            .await;
+    let done = crate::http::outbound::relay_h1(
+        &shared.http,
+        ctx.port,
+        peer,
+        &mut app,
+        &mut upstream,
+        idle,
+    )
+    .await;
     if let Some(tls) = upstream {
         shared.http.peers.put(key, tls, peer_id.clone());
     }
@@ -223,21 +227,25 @@ async fn outbound_http(
         dst: ctx.dst.clone(),
         port: ctx.port,
         connector: mesh.clone(),
-        server_name: crate::proxy::outbound::server_name(&ctx.dst),
+        server_name: super::outbound::server_name(&ctx.dst),
         connect_timeout: shared.timeouts.connect,
         handshake_timeout: shared.timeouts.handshake,
         client: ctx.client,
     });
-    match super::outbound::connect(&shared.http, &conn).await {
+    match crate::http::outbound::connect(&shared.http, &conn).await {
         Ok(peer) => {
             let peer_id = peer.and_then(|p| crate::policy::SpiffeId::parse(&p).ok());
-            let mut outcome =
-                match super::outbound::serve(shared.http.clone(), conn, app, shared.http.drained())
-                    .await
-                {
-                    Ok(()) => Outcome::default(),
-                    Err(e) => Outcome::failed("http", e),
-                };
+            let mut outcome = match crate::http::outbound::serve(
+                shared.http.clone(),
+                conn,
+                app,
+                shared.http.drained(),
+            )
+            .await
+            {
+                Ok(()) => Outcome::default(),
+                Err(e) => Outcome::failed("http", e),
+            };
             outcome.peer_id = peer_id;
             Ok(outcome)
         }

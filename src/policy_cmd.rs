@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::{netpol, target, Policy, SpiffeId};
+use crate::policy::{netpol, target, Policy, SpiffeId};
 use crate::stepup::{self, Outcome, Peer, RequestInfo, StepUp, StepUpMetrics};
 
 /// `stepmesh policy` subcommands.
@@ -184,10 +184,12 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
             let pem = tokio::fs::read(path)
                 .await
                 .with_context(|| format!("reading {}", path.display()))?;
-            let cert = rustls_pemfile::certs(&mut pem.as_slice())
-                .next()
-                .with_context(|| format!("{}: no certificate", path.display()))??;
-            stepup::x5t_s256(&cert)
+            let certs = stepmesh_ca::pem::decode_certs(&pem)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let cert = certs
+                .first()
+                .with_context(|| format!("{}: no certificate", path.display()))?;
+            stepup::x5t_s256(cert)
         }
         None => String::new(),
     };

@@ -1,19 +1,35 @@
-//! Verifying a step-up token against one provider (RFC 8725): the algorithm
-//! is checked against the provider's allow-list before anything else, the
-//! key comes from the provider's JWKS by `kid`, then iss, aud, exp, nbf with
-//! leeway and optional `typ` pinning. Route requirements are checked apart
-//! (see [`super::require`]), so a verified token can be cached and reused.
+//! Verifying a JWT against one issuer's [`Rules`] (RFC 8725): the algorithm
+//! is checked against the allow-list before anything else, the key comes
+//! from the issuer's JWKS by `kid`, then iss, aud, exp, nbf with leeway and
+//! optional `typ` pinning. What a caller requires beyond that (a step-up
+//! route's acr/amr/binding, the CA's `kubernetes.io` claim) is checked by
+//! the caller, so a verified token can be cached and reused.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 
-use super::jwks::{alg_name, KeySet, Lookup};
-use crate::policy::ProviderConfig;
+use super::keys::{alg_name, KeySet, Lookup};
 
 /// Larger tokens are refused unparsed (headers are bounded anyway).
-const MAX_TOKEN: usize = 16 * 1024;
+pub const MAX_TOKEN: usize = 16 * 1024;
+
+/// What an issuer's tokens must satisfy: the one set of checks behind the
+/// sidecar's step-up providers and the CA's ServiceAccount-token verifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (any of).
+    pub audiences: Vec<String>,
+    /// Accepted signature algorithms (asymmetric only).
+    pub algorithms: Vec<Algorithm>,
+    /// Accepted `typ` header values, if pinned.
+    pub typ: Option<Vec<String>>,
+    /// Clock skew allowed on exp, nbf, iat and auth_time.
+    pub leeway: std::time::Duration,
+}
 
 /// Why a token is not valid: each is a `401 invalid_token`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -21,7 +37,8 @@ pub enum TokenError {
     /// Not three base64url parts of JSON, or a `crit` header.
     #[error("the token is malformed")]
     Malformed,
-    /// `alg` is not in the provider's list (`none` and HMAC never are).
+    /// `alg` is not in the issuer's list (`none` and HMAC never are), or
+    /// the key the token names cannot verify it.
     #[error("the token's algorithm is not accepted")]
     AlgNotAllowed,
     /// `typ` is not one the provider pins.
@@ -108,9 +125,9 @@ pub struct Peeked {
 
 /// Checks shape, algorithm allow-list and `typ`; returns alg and kid.
 ///
-/// Public (with [`verify`]) so the fuzz targets in `fuzz/` can reach the
-/// verifier without a running [`super::Provider`].
-pub fn peek(token: &str, cfg: &ProviderConfig) -> Result<Peeked, TokenError> {
+/// Public (with [`verify`]): the sidecar's providers, the CA's
+/// ServiceAccount-token verifier and the fuzz targets all call it.
+pub fn peek(token: &str, rules: &Rules) -> Result<Peeked, TokenError> {
     if token.len() > MAX_TOKEN || token.split('.').count() != 3 {
         return Err(TokenError::Malformed);
     }
@@ -123,7 +140,7 @@ pub fn peek(token: &str, cfg: &ProviderConfig) -> Result<Peeked, TokenError> {
         .and_then(Value::as_str)
         .ok_or(TokenError::Malformed)?;
     // Allow-list by name first: `none`, HS256 and anything unknown stop here.
-    let alg = *cfg
+    let alg = *rules
         .algorithms
         .iter()
         .find(|a| alg_name(**a) == alg_str)
@@ -131,7 +148,7 @@ pub fn peek(token: &str, cfg: &ProviderConfig) -> Result<Peeked, TokenError> {
     if header.contains_key("crit") {
         return Err(TokenError::Malformed);
     }
-    if let Some(pinned) = &cfg.typ {
+    if let Some(pinned) = &rules.typ {
         let typ = header
             .get("typ")
             .and_then(Value::as_str)
@@ -164,7 +181,7 @@ fn same_media_type(a: &str, b: &str) -> bool {
 pub fn verify(
     token: &str,
     peeked: &Peeked,
-    cfg: &ProviderConfig,
+    rules: &Rules,
     keys: &KeySet,
     now: u64,
 ) -> Result<VerifiedToken, TokenError> {
@@ -174,7 +191,9 @@ pub fn verify(
     let candidates = match keys.find(peeked.kid.as_deref(), peeked.alg) {
         Lookup::Found(c) => c,
         Lookup::UnknownKid => return Err(TokenError::UnknownKid),
-        Lookup::NoKeyForAlg => return Err(TokenError::BadSignature),
+        // The key the token names cannot make this algorithm's signatures
+        // (an ES384 token naming a P-256 key): an algorithm confusion.
+        Lookup::NoKeyForAlg => return Err(TokenError::AlgNotAllowed),
     };
     let mut validation = Validation::new(peeked.alg);
     // Claims are checked below with our clock and leeway.
@@ -185,7 +204,7 @@ pub fn verify(
     let mut last = TokenError::BadSignature;
     for key in candidates {
         match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
-            Ok(data) => return check_claims(data.claims, cfg, now),
+            Ok(data) => return check_claims(data.claims, rules, now),
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind;
                 last = match e.kind() {
@@ -218,10 +237,10 @@ fn seconds(v: Option<&Value>) -> Option<Option<u64>> {
 
 fn check_claims(
     claims: Map<String, Value>,
-    cfg: &ProviderConfig,
+    rules: &Rules,
     now: u64,
 ) -> Result<VerifiedToken, TokenError> {
-    let leeway = cfg.leeway.as_secs();
+    let leeway = rules.leeway.as_secs();
     let exp = seconds(claims.get("exp"))
         .ok_or(TokenError::Malformed)?
         .ok_or(TokenError::Expired)?;
@@ -234,15 +253,15 @@ fn check_claims(
             return Err(TokenError::NotYetValid);
         }
     }
-    if claims.get("iss").and_then(Value::as_str) != Some(cfg.issuer.as_str()) {
+    if claims.get("iss").and_then(Value::as_str) != Some(rules.issuer.as_str()) {
         return Err(TokenError::WrongIssuer);
     }
     let aud_ok = match claims.get("aud") {
-        Some(Value::String(a)) => cfg.audiences.iter().any(|x| x == a),
+        Some(Value::String(a)) => rules.audiences.iter().any(|x| x == a),
         Some(Value::Array(list)) => list
             .iter()
             .filter_map(Value::as_str)
-            .any(|a| cfg.audiences.iter().any(|x| x == a)),
+            .any(|a| rules.audiences.iter().any(|x| x == a)),
         _ => false,
     };
     if !aud_ok {

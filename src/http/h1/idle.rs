@@ -1,0 +1,77 @@
+//! The connection's one timer: an idle period checked coarsely, and a hard
+//! deadline (a request head's) on the same timer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+/// An idle deadline checked coarsely (between one and two periods), so
+/// each read only sets a flag instead of rearming a timer.
+pub(super) struct Idle {
+    sleep: Pin<Box<Sleep>>,
+    period: Duration,
+    active: bool,
+    /// A hard deadline besides the idle period (a request head's), on the
+    /// same timer: no second timer in every connection's task.
+    deadline: Option<Instant>,
+}
+
+impl Idle {
+    pub(super) fn new(period: Duration) -> Idle {
+        Idle {
+            sleep: Box::pin(tokio::time::sleep(period)),
+            period,
+            active: false,
+            deadline: None,
+        }
+    }
+
+    /// Sets or clears the hard deadline ([`Idle::guard`] gives up at it).
+    pub(super) fn set_deadline(&mut self, at: Option<Instant>) {
+        self.deadline = at;
+        if let Some(at) = at {
+            if at < self.sleep.deadline() {
+                self.sleep.as_mut().reset(at);
+            }
+        }
+    }
+
+    /// Whether the hard deadline has passed.
+    pub(super) fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// A new period from now (a request body's deadline, then back).
+    pub(super) fn set_period(&mut self, period: Duration) {
+        if period != self.period {
+            self.period = period;
+            self.active = false;
+            self.sleep.as_mut().reset(Instant::now() + period);
+        }
+    }
+
+    /// Runs `f`, or gives up once nothing has completed for the period or
+    /// the deadline has passed.
+    pub(super) async fn guard<F: Future>(&mut self, f: F) -> Option<F::Output> {
+        tokio::pin!(f);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut f => {
+                    self.active = true;
+                    return Some(out);
+                }
+                () = self.sleep.as_mut() => {
+                    if self.past_deadline() || !std::mem::take(&mut self.active) {
+                        return None;
+                    }
+                    let next = Instant::now() + self.period;
+                    let at = self.deadline.map_or(next, |d| d.min(next));
+                    self.sleep.as_mut().reset(at);
+                }
+            }
+        }
+    }
+}

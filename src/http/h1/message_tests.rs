@@ -1,0 +1,213 @@
+//! Head parsing tests: framing, limits, clean heads, writing back.
+
+use super::*;
+
+fn req(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    parse_request(text.as_bytes(), true, HeadLimits::default())
+}
+
+fn framing(text: &str) -> Result<Framing, HeadError> {
+    req(text).map(|r| r.expect("complete").0.framing)
+}
+
+#[test]
+fn head_limits_are_the_configured_ones() {
+    let limits = HeadLimits {
+        bytes: 64,
+        fields: 3,
+    };
+    let parse = |t: &str| parse_request(t.as_bytes(), true, limits);
+    assert!(parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n").is_ok());
+    assert_eq!(
+        parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n").err(),
+        Some(HeadError::TooLarge)
+    );
+    let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(64));
+    assert_eq!(parse(&long).err(), Some(HeadError::TooLarge));
+    // Still incomplete and already over: refused without waiting.
+    assert_eq!(parse(&long[..70]).err(), Some(HeadError::TooLarge));
+    // The ceiling holds whatever is configured.
+    let many: String = (0..300).map(|i| format!("x{i}: 1\r\n")).collect();
+    let wide = HeadLimits {
+        bytes: usize::MAX,
+        fields: usize::MAX,
+    };
+    let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+    assert_eq!(
+        parse_request(text.as_bytes(), true, wide).err(),
+        Some(HeadError::TooLarge)
+    );
+}
+
+#[test]
+fn a_plain_get_parses_and_writes_back() {
+    let text = "GET /a?b=c HTTP/1.1\r\nHost: api\r\nX-Thing: 1\r\n\r\nrest";
+    let (head, len) = req(text).unwrap().unwrap();
+    assert_eq!(len, text.len() - 4);
+    assert_eq!(head.parts.method, Method::GET);
+    assert_eq!(head.parts.uri.path(), "/a");
+    assert_eq!(head.framing, Framing::Empty);
+    assert!(head.keep_alive);
+    assert!(!head.expect_continue);
+    let mut out = Vec::new();
+    write_request(&head.parts, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "GET /a?b=c HTTP/1.1\r\nhost: api\r\nx-thing: 1\r\n\r\n"
+    );
+}
+
+#[test]
+fn incomplete_heads_wait_and_oversized_ones_are_refused() {
+    assert!(req("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+    assert_eq!(req(&huge).unwrap_err(), HeadError::TooLarge);
+    let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
+    let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
+    assert_eq!(req(&text).unwrap_err(), HeadError::TooLarge);
+}
+
+#[test]
+fn smuggling_shapes_are_refused() {
+    let both =
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(framing(both).unwrap_err(), HeadError::TransferAndLength);
+    let not_last = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+    assert_eq!(framing(not_last).unwrap_err(), HeadError::TransferEncoding);
+    let twice = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(framing(twice).unwrap_err(), HeadError::TransferEncoding);
+    let two_lengths =
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+    assert_eq!(framing(two_lengths).unwrap_err(), HeadError::ContentLength);
+    let signed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n";
+    assert_eq!(framing(signed).unwrap_err(), HeadError::ContentLength);
+    let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(framing(http10).unwrap_err(), HeadError::TransferEncoding);
+    let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
+    assert!(matches!(req(folded), Err(HeadError::Malformed(_))));
+    assert_eq!(
+        req("GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+        HeadError::NoHost
+    );
+}
+
+#[test]
+fn request_framing_follows_rfc_9112() {
+    let same = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n";
+    assert_eq!(framing(same).unwrap(), Framing::Length(5));
+    let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n";
+    assert_eq!(framing(chunked).unwrap(), Framing::Chunked);
+    let zero = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(framing(zero).unwrap(), Framing::Empty);
+}
+
+#[test]
+fn connection_semantics() {
+    let (h, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+    assert!(!h.keep_alive, "HTTP/1.0 closes by default");
+    let (h, _) = req("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(h.keep_alive);
+    let (h, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(!h.keep_alive);
+    let text = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nExpect: 100-Continue\r\n\r\n";
+    let (h, _) = req(text).unwrap().unwrap();
+    assert_eq!(h.upgrade.unwrap(), "websocket");
+    assert!(h.expect_continue);
+    let no_token = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
+    assert!(req(no_token).unwrap().unwrap().0.upgrade.is_none());
+}
+
+#[test]
+fn response_framing_follows_rfc_9112() {
+    let get = Method::GET;
+    let parse = |text: &str, m: &Method| parse_response(text.as_bytes(), m).unwrap().unwrap().0;
+    let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", &get);
+    assert_eq!((r.framing, r.keep_alive), (Framing::Length(2), true));
+    let r = parse(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+        &Method::HEAD,
+    );
+    assert_eq!(r.framing, Framing::Empty);
+    let r = parse("HTTP/1.1 204 No Content\r\n\r\n", &get);
+    assert_eq!(r.framing, Framing::Empty);
+    let r = parse(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+        &get,
+    );
+    assert_eq!(r.framing, Framing::Chunked);
+    assert!(!r.parts.headers.contains_key(header::CONTENT_LENGTH));
+    let r = parse("HTTP/1.1 200 OK\r\n\r\n", &get);
+    assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+    let r = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &get);
+    assert!(!r.keep_alive);
+    let bad = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", &get);
+    assert_eq!(bad.unwrap_err(), HeadError::ContentLength);
+    let mut out = Vec::new();
+    let r = parse(
+        "HTTP/1.1 404 Nope\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+        &get,
+    );
+    assert!(!r.clean, "a hop-by-hop field must be stripped");
+    write_response(&r.parts, &mut out);
+    assert_eq!(
+        out,
+        b"HTTP/1.1 404 Not Found\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n"
+    );
+}
+
+#[test]
+fn clean_heads_are_only_scanned() {
+    let text = "GET /a?b HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (head, _) = parse_request(text.as_bytes(), false, HeadLimits::default())
+        .unwrap()
+        .unwrap();
+    assert!(head.clean);
+    assert!(
+        head.parts.headers.is_empty(),
+        "nothing allocated for a clean head"
+    );
+    assert_eq!(&text[head.target.clone()], "/a?b");
+    assert_eq!(head.framing, Framing::Chunked);
+    let (full, _) = parse_request(text.as_bytes(), true, HeadLimits::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(full.parts.headers.len(), 2);
+    assert_eq!(full.parts.uri.path(), "/a");
+    for dirty in [
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+        "GET / HTTP/1.1\nHost: a\n\n",
+    ] {
+        let (head, _) = parse_request(dirty.as_bytes(), false, HeadLimits::default())
+            .unwrap()
+            .unwrap();
+        assert!(!head.clean, "{dirty:?}");
+        assert!(!head.parts.headers.is_empty(), "{dirty:?}: parsed in full");
+    }
+    let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (r, len) = parse_response(resp, &Method::GET).unwrap().unwrap();
+    assert!(r.clean && r.parts.headers.is_empty());
+    assert_eq!(len, resp.len() - 2);
+}
+
+#[test]
+fn absolute_form_with_an_empty_path_is_written_with_a_slash() {
+    let text = "GET http://a?b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let (head, _) = req(text).unwrap().unwrap();
+    let mut out = Vec::new();
+    write_request(&head.parts, &mut out);
+    assert!(out.starts_with(b"GET /?b HTTP/1.0\r\n"), "{out:?}");
+    assert!(req(std::str::from_utf8(&out).unwrap()).unwrap().is_some());
+    for (target, written) in [("http://a", "/"), ("http://a/p?q", "/p?q"), ("*", "*")] {
+        let text = format!("OPTIONS {target} HTTP/1.0\r\n\r\n");
+        let (head, _) = req(&text).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_request(&head.parts, &mut out);
+        let want = format!("OPTIONS {written} HTTP/1.0\r\n");
+        assert!(out.starts_with(want.as_bytes()), "{target}: {out:?}");
+    }
+}

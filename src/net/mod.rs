@@ -1,0 +1,79 @@
+//! The bottom of the data plane, below every protocol: the opaque byte
+//! loop, dialling, per-key connection caps, how a connection's protocol
+//! phase ended, and a deliberate close. Imports nothing of the crate's: the
+//! sidecar (`proxy`) and the protocol handlers (`http`) build on it.
+
+pub mod caps;
+pub mod forward;
+
+use std::time::Duration;
+
+use stepmesh_ca::spiffe_id::SpiffeId;
+use tokio::net::TcpStream;
+
+use self::forward::Forwarded;
+
+/// Dials `addr` (host:port) with a deadline and TCP_NODELAY: the one dialer
+/// both directions use (the app inbound, the peer outbound).
+pub async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// How a connection's protocol phase ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Bytes from the client to the server.
+    pub bytes_in: u64,
+    /// Bytes from the server back to the client.
+    pub bytes_out: u64,
+    /// Outbound: the verified peer identity.
+    pub peer_id: Option<SpiffeId>,
+    /// Why it failed (stable label, detail), if it did.
+    pub error: Option<(&'static str, String)>,
+    /// Outbound: the peer sidecar closed the connection deliberately (TLS
+    /// close_notify) without sending a byte: its policy refused us.
+    pub refused: bool,
+}
+
+impl Outcome {
+    /// A failure before any byte moved.
+    pub fn failed(reason: &'static str, detail: impl ToString) -> Self {
+        Self {
+            error: Some((reason, detail.to_string())),
+            ..Self::default()
+        }
+    }
+
+    /// From a finished forwarding loop (`a` = the client side).
+    pub fn forwarded(done: Forwarded) -> Self {
+        Self {
+            bytes_in: done.a_to_b,
+            bytes_out: done.b_to_a,
+            peer_id: None,
+            error: done.error.map(|e| (e.reason(), e.to_string())),
+            refused: false,
+        }
+    }
+}
+
+/// How long a deliberate close may wait for the peer to take our TLS
+/// `close_notify`: a peer that reads nothing cannot hold the connection.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Ends a connection we close on purpose (policy deny, app unreachable,
+/// idle) with TLS `close_notify` and a FIN rather than a bare close, so the
+/// peer sees a deliberate end, not a broken connection. Errors are moot:
+/// the connection is going away either way.
+pub async fn close_gracefully<S>(stream: &mut S)
+where
+    S: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::AsyncWriteExt;
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await {
+        tracing::debug!(error = %e, "closing");
+    }
+}
