@@ -1,7 +1,9 @@
-//! Bearer tokens reach two verifiers from the outside: the step-up gate
-//! (`stepmesh::stepup::verify::{peek, verify}`) and the CA's offline
-//! ServiceAccount-token verifier (`stepmesh_ca::authn::k8s_jwks::K8sJwks`).
-//! Both parse the JOSE header and the claims of tokens anyone can send.
+//! Bearer tokens reach the one JWT verifier (`stepmesh_ca::jwt`) from the
+//! outside twice: through the step-up gate (`stepmesh::stepup::verify::{peek,
+//! verify}`, the provider's rules) and through the CA's offline
+//! ServiceAccount-token verifier (`stepmesh_ca::authn::k8s_jwks::K8sJwks`,
+//! the CA's rules and the `kubernetes.io` mapping). Both parse the JOSE
+//! header and the claims of tokens anyone can send.
 //!
 //! - raw mode: the input is the token. Neither verifier may ever accept it:
 //!   the fixed JWKS holds keys made fresh in this process, so no valid
