@@ -8,6 +8,9 @@
 #
 #   bash fuzz/long.sh                       # every target
 #   RUNS=1000000 bash fuzz/long.sh policy   # some, with another budget
+#   CHECKED=1 MAX_TIME=45 bash fuzz/long.sh # with debug assertions and
+#       overflow checks (-a; built in fuzz/target/checked, logs
+#       long-checked-<target>.log)
 #
 # Build as smoke.sh does first (cargo +nightly fuzz build -O -s none).
 set -uo pipefail
@@ -15,6 +18,12 @@ cd "$(dirname "$0")"
 
 runs=${RUNS:-10000000}
 max_time=${MAX_TIME:-1500}
+build=(-O -s none)
+log=long
+if [ -n "${CHECKED:-}" ]; then
+    build+=(-a --target-dir target/checked)
+    log=long-checked
+fi
 targets=("$@")
 if ((${#targets[@]} == 0)); then
     mapfile -t targets < <(cargo +nightly fuzz list)
@@ -26,10 +35,10 @@ for t in "${targets[@]}"; do
         cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
     fi
     echo "== $t: -runs=$runs -max_total_time=$max_time ($(date -u +%T))"
-    nice -n 10 cargo +nightly fuzz run -O -s none "$t" "corpus/$t" -- \
+    nice -n 10 cargo +nightly fuzz run "${build[@]}" "$t" "corpus/$t" -- \
         -runs="$runs" -max_total_time="$max_time" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 >"logs/long-$t.log" 2>&1
+        -print_final_stats=1 >"logs/$log-$t.log" 2>&1
     echo "   exit $? ($(date -u +%T)); corpus $(ls "corpus/$t" | wc -l) files"
     grep -E '^Done|stat::(number_of_executed_units|average_exec_per_sec|new_units_added)' \
-        "logs/long-$t.log" | sed 's/^/   /'
+        "logs/$log-$t.log" | sed 's/^/   /'
 done

@@ -20,20 +20,24 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
-# cargo-fuzz needs nightly (-Z flags for the sanitizer-coverage passes).
-toolchain=+nightly
+# cargo-fuzz is made for nightly. With sanitizer "none" it needs no
+# nightly-only flag, so where no nightly toolchain can be had (a fresh
+# machine that reaches package registries only) the stable toolchain builds
+# the same targets, told to accept unstable options (RUSTC_BOOTSTRAP=1).
+cargo=(cargo +nightly)
 if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "installing the nightly toolchain"
-    rustup toolchain install nightly --profile minimal
+    echo "no nightly toolchain: building with $(cargo --version) and RUSTC_BOOTSTRAP=1"
+    cargo=(cargo)
+    export RUSTC_BOOTSTRAP=1
 fi
 
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-    mapfile -t targets < <(cargo "$toolchain" fuzz list)
+    mapfile -t targets < <("${cargo[@]}" fuzz list)
 fi
 
 echo "== building ${#targets[@]} fuzz targets"
-cargo "$toolchain" fuzz build -O -s none
+"${cargo[@]}" fuzz build -O -s none
 
 mkdir -p logs
 failed=()
@@ -43,7 +47,7 @@ for t in "${targets[@]}"; do
         cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
     fi
     echo "== $t (${seconds}s)"
-    if cargo "$toolchain" fuzz run -O -s none "$t" "corpus/$t" -- \
+    if "${cargo[@]}" fuzz run -O -s none "$t" "corpus/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"logs/smoke-$t.log" 2>&1; then
         grep -E '^(Done|#[0-9]+.*DONE)|stat::number_of_executed_units' "logs/smoke-$t.log" | tail -2 || true

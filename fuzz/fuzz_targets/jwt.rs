@@ -1,7 +1,9 @@
-//! Bearer tokens reach two verifiers from the outside: the step-up gate
-//! (`stepmesh::stepup::verify::{peek, verify}`) and the CA's offline
-//! ServiceAccount-token verifier (`stepmesh_ca::authn::k8s_jwks::K8sJwks`).
-//! Both parse the JOSE header and the claims of tokens anyone can send.
+//! Bearer tokens reach the one JWT verifier (`stepmesh_ca::jwt`) from the
+//! outside twice: through the step-up gate (`stepmesh::stepup::verify::{peek,
+//! verify}`, the provider's rules) and through the CA's offline
+//! ServiceAccount-token verifier (`stepmesh_ca::authn::k8s_jwks::K8sJwks`,
+//! the CA's rules and the `kubernetes.io` mapping). Both parse the JOSE
+//! header and the claims of tokens anyone can send.
 //!
 //! - raw mode: the input is the token. Neither verifier may ever accept it:
 //!   the fixed JWKS holds keys made fresh in this process, so no valid
@@ -162,7 +164,13 @@ fn signed(claims_json: &[u8]) {
                 assert!(t <= now + LEEWAY, "accepted {name} in the future");
             }
         }
-        assert_eq!(Some(&Value::Object(v.claims.clone())), Some(&claims));
+        // The claims as signed (the minter's JSON text) read back by the same
+        // parser: serde_json's default float parsing may land one ULP off a
+        // long decimal (its `float_roundtrip` feature is off), so the input
+        // value itself is not the reference.
+        let signed: Value =
+            serde_json::from_str(&claims.to_string()).expect("serialized JSON parses");
+        assert_eq!(Value::Object(v.claims.clone()), signed);
     }
     if let Ok(id) = fx.rt.block_on(fx.k8s.verify(&token)) {
         assert_eq!(claims.get("iss").and_then(Value::as_str), Some(ISS));
