@@ -130,24 +130,34 @@ fn slow_header_clients_are_closed_at_the_deadline_and_a_good_client_keeps_its_la
     let p99 = latencies[latencies.len() * 99 / 100];
     let closed: Vec<Option<Duration>> = slow.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
     let open = closed.iter().filter(|c| c.is_none()).count();
-    let late = closed
+    let mut times: Vec<Duration> = closed.iter().flatten().copied().collect();
+    times.sort();
+    let early = times
         .iter()
-        .flatten()
-        .filter(|d| **d > deadline + Duration::from_secs(4))
-        .count();
-    let early = closed
-        .iter()
-        .flatten()
         .filter(|d| **d < deadline - Duration::from_secs(1))
         .count();
+    // The proxy's clock starts when it has the connection (after accept,
+    // detection and the mTLS handshake between the sidecars, which a burst
+    // of 2,000 queues on a loaded machine), ours at connect: a straggler
+    // may close some seconds after `deadline`, never at an idle timeout.
+    let late = times
+        .iter()
+        .filter(|d| **d > deadline + Duration::from_secs(10))
+        .count();
+    let median = times.get(times.len() / 2).copied().unwrap_or_default();
     println!(
-        "good client p50 {:?}, p99 {p99:?}; slow clients: {open} never closed, {early} closed early, {late} late",
-        latencies[latencies.len() / 2]
+        "good client p50 {:?}, p99 {p99:?}; slow clients: {open} never closed, {early} closed early, {late} late; closed after: median {median:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        times.last().copied().unwrap_or_default()
     );
     assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
     assert_eq!(open, 0, "every slow client is closed");
     assert_eq!(early, 0, "none before its deadline");
     assert_eq!(late, 0, "none long after its deadline");
+    assert!(
+        median >= deadline - Duration::from_secs(1) && median <= deadline + Duration::from_secs(2),
+        "closed at the deadline: median {median:?} for a {deadline:?} deadline"
+    );
     let counted = |sidecar: &Sidecar, direction: &str| {
         metric_value(
             &sidecar.metrics(),
