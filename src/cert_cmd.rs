@@ -8,11 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
-use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
-};
 use x509_parser::prelude::FromDer;
-use x509_parser::public_key::PublicKey;
 
 /// `stepmesh cert` subcommands.
 #[derive(Debug, Subcommand)]
@@ -109,28 +105,7 @@ pub fn inspect(pem: &[u8], now: SystemTime) -> anyhow::Result<String> {
 }
 
 fn key_type(cert: &X509Certificate<'_>) -> String {
-    let spki = cert.public_key();
-    let alg = &spki.algorithm.algorithm;
-    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        return match curve {
-            Some(c) if c == OID_EC_P256 => "ECDSA P-256".into(),
-            Some(c) if c == OID_NIST_EC_P384 => "ECDSA P-384".into(),
-            Some(c) => format!("ECDSA ({c})"),
-            None => "ECDSA".into(),
-        };
-    }
-    if *alg == OID_SIG_ED25519 {
-        return "Ed25519".into();
-    }
-    match spki.parsed() {
-        Ok(PublicKey::RSA(rsa)) => format!("RSA {}", rsa.key_size()),
-        _ => format!("unknown ({alg})"),
-    }
+    stepmesh_ca::signer::KeyKind::of(cert.public_key()).to_string()
 }
 
 fn human(secs: i64) -> String {

@@ -417,8 +417,16 @@ async fn drain_lets_an_in_flight_stream_finish() {
             b"\x00\x00\x00\x00\x00",
         ),
     ));
-    // The stream takes ~100 ms; drain while it runs.
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // The stream takes ~100 ms; drain while it runs (once the app has it:
+    // on a loaded machine the request may take longer than that to arrive).
+    let started = std::time::Instant::now();
+    while app.streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the stream never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
     trigger.send(true).unwrap();
     let a = call.await.unwrap();
     assert_eq!(a.status, 200);

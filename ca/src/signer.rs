@@ -13,7 +13,9 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
-use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
+};
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
@@ -135,43 +137,90 @@ impl Csr {
     }
 }
 
-fn key_type(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<&'static str, CsrError> {
-    let alg = &spki.algorithm.algorithm;
-    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        return match curve {
-            Some(c) if c == OID_EC_P256 => Ok("ECDSA P-256"),
-            Some(c) => Err(CsrError::UnsupportedKey(format!(
-                "EC curve {c} (only P-256 is accepted)"
-            ))),
-            None => Err(CsrError::UnsupportedKey(
-                "EC key without a named curve".into(),
-            )),
-        };
-    }
-    if *alg == OID_SIG_ED25519 {
-        return Ok("Ed25519");
-    }
-    match spki.parsed() {
-        Ok(PublicKey::RSA(rsa)) => {
-            let bits = rsa.key_size();
-            if bits < MIN_RSA_BITS {
-                return Err(CsrError::UnsupportedKey(format!(
-                    "RSA key of {bits} bits (at least {MIN_RSA_BITS} required)"
-                )));
-            }
-            Ok(match bits {
-                2048 => "RSA 2048",
-                3072 => "RSA 3072",
-                4096 => "RSA 4096",
-                _ => "RSA",
-            })
+/// What kind of public key a SubjectPublicKeyInfo holds: the one reading
+/// of key types, for the CSR key policy here and `stepmesh cert inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA on P-256.
+    EcP256,
+    /// ECDSA on P-384.
+    EcP384,
+    /// ECDSA on another named curve (its OID).
+    EcCurve(String),
+    /// ECDSA without a named curve.
+    EcUnnamed,
+    /// Ed25519.
+    Ed25519,
+    /// RSA of this many bits.
+    Rsa(usize),
+    /// Anything else (the algorithm's OID).
+    Other(String),
+}
+
+impl KeyKind {
+    /// Reads the key type of `spki`.
+    pub fn of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> KeyKind {
+        let alg = &spki.algorithm.algorithm;
+        if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok());
+            return match curve {
+                Some(c) if c == OID_EC_P256 => KeyKind::EcP256,
+                Some(c) if c == OID_NIST_EC_P384 => KeyKind::EcP384,
+                Some(c) => KeyKind::EcCurve(c.to_id_string()),
+                None => KeyKind::EcUnnamed,
+            };
         }
-        _ => Err(CsrError::UnsupportedKey(format!(
+        if *alg == OID_SIG_ED25519 {
+            return KeyKind::Ed25519;
+        }
+        match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => KeyKind::Rsa(rsa.key_size()),
+            _ => KeyKind::Other(alg.to_id_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyKind::EcP256 => f.write_str("ECDSA P-256"),
+            KeyKind::EcP384 => f.write_str("ECDSA P-384"),
+            KeyKind::EcCurve(oid) => write!(f, "ECDSA ({oid})"),
+            KeyKind::EcUnnamed => f.write_str("ECDSA"),
+            KeyKind::Ed25519 => f.write_str("Ed25519"),
+            KeyKind::Rsa(bits) => write!(f, "RSA {bits}"),
+            KeyKind::Other(oid) => write!(f, "unknown ({oid})"),
+        }
+    }
+}
+
+/// The CSR key policy: ECDSA P-256, Ed25519 or RSA of at least
+/// `MIN_RSA_BITS`; the audit label of an accepted key.
+fn key_type(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<&'static str, CsrError> {
+    match KeyKind::of(spki) {
+        KeyKind::EcP256 => Ok("ECDSA P-256"),
+        KeyKind::EcP384 => Err(CsrError::UnsupportedKey(
+            "EC curve P-384 (only P-256 is accepted)".into(),
+        )),
+        KeyKind::EcCurve(c) => Err(CsrError::UnsupportedKey(format!(
+            "EC curve {c} (only P-256 is accepted)"
+        ))),
+        KeyKind::EcUnnamed => Err(CsrError::UnsupportedKey(
+            "EC key without a named curve".into(),
+        )),
+        KeyKind::Ed25519 => Ok("Ed25519"),
+        KeyKind::Rsa(bits) if bits < MIN_RSA_BITS => Err(CsrError::UnsupportedKey(format!(
+            "RSA key of {bits} bits (at least {MIN_RSA_BITS} required)"
+        ))),
+        KeyKind::Rsa(2048) => Ok("RSA 2048"),
+        KeyKind::Rsa(3072) => Ok("RSA 3072"),
+        KeyKind::Rsa(4096) => Ok("RSA 4096"),
+        KeyKind::Rsa(_) => Ok("RSA"),
+        KeyKind::Other(alg) => Err(CsrError::UnsupportedKey(format!(
             "key algorithm {alg} (accepted: ECDSA P-256, Ed25519, RSA >= 2048)"
         ))),
     }

@@ -81,16 +81,8 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
         &[],
     )
     .await;
-    let token = login.body.trim().to_owned();
     println!("      IdP token endpoint: {} (sub=alice, azp={FRONTEND}, acr=urn:stepmesh:acr:mfa, amr=[pwd, mfa])", login.describe());
-    let bearer = format!("Bearer {token}");
-    let answer = call(
-        mesh.frontend_out,
-        Method::POST,
-        "/refunds",
-        &[("authorization", &bearer)],
-    )
-    .await;
+    let answer = refund_with(mesh, login.body.trim()).await;
     show(&answer);
     let saw_alice = answer.status.map(|s| s.as_u16()) == Some(200)
         && answer.body.contains(r#""x-stepup-sub":"alice""#);
@@ -123,14 +115,7 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
         &[],
     )
     .await;
-    let bearer = format!("Bearer {}", stolen.body.trim());
-    let answer = call(
-        mesh.frontend_out,
-        Method::POST,
-        "/refunds",
-        &[("authorization", &bearer)],
-    )
-    .await;
+    let answer = refund_with(mesh, stolen.body.trim()).await;
     show(&answer);
     println!(
         "      WWW-Authenticate: {}",
@@ -140,6 +125,18 @@ pub async fn run(mesh: &Mesh) -> Vec<Outcome> {
         && answer.header("www-authenticate").contains("invalid_token");
     outcomes.push(verdict(5, "401 invalid_token", invalid, &answer));
     outcomes
+}
+
+/// frontend's `POST /refunds` with `token` as its Bearer token.
+async fn refund_with(mesh: &Mesh, token: &str) -> Answer {
+    let bearer = format!("Bearer {token}");
+    call(
+        mesh.frontend_out,
+        Method::POST,
+        "/refunds",
+        &[("authorization", &bearer)],
+    )
+    .await
 }
 
 fn token_path(mesh: &Mesh, sub: &str, azp: &str) -> String {

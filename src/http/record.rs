@@ -251,10 +251,8 @@ impl<B: Body<Data = Bytes>> Body for CountIn<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(f))), Some(count)) = (&frame, this.count) {
-            if let Some(d) = f.data_ref() {
-                count.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
+        if let (Some(n), Some(count)) = (data_len(&frame), this.count) {
+            count.fetch_add(n, Ordering::Relaxed);
         }
         frame
     }
@@ -286,6 +284,14 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// The bytes of a polled data frame (none for trailers, errors, the end).
+fn data_len<E>(frame: &Poll<Option<Result<Frame<Bytes>, E>>>) -> Option<u64> {
+    match frame {
+        Poll::Ready(Some(Ok(f))) => f.data_ref().map(|d| d.len() as u64),
+        _ => None,
+    }
+}
+
 impl<B: Body<Data = Bytes>> Body for LogAtEnd<B> {
     type Data = Bytes;
     type Error = B::Error;
@@ -297,11 +303,7 @@ impl<B: Body<Data = Bytes>> Body for LogAtEnd<B> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
         match &frame {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    *this.out += d.len() as u64;
-                }
-            }
+            Poll::Ready(Some(Ok(_))) => *this.out += data_len(&frame).unwrap_or(0),
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 if let Some(x) = this.done.take() {
                     x.finish(*this.out);

@@ -160,13 +160,7 @@ fn save(tools: Tools) -> Result<String, InitError> {
         .stdin(Stdio::null())
         .output()
         .map_err(|cause| InitError::Spawn { tool, cause })?;
-    if !out.status.success() {
-        return Err(InitError::Failed {
-            tool,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    succeeded(tool, &out)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -188,12 +182,17 @@ fn restore(tools: Tools, input: &str) -> Result<(), InitError> {
     let out = child
         .wait_with_output()
         .map_err(|cause| InitError::Spawn { tool, cause })?;
-    if !out.status.success() {
-        return Err(InitError::Failed {
-            tool,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+    succeeded(tool, &out)
+}
+
+/// A finished tool's exit status as a result: its stderr when it failed.
+fn succeeded(tool: &'static str, out: &std::process::Output) -> Result<(), InitError> {
+    if out.status.success() {
+        return Ok(());
     }
-    Ok(())
+    Err(InitError::Failed {
+        tool,
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
 }

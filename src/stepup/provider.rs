@@ -1,11 +1,12 @@
-//! One step-up provider at run time: its keys (swapped whole, last good kept),
-//! the scheduled refresh, the rate-limited refetch on an unknown `kid`, and
-//! its verified-token cache.
+//! One step-up provider at run time: its keys (the one JWKS cache,
+//! `stepmesh_ca::jwt::KeyCache`: swapped whole, last good kept, one
+//! rate-limited refetch on an unknown `kid`), the scheduled refresh, and its
+//! verified-token cache.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use stepmesh_ca::jwt::KeyCache;
 
 use super::cache::TokenCache;
 use super::fetch::Fetcher;
@@ -17,12 +18,9 @@ use crate::policy::ProviderConfig;
 /// A provider's keys and caches.
 pub struct Provider {
     config: Arc<ProviderConfig>,
-    keys: ArcSwap<KeySet>,
+    keys: KeyCache,
     /// Err: the fetcher could not be built (bad CA file); every fetch fails.
     fetcher: Result<Fetcher, String>,
-    /// When the last fetch started; held across a fetch so concurrent
-    /// unknown-kid refetches collapse into one.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
     cache: TokenCache,
     metrics: StepUpMetrics,
 }
@@ -31,7 +29,7 @@ impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
             .field("name", &self.config.name)
-            .field("keys", &*self.keys.load())
+            .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
 }
@@ -43,17 +41,13 @@ impl Provider {
     pub async fn start(config: Arc<ProviderConfig>, metrics: StepUpMetrics) -> Arc<Provider> {
         let fetcher = Fetcher::new(&config.jwks).await.map_err(|e| e.to_string());
         let provider = Arc::new(Provider {
-            keys: ArcSwap::from_pointee(KeySet::default()),
+            keys: KeyCache::new(config.min_refresh_interval),
             fetcher,
-            last_fetch: tokio::sync::Mutex::new(None),
             cache: TokenCache::new(),
             metrics,
             config,
         });
-        {
-            let mut last = provider.last_fetch.lock().await;
-            provider.fetch("start", &mut last).await;
-        }
+        provider.keys.fetch(provider.fetch("start")).await;
         tokio::spawn(refresh_loop(Arc::downgrade(&provider)));
         provider
     }
@@ -65,7 +59,7 @@ impl Provider {
 
     /// Number of usable keys now held.
     pub fn key_count(&self) -> usize {
-        self.keys.load().len()
+        self.keys.current().len()
     }
 
     /// Verifies `token` (cached until `exp`); an unknown `kid` triggers one
@@ -84,13 +78,19 @@ impl Provider {
             .get_or_create(&CacheLabel { result: "miss" })
             .inc();
         let peeked = verify::peek(token, &self.config.token)?;
-        let keys = self.keys.load_full();
+        let keys = self.keys.current();
         let verified = match verify::verify(token, &peeked, &self.config.token, &keys, now) {
             // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.
             Err(TokenError::UnknownKid | TokenError::NoKeys)
-                if Box::pin(self.refetch(&keys)).await =>
+                if Box::pin(self.keys.refetch(&keys, || self.fetch("unknown_kid"))).await =>
             {
-                verify::verify(token, &peeked, &self.config.token, &self.keys.load(), now)?
+                verify::verify(
+                    token,
+                    &peeked,
+                    &self.config.token,
+                    &self.keys.current(),
+                    now,
+                )?
             }
             other => other?,
         };
@@ -99,32 +99,17 @@ impl Provider {
         Ok(verified)
     }
 
-    /// Refetch for an unknown kid. True when the keys differ from `seen`
-    /// afterwards (fetched by us, or by a concurrent request meanwhile).
-    async fn refetch(&self, seen: &Arc<KeySet>) -> bool {
-        let mut last = self.last_fetch.lock().await;
-        if !Arc::ptr_eq(seen, &self.keys.load()) {
-            return true;
-        }
-        if last.is_some_and(|t| t.elapsed() < self.config.min_refresh_interval) {
-            return false;
-        }
-        self.fetch("unknown_kid", &mut last).await;
-        !Arc::ptr_eq(seen, &self.keys.load())
-    }
-
-    /// One fetch; good keys replace the old ones, anything else is counted
-    /// and logged and changes nothing.
-    async fn fetch(&self, trigger: &'static str, last: &mut Option<Instant>) -> bool {
-        *last = Some(Instant::now());
+    /// One fetch: the parsed key set to store, or `None` (counted and
+    /// logged; the cache keeps the last good keys).
+    async fn fetch(&self, trigger: &'static str) -> Option<KeySet> {
         let fetched = match &self.fetcher {
             Ok(f) => f.fetch().await.map_err(|e| e.to_string()),
             Err(setup) => Err(setup.clone()),
         };
-        let result = match fetched {
+        let (result, set) = match fetched {
             Err(err) => {
                 tracing::warn!(provider = %self.config.name, error = %err, "JWKS fetch failed; keeping the last good keys");
-                "error"
+                ("error", None)
             }
             Ok(bytes) => match KeySet::parse(&bytes) {
                 Ok(set) => {
@@ -135,15 +120,15 @@ impl Provider {
                             provider: self.config.name.to_string(),
                         })
                         .set(i64::try_from(set.len()).unwrap_or(i64::MAX));
-                    self.keys.store(Arc::new(set));
-                    "ok"
+                    ("ok", Some(set))
                 }
                 Err(err) => {
                     tracing::warn!(provider = %self.config.name, error = %err, "JWKS refused; keeping the last good keys");
-                    match err {
+                    let result = match err {
                         JwksError::Empty => "empty",
                         JwksError::Malformed(_) => "malformed",
-                    }
+                    };
+                    (result, None)
                 }
             },
         };
@@ -155,7 +140,7 @@ impl Provider {
                 result,
             })
             .inc();
-        result == "ok"
+        set
     }
 
     /// Verified tokens held (tests).
@@ -176,7 +161,6 @@ async fn refresh_loop(provider: Weak<Provider>) {
         };
         tokio::time::sleep(wait).await;
         let Some(p) = provider.upgrade() else { return };
-        let mut last = p.last_fetch.lock().await;
-        ok = p.fetch("schedule", &mut last).await;
+        ok = p.keys.fetch(p.fetch("schedule")).await;
     }
 }

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +22,8 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// `/grpc.Echo/Stream` calls this app has begun answering.
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn grpc_frame(msg: &[u8]) -> Bytes {
@@ -38,7 +41,10 @@ fn grpc_trailers() -> HeaderMap {
     t
 }
 
-async fn app(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn app(
+    req: Request<Incoming>,
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let version = format!("{:?}", req.version());
     let mut headers = serde_json::Map::new();
@@ -68,6 +74,7 @@ async fn app(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         }
         "/grpc.Echo/Stream" => {
             let _ = req.into_body().collect().await.unwrap();
+            streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
                 for i in 0..5 {
@@ -106,26 +113,30 @@ impl TestApp {
     pub async fn start(h2: bool) -> TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = streams.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                let counter = counter.clone();
+                let app = service_fn(move |req| app(req, counter.clone()));
                 tokio::spawn(async move {
                     let io = TokioIo::new(tcp);
                     if h2 {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, service_fn(app))
+                            .serve_connection(io, app)
                             .await;
                     } else {
                         let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service_fn(app))
+                            .serve_connection(io, app)
                             .await;
                     }
                 });
             }
         });
-        TestApp { addr }
+        TestApp { addr, streams }
     }
 }
 

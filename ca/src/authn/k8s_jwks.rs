@@ -9,17 +9,15 @@
 //! unknown `kid` (rate-limited); a failed or empty fetch keeps the last keys.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use base64::Engine;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use super::AuthnError;
 use crate::https::HttpsClient;
-use crate::jwt::{self, KeySet, Rules, TokenError};
+use crate::jwt::{self, KeyCache, KeySet, Rules, TokenError};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 /// The verifier's name in audit lines and metrics.
@@ -70,9 +68,8 @@ pub struct K8sJwks {
     source: JwksSource,
     rules: Rules,
     td: TrustDomain,
-    keys: ArcSwap<KeySet>,
-    /// When an unknown `kid` last caused a fetch (`None`: never).
-    last_fetch: Mutex<Option<Instant>>,
+    /// The one JWKS cache (`crate::jwt::KeyCache`), as the sidecar's.
+    keys: KeyCache,
 }
 
 #[derive(Deserialize)]
@@ -109,8 +106,7 @@ impl K8sJwks {
                 leeway: LEEWAY,
             },
             td,
-            keys: ArcSwap::from_pointee(KeySet::default()),
-            last_fetch: Mutex::new(None),
+            keys: KeyCache::new(REFETCH_MIN_INTERVAL),
         };
         let n = this.refresh().await?;
         tracing::info!(keys = n, source = %this.source_name(), "k8s-jwks: loaded service-account issuer keys");
@@ -127,6 +123,25 @@ impl K8sJwks {
     /// Fetches the keys; replaces the current ones only with a non-empty,
     /// well-formed set. Returns how many keys are now in use.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
+        let mut failure = None;
+        let fetch = async {
+            match self.load().await {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            }
+        };
+        self.keys.fetch(fetch).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(self.keys.current().len()),
+        }
+    }
+
+    /// Reads and parses the key set from the source.
+    async fn load(&self) -> Result<KeySet, JwksError> {
         let err = |reason: String| JwksError {
             source_name: self.source_name(),
             reason,
@@ -158,10 +173,7 @@ impl K8sJwks {
                 resp.body.to_vec()
             }
         };
-        let keys = KeySet::parse(&body).map_err(|e| err(e.to_string()))?;
-        let n = keys.len();
-        self.keys.store(Arc::new(keys));
-        Ok(n)
+        KeySet::parse(&body).map_err(|e| err(e.to_string()))
     }
 
     /// Whether the token's (unverified) `iss` is this verifier's issuer; used
@@ -190,10 +202,10 @@ impl K8sJwks {
             return Err(reject("unknown_kid", "token has no kid".into()));
         }
         let now = unix_now();
-        let verified = match jwt::verify(token, &peeked, &self.rules, &self.keys.load(), now) {
-            Err(TokenError::UnknownKid) => {
-                self.refetch_for_unknown_kid().await;
-                jwt::verify(token, &peeked, &self.rules, &self.keys.load(), now)
+        let seen = self.keys.current();
+        let verified = match jwt::verify(token, &peeked, &self.rules, &seen, now) {
+            Err(TokenError::UnknownKid) if self.keys.refetch(&seen, || self.reload()).await => {
+                jwt::verify(token, &peeked, &self.rules, &self.keys.current(), now)
             }
             other => other,
         }
@@ -221,19 +233,15 @@ impl K8sJwks {
             .map_err(|e| reject("malformed", format!("namespace/service account: {e}")))
     }
 
-    async fn refetch_for_unknown_kid(&self) {
-        {
-            // The lock guards only the timestamp; no await while held.
-            let Ok(mut last) = self.last_fetch.lock() else {
-                return;
-            };
-            if last.is_some_and(|t| t.elapsed() < REFETCH_MIN_INTERVAL) {
-                return;
+    /// The key set for an unknown-`kid` refetch; a failure is logged and
+    /// keeps the last keys.
+    async fn reload(&self) -> Option<KeySet> {
+        match self.load().await {
+            Ok(set) => Some(set),
+            Err(e) => {
+                tracing::warn!(error = %e, "k8s-jwks: refresh after an unknown kid failed; keeping the last keys");
+                None
             }
-            *last = Some(Instant::now());
-        }
-        if let Err(e) = self.refresh().await {
-            tracing::warn!(error = %e, "k8s-jwks: refresh after an unknown kid failed; keeping the last keys");
         }
     }
 }

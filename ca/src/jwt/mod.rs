@@ -1,10 +1,13 @@
-//! The one JWT verifier of stepmesh: JWKS key sets ([`keys`]) and token
-//! verification against an issuer's rules ([`verify`]), used by the
+//! The one JWT verifier of stepmesh: JWKS key sets ([`keys`]), the key cache
+//! and its refetch discipline ([`cache`]) and token verification against an
+//! issuer's rules ([`verify`]), used by the
 //! sidecar's step-up providers and by the CA's `k8s-jwks` credential
 //! verifier (and, later, the Kubernetes API gateway).
 
+pub mod cache;
 pub mod keys;
 pub mod verify;
 
+pub use cache::KeyCache;
 pub use keys::{alg_name, JwksError, KeySet, Lookup};
 pub use verify::{peek, verify, Peeked, Rules, TokenError, VerifiedToken, MAX_TOKEN};
