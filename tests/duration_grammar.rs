@@ -4,6 +4,8 @@
 //! annotation.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -65,21 +67,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 fn commands(value: &str) -> Vec<(Vec<String>, &'static str, &'static str)> {
     let flag = |f: &str| format!("--{f}={value}");
     let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut proxy = owned(&[
-        "proxy",
-        "--cert",
-        "/nonexistent/c.pem",
-        "--key",
-        "/nonexistent/k.pem",
-        "--bundle",
-        "/nonexistent/b.pem",
-        "--inbound",
-        "127.0.0.1:0=127.0.0.1:1",
-        "--admin",
-        "127.0.0.1:0",
-        "--workers",
-        "0",
-    ]);
+    let mut proxy = owned(&common::PROXY_WITHOUT_FILES);
+    proxy.extend(owned(&["--workers", "0"]));
     proxy.push(flag("drain-timeout"));
     let mut inject = owned(&[
         "inject",

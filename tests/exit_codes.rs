@@ -77,22 +77,12 @@ fn configuration_errors_exit_64_with_a_reason() {
     );
     let not_pem = write(dir.path(), "cert.pem", "hello\n");
     let missing = dir.path().join("missing.yaml").display().to_string();
-    let files = [
-        "--cert",
-        "/nonexistent/c.pem",
-        "--key",
-        "/nonexistent/k.pem",
-        "--bundle",
-        "/nonexistent/b.pem",
-        "--inbound",
-        "127.0.0.1:0=127.0.0.1:1",
-        "--admin",
-        "127.0.0.1:0",
-    ];
     let proxy = |extra: &[&str]| -> Vec<String> {
-        let mut args = vec!["proxy".to_owned()];
-        args.extend(files.iter().chain(extra).map(|a| a.to_string()));
-        args
+        common::PROXY_WITHOUT_FILES
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect()
     };
 
     // stepmesh proxy

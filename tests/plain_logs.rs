@@ -3,27 +3,20 @@
 //! terminal too.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
 const ESC: &str = "\x1b[";
 
 /// A proxy whose identity files never appear: it logs a warning while it
-/// waits, then exits 64.
-const ARGS: [&str; 12] = [
-    "proxy",
-    "--cert",
-    "/nonexistent/c.pem",
-    "--key",
-    "/nonexistent/k.pem",
-    "--bundle",
-    "/nonexistent/b.pem",
-    "--inbound",
-    "127.0.0.1:0=127.0.0.1:1",
-    "--admin",
-    "127.0.0.1:0",
-    "--wait-for-files=300ms",
-];
+/// waits (`--wait-for-files`), then exits 64.
+fn args() -> Vec<&'static str> {
+    let mut args = common::PROXY_WITHOUT_FILES.to_vec();
+    args.push("--wait-for-files=300ms");
+    args
+}
 
 fn command(program: &str) -> Command {
     let mut cmd = Command::new(program);
@@ -41,7 +34,7 @@ fn piped_stderr_gets_no_escape_codes() {
     let out = command("timeout")
         .arg("20")
         .arg(BIN)
-        .args(ARGS)
+        .args(args())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -57,10 +50,11 @@ fn piped_stderr_gets_no_escape_codes() {
 #[test]
 fn a_terminal_gets_colour_unless_no_color() {
     if Command::new("script").arg("--version").output().is_err() {
+        println!("skipped: util-linux `script` (a pty for the colour check) is not installed");
         return;
     }
     let line = std::iter::once(BIN)
-        .chain(ARGS)
+        .chain(args())
         .map(|a| format!("'{a}'"))
         .collect::<Vec<_>>()
         .join(" ");
