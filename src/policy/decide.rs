@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Method, Uri};
 
 use super::target::{self, Readings, Refusal};
-use super::{InboundDefault, Mode, OutboundAction, Policy, Route, SpiffeId};
+use super::{InboundDefault, Mode, OutboundAction, Policy, PortPolicy, Route, SpiffeId};
 
 /// The outcome of an authorization, audit mode already applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl Policy {
         };
         let path = target::request_path(method, uri, headers)?;
         let readings = Readings::of(path, p.path_match)?;
-        self.route(port, method, &readings)
+        route_in(p, method, &readings)
     }
 
     /// The route the readings of a path agree on: a reading that matches a
@@ -96,32 +96,10 @@ impl Policy {
         method: &Method,
         readings: &Readings<'_>,
     ) -> Result<Option<&Route>, Refusal> {
-        let Some(p) = self.port(port) else {
-            return Ok(None);
-        };
-        let mut chosen: Option<&Route> = None;
-        let mut previous: Option<&str> = None;
-        for reading in readings.iter() {
-            // A folded reading equal to the reading before it finds the same
-            // route when no pattern has upper case: skip the second scan.
-            let same = previous == Some(reading.path.as_ref());
-            previous = Some(reading.path.as_ref());
-            if reading.folded && same && !p.mixed_case_routes {
-                continue;
-            }
-            let found = p
-                .routes
-                .iter()
-                .find(|r| r.matches_method(method) && r.matches_path(reading));
-            match (chosen, found) {
-                (Some(a), Some(b)) if !std::ptr::eq(a, b) => {
-                    return Err(Refusal::Ambiguous(a.name.to_string(), b.name.to_string()))
-                }
-                (None, found) => chosen = found,
-                _ => {}
-            }
+        match self.port(port) {
+            Some(p) => route_in(p, method, readings),
+            None => Ok(None),
         }
-        Ok(chosen)
     }
 
     /// What outbound does with `dest`: the first rule matching both its
@@ -180,6 +158,37 @@ impl Policy {
             },
         }
     }
+}
+
+/// The route the readings agree on among `p`'s routes (see [`Policy::route`]).
+fn route_in<'p>(
+    p: &'p PortPolicy,
+    method: &Method,
+    readings: &Readings<'_>,
+) -> Result<Option<&'p Route>, Refusal> {
+    let mut chosen: Option<&Route> = None;
+    let mut previous: Option<&str> = None;
+    for reading in readings.iter() {
+        // A folded reading equal to the reading before it finds the same
+        // route when no pattern has upper case: skip the second scan.
+        let same = previous == Some(reading.path.as_ref());
+        previous = Some(reading.path.as_ref());
+        if reading.folded && same && !p.mixed_case_routes {
+            continue;
+        }
+        let found = p
+            .routes
+            .iter()
+            .find(|r| r.matches_method(method) && r.matches_path(reading));
+        match (chosen, found) {
+            (Some(a), Some(b)) if !std::ptr::eq(a, b) => {
+                return Err(Refusal::Ambiguous(a.name.to_string(), b.name.to_string()))
+            }
+            (None, found) => chosen = found,
+            _ => {}
+        }
+    }
+    Ok(chosen)
 }
 
 #[cfg(test)]

@@ -38,6 +38,11 @@ impl Idle {
         }
     }
 
+    /// Whether a hard deadline is set.
+    pub(super) fn has_deadline(&self) -> bool {
+        self.deadline.is_some()
+    }
+
     /// Whether the hard deadline has passed.
     pub(super) fn past_deadline(&self) -> bool {
         self.deadline.is_some_and(|at| Instant::now() >= at)

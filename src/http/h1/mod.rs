@@ -230,9 +230,6 @@ impl<S: Side> Relay<'_, S> {
             draining,
             ..
         } = self;
-        // The head's deadline runs from its first byte (for the first
-        // request: from the end of protocol detection, which read it).
-        let mut deadline = false;
         loop {
             match message::parse_request(cbuf.bytes(), S::DECIDES, limits.head) {
                 Ok(Some((head, len))) => {
@@ -248,8 +245,9 @@ impl<S: Side> Relay<'_, S> {
                 Err(e) => return Err(Fail::BadRequest(e)),
             }
             let between = cbuf.is_empty();
-            if !between && !deadline {
-                deadline = true;
+            // The head's deadline runs from its first byte (for the first
+            // request: from the end of protocol detection, which read it).
+            if !between && !idle.has_deadline() {
                 idle.set_deadline(Some(Instant::now() + limits.header_timeout));
             }
             if between {
@@ -352,7 +350,13 @@ impl<S: Side> Relay<'_, S> {
         // bodiless request is then resent once on a new connection.
         let mut retry = !fresh && S::REDIAL && head.framing == Framing::Empty;
         let resp = loop {
-            let sent = if head.framing == Framing::Empty {
+            // A request body may pause only for the body deadline.
+            let has_body = head.framing != Framing::Empty;
+            if has_body {
+                let body_idle = self.side.layer().limits.body_idle_timeout;
+                self.idle.set_period(body_idle);
+            }
+            let sent = if !has_body {
                 write_flush(&mut up, &self.out)
                     .await
                     .map(|()| 0)
@@ -360,18 +364,10 @@ impl<S: Side> Relay<'_, S> {
             } else if head.expect_continue {
                 // Boxed, as every rare path: the common one's state stays
                 // small and close together.
-                self.idle
-                    .set_period(self.side.layer().limits.body_idle_timeout);
-                let sent =
-                    Box::pin(self.send_expecting(client, &mut up, &mut head, &mut body_unsent))
-                        .await;
-                self.idle.set_period(self.idle_period);
-                sent
+                Box::pin(self.send_expecting(client, &mut up, &mut head, &mut body_unsent)).await
             } else {
                 let mut rest = Remaining::of(head.framing);
-                self.idle
-                    .set_period(self.side.layer().limits.body_idle_timeout);
-                let sent = pipe(
+                pipe(
                     client,
                     &mut self.cbuf,
                     &mut up,
@@ -379,10 +375,9 @@ impl<S: Side> Relay<'_, S> {
                     &mut rest,
                     &mut self.idle,
                 )
-                .await;
-                self.idle.set_period(self.idle_period);
-                sent
+                .await
             };
+            self.idle.set_period(self.idle_period);
             match sent {
                 Ok(n) => bytes_in = n,
                 Err(PipeError::Write(e)) => {
