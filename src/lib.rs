@@ -13,6 +13,7 @@ pub mod cli;
 pub mod demo;
 pub mod drain;
 pub mod exit;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod init;
