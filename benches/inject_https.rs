@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair};
 use stepmesh::inject::config::InjectorConfig;
 use stepmesh::inject::server::{Limits, Server};
-use stepmesh::inject::tls::{server_config, ReloadingCert};
+use stepmesh::tls::serving::{server_config, ReloadingCert};
 
 const FIXTURE: &str = include_str!("../tests/fixtures/k8s/admissionreview-pod-create.json");
 

@@ -17,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(cmd) => multi_thread()?.block_on(crate::ca_cmd::run(cmd)),
         Command::Init(args) => crate::init::run(args),
         Command::Inject(args) => multi_thread()?.block_on(crate::inject::run(args)),
+        Command::Gateway(cmd) => multi_thread()?.block_on(crate::gateway::run(cmd)),
         // The policy and cert tools only read the files and flags they are
         // given: whatever fails is that input (exit 64).
         Command::Policy(cmd) => multi_thread()?

@@ -35,6 +35,9 @@ pub enum Command {
     Init(crate::init::InitArgs),
     /// Sidecar injection: the admission webhook, or offline on YAML files.
     Inject(crate::inject::InjectArgs),
+    /// Step-up in front of the Kubernetes API server (kubectl talks to it).
+    #[command(subcommand)]
+    Gateway(crate::gateway::GatewayCommand),
     /// Policy tools: check, explain a decision, compile to NetworkPolicies.
     #[command(subcommand)]
     Policy(crate::policy_cmd::PolicyCommand),

@@ -78,15 +78,7 @@ impl HttpsClient {
     /// A client trusting `roots` (TLS 1.2 or 1.3, as API servers and
     /// identity providers may still offer 1.2; HTTP/1.1 or HTTP/2).
     pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, HttpError> {
-        if roots.is_empty() {
-            return Err(HttpError::Tls("no trusted roots".into()));
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = client_config(roots)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()
@@ -141,6 +133,20 @@ impl HttpsClient {
     }
 }
 
+/// The TLS client settings of every outbound HTTPS call (this client, the
+/// Kubernetes gateway's upstream): aws-lc-rs, rustls' safe defaults, `roots`.
+pub fn client_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, HttpError> {
+    if roots.is_empty() {
+        return Err(HttpError::Tls("no trusted roots".into()));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Adds the certificates of the PEM file `path` to `roots`; a file with
 /// none is an error naming the file.
 pub fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), HttpError> {
@@ -160,7 +166,8 @@ pub fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(
 }
 
 /// An error and its sources on one line ("connection refused" is deep inside).
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its sources, `: `-joined (hyper hides the cause in them).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

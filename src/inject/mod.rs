@@ -12,7 +12,6 @@ pub mod probes;
 pub mod review;
 pub mod server;
 pub mod template;
-pub mod tls;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -108,8 +107,8 @@ fn run_offline(file: &std::path::Path, config: &InjectorConfig) -> anyhow::Resul
 }
 
 async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<()> {
-    let cert = tls::ReloadingCert::load(&args.cert, &args.key).config_err()?;
-    let tls_config = tls::server_config(cert.clone())?;
+    let cert = crate::tls::serving::ReloadingCert::load(&args.cert, &args.key).config_err()?;
+    let tls_config = crate::tls::serving::server_config(cert.clone())?;
     let limits = server::Limits {
         max_body: args.max_body_bytes,
         body_timeout: args.body_timeout,

@@ -24,7 +24,7 @@ const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// A leeway beyond this defeats exp/nbf; refused rather than silently capped.
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
-fn invalid(path: impl Into<String>, message: impl Into<String>) -> PolicyError {
+pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> PolicyError {
     PolicyError::Invalid {
         path: path.into(),
         message: message.into(),
@@ -79,9 +79,14 @@ pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
         .enumerate()
         .map(|(i, r)| outbound_rule(&format!("outbound.rules[{i}]"), r))
         .collect::<Result<Vec<_>, _>>()?;
+    let kubernetes = match raw.kubernetes {
+        Some(k) => Some(super::kube::compile(k, &providers)?),
+        None => None,
+    };
     Ok(Policy {
         trust_domain,
         mode: raw.mode,
+        kubernetes,
         providers,
         inbound_default: inbound.default,
         ports,
@@ -350,7 +355,7 @@ fn route(path: &str, r: RawRoute, providers: &[Arc<ProviderConfig>]) -> Result<R
     })
 }
 
-fn step_up(
+pub(super) fn step_up(
     path: &str,
     s: RawRouteStepUp,
     providers: &[Arc<ProviderConfig>],

@@ -7,6 +7,7 @@
 
 mod compile;
 mod decide;
+pub mod kube;
 mod model;
 pub mod netpol;
 pub mod target;
@@ -57,6 +58,7 @@ pub struct Policy {
     ports: Vec<PortPolicy>,
     outbound_default: OutboundAction,
     outbound_rules: Vec<OutboundRule>,
+    kubernetes: Option<kube::KubePolicy>,
     digest: String,
     labels: DefaultLabels,
 }
@@ -258,6 +260,7 @@ impl Policy {
             ports: Vec::new(),
             outbound_default: OutboundAction::Mtls,
             outbound_rules: Vec::new(),
+            kubernetes: None,
             digest,
             labels: DefaultLabels::new(),
         }
@@ -286,6 +289,11 @@ impl Policy {
     /// A provider by name.
     pub fn provider(&self, name: &str) -> Option<&Arc<ProviderConfig>> {
         self.providers.iter().find(|p| &*p.name == name)
+    }
+
+    /// The `kubernetes:` section (the API gateway's rules), if any.
+    pub fn kubernetes(&self) -> Option<&kube::KubePolicy> {
+        self.kubernetes.as_ref()
     }
 
     /// The inbound ports with rules.

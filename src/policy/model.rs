@@ -18,6 +18,8 @@ pub(crate) struct RawPolicy {
     pub inbound: Option<RawInbound>,
     #[serde(default)]
     pub outbound: Option<RawOutbound>,
+    #[serde(default)]
+    pub kubernetes: Option<RawKubernetes>,
 }
 
 /// `enforce` denies; `audit` logs what it would deny and allows.
@@ -212,4 +214,49 @@ pub(crate) struct RawOutboundTo {
     pub cidrs: Vec<String>,
     #[serde(default)]
     pub ports: Vec<u16>,
+}
+
+/// `kubernetes:`: the step-up gateway in front of the API server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKubernetes {
+    pub authentication: RawKubeAuthentication,
+    #[serde(default)]
+    pub rules: Vec<RawKubeRule>,
+}
+
+/// Who the person is: a provider and claims, as kube-apiserver's `--oidc-*`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawKubeAuthentication {
+    pub provider: String,
+    #[serde(default)]
+    pub username_claim: Option<String>,
+    #[serde(default)]
+    pub username_prefix: Option<String>,
+    #[serde(default)]
+    pub groups_claim: Option<String>,
+    #[serde(default)]
+    pub groups_prefix: Option<String>,
+}
+
+/// One rule: which requests, and what step-up they need.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawKubeRule {
+    pub name: String,
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    #[serde(default)]
+    pub api_groups: Option<Vec<String>>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    #[serde(default)]
+    pub step_up: Option<RawRouteStepUp>,
 }

@@ -18,6 +18,12 @@ pub fn no_token(rule: &StepUpRule) -> HeaderValue {
     header(v)
 }
 
+/// `Bearer realm="stepmesh"`: authentication is needed, nothing more is
+/// asked yet (the Kubernetes gateway's answer to a request without a token).
+pub fn no_token_plain() -> HeaderValue {
+    HeaderValue::from_static("Bearer realm=\"stepmesh\"")
+}
+
 /// RFC 9470 §3: `error="insufficient_user_authentication"` with what to do.
 pub fn insufficient(rule: &StepUpRule, unmet: Unmet) -> HeaderValue {
     let mut v = format!(

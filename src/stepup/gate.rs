@@ -78,15 +78,21 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// Where the token came from, or why there is none usable.
-enum Token<'h> {
+/// The token a request carries, or why there is none usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token<'h> {
+    /// No token header (or `Authorization` of another scheme).
     Absent,
+    /// Twice, or not text: refused as malformed rather than guessed.
     Ambiguous,
+    /// The token.
     Present(&'h str),
 }
 
-fn token<'h>(rule: &StepUpRule, headers: &'h HeaderMap) -> Token<'h> {
-    let mut values = headers.get_all(&rule.header).iter();
+/// The token in `header` (`Authorization: Bearer`, or another header's
+/// value with or without `Bearer`): the one reading of where a token is.
+pub fn token<'h>(header: &HeaderName, headers: &'h HeaderMap) -> Token<'h> {
+    let mut values = headers.get_all(header).iter();
     let Some(value) = values.next() else {
         return Token::Absent;
     };
@@ -101,7 +107,7 @@ fn token<'h>(rule: &StepUpRule, headers: &'h HeaderMap) -> Token<'h> {
         .split_once(' ')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
-    if rule.header == http::header::AUTHORIZATION {
+    if header == http::header::AUTHORIZATION {
         // Another scheme (Basic, ...) carries no step-up token.
         return bearer
             .filter(|t| !t.is_empty())
@@ -197,7 +203,7 @@ async fn step_up(
     now: u64,
 ) -> Result<Option<String>, (&'static str, HeaderValue)> {
     use super::verify::TokenError;
-    let token = match token(rule, req.headers) {
+    let token = match token(&rule.header, req.headers) {
         Token::Absent => return Err(("no_token", challenge::no_token(rule))),
         Token::Ambiguous => {
             return Err((
@@ -217,7 +223,7 @@ async fn step_up(
     match require::check(
         rule,
         &verified,
-        req.peer,
+        Some(req.peer),
         now,
         config.token.leeway.as_secs(),
     ) {

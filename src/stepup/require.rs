@@ -62,20 +62,22 @@ pub struct Peer<'a> {
     pub x5t_s256: &'a str,
 }
 
-/// Checks `rule` against `token` for `peer` at `now` (seconds).
+/// Checks `rule` against `token` for `peer` at `now` (seconds). Without a
+/// peer (the Kubernetes gateway: a person, no workload) a rule that binds
+/// to one cannot be met.
 pub fn check(
     rule: &StepUpRule,
     token: &VerifiedToken,
-    peer: Peer<'_>,
+    peer: Option<Peer<'_>>,
     now: u64,
     leeway: u64,
 ) -> Result<(), Failure> {
     match rule.bind {
         BindToPeer::None => {}
-        BindToPeer::Azp if token.azp.as_deref() != Some(peer.id.as_str()) => {
+        BindToPeer::Azp if peer.is_none_or(|p| token.azp.as_deref() != Some(p.id.as_str())) => {
             return Err(Failure::Invalid(TokenError::AzpMismatch));
         }
-        BindToPeer::Cnf if token.cnf_x5t.as_deref() != Some(peer.x5t_s256) => {
+        BindToPeer::Cnf if peer.is_none_or(|p| token.cnf_x5t.as_deref() != Some(p.x5t_s256)) => {
             return Err(Failure::Invalid(TokenError::CnfMismatch));
         }
         _ => {}

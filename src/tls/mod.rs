@@ -5,6 +5,7 @@
 
 pub mod failure;
 pub mod resolve;
+pub mod serving;
 pub mod verify;
 
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! The webhook's serving certificate: loaded from PEM files, TLS 1.3 only,
+//! A serving certificate for our HTTPS endpoints (the injector webhook, the
+//! Kubernetes gateway): loaded from PEM files, TLS 1.3 only,
 //! and swapped atomically when the files change (polled, so a Secret volume's
 //! symlink swap is seen too). A bad new pair is refused and the old one kept.
 

@@ -1,0 +1,152 @@
+//! The `kubernetes:` section: validation names the field, matching reads
+//! rules the way RBAC does.
+
+use super::*;
+use crate::policy::Policy;
+
+const HEAD: &str = r#"
+trustDomain: example.org
+stepUp:
+  providers:
+    corp:
+      issuer: https://idp.example
+      jwks: {file: /dev/null}
+      audiences: [kubectl]
+      algorithms: [ES256]
+"#;
+
+fn policy(kubernetes: &str) -> Result<Policy, PolicyError> {
+    Policy::from_yaml(&format!("{HEAD}kubernetes:\n{kubernetes}"))
+}
+
+fn req<'a>(
+    verb: &'a str,
+    resource: &'a str,
+    sub: &'a str,
+    ns: &'a str,
+    name: &'a str,
+) -> KubeRequest<'a> {
+    KubeRequest {
+        verb,
+        connect: matches!(sub, "exec" | "attach" | "portforward"),
+        api_group: "",
+        resource,
+        subresource: sub,
+        namespace: ns,
+        name,
+    }
+}
+
+const RULES: &str = r#"
+  authentication: {provider: corp, usernameClaim: email, groupsClaim: groups, groupsPrefix: "oidc:"}
+  rules:
+  - name: routine-reads
+    verbs: [get, list, watch]
+    resources: ["*"]
+    namespaces: ["*"]
+  - name: exec-in-prod
+    verbs: [connect]
+    resources: [pods/exec, pods/attach]
+    namespaces: [prod, prod-*]
+    stepUp: {provider: corp, acr: [urn:stepmesh:acr:mfa], maxAge: 10m}
+  - name: delete-in-prod
+    verbs: [delete, deletecollection]
+    resources: ["*"]
+    namespaces: [prod]
+    groups: ["oidc:dev*"]
+    stepUp: {provider: corp, acr: [urn:stepmesh:acr:mfa]}
+"#;
+
+#[test]
+fn first_matching_rule_decides_like_rbac() {
+    let p = policy(RULES).unwrap();
+    let k = p.kubernetes().unwrap();
+    let devs = vec!["oidc:developers".to_owned()];
+    let name = |r: &KubeRequest<'_>, g: &[String]| k.rule_for(r, g).map(|r| r.name.to_string());
+    assert_eq!(
+        name(&req("list", "pods", "", "prod", ""), &devs).as_deref(),
+        Some("routine-reads")
+    );
+    // exec is a GET over WebSocket: still `connect`, never `get`'s exemption.
+    assert_eq!(
+        name(&req("get", "pods", "exec", "prod-eu", "web"), &devs).as_deref(),
+        Some("exec-in-prod")
+    );
+    assert_eq!(
+        name(&req("create", "pods", "exec", "staging", "web"), &devs),
+        None
+    );
+    assert_eq!(
+        name(&req("delete", "configmaps", "", "prod", "x"), &devs).as_deref(),
+        Some("delete-in-prod")
+    );
+    assert_eq!(
+        name(
+            &req("delete", "configmaps", "", "prod", "x"),
+            &["oidc:ops".to_owned()]
+        ),
+        None
+    );
+    // `routine-reads` names `*`: subresources too (pods/log is a read).
+    assert_eq!(
+        name(&req("get", "pods", "log", "prod", "web"), &devs).as_deref(),
+        Some("routine-reads")
+    );
+    assert_eq!(k.authentication.username_prefix, "");
+}
+
+#[test]
+fn resource_forms_follow_rbac() {
+    let r =
+        |rule: &str, res: &str, sub: &str| resource_matches(rule, &req("get", res, sub, "", ""));
+    assert!(r("pods", "pods", ""));
+    assert!(!r("pods", "pods", "exec"));
+    assert!(r("pods/*", "pods", "log"));
+    assert!(!r("pods/*", "pods", ""));
+    assert!(r("*/scale", "deployments", "scale"));
+    assert!(r("*", "secrets", ""));
+}
+
+#[test]
+fn globs() {
+    assert!(glob("prod-*", "prod-eu"));
+    assert!(!glob("prod-*", "prod"));
+    assert!(glob("*", ""));
+    assert!(glob("a*b*c", "axxbyyc"));
+    assert!(!glob("a*b*c", "axxbyy"));
+    assert!(glob("exact", "exact"));
+    assert!(!glob("exact", "exact2"));
+}
+
+#[test]
+fn default_username_prefix_is_kube_apiservers() {
+    let p = policy("  authentication: {provider: corp}\n").unwrap();
+    let a = &p.kubernetes().unwrap().authentication;
+    assert_eq!(
+        (a.username_claim.as_str(), a.username_prefix.as_str()),
+        ("sub", "https://idp.example#")
+    );
+    let p = policy("  authentication: {provider: corp, usernamePrefix: \"-\"}\n").unwrap();
+    assert_eq!(p.kubernetes().unwrap().authentication.username_prefix, "");
+}
+
+#[test]
+fn errors_name_the_field() {
+    for (section, field) in [
+        ("  authentication: {provider: nope}\n", "kubernetes.authentication.provider"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, resources: [pods]}\n", "kubernetes.rules[0].verbs"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [remove], resources: [pods]}\n", "kubernetes.rules[0].verbs[0]"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get]}\n", "kubernetes.rules[0].resources"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get], resources: [\"po*\"]}\n", "kubernetes.rules[0].resources[0]"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get], resources: [pods], stepUp: {provider: corp, bindToPeer: azp}}\n", "kubernetes.rules[0].stepUp"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get], resources: [pods], stepUp: {provider: other}}\n", "kubernetes.rules[0].stepUp.provider"),
+        ("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get], resources: [pods]}\n  - {name: a, verbs: [get], resources: [pods]}\n", "kubernetes.rules[1].name"),
+    ] {
+        let err = policy(section).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{field}:")), "{section}\n=> {err}");
+    }
+    let err = policy("  authentication: {provider: corp}\n  rules:\n  - {name: a, verbs: [get], resources: [pods], nmespaces: [x]}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nmespaces"), "{err}");
+}
