@@ -5,6 +5,8 @@
 
 pub mod ca;
 pub mod capture;
+pub mod envtest;
+pub mod kube_client;
 pub mod mesh;
 pub mod netns;
 
