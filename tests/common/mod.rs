@@ -6,6 +6,7 @@
 pub mod ca;
 pub mod capture;
 pub mod envtest;
+pub mod gateway;
 pub mod kube_client;
 pub mod mesh;
 pub mod netns;
