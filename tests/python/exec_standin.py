@@ -325,7 +325,10 @@ def upgrade(req, sock, rf, sub):
         ws = WebSocket(rf, sock)
         if sub == "portforward":
             SpdySession(WsTunnel(ws), sock, req, "portforward", chosen).run()
-            ws.close(1000)
+            try:
+                ws.close(1000)
+            except OSError:
+                pass  # kubectl went away first: the usual end of a port-forward
         else:
             ws_exec(ws, req, chosen, sub)
         return False
