@@ -1,6 +1,9 @@
 //! The far end for `kubectl exec`/`attach`/`port-forward` tests: the Python
-//! STAND-IN for the API server's exec endpoints (`tests/python/exec_standin.py`,
-//! see its docstring for the protocols, commands and log lines), started with
+//! STAND-IN for the API server's exec endpoints (`tests/python/exec_standin.py`
+//! with `exec_standin_spdy.py` and `exec_standin_command.py`, Python stdlib
+//! only; its docstring lists the protocols, commands and log lines; every
+//! request's `Impersonate-*` headers and a token fingerprint are logged, for
+//! assertions on what a gateway sent upstream), started with
 //! a test CA and server certificate made here with rcgen, killed on drop; and
 //! a runner for a real kubectl pointed at any server (the stand-in itself, or
 //! `stepmesh gateway serve` in front of it).
