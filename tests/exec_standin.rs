@@ -7,12 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::io::Write;
+
 #[path = "common/exec_standin.rs"]
 mod exec_standin;
 
 use exec_standin::{
-    exec_stdin, kubectl, random_bytes, run_kubectl, sha256_hex, ExecStandin, KubectlTarget,
-    PortForward, Transport,
+    exec_cat_round_trip, exec_stdin, kubectl, random_bytes, run_kubectl, run_kubectl_feeding,
+    sha256_hex, ExecStandin, KubectlTarget, PortForward, Transport,
 };
 
 const MIB: usize = 1 << 20;
@@ -24,8 +26,7 @@ fn exec_cat_one_mib_byte_exact_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
     for (i, transport) in Transport::ALL.into_iter().enumerate() {
-        let input = random_bytes(MIB, 12 + i as u64);
-        let run = exec_stdin(&kubectl, &standin.target(), transport, &["cat"], &input);
+        let (input, run) = exec_cat_round_trip(&kubectl, &standin.target(), transport, MIB);
         assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
         assert_eq!(
             run.stdout.len(),
@@ -169,6 +170,41 @@ fn refusal_is_a_status_and_token_is_fingerprinted() {
     );
     assert!(!standin.logs().iter().any(|l| l.contains(token)));
     assert!(standin.events("session").is_empty());
+}
+
+/// A session longer than kubectl's 5 s heartbeat: its pings (WebSocket
+/// ping frames, SPDY PING frames) are answered and the session goes on.
+#[test]
+fn heartbeats_answered_in_a_six_second_session_both_transports() {
+    let Some(kubectl) = kubectl() else { return };
+    let standin = ExecStandin::start();
+    let runs: Vec<_> = Transport::ALL
+        .into_iter()
+        .map(|transport| {
+            let (kubectl, target) = (kubectl.clone(), standin.target());
+            std::thread::spawn(move || {
+                let feed = |mut pipe: std::process::ChildStdin| {
+                    pipe.write_all(b"before ").unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(6_000));
+                    pipe.write_all(b"after").unwrap();
+                };
+                let args = ["exec", "-i", "-n", "ns", "pod", "--", "cat"];
+                (
+                    transport,
+                    run_kubectl_feeding(&kubectl, &target, transport, &args, feed),
+                )
+            })
+        })
+        .collect();
+    for run in runs {
+        let (transport, run) = run.join().unwrap();
+        assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
+        assert_eq!(run.stdout, b"before after", "{transport:?}");
+    }
+    for i in 0..2 {
+        let session = standin.wait_session(i);
+        assert!(session["pings"].as_u64().unwrap() >= 1, "{session}");
+    }
 }
 
 /// The stand-in's WebSocket side on its own, with frames kubectl may not

@@ -25,7 +25,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -289,6 +289,21 @@ pub fn run_kubectl(
     args: &[&str],
     stdin: &[u8],
 ) -> KubectlRun {
+    let input = stdin.to_vec();
+    // A broken pipe is fine: commands like `echo` do not read stdin.
+    let feed = move |mut pipe: ChildStdin| drop(pipe.write_all(&input));
+    run_kubectl_feeding(kubectl, target, transport, args, feed)
+}
+
+/// As [`run_kubectl`], with stdin written by `feed` on its own thread (for
+/// input that arrives slowly); kubectl sees EOF when `feed` drops the pipe.
+pub fn run_kubectl_feeding(
+    kubectl: &Path,
+    target: &KubectlTarget,
+    transport: Transport,
+    args: &[&str],
+    feed: impl FnOnce(ChildStdin) + Send + 'static,
+) -> KubectlRun {
     let cache = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let mut child = kubectl_command(kubectl, target, transport, cache.path())
@@ -298,10 +313,8 @@ pub fn run_kubectl(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let input = stdin.to_vec();
-    let mut pipe = child.stdin.take().unwrap();
-    // A broken pipe is fine: commands like `echo` do not read stdin.
-    let writer = std::thread::spawn(move || drop(pipe.write_all(&input)));
+    let pipe = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || feed(pipe));
     let stdout = reader(child.stdout.take().unwrap());
     let stderr = reader(child.stderr.take().unwrap());
     let status = loop {
@@ -346,6 +359,19 @@ pub fn exec_stdin(
     let mut args = vec!["exec", "-i", "-n", "ns", "pod", "--"];
     args.extend_from_slice(command);
     run_kubectl(kubectl, target, transport, &args, stdin)
+}
+
+/// `kubectl exec -i -- cat` with `n` pseudo-random bytes (seed `n`): returns
+/// what was sent and the run, for a byte-exact comparison of `run.stdout`.
+pub fn exec_cat_round_trip(
+    kubectl: &Path,
+    target: &KubectlTarget,
+    transport: Transport,
+    n: usize,
+) -> (Vec<u8>, KubectlRun) {
+    let input = random_bytes(n, n as u64);
+    let run = exec_stdin(kubectl, target, transport, &["cat"], &input);
+    (input, run)
 }
 
 /// `n` pseudo-random bytes (fastrand, seeded from `seed`).

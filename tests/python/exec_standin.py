@@ -176,7 +176,13 @@ def serve_connection(raw, ctx, port):
             req = read_request(rf)
             if req is None or not route(req, sock, rf, port):
                 break
-    except (OSError, ValueError, ConnectionError) as e:
+    except ValueError as e:  # a malformed request line, length or chunk size
+        log("bad_request", error=str(e))
+        try:
+            respond(sock, 400, "Bad Request", status_body(400, "BadRequest", f"stand-in: {e}"))
+        except OSError:
+            pass
+    except (OSError, ConnectionError) as e:
         log("connection_error", error=f"{type(e).__name__}: {e}")
     finally:
         try:
@@ -277,6 +283,7 @@ class WebSocket:
         self.rf, self.sock = rf, sock
         self.closed_by_peer = None  # close code the client sent
         self.close_sent = False
+        self.pings = 0  # answered with a pong
 
     def _read(self, n):
         data = self.rf.read(n)
@@ -303,6 +310,7 @@ class WebSocket:
                     raise ProtocolError("fragmented or long control frame")
                 payload = unmask(self._read(n), mask)
                 if opcode == 9:
+                    self.pings += 1
                     self.send(10, payload)
                 elif opcode == 8:
                     self.closed_by_peer = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
@@ -383,7 +391,7 @@ def ws_exec(ws, req, proto, sub):
             ws.close(1000)
             ws.drain()
         log("session", transport="websocket", protocol=proto, subresource=sub, stdout_bytes=out_bytes,
-            resizes=resizes, peer_close=ws.closed_by_peer, ms=round((time.monotonic() - started) * 1000),
+            resizes=resizes, pings=ws.pings, peer_close=ws.closed_by_peer, ms=round((time.monotonic() - started) * 1000),
             **cmd.summary())
     except ProtocolError as e:
         log("ws_protocol_error", error=str(e))
