@@ -14,7 +14,7 @@ mod exec_standin;
 
 use exec_standin::{
     exec_cat_round_trip, exec_stdin, kubectl, random_bytes, run_kubectl, run_kubectl_feeding,
-    sha256_hex, ExecStandin, KubectlTarget, PortForward, Transport,
+    sha256_hex, transports, ExecStandin, KubectlTarget, PortForward, Transport,
 };
 
 const MIB: usize = 1 << 20;
@@ -25,7 +25,7 @@ const MIB: usize = 1 << 20;
 fn exec_cat_one_mib_byte_exact_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
-    for (i, transport) in Transport::ALL.into_iter().enumerate() {
+    for (i, transport) in transports(&kubectl).into_iter().enumerate() {
         let (input, run) = exec_cat_round_trip(&kubectl, &standin.target(), transport, MIB);
         assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
         assert_eq!(
@@ -64,7 +64,7 @@ fn exec_cat_one_mib_byte_exact_both_transports() {
 fn attach_one_mib_byte_exact_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
-    for (i, transport) in Transport::ALL.into_iter().enumerate() {
+    for (i, transport) in transports(&kubectl).into_iter().enumerate() {
         let input = random_bytes(MIB, 40 + i as u64);
         let args = ["attach", "-i", "-n", "ns", "pod"];
         let run = run_kubectl(&kubectl, &standin.target(), transport, &args, &input);
@@ -86,7 +86,7 @@ fn output_after_stdin_end_and_exit_status_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
     let target = standin.target();
-    for transport in Transport::ALL {
+    for transport in transports(&kubectl) {
         let input = random_bytes(300_000, 7);
         let run = exec_stdin(&kubectl, &target, transport, &["sha256sum"], &input);
         assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
@@ -124,7 +124,7 @@ fn output_after_stdin_end_and_exit_status_both_transports() {
 fn port_forward_one_mib_byte_exact_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
-    for (i, transport) in Transport::ALL.into_iter().enumerate() {
+    for (i, transport) in transports(&kubectl).into_iter().enumerate() {
         let forward = PortForward::start(&kubectl, &standin.target(), transport, 8080);
         let input = random_bytes(MIB, 80 + i as u64);
         let started = std::time::Instant::now();
@@ -178,8 +178,10 @@ fn refusal_is_a_status_and_token_is_fingerprinted() {
 fn heartbeats_answered_in_a_six_second_session_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
-    let runs: Vec<_> = Transport::ALL
-        .into_iter()
+    let transports = transports(&kubectl);
+    let runs: Vec<_> = transports
+        .iter()
+        .copied()
         .map(|transport| {
             let (kubectl, target) = (kubectl.clone(), standin.target());
             std::thread::spawn(move || {
@@ -201,7 +203,7 @@ fn heartbeats_answered_in_a_six_second_session_both_transports() {
         assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
         assert_eq!(run.stdout, b"before after", "{transport:?}");
     }
-    for i in 0..2 {
+    for i in 0..transports.len() {
         let session = standin.wait_session(i);
         assert!(session["pings"].as_u64().unwrap() >= 1, "{session}");
     }

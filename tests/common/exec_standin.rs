@@ -197,6 +197,27 @@ pub fn kubectl() -> Option<PathBuf> {
     on_path
 }
 
+/// The transports `kubectl` can be made to use: SPDY always; WebSocket from
+/// 1.31 on (exec and port-forward over WebSocket on by default there); for an
+/// older kubectl, prints that the WebSocket half is skipped.
+pub fn transports(kubectl: &Path) -> Vec<Transport> {
+    let out = Command::new(kubectl)
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let minor = v["clientVersion"]["minor"].as_str().unwrap_or("");
+    let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+    let version = (v["clientVersion"]["major"].as_str(), digits.parse::<u32>());
+    if let (Some("1"), Ok(minor)) = version {
+        if minor >= 31 {
+            return Transport::ALL.to_vec();
+        }
+    }
+    println!("WebSocket half skipped: kubectl {minor:?} is older than 1.31 or unknown");
+    vec![Transport::Spdy]
+}
+
 /// How kubectl carries exec/attach/port-forward streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
