@@ -40,7 +40,8 @@ Commands (exec `command=` values; attach behaves as `cat`):
   other          "stand-in: unknown command" on stderr, exit code 127
 When stdin ends (v5 close signal, SPDY FIN) the Status goes on the status
 channel ({"metadata":{},"status":"Success"} or Failure with the exit code),
-then every stream is finished and the connection closed.
+then WebSocket sends close 1000 and waits for the client's close; SPDY FINs
+every stream and waits for kubectl to reset them and close (GOAWAY, EOF).
 
 Files: this one (HTTP, routes, WebSocket), exec_standin_spdy.py (SPDY/3.1),
 exec_standin_command.py (commands, Status, log lines).
