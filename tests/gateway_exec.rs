@@ -7,6 +7,8 @@
 //! no kubelet to proxy to. The gateway's ServiceAccount token comes from a
 //! real API server (envtest); skips without `KUBEBUILDER_ASSETS`.
 
+#![allow(clippy::unwrap_used)] // tests may panic
+
 mod common;
 #[path = "common/exec_standin.rs"]
 mod exec_standin;

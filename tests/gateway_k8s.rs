@@ -5,6 +5,8 @@
 //! long lists stream through. Skips (printing why) without
 //! `KUBEBUILDER_ASSETS`.
 
+#![allow(clippy::unwrap_used)] // tests may panic
+
 mod common;
 
 use std::io::{BufRead as _, BufReader};
@@ -259,7 +261,9 @@ fn bad_credentials_and_impersonation_are_refused_before_the_api_server() {
         )
     };
     let valid = token(f, MFA, 0);
-    let cases: Vec<(&str, Option<String>, Vec<(&str, &str)>, u16, &str)> = vec![
+    /// What is sent, its token, extra headers, the status and message expected.
+    type Case<'a> = (&'a str, Option<String>, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("no token", None, vec![], 401, "no bearer token"),
         (
             "other audience",
@@ -368,6 +372,7 @@ fn a_watch_sees_a_change_within_a_second() {
         }
     };
     let _ = watch.kill();
+    let _ = watch.wait();
     let lag = seen.saturating_duration_since(changed);
     println!("watch event {line:?} {lag:?} after the change (including kubectl apply)");
     assert!(lag < Duration::from_secs(1), "{lag:?}");

@@ -61,7 +61,7 @@ pub enum Verdict {
     /// 403 with this message.
     Forbidden(String),
     /// 401 `insufficient_user_authentication`: the person must step up.
-    StepUp(HeaderValue, String, Pending),
+    StepUp(HeaderValue, String, Box<Pending>),
 }
 
 /// A decision, with what the audit line and metrics need.
@@ -333,7 +333,11 @@ fn check_step_up(
             let message = step_up_message(rule, step_up, unmet, token, now);
             Err((
                 unmet.reason(),
-                Verdict::StepUp(challenge::insufficient(step_up, unmet), message, pending),
+                Verdict::StepUp(
+                    challenge::insufficient(step_up, unmet),
+                    message,
+                    Box::new(pending),
+                ),
             ))
         }
     }

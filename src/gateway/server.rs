@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use super::answer::{status, PendingStepUps};
-use super::decide::{authenticate, decide, Decision, Verdict};
+use super::decide::{authenticate, decide, Decision, Pending, Verdict};
 use super::upstream::Upstream;
 use crate::accesslog::{now_rfc3339, AccessLog};
 use crate::policy::PolicyWatch;
@@ -193,7 +193,7 @@ impl Gateway {
             }
             Verdict::StepUp(challenge, m, pending) => {
                 if let Some(p) = &d.person {
-                    self.pending.record(&p.username, pending.clone());
+                    self.pending.record(&p.username, Pending::clone(pending));
                 }
                 let mut r = status(StatusCode::UNAUTHORIZED, m);
                 r.headers_mut()

@@ -267,7 +267,7 @@ fn rule(
                 !a.is_empty()
                     && !b.is_empty()
                     && !b.contains('/')
-                    && !(a == "*" && b == "*")
+                    && (a != "*" || b != "*")
                     && (a == "*" || !a.contains('*'))
                     && (b == "*" || !b.contains('*'))
             }
