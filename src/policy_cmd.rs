@@ -40,11 +40,21 @@ pub struct ExplainArgs {
     /// Policy file.
     pub file: PathBuf,
     /// The caller's SPIFFE ID.
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub from: Option<String>,
     /// The port it dials.
-    #[arg(long)]
-    pub port: u16,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub port: Option<u16>,
+    /// Explain a Kubernetes API request through `stepmesh gateway`
+    /// (`kubernetes:` rules): give --method (an HTTP method or a verb such as
+    /// delete, list, watch) and --path (`/api/v1/namespaces/NS/...`), and
+    /// --token or --group.
+    #[arg(long, conflicts_with_all = ["from", "port", "host", "cert"])]
+    pub kubernetes: bool,
+    /// The person's groups (with the policy's prefix), when no --token is
+    /// given: which rule would apply to them.
+    #[arg(long, requires = "kubernetes")]
+    pub group: Vec<String>,
     /// HTTP method (an HTTP request is explained when --method or --path is given).
     #[arg(long)]
     pub method: Option<String>,
@@ -70,12 +80,13 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Check { file } => {
             let policy = load(&file).await?;
             println!(
-                "{}: ok (trust domain {}, mode {:?}, {} ports, {} step-up providers, digest {})",
+                "{}: ok (trust domain {}, mode {:?}, {} ports, {} step-up providers, {} kubernetes rules, digest {})",
                 file.display(),
                 policy.trust_domain(),
                 policy.mode(),
                 policy.ports().len(),
                 policy.providers().len(),
+                policy.kubernetes().map_or(0, |k| k.rules.len()),
                 policy.digest()
             );
         }
@@ -102,7 +113,31 @@ async fn load(file: &Path) -> anyhow::Result<Policy> {
 /// The decision, as `key: value` lines.
 pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     let policy = load(&args.file).await?;
-    let peer = SpiffeId::parse(&args.from).context("--from")?;
+    if args.kubernetes {
+        let method = args
+            .method
+            .as_deref()
+            .context("--kubernetes needs --method")?;
+        let path = args.path.as_deref().context("--kubernetes needs --path")?;
+        let head = format!(
+            "policy: {} (digest {}, mode {:?})\n",
+            args.file.display(),
+            policy.digest(),
+            policy.mode()
+        );
+        let request = crate::gateway::explain::Request {
+            method,
+            target: path,
+            token: args.token.as_deref(),
+            groups: &args.group,
+        };
+        return Ok(head + &crate::gateway::explain::explain(&policy, request).await?);
+    }
+    // clap requires both unless --kubernetes.
+    let (Some(from), Some(port)) = (args.from.as_deref(), args.port) else {
+        anyhow::bail!("give --from and --port (or --kubernetes)");
+    };
+    let peer = SpiffeId::parse(from).context("--from")?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -114,11 +149,11 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     let _ = writeln!(
         out,
         "peer: {peer}\nport: {} ({:?})",
-        args.port,
-        policy.port_protocol(args.port)
+        port,
+        policy.port_protocol(port)
     );
     if args.method.is_none() && args.path.is_none() {
-        let d = policy.authorize(&peer, args.port);
+        let d = policy.authorize(&peer, port);
         let verdict = if d.would_deny {
             "allow (audit: enforce would deny)"
         } else if d.allow {
@@ -163,7 +198,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     };
     if let Some(token) = &args.token {
         let step_up = policy
-            .route_request(args.port, &method, &uri, &headers)
+            .route_request(port, &method, &uri, &headers)
             .ok()
             .flatten()
             .and_then(|r| r.step_up.as_ref());
@@ -200,7 +235,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
             id: &peer,
             x5t_s256: &x5t,
         },
-        port: args.port,
+        port: port,
         method: &method,
         uri: &uri,
         headers: &headers,

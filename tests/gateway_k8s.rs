@@ -262,7 +262,13 @@ fn bad_credentials_and_impersonation_are_refused_before_the_api_server() {
     };
     let valid = token(f, MFA, 0);
     /// What is sent, its token, extra headers, the status and message expected.
-    type Case<'a> = (&'a str, Option<String>, Vec<(&'a str, &'a str)>, u16, &'a str);
+    type Case<'a> = (
+        &'a str,
+        Option<String>,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
     let cases: Vec<Case<'_>> = vec![
         ("no token", None, vec![], 401, "no bearer token"),
         (

@@ -75,6 +75,19 @@ inbound:
       protocol: tcp
       allow:
         - from: [spiffe://cluster.local/ns/payments/sa/api]
+kubernetes:
+  authentication: {{provider: corp-idp, usernameClaim: email, groupsClaim: groups}}
+  rules:
+    - name: delete-in-prod
+      verbs: [delete, deletecollection]
+      resources: ["*"]
+      namespaces: [prod]
+      stepUp: {{provider: corp-idp, acr: [urn:stepmesh:acr:mfa], maxAge: 10m}}
+    - name: exec
+      verbs: [connect]
+      resources: [pods/exec]
+      groups: [developers]
+      stepUp: {{provider: corp-idp, acr: [urn:stepmesh:acr:mfa]}}
 "#,
             jwks.display()
         ),
@@ -344,4 +357,92 @@ fn explain_binds_cnf_to_the_given_certificate() {
         out.contains("reason: cnf_mismatch"),
         "without --cert: {out}"
     );
+}
+
+fn kube_explain(s: &Setup, method: &str, path: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "policy",
+        "explain",
+        s.policy.to_str().unwrap(),
+        "--kubernetes",
+        "--method",
+        method,
+        "--path",
+        path,
+    ];
+    args.extend_from_slice(extra);
+    stdout(&stepmesh(&args))
+}
+
+#[test]
+fn explain_kubernetes_requests_names_the_rule_and_the_gateways_decision() {
+    let s = setup();
+    let out = kube_explain(&s, "delete", "/api/v1/namespaces/prod/configmaps/x", &[]);
+    assert!(out.contains("classified: verb=delete apiGroup=\"\" resource=configmaps namespace=\"prod\" name=\"x\""), "{out}");
+    assert!(
+        out.contains("rule: delete-in-prod\nneeds: step-up with provider corp-idp"),
+        "{out}"
+    );
+    // A delete without a name is a deletecollection: the same rule.
+    let out = kube_explain(&s, "DELETE", "/api/v1/namespaces/prod/configmaps", &[]);
+    assert!(
+        out.contains("verb=deletecollection") && out.contains("rule: delete-in-prod"),
+        "{out}"
+    );
+    // A WebSocket exec is a GET: still the exec rule, for developers only.
+    let exec = "/api/v1/namespaces/dev/pods/web/exec?command=sh";
+    let out = kube_explain(&s, "GET", exec, &["--group", "developers"]);
+    assert!(
+        out.contains("(a tunnel: matches verb connect)") && out.contains("rule: exec\n"),
+        "{out}"
+    );
+    let out = kube_explain(&s, "GET", exec, &["--group", "ops"]);
+    assert!(out.contains("rule: (none"), "{out}");
+    // A verb that the path contradicts is pointed out.
+    let out = kube_explain(&s, "get", "/api/v1/namespaces/prod/configmaps", &[]);
+    assert!(
+        out.contains("note: the API server reads this request as \"list\""),
+        "{out}"
+    );
+    // Tokens: password-only is asked to step up, MFA passes.
+    let mut c = base_claims(ISS, "payments", "alice");
+    c["email"] = json!("alice@example.com");
+    c["groups"] = json!(["developers"]);
+    c["acr"] = json!("urn:stepmesh:acr:pwd");
+    let pwd = s.idp.es256(&c).unwrap();
+    let out = kube_explain(
+        &s,
+        "delete",
+        "/api/v1/namespaces/prod/configmaps/x",
+        &["--token", &pwd],
+    );
+    assert!(
+        out.contains("user: alice@example.com groups: [\"developers\"]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("decision: 401 step-up required") && out.contains("reason: insufficient_acr"),
+        "{out}"
+    );
+    assert!(out.contains("insufficient_user_authentication"), "{out}");
+    c["acr"] = json!("urn:stepmesh:acr:mfa");
+    let mfa = s.idp.es256(&c).unwrap();
+    let out = kube_explain(
+        &s,
+        "delete",
+        "/api/v1/namespaces/prod/configmaps/x",
+        &["--token", &mfa],
+    );
+    assert!(
+        out.contains("decision: forward, impersonating the user\nreason: step_up_ok"),
+        "{out}"
+    );
+    // A path the gateway refuses is a 400 here too.
+    let out = kube_explain(
+        &s,
+        "get",
+        "/api/v1/namespaces/prod/../kube-system/secrets",
+        &[],
+    );
+    assert!(out.contains("decision: 400 bad request"), "{out}");
 }

@@ -9,6 +9,7 @@
 pub mod answer;
 pub mod classify;
 pub mod decide;
+pub mod explain;
 pub mod server;
 pub mod upstream;
 
