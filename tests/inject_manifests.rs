@@ -226,13 +226,29 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
         find("ClusterRole", "stepmesh-ca-tokenreview")["rules"],
         json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}])
     );
+    // The gateway may impersonate people and nothing else.
+    let impersonate = find("ClusterRole", "stepmesh-gateway-impersonator")["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        impersonate
+            .iter()
+            .all(|r| r["verbs"] == json!(["impersonate"])),
+        "{impersonate:?}"
+    );
     assert_eq!(
         objects
             .iter()
             .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
             .count(),
-        1
+        2
     );
+    let gateway_policy = find("ConfigMap", "stepmesh-gateway-policy")["data"]["policy.yaml"]
+        .as_str()
+        .unwrap();
+    let policy = stepmesh::policy::Policy::from_yaml(gateway_policy).unwrap();
+    assert_eq!(policy.kubernetes().unwrap().rules.len(), 3);
     assert_eq!(
         find("Namespace", "stepmesh-demo")["metadata"]["labels"]["stepmesh.io/inject"],
         "enabled"

@@ -14,7 +14,12 @@
 #   webhook.crt/.key       serving certificate for
 #                          stepmesh-injector.stepmesh-system.svc (1 year):
 #                          Secret stepmesh-injector-tls.
-#   kustomization.yaml     overlay: deploy/ + the two Secrets (secret-*.yaml)
+#   gateway.crt/.key       serving certificate of the Kubernetes gateway
+#                          (stepmesh-gateway.stepmesh-system.svc, signed by
+#                          webhook-ca: give people webhook-ca.crt as the
+#                          gateway's certificate-authority): Secret
+#                          stepmesh-gateway-tls.
+#   kustomization.yaml     overlay: deploy/ + the three Secrets (secret-*.yaml)
 #                          + ConfigMap stepmesh-ca-bundle (bundle.pem =
 #                          root.crt) in stepmesh-system and each --namespace
 #                          (ca-bundle-NS.yaml; default stepmesh-demo) + the
@@ -87,6 +92,11 @@ if [[ $rotate == 1 || ! -f webhook.crt ]]; then
     cert webhook webhook-ca "/O=stepmesh/CN=stepmesh-injector.stepmesh-system.svc" 365 \
         'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:stepmesh-injector.stepmesh-system.svc,DNS:stepmesh-injector.stepmesh-system.svc.cluster.local'
 fi
+if [[ ! -f gateway.crt ]]; then
+    key gateway.key
+    cert gateway webhook-ca "/O=stepmesh/CN=stepmesh-gateway.stepmesh-system.svc" 365 \
+        'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:stepmesh-gateway.stepmesh-system.svc,DNS:stepmesh-gateway.stepmesh-system.svc.cluster.local'
+fi
 openssl verify -CAfile root.crt intermediate.crt >/dev/null || die "intermediate does not chain to root"
 openssl verify -CAfile webhook-ca.crt webhook.crt >/dev/null || die "webhook certificate does not chain"
 
@@ -110,6 +120,7 @@ secret() {
 }
 secret stepmesh-ca-pki Opaque tls.crt=intermediate.crt tls.key=intermediate.key ca.crt=root.crt
 secret stepmesh-injector-tls kubernetes.io/tls tls.crt=webhook.crt tls.key=webhook.key
+secret stepmesh-gateway-tls kubernetes.io/tls tls.crt=gateway.crt tls.key=gateway.key
 rm -f ca-bundle-*.yaml
 for ns in stepmesh-system "${namespaces[@]}"; do
     {
@@ -128,6 +139,7 @@ done
     echo "  - $rel"
     echo "  - secret-stepmesh-ca-pki.yaml"
     echo "  - secret-stepmesh-injector-tls.yaml"
+    echo "  - secret-stepmesh-gateway-tls.yaml"
     for ns in stepmesh-system "${namespaces[@]}"; do echo "  - ca-bundle-$ns.yaml"; done
     echo "patches:"
     echo "  - target: {group: admissionregistration.k8s.io, version: v1, kind: MutatingWebhookConfiguration, name: stepmesh-injector}"

@@ -53,6 +53,7 @@ impl Gateway {
         std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+        k8s.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: stepmesh-system\n");
         k8s.apply(GATEWAY_RBAC);
         let token = k8s.service_account_token("stepmesh-system", "stepmesh-gateway", "");
         std::fs::write(path("token"), token).unwrap();
