@@ -129,6 +129,9 @@ impl KubeClient {
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| e.to_string())?;
+        // The TLS Finished and the request go in separate writes: Nagle
+        // would hold the second for the server's delayed ACK (40 ms).
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
         let conn =
             rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| e.to_string())?;
@@ -306,6 +309,27 @@ impl AuditLog {
         text.lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The events of each of `audit_ids` (in that order), waiting up to
+    /// `timeout` for every one to have at least one; reads the log once a
+    /// round.
+    pub fn wait_all(&self, audit_ids: &[&str], timeout: Duration) -> Vec<Vec<AuditEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut by_id: BTreeMap<String, Vec<AuditEvent>> = BTreeMap::new();
+            for e in self.events() {
+                by_id.entry(e.audit_id.clone()).or_default().push(e);
+            }
+            let complete = audit_ids.iter().all(|id| by_id.contains_key(*id));
+            if complete || Instant::now() > deadline {
+                return audit_ids
+                    .iter()
+                    .map(|id| by_id.remove(*id).unwrap_or_default())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The events of request `audit_id`, waiting up to 10 s for the first.
