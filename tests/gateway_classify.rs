@@ -339,7 +339,8 @@ fn send_all(
     // for one sent after all of them, then take what the log holds.
     let sentinel = admin.request("GET", "/version", &[], b"");
     let audit = k8s.audit();
-    assert!(!audit.wait(sentinel.audit_id().unwrap()).is_empty());
+    let sentinel_id = sentinel.audit_id().expect("an Audit-Id header");
+    assert!(!audit.wait(sentinel_id).is_empty());
     let events = audit.wait_all(&ids, Duration::from_secs(1));
     sent.iter().map(|(status, _)| *status).zip(events).collect()
 }
