@@ -279,6 +279,8 @@ pub struct AuditEvent {
     pub stage: String,
     #[serde(rename = "requestURI")]
     pub request_uri: String,
+    /// Empty for a resource request of a method RequestInfo does not map.
+    #[serde(default)]
     pub verb: String,
     pub user: AuditUser,
     pub impersonated_user: Option<AuditUser>,
