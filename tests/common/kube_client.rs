@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -349,4 +350,71 @@ impl AuditLog {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Who a kubeconfig's user is.
+pub enum KubeconfigUser {
+    /// A client certificate and key (PEM files).
+    ClientCert { cert: PathBuf, key: PathBuf },
+    /// A bearer token.
+    Token(String),
+    /// An exec credential plugin (`client.authentication.k8s.io/v1`),
+    /// e.g. `stepmesh login ...`.
+    Exec { command: PathBuf, args: Vec<String> },
+}
+
+/// A one-context kubeconfig for `server` (HTTPS, CA `ca_file`) as `user`.
+pub fn kubeconfig(server: &str, ca_file: &Path, user: &KubeconfigUser) -> String {
+    let json = |s: &str| serde_json::to_string(s).unwrap();
+    let path = |p: &Path| json(&p.display().to_string());
+    let user = match user {
+        KubeconfigUser::ClientCert { cert, key } => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            path(cert),
+            path(key)
+        ),
+        KubeconfigUser::Token(token) => format!("    token: {}\n", json(token)),
+        KubeconfigUser::Exec { command, args } => format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+             command: {}\n      args: {}\n      interactiveMode: IfAvailable\n",
+            path(command),
+            serde_json::to_string(args).unwrap()
+        ),
+    };
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: envtest
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: envtest-user
+  user:
+{user}contexts:
+- name: envtest
+  context:
+    cluster: envtest
+    user: envtest-user
+current-context: envtest
+",
+        server = json(server),
+        ca = path(ca_file),
+    )
+}
+
+/// `ASSETS/kubectl --kubeconfig KUBECONFIG args...` with `stdin`.
+pub fn run_kubectl(assets: &Path, kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(assets.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
 }
