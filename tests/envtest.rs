@@ -9,7 +9,7 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::envtest::Envtest;
+use common::envtest::{kubeconfig, run_kubectl, Envtest, KubeconfigUser};
 
 /// Set in the child test process of [`no_process_outlives_a_killed_test_process`].
 const PROBE_ENV: &str = "STEPMESH_ENVTEST_PROBE";
@@ -118,6 +118,27 @@ fn a_service_account_token_authenticates() {
         "{}",
         r.body_text()
     );
+    // The same token in a kubeconfig of its own, for the real kubectl.
+    let config = k8s.dir.join("robot.kubeconfig");
+    let user = KubeconfigUser::Token(token.clone());
+    std::fs::write(&config, kubeconfig(&k8s.url, &k8s.ca_file, &user)).unwrap();
+    let out = run_kubectl(
+        &k8s.assets,
+        &config,
+        &[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"system:serviceaccount:harness-sa:robot");
 }
 
 /// Run only as the child of [`no_process_outlives_a_killed_test_process`]:

@@ -4,7 +4,12 @@
 //! so that a gateway rule on `pods/exec` or `delete secrets` matches exactly
 //! the requests RBAC would check as such. The verb comes from the path and
 //! the query (`watch`, `fieldSelector=metadata.name=`), never from a guess:
-//! a WebSocket `exec` is a `GET` and is still `pods/exec`.
+//! a WebSocket `exec` is a `GET` and is still `pods/exec`. `watch` is read
+//! as the API server's parameter codec reads booleans (only `0` and
+//! `false` are false: `watch=f` is a watch), and a name from the field
+//! selector is dropped when `limit` or `timeoutSeconds` would fail to
+//! decode, as the server does. `tests/gateway_classify.rs` checks all this
+//! against a real kube-apiserver's audit log.
 //!
 //! Where the API server's reading depends on something ambiguous — an
 //! escape in the path, a query parameter it would fail to decode, a
@@ -77,8 +82,11 @@ pub enum ClassifyError {
     Target(Refusal),
     /// `/api/v1/watch` or `/api/v1/proxy` with nothing after it.
     NoResource,
-    /// A query parameter the API server would fail to decode, or one given
-    /// twice (which reading wins depends on the server).
+    /// A query parameter the API server would fail to decode, one given
+    /// twice (which reading wins depends on the server), a non-ASCII
+    /// `watch`, a `labelSelector` beside a `metadata.name` field selector
+    /// (whether the name stands depends on the label selector parsing), or
+    /// more than 1,000 parameters (Go reads none past 10,000).
     Query(&'static str),
 }
 
@@ -196,7 +204,19 @@ pub fn classify(
     if info.name.is_empty() && info.verb == "get" {
         let list = ListQuery::parse(query.unwrap_or(""))?;
         info.verb = if list.watch { "watch" } else { "list" }.to_owned();
-        if let Some(name) = list.name.filter(|n| valid_path_segment_name(n)) {
+        // When the list options fail to decode, the API server keeps the
+        // watch but drops the name (`RequestInfoFactory`'s fallback).
+        if let Some(name) = list
+            .name
+            .filter(|n| valid_path_segment_name(n) && !list.undecodable)
+        {
+            if list.label_selector {
+                // We cannot tell whether the server parses the label
+                // selector, so whether the name stands: refuse.
+                return Err(ClassifyError::Query(
+                    "labelSelector beside a fieldSelector on metadata.name",
+                ));
+            }
             info.name = name;
         }
     }
@@ -206,13 +226,22 @@ pub fn classify(
     Ok(info)
 }
 
-/// The two list options that change a request's classification.
+/// The list options that change a request's classification.
 #[derive(Debug, Default)]
 struct ListQuery {
     watch: bool,
     /// `fieldSelector` requiring `metadata.name` to equal this.
     name: Option<String>,
+    /// `limit` or `timeoutSeconds` is not an integer: the server's decoding
+    /// of the list options fails.
+    undecodable: bool,
+    /// A non-empty `labelSelector` (whose parse could fail the decoding).
+    label_selector: bool,
 }
+
+/// Go's `url.ParseQuery` (Go 1.24 and later) reads no parameter at all
+/// from a query of more than 10,000; we refuse long before.
+const MAX_QUERY_PARAMS: usize = 1000;
 
 impl ListQuery {
     /// Parses the query as Go's `url.ParseQuery` and the API server's
@@ -220,6 +249,10 @@ impl ListQuery {
     fn parse(query: &str) -> Result<ListQuery, ClassifyError> {
         let mut out = ListQuery::default();
         let (mut seen_watch, mut seen_selector) = (false, false);
+        let (mut seen_limit, mut seen_timeout) = (false, false);
+        if query.split('&').count() > MAX_QUERY_PARAMS {
+            return Err(ClassifyError::Query("count is over 1000"));
+        }
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let key = query_decode(key)?;
@@ -228,8 +261,7 @@ impl ListQuery {
                     if std::mem::replace(&mut seen_watch, true) {
                         return Err(ClassifyError::Query("watch is repeated"));
                     }
-                    out.watch = go_parse_bool(&query_decode(value)?)
-                        .ok_or(ClassifyError::Query("watch is not a boolean"))?;
+                    out.watch = codec_bool(&query_decode(value)?)?;
                 }
                 "fieldSelector" => {
                     if std::mem::replace(&mut seen_selector, true) {
@@ -237,6 +269,14 @@ impl ListQuery {
                     }
                     out.name = exact_name(&query_decode(value)?)?;
                 }
+                // The codec reads the first value of each.
+                "limit" if !std::mem::replace(&mut seen_limit, true) => {
+                    out.undecodable |= query_decode(value)?.parse::<i64>().is_err();
+                }
+                "timeoutSeconds" if !std::mem::replace(&mut seen_timeout, true) => {
+                    out.undecodable |= query_decode(value)?.parse::<i64>().is_err();
+                }
+                "labelSelector" => out.label_selector |= !value.is_empty(),
                 _ => {}
             }
         }
@@ -268,13 +308,16 @@ fn query_decode(s: &str) -> Result<Cow<'_, str>, ClassifyError> {
     Ok(Cow::Owned(decoded.into_owned()))
 }
 
-/// Go's `strconv.ParseBool`.
-fn go_parse_bool(s: &str) -> Option<bool> {
-    match s {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
+/// The API server's parameter codec (`Convert_Slice_string_To_bool`), not
+/// `strconv.ParseBool`: only `0` and `false` in any case are false; every
+/// other value, `f`, `no` and the empty string included, is true. Non-ASCII
+/// is refused: the codec compares with Unicode folding (`ſ` is an `s`),
+/// its fallback with ASCII lower-casing.
+fn codec_bool(s: &str) -> Result<bool, ClassifyError> {
+    if !s.is_ascii() {
+        return Err(ClassifyError::Query("watch is not ASCII"));
     }
+    Ok(!(s == "0" || s.eq_ignore_ascii_case("false")))
 }
 
 /// `fields.ParseSelector(s).RequiresExactMatch("metadata.name")`: terms

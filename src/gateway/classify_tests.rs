@@ -106,7 +106,11 @@ fn ambiguous_forms_are_refused() {
         ("/api/v1/namespaces/prod//secrets", None),
         ("/api/v1/namespaces/prod/secrets%2Fx", None),
         ("/api/v1/watch", None),
-        ("/api/v1/namespaces/prod/secrets", Some("watch=maybe")),
+        ("/api/v1/namespaces/prod/secrets", Some("watch=fal%C5%BFe")),
+        (
+            "/api/v1/namespaces/prod/secrets",
+            Some("labelSelector=a%3Db&fieldSelector=metadata.name%3Ddb"),
+        ),
         (
             "/api/v1/namespaces/prod/secrets",
             Some("watch=false&watch=true"),
@@ -128,4 +132,49 @@ fn ambiguous_forms_are_refused() {
 fn an_escape_is_read_decoded_as_the_api_server_does() {
     let i = c(Method::DELETE, "/api/v1/namespaces/pr%6fd/secrets/db");
     assert_eq!((i.namespace.as_str(), i.verb.as_str()), ("prod", "delete"));
+}
+
+#[test]
+fn watch_is_read_as_the_parameter_codec_reads_booleans() {
+    // Found by tests/gateway_classify.rs against kube-apiserver 1.36: not
+    // strconv.ParseBool; only `0` and `false` (any case) are false.
+    for (value, verb) in [
+        ("true", "watch"),
+        ("1", "watch"),
+        ("", "watch"),
+        ("f", "watch"),
+        ("no", "watch"),
+        ("maybe", "watch"),
+        ("0", "list"),
+        ("false", "list"),
+        ("FaLsE", "list"),
+    ] {
+        let i = c(Method::GET, &format!("/api/v1/pods?watch={value}"));
+        assert_eq!(i.verb, verb, "watch={value}");
+    }
+}
+
+#[test]
+fn undecodable_list_options_drop_the_name_but_keep_the_watch() {
+    let base = "/api/v1/namespaces/prod/secrets?fieldSelector=metadata.name%3Ddb";
+    let i = c(Method::GET, &format!("{base}&limit=500&timeoutSeconds=5"));
+    assert_eq!((i.verb.as_str(), i.name.as_str()), ("list", "db"));
+    for bad in ["limit=abc", "limit=", "timeoutSeconds=1.5"] {
+        let i = c(Method::GET, &format!("{base}&{bad}&watch=true"));
+        assert_eq!((i.verb.as_str(), i.name.as_str()), ("watch", ""), "{bad}");
+    }
+    // Only the first value is decoded.
+    let i = c(Method::GET, &format!("{base}&limit=5&limit=x"));
+    assert_eq!(i.name, "db");
+    // A label selector alone changes nothing.
+    let i = c(Method::GET, "/api/v1/pods?labelSelector=app%3Dweb");
+    assert_eq!((i.verb.as_str(), i.name.as_str()), ("list", ""));
+}
+
+#[test]
+fn a_query_of_more_than_a_thousand_parameters_is_refused() {
+    let query = format!("watch=true{}", "&x=1".repeat(1000));
+    assert!(classify(&Method::GET, "/api/v1/pods", Some(&query)).is_err());
+    let query = format!("watch=true{}", "&x=1".repeat(998));
+    assert!(classify(&Method::GET, "/api/v1/pods", Some(&query)).is_ok());
 }

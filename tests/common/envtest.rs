@@ -10,6 +10,9 @@
 //! k8s.kubectl_ok(&["get", "namespaces"]);
 //! let r = k8s.admin().request("GET", "/api/v1/namespaces", &[], b"");
 //! let event = k8s.audit().wait(r.audit_id().unwrap());  // its audit event
+//! // kubectl through something else (a gateway), as another user:
+//! let cfg = kubeconfig(&gateway_url, &gateway_ca, &KubeconfigUser::Exec { command, args });
+//! run_kubectl(&k8s.assets, &cfg_path, &["get", "pods"], b"");
 //! ```
 //!
 //! No orphans: each process runs under a small `sh` watchdog ([`WATCHDOG`])
@@ -19,7 +22,6 @@
 //! directory. A static's `Drop` never runs and
 //! `PR_SET_PDEATHSIG` needs `unsafe` (`pre_exec`), which the crate denies.
 
-use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -31,7 +33,7 @@ use rcgen::{
     KeyPair, SanType,
 };
 
-pub use super::kube_client::{AuditLog, KubeClient};
+pub use super::kube_client::{kubeconfig, run_kubectl, AuditLog, KubeClient, KubeconfigUser};
 
 /// How long etcd plus kube-apiserver may take to become ready on a loaded
 /// machine (about 3 s when idle).
@@ -340,7 +342,11 @@ impl Envtest {
         write("audit-policy.yaml", AUDIT_POLICY);
         let [etcd_port, peer_port, port] = free_ports::<3>();
         let url = format!("https://127.0.0.1:{port}");
-        let kubeconfig = write("admin.kubeconfig", &kubeconfig(&url, &dir));
+        let admin_user = KubeconfigUser::ClientCert {
+            cert: path("admin.crt"),
+            key: path("admin.key"),
+        };
+        let kubeconfig = write("admin.kubeconfig", &kubeconfig(&url, &ca_file, &admin_user));
 
         let began = Instant::now();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -489,17 +495,7 @@ impl Envtest {
 
     /// [`Envtest::kubectl`] with `stdin` (for `-f -`).
     pub fn kubectl_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(self.assets.join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
+        run_kubectl(&self.assets, &self.kubeconfig, args, stdin)
     }
 
     /// `kubectl` that must succeed; its stdout.
@@ -558,32 +554,4 @@ impl Envtest {
         }
         self.kubectl_ok(&args).trim().to_owned()
     }
-}
-
-/// A kubeconfig for the admin certificate files in `dir`.
-fn kubeconfig(url: &str, dir: &Path) -> String {
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: envtest
-  cluster:
-    server: {url}
-    certificate-authority: {ca}
-users:
-- name: envtest-admin
-  user:
-    client-certificate: {crt}
-    client-key: {key}
-contexts:
-- name: envtest
-  context:
-    cluster: envtest
-    user: envtest-admin
-current-context: envtest
-",
-        ca = dir.join("serving-ca.crt").display(),
-        crt = dir.join("admin.crt").display(),
-        key = dir.join("admin.key").display(),
-    )
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,9 @@ impl KubeClient {
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
         tcp.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| e.to_string())?;
+        // The TLS Finished and the request go in separate writes: Nagle
+        // would hold the second for the server's delayed ACK (40 ms).
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
         let conn =
             rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| e.to_string())?;
@@ -276,6 +280,8 @@ pub struct AuditEvent {
     pub stage: String,
     #[serde(rename = "requestURI")]
     pub request_uri: String,
+    /// Empty for a resource request of a method RequestInfo does not map.
+    #[serde(default)]
     pub verb: String,
     pub user: AuditUser,
     pub impersonated_user: Option<AuditUser>,
@@ -308,6 +314,27 @@ impl AuditLog {
             .collect()
     }
 
+    /// The events of each of `audit_ids` (in that order), waiting up to
+    /// `timeout` for every one to have at least one; reads the log once a
+    /// round.
+    pub fn wait_all(&self, audit_ids: &[&str], timeout: Duration) -> Vec<Vec<AuditEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut by_id: BTreeMap<String, Vec<AuditEvent>> = BTreeMap::new();
+            for e in self.events() {
+                by_id.entry(e.audit_id.clone()).or_default().push(e);
+            }
+            let complete = audit_ids.iter().all(|id| by_id.contains_key(*id));
+            if complete || Instant::now() > deadline {
+                return audit_ids
+                    .iter()
+                    .map(|id| by_id.remove(*id).unwrap_or_default())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The events of request `audit_id`, waiting up to 10 s for the first.
     pub fn wait(&self, audit_id: &str) -> Vec<AuditEvent> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -323,4 +350,71 @@ impl AuditLog {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Who a kubeconfig's user is.
+pub enum KubeconfigUser {
+    /// A client certificate and key (PEM files).
+    ClientCert { cert: PathBuf, key: PathBuf },
+    /// A bearer token.
+    Token(String),
+    /// An exec credential plugin (`client.authentication.k8s.io/v1`),
+    /// e.g. `stepmesh login ...`.
+    Exec { command: PathBuf, args: Vec<String> },
+}
+
+/// A one-context kubeconfig for `server` (HTTPS, CA `ca_file`) as `user`.
+pub fn kubeconfig(server: &str, ca_file: &Path, user: &KubeconfigUser) -> String {
+    let json = |s: &str| serde_json::to_string(s).unwrap();
+    let path = |p: &Path| json(&p.display().to_string());
+    let user = match user {
+        KubeconfigUser::ClientCert { cert, key } => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            path(cert),
+            path(key)
+        ),
+        KubeconfigUser::Token(token) => format!("    token: {}\n", json(token)),
+        KubeconfigUser::Exec { command, args } => format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+             command: {}\n      args: {}\n      interactiveMode: IfAvailable\n",
+            path(command),
+            serde_json::to_string(args).unwrap()
+        ),
+    };
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: envtest
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: envtest-user
+  user:
+{user}contexts:
+- name: envtest
+  context:
+    cluster: envtest
+    user: envtest-user
+current-context: envtest
+",
+        server = json(server),
+        ca = path(ca_file),
+    )
+}
+
+/// `ASSETS/kubectl --kubeconfig KUBECONFIG args...` with `stdin`.
+pub fn run_kubectl(assets: &Path, kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(assets.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
 }
