@@ -322,6 +322,11 @@ fn bad_credentials_and_impersonation_are_refused_before_the_api_server() {
         let m = status["message"].as_str().unwrap().to_lowercase();
         assert!(m.contains(message), "{what}: {m}");
     }
+    // A method the API server reads no verb for: refused, not guessed.
+    let auth = format!("Bearer {}", token(f, MFA, 0));
+    let target = format!("/api/v1/namespaces/{ns}/configmaps/marker-options");
+    let r = client.request("OPTIONS", &target, &[("Authorization", &auth)], b"");
+    assert_eq!(r.status, 400, "{}", r.body_text());
     std::thread::sleep(Duration::from_millis(300));
     let reached: Vec<String> = f
         .k8s

@@ -142,6 +142,14 @@ pub async fn decide(
             return d;
         }
     };
+    if info.is_resource_request && info.verb.is_empty() {
+        // OPTIONS, TRACE...: the API server reads no verb, so no rule can
+        // be matched; it has nothing to serve for them either.
+        let message = format!("{method} is not a Kubernetes API method");
+        let mut d = Decision::refuse(Verdict::BadRequest(message), "no_verb");
+        d.person = Some(person);
+        return d;
+    }
     let mut d = Decision {
         verdict: Verdict::Forward,
         reason: "allowed",
