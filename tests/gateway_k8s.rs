@@ -153,6 +153,21 @@ fn delete_in_prod_needs_mfa_and_the_api_server_audits_who_and_how() {
     );
     f.k8s.kubectl_ok(&["get", "configmap", "x", "-n", &ns]); // still there
 
+    // What `stepmesh login` reads: the step-up this person owes.
+    let pwd = format!("Bearer {}", token(f, PWD, 60));
+    let owed = f.gateway.client().request(
+        "GET",
+        "/stepmesh/v1/challenge",
+        &[("Authorization", &pwd)],
+        b"",
+    );
+    assert_eq!(owed.status, 200, "{}", owed.body_text());
+    let owed: Value = serde_json::from_slice(&owed.body).unwrap();
+    assert_eq!(owed["rule"], "delete-in-prod");
+    assert_eq!(owed["acrValues"], json!([MFA]));
+    assert_eq!(owed["maxAge"], 600);
+    assert_eq!(owed["issuer"], ISSUER);
+
     let out = f.gateway.kubectl(
         f.k8s,
         &token(f, MFA, 5),
@@ -206,6 +221,56 @@ fn delete_in_prod_needs_mfa_and_the_api_server_audits_who_and_how() {
         who.extra.contains_key("stepmesh.io/auth-time"),
         "{:?}",
         who.extra
+    );
+    // Met: nothing is owed any more.
+    let mfa = format!("Bearer {}", token(f, MFA, 5));
+    let owed = f.gateway.client().request(
+        "GET",
+        "/stepmesh/v1/challenge",
+        &[("Authorization", &mfa)],
+        b"",
+    );
+    assert_eq!(owed.status, 204, "{}", owed.body_text());
+}
+
+#[test]
+fn a_policy_reload_changes_what_needs_step_up_without_a_restart() {
+    let Some(f) = fixture() else { return };
+    let jwks = f.gateway.dir.path().join("reload-jwks.json");
+    std::fs::write(&jwks, f.idp.jwks().to_string()).unwrap();
+    let gateway = Gateway::start(f.k8s, &f.k8s.url, &f.k8s.ca_file, &policy(&jwks));
+    let ns = fresh_namespace(f, "prod");
+    f.k8s.create_configmap(&ns, "reloaded", &[("a", "1")]);
+    let pwd = token(f, PWD, 60);
+    let delete = ["delete", "configmap", "reloaded", "-n", ns.as_str()];
+    let out = gateway.kubectl(f.k8s, &pwd, &delete);
+    assert!(!out.status.success(), "deleted before the reload");
+    // The same policy with its delete rule narrowed to nothing.
+    let relaxed = policy(&jwks).replace("resources: [\"*\"]", "resources: [nothing]");
+    assert_ne!(relaxed, policy(&jwks));
+    std::fs::write(&gateway.policy_file, relaxed).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = gateway.kubectl(f.k8s, &pwd, &delete);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A broken policy is refused and the last good one stays.
+    std::fs::write(&gateway.policy_file, "kubernetes: [").unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = gateway.kubectl(f.k8s, &pwd, &["get", "configmaps", "-n", &ns]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let log = std::fs::read_to_string(&gateway.proc.log).unwrap();
+    assert!(
+        log.contains("policy reload refused; keeping the current policy"),
+        "{log}"
     );
 }
 
