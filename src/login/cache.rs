@@ -41,6 +41,8 @@ impl std::fmt::Debug for Entry {
 pub struct Cache {
     dir: PathBuf,
     file: PathBuf,
+    issuer: String,
+    client_id: String,
 }
 
 impl Cache {
@@ -55,7 +57,12 @@ impl Cache {
             .map(|b| format!("{b:02x}"))
             .collect();
         let file = dir.join(format!("{name}.json"));
-        Cache { dir, file }
+        Cache {
+            dir,
+            file,
+            issuer: issuer.to_owned(),
+            client_id: client_id.to_owned(),
+        }
     }
 
     /// `$XDG_CACHE_HOME/stepmesh/login`, else `~/.cache/stepmesh/login`.
@@ -85,7 +92,10 @@ impl Cache {
         }
         let text = std::fs::read(&self.file).ok()?;
         match serde_json::from_slice::<Entry>(&text) {
-            Ok(entry) => Some(entry),
+            Ok(entry) if entry.issuer == self.issuer && entry.client_id == self.client_id => {
+                Some(entry)
+            }
+            Ok(_) => None,
             Err(err) => {
                 tracing::warn!(file = %self.file.display(), %err, "the token cache is unreadable: ignored");
                 None
@@ -174,6 +184,9 @@ mod tests {
 
         let other = Cache::new(dir.clone(), "https://idp", "other");
         assert_ne!(other.path(), cache.path());
+        std::fs::copy(cache.path(), other.path()).unwrap();
+        assert!(other.load().is_none(), "another client's entry is not used");
+        std::fs::remove_file(other.path()).unwrap();
 
         std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(

@@ -189,7 +189,7 @@ struct Flow<'a> {
 
 impl Flow<'_> {
     async fn run(mut self, cached: Option<Entry>) -> anyhow::Result<Entry> {
-        let mut entry = match cached {
+        let entry = match cached {
             Some(c) if c.expiry > unix_now() + self.args.min_validity.as_secs() => {
                 tracing::debug!("using the cached token");
                 Some(c)
@@ -197,12 +197,10 @@ impl Flow<'_> {
             Some(c) => self.refresh(c).await,
             None => None,
         };
-        let mut fresh = entry.is_none();
-        if entry.is_none() {
-            entry = Some(self.login(&Ask::default()).await?);
-        }
-        let Some(mut entry) = entry else {
-            bail!("no token") // unreachable: set just above
+        // `fresh`: the token comes from a login of this run.
+        let (mut entry, mut fresh) = match entry {
+            Some(entry) => (entry, false),
+            None => (self.login(&Ask::default()).await?, true),
         };
         let Some((server, gateway)) = self.gateway.clone() else {
             return Ok(entry);
