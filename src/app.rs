@@ -24,6 +24,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .block_on(crate::policy_cmd::run(cmd))
             .config_err(),
         Command::Cert(cmd) => crate::cert_cmd::run(cmd).config_err(),
+        // Its own current-thread runtime; configuration errors exit 64.
+        Command::Login(args) => crate::login::run(*args),
         Command::Demo(args) => multi_thread()?.block_on(crate::demo::run(args)),
     }
 }

@@ -44,6 +44,9 @@ pub enum Command {
     /// Certificate tools.
     #[command(subcommand)]
     Cert(crate::cert_cmd::CertCommand),
+    /// kubectl exec credential plugin: OIDC tokens (device flow, cache,
+    /// refresh, step-up on the gateway's challenge) as an ExecCredential.
+    Login(Box<crate::login::LoginArgs>),
     /// A whole mesh on loopback: CA, identity provider, two workloads.
     Demo(crate::demo::DemoArgs),
 }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod login;
 pub mod metrics;
 pub mod net;
 pub mod policy;

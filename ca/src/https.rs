@@ -1,7 +1,8 @@
 //! The one outbound HTTPS client of stepmesh: the CA's Kubernetes verifiers
 //! (TokenReview, the ServiceAccount issuer's JWKS) and the sidecar's step-up
-//! JWKS fetches. Trusts the roots it is given, sends an optional bearer
-//! token, bounds time (10 s) and body size (1 MiB).
+//! JWKS fetches, `stepmesh login`'s OIDC calls). Trusts the roots it is
+//! given, sends an optional bearer token, bounds time (10 s) and body size
+//! (1 MiB).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,6 +98,28 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<Response, HttpError> {
+        let body = body.map(|b| ("application/json", b));
+        self.request(url, bearer, body).await
+    }
+
+    /// POSTs `fields` as `application/x-www-form-urlencoded` (OAuth 2.0
+    /// token and device authorization endpoints, RFC 6749 / RFC 8628).
+    pub async fn post_form(
+        &self,
+        url: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<Response, HttpError> {
+        let body = form_encode(fields).into_bytes();
+        self.request(url, None, Some(("application/x-www-form-urlencoded", body)))
+            .await
+    }
+
+    async fn request(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
         let mut req = http::Request::builder().uri(uri).header(
             http::header::ACCEPT,
@@ -106,9 +129,9 @@ impl HttpsClient {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = match body {
-            Some(body) => req
+            Some((content_type, body)) => req
                 .method(http::Method::POST)
-                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_TYPE, content_type)
                 .body(Full::new(Bytes::from(body))),
             None => req.method(http::Method::GET).body(Full::new(Bytes::new())),
         }
@@ -165,6 +188,34 @@ pub fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(
     Ok(())
 }
 
+/// `application/x-www-form-urlencoded`: every byte but the unreserved ones
+/// (RFC 3986 §2.3) percent-encoded, so a value never needs the `+` rule.
+pub fn form_encode(fields: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        percent_encode_into(&mut out, name);
+        out.push('=');
+        percent_encode_into(&mut out, value);
+    }
+    out
+}
+
+fn percent_encode_into(out: &mut String, text: &str) {
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 15)]));
+        }
+    }
+}
+
 /// An error and its sources on one line ("connection refused" is deep inside).
 /// An error and its sources, `: `-joined (hyper hides the cause in them).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
@@ -176,4 +227,20 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn form_fields_are_percent_encoded() {
+        let body = super::form_encode(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+            ("acr_values", "a b&c=d+é"),
+        ]);
+        assert_eq!(
+            body,
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code\
+             &acr_values=a%20b%26c%3Dd%2B%C3%A9"
+        );
+    }
 }

@@ -88,6 +88,15 @@ fn print_curl(mesh: &Mesh) {
         mesh.idp.token_url("alice", FRONTEND)
     );
     println!("  curl -si -X POST -H \"Authorization: Bearer $TOKEN\" http://{front}/refunds");
+    let issuer = mesh.idp.issuer();
+    let cache = mesh.policy.parent().unwrap_or(&mesh.policy).join("login");
+    println!("  # an OIDC device-flow login as kubectl runs it (prints a code on stderr) ...");
+    println!(
+        "  stepmesh login --issuer {issuer} --client-id kubectl --cache-dir {}",
+        cache.display()
+    );
+    println!("  # ... and, from another shell, alice approving that code with the MFA step");
+    println!("  curl -s -d user_code=XXXX-XXXX -d user=alice -d mfa=true {issuer}/device/approve");
     println!("\n  policy: {}", mesh.policy.display());
     for child in &mesh.children {
         println!("  {} log: {}", child.name(), child.log_path().display());
