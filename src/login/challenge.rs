@@ -128,6 +128,7 @@ mod tests {
             iat: Some(auth_time),
             auth_time: Some(auth_time),
             acr: Some(acr.into()),
+            nonce: None,
         }
     }
 

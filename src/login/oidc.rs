@@ -1,5 +1,5 @@
 //! The OpenID provider side: discovery, the OAuth 2.0 Device Authorization
-//! Grant (RFC 8628) and the refresh-token grant, and reading the claims of
+//! Grant (RFC 8628) and the refresh-token grant (the code flow: `pkce`), and reading the claims of
 //! the ID tokens it returns (the plugin does not verify them: the gateway
 //! does; it reads `exp`, `acr` and `auth_time` to decide what to do).
 
@@ -23,6 +23,8 @@ pub struct Provider {
     pub token_endpoint: String,
     /// RFC 8628's device authorization endpoint.
     pub device_authorization_endpoint: Option<String>,
+    /// The authorization endpoint (code flow).
+    pub authorization_endpoint: Option<String>,
 }
 
 /// What a login asks the provider for.
@@ -84,6 +86,8 @@ pub struct Claims {
     pub auth_time: Option<u64>,
     /// How (the authentication context class).
     pub acr: Option<String>,
+    /// The login request's nonce (code flow).
+    pub nonce: Option<String>,
 }
 
 impl Claims {
@@ -128,6 +132,9 @@ impl Provider {
         super::check_url(&provider.token_endpoint, "token_endpoint")?;
         if let Some(device) = &provider.device_authorization_endpoint {
             super::check_url(device, "device_authorization_endpoint")?;
+        }
+        if let Some(authorize) = &provider.authorization_endpoint {
+            super::check_url(authorize, "authorization_endpoint")?;
         }
         Ok(provider)
     }
@@ -249,7 +256,7 @@ impl Provider {
 
     /// A token response's tokens; its ID token must be ours (issuer and
     /// audience), else nothing is cached or printed.
-    fn tokens(&self, body: &[u8], client_id: &str) -> anyhow::Result<Tokens> {
+    pub(super) fn tokens(&self, body: &[u8], client_id: &str) -> anyhow::Result<Tokens> {
         let resp: TokenResponse = serde_json::from_slice(body).context("the token response")?;
         let id_token = resp
             .id_token
@@ -276,7 +283,7 @@ impl Provider {
 }
 
 /// An OAuth error body as `error: description`.
-fn describe_error(body: &[u8]) -> String {
+pub(super) fn describe_error(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorResponse>(body) {
         Ok(e) => match e.error_description {
             Some(d) => format!("{}: {d}", e.error),
