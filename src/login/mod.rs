@@ -1,9 +1,10 @@
 //! `stepmesh login`: a kubectl exec credential plugin. It prints an
 //! ExecCredential holding an OIDC ID token for kubectl to send to the
 //! stepmesh gateway: from its cache while valid, else refreshed, else from
-//! a device-flow login; and when the gateway has a step-up challenge
-//! pending for the user that the token does not meet, from a new login
-//! asking for the challenge's `acr_values` and `max_age`. docs/LOGIN.md.
+//! a login (the device flow, or the code flow with PKCE: `--flow`); and
+//! when the gateway has a step-up challenge pending for the user that the
+//! token does not meet, from a new login asking for the challenge's
+//! `acr_values` and `max_age`. docs/LOGIN.md.
 
 mod cache;
 mod challenge;

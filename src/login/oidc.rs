@@ -237,20 +237,7 @@ impl Provider {
                     resp.status
                 )
             })?;
-            match error.error.as_str() {
-                "authorization_pending" => {}
-                // RFC 8628 §3.5: 5 s more for this and every later poll.
-                "slow_down" => interval += Duration::from_secs(5),
-                "access_denied" => bail!("the login was denied at the identity provider"),
-                "expired_token" => bail!(
-                    "the code expired before the login was completed ({} s)",
-                    device.expires_in
-                ),
-                _ => bail!(
-                    "the identity provider refused the login: {}",
-                    describe_error(&resp.body)
-                ),
-            }
+            interval = next_interval(&error, interval, device.expires_in)?;
         }
     }
 
@@ -282,6 +269,28 @@ impl Provider {
     }
 }
 
+/// The poll interval after a device-code poll answered `error` (RFC 8628
+/// §3.5), or why the login is over.
+fn next_interval(
+    error: &ErrorResponse,
+    interval: Duration,
+    expires_in: u64,
+) -> anyhow::Result<Duration> {
+    match error.error.as_str() {
+        "authorization_pending" => Ok(interval),
+        // 5 s more for this and every later poll.
+        "slow_down" => Ok(interval + Duration::from_secs(5)),
+        "access_denied" => bail!("the login was denied at the identity provider"),
+        "expired_token" => {
+            bail!("the code expired before the login was completed ({expires_in} s)")
+        }
+        other => match &error.error_description {
+            Some(d) => bail!("the identity provider refused the login: {other}: {d}"),
+            None => bail!("the identity provider refused the login: {other}"),
+        },
+    }
+}
+
 /// An OAuth error body as `error: description`.
 pub(super) fn describe_error(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorResponse>(body) {
@@ -290,5 +299,37 @@ pub(super) fn describe_error(body: &[u8]) -> String {
             None => e.error,
         },
         Err(_) => "an answer that is not an OAuth error".to_owned(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_slow_down_by_five_seconds_and_stop_on_final_errors() {
+        let error = |e: &str| ErrorResponse {
+            error: e.into(),
+            error_description: Some("why".into()),
+        };
+        let one = Duration::from_secs(1);
+        assert_eq!(
+            next_interval(&error("authorization_pending"), one, 9).unwrap(),
+            one
+        );
+        let slower = next_interval(&error("slow_down"), one, 9).unwrap();
+        assert_eq!(slower, Duration::from_secs(6));
+        assert_eq!(
+            next_interval(&error("slow_down"), slower, 9).unwrap(),
+            Duration::from_secs(11)
+        );
+        let over = |e: &str| next_interval(&error(e), one, 9).unwrap_err().to_string();
+        assert_eq!(
+            over("access_denied"),
+            "the login was denied at the identity provider"
+        );
+        assert!(over("expired_token").contains("9 s"));
+        assert!(over("invalid_grant").ends_with("invalid_grant: why"));
     }
 }
