@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use stepmesh::demo::idp::{ACR_MFA, ACR_PWD};
 
 use login_support::{
-    cached_entry, kubectl, mode, now, sleep_until, verify, Act, Fixture, StandIn, STEPMESH,
+    cached_entry, kubectl, mode, now, on_path, sleep_until, verify, Act, Fixture, StandIn, STEPMESH,
 };
 
 #[test]
@@ -177,6 +177,76 @@ fn a_pending_challenge_demanding_mfa_triggers_a_step_up_login() {
     let sixth = f.plugin(&[], Some(&gone.to_string()), Act::Deny);
     assert!(sixth.codes.is_empty(), "{}", sixth.stderr);
     f.credential(&sixth);
+}
+
+#[test]
+fn the_code_flow_with_pkce_logs_in_through_a_browser() {
+    if !on_path("curl") {
+        println!("skipped: no curl on PATH to stand in for the browser");
+        return;
+    }
+    let f = Fixture::new(Duration::from_secs(300));
+    let pkce = ["--flow", "pkce", "--login-timeout", "30s"];
+    let first = f.plugin(&pkce, None, Act::Browser { mfa: false });
+    assert_eq!(first.codes, vec!["browser"], "{}", first.stderr);
+    assert_eq!(
+        first.decisions,
+        vec![200],
+        "the plugin's page after the redirect"
+    );
+    let (_, claims) = f.credential(&first);
+    assert_eq!(
+        (claims["sub"].as_str(), claims["acr"].as_str()),
+        (Some("alice"), Some(ACR_PWD))
+    );
+    assert!(claims["nonce"].as_str().is_some_and(|n| n.len() >= 16));
+    assert!(f.idp.device_requests().is_empty(), "no device flow");
+
+    // A pending MFA challenge: the browser login asks for it.
+    let gateway = StandIn::start(
+        &f,
+        "gateway",
+        Arc::new(move |_, path| match path {
+            "/stepmesh/v1/challenge" => (
+                200,
+                json!({"acrValues": [ACR_MFA], "rule": "exec"}).to_string(),
+            ),
+            _ => (404, String::new()),
+        }),
+    );
+    let second = f.plugin(
+        &pkce,
+        Some(&gateway.exec_info()),
+        Act::Browser { mfa: true },
+    );
+    assert_eq!(second.codes.len(), 1, "{}", second.stderr);
+    assert!(
+        second
+            .stderr
+            .contains(&format!("requires acr {ACR_MFA} (rule exec)")),
+        "{}",
+        second.stderr
+    );
+    let url = second
+        .stderr
+        .lines()
+        .find(|l| l.contains("/authorize?"))
+        .unwrap();
+    assert!(
+        url.contains("acr_values=urn%3Astepmesh%3Aacr%3Amfa"),
+        "{url}"
+    );
+    assert_eq!(f.credential(&second).1["acr"], ACR_MFA);
+
+    // Denied in the browser: exit 1, one line.
+    let logout = f.plugin(&["--logout"], None, Act::Deny);
+    assert_eq!(logout.code, Some(0));
+    let denied = f.plugin(&pkce, None, Act::BrowserDeny);
+    assert_eq!(denied.code, Some(1), "{}", denied.stderr);
+    assert_eq!(
+        denied.stderr.lines().last(),
+        Some("stepmesh: the login was denied at the identity provider")
+    );
 }
 
 #[test]

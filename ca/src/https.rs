@@ -47,10 +47,12 @@ pub enum HttpError {
     Request(String),
 }
 
-/// A response: status and body.
+/// A response: status, headers and body (redirects are not followed).
 pub struct Response {
     /// HTTP status.
     pub status: http::StatusCode,
+    /// Headers (a redirect's `Location`, for one).
+    pub headers: http::HeaderMap,
     /// Body bytes (at most 1 MiB).
     pub body: Bytes,
 }
@@ -143,12 +145,17 @@ impl HttpsClient {
                 .await
                 .map_err(|e| HttpError::Request(error_chain(&e)))?;
             let status = resp.status();
+            let headers = resp.headers().clone();
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| HttpError::Request(format!("reading the body: {e}")))?
                 .to_bytes();
-            Ok(Response { status, body })
+            Ok(Response {
+                status,
+                headers,
+                body,
+            })
         };
         tokio::time::timeout(TIMEOUT, fut)
             .await
@@ -203,6 +210,36 @@ pub fn form_encode(fields: &[(&str, &str)]) -> String {
     out
 }
 
+/// Decodes `application/x-www-form-urlencoded` text (a body or a query
+/// string): `+` is a space, `%XX` a byte, the result UTF-8; fields in order.
+pub fn form_decode(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((percent_decode(name)?, percent_decode(value)?))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bad = || format!("bad percent-encoding in {text:?}");
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next().ok_or_else(bad)?, bytes.next().ok_or_else(bad)?];
+                let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
 fn percent_encode_into(out: &mut String, text: &str) {
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
@@ -242,5 +279,15 @@ mod tests {
             "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code\
              &acr_values=a%20b%26c%3Dd%2B%C3%A9"
         );
+        let back = super::form_decode(&body).unwrap();
+        assert_eq!(back[1], ("acr_values".into(), "a b&c=d+é".into()));
+        let fields = super::form_decode("a+b=%20c&d").unwrap();
+        assert_eq!(
+            fields,
+            vec![("a b".into(), " c".into()), ("d".into(), String::new())]
+        );
+        for bad in ["%G1", "a=%4", "a=%FF"] {
+            assert!(super::form_decode(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! to a request bearing the user's current token (docs/LOGIN.md):
 //! 204 nothing pending, 200 the challenge, 401 the token is not accepted.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stepmesh_ca::https::HttpsClient;
 
 use super::oidc::Claims;
@@ -12,8 +12,9 @@ use super::oidc::Claims;
 /// The gateway's path for the user's pending challenge.
 pub const PATH: &str = "/stepmesh/v1/challenge";
 
-/// A pending step-up challenge.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A pending step-up challenge: the JSON body of the 200 answer (one type
+/// for the plugin that reads it and the gateway that writes it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Challenge {
     /// The policy's provider name.
@@ -26,6 +27,7 @@ pub struct Challenge {
     #[serde(default)]
     pub acr_values: Vec<String>,
     /// Largest acceptable age of the authentication, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age: Option<u64>,
     /// The rule that demanded it.
     #[serde(default)]
@@ -128,6 +130,7 @@ mod tests {
             iat: Some(auth_time),
             auth_time: Some(auth_time),
             acr: Some(acr.into()),
+            nonce: None,
         }
     }
 

@@ -1,20 +1,22 @@
 //! `stepmesh login`: a kubectl exec credential plugin. It prints an
 //! ExecCredential holding an OIDC ID token for kubectl to send to the
 //! stepmesh gateway: from its cache while valid, else refreshed, else from
-//! a device-flow login; and when the gateway has a step-up challenge
-//! pending for the user that the token does not meet, from a new login
-//! asking for the challenge's `acr_values` and `max_age`. docs/LOGIN.md.
+//! a login (the device flow, or the code flow with PKCE: `--flow`); and
+//! when the gateway has a step-up challenge pending for the user that the
+//! token does not meet, from a new login asking for the challenge's
+//! `acr_values` and `max_age`. docs/LOGIN.md.
 
 mod cache;
 mod challenge;
 mod exec;
 mod oidc;
+mod pkce;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use stepmesh_ca::https::HttpsClient;
 
 pub use cache::{Cache, Entry};
@@ -37,6 +39,14 @@ pub struct LoginArgs {
     /// Trust only this CA (PEM) for the provider [default: the system's roots].
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// How a person logs in: the device flow (a code to enter on any
+    /// device), or the authorization code flow with PKCE, the browser
+    /// redirected back to a loopback port of the plugin.
+    #[arg(long, value_enum, default_value_t = LoginFlow::Device)]
+    pub flow: LoginFlow,
+    /// How long the code flow waits for the browser's redirect.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::units::parse_duration)]
+    pub login_timeout: Duration,
     /// The scopes to ask for.
     #[arg(long, default_value = "openid email groups offline_access")]
     pub scope: String,
@@ -58,6 +68,15 @@ pub struct LoginArgs {
     /// Remove the cached tokens of this issuer and client, and print nothing.
     #[arg(long, alias = "clear")]
     pub logout: bool,
+}
+
+/// How a person logs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoginFlow {
+    /// OAuth 2.0 Device Authorization Grant (RFC 8628).
+    Device,
+    /// Authorization code with PKCE on a loopback redirect (RFC 7636, RFC 8252).
+    Pkce,
 }
 
 /// Runs the plugin: one ExecCredential on stdout, or an error.
@@ -294,11 +313,14 @@ impl Flow<'_> {
             self.args.client_id.clone(),
             self.args.scope.clone(),
         );
-        let tokens = self
-            .provider()
-            .await?
-            .device_login(&idp, &client_id, &scope, ask)
-            .await?;
+        let (flow, timeout) = (self.args.flow, self.args.login_timeout);
+        let provider = self.provider().await?;
+        let tokens = match flow {
+            LoginFlow::Device => provider.device_login(&idp, &client_id, &scope, ask).await?,
+            LoginFlow::Pkce => {
+                pkce::browser_login(provider, &idp, &client_id, &scope, ask, timeout).await?
+            }
+        };
         self.save(tokens, None).await
     }
 

@@ -1,5 +1,5 @@
 //! The OpenID provider side: discovery, the OAuth 2.0 Device Authorization
-//! Grant (RFC 8628) and the refresh-token grant, and reading the claims of
+//! Grant (RFC 8628) and the refresh-token grant (the code flow: `pkce`), and reading the claims of
 //! the ID tokens it returns (the plugin does not verify them: the gateway
 //! does; it reads `exp`, `acr` and `auth_time` to decide what to do).
 
@@ -23,6 +23,8 @@ pub struct Provider {
     pub token_endpoint: String,
     /// RFC 8628's device authorization endpoint.
     pub device_authorization_endpoint: Option<String>,
+    /// The authorization endpoint (code flow).
+    pub authorization_endpoint: Option<String>,
 }
 
 /// What a login asks the provider for.
@@ -84,6 +86,8 @@ pub struct Claims {
     pub auth_time: Option<u64>,
     /// How (the authentication context class).
     pub acr: Option<String>,
+    /// The login request's nonce (code flow).
+    pub nonce: Option<String>,
 }
 
 impl Claims {
@@ -128,6 +132,9 @@ impl Provider {
         super::check_url(&provider.token_endpoint, "token_endpoint")?;
         if let Some(device) = &provider.device_authorization_endpoint {
             super::check_url(device, "device_authorization_endpoint")?;
+        }
+        if let Some(authorize) = &provider.authorization_endpoint {
+            super::check_url(authorize, "authorization_endpoint")?;
         }
         Ok(provider)
     }
@@ -230,26 +237,13 @@ impl Provider {
                     resp.status
                 )
             })?;
-            match error.error.as_str() {
-                "authorization_pending" => {}
-                // RFC 8628 §3.5: 5 s more for this and every later poll.
-                "slow_down" => interval += Duration::from_secs(5),
-                "access_denied" => bail!("the login was denied at the identity provider"),
-                "expired_token" => bail!(
-                    "the code expired before the login was completed ({} s)",
-                    device.expires_in
-                ),
-                _ => bail!(
-                    "the identity provider refused the login: {}",
-                    describe_error(&resp.body)
-                ),
-            }
+            interval = next_interval(&error, interval, device.expires_in)?;
         }
     }
 
     /// A token response's tokens; its ID token must be ours (issuer and
     /// audience), else nothing is cached or printed.
-    fn tokens(&self, body: &[u8], client_id: &str) -> anyhow::Result<Tokens> {
+    pub(super) fn tokens(&self, body: &[u8], client_id: &str) -> anyhow::Result<Tokens> {
         let resp: TokenResponse = serde_json::from_slice(body).context("the token response")?;
         let id_token = resp
             .id_token
@@ -275,13 +269,67 @@ impl Provider {
     }
 }
 
+/// The poll interval after a device-code poll answered `error` (RFC 8628
+/// §3.5), or why the login is over.
+fn next_interval(
+    error: &ErrorResponse,
+    interval: Duration,
+    expires_in: u64,
+) -> anyhow::Result<Duration> {
+    match error.error.as_str() {
+        "authorization_pending" => Ok(interval),
+        // 5 s more for this and every later poll.
+        "slow_down" => Ok(interval + Duration::from_secs(5)),
+        "access_denied" => bail!("the login was denied at the identity provider"),
+        "expired_token" => {
+            bail!("the code expired before the login was completed ({expires_in} s)")
+        }
+        other => match &error.error_description {
+            Some(d) => bail!("the identity provider refused the login: {other}: {d}"),
+            None => bail!("the identity provider refused the login: {other}"),
+        },
+    }
+}
+
 /// An OAuth error body as `error: description`.
-fn describe_error(body: &[u8]) -> String {
+pub(super) fn describe_error(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorResponse>(body) {
         Ok(e) => match e.error_description {
             Some(d) => format!("{}: {d}", e.error),
             None => e.error,
         },
         Err(_) => "an answer that is not an OAuth error".to_owned(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_slow_down_by_five_seconds_and_stop_on_final_errors() {
+        let error = |e: &str| ErrorResponse {
+            error: e.into(),
+            error_description: Some("why".into()),
+        };
+        let one = Duration::from_secs(1);
+        assert_eq!(
+            next_interval(&error("authorization_pending"), one, 9).unwrap(),
+            one
+        );
+        let slower = next_interval(&error("slow_down"), one, 9).unwrap();
+        assert_eq!(slower, Duration::from_secs(6));
+        assert_eq!(
+            next_interval(&error("slow_down"), slower, 9).unwrap(),
+            Duration::from_secs(11)
+        );
+        let over = |e: &str| next_interval(&error(e), one, 9).unwrap_err().to_string();
+        assert_eq!(
+            over("access_denied"),
+            "the login was denied at the identity provider"
+        );
+        assert!(over("expired_token").contains("9 s"));
+        assert!(over("invalid_grant").ends_with("invalid_grant: why"));
     }
 }

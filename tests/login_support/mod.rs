@@ -46,6 +46,13 @@ pub enum Act {
     /// Approve without MFA first (expected to be refused), then with.
     MfaAfterRefusal,
     Deny,
+    /// The code flow: curl as the browser posts the authorization request
+    /// to the provider's login page (`/authorize/approve`, or `/deny`) and
+    /// follows the redirect to the plugin's loopback port.
+    Browser {
+        mfa: bool,
+    },
+    BrowserDeny,
 }
 
 /// One run of a command whose stderr carries the plugin's lines.
@@ -149,10 +156,11 @@ impl Fixture {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let (client, issuer, handle) = (
+        let (client, issuer, handle, idp_ca) = (
             self.client.clone(),
             self.idp.issuer().to_owned(),
             self.rt.handle().clone(),
+            self.idp_ca.clone(),
         );
         let reader = std::thread::spawn(move || {
             let (mut text, mut codes, mut decisions) = (String::new(), vec![], vec![]);
@@ -160,6 +168,24 @@ impl Fixture {
                 let line = line.unwrap();
                 text.push_str(&line);
                 text.push('\n');
+                if let Some(query) = browser_query(&line) {
+                    let (page, mfa) = match act {
+                        Act::Browser { mfa } => ("approve", mfa),
+                        _ => ("deny", false),
+                    };
+                    let out = Command::new("curl")
+                        .args(["-sS", "-L", "-o", "/dev/null", "-w", "%{http_code}"])
+                        .arg("--cacert")
+                        .arg(&idp_ca)
+                        .arg("--data-raw")
+                        .arg(format!("{query}&user=alice&mfa={mfa}"))
+                        .arg(format!("{issuer}/authorize/{page}"))
+                        .output()
+                        .unwrap();
+                    decisions.push(String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0));
+                    codes.push("browser".to_owned());
+                    continue;
+                }
                 let Some(code) = user_code(&line) else {
                     continue;
                 };
@@ -183,7 +209,9 @@ impl Fixture {
                         decisions.push(approve("false"));
                         decisions.push(approve("true"));
                     }
-                    Act::Deny => decisions.push(decide("/device/deny", &[("user_code", &code)])),
+                    Act::Deny | Act::Browser { .. } | Act::BrowserDeny => {
+                        decisions.push(decide("/device/deny", &[("user_code", &code)]))
+                    }
                 }
                 codes.push(code);
             }
@@ -246,6 +274,21 @@ pub fn user_code(line: &str) -> Option<String> {
     let rest = line.split("stepmesh login: open ").nth(1)?;
     let code = rest.split("(code ").nth(1)?.strip_suffix(')')?;
     Some(code.to_owned())
+}
+
+/// "stepmesh login: open https://idp/authorize?QUERY" → QUERY.
+pub fn browser_query(line: &str) -> Option<String> {
+    let url = line.strip_prefix("stepmesh login: open ")?;
+    if url.contains(" (code ") {
+        return None;
+    }
+    Some(url.split_once("/authorize?")?.1.to_owned())
+}
+
+/// Whether `name` runs from PATH.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
 }
 
 pub fn verify(idp: &Idp, token: &str) -> Value {

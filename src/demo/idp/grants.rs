@@ -1,5 +1,6 @@
 //! The identity provider's OAuth state: device authorizations (RFC 8628)
-//! from request to approval to tokens, and the refresh tokens of each login.
+//! from request to approval to tokens, authorization codes bound to their
+//! PKCE challenge (RFC 7636), and the refresh tokens of each login.
 //! No I/O: the server calls in with a lock held for a few map operations.
 
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ pub(super) struct Login {
     pub user: String,
     pub auth_time: u64,
     pub mfa: bool,
+    /// The authorization request's `nonce`, echoed in its ID token only.
+    pub nonce: Option<String>,
 }
 
 struct DeviceGrant {
@@ -78,6 +81,13 @@ pub(super) enum DecideError {
     MfaRequired,
 }
 
+struct Code {
+    login: Login,
+    redirect_uri: String,
+    challenge: String,
+    expires: Instant,
+}
+
 struct Refresh {
     login: Login,
     expires: Instant,
@@ -88,6 +98,7 @@ struct Refresh {
 pub(super) struct Grants {
     device: HashMap<String, DeviceGrant>,
     refresh: HashMap<String, Refresh>,
+    codes: HashMap<String, Code>,
     requests: Vec<DeviceRequest>,
     refreshes: u64,
 }
@@ -196,7 +207,7 @@ impl Grants {
         grant.state = match decision {
             Decision::Deny => GrantState::Denied,
             Decision::Approve { user, mfa, at } => {
-                if !mfa && grant.request.acr_values.iter().any(|a| a == ACR_MFA) {
+                if mfa_missing(&grant.request.acr_values, mfa) {
                     return Err(DecideError::MfaRequired);
                 }
                 GrantState::Approved(Login {
@@ -205,14 +216,61 @@ impl Grants {
                     user,
                     auth_time: at,
                     mfa,
+                    nonce: None,
                 })
             }
         };
         Ok(())
     }
 
+    /// Keeps an authorization code of `login` for `ttl`, bound to the
+    /// redirect URI and PKCE challenge of its request.
+    pub(super) fn store_code(
+        &mut self,
+        code: String,
+        login: Login,
+        redirect_uri: String,
+        challenge: String,
+        ttl: Duration,
+    ) {
+        let now = Instant::now();
+        self.codes.retain(|_, c| c.expires > now);
+        let expires = now + ttl;
+        let code_grant = Code {
+            login,
+            redirect_uri,
+            challenge,
+            expires,
+        };
+        self.codes.insert(code, code_grant);
+    }
+
+    /// Redeems an authorization code (once): same client and redirect URI,
+    /// and `verifier` must hash to the challenge (RFC 7636 §4.6, S256).
+    pub(super) fn redeem_code(
+        &mut self,
+        code: &str,
+        client_id: &str,
+        redirect_uri: &str,
+        verifier: &str,
+    ) -> Result<Login, &'static str> {
+        let grant = self.codes.remove(code).ok_or("unknown or used code")?;
+        if grant.expires <= Instant::now() {
+            return Err("the code expired");
+        }
+        if grant.login.client_id != client_id || grant.redirect_uri != redirect_uri {
+            return Err("the code was issued to another client or redirect_uri");
+        }
+        if s256(verifier) != grant.challenge {
+            return Err("code_verifier does not match the code_challenge");
+        }
+        Ok(grant.login)
+    }
+
     /// Keeps `token` as a refresh token of `login` for `ttl`.
-    pub(super) fn store_refresh(&mut self, token: String, login: Login, ttl: Duration) {
+    pub(super) fn store_refresh(&mut self, token: String, mut login: Login, ttl: Duration) {
+        // A refreshed ID token carries no nonce: none was sent for it.
+        login.nonce = None;
         let expires = Instant::now() + ttl;
         self.refresh.insert(token, Refresh { login, expires });
     }
@@ -231,6 +289,19 @@ impl Grants {
     pub(super) fn revoke_refresh_tokens(&mut self) {
         self.refresh.clear();
     }
+}
+
+/// A login that asked for the MFA acr, approved without the MFA step: the
+/// login page would not let the person past it.
+pub(super) fn mfa_missing(acr_values: &[String], mfa: bool) -> bool {
+    !mfa && acr_values.iter().any(|a| a == ACR_MFA)
+}
+
+/// RFC 7636 §4.2 S256: base64url(SHA-256(verifier)).
+pub(super) fn s256(verifier: &str) -> String {
+    use base64::Engine as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
 /// User codes compare case-insensitively, with or without the dash.

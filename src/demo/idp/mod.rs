@@ -1,15 +1,18 @@
 //! A small OpenID provider for tests and the demo: an ES256 key made at
 //! start, discovery and JWKS, the OAuth 2.0 Device Authorization Grant
-//! (RFC 8628) with refresh tokens, and a "verification page" that a test
-//! drives over HTTP (`POST /device/approve`) standing in for a person who
-//! logs in, with or without an MFA step. ID tokens carry `acr`, `amr` and
+//! (RFC 8628) and the authorization code flow with PKCE (RFC 7636) on a
+//! loopback redirect, refresh tokens, and "login pages" that a test drives
+//! over HTTP (`POST /device/approve`, `POST /authorize/approve`) standing
+//! in for a person who logs in, with or without an MFA step. ID tokens carry `acr`, `amr` and
 //! `auth_time` saying which. For the demo it also keeps its first form: a
 //! `POST /token?sub=..&azp=..` that mints a step-up token at once.
 //! Endpoints and claims: docs/LOGIN.md.
 
+mod authcode;
 mod grants;
 mod server;
 mod signer;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -243,7 +246,7 @@ impl State {
             (ACR_PWD, vec!["pwd"])
         };
         let user = self.users.get(&login.user);
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "iss": self.issuer, "sub": login.user,
             "aud": login.client_id, "azp": login.client_id,
             "iat": now, "exp": now + self.id_token_ttl.as_secs(),
@@ -252,6 +255,9 @@ impl State {
             "groups": user.map(|u| u.groups.as_slice()).unwrap_or_default(),
             "jti": signer::secret(12)?,
         });
+        if let Some(nonce) = &login.nonce {
+            claims["nonce"] = nonce.as_str().into();
+        }
         self.signer.sign(&claims)
     }
 }

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,10 +18,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::grants::{Decision, DeviceRequest, Login, Poll};
 use super::signer::{secret, unix_now, user_code};
+use super::wire::{json_reply, no_store, oauth_error, read_form, reply, server_error, Form};
 use super::{IdpError, ServerTls, State, ACR_MFA, ACR_PWD, DEVICE_CODE_GRANT};
 
-/// Largest request body read (a form of a few fields).
-const MAX_FORM: usize = 64 * 1024;
 /// Bound on a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,6 +79,7 @@ async fn answer(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
         (&Method::GET, "/jwks.json") => {
             reply(StatusCode::OK, "application/json", state.signer.jwks())
         }
+        (&Method::GET, "/authorize") => super::authcode::page(&query),
         (&Method::GET, "/device") => reply(
             StatusCode::OK,
             "text/plain",
@@ -99,6 +98,8 @@ async fn answer(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
                 "/token" => token(&form, state),
                 "/device/approve" => decide(&form, state, true),
                 "/device/deny" => decide(&form, state, false),
+                "/authorize/approve" => super::authcode::decide(&form, state, true),
+                "/authorize/deny" => super::authcode::decide(&form, state, false),
                 _ => not_found(),
             }
         }
@@ -112,8 +113,10 @@ fn discovery(issuer: &str) -> Value {
         "jwks_uri": format!("{issuer}/jwks.json"),
         "token_endpoint": format!("{issuer}/token"),
         "device_authorization_endpoint": format!("{issuer}/device/authorize"),
-        "grant_types_supported": [DEVICE_CODE_GRANT, "refresh_token"],
-        "response_types_supported": ["id_token"],
+        "authorization_endpoint": format!("{issuer}/authorize"),
+        "grant_types_supported": [DEVICE_CODE_GRANT, "authorization_code", "refresh_token"],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
         "acr_values_supported": [ACR_PWD, ACR_MFA],
@@ -201,6 +204,19 @@ fn token(form: &Form, state: &State) -> Response<Full<Bytes>> {
                 Poll::Expired => return pending("expired_token", "the device_code expired"),
                 Poll::Denied => return pending("access_denied", "the user denied the login"),
                 Poll::Invalid(why) => return pending("invalid_grant", why),
+            }
+        }
+        Some("authorization_code") => {
+            let field = |name: &str| form.get(name).unwrap_or("");
+            let redeemed = state.grants().redeem_code(
+                field("code"),
+                client_id,
+                field("redirect_uri"),
+                field("code_verifier"),
+            );
+            match redeemed {
+                Ok(login) => login,
+                Err(why) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", why),
             }
         }
         Some("refresh_token") => {
@@ -320,105 +336,10 @@ fn demo_token(query: &str, state: &State) -> Response<Full<Bytes>> {
     }
 }
 
-/// A decoded `application/x-www-form-urlencoded` body.
-struct Form(Vec<(String, String)>);
-
-impl Form {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn read_form(req: Request<Incoming>) -> Result<Form, String> {
-    let body = Limited::new(req.into_body(), MAX_FORM)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body: {e}"))?
-        .to_bytes();
-    let text = std::str::from_utf8(&body).map_err(|_| "the form is not UTF-8".to_owned())?;
-    let mut fields: Vec<(String, String)> = Vec::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (name, value) = (form_decode(name)?, form_decode(value)?);
-        // RFC 6749 §3.1: parameters MUST NOT be included more than once.
-        if fields.iter().any(|(n, _)| *n == name) {
-            return Err(format!("{name} is sent more than once"));
-        }
-        fields.push((name, value));
-    }
-    Ok(Form(fields))
-}
-
-fn form_decode(text: &str) -> Result<String, String> {
-    let bad = || format!("bad percent-encoding in {text:?}");
-    let mut out = Vec::with_capacity(text.len());
-    let mut bytes = text.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = [bytes.next().ok_or_else(bad)?, bytes.next().ok_or_else(bad)?];
-                let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-            }
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
-}
-
-fn reply(status: StatusCode, content_type: &'static str, body: &str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
-
-fn json_reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
-    reply(status, "application/json", &body.to_string())
-}
-
-/// RFC 6749 §5.1: token responses are not cached.
-fn no_store(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
-    no_store(json_reply(
-        status,
-        &json!({"error": error, "error_description": description}),
-    ))
-}
-
-fn server_error(err: &IdpError) -> Response<Full<Bytes>> {
-    oauth_error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        &err.to_string(),
-    )
-}
-
 fn not_found() -> Response<Full<Bytes>> {
     reply(
         StatusCode::NOT_FOUND,
         "text/plain",
         "no such endpoint: see /.well-known/openid-configuration; the demo mints at POST /token?sub=..&azp=..\n",
     )
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests fail loudly by design
-mod tests {
-    #[test]
-    fn forms_decode_plus_and_percent() {
-        assert_eq!(super::form_decode("a+b%20c%C3%A9").unwrap(), "a b cé");
-        assert!(super::form_decode("%G1").is_err());
-        assert!(super::form_decode("%4").is_err());
-    }
 }

@@ -380,3 +380,118 @@ async fn denial_expiry_and_bad_requests() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(poll(&expiring).await["error"], "expired_token");
 }
+
+#[tokio::test]
+async fn code_flow_with_pkce_on_a_loopback_redirect() {
+    let (idp, client) = oidc_idp(1).await;
+    let iss = idp.issuer().to_owned();
+    let verifier = "a-verifier-of-at-least-43-characters-0123456789";
+    let challenge = super::grants::s256(verifier);
+    let redirect = "http://127.0.0.1:4711/callback";
+    let request = |extra: &[(&'static str, &'static str)]| {
+        let mut form = vec![
+            ("response_type", "code"),
+            ("client_id", "kubectl"),
+            ("redirect_uri", redirect),
+            ("scope", "openid email"),
+            ("state", "s1"),
+            ("nonce", "n1"),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        form.extend_from_slice(extra);
+        form
+    };
+    let query = stepmesh_ca::https::form_encode(&request(&[]));
+    let page = client
+        .send(&format!("{iss}/authorize?{query}"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::OK);
+    for bad in [
+        query.replace("127.0.0.1", "evil.example.com"),
+        query.replace("S256", "plain"),
+        query.replace("response_type=code", "response_type=token"),
+    ] {
+        let page = client
+            .send(&format!("{iss}/authorize?{bad}"), None, None)
+            .await
+            .unwrap();
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+
+    let approve = format!("{iss}/authorize/approve");
+    let location = |resp: &stepmesh_ca::https::Response| {
+        assert_eq!(resp.status, StatusCode::SEE_OTHER);
+        let location = resp.headers["location"].to_str().unwrap().to_owned();
+        let query = location
+            .strip_prefix(&format!("{redirect}?"))
+            .unwrap()
+            .to_owned();
+        stepmesh_ca::https::form_decode(&query).unwrap()
+    };
+    let deny = client
+        .post_form(&format!("{iss}/authorize/deny"), &request(&[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        location(&deny),
+        vec![
+            ("error".into(), "access_denied".into()),
+            ("state".into(), "s1".into())
+        ]
+    );
+    let mfa = request(&[("acr_values", ACR_MFA), ("user", "alice")]);
+    let (status, _) = post(&client, &approve, &mfa).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "MFA asked, not done");
+
+    let code_for = |mfa: &'static str| {
+        let (client, approve, form) = (
+            client.clone(),
+            approve.clone(),
+            request(&[("user", "alice"), ("mfa", mfa)]),
+        );
+        async move {
+            let resp = client.post_form(&approve, &form).await.unwrap();
+            let fields = location(&resp);
+            assert_eq!(fields[1], ("state".into(), "s1".into()));
+            fields[0].1.clone()
+        }
+    };
+    let redeem = |code: String, verifier: &'static str| {
+        let (client, url) = (client.clone(), format!("{iss}/token"));
+        async move {
+            post(
+                &client,
+                &url,
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", &code),
+                    ("redirect_uri", redirect),
+                    ("client_id", "kubectl"),
+                    ("code_verifier", verifier),
+                ],
+            )
+            .await
+        }
+    };
+    let (status, body) = redeem(
+        code_for("false").await,
+        "wrong-verifier-wrong-verifier-wrong-verifier",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant"))
+    );
+    let code = code_for("true").await;
+    let (status, tokens) = redeem(code.clone(), verifier).await;
+    assert_eq!(status, StatusCode::OK, "{tokens}");
+    let claims = verify(&idp, tokens["id_token"].as_str().unwrap(), "kubectl");
+    assert_eq!(
+        (claims["nonce"].as_str(), claims["acr"].as_str()),
+        (Some("n1"), Some(ACR_MFA))
+    );
+    let (_, body) = redeem(code, verifier).await;
+    assert_eq!(body["error"], "invalid_grant", "a code is used once");
+}
