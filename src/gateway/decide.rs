@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method, Uri};
-use serde::Serialize;
 use serde_json::Value;
 
 use super::classify::{classify_uri, RequestInfo};
@@ -29,25 +28,8 @@ pub struct Person {
     pub token: Arc<VerifiedToken>,
 }
 
-/// A step-up the person owes, kept for `stepmesh login` to read
-/// (`GET /stepmesh/v1/challenge`): kubectl never shows a plugin the 401.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Pending {
-    /// The provider to authenticate with.
-    pub provider: String,
-    /// Its issuer.
-    pub issuer: String,
-    /// Any of these `acr` values (empty: any).
-    pub acr_values: Vec<String>,
-    /// The login must be at most this old (seconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_age: Option<u64>,
-    /// The rule that asked.
-    pub rule: String,
-    /// When (seconds since the epoch).
-    pub issued_at: u64,
-}
+/// A step-up the person owes (the wire type `stepmesh login` reads).
+pub use crate::stepup::pending::PendingStepUp as Pending;
 
 /// What the gateway does with the request.
 #[derive(Debug, Clone)]

@@ -27,7 +27,7 @@ use crate::stepup::StepUp;
 use stepmesh_ca::https::error_chain;
 
 /// Where `stepmesh login` reads the step-up a person owes.
-pub const CHALLENGE_PATH: &str = "/stepmesh/v1/challenge";
+pub use crate::stepup::pending::PATH as CHALLENGE_PATH;
 
 /// A response body: our own, or the API server's streamed through.
 pub type Body = Either<Full<Bytes>, Incoming>;

@@ -4,38 +4,11 @@
 //! to a request bearing the user's current token (docs/LOGIN.md):
 //! 204 nothing pending, 200 the challenge, 401 the token is not accepted.
 
-use serde::{Deserialize, Serialize};
 use stepmesh_ca::https::HttpsClient;
 
 use super::oidc::Claims;
 
-/// The gateway's path for the user's pending challenge.
-pub const PATH: &str = "/stepmesh/v1/challenge";
-
-/// A pending step-up challenge: the JSON body of the 200 answer (one type
-/// for the plugin that reads it and the gateway that writes it).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Challenge {
-    /// The policy's provider name.
-    #[serde(default)]
-    pub provider: String,
-    /// The issuer whose token would satisfy it.
-    #[serde(default)]
-    pub issuer: String,
-    /// Acceptable `acr` values; empty: any.
-    #[serde(default)]
-    pub acr_values: Vec<String>,
-    /// Largest acceptable age of the authentication, seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_age: Option<u64>,
-    /// The rule that demanded it.
-    #[serde(default)]
-    pub rule: String,
-    /// When the gateway challenged (Unix seconds).
-    #[serde(default)]
-    pub issued_at: u64,
-}
+pub use crate::stepup::pending::{PendingStepUp as Challenge, PATH};
 
 /// The gateway's answer.
 #[derive(Debug, PartialEq, Eq)]

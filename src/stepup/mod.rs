@@ -10,6 +10,7 @@ pub mod gate;
 /// JWKS key sets: the one parser, `stepmesh_ca::jwt::keys`.
 pub use stepmesh_ca::jwt::keys as jwks;
 mod metrics;
+pub mod pending;
 mod provider;
 pub mod require;
 pub mod testing;
