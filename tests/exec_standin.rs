@@ -178,32 +178,30 @@ fn refusal_is_a_status_and_token_is_fingerprinted() {
 fn heartbeats_answered_in_a_six_second_session_both_transports() {
     let Some(kubectl) = kubectl() else { return };
     let standin = ExecStandin::start();
-    let transports = transports(&kubectl);
-    let runs: Vec<_> = transports
-        .iter()
-        .copied()
-        .map(|transport| {
-            let (kubectl, target) = (kubectl.clone(), standin.target());
-            std::thread::spawn(move || {
-                let feed = |mut pipe: std::process::ChildStdin| {
-                    pipe.write_all(b"before ").unwrap();
-                    std::thread::sleep(std::time::Duration::from_millis(6_000));
-                    pipe.write_all(b"after").unwrap();
-                };
-                let args = ["exec", "-i", "-n", "ns", "pod", "--", "cat"];
-                (
-                    transport,
-                    run_kubectl_feeding(&kubectl, &target, transport, &args, feed),
-                )
-            })
-        })
-        .collect();
-    for run in runs {
-        let (transport, run) = run.join().unwrap();
+    let exec_requests = || {
+        standin
+            .events("request")
+            .iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("/exec")))
+            .count()
+    };
+    for (i, transport) in transports(&kubectl).into_iter().enumerate() {
+        let before = exec_requests();
+        // The 6 s count from the session's start at the far end, not from
+        // kubectl's spawn: a loaded machine may take seconds to get there.
+        let feed = |mut pipe: std::process::ChildStdin| {
+            pipe.write_all(b"before ").unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while exec_requests() == before && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(6_000));
+            pipe.write_all(b"after").unwrap();
+        };
+        let args = ["exec", "-i", "-n", "ns", "pod", "--", "cat"];
+        let run = run_kubectl_feeding(&kubectl, &standin.target(), transport, &args, feed);
         assert_eq!(run.code, Some(0), "{transport:?}: {}", run.stderr);
         assert_eq!(run.stdout, b"before after", "{transport:?}");
-    }
-    for i in 0..transports.len() {
         let session = standin.wait_session(i);
         assert!(session["pings"].as_u64().unwrap() >= 1, "{session}");
     }

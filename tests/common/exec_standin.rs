@@ -323,7 +323,18 @@ pub fn run_kubectl_feeding(
     target: &KubectlTarget,
     transport: Transport,
     args: &[&str],
-    feed: impl FnOnce(ChildStdin) + Send + 'static,
+    feed: impl FnOnce(ChildStdin) + Send,
+) -> KubectlRun {
+    std::thread::scope(|scope| run_feeding_in(scope, kubectl, target, transport, args, feed))
+}
+
+fn run_feeding_in<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    kubectl: &Path,
+    target: &KubectlTarget,
+    transport: Transport,
+    args: &[&str],
+    feed: impl FnOnce(ChildStdin) + Send + 'scope,
 ) -> KubectlRun {
     let cache = tempfile::tempdir().unwrap();
     let started = Instant::now();
@@ -335,7 +346,7 @@ pub fn run_kubectl_feeding(
         .spawn()
         .unwrap();
     let pipe = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || feed(pipe));
+    let writer = scope.spawn(move || feed(pipe));
     let stdout = reader(child.stdout.take().unwrap());
     let stderr = reader(child.stderr.take().unwrap());
     let status = loop {
