@@ -33,8 +33,9 @@ pub(crate) type MeshBody = Either<CountIn<Incoming>, Replay>;
 
 /// Request bodies up to this size (known from `content-length`) are read
 /// whole before sending, so that a request the peer refused can be sent
-/// again. Larger or unsized (streaming) bodies go out as they arrive and
-/// are not retried once sent.
+/// again. Larger or unsized (streaming) bodies, and those of requests that
+/// wait for `100 Continue`, go out as they arrive and are not retried once
+/// sent.
 pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// A pooled connection to a peer sidecar and whom it reached.
@@ -213,7 +214,11 @@ impl Outgoing {
         body: CountIn<Incoming>,
     ) -> Result<Outgoing, hyper::Error> {
         let small = body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
-        if parts.method == http::Method::CONNECT || !(small || body.is_end_stream()) {
+        // A client that waits for `100 Continue` sends no body before the
+        // answer: reading it first would wait for ever.
+        let waits = parts.headers.contains_key(http::header::EXPECT);
+        let replayable = !waits && (small || body.is_end_stream());
+        if parts.method == http::Method::CONNECT || !replayable {
             return Ok(Outgoing {
                 parts,
                 stream: Some(body),
