@@ -57,6 +57,7 @@ pub struct Policy {
     ports: Vec<PortPolicy>,
     outbound_default: OutboundAction,
     outbound_rules: Vec<OutboundRule>,
+    opaque_ports: Vec<u16>,
     digest: String,
     labels: DefaultLabels,
 }
@@ -258,6 +259,7 @@ impl Policy {
             ports: Vec::new(),
             outbound_default: OutboundAction::Mtls,
             outbound_rules: Vec::new(),
+            opaque_ports: Vec::new(),
             digest,
             labels: DefaultLabels::new(),
         }
