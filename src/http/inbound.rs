@@ -73,7 +73,10 @@ impl AppClients {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new());
         let h1 = builder.build(connector.clone());
-        builder.http2_only(true).http2_adaptive_window(true);
+        builder
+            .http2_only(true)
+            .http2_initial_stream_window_size(super::h2_settings::STREAM_WINDOW)
+            .http2_initial_connection_window_size(super::h2_settings::CONNECTION_WINDOW);
         let h2 = builder.build(connector);
         AppClients { h1, h2 }
     }
@@ -177,7 +180,7 @@ where
 {
     // What every request of the connection shares is made once, here.
     let served = Arc::new(Served::new(conn));
-    let mut builder = super::server_builder(&layer.limits);
+    let mut builder = super::server_builder(&layer.limits, mesh);
     let svc = service_fn(move |req| {
         let (layer, served) = (layer.clone(), served.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &served, req).await) }

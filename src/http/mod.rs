@@ -5,9 +5,11 @@
 
 pub mod detect;
 pub(crate) mod h1;
+mod h2_settings;
 pub mod headers;
 pub use h1::message::HeadLimits;
 pub mod inbound;
+mod mesh;
 mod metrics;
 pub mod outbound;
 mod record;
@@ -44,7 +46,7 @@ pub struct HttpLayer {
     /// Per-request access-log sink.
     pub log: RequestLog,
     app: inbound::AppClients,
-    mesh: outbound::MeshPool,
+    mesh: mesh::MeshPool,
     /// Idle HTTP/1 connections to peer sidecars.
     pub(crate) peers: outbound::PeerPool,
     draining: tokio::sync::watch::Sender<bool>,
@@ -101,7 +103,7 @@ impl HttpLayer {
             metrics,
             log,
             app: inbound::AppClients::new(),
-            mesh: outbound::MeshPool::default(),
+            mesh: mesh::MeshPool::default(),
             peers: outbound::PeerPool::default(),
             draining: tokio::sync::watch::Sender::new(false),
             draining_now: std::sync::atomic::AtomicBool::new(false),
@@ -152,16 +154,23 @@ impl HttpLayer {
     }
 }
 
-/// The HTTP server settings both directions use: adaptive HTTP/2 windows,
-/// and the head size limit as HTTP/2's header list limit.
+/// The HTTP server settings both directions use: HTTP/2 windows (see
+/// [`h2_settings`]; a peer sidecar's `mesh` connection carries many apps'
+/// streams) and the head size limit as HTTP/2's header list limit.
 pub(crate) fn server_builder(
     limits: &HttpLimits,
+    mesh: bool,
 ) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // h2's default for an app's connection; a peer sidecar's carries many.
+    let resets = if mesh { h2_settings::MESH_RESETS } else { 20 };
     builder
         .http2()
-        .adaptive_window(true)
+        .initial_stream_window_size(h2_settings::STREAM_WINDOW)
+        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+        .max_concurrent_streams(h2_settings::MAX_STREAMS)
+        .max_pending_accept_reset_streams(resets)
         .max_header_list_size(u32::try_from(limits.head.bytes).unwrap_or(u32::MAX))
         .timer(hyper_util::rt::TokioTimer::new());
     builder
@@ -185,8 +194,22 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    tokio::pin!(drain);
+    // A connection that starts once the drain has begun is closed unserved.
+    // Served, HTTP/2's graceful shutdown would first send GOAWAY with the
+    // largest stream ID (RFC 9113 §6.8: streams in flight may still be
+    // processed), so the requests that came with the client's preface
+    // would be answered: a client that reconnects after each GOAWAY kept
+    // being served through a drain, for as long as it raced the GOAWAY.
+    let draining = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(drain.as_mut(), cx).is_ready())
+    })
+    .await;
+    if draining {
+        return Ok(());
+    }
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(conn, drain);
+    tokio::pin!(conn);
     tokio::select! {
         done = conn.as_mut() => return done,
         () = drain.as_mut() => conn.as_mut().graceful_shutdown(),

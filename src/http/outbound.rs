@@ -17,17 +17,16 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
-use super::record::{CountIn, Exchange};
-use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict, MESH_ALPN};
+use super::mesh::{self, Outgoing, Pooled, SendError};
+use super::record::Exchange;
+use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict};
 
 /// Where an outbound HTTP connection's requests go.
 #[derive(Clone)]
@@ -61,7 +60,7 @@ impl std::fmt::Debug for OutboundConn {
 }
 
 /// Why a mesh connection could not be made.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MeshError {
     /// TCP connect failed or timed out.
     #[error("connecting to {0}: {1}")]
@@ -77,75 +76,6 @@ pub enum MeshError {
     H2(Arc<str>, String),
 }
 
-/// A pooled connection to a peer sidecar and whom it reached.
-#[derive(Clone)]
-struct Pooled {
-    send: SendRequest<CountIn<Incoming>>,
-    peer: Option<Arc<str>>,
-}
-
-/// HTTP/2 connections to peer sidecars, one per (identity, destination).
-#[derive(Default)]
-pub(crate) struct MeshPool {
-    conns: Mutex<HashMap<Arc<str>, Pooled>>,
-}
-
-impl MeshPool {
-    fn cached(&self, key: &str) -> Option<Pooled> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.get(key).filter(|p| !p.send.is_closed()).cloned()
-    }
-
-    /// A live connection to `conn.dst`, made if there is none. Two racing
-    /// callers may both connect; the later one wins the slot, both work.
-    async fn get(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
-        if let Some(p) = self.cached(&conn.key) {
-            return Ok(p);
-        }
-        let dst = conn.dst.clone();
-        let tcp = tokio::time::timeout(conn.connect_timeout, TcpStream::connect(&*dst))
-            .await
-            .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
-            .map_err(|e| MeshError::Connect(dst.clone(), e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
-            conn.handshake_timeout,
-            conn.connector.connect(conn.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| MeshError::Tls(dst.clone(), "handshake timed out".into()))?
-        .map_err(|e| MeshError::Tls(dst.clone(), e.to_string()))?;
-        let session = tls.get_ref().1;
-        if session.alpn_protocol() != Some(MESH_ALPN) {
-            return Err(MeshError::NoMeshAlpn(dst));
-        }
-        let peer = session
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
-            .map(|id| Arc::from(id.as_str()));
-        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
-            }
-        });
-        let pooled = Pooled { send, peer };
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(conn.key.clone(), pooled.clone());
-        Ok(pooled)
-    }
-}
-
 /// Makes sure a mesh connection to `conn.dst` exists (so the caller can
 /// fall back to opaque TCP when the peer is not a stepmesh sidecar), and
 /// returns the peer's SPIFFE ID.
@@ -153,7 +83,7 @@ pub async fn connect(
     layer: &HttpLayer,
     conn: &OutboundConn,
 ) -> Result<Option<Arc<str>>, MeshError> {
-    layer.mesh.get(conn).await.map(|p| p.peer)
+    layer.mesh.get(conn, None).await.map(|p| p.peer)
 }
 
 /// Serves the app's HTTP connection until it closes, or gracefully once
@@ -167,7 +97,7 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = super::server_builder(&layer.limits);
+    let builder = super::server_builder(&layer.limits, false);
     let svc = service_fn(move |req| {
         let (layer, conn) = (layer.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }
@@ -387,26 +317,30 @@ async fn handle(
     parts
         .headers
         .insert(ORIG_PROTO, HeaderValue::from_static(orig_proto(orig)));
-    let mut pooled = match layer.mesh.get(conn).await {
-        Ok(p) => p,
+    let body = x.count_request(body);
+    let mut out = match Outgoing::new(parts, body).await {
+        Ok(out) => out,
         Err(e) => {
-            tracing::warn!(dst = %conn.dst, error = %e, "outbound: no mesh connection");
+            tracing::debug!(error = %e, "outbound: the app's request body failed");
             let local = Local::error(
-                StatusCode::BAD_GATEWAY,
-                "peer_unavailable",
-                "the destination's sidecar is unreachable\n",
+                StatusCode::BAD_REQUEST,
+                "request_body_failed",
+                "the request body could not be read\n",
             );
             return local.respond(x);
         }
     };
-    if x.logging() {
-        x.record.peer_id = pooled.peer.as_deref().map(str::to_owned);
-    }
-    let request = Request::from_parts(parts, x.count_request(body));
-    let sent = match pooled.send.ready().await {
-        Ok(()) => pooled.send.send_request(request).await,
-        Err(e) => Err(e),
+    let logging = x.logging();
+    let mut peer_id = None;
+    let mut on_peer = |p: &Pooled| {
+        if logging && peer_id.is_none() {
+            peer_id = p.peer.as_deref().map(str::to_owned);
+        }
     };
+    let sent = mesh::send(&layer.mesh, conn, &mut out, &mut on_peer).await;
+    if logging {
+        x.record.peer_id = peer_id;
+    }
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -414,7 +348,16 @@ async fn handle(
             let body = x.respond(parts.status, "allow", "mesh", body.boxed());
             Response::from_parts(parts, body)
         }
-        Err(e) => {
+        Err(SendError::Unavailable(e)) => {
+            tracing::warn!(dst = %conn.dst, error = %e, "outbound: no mesh connection");
+            let local = Local::error(
+                StatusCode::BAD_GATEWAY,
+                "peer_unavailable",
+                "the destination's sidecar is unreachable\n",
+            );
+            local.respond(x)
+        }
+        Err(SendError::Failed(e)) => {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: mesh request failed");
             peer_request_failed().respond(x)
         }

@@ -72,7 +72,19 @@ pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
     let outbound = raw.outbound.unwrap_or(RawOutbound {
         default: OutboundAction::Mtls,
         rules: vec![],
+        opaque_ports: vec![],
     });
+    let mut opaque_ports = Vec::with_capacity(outbound.opaque_ports.len());
+    for (i, &port) in outbound.opaque_ports.iter().enumerate() {
+        let path = format!("outbound.opaquePorts[{i}]");
+        if port == 0 {
+            return Err(invalid(path, "port 0 is not a port"));
+        }
+        if opaque_ports.contains(&port) {
+            return Err(invalid(path, format!("port {port} appears twice")));
+        }
+        opaque_ports.push(port);
+    }
     let outbound_rules = outbound
         .rules
         .into_iter()
@@ -92,6 +104,7 @@ pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
         ports,
         outbound_default: outbound.default,
         outbound_rules,
+        opaque_ports,
         digest: sha256_hex(text.as_bytes()),
         labels: DefaultLabels::new(),
     })

@@ -213,6 +213,20 @@ fn outbound_rules_are_checked() {
 }
 
 #[test]
+fn opaque_ports_are_read_and_checked() {
+    let ok = format!("{BASE}outbound:\n  opaquePorts: [5432, 6379]\n");
+    let policy = Policy::from_yaml(&ok).unwrap();
+    assert!(policy.opaque_port(5432) && policy.opaque_port(6379));
+    assert!(!policy.opaque_port(8080));
+    let zero = format!("{BASE}outbound:\n  opaquePorts: [0]\n");
+    assert!(refused(&zero).contains("outbound.opaquePorts[0]"));
+    let twice = format!("{BASE}outbound:\n  opaquePorts: [5432, 5432]\n");
+    assert!(refused(&twice).contains("outbound.opaquePorts[1]: port 5432 appears twice"));
+    let bad = format!("{BASE}outbound:\n  opaquePorts: [http]\n");
+    assert!(refused(&bad).contains("opaquePorts"));
+}
+
+#[test]
 fn not_yaml_is_refused() {
     assert!(refused("{{{").contains("does not parse"));
     assert!(refused("").contains("does not parse"));

@@ -117,6 +117,12 @@ impl Policy {
         (self.outbound_default, self.labels.outbound_default.clone())
     }
 
+    /// Whether traffic to destination `port` stays opaque TCP end to end
+    /// (`outbound.opaquePorts`): no protocol detection, no HTTP layer.
+    pub fn opaque_port(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
+    }
+
     fn identity(&self, peer: &SpiffeId, port: u16) -> (bool, Arc<str>, &'static str) {
         if let Some(p) = self.port(port) {
             for rule in &p.allow {

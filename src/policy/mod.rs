@@ -59,6 +59,7 @@ pub struct Policy {
     outbound_default: OutboundAction,
     outbound_rules: Vec<OutboundRule>,
     kubernetes: Option<kube::KubePolicy>,
+    opaque_ports: Vec<u16>,
     digest: String,
     labels: DefaultLabels,
 }
@@ -261,6 +262,7 @@ impl Policy {
             outbound_default: OutboundAction::Mtls,
             outbound_rules: Vec::new(),
             kubernetes: None,
+            opaque_ports: Vec::new(),
             digest,
             labels: DefaultLabels::new(),
         }

@@ -183,6 +183,9 @@ pub(crate) struct RawOutbound {
     pub default: OutboundAction,
     #[serde(default)]
     pub rules: Vec<RawOutboundRule>,
+    /// Destination ports whose traffic stays opaque TCP end to end.
+    #[serde(default, rename = "opaquePorts")]
+    pub opaque_ports: Vec<u16>,
 }
 
 /// What the outbound side does with a destination.

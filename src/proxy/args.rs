@@ -129,6 +129,11 @@ pub struct ProxyArgs {
     /// Most fields in an HTTP/1 request head (at most 256); over it: 431.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=256), env = "STEPMESH_MAX_REQUEST_HEADERS")]
     pub max_request_headers: u16,
+    /// Destination ports whose traffic stays opaque TCP end to end, as the
+    /// policy's `outbound.opaquePorts` (comma-separated; either list makes
+    /// a port opaque): no protocol detection, no HTTP layer.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), env = "STEPMESH_OPAQUE_PORTS")]
+    pub opaque_ports: Vec<u16>,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "STEPMESH_WORKERS")]
     pub workers: Option<usize>,

@@ -44,6 +44,8 @@ pub struct Shared {
     pub peer_cap: Arc<crate::net::caps::PerKeyCap<SpiffeId>>,
     /// App-facing (outbound) connections open at once per source address.
     pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
+    /// `--opaque-ports`: destination ports kept opaque TCP.
+    pub opaque_ports: Vec<u16>,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer
@@ -81,6 +83,9 @@ pub struct OutboundContext {
     pub port: u16,
     /// mTLS or passthrough (deny never reaches the seam).
     pub action: OutboundAction,
+    /// An opaque port (`--opaque-ports`, `outbound.opaquePorts`): bytes
+    /// forwarded as they are, never detected as HTTP.
+    pub opaque: bool,
     /// The identity the peer must have, as configured (for logs).
     pub expected: Arc<str>,
 }

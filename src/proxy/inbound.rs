@@ -21,6 +21,7 @@ use crate::metrics::Direction;
 use crate::net::caps::Slot;
 use crate::net::dial;
 use crate::net::forward::{forward, ForwardError};
+use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure, spiffe_id_of};
 
 /// Where an inbound listener's connections go.
@@ -72,7 +73,19 @@ fn verified_peer(
 pub struct Inbound {
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
+    /// For `tcp` ports: no ALPN, so no peer's mesh HTTP/2.
+    tcp_acceptor: TlsAcceptor,
     target: InboundTarget,
+}
+
+/// The TLS configs of inbound listeners: with the ALPN list (`http`,
+/// `auto` ports) and without (`tcp` ports).
+#[derive(Debug, Clone)]
+pub struct InboundConfigs {
+    /// ALPN `stepmesh/h2`, `h2`, `http/1.1`.
+    pub http: Arc<rustls::ServerConfig>,
+    /// No ALPN.
+    pub tcp: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -84,15 +97,13 @@ impl std::fmt::Debug for Inbound {
 }
 
 impl Inbound {
-    /// A handler terminating TLS with `config`.
-    pub fn new(
-        shared: Arc<Shared>,
-        config: Arc<rustls::ServerConfig>,
-        target: InboundTarget,
-    ) -> Self {
+    /// A handler terminating TLS with `configs` (chosen by the port's
+    /// protocol in the live policy, per connection).
+    pub fn new(shared: Arc<Shared>, configs: &InboundConfigs, target: InboundTarget) -> Self {
         Self {
             shared,
-            acceptor: TlsAcceptor::from(config),
+            acceptor: TlsAcceptor::from(configs.http.clone()),
+            tcp_acceptor: TlsAcceptor::from(configs.tcp.clone()),
             target,
         }
     }
@@ -119,8 +130,12 @@ impl Inbound {
             );
             None
         };
-        let handshake =
-            tokio::time::timeout(shared.timeouts.handshake, self.acceptor.accept(tcp)).await;
+        let acceptor = if shared.policy.current().port_protocol(log.port) == Protocol::Tcp {
+            &self.tcp_acceptor
+        } else {
+            &self.acceptor
+        };
+        let handshake = tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(tcp)).await;
         let mut tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return refuse(failure::reason(&e), &e),

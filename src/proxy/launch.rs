@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use super::args::ProxyArgs;
 use super::conn::Shared;
-use super::inbound::{Inbound, InboundTarget};
+use super::inbound::{Inbound, InboundConfigs, InboundTarget};
 use super::listener::accept_loop;
 use super::outbound::{Outbound, OutboundTarget};
 use crate::drain::DrainWatch;
@@ -48,6 +48,19 @@ pub async fn listeners(
     };
     let store = &shared.store;
     let server_config = tls::server_config(provider, store, super::seam::server_alpn(), settings)?;
+    // `tcp` ports negotiate no ALPN: a peer sidecar's HTTP/2 pool cannot
+    // reach them (it falls back to opaque TCP), so a `tcp` port stays L4
+    // end to end. Same ticketer and session cache: resumption works
+    // across a pod's ports.
+    let tcp_config = {
+        let mut config = (*server_config).clone();
+        config.alpn_protocols = Vec::new();
+        Arc::new(config)
+    };
+    let configs = InboundConfigs {
+        http: server_config,
+        tcp: tcp_config,
+    };
     let mut launcher = Launcher {
         shared: shared.clone(),
         permits: Arc::new(Semaphore::new(args.max_connections)),
@@ -61,7 +74,7 @@ pub async fn listeners(
             app: spec.app.as_str().into(),
         };
         let info = (listener.local_addr()?, "inbound", spec.app.clone(), None);
-        launcher.inbound(listener, &server_config, target, info);
+        launcher.inbound(listener, &configs, target, info);
     }
     for (spec, pattern) in args.outbound.iter().zip(expected) {
         let config = tls::client_config(
@@ -93,7 +106,7 @@ pub async fn listeners(
             "original destination".into(),
             None,
         );
-        launcher.inbound(listener, &server_config, InboundTarget::OriginalDst, info);
+        launcher.inbound(listener, &configs, InboundTarget::OriginalDst, info);
         let config = tls::client_config(
             provider,
             store,
@@ -126,11 +139,11 @@ impl Launcher {
     fn inbound(
         &mut self,
         listener: TcpListener,
-        config: &Arc<rustls::ServerConfig>,
+        configs: &InboundConfigs,
         target: InboundTarget,
         info: Info,
     ) {
-        let handler = Arc::new(Inbound::new(self.shared.clone(), config.clone(), target));
+        let handler = Arc::new(Inbound::new(self.shared.clone(), configs, target));
         let (watch, permits) = (self.watch.clone(), self.permits.clone());
         let metrics = self.shared.metrics.clone();
         tokio::spawn(accept_loop(

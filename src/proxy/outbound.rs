@@ -186,12 +186,15 @@ impl Outbound {
                 .metrics
                 .connection(Direction::Outbound, "", "would_deny");
         }
+        let opaque =
+            shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
         let ctx = OutboundContext {
             own_id: shared.store.info().map(|info| info.id),
             client,
             dst: dst.clone(),
             port,
             action,
+            opaque,
             expected,
         };
         let outcome = serve(shared, &self.connector, &self.mesh, &ctx, app).await;

@@ -175,6 +175,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         http,
         peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
+        opaque_ports: args.opaque_ports.clone(),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),

@@ -147,7 +147,9 @@ pub async fn outbound(
     ctx: &OutboundContext,
     app: TcpStream,
 ) -> Outcome {
-    if ctx.action == OutboundAction::Mtls {
+    // An opaque port is not even peeked at: no detection delay, and what
+    // looks like HTTP is carried as bytes like everything else.
+    if ctx.action == OutboundAction::Mtls && !ctx.opaque {
         match detect::peek(&app, OUTBOUND_DETECT).await {
             // Boxed, so opaque TCP connections keep a small task (see inbound).
             Detected::Http1 => return Box::pin(outbound_h1(shared, connector, ctx, app)).await,

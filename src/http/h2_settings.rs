@@ -1,0 +1,44 @@
+//! HTTP/2 flow control for every HTTP/2 connection the sidecar serves or
+//! makes (the mesh pool both ends, app-facing servers, the inbound app
+//! client), in one place because the two ends of a connection must agree.
+//!
+//! Why fixed, large windows and no adaptive window: hyper's adaptive window
+//! starts at 64 KiB and sets the connection window to one stream's window.
+//! A mesh connection carries up to 200 streams, so the connection window
+//! became the bottleneck: each `WINDOW_UPDATE` (half a window, 32 KiB) was
+//! shared by the streams waiting to send, which went out as DATA frames of
+//! a few hundred bytes. h2 (0.4.16 on) charges every DATA frame under 256
+//! bytes against a budget of half the connection window and closes the
+//! connection with `GOAWAY ENHANCE_YOUR_CALM` ("too_many_data_frames") when
+//! the frames wait unread: legitimate bursts tripped it and failed every
+//! request on the shared connection. With the windows below, updates come
+//! in large steps (so frames are full-sized, 16 KiB) and the budget is
+//! megabytes.
+//!
+//! The connection window is the stream limit times the stream window:
+//! streams that wait (for an app connection, for a mesh stream) hold the
+//! body data they were sent unread, and if that could fill the connection
+//! window, the streams being served could never get the rest of their
+//! bodies (the old 64 KiB window stalled h2load's 16 KiB uploads for good).
+//! Windows are credit, not memory: a connection holds buffered data only
+//! while its reader is slower than its writer, at most the connection
+//! window.
+
+/// Each stream's receive window: 128 KiB (a single large body runs at
+/// 128 KiB per round trip: 640 MB/s at 0.2 ms), updated in 64 KiB steps,
+/// so DATA frames go out full-sized.
+pub(crate) const STREAM_WINDOW: u32 = 128 << 10;
+
+/// The streams a client may open on a connection we serve (hyper's
+/// default, said here because the connection window depends on it).
+pub(crate) const MAX_STREAMS: u32 = 200;
+
+/// Every connection's receive window: all streams at full window fit
+/// (25 MiB), and h2's small-frame budget, half of it, is 12.5 MiB.
+pub(crate) const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
+
+/// Streams a peer sidecar may reset before we accept them, and streams we
+/// remember as reset: an app connection that goes away cancels all its
+/// streams at once, which on a shared mesh connection is normal, not the
+/// "rapid reset" attack h2's default of 20 guards against.
+pub(crate) const MESH_RESETS: usize = 1024;

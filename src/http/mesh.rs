@@ -1,0 +1,376 @@
+//! The pool of multiplexed HTTP/2 mTLS connections to peer sidecars (ALPN
+//! `stepmesh/h2`): one connection per (expected identity, destination),
+//! dialled once however many callers race for it, replaced when it goes
+//! away; and the sending of one request over it, retried once when the
+//! peer provably did not process it (RFC 9113 §8.7: `REFUSED_STREAM`, or a
+//! stream above a `GOAWAY`'s last stream ID). docs/HTTP.md, "Between
+//! sidecars", says why the windows are what they are.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::outbound::{MeshError, OutboundConn};
+use super::record::CountIn;
+use super::{h2_settings, MESH_ALPN};
+
+/// A request body as the mesh connection carries it: the app's, streamed,
+/// or a small one read whole so that it can be sent again.
+pub(crate) type MeshBody = Either<CountIn<Incoming>, Replay>;
+
+/// Request bodies up to this size (known from `content-length`) are read
+/// whole before sending, so that a request the peer refused can be sent
+/// again. Larger or unsized (streaming) bodies, and those of requests that
+/// wait for `100 Continue`, go out as they arrive and are not retried once
+/// sent.
+pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// A pooled connection to a peer sidecar and whom it reached.
+#[derive(Clone)]
+pub(crate) struct Pooled {
+    send: SendRequest<MeshBody>,
+    /// The peer's SPIFFE ID (from its certificate).
+    pub(crate) peer: Option<Arc<str>>,
+    /// Tells this connection from its replacement.
+    id: u64,
+}
+
+impl Pooled {
+    fn usable(&self) -> bool {
+        !self.send.is_closed()
+    }
+}
+
+/// HTTP/2 connections to peer sidecars, one per (identity, destination).
+#[derive(Default)]
+pub(crate) struct MeshPool {
+    slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    /// Connections made (ids; tests and logs tell connections apart).
+    made: AtomicU64,
+}
+
+/// One destination's connection, and the one dial in progress.
+#[derive(Default)]
+struct Slot {
+    ready: Mutex<Option<Pooled>>,
+    /// Held while dialling, so racing callers wait for that one dial.
+    dial: tokio::sync::Mutex<LastDial>,
+    /// Dials finished (read before waiting for `dial`).
+    dials: AtomicU64,
+}
+
+/// The outcome of the latest dial, for the callers that waited on it.
+#[derive(Default)]
+struct LastDial {
+    failed: Option<(u64, MeshError)>,
+}
+
+impl Slot {
+    fn ready(&self, avoid: Option<u64>) -> Option<Pooled> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready
+            .as_ref()
+            .filter(|p| p.usable() && Some(p.id) != avoid)
+            .cloned()
+    }
+}
+
+impl MeshPool {
+    fn slot(&self, key: &Arc<str>) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// A live connection to `conn.dst` (not the connection `avoid`), made
+    /// if there is none. Callers that race here wait for one dial and
+    /// share its connection, or its error.
+    pub(crate) async fn get(
+        &self,
+        conn: &OutboundConn,
+        avoid: Option<u64>,
+    ) -> Result<Pooled, MeshError> {
+        let slot = self.slot(&conn.key);
+        if let Some(p) = slot.ready(avoid) {
+            return Ok(p);
+        }
+        let seen = slot.dials.load(Ordering::Acquire);
+        let mut last = slot.dial.lock().await;
+        if let Some(p) = slot.ready(avoid) {
+            return Ok(p);
+        }
+        // A dial that ended while this caller waited failed: its error is
+        // this caller's too (no dial storm against an unreachable peer).
+        if let Some((n, e)) = &last.failed {
+            if *n > seen {
+                return Err(e.clone());
+            }
+        }
+        let dialled = self.dial(conn).await;
+        let n = slot.dials.fetch_add(1, Ordering::AcqRel) + 1;
+        match dialled {
+            Ok(pooled) => {
+                last.failed = None;
+                *slot.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(pooled.clone());
+                Ok(pooled)
+            }
+            Err(e) => {
+                last.failed = Some((n, e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets connection `id` (it is going away), so the next caller
+    /// dials a new one.
+    fn retire(&self, key: &Arc<str>, id: u64) {
+        let slot = self.slot(key);
+        let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+        if ready.as_ref().is_some_and(|p| p.id == id) {
+            *ready = None;
+        }
+    }
+
+    async fn dial(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+        let dst = conn.dst.clone();
+        let tcp = tokio::time::timeout(conn.connect_timeout, TcpStream::connect(&*dst))
+            .await
+            .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
+            .map_err(|e| MeshError::Connect(dst.clone(), e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            conn.handshake_timeout,
+            conn.connector.connect(conn.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| MeshError::Tls(dst.clone(), "handshake timed out".into()))?
+        .map_err(|e| MeshError::Tls(dst.clone(), e.to_string()))?;
+        let session = tls.get_ref().1;
+        if session.alpn_protocol() != Some(MESH_ALPN) {
+            return Err(MeshError::NoMeshAlpn(dst));
+        }
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
+            .map(|id| Arc::from(id.as_str()));
+        // Fixed, large windows, no adaptive window: see h2_settings.
+        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(h2_settings::STREAM_WINDOW)
+            .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+            .max_concurrent_reset_streams(h2_settings::MESH_RESETS)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
+            }
+        });
+        let id = self.made.fetch_add(1, Ordering::Relaxed);
+        Ok(Pooled { send, peer, id })
+    }
+}
+
+/// Why a mesh request got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection to the peer could be made.
+    Unavailable(MeshError),
+    /// The request failed on the connection (the peer may have seen it).
+    Failed(hyper::Error),
+}
+
+/// A request as the app sent it, made ready for the mesh: the body read
+/// whole when small enough to be sent again.
+pub(crate) struct Outgoing {
+    parts: http::request::Parts,
+    /// The app's body while not yet sent, if it is sent as a stream.
+    stream: Option<CountIn<Incoming>>,
+    /// The body read whole, if it was small enough.
+    replay: Option<Replay>,
+}
+
+impl Outgoing {
+    /// Reads a small body whole (so the request can be retried); a large or
+    /// streaming body stays a stream. Fails if the app's body fails.
+    pub(crate) async fn new(
+        parts: http::request::Parts,
+        body: CountIn<Incoming>,
+    ) -> Result<Outgoing, hyper::Error> {
+        let small = body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
+        // A client that waits for `100 Continue` sends no body before the
+        // answer: reading it first would wait for ever.
+        let waits = parts.headers.contains_key(http::header::EXPECT);
+        let replayable = !waits && (small || body.is_end_stream());
+        if parts.method == http::Method::CONNECT || !replayable {
+            return Ok(Outgoing {
+                parts,
+                stream: Some(body),
+                replay: None,
+            });
+        }
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        let replay = Replay {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        };
+        Ok(Outgoing {
+            parts,
+            stream: None,
+            replay: Some(replay),
+        })
+    }
+
+    /// The request of the first attempt.
+    fn first(&mut self) -> Request<MeshBody> {
+        match self.stream.take() {
+            Some(stream) => {
+                let headers = std::mem::take(&mut self.parts.headers);
+                self.request(Either::Left(stream), headers)
+            }
+            None => {
+                let replay = self.replay.clone().unwrap_or_default();
+                self.request(Either::Right(replay), self.parts.headers.clone())
+            }
+        }
+    }
+
+    /// The request of a second attempt, if its body can be sent again.
+    fn again(&self) -> Option<Request<MeshBody>> {
+        let replay = self.replay.clone()?;
+        Some(self.request(Either::Right(replay), self.parts.headers.clone()))
+    }
+
+    fn request(&self, body: MeshBody, headers: HeaderMap) -> Request<MeshBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.version_mut() = self.parts.version;
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+/// Sends `out` to the peer over the pooled connection; `on_peer` learns
+/// which connection (and peer identity) each attempt used. A request that
+/// never reached the peer is sent once more, on a new connection when the
+/// first is going away: one that hyper never wrote (the connection closed
+/// first) always; one the peer refused (`REFUSED_STREAM`, or above a
+/// `GOAWAY`'s last stream ID) when its body can be sent again.
+pub(crate) async fn send(
+    pool: &MeshPool,
+    conn: &OutboundConn,
+    out: &mut Outgoing,
+    on_peer: &mut (dyn FnMut(&Pooled) + Send),
+) -> Result<Response<Incoming>, SendError> {
+    let mut avoid = None;
+    let mut req = out.first();
+    let mut retried = false;
+    loop {
+        let mut pooled = pool
+            .get(conn, avoid)
+            .await
+            .map_err(SendError::Unavailable)?;
+        on_peer(&pooled);
+        if let Err(e) = pooled.send.ready().await {
+            // Closed before this request was handed to it: nothing sent.
+            pool.retire(&conn.key, pooled.id);
+            avoid = Some(pooled.id);
+            if retried {
+                return Err(SendError::Failed(e));
+            }
+            retried = true;
+            continue;
+        }
+        let mut err = match pooled.send.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(err) => err,
+        };
+        let unsent = err.take_message();
+        let error = err.into_error();
+        if pooled.send.is_closed() || peer_going_away(&error) {
+            pool.retire(&conn.key, pooled.id);
+            avoid = Some(pooled.id);
+        }
+        let next = match unsent {
+            Some(unsent) => Some(unsent),
+            None if never_processed(&error) => out.again(),
+            None => None,
+        };
+        match next {
+            Some(next) if !retried => {
+                tracing::debug!(dst = %conn.dst, error = %error, "mesh request not processed by the peer: sent again");
+                retried = true;
+                req = next;
+            }
+            _ => return Err(SendError::Failed(error)),
+        }
+    }
+}
+
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
+    std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>())
+}
+
+/// The peer said GOAWAY: the connection takes no new streams.
+fn peer_going_away(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| h2.is_remote() && h2.is_go_away())
+}
+
+/// The peer says it did not process the stream (RFC 9113 §8.7): it
+/// refused it, or its GOAWAY's last stream ID is below it (h2 reports a
+/// remote GOAWAY only to those streams; the ones at or below it end with
+/// the connection's own error).
+fn never_processed(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| {
+        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+/// A request body read whole, sent again as it was: data, then trailers.
+#[derive(Clone, Default)]
+pub(crate) struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
