@@ -504,3 +504,75 @@ fn a_list_of_ten_thousand_objects_streams_through() {
     );
     assert_eq!(names, 10_000);
 }
+
+/// A watch through the gateway on its own TLS connection (HTTP/1.1, as one
+/// kubectl process): the response head's status code.
+fn open_watch(
+    f: &Fixture,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    token: &str,
+) -> (
+    u16,
+    rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) {
+    use std::io::{Read as _, Write as _};
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", f.gateway.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte)
+            .unwrap_or_else(|e| panic!("no response head to {path}: {e}"));
+        head.push(byte[0]);
+    }
+    let status = text(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, tls)
+}
+
+#[test]
+fn more_watches_than_one_http2_connection_carries_all_open_and_reads_still_answer() {
+    // The API server allows 100 streams per HTTP/2 connection; the
+    // gateway's shared upstream connection must not carry watches.
+    use rustls::pki_types::pem::PemObject as _;
+    let Some(f) = fixture() else { return };
+    let ns = fresh_namespace(f, "watches");
+    let token = token(f, PWD, 60);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(f.gateway.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let path = format!("/api/v1/namespaces/{ns}/configmaps?watch=true");
+    let held: Vec<_> = (0..120)
+        .map(|i| {
+            let (status, tls) = open_watch(f, &config, &path, &token);
+            assert_eq!(status, 200, "watch {i}");
+            tls
+        })
+        .collect();
+    let out = f
+        .gateway
+        .kubectl(f.k8s, &token, &["get", "configmaps", "-n", &ns]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(held);
+}

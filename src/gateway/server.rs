@@ -18,8 +18,9 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use super::answer::{status, PendingStepUps};
+use super::classify::RequestInfo;
 use super::decide::{authenticate, decide, Decision, Pending, Verdict};
-use super::upstream::Upstream;
+use super::upstream::{Lane, Upstream};
 use crate::accesslog::{now_rfc3339, AccessLog};
 use crate::policy::PolicyWatch;
 use crate::stepup::gate::unix_now;
@@ -136,7 +137,14 @@ impl Gateway {
                 }
                 let upgrade = is_upgrade(&req);
                 self.upstream.rewrite(&mut req, person, upgrade);
-                self.forward(req, upgrade).await
+                let lane = if upgrade {
+                    Lane::Upgrade
+                } else if d.info.as_ref().is_some_and(is_long_running) {
+                    Lane::Stream
+                } else {
+                    Lane::Shared
+                };
+                self.forward(req, lane).await
             }
             (verdict, _) => (self.refusal(verdict, &d).map(own_bytes), None),
         };
@@ -209,10 +217,10 @@ impl Gateway {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        upgrade: bool,
+        lane: Lane,
     ) -> (Response<Body>, Option<String>) {
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let mut resp = match self.upstream.send(req, upgrade).await {
+        let client_upgrade = (lane == Lane::Upgrade).then(|| hyper::upgrade::on(&mut req));
+        let mut resp = match self.upstream.send(req, lane).await {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.upstream_errors.inc();
@@ -278,6 +286,14 @@ impl Gateway {
 
 fn own_bytes(b: Bytes) -> Body {
     Either::Left(Full::new(b))
+}
+
+/// A request that may stay open for as long as the client likes: a watch,
+/// a pod's log (`follow=true`), a proxied request.
+fn is_long_running(info: &RequestInfo) -> bool {
+    info.verb == "watch"
+        || info.verb == "proxy"
+        || (info.is_resource_request && matches!(info.subresource.as_str(), "log" | "proxy"))
 }
 
 /// `Connection: upgrade` with an `Upgrade` header (WebSocket, SPDY/3.1).

@@ -1,5 +1,7 @@
 //! The way to the API server: one pooled HTTPS client (HTTP/2 or 1.1, as
-//! the server offers) for ordinary requests, one HTTP/1.1-only client for
+//! the server offers) for ordinary requests, an HTTP/1.1-only client for
+//! long-running requests (watch, log, proxy: a connection each, so they
+//! never fill the shared HTTP/2 connection's stream limit), one for
 //! upgrades (exec, attach, port-forward: WebSocket and SPDY ride HTTP/1.1),
 //! and the gateway's own ServiceAccount token, re-read as the kubelet
 //! rotates it. Requests are rewritten here: hop-by-hop headers and the
@@ -48,13 +50,32 @@ pub enum UpstreamError {
     },
 }
 
+/// Idle long-running-request connections kept for reuse.
+const STREAM_IDLE_CONNECTIONS: usize = 16;
+
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+/// Which upstream client a request rides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The shared connection (HTTP/2 when the API server offers it).
+    Shared,
+    /// A long-running request (watch, log, proxy): an HTTP/1.1 connection
+    /// of its own while it lasts. The API server allows 100 concurrent
+    /// streams per HTTP/2 connection and hyper-util's pool opens no second
+    /// one: on the shared connection the 101st open watch, and every
+    /// request after it, would wait for one to end.
+    Stream,
+    /// An upgrade: HTTP/1.1, never pooled.
+    Upgrade,
+}
 
 /// The API server, as the gateway reaches it.
 pub struct Upstream {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     pooled: HttpsClient,
+    streams: HttpsClient,
     upgrades: HttpsClient,
     token: Arc<ArcSwap<HeaderValue>>,
 }
@@ -109,6 +130,11 @@ impl Upstream {
         let pooled = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector(true));
+        let streams = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            // A burst of ended watches leaves no crowd of idle connections.
+            .pool_max_idle_per_host(STREAM_IDLE_CONNECTIONS)
+            .build(connector(false));
         let upgrades = Client::builder(TokioExecutor::new())
             // An upgraded connection is the caller's for good: never pooled.
             .pool_max_idle_per_host(0)
@@ -123,21 +149,22 @@ impl Upstream {
             scheme,
             authority,
             pooled,
+            streams,
             upgrades,
             token,
         })
     }
 
-    /// Sends `req` (already rewritten by [`Upstream::rewrite`]).
+    /// Sends `req` (already rewritten by [`Upstream::rewrite`]) on `lane`.
     pub async fn send(
         &self,
         req: Request<Incoming>,
-        upgrade: bool,
+        lane: Lane,
     ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        if upgrade {
-            self.upgrades.request(req).await
-        } else {
-            self.pooled.request(req).await
+        match lane {
+            Lane::Shared => self.pooled.request(req).await,
+            Lane::Stream => self.streams.request(req).await,
+            Lane::Upgrade => self.upgrades.request(req).await,
         }
     }
 
