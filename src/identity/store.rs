@@ -162,6 +162,7 @@ impl CertStore {
             bundle: Arc::new(bundle),
             info: current.info.clone(),
         })));
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -190,6 +191,12 @@ impl CertStore {
         let mut rx = self.generation.subscribe();
         // The sender lives in `self`, so the channel cannot close meanwhile.
         let _ = rx.wait_for(|generation| *generation > 0).await;
+    }
+
+    /// Changes after every new SVID or trust bundle: established
+    /// connections re-check their peer against the new roots on it.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Whether the bundle's roots changed within `window` of now (resumed

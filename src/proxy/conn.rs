@@ -44,6 +44,8 @@ pub struct Shared {
     pub peer_cap: Arc<crate::net::caps::PerKeyCap<SpiffeId>>,
     /// App-facing (outbound) connections open at once per source address.
     pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
+    /// Live re-authorization of established inbound connections.
+    pub reauth: super::reauth::Reauth,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer
@@ -66,6 +68,9 @@ pub struct InboundContext {
     pub alpn: Option<Vec<u8>>,
     /// How the policy says to treat this port.
     pub protocol: Protocol,
+    /// What the connection re-checks itself with when the policy or the
+    /// trust bundle changes.
+    pub grant: super::reauth::Grant,
 }
 
 /// An accepted outbound connection from the local app, before dialling.
