@@ -177,6 +177,7 @@ async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
                 while let Some(update) = watch.next().await {
                     match update {
                         Ok(update) => {
+                            store.update_revocations(update.revoked);
                             if let Err(e) = store.update_bundle(update.bundle) {
                                 tracing::warn!(error = %e, "trust bundle from the CA refused");
                             }

@@ -11,6 +11,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::CertifiedKey;
 use stepmesh_ca::spiffe_id::{SpiffeId, TrustDomain};
+use stepmesh_ca::revocation::RevokedSet;
 use stepmesh_ca::svid::TrustBundle;
 
 /// An SVID as a source hands it over: chain (leaf first), key, bundle.
@@ -74,6 +75,8 @@ pub struct CertStore {
     roots_changed_at: AtomicU64,
     /// Bumped on every change of the bundle's roots.
     roots_generation: AtomicU64,
+    /// Serials and IDs to refuse (streamed by the CA with the bundle).
+    revoked: arc_swap::ArcSwap<RevokedSet>,
 }
 
 impl CertStore {
@@ -88,6 +91,7 @@ impl CertStore {
             generation: tokio::sync::watch::Sender::new(0),
             roots_changed_at: AtomicU64::new(0),
             roots_generation: AtomicU64::new(0),
+            revoked: arc_swap::ArcSwap::from_pointee(RevokedSet::default()),
         }
     }
 
@@ -193,7 +197,23 @@ impl CertStore {
         let _ = rx.wait_for(|generation| *generation > 0).await;
     }
 
-    /// Changes after every new SVID or trust bundle: established
+    /// The serials and IDs refused now (one load per handshake).
+    pub fn revoked(&self) -> arc_swap::Guard<Arc<RevokedSet>> {
+        self.revoked.load()
+    }
+
+    /// Installs the CA's revocation list; a changed one makes established
+    /// connections re-check themselves.
+    pub fn update_revocations(&self, revoked: RevokedSet) {
+        if **self.revoked.load() == revoked {
+            return;
+        }
+        tracing::info!(empty = revoked.is_empty(), "revocation list updated");
+        self.revoked.store(Arc::new(revoked));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes after every new SVID, trust bundle or revocation list: established
     /// connections re-check their peer against the new roots on it.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()

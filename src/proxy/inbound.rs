@@ -21,7 +21,7 @@ use crate::metrics::Direction;
 use crate::net::caps::Slot;
 use crate::net::dial;
 use crate::net::forward::{forward, ForwardError};
-use crate::tls::{cert_sha256, failure, spiffe_id_of};
+use crate::tls::{cert_sha256, failure};
 
 /// Where an inbound listener's connections go.
 #[derive(Debug, Clone)]
@@ -43,6 +43,8 @@ struct Peer {
     cert_sha256: [u8; 32],
     /// The root key its chain ended at (live re-authorization).
     anchor: Option<stepmesh_ca::svid::AnchorKey>,
+    /// Its leaf's serial, as `revocation::serial_key` (live re-authorization).
+    serial: u64,
     alpn: Option<Vec<u8>>,
     /// Its place under the per-peer connection cap.
     _slot: Option<Slot<SpiffeId>>,
@@ -61,7 +63,8 @@ fn verified_peer(
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or(("no_client_cert", "no client certificate"))?;
-    let id = spiffe_id_of(leaf).ok_or(("bad_san", "no SPIFFE ID in the client certificate"))?;
+    let (id, serial) = crate::identity::id_and_serial_of(leaf)
+        .ok_or(("bad_san", "no SPIFFE ID in the client certificate"))?;
     let anchor = conn
         .peer_certificates()
         .zip(store.bundle())
@@ -70,6 +73,7 @@ fn verified_peer(
         id,
         cert_sha256: cert_sha256(leaf),
         anchor,
+        serial: stepmesh_ca::revocation::serial_key(&serial),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         _slot: None,
     })
@@ -186,6 +190,7 @@ impl Inbound {
             id: peer_id,
             cert_sha256: peer_cert_sha256,
             anchor,
+            serial,
             alpn,
             _slot,
         } = peer;
@@ -223,7 +228,7 @@ impl Inbound {
             client,
             alpn,
             protocol,
-            grant: super::reauth::Reauth::grant(generation, anchor, decision.allow),
+            grant: super::reauth::Reauth::grant(generation, anchor, serial, decision.allow),
         };
         drop(policy);
         let outcome = serve(shared, &ctx, tls).await;
