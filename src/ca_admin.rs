@@ -108,10 +108,7 @@ pub async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
 pub async fn unrevoke(args: UnrevokeArgs) -> anyhow::Result<()> {
     let (client, token) = args.admin.connect().await?;
     let (serial, id) = target(&args.target);
-    let entry = client
-        .unrevoke(&token, serial, id)
-        .await
-        .map_err(refused)?;
+    let entry = client.unrevoke(&token, serial, id).await.map_err(refused)?;
     println!("unrevoked {}", line(&entry));
     Ok(())
 }

@@ -314,7 +314,9 @@ impl CaClient {
                 reason: reason.to_owned(),
             },
         )?;
-        Ok(with_timeout(self.grpc().revoke(request)).await?.into_inner())
+        Ok(with_timeout(self.grpc().revoke(request))
+            .await?
+            .into_inner())
     }
 
     /// Removes the revocation of a serial or an ID.
@@ -329,7 +331,9 @@ impl CaClient {
             id: id.to_owned(),
         };
         let request = Self::admin_request(admin_token, message)?;
-        Ok(with_timeout(self.grpc().unrevoke(request)).await?.into_inner())
+        Ok(with_timeout(self.grpc().unrevoke(request))
+            .await?
+            .into_inner())
     }
 
     /// The revocations in force.

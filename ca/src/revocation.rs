@@ -320,7 +320,9 @@ impl Revocations {
         };
         let append = self.append.lock().unwrap_or_else(|e| e.into_inner());
         if append.send(line).is_err() {
-            tracing::warn!("issued-serial log writer is gone: this serial is known until restart only");
+            tracing::warn!(
+                "issued-serial log writer is gone: this serial is known until restart only"
+            );
         }
     }
 
@@ -364,7 +366,8 @@ impl Revocations {
                     expires_at: 0,
                 },
             };
-            let same = |e: &Entry| e.serial == entry.serial && (!e.serial.is_empty() || e.id == entry.id);
+            let same =
+                |e: &Entry| e.serial == entry.serial && (!e.serial.is_empty() || e.id == entry.id);
             if let Some(existing) = inner.entries.iter().find(|e| same(e)) {
                 return Ok(existing.clone());
             }
@@ -486,15 +489,27 @@ mod tests {
         let revs = Revocations::load(dir.path()).unwrap();
         let far = SystemTime::now() + std::time::Duration::from_secs(3600);
         revs.issued("1abc", &id, far);
-        let unknown = revs.revoke(Target::Serial("ffff".into()), "").await.unwrap_err();
-        assert!(unknown.to_string().contains("not a certificate this CA issued"));
+        let unknown = revs
+            .revoke(Target::Serial("ffff".into()), "")
+            .await
+            .unwrap_err();
+        assert!(unknown
+            .to_string()
+            .contains("not a certificate this CA issued"));
         assert!(revs.list().is_empty(), "a refused revoke changes nothing");
         let bad = Target::parse("", "spiffe://other/ns/a/sa/x", &td).unwrap_err();
         assert!(bad.to_string().contains("not of trust domain td"), "{bad}");
-        assert!(matches!(Target::parse("1", "spiffe://td/x", &td), Err(RevokeError::Target)));
+        assert!(matches!(
+            Target::parse("1", "spiffe://td/x", &td),
+            Err(RevokeError::Target)
+        ));
 
-        revs.revoke(Target::Serial("1abc".into()), "stolen").await.unwrap();
-        revs.revoke(Target::Id(id.clone()), "compromised").await.unwrap();
+        revs.revoke(Target::Serial("1abc".into()), "stolen")
+            .await
+            .unwrap();
+        revs.revoke(Target::Id(id.clone()), "compromised")
+            .await
+            .unwrap();
         assert_eq!(revs.subscribe().borrow().entries.len(), 2);
         assert!(revs.refusing(&id, None).is_some());
         // Let the writer thread append the issued line.

@@ -247,8 +247,10 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         RateLimiter::new(config.rate_limit),
         metrics.clone(),
         bundle_rx.clone(),
-        revocations.clone(),
-        config.admin_token_file.clone(),
+        crate::service::AdminState {
+            revocations: revocations.clone(),
+            admin_token: config.admin_token_file.clone(),
+        },
     );
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -350,12 +352,19 @@ const MIN_ADMIN_TOKEN: usize = 32;
 
 /// `--admin-token-file` must be readable, private and long enough.
 async fn check_admin_token(path: &std::path::Path) -> Result<(), StartError> {
-    let bad = |why: String| StartError::Config(format!("--admin-token-file {}: {why}", path.display()));
-    let text = tokio::fs::read_to_string(path).await.map_err(|e| bad(e.to_string()))?;
+    let bad =
+        |why: String| StartError::Config(format!("--admin-token-file {}: {why}", path.display()));
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
     if text.trim().len() < MIN_ADMIN_TOKEN {
-        return Err(bad(format!("the token must be at least {MIN_ADMIN_TOKEN} characters")));
+        return Err(bad(format!(
+            "the token must be at least {MIN_ADMIN_TOKEN} characters"
+        )));
     }
-    let mode = tokio::fs::metadata(path).await.map_err(|e| bad(e.to_string()))?;
+    let mode = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     if mode.permissions().mode() & 0o007 != 0 {
         return Err(bad("readable by others: chmod 0600 (or 0640)".into()));

@@ -53,6 +53,15 @@ pub struct CaService {
     admin_token: Option<std::path::PathBuf>,
 }
 
+/// What the admin calls work on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The revocation list (also consulted by every Sign).
+    pub revocations: Arc<Revocations>,
+    /// `--admin-token-file`; `None`: admin calls refused.
+    pub admin_token: Option<std::path::PathBuf>,
+}
+
 /// A refused Sign call: what the caller gets and what the audit line says.
 struct Refusal {
     status: Status,
@@ -107,9 +116,12 @@ impl CaService {
         limiter: RateLimiter,
         metrics: CaMetrics,
         bundle: watch::Receiver<Arc<BundleState>>,
-        revocations: Arc<Revocations>,
-        admin_token: Option<std::path::PathBuf>,
+        admin: AdminState,
     ) -> Self {
+        let AdminState {
+            revocations,
+            admin_token,
+        } = admin;
         Self {
             td,
             signer,
@@ -370,7 +382,12 @@ impl CertificateAuthority for CaService {
         request: Request<pb::ListRevocationsRequest>,
     ) -> Result<Response<pb::RevocationList>, Status> {
         self.admin(&request, "list_revocations").await?;
-        let revocations = self.revocations.list().iter().map(|e| e.to_proto()).collect();
+        let revocations = self
+            .revocations
+            .list()
+            .iter()
+            .map(|e| e.to_proto())
+            .collect();
         Ok(Response::new(pb::RevocationList { revocations }))
     }
 }
@@ -392,25 +409,43 @@ impl CaService {
         let Some(path) = &self.admin_token else {
             return Err(refused(
                 "admin_disabled",
-                Status::unauthenticated("admin calls are disabled: the CA runs without --admin-token-file"),
+                Status::unauthenticated(
+                    "admin calls are disabled: the CA runs without --admin-token-file",
+                ),
             ));
         };
         let expected = match tokio::fs::read_to_string(path).await {
             Ok(text) => text.trim().to_owned(),
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "reading --admin-token-file");
-                return Err(refused("admin_token_unreadable", Status::unavailable("the CA cannot read its admin token")));
+                return Err(refused(
+                    "admin_token_unreadable",
+                    Status::unavailable("the CA cannot read its admin token"),
+                ));
             }
         };
         let given = match bearer(request.metadata()) {
             Ok(Some(token)) => token,
-            _ => return Err(refused("no_admin_token", Status::unauthenticated("admin calls need `authorization: Bearer <admin token>`"))),
+            _ => {
+                return Err(refused(
+                    "no_admin_token",
+                    Status::unauthenticated(
+                        "admin calls need `authorization: Bearer <admin token>`",
+                    ),
+                ))
+            }
         };
         let same = !expected.is_empty()
-            && aws_lc_rs::constant_time::verify_slices_are_equal(given.as_bytes(), expected.as_bytes())
-                .is_ok();
+            && aws_lc_rs::constant_time::verify_slices_are_equal(
+                given.as_bytes(),
+                expected.as_bytes(),
+            )
+            .is_ok();
         if !same {
-            return Err(refused("bad_admin_token", Status::unauthenticated("the admin token is not the CA's")));
+            return Err(refused(
+                "bad_admin_token",
+                Status::unauthenticated("the admin token is not the CA's"),
+            ));
         }
         Ok(peer)
     }
@@ -446,7 +481,9 @@ fn leaf_serial(der: &CertificateDer<'_>) -> Option<String> {
 fn revoke_status(e: RevokeError) -> Status {
     match e {
         RevokeError::Store(e) => Status::internal(e.to_string()),
-        RevokeError::UnknownSerial(_) | RevokeError::NotRevoked(_) => Status::not_found(e.to_string()),
+        RevokeError::UnknownSerial(_) | RevokeError::NotRevoked(_) => {
+            Status::not_found(e.to_string())
+        }
         e => Status::invalid_argument(e.to_string()),
     }
 }

@@ -10,8 +10,8 @@ use arc_swap::ArcSwapOption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::CertifiedKey;
-use stepmesh_ca::spiffe_id::{SpiffeId, TrustDomain};
 use stepmesh_ca::revocation::RevokedSet;
+use stepmesh_ca::spiffe_id::{SpiffeId, TrustDomain};
 use stepmesh_ca::svid::TrustBundle;
 
 /// An SVID as a source hands it over: chain (leaf first), key, bundle.
@@ -211,6 +211,12 @@ impl CertStore {
         tracing::info!(empty = revoked.is_empty(), "revocation list updated");
         self.revoked.store(Arc::new(revoked));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The number of changes so far (new SVID, bundle, revocation list):
+    /// what caches tied to our identity key on.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 
     /// Changes after every new SVID, trust bundle or revocation list: established

@@ -5,6 +5,7 @@
 
 pub mod failure;
 pub mod resolve;
+pub mod sessions;
 pub mod verify;
 
 use std::sync::Arc;
@@ -106,9 +107,12 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(SvidResolver::new(store.clone())));
     config.alpn_protocols = alpn;
-    if !settings.session_resumption {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
+    config.resumption = if settings.session_resumption {
+        let sessions = Arc::new(sessions::SvidSessions::new(store.clone()));
+        rustls::client::Resumption::store(sessions)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(config))
 }
 
