@@ -50,6 +50,48 @@ pub struct RevokeArgs {
     pub admin: AdminArgs,
 }
 
+/// Flags of `stepmesh ca rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Which workloads renew now.
+    #[command(flatten)]
+    pub target: RotateTarget,
+    /// The CA and the admin token.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// One ID, or all.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RotateTarget {
+    /// The SPIFFE ID whose sidecars renew now.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Every sidecar renews now.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `ca rotate`.
+pub async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
+    let (client, token) = args.admin.connect().await?;
+    let rotation = client
+        .rotate(&token, args.target.id.as_deref())
+        .await
+        .map_err(refused)?;
+    let who = if rotation.id.is_empty() {
+        "every workload"
+    } else {
+        &rotation.id
+    };
+    println!(
+        "asked {who} to renew SVIDs issued before {}",
+        at(rotation.issued_before)
+    );
+    Ok(())
+}
+
 /// Flags of `stepmesh ca unrevoke`.
 #[derive(Debug, Args)]
 pub struct UnrevokeArgs {

@@ -25,6 +25,8 @@ pub enum CaCommand {
     Unrevoke(crate::ca_admin::UnrevokeArgs),
     /// List the running CA's revocations (admin token).
     Revocations(crate::ca_admin::AdminArgs),
+    /// Make the sidecars of an ID (or all) renew now, keeping connections (admin token).
+    Rotate(crate::ca_admin::RotateArgs),
 }
 
 /// Flags of `stepmesh ca serve`.
@@ -169,6 +171,7 @@ pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
         CaCommand::Revoke(args) => crate::ca_admin::revoke(args).await,
         CaCommand::Unrevoke(args) => crate::ca_admin::unrevoke(args).await,
         CaCommand::Revocations(args) => crate::ca_admin::list(args).await,
+        CaCommand::Rotate(args) => crate::ca_admin::rotate(args).await,
     }
 }
 

@@ -107,6 +107,8 @@ pub struct BundleUpdate {
     pub sequence: u64,
     /// The serials and IDs to refuse (streamed with the bundle).
     pub revoked: crate::revocation::RevokedSet,
+    /// Forced re-issues asked for lately (`ca rotate`).
+    pub rotations: Vec<pb::Rotation>,
 }
 
 /// A client of one CA.
@@ -336,6 +338,22 @@ impl CaClient {
             .into_inner())
     }
 
+    /// Asks the sidecars of `id` (`None`: every workload) to renew now.
+    pub async fn rotate(
+        &self,
+        admin_token: &str,
+        id: Option<&str>,
+    ) -> Result<pb::Rotation, ClientError> {
+        let message = pb::RotateRequest {
+            id: id.unwrap_or_default().to_owned(),
+            all: id.is_none(),
+        };
+        let request = Self::admin_request(admin_token, message)?;
+        Ok(with_timeout(self.grpc().rotate(request))
+            .await?
+            .into_inner())
+    }
+
     /// The revocations in force.
     pub async fn revocations(&self, admin_token: &str) -> Result<Vec<pb::Revocation>, ClientError> {
         let request = Self::admin_request(admin_token, pb::ListRevocationsRequest {})?;
@@ -383,6 +401,7 @@ fn to_update(b: pb::TrustBundle) -> Result<BundleUpdate, ClientError> {
         bundle,
         sequence: b.sequence,
         revoked: crate::revocation::RevokedSet::from_proto(&b.revocations),
+        rotations: b.rotations,
     })
 }
 

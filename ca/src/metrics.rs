@@ -21,7 +21,7 @@ pub struct SignLabels {
 /// Labels of one revocation admin call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevocationLabels {
-    /// `revoke`, `unrevoke`.
+    /// `revoke`, `unrevoke`, `rotate`.
     pub call: &'static str,
     /// `ok`, `refused`.
     pub outcome: &'static str,
@@ -71,13 +71,13 @@ impl CaMetrics {
         );
         reg.register(
             "revocation_calls",
-            "Revoke and unrevoke calls by outcome",
+            "Revoke, unrevoke and rotate calls by outcome",
             this.revocations.clone(),
         );
         this
     }
 
-    /// Counts one revoke or unrevoke call.
+    /// Counts one revoke, unrevoke or rotate call.
     pub fn revocation(&self, call: &'static str, outcome: &'static str) {
         self.revocations
             .get_or_create(&RevocationLabels { call, outcome })

@@ -196,6 +196,8 @@ pub struct Snapshot {
     pub sequence: u64,
     /// The entries in force.
     pub entries: Arc<Vec<pb::Revocation>>,
+    /// Forced re-issues asked for lately (the latest per ID, and for all).
+    pub rotations: Arc<Vec<pb::Rotation>>,
 }
 
 struct Inner {
@@ -432,10 +434,36 @@ impl Revocations {
                 path: self.dir.join(REVOCATIONS_FILE),
                 reason: format!("writer failed: {e}"),
             })??;
-        let sequence = self.published.borrow().sequence + 1;
-        self.published.send_replace(snapshot(&entries, sequence));
+        self.published.send_modify(|published| {
+            let rotations = published.rotations.clone();
+            *published = snapshot(&entries, published.sequence + 1);
+            published.rotations = rotations;
+        });
         self.lock().entries = entries;
         Ok(())
+    }
+
+    /// Asks the sidecars of `id` (`None`: all) to renew now: published
+    /// with the list; kept in memory (a sidecar connected to the stream
+    /// gets it at once; a restart forgets it).
+    pub fn rotate(&self, id: Option<&SpiffeId>) -> pb::Rotation {
+        let rotation = pb::Rotation {
+            id: id.map(ToString::to_string).unwrap_or_default(),
+            // SVIDs issued during this second count as before it.
+            issued_before: now() + 1,
+        };
+        let oldest = now() - ROTATION_KEPT_SECS;
+        self.published.send_modify(|snapshot| {
+            let mut rotations: Vec<pb::Rotation> = snapshot
+                .rotations
+                .iter()
+                .filter(|r| r.id != rotation.id && r.issued_before > oldest)
+                .cloned()
+                .collect();
+            rotations.push(rotation.clone());
+            snapshot.rotations = Arc::new(rotations);
+        });
+        rotation
     }
 
     /// The entries in force.
@@ -453,8 +481,13 @@ fn snapshot(entries: &[Entry], sequence: u64) -> Snapshot {
     Snapshot {
         sequence,
         entries: Arc::new(entries.iter().map(Entry::to_proto).collect()),
+        rotations: Arc::default(),
     }
 }
+
+/// How long a rotation is streamed: past the longest SVID lifetime any
+/// deployment uses, every SVID issued before it has expired anyway.
+const ROTATION_KEPT_SECS: i64 = 7 * 24 * 3600;
 
 fn append_issued(mut file: std::fs::File, lines: &mpsc::Receiver<Issued>) {
     while let Ok(line) = lines.recv() {

@@ -339,6 +339,7 @@ impl CertificateAuthority for CaService {
                 let mut msg = to_proto(&td, &state);
                 msg.revocations = snapshot.entries.to_vec();
                 msg.revocations_sequence = snapshot.sequence;
+                msg.rotations = snapshot.rotations.to_vec();
                 Some((Ok(msg), (bundle, revs, false)))
             }
         });
@@ -375,6 +376,40 @@ impl CertificateAuthority for CaService {
         result
             .map(|e| Response::new(e.to_proto()))
             .map_err(revoke_status)
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::Rotation>, Status> {
+        let peer = self.admin(&request, "rotate").await?;
+        let req = request.get_ref();
+        let id = match (req.id.trim(), req.all) {
+            ("", true) => None,
+            (id, false) if !id.is_empty() => match Target::parse("", id, &self.td) {
+                Ok(Target::Id(id)) => Some(id),
+                Ok(Target::Serial(_)) | Err(_) => {
+                    let err = Target::parse("", id, &self.td).err();
+                    let why = err.map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(target: "stepmesh_ca::audit", decision = "rotate", outcome = "refused", identity = id, detail = %why, peer, "rotation refused");
+                    self.metrics.revocation("rotate", "refused");
+                    return Err(Status::invalid_argument(why));
+                }
+            },
+            _ => {
+                self.metrics.revocation("rotate", "refused");
+                return Err(Status::invalid_argument("name exactly one of id or all"));
+            }
+        };
+        let rotation = self.revocations.rotate(id.as_ref());
+        let who = if rotation.id.is_empty() {
+            "*"
+        } else {
+            rotation.id.as_str()
+        };
+        tracing::info!(target: "stepmesh_ca::audit", decision = "rotate", outcome = "ok", identity = who, issued_before = rotation.issued_before, peer, "forced re-issue asked");
+        self.metrics.revocation("rotate", "ok");
+        Ok(Response::new(rotation))
     }
 
     async fn list_revocations(
@@ -496,5 +531,6 @@ fn to_proto(td: &TrustDomain, state: &BundleState) -> pb::TrustBundle {
         sequence: state.sequence,
         revocations,
         revocations_sequence,
+        rotations: Vec::new(),
     }
 }
