@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod http_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -311,4 +312,65 @@ fn a_trust_bundle_without_xs_root_closes_xs_connections() {
         ),
         1.0
     );
+}
+
+#[test]
+fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
+    // An HTTP/2 app client: X's sidecar carries it over one pooled
+    // `stepmesh/h2` connection to the server's sidecar. Denying X ends that
+    // connection gracefully (GOAWAY); the app's own connection to X's
+    // sidecar stays, and its next request (over a new mesh connection) is
+    // decided by the new policy: 403.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(http_support::app::TestApp::start(true));
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={}", app.addr),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(x_web).await.unwrap();
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let get = || http_support::app::request(true, "GET", "/h2", &[], b"");
+        let first = send.send_request(get()).await.unwrap();
+        assert_eq!(first.status(), 200);
+
+        let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+        let series =
+            "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}";
+        let closed = eventually("the mesh connection revoked", || {
+            (server.metric(series) == 1.0).then(Instant::now)
+        });
+        let took = closed.duration_since(denied);
+        assert!(
+            took < REVOKE_WITHIN,
+            "revoked {took:?} after the policy file changed"
+        );
+        server.wait_log("GOAWAY'd connection logged", |l| {
+            (l["message"] == "inbound connection revoked: closing" && l["peer"] == X).then_some(())
+        });
+        // The app's connection to its own sidecar is untouched; the next
+        // request is decided by the new policy.
+        let next = send.send_request(get()).await.unwrap();
+        assert_eq!(next.status(), 403, "a request after the reload is denied");
+    });
 }
