@@ -374,3 +374,77 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
         assert_eq!(next.status(), 403, "a request after the reload is denied");
     });
 }
+
+#[test]
+fn a_pipelining_http1_client_is_closed_too() {
+    // The client keeps requests queued ahead of the responses, so the
+    // connection is rarely idle between requests: the close still comes
+    // at the next response.
+    let (web_app, _) = http_ok_app();
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={web_app}"),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+
+    let conn = TcpStream::connect(x_web).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let pipeline = std::thread::spawn(move || {
+        // Bounded: 4 requests every 5 ms for at most 20 s.
+        let req = b"GET /p HTTP/1.1\r\nHost: app\r\n\r\n".repeat(4);
+        let until = Instant::now() + Duration::from_secs(20);
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed)
+            && Instant::now() < until
+            && writer.write_all(&req).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    let mut answered = 0;
+    // Served while allowed.
+    while answered < 50 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+        // The 2-byte body has no newline: a status line may follow it.
+        answered += usize::from(line.contains("HTTP/1.1 200"));
+    }
+    let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let took = denied.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pipeline.join().unwrap();
+    assert!(
+        took < REVOKE_WITHIN,
+        "the pipelining connection closed {took:?} after the policy file changed"
+    );
+    assert_eq!(
+        server.metric(
+            "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}"
+        ),
+        1.0
+    );
+}
