@@ -19,6 +19,14 @@ use crate::units::parse_duration;
 pub enum CaCommand {
     /// Serve the gRPC certificate authority.
     Serve(Box<CaServeArgs>),
+    /// Revoke a serial or a SPIFFE ID at the running CA (admin token).
+    Revoke(crate::ca_admin::RevokeArgs),
+    /// Remove a revocation at the running CA (admin token).
+    Unrevoke(crate::ca_admin::UnrevokeArgs),
+    /// List the running CA's revocations (admin token).
+    Revocations(crate::ca_admin::AdminArgs),
+    /// Make the sidecars of an ID (or all) renew now, keeping connections (admin token).
+    Rotate(crate::ca_admin::RotateArgs),
 }
 
 /// Flags of `stepmesh ca serve`.
@@ -99,6 +107,11 @@ pub struct CaServeArgs {
     /// How often the bundle sources and join-token file are re-read.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
     pub poll_interval: Duration,
+    /// File with the admin token (32+ characters, mode 0600/0640) that
+    /// `ca revoke | unrevoke | revocations` must present; without it those
+    /// calls are refused.
+    #[arg(long, env = "STEPMESH_CA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl CaServeArgs {
@@ -146,6 +159,7 @@ impl CaServeArgs {
             burst: self.sign_burst,
         };
         c.poll_interval = self.poll_interval.max(Duration::from_millis(50));
+        c.admin_token_file.clone_from(&self.admin_token_file);
         Ok(c)
     }
 }
@@ -154,6 +168,10 @@ impl CaServeArgs {
 pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
         CaCommand::Serve(args) => serve(*args).await,
+        CaCommand::Revoke(args) => crate::ca_admin::revoke(args).await,
+        CaCommand::Unrevoke(args) => crate::ca_admin::unrevoke(args).await,
+        CaCommand::Revocations(args) => crate::ca_admin::list(args).await,
+        CaCommand::Rotate(args) => crate::ca_admin::rotate(args).await,
     }
 }
 

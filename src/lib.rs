@@ -6,6 +6,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod appprobe;
+pub mod ca_admin;
 pub mod ca_cmd;
 pub mod cert_cmd;
 pub mod cidr;

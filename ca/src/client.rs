@@ -105,6 +105,10 @@ pub struct BundleUpdate {
     pub bundle: TrustBundle,
     /// Increases by one on every change.
     pub sequence: u64,
+    /// The serials and IDs to refuse (streamed with the bundle).
+    pub revoked: crate::revocation::RevokedSet,
+    /// Forced re-issues asked for lately (`ca rotate`).
+    pub rotations: Vec<pb::Rotation>,
 }
 
 /// A client of one CA.
@@ -285,6 +289,79 @@ impl CaClient {
     }
 }
 
+/// Admin calls (revocations), authenticated by the CA's admin token.
+impl CaClient {
+    fn admin_request<T>(token: &str, message: T) -> Result<tonic::Request<T>, ClientError> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ClientError::Config("admin token is not a valid header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+
+    /// Revokes a serial or (exactly one of them) an ID.
+    pub async fn revoke(
+        &self,
+        admin_token: &str,
+        serial: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<pb::Revocation, ClientError> {
+        let request = Self::admin_request(
+            admin_token,
+            pb::RevokeRequest {
+                serial: serial.to_owned(),
+                id: id.to_owned(),
+                reason: reason.to_owned(),
+            },
+        )?;
+        Ok(with_timeout(self.grpc().revoke(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Removes the revocation of a serial or an ID.
+    pub async fn unrevoke(
+        &self,
+        admin_token: &str,
+        serial: &str,
+        id: &str,
+    ) -> Result<pb::Revocation, ClientError> {
+        let message = pb::UnrevokeRequest {
+            serial: serial.to_owned(),
+            id: id.to_owned(),
+        };
+        let request = Self::admin_request(admin_token, message)?;
+        Ok(with_timeout(self.grpc().unrevoke(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Asks the sidecars of `id` (`None`: every workload) to renew now.
+    pub async fn rotate(
+        &self,
+        admin_token: &str,
+        id: Option<&str>,
+    ) -> Result<pb::Rotation, ClientError> {
+        let message = pb::RotateRequest {
+            id: id.unwrap_or_default().to_owned(),
+            all: id.is_none(),
+        };
+        let request = Self::admin_request(admin_token, message)?;
+        Ok(with_timeout(self.grpc().rotate(request))
+            .await?
+            .into_inner())
+    }
+
+    /// The revocations in force.
+    pub async fn revocations(&self, admin_token: &str) -> Result<Vec<pb::Revocation>, ClientError> {
+        let request = Self::admin_request(admin_token, pb::ListRevocationsRequest {})?;
+        let list = with_timeout(self.grpc().list_revocations(request)).await?;
+        Ok(list.into_inner().revocations)
+    }
+}
+
 /// Trust bundles as the CA sends them.
 pub struct BundleWatch {
     stream: tonic::Streaming<pb::TrustBundle>,
@@ -323,6 +400,8 @@ fn to_update(b: pb::TrustBundle) -> Result<BundleUpdate, ClientError> {
     Ok(BundleUpdate {
         bundle,
         sequence: b.sequence,
+        revoked: crate::revocation::RevokedSet::from_proto(&b.revocations),
+        rotations: b.rotations,
     })
 }
 

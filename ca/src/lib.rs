@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pem;
 pub mod proto;
 pub mod ratelimit;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod signer;

@@ -18,6 +18,15 @@ pub struct SignLabels {
     pub reason: &'static str,
 }
 
+/// Labels of one revocation admin call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevocationLabels {
+    /// `revoke`, `unrevoke`, `rotate`.
+    pub call: &'static str,
+    /// `ok`, `refused`.
+    pub outcome: &'static str,
+}
+
 /// Everything the CA counts.
 #[derive(Clone)]
 pub struct CaMetrics {
@@ -29,6 +38,8 @@ pub struct CaMetrics {
     pub bundle_sequence: Gauge,
     /// When the issuing certificate expires, Unix seconds.
     pub issuer_expiry: Gauge,
+    /// Revoke and unrevoke calls.
+    pub revocations: Family<RevocationLabels, Counter>,
 }
 
 impl CaMetrics {
@@ -39,6 +50,7 @@ impl CaMetrics {
             sign_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             bundle_sequence: Gauge::default(),
             issuer_expiry: Gauge::default(),
+            revocations: Family::default(),
         };
         let reg = registry.sub_registry_with_prefix("stepmesh_ca");
         reg.register("sign", "Signing decisions by outcome", this.sign.clone());
@@ -57,6 +69,18 @@ impl CaMetrics {
             "notAfter of the issuing certificate",
             this.issuer_expiry.clone(),
         );
+        reg.register(
+            "revocation_calls",
+            "Revoke, unrevoke and rotate calls by outcome",
+            this.revocations.clone(),
+        );
         this
+    }
+
+    /// Counts one revoke, unrevoke or rotate call.
+    pub fn revocation(&self, call: &'static str, outcome: &'static str) {
+        self.revocations
+            .get_or_create(&RevocationLabels { call, outcome })
+            .inc();
     }
 }

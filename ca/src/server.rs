@@ -24,6 +24,7 @@ use crate::https::{HttpsClient, IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
 use crate::metrics::CaMetrics;
 use crate::proto::v1::certificate_authority_server::CertificateAuthorityServer;
 use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::revocation::Revocations;
 use crate::service::{BundleState, CaService};
 use crate::signer::Signer;
 use crate::spiffe_id::TrustDomain;
@@ -80,6 +81,9 @@ pub struct CaConfig {
     pub poll_interval: Duration,
     /// Largest gRPC request accepted.
     pub max_request_bytes: usize,
+    /// The admin bearer token (revoke, unrevoke, list); `None`: admin
+    /// calls refused.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl CaConfig {
@@ -110,6 +114,7 @@ impl CaConfig {
             },
             poll_interval: Duration::from_secs(5),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            admin_token_file: None,
         }
     }
 }
@@ -227,6 +232,14 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         source,
     })?;
 
+    let dir = config.state_dir.clone();
+    let revocations = tokio::task::spawn_blocking(move || Revocations::load(&dir))
+        .await
+        .map_err(|e| StartError::Config(format!("loading revocations: {e}")))??;
+    let revocations = Arc::new(revocations);
+    if let Some(path) = &config.admin_token_file {
+        check_admin_token(path).await?;
+    }
     let service = CaService::new(
         config.trust_domain.clone(),
         signer.clone(),
@@ -234,6 +247,10 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         RateLimiter::new(config.rate_limit),
         metrics.clone(),
         bundle_rx.clone(),
+        crate::service::AdminState {
+            revocations: revocations.clone(),
+            admin_token: config.admin_token_file.clone(),
+        },
     );
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -281,6 +298,10 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         metrics,
         stop_all.subscribe(),
     )));
+    tasks.push(tokio::spawn(crate::tasks::prune_revocations(
+        revocations,
+        stop_all.subscribe(),
+    )));
     tasks.push(tokio::spawn(crate::tasks::refresh_serving_cert(
         serving,
         signer,
@@ -323,6 +344,32 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         shutdown: Some(stop_tx),
         task,
     })
+}
+
+/// The shortest admin token accepted: a guessable one would hand out the
+/// power to lock any workload out.
+const MIN_ADMIN_TOKEN: usize = 32;
+
+/// `--admin-token-file` must be readable, private and long enough.
+async fn check_admin_token(path: &std::path::Path) -> Result<(), StartError> {
+    let bad =
+        |why: String| StartError::Config(format!("--admin-token-file {}: {why}", path.display()));
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    if text.trim().len() < MIN_ADMIN_TOKEN {
+        return Err(bad(format!(
+            "the token must be at least {MIN_ADMIN_TOKEN} characters"
+        )));
+    }
+    let mode = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    use std::os::unix::fs::PermissionsExt;
+    if mode.permissions().mode() & 0o007 != 0 {
+        return Err(bad("readable by others: chmod 0600 (or 0640)".into()));
+    }
+    Ok(())
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {

@@ -7,10 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::authn::{Authenticated, Authenticator, AuthnError, Credential};
@@ -18,6 +17,7 @@ use crate::metrics::{CaMetrics, SignLabels};
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_server::CertificateAuthority;
 use crate::ratelimit::RateLimiter;
+use crate::revocation::{Revocations, RevokeError, Target};
 use crate::signer::{Csr, CsrError, Issued, Signer};
 use crate::spiffe_id::TrustDomain;
 
@@ -47,6 +47,19 @@ pub struct CaService {
     limiter: RateLimiter,
     metrics: CaMetrics,
     bundle: watch::Receiver<Arc<BundleState>>,
+    revocations: Arc<Revocations>,
+    /// `--admin-token-file`: read on every admin call (so a rotated Secret
+    /// takes effect); `None`: the admin calls are refused.
+    admin_token: Option<std::path::PathBuf>,
+}
+
+/// What the admin calls work on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The revocation list (also consulted by every Sign).
+    pub revocations: Arc<Revocations>,
+    /// `--admin-token-file`; `None`: admin calls refused.
+    pub admin_token: Option<std::path::PathBuf>,
 }
 
 /// A refused Sign call: what the caller gets and what the audit line says.
@@ -103,7 +116,12 @@ impl CaService {
         limiter: RateLimiter,
         metrics: CaMetrics,
         bundle: watch::Receiver<Arc<BundleState>>,
+        admin: AdminState,
     ) -> Self {
+        let AdminState {
+            revocations,
+            admin_token,
+        } = admin;
         Self {
             td,
             signer,
@@ -111,6 +129,8 @@ impl CaService {
             limiter,
             metrics,
             bundle,
+            revocations,
+            admin_token,
         }
     }
 
@@ -119,11 +139,30 @@ impl CaService {
         cred: Result<Credential<'_>, AuthnError>,
         req: &pb::SignRequest,
     ) -> Result<(Authenticated, Issued, &'static str), Refusal> {
+        // Renewal by SVID: that SVID's serial must not be revoked.
+        let renewing = match &cred {
+            Ok(Credential::PeerChain(chain)) => chain.first().and_then(leaf_serial),
+            _ => None,
+        };
         let who = match cred {
             Ok(cred) => self.authn.authenticate(cred).await,
             Err(e) => Err(e),
         }
         .map_err(Refusal::authn)?;
+        if let Some(entry) = self.revocations.refusing(&who.id, renewing.as_deref()) {
+            let what = if entry.serial.is_empty() {
+                format!("{} is revoked", who.id)
+            } else {
+                format!("the SVID presented (serial {}) is revoked", entry.serial)
+            };
+            return Err(Refusal {
+                status: Status::permission_denied(format!("{what}: {}", entry.reason)),
+                outcome: "denied",
+                verifier: who.verifier,
+                reason: "revoked",
+                identity: Some(who.id.to_string()),
+            });
+        }
         if let Err(wait) = self.limiter.check(&who.id) {
             return Err(Refusal {
                 status: Status::resource_exhausted(format!(
@@ -206,6 +245,8 @@ impl CertificateAuthority for CaService {
         let peer = peer.map(|p| p.to_string()).unwrap_or_default();
         match result {
             Ok((who, issued, key_type)) => {
+                self.revocations
+                    .issued(&issued.serial, &who.id, issued.not_after);
                 let expires_at = unix_secs(issued.not_after);
                 tracing::info!(
                     target: "stepmesh_ca::audit",
@@ -278,16 +319,218 @@ impl CertificateAuthority for CaService {
         _request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
         let td = self.td.clone();
-        let stream =
-            WatchStream::new(self.bundle.clone()).map(move |state| Ok(to_proto(&td, &state)));
+        // One message now, then one per change of either; the stream ends
+        // when the bundle's sender goes (CA shutdown).
+        let start = (self.bundle.clone(), self.revocations.subscribe(), true);
+        let stream = futures_util::stream::unfold(start, move |(mut bundle, mut revs, first)| {
+            let td = td.clone();
+            async move {
+                if !first {
+                    let changed = tokio::select! {
+                        r = bundle.changed() => r.is_ok(),
+                        r = revs.changed() => r.is_ok(),
+                    };
+                    if !changed {
+                        return None;
+                    }
+                }
+                let state = bundle.borrow_and_update().clone();
+                let snapshot = revs.borrow_and_update().clone();
+                let mut msg = to_proto(&td, &state);
+                msg.revocations = snapshot.entries.to_vec();
+                msg.revocations_sequence = snapshot.sequence;
+                msg.rotations = snapshot.rotations.to_vec();
+                Some((Ok(msg), (bundle, revs, false)))
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        let peer = self.admin(&request, "revoke").await?;
+        let req = request.get_ref();
+        let result = match Target::parse(&req.serial, &req.id, &self.td) {
+            Ok(target) => self.revocations.revoke(target, req.reason.trim()).await,
+            Err(e) => Err(e),
+        };
+        self.admin_audit("revoke", &req.serial, &req.id, &peer, &result);
+        result
+            .map(|e| Response::new(e.to_proto()))
+            .map_err(revoke_status)
+    }
+
+    async fn unrevoke(
+        &self,
+        request: Request<pb::UnrevokeRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        let peer = self.admin(&request, "unrevoke").await?;
+        let req = request.get_ref();
+        let result = match Target::parse(&req.serial, &req.id, &self.td) {
+            Ok(target) => self.revocations.unrevoke(target).await,
+            Err(e) => Err(e),
+        };
+        self.admin_audit("unrevoke", &req.serial, &req.id, &peer, &result);
+        result
+            .map(|e| Response::new(e.to_proto()))
+            .map_err(revoke_status)
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::Rotation>, Status> {
+        let peer = self.admin(&request, "rotate").await?;
+        let req = request.get_ref();
+        let id = match (req.id.trim(), req.all) {
+            ("", true) => None,
+            (id, false) if !id.is_empty() => match Target::parse("", id, &self.td) {
+                Ok(Target::Id(id)) => Some(id),
+                Ok(Target::Serial(_)) | Err(_) => {
+                    let err = Target::parse("", id, &self.td).err();
+                    let why = err.map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(target: "stepmesh_ca::audit", decision = "rotate", outcome = "refused", identity = id, detail = %why, peer, "rotation refused");
+                    self.metrics.revocation("rotate", "refused");
+                    return Err(Status::invalid_argument(why));
+                }
+            },
+            _ => {
+                self.metrics.revocation("rotate", "refused");
+                return Err(Status::invalid_argument("name exactly one of id or all"));
+            }
+        };
+        let rotation = self.revocations.rotate(id.as_ref());
+        let who = if rotation.id.is_empty() {
+            "*"
+        } else {
+            rotation.id.as_str()
+        };
+        tracing::info!(target: "stepmesh_ca::audit", decision = "rotate", outcome = "ok", identity = who, issued_before = rotation.issued_before, peer, "forced re-issue asked");
+        self.metrics.revocation("rotate", "ok");
+        Ok(Response::new(rotation))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::RevocationList>, Status> {
+        self.admin(&request, "list_revocations").await?;
+        let revocations = self
+            .revocations
+            .list()
+            .iter()
+            .map(|e| e.to_proto())
+            .collect();
+        Ok(Response::new(pb::RevocationList { revocations }))
+    }
+}
+
+impl CaService {
+    /// Checks the admin bearer token (constant time); a refusal is audited.
+    /// Returns the peer address for the audit line.
+    async fn admin<T>(&self, request: &Request<T>, call: &'static str) -> Result<String, Status> {
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.remote)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let refused = |reason: &'static str, status: Status| {
+            tracing::warn!(target: "stepmesh_ca::audit", decision = call, outcome = "unauthenticated", reason, peer = %peer, "admin call refused");
+            status
+        };
+        let Some(path) = &self.admin_token else {
+            return Err(refused(
+                "admin_disabled",
+                Status::unauthenticated(
+                    "admin calls are disabled: the CA runs without --admin-token-file",
+                ),
+            ));
+        };
+        let expected = match tokio::fs::read_to_string(path).await {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "reading --admin-token-file");
+                return Err(refused(
+                    "admin_token_unreadable",
+                    Status::unavailable("the CA cannot read its admin token"),
+                ));
+            }
+        };
+        let given = match bearer(request.metadata()) {
+            Ok(Some(token)) => token,
+            _ => {
+                return Err(refused(
+                    "no_admin_token",
+                    Status::unauthenticated(
+                        "admin calls need `authorization: Bearer <admin token>`",
+                    ),
+                ))
+            }
+        };
+        let same = !expected.is_empty()
+            && aws_lc_rs::constant_time::verify_slices_are_equal(
+                given.as_bytes(),
+                expected.as_bytes(),
+            )
+            .is_ok();
+        if !same {
+            return Err(refused(
+                "bad_admin_token",
+                Status::unauthenticated("the admin token is not the CA's"),
+            ));
+        }
+        Ok(peer)
+    }
+
+    fn admin_audit(
+        &self,
+        call: &'static str,
+        serial: &str,
+        id: &str,
+        peer: &str,
+        result: &Result<crate::revocation::Entry, RevokeError>,
+    ) {
+        match result {
+            Ok(entry) => {
+                tracing::info!(target: "stepmesh_ca::audit", decision = call, outcome = "ok", serial = %entry.serial, identity = %entry.id, reason = %entry.reason, expires_at = entry.expires_at, peer, "revocation list changed");
+                self.metrics.revocation(call, "ok");
+            }
+            Err(e) => {
+                tracing::warn!(target: "stepmesh_ca::audit", decision = call, outcome = "refused", serial, identity = id, detail = %e, peer, "revocation call refused");
+                self.metrics.revocation(call, "refused");
+            }
+        }
+    }
+}
+
+/// The serial of a leaf certificate, as the CA records it.
+fn leaf_serial(der: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(crate::svid::serial_hex(cert.raw_serial()))
+}
+
+fn revoke_status(e: RevokeError) -> Status {
+    match e {
+        RevokeError::Store(e) => Status::internal(e.to_string()),
+        RevokeError::UnknownSerial(_) | RevokeError::NotRevoked(_) => {
+            Status::not_found(e.to_string())
+        }
+        e => Status::invalid_argument(e.to_string()),
     }
 }
 
 fn to_proto(td: &TrustDomain, state: &BundleState) -> pb::TrustBundle {
+    let (revocations, revocations_sequence) = (Vec::new(), 0);
     pb::TrustBundle {
         trust_domain: td.to_string(),
         bundle_pem: state.pem.clone(),
         sequence: state.sequence,
+        revocations,
+        revocations_sequence,
+        rotations: Vec::new(),
     }
 }

@@ -16,6 +16,9 @@ use x509_parser::prelude::FromDer;
 
 use crate::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
+mod anchor;
+pub use anchor::AnchorKey;
+
 /// How far apart two clocks may be before a certificate counts as expired
 /// or not yet valid.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -114,6 +117,7 @@ pub struct TrustBundle {
     trust_domain: TrustDomain,
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    root_keys: Vec<anchor::RootKey>,
 }
 
 impl TrustBundle {
@@ -137,10 +141,21 @@ impl TrustBundle {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let root_keys = roots
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                anchor::RootKey::of(der).ok_or_else(|| BundleError::BadRoot {
+                    index,
+                    reason: "not an X.509 certificate".into(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             trust_domain,
             roots,
             anchors,
+            root_keys,
         })
     }
 
@@ -169,6 +184,18 @@ impl TrustBundle {
     /// The roots as webpki trust anchors (for rustls verifiers).
     pub fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
+    }
+
+    /// The root key that `chain`, already verified against this bundle,
+    /// ends at (kept per connection: [`TrustBundle::trusts`] tells later
+    /// whether a newer bundle still trusts it). `None` if no root fits.
+    pub fn anchor_of(&self, chain: &[CertificateDer<'_>]) -> Option<AnchorKey> {
+        anchor::anchor_of(&self.root_keys, chain)
+    }
+
+    /// Whether this bundle still has the root key a chain ended at.
+    pub fn trusts(&self, key: AnchorKey) -> bool {
+        anchor::trusts(&self.root_keys, key)
     }
 }
 

@@ -109,3 +109,22 @@ pub(crate) async fn refresh_serving_cert(
         }
     }
 }
+
+/// Drops revocations (and issued serials) whose certificates expired, once
+/// a minute.
+pub(crate) async fn prune_revocations(
+    revocations: Arc<crate::revocation::Revocations>,
+    mut stop: broadcast::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = revocations.prune().await {
+            tracing::warn!(error = %e, "pruning expired revocations");
+        }
+    }
+}

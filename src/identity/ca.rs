@@ -76,7 +76,12 @@ impl CaSource {
         metrics: IdentityMetrics,
     ) -> anyhow::Result<Infallible> {
         let client = self.client(&store).await?;
-        tokio::spawn(watch_bundle(client.clone(), store.clone()));
+        let renew_now = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(watch_bundle(
+            client.clone(),
+            store.clone(),
+            renew_now.clone(),
+        ));
         let mut backoff = MIN_BACKOFF;
         loop {
             let attempt = self.attempt(&client, &store).await;
@@ -99,7 +104,12 @@ impl CaSource {
                     wait
                 }
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                // `stepmesh ca rotate`: renew now, keeping connections
+                // (the new SVID serves the next handshakes).
+                () = renew_now.notified() => tracing::info!("the CA asked for a re-issue: renewing now"),
+            }
         }
     }
 
@@ -168,7 +178,11 @@ impl CaSource {
 
 /// Follows the CA's trust bundle stream (roots can rotate long before our
 /// next renewal), reconnecting with backoff, forever.
-async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
+async fn watch_bundle(
+    client: CaClient,
+    store: Arc<CertStore>,
+    renew_now: Arc<tokio::sync::Notify>,
+) {
     let mut backoff = MIN_BACKOFF;
     loop {
         match client.watch_trust_bundle().await {
@@ -177,6 +191,10 @@ async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
                 while let Some(update) = watch.next().await {
                     match update {
                         Ok(update) => {
+                            store.update_revocations(update.revoked);
+                            if rotation_due(&store, &update.rotations) {
+                                renew_now.notify_one();
+                            }
                             if let Err(e) = store.update_bundle(update.bundle) {
                                 tracing::warn!(error = %e, "trust bundle from the CA refused");
                             }
@@ -193,6 +211,29 @@ async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
         tokio::time::sleep(jitter(backoff, 0.2)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Whether a rotation the CA streams covers our SVID: for our ID (or all),
+/// and asked after our SVID was issued (both times on the CA's clock: the
+/// CA backdates notBefore by `signer::BACKDATE`).
+fn rotation_due(store: &CertStore, rotations: &[stepmesh_ca::proto::v1::Rotation]) -> bool {
+    if rotations.is_empty() {
+        return false;
+    }
+    let (Some(info), Some(key)) = (store.info(), store.certified_key()) else {
+        return false;
+    };
+    let Some(leaf) = key.cert.first() else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return false;
+    };
+    let backdate = i64::try_from(stepmesh_ca::signer::BACKDATE.as_secs()).unwrap_or(0);
+    let issued_at = cert.validity().not_before.timestamp() + backdate;
+    rotations
+        .iter()
+        .any(|r| (r.id.is_empty() || r.id == info.id.as_str()) && issued_at < r.issued_before)
 }
 
 async fn read(path: &PathBuf) -> Result<String, CaSourceError> {

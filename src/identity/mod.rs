@@ -111,6 +111,22 @@ pub fn spiffe_id_of(
     leaf: &rustls_pki_types::CertificateDer<'_>,
 ) -> Option<stepmesh_ca::spiffe_id::SpiffeId> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    id_in(&cert)
+}
+
+/// The SPIFFE ID and the serial (hex, as the CA records it) of a verified
+/// leaf, from one parse.
+pub fn id_and_serial_of(
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+) -> Option<(stepmesh_ca::spiffe_id::SpiffeId, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let serial = stepmesh_ca::svid::serial_hex(cert.raw_serial());
+    Some((id_in(&cert)?, serial))
+}
+
+fn id_in(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Option<stepmesh_ca::spiffe_id::SpiffeId> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|name| match name {
         x509_parser::extensions::GeneralName::URI(uri) => {

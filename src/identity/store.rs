@@ -10,6 +10,7 @@ use arc_swap::ArcSwapOption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::CertifiedKey;
+use stepmesh_ca::revocation::RevokedSet;
 use stepmesh_ca::spiffe_id::{SpiffeId, TrustDomain};
 use stepmesh_ca::svid::TrustBundle;
 
@@ -74,6 +75,8 @@ pub struct CertStore {
     roots_changed_at: AtomicU64,
     /// Bumped on every change of the bundle's roots.
     roots_generation: AtomicU64,
+    /// Serials and IDs to refuse (streamed by the CA with the bundle).
+    revoked: arc_swap::ArcSwap<RevokedSet>,
 }
 
 impl CertStore {
@@ -88,6 +91,7 @@ impl CertStore {
             generation: tokio::sync::watch::Sender::new(0),
             roots_changed_at: AtomicU64::new(0),
             roots_generation: AtomicU64::new(0),
+            revoked: arc_swap::ArcSwap::from_pointee(RevokedSet::default()),
         }
     }
 
@@ -162,6 +166,7 @@ impl CertStore {
             bundle: Arc::new(bundle),
             info: current.info.clone(),
         })));
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -190,6 +195,34 @@ impl CertStore {
         let mut rx = self.generation.subscribe();
         // The sender lives in `self`, so the channel cannot close meanwhile.
         let _ = rx.wait_for(|generation| *generation > 0).await;
+    }
+
+    /// The serials and IDs refused now (one load per handshake).
+    pub fn revoked(&self) -> arc_swap::Guard<Arc<RevokedSet>> {
+        self.revoked.load()
+    }
+
+    /// Installs the CA's revocation list; a changed one makes established
+    /// connections re-check themselves.
+    pub fn update_revocations(&self, revoked: RevokedSet) {
+        if **self.revoked.load() == revoked {
+            return;
+        }
+        tracing::info!(empty = revoked.is_empty(), "revocation list updated");
+        self.revoked.store(Arc::new(revoked));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The number of changes so far (new SVID, bundle, revocation list):
+    /// what caches tied to our identity key on.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Changes after every new SVID, trust bundle or revocation list: established
+    /// connections re-check their peer against the new roots on it.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Whether the bundle's roots changed within `window` of now (resumed

@@ -27,6 +27,8 @@ struct ReloadLabels {
 #[derive(Clone, Debug)]
 pub struct PolicyWatch {
     current: Arc<ArcSwap<Policy>>,
+    /// Bumped after every swap, so live connections re-check themselves.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
     /// Dropping the last clone disconnects the poller, which then exits.
     _stop: Arc<mpsc::Sender<()>>,
 }
@@ -46,6 +48,7 @@ impl PolicyWatch {
         let (stop, _) = mpsc::channel();
         PolicyWatch {
             current: Arc::new(ArcSwap::from_pointee(policy)),
+            changed: Arc::new(tokio::sync::watch::Sender::new(0)),
             _stop: Arc::new(stop),
         }
     }
@@ -66,10 +69,12 @@ impl PolicyWatch {
         tracing::info!(path = %path.display(), digest = policy.digest(), "policy loaded");
         let current = Arc::new(ArcSwap::from_pointee(policy));
         let (stop, stopped) = mpsc::channel::<()>();
+        let changed = Arc::new(tokio::sync::watch::Sender::new(0));
         let poller = Poller {
             path,
             seen: sha256_hex(&bytes),
             current: current.clone(),
+            changed: changed.clone(),
             reloads,
         };
         std::thread::Builder::new()
@@ -81,6 +86,7 @@ impl PolicyWatch {
             })?;
         Ok(PolicyWatch {
             current,
+            changed,
             _stop: Arc::new(stop),
         })
     }
@@ -88,6 +94,13 @@ impl PolicyWatch {
     /// The policy in force now.
     pub fn current(&self) -> Arc<Policy> {
         self.current.load_full()
+    }
+
+    /// Changes (its value: the number of swaps so far) after every reload
+    /// that replaced the policy: established connections re-check themselves
+    /// on it. A refused file changes nothing.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
@@ -97,6 +110,7 @@ struct Poller {
     /// reported once, not every poll.
     seen: String,
     current: Arc<ArcSwap<Policy>>,
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
     reloads: Family<ReloadLabels, Counter>,
 }
 
@@ -131,6 +145,7 @@ impl Poller {
             Ok(policy) => {
                 tracing::info!(path = %self.path.display(), digest = policy.digest(), "policy reloaded");
                 self.current.store(Arc::new(policy));
+                self.changed.send_modify(|swaps| *swaps += 1);
                 self.reloads
                     .get_or_create(&ReloadLabels { result: "ok" })
                     .inc();

@@ -46,6 +46,8 @@ pub struct Shared {
     pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
     /// `--opaque-ports`: destination ports kept opaque TCP.
     pub opaque_ports: Vec<u16>,
+    /// Live re-authorization of established inbound connections.
+    pub reauth: super::reauth::Reauth,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer
@@ -68,6 +70,9 @@ pub struct InboundContext {
     pub alpn: Option<Vec<u8>>,
     /// How the policy says to treat this port.
     pub protocol: Protocol,
+    /// What the connection re-checks itself with when the policy or the
+    /// trust bundle changes.
+    pub grant: super::reauth::Grant,
 }
 
 /// An accepted outbound connection from the local app, before dialling.

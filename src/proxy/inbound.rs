@@ -22,7 +22,7 @@ use crate::net::caps::Slot;
 use crate::net::dial;
 use crate::net::forward::{forward, ForwardError};
 use crate::policy::Protocol;
-use crate::tls::{cert_sha256, failure, spiffe_id_of};
+use crate::tls::{cert_sha256, failure};
 
 /// Where an inbound listener's connections go.
 #[derive(Debug, Clone)]
@@ -42,6 +42,10 @@ pub enum InboundTarget {
 struct Peer {
     id: SpiffeId,
     cert_sha256: [u8; 32],
+    /// The root key its chain ended at (live re-authorization).
+    anchor: Option<stepmesh_ca::svid::AnchorKey>,
+    /// Its leaf's serial, as `revocation::serial_key` (live re-authorization).
+    serial: u64,
     alpn: Option<Vec<u8>>,
     /// Its place under the per-peer connection cap.
     _slot: Option<Slot<SpiffeId>>,
@@ -60,10 +64,17 @@ fn verified_peer(
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or(("no_client_cert", "no client certificate"))?;
-    let id = spiffe_id_of(leaf).ok_or(("bad_san", "no SPIFFE ID in the client certificate"))?;
+    let (id, serial) = crate::identity::id_and_serial_of(leaf)
+        .ok_or(("bad_san", "no SPIFFE ID in the client certificate"))?;
+    let anchor = conn
+        .peer_certificates()
+        .zip(store.bundle())
+        .and_then(|(chain, bundle)| bundle.anchor_of(chain));
     Ok(Peer {
         id,
         cert_sha256: cert_sha256(leaf),
+        anchor,
+        serial: stepmesh_ca::revocation::serial_key(&serial),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         _slot: None,
     })
@@ -193,10 +204,14 @@ impl Inbound {
         let Peer {
             id: peer_id,
             cert_sha256: peer_cert_sha256,
+            anchor,
+            serial,
             alpn,
             _slot,
         } = peer;
 
+        // Read before the decision: a change after it is re-checked.
+        let generation = shared.reauth.generation();
         let policy = shared.policy.current();
         let decision = policy.authorize(&peer_id, port);
         let label = decision_label(decision.allow, decision.would_deny);
@@ -228,6 +243,7 @@ impl Inbound {
             client,
             alpn,
             protocol,
+            grant: super::reauth::Reauth::grant(generation, anchor, serial, decision.allow),
         };
         drop(policy);
         let outcome = serve(shared, &ctx, tls).await;
@@ -278,12 +294,34 @@ pub fn forward_tcp<'a>(
             }
         };
         let counters = shared.metrics.byte_counters(Direction::Inbound);
-        let done = forward(&mut tls, &mut app, shared.timeouts.idle, &counters).await;
-        if matches!(done.error, Some(ForwardError::Idle(_))) {
-            close_gracefully(&mut tls).await;
+        let done = {
+            let copy = forward(&mut tls, &mut app, shared.timeouts.idle, &counters);
+            tokio::select! {
+                done = copy => Ok(done),
+                revoked = ctx.grant.revoked(shared, ctx) => Err(revoked),
+            }
+        };
+        match done {
+            Ok(done) => {
+                if matches!(done.error, Some(ForwardError::Idle(_))) {
+                    close_gracefully(&mut tls).await;
+                }
+                Outcome::forwarded(done)
+            }
+            Err(revoked) => revoked_close(&mut tls, revoked).await,
         }
-        Outcome::forwarded(done)
     }
+}
+
+/// Ends a connection a change denied: `close_notify` to the peer (bytes
+/// the app sent that it had not taken yet are dropped with the app
+/// connection), and the outcome for the access log.
+pub(super) async fn revoked_close<S>(tls: &mut S, revoked: super::reauth::Revoked) -> Outcome
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    close_gracefully(tls).await;
+    Outcome::failed("revoked", revoked)
 }
 
 #[cfg(test)]

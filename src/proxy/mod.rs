@@ -7,6 +7,7 @@ pub mod inbound;
 mod launch;
 pub mod listener;
 pub mod outbound;
+pub mod reauth;
 mod run;
 pub mod seam;
 pub mod transparent;

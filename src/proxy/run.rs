@@ -68,6 +68,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
+    let reauth = super::reauth::Reauth::new(&mut registry);
     let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let registry = Arc::new(registry);
@@ -176,6 +177,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         opaque_ports: args.opaque_ports.clone(),
+        reauth,
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),
@@ -186,6 +188,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             connect: args.connect_timeout,
         },
     });
+    tokio::spawn(super::reauth::follow(shared.clone()));
     let (trigger, watch) = drain::channel();
     let infos = super::launch::listeners(&args, expected, &td, &provider, &shared, &watch).await?;
     let _ = listener_infos.set(infos);

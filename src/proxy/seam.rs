@@ -77,16 +77,18 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
     };
     if detected.is_http() {
         let conn = inbound_conn(ctx, false);
-        let drain = shared.http.drained();
-        return crate::http::inbound::serve_detected(
+        let mut revoked = None;
+        let stop = drain_or_revoked(shared, ctx, &mut revoked);
+        let outcome = crate::http::inbound::serve_detected(
             shared.http.clone(),
             conn,
             tls,
             detected,
             prefix,
-            drain,
+            stop,
         )
         .await;
+        return with_revoked(outcome, revoked);
     }
     let io = Prefixed::new(prefix, tls);
     // A port with routes is HTTP by the operator's word: opaque bytes must
@@ -111,9 +113,41 @@ async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpS
         }
     };
     let counters = shared.metrics.byte_counters(Direction::Inbound);
-    Outcome::forwarded(
-        crate::net::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters).await,
-    )
+    let done = {
+        let copy = crate::net::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters);
+        tokio::select! {
+            done = copy => Ok(done),
+            revoked = ctx.grant.revoked(shared, ctx) => Err(revoked),
+        }
+    };
+    match done {
+        Ok(done) => Outcome::forwarded(done),
+        Err(revoked) => super::inbound::revoked_close(&mut io, revoked).await,
+    }
+}
+
+/// What ends an inbound HTTP connection gracefully (in-flight requests
+/// finish, no new ones are taken): the process draining, or a policy or
+/// trust bundle change denying it (then `revoked` says why).
+async fn drain_or_revoked(
+    shared: &Shared,
+    ctx: &InboundContext,
+    revoked: &mut Option<super::reauth::Revoked>,
+) {
+    tokio::select! {
+        () = shared.http.drained() => {}
+        denied = ctx.grant.revoked(shared, ctx) => *revoked = Some(denied),
+    }
+}
+
+/// The access-log outcome of an HTTP connection a change closed.
+fn with_revoked(mut outcome: Outcome, revoked: Option<super::reauth::Revoked>) -> Outcome {
+    if let Some(revoked) = revoked {
+        if outcome.error.is_none() {
+            outcome.error = Some(("revoked", revoked.to_string()));
+        }
+    }
+    outcome
 }
 
 async fn serve_inbound_http<I>(shared: &Shared, ctx: &InboundContext, io: I, mesh: bool) -> Outcome
@@ -121,7 +155,10 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn = inbound_conn(ctx, mesh);
-    crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, shared.http.drained()).await
+    let mut revoked = None;
+    let stop = drain_or_revoked(shared, ctx, &mut revoked);
+    let outcome = crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, stop).await;
+    with_revoked(outcome, revoked)
 }
 
 fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {

@@ -5,7 +5,7 @@ use std::io;
 use rustls::{CertificateError, Error};
 use stepmesh_ca::svid::SvidError;
 
-use super::verify::{NoBundle, WrongPeer};
+use super::verify::{NoBundle, Revoked, WrongPeer};
 
 /// A stable reason for a failed handshake: `no_client_cert`, the SVID
 /// validation reasons of `SvidError::reason()` (`expired`, `unknown_issuer`,
@@ -48,6 +48,8 @@ fn cert_reason(err: &CertificateError) -> &'static str {
                 svid.reason()
             } else if inner.is::<WrongPeer>() {
                 "wrong_peer_id"
+            } else if inner.is::<Revoked>() {
+                "revoked"
             } else if inner.is::<NoBundle>() {
                 "no_bundle"
             } else {

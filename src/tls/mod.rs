@@ -6,6 +6,7 @@
 pub mod failure;
 pub mod resolve;
 pub mod serving;
+pub mod sessions;
 pub mod verify;
 
 use std::sync::Arc;
@@ -107,9 +108,12 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(SvidResolver::new(store.clone())));
     config.alpn_protocols = alpn;
-    if !settings.session_resumption {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
+    config.resumption = if settings.session_resumption {
+        let sessions = Arc::new(sessions::SvidSessions::new(store.clone()));
+        rustls::client::Resumption::store(sessions)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(config))
 }
 
@@ -120,13 +124,16 @@ const RESUMPTION_WINDOW: std::time::Duration = std::time::Duration::from_secs(13
 /// Re-checks the peer of a *resumed* session, which rustls does not verify
 /// again: a ticket must not outlive the SVID it was made with (leaf expiry,
 /// a cheap parse), nor a root removed from the bundle (full chain
-/// verification, only while a roots change is younger than any ticket).
+/// verification, only while a roots change is younger than any ticket),
+/// nor a revocation.
 /// Full handshakes were verified already and pass straight through.
 pub fn check_resumed(conn: &rustls::CommonState, store: &CertStore) -> Result<(), &'static str> {
     if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
         return Ok(());
     }
     let chain = conn.peer_certificates().ok_or("no_client_cert")?;
+    let leaf = chain.first().ok_or("no_client_cert")?;
+    verify::check_revoked(store, leaf).map_err(|_| "revoked")?;
     let now = rustls::pki_types::UnixTime::now();
     if store.roots_changed_within(RESUMPTION_WINDOW) {
         let bundle = store.bundle().ok_or("no_bundle")?;

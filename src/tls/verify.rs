@@ -43,6 +43,27 @@ fn refuse(err: impl std::error::Error + Send + Sync + 'static) -> rustls::Error 
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }
 
+/// The peer's certificate (by serial) or identity is on the CA's
+/// revocation list.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is revoked")]
+pub struct Revoked(pub String);
+
+/// Refuses a leaf the revocation list names; free while the list is empty.
+pub(crate) fn check_revoked(store: &CertStore, leaf: &CertificateDer<'_>) -> Result<(), Revoked> {
+    let revoked = store.revoked();
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    let Some((id, serial)) = crate::identity::id_and_serial_of(leaf) else {
+        return Err(Revoked("an unreadable certificate".into()));
+    };
+    if revoked.refuses(id.as_str(), &serial) {
+        return Err(Revoked(format!("{id} (serial {serial})")));
+    }
+    Ok(())
+}
+
 /// No bundle loaded yet: nothing can be verified.
 #[derive(Debug, thiserror::Error)]
 #[error("no trust bundle loaded yet")]
@@ -152,6 +173,7 @@ impl ClientCertVerifier for SvidClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.cache
             .verify(&self.store, end_entity, intermediates, now)?;
+        check_revoked(&self.store, end_entity).map_err(refuse)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -193,6 +215,7 @@ impl ServerCertVerifier for SvidServerVerifier {
         let id = self
             .cache
             .verify(&self.store, end_entity, intermediates, now)?;
+        check_revoked(&self.store, end_entity).map_err(refuse)?;
         if let Expected::Pattern(pattern) = &self.expected {
             if !pattern.matches(&id) {
                 return Err(refuse(WrongPeer {

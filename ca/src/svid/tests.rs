@@ -124,3 +124,28 @@ fn serial_hex_strips_leading_zeros() {
     assert_eq!(serial_hex(&[0x00]), "00");
     assert_eq!(serial_hex(&[0x7f]), "7f");
 }
+
+#[test]
+fn anchor_of_names_the_root_key_a_chain_ends_at() {
+    let (a, b) = (Pki::new("td"), Pki::new("td"));
+    let td: TrustDomain = "td".parse().unwrap();
+    let both =
+        TrustBundle::new(td.clone(), vec![a.root.cert.clone(), b.root.cert.clone()]).unwrap();
+    let leaf = a.leaf(ID);
+    verify(&leaf.chain, &both, UnixTime::now()).unwrap();
+    // Two roots of one trust domain share a name: the signature decides.
+    let key = both.anchor_of(&leaf.chain).unwrap();
+    assert_eq!(a.bundle().anchor_of(&leaf.chain), Some(key));
+    assert!(a.bundle().trusts(key) && both.trusts(key));
+    assert!(
+        !b.bundle().trusts(key),
+        "the other root's key is another key"
+    );
+    assert_eq!(b.bundle().anchor_of(&leaf.chain), None);
+    let other = b.leaf(ID);
+    assert_ne!(both.anchor_of(&other.chain), Some(key));
+    // The root itself sent last.
+    let mut with_root = leaf.chain.clone();
+    with_root.push(a.root.cert.clone());
+    assert_eq!(both.anchor_of(&with_root), Some(key));
+}

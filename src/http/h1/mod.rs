@@ -170,7 +170,14 @@ where
                 break;
             }
         };
-        r.draining = r.draining || side.draining();
+        // The drain future is otherwise polled only while waiting between
+        // requests: a client that pipelines back to back must still see
+        // this connection's own end (a revocation) at its next response.
+        // After it resolves it is never polled again (`next_request`
+        // guards on `draining`).
+        r.draining = r.draining
+            || side.draining()
+            || futures_util::FutureExt::now_or_never(drain.as_mut()).is_some();
         match r.exchange(client, upstream, head).await {
             Ok(true) => continue,
             Ok(false) => break,

@@ -1,0 +1,567 @@
+//! Revocations: serials this CA issued and SPIFFE IDs that sidecars must
+//! refuse before the certificates expire, kept in the state dir so a
+//! restart keeps them, and streamed to sidecars with the trust bundle.
+//!
+//! Files in `--state-dir`: `revocations.json` (the entries, rewritten
+//! whole on every change, 0600) and `issued.jsonl` (one line per issued
+//! SVID: serial, ID, notAfter — so a revoke names a serial the CA knows and
+//! the entry can lapse with that certificate; appended by a thread of its
+//! own, compacted at start). A serial entry lapses at its certificate's
+//! notAfter; an ID entry stays until unrevoked (it also stops issuance).
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::proto::v1 as pb;
+use crate::spiffe_id::SpiffeId;
+use crate::store::{write_atomic, StoreError};
+
+/// The revocation entries inside the state dir.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+/// The issued-serial index inside the state dir.
+pub const ISSUED_FILE: &str = "issued.jsonl";
+
+/// One revocation, as stored and as streamed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Lower-case hex without leading zeros; empty for an ID entry.
+    #[serde(default)]
+    pub serial: String,
+    /// The revoked ID, or the one the serial was issued to.
+    pub id: String,
+    /// The operator's words.
+    #[serde(default)]
+    pub reason: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Unix seconds the entry lapses at; 0: until unrevoked.
+    #[serde(default)]
+    pub expires_at: i64,
+}
+
+impl Entry {
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::Revocation {
+        pb::Revocation {
+            serial: self.serial.clone(),
+            id: self.id.clone(),
+            reason: self.reason.clone(),
+            revoked_at: self.revoked_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Issued {
+    serial: String,
+    id: String,
+    not_after: i64,
+}
+
+/// What a revoke or unrevoke names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One certificate, by its serial (normalised hex).
+    Serial(String),
+    /// Every certificate of an identity, and its issuance.
+    Id(SpiffeId),
+}
+
+/// Why a revoke or unrevoke was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// Neither or both of serial and ID.
+    #[error("name exactly one of serial or id")]
+    Target,
+    /// Not a hex serial.
+    #[error("serial {0:?} is not a hex serial number (up to 20 bytes, as `stepmesh cert inspect` prints it)")]
+    BadSerial(String),
+    /// Not a SPIFFE ID of this trust domain.
+    #[error("id {0:?}: {1}")]
+    BadId(String, String),
+    /// A serial this CA has no record of (never issued, or expired).
+    #[error("serial {0} is not a certificate this CA issued that is still valid")]
+    UnknownSerial(String),
+    /// Unrevoking what is not revoked.
+    #[error("{0} is not revoked")]
+    NotRevoked(String),
+    /// The state could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Target {
+    /// Exactly one of `serial` and `id` (the other empty), checked against
+    /// `td`.
+    pub fn parse(
+        serial: &str,
+        id: &str,
+        td: &crate::spiffe_id::TrustDomain,
+    ) -> Result<Target, RevokeError> {
+        match (serial.trim(), id.trim()) {
+            (s, "") if !s.is_empty() => normalize_serial(s).map(Target::Serial),
+            ("", i) if !i.is_empty() => {
+                let parsed =
+                    SpiffeId::parse(i).map_err(|e| RevokeError::BadId(i.into(), e.to_string()))?;
+                if parsed.trust_domain() != td {
+                    let why = format!("not of trust domain {td}");
+                    return Err(RevokeError::BadId(i.into(), why));
+                }
+                Ok(Target::Id(parsed))
+            }
+            _ => Err(RevokeError::Target),
+        }
+    }
+}
+
+/// `01:AB:cd` or `0x01abcd` → `1abcd`: the form `svid::serial_hex` prints.
+pub fn normalize_serial(text: &str) -> Result<String, RevokeError> {
+    let bad = || RevokeError::BadSerial(text.to_owned());
+    let hex: String = text
+        .strip_prefix("0x")
+        .unwrap_or(text)
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let trimmed = hex.trim_start_matches('0');
+    Ok(if trimmed.is_empty() { "0" } else { trimmed }.to_owned())
+}
+
+/// What a sidecar refuses, built from the streamed list: lookups by ID,
+/// by serial, and by [`serial_key`] (what a live connection keeps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevokedSet {
+    ids: std::collections::HashSet<String>,
+    serials: std::collections::HashSet<String>,
+    serial_keys: std::collections::HashSet<u64>,
+}
+
+impl RevokedSet {
+    /// From the CA's list (entries with a malformed serial are skipped).
+    pub fn from_proto(list: &[pb::Revocation]) -> RevokedSet {
+        let mut set = RevokedSet::default();
+        for entry in list {
+            if entry.serial.is_empty() {
+                set.ids.insert(entry.id.clone());
+            } else if let Ok(serial) = normalize_serial(&entry.serial) {
+                set.serial_keys.insert(serial_key(&serial));
+                set.serials.insert(serial);
+            }
+        }
+        set
+    }
+
+    /// Whether a certificate of `id` with `serial` (as `svid::serial_hex`
+    /// prints it) is revoked.
+    pub fn refuses(&self, id: &str, serial: &str) -> bool {
+        self.ids.contains(id) || self.serials.contains(serial)
+    }
+
+    /// Whether `id` or the serial with this [`serial_key`] is revoked.
+    pub fn refuses_key(&self, id: &str, key: u64) -> bool {
+        self.ids.contains(id) || self.serial_keys.contains(&key)
+    }
+
+    /// No entry at all (the common case: one branch per handshake).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.serials.is_empty()
+    }
+}
+
+/// 8 bytes of the SHA-256 of a normalised serial: what a live connection
+/// keeps to be re-checked against later lists (a collision could only
+/// close a connection early).
+pub fn serial_key(serial: &str) -> u64 {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, serial.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// The revocation list as streamed, with its change counter.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Increases by one on every change.
+    pub sequence: u64,
+    /// The entries in force.
+    pub entries: Arc<Vec<pb::Revocation>>,
+    /// Forced re-issues asked for lately (the latest per ID, and for all).
+    pub rotations: Arc<Vec<pb::Rotation>>,
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    /// serial → (ID, notAfter) of every unexpired SVID issued.
+    issued: HashMap<String, (String, i64)>,
+}
+
+/// The CA's revocations: consulted on every Sign, changed by the admin
+/// calls, published to `WatchTrustBundle`.
+pub struct Revocations {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    published: watch::Sender<Snapshot>,
+    /// To the thread appending `issued.jsonl`.
+    append: Mutex<mpsc::Sender<Issued>>,
+}
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocations")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Revocations {
+    /// Loads both files (blocking: call on a blocking thread), drops what
+    /// expired, compacts `issued.jsonl` and starts its writer thread. A
+    /// `revocations.json` that does not parse refuses the start: serving
+    /// without the revocations an operator made would fail open.
+    pub fn load(dir: &Path) -> Result<Revocations, StoreError> {
+        let now = now();
+        let path = dir.join(REVOCATIONS_FILE);
+        let mut entries: Vec<Entry> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid {
+                path: path.clone(),
+                reason: format!("not a revocation list: {e}"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        entries.retain(|e| e.expires_at == 0 || e.expires_at > now);
+        let issued_path = dir.join(ISSUED_FILE);
+        let mut issued = HashMap::new();
+        match std::fs::File::open(&issued_path) {
+            Ok(file) => {
+                for line in std::io::BufReader::new(file).lines() {
+                    let line = line.map_err(io(&issued_path))?;
+                    // A line cut short by a crash is skipped, not fatal.
+                    if let Ok(i) = serde_json::from_str::<Issued>(&line) {
+                        if i.not_after > now {
+                            issued.insert(i.serial, (i.id, i.not_after));
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&issued_path)(e)),
+        }
+        let mut compact = Vec::new();
+        for (serial, (id, not_after)) in &issued {
+            let line = Issued {
+                serial: serial.clone(),
+                id: id.clone(),
+                not_after: *not_after,
+            };
+            compact.extend(serde_json::to_vec(&line).unwrap_or_default());
+            compact.push(b'\n');
+        }
+        write_atomic(&issued_path, &compact, 0o600)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&issued_path)
+            .map_err(io(&issued_path))?;
+        let (append, lines) = mpsc::channel::<Issued>();
+        std::thread::Builder::new()
+            .name("ca-issued-log".into())
+            .spawn(move || append_issued(file, &lines))
+            .map_err(io(&issued_path))?;
+        let published = watch::Sender::new(snapshot(&entries, 1));
+        Ok(Revocations {
+            dir: dir.to_owned(),
+            inner: Mutex::new(Inner { entries, issued }),
+            published,
+            append: Mutex::new(append),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves the maps whole: a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an issued SVID (so it can be revoked by serial).
+    pub fn issued(&self, serial: &str, id: &SpiffeId, not_after: SystemTime) {
+        let not_after = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        self.lock()
+            .issued
+            .insert(serial.to_owned(), (id.to_string(), not_after));
+        let line = Issued {
+            serial: serial.to_owned(),
+            id: id.to_string(),
+            not_after,
+        };
+        let append = self.append.lock().unwrap_or_else(|e| e.into_inner());
+        if append.send(line).is_err() {
+            tracing::warn!(
+                "issued-serial log writer is gone: this serial is known until restart only"
+            );
+        }
+    }
+
+    /// The entry refusing `id` (ID revocation), or the certificate with
+    /// `serial` (serial revocation), if any.
+    pub fn refusing(&self, id: &SpiffeId, serial: Option<&str>) -> Option<Entry> {
+        let inner = self.lock();
+        inner
+            .entries
+            .iter()
+            .find(|e| {
+                (e.serial.is_empty() && e.id == id.as_str())
+                    || serial.is_some_and(|s| !e.serial.is_empty() && e.serial == s)
+            })
+            .cloned()
+    }
+
+    /// Adds a revocation (or returns the one already there) and publishes it.
+    pub async fn revoke(&self, target: Target, reason: &str) -> Result<Entry, RevokeError> {
+        let now = now();
+        let (entries, entry) = {
+            let inner = self.lock();
+            let entry = match &target {
+                Target::Serial(serial) => {
+                    let Some((id, not_after)) = inner.issued.get(serial).cloned() else {
+                        return Err(RevokeError::UnknownSerial(serial.clone()));
+                    };
+                    Entry {
+                        serial: serial.clone(),
+                        id,
+                        reason: reason.to_owned(),
+                        revoked_at: now,
+                        expires_at: not_after,
+                    }
+                }
+                Target::Id(id) => Entry {
+                    serial: String::new(),
+                    id: id.to_string(),
+                    reason: reason.to_owned(),
+                    revoked_at: now,
+                    expires_at: 0,
+                },
+            };
+            let same =
+                |e: &Entry| e.serial == entry.serial && (!e.serial.is_empty() || e.id == entry.id);
+            if let Some(existing) = inner.entries.iter().find(|e| same(e)) {
+                return Ok(existing.clone());
+            }
+            let mut next = inner.entries.clone();
+            next.push(entry.clone());
+            (next, entry)
+        };
+        self.commit(entries).await?;
+        Ok(entry)
+    }
+
+    /// Removes a revocation and publishes the change.
+    pub async fn unrevoke(&self, target: Target) -> Result<Entry, RevokeError> {
+        let (entries, removed) = {
+            let inner = self.lock();
+            let hit = |e: &Entry| match &target {
+                Target::Serial(s) => &e.serial == s,
+                Target::Id(id) => e.serial.is_empty() && e.id == id.as_str(),
+            };
+            let Some(removed) = inner.entries.iter().find(|e| hit(e)).cloned() else {
+                let what = match &target {
+                    Target::Serial(s) => format!("serial {s}"),
+                    Target::Id(id) => id.to_string(),
+                };
+                return Err(RevokeError::NotRevoked(what));
+            };
+            let next = inner.entries.iter().filter(|e| !hit(e)).cloned().collect();
+            (next, removed)
+        };
+        self.commit(entries).await?;
+        Ok(removed)
+    }
+
+    /// Drops entries and issued serials whose certificates expired;
+    /// publishes when an entry went.
+    pub async fn prune(&self) -> Result<(), RevokeError> {
+        let now = now();
+        let next = {
+            let mut inner = self.lock();
+            inner.issued.retain(|_, (_, not_after)| *not_after > now);
+            let live = |e: &Entry| e.expires_at == 0 || e.expires_at > now;
+            if inner.entries.iter().all(live) {
+                return Ok(());
+            }
+            inner.entries.iter().filter(|e| live(e)).cloned().collect()
+        };
+        self.commit(next).await
+    }
+
+    /// Writes `entries` (on a blocking thread), then installs and
+    /// publishes them. Concurrent admin calls are rare; the last to write
+    /// wins the file and the memory alike, so both agree.
+    async fn commit(&self, entries: Vec<Entry>) -> Result<(), RevokeError> {
+        let path = self.dir.join(REVOCATIONS_FILE);
+        let json = serde_json::to_vec_pretty(&entries).map_err(|e| StoreError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        tokio::task::spawn_blocking(move || write_atomic(&path, &json, 0o600))
+            .await
+            .map_err(|e| StoreError::Invalid {
+                path: self.dir.join(REVOCATIONS_FILE),
+                reason: format!("writer failed: {e}"),
+            })??;
+        self.published.send_modify(|published| {
+            let rotations = published.rotations.clone();
+            *published = snapshot(&entries, published.sequence + 1);
+            published.rotations = rotations;
+        });
+        self.lock().entries = entries;
+        Ok(())
+    }
+
+    /// Asks the sidecars of `id` (`None`: all) to renew now: published
+    /// with the list; kept in memory (a sidecar connected to the stream
+    /// gets it at once; a restart forgets it).
+    pub fn rotate(&self, id: Option<&SpiffeId>) -> pb::Rotation {
+        let rotation = pb::Rotation {
+            id: id.map(ToString::to_string).unwrap_or_default(),
+            // SVIDs issued during this second count as before it.
+            issued_before: now() + 1,
+        };
+        let oldest = now() - ROTATION_KEPT_SECS;
+        self.published.send_modify(|snapshot| {
+            let mut rotations: Vec<pb::Rotation> = snapshot
+                .rotations
+                .iter()
+                .filter(|r| r.id != rotation.id && r.issued_before > oldest)
+                .cloned()
+                .collect();
+            rotations.push(rotation.clone());
+            snapshot.rotations = Arc::new(rotations);
+        });
+        rotation
+    }
+
+    /// The entries in force.
+    pub fn list(&self) -> Vec<Entry> {
+        self.lock().entries.clone()
+    }
+
+    /// Follows the published list (for `WatchTrustBundle`).
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.published.subscribe()
+    }
+}
+
+fn snapshot(entries: &[Entry], sequence: u64) -> Snapshot {
+    Snapshot {
+        sequence,
+        entries: Arc::new(entries.iter().map(Entry::to_proto).collect()),
+        rotations: Arc::default(),
+    }
+}
+
+/// How long a rotation is streamed: past the longest SVID lifetime any
+/// deployment uses, every SVID issued before it has expired anyway.
+const ROTATION_KEPT_SECS: i64 = 7 * 24 * 3600;
+
+fn append_issued(mut file: std::fs::File, lines: &mpsc::Receiver<Issued>) {
+    while let Ok(line) = lines.recv() {
+        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+        bytes.push(b'\n');
+        if let Err(e) = file.write_all(&bytes).and_then(|()| file.flush()) {
+            tracing::warn!(error = %e, "appending to {ISSUED_FILE} failed");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_normalised_and_bad_ones_named() {
+        assert_eq!(normalize_serial("00:1A:bc").unwrap(), "1abc");
+        assert_eq!(normalize_serial("0x0").unwrap(), "0");
+        for bad in ["", "xyz", "12 34", &"a".repeat(41)] {
+            let err = normalize_serial(bad).unwrap_err().to_string();
+            assert!(err.contains("not a hex serial"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn revocations_survive_a_reload_and_lapse_with_their_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = "td".parse().unwrap();
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/x").unwrap();
+        let revs = Revocations::load(dir.path()).unwrap();
+        let far = SystemTime::now() + std::time::Duration::from_secs(3600);
+        revs.issued("1abc", &id, far);
+        let unknown = revs
+            .revoke(Target::Serial("ffff".into()), "")
+            .await
+            .unwrap_err();
+        assert!(unknown
+            .to_string()
+            .contains("not a certificate this CA issued"));
+        assert!(revs.list().is_empty(), "a refused revoke changes nothing");
+        let bad = Target::parse("", "spiffe://other/ns/a/sa/x", &td).unwrap_err();
+        assert!(bad.to_string().contains("not of trust domain td"), "{bad}");
+        assert!(matches!(
+            Target::parse("1", "spiffe://td/x", &td),
+            Err(RevokeError::Target)
+        ));
+
+        revs.revoke(Target::Serial("1abc".into()), "stolen")
+            .await
+            .unwrap();
+        revs.revoke(Target::Id(id.clone()), "compromised")
+            .await
+            .unwrap();
+        assert_eq!(revs.subscribe().borrow().entries.len(), 2);
+        assert!(revs.refusing(&id, None).is_some());
+        // Let the writer thread append the issued line.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(revs);
+
+        let again = Revocations::load(dir.path()).unwrap();
+        assert_eq!(again.list().len(), 2, "both kept across a restart");
+        again.unrevoke(Target::Id(id.clone())).await.unwrap();
+        assert!(again.refusing(&id, None).is_none());
+        assert!(again.refusing(&id, Some("1abc")).is_some());
+        let err = again.unrevoke(Target::Id(id.clone())).await.unwrap_err();
+        assert!(err.to_string().contains("is not revoked"), "{err}");
+        // An entry whose certificate expired lapses.
+        let past = SystemTime::now() - std::time::Duration::from_secs(10);
+        again.issued("2", &id, past);
+        again.lock().entries[0].expires_at = 1;
+        again.prune().await.unwrap();
+        assert!(again.list().is_empty());
+        assert!(!again.lock().issued.contains_key("2"));
+    }
+}

@@ -1,0 +1,218 @@
+//! Live re-authorization: when the policy or the trust bundle changes,
+//! every established inbound connection re-checks its own peer and port
+//! against the new state and closes itself if now denied.
+//!
+//! There is no table of connections: each connection's task holds a
+//! [`Grant`] (the process-wide generation its decision was made under, the
+//! root key its peer's chain ended at, whether the policy allowed it) and
+//! waits on one process-wide `Notify` next to its protocol loop. Nothing runs per byte; a
+//! change wakes each connection once, for one policy lookup and one
+//! comparison of root keys.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use stepmesh_ca::svid::AnchorKey;
+
+use tokio::sync::Notify;
+
+use super::conn::{InboundContext, Shared};
+
+/// Why a live connection was closed.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// A stable label: the policy decision's reason (`not_allowed`,
+    /// `default_deny`, ...), `untrusted_root` or `revoked`.
+    pub reason: &'static str,
+    /// The rule that denied it (a policy field path or rule name),
+    /// `trust_bundle` or `revocation_list`.
+    pub rule: Arc<str>,
+}
+
+impl std::fmt::Display for Revoked {
+    /// The access log's `error` of a revoked connection.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "revoked by {} ({})", self.rule, self.reason)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevokedLabels {
+    reason: &'static str,
+    rule: String,
+}
+
+/// The process-wide generation every live inbound connection watches, and
+/// the count of connections it closed.
+#[derive(Debug)]
+pub struct Reauth {
+    generation: AtomicU64,
+    /// Woken (all waiters) after each bump of `generation`.
+    changed: Notify,
+    revoked: Family<RevokedLabels, Counter>,
+}
+
+impl Reauth {
+    /// Registers `stepmesh_connections_revoked_total{reason,rule}`.
+    pub fn new(registry: &mut Registry) -> Reauth {
+        let revoked = Family::<RevokedLabels, Counter>::default();
+        registry.register(
+            "stepmesh_connections_revoked",
+            "Established inbound connections closed because a policy or trust bundle change denied them, by reason and rule",
+            revoked.clone(),
+        );
+        Reauth {
+            generation: AtomicU64::new(0),
+            changed: Notify::new(),
+            revoked,
+        }
+    }
+
+    /// Tells every live connection to re-check itself.
+    pub fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// The generation now, for [`Reauth::grant`]: read before the
+    /// connection's decision, so a change right after it is re-checked.
+    /// (A plain number: a receiver held there would be one more value with
+    /// a destructor live across the handshake's awaits, which makes every
+    /// connection's task bigger.)
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A grant for a connection whose peer was just verified, decided under
+    /// `generation` (from [`Reauth::generation`]). `anchor`: the
+    /// root key its chain ended at (`None` fails closed on the next
+    /// change); `policy_allowed`: whether the L4 decision allowed it (an
+    /// HTTP connection served while denied answers each request by policy
+    /// and is not closed for it).
+    /// `serial`: its leaf's `revocation::serial_key`.
+    pub fn grant(
+        generation: u64,
+        anchor: Option<AnchorKey>,
+        serial: u64,
+        policy_allowed: bool,
+    ) -> Grant {
+        Grant {
+            generation: generation as u32,
+            anchor: anchor.unwrap_or(NO_ANCHOR),
+            serial,
+            policy_allowed,
+        }
+    }
+}
+
+/// Follows the policy and the identity store, bumping `shared.reauth` on
+/// every change; runs for the life of the process.
+pub async fn follow(shared: Arc<Shared>) {
+    let mut policy = shared.policy.changes();
+    let mut store = shared.store.changes();
+    loop {
+        let changed = tokio::select! {
+            r = policy.changed() => r,
+            r = store.changed() => r,
+        };
+        // The senders live in `shared`, which this task holds.
+        if changed.is_err() {
+            return;
+        }
+        shared.reauth.bump();
+    }
+}
+
+/// What one connection re-checks itself with: 24 bytes kept in its task,
+/// no heap of its own.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The generation its decision was made under, its low 32 bits (only
+    /// compared for equality: 2^32 changes while one connection's decision
+    /// is made cannot happen; 4 bytes less in every connection's task).
+    generation: u32,
+    /// The root key its peer's chain ended at, or [`NO_ANCHOR`].
+    anchor: AnchorKey,
+    /// Its peer's leaf serial (`revocation::serial_key`).
+    serial: u64,
+    policy_allowed: bool,
+}
+
+/// No root key known (the bundle changed during the handshake): the next
+/// change closes the connection. A real key is 0 with chance 2^-64; it
+/// would only close its connections early.
+const NO_ANCHOR: AnchorKey = 0;
+
+impl Grant {
+    /// Resolves once a change denies this connection, after logging and
+    /// counting it; pending forever otherwise.
+    pub async fn revoked(&self, shared: &Shared, ctx: &InboundContext) -> Revoked {
+        let mut seen = self.generation;
+        loop {
+            // Made before the generation is read: a bump after the read
+            // wakes it (`notify_waiters` reaches every `Notified` made).
+            let changed = shared.reauth.changed.notified();
+            let now = shared.reauth.generation() as u32;
+            if now == seen {
+                changed.await;
+                continue;
+            }
+            seen = now;
+            if let Some(revoked) = self.check(shared, ctx) {
+                tracing::info!(
+                    client = %ctx.client,
+                    peer = %ctx.peer_id,
+                    port = ctx.port,
+                    rule = %revoked.rule,
+                    reason = revoked.reason,
+                    "inbound connection revoked: closing"
+                );
+                shared
+                    .reauth
+                    .revoked
+                    .get_or_create(&RevokedLabels {
+                        reason: revoked.reason,
+                        rule: revoked.rule.to_string(),
+                    })
+                    .inc();
+                return revoked;
+            }
+        }
+    }
+
+    /// The connection against the state now: `Some` if now denied.
+    fn check(&self, shared: &Shared, ctx: &InboundContext) -> Option<Revoked> {
+        if self.policy_allowed {
+            let decision = shared.policy.current().authorize(&ctx.peer_id, ctx.port);
+            if !decision.allow {
+                return Some(Revoked {
+                    reason: decision.reason,
+                    rule: decision.rule,
+                });
+            }
+        }
+        if shared
+            .store
+            .revoked()
+            .refuses_key(ctx.peer_id.as_str(), self.serial)
+        {
+            return Some(Revoked {
+                reason: "revoked",
+                rule: Arc::from("revocation_list"),
+            });
+        }
+        let trusted = self.anchor != NO_ANCHOR
+            && shared
+                .store
+                .bundle()
+                .is_some_and(|bundle| bundle.trusts(self.anchor));
+        (!trusted).then(|| Revoked {
+            reason: "untrusted_root",
+            rule: Arc::from("trust_bundle"),
+        })
+    }
+}

@@ -1,0 +1,450 @@
+//! Live re-authorization through real sidecars: established connections
+//! (an opaque L4 stream and a keep-alive HTTP/1 connection) from workload X
+//! survive a policy reload that still allows X, and are closed within 2 s of
+//! one that denies X; new connections from X are refused; workload Y's
+//! connections are untouched. Also: a trust bundle that drops X's root
+//! closes X's connections.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+mod http_support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::mesh::*;
+use stepmesh_ca::testing::Pki;
+
+const X: &str = "spiffe://mesh.test/ns/shop/sa/x";
+const Y: &str = "spiffe://mesh.test/ns/shop/sa/y";
+const Z: &str = "spiffe://mesh.test/ns/shop/sa/z";
+/// How soon a denied connection must be closed (the policy file is polled
+/// every 500 ms; the close follows the reload at once).
+const REVOKE_WITHIN: Duration = Duration::from_secs(2);
+
+/// An L4 port and an HTTP port, each allowing `from`.
+fn policy(l4: u16, web: u16, from: &[&str]) -> String {
+    let from = from.join(", ");
+    format!(
+        "trustDomain: mesh.test\ninbound:\n  default: deny\n  ports:\n    - port: {l4}\n      protocol: tcp\n      allow:\n        - name: l4-clients\n          from: [{from}]\n    - port: {web}\n      protocol: http\n      allow:\n        - name: web-clients\n          from: [{from}]\n"
+    )
+}
+
+/// A client sidecar for `id` (its SVID from `pki`, its bundle that root or
+/// `bundle`) with one outbound listener per server port: (sidecar, L4
+/// listener, HTTP listener).
+fn client(
+    dir: &Path,
+    pki: &Pki,
+    id: &str,
+    bundle: Option<&str>,
+    (l4, web): (SocketAddr, SocketAddr),
+) -> (Sidecar, SocketAddr, SocketAddr) {
+    let name = id.rsplit('/').next().unwrap();
+    let files = SvidFiles::write(dir, name, pki, &pki.leaf(id));
+    if let Some(bundle) = bundle {
+        atomic_write(&files.bundle, bundle.as_bytes());
+    }
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={l4}@{SERVER_ID}"),
+        "--outbound".into(),
+        format!("127.0.0.1:0={web}@{SERVER_ID}"),
+    ]);
+    let sidecar = Sidecar::spawn(&args);
+    let listener_to = |upstream: SocketAddr| {
+        sidecar.wait_log("outbound listener", |l| {
+            (l["message"] == "listening"
+                && l["kind"] == "outbound"
+                && l["upstream"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&upstream.to_string()))
+            .then(|| l["listen"].as_str().unwrap().parse().unwrap())
+        })
+    };
+    let (to_l4, to_web) = (listener_to(l4), listener_to(web));
+    sidecar.wait_ready();
+    (sidecar, to_l4, to_web)
+}
+
+/// A long-lived echo connection.
+struct Echo(TcpStream);
+
+impl Echo {
+    fn open(addr: SocketAddr) -> Echo {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut echo = Echo(s);
+        assert!(echo.ping(b"hello"), "a fresh L4 connection echoes");
+        echo
+    }
+
+    /// Whether `data` comes back.
+    fn ping(&mut self, data: &[u8]) -> bool {
+        if self.0.write_all(data).is_err() {
+            return false;
+        }
+        let mut back = vec![0; data.len()];
+        self.0.read_exact(&mut back).is_ok() && back == data
+    }
+
+    /// Waits for the connection to end (EOF or reset), returning when.
+    fn closed_at(&mut self) -> Instant {
+        let mut buf = [0u8; 64];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection.
+struct Http(BufReader<TcpStream>);
+
+impl Http {
+    fn open(addr: SocketAddr) -> Http {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut http = Http(BufReader::new(s));
+        assert_eq!(http.get(), Some(200), "a fresh HTTP connection is served");
+        http
+    }
+
+    /// One GET on the connection: its status, `None` if the connection ended.
+    fn get(&mut self) -> Option<u16> {
+        let req = b"GET /thing HTTP/1.1\r\nHost: app\r\n\r\n";
+        self.0.get_mut().write_all(req).ok()?;
+        let mut status = String::new();
+        if self.0.read_line(&mut status).ok()? == 0 {
+            return None;
+        }
+        let code = status.split(' ').nth(1)?.parse().ok()?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if self.0.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().ok()?;
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.0.read_exact(&mut body).ok()?;
+        Some(code)
+    }
+
+    /// Waits for the connection to end, returning when.
+    fn closed_at(&mut self) -> Instant {
+        let mut buf = [0u8; 64];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A fresh one-request HTTP connection's status (0: no answer).
+fn fresh_status(addr: SocketAddr) -> u16 {
+    http_get(addr, "/fresh").0
+}
+
+/// Writes `text` as the policy and waits until the server has loaded it.
+fn reload(server: &Sidecar, file: &Path, text: &str) -> Instant {
+    let before = server.config()["policy_digest"].clone();
+    atomic_write(file, text.as_bytes());
+    let written = Instant::now();
+    eventually("the policy reloaded", || {
+        (server.config()["policy_digest"] != before).then_some(())
+    });
+    written
+}
+
+#[test]
+fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
+    let echo = echo_server();
+    let (web_app, _) = http_ok_app();
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X, Y])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{l4_port}={echo}"),
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={web_app}"),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let l4: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let (_x, x_l4, x_web) = client(dir.path(), &pki, X, None, (l4, web));
+    let (_y, y_l4, y_web) = client(dir.path(), &pki, Y, None, (l4, web));
+
+    let mut x_stream = Echo::open(x_l4);
+    let mut x_http = Http::open(x_web);
+    let mut y_stream = Echo::open(y_l4);
+    let mut y_http = Http::open(y_web);
+
+    // A reload that still allows X: nothing is closed.
+    reload(
+        &server,
+        &policy_file,
+        &policy(l4_port, web_port, &[X, Y, Z]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        x_stream.ping(b"still"),
+        "X's L4 connection survives a reload that allows X"
+    );
+    assert_eq!(x_http.get(), Some(200), "X's HTTP connection survives it");
+    let revoked_before = server.metric("stepmesh_connections_revoked_total");
+    assert_eq!(revoked_before, 0.0, "nothing revoked by an allowing reload");
+
+    // A reload that denies X.
+    let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    let stream_closed = x_stream.closed_at();
+    let http_closed = x_http.closed_at();
+    for (what, at) in [("L4", stream_closed), ("HTTP", http_closed)] {
+        let took = at.duration_since(denied);
+        assert!(
+            took < REVOKE_WITHIN,
+            "X's {what} connection closed {took:?} after the policy file changed"
+        );
+    }
+    // New connections from X are refused: L4 closed without a byte, HTTP 403.
+    assert!(
+        roundtrip(x_l4, b"again").unwrap_or_default().is_empty(),
+        "a new L4 connection from X is refused"
+    );
+    assert_eq!(
+        fresh_status(x_web),
+        403,
+        "a new HTTP request from X is denied"
+    );
+    // Y is untouched, on the connections it had and on new ones.
+    assert!(y_stream.ping(b"y-still"), "Y's L4 connection is untouched");
+    assert_eq!(y_http.get(), Some(200), "Y's HTTP connection is untouched");
+    assert_eq!(roundtrip(y_l4, b"y-new").unwrap(), b"y-new");
+    assert_eq!(fresh_status(y_web), 200);
+
+    // Counted and logged with the rule that denied them.
+    let metrics = server.metrics();
+    for port in ["inbound.ports[0]", "inbound.ports[1]"] {
+        let series =
+            format!("stepmesh_connections_revoked_total{{reason=\"not_allowed\",rule=\"{port}\"}}");
+        assert_eq!(metric_value(&metrics, &series), 1.0, "{series}:\n{metrics}");
+    }
+    server.wait_log("revocation logged", |l| {
+        (l["message"] == "inbound connection revoked: closing" && l["peer"] == X).then_some(())
+    });
+    let line = server.wait_access("the revoked L4 connection's access-log line", |l| {
+        l["peer_id"] == X
+            && l["port"] == l4_port
+            && l["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("revoked by "))
+    });
+    eprintln!("access log: {line}");
+}
+
+#[test]
+fn a_trust_bundle_without_xs_root_closes_xs_connections() {
+    // X's SVID comes from a second root of the same trust domain; the
+    // server trusts both roots, then only the first.
+    let echo = echo_server();
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, other) = (Pki::new("mesh.test"), Pki::new("mesh.test"));
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X, Y])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let both = format!("{}{}", pki.bundle_pem(), other.bundle_pem());
+    atomic_write(&files.bundle, both.as_bytes());
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{l4_port}={echo}"),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let l4: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    // X trusts both roots too (it must accept the server's SVID).
+    let (_x, x_l4, _) = client(dir.path(), &other, X, Some(&both), (l4, unused));
+    let (_y, y_l4, _) = client(dir.path(), &pki, Y, None, (l4, unused));
+
+    let mut x_stream = Echo::open(x_l4);
+    let mut y_stream = Echo::open(y_l4);
+
+    atomic_write(&files.bundle, pki.bundle_pem().as_bytes());
+    let changed = Instant::now();
+    let took = x_stream.closed_at().duration_since(changed);
+    // The bundle file is polled every 100 ms here.
+    assert!(
+        took < REVOKE_WITHIN,
+        "X's connection closed {took:?} after its root left the bundle"
+    );
+    assert!(y_stream.ping(b"y"), "Y's root is still trusted: untouched");
+    assert_eq!(
+        server.metric(
+            "stepmesh_connections_revoked_total{reason=\"untrusted_root\",rule=\"trust_bundle\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
+    // An HTTP/2 app client: X's sidecar carries it over one pooled
+    // `stepmesh/h2` connection to the server's sidecar. Denying X ends that
+    // connection gracefully (GOAWAY); the app's own connection to X's
+    // sidecar stays, and its next request (over a new mesh connection) is
+    // decided by the new policy: 403.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(http_support::app::TestApp::start(true));
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={}", app.addr),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(x_web).await.unwrap();
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let get = || http_support::app::request(true, "GET", "/h2", &[], b"");
+        let first = send.send_request(get()).await.unwrap();
+        assert_eq!(first.status(), 200);
+
+        let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+        let series =
+            "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}";
+        let closed = eventually("the mesh connection revoked", || {
+            (server.metric(series) == 1.0).then(Instant::now)
+        });
+        let took = closed.duration_since(denied);
+        assert!(
+            took < REVOKE_WITHIN,
+            "revoked {took:?} after the policy file changed"
+        );
+        server.wait_log("GOAWAY'd connection logged", |l| {
+            (l["message"] == "inbound connection revoked: closing" && l["peer"] == X).then_some(())
+        });
+        // The app's connection to its own sidecar is untouched; the next
+        // request is decided by the new policy.
+        let next = send.send_request(get()).await.unwrap();
+        assert_eq!(next.status(), 403, "a request after the reload is denied");
+    });
+}
+
+#[test]
+fn a_pipelining_http1_client_is_closed_too() {
+    // The client keeps requests queued ahead of the responses, so the
+    // connection is rarely idle between requests: the close still comes
+    // at the next response.
+    let (web_app, _) = http_ok_app();
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={web_app}"),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+
+    let conn = TcpStream::connect(x_web).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let pipeline = std::thread::spawn(move || {
+        // Bounded: 4 requests every 5 ms for at most 20 s.
+        let req = b"GET /p HTTP/1.1\r\nHost: app\r\n\r\n".repeat(4);
+        let until = Instant::now() + Duration::from_secs(20);
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed)
+            && Instant::now() < until
+            && writer.write_all(&req).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    let mut answered = 0;
+    // Served while allowed.
+    while answered < 50 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+        // The 2-byte body has no newline: a status line may follow it.
+        answered += usize::from(line.contains("HTTP/1.1 200"));
+    }
+    let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let took = denied.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pipeline.join().unwrap();
+    assert!(
+        took < REVOKE_WITHIN,
+        "the pipelining connection closed {took:?} after the policy file changed"
+    );
+    assert_eq!(
+        server.metric(
+            "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}"
+        ),
+        1.0
+    );
+}
