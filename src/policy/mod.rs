@@ -12,6 +12,7 @@ mod model;
 pub mod netpol;
 pub mod target;
 mod watch;
+mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use watch::PolicyWatch;
+pub use workload::Workload;
 
 /// Why a policy was refused. Every variant names where the problem is.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,7 @@ pub struct Policy {
     outbound_default: OutboundAction,
     outbound_rules: Vec<OutboundRule>,
     kubernetes: Option<kube::KubePolicy>,
+    workload: Option<Workload>,
     digest: String,
     labels: DefaultLabels,
 }
@@ -261,6 +264,7 @@ impl Policy {
             outbound_default: OutboundAction::Mtls,
             outbound_rules: Vec::new(),
             kubernetes: None,
+            workload: None,
             digest,
             labels: DefaultLabels::new(),
         }
@@ -294,6 +298,21 @@ impl Policy {
     /// The `kubernetes:` section (the API gateway's rules), if any.
     pub fn kubernetes(&self) -> Option<&kube::KubePolicy> {
         self.kubernetes.as_ref()
+    }
+
+    /// The `workload:` section: the pods this policy protects, if named.
+    pub fn workload(&self) -> Option<&Workload> {
+        self.workload.as_ref()
+    }
+
+    /// What outbound does when no rule matches.
+    pub fn outbound_default(&self) -> OutboundAction {
+        self.outbound_default
+    }
+
+    /// The outbound rules, first match wins.
+    pub fn outbound_rules(&self) -> &[OutboundRule] {
+        &self.outbound_rules
     }
 
     /// The inbound ports with rules.
