@@ -25,6 +25,32 @@ pub enum PolicyCommand {
     /// callers' egress from the callees' inbound rules), the outbound rules
     /// as egress, and what the mesh needs.
     Netpol(NetpolArgs),
+    /// Report risky configurations for CI, one line each (`file: field:
+    /// CODE message`): exit 0 clean, 1 findings, 64 unreadable or invalid.
+    Lint(LintArgs),
+}
+
+/// Flags of `stepmesh policy lint`.
+#[derive(Debug, clap::Args)]
+pub struct LintArgs {
+    /// Policy files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Silence a finding code (repeatable), e.g. `--allow SM006`.
+    #[arg(long)]
+    pub allow: Vec<String>,
+    /// `text` (one line per finding) or `json` (an array, for tools).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: LintFormat,
+}
+
+/// How `policy lint` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LintFormat {
+    /// `file: field: CODE message`.
+    Text,
+    /// A JSON array of `{file, field, code, severity, message}`.
+    Json,
 }
 
 /// Flags of `stepmesh policy netpol`.
@@ -120,6 +146,72 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Explain(args) => print!("{}", explain(&args).await?),
         PolicyCommand::Netpol(args) => print!("{}", netpol_set(&args).await?),
+        // app.rs runs lint itself: its findings exit 1, not 64.
+        PolicyCommand::Lint(args) => lint(&args)?,
+    }
+    Ok(())
+}
+
+/// `stepmesh policy lint`: prints the findings; an unreadable or invalid
+/// file is a configuration error (exit 64, every file reported), findings
+/// of severity error an unmarked error (exit 1). Blocking reads: call off
+/// the runtime threads.
+pub fn lint(args: &LintArgs) -> anyhow::Result<()> {
+    use crate::policy::lint::{self, Severity, CODES};
+    if let Some(code) = args
+        .allow
+        .iter()
+        .find(|c| !CODES.iter().any(|(k, _)| k == c))
+    {
+        return Err(crate::exit::config(anyhow::anyhow!(
+            "--allow {code:?}: not a lint code (SM001..SM{:03})",
+            CODES.len()
+        )));
+    }
+    let mut bad = Vec::new();
+    let mut found = Vec::new();
+    for file in &args.files {
+        match Policy::from_file(file) {
+            Ok(p) => found.extend(
+                lint::lint(&p)
+                    .into_iter()
+                    .filter(|f| !args.allow.iter().any(|a| a == f.code))
+                    .map(|f| (file.display().to_string(), f)),
+            ),
+            Err(e) => bad.push(format!("{}: {e}", file.display())),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(crate::exit::config(anyhow::anyhow!("{}", bad.join("; "))));
+    }
+    match args.format {
+        LintFormat::Text => {
+            for (file, f) in &found {
+                let warn = if f.severity == Severity::Warning {
+                    "warning: "
+                } else {
+                    ""
+                };
+                println!("{file}: {}: {} {warn}{}", f.field, f.code, f.message);
+            }
+        }
+        LintFormat::Json => {
+            let rows: Vec<serde_json::Value> = found
+                .iter()
+                .map(|(file, f)| {
+                    serde_json::json!({"file": file, "field": f.field, "code": f.code,
+                                       "severity": f.severity, "message": f.message})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(rows));
+        }
+    }
+    let errors = found
+        .iter()
+        .filter(|(_, f)| f.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        anyhow::bail!("{errors} finding(s) ({} warning(s))", found.len() - errors);
     }
     Ok(())
 }

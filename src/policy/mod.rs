@@ -8,6 +8,7 @@
 mod compile;
 mod decide;
 pub mod kube;
+pub mod lint;
 mod model;
 pub mod netpol;
 pub mod target;
