@@ -18,6 +18,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(args) => crate::init::run(args),
         Command::Inject(args) => multi_thread()?.block_on(crate::inject::run(args)),
         Command::Gateway(cmd) => multi_thread()?.block_on(crate::gateway::run(cmd)),
+        // Findings exit 1; an unreadable or invalid file 64 (marked inside).
+        Command::Policy(crate::policy_cmd::PolicyCommand::Lint(args)) => {
+            crate::policy_cmd::lint(&args)
+        }
         // The policy and cert tools only read the files and flags they are
         // given: whatever fails is that input (exit 64).
         Command::Policy(cmd) => multi_thread()?

@@ -25,6 +25,17 @@ impl Cidr {
         ip.is_ipv4() == self.addr.is_ipv4() && bits(ip) & self.mask() == bits(self.addr)
     }
 
+    /// Whether every address of `other` is inside (same family, at least
+    /// as long a prefix).
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.is_ipv4() == self.is_ipv4() && other.len >= self.len && self.contains(other.addr)
+    }
+
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
     fn width(&self) -> u8 {
         if self.addr.is_ipv4() {
             32

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::policy::{netpol, target, Policy, SpiffeId};
+use crate::policy::{netpol, target, Cidr, Policy, SpiffeId};
 use crate::stepup::{self, Outcome, Peer, RequestInfo, StepUp, StepUpMetrics};
 
 /// `stepmesh policy` subcommands.
@@ -20,18 +20,72 @@ pub enum PolicyCommand {
     /// Print the decision for a peer, port and (for HTTP) request, and the
     /// rule that made it. Step-up keys are fetched as the sidecar would.
     Explain(ExplainArgs),
-    /// Print Kubernetes NetworkPolicies (default deny + allows derived from
-    /// the identity rules) for the pods a selector picks.
-    Netpol {
-        /// Policy file.
-        file: PathBuf,
-        /// Namespace of the pods the policy protects.
-        #[arg(long)]
-        namespace: String,
-        /// Pod label selecting them, `key=value`.
-        #[arg(long)]
-        selector: String,
-    },
+    /// Print Kubernetes NetworkPolicies for a set of policies: default deny
+    /// of ingress and egress, allows derived from the identity rules (the
+    /// callers' egress from the callees' inbound rules), the outbound rules
+    /// as egress, and what the mesh needs.
+    Netpol(NetpolArgs),
+    /// Report risky configurations for CI, one line each (`file: field:
+    /// CODE message`): exit 0 clean, 1 findings, 64 unreadable or invalid.
+    Lint(LintArgs),
+}
+
+/// Flags of `stepmesh policy lint`.
+#[derive(Debug, clap::Args)]
+pub struct LintArgs {
+    /// Policy files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Silence a finding code (repeatable), e.g. `--allow SM006`.
+    #[arg(long)]
+    pub allow: Vec<String>,
+    /// `text` (one line per finding) or `json` (an array, for tools).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: LintFormat,
+}
+
+/// How `policy lint` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LintFormat {
+    /// `file: field: CODE message`.
+    Text,
+    /// A JSON array of `{file, field, code, severity, message}`.
+    Json,
+}
+
+/// Flags of `stepmesh policy netpol`.
+#[derive(Debug, clap::Args)]
+pub struct NetpolArgs {
+    /// Policy files, compiled together; each names its pods in `workload:`
+    /// (or give one file and --namespace/--selector).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Namespace of the pods the one policy protects.
+    #[arg(long, requires = "selector")]
+    pub namespace: Option<String>,
+    /// Pod label selecting them, `key=value`.
+    #[arg(long, requires = "namespace")]
+    pub selector: Option<String>,
+    /// `deny`: only what the policies and the mesh need leaves the pods;
+    /// `open`: no Egress policies (adopt in steps).
+    #[arg(long, value_enum, default_value = "deny")]
+    pub egress: netpol::EgressMode,
+    /// The API server's endpoint addresses (CIDR), for workloads with
+    /// `apiServer: true` (default: any address on 443 and 6443).
+    #[arg(long = "api-server")]
+    pub api_server: Vec<Cidr>,
+    /// Where kubelet probes come from (the node CIDRs; default: anywhere).
+    #[arg(long = "probe-cidr")]
+    pub probe_cidr: Vec<Cidr>,
+    /// The cluster DNS pods, `namespace/key=value`.
+    #[arg(long, default_value = "kube-system/k8s-app=kube-dns")]
+    pub dns: String,
+    /// The stepmesh CA pods, `namespace/key=value`.
+    #[arg(
+        long,
+        default_value = "stepmesh-system/app.kubernetes.io/name=stepmesh-ca"
+    )]
+    pub ca: String,
 }
 
 /// Flags of `stepmesh policy explain`.
@@ -91,16 +145,114 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             );
         }
         PolicyCommand::Explain(args) => print!("{}", explain(&args).await?),
-        PolicyCommand::Netpol {
-            file,
-            namespace,
-            selector,
-        } => {
-            let policy = load(&file).await?;
-            print!("{}", netpol::render(&policy, &namespace, &selector)?);
-        }
+        PolicyCommand::Netpol(args) => print!("{}", netpol_set(&args).await?),
+        // app.rs runs lint itself: its findings exit 1, not 64.
+        PolicyCommand::Lint(args) => lint(&args)?,
     }
     Ok(())
+}
+
+/// `stepmesh policy lint`: prints the findings; an unreadable or invalid
+/// file is a configuration error (exit 64, every file reported), findings
+/// of severity error an unmarked error (exit 1). Blocking reads: call off
+/// the runtime threads.
+pub fn lint(args: &LintArgs) -> anyhow::Result<()> {
+    use crate::policy::lint::{self, Severity, CODES};
+    if let Some(code) = args
+        .allow
+        .iter()
+        .find(|c| !CODES.iter().any(|(k, _)| k == c))
+    {
+        return Err(crate::exit::config(anyhow::anyhow!(
+            "--allow {code:?}: not a lint code (SM001..SM{:03})",
+            CODES.len()
+        )));
+    }
+    let mut bad = Vec::new();
+    let mut found = Vec::new();
+    for file in &args.files {
+        match Policy::from_file(file) {
+            Ok(p) => found.extend(
+                lint::lint(&p)
+                    .into_iter()
+                    .filter(|f| !args.allow.iter().any(|a| a == f.code))
+                    .map(|f| (file.display().to_string(), f)),
+            ),
+            Err(e) => bad.push(format!("{}: {e}", file.display())),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(crate::exit::config(anyhow::anyhow!("{}", bad.join("; "))));
+    }
+    match args.format {
+        LintFormat::Text => {
+            for (file, f) in &found {
+                let warn = if f.severity == Severity::Warning {
+                    "warning: "
+                } else {
+                    ""
+                };
+                println!("{file}: {}: {} {warn}{}", f.field, f.code, f.message);
+            }
+        }
+        LintFormat::Json => {
+            let rows: Vec<serde_json::Value> = found
+                .iter()
+                .map(|(file, f)| {
+                    serde_json::json!({"file": file, "field": f.field, "code": f.code,
+                                       "severity": f.severity, "message": f.message})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(rows));
+        }
+    }
+    let errors = found
+        .iter()
+        .filter(|(_, f)| f.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        anyhow::bail!("{errors} finding(s) ({} warning(s))", found.len() - errors);
+    }
+    Ok(())
+}
+
+/// `namespace/key=value`.
+fn pod_ref(flag: &str, text: &str) -> anyhow::Result<netpol::PodRef> {
+    let parsed = text.split_once('/').and_then(|(ns, sel)| {
+        let (k, v) = sel.split_once('=')?;
+        Some((ns, k, v))
+    });
+    let Some((ns, k, v)) = parsed.filter(|(ns, k, _)| !ns.is_empty() && !k.is_empty()) else {
+        anyhow::bail!("{flag} {text:?}: expected namespace/key=value");
+    };
+    Ok(netpol::PodRef {
+        namespace: ns.to_owned(),
+        labels: [(k.to_owned(), v.to_owned())].into(),
+    })
+}
+
+/// The YAML `policy netpol` prints for `args`.
+pub async fn netpol_set(args: &NetpolArgs) -> anyhow::Result<String> {
+    let flags = args.namespace.as_deref().zip(args.selector.as_deref());
+    if flags.is_some() && args.files.len() > 1 {
+        anyhow::bail!("--namespace/--selector name the pods of one policy: give one file, or a workload: section in each");
+    }
+    let mut policies = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        policies.push((file.display().to_string(), load(file).await?));
+    }
+    let inputs = policies
+        .iter()
+        .map(|(name, p)| netpol::Input::new(name.clone(), p, flags))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = netpol::Options {
+        egress: args.egress,
+        api_server: args.api_server.clone(),
+        probe_sources: args.probe_cidr.clone(),
+        dns: pod_ref("--dns", &args.dns)?,
+        ca: pod_ref("--ca", &args.ca)?,
+    };
+    Ok(netpol::to_yaml(&netpol::compile(&inputs, &opts)?)?)
 }
 
 async fn load(file: &Path) -> anyhow::Result<Policy> {

@@ -91,6 +91,10 @@ pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
         .enumerate()
         .map(|(i, r)| outbound_rule(&format!("outbound.rules[{i}]"), r))
         .collect::<Result<Vec<_>, _>>()?;
+    let workload = match raw.workload {
+        Some(w) => Some(super::workload::compile(w)?),
+        None => None,
+    };
     let kubernetes = match raw.kubernetes {
         Some(k) => Some(super::kube::compile(k, &providers)?),
         None => None,
@@ -99,6 +103,7 @@ pub(crate) fn compile(text: &str) -> Result<Policy, PolicyError> {
         trust_domain,
         mode: raw.mode,
         kubernetes,
+        workload,
         providers,
         inbound_default: inbound.default,
         ports,

@@ -133,7 +133,7 @@ fn resource_matches(rule: &str, req: &KubeRequest<'_>) -> bool {
 }
 
 /// `*` matches any run of characters (including none); all else is literal.
-fn glob(pattern: &str, text: &str) -> bool {
+pub(super) fn glob(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or_default();
     let Some(mut rest) = text.strip_prefix(first) else {

@@ -8,10 +8,12 @@
 mod compile;
 mod decide;
 pub mod kube;
+pub mod lint;
 mod model;
 pub mod netpol;
 pub mod target;
 mod watch;
+mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ pub use decide::{Decision, RouteMatch};
 pub use model::{BindToPeer, InboundDefault, Mode, OutboundAction, Protocol};
 pub use stepmesh_ca::spiffe_id::{SpiffeId, SpiffeIdError, SpiffeIdPattern, TrustDomain};
 pub use watch::PolicyWatch;
+pub use workload::Workload;
 
 /// Why a policy was refused. Every variant names where the problem is.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,7 @@ pub struct Policy {
     outbound_rules: Vec<OutboundRule>,
     kubernetes: Option<kube::KubePolicy>,
     opaque_ports: Vec<u16>,
+    workload: Option<Workload>,
     digest: String,
     labels: DefaultLabels,
 }
@@ -263,6 +267,7 @@ impl Policy {
             outbound_rules: Vec::new(),
             kubernetes: None,
             opaque_ports: Vec::new(),
+            workload: None,
             digest,
             labels: DefaultLabels::new(),
         }
@@ -296,6 +301,21 @@ impl Policy {
     /// The `kubernetes:` section (the API gateway's rules), if any.
     pub fn kubernetes(&self) -> Option<&kube::KubePolicy> {
         self.kubernetes.as_ref()
+    }
+
+    /// The `workload:` section: the pods this policy protects, if named.
+    pub fn workload(&self) -> Option<&Workload> {
+        self.workload.as_ref()
+    }
+
+    /// What outbound does when no rule matches.
+    pub fn outbound_default(&self) -> OutboundAction {
+        self.outbound_default
+    }
+
+    /// The outbound rules, first match wins.
+    pub fn outbound_rules(&self) -> &[OutboundRule] {
+        &self.outbound_rules
     }
 
     /// The inbound ports with rules.

@@ -20,6 +20,22 @@ pub(crate) struct RawPolicy {
     pub outbound: Option<RawOutbound>,
     #[serde(default)]
     pub kubernetes: Option<RawKubernetes>,
+    #[serde(default)]
+    pub workload: Option<RawWorkload>,
+}
+
+/// `workload:`: which pods the policy protects, for the NetworkPolicy
+/// compiler (the sidecar does not read it: it is the pod it runs in).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawWorkload {
+    pub namespace: String,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub api_server: bool,
 }
 
 /// `enforce` denies; `audit` logs what it would deny and allows.
