@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -192,36 +192,21 @@ impl Upstream {
     }
 }
 
-/// The headers RFC 9110 §7.6.1 says a proxy must not forward, plus those
-/// `Connection` names; an upgrade keeps `Connection: Upgrade` and `Upgrade`.
+/// The sidecar's hop-by-hop stripping (RFC 9110 §7.6.1, and what
+/// `Connection` names); an upgrade keeps `Connection: Upgrade` and its
+/// `Upgrade` values, which are the request itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let protocols: Vec<HeaderValue> = if upgrade {
+        headers.get_all(header::UPGRADE).iter().cloned().collect()
     } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+        Vec::new()
+    };
+    crate::http::headers::strip_hop_by_hop(headers);
+    if !protocols.is_empty() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        for p in protocols {
+            headers.append(header::UPGRADE, p);
+        }
     }
 }
 
