@@ -235,7 +235,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
             id: &peer,
             x5t_s256: &x5t,
         },
-        port: port,
+        port,
         method: &method,
         uri: &uri,
         headers: &headers,

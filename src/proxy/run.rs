@@ -70,6 +70,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
     let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
+    let workload_metrics = crate::workload::WorkloadMetrics::new(&mut registry);
     let registry = Arc::new(registry);
     let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
 
@@ -118,6 +119,24 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     tracing::info!(admin = %admin.local_addr()?, "admin listening");
     tokio::spawn(crate::admin::sidecar(admin_state).serve(admin, std::future::pending()));
+
+    // Off the data path: the Workload API waits for the first SVID itself,
+    // so the socket exists (and clients may connect) from the start.
+    if let Some(path) = &args.workload_api {
+        let listener = crate::workload::bind(path)
+            .await
+            .with_context(|| format!("--workload-api {}", path.display()))
+            .config_err()?;
+        let callers = crate::workload::Callers::new(args.workload_api_uid.clone());
+        tracing::info!(socket = %path.display(), uids = ?args.workload_api_uid, "SPIFFE Workload API listening");
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::workload::serve(listener, store, callers, workload_metrics).await
+            {
+                tracing::error!(error = %e, "SPIFFE Workload API server stopped");
+            }
+        });
+    }
 
     tracing::info!("waiting for the first SVID");
     tokio::select! {
