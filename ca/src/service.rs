@@ -14,6 +14,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::authn::{Authenticated, Authenticator, AuthnError, Credential};
+use crate::jwtsvid::{JwtSigner, JwtSvidError, MintedJwt};
 use crate::metrics::{CaMetrics, SignLabels};
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_server::CertificateAuthority;
@@ -47,6 +48,7 @@ pub struct CaService {
     limiter: RateLimiter,
     metrics: CaMetrics,
     bundle: watch::Receiver<Arc<BundleState>>,
+    jwt: Arc<JwtSigner>,
 }
 
 /// A refused Sign call: what the caller gets and what the audit line says.
@@ -103,6 +105,7 @@ impl CaService {
         limiter: RateLimiter,
         metrics: CaMetrics,
         bundle: watch::Receiver<Arc<BundleState>>,
+        jwt: Arc<JwtSigner>,
     ) -> Self {
         Self {
             td,
@@ -111,7 +114,36 @@ impl CaService {
             limiter,
             metrics,
             bundle,
+            jwt,
         }
+    }
+
+    /// SignJwtSvid's decision: the caller's identity, then the token.
+    async fn decide_jwt(
+        &self,
+        cred: Result<Credential<'_>, AuthnError>,
+        req: &pb::SignJwtSvidRequest,
+    ) -> Result<(Authenticated, MintedJwt), Refusal> {
+        let who = self.admit(cred).await?;
+        let ttl = JwtSigner::ttl_for(req.ttl_seconds);
+        let minted = self.jwt.mint(&who.id, &req.audience, ttl).map_err(|e| {
+            let (status, outcome, reason) = match &e {
+                JwtSvidError::Audience(_) => (
+                    Status::invalid_argument(e.to_string()),
+                    "invalid",
+                    "bad_audience",
+                ),
+                _ => (Status::internal(e.to_string()), "error", "sign_failed"),
+            };
+            Refusal {
+                status,
+                outcome,
+                verifier: who.verifier,
+                reason,
+                identity: Some(who.id.to_string()),
+            }
+        })?;
+        Ok((who, minted))
     }
 
     async fn decide(
@@ -119,6 +151,29 @@ impl CaService {
         cred: Result<Credential<'_>, AuthnError>,
         req: &pb::SignRequest,
     ) -> Result<(Authenticated, Issued, &'static str), Refusal> {
+        let who = self.admit(cred).await?;
+        let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
+        csr.check_identity(&who.id)
+            .map_err(|e| Refusal::csr(e, &who))?;
+        let ttl = self
+            .signer
+            .ttl_for(req.ttl_seconds)
+            .map_err(|e| Refusal::csr(e, &who))?;
+        let issued = self.signer.sign(&csr, &who.id, ttl).map_err(|e| Refusal {
+            status: Status::internal(e.to_string()),
+            outcome: "error",
+            verifier: who.verifier,
+            reason: "sign_failed",
+            identity: Some(who.id.to_string()),
+        })?;
+        Ok((who, issued, csr.key_type()))
+    }
+
+    /// Authenticates the credential and applies the caller's rate limit.
+    async fn admit(
+        &self,
+        cred: Result<Credential<'_>, AuthnError>,
+    ) -> Result<Authenticated, Refusal> {
         let who = match cred {
             Ok(cred) => self.authn.authenticate(cred).await,
             Err(e) => Err(e),
@@ -137,22 +192,26 @@ impl CaService {
                 identity: Some(who.id.to_string()),
             });
         }
-        let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
-        csr.check_identity(&who.id)
-            .map_err(|e| Refusal::csr(e, &who))?;
-        let ttl = self
-            .signer
-            .ttl_for(req.ttl_seconds)
-            .map_err(|e| Refusal::csr(e, &who))?;
-        let issued = self.signer.sign(&csr, &who.id, ttl).map_err(|e| Refusal {
-            status: Status::internal(e.to_string()),
-            outcome: "error",
-            verifier: who.verifier,
-            reason: "sign_failed",
-            identity: Some(who.id.to_string()),
-        })?;
-        Ok((who, issued, csr.key_type()))
+        Ok(who)
     }
+}
+
+/// The caller's credential (a bearer token, else the TLS client chain) and
+/// its address, for the audit line.
+fn credential<T>(request: &Request<T>) -> (Result<Credential<'_>, AuthnError>, String) {
+    let conn = request.extensions().get::<ConnInfo>();
+    let peer = conn
+        .and_then(|c| c.remote)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let chain = conn.and_then(|c| c.peer_chain.as_deref());
+    let cred = match (bearer(request.metadata()), chain) {
+        (Err(e), _) => Err(e),
+        (Ok(Some(token)), _) => Ok(Credential::Bearer(token)),
+        (Ok(None), Some(chain)) => Ok(Credential::PeerChain(chain.as_slice())),
+        (Ok(None), None) => Err(AuthnError::NoCredential),
+    };
+    (cred, peer)
 }
 
 /// The bearer token of `authorization`, if any; a malformed header is an error.
@@ -263,12 +322,55 @@ impl CertificateAuthority for CaService {
         }
     }
 
+    async fn sign_jwt_svid(
+        &self,
+        request: Request<pb::SignJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let (cred, peer) = credential(&request);
+        let result = self.decide_jwt(cred, request.get_ref()).await;
+        match result {
+            Ok((who, minted)) => {
+                let expires_at = unix_secs(minted.expires_at);
+                tracing::info!(
+                    target: "stepmesh_ca::audit",
+                    decision = "sign_jwt_svid",
+                    outcome = "issued",
+                    identity = %who.id,
+                    audience = ?request.get_ref().audience,
+                    not_after = expires_at,
+                    verifier = who.verifier,
+                    peer = %peer,
+                    "issued a JWT-SVID"
+                );
+                Ok(Response::new(pb::SignJwtSvidResponse {
+                    token: minted.token,
+                    spiffe_id: who.id.to_string(),
+                    expires_at,
+                }))
+            }
+            Err(refusal) => {
+                tracing::warn!(
+                    target: "stepmesh_ca::audit",
+                    decision = "sign_jwt_svid",
+                    outcome = refusal.outcome,
+                    identity = refusal.identity.as_deref().unwrap_or(""),
+                    verifier = refusal.verifier,
+                    reason = refusal.reason,
+                    detail = refusal.status.message(),
+                    peer = %peer,
+                    "refused to sign a JWT-SVID"
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+
     async fn get_trust_bundle(
         &self,
         _request: Request<pb::GetTrustBundleRequest>,
     ) -> Result<Response<pb::TrustBundle>, Status> {
         let state = self.bundle.borrow().clone();
-        Ok(Response::new(to_proto(&self.td, &state)))
+        Ok(Response::new(to_proto(&self.td, &state, &self.jwt)))
     }
 
     type WatchTrustBundleStream = BundleStream;
@@ -277,17 +379,18 @@ impl CertificateAuthority for CaService {
         &self,
         _request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
-        let td = self.td.clone();
+        let (td, jwt) = (self.td.clone(), self.jwt.clone());
         let stream =
-            WatchStream::new(self.bundle.clone()).map(move |state| Ok(to_proto(&td, &state)));
+            WatchStream::new(self.bundle.clone()).map(move |state| Ok(to_proto(&td, &state, &jwt)));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-fn to_proto(td: &TrustDomain, state: &BundleState) -> pb::TrustBundle {
+fn to_proto(td: &TrustDomain, state: &BundleState, jwt: &JwtSigner) -> pb::TrustBundle {
     pb::TrustBundle {
         trust_domain: td.to_string(),
         bundle_pem: state.pem.clone(),
         sequence: state.sequence,
+        jwks_json: jwt.jwks_json().to_owned(),
     }
 }
