@@ -291,3 +291,41 @@ fn a_file_in_the_sockets_place_is_a_configuration_error_and_kept() {
     );
     assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "precious");
 }
+
+#[test]
+fn py_spiffe_gets_a_jwt_svid_that_validates_for_its_audience_only() {
+    if !py_spiffe() {
+        return;
+    }
+    let ca = start_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, socket) = app_sidecar(&ca, dir.path(), "1h", &[]);
+    let (out, lines) = client(&socket, &["jwt", "payments-db"]);
+    let got = one(&out, &lines);
+    assert_eq!(got["spiffe_id"], CLIENT_ID);
+    assert_eq!(got["validated"], CLIENT_ID, "ValidateJWTSVID accepted it");
+    assert_eq!(
+        got["pyjwt_sub"], CLIENT_ID,
+        "PyJWT verified it with the bundle's key"
+    );
+    assert_eq!(got["pyjwt_aud"], serde_json::json!(["payments-db"]));
+    assert_eq!(got["ttl"], 300, "5 minutes");
+    assert_eq!(got["kids"].as_array().unwrap().len(), 1);
+    let other_audience = got["other_audience"].as_str().unwrap();
+    assert!(other_audience.contains("InvalidAudience"), "{got}");
+    let other_key = got["other_key"].as_str().unwrap();
+    assert!(other_key.contains("InvalidSignature"), "{got}");
+    assert!(got["pyjwt_other_key"]
+        .as_str()
+        .unwrap()
+        .contains("InvalidSignature"));
+    assert!(
+        !got.to_string().contains("eyJ"),
+        "no token in any refusal: {got}"
+    );
+    ca.wait_audit(|l| l["decision"] == "sign_jwt_svid" && l["identity"] == CLIENT_ID);
+    assert_eq!(
+        app.metric(r#"stepmesh_workload_api_calls_total{method="ValidateJWTSVID"}"#),
+        3.0
+    );
+}

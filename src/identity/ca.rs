@@ -177,6 +177,9 @@ async fn watch_bundle(client: CaClient, store: Arc<CertStore>) {
                 while let Some(update) = watch.next().await {
                     match update {
                         Ok(update) => {
+                            if !update.jwks_json.is_empty() {
+                                store.update_jwks(update.jwks_json);
+                            }
                             if let Err(e) = store.update_bundle(update.bundle) {
                                 tracing::warn!(error = %e, "trust bundle from the CA refused");
                             }

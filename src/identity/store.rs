@@ -108,6 +108,8 @@ pub struct CertStore {
     roots_changed_at: AtomicU64,
     /// Bumped on every change of the bundle's roots.
     roots_generation: AtomicU64,
+    /// The JWK set verifying the trust domain's JWT-SVIDs (the CA's).
+    jwks: ArcSwapOption<String>,
 }
 
 impl CertStore {
@@ -122,6 +124,7 @@ impl CertStore {
             generation: tokio::sync::watch::Sender::new(0),
             roots_changed_at: AtomicU64::new(0),
             roots_generation: AtomicU64::new(0),
+            jwks: ArcSwapOption::empty(),
         }
     }
 
@@ -206,6 +209,23 @@ impl CertStore {
         Ok(())
     }
 
+    /// Installs the JWK set of the trust domain's JWT-SVIDs (the CA's bundle
+    /// stream); a change wakes the Workload API's streams.
+    pub fn update_jwks(&self, jwks_json: String) {
+        if self.jwks.load().as_deref().map(String::as_str) == Some(jwks_json.as_str()) {
+            return;
+        }
+        self.jwks.store(Some(Arc::new(jwks_json)));
+        if self.is_loaded() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The JWK set of the trust domain's JWT-SVIDs, once the CA sent one.
+    pub fn jwks(&self) -> Option<Arc<String>> {
+        self.jwks.load_full()
+    }
+
     /// The key and chain to present, if any yet.
     pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
         self.current.load().as_ref().map(|c| c.certified.clone())
@@ -236,7 +256,7 @@ impl CertStore {
         })
     }
 
-    /// Changes on every new SVID and every new trust bundle (0: none yet):
+    /// Changes on every new SVID, trust bundle or JWK set (0: no SVID yet):
     /// what the Workload API's streams wait on.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()

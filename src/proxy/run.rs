@@ -72,7 +72,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let workload_metrics = crate::workload::WorkloadMetrics::new(&mut registry);
     let registry = Arc::new(registry);
-    let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
+    let store = Arc::new(CertStore::new(provider.clone(), trust_domain.clone()));
 
     // Identity first: nothing can be served without an SVID.
     let source = super::identity_source(&args).config_err()?;
@@ -130,9 +130,21 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         let callers = crate::workload::Callers::new(args.workload_api_uid.clone());
         tracing::info!(socket = %path.display(), uids = ?args.workload_api_uid, "SPIFFE Workload API listening");
         let store = store.clone();
+        // JWT-SVIDs come from the CA, with the identity source's credential.
+        let jwt = match (&args.ca, &args.ca_bundle, &args.token_file, &trust_domain) {
+            (Some(ca), Some(bundle), Some(token), Some(td)) => {
+                Some(Arc::new(crate::workload::jwt::JwtMinter::new(
+                    ca.clone(),
+                    bundle.clone(),
+                    token.clone(),
+                    td.clone(),
+                )))
+            }
+            _ => None,
+        };
         tokio::spawn(async move {
-            if let Err(e) = crate::workload::serve(listener, store, callers, workload_metrics).await
-            {
+            let served = crate::workload::serve(listener, store, callers, workload_metrics, jwt);
+            if let Err(e) = served.await {
                 tracing::error!(error = %e, "SPIFFE Workload API server stopped");
             }
         });

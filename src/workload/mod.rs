@@ -5,6 +5,7 @@
 //! layer reads. See docs/WORKLOAD-API.md.
 
 mod authority;
+pub mod jwt;
 pub mod proto;
 mod service;
 
@@ -121,8 +122,9 @@ pub async fn serve(
     store: Arc<CertStore>,
     callers: Callers,
     metrics: WorkloadMetrics,
+    jwt: Option<Arc<jwt::JwtMinter>>,
 ) -> Result<(), tonic::transport::Error> {
-    let service = WorkloadService::new(store, metrics.clone());
+    let service = WorkloadService::new(store, metrics.clone(), jwt);
     let admit = move |request: Request<()>| admit(request, &callers, &metrics);
     tonic::transport::Server::builder()
         .add_service(

@@ -11,11 +11,12 @@ use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
+use super::jwt::{self, JwtMinter};
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use super::WorkloadMetrics;
 use crate::identity::store::{CertStore, WorkloadSvid};
@@ -30,12 +31,28 @@ type Updates<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct WorkloadService {
     store: Arc<CertStore>,
     metrics: WorkloadMetrics,
+    /// JWT-SVIDs come from the CA (`None`: an identity from files, no CA).
+    jwt: Option<Arc<JwtMinter>>,
 }
 
 impl WorkloadService {
-    /// A service reading `store`.
-    pub fn new(store: Arc<CertStore>, metrics: WorkloadMetrics) -> Self {
-        Self { store, metrics }
+    /// A service reading `store`, minting JWT-SVIDs with `jwt`.
+    pub fn new(
+        store: Arc<CertStore>,
+        metrics: WorkloadMetrics,
+        jwt: Option<Arc<JwtMinter>>,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            jwt,
+        }
+    }
+
+    fn minter(&self) -> Result<&JwtMinter, Status> {
+        self.jwt
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("JWT-SVIDs need the stepmesh CA (--ca)"))
     }
 
     /// A stream of `state(store)` now and on every change of the store;
@@ -103,6 +120,14 @@ fn x509_bundles_state(store: &CertStore) -> Option<Result<X509BundlesResponse, S
     }))
 }
 
+/// The `FetchJWTBundles` message: the CA's JWK set for our trust domain.
+fn jwt_bundles_state(store: &CertStore) -> Option<Result<JwtBundlesResponse, Status>> {
+    let (jwks, bundle) = (store.jwks()?, store.bundle()?);
+    Some(Ok(JwtBundlesResponse {
+        bundles: HashMap::from([(bundle_key(&bundle), jwks.as_bytes().to_vec())]),
+    }))
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadService {
     type FetchX509SVIDStream = Updates<X509svidResponse>;
@@ -127,10 +152,31 @@ impl SpiffeWorkloadApi for WorkloadService {
 
     async fn fetch_jwtsvid(
         &self,
-        _request: Request<JwtsvidRequest>,
+        request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         self.metrics.call("FetchJWTSVID");
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let minter = self.minter()?;
+        let ours = self.store.info().map(|i| i.id.to_string());
+        if !request.spiffe_id.is_empty() && Some(&request.spiffe_id) != ours.as_ref() {
+            return Err(Status::permission_denied(
+                "no such identity for this caller",
+            ));
+        }
+        let (spiffe_id, token) = minter.mint(&request.audience).await.map_err(|e| {
+            tracing::warn!(error = %e, "Workload API: no JWT-SVID from the CA");
+            Status::unavailable(format!("could not get a JWT-SVID: {e}"))
+        })?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id,
+                svid: token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -138,14 +184,30 @@ impl SpiffeWorkloadApi for WorkloadService {
         _request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.metrics.call("FetchJWTBundles");
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        self.minter()?;
+        Ok(Response::new(self.updates(jwt_bundles_state)))
     }
 
     async fn validate_jwtsvid(
         &self,
-        _request: Request<ValidateJwtsvidRequest>,
+        request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         self.metrics.call("ValidateJWTSVID");
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let request = request.into_inner();
+        if request.audience.is_empty() || request.svid.is_empty() {
+            return Err(Status::invalid_argument(
+                "audience and svid must be specified",
+            ));
+        }
+        self.minter()?;
+        let (Some(jwks), Some(td)) = (self.store.jwks(), self.store.trust_domain()) else {
+            return Err(Status::unavailable("no JWT bundle from the CA yet"));
+        };
+        let (id, claims) = jwt::validate(&request.svid, &request.audience, &jwks, &td)
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(jwt::to_struct(claims)),
+        }))
     }
 }

@@ -11,6 +11,11 @@ Subcommands (each prints JSON on stdout, one object per line):
   raw HEADER        one FetchX509SVID call with py-spiffe's generated stubs,
                     with (HEADER=yes) or without (no) the security header;
                     print the gRPC status code and details
+  jwt AUD           fetch a JWT-SVID for AUD and the JWT bundles with py-spiffe,
+                    validate it through the sidecar (for AUD and for another
+                    audience), verify it with PyJWT against the bundle's key,
+                    and have the sidecar validate a token signed by a key of
+                    our own under the bundle's kid
   protocheck PROTO  compare proto/spiffe/workload.proto, compiled here, with
                     the descriptor py-spiffe ships (upstream's)
 """
@@ -139,6 +144,42 @@ def raw(header):
         channel.close()
 
 
+def jwt_svids(aud):
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from spiffe import WorkloadApiClient
+
+    def refusal(call):
+        try:
+            call()
+            return "accepted"
+        except Exception as e:  # py-spiffe wraps the gRPC error
+            return type(e).__name__ + ": " + str(e)
+
+    with WorkloadApiClient(default_timeout=10) as client:
+        svid = client.fetch_jwt_svid(audience={aud})
+        token = svid.token
+        validated = client.validate_jwt_svid(token, aud)
+        bundles = client.fetch_jwt_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        kid = pyjwt.get_unverified_header(token)["kid"]
+        key = bundle.get_jwt_authority(kid)
+        claims = pyjwt.decode(token, key=key, algorithms=["ES256"], audience=aud)
+        other_audience = refusal(lambda: client.validate_jwt_svid(token, "not-" + aud))
+        mine = ec.generate_private_key(ec.SECP256R1())
+        forged = pyjwt.encode(
+            {"sub": str(svid.spiffe_id), "aud": [aud], "exp": int(time.time()) + 60},
+            mine, algorithm="ES256", headers={"kid": kid})
+        other_key = refusal(lambda: client.validate_jwt_svid(forged, aud))
+        wrong_for_pyjwt = refusal(lambda: pyjwt.decode(
+            forged, key=key, algorithms=["ES256"], audience=aud))
+    out(spiffe_id=str(svid.spiffe_id), validated=str(validated.spiffe_id),
+        kids=sorted(bundle.jwt_authorities.keys()), pyjwt_sub=claims["sub"],
+        pyjwt_aud=claims["aud"], ttl=claims["exp"] - claims["iat"],
+        other_audience=other_audience, other_key=other_key,
+        pyjwt_other_key=wrong_for_pyjwt)
+
+
 def protocheck(proto):
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
@@ -181,6 +222,8 @@ def main():
         watch(int(sys.argv[2]), float(sys.argv[3]))
     elif cmd == "raw":
         raw(sys.argv[2])
+    elif cmd == "jwt":
+        jwt_svids(sys.argv[2])
     elif cmd == "protocheck":
         protocheck(sys.argv[2])
     else:
