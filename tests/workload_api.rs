@@ -329,3 +329,47 @@ fn py_spiffe_gets_a_jwt_svid_that_validates_for_its_audience_only() {
         3.0
     );
 }
+
+/// The budget: 1,000 open `FetchX509SVID` streams cost at most
+/// 16 MiB of the sidecar's RSS (measured on whichever build runs the test;
+/// STEPMESH_BIN points it at a release build).
+#[test]
+fn a_thousand_open_streams_cost_at_most_16_mib() {
+    if !py_spiffe() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, socket) = files_sidecar(dir.path(), &[]);
+    // Warm up: the server's first connection and call.
+    let (out, lines) = client(&socket, &["raw", "yes"]);
+    assert_eq!(one(&out, &lines)["code"], "OK");
+    let before = sidecar.rss_kib();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/workload_client.py"
+    );
+    let mut holder = Command::new("python3")
+        .args([script, "hold", "1000", "120"])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let held: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let after = sidecar.rss_kib();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(held["open"], 1000, "{line}");
+    assert_eq!(sidecar.metric(CALLS), 1001.0);
+    let grown = after.saturating_sub(before);
+    println!("1000 streams: RSS {before} KiB -> {after} KiB (+{grown} KiB)");
+    assert!(grown <= 16 * 1024, "+{grown} KiB for 1000 streams");
+}

@@ -16,6 +16,8 @@ Subcommands (each prints JSON on stdout, one object per line):
                     audience), verify it with PyJWT against the bundle's key,
                     and have the sidecar validate a token signed by a key of
                     our own under the bundle's kid
+  hold N SECONDS    open N FetchX509SVID streams (100 a channel, each read to
+                    its first message), print a line, keep them SECONDS
   protocheck PROTO  compare proto/spiffe/workload.proto, compiled here, with
                     the descriptor py-spiffe ships (upstream's)
 """
@@ -180,6 +182,24 @@ def jwt_svids(aud):
         pyjwt_other_key=wrong_for_pyjwt)
 
 
+def hold(n, seconds):
+    from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+    metadata = [("workload.spiffe.io", "true")]
+    channels, calls = [], []
+    for i in range(n):
+        if i % 100 == 0:
+            channels.append(grpc.insecure_channel("unix://" + socket_path()))
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channels[-1])
+        call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata)
+        assert len(next(call).svids) == 1
+        calls.append(call)
+    out(open=len(calls), channels=len(channels))
+    time.sleep(seconds)
+    for call in calls:
+        call.cancel()
+
+
 def protocheck(proto):
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
@@ -224,6 +244,8 @@ def main():
         raw(sys.argv[2])
     elif cmd == "jwt":
         jwt_svids(sys.argv[2])
+    elif cmd == "hold":
+        hold(int(sys.argv[2]), float(sys.argv[3]))
     elif cmd == "protocheck":
         protocheck(sys.argv[2])
     else:
