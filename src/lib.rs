@@ -29,6 +29,7 @@ pub mod stepup;
 pub mod telemetry;
 pub mod tls;
 pub mod units;
+pub mod workload;
 
 /// Entry points for the fuzz targets in `fuzz/` (see docs/FUZZING.md): the
 /// HTTP/1 head and body parsers, which are otherwise internal to the relay.

@@ -164,6 +164,37 @@ fn inject_f_injects_every_workload_kind_and_leaves_a_service_alone() {
         "stepmesh-proxy"
     );
     validate(&classic).unwrap();
+
+    // A pod that opts in to the Workload API, both modes: still valid.
+    let opted = input.replacen(
+        "metadata: {name: pod, namespace: apps}",
+        "metadata: {name: pod, namespace: apps, annotations: {stepmesh.io/workload-api: enabled}}",
+        1,
+    );
+    assert_ne!(opted, input);
+    let config_arg = config.to_str().unwrap();
+    for args in [
+        vec!["inject", "-f", "-"],
+        vec!["inject", "-f", "-", "--config", config_arg],
+    ] {
+        let out = run_stdin(&args, &opted);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pods = docs(&String::from_utf8(out.stdout).unwrap());
+        let app = pods[0]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "app")
+            .unwrap()
+            .clone();
+        assert_eq!(app["env"][0]["value"], "unix:///run/spiffe/workload.sock");
+        assert_eq!(app["volumeMounts"][0]["mountPath"], "/run/spiffe");
+        validate(&pods).unwrap();
+    }
 }
 
 #[test]
@@ -178,6 +209,18 @@ fn inject_f_refuses_bad_input_with_a_reason() {
     let err = run(&["inject", "-f", "-"], bad_annotation);
     assert!(
         err.contains("pod/p: annotation stepmesh.io/exclude-inbound-ports"),
+        "{err}"
+    );
+    let taken = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {stepmesh.io/workload-api: enabled}\nspec:\n  containers: [{name: a, image: b, volumeMounts: [{name: v, mountPath: /run/spiffe/}]}]\n  volumes: [{name: v, emptyDir: {}}]\n";
+    let err = run(&["inject", "-f", "-"], taken);
+    assert!(
+        err.contains(r#"pod/p: container "a" already mounts /run/spiffe"#),
+        "{err}"
+    );
+    let bad = bad_annotation.replace("exclude-inbound-ports: '80,x'", "workload-api: 'yes'");
+    let err = run(&["inject", "-f", "-"], &bad);
+    assert!(
+        err.contains("annotation stepmesh.io/workload-api: \"yes\" is not enabled or disabled"),
         "{err}"
     );
     let err = run(&["inject", "-f", "-"], "kind: [unclosed");

@@ -109,6 +109,20 @@ pub struct BundleUpdate {
     pub revoked: crate::revocation::RevokedSet,
     /// Forced re-issues asked for lately (`ca rotate`).
     pub rotations: Vec<pb::Rotation>,
+    /// The JWK set verifying the trust domain's JWT-SVIDs (JSON; empty
+    /// from a CA that mints none).
+    pub jwks_json: String,
+}
+
+/// A JWT-SVID as the CA minted it.
+#[derive(Debug, Clone)]
+pub struct JwtSvid {
+    /// JWS compact serialization (a bearer token: never log it).
+    pub token: String,
+    /// Its subject.
+    pub spiffe_id: String,
+    /// Its `exp`, Unix seconds.
+    pub expires_at: i64,
 }
 
 /// A client of one CA.
@@ -258,6 +272,42 @@ impl CaClient {
         })
     }
 
+    /// Gets a JWT-SVID for `audience` with the identity a bearer `token`
+    /// proves (`ttl`: the CA's default and cap, 5 minutes, when `None`).
+    pub async fn sign_jwt_svid(
+        &self,
+        token: &str,
+        audience: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<JwtSvid, ClientError> {
+        let mut request = tonic::Request::new(pb::SignJwtSvidRequest {
+            audience: audience.to_vec(),
+            ttl_seconds: ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
+        });
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Config("token is not a valid header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
+        let mut client = CertificateAuthorityClient::new(self.channel.clone());
+        let answer = with_timeout(client.sign_jwt_svid(request))
+            .await?
+            .into_inner();
+        if let Some(want) = &self.expect_td {
+            let id = SpiffeId::parse(&answer.spiffe_id)
+                .map_err(|e| ClientError::BadAnswer(format!("JWT-SVID subject: {e}")))?;
+            if id.trust_domain() != want {
+                return Err(ClientError::BadAnswer(format!(
+                    "JWT-SVID for {id}, not of trust domain {want}"
+                )));
+            }
+        }
+        Ok(JwtSvid {
+            token: answer.token,
+            spiffe_id: answer.spiffe_id,
+            expires_at: answer.expires_at,
+        })
+    }
+
     /// The generated gRPC client on this client's channel, for calls the
     /// typed methods do not cover (tests, benchmarks).
     pub fn grpc(&self) -> CertificateAuthorityClient<Channel> {
@@ -402,6 +452,7 @@ fn to_update(b: pb::TrustBundle) -> Result<BundleUpdate, ClientError> {
         sequence: b.sequence,
         revoked: crate::revocation::RevokedSet::from_proto(&b.revocations),
         rotations: b.rotations,
+        jwks_json: b.jwks_json,
     })
 }
 

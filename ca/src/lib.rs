@@ -11,6 +11,7 @@ pub mod client;
 mod conn;
 pub mod https;
 pub mod jwt;
+pub mod jwtsvid;
 pub mod metrics;
 pub mod pem;
 pub mod proto;

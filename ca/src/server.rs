@@ -181,6 +181,13 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     })
     .await
     .map_err(|e| StartError::Config(format!("loading the CA: {e}")))??;
+    let cfg = config.clone();
+    let jwt = tokio::task::spawn_blocking(move || {
+        crate::jwtsvid::JwtSigner::load_or_create(&cfg.state_dir)
+    })
+    .await
+    .map_err(|e| StartError::Config(format!("loading the JWT-SVID key: {e}")))?
+    .map_err(|e| StartError::Config(e.to_string()))?;
     let own_root = authority.cert.clone();
     let roots = read_roots_blocking(&config, &own_root).await?;
     let bundle = TrustBundle::new(config.trust_domain.clone(), roots)
@@ -242,7 +249,10 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     }
     let service = CaService::new(
         config.trust_domain.clone(),
-        signer.clone(),
+        crate::service::Signers {
+            x509: signer.clone(),
+            jwt: Arc::new(jwt),
+        },
         authn.clone(),
         RateLimiter::new(config.rate_limit),
         metrics.clone(),

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::authn::{Authenticated, Authenticator, AuthnError, Credential};
+use crate::jwtsvid::{JwtSigner, JwtSvidError, MintedJwt};
 use crate::metrics::{CaMetrics, SignLabels};
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_server::CertificateAuthority;
@@ -51,6 +52,15 @@ pub struct CaService {
     /// `--admin-token-file`: read on every admin call (so a rotated Secret
     /// takes effect); `None`: the admin calls are refused.
     admin_token: Option<std::path::PathBuf>,
+    jwt: Arc<JwtSigner>,
+}
+
+/// The CA's two signing keys (no `Debug`: they hold private keys).
+pub struct Signers {
+    /// X.509-SVIDs (the intermediate or root).
+    pub x509: Arc<Signer>,
+    /// JWT-SVIDs (its own key, published as a JWK set).
+    pub jwt: Arc<JwtSigner>,
 }
 
 /// What the admin calls work on.
@@ -111,7 +121,7 @@ impl CaService {
     /// Wires the service.
     pub fn new(
         td: TrustDomain,
-        signer: Arc<Signer>,
+        signers: Signers,
         authn: Arc<Authenticator>,
         limiter: RateLimiter,
         metrics: CaMetrics,
@@ -122,6 +132,7 @@ impl CaService {
             revocations,
             admin_token,
         } = admin;
+        let Signers { x509: signer, jwt } = signers;
         Self {
             td,
             signer,
@@ -131,7 +142,36 @@ impl CaService {
             bundle,
             revocations,
             admin_token,
+            jwt,
         }
+    }
+
+    /// SignJwtSvid's decision: the caller's identity, then the token.
+    async fn decide_jwt(
+        &self,
+        cred: Result<Credential<'_>, AuthnError>,
+        req: &pb::SignJwtSvidRequest,
+    ) -> Result<(Authenticated, MintedJwt), Refusal> {
+        let who = self.admit(cred).await?;
+        let ttl = JwtSigner::ttl_for(req.ttl_seconds);
+        let minted = self.jwt.mint(&who.id, &req.audience, ttl).map_err(|e| {
+            let (status, outcome, reason) = match &e {
+                JwtSvidError::Audience(_) => (
+                    Status::invalid_argument(e.to_string()),
+                    "invalid",
+                    "bad_audience",
+                ),
+                _ => (Status::internal(e.to_string()), "error", "sign_failed"),
+            };
+            Refusal {
+                status,
+                outcome,
+                verifier: who.verifier,
+                reason,
+                identity: Some(who.id.to_string()),
+            }
+        })?;
+        Ok((who, minted))
     }
 
     async fn decide(
@@ -139,6 +179,31 @@ impl CaService {
         cred: Result<Credential<'_>, AuthnError>,
         req: &pb::SignRequest,
     ) -> Result<(Authenticated, Issued, &'static str), Refusal> {
+        let who = self.admit(cred).await?;
+        let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
+        csr.check_identity(&who.id)
+            .map_err(|e| Refusal::csr(e, &who))?;
+        let ttl = self
+            .signer
+            .ttl_for(req.ttl_seconds)
+            .map_err(|e| Refusal::csr(e, &who))?;
+        let issued = self.signer.sign(&csr, &who.id, ttl).map_err(|e| Refusal {
+            status: Status::internal(e.to_string()),
+            outcome: "error",
+            verifier: who.verifier,
+            reason: "sign_failed",
+            identity: Some(who.id.to_string()),
+        })?;
+        Ok((who, issued, csr.key_type()))
+    }
+
+    /// Authenticates the credential, refuses a revoked identity or a
+    /// revoked renewing SVID, and applies the caller's rate limit (Sign and
+    /// SignJwtSvid alike).
+    async fn admit(
+        &self,
+        cred: Result<Credential<'_>, AuthnError>,
+    ) -> Result<Authenticated, Refusal> {
         // Renewal by SVID: that SVID's serial must not be revoked.
         let renewing = match &cred {
             Ok(Credential::PeerChain(chain)) => chain.first().and_then(leaf_serial),
@@ -176,22 +241,26 @@ impl CaService {
                 identity: Some(who.id.to_string()),
             });
         }
-        let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
-        csr.check_identity(&who.id)
-            .map_err(|e| Refusal::csr(e, &who))?;
-        let ttl = self
-            .signer
-            .ttl_for(req.ttl_seconds)
-            .map_err(|e| Refusal::csr(e, &who))?;
-        let issued = self.signer.sign(&csr, &who.id, ttl).map_err(|e| Refusal {
-            status: Status::internal(e.to_string()),
-            outcome: "error",
-            verifier: who.verifier,
-            reason: "sign_failed",
-            identity: Some(who.id.to_string()),
-        })?;
-        Ok((who, issued, csr.key_type()))
+        Ok(who)
     }
+}
+
+/// The caller's credential (a bearer token, else the TLS client chain) and
+/// its address, for the audit line.
+fn credential<T>(request: &Request<T>) -> (Result<Credential<'_>, AuthnError>, String) {
+    let conn = request.extensions().get::<ConnInfo>();
+    let peer = conn
+        .and_then(|c| c.remote)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let chain = conn.and_then(|c| c.peer_chain.as_deref());
+    let cred = match (bearer(request.metadata()), chain) {
+        (Err(e), _) => Err(e),
+        (Ok(Some(token)), _) => Ok(Credential::Bearer(token)),
+        (Ok(None), Some(chain)) => Ok(Credential::PeerChain(chain.as_slice())),
+        (Ok(None), None) => Err(AuthnError::NoCredential),
+    };
+    (cred, peer)
 }
 
 /// The bearer token of `authorization`, if any; a malformed header is an error.
@@ -304,12 +373,55 @@ impl CertificateAuthority for CaService {
         }
     }
 
+    async fn sign_jwt_svid(
+        &self,
+        request: Request<pb::SignJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let (cred, peer) = credential(&request);
+        let result = self.decide_jwt(cred, request.get_ref()).await;
+        match result {
+            Ok((who, minted)) => {
+                let expires_at = unix_secs(minted.expires_at);
+                tracing::info!(
+                    target: "stepmesh_ca::audit",
+                    decision = "sign_jwt_svid",
+                    outcome = "issued",
+                    identity = %who.id,
+                    audience = ?request.get_ref().audience,
+                    not_after = expires_at,
+                    verifier = who.verifier,
+                    peer = %peer,
+                    "issued a JWT-SVID"
+                );
+                Ok(Response::new(pb::SignJwtSvidResponse {
+                    token: minted.token,
+                    spiffe_id: who.id.to_string(),
+                    expires_at,
+                }))
+            }
+            Err(refusal) => {
+                tracing::warn!(
+                    target: "stepmesh_ca::audit",
+                    decision = "sign_jwt_svid",
+                    outcome = refusal.outcome,
+                    identity = refusal.identity.as_deref().unwrap_or(""),
+                    verifier = refusal.verifier,
+                    reason = refusal.reason,
+                    detail = refusal.status.message(),
+                    peer = %peer,
+                    "refused to sign a JWT-SVID"
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+
     async fn get_trust_bundle(
         &self,
         _request: Request<pb::GetTrustBundleRequest>,
     ) -> Result<Response<pb::TrustBundle>, Status> {
         let state = self.bundle.borrow().clone();
-        Ok(Response::new(to_proto(&self.td, &state)))
+        Ok(Response::new(to_proto(&self.td, &state, &self.jwt)))
     }
 
     type WatchTrustBundleStream = BundleStream;
@@ -318,12 +430,12 @@ impl CertificateAuthority for CaService {
         &self,
         _request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
-        let td = self.td.clone();
+        let (td, jwt) = (self.td.clone(), self.jwt.clone());
         // One message now, then one per change of either; the stream ends
         // when the bundle's sender goes (CA shutdown).
         let start = (self.bundle.clone(), self.revocations.subscribe(), true);
         let stream = futures_util::stream::unfold(start, move |(mut bundle, mut revs, first)| {
-            let td = td.clone();
+            let (td, jwt) = (td.clone(), jwt.clone());
             async move {
                 if !first {
                     let changed = tokio::select! {
@@ -336,7 +448,7 @@ impl CertificateAuthority for CaService {
                 }
                 let state = bundle.borrow_and_update().clone();
                 let snapshot = revs.borrow_and_update().clone();
-                let mut msg = to_proto(&td, &state);
+                let mut msg = to_proto(&td, &state, &jwt);
                 msg.revocations = snapshot.entries.to_vec();
                 msg.revocations_sequence = snapshot.sequence;
                 msg.rotations = snapshot.rotations.to_vec();
@@ -523,7 +635,7 @@ fn revoke_status(e: RevokeError) -> Status {
     }
 }
 
-fn to_proto(td: &TrustDomain, state: &BundleState) -> pb::TrustBundle {
+fn to_proto(td: &TrustDomain, state: &BundleState, jwt: &JwtSigner) -> pb::TrustBundle {
     let (revocations, revocations_sequence) = (Vec::new(), 0);
     pb::TrustBundle {
         trust_domain: td.to_string(),
@@ -532,5 +644,6 @@ fn to_proto(td: &TrustDomain, state: &BundleState) -> pb::TrustBundle {
         revocations,
         revocations_sequence,
         rotations: Vec::new(),
+        jwks_json: jwt.jwks_json().to_owned(),
     }
 }

@@ -140,3 +140,65 @@ async fn shutdown_ends_open_watch_streams_promptly() {
         .unwrap();
     assert!(end.is_none_or(|r| r.is_err()), "the stream ends");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_verify_against_the_published_jwks_and_the_key_survives_a_restart() {
+    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(config(dir.path())).await.unwrap();
+    let client = CaClient::connect(
+        &format!("localhost:{}", ca.grpc_addr.port()),
+        &ca.bundle_pem(),
+    )
+    .unwrap();
+    let aud = vec!["db".to_owned(), "queue".to_owned()];
+    let jwt = client
+        .sign_jwt_svid("tok-a", &aud, Some(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id, "spiffe://td/ns/a/sa/a");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(jwt.expires_at <= now + 301, "capped at 5 minutes");
+    let jwks = client.trust_bundle().await.unwrap().jwks_json;
+    let set: JwkSet = serde_json::from_str(&jwks).unwrap();
+    let header = decode_header(&jwt.token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    let key = set.find(header.kid.as_deref().unwrap()).unwrap();
+    let mut v = Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["queue"]);
+    let claims = decode::<serde_json::Value>(&jwt.token, &DecodingKey::from_jwk(key).unwrap(), &v)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "spiffe://td/ns/a/sa/a");
+    assert_eq!(claims["aud"], serde_json::json!(["db", "queue"]));
+
+    let err = client.sign_jwt_svid("tok-a", &[], None).await.unwrap_err();
+    assert!(err.to_string().contains("audience"), "{err}");
+    let err = client.sign_jwt_svid("nope", &aud, None).await.unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("unauthenticated"),
+        "{err}"
+    );
+    let mode = std::fs::metadata(dir.path().join("state/jwt-svid-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    ca.shutdown().await;
+
+    let again = start(config(dir.path())).await.unwrap();
+    let client = CaClient::connect(
+        &format!("localhost:{}", again.grpc_addr.port()),
+        &again.bundle_pem(),
+    )
+    .unwrap();
+    assert_eq!(
+        client.trust_bundle().await.unwrap().jwks_json,
+        jwks,
+        "same key"
+    );
+    again.shutdown().await;
+}

@@ -195,6 +195,9 @@ async fn watch_bundle(
                             if rotation_due(&store, &update.rotations) {
                                 renew_now.notify_one();
                             }
+                            if !update.jwks_json.is_empty() {
+                                store.update_jwks(update.jwks_json);
+                            }
                             if let Err(e) = store.update_bundle(update.bundle) {
                                 tracing::warn!(error = %e, "trust bundle from the CA refused");
                             }

@@ -57,8 +57,42 @@ pub enum StoreError {
 #[derive(Debug)]
 struct Current {
     certified: Arc<CertifiedKey>,
+    /// The key as PKCS#8 DER, for the Workload API (`None`: the source gave
+    /// another encoding).
+    pkcs8: Option<Arc<Pkcs8Key>>,
     bundle: Arc<TrustBundle>,
     info: SvidInfo,
+}
+
+/// The SVID's private key as unencrypted PKCS#8 DER: what the SPIFFE
+/// Workload API hands to the app (see docs/WORKLOAD-API.md). No `Debug`
+/// of the bytes: a key is never logged.
+pub struct Pkcs8Key(Vec<u8>);
+
+impl Pkcs8Key {
+    /// The DER bytes.
+    pub fn der(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Pkcs8Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pkcs8Key(<redacted>)")
+    }
+}
+
+/// Everything the SPIFFE Workload API serves about the current SVID.
+#[derive(Debug, Clone)]
+pub struct WorkloadSvid {
+    /// ID, not-after, serial.
+    pub info: SvidInfo,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key as PKCS#8 (`None`: not PKCS#8, cannot be served).
+    pub pkcs8: Option<Arc<Pkcs8Key>>,
+    /// Roots of our trust domain.
+    pub bundle: Arc<TrustBundle>,
 }
 
 /// Current SVID, key and bundle; empty until the first SVID (handshakes fail
@@ -77,6 +111,8 @@ pub struct CertStore {
     roots_generation: AtomicU64,
     /// Serials and IDs to refuse (streamed by the CA with the bundle).
     revoked: arc_swap::ArcSwap<RevokedSet>,
+    /// The JWK set verifying the trust domain's JWT-SVIDs (the CA's).
+    jwks: ArcSwapOption<String>,
 }
 
 impl CertStore {
@@ -92,6 +128,7 @@ impl CertStore {
             roots_changed_at: AtomicU64::new(0),
             roots_generation: AtomicU64::new(0),
             revoked: arc_swap::ArcSwap::from_pointee(RevokedSet::default()),
+            jwks: ArcSwapOption::empty(),
         }
     }
 
@@ -109,6 +146,10 @@ impl CertStore {
         } else {
             self.trust_domain.store(Some(Arc::new(td)));
         }
+        let pkcs8 = match &svid.key {
+            PrivateKeyDer::Pkcs8(der) => Some(Arc::new(Pkcs8Key(der.secret_pkcs8_der().to_vec()))),
+            _ => None,
+        };
         let certified = CertifiedKey::from_der(svid.chain, svid.key, &self.provider)?;
         let info = SvidInfo {
             id: verified.id,
@@ -128,6 +169,7 @@ impl CertStore {
         }
         self.current.store(Some(Arc::new(Current {
             certified: Arc::new(certified),
+            pkcs8,
             bundle: Arc::new(svid.bundle),
             info: info.clone(),
         })));
@@ -163,11 +205,29 @@ impl CertStore {
         tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
         self.current.store(Some(Arc::new(Current {
             certified: current.certified.clone(),
+            pkcs8: current.pkcs8.clone(),
             bundle: Arc::new(bundle),
             info: current.info.clone(),
         })));
         self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Installs the JWK set of the trust domain's JWT-SVIDs (the CA's bundle
+    /// stream); a change wakes the Workload API's streams.
+    pub fn update_jwks(&self, jwks_json: String) {
+        if self.jwks.load().as_deref().map(String::as_str) == Some(jwks_json.as_str()) {
+            return;
+        }
+        self.jwks.store(Some(Arc::new(jwks_json)));
+        if self.is_loaded() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The JWK set of the trust domain's JWT-SVIDs, once the CA sent one.
+    pub fn jwks(&self) -> Option<Arc<String>> {
+        self.jwks.load_full()
     }
 
     /// The key and chain to present, if any yet.
@@ -188,6 +248,22 @@ impl CertStore {
     /// Our trust domain, once known.
     pub fn trust_domain(&self) -> Option<TrustDomain> {
         self.trust_domain.load_full().map(|td| (*td).clone())
+    }
+
+    /// The current SVID with its key and bundle, for the Workload API.
+    pub fn workload_svid(&self) -> Option<WorkloadSvid> {
+        self.current.load().as_ref().map(|c| WorkloadSvid {
+            info: c.info.clone(),
+            chain: c.certified.cert.clone(),
+            pkcs8: c.pkcs8.clone(),
+            bundle: c.bundle.clone(),
+        })
+    }
+
+    /// Changes on every new SVID, trust bundle or JWK set (0: no SVID yet):
+    /// what the Workload API's streams wait on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Resolves once the first SVID is loaded.

@@ -8,7 +8,10 @@ use super::config::InjectorConfig;
 use super::overrides::{self as ann, BadAnnotation, PodSettings};
 use super::patch::{escape, PatchOp};
 use super::probes::{self, probe_ports};
-use super::template::{self, INIT_NAME, PROXY_NAME, VOLUMES};
+use super::template::{
+    self, INIT_NAME, PROXY_NAME, SPIFFE_ENDPOINT_SOCKET, VOLUMES, WORKLOAD_API_DIR,
+    WORKLOAD_API_VOLUME,
+};
 
 /// Why a pod was left alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,15 @@ pub enum MutateError {
     /// The pod already uses a name the injector needs.
     #[error("the pod already has a volume named {0:?}")]
     VolumeNameTaken(String),
+    /// An app container already mounts something where the Workload API
+    /// socket's volume goes.
+    #[error("container {container:?} already mounts {path} (stepmesh.io/workload-api needs it)")]
+    MountPathTaken {
+        /// The container.
+        container: String,
+        /// The mount path.
+        path: &'static str,
+    },
 }
 
 /// The JSON Patch that injects stepmesh into `pod` (a Pod, or the `template`
@@ -114,7 +126,7 @@ pub fn mutate(
     let volumes = spec.get("volumes").and_then(Value::as_array);
     for existing in volumes.into_iter().flatten() {
         let name = existing.get("name").and_then(Value::as_str).unwrap_or("");
-        if VOLUMES.contains(&name) {
+        if VOLUMES.contains(&name) || (settings.workload_api && name == WORKLOAD_API_VOLUME) {
             return Err(MutateError::VolumeNameTaken(name.to_owned()));
         }
     }
@@ -124,6 +136,11 @@ pub fn mutate(
     let proxy = template::proxy_container(config, &settings, native, &probes.table);
     let mut ops = probes.ops;
     ops.reserve(12);
+    if settings.workload_api {
+        // Like the probe operations: before the classic sidecar moves the
+        // app containers' indices.
+        ops.extend(workload_api_ops(containers)?);
+    }
 
     // Order matters: the iptables init first; with native sidecars the proxy
     // next, so the app's own init containers already run in the mesh.
@@ -143,17 +160,26 @@ pub fn mutate(
             ops.push(PatchOp::add("/spec/containers/0", proxy));
         }
     }
-    let [v1, v2, v3] = template::volumes(config, &settings);
+    let mut added: Vec<Value> = template::volumes(config, &settings).into();
+    let mut volume_names = VOLUMES.to_vec();
+    if settings.workload_api {
+        added.push(template::workload_api_volume());
+        volume_names.push(WORKLOAD_API_VOLUME);
+    }
     match volumes {
-        None => ops.push(PatchOp::add("/spec/volumes", json!([v1, v2, v3]))),
-        Some(_) => ops.extend([v1, v2, v3].map(|v| PatchOp::add("/spec/volumes/-", v))),
+        None => ops.push(PatchOp::add("/spec/volumes", Value::Array(added))),
+        Some(_) => ops.extend(
+            added
+                .into_iter()
+                .map(|v| PatchOp::add("/spec/volumes/-", v)),
+        ),
     }
 
     let mode = if native { "native" } else { "classic" };
     let status = json!({
         "initContainers": if native { vec![INIT_NAME, PROXY_NAME] } else { vec![INIT_NAME] },
         "containers": if native { vec![] } else { vec![PROXY_NAME] },
-        "volumes": VOLUMES,
+        "volumes": volume_names,
     });
     let mut add_annotations = vec![
         (ann::INJECTED, json!("true")),
@@ -185,6 +211,48 @@ pub fn mutate(
     add_map_entries(&mut ops, metadata, "annotations", add_annotations);
     add_map_entries(&mut ops, metadata, "labels", labels);
     Ok(Mutation::Patch(ops))
+}
+
+/// Mounts the Workload API socket's directory into every app container and
+/// points SPIFFE libraries at it; a container that sets
+/// `SPIFFE_ENDPOINT_SOCKET` itself keeps its own value.
+fn workload_api_ops(containers: &[Value]) -> Result<Vec<PatchOp>, MutateError> {
+    let mut ops = Vec::new();
+    for (i, c) in containers.iter().enumerate() {
+        let mounts = c.get("volumeMounts").and_then(Value::as_array);
+        let taken = mounts.into_iter().flatten().any(|m| {
+            m.get("mountPath")
+                .and_then(Value::as_str)
+                .map(|p| p.trim_end_matches('/'))
+                == Some(WORKLOAD_API_DIR)
+        });
+        if taken {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+            return Err(MutateError::MountPathTaken {
+                container: name.to_owned(),
+                path: WORKLOAD_API_DIR,
+            });
+        }
+        let mount = template::workload_api_mount();
+        ops.push(match mounts {
+            Some(_) => PatchOp::add(format!("/spec/containers/{i}/volumeMounts/-"), mount),
+            None => PatchOp::add(format!("/spec/containers/{i}/volumeMounts"), json!([mount])),
+        });
+        let env = c.get("env").and_then(Value::as_array);
+        let own = env
+            .into_iter()
+            .flatten()
+            .any(|e| e.get("name").and_then(Value::as_str) == Some(SPIFFE_ENDPOINT_SOCKET));
+        if own {
+            continue;
+        }
+        let var = template::workload_api_env();
+        ops.push(match env {
+            Some(_) => PatchOp::add(format!("/spec/containers/{i}/env/-"), var),
+            None => PatchOp::add(format!("/spec/containers/{i}/env"), json!([var])),
+        });
+    }
+    Ok(ops)
 }
 
 fn skip(

@@ -527,3 +527,71 @@ fn probes_the_sidecar_would_refuse_are_left_alone() {
     assert_eq!(out["spec"]["containers"], pod["spec"]["containers"]);
     assert_eq!(probe_table(&out, true), None);
 }
+
+#[test]
+fn the_workload_api_is_mounted_and_announced_only_when_the_pod_opts_in() {
+    let pod = |annotations: Value| {
+        json!({"metadata": {"annotations": annotations}, "spec": {"containers": [
+            {"name": "app", "image": "x"},
+            {"name": "worker", "image": "y", "env": [{"name": "A", "value": "1"}],
+             "volumeMounts": [{"name": "d", "mountPath": "/d"}]},
+            {"name": "own", "image": "z", "env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "x"}]},
+        ]}})
+    };
+    let off = apply(&pod(json!({})), &InjectorConfig::default());
+    assert_eq!(names(&off["spec"]["volumes"]), VOLUMES);
+    assert!(!off.to_string().contains("/run/spiffe"), "{off}");
+    let ro = json!({"name": "stepmesh-workload-api", "mountPath": "/run/spiffe", "readOnly": true});
+    let env =
+        json!({"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///run/spiffe/workload.sock"});
+    for native in [true, false] {
+        let config = InjectorConfig {
+            native_sidecar: native,
+            ..InjectorConfig::default()
+        };
+        let out = apply(
+            &pod(json!({"stepmesh.io/workload-api": "enabled"})),
+            &config,
+        );
+        let apps = &out["spec"]["containers"];
+        let proxy = &out["spec"][if native {
+            "initContainers"
+        } else {
+            "containers"
+        }][native as usize];
+        let args = proxy["args"].to_string();
+        assert!(
+            args.contains(r#""--workload-api","/run/spiffe/workload.sock""#),
+            "{args}"
+        );
+        let rw = json!({"name": "stepmesh-workload-api", "mountPath": "/run/spiffe"});
+        assert_eq!(proxy["volumeMounts"].as_array().unwrap().last(), Some(&rw));
+        let volume = json!({"name": "stepmesh-workload-api", "emptyDir": {}});
+        assert_eq!(out["spec"]["volumes"][3], volume);
+        let app = |name: &str| {
+            apps.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()
+        };
+        assert_eq!(
+            (&app("app")["volumeMounts"], &app("app")["env"]),
+            (&json!([ro]), &json!([env]))
+        );
+        assert_eq!(app("worker")["volumeMounts"][1], ro);
+        assert_eq!(
+            app("worker")["env"],
+            json!([{"name": "A", "value": "1"}, env])
+        );
+        assert_eq!(
+            (
+                &app("own")["env"][0]["value"],
+                &app("own")["volumeMounts"][0]
+            ),
+            (&json!("x"), &ro)
+        );
+        let status = &out["metadata"]["annotations"]["stepmesh.io/status"];
+        assert!(status.as_str().unwrap().contains("stepmesh-workload-api"));
+    }
+}

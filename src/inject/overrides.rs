@@ -46,6 +46,9 @@ pub const LOG_LEVEL: &str = "stepmesh.io/log-level";
 pub const POLICY_CONFIG_MAP: &str = "stepmesh.io/policy-configmap";
 /// Sidecar `--drain-timeout` (a duration: `30s`, `1m30s`).
 pub const PROXY_DRAIN_TIMEOUT: &str = "stepmesh.io/proxy-drain-timeout";
+/// `"enabled"`/`"disabled"` (or `"true"`/`"false"`): serve the SPIFFE
+/// Workload API to the app containers (off unless asked; docs/INJECT.md).
+pub const WORKLOAD_API: &str = "stepmesh.io/workload-api";
 
 /// A per-pod annotation whose value is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +85,8 @@ pub struct PodSettings {
     pub policy_config_map: String,
     /// Sidecar drain timeout; `None` keeps the sidecar's default.
     pub drain_timeout: Option<Duration>,
+    /// Serve the SPIFFE Workload API to the app containers.
+    pub workload_api: bool,
 }
 
 /// Whether the pod's annotations opt it out.
@@ -113,6 +118,7 @@ impl PodSettings {
             log_level: config.log_level.clone(),
             policy_config_map: config.policy_config_map.clone(),
             drain_timeout: config.proxy_drain_timeout,
+            workload_api: false,
         };
         let get = |key| ann.get(key).map(text);
         for (key, slot) in [
@@ -180,6 +186,13 @@ impl PodSettings {
         if let Some(v) = get(PROXY_DRAIN_TIMEOUT) {
             let d = crate::units::parse_duration(v).map_err(|e| bad(PROXY_DRAIN_TIMEOUT, v, &e))?;
             s.drain_timeout = Some(d);
+        }
+        if let Some(v) = get(WORKLOAD_API) {
+            s.workload_api = match v {
+                "enabled" | "true" => true,
+                "disabled" | "false" => false,
+                other => return Err(bad(WORKLOAD_API, other, "is not enabled or disabled")),
+            };
         }
         Ok(s)
     }
@@ -256,6 +269,19 @@ mod tests {
         assert_eq!(s.resources.limits.cpu, "2");
         assert_eq!(s.resources.requests.memory, "128Mi");
         assert_eq!(s.log_level, "stepmesh=debug");
+        assert!(!s.workload_api, "off unless asked");
+        for (v, on) in [
+            ("enabled", true),
+            ("true", true),
+            ("disabled", false),
+            ("false", false),
+        ] {
+            assert_eq!(
+                settings(json!({WORKLOAD_API: v})).unwrap().workload_api,
+                on,
+                "{v}"
+            );
+        }
     }
 
     #[test]
@@ -276,6 +302,7 @@ mod tests {
             (json!({LOG_LEVEL: "info\" --evil"}), LOG_LEVEL),
             (json!({POLICY_CONFIG_MAP: "Bad_Name"}), POLICY_CONFIG_MAP),
             (json!({PROXY_DRAIN_TIMEOUT: "30"}), PROXY_DRAIN_TIMEOUT),
+            (json!({WORKLOAD_API: "yes"}), WORKLOAD_API),
         ] {
             let err = settings(ann).unwrap_err();
             assert_eq!(err.key, key, "{err}");

@@ -19,6 +19,14 @@ pub const CA_BUNDLE_VOLUME: &str = "stepmesh-ca-bundle";
 pub const POLICY_VOLUME: &str = "stepmesh-policy";
 /// Every volume the injector adds, in order.
 pub const VOLUMES: [&str; 3] = [TOKEN_VOLUME, CA_BUNDLE_VOLUME, POLICY_VOLUME];
+/// The `emptyDir` holding the Workload API socket (pods that opt in).
+pub const WORKLOAD_API_VOLUME: &str = "stepmesh-workload-api";
+/// Where the Workload API volume is mounted, in the proxy and the apps.
+pub const WORKLOAD_API_DIR: &str = "/run/spiffe";
+/// The socket the proxy serves the Workload API on.
+pub const WORKLOAD_API_SOCKET: &str = "/run/spiffe/workload.sock";
+/// The variable SPIFFE libraries read the Workload API's address from.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 const TOKEN_DIR: &str = "/var/run/secrets/stepmesh";
 const CA_BUNDLE_DIR: &str = "/var/run/stepmesh/ca";
@@ -153,6 +161,14 @@ pub fn proxy_container(
             args.push(json!(crate::units::format_duration(drain)));
         }
     }
+    if s.workload_api {
+        if let Some(args) = c.get_mut("args").and_then(Value::as_array_mut) {
+            args.extend([json!("--workload-api"), json!(WORKLOAD_API_SOCKET)]);
+        }
+        if let Some(mounts) = c.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+            mounts.push(json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR}));
+        }
+    }
     if !probes.is_empty() {
         // A map of plain structs always serializes.
         let table = serde_json::to_string(probes).unwrap_or_default();
@@ -193,4 +209,22 @@ pub fn volumes(config: &InjectorConfig, s: &PodSettings) -> [Value; 3] {
                           "items": [{"key": "policy.yaml", "path": "policy.yaml"}]},
         }),
     ]
+}
+
+/// The Workload API socket's volume: an `emptyDir`, so only the pod's
+/// containers can reach the socket.
+pub fn workload_api_volume() -> Value {
+    json!({"name": WORKLOAD_API_VOLUME, "emptyDir": {}})
+}
+
+/// What an app container gets when the pod opts in to the Workload API:
+/// the socket's directory, read-only (connecting needs no write access; the
+/// app cannot replace the socket), and its address for SPIFFE libraries.
+pub fn workload_api_mount() -> Value {
+    json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR, "readOnly": true})
+}
+
+/// `SPIFFE_ENDPOINT_SOCKET=unix:///run/spiffe/workload.sock`.
+pub fn workload_api_env() -> Value {
+    json!({"name": SPIFFE_ENDPOINT_SOCKET, "value": format!("unix://{WORKLOAD_API_SOCKET}")})
 }

@@ -143,6 +143,21 @@ pub struct ProxyArgs {
     /// Also accept and offer TLS 1.2 (default: TLS 1.3 only).
     #[arg(long, env = "STEPMESH_TLS12")]
     pub tls12: bool,
+    /// Serve the SPIFFE Workload API on this Unix socket (the app's SVID,
+    /// key and bundle, streamed on rotation; see docs/WORKLOAD-API.md).
+    /// Clients find it with `SPIFFE_ENDPOINT_SOCKET=unix://PATH`.
+    #[arg(long, value_name = "PATH", env = "STEPMESH_WORKLOAD_API")]
+    pub workload_api: Option<PathBuf>,
+    /// Only processes of this UID (`SO_PEERCRED`) may call the Workload API
+    /// (repeatable; default: any process that can reach the socket).
+    #[arg(
+        long,
+        value_name = "UID",
+        requires = "workload_api",
+        value_delimiter = ',',
+        env = "STEPMESH_WORKLOAD_API_UID"
+    )]
+    pub workload_api_uid: Vec<u32>,
     /// Do not write the JSON access log to stdout.
     #[arg(long, env = "STEPMESH_NO_ACCESS_LOG")]
     pub no_access_log: bool,

@@ -71,8 +71,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let reauth = super::reauth::Reauth::new(&mut registry);
     let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
+    let workload_metrics = crate::workload::WorkloadMetrics::new(&mut registry);
     let registry = Arc::new(registry);
-    let store = Arc::new(CertStore::new(provider.clone(), trust_domain));
+    let store = Arc::new(CertStore::new(provider.clone(), trust_domain.clone()));
 
     // Identity first: nothing can be served without an SVID.
     let source = super::identity_source(&args).config_err()?;
@@ -119,6 +120,36 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     tracing::info!(admin = %admin.local_addr()?, "admin listening");
     tokio::spawn(crate::admin::sidecar(admin_state).serve(admin, std::future::pending()));
+
+    // Off the data path: the Workload API waits for the first SVID itself,
+    // so the socket exists (and clients may connect) from the start.
+    if let Some(path) = &args.workload_api {
+        let listener = crate::workload::bind(path)
+            .await
+            .with_context(|| format!("--workload-api {}", path.display()))
+            .config_err()?;
+        let callers = crate::workload::Callers::new(args.workload_api_uid.clone());
+        tracing::info!(socket = %path.display(), uids = ?args.workload_api_uid, "SPIFFE Workload API listening");
+        let store = store.clone();
+        // JWT-SVIDs come from the CA, with the identity source's credential.
+        let jwt = match (&args.ca, &args.ca_bundle, &args.token_file, &trust_domain) {
+            (Some(ca), Some(bundle), Some(token), Some(td)) => {
+                Some(Arc::new(crate::workload::jwt::JwtMinter::new(
+                    ca.clone(),
+                    bundle.clone(),
+                    token.clone(),
+                    td.clone(),
+                )))
+            }
+            _ => None,
+        };
+        tokio::spawn(async move {
+            let served = crate::workload::serve(listener, store, callers, workload_metrics, jwt);
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "SPIFFE Workload API server stopped");
+            }
+        });
+    }
 
     tracing::info!("waiting for the first SVID");
     tokio::select! {
