@@ -20,6 +20,7 @@ pub mod init;
 pub mod inject;
 pub mod metrics;
 pub mod net;
+pub mod netsync;
 pub mod policy;
 pub mod policy_cmd;
 pub mod proxy;

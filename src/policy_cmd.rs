@@ -66,6 +66,14 @@ pub struct NetpolArgs {
     /// Pod label selecting them, `key=value`.
     #[arg(long, requires = "namespace")]
     pub selector: Option<String>,
+    /// What the compiler needs beyond the policies.
+    #[command(flatten)]
+    pub options: NetpolOptionArgs,
+}
+
+/// The compiler's options as flags (`policy netpol` and `netpol sync`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetpolOptionArgs {
     /// `deny`: only what the policies and the mesh need leaves the pods;
     /// `open`: no Egress policies (adopt in steps).
     #[arg(long, value_enum, default_value = "deny")]
@@ -86,6 +94,19 @@ pub struct NetpolArgs {
         default_value = "stepmesh-system/app.kubernetes.io/name=stepmesh-ca"
     )]
     pub ca: String,
+}
+
+impl NetpolOptionArgs {
+    /// The compiler options these flags say.
+    pub fn options(&self) -> anyhow::Result<netpol::Options> {
+        Ok(netpol::Options {
+            egress: self.egress,
+            api_server: self.api_server.clone(),
+            probe_sources: self.probe_cidr.clone(),
+            dns: pod_ref("--dns", &self.dns)?,
+            ca: pod_ref("--ca", &self.ca)?,
+        })
+    }
 }
 
 /// Flags of `stepmesh policy explain`.
@@ -245,13 +266,7 @@ pub async fn netpol_set(args: &NetpolArgs) -> anyhow::Result<String> {
         .iter()
         .map(|(name, p)| netpol::Input::new(name.clone(), p, flags))
         .collect::<Result<Vec<_>, _>>()?;
-    let opts = netpol::Options {
-        egress: args.egress,
-        api_server: args.api_server.clone(),
-        probe_sources: args.probe_cidr.clone(),
-        dns: pod_ref("--dns", &args.dns)?,
-        ca: pod_ref("--ca", &args.ca)?,
-    };
+    let opts = args.options.options()?;
     Ok(netpol::to_yaml(&netpol::compile(&inputs, &opts)?)?)
 }
 

@@ -97,8 +97,32 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<Response, HttpError> {
+        match body {
+            Some(body) => {
+                self.request(
+                    http::Method::POST,
+                    url,
+                    bearer,
+                    Some(("application/json", body)),
+                )
+                .await
+            }
+            None => self.request(http::Method::GET, url, bearer, None).await,
+        }
+    }
+
+    /// Sends `method` with an optional `(content type, body)`: the calls of
+    /// a Kubernetes controller (server-side apply is a PATCH of
+    /// `application/apply-patch+yaml`, a Lease update a PUT, a prune a DELETE).
+    pub async fn request(
+        &self,
+        method: http::Method,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
-        let mut req = http::Request::builder().uri(uri).header(
+        let mut req = http::Request::builder().method(method).uri(uri).header(
             http::header::ACCEPT,
             "application/json, application/jwk-set+json",
         );
@@ -106,11 +130,10 @@ impl HttpsClient {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = match body {
-            Some(body) => req
-                .method(http::Method::POST)
-                .header(http::header::CONTENT_TYPE, "application/json")
+            Some((content_type, body)) => req
+                .header(http::header::CONTENT_TYPE, content_type)
                 .body(Full::new(Bytes::from(body))),
-            None => req.method(http::Method::GET).body(Full::new(Bytes::new())),
+            None => req.body(Full::new(Bytes::new())),
         }
         .map_err(|e| HttpError::Request(e.to_string()))?;
         let fut = async {
