@@ -188,11 +188,26 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         ])
     };
     let hand_before = hand_rv();
+    // A hand-made object with the name of a computed one: not ours either.
+    k8s.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: stepmesh-worker-mesh, namespace: sync-a}\nspec: {podSelector: {matchLabels: {app: squatter}}, policyTypes: [Ingress]}\n");
+    let squat_rv = || {
+        k8s.kubectl_ok(&[
+            "get",
+            "networkpolicy",
+            "stepmesh-worker-mesh",
+            "-n",
+            "sync-a",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+    };
+    let squat_before = squat_rv();
 
     let (port_a, port_b) = (free_port(), free_port());
     let a = controller(k8s, dir.path(), &token, "replica-a", port_a);
-    let want = expected(dir.path(), &set);
+    let mut want = expected(dir.path(), &set);
     assert_eq!(want.len(), 8, "{want:?}");
+    assert!(want.remove("sync-a/stepmesh-worker-mesh"));
     let took = wait("first sync", Duration::from_secs(30), || owned(k8s) == want);
     println!("first sync: {took:?}");
 
@@ -201,8 +216,9 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         "    - port: 9090\n      allow: [{from: [spiffe://cluster.local/ns/sync-b/sa/frontend]}]\n",
     );
     k8s.apply(&configmap("sync-a", "payments", &set[0].2));
-    let want = expected(dir.path(), &set);
+    let mut want = expected(dir.path(), &set);
     assert!(want.contains("sync-a/stepmesh-api-port-9090"));
+    want.remove("sync-a/stepmesh-worker-mesh");
     let took = wait("edit followed", Duration::from_secs(5), || {
         owned(k8s) == want
     });
@@ -280,6 +296,11 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         hand_rv(),
         hand_before,
         "the hand-made NetworkPolicy was touched"
+    );
+    assert_eq!(
+        squat_rv(),
+        squat_before,
+        "the hand-made namesake was touched"
     );
 
     // Two processes: only the Lease holder writes; killing it hands over.

@@ -312,6 +312,10 @@ impl Sync {
                 self.applied_before.insert(key.clone());
                 continue;
             }
+            if current.is_none() && !self.applied_before.contains(key) && self.foreign(key).await? {
+                tracing::warn!(namespace = %key.0, name = %key.1, "a NetworkPolicy of that name exists and is not ours: left alone");
+                continue;
+            }
             let path = format!(
                 "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}?fieldManager={FIELD_MANAGER}&force=true",
                 key.0, key.1
@@ -371,6 +375,22 @@ impl Sync {
             .last_sync
             .set(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
         Ok(())
+    }
+
+    /// Whether an object we did not apply already has this name (made by
+    /// hand, or ours with the owner label removed before this process
+    /// started): it is not ours to overwrite.
+    async fn foreign(&self, key: &(String, String)) -> anyhow::Result<bool> {
+        let path = format!(
+            "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}",
+            key.0, key.1
+        );
+        let (status, _) = self.api.call(Method::GET, &path, None).await?;
+        match status {
+            http::StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            s => anyhow::bail!("GET {path}: {s}"),
+        }
     }
 
     /// The ConfigMap's policy, if it is usable in this set.
