@@ -343,5 +343,19 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     ]);
     assert_eq!(holder, "replica-b");
     assert_eq!(hand_rv(), hand_before);
-    drop(b);
+
+    // SIGTERM gives the Lease up: a third replica takes it at once.
+    let port_c = free_port();
+    let _c = controller(k8s, dir.path(), &token, "replica-c", port_c);
+    wait("c up", Duration::from_secs(10), || {
+        metric(port_c, "stepmesh_netpol_leader") == 0.0
+    });
+    Command::new("kill")
+        .args(["-TERM", &b.program_pid().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let took = wait("release", Duration::from_secs(3), || {
+        metric(port_c, "stepmesh_netpol_leader") == 1.0
+    });
+    println!("handover after SIGTERM: {took:?}");
 }

@@ -103,4 +103,22 @@ impl Lease {
         // 409: someone else updated it first; they hold it.
         Ok(status.is_success())
     }
+
+    /// Gives the Lease up if this process holds it (on SIGTERM): another
+    /// replica takes it at its next interval instead of after the duration.
+    pub async fn release(&mut self, api: &Api) -> anyhow::Result<()> {
+        let (status, mut current) = api.call(Method::GET, &self.path(), None).await?;
+        if !status.is_success() || current["spec"]["holderIdentity"] != self.identity.as_str() {
+            return Ok(());
+        }
+        current["spec"]["holderIdentity"] = json!("");
+        let body = serde_json::to_vec(&current)?;
+        let (status, _) = api
+            .call(Method::PUT, &self.path(), Some(("application/json", body)))
+            .await?;
+        if !status.is_success() {
+            anyhow::bail!("releasing the Lease: {status}");
+        }
+        Ok(())
+    }
 }

@@ -132,7 +132,7 @@ impl Metrics {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT.
+/// Runs the controller until SIGTERM/SIGINT (then gives up the Lease).
 pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
     let NetpolCommand::Sync(args) = cmd;
     let options = args.options.options().map_err(crate::exit::config)?;
@@ -179,12 +179,19 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         applied_before: BTreeSet::new(),
         reported: BTreeMap::new(),
     };
+    let mut signals = crate::drain::Signals::new().context("listening for signals")?;
     let mut tick = tokio::time::interval(sync.args.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            signal = signals.recv() => {
+                tracing::info!(signal, "stopping; giving up the Lease");
+                if let Err(e) = lease.release(&sync.api).await {
+                    tracing::warn!(error = %format!("{e:#}"), "releasing the Lease");
+                }
+                return Ok(());
+            }
         }
         let leader = match lease.hold(&sync.api).await {
             Ok(l) => l,
