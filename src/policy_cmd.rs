@@ -42,6 +42,10 @@ pub struct LintArgs {
     /// `text` (one line per finding) or `json` (an array, for tools).
     #[arg(long, value_enum, default_value = "text")]
     pub format: LintFormat,
+    /// A production namespace (repeatable): `mode: audit` (SM003) in a
+    /// policy whose `workload.namespace` is one is an error, not a warning.
+    #[arg(long)]
+    pub production: Vec<String>,
 }
 
 /// How `policy lint` prints.
@@ -193,12 +197,23 @@ pub fn lint(args: &LintArgs) -> anyhow::Result<()> {
     let mut found = Vec::new();
     for file in &args.files {
         match Policy::from_file(file) {
-            Ok(p) => found.extend(
-                lint::lint(&p)
-                    .into_iter()
-                    .filter(|f| !args.allow.iter().any(|a| a == f.code))
-                    .map(|f| (file.display().to_string(), f)),
-            ),
+            Ok(p) => {
+                let production = p
+                    .workload()
+                    .is_some_and(|w| args.production.contains(&w.namespace));
+                found.extend(
+                    lint::lint(&p)
+                        .into_iter()
+                        .filter(|f| !args.allow.iter().any(|a| a == f.code))
+                        .map(|mut f| {
+                            if production && f.code == "SM003" {
+                                f.severity = Severity::Error;
+                                f.message.push_str(" (a production namespace)");
+                            }
+                            (file.display().to_string(), f)
+                        }),
+                )
+            }
             Err(e) => bad.push(format!("{}: {e}", file.display())),
         }
     }

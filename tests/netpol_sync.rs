@@ -5,7 +5,7 @@
 //! a deleted or edited object, never touches a hand-made one, keeps the
 //! objects of a broken policy (and posts an Event), prunes a removed
 //! policy's objects, and with two processes only the Lease holder writes,
-//! the other taking over when it is killed.
+//! the other taking over when it is killed (or at once on SIGTERM).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
