@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => multi_thread()?
             .block_on(crate::policy_cmd::run(cmd))
             .config_err(),
+        Command::Netpol(cmd) => multi_thread()?.block_on(crate::netsync::run(cmd)),
         Command::Cert(cmd) => crate::cert_cmd::run(cmd).config_err(),
         // Its own current-thread runtime; configuration errors exit 64.
         Command::Login(args) => crate::login::run(*args),

@@ -41,6 +41,10 @@ pub enum Command {
     /// Policy tools: check, explain a decision, compile to NetworkPolicies.
     #[command(subcommand)]
     Policy(crate::policy_cmd::PolicyCommand),
+    /// The NetworkPolicy controller: keeps the cluster's NetworkPolicies
+    /// equal to the policy ConfigMaps.
+    #[command(subcommand)]
+    Netpol(crate::netsync::NetpolCommand),
     /// Certificate tools.
     #[command(subcommand)]
     Cert(crate::cert_cmd::CertCommand),

@@ -22,6 +22,7 @@ pub mod inject;
 pub mod login;
 pub mod metrics;
 pub mod net;
+pub mod netsync;
 pub mod policy;
 pub mod policy_cmd;
 pub mod proxy;

@@ -42,6 +42,10 @@ pub struct LintArgs {
     /// `text` (one line per finding) or `json` (an array, for tools).
     #[arg(long, value_enum, default_value = "text")]
     pub format: LintFormat,
+    /// A production namespace (repeatable): `mode: audit` (SM003) in a
+    /// policy whose `workload.namespace` is one is an error, not a warning.
+    #[arg(long)]
+    pub production: Vec<String>,
 }
 
 /// How `policy lint` prints.
@@ -66,6 +70,14 @@ pub struct NetpolArgs {
     /// Pod label selecting them, `key=value`.
     #[arg(long, requires = "namespace")]
     pub selector: Option<String>,
+    /// What the compiler needs beyond the policies.
+    #[command(flatten)]
+    pub options: NetpolOptionArgs,
+}
+
+/// The compiler's options as flags (`policy netpol` and `netpol sync`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetpolOptionArgs {
     /// `deny`: only what the policies and the mesh need leaves the pods;
     /// `open`: no Egress policies (adopt in steps).
     #[arg(long, value_enum, default_value = "deny")]
@@ -86,6 +98,19 @@ pub struct NetpolArgs {
         default_value = "stepmesh-system/app.kubernetes.io/name=stepmesh-ca"
     )]
     pub ca: String,
+}
+
+impl NetpolOptionArgs {
+    /// The compiler options these flags say.
+    pub fn options(&self) -> anyhow::Result<netpol::Options> {
+        Ok(netpol::Options {
+            egress: self.egress,
+            api_server: self.api_server.clone(),
+            probe_sources: self.probe_cidr.clone(),
+            dns: pod_ref("--dns", &self.dns)?,
+            ca: pod_ref("--ca", &self.ca)?,
+        })
+    }
 }
 
 /// Flags of `stepmesh policy explain`.
@@ -172,12 +197,23 @@ pub fn lint(args: &LintArgs) -> anyhow::Result<()> {
     let mut found = Vec::new();
     for file in &args.files {
         match Policy::from_file(file) {
-            Ok(p) => found.extend(
-                lint::lint(&p)
-                    .into_iter()
-                    .filter(|f| !args.allow.iter().any(|a| a == f.code))
-                    .map(|f| (file.display().to_string(), f)),
-            ),
+            Ok(p) => {
+                let production = p
+                    .workload()
+                    .is_some_and(|w| args.production.contains(&w.namespace));
+                found.extend(
+                    lint::lint(&p)
+                        .into_iter()
+                        .filter(|f| !args.allow.iter().any(|a| a == f.code))
+                        .map(|mut f| {
+                            if production && f.code == "SM003" {
+                                f.severity = Severity::Error;
+                                f.message.push_str(" (a production namespace)");
+                            }
+                            (file.display().to_string(), f)
+                        }),
+                )
+            }
             Err(e) => bad.push(format!("{}: {e}", file.display())),
         }
     }
@@ -245,13 +281,7 @@ pub async fn netpol_set(args: &NetpolArgs) -> anyhow::Result<String> {
         .iter()
         .map(|(name, p)| netpol::Input::new(name.clone(), p, flags))
         .collect::<Result<Vec<_>, _>>()?;
-    let opts = netpol::Options {
-        egress: args.egress,
-        api_server: args.api_server.clone(),
-        probe_sources: args.probe_cidr.clone(),
-        dns: pod_ref("--dns", &args.dns)?,
-        ca: pod_ref("--ca", &args.ca)?,
-    };
+    let opts = args.options.options()?;
     Ok(netpol::to_yaml(&netpol::compile(&inputs, &opts)?)?)
 }
 

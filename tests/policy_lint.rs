@@ -85,6 +85,24 @@ fn allow_silences_a_code_and_warnings_alone_pass() {
     let o = lint(&["tests/fixtures/lint/audit-only.yaml"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(located(&o).len(), 1);
+    // In a namespace marked production, audit mode fails the lint.
+    let o = lint(&[
+        "tests/fixtures/lint/audit-only.yaml",
+        "--production",
+        "shop",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("mode: SM003 audit:") && text.ends_with("(a production namespace)\n"),
+        "{text}"
+    );
+    let o = lint(&[
+        "tests/fixtures/lint/audit-only.yaml",
+        "--production",
+        "other",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
 }
 
 #[test]

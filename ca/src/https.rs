@@ -100,8 +100,13 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<Response, HttpError> {
+        let method = if body.is_some() {
+            http::Method::POST
+        } else {
+            http::Method::GET
+        };
         let body = body.map(|b| ("application/json", b));
-        self.request(url, bearer, body).await
+        self.request(method, url, bearer, body).await
     }
 
     /// POSTs `fields` as `application/x-www-form-urlencoded` (OAuth 2.0
@@ -112,18 +117,22 @@ impl HttpsClient {
         fields: &[(&str, &str)],
     ) -> Result<Response, HttpError> {
         let body = form_encode(fields).into_bytes();
-        self.request(url, None, Some(("application/x-www-form-urlencoded", body)))
-            .await
+        let form = Some(("application/x-www-form-urlencoded", body));
+        self.request(http::Method::POST, url, None, form).await
     }
 
-    async fn request(
+    /// Sends `method` with an optional `(content type, body)`: the calls of
+    /// a Kubernetes controller (server-side apply is a PATCH of
+    /// `application/apply-patch+yaml`, a Lease update a PUT, a prune a DELETE).
+    pub async fn request(
         &self,
+        method: http::Method,
         url: &str,
         bearer: Option<&str>,
-        body: Option<(&'static str, Vec<u8>)>,
+        body: Option<(&str, Vec<u8>)>,
     ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
-        let mut req = http::Request::builder().uri(uri).header(
+        let mut req = http::Request::builder().method(method).uri(uri).header(
             http::header::ACCEPT,
             "application/json, application/jwk-set+json",
         );
@@ -132,10 +141,9 @@ impl HttpsClient {
         }
         let req = match body {
             Some((content_type, body)) => req
-                .method(http::Method::POST)
                 .header(http::header::CONTENT_TYPE, content_type)
                 .body(Full::new(Bytes::from(body))),
-            None => req.method(http::Method::GET).body(Full::new(Bytes::new())),
+            None => req.body(Full::new(Bytes::new())),
         }
         .map_err(|e| HttpError::Request(e.to_string()))?;
         let fut = async {

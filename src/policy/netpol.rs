@@ -173,6 +173,8 @@ pub struct Object {
     pub notes: Vec<String>,
     /// The NetworkPolicy, or null.
     pub value: Value,
+    /// Index of the [`Input`] it was made for.
+    pub input: usize,
 }
 
 /// Where an allow pattern's peers are, in Kubernetes terms.
@@ -253,8 +255,12 @@ pub fn compile(inputs: &[Input<'_>], opts: &Options) -> Result<Vec<Object>, Netp
         }
     }
     let mut out = Vec::new();
-    for input in inputs {
+    for (i, input) in inputs.iter().enumerate() {
+        let start = out.len();
         workload_objects(input, inputs, opts, &mut out);
+        for o in &mut out[start..] {
+            o.input = i;
+        }
     }
     Ok(out)
 }
@@ -294,6 +300,7 @@ fn workload_objects(input: &Input<'_>, all: &[Input<'_>], opts: &Options, out: &
         json!({"ingress": []})
     };
     out.push(Object {
+        input: 0,
         notes: vec![
             format!(
                 "Workload {}/{} from {} (digest {}).",
@@ -329,6 +336,7 @@ fn workload_objects(input: &Input<'_>, all: &[Input<'_>], opts: &Options, out: &
         if from.is_empty() && !anywhere {
             notes.push("No identity may connect: nothing allowed beyond the default deny.".into());
             out.push(Object {
+                input: 0,
                 notes,
                 value: Value::Null,
             });
@@ -339,6 +347,7 @@ fn workload_objects(input: &Input<'_>, all: &[Input<'_>], opts: &Options, out: &
             ingress["from"] = Value::Array(from);
         }
         out.push(Object {
+            input: 0,
             notes,
             value: netpol(
                 &format!("port-{}", port.port),
@@ -350,6 +359,7 @@ fn workload_objects(input: &Input<'_>, all: &[Input<'_>], opts: &Options, out: &
     if policy.inbound_default() == InboundDefault::AllowAuthenticated {
         let listed: Vec<Value> = policy.ports().iter().map(|p| json!(p.port)).collect();
         out.push(Object {
+            input: 0,
             notes: vec![
                 "inbound.default allow-authenticated: other ports accept any pod of the cluster.".into(),
                 format!("NetworkPolicy cannot say \"every port but {listed:?}\": this opens all ports to in-cluster pods; the sidecar still enforces the listed ports."),
@@ -383,6 +393,7 @@ fn mesh(
     }
     if opts.egress == EgressMode::Open {
         return Object {
+            input: 0,
             notes,
             value: netpol("mesh", &["Ingress"], json!({"ingress": [probe]})),
         };
@@ -414,6 +425,7 @@ fn mesh(
         egress.push(rule);
     }
     Object {
+        input: 0,
         notes,
         value: netpol(
             "mesh",

@@ -71,6 +71,7 @@ pub(super) fn calls(
     }
     if rules.is_empty() {
         return Object {
+            input: 0,
             notes: vec![
                 "No workload of the set admits this identity: no egress to the mesh.".into(),
             ],
@@ -78,6 +79,7 @@ pub(super) fn calls(
         };
     }
     Object {
+        input: 0,
         notes,
         value: netpol("egress-calls", &["Egress"], json!({"egress": rules})),
     }
@@ -194,12 +196,14 @@ pub(super) fn outbound(policy: &Policy, netpol: &impl Fn(&str, &[&str], Value) -
     if egress.is_empty() {
         notes.push("  none allow a destination: no egress beyond the mesh.".into());
         return Object {
+            input: 0,
             notes,
             value: Value::Null,
         };
     }
     notes.push("Addresses of pods and Services are CNI-dependent in ipBlock: name them in policies instead.".into());
     Object {
+        input: 0,
         notes,
         value: netpol("egress-outbound", &["Egress"], json!({"egress": egress})),
     }

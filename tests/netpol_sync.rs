@@ -1,0 +1,361 @@
+//! `stepmesh netpol sync` against a real kube-apiserver and etcd (envtest;
+//! skipped with a printed reason without KUBEBUILDER_ASSETS), as the
+//! ServiceAccount of deploy/netpol with exactly its RBAC: it applies what
+//! `policy netpol` prints for the same policies, follows an edit, puts back
+//! a deleted or edited object, never touches a hand-made one, keeps the
+//! objects of a broken policy (and posts an Event), prunes a removed
+//! policy's objects, and with two processes only the Lease holder writes,
+//! the other taking over when it is killed (or at once on SIGTERM).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::envtest::{Envtest, Supervised};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
+const OWNED: &str = "stepmesh.io/netpol-owner=sync";
+
+/// Two namespaces, three workloads: payments admits sync-b/frontend on
+/// 8080; worker admits nobody; frontend calls payments.
+fn policies() -> [(&'static str, &'static str, String); 3] {
+    [
+        ("sync-a", "payments", "trustDomain: cluster.local\nworkload: {namespace: sync-a, serviceAccount: api}\ninbound:\n  ports:\n    - port: 8080\n      allow: [{from: [spiffe://cluster.local/ns/sync-b/sa/frontend]}]\n".into()),
+        ("sync-a", "worker", "trustDomain: cluster.local\nworkload: {namespace: sync-a, serviceAccount: worker}\n".into()),
+        ("sync-b", "frontend", "trustDomain: cluster.local\nworkload: {namespace: sync-b, serviceAccount: frontend}\n".into()),
+    ]
+}
+
+fn configmap(ns: &str, name: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{stepmesh.io/policy: netpol}}\ndata:\n  policy.yaml: {}\n",
+        serde_json::to_string(policy).unwrap()
+    )
+}
+
+/// `ns/name` of every owned NetworkPolicy.
+fn owned(k8s: &Envtest) -> BTreeSet<String> {
+    k8s.kubectl_ok(&[
+        "get",
+        "networkpolicies",
+        "-A",
+        "-l",
+        OWNED,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// What `policy netpol` prints for `files`, as `ns/name`.
+fn expected(dir: &Path, policies: &[(&str, &str, String)]) -> BTreeSet<String> {
+    let mut args = vec!["policy".to_owned(), "netpol".to_owned()];
+    for (ns, name, text) in policies {
+        let f = dir.join(format!("{ns}-{name}.yaml"));
+        std::fs::write(&f, text).unwrap();
+        args.push(f.to_str().unwrap().to_owned());
+    }
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split("---\n")
+        .filter(|d| d.contains("kind:"))
+        .map(|d| {
+            let v: serde_json::Value = serde_norway::from_str(d).unwrap();
+            format!(
+                "{}/{}",
+                v["metadata"]["namespace"].as_str().unwrap(),
+                v["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(-1.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn controller(k8s: &Envtest, dir: &Path, token: &Path, id: &str, admin: u16) -> Supervised {
+    let args: Vec<String> = [
+        "netpol",
+        "sync",
+        "--server",
+        &k8s.url,
+        "--ca-file",
+        k8s.ca_file.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--identity",
+        id,
+        "--interval",
+        "300ms",
+        "--lease-duration",
+        "4s",
+        "--lease-namespace",
+        "stepmesh-system",
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    Supervised::spawn(
+        id,
+        Path::new(BIN),
+        &args,
+        &dir.join(format!("{id}.log")),
+        None,
+    )
+}
+
+#[test]
+fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
+    let Some(k8s) = Envtest::shared() else { return };
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("skip: curl not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for ns in ["stepmesh-system", "sync-a", "sync-b"] {
+        k8s.create_namespace(ns);
+    }
+    let rbac = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/netpol/rbac.yaml"),
+    )
+    .unwrap();
+    k8s.apply(&rbac);
+    // The Deployment as shipped: the real API server accepts it.
+    let deployment =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/netpol/deployment.yaml"))
+            .unwrap();
+    let o = k8s.kubectl_with_stdin(&["apply", "--dry-run=server", "-f", "-"], &deployment);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let token = dir.path().join("token");
+    std::fs::write(
+        &token,
+        k8s.service_account_token("stepmesh-system", "stepmesh-netpol-sync", ""),
+    )
+    .unwrap();
+    let mut set = policies().to_vec();
+    for (ns, name, text) in &set {
+        k8s.apply(&configmap(ns, name, text));
+    }
+    k8s.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: hand-made, namespace: sync-a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n");
+    let hand_rv = || {
+        k8s.kubectl_ok(&[
+            "get",
+            "networkpolicy",
+            "hand-made",
+            "-n",
+            "sync-a",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+    };
+    let hand_before = hand_rv();
+    // A hand-made object with the name of a computed one: not ours either.
+    k8s.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: stepmesh-worker-mesh, namespace: sync-a}\nspec: {podSelector: {matchLabels: {app: squatter}}, policyTypes: [Ingress]}\n");
+    let squat_rv = || {
+        k8s.kubectl_ok(&[
+            "get",
+            "networkpolicy",
+            "stepmesh-worker-mesh",
+            "-n",
+            "sync-a",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+    };
+    let squat_before = squat_rv();
+
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = controller(k8s, dir.path(), &token, "replica-a", port_a);
+    let mut want = expected(dir.path(), &set);
+    assert_eq!(want.len(), 8, "{want:?}");
+    assert!(want.remove("sync-a/stepmesh-worker-mesh"));
+    let took = wait("first sync", Duration::from_secs(30), || owned(k8s) == want);
+    println!("first sync: {took:?}");
+
+    // A policy edit: payments opens 9090 too.
+    set[0].2.push_str(
+        "    - port: 9090\n      allow: [{from: [spiffe://cluster.local/ns/sync-b/sa/frontend]}]\n",
+    );
+    k8s.apply(&configmap("sync-a", "payments", &set[0].2));
+    let mut want = expected(dir.path(), &set);
+    assert!(want.contains("sync-a/stepmesh-api-port-9090"));
+    want.remove("sync-a/stepmesh-worker-mesh");
+    let took = wait("edit followed", Duration::from_secs(5), || {
+        owned(k8s) == want
+    });
+    println!("edit followed: {took:?}");
+
+    // A deleted generated object comes back; an edited one is put back.
+    k8s.kubectl_ok(&[
+        "delete",
+        "networkpolicy",
+        "stepmesh-api-port-8080",
+        "-n",
+        "sync-a",
+    ]);
+    let took = wait("deleted object back", Duration::from_secs(5), || {
+        owned(k8s).contains("sync-a/stepmesh-api-port-8080")
+    });
+    println!("deleted object back: {took:?}");
+    k8s.kubectl_ok(&[
+        "patch",
+        "networkpolicy",
+        "stepmesh-api-port-8080",
+        "-n",
+        "sync-a",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ingress/0/ports/0/port","value":1}]"#,
+    ]);
+    let port = || {
+        k8s.kubectl_ok(&[
+            "get",
+            "networkpolicy",
+            "stepmesh-api-port-8080",
+            "-n",
+            "sync-a",
+            "-o",
+            "jsonpath={.spec.ingress[0].ports[0].port}",
+        ])
+    };
+    wait("edited object put back", Duration::from_secs(5), || {
+        port() == "8080"
+    });
+    assert!(metric(port_a, "stepmesh_netpol_drift_repaired_total") >= 2.0);
+
+    // A broken policy changes nothing and is reported.
+    k8s.apply(&configmap(
+        "sync-a",
+        "worker",
+        "trustDomain: cluster.local\ninbound: {ports: [{port: 0}]}\n",
+    ));
+    wait("event", Duration::from_secs(5), || {
+        k8s.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "sync-a",
+            "--field-selector",
+            "involvedObject.name=worker,reason=InvalidPolicy",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])
+        .contains("inbound.ports[0].port")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(owned(k8s), want, "a broken policy keeps its objects");
+    assert!(metric(port_a, "stepmesh_netpol_policy_errors_total") >= 1.0);
+
+    // A removed policy's objects are pruned.
+    k8s.kubectl_ok(&["delete", "configmap", "frontend", "-n", "sync-b"]);
+    wait("pruned", Duration::from_secs(5), || {
+        !owned(k8s).iter().any(|o| o.starts_with("sync-b/"))
+    });
+    assert!(metric(port_a, "stepmesh_netpol_pruned_total") >= 1.0);
+    assert!(metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds") > 1.7e9);
+    assert_eq!(
+        hand_rv(),
+        hand_before,
+        "the hand-made NetworkPolicy was touched"
+    );
+    assert_eq!(
+        squat_rv(),
+        squat_before,
+        "the hand-made namesake was touched"
+    );
+
+    // Two processes: only the Lease holder writes; killing it hands over.
+    let b = controller(k8s, dir.path(), &token, "replica-b", port_b);
+    wait("b up", Duration::from_secs(10), || {
+        metric(port_b, "stepmesh_netpol_leader") == 0.0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(metric(port_a, "stepmesh_netpol_leader"), 1.0);
+    assert_eq!(
+        metric(port_b, "stepmesh_netpol_applied_total"),
+        0.0,
+        "the standby wrote"
+    );
+    let pid = a.program_pid().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    k8s.kubectl_ok(&[
+        "delete",
+        "networkpolicy",
+        "stepmesh-api-port-9090",
+        "-n",
+        "sync-a",
+    ]);
+    wait("handover", Duration::from_secs(15), || {
+        owned(k8s).contains("sync-a/stepmesh-api-port-9090")
+    });
+    println!("handover: {:?}", killed.elapsed());
+    let holder = k8s.kubectl_ok(&[
+        "get",
+        "lease",
+        "stepmesh-netpol-sync",
+        "-n",
+        "stepmesh-system",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "replica-b");
+    assert_eq!(hand_rv(), hand_before);
+
+    // SIGTERM gives the Lease up: a third replica takes it at once.
+    let port_c = free_port();
+    let _c = controller(k8s, dir.path(), &token, "replica-c", port_c);
+    wait("c up", Duration::from_secs(10), || {
+        metric(port_c, "stepmesh_netpol_leader") == 0.0
+    });
+    Command::new("kill")
+        .args(["-TERM", &b.program_pid().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let took = wait("release", Duration::from_secs(3), || {
+        metric(port_c, "stepmesh_netpol_leader") == 1.0
+    });
+    println!("handover after SIGTERM: {took:?}");
+}
