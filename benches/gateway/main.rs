@@ -207,9 +207,14 @@ fn run_latency(
     let k8s = &setup.k8s;
     let path = format!("/api/v1/namespaces/{}/configmaps/settings", setup.namespace);
     let alice = k8s.client_cert(ALICE, &[&format!("oidc:{GROUP}")]);
+    let pid = gateway
+        .proc
+        .program_pid()
+        .context("the gateway's PID (it exited?)")?;
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         let load_before = report::loadavg();
+        let cpu_before = watches::cpu_seconds(pid)?;
         // Fresh clients each round: their connections are opened by the
         // first GET, outside the measured window.
         let targets = runtime.block_on(async {
@@ -237,7 +242,11 @@ fn run_latency(
             Duration::from_secs_f64(args.duration),
             Duration::from_secs_f64(args.warmup),
         ))?;
-        let r = LatencyRound::new(round, load_before, report::loadavg(), &results);
+        let cpu = watches::cpu_seconds(pid)? - cpu_before;
+        let mut r = LatencyRound::new(round, load_before, report::loadavg(), &results);
+        // Every gateway request of the round, warm-up and first GET included.
+        let served = (args.rate as f64 * (args.duration + args.warmup)).max(1.0) + 1.0;
+        r.gateway_cpu_us_per_req = cpu * 1e6 / served;
         eprintln!("{}", r.summary());
         rounds.push(r);
     }
@@ -330,9 +339,12 @@ fn run_watches(
     })?;
     let open_time = held.open_time;
     let connections = held.connections;
-    held.close();
-    std::thread::sleep(Duration::from_secs(1));
-    let closed = watches::memory(pid)?;
+    // Aborted tasks drop their connections when the runtime runs them.
+    let closed = runtime.block_on(async {
+        held.close();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        watches::memory(pid)
+    })?;
     let run = WatchRun::new(
         proto,
         args.watches,

@@ -124,6 +124,9 @@ pub struct LatencyRound {
     pub errors: [u64; 2],
     /// The first failure, if any.
     pub first_error: Option<String>,
+    /// The gateway process's CPU (utime + stime) per request it served in
+    /// the round, µs: what it costs whatever the machine's load.
+    pub gateway_cpu_us_per_req: f64,
 }
 
 impl LatencyRound {
@@ -145,6 +148,7 @@ impl LatencyRound {
             direct,
             errors: [r[0].errors, r[1].errors],
             first_error: r[0].first_error.clone().or(r[1].first_error.clone()),
+            gateway_cpu_us_per_req: 0.0,
         }
     }
 
@@ -152,7 +156,7 @@ impl LatencyRound {
     pub fn summary(&self) -> String {
         format!(
             "latency round {}: gateway p50 {:.3} p99 {:.3} ms, direct p50 {:.3} p99 {:.3} ms, \
-             added p50 {:+.3} p99 {:+.3} ms, errors {:?}, load {:?}",
+             added p50 {:+.3} p99 {:+.3} ms, gateway CPU {:.0} µs/req, errors {:?}, load {:?}",
             self.round,
             self.gateway.p50,
             self.gateway.p99,
@@ -160,6 +164,7 @@ impl LatencyRound {
             self.direct.p99,
             self.added.p50,
             self.added.p99,
+            self.gateway_cpu_us_per_req,
             self.errors,
             self.loadavg_after
         )
@@ -311,8 +316,8 @@ impl Report {
                 let a = &r.added;
                 let _ = writeln!(
                     s,
-                    "| {} | **added** | | {:+.3} | {:+.3} | {:+.3} | {:+.3} | | |",
-                    r.round, a.p50, a.p90, a.p99, a.max
+                    "| {} | **added** | | {:+.3} | {:+.3} | {:+.3} | {:+.3} | gateway CPU {:.0} µs/req | |",
+                    r.round, a.p50, a.p90, a.p99, a.max, r.gateway_cpu_us_per_req
                 );
             }
             let spread = |f: fn(&Percentiles) -> f64| {
@@ -337,13 +342,13 @@ impl Report {
         if !self.watches.is_empty() {
             s.push_str(
                 "| watches | proto | connections | RSS before | RSS holding | added | per watch | \
-                 RSS after close | fds holding | saw probe | in |\n",
+                 RSS after close | fds before/holding/after | saw probe | in |\n",
             );
             s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
             for w in &self.watches {
                 let _ = writeln!(
                     s,
-                    "| {} | {:?} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB | {} | {}/{} | {:.0} ms |",
+                    "| {} | {:?} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB | {}/{}/{} | {}/{} | {:.0} ms |",
                     w.watches,
                     w.proto,
                     w.connections,
@@ -352,7 +357,9 @@ impl Report {
                     w.added_mib,
                     w.per_watch_kib,
                     w.rss_kib[2] as f64 / 1024.0,
+                    w.fds[0],
                     w.fds[1],
+                    w.fds[2],
                     w.saw_probe,
                     w.watches,
                     w.probe_ms

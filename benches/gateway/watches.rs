@@ -36,6 +36,7 @@ pub struct WatchTarget {
 /// Watches open and being read.
 pub struct Held {
     tasks: Vec<JoinHandle<()>>,
+    watches: usize,
     /// Watches that have seen the probe.
     pub seen: Arc<AtomicUsize>,
     /// Connections opened (one per watch over HTTP/1.1).
@@ -49,7 +50,7 @@ impl Held {
     /// how many did and how long it took.
     pub async fn wait_seen(&self, timeout: Duration) -> (usize, Duration) {
         let began = Instant::now();
-        while self.seen.load(Ordering::Relaxed) < self.tasks.len() && began.elapsed() < timeout {
+        while self.seen.load(Ordering::Relaxed) < self.watches && began.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         (self.seen.load(Ordering::Relaxed), began.elapsed())
@@ -213,6 +214,7 @@ pub async fn open(
     }
     let held = Held {
         tasks,
+        watches: n,
         seen,
         connections,
         open_time: began.elapsed(),
@@ -226,6 +228,23 @@ pub async fn open(
         );
     }
     Ok(held)
+}
+
+/// CPU seconds (utime + stime) `pid` has used, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), 1-based 3..:
+    // utime is field 14, stime 15, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() == 2, "utime and stime in /proc/{pid}/stat");
+    Ok((f[0] + f[1]) as f64 / 100.0)
 }
 
 /// VmRSS and VmHWM of `pid`, in KiB, and its open file descriptors.
