@@ -68,7 +68,7 @@ fn verify(c: &mut Criterion) {
     let rs = s.idp.rs256(&claims()).expect("minting");
     let at = now() as u64;
     let fresh = || {
-        s.rt.block_on(Provider::start(s.config.clone(), s.metrics.clone()))
+        s.rt.block_on(Provider::start(s.config.clone(), s.metrics.clone(), None))
     };
     let provider = fresh();
     for token in [&es, &rs] {

@@ -48,7 +48,7 @@ fn provider(typ: Option<Vec<String>>) -> ProviderConfig {
     ProviderConfig {
         name: Arc::from("fuzz"),
         token: stepmesh_ca::jwt::Rules {
-            issuer: ISS.into(),
+            issuer: Some(ISS.into()),
             audiences: vec![AUD.into(), "other".into()],
             algorithms: vec![
                 Algorithm::ES256,

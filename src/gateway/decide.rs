@@ -215,7 +215,7 @@ pub async fn authenticate(
                 bearer,
                 format!(
                     "no bearer token: this gateway accepts OIDC logins from {}; set your kubeconfig user to run `stepmesh login` (docs/GATEWAY.md)",
-                    config.token.issuer
+                    config.token.issuer.as_deref().unwrap_or_default()
                 ),
             ))
         }
@@ -314,7 +314,7 @@ fn check_step_up(
         Err(Failure::Insufficient(unmet)) => {
             let pending = Pending {
                 provider: step_up.provider.to_string(),
-                issuer: config.token.issuer.clone(),
+                issuer: config.token.issuer.clone().unwrap_or_default(),
                 acr_values: step_up.acr.clone(),
                 max_age: step_up.max_age.map(|d| d.as_secs()),
                 rule: rule.name.to_string(),

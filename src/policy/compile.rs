@@ -124,11 +124,32 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
     if name.is_empty() {
         return Err(invalid(path, "provider name is empty"));
     }
-    if p.issuer.is_empty() {
-        return Err(invalid(format!("{path}.issuer"), "empty issuer"));
-    }
+    let issuer = match (p.jwks.mesh, p.issuer) {
+        // Our CA's JWT-SVIDs carry no `iss`: its key is what vouches.
+        (true, Some(_)) => {
+            return Err(invalid(
+                format!("{path}.issuer"),
+                "a jwks.mesh provider takes no issuer: the mesh's JWT-SVIDs carry none",
+            ))
+        }
+        (true, None) => None,
+        (false, None) => return Err(invalid(format!("{path}.issuer"), "missing issuer")),
+        (false, Some(i)) if i.is_empty() => {
+            return Err(invalid(format!("{path}.issuer"), "empty issuer"))
+        }
+        (false, Some(i)) => Some(i),
+    };
     let jwks = match (p.jwks.file, p.jwks.url) {
-        (Some(file), None) => {
+        (None, None) if p.jwks.mesh => {
+            if p.jwks.ca_file.is_some() {
+                return Err(invalid(
+                    format!("{path}.jwks.caFile"),
+                    "only applies to jwks.url",
+                ));
+            }
+            JwksSource::Mesh
+        }
+        (Some(file), None) if !p.jwks.mesh => {
             if p.jwks.ca_file.is_some() {
                 return Err(invalid(
                     format!("{path}.jwks.caFile"),
@@ -137,7 +158,7 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
             }
             JwksSource::File(PathBuf::from(file))
         }
-        (None, Some(url)) => {
+        (None, Some(url)) if !p.jwks.mesh => {
             let uri: http::Uri = url
                 .parse()
                 .map_err(|e| invalid(format!("{path}.jwks.url"), format!("{url:?}: {e}")))?;
@@ -155,7 +176,7 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
         _ => {
             return Err(invalid(
                 format!("{path}.jwks"),
-                "give exactly one of file or url",
+                "give exactly one of file, url or mesh: true",
             ))
         }
     };
@@ -209,7 +230,7 @@ fn provider(name: &str, p: RawProvider) -> Result<ProviderConfig, PolicyError> {
     Ok(ProviderConfig {
         name: Arc::from(name),
         token: stepmesh_ca::jwt::Rules {
-            issuer: p.issuer,
+            issuer,
             audiences: p.audiences,
             algorithms,
             typ: p.typ,
@@ -435,6 +456,27 @@ pub(super) fn step_up(
         Some(m) => Some(duration(&format!("{path}.maxAge"), m)?),
         None => None,
     };
+    // A JWT-SVID names a workload: a route taking one says which (deny by
+    // default); any other provider's `sub` is not a SPIFFE ID.
+    let from = match (&provider.jwks, &s.from) {
+        (JwksSource::Mesh, Some(f)) => Some(patterns(&format!("{path}.from"), f)?),
+        (JwksSource::Mesh, None) => {
+            return Err(invalid(
+                format!("{path}.from"),
+                format!(
+                    "provider {:?} takes JWT-SVIDs: list the workloads (SPIFFE IDs or /* patterns) whose tokens the route accepts",
+                    s.provider
+                ),
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                format!("{path}.from"),
+                "only applies to a provider with jwks: {mesh: true}",
+            ))
+        }
+        (_, None) => None,
+    };
     Ok(StepUpRule {
         provider: provider.name.clone(),
         header,
@@ -442,6 +484,7 @@ pub(super) fn step_up(
         amr: s.amr,
         claims,
         max_age,
+        from,
         bind: s.bind_to_peer,
         forward: s.forward,
     })

@@ -232,3 +232,55 @@ fn not_yaml_is_refused() {
     assert!(refused("").contains("does not parse"));
     assert!(refused("inbound: {}").contains("trustDomain"));
 }
+
+/// BASE's provider made a mesh (JWT-SVID) provider, with `route` as the
+/// route's stepUp.
+fn mesh(provider: &str, route: &str) -> String {
+    with(
+        "      issuer: https://idp.example.com\n      jwks: {url: \"https://idp.example.com/jwks\", refresh: 5m}",
+        provider,
+    )
+    .replacen("stepUp: {provider: idp}", route, 1)
+}
+
+#[test]
+fn mesh_providers_take_no_issuer_and_their_routes_name_workloads() {
+    let ok = mesh(
+        "      jwks: {mesh: true}",
+        "stepUp: {provider: idp, from: [spiffe://cluster.local/ns/jobs/*]}",
+    );
+    let p = Policy::from_yaml(&ok).unwrap();
+    let prov = p.provider("idp").unwrap();
+    assert_eq!(prov.jwks, JwksSource::Mesh);
+    assert_eq!(prov.token.issuer, None);
+    let rule = p.port(8080).unwrap().routes[0].step_up.as_ref().unwrap();
+    let from = rule.from.as_ref().unwrap();
+    assert!(from[0].matches(&SpiffeId::parse("spiffe://cluster.local/ns/jobs/sa/x").unwrap()));
+
+    let e = refused(&mesh(
+        "      issuer: https://idp.example.com\n      jwks: {mesh: true}",
+        "stepUp: {provider: idp, from: [spiffe://cluster.local/a]}",
+    ));
+    assert!(e.starts_with("stepUp.providers.idp.issuer:"), "{e}");
+    let e = refused(&mesh("      jwks: {mesh: true}", "stepUp: {provider: idp}"));
+    assert!(
+        e.starts_with("inbound.ports[0].routes[0].stepUp.from:"),
+        "{e}"
+    );
+    let e = refused(&mesh(
+        "      jwks: {mesh: true, url: \"https://idp.example.com/jwks\"}",
+        "stepUp: {provider: idp, from: [spiffe://cluster.local/a]}",
+    ));
+    assert!(e.contains("exactly one of file, url or mesh"), "{e}");
+    // `from` on a provider whose `sub` is not a SPIFFE ID.
+    let e = refused(&with(
+        "stepUp: {provider: idp}",
+        "stepUp: {provider: idp, from: [spiffe://cluster.local/a]}",
+    ));
+    assert!(
+        e.contains("only applies to a provider with jwks: {mesh: true}"),
+        "{e}"
+    );
+    let e = refused(&with("      issuer: https://idp.example.com\n", ""));
+    assert!(e.starts_with("stepUp.providers.idp.issuer: missing"), "{e}");
+}

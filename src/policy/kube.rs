@@ -204,6 +204,12 @@ fn authentication(
                 format!("no provider {:?} in stepUp.providers", a.provider),
             )
         })?;
+    if provider.jwks == super::JwksSource::Mesh {
+        return Err(invalid(
+            format!("{path}.provider"),
+            "a jwks.mesh provider takes workloads' JWT-SVIDs: the gateway authenticates people",
+        ));
+    }
     let username_claim = a.username_claim.unwrap_or_else(|| "sub".to_owned());
     if username_claim.is_empty() {
         return Err(invalid(format!("{path}.usernameClaim"), "empty claim name"));
@@ -212,7 +218,7 @@ fn authentication(
         Some("-") => String::new(),
         Some(p) => p.to_owned(),
         None if username_claim == "email" => String::new(),
-        None => format!("{}#", provider.token.issuer),
+        None => format!("{}#", provider.token.issuer.as_deref().unwrap_or_default()),
     };
     if a.groups_claim.as_deref() == Some("") {
         return Err(invalid(format!("{path}.groupsClaim"), "empty claim name"));

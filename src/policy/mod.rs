@@ -190,6 +190,8 @@ pub struct StepUpRule {
     pub claims: Vec<(String, serde_json::Value)>,
     /// `auth_time` no older than this.
     pub max_age: Option<Duration>,
+    /// A JWT-SVID provider's route: the workloads whose `sub` it accepts.
+    pub from: Option<Vec<SpiffeIdPattern>>,
     /// How the token is tied to the calling workload.
     pub bind: BindToPeer,
     /// Forward the token to the app (default: stripped).
@@ -217,6 +219,9 @@ pub struct ProviderConfig {
 pub enum JwksSource {
     /// A local JSON file, re-read on refresh.
     File(PathBuf),
+    /// The mesh's JWT-SVID keys: the JWK set the CA streams with the trust
+    /// bundle, held by the sidecar's CertStore (never fetched).
+    Mesh,
     /// An HTTPS URL; `ca_file` adds roots (for private IdPs and tests).
     Url {
         /// `https://...`

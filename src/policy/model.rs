@@ -59,7 +59,8 @@ pub(crate) struct RawStepUp {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawProvider {
-    pub issuer: String,
+    #[serde(default)]
+    pub issuer: Option<String>,
     pub jwks: RawJwks,
     pub audiences: Vec<String>,
     pub algorithms: Vec<String>,
@@ -76,6 +77,9 @@ pub(crate) struct RawJwks {
     pub file: Option<String>,
     #[serde(default)]
     pub url: Option<String>,
+    /// The mesh's own JWT-SVID keys (the CA's JWK set, from the CertStore).
+    #[serde(default)]
+    pub mesh: bool,
     #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
     pub refresh: Option<String>,
     #[serde(default, deserialize_with = "crate::units::opt_text_or_number")]
@@ -163,6 +167,9 @@ pub(crate) struct RawMatch {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawRouteStepUp {
     pub provider: String,
+    /// JWT-SVID providers: the workloads (`sub`) the route accepts.
+    #[serde(default)]
+    pub from: Option<Vec<String>>,
     #[serde(default)]
     pub header: Option<String>,
     #[serde(default)]

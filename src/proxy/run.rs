@@ -181,7 +181,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let _ = policy_slot.set(policy.clone());
 
-    let stepup = Arc::new(crate::stepup::StepUp::new(stepup_metrics));
+    let stepup = {
+        // `jwks: {mesh: true}` providers verify JWT-SVIDs with the CA's key set.
+        let store = store.clone();
+        Arc::new(
+            crate::stepup::StepUp::new(stepup_metrics)
+                .with_mesh_jwks(Arc::new(move || store.jwks())),
+        )
+    };
     {
         // Fetch step-up keys before the first request needs them.
         let (stepup, policy) = (stepup.clone(), policy.current());

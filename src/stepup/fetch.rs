@@ -1,6 +1,8 @@
 //! Getting a JWKS document: re-reading a file, or GET over HTTPS (the one
 //! HTTPS client, `stepmesh_ca::https`) with the system roots plus an
 //! optional CA file. Bounded in size (1 MiB) and time (10 s) by the client.
+//! A `jwks: {mesh: true}` provider's keys are read from the sidecar's
+//! CertStore instead (the JWK set the CA streams).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -9,6 +11,7 @@ use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use stepmesh_ca::https::{add_pem_roots, HttpsClient};
 
+use super::MeshJwks;
 use crate::policy::JwksSource;
 
 /// Why a fetch failed (the old keys stay).
@@ -25,6 +28,10 @@ pub enum FetchError {
     /// TLS roots could not be set up.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// A mesh provider on a process that holds no JWT-SVID key set (no
+    /// CA, or none sent yet).
+    #[error("no JWT-SVID key set: {0}")]
+    NoMeshKeys(&'static str),
     /// Connecting, sending or reading failed.
     #[error("GET {url}: {message}")]
     Http {
@@ -39,6 +46,8 @@ pub enum FetchError {
 pub(crate) enum Fetcher {
     File(PathBuf),
     Https(Box<Https>),
+    /// The mesh's key set, where this process has one (a sidecar).
+    Mesh(Option<MeshJwks>),
 }
 
 /// A JWKS URL and the client that fetches it.
@@ -50,9 +59,13 @@ pub(crate) struct Https {
 impl Fetcher {
     /// Builds the fetcher; for URLs, a TLS client trusting the system roots
     /// and `ca_file` (read off the runtime threads).
-    pub(crate) async fn new(source: &JwksSource) -> Result<Fetcher, FetchError> {
+    pub(crate) async fn new(
+        source: &JwksSource,
+        mesh: Option<&MeshJwks>,
+    ) -> Result<Fetcher, FetchError> {
         let (url, ca_file) = match source {
             JwksSource::File(path) => return Ok(Fetcher::File(path.clone())),
+            JwksSource::Mesh => return Ok(Fetcher::Mesh(mesh.cloned())),
             JwksSource::Url { url, ca_file } => (url.clone(), ca_file.clone()),
         };
         let roots = tokio::task::spawn_blocking(move || roots(ca_file))
@@ -89,6 +102,15 @@ impl Fetcher {
                 }
                 Ok(resp.body)
             }
+            Fetcher::Mesh(None) => Err(FetchError::NoMeshKeys(
+                "only a running sidecar knows the mesh's keys",
+            )),
+            Fetcher::Mesh(Some(read)) => match read() {
+                Some(json) => Ok(Bytes::from(json.as_bytes().to_vec())),
+                None => Err(FetchError::NoMeshKeys(
+                    "the CA has sent none (or the identity comes from files)",
+                )),
+            },
         }
     }
 }

@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use super::require::{self, Failure, Peer};
 use super::{challenge, StepUp};
 use crate::policy::target::Refusal;
-use crate::policy::{Mode, Policy, StepUpRule};
+use crate::policy::{JwksSource, Mode, Policy, SpiffeId, StepUpRule};
 
 /// What the proxy does with the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +220,17 @@ async fn step_up(
         .ok_or_else(|| invalid(TokenError::NoKeys))?;
     let provider = stepup.provider(config).await;
     let verified = provider.verify(token, now).await.map_err(invalid)?;
+    // A JWT-SVID's `sub` is a workload of this trust domain, or nothing.
+    if config.jwks == JwksSource::Mesh {
+        let ours = verified
+            .sub
+            .as_deref()
+            .and_then(|s| SpiffeId::parse(s).ok())
+            .is_some_and(|id| id.trust_domain() == policy.trust_domain());
+        if !ours {
+            return Err(invalid(TokenError::WrongSubject));
+        }
+    }
     match require::check(
         rule,
         &verified,

@@ -21,6 +21,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+/// Reads the mesh's JWT-SVID JWK set (the sidecar's CertStore: `None`
+/// until the CA sent one): the keys of `jwks: {mesh: true}` providers.
+/// A function, so step-up stays below identity.
+pub type MeshJwks = Arc<dyn Fn() -> Option<Arc<String>> + Send + Sync>;
+
 pub use fetch::FetchError;
 pub use gate::{decide, GateDecision, Outcome, RequestInfo};
 pub use metrics::StepUpMetrics;
@@ -33,11 +38,20 @@ use crate::policy::{Policy, ProviderConfig};
 /// The providers in use, shared by every request. A provider lives as long
 /// as some policy names it with the same configuration, so a policy reload
 /// that leaves a provider unchanged keeps its keys and token cache.
-#[derive(Debug)]
 pub struct StepUp {
     providers: ArcSwap<Vec<Arc<Provider>>>,
     create: tokio::sync::Mutex<()>,
     metrics: StepUpMetrics,
+    mesh: Option<MeshJwks>,
+}
+
+impl std::fmt::Debug for StepUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepUp")
+            .field("providers", &self.providers.load().len())
+            .field("mesh_keys", &self.mesh.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StepUp {
@@ -47,7 +61,15 @@ impl StepUp {
             providers: ArcSwap::from_pointee(Vec::new()),
             create: tokio::sync::Mutex::new(()),
             metrics,
+            mesh: None,
         }
+    }
+
+    /// Gives `jwks: {mesh: true}` providers the mesh's key set (a sidecar's
+    /// CertStore); without it they hold no keys and refuse (`no_keys`).
+    pub fn with_mesh_jwks(mut self, read: MeshJwks) -> StepUp {
+        self.mesh = Some(read);
+        self
     }
 
     /// The metric families.
@@ -67,7 +89,12 @@ impl StepUp {
         // Boxed: starting a provider fetches keys (an HTTPS client future of
         // several KiB); inline, it would size every request's future, and
         // with it every idle HTTP/1 connection's task.
-        let provider = Box::pin(Provider::start(config.clone(), self.metrics.clone())).await;
+        let provider = Box::pin(Provider::start(
+            config.clone(),
+            self.metrics.clone(),
+            self.mesh.clone(),
+        ))
+        .await;
         let mut next: Vec<_> = self
             .providers
             .load()
@@ -99,3 +126,7 @@ impl StepUp {
 #[cfg(test)]
 #[path = "keys_tests.rs"]
 mod keys_tests;
+
+#[cfg(test)]
+#[path = "mesh_tests.rs"]
+mod mesh_tests;

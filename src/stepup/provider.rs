@@ -1,11 +1,14 @@
 //! One step-up provider at run time: its keys (the one JWKS cache,
 //! `stepmesh_ca::jwt::KeyCache`: swapped whole, last good kept, one
 //! rate-limited refetch on an unknown `kid`), the scheduled refresh, and its
-//! verified-token cache.
+//! verified-token cache. A mesh provider (`jwks: {mesh: true}`) reads the
+//! CA's JWT-SVID key set from the CertStore: re-parsed when the CA streams
+//! a new one, never fetched on a schedule.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use stepmesh_ca::jwt::KeyCache;
 
 use super::cache::TokenCache;
@@ -13,7 +16,8 @@ use super::fetch::Fetcher;
 use super::jwks::{JwksError, KeySet};
 use super::metrics::{CacheLabel, FetchLabels, ProviderLabel, StepUpMetrics};
 use super::verify::{self, TokenError, VerifiedToken};
-use crate::policy::ProviderConfig;
+use super::MeshJwks;
+use crate::policy::{JwksSource, ProviderConfig};
 
 /// A provider's keys and caches.
 pub struct Provider {
@@ -23,6 +27,8 @@ pub struct Provider {
     fetcher: Result<Fetcher, String>,
     cache: TokenCache,
     metrics: StepUpMetrics,
+    /// Mesh providers: the key set the keys were last parsed from.
+    mesh_seen: ArcSwapOption<String>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -38,18 +44,50 @@ impl Provider {
     /// Builds the provider, fetches its keys once (a failure is logged and
     /// retried on schedule) and starts the scheduled refresh, which ends when
     /// the provider is dropped.
-    pub async fn start(config: Arc<ProviderConfig>, metrics: StepUpMetrics) -> Arc<Provider> {
-        let fetcher = Fetcher::new(&config.jwks).await.map_err(|e| e.to_string());
+    /// `mesh` is where a mesh provider's keys are (see [`MeshJwks`]).
+    pub async fn start(
+        config: Arc<ProviderConfig>,
+        metrics: StepUpMetrics,
+        mesh: Option<MeshJwks>,
+    ) -> Arc<Provider> {
+        let fetcher = Fetcher::new(&config.jwks, mesh.as_ref())
+            .await
+            .map_err(|e| e.to_string());
         let provider = Arc::new(Provider {
             keys: KeyCache::new(config.min_refresh_interval),
             fetcher,
             cache: TokenCache::new(),
             metrics,
+            mesh_seen: ArcSwapOption::empty(),
             config,
         });
-        provider.keys.fetch(provider.fetch("start")).await;
-        tokio::spawn(refresh_loop(Arc::downgrade(&provider)));
+        if provider.config.jwks == JwksSource::Mesh {
+            provider.sync_mesh().await;
+        } else {
+            provider.keys.fetch(provider.fetch("start")).await;
+            tokio::spawn(refresh_loop(Arc::downgrade(&provider)));
+        }
         provider
+    }
+
+    /// Mesh providers: takes the CertStore's key set when it is not the one
+    /// the keys were parsed from (one pointer comparison per request).
+    async fn sync_mesh(&self) {
+        let Ok(Fetcher::Mesh(Some(read))) = &self.fetcher else {
+            return;
+        };
+        let Some(current) = read() else { return };
+        if self
+            .mesh_seen
+            .load()
+            .as_ref()
+            .is_some_and(|seen| Arc::ptr_eq(seen, &current))
+        {
+            return;
+        }
+        self.mesh_seen.store(Some(current));
+        // A bad set is logged and counted; the last good keys stay.
+        self.keys.fetch(self.fetch("mesh_update")).await;
     }
 
     /// The configuration it was built from.
@@ -78,6 +116,7 @@ impl Provider {
             .get_or_create(&CacheLabel { result: "miss" })
             .inc();
         let peeked = verify::peek(token, &self.config.token)?;
+        self.sync_mesh().await;
         let keys = self.keys.current();
         let verified = match verify::verify(token, &peeked, &self.config.token, &keys, now) {
             // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.

@@ -1,5 +1,6 @@
-//! A route's demands on a verified token: binding to the calling workload
-//! (`azp`, or `cnf.x5t#S256` per RFC 8705), then `acr` (any of), `amr` (all
+//! A route's demands on a verified token: the workload a JWT-SVID names
+//! (`sub` against the route's `stepUp.from`), binding to the calling
+//! workload (`azp`, or `cnf.x5t#S256` per RFC 8705), then `acr` (any of), `amr` (all
 //! of), generic claims (equal, or an array containing) and `maxAge` on
 //! `auth_time`. Cheap enough to run on every request, cached token or not.
 
@@ -72,6 +73,16 @@ pub fn check(
     now: u64,
     leeway: u64,
 ) -> Result<(), Failure> {
+    if let Some(from) = &rule.from {
+        let named = token
+            .sub
+            .as_deref()
+            .and_then(|s| SpiffeId::parse(s).ok())
+            .is_some_and(|id| from.iter().any(|p| p.matches(&id)));
+        if !named {
+            return Err(Failure::Invalid(TokenError::WrongSubject));
+        }
+    }
     match rule.bind {
         BindToPeer::None => {}
         BindToPeer::Azp if peer.is_none_or(|p| token.azp.as_deref() != Some(p.id.as_str())) => {

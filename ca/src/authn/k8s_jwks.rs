@@ -99,7 +99,7 @@ impl K8sJwks {
         let this = Self {
             source,
             rules: Rules {
-                issuer,
+                issuer: Some(issuer),
                 audiences: vec![audience],
                 algorithms: ALGORITHMS.to_vec(),
                 typ: None,
@@ -189,7 +189,7 @@ impl K8sJwks {
             })
             .and_then(|b| serde_json::from_slice::<IssOnly>(&b).ok())
             .and_then(|c| c.iss)
-            .is_some_and(|iss| iss == self.rules.issuer)
+            .is_some_and(|iss| self.rules.issuer.as_deref() == Some(iss.as_str()))
     }
 
     /// Verifies a projected ServiceAccount token (the one JWT verifier,

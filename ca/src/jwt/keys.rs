@@ -122,7 +122,20 @@ impl KeySet {
 }
 
 fn usable(jwk: &Jwk) -> Option<Key> {
-    if matches!(&jwk.common.public_key_use, Some(u) if *u != PublicKeyUse::Signature) {
+    // `jwt-svid`: a SPIFFE bundle's JWT-signing key (the trust domain and
+    // bundle spec, §4.2.1), as our CA publishes its own; `x509-svid` and
+    // `enc` keys never verify a token.
+    let signs = |u: &PublicKeyUse| match u {
+        PublicKeyUse::Signature => true,
+        PublicKeyUse::Other(other) => other == "jwt-svid",
+        _ => false,
+    };
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| !signs(u))
+    {
         return None;
     }
     let kind = match &jwk.algorithm {

@@ -19,8 +19,9 @@ pub const MAX_TOKEN: usize = 16 * 1024;
 /// sidecar's step-up providers and the CA's ServiceAccount-token verifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
-    /// Expected `iss`.
-    pub issuer: String,
+    /// Expected `iss`; `None`: not checked (the mesh's JWT-SVIDs carry no
+    /// `iss`: the key that signed them, the CA's own, is what vouches).
+    pub issuer: Option<String>,
     /// Accepted `aud` values (any of).
     pub audiences: Vec<String>,
     /// Accepted signature algorithms (asymmetric only).
@@ -71,6 +72,9 @@ pub enum TokenError {
     /// `cnf.x5t#S256` is not the calling workload's certificate thumbprint.
     #[error("the token is bound to another certificate (cnf)")]
     CnfMismatch,
+    /// `sub` is not a workload the route accepts (a JWT-SVID's SPIFFE ID).
+    #[error("the token's subject is not accepted")]
+    WrongSubject,
 }
 
 impl TokenError {
@@ -89,6 +93,7 @@ impl TokenError {
             TokenError::WrongAudience => "wrong_audience",
             TokenError::AzpMismatch => "azp_mismatch",
             TokenError::CnfMismatch => "cnf_mismatch",
+            TokenError::WrongSubject => "wrong_subject",
         }
     }
 }
@@ -253,8 +258,10 @@ fn check_claims(
             return Err(TokenError::NotYetValid);
         }
     }
-    if claims.get("iss").and_then(Value::as_str) != Some(rules.issuer.as_str()) {
-        return Err(TokenError::WrongIssuer);
+    if let Some(issuer) = &rules.issuer {
+        if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
+            return Err(TokenError::WrongIssuer);
+        }
     }
     let aud_ok = match claims.get("aud") {
         Some(Value::String(a)) => rules.audiences.iter().any(|x| x == a),
