@@ -12,6 +12,7 @@ mod conn;
 pub mod https;
 pub mod jwt;
 pub mod jwtsvid;
+pub mod kube;
 pub mod metrics;
 pub mod pem;
 pub mod proto;
