@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod revocation;
 pub mod server;
 pub mod service;
+pub mod shared_state;
 pub mod signer;
 pub mod spiffe_id;
 pub mod store;
