@@ -1,0 +1,373 @@
+//! The CA as two replicas: two real `stepmesh ca serve` processes signing
+//! under the same key material (the state files copied), sharing
+//! revocations through a ConfigMap of a real kube-apiserver (envtest;
+//! skipped with a printed reason without KUBEBUILDER_ASSETS), as the
+//! ServiceAccount of deploy/ca with exactly the Role of deploy/ca/rbac.yaml.
+//! A revocation made through one replica is enforced by sidecars fed by the
+//! other within 5 s and survives a restart; a replica SIGKILLed while a
+//! sidecar renews under load costs no request (the sidecar renews from the
+//! other); a bad `--shared-state` or a malformed object changes nothing.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::ca::CaProcess;
+use common::ca_mesh::*;
+use common::envtest::Envtest;
+use common::mesh::*;
+
+/// How soon a change made through one replica is enforced by the other's sidecars.
+const SHARED_WITHIN: Duration = Duration::from_secs(5);
+const STATE: &str = "stepmesh-ca-state";
+
+/// The API server, the CA's token (deploy/ca's Role in `ns`) and the files
+/// every replica is started with.
+struct Cluster {
+    k8s: &'static Envtest,
+    ns: String,
+    dir: tempfile::TempDir,
+    admin_token: PathBuf,
+}
+
+impl Cluster {
+    fn new(k8s: &'static Envtest, ns: &str) -> Self {
+        k8s.create_namespace(ns);
+        // deploy/ca/rbac.yaml's namespaced objects, in this namespace.
+        let rbac = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ca/rbac.yaml"),
+        )
+        .unwrap();
+        for doc in rbac.split("\n---\n") {
+            if doc.contains("kind: Role\n") || doc.contains("kind: RoleBinding\n") {
+                k8s.apply(&doc.replace("stepmesh-system", ns));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let token = k8s.service_account_token(ns, "stepmesh-ca", "");
+        std::fs::write(dir.path().join("sa.token"), token).unwrap();
+        let admin_token = admin_token(dir.path(), ADMIN_TOKEN);
+        Self {
+            k8s,
+            ns: ns.to_owned(),
+            dir,
+            admin_token,
+        }
+    }
+
+    fn shared_flags(&self) -> Vec<String> {
+        let object = format!("configmap/{}/{STATE}", self.ns);
+        let token = self.dir.path().join("sa.token");
+        [
+            "--shared-state",
+            &object,
+            "--shared-state-server",
+            &self.k8s.url,
+            "--shared-state-ca-file",
+            self.k8s.ca_file.to_str().unwrap(),
+            "--shared-state-token-file",
+            token.to_str().unwrap(),
+            "--admin-token-file",
+            self.admin_token.to_str().unwrap(),
+            "--sign-burst",
+            "100",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Replica 1 (makes the root), then replica 2 on a copy of its key
+    /// material (as deploy/ mounts one Secret into both pods).
+    fn two_replicas(&self) -> (CaProcess, CaProcess) {
+        let flags = self.shared_flags();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let one = CaProcess::start_with(TD, &PAIR_TOKENS, &flags);
+        let state = copy_keys(&one.state_dir, &self.dir.path().join("replica-2"));
+        let two = CaProcess::spawn(TD, &state, &one.join_tokens_path, &flags);
+        assert_eq!(one.bundle_pem, two.bundle_pem, "one root");
+        (one, two)
+    }
+
+    /// `stepmesh ca SUB` at `ca` with the admin token.
+    fn admin(&self, ca: &CaProcess, sub: &str, args: &[&str]) -> Output {
+        admin(
+            &ca.grpc_host_port(),
+            &ca.bundle_path,
+            &self.admin_token,
+            sub,
+            args,
+        )
+    }
+
+    fn configmap(&self) -> serde_json::Value {
+        let out = self
+            .k8s
+            .kubectl_ok(&["get", "configmap", STATE, "-n", &self.ns, "-o", "json"]);
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+/// A state dir holding `from`'s key material (not its revocation files).
+fn copy_keys(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir(to).unwrap();
+    for file in std::fs::read_dir(from).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name();
+        if name != "issued.jsonl" && name != "revocations.json" {
+            std::fs::copy(file.path(), to.join(&name)).unwrap();
+        }
+    }
+    to.to_owned()
+}
+
+fn ca_metric(ca: &CaProcess, series: &str) -> f64 {
+    metric_value(&ca.admin_get("/metrics").1, series)
+}
+
+#[test]
+fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
+    let Some(k8s) = Envtest::shared() else { return };
+    let cluster = Cluster::new(k8s, "ca-replicas-revoke");
+    let (one, two) = cluster.two_replicas();
+    // Sidecars fed by replica 2 only.
+    let (_server, _client, outbound) = mesh(
+        &two.grpc_host_port(),
+        &two.bundle_path,
+        cluster.dir.path(),
+        "1h",
+    );
+    let mut conn = live(outbound);
+
+    // Revoke X through replica 1.
+    let out = cluster.admin(
+        &one,
+        "revoke",
+        &["--id", CLIENT_ID, "--reason", "compromised"],
+    );
+    let revoked = Instant::now();
+    assert!(out.status.success(), "{}", text(&out));
+    let closed = closed_at(&mut conn).duration_since(revoked);
+    eprintln!("X's live connection (fed by replica 2) closed {closed:?} after the revoke through replica 1");
+    assert!(closed < SHARED_WITHIN, "closed after {closed:?}");
+    assert!(
+        roundtrip(outbound, b"new").unwrap_or_default() != b"new",
+        "a new connection from X is refused"
+    );
+    two.wait_audit(|v| v["decision"] == "shared_state" && v["outcome"] == "applied");
+    assert!(
+        ca_metric(
+            &two,
+            "stepmesh_ca_shared_state_events_total{event=\"applied\"}"
+        ) >= 1.0
+    );
+    assert!(
+        ca_metric(
+            &one,
+            "stepmesh_ca_shared_state_events_total{event=\"written\"}"
+        ) >= 1.0
+    );
+    let stored = cluster.configmap();
+    assert!(
+        stored["data"]["revocations.json"]
+            .as_str()
+            .unwrap()
+            .contains(CLIENT_ID),
+        "{stored}"
+    );
+
+    // The list through replica 2 shows it; so it does after a restart.
+    let out = cluster.admin(&two, "revocations", &[]);
+    assert!(text(&out).contains(CLIENT_ID), "{}", text(&out));
+    let flags = cluster.shared_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let two = two.restart(&flags);
+    let out = cluster.admin(&two, "revocations", &[]);
+    assert!(
+        text(&out).contains(CLIENT_ID),
+        "kept across a restart: {}",
+        text(&out)
+    );
+    // X cannot renew from the restarted replica either.
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async {
+            two.client()
+                .issue(
+                    &stepmesh_ca::client::Credential::Token("client-token".into()),
+                    None,
+                )
+                .await
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("is revoked"), "{err}");
+
+    // Malformed state in the object: both replicas keep their last good
+    // state, a revoke is refused with the reason, the object is untouched.
+    let before = two.logs().len();
+    k8s.kubectl_ok(&[
+        "patch",
+        "configmap",
+        STATE,
+        "-n",
+        &cluster.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"revocations.json":"not json"}}"#,
+    ]);
+    let version = cluster.configmap()["metadata"]["resourceVersion"].clone();
+    eventually("replica 2 says the object is malformed", || {
+        two.logs()[before..]
+            .iter()
+            .any(|l| l.contains("is malformed") && l.contains("not a revocation list"))
+            .then_some(())
+    });
+    assert!(
+        ca_metric(
+            &two,
+            "stepmesh_ca_shared_state_events_total{event=\"malformed\"}"
+        ) >= 1.0
+    );
+    let out = cluster.admin(&two, "revocations", &[]);
+    assert!(
+        text(&out).contains(CLIENT_ID),
+        "last good state kept: {}",
+        text(&out)
+    );
+    let out = cluster.admin(&one, "revoke", &["--id", SERVER_ID]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("malformed") && text(&out).contains("nothing was changed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        cluster.configmap()["metadata"]["resourceVersion"],
+        version,
+        "object untouched"
+    );
+    assert!(
+        roundtrip(outbound, b"still").unwrap_or_default() != b"still",
+        "X is still refused"
+    );
+    // A replica starting on a malformed object refuses to start, saying why.
+    let three = copy_keys(&two.state_dir, &cluster.dir.path().join("replica-3"));
+    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
+        .args([
+            "ca",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--trust-domain", TD, "--state-dir"])
+        .arg(&three)
+        .args(&flags)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is malformed"), "{}", text(&out));
+
+    // A bad --shared-state value: a usage error naming the form, no start.
+    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
+        .args([
+            "ca",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--trust-domain", TD, "--state-dir"])
+        .arg(cluster.dir.path().join("unused"))
+        .args(["--shared-state", "secret/ns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("configmap/NAMESPACE/NAME"),
+        "{}",
+        text(&out)
+    );
+    assert!(!cluster.dir.path().join("unused").exists(), "nothing made");
+}
+
+#[test]
+fn killing_the_replica_a_sidecar_renews_from_loses_no_request() {
+    let Some(k8s) = Envtest::shared() else { return };
+    let cluster = Cluster::new(k8s, "ca-replicas-kill");
+    let (mut one, two) = cluster.two_replicas();
+    // X renews every ~3 s from whichever replica answers; replica 1 first.
+    let both = format!("{},{}", one.grpc_host_port(), two.grpc_host_port());
+    let (_server, client, outbound) = mesh(&both, &one.bundle_path, cluster.dir.path(), "6s");
+    let issued_by = |ca: &CaProcess| {
+        ca.audit()
+            .iter()
+            .filter(|v| {
+                v["decision"] == "sign" && v["outcome"] == "issued" && v["identity"] == CLIENT_ID
+            })
+            .count()
+    };
+    one.wait_audit(|v| v["decision"] == "sign" && v["identity"] == CLIENT_ID);
+
+    let load = Load::start(outbound);
+    // Kill replica 1 while X is renewing from it.
+    let serial = client.config()["serial"].as_str().unwrap().to_owned();
+    eventually("X renews from replica 1 under load", || {
+        (client.config()["serial"] != serial.as_str()).then_some(())
+    });
+    one.stop(); // SIGKILL
+    let killed = Instant::now();
+    let from_two_before = issued_by(&two);
+    // Three renewals after the kill: each from replica 2, each in use.
+    let mut seen = vec![client.config()["serial"].as_str().unwrap().to_owned()];
+    while seen.len() < 4 {
+        let now = eventually("X renews after the kill", || {
+            let s = client.config()["serial"].as_str().unwrap().to_owned();
+            (!seen.contains(&s)).then_some(s)
+        });
+        seen.push(now);
+    }
+    let LoadResult {
+        ok,
+        failed,
+        fresh_ok,
+        fresh_failed,
+    } = load.stop();
+    eprintln!(
+        "after the SIGKILL of replica 1: renewals {:?} over {:?}; kept connections: {ok} ok, {failed} failed; new connections: {fresh_ok} ok, {fresh_failed} failed",
+        &seen[1..],
+        killed.elapsed()
+    );
+    assert!(
+        issued_by(&two) >= from_two_before + 3,
+        "renewed from replica 2"
+    );
+    assert_eq!(failed, 0, "no request on a kept connection failed");
+    assert_eq!(fresh_failed, 0, "no new connection failed");
+    assert!(ok > 100 && fresh_ok > 10, "load ran: {ok} {fresh_ok}");
+}
+
+#[test]
+fn deploy_ca_is_accepted_by_the_api_server() {
+    let Some(k8s) = Envtest::shared() else { return };
+    k8s.create_namespace("stepmesh-system");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ca");
+    let out = k8s.kubectl_ok(&["apply", "--dry-run=server", "-k", dir.to_str().unwrap()]);
+    for object in [
+        "deployment.apps/stepmesh-ca",
+        "poddisruptionbudget.policy/stepmesh-ca",
+        "role.rbac.authorization.k8s.io/stepmesh-ca-state",
+        "rolebinding.rbac.authorization.k8s.io/stepmesh-ca-state",
+        "service/stepmesh-ca-replicas",
+    ] {
+        assert!(
+            out.contains(&format!("{object} created (server dry run)")),
+            "{out}"
+        );
+    }
+}
