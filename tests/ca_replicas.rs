@@ -133,7 +133,7 @@ fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
     let cluster = Cluster::new(k8s, "ca-replicas-revoke");
     let (one, two) = cluster.two_replicas();
     // Sidecars fed by replica 2 only.
-    let (_server, _client, outbound) = mesh(
+    let (_server, client, outbound) = mesh(
         &two.grpc_host_port(),
         &two.bundle_path,
         cluster.dir.path(),
@@ -177,6 +177,26 @@ fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
             .contains(CLIENT_ID),
         "{stored}"
     );
+
+    // A serial is known to the replica that issued it: through replica 1
+    // alone it is unknown; with both replicas named, the CLI finds it.
+    let serial = client.config()["serial"].as_str().unwrap().to_owned();
+    let out = cluster.admin(&one, "revoke", &["--serial", &serial]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not a certificate this CA issued"),
+        "{}",
+        text(&out)
+    );
+    let both = format!("{},{}", one.grpc_host_port(), two.grpc_host_port());
+    let out = admin(
+        &both,
+        &one.bundle_path,
+        &cluster.admin_token,
+        "revoke",
+        &["--serial", &serial],
+    );
+    assert!(out.status.success(), "{}", text(&out));
 
     // The list through replica 2 shows it; so it does after a restart.
     let out = cluster.admin(&two, "revocations", &[]);

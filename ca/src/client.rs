@@ -387,10 +387,27 @@ impl CaClient {
         F: Fn(CertificateAuthorityClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.admin_call_until(token, message, ClientError::is_replica_fault, call)
+            .await
+    }
+
+    /// [`Self::admin_call`], moving on from every error `next` accepts.
+    async fn admin_call_until<M, T, F, Fut>(
+        &self,
+        token: &str,
+        message: M,
+        next: impl Fn(&ClientError) -> bool,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        M: Clone,
+        F: Fn(CertificateAuthorityClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let value = bearer(token.trim())?;
         let answer = self
             .replicas
-            .call(|replica| {
+            .call_until(next, |replica| {
                 let mut request = tonic::Request::new(message.clone());
                 request
                     .metadata_mut()
@@ -402,7 +419,9 @@ impl CaClient {
         Ok(answer.into_inner())
     }
 
-    /// Revokes a serial or (exactly one of them) an ID.
+    /// Revokes a serial or (exactly one of them) an ID. A serial is known
+    /// only to the replica that issued it: `NOT_FOUND` from one replica
+    /// moves on to the next.
     pub async fn revoke(
         &self,
         admin_token: &str,
@@ -415,11 +434,21 @@ impl CaClient {
             id: id.to_owned(),
             reason: reason.to_owned(),
         };
-        self.admin_call(
-            admin_token,
-            message,
-            |mut c, r| async move { c.revoke(r).await },
-        )
+        let by_serial = !serial.trim().is_empty();
+        let next = |e: &ClientError| {
+            e.is_replica_fault()
+                || (by_serial
+                    && matches!(
+                        e,
+                        ClientError::Rpc {
+                            code: tonic::Code::NotFound,
+                            ..
+                        }
+                    ))
+        };
+        self.admin_call_until(admin_token, message, next, |mut c, r| async move {
+            c.revoke(r).await
+        })
         .await
     }
 

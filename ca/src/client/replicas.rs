@@ -154,7 +154,20 @@ impl Replicas {
 
     /// `call` on the replicas in turn until one answers (an answer may be
     /// a refusal: only a replica's own fault moves on).
-    pub(super) async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    pub(super) async fn call<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Arc<Replica>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        self.call_until(ClientError::is_replica_fault, call).await
+    }
+
+    /// [`Self::call`], moving on from every error `next` accepts.
+    pub(super) async fn call_until<T, F, Fut>(
+        &self,
+        next: impl Fn(&ClientError) -> bool,
+        mut call: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(Arc<Replica>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
@@ -164,7 +177,7 @@ impl Replicas {
         let mut last = None;
         for (addr, replica) in replicas {
             match call(replica).await {
-                Err(e) if e.is_replica_fault() => {
+                Err(e) if next(&e) => {
                     if several {
                         tracing::info!(replica = %addr, error = %e, "CA replica did not answer; trying the next");
                     }
