@@ -4,9 +4,12 @@
 //! skipped with a printed reason without KUBEBUILDER_ASSETS), as the
 //! ServiceAccount of deploy/ca with exactly the Role of deploy/ca/rbac.yaml.
 //! A revocation made through one replica is enforced by sidecars fed by the
-//! other within 5 s and survives a restart; a replica SIGKILLed while a
+//! other within 5 s and survives a restart (so do a serial revoke found at
+//! the issuing replica and a forced re-issue); a replica SIGKILLed while a
 //! sidecar renews under load costs no request (the sidecar renews from the
-//! other); a bad `--shared-state` or a malformed object changes nothing.
+//! other); a bad `--shared-state` or a malformed object changes nothing;
+//! with the API server down replicas serve their last state and refuse
+//! changes; deploy/ca passes a server-side dry run.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
@@ -26,15 +29,15 @@ const STATE: &str = "stepmesh-ca-state";
 
 /// The API server, the CA's token (deploy/ca's Role in `ns`) and the files
 /// every replica is started with.
-struct Cluster {
-    k8s: &'static Envtest,
+struct Cluster<'k> {
+    k8s: &'k Envtest,
     ns: String,
     dir: tempfile::TempDir,
     admin_token: PathBuf,
 }
 
-impl Cluster {
-    fn new(k8s: &'static Envtest, ns: &str) -> Self {
+impl<'k> Cluster<'k> {
+    fn new(k8s: &'k Envtest, ns: &str) -> Self {
         k8s.create_namespace(ns);
         // deploy/ca/rbac.yaml's namespaced objects, in this namespace.
         let rbac = std::fs::read_to_string(
@@ -133,7 +136,7 @@ fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
     let cluster = Cluster::new(k8s, "ca-replicas-revoke");
     let (one, two) = cluster.two_replicas();
     // Sidecars fed by replica 2 only.
-    let (_server, client, outbound) = mesh(
+    let (server, client, outbound) = mesh(
         &two.grpc_host_port(),
         &two.bundle_path,
         cluster.dir.path(),
@@ -197,6 +200,15 @@ fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
         &["--serial", &serial],
     );
     assert!(out.status.success(), "{}", text(&out));
+
+    // A forced re-issue through replica 1 reaches the server sidecar fed
+    // by replica 2 (rotations are shared state too).
+    let server_serial = server.config()["serial"].clone();
+    let out = cluster.admin(&one, "rotate", &["--id", SERVER_ID]);
+    assert!(out.status.success(), "{}", text(&out));
+    eventually("the server sidecar renews from replica 2", || {
+        (server.config()["serial"] != server_serial).then_some(())
+    });
 
     // The list through replica 2 shows it; so it does after a restart.
     let out = cluster.admin(&two, "revocations", &[]);
@@ -389,5 +401,58 @@ fn deploy_ca_is_accepted_by_the_api_server() {
             out.contains(&format!("{object} created (server dry run)")),
             "{out}"
         );
+    }
+}
+
+#[test]
+fn with_the_api_server_down_replicas_serve_their_last_state_and_refuse_changes() {
+    // An API server of its own: this test kills it.
+    let Some(k8s) = Envtest::start(&[]) else {
+        return;
+    };
+    let cluster = Cluster::new(&k8s, "ca-replicas-down");
+    let (one, two) = cluster.two_replicas();
+    let out = cluster.admin(&one, "revoke", &["--id", CLIENT_ID]);
+    assert!(out.status.success(), "{}", text(&out));
+    eventually("replica 2 applies the revocation", || {
+        let out = cluster.admin(&two, "revocations", &[]);
+        text(&out).contains(CLIENT_ID).then_some(())
+    });
+
+    let (_, apiserver) = k8s.pids();
+    let killed = Command::new("kill")
+        .args(["-KILL", &apiserver.unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // A change is refused (not applied on one replica alone), with the reason.
+    let out = cluster.admin(&two, "revoke", &["--id", SERVER_ID]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing was changed")
+            && text(&out).contains("configmap/ca-replicas-down/"),
+        "{}",
+        text(&out)
+    );
+    // Both keep serving what they had: the list, signing, refusing X.
+    for ca in [&one, &two] {
+        let out = cluster.admin(ca, "revocations", &[]);
+        assert!(text(&out).contains(CLIENT_ID), "{}", text(&out));
+        assert!(!text(&out).contains(SERVER_ID), "{}", text(&out));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let issue = |token: &str| {
+            let cred = stepmesh_ca::client::Credential::Token(token.into());
+            rt.block_on(async { ca.client().issue(&cred, None).await })
+        };
+        assert!(issue("server-token").is_ok());
+        let err = issue("client-token").unwrap_err();
+        assert!(err.to_string().contains("is revoked"), "{err}");
+        eventually("the poll counts the outage", || {
+            (ca_metric(
+                ca,
+                "stepmesh_ca_shared_state_events_total{event=\"unavailable\"}",
+            ) >= 1.0)
+                .then_some(())
+        });
     }
 }
