@@ -230,6 +230,9 @@ pub struct Revocations {
     append: Mutex<mpsc::Sender<Issued>>,
     /// `--shared-state`: where the entries live instead of the file.
     shared: Option<SharedState>,
+    /// One shared-state read-and-apply at a time (the poll, a change), so
+    /// an older read is never applied over a newer write.
+    shared_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -320,6 +323,7 @@ impl Revocations {
             published,
             append: Mutex::new(append),
             shared: None,
+            shared_turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -357,6 +361,7 @@ impl Revocations {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
+        let _turn = self.shared_turn.lock().await;
         match shared.read().await? {
             Some(v) => {
                 let version = v.resource_version.clone();
@@ -374,17 +379,15 @@ impl Revocations {
         state
             .entries
             .retain(|e| e.expires_at == 0 || e.expires_at > now);
-        {
-            let mut inner = self.lock();
-            if inner.shared_version == v.resource_version {
-                return false;
-            }
-            inner.shared_version = v.resource_version;
-            if inner.entries == state.entries && inner.rotations == state.rotations {
-                return false;
-            }
+        let mut inner = self.lock();
+        if inner.shared_version == v.resource_version {
+            return false;
         }
-        self.install(state);
+        inner.shared_version = v.resource_version;
+        if inner.entries == state.entries && inner.rotations == state.rotations {
+            return false;
+        }
+        self.publish(&mut inner, state);
         true
     }
 
@@ -400,6 +403,10 @@ impl Revocations {
     /// Puts `state` in force and publishes it to the streams.
     fn install(&self, state: State) {
         let mut inner = self.lock();
+        self.publish(&mut inner, state);
+    }
+
+    fn publish(&self, inner: &mut Inner, state: State) {
         self.published.send_modify(|published| {
             *published = snapshot(&state.entries, &state.rotations, published.sequence + 1);
         });
@@ -545,12 +552,13 @@ impl Revocations {
         &self,
         mut change: impl FnMut(&State) -> Result<Option<State>, RevokeError>,
     ) -> Result<(), RevokeError> {
-        let current = self.state();
         if let Some(shared) = &self.shared {
-            let (versioned, _) = shared.update(&current, change).await??;
+            let _turn = self.shared_turn.lock().await;
+            let (versioned, _) = shared.update(&self.state(), change).await??;
             self.apply(versioned);
             return Ok(());
         }
+        let current = self.state();
         let Some(next) = change(&current)? else {
             return Ok(());
         };
