@@ -343,7 +343,7 @@ impl Revocations {
                     })
                     .await?;
                 match created {
-                    Ok((v, _)) => v,
+                    Ok(v) => v,
                     Err(never) => match never {},
                 }
             }
@@ -554,7 +554,7 @@ impl Revocations {
     ) -> Result<(), RevokeError> {
         if let Some(shared) = &self.shared {
             let _turn = self.shared_turn.lock().await;
-            let (versioned, _) = shared.update(&self.state(), change).await??;
+            let versioned = shared.update(&self.state(), change).await??;
             self.apply(versioned);
             return Ok(());
         }

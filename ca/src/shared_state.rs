@@ -220,13 +220,12 @@ impl SharedState {
     /// result with the resourceVersion read; on 409 Conflict, reads again
     /// and re-applies. `change` returning `None` writes nothing. A missing
     /// object is created from `missing` (this replica's last state).
-    /// Returns what was written (or read, when nothing changed) and
-    /// whether the object changed.
+    /// Returns what was written (or read, when nothing changed).
     pub async fn update<E>(
         &self,
         missing: &State,
         mut change: impl FnMut(&State) -> Result<Option<State>, E>,
-    ) -> Result<Result<(Versioned, bool), E>, SharedError> {
+    ) -> Result<Result<Versioned, E>, SharedError> {
         for attempt in 1..=ATTEMPTS {
             let (current, object) = match self.read_raw().await? {
                 Some((v, object)) => (v, Some(object)),
@@ -240,7 +239,7 @@ impl SharedState {
             };
             let next = match change(&current.state) {
                 Ok(Some(next)) => next,
-                Ok(None) => return Ok(Ok((current, false))),
+                Ok(None) => return Ok(Ok(current)),
                 Err(e) => return Ok(Err(e)),
             };
             let (status, body) = self.write(object, &next).await?;
@@ -264,13 +263,10 @@ impl SharedState {
                 .to_owned();
             self.metrics.shared_state("written");
             tracing::info!(target: "stepmesh_ca::audit", decision = "shared_state", outcome = "written", object = %self.object, resource_version, revocations = next.entries.len(), "shared state written");
-            return Ok(Ok((
-                Versioned {
-                    resource_version,
-                    state: next,
-                },
-                true,
-            )));
+            return Ok(Ok(Versioned {
+                resource_version,
+                state: next,
+            }));
         }
         Err(SharedError::Conflicts(self.object.to_string()))
     }
