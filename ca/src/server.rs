@@ -261,10 +261,9 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     })?;
 
     let dir = config.state_dir.clone();
-    let revocations = tokio::task::spawn_blocking(move || Revocations::load(&dir))
+    let mut revocations = tokio::task::spawn_blocking(move || Revocations::load(&dir))
         .await
         .map_err(|e| StartError::Config(format!("loading revocations: {e}")))??;
-    let mut revocations = revocations;
     if let Some(shared) = &config.shared_state {
         let api = crate::kube::Api::new(
             shared.server.clone(),
