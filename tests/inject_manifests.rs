@@ -286,7 +286,7 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
         find("Role", "stepmesh-ca-state")["rules"],
         json!([
             {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["stepmesh-ca-state"],
-             "verbs": ["get", "watch", "update", "patch"]},
+             "verbs": ["get", "update"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         ])
     );
