@@ -335,7 +335,7 @@ fn killing_the_replica_a_sidecar_renews_from_loses_no_request() {
     let (mut one, two) = cluster.two_replicas();
     // X renews every ~3 s from whichever replica answers; replica 1 first.
     let both = format!("{},{}", one.grpc_host_port(), two.grpc_host_port());
-    let (_server, client, outbound) = mesh(&both, &one.bundle_path, cluster.dir.path(), "6s");
+    let (server, client, outbound) = mesh(&both, &one.bundle_path, cluster.dir.path(), "6s");
     let issued_by = |ca: &CaProcess| {
         ca.audit()
             .iter()
@@ -382,6 +382,19 @@ fn killing_the_replica_a_sidecar_renews_from_loses_no_request() {
     assert_eq!(failed, 0, "no request on a kept connection failed");
     assert_eq!(fresh_failed, 0, "no new connection failed");
     assert!(ok > 100 && fresh_ok > 10, "load ran: {ok} {fresh_ok}");
+
+    // The trust-bundle streams (on replica 1 before the kill) moved to
+    // replica 2: a revocation made there reaches the pair.
+    let out = cluster.admin(&two, "revoke", &["--id", CLIENT_ID]);
+    assert!(out.status.success(), "{}", text(&out));
+    // (This namespace had no revocation: the first list that is not empty
+    // came over a stream from replica 2.)
+    server.wait_log("a revocation list from replica 2", |v| {
+        (v["message"] == "revocation list updated" && v["empty"] == false).then_some(())
+    });
+    eventually("the pair enforces it", || {
+        (roundtrip(outbound, b"after").unwrap_or_default() != b"after").then_some(())
+    });
 }
 
 #[test]
