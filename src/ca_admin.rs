@@ -13,7 +13,8 @@ use stepmesh_ca::proto::v1::Revocation;
 /// Where the CA is and how to prove the caller is its operator.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// The CA's gRPC address.
+    /// The CA's gRPC address (replicas: comma-separated; the first that
+    /// answers is used).
     #[arg(long = "ca", default_value = "127.0.0.1:15012", env = "STEPMESH_CA")]
     pub ca: String,
     /// Roots the CA's serving certificate chains to (its bundle.pem).

@@ -112,6 +112,27 @@ pub struct CaServeArgs {
     /// calls are refused.
     #[arg(long, env = "STEPMESH_CA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Keep revocations and rotations in this ConfigMap, shared by every
+    /// replica (`configmap/NAMESPACE/NAME`), instead of the state dir.
+    #[arg(
+        long,
+        value_name = "configmap/NAMESPACE/NAME",
+        env = "STEPMESH_CA_SHARED_STATE"
+    )]
+    pub shared_state: Option<String>,
+    /// The API server of --shared-state (default: in-cluster).
+    #[arg(
+        long,
+        requires = "shared_state",
+        env = "STEPMESH_CA_SHARED_STATE_SERVER"
+    )]
+    pub shared_state_server: Option<String>,
+    /// CA file of that API server.
+    #[arg(long, default_value = stepmesh_ca::https::IN_CLUSTER_CA, env = "STEPMESH_CA_SHARED_STATE_CA_FILE")]
+    pub shared_state_ca_file: PathBuf,
+    /// Bearer token file for that API server (re-read on every call).
+    #[arg(long, default_value = stepmesh_ca::https::IN_CLUSTER_TOKEN, env = "STEPMESH_CA_SHARED_STATE_TOKEN_FILE")]
+    pub shared_state_token_file: PathBuf,
 }
 
 impl CaServeArgs {
@@ -160,6 +181,22 @@ impl CaServeArgs {
         };
         c.poll_interval = self.poll_interval.max(Duration::from_millis(50));
         c.admin_token_file.clone_from(&self.admin_token_file);
+        if let Some(object) = &self.shared_state {
+            let object = object
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--shared-state {e}"))?;
+            let server = match &self.shared_state_server {
+                Some(server) => server.clone(),
+                None => stepmesh_ca::kube::in_cluster_server()
+                    .map_err(|e| anyhow::anyhow!("--shared-state-server not given: {e}"))?,
+            };
+            c.shared_state = Some(server::SharedStateConfig {
+                object,
+                server,
+                ca_file: self.shared_state_ca_file.clone(),
+                token_file: self.shared_state_token_file.clone(),
+            });
+        }
         Ok(c)
     }
 }

@@ -280,12 +280,38 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
             .all(|r| r["verbs"] == json!(["impersonate"])),
         "{impersonate:?}"
     );
+    // The CA replicas' shared state: that one ConfigMap, by name (create
+    // cannot be limited by name).
+    assert_eq!(
+        find("Role", "stepmesh-ca-state")["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["stepmesh-ca-state"],
+             "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        ])
+    );
+    let ca = &find("Deployment", "stepmesh-ca")["spec"];
+    assert_eq!(ca["replicas"], 2);
+    assert!(ca["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(
+            "--shared-state=configmap/stepmesh-system/stepmesh-ca-state"
+        )));
+    assert_eq!(
+        find("PodDisruptionBudget", "stepmesh-ca")["spec"]["minAvailable"],
+        1
+    );
+    assert_eq!(
+        find("Service", "stepmesh-ca-replicas")["spec"]["clusterIP"],
+        "None"
+    );
     assert_eq!(
         objects
             .iter()
             .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
             .count(),
-        2
+        3
     );
     let gateway_policy = find("ConfigMap", "stepmesh-gateway-policy")["data"]["policy.yaml"]
         .as_str()

@@ -8,119 +8,26 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::ca::CaProcess;
+use common::ca_mesh::*;
 use common::mesh::*;
 
-const TD: &str = "mesh.test";
-const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef0123456789";
 /// How soon sidecars must close a revoked workload's connections.
 const REVOKE_WITHIN: Duration = Duration::from_secs(2);
-
-/// The admin token file (0600) in `dir`.
-fn admin_token(dir: &Path, token: &str) -> PathBuf {
-    let path = dir.join(format!("admin-{}.token", token.len()));
-    std::fs::write(&path, token).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
 
 fn start_ca(token_file: &Path) -> CaProcess {
     CaProcess::start_with(
         TD,
-        &[("server-token", SERVER_ID), ("client-token", CLIENT_ID)],
+        &PAIR_TOKENS,
         &["--admin-token-file", token_file.to_str().unwrap()],
     )
-}
-
-fn sidecar_args(ca_addr: &str, ca: &CaProcess, dir: &Path, token: &str, ttl: &str) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    [
-        "--ca",
-        ca_addr,
-        "--ca-bundle",
-        ca.bundle_path.to_str().unwrap(),
-        "--token-file",
-        token_file.to_str().unwrap(),
-        "--trust-domain",
-        TD,
-        "--svid-ttl",
-        ttl,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-/// Server sidecar (→ echo) with a long-lived SVID; client sidecar X (the
-/// workload revoked) with `client_ttl`.
-fn mesh(ca: &CaProcess, dir: &Path, client_ttl: &str) -> (Sidecar, Sidecar, SocketAddr) {
-    let addr = ca.grpc_host_port();
-    let app = echo_server();
-    let mut args = sidecar_args(&addr, ca, dir, "server-token", "1h");
-    args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
-    let server = Sidecar::spawn(&args);
-    let inbound = server.listener("inbound");
-    let mut args = sidecar_args(&addr, ca, dir, "client-token", client_ttl);
-    args.extend([
-        "--outbound".into(),
-        format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
-    ]);
-    let client = Sidecar::spawn(&args);
-    let outbound = client.listener("outbound");
-    server.wait_ready();
-    client.wait_ready();
-    (server, client, outbound)
-}
-
-/// `stepmesh ca SUBCOMMAND --ca .. --ca-bundle .. --admin-token-file .. ARGS`.
-fn admin(ca_addr: &str, bundle: &Path, token_file: &Path, sub: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-        .args(["ca", sub, "--ca", ca_addr, "--ca-bundle"])
-        .arg(bundle)
-        .arg("--admin-token-file")
-        .arg(token_file)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A live echo connection through X.
-fn live(outbound: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(outbound).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(b"live").unwrap();
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"live");
-    s
-}
-
-/// Blocks until `s` ends; returns when.
-fn closed_at(s: &mut TcpStream) -> Instant {
-    let mut buf = [0u8; 64];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return Instant::now(),
-            Ok(_) => {}
-        }
-    }
 }
 
 fn echoes(outbound: SocketAddr) -> bool {
@@ -134,7 +41,7 @@ fn a_revoked_serial_closes_live_connections_and_is_refused_until_renewal() {
     let ca = start_ca(&token);
     // X renews every ~10 s: long enough to see the refusal, short enough
     // to see the renewal end it.
-    let (server, client, outbound) = mesh(&ca, dir.path(), "20s");
+    let (server, client, outbound) = mesh(&ca.grpc_host_port(), &ca.bundle_path, dir.path(), "20s");
     let serial = client.config()["serial"].as_str().unwrap().to_owned();
     let mut conn = live(outbound);
 
@@ -244,7 +151,7 @@ fn a_revoked_id_cannot_renew_until_unrevoked_and_a_restart_keeps_both() {
     let token = admin_token(dir.path(), ADMIN_TOKEN);
     let mut ca = start_ca(&token);
     // X renews every ~3 s.
-    let (server, client, outbound) = mesh(&ca, dir.path(), "6s");
+    let (server, client, outbound) = mesh(&ca.grpc_host_port(), &ca.bundle_path, dir.path(), "6s");
     let addr = ca.grpc_host_port();
     let mut conn = live(outbound);
 

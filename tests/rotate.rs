@@ -5,16 +5,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ca::CaProcess;
+use common::ca_mesh::*;
 use common::mesh::*;
 use rustls::pki_types::ServerName;
 use stepmesh::identity::store::{CertStore, Svid};
@@ -22,9 +19,7 @@ use stepmesh::tls::verify::Expected;
 use stepmesh::tls::TlsSettings;
 use stepmesh_ca::spiffe_id::SpiffeIdPattern;
 
-const TD: &str = "mesh.test";
 const PROBE_ID: &str = "spiffe://mesh.test/ns/test/sa/probe";
-const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef0123456789";
 
 /// A TLS client of its own (an SVID from the CA, the sidecar's verifier)
 /// that reports the serial a sidecar's inbound listener presents.
@@ -72,79 +67,21 @@ impl Probe {
     }
 }
 
-fn sidecar_args(ca: &CaProcess, dir: &Path, token: &str) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    let addr = ca.grpc_host_port();
-    let bundle = ca.bundle_path.display().to_string();
-    let file = token_file.display().to_string();
-    [
-        "--ca",
-        &addr,
-        "--ca-bundle",
-        &bundle,
-        "--token-file",
-        &file,
-        "--trust-domain",
-        TD,
-        "--svid-ttl",
-        "1h",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 fn rotate(ca: &CaProcess, token: &Path, target: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-        .args(["ca", "rotate", "--ca", &ca.grpc_host_port(), "--ca-bundle"])
-        .arg(&ca.bundle_path)
-        .arg("--admin-token-file")
-        .arg(token)
-        .args(target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{target:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = admin(
+        &ca.grpc_host_port(),
+        &ca.bundle_path,
+        token,
+        "rotate",
+        target,
     );
-}
-
-/// Echo round trips on one kept connection until `stop`: (ok, failed).
-fn load(
-    outbound: SocketAddr,
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-) {
-    let mut conn = TcpStream::connect(outbound).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    while !stop.load(Ordering::Relaxed) {
-        let good = conn.write_all(b"0123456789abcdef").is_ok()
-            && conn.read_exact(&mut buf).is_ok()
-            && &buf == b"0123456789abcdef";
-        if good {
-            ok.fetch_add(1, Ordering::Relaxed);
-        } else {
-            failed.fetch_add(1, Ordering::Relaxed);
-            // A new connection, so one failure is counted once.
-            match TcpStream::connect(outbound) {
-                Ok(c) => conn = c,
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
+    assert!(out.status.success(), "{target:?}: {}", text(&out));
 }
 
 #[test]
 fn rotate_renews_under_load_without_failing_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("admin.token");
-    std::fs::write(&token, ADMIN_TOKEN).unwrap();
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = admin_token(dir.path(), ADMIN_TOKEN);
     let ca = CaProcess::start_with(
         TD,
         &[
@@ -159,50 +96,16 @@ fn rotate_renews_under_load_without_failing_a_request() {
             "100",
         ],
     );
-    let app = echo_server();
-    let mut args = sidecar_args(&ca, dir.path(), "server-token");
-    args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
-    let server = Sidecar::spawn(&args);
+    let (server, client, outbound) = mesh(&ca.grpc_host_port(), &ca.bundle_path, dir.path(), "1h");
     let inbound = server.listener("inbound");
-    let mut args = sidecar_args(&ca, dir.path(), "client-token");
-    args.extend([
-        "--outbound".into(),
-        format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
-    ]);
-    let client = Sidecar::spawn(&args);
-    let outbound = client.listener("outbound");
-    server.wait_ready();
-    client.wait_ready();
     let probe = Probe::new(&ca);
     let before = probe.serial(inbound);
     let client_before = client.config()["serial"].clone();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || load(outbound, stop, ok, failed))
-        })
-        .collect();
-    // New connections during the rotation too.
-    let fresh = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut good, mut bad) = (0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                if roundtrip(outbound, b"fresh").unwrap_or_default() == b"fresh" {
-                    good += 1;
-                } else {
-                    bad += 1;
-                }
-            }
-            (good, bad)
-        })
-    };
+    let load = Load::start(outbound);
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    let ok_at_rotate = ok.load(Ordering::Relaxed);
+    let ok_at_rotate = load.ok_so_far();
     rotate(&ca, &token, &["--id", SERVER_ID]);
     let after = eventually("the peer sees a new serial", || {
         let now = probe.serial(inbound);
@@ -216,10 +119,12 @@ fn rotate_renews_under_load_without_failing_a_request() {
         "only the ID asked renews"
     );
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    workers.into_iter().for_each(|w| w.join().unwrap());
-    let (fresh_ok, fresh_failed) = fresh.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let LoadResult {
+        ok,
+        failed,
+        fresh_ok,
+        fresh_failed,
+    } = load.stop();
     let rate = (ok - ok_at_rotate) as f64 / (took + Duration::from_secs(1)).as_secs_f64();
     eprintln!(
         "rotation seen after {took:?}; kept connections: {ok} ok, {failed} failed (~{rate:.0} req/s across the rotation); new connections: {fresh_ok} ok, {fresh_failed} failed"

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_client::CertificateAuthorityClient;
@@ -17,8 +17,10 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, TrustBundle};
 
 mod connect;
+mod replicas;
 
-use connect::{bracket, parse_target, Target, TlsConnector};
+use connect::TlsConnector;
+use replicas::Replicas;
 
 /// How long connecting to the CA may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +47,28 @@ pub enum ClientError {
     /// The key or CSR could not be made.
     #[error("making the key or CSR: {0}")]
     Key(String),
+}
+
+impl ClientError {
+    /// Whether the replica asked could not answer (refused, reset,
+    /// UNAVAILABLE, no answer in time, its own internal error): another
+    /// replica may. An answer about the caller (denied, rate-limited,
+    /// invalid) is not.
+    pub fn is_replica_fault(&self) -> bool {
+        use tonic::Code;
+        matches!(
+            self,
+            Self::Rpc {
+                code: Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::Internal,
+                ..
+            }
+        )
+    }
 }
 
 impl From<tonic::Status> for ClientError {
@@ -125,23 +149,23 @@ pub struct JwtSvid {
     pub expires_at: i64,
 }
 
-/// A client of one CA.
+/// A client of one CA, which may be several replicas.
 #[derive(Clone)]
 pub struct CaClient {
-    endpoint: Endpoint,
-    target: Target,
-    roots: Arc<rustls::RootCertStore>,
+    replicas: Arc<Replicas>,
+    /// The first address, dialled by name (for [`Self::grpc`]).
     channel: Channel,
     expect_td: Option<TrustDomain>,
     expect_id: Option<SpiffeId>,
 }
 
 impl CaClient {
-    /// A client of the CA at `addr` (`host:port`, optionally `https://`),
-    /// trusting only the roots of `bundle_pem`. Connects lazily (the CA may
-    /// be down now); must be called inside a Tokio runtime.
+    /// A client of the CA at `addr` (`host:port`, optionally `https://`;
+    /// several replicas: a comma-separated list, or a name resolving to
+    /// several addresses), trusting only the roots of `bundle_pem`.
+    /// Connects lazily (the CA may be down now); must be called inside a
+    /// Tokio runtime.
     pub fn connect(addr: &str, bundle_pem: &str) -> Result<Self, ClientError> {
-        let target = parse_target(addr)?;
         let mut roots = rustls::RootCertStore::empty();
         let certs = crate::pem::decode_certs(bundle_pem.as_bytes())
             .map_err(|e| ClientError::Config(format!("CA bundle: {e}")))?;
@@ -153,18 +177,12 @@ impl CaClient {
         if roots.is_empty() {
             return Err(ClientError::Config("CA bundle holds no certificate".into()));
         }
-        let uri = format!("https://{}:{}", bracket(&target.host), target.port);
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ClientError::Config(format!("CA address {uri}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
-        let roots = Arc::new(roots);
-        let connector = TlsConnector::new(target.clone(), roots.clone(), None)?;
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        let replicas = Replicas::parse(addr, Arc::new(roots))?;
+        let first = replicas.first().clone();
+        let connector = TlsConnector::new(first.clone(), replicas.roots().clone(), None)?;
+        let channel = replicas::endpoint(&first)?.connect_with_connector_lazy(connector);
         Ok(Self {
-            endpoint,
-            target,
-            roots,
+            replicas: Arc::new(replicas),
             channel,
             expect_td: None,
             expect_id: None,
@@ -199,28 +217,31 @@ impl CaClient {
         let expect_id = self.expect_id.clone().or(renewing);
         let key = KeyPair::generate().map_err(|e| ClientError::Key(e.to_string()))?;
         let csr_pem = make_csr(&key, expect_id.as_ref())?;
-        let mut request = tonic::Request::new(pb::SignRequest {
-            csr_pem,
-            ttl_seconds: ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
-        });
-        let channel = match cred {
-            Credential::Token(token) => {
-                let value = format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| ClientError::Config("token is not a valid header value".into()))?;
-                request.metadata_mut().insert("authorization", value);
-                self.channel.clone()
-            }
-            Credential::Svid { chain, key } => {
-                let connector = TlsConnector::new(
-                    self.target.clone(),
-                    self.roots.clone(),
-                    Some((chain.clone(), key.clone_key())),
-                )?;
-                self.endpoint.connect_with_connector_lazy(connector)
-            }
-        };
-        let answer = with_timeout(CertificateAuthorityClient::new(channel).sign(request))
+        let ttl_seconds = ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        let roots = self.replicas.roots().clone();
+        let answer = self
+            .replicas
+            .call(|replica| {
+                let (csr_pem, roots) = (csr_pem.clone(), roots.clone());
+                async move {
+                    let mut request = tonic::Request::new(pb::SignRequest {
+                        csr_pem,
+                        ttl_seconds,
+                    });
+                    let channel = match cred {
+                        Credential::Token(token) => {
+                            request
+                                .metadata_mut()
+                                .insert("authorization", bearer(token)?);
+                            replica.channel.clone()
+                        }
+                        Credential::Svid { chain, key } => {
+                            replica.with_client_cert(&roots, chain, key)?
+                        }
+                    };
+                    with_timeout(CertificateAuthorityClient::new(channel).sign(request)).await
+                }
+            })
             .await?
             .into_inner();
         self.check_answer(answer, key, expect_id.as_ref())
@@ -280,16 +301,20 @@ impl CaClient {
         audience: &[String],
         ttl: Option<Duration>,
     ) -> Result<JwtSvid, ClientError> {
-        let mut request = tonic::Request::new(pb::SignJwtSvidRequest {
-            audience: audience.to_vec(),
-            ttl_seconds: ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
-        });
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ClientError::Config("token is not a valid header value".into()))?;
-        request.metadata_mut().insert("authorization", value);
-        let mut client = CertificateAuthorityClient::new(self.channel.clone());
-        let answer = with_timeout(client.sign_jwt_svid(request))
+        let ttl_seconds = ttl.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        let answer = self
+            .replicas
+            .call(|replica| async move {
+                let mut request = tonic::Request::new(pb::SignJwtSvidRequest {
+                    audience: audience.to_vec(),
+                    ttl_seconds,
+                });
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer(token)?);
+                let mut client = CertificateAuthorityClient::new(replica.channel.clone());
+                with_timeout(client.sign_jwt_svid(request)).await
+            })
             .await?
             .into_inner();
         if let Some(want) = &self.expect_td {
@@ -321,8 +346,12 @@ impl CaClient {
 
     /// The CA's current trust bundle (no credential needed).
     pub async fn trust_bundle(&self) -> Result<BundleUpdate, ClientError> {
-        let mut client = CertificateAuthorityClient::new(self.channel.clone());
-        let answer = with_timeout(client.get_trust_bundle(pb::GetTrustBundleRequest {}))
+        let answer = self
+            .replicas
+            .call(|replica| async move {
+                let mut client = CertificateAuthorityClient::new(replica.channel.clone());
+                with_timeout(client.get_trust_bundle(pb::GetTrustBundleRequest {})).await
+            })
             .await?
             .into_inner();
         to_update(answer)
@@ -331,8 +360,12 @@ impl CaClient {
     /// A stream of trust bundles: the current one, then each change.
     pub async fn watch_trust_bundle(&self) -> Result<BundleWatch, ClientError> {
         // Only opening the stream is bounded; it then lives as long as wanted.
-        let mut client = CertificateAuthorityClient::new(self.channel.clone());
-        let stream = with_timeout(client.watch_trust_bundle(pb::WatchTrustBundleRequest {}))
+        let stream = self
+            .replicas
+            .call(|replica| async move {
+                let mut client = CertificateAuthorityClient::new(replica.channel.clone());
+                with_timeout(client.watch_trust_bundle(pb::WatchTrustBundleRequest {})).await
+            })
             .await?
             .into_inner();
         Ok(BundleWatch { stream })
@@ -341,16 +374,54 @@ impl CaClient {
 
 /// Admin calls (revocations), authenticated by the CA's admin token.
 impl CaClient {
-    fn admin_request<T>(token: &str, message: T) -> Result<tonic::Request<T>, ClientError> {
-        let mut request = tonic::Request::new(message);
-        let value = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| ClientError::Config("admin token is not a valid header value".into()))?;
-        request.metadata_mut().insert("authorization", value);
-        Ok(request)
+    /// One admin call with the admin token, at the first replica that
+    /// answers.
+    async fn admin_call<M, T, F, Fut>(
+        &self,
+        token: &str,
+        message: M,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        M: Clone,
+        F: Fn(CertificateAuthorityClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.admin_call_until(token, message, ClientError::is_replica_fault, call)
+            .await
     }
 
-    /// Revokes a serial or (exactly one of them) an ID.
+    /// [`Self::admin_call`], moving on from every error `next` accepts.
+    async fn admin_call_until<M, T, F, Fut>(
+        &self,
+        token: &str,
+        message: M,
+        next: impl Fn(&ClientError) -> bool,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        M: Clone,
+        F: Fn(CertificateAuthorityClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let value = bearer(token.trim())?;
+        let answer = self
+            .replicas
+            .call_until(next, |replica| {
+                let mut request = tonic::Request::new(message.clone());
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+                let client = CertificateAuthorityClient::new(replica.channel.clone());
+                with_timeout(call(client, request))
+            })
+            .await?;
+        Ok(answer.into_inner())
+    }
+
+    /// Revokes a serial or (exactly one of them) an ID. A serial is known
+    /// only to the replica that issued it: `NOT_FOUND` from one replica
+    /// moves on to the next.
     pub async fn revoke(
         &self,
         admin_token: &str,
@@ -358,17 +429,27 @@ impl CaClient {
         id: &str,
         reason: &str,
     ) -> Result<pb::Revocation, ClientError> {
-        let request = Self::admin_request(
-            admin_token,
-            pb::RevokeRequest {
-                serial: serial.to_owned(),
-                id: id.to_owned(),
-                reason: reason.to_owned(),
-            },
-        )?;
-        Ok(with_timeout(self.grpc().revoke(request))
-            .await?
-            .into_inner())
+        let message = pb::RevokeRequest {
+            serial: serial.to_owned(),
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let by_serial = !serial.trim().is_empty();
+        let next = |e: &ClientError| {
+            e.is_replica_fault()
+                || (by_serial
+                    && matches!(
+                        e,
+                        ClientError::Rpc {
+                            code: tonic::Code::NotFound,
+                            ..
+                        }
+                    ))
+        };
+        self.admin_call_until(admin_token, message, next, |mut c, r| async move {
+            c.revoke(r).await
+        })
+        .await
     }
 
     /// Removes the revocation of a serial or an ID.
@@ -382,10 +463,10 @@ impl CaClient {
             serial: serial.to_owned(),
             id: id.to_owned(),
         };
-        let request = Self::admin_request(admin_token, message)?;
-        Ok(with_timeout(self.grpc().unrevoke(request))
-            .await?
-            .into_inner())
+        self.admin_call(admin_token, message, |mut c, r| async move {
+            c.unrevoke(r).await
+        })
+        .await
     }
 
     /// Asks the sidecars of `id` (`None`: every workload) to renew now.
@@ -398,17 +479,24 @@ impl CaClient {
             id: id.unwrap_or_default().to_owned(),
             all: id.is_none(),
         };
-        let request = Self::admin_request(admin_token, message)?;
-        Ok(with_timeout(self.grpc().rotate(request))
-            .await?
-            .into_inner())
+        self.admin_call(
+            admin_token,
+            message,
+            |mut c, r| async move { c.rotate(r).await },
+        )
+        .await
     }
 
     /// The revocations in force.
     pub async fn revocations(&self, admin_token: &str) -> Result<Vec<pb::Revocation>, ClientError> {
-        let request = Self::admin_request(admin_token, pb::ListRevocationsRequest {})?;
-        let list = with_timeout(self.grpc().list_revocations(request)).await?;
-        Ok(list.into_inner().revocations)
+        let list = self
+            .admin_call(
+                admin_token,
+                pb::ListRevocationsRequest {},
+                |mut c, r| async move { c.list_revocations(r).await },
+            )
+            .await?;
+        Ok(list.revocations)
     }
 }
 
@@ -426,6 +514,15 @@ impl BundleWatch {
             Err(status) => Some(Err(status.into())),
         }
     }
+}
+
+/// `Bearer <token>` as a header value.
+fn bearer(
+    token: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, ClientError> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ClientError::Config("token is not a valid header value".into()))
 }
 
 async fn with_timeout<T>(

@@ -27,6 +27,14 @@ pub struct RevocationLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of one shared-state event (`--shared-state`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SharedStateLabels {
+    /// `applied` (a change another replica made), `written`, `conflict`
+    /// (a write lost to another replica, retried), `malformed`, `unavailable`.
+    pub event: &'static str,
+}
+
 /// Everything the CA counts.
 #[derive(Clone)]
 pub struct CaMetrics {
@@ -40,6 +48,8 @@ pub struct CaMetrics {
     pub issuer_expiry: Gauge,
     /// Revoke and unrevoke calls.
     pub revocations: Family<RevocationLabels, Counter>,
+    /// Shared-state reads, writes and their failures.
+    pub shared: Family<SharedStateLabels, Counter>,
 }
 
 impl CaMetrics {
@@ -51,6 +61,7 @@ impl CaMetrics {
             bundle_sequence: Gauge::default(),
             issuer_expiry: Gauge::default(),
             revocations: Family::default(),
+            shared: Family::default(),
         };
         let reg = registry.sub_registry_with_prefix("stepmesh_ca");
         reg.register("sign", "Signing decisions by outcome", this.sign.clone());
@@ -74,7 +85,19 @@ impl CaMetrics {
             "Revoke, unrevoke and rotate calls by outcome",
             this.revocations.clone(),
         );
+        reg.register(
+            "shared_state_events",
+            "Shared-state (--shared-state) events: applied, written, conflict, malformed, unavailable",
+            this.shared.clone(),
+        );
         this
+    }
+
+    /// Counts one shared-state event.
+    pub fn shared_state(&self, event: &'static str) {
+        self.shared
+            .get_or_create(&SharedStateLabels { event })
+            .inc();
     }
 
     /// Counts one revoke, unrevoke or rotate call.

@@ -8,6 +8,12 @@
 //! the entry can lapse with that certificate; appended by a thread of its
 //! own, compacted at start). A serial entry lapses at its certificate's
 //! notAfter; an ID entry stays until unrevoked (it also stops issuance).
+//!
+//! With `--shared-state` the entries and the forced re-issues live in a
+//! ConfigMap instead of `revocations.json` (see [`crate::shared_state`]):
+//! a change is written there first and applied here only once stored, and
+//! a change another replica stored is applied when the object is polled.
+//! `issued.jsonl` stays local: each replica knows the serials it issued.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -19,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::proto::v1 as pb;
+use crate::shared_state::{Rotation, SharedError, SharedState, State, Versioned};
 use crate::spiffe_id::SpiffeId;
 use crate::store::{write_atomic, StoreError};
 
@@ -95,6 +102,10 @@ pub enum RevokeError {
     /// The state could not be written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The shared state (`--shared-state`) could not be read or written:
+    /// refused rather than applied on this replica alone.
+    #[error("{0}; nothing was changed")]
+    Shared(#[from] SharedError),
 }
 
 impl Target {
@@ -202,8 +213,11 @@ pub struct Snapshot {
 
 struct Inner {
     entries: Vec<Entry>,
+    rotations: Vec<Rotation>,
     /// serial → (ID, notAfter) of every unexpired SVID issued.
     issued: HashMap<String, (String, i64)>,
+    /// The shared object's resourceVersion last applied.
+    shared_version: String,
 }
 
 /// The CA's revocations: consulted on every Sign, changed by the admin
@@ -214,6 +228,11 @@ pub struct Revocations {
     published: watch::Sender<Snapshot>,
     /// To the thread appending `issued.jsonl`.
     append: Mutex<mpsc::Sender<Issued>>,
+    /// `--shared-state`: where the entries live instead of the file.
+    shared: Option<SharedState>,
+    /// One shared-state read-and-apply at a time (the poll, a change), so
+    /// an older read is never applied over a newer write.
+    shared_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -292,13 +311,107 @@ impl Revocations {
             .name("ca-issued-log".into())
             .spawn(move || append_issued(file, &lines))
             .map_err(io(&issued_path))?;
-        let published = watch::Sender::new(snapshot(&entries, 1));
+        let published = watch::Sender::new(snapshot(&entries, &[], 1));
         Ok(Revocations {
             dir: dir.to_owned(),
-            inner: Mutex::new(Inner { entries, issued }),
+            inner: Mutex::new(Inner {
+                entries,
+                rotations: Vec::new(),
+                issued,
+                shared_version: String::new(),
+            }),
             published,
             append: Mutex::new(append),
+            shared: None,
+            shared_turn: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Keeps the entries in `shared` from now on: its state replaces what
+    /// was loaded; a missing object is created from it (a single replica
+    /// turned into several keeps its revocations). A malformed object or
+    /// an API server out of reach refuses the start: serving without the
+    /// revocations the other replicas enforce would fail open.
+    pub async fn share(&mut self, shared: SharedState) -> Result<(), SharedError> {
+        let versioned = match shared.read().await? {
+            Some(v) => v,
+            None => {
+                let local = self.state();
+                let created = shared
+                    .update(&local, |s| {
+                        Ok::<_, std::convert::Infallible>(Some(s.clone()))
+                    })
+                    .await?;
+                match created {
+                    Ok(v) => v,
+                    Err(never) => match never {},
+                }
+            }
+        };
+        tracing::info!(object = %shared.object(), resource_version = %versioned.resource_version, revocations = versioned.state.entries.len(), "shared state loaded");
+        self.apply(versioned);
+        self.shared = Some(shared);
+        Ok(())
+    }
+
+    /// Reads the shared object and applies it when its resourceVersion
+    /// moved; `Ok(Some(version))` when that changed what is enforced.
+    /// Errors leave the last good state in force.
+    pub async fn refresh_shared(&self) -> Result<Option<String>, SharedError> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let _turn = self.shared_turn.lock().await;
+        match shared.read().await? {
+            Some(v) => {
+                let version = v.resource_version.clone();
+                Ok(self.apply(v).then_some(version))
+            }
+            None => Err(SharedError::Missing(shared.object().to_string())),
+        }
+    }
+
+    /// Installs `v` unless already applied; whether the enforced state
+    /// changed.
+    fn apply(&self, v: Versioned) -> bool {
+        let now = now();
+        let mut state = v.state;
+        state
+            .entries
+            .retain(|e| e.expires_at == 0 || e.expires_at > now);
+        let mut inner = self.lock();
+        if inner.shared_version == v.resource_version {
+            return false;
+        }
+        inner.shared_version = v.resource_version;
+        if inner.entries == state.entries && inner.rotations == state.rotations {
+            return false;
+        }
+        self.publish(&mut inner, state);
+        true
+    }
+
+    /// The state in force.
+    fn state(&self) -> State {
+        let inner = self.lock();
+        State {
+            entries: inner.entries.clone(),
+            rotations: inner.rotations.clone(),
+        }
+    }
+
+    /// Puts `state` in force and publishes it to the streams.
+    fn install(&self, state: State) {
+        let mut inner = self.lock();
+        self.publish(&mut inner, state);
+    }
+
+    fn publish(&self, inner: &mut Inner, state: State) {
+        self.published.send_modify(|published| {
+            *published = snapshot(&state.entries, &state.rotations, published.sequence + 1);
+        });
+        inner.entries = state.entries;
+        inner.rotations = state.rotations;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -345,86 +458,121 @@ impl Revocations {
     /// Adds a revocation (or returns the one already there) and publishes it.
     pub async fn revoke(&self, target: Target, reason: &str) -> Result<Entry, RevokeError> {
         let now = now();
-        let (entries, entry) = {
-            let inner = self.lock();
-            let entry = match &target {
-                Target::Serial(serial) => {
-                    let Some((id, not_after)) = inner.issued.get(serial).cloned() else {
-                        return Err(RevokeError::UnknownSerial(serial.clone()));
-                    };
-                    Entry {
-                        serial: serial.clone(),
-                        id,
-                        reason: reason.to_owned(),
-                        revoked_at: now,
-                        expires_at: not_after,
-                    }
-                }
-                Target::Id(id) => Entry {
-                    serial: String::new(),
-                    id: id.to_string(),
+        let entry = match &target {
+            Target::Serial(serial) => {
+                let Some((id, not_after)) = self.lock().issued.get(serial).cloned() else {
+                    return Err(RevokeError::UnknownSerial(serial.clone()));
+                };
+                Entry {
+                    serial: serial.clone(),
+                    id,
                     reason: reason.to_owned(),
                     revoked_at: now,
-                    expires_at: 0,
-                },
-            };
-            let same =
-                |e: &Entry| e.serial == entry.serial && (!e.serial.is_empty() || e.id == entry.id);
-            if let Some(existing) = inner.entries.iter().find(|e| same(e)) {
-                return Ok(existing.clone());
+                    expires_at: not_after,
+                }
             }
-            let mut next = inner.entries.clone();
-            next.push(entry.clone());
-            (next, entry)
+            Target::Id(id) => Entry {
+                serial: String::new(),
+                id: id.to_string(),
+                reason: reason.to_owned(),
+                revoked_at: now,
+                expires_at: 0,
+            },
         };
-        self.commit(entries).await?;
-        Ok(entry)
+        let same =
+            |e: &Entry| e.serial == entry.serial && (!e.serial.is_empty() || e.id == entry.id);
+        let mut existing = None;
+        self.change(|state| {
+            existing = state.entries.iter().find(|e| same(e)).cloned();
+            if existing.is_some() {
+                return Ok(None);
+            }
+            let mut next = state.clone();
+            next.entries.push(entry.clone());
+            Ok(Some(next))
+        })
+        .await?;
+        Ok(existing.unwrap_or(entry))
     }
 
     /// Removes a revocation and publishes the change.
     pub async fn unrevoke(&self, target: Target) -> Result<Entry, RevokeError> {
-        let (entries, removed) = {
-            let inner = self.lock();
-            let hit = |e: &Entry| match &target {
-                Target::Serial(s) => &e.serial == s,
-                Target::Id(id) => e.serial.is_empty() && e.id == id.as_str(),
-            };
-            let Some(removed) = inner.entries.iter().find(|e| hit(e)).cloned() else {
+        let hit = |e: &Entry| match &target {
+            Target::Serial(s) => &e.serial == s,
+            Target::Id(id) => e.serial.is_empty() && e.id == id.as_str(),
+        };
+        let mut removed = None;
+        self.change(|state| {
+            removed = state.entries.iter().find(|e| hit(e)).cloned();
+            if removed.is_none() {
                 let what = match &target {
                     Target::Serial(s) => format!("serial {s}"),
                     Target::Id(id) => id.to_string(),
                 };
                 return Err(RevokeError::NotRevoked(what));
-            };
-            let next = inner.entries.iter().filter(|e| !hit(e)).cloned().collect();
-            (next, removed)
-        };
-        self.commit(entries).await?;
-        Ok(removed)
+            }
+            let mut next = state.clone();
+            next.entries.retain(|e| !hit(e));
+            Ok(Some(next))
+        })
+        .await?;
+        removed.ok_or_else(|| RevokeError::NotRevoked(String::new()))
     }
 
     /// Drops entries and issued serials whose certificates expired;
     /// publishes when an entry went.
     pub async fn prune(&self) -> Result<(), RevokeError> {
         let now = now();
-        let next = {
+        let live = |e: &Entry| e.expires_at == 0 || e.expires_at > now;
+        {
             let mut inner = self.lock();
             inner.issued.retain(|_, (_, not_after)| *not_after > now);
-            let live = |e: &Entry| e.expires_at == 0 || e.expires_at > now;
             if inner.entries.iter().all(live) {
                 return Ok(());
             }
-            inner.entries.iter().filter(|e| live(e)).cloned().collect()
-        };
-        self.commit(next).await
+        }
+        self.change(|state| {
+            if state.entries.iter().all(live) {
+                return Ok(None);
+            }
+            let mut next = state.clone();
+            next.entries.retain(live);
+            Ok(Some(next))
+        })
+        .await?;
+        Ok(())
     }
 
-    /// Writes `entries` (on a blocking thread), then installs and
-    /// publishes them. Concurrent admin calls are rare; the last to write
-    /// wins the file and the memory alike, so both agree.
-    async fn commit(&self, entries: Vec<Entry>) -> Result<(), RevokeError> {
+    /// Applies `change` to the state in force and, when it returns a new
+    /// state, stores it (the file, or the shared object with its
+    /// conflict retries), then installs and publishes it. Concurrent admin
+    /// calls on one replica are rare; the last to write the file wins the
+    /// file and the memory alike, so both agree.
+    async fn change(
+        &self,
+        mut change: impl FnMut(&State) -> Result<Option<State>, RevokeError>,
+    ) -> Result<(), RevokeError> {
+        if let Some(shared) = &self.shared {
+            let _turn = self.shared_turn.lock().await;
+            let versioned = shared.update(&self.state(), change).await??;
+            self.apply(versioned);
+            return Ok(());
+        }
+        let current = self.state();
+        let Some(next) = change(&current)? else {
+            return Ok(());
+        };
+        if next.entries != current.entries {
+            self.write_file(&next.entries).await?;
+        }
+        self.install(next);
+        Ok(())
+    }
+
+    /// Writes `revocations.json` (on a blocking thread).
+    async fn write_file(&self, entries: &[Entry]) -> Result<(), RevokeError> {
         let path = self.dir.join(REVOCATIONS_FILE);
-        let json = serde_json::to_vec_pretty(&entries).map_err(|e| StoreError::Invalid {
+        let json = serde_json::to_vec_pretty(entries).map_err(|e| StoreError::Invalid {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -434,36 +582,32 @@ impl Revocations {
                 path: self.dir.join(REVOCATIONS_FILE),
                 reason: format!("writer failed: {e}"),
             })??;
-        self.published.send_modify(|published| {
-            let rotations = published.rotations.clone();
-            *published = snapshot(&entries, published.sequence + 1);
-            published.rotations = rotations;
-        });
-        self.lock().entries = entries;
         Ok(())
     }
 
     /// Asks the sidecars of `id` (`None`: all) to renew now: published
     /// with the list; kept in memory (a sidecar connected to the stream
-    /// gets it at once; a restart forgets it).
-    pub fn rotate(&self, id: Option<&SpiffeId>) -> pb::Rotation {
-        let rotation = pb::Rotation {
+    /// gets it at once; a restart forgets it) or, with `--shared-state`,
+    /// in the shared object, so every replica's sidecars get it.
+    pub async fn rotate(&self, id: Option<&SpiffeId>) -> Result<pb::Rotation, RevokeError> {
+        let rotation = Rotation {
             id: id.map(ToString::to_string).unwrap_or_default(),
             // SVIDs issued during this second count as before it.
             issued_before: now() + 1,
         };
         let oldest = now() - ROTATION_KEPT_SECS;
-        self.published.send_modify(|snapshot| {
-            let mut rotations: Vec<pb::Rotation> = snapshot
-                .rotations
-                .iter()
-                .filter(|r| r.id != rotation.id && r.issued_before > oldest)
-                .cloned()
-                .collect();
-            rotations.push(rotation.clone());
-            snapshot.rotations = Arc::new(rotations);
-        });
-        rotation
+        self.change(|state| {
+            let mut next = state.clone();
+            next.rotations
+                .retain(|r| r.id != rotation.id && r.issued_before > oldest);
+            next.rotations.push(rotation.clone());
+            Ok(Some(next))
+        })
+        .await?;
+        Ok(pb::Rotation {
+            id: rotation.id,
+            issued_before: rotation.issued_before,
+        })
     }
 
     /// The entries in force.
@@ -477,11 +621,18 @@ impl Revocations {
     }
 }
 
-fn snapshot(entries: &[Entry], sequence: u64) -> Snapshot {
+fn snapshot(entries: &[Entry], rotations: &[Rotation], sequence: u64) -> Snapshot {
+    let rotations = rotations
+        .iter()
+        .map(|r| pb::Rotation {
+            id: r.id.clone(),
+            issued_before: r.issued_before,
+        })
+        .collect();
     Snapshot {
         sequence,
         entries: Arc::new(entries.iter().map(Entry::to_proto).collect()),
-        rotations: Arc::default(),
+        rotations: Arc::new(rotations),
     }
 }
 

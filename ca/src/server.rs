@@ -84,6 +84,22 @@ pub struct CaConfig {
     /// The admin bearer token (revoke, unrevoke, list); `None`: admin
     /// calls refused.
     pub admin_token_file: Option<PathBuf>,
+    /// `--shared-state`: revocations and rotations kept in a ConfigMap the
+    /// replicas share; `None`: in the state dir (one replica).
+    pub shared_state: Option<SharedStateConfig>,
+}
+
+/// Where the replicas' shared state is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct SharedStateConfig {
+    /// The ConfigMap.
+    pub object: crate::shared_state::ObjectRef,
+    /// The API server URL.
+    pub server: String,
+    /// The API server's CA file.
+    pub ca_file: PathBuf,
+    /// The bearer token file (re-read on every call).
+    pub token_file: PathBuf,
 }
 
 impl CaConfig {
@@ -115,6 +131,7 @@ impl CaConfig {
             poll_interval: Duration::from_secs(5),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             admin_token_file: None,
+            shared_state: None,
         }
     }
 }
@@ -136,6 +153,10 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `--shared-state` could not be read (or created): refusing to serve
+    /// without the revocations the other replicas enforce.
+    #[error("{0}")]
+    Shared(String),
     /// The serving certificate could not be made.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -240,9 +261,23 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     })?;
 
     let dir = config.state_dir.clone();
-    let revocations = tokio::task::spawn_blocking(move || Revocations::load(&dir))
+    let mut revocations = tokio::task::spawn_blocking(move || Revocations::load(&dir))
         .await
         .map_err(|e| StartError::Config(format!("loading revocations: {e}")))??;
+    if let Some(shared) = &config.shared_state {
+        let api = crate::kube::Api::new(
+            shared.server.clone(),
+            &shared.ca_file,
+            shared.token_file.clone(),
+        )
+        .map_err(|e| StartError::Config(format!("--shared-state-ca-file: {e}")))?;
+        let state =
+            crate::shared_state::SharedState::new(api, shared.object.clone(), metrics.clone());
+        revocations
+            .share(state)
+            .await
+            .map_err(|e| StartError::Shared(e.to_string()))?;
+    }
     let revocations = Arc::new(revocations);
     if let Some(path) = &config.admin_token_file {
         check_admin_token(path).await?;
@@ -305,9 +340,16 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         authn.clone(),
         live_bundle,
         bundle_tx,
-        metrics,
+        metrics.clone(),
         stop_all.subscribe(),
     )));
+    if config.shared_state.is_some() {
+        tasks.push(tokio::spawn(crate::tasks::follow_shared_state(
+            revocations.clone(),
+            metrics.clone(),
+            stop_all.subscribe(),
+        )));
+    }
     tasks.push(tokio::spawn(crate::tasks::prune_revocations(
         revocations,
         stop_all.subscribe(),
@@ -342,6 +384,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
             Mode::Intermediate { .. } => "intermediate",
         },
         verifiers = ?verifiers(&config),
+        shared_state = %config.shared_state.as_ref().map(|s| s.object.to_string()).unwrap_or_default(),
         audience = %config.audience,
         default_ttl = ?config.default_ttl,
         max_ttl = ?config.max_ttl,

@@ -513,7 +513,14 @@ impl CertificateAuthority for CaService {
                 return Err(Status::invalid_argument("name exactly one of id or all"));
             }
         };
-        let rotation = self.revocations.rotate(id.as_ref());
+        let rotation = match self.revocations.rotate(id.as_ref()).await {
+            Ok(rotation) => rotation,
+            Err(e) => {
+                tracing::warn!(target: "stepmesh_ca::audit", decision = "rotate", outcome = "refused", identity = req.id.trim(), detail = %e, peer, "rotation refused");
+                self.metrics.revocation("rotate", "refused");
+                return Err(revoke_status(e));
+            }
+        };
         let who = if rotation.id.is_empty() {
             "*"
         } else {
@@ -628,6 +635,8 @@ fn leaf_serial(der: &CertificateDer<'_>) -> Option<String> {
 fn revoke_status(e: RevokeError) -> Status {
     match e {
         RevokeError::Store(e) => Status::internal(e.to_string()),
+        // The API server is out of reach: retry later (or at another replica).
+        RevokeError::Shared(_) => Status::unavailable(e.to_string()),
         RevokeError::UnknownSerial(_) | RevokeError::NotRevoked(_) => {
             Status::not_found(e.to_string())
         }

@@ -128,3 +128,44 @@ pub(crate) async fn prune_revocations(
         }
     }
 }
+
+/// `--shared-state`: applies what other replicas stored, every
+/// [`crate::shared_state::POLL`]; a failure (the API server out of reach, a
+/// malformed object) keeps the last good state and is said once per cause.
+pub(crate) async fn follow_shared_state(
+    revocations: Arc<crate::revocation::Revocations>,
+    metrics: CaMetrics,
+    mut stop: broadcast::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(crate::shared_state::POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => {}
+        }
+        match revocations.refresh_shared().await {
+            Ok(applied) => {
+                if let Some(resource_version) = applied {
+                    metrics.shared_state("applied");
+                    let revocations = revocations.list().len();
+                    tracing::info!(target: "stepmesh_ca::audit", decision = "shared_state", outcome = "applied", resource_version, revocations, "state applied from the shared object");
+                }
+                if failing.take().is_some() {
+                    tracing::info!("shared state readable again");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if !matches!(e, crate::shared_state::SharedError::Malformed { .. }) {
+                    metrics.shared_state("unavailable");
+                }
+                if failing.as_deref() != Some(why.as_str()) {
+                    tracing::error!(error = %why, "shared state not applied; serving the last good state (revokes are refused until it can be written)");
+                    failing = Some(why);
+                }
+            }
+        }
+    }
+}

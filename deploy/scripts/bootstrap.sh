@@ -8,7 +8,12 @@
 #   root.crt/.key          the mesh's root CA (ECDSA P-256, 10 years). Move
 #                          root.key offline once the intermediate exists.
 #   intermediate.crt/.key  the CA's signing intermediate (pathlen 0, 1 year):
-#                          Secret stepmesh-ca-pki (tls.crt, tls.key, ca.crt).
+#                          Secret stepmesh-ca-pki (tls.crt, tls.key, ca.crt,
+#                          and jwt-svid-key.pem), mounted into every replica.
+#   jwt-svid.key           the CA's JWT-SVID signing key (ECDSA P-256): one
+#                          key for all replicas, so one JWK set.
+#   admin.token            the CA's admin token (`ca revoke`, ...): Secret
+#                          stepmesh-ca-admin (token).
 #   webhook-ca.crt/.key    a separate CA for the webhook's serving certificate
 #                          only; its certificate is the webhook's caBundle.
 #   webhook.crt/.key       serving certificate for
@@ -19,7 +24,7 @@
 #                          webhook-ca: give people webhook-ca.crt as the
 #                          gateway's certificate-authority): Secret
 #                          stepmesh-gateway-tls.
-#   kustomization.yaml     overlay: deploy/ + the three Secrets (secret-*.yaml)
+#   kustomization.yaml     overlay: deploy/ + the four Secrets (secret-*.yaml)
 #                          + ConfigMap stepmesh-ca-bundle (bundle.pem =
 #                          root.crt) in stepmesh-system and each --namespace
 #                          (ca-bundle-NS.yaml; default stepmesh-demo) + the
@@ -37,7 +42,7 @@ while (($#)); do
         --namespace) [[ $# -ge 2 ]] || die "--namespace needs a value"; namespaces+=("$2"); shift 2 ;;
         --rotate-webhook) rotate=1; shift ;;
         --apply) apply=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         -*) die "unknown flag $1" ;;
         *) [[ -z "$out" ]] || die "one OUT_DIR only"; out="$1"; shift ;;
     esac
@@ -97,6 +102,9 @@ if [[ ! -f gateway.crt ]]; then
     cert gateway webhook-ca "/O=stepmesh/CN=stepmesh-gateway.stepmesh-system.svc" 365 \
         'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:stepmesh-gateway.stepmesh-system.svc,DNS:stepmesh-gateway.stepmesh-system.svc.cluster.local'
 fi
+key jwt-svid.key
+[[ -f admin.token ]] || openssl rand -hex 32 > admin.token
+chmod 600 admin.token
 openssl verify -CAfile root.crt intermediate.crt >/dev/null || die "intermediate does not chain to root"
 openssl verify -CAfile webhook-ca.crt webhook.crt >/dev/null || die "webhook certificate does not chain"
 
@@ -118,7 +126,8 @@ secret() {
         for pair in "$@"; do printf '  %s: %s\n' "${pair%%=*}" "$(b64 "${pair#*=}")"; done
     } > "secret-$name.yaml"
 }
-secret stepmesh-ca-pki Opaque tls.crt=intermediate.crt tls.key=intermediate.key ca.crt=root.crt
+secret stepmesh-ca-pki Opaque tls.crt=intermediate.crt tls.key=intermediate.key ca.crt=root.crt jwt-svid-key.pem=jwt-svid.key
+secret stepmesh-ca-admin Opaque token=admin.token
 secret stepmesh-injector-tls kubernetes.io/tls tls.crt=webhook.crt tls.key=webhook.key
 secret stepmesh-gateway-tls kubernetes.io/tls tls.crt=gateway.crt tls.key=gateway.key
 rm -f ca-bundle-*.yaml
@@ -138,6 +147,7 @@ done
     echo "resources:"
     echo "  - $rel"
     echo "  - secret-stepmesh-ca-pki.yaml"
+    echo "  - secret-stepmesh-ca-admin.yaml"
     echo "  - secret-stepmesh-injector-tls.yaml"
     echo "  - secret-stepmesh-gateway-tls.yaml"
     for ns in stepmesh-system "${namespaces[@]}"; do echo "  - ca-bundle-$ns.yaml"; done

@@ -127,7 +127,7 @@ impl Default for InjectorConfig {
             image: "ghcr.io/stepmesh/stepmesh:0.1.0".into(),
             image_pull_policy: "IfNotPresent".into(),
             command: vec!["stepmesh".into()],
-            ca_address: "stepmesh-ca.stepmesh-system.svc:15012".into(),
+            ca_address: "stepmesh-ca-replicas.stepmesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             native_sidecar: true,
             proxy_uid: 1337,

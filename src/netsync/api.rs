@@ -1,83 +1,8 @@
-//! The few Kubernetes API calls the controller makes, over the one HTTPS
-//! client of stepmesh (`stepmesh_ca::https`), with the ServiceAccount
-//! token re-read on every call (kubelet rotates it).
+//! Helpers of the controller's Kubernetes calls (the client itself is
+//! `stepmesh_ca::kube::Api`, shared with the CA): query encoding and the
+//! API's time formats.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use http::{Method, StatusCode};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
-use serde_json::Value;
-use stepmesh_ca::https::HttpsClient;
-
-/// The API server and the credentials to reach it.
-#[derive(Debug, Clone)]
-pub struct Api {
-    client: HttpsClient,
-    server: String,
-    token_file: PathBuf,
-}
-
-impl Api {
-    /// A client of `server` (`https://host:port`) trusting `ca_file`.
-    pub fn new(
-        server: String,
-        ca_file: &std::path::Path,
-        token_file: PathBuf,
-    ) -> anyhow::Result<Api> {
-        let client = HttpsClient::new(ca_file).context("--ca-file")?;
-        Ok(Api {
-            client,
-            server: server.trim_end_matches('/').to_owned(),
-            token_file,
-        })
-    }
-
-    /// One call: the status and the JSON body (null when not JSON).
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(&str, Vec<u8>)>,
-    ) -> anyhow::Result<(StatusCode, Value)> {
-        let token = tokio::fs::read_to_string(&self.token_file)
-            .await
-            .with_context(|| format!("reading the token {}", self.token_file.display()))?;
-        let url = format!("{}{path}", self.server);
-        let r = self
-            .client
-            .request(method.clone(), &url, Some(token.trim()), body)
-            .await
-            .with_context(|| format!("{method} {path}"))?;
-        Ok((
-            r.status,
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        ))
-    }
-
-    /// A call that must succeed (2xx): its body.
-    pub async fn ok(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(&str, Vec<u8>)>,
-    ) -> anyhow::Result<Value> {
-        let (status, v) = self.call(method.clone(), path, body).await?;
-        if !status.is_success() {
-            anyhow::bail!(
-                "{method} {path}: {status}: {}",
-                v["message"].as_str().unwrap_or("")
-            );
-        }
-        Ok(v)
-    }
-
-    /// The `items` of a list.
-    pub async fn list(&self, path: &str) -> anyhow::Result<Vec<Value>> {
-        let v = self.ok(Method::GET, path, None).await?;
-        Ok(v["items"].as_array().cloned().unwrap_or_default())
-    }
-}
 
 /// `s` as a query parameter value.
 pub fn query(s: &str) -> String {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{Method, StatusCode};
 use serde_json::json;
 
-use super::api::{rfc3339, Api};
+use stepmesh_ca::kube::Api;
+
+use super::api::rfc3339;
 
 /// This process's view of the Lease.
 #[derive(Debug)]

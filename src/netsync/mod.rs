@@ -27,7 +27,8 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use crate::policy::{netpol, Policy};
-use api::{query, rfc3339, Api};
+use api::{query, rfc3339};
+use stepmesh_ca::kube::Api;
 
 /// The label on every object the controller owns.
 pub const OWNER_LABEL: &str = "stepmesh.io/netpol-owner";
@@ -138,18 +139,11 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
     let options = args.options.options().map_err(crate::exit::config)?;
     let server = match &args.server {
         Some(s) => s.clone(),
-        None => {
-            let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
-                crate::exit::config(anyhow::anyhow!(
-                    "--server not given and KUBERNETES_SERVICE_HOST unset"
-                ))
-            })?;
-            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-            format!("https://{host}:{port}")
-        }
+        None => stepmesh_ca::kube::in_cluster_server()
+            .map_err(|e| crate::exit::config(anyhow::anyhow!("--server not given: {e}")))?,
     };
-    let api =
-        Api::new(server, &args.ca_file, args.token_file.clone()).map_err(crate::exit::config)?;
+    let api = Api::new(server, &args.ca_file, args.token_file.clone())
+        .map_err(|e| crate::exit::config(anyhow::Error::new(e).context("--ca-file")))?;
     let identity = match &args.identity {
         Some(i) => i.clone(),
         None => format!("stepmesh-netpol-{}", std::process::id()),

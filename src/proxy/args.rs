@@ -12,7 +12,10 @@ use crate::units::parse_duration;
 /// Flags of `stepmesh proxy`: identity source, listeners, limits.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
-    /// CA address (host:port) to obtain an SVID from (identity source 1).
+    /// CA address (host:port) to obtain an SVID from (identity source 1);
+    /// replicas: a comma-separated list, or a name resolving to several
+    /// addresses (a headless Service). A replica that cannot answer is left
+    /// for the next at once.
     #[arg(long, env = "STEPMESH_CA", requires_all = ["ca_bundle", "token_file", "trust_domain"], conflicts_with_all = ["cert", "key", "bundle"])]
     pub ca: Option<String>,
     /// PEM trust bundle the CA's TLS certificate chains to.

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod ca;
+pub mod ca_mesh;
 pub mod capture;
 pub mod envtest;
 pub mod gateway;

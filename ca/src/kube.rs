@@ -1,0 +1,133 @@
+//! The one Kubernetes API client of stepmesh (`stepmesh netpol sync`, the
+//! CA's `--shared-state`): JSON calls over the one HTTPS client
+//! ([`crate::https`]), with the ServiceAccount token re-read on every call
+//! (kubelet rotates it).
+
+use std::path::{Path, PathBuf};
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::https::{HttpError, HttpsClient};
+
+/// Why a Kubernetes API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No server given and not running in a pod.
+    #[error("no API server given and KUBERNETES_SERVICE_HOST is unset (not in a pod)")]
+    NoServer,
+    /// The CA file of the API server is unusable.
+    #[error(transparent)]
+    Client(#[from] HttpError),
+    /// The bearer token could not be read.
+    #[error("reading the token {path}: {source}")]
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The request got no answer (connection refused, timeout).
+    #[error("{method} {path}: {source}")]
+    Request {
+        /// The method.
+        method: Method,
+        /// The API path.
+        path: String,
+        /// What went wrong.
+        source: HttpError,
+    },
+    /// The API server answered with an error status.
+    #[error("{method} {path}: {status}: {message}")]
+    Status {
+        /// The method.
+        method: Method,
+        /// The API path.
+        path: String,
+        /// The status.
+        status: StatusCode,
+        /// The `message` of the API server's Status object.
+        message: String,
+    },
+}
+
+/// The API server and the credentials to reach it.
+#[derive(Debug, Clone)]
+pub struct Api {
+    client: HttpsClient,
+    server: String,
+    token_file: PathBuf,
+}
+
+/// The in-cluster API server URL, from `KUBERNETES_SERVICE_HOST`/`_PORT`.
+pub fn in_cluster_server() -> Result<String, KubeError> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NoServer)?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    Ok(format!("https://{host}:{port}"))
+}
+
+impl Api {
+    /// A client of `server` (`https://host:port`) trusting `ca_file`.
+    pub fn new(server: String, ca_file: &Path, token_file: PathBuf) -> Result<Api, KubeError> {
+        let client = HttpsClient::new(ca_file)?;
+        Ok(Api {
+            client,
+            server: server.trim_end_matches('/').to_owned(),
+            token_file,
+        })
+    }
+
+    /// One call: the status and the JSON body (null when not JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<(StatusCode, Value), KubeError> {
+        let token = tokio::fs::read_to_string(&self.token_file)
+            .await
+            .map_err(|source| KubeError::Token {
+                path: self.token_file.clone(),
+                source,
+            })?;
+        let url = format!("{}{path}", self.server);
+        let r = self
+            .client
+            .request(method.clone(), &url, Some(token.trim()), body)
+            .await
+            .map_err(|source| KubeError::Request {
+                method,
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok((
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// A call that must succeed (2xx): its body.
+    pub async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Value, KubeError> {
+        let (status, v) = self.call(method.clone(), path, body).await?;
+        if !status.is_success() {
+            return Err(KubeError::Status {
+                method,
+                path: path.to_owned(),
+                status,
+                message: v["message"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// The `items` of a list.
+    pub async fn list(&self, path: &str) -> Result<Vec<Value>, KubeError> {
+        let v = self.ok(Method::GET, path, None).await?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+}
