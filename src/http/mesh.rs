@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::outbound::{MeshError, OutboundConn};
 use super::record::CountIn;
-use super::{h2_settings, MESH_ALPN};
+use super::{h2_settings, MeshKind};
 
 /// A request body as the mesh connection carries it: the app's, streamed,
 /// or a small one read whole so that it can be sent again.
@@ -44,9 +44,25 @@ pub(crate) struct Pooled {
     send: SendRequest<MeshBody>,
     /// The peer's SPIFFE ID (from its certificate).
     pub(crate) peer: Option<Arc<str>>,
+    /// What the peer accepts on it (by ALPN): HTTP requests, tunnels.
+    pub(crate) kind: MeshKind,
+    /// Tunnels open on it now (see [`TUNNEL_LIMIT`]).
+    pub(crate) tunnels: Arc<AtomicUsize>,
     /// Tells this connection from its replacement.
     id: u64,
 }
+
+/// Tunnels one pooled connection carries at most; past it an app
+/// connection takes its own mTLS connection (the L4 path). Below the
+/// peer's stream limit, so that HTTP requests on the same connection
+/// always find a stream, and so that a long-lived tunnel never waits for
+/// a stream (h2 would queue it until another stream ends).
+pub(crate) const TUNNEL_LIMIT: usize = (h2_settings::MAX_STREAMS - 16) as usize;
+
+/// How long a destination that negotiated no mesh ALPN (a sidecar without
+/// tunnels on a `tcp` port, or not a stepmesh sidecar) is not asked again:
+/// each of its app connections would otherwise pay a wasted handshake.
+const NO_MESH_FOR: Duration = Duration::from_secs(30);
 
 impl Pooled {
     fn usable(&self) -> bool {
@@ -60,6 +76,16 @@ pub(crate) struct MeshPool {
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
     /// Connections made (ids; tests and logs tell connections apart).
     made: AtomicU64,
+    /// The sidecar's identity store and metrics, when it has them.
+    pub(crate) sidecar: Option<MeshSidecar>,
+}
+
+/// What a mesh dial checks and counts as the L4 path's dial does: a
+/// resumed session re-checked against the store (`tls::check_resumed`),
+/// handshakes and their failures in the proxy's metrics.
+pub(crate) struct MeshSidecar {
+    pub(crate) store: Arc<crate::identity::store::CertStore>,
+    pub(crate) metrics: crate::metrics::ProxyMetrics,
 }
 
 /// One destination's connection, and the one dial in progress.
@@ -70,6 +96,8 @@ struct Slot {
     dial: tokio::sync::Mutex<LastDial>,
     /// Dials finished (read before waiting for `dial`).
     dials: AtomicU64,
+    /// Until when the destination is known to negotiate no mesh ALPN.
+    no_mesh_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The outcome of the latest dial, for the callers that waited on it.
@@ -85,6 +113,13 @@ impl Slot {
             .as_ref()
             .filter(|p| p.usable() && Some(p.id) != avoid)
             .cloned()
+    }
+}
+
+impl Slot {
+    fn known_not_mesh(&self) -> bool {
+        let until = self.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| tokio::time::Instant::now() < t)
     }
 }
 
@@ -105,6 +140,9 @@ impl MeshPool {
         let slot = self.slot(&conn.key);
         if let Some(p) = slot.ready(avoid) {
             return Ok(p);
+        }
+        if slot.known_not_mesh() {
+            return Err(MeshError::NoMeshAlpn(conn.dst.clone()));
         }
         let seen = slot.dials.load(Ordering::Acquire);
         let mut last = slot.dial.lock().await;
@@ -127,6 +165,10 @@ impl MeshPool {
                 Ok(pooled)
             }
             Err(e) => {
+                if matches!(e, MeshError::NoMeshAlpn(_)) {
+                    *slot.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(tokio::time::Instant::now() + NO_MESH_FOR);
+                }
                 last.failed = Some((n, e.clone()));
                 Err(e)
             }
@@ -143,6 +185,14 @@ impl MeshPool {
         }
     }
 
+    fn handshake_failed(&self, reason: &'static str) {
+        if let Some(sidecar) = &self.sidecar {
+            sidecar
+                .metrics
+                .handshake_failure(crate::metrics::Direction::Outbound, reason);
+        }
+    }
+
     async fn dial(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
         let dst = conn.dst.clone();
         let tcp = tokio::time::timeout(conn.connect_timeout, TcpStream::connect(&*dst))
@@ -150,17 +200,39 @@ impl MeshPool {
             .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
             .map_err(|e| MeshError::Connect(dst.clone(), e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
+        let handshake = tokio::time::timeout(
             conn.handshake_timeout,
             conn.connector.connect(conn.server_name.clone(), tcp),
         )
-        .await
-        .map_err(|_| MeshError::Tls(dst.clone(), "handshake timed out".into()))?
-        .map_err(|e| MeshError::Tls(dst.clone(), e.to_string()))?;
+        .await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.handshake_failed(crate::tls::failure::reason(&e));
+                return Err(MeshError::Tls(dst, e.to_string()));
+            }
+            Err(_) => {
+                self.handshake_failed("timeout");
+                return Err(MeshError::Tls(dst, "handshake timed out".into()));
+            }
+        };
         let session = tls.get_ref().1;
-        if session.alpn_protocol() != Some(MESH_ALPN) {
-            return Err(MeshError::NoMeshAlpn(dst));
+        if let Some(sidecar) = &self.sidecar {
+            let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            sidecar
+                .metrics
+                .handshake(crate::metrics::Direction::Outbound, resumed);
+            if let Err(reason) = crate::tls::check_resumed(session, &sidecar.store) {
+                self.handshake_failed(reason);
+                return Err(MeshError::Tls(
+                    dst,
+                    "resumed session no longer valid".into(),
+                ));
+            }
         }
+        let Some(kind) = MeshKind::of(session.alpn_protocol()) else {
+            return Err(MeshError::NoMeshAlpn(dst));
+        };
         let peer = session
             .peer_certificates()
             .and_then(|c| c.first())
@@ -183,7 +255,13 @@ impl MeshPool {
             }
         });
         let id = self.made.fetch_add(1, Ordering::Relaxed);
-        Ok(Pooled { send, peer, id })
+        Ok(Pooled {
+            send,
+            peer,
+            kind,
+            tunnels: Arc::default(),
+            id,
+        })
     }
 }
 
@@ -237,6 +315,21 @@ impl Outgoing {
             stream: None,
             replay: Some(replay),
         })
+    }
+
+    /// A CONNECT request for a tunnel to `authority` (no body: the
+    /// stream's data after the `200` is the tunnel's), sendable again.
+    pub(crate) fn connect(authority: http::uri::Authority) -> Outgoing {
+        let mut req = Request::new(());
+        *req.method_mut() = http::Method::CONNECT;
+        *req.uri_mut() = http::Uri::from(authority);
+        *req.version_mut() = http::Version::HTTP_2;
+        let (parts, ()) = req.into_parts();
+        Outgoing {
+            parts,
+            stream: None,
+            replay: Some(Replay::default()),
+        }
     }
 
     /// The request of the first attempt.
