@@ -49,7 +49,7 @@ pub(crate) struct Pooled {
     /// Tunnels open on it now (see [`TUNNEL_LIMIT`]).
     pub(crate) tunnels: Arc<AtomicUsize>,
     /// Tells this connection from its replacement.
-    id: u64,
+    pub(crate) id: u64,
 }
 
 /// Tunnels one pooled connection carries at most; past it an app
@@ -67,6 +67,20 @@ const NO_MESH_FOR: Duration = Duration::from_secs(30);
 impl Pooled {
     fn usable(&self) -> bool {
         !self.send.is_closed()
+    }
+
+    /// Counts one more tunnel on this connection, if it has room.
+    fn take_tunnel(&self) -> bool {
+        if self.tunnels.fetch_add(1, Ordering::AcqRel) < TUNNEL_LIMIT {
+            return true;
+        }
+        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    /// The connection's HTTP/2 client (a clone: hyper's handle is shared).
+    pub(crate) fn sender(&self) -> SendRequest<MeshBody> {
+        self.send.clone()
     }
 }
 
@@ -98,6 +112,9 @@ struct Slot {
     dials: AtomicU64,
     /// Until when the destination is known to negotiate no mesh ALPN.
     no_mesh_until: Mutex<Option<tokio::time::Instant>>,
+    /// More connections to the destination, dialled for tunnels when the
+    /// pooled one is full (HTTP requests keep to `ready`).
+    more: Mutex<Vec<Pooled>>,
 }
 
 /// The outcome of the latest dial, for the callers that waited on it.
@@ -117,6 +134,14 @@ impl Slot {
 }
 
 impl Slot {
+    /// One of the extra connections with room for a tunnel (counted on it);
+    /// closed ones are forgotten on the way.
+    fn more_with_room(&self) -> Option<Pooled> {
+        let mut more = self.more.lock().unwrap_or_else(|p| p.into_inner());
+        more.retain(Pooled::usable);
+        more.iter().find(|p| p.take_tunnel()).cloned()
+    }
+
     fn known_not_mesh(&self) -> bool {
         let until = self.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner());
         until.is_some_and(|t| tokio::time::Instant::now() < t)
@@ -175,9 +200,35 @@ impl MeshPool {
         }
     }
 
+    /// A live connection to `conn.dst` with room for one more tunnel, the
+    /// tunnel counted on it: the pooled connection, else one of the extra
+    /// connections, else a new extra one (one dial at a time per
+    /// destination). A connection without tunnels (the peer's ALPN) is
+    /// returned as it is, nothing counted: the caller checks its kind.
+    pub(crate) async fn get_for_tunnel(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+        let first = self.get(conn, None).await?;
+        if !first.kind.tunnels || first.take_tunnel() {
+            return Ok(first);
+        }
+        let slot = self.slot(&conn.key);
+        if let Some(p) = slot.more_with_room() {
+            return Ok(p);
+        }
+        let _one_dial = slot.dial.lock().await;
+        if let Some(p) = slot.more_with_room() {
+            return Ok(p);
+        }
+        let pooled = self.dial(conn).await?;
+        if pooled.kind.tunnels && pooled.take_tunnel() {
+            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+            more.push(pooled.clone());
+        }
+        Ok(pooled)
+    }
+
     /// Forgets connection `id` (it is going away), so the next caller
     /// dials a new one.
-    fn retire(&self, key: &Arc<str>, id: u64) {
+    pub(crate) fn retire(&self, key: &Arc<str>, id: u64) {
         let slot = self.slot(key);
         let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
         if ready.as_ref().is_some_and(|p| p.id == id) {
@@ -333,7 +384,7 @@ impl Outgoing {
     }
 
     /// The request of the first attempt.
-    fn first(&mut self) -> Request<MeshBody> {
+    pub(crate) fn first(&mut self) -> Request<MeshBody> {
         match self.stream.take() {
             Some(stream) => {
                 let headers = std::mem::take(&mut self.parts.headers);
@@ -424,7 +475,7 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
 }
 
 /// The peer said GOAWAY: the connection takes no new streams.
-fn peer_going_away(e: &hyper::Error) -> bool {
+pub(crate) fn peer_going_away(e: &hyper::Error) -> bool {
     h2_error(e).is_some_and(|h2| h2.is_remote() && h2.is_go_away())
 }
 
@@ -432,7 +483,7 @@ fn peer_going_away(e: &hyper::Error) -> bool {
 /// refused it, or its GOAWAY's last stream ID is below it (h2 reports a
 /// remote GOAWAY only to those streams; the ones at or below it end with
 /// the connection's own error).
-fn never_processed(e: &hyper::Error) -> bool {
+pub(crate) fn never_processed(e: &hyper::Error) -> bool {
     h2_error(e).is_some_and(|h2| {
         h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
     })

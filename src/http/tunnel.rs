@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-use super::mesh::{self, Outgoing, SendError, TUNNEL_LIMIT};
+use super::mesh::{self, Outgoing};
 use super::outbound::{MeshError, OutboundConn};
 use super::{HttpLayer, ProxyBody};
 
@@ -93,43 +93,66 @@ pub enum TunnelError {
 }
 
 /// Opens a tunnel to `authority` (the original destination, whose port the
-/// peer decides the stream by) on the pooled mesh connection to
-/// `conn.dst`, dialled if there is none. A stream the peer did not process
-/// (refused, above a GOAWAY) is sent once more, as HTTP requests are.
+/// peer decides the stream by) on a pooled mesh connection to `conn.dst`
+/// with room for it (dialled if there is none). A stream the peer did not
+/// process (the connection closed first, the stream refused, above a
+/// GOAWAY) is sent once more, as HTTP requests are.
 pub async fn open(
     layer: &HttpLayer,
     conn: &OutboundConn,
     authority: Authority,
 ) -> Result<Tunnel, TunnelError> {
-    let pooled = match layer.mesh.get(conn, None).await {
-        Ok(pooled) => pooled,
-        Err(MeshError::NoMeshAlpn(_)) => return Err(TunnelError::Unsupported),
-        Err(e) => return Err(TunnelError::Unavailable(e)),
-    };
-    if !pooled.kind.tunnels {
-        return Err(TunnelError::Unsupported);
-    }
-    // Counted before the stream is opened: racing callers cannot overshoot.
-    if pooled.tunnels.fetch_add(1, Ordering::AcqRel) >= TUNNEL_LIMIT {
-        pooled.tunnels.fetch_sub(1, Ordering::AcqRel);
-        return Err(TunnelError::Unsupported);
-    }
-    let mut counted = OpenGuard(pooled.tunnels.clone());
-    let mut peer = pooled.peer.clone();
-    let mut out = Outgoing::connect(authority);
-    let mut on_peer = |p: &mesh::Pooled| {
-        peer.clone_from(&p.peer);
-        if !Arc::ptr_eq(&counted.0, &p.tunnels) {
-            // A retry on a new connection: count the tunnel there.
-            p.tunnels.fetch_add(1, Ordering::AcqRel);
-            counted = OpenGuard(p.tunnels.clone());
+    let mut retried = false;
+    loop {
+        let pooled = match layer.mesh.get_for_tunnel(conn).await {
+            Ok(pooled) => pooled,
+            Err(MeshError::NoMeshAlpn(_)) => return Err(TunnelError::Unsupported),
+            Err(e) => return Err(TunnelError::Unavailable(e)),
+        };
+        if !pooled.kind.tunnels {
+            return Err(TunnelError::Unsupported);
         }
-    };
-    let resp = match mesh::send(&layer.mesh, conn, &mut out, &mut on_peer).await {
-        Ok(resp) => resp,
-        Err(SendError::Unavailable(e)) => return Err(TunnelError::Unavailable(e)),
-        Err(SendError::Failed(e)) => return Err(TunnelError::Failed(e.to_string())),
-    };
+        // Counted on it by `get_for_tunnel`: uncounted when this ends.
+        let counted = OpenGuard(pooled.tunnels.clone());
+        let (error, unsent) = match connect_on(&pooled, &authority).await {
+            Ok(resp) => return upgrade(resp, pooled.peer.clone(), counted).await,
+            Err(failed) => failed,
+        };
+        if pooled.sender().is_closed() || mesh::peer_going_away(&error) {
+            // The connection is going away: the next attempt takes another.
+            layer.mesh.retire(&conn.key, pooled.id);
+        }
+        // Never sent twice what the peer may have processed.
+        let unsent = unsent || mesh::never_processed(&error);
+        if retried || !unsent {
+            return Err(TunnelError::Failed(error.to_string()));
+        }
+        tracing::debug!(dst = %conn.dst, error = %error, "tunnel not opened by the peer: once more");
+        retried = true;
+    }
+}
+
+/// Sends the CONNECT request on `pooled` and waits for the answer's head;
+/// a failure says whether hyper never sent the request.
+async fn connect_on(
+    pooled: &mesh::Pooled,
+    authority: &Authority,
+) -> Result<Response<Incoming>, (hyper::Error, bool)> {
+    let mut send = pooled.sender();
+    send.ready().await.map_err(|e| (e, true))?;
+    let req = Outgoing::connect(authority.clone()).first();
+    send.try_send_request(req).await.map_err(|mut e| {
+        let unsent = e.take_message().is_some();
+        (e.into_error(), unsent)
+    })
+}
+
+/// The tunnel a `200` opened, or why the answer refused it.
+async fn upgrade(
+    resp: Response<Incoming>,
+    peer: Option<Arc<str>>,
+    counted: OpenGuard,
+) -> Result<Tunnel, TunnelError> {
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::FORBIDDEN => return Err(TunnelError::Refused(StatusCode::FORBIDDEN)),
