@@ -83,6 +83,23 @@ fn two_hundred_app_connections_share_one_mtls_connection() {
 }
 
 #[test]
+fn past_240_tunnels_a_second_mesh_connection_carries_the_rest() {
+    let app = echo_server();
+    let mesh = Mesh::start(app, &[], &[]);
+    let mut conns = hold(mesh.outbound, 200);
+    conns.extend(hold(mesh.outbound, 100));
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let msg = format!("connection {i} of 300");
+        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
+    }
+    assert_eq!(
+        inbound_handshakes(&mesh.server),
+        2.0,
+        "300 app connections: two mTLS connections (240 tunnels each at most)"
+    );
+}
+
+#[test]
 fn half_close_and_16_mib_cross_a_tunnel_intact() {
     let up = random_bytes(16 * MIB, 7);
     let down = random_bytes(16 * MIB, 8);
