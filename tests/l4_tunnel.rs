@@ -148,6 +148,68 @@ fn half_close_and_16_mib_cross_a_tunnel_intact() {
     assert_eq!(line["peer_id"], CLIENT_ID);
 }
 
+/// Closes `conn` with a reset (`SO_LINGER` 0).
+fn reset(conn: TcpStream) {
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(conn);
+}
+
+#[test]
+fn a_reset_on_either_side_ends_the_other_sides_connection() {
+    // The app resets each connection once it has read 5 bytes; it reports
+    // how each connection it kept open ended.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().enumerate() {
+            let mut conn = conn.unwrap();
+            let mut buf = [0u8; 5];
+            conn.read_exact(&mut buf).unwrap();
+            if i == 0 {
+                reset(conn);
+                continue;
+            }
+            // The second connection: the client resets; the app's read ends.
+            conn.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut rest = Vec::new();
+            let ended = conn
+                .read_to_end(&mut rest)
+                .map(|_| "eof")
+                .unwrap_or("error");
+            ended_tx.send(ended).unwrap();
+        }
+    });
+    let mesh = Mesh::start(app, &[], &[]);
+
+    // The app resets: the client's connection ends (no hang), and a
+    // write after that fails or the read says so.
+    let mut conn = TcpStream::connect(mesh.outbound).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 16];
+    let read = conn.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the app's reset ends the client's connection: {read:?}"
+    );
+    assert!(
+        !matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "no hang"
+    );
+
+    // The client resets: the app's connection ends.
+    let mut conn = TcpStream::connect(mesh.outbound).unwrap();
+    conn.write_all(b"hello").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    reset(conn);
+    let ended = ended_rx.recv_timeout(PATIENCE).unwrap();
+    eprintln!("the app saw the client's reset as: {ended}");
+    assert_eq!(inbound_handshakes(&mesh.server), 1.0, "both were tunnels");
+}
+
 #[test]
 fn each_stream_is_decided_by_its_own_port() {
     let app = echo_server();
