@@ -1,6 +1,7 @@
 //! Opaque TCP between two real sidecars rides HTTP/2 CONNECT tunnels on one
 //! pooled mTLS connection: many app connections, one connection at the
-//! inbound side (its TLS handshakes counted); half-close and 16 MiB intact;
+//! inbound side (its TLS handshakes counted), a second one past 240;
+//! half-close and 16 MiB intact; resets end the other side's connection;
 //! each stream decided by its own port (a stand-in outbound sidecar, an h2
 //! client with a real SVID, opens an allowed and a denied stream on one
 //! connection); and the fallback to a connection per app connection when
