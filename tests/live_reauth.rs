@@ -1,9 +1,10 @@
 //! Live re-authorization through real sidecars: established connections
-//! (an opaque L4 stream and a keep-alive HTTP/1 connection) from workload X
-//! survive a policy reload that still allows X, and are closed within 2 s of
-//! one that denies X; new connections from X are refused; workload Y's
-//! connections are untouched. Also: a trust bundle that drops X's root
-//! closes X's connections.
+//! (opaque L4 streams — tunnels on one pooled mesh connection — and a
+//! keep-alive HTTP/1 connection) from workload X survive a policy reload
+//! that still allows X, and are closed within 2 s of one that denies X; new
+//! connections from X are refused; workload Y's connections are untouched.
+//! Also: a trust bundle that drops X's root closes X's connections, tunnels
+//! and mTLS connections of their own (`--no-tunnel`) alike.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
@@ -42,12 +43,26 @@ fn client(
     bundle: Option<&str>,
     (l4, web): (SocketAddr, SocketAddr),
 ) -> (Sidecar, SocketAddr, SocketAddr) {
-    let name = id.rsplit('/').next().unwrap();
-    let files = SvidFiles::write(dir, name, pki, &pki.leaf(id));
+    client_with(dir, pki, id, bundle, (l4, web), &[])
+}
+
+/// As [`client`], with `extra` flags, its files named after the
+/// identity and the flags.
+fn client_with(
+    dir: &Path,
+    pki: &Pki,
+    id: &str,
+    bundle: Option<&str>,
+    (l4, web): (SocketAddr, SocketAddr),
+    extra: &[&str],
+) -> (Sidecar, SocketAddr, SocketAddr) {
+    let name = format!("{}{}", id.rsplit('/').next().unwrap(), extra.concat());
+    let files = SvidFiles::write(dir, &name, pki, &pki.leaf(id));
     if let Some(bundle) = bundle {
         atomic_write(&files.bundle, bundle.as_bytes());
     }
     let mut args = files.args();
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend([
         "--outbound".into(),
         format!("127.0.0.1:0={l4}@{SERVER_ID}"),
@@ -157,6 +172,17 @@ impl Http {
     }
 }
 
+/// TLS handshakes the sidecar completed as the inbound side.
+fn inbound_handshakes(sidecar: &Sidecar) -> f64 {
+    sidecar
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("stepmesh_tls_handshakes_total{"))
+        .filter(|l| l.contains("direction=\"inbound\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A fresh one-request HTTP connection's status (0: no answer).
 fn fresh_status(addr: SocketAddr) -> u16 {
     http_get(addr, "/fresh").0
@@ -203,6 +229,15 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     let mut x_http = Http::open(x_web);
     let mut y_stream = Echo::open(y_l4);
     let mut y_http = Http::open(y_web);
+    // X's second L4 connection is a second tunnel on the same mesh
+    // connection: no new handshake at the server.
+    let handshakes = inbound_handshakes(&server);
+    let mut x_tunnel = Echo::open(x_l4);
+    assert_eq!(
+        inbound_handshakes(&server),
+        handshakes,
+        "a tunnel, not a connection"
+    );
 
     // A reload that still allows X: nothing is closed.
     reload(
@@ -215,6 +250,7 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
         x_stream.ping(b"still"),
         "X's L4 connection survives a reload that allows X"
     );
+    assert!(x_tunnel.ping(b"still"), "so does its second tunnel");
     assert_eq!(x_http.get(), Some(200), "X's HTTP connection survives it");
     let revoked_before = server.metric("stepmesh_connections_revoked_total");
     assert_eq!(revoked_before, 0.0, "nothing revoked by an allowing reload");
@@ -222,8 +258,13 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     // A reload that denies X.
     let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
     let stream_closed = x_stream.closed_at();
+    let tunnel_closed = x_tunnel.closed_at();
     let http_closed = x_http.closed_at();
-    for (what, at) in [("L4", stream_closed), ("HTTP", http_closed)] {
+    for (what, at) in [
+        ("L4", stream_closed),
+        ("second tunnel", tunnel_closed),
+        ("HTTP", http_closed),
+    ] {
         let took = at.duration_since(denied);
         assert!(
             took < REVOKE_WITHIN,
@@ -246,12 +287,18 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     assert_eq!(roundtrip(y_l4, b"y-new").unwrap(), b"y-new");
     assert_eq!(fresh_status(y_web), 200);
 
-    // Counted and logged with the rule that denied them.
+    // Counted and logged with the rule that denied them: on the L4 port
+    // the two tunnels (the mesh connection they rode is not an app
+    // connection: it stays, quiet, for the tunnels a policy allows).
     let metrics = server.metrics();
-    for port in ["inbound.ports[0]", "inbound.ports[1]"] {
+    for (port, closed) in [("inbound.ports[0]", 2.0), ("inbound.ports[1]", 1.0)] {
         let series =
             format!("stepmesh_connections_revoked_total{{reason=\"not_allowed\",rule=\"{port}\"}}");
-        assert_eq!(metric_value(&metrics, &series), 1.0, "{series}:\n{metrics}");
+        assert_eq!(
+            metric_value(&metrics, &series),
+            closed,
+            "{series}:\n{metrics}"
+        );
     }
     server.wait_log("revocation logged", |l| {
         (l["message"] == "inbound connection revoked: closing" && l["peer"] == X).then_some(())
@@ -290,27 +337,36 @@ fn a_trust_bundle_without_xs_root_closes_xs_connections() {
     server.wait_ready();
     let l4: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
     let unused: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
-    // X trusts both roots too (it must accept the server's SVID).
+    // X trusts both roots too (it must accept the server's SVID). One X
+    // sidecar tunnels, the other (`--no-tunnel`) takes an mTLS connection
+    // per app connection.
     let (_x, x_l4, _) = client(dir.path(), &other, X, Some(&both), (l4, unused));
+    let no_tunnel = ["--no-tunnel"];
+    let (_x2, x2_l4, _) = client_with(dir.path(), &other, X, Some(&both), (l4, unused), &no_tunnel);
     let (_y, y_l4, _) = client(dir.path(), &pki, Y, None, (l4, unused));
 
     let mut x_stream = Echo::open(x_l4);
+    let mut x2_stream = Echo::open(x2_l4);
     let mut y_stream = Echo::open(y_l4);
 
     atomic_write(&files.bundle, pki.bundle_pem().as_bytes());
     let changed = Instant::now();
-    let took = x_stream.closed_at().duration_since(changed);
-    // The bundle file is polled every 100 ms here.
-    assert!(
-        took < REVOKE_WITHIN,
-        "X's connection closed {took:?} after its root left the bundle"
-    );
+    for (what, stream) in [("tunnel", &mut x_stream), ("mTLS", &mut x2_stream)] {
+        let took = stream.closed_at().duration_since(changed);
+        // The bundle file is polled every 100 ms here.
+        assert!(
+            took < REVOKE_WITHIN,
+            "X's {what} connection closed {took:?} after its root left the bundle"
+        );
+    }
     assert!(y_stream.ping(b"y"), "Y's root is still trusted: untouched");
+    // The tunnel and the mTLS connection (the mesh connection the tunnel
+    // rode closes too, quietly: it is not an app connection).
     assert_eq!(
         server.metric(
             "stepmesh_connections_revoked_total{reason=\"untrusted_root\",rule=\"trust_bundle\"}"
         ),
-        1.0
+        2.0
     );
 }
 

@@ -1,8 +1,8 @@
 //! Opaque ports through a real sidecar pair: an HTTP/2 client towards a
 //! `protocol: tcp` port stays L4 end to end, whether the client's sidecar
 //! knows the port is opaque (`--opaque-ports`: no detection, no HTTP layer)
-//! or not (the inbound side negotiates no mesh ALPN on a `tcp` port, so the
-//! outbound side falls back to opaque TCP); an `http` port still takes the
+//! or not (the inbound side negotiates tunnels only on a `tcp` port, so the
+//! outbound side sends the bytes through a tunnel); an `http` port still takes the
 //! HTTP layer. Told apart by the HTTP request metrics of both sidecars and
 //! by the `x-forwarded-client-cert` header only the HTTP layer sets.
 
@@ -108,17 +108,18 @@ fn tcp_and_opaque_ports_stay_l4_end_to_end() {
     assert_eq!(http_requests(&server, "inbound", http_port), 1.0);
 
     // The tcp port, the client side not told: still bytes end to end (a
-    // mesh handshake that negotiates no ALPN, then the L4 connection).
+    // mesh connection that negotiates tunnels only, and the app's HTTP/2
+    // through a tunnel on it).
     let before = inbound_handshakes(&server);
     let seen = call(&to_tcp);
-    assert_eq!(inbound_handshakes(&server) - before, 2.0);
+    assert_eq!(inbound_handshakes(&server) - before, 1.0);
     assert_eq!(seen["version"], "HTTP/2.0", "the app's own HTTP/2");
     assert!(seen["headers"].get("x-forwarded-client-cert").is_none());
     assert_eq!(http_requests(&server, "inbound", tcp_port), 0.0);
     assert_eq!(http_requests(&to_tcp, "outbound", tcp_port), 0.0);
 
-    // The tcp port as an opaque port: never detected, never HTTP, and no
-    // mesh handshake tried first.
+    // The tcp port as an opaque port: never detected, never HTTP (a
+    // tunnel, on this sidecar's own mesh connection).
     let before = inbound_handshakes(&server);
     let seen = call(&opaque);
     assert_eq!(inbound_handshakes(&server) - before, 1.0);

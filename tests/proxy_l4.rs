@@ -379,11 +379,12 @@ fn a_second_signal_ends_the_drain_at_once() {
 fn sidecars_resume_sessions_unless_told_not_to() {
     let app = echo_server();
     for resume in [true, false] {
-        let extra: Vec<String> = if resume {
-            Vec::new()
-        } else {
-            vec!["--no-session-resumption".into()]
-        };
+        // A connection per app connection (no tunnels), so that each one
+        // is a handshake.
+        let mut extra: Vec<String> = vec!["--no-tunnel".into()];
+        if !resume {
+            extra.push("--no-session-resumption".into());
+        }
         let mesh = Mesh::start(app, &[], &extra);
         for _ in 0..3 {
             assert_eq!(roundtrip(mesh.outbound, b"again").unwrap(), b"again");

@@ -1,9 +1,10 @@
 //! Revocation end to end: a real `stepmesh ca serve` with an admin token,
 //! sidecars with SVIDs from it, and the `stepmesh ca revoke | unrevoke |
 //! revocations` command lines. A revoked serial closes the workload's live
-//! connections within 2 s and is refused in handshakes until it renews; a
-//! revoked ID cannot renew (PERMISSION_DENIED, audited) until unrevoked; a
-//! CA restart keeps both; bad input changes nothing.
+//! connections (two tunnels on one mesh connection) within 2 s and is
+//! refused in handshakes until it renews; a revoked ID cannot renew
+//! (PERMISSION_DENIED, audited) until unrevoked; a CA restart keeps both;
+//! bad input changes nothing.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
@@ -44,6 +45,11 @@ fn a_revoked_serial_closes_live_connections_and_is_refused_until_renewal() {
     let (server, client, outbound) = mesh(&ca.grpc_host_port(), &ca.bundle_path, dir.path(), "20s");
     let serial = client.config()["serial"].as_str().unwrap().to_owned();
     let mut conn = live(outbound);
+    // A second app connection: a second tunnel on the same mesh connection.
+    let mut tunnel = live(outbound);
+    let handshakes =
+        server.metric(r#"stepmesh_tls_handshakes_total{direction="inbound",kind="full"}"#);
+    assert_eq!(handshakes, 1.0, "two app connections, one mTLS connection");
 
     let addr = ca.grpc_host_port();
     // Timed from before the command starts (it returns once the CA has
@@ -67,7 +73,14 @@ fn a_revoked_serial_closes_live_connections_and_is_refused_until_renewal() {
         took < REVOKE_WITHIN,
         "X's live connection closed {took:?} after the revoke"
     );
-    eprintln!("revoked serial {serial}: X's live connection closed after {took:?}");
+    let took_tunnel = closed_at(&mut tunnel).duration_since(revoked);
+    assert!(
+        took_tunnel < REVOKE_WITHIN,
+        "X's second tunnel closed {took_tunnel:?} after the revoke"
+    );
+    eprintln!(
+        "revoked serial {serial}: X's live connections closed after {took:?}, {took_tunnel:?}"
+    );
     let list = admin(&addr, &ca.bundle_path, &token, "revocations", &[]);
     let listed = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(listed.contains("reason=\"key leaked\""), "{}", text(&list));
@@ -93,11 +106,13 @@ fn a_revoked_serial_closes_live_connections_and_is_refused_until_renewal() {
         "X renewed and served {:?} after the revoke",
         revoked.elapsed()
     );
+    // The two tunnels (the mesh connection they rode closes too, quietly:
+    // it is not an app connection).
     assert_eq!(
         server.metric(
             r#"stepmesh_connections_revoked_total{reason="revoked",rule="revocation_list"}"#
         ),
-        1.0
+        2.0
     );
     ca.wait_audit(|v| {
         v["decision"] == "revoke" && v["outcome"] == "ok" && v["serial"] == serial.as_str()

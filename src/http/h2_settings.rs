@@ -4,7 +4,7 @@
 //!
 //! Why fixed, large windows and no adaptive window: hyper's adaptive window
 //! starts at 64 KiB and sets the connection window to one stream's window.
-//! A mesh connection carries up to 200 streams, so the connection window
+//! A mesh connection carries up to 256 streams, so the connection window
 //! became the bottleneck: each `WINDOW_UPDATE` (half a window, 32 KiB) was
 //! shared by the streams waiting to send, which went out as DATA frames of
 //! a few hundred bytes. h2 (0.4.16 on) charges every DATA frame under 256
@@ -29,12 +29,14 @@
 /// so DATA frames go out full-sized.
 pub(crate) const STREAM_WINDOW: u32 = 128 << 10;
 
-/// The streams a client may open on a connection we serve (hyper's
-/// default, said here because the connection window depends on it).
-pub(crate) const MAX_STREAMS: u32 = 200;
+/// The streams a client may open on a connection we serve (said here
+/// because the connection window depends on it): 256, so that a peer
+/// sidecar's pooled connection carries 240 tunnels (opaque app
+/// connections) and still has streams for HTTP requests.
+pub(crate) const MAX_STREAMS: u32 = 256;
 
 /// Every connection's receive window: all streams at full window fit
-/// (25 MiB), and h2's small-frame budget, half of it, is 12.5 MiB.
+/// (32 MiB), and h2's small-frame budget, half of it, is 16 MiB.
 pub(crate) const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 
 /// Streams a peer sidecar may reset before we accept them, and streams we

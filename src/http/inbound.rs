@@ -48,9 +48,16 @@ pub struct InboundConn {
     pub app: Arc<str>,
     /// The client's address (logs).
     pub client: SocketAddr,
-    /// A peer sidecar (ALPN `stepmesh/h2`): HTTP/2 only, and each request
-    /// says in `stepmesh-orig-proto` which protocol the app spoke.
+    /// A peer sidecar (ALPN `stepmesh/h2` and the tunnel ALPNs): HTTP/2
+    /// only, and each request says in `stepmesh-orig-proto` which protocol
+    /// the app spoke.
     pub mesh: bool,
+    /// A peer sidecar's connection to a `tcp` port (ALPN `stepmesh/tunnel`):
+    /// CONNECT tunnels only, every other request is refused (`421`).
+    pub tunnels_only: bool,
+    /// Who serves the CONNECT tunnels of a peer sidecar (`None`: a CONNECT
+    /// is an ordinary request, refused as not a path).
+    pub tunnels: Option<super::tunnel::Tunnels>,
 }
 
 /// Deadline for dialling the app, unless the proxy sets its own.
@@ -371,7 +378,20 @@ async fn admit(
 /// sidecar's HTTP/2): decided, then sent over the pooled app client.
 async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> Response<ProxyBody> {
     let conn = &*served.conn;
+    if req.method() == http::Method::CONNECT {
+        if let Some(tunnels) = &conn.tunnels {
+            return (tunnels.0)(req).await;
+        }
+    }
     let mut x = served.exchange(layer);
+    if conn.tunnels_only {
+        let local = Local::error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_http",
+            "this port is not HTTP: tunnels only\n",
+        );
+        return local.respond(x);
+    }
     // From a peer sidecar, the app's protocol rides in a header.
     let orig = if conn.mesh {
         match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
@@ -460,6 +480,8 @@ mod tests {
             app: "127.0.0.1:1".into(),
             client: "127.0.0.1:2".parse().unwrap(),
             mesh: false,
+            tunnels_only: false,
+            tunnels: None,
         });
         let (io, _peer) = tokio::io::duplex(64);
         let fut = serve_detected(

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::outbound::{MeshError, OutboundConn};
 use super::record::CountIn;
-use super::{h2_settings, MESH_ALPN};
+use super::{h2_settings, MeshKind};
 
 /// A request body as the mesh connection carries it: the app's, streamed,
 /// or a small one read whole so that it can be sent again.
@@ -44,13 +44,43 @@ pub(crate) struct Pooled {
     send: SendRequest<MeshBody>,
     /// The peer's SPIFFE ID (from its certificate).
     pub(crate) peer: Option<Arc<str>>,
+    /// What the peer accepts on it (by ALPN): HTTP requests, tunnels.
+    pub(crate) kind: MeshKind,
+    /// Tunnels open on it now (see [`TUNNEL_LIMIT`]).
+    pub(crate) tunnels: Arc<AtomicUsize>,
     /// Tells this connection from its replacement.
-    id: u64,
+    pub(crate) id: u64,
 }
+
+/// Tunnels one pooled connection carries at most; past it an app
+/// connection takes its own mTLS connection (the L4 path). Below the
+/// peer's stream limit, so that HTTP requests on the same connection
+/// always find a stream, and so that a long-lived tunnel never waits for
+/// a stream (h2 would queue it until another stream ends).
+pub(crate) const TUNNEL_LIMIT: usize = (h2_settings::MAX_STREAMS - 16) as usize;
+
+/// How long a destination that negotiated no mesh ALPN (a sidecar without
+/// tunnels on a `tcp` port, or not a stepmesh sidecar) is not asked again:
+/// each of its app connections would otherwise pay a wasted handshake.
+const NO_MESH_FOR: Duration = Duration::from_secs(30);
 
 impl Pooled {
     fn usable(&self) -> bool {
         !self.send.is_closed()
+    }
+
+    /// Counts one more tunnel on this connection, if it has room.
+    fn take_tunnel(&self) -> bool {
+        if self.tunnels.fetch_add(1, Ordering::AcqRel) < TUNNEL_LIMIT {
+            return true;
+        }
+        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    /// The connection's HTTP/2 client (a clone: hyper's handle is shared).
+    pub(crate) fn sender(&self) -> SendRequest<MeshBody> {
+        self.send.clone()
     }
 }
 
@@ -60,6 +90,16 @@ pub(crate) struct MeshPool {
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
     /// Connections made (ids; tests and logs tell connections apart).
     made: AtomicU64,
+    /// The sidecar's identity store and metrics, when it has them.
+    pub(crate) sidecar: Option<MeshSidecar>,
+}
+
+/// What a mesh dial checks and counts as the L4 path's dial does: a
+/// resumed session re-checked against the store (`tls::check_resumed`),
+/// handshakes and their failures in the proxy's metrics.
+pub(crate) struct MeshSidecar {
+    pub(crate) store: Arc<crate::identity::store::CertStore>,
+    pub(crate) metrics: crate::metrics::ProxyMetrics,
 }
 
 /// One destination's connection, and the one dial in progress.
@@ -70,6 +110,11 @@ struct Slot {
     dial: tokio::sync::Mutex<LastDial>,
     /// Dials finished (read before waiting for `dial`).
     dials: AtomicU64,
+    /// Until when the destination is known to negotiate no mesh ALPN.
+    no_mesh_until: Mutex<Option<tokio::time::Instant>>,
+    /// More connections to the destination, dialled for tunnels when the
+    /// pooled one is full (HTTP requests keep to `ready`).
+    more: Mutex<Vec<Pooled>>,
 }
 
 /// The outcome of the latest dial, for the callers that waited on it.
@@ -85,6 +130,21 @@ impl Slot {
             .as_ref()
             .filter(|p| p.usable() && Some(p.id) != avoid)
             .cloned()
+    }
+}
+
+impl Slot {
+    /// One of the extra connections with room for a tunnel (counted on it);
+    /// closed ones are forgotten on the way.
+    fn more_with_room(&self) -> Option<Pooled> {
+        let mut more = self.more.lock().unwrap_or_else(|p| p.into_inner());
+        more.retain(Pooled::usable);
+        more.iter().find(|p| p.take_tunnel()).cloned()
+    }
+
+    fn known_not_mesh(&self) -> bool {
+        let until = self.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| tokio::time::Instant::now() < t)
     }
 }
 
@@ -105,6 +165,9 @@ impl MeshPool {
         let slot = self.slot(&conn.key);
         if let Some(p) = slot.ready(avoid) {
             return Ok(p);
+        }
+        if slot.known_not_mesh() {
+            return Err(MeshError::NoMeshAlpn(conn.dst.clone()));
         }
         let seen = slot.dials.load(Ordering::Acquire);
         let mut last = slot.dial.lock().await;
@@ -127,19 +190,57 @@ impl MeshPool {
                 Ok(pooled)
             }
             Err(e) => {
+                if matches!(e, MeshError::NoMeshAlpn(_)) {
+                    *slot.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(tokio::time::Instant::now() + NO_MESH_FOR);
+                }
                 last.failed = Some((n, e.clone()));
                 Err(e)
             }
         }
     }
 
+    /// A live connection to `conn.dst` with room for one more tunnel, the
+    /// tunnel counted on it: the pooled connection, else one of the extra
+    /// connections, else a new extra one (one dial at a time per
+    /// destination). A connection without tunnels (the peer's ALPN) is
+    /// returned as it is, nothing counted: the caller checks its kind.
+    pub(crate) async fn get_for_tunnel(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+        let first = self.get(conn, None).await?;
+        if !first.kind.tunnels || first.take_tunnel() {
+            return Ok(first);
+        }
+        let slot = self.slot(&conn.key);
+        if let Some(p) = slot.more_with_room() {
+            return Ok(p);
+        }
+        let _one_dial = slot.dial.lock().await;
+        if let Some(p) = slot.more_with_room() {
+            return Ok(p);
+        }
+        let pooled = self.dial(conn).await?;
+        if pooled.kind.tunnels && pooled.take_tunnel() {
+            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+            more.push(pooled.clone());
+        }
+        Ok(pooled)
+    }
+
     /// Forgets connection `id` (it is going away), so the next caller
     /// dials a new one.
-    fn retire(&self, key: &Arc<str>, id: u64) {
+    pub(crate) fn retire(&self, key: &Arc<str>, id: u64) {
         let slot = self.slot(key);
         let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
         if ready.as_ref().is_some_and(|p| p.id == id) {
             *ready = None;
+        }
+    }
+
+    fn handshake_failed(&self, reason: &'static str) {
+        if let Some(sidecar) = &self.sidecar {
+            sidecar
+                .metrics
+                .handshake_failure(crate::metrics::Direction::Outbound, reason);
         }
     }
 
@@ -150,17 +251,39 @@ impl MeshPool {
             .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
             .map_err(|e| MeshError::Connect(dst.clone(), e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
+        let handshake = tokio::time::timeout(
             conn.handshake_timeout,
             conn.connector.connect(conn.server_name.clone(), tcp),
         )
-        .await
-        .map_err(|_| MeshError::Tls(dst.clone(), "handshake timed out".into()))?
-        .map_err(|e| MeshError::Tls(dst.clone(), e.to_string()))?;
+        .await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.handshake_failed(crate::tls::failure::reason(&e));
+                return Err(MeshError::Tls(dst, e.to_string()));
+            }
+            Err(_) => {
+                self.handshake_failed("timeout");
+                return Err(MeshError::Tls(dst, "handshake timed out".into()));
+            }
+        };
         let session = tls.get_ref().1;
-        if session.alpn_protocol() != Some(MESH_ALPN) {
-            return Err(MeshError::NoMeshAlpn(dst));
+        if let Some(sidecar) = &self.sidecar {
+            let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            sidecar
+                .metrics
+                .handshake(crate::metrics::Direction::Outbound, resumed);
+            if let Err(reason) = crate::tls::check_resumed(session, &sidecar.store) {
+                self.handshake_failed(reason);
+                return Err(MeshError::Tls(
+                    dst,
+                    "resumed session no longer valid".into(),
+                ));
+            }
         }
+        let Some(kind) = MeshKind::of(session.alpn_protocol()) else {
+            return Err(MeshError::NoMeshAlpn(dst));
+        };
         let peer = session
             .peer_certificates()
             .and_then(|c| c.first())
@@ -183,7 +306,13 @@ impl MeshPool {
             }
         });
         let id = self.made.fetch_add(1, Ordering::Relaxed);
-        Ok(Pooled { send, peer, id })
+        Ok(Pooled {
+            send,
+            peer,
+            kind,
+            tunnels: Arc::default(),
+            id,
+        })
     }
 }
 
@@ -239,8 +368,23 @@ impl Outgoing {
         })
     }
 
+    /// A CONNECT request for a tunnel to `authority` (no body: the
+    /// stream's data after the `200` is the tunnel's), sendable again.
+    pub(crate) fn connect(authority: http::uri::Authority) -> Outgoing {
+        let mut req = Request::new(());
+        *req.method_mut() = http::Method::CONNECT;
+        *req.uri_mut() = http::Uri::from(authority);
+        *req.version_mut() = http::Version::HTTP_2;
+        let (parts, ()) = req.into_parts();
+        Outgoing {
+            parts,
+            stream: None,
+            replay: Some(Replay::default()),
+        }
+    }
+
     /// The request of the first attempt.
-    fn first(&mut self) -> Request<MeshBody> {
+    pub(crate) fn first(&mut self) -> Request<MeshBody> {
         match self.stream.take() {
             Some(stream) => {
                 let headers = std::mem::take(&mut self.parts.headers);
@@ -331,7 +475,7 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
 }
 
 /// The peer said GOAWAY: the connection takes no new streams.
-fn peer_going_away(e: &hyper::Error) -> bool {
+pub(crate) fn peer_going_away(e: &hyper::Error) -> bool {
     h2_error(e).is_some_and(|h2| h2.is_remote() && h2.is_go_away())
 }
 
@@ -339,7 +483,7 @@ fn peer_going_away(e: &hyper::Error) -> bool {
 /// refused it, or its GOAWAY's last stream ID is below it (h2 reports a
 /// remote GOAWAY only to those streams; the ones at or below it end with
 /// the connection's own error).
-fn never_processed(e: &hyper::Error) -> bool {
+pub(crate) fn never_processed(e: &hyper::Error) -> bool {
     h2_error(e).is_some_and(|h2| {
         h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
     })

@@ -13,6 +13,7 @@ mod mesh;
 mod metrics;
 pub mod outbound;
 mod record;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -26,8 +27,42 @@ pub use record::{RequestLog, RequestRecord};
 use crate::policy::PolicyWatch;
 use crate::stepup::StepUp;
 
-/// The ALPN id of sidecar-to-sidecar HTTP/2 (never offered by apps).
+/// The ALPN id of sidecar-to-sidecar HTTP/2 (never offered by apps): HTTP
+/// requests only, what sidecars without tunnels speak.
 pub const MESH_ALPN: &[u8] = b"stepmesh/h2";
+
+/// The ALPN id of sidecar-to-sidecar HTTP/2 that carries HTTP requests and
+/// CONNECT tunnels (opaque TCP): what `http` and `auto` ports negotiate
+/// with a peer that offers it.
+pub const MESH_TUNNEL_ALPN: &[u8] = b"stepmesh/h2+tunnel";
+
+/// The ALPN id of sidecar-to-sidecar HTTP/2 that carries CONNECT tunnels
+/// only: what a `tcp` port negotiates, so that no HTTP request is ever
+/// served on it.
+pub const TUNNEL_ALPN: &[u8] = b"stepmesh/tunnel";
+
+/// What a sidecar-to-sidecar connection carries, told by its ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshKind {
+    /// HTTP requests (the app's HTTP/1 or HTTP/2, `stepmesh-orig-proto`).
+    pub http: bool,
+    /// CONNECT tunnels: one stream per opaque app connection.
+    pub tunnels: bool,
+}
+
+impl MeshKind {
+    /// The kind of a connection that negotiated `alpn`; `None` when it is
+    /// not a sidecar-to-sidecar connection.
+    pub fn of(alpn: Option<&[u8]>) -> Option<MeshKind> {
+        let (http, tunnels) = match alpn? {
+            a if a == MESH_ALPN => (true, false),
+            a if a == MESH_TUNNEL_ALPN => (true, true),
+            a if a == TUNNEL_ALPN => (false, true),
+            _ => return None,
+        };
+        Some(MeshKind { http, tunnels })
+    }
+}
 
 /// Errors of a served or proxied connection.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,6 +163,18 @@ impl HttpLayer {
     ) -> HttpLayer {
         self.idle_timeout = idle;
         self.connect_timeout = connect;
+        self
+    }
+
+    /// Checks and counts the handshakes of the pooled mesh connections as
+    /// the sidecar's own dials (`store` re-checks resumed sessions,
+    /// `metrics` counts handshakes and failures).
+    pub fn with_mesh_sidecar(
+        mut self,
+        store: Arc<crate::identity::store::CertStore>,
+        metrics: crate::metrics::ProxyMetrics,
+    ) -> HttpLayer {
+        self.mesh.sidecar = Some(mesh::MeshSidecar { store, metrics });
         self
     }
 

@@ -83,7 +83,12 @@ pub async fn connect(
     layer: &HttpLayer,
     conn: &OutboundConn,
 ) -> Result<Option<Arc<str>>, MeshError> {
-    layer.mesh.get(conn, None).await.map(|p| p.peer)
+    let pooled = layer.mesh.get(conn, None).await?;
+    if !pooled.kind.http {
+        // A `tcp` port: tunnels only, the app's HTTP/2 goes as bytes.
+        return Err(MeshError::NoMeshAlpn(conn.dst.clone()));
+    }
+    Ok(pooled.peer)
 }
 
 /// Serves the app's HTTP connection until it closes, or gracefully once

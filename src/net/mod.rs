@@ -77,3 +77,13 @@ where
         tracing::debug!(error = %e, "closing");
     }
 }
+
+/// Makes the coming close of `stream` a reset (`SO_LINGER` 0): what the
+/// other side of a forwarded connection gets when this side's peer failed
+/// (a reset connection or HTTP/2 stream), so the failure is not mistaken
+/// for an orderly end. Best effort: the connection is going away anyway.
+pub fn reset_on_close(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "setting SO_LINGER 0");
+    }
+}

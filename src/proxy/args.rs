@@ -137,6 +137,12 @@ pub struct ProxyArgs {
     /// a port opaque): no protocol detection, no HTTP layer.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), env = "STEPMESH_OPAQUE_PORTS")]
     pub opaque_ports: Vec<u16>,
+    /// Do not multiplex opaque TCP between sidecars: each app connection
+    /// takes an mTLS connection of its own, as before tunnels (HTTP/2
+    /// CONNECT streams on the pooled mesh connection to the peer); the
+    /// inbound side then offers no tunnel ALPN either.
+    #[arg(long, env = "STEPMESH_NO_TUNNEL")]
+    pub no_tunnel: bool,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "STEPMESH_WORKERS")]
     pub workers: Option<usize>,

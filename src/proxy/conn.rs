@@ -48,6 +48,12 @@ pub struct Shared {
     pub opaque_ports: Vec<u16>,
     /// Live re-authorization of established inbound connections.
     pub reauth: super::reauth::Reauth,
+    /// Opaque TCP rides HTTP/2 CONNECT tunnels between sidecars (not
+    /// `--no-tunnel`).
+    pub tunnel: bool,
+    /// The `--inbound` listeners' policy ports and apps, set once they are
+    /// bound: a tunnel names the port it is for.
+    pub inbound_apps: std::sync::OnceLock<std::collections::HashMap<u16, Arc<str>>>,
 }
 
 /// An authenticated, authorized inbound connection, as the protocol layer
@@ -70,6 +76,9 @@ pub struct InboundContext {
     pub alpn: Option<Vec<u8>>,
     /// How the policy says to treat this port.
     pub protocol: Protocol,
+    /// Transparent mode: the app is the original destination (a tunnel's
+    /// port then picks the port on the pod's own address).
+    pub transparent: bool,
     /// What the connection re-checks itself with when the policy or the
     /// trust bundle changes.
     pub grant: super::reauth::Grant,

@@ -215,9 +215,15 @@ impl Inbound {
         let policy = shared.policy.current();
         let decision = policy.authorize(&peer_id, port);
         let label = decision_label(decision.allow, decision.would_deny);
-        shared
-            .metrics
-            .connection(Direction::Inbound, peer_id.as_str(), label);
+        // A mesh connection that carries tunnels is counted through them
+        // (each decided and counted as an L4 connection) and its requests.
+        let kind = crate::http::MeshKind::of(alpn.as_deref());
+        let tunnels_only = kind.is_some_and(|k| !k.http);
+        if !kind.is_some_and(|k| k.tunnels) {
+            shared
+                .metrics
+                .connection(Direction::Inbound, peer_id.as_str(), label);
+        }
         // HTTP connections are served even when denied: each request gets 403.
         let protocol = policy.port_protocol(port);
         if !decision.allow && !super::seam::serves_denied(alpn.as_deref(), protocol) {
@@ -234,6 +240,7 @@ impl Inbound {
             close_gracefully(&mut tls).await;
             return;
         }
+        let grant = super::reauth::Reauth::grant(generation, anchor, serial, decision.allow);
         let ctx = InboundContext {
             peer_id,
             peer_cert_sha256,
@@ -243,7 +250,12 @@ impl Inbound {
             client,
             alpn,
             protocol,
-            grant: super::reauth::Reauth::grant(generation, anchor, serial, decision.allow),
+            transparent: matches!(self.target, InboundTarget::OriginalDst),
+            grant: if tunnels_only {
+                grant.for_tunnels_only()
+            } else {
+                grant
+            },
         };
         drop(policy);
         let outcome = serve(shared, &ctx, tls).await;
@@ -269,7 +281,7 @@ impl Inbound {
 /// fn` stores a by-value argument twice (rust-lang/rust#62958), which for
 /// the TLS stream is 1.2 KiB more in every connection's task.
 pub fn serve<'a>(
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     ctx: &'a InboundContext,
     tls: TlsStream<TcpStream>,
 ) -> impl Future<Output = Outcome> + Send + 'a {
@@ -278,12 +290,18 @@ pub fn serve<'a>(
 
 /// Opaque TCP: dial the app and copy bytes both ways. (A `fn` around an
 /// `async move` block that uses `tls` in place: see [`serve`].)
+/// `tls` is the peer's TLS connection or a tunnel on it. When the peer's
+/// side fails (a reset connection, a reset stream), the app's connection
+/// is reset too rather than closed, so the app sees the failure as such.
 #[allow(clippy::manual_async_fn)] // on purpose: the stream is stored once
-pub fn forward_tcp<'a>(
+pub fn forward_tcp<'a, I>(
     shared: &'a Shared,
     ctx: &'a InboundContext,
-    mut tls: TlsStream<TcpStream>,
-) -> impl Future<Output = Outcome> + Send + 'a {
+    mut tls: I,
+) -> impl Future<Output = Outcome> + Send + 'a
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
+{
     async move {
         let mut app = match dial(&ctx.app, shared.timeouts.connect).await {
             Ok(app) => app,
@@ -303,8 +321,12 @@ pub fn forward_tcp<'a>(
         };
         match done {
             Ok(done) => {
-                if matches!(done.error, Some(ForwardError::Idle(_))) {
-                    close_gracefully(&mut tls).await;
+                match &done.error {
+                    Some(ForwardError::Idle(_)) => close_gracefully(&mut tls).await,
+                    Some(ForwardError::Io { side, .. }) if side.ends_with("client") => {
+                        crate::net::reset_on_close(&app);
+                    }
+                    _ => {}
                 }
                 Outcome::forwarded(done)
             }
@@ -345,5 +367,17 @@ mod tests {
         eprintln!("connection futures: inbound {inbound} B, outbound {outbound} B");
         assert!(inbound <= 4096, "inbound connection future: {inbound} B");
         assert!(outbound <= 3840, "outbound connection future: {outbound} B");
+    }
+
+    /// A tunnel's task at the inbound side holds this future for the
+    /// tunnel's life (besides hyper's upgraded stream and its send task):
+    /// the seam over the stream, with the copy loop inline and the HTTP
+    /// paths boxed. (Debug build: 848 bytes.)
+    #[test]
+    fn a_tunnel_task_stays_small() {
+        type Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+        let tunnel = future_size(super::super::seam::inbound::<Stream>);
+        eprintln!("tunnel stream future: {tunnel} B");
+        assert!(tunnel <= 1024, "tunnel stream future: {tunnel} B");
     }
 }

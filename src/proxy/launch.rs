@@ -47,14 +47,16 @@ pub async fn listeners(
         session_resumption: !args.no_session_resumption,
     };
     let store = &shared.store;
-    let server_config = tls::server_config(provider, store, super::seam::server_alpn(), settings)?;
-    // `tcp` ports negotiate no ALPN: a peer sidecar's HTTP/2 pool cannot
-    // reach them (it falls back to opaque TCP), so a `tcp` port stays L4
-    // end to end. Same ticketer and session cache: resumption works
-    // across a pod's ports.
+    let tunnel = shared.tunnel;
+    let server_config =
+        tls::server_config(provider, store, super::seam::server_alpn(tunnel), settings)?;
+    // `tcp` ports negotiate no HTTP ALPN: a peer sidecar's HTTP/2 requests
+    // cannot reach them, so a `tcp` port stays L4 end to end; with tunnels
+    // they take `stepmesh/tunnel` (CONNECT streams only). Same ticketer and
+    // session cache: resumption works across a pod's ports.
     let tcp_config = {
         let mut config = (*server_config).clone();
-        config.alpn_protocols = Vec::new();
+        config.alpn_protocols = super::seam::tcp_alpn(tunnel);
         Arc::new(config)
     };
     let configs = InboundConfigs {
@@ -67,13 +69,18 @@ pub async fn listeners(
         watch: watch.clone(),
         infos: Vec::new(),
     };
+    let mut inbound = Vec::with_capacity(args.inbound.len());
     for spec in &args.inbound {
         let listener = bind(spec.listen, "--inbound").await?;
-        let target = InboundTarget::App {
-            port: listener.local_addr()?.port(),
-            app: spec.app.as_str().into(),
-        };
-        let info = (listener.local_addr()?, "inbound", spec.app.clone(), None);
+        let port = listener.local_addr()?.port();
+        inbound.push((listener, port, Arc::<str>::from(spec.app.as_str())));
+    }
+    // Known before the first connection: a tunnel names its port.
+    let apps = inbound.iter().map(|(_, port, app)| (*port, app.clone()));
+    let _ = shared.inbound_apps.set(apps.collect());
+    for (listener, port, app) in inbound {
+        let info = (listener.local_addr()?, "inbound", app.to_string(), None);
+        let target = InboundTarget::App { port, app };
         launcher.inbound(listener, &configs, target, info);
     }
     for (spec, pattern) in args.outbound.iter().zip(expected) {

@@ -11,6 +11,7 @@ pub mod reauth;
 mod run;
 pub mod seam;
 pub mod transparent;
+mod tunnel;
 
 pub use args::ProxyArgs;
 pub use run::run;

@@ -53,8 +53,8 @@ struct Route {
 pub struct Outbound {
     shared: Arc<Shared>,
     connector: TlsConnector,
-    /// The same TLS identity and verifier, offering ALPN `stepmesh/h2` for
-    /// the pooled sidecar-to-sidecar HTTP/2 connections.
+    /// The same TLS identity and verifier, offering the mesh ALPNs for the
+    /// pooled sidecar-to-sidecar HTTP/2 connections (HTTP and tunnels).
     mesh: TlsConnector,
     target: OutboundTarget,
 }
@@ -76,7 +76,7 @@ impl Outbound {
         target: OutboundTarget,
     ) -> Self {
         let mut mesh = (*config).clone();
-        mesh.alpn_protocols = vec![crate::http::MESH_ALPN.to_vec()];
+        mesh.alpn_protocols = super::seam::mesh_alpn(shared.tunnel);
         Self {
             shared,
             connector: TlsConnector::from(config),
@@ -344,7 +344,7 @@ pub async fn connect_peer(
 /// policy deny does (its access log names the rule). Our writes failing
 /// after that are a consequence, not the cause. A peer app that closes
 /// without ever answering looks the same from here.
-fn peer_refused(done: &Forwarded) -> bool {
+pub(super) fn peer_refused(done: &Forwarded) -> bool {
     let after = match &done.error {
         None => true,
         Some(ForwardError::Io { side, .. }) => *side == "write server",

@@ -105,6 +105,7 @@ impl Reauth {
             anchor: anchor.unwrap_or(NO_ANCHOR),
             serial,
             policy_allowed,
+            counted: true,
         }
     }
 }
@@ -140,6 +141,35 @@ pub struct Grant {
     /// Its peer's leaf serial (`revocation::serial_key`).
     serial: u64,
     policy_allowed: bool,
+    /// Whether its close is logged at info and counted: not for a mesh
+    /// connection that carries tunnels only (its tunnels are the app
+    /// connections, each closed and counted on its own).
+    counted: bool,
+}
+
+impl Grant {
+    /// The grant of a tunnel on this grant's connection: the same peer
+    /// (root key, serial), its own decision made under `generation`.
+    pub fn for_stream(&self, generation: u64, policy_allowed: bool) -> Grant {
+        Grant {
+            generation: generation as u32,
+            policy_allowed,
+            counted: true,
+            ..self.clone()
+        }
+    }
+
+    /// This grant for a mesh connection that carries tunnels only: not
+    /// closed by the policy (its tunnels are decided, and re-checked, one
+    /// by one, each by its own port), closed quietly when its peer is
+    /// revoked or its root removed.
+    pub fn for_tunnels_only(self) -> Grant {
+        Grant {
+            policy_allowed: false,
+            counted: false,
+            ..self
+        }
+    }
 }
 
 /// No root key known (the bundle changed during the handshake): the next
@@ -163,6 +193,10 @@ impl Grant {
             }
             seen = now;
             if let Some(revoked) = self.check(shared, ctx) {
+                if !self.counted {
+                    tracing::debug!(client = %ctx.client, peer = %ctx.peer_id, rule = %revoked.rule, "mesh connection revoked: closing");
+                    return revoked;
+                }
                 tracing::info!(
                     client = %ctx.client,
                     peer = %ctx.peer_id,
@@ -185,7 +219,7 @@ impl Grant {
     }
 
     /// The connection against the state now: `Some` if now denied.
-    fn check(&self, shared: &Shared, ctx: &InboundContext) -> Option<Revoked> {
+    pub(super) fn check(&self, shared: &Shared, ctx: &InboundContext) -> Option<Revoked> {
         if self.policy_allowed {
             let decision = shared.policy.current().authorize(&ctx.peer_id, ctx.port);
             if !decision.allow {

@@ -201,6 +201,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
             .with_timeouts(args.idle_timeout, args.connect_timeout)
+            .with_mesh_sidecar(store.clone(), proxy_metrics.clone())
             .with_limits(crate::http::HttpLimits {
                 header_timeout: args.header_timeout,
                 body_idle_timeout: args.body_idle_timeout,
@@ -216,6 +217,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         opaque_ports: args.opaque_ports.clone(),
         reauth,
+        tunnel: !args.no_tunnel,
+        inbound_apps: std::sync::OnceLock::new(),
         store: store.clone(),
         policy,
         metrics: proxy_metrics.clone(),

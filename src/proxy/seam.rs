@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
 use crate::http::detect::{self, Detected, Prefixed};
 use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn};
-use crate::http::MESH_ALPN;
+use crate::http::tunnel::Tunnels;
+use crate::http::{MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
 
@@ -25,37 +26,87 @@ pub const OUTBOUND_DETECT: Duration = Duration::from_millis(500);
 /// How long an `auto` inbound port waits for the first bytes.
 pub const INBOUND_DETECT: Duration = Duration::from_secs(10);
 
-/// The ALPN ids inbound listeners accept: ours first, then the app protocols.
-pub fn server_alpn() -> Vec<Vec<u8>> {
-    vec![MESH_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()]
+/// The ALPN ids `http` and `auto` ports accept: ours first (with tunnels
+/// unless `--no-tunnel`), then the app protocols.
+pub fn server_alpn(tunnel: bool) -> Vec<Vec<u8>> {
+    let mut alpn = Vec::with_capacity(4);
+    if tunnel {
+        alpn.push(MESH_TUNNEL_ALPN.to_vec());
+    }
+    alpn.extend([MESH_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()]);
+    alpn
+}
+
+/// The ALPN ids `tcp` ports accept: tunnels only, or none.
+pub fn tcp_alpn(tunnel: bool) -> Vec<Vec<u8>> {
+    if tunnel {
+        vec![TUNNEL_ALPN.to_vec()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The ALPN ids the outbound side offers for its pooled connections to a
+/// peer sidecar: with tunnels first, then HTTP only (a sidecar without
+/// tunnels picks that one).
+pub fn mesh_alpn(tunnel: bool) -> Vec<Vec<u8>> {
+    if tunnel {
+        vec![
+            MESH_TUNNEL_ALPN.to_vec(),
+            TUNNEL_ALPN.to_vec(),
+            MESH_ALPN.to_vec(),
+        ]
+    } else {
+        vec![MESH_ALPN.to_vec()]
+    }
 }
 
 /// Whether a connection the L4 decision denied still gets served, so each
 /// request can be answered 403 (SPEC.md: HTTP routes answer 403): a peer
-/// sidecar's HTTP connection, an `http` port, or an `auto` port (denied and
-/// not HTTP, it is closed after detection).
+/// sidecar's mesh connection (its tunnels are decided one by one), an
+/// `http` port, or an `auto` port (denied and not HTTP, it is closed after
+/// detection).
 pub fn serves_denied(alpn: Option<&[u8]>, protocol: Protocol) -> bool {
-    alpn == Some(MESH_ALPN) || matches!(protocol, Protocol::Http | Protocol::Auto)
+    MeshKind::of(alpn).is_some() || matches!(protocol, Protocol::Http | Protocol::Auto)
 }
 
 /// The inbound seam: HTTP for peer sidecars, `http` ports and HTTP-looking
-/// `auto` connections; opaque TCP otherwise (and only if allowed).
-pub async fn inbound(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+/// `auto` connections; opaque TCP otherwise (and only if allowed). `io` is
+/// the TLS connection, or a tunnel (a CONNECT stream on a peer's mesh
+/// connection), which gets the same treatment by its port.
+pub async fn inbound<I>(shared: &Arc<Shared>, ctx: &InboundContext, io: I) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The HTTP paths are boxed: an opaque TCP connection's task must stay
     // as small as the L4 path alone (idle connections are counted in KiB).
-    let mesh = ctx.alpn.as_deref() == Some(MESH_ALPN);
-    if mesh || ctx.protocol == Protocol::Http {
-        return Box::pin(serve_inbound_http(shared, ctx, tls, mesh)).await;
+    if let Some(kind) = MeshKind::of(ctx.alpn.as_deref()) {
+        return Box::pin(serve_mesh(shared, ctx, io, kind)).await;
+    }
+    if ctx.protocol == Protocol::Http {
+        return Box::pin(serve_inbound_http(shared, ctx, io, None)).await;
     }
     if ctx.protocol == Protocol::Tcp {
         if allowed(shared, ctx) {
-            return super::inbound::forward_tcp(shared, ctx, tls).await;
+            return super::inbound::forward_tcp(shared, ctx, io).await;
         }
-        let mut tls = tls;
-        close_gracefully(&mut tls).await;
+        let mut io = io;
+        close_gracefully(&mut io).await;
         return Outcome::default();
     }
-    Box::pin(inbound_auto(shared, ctx, tls)).await
+    Box::pin(inbound_auto(shared, ctx, io)).await
+}
+
+/// A peer sidecar's mesh connection: its HTTP requests, and its tunnels
+/// when it negotiated them.
+async fn serve_mesh<I>(shared: &Arc<Shared>, ctx: &InboundContext, io: I, kind: MeshKind) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tunnels = kind
+        .tunnels
+        .then(|| super::tunnel::inbound(shared.clone(), ctx.clone()));
+    serve_inbound_http(shared, ctx, io, Some((kind, tunnels))).await
 }
 
 fn allowed(shared: &Shared, ctx: &InboundContext) -> bool {
@@ -67,7 +118,10 @@ fn allowed(shared: &Shared, ctx: &InboundContext) -> bool {
 }
 
 /// An `auto` port: HTTP if the first bytes say so, else opaque TCP.
-async fn inbound_auto(shared: &Shared, ctx: &InboundContext, tls: TlsStream<TcpStream>) -> Outcome {
+async fn inbound_auto<I>(shared: &Shared, ctx: &InboundContext, tls: I) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut tls = tls;
     let sniffed = tokio::time::timeout(INBOUND_DETECT, detect::sniff(&mut tls)).await;
     let (detected, prefix) = match sniffed {
@@ -150,11 +204,23 @@ fn with_revoked(mut outcome: Outcome, revoked: Option<super::reauth::Revoked>) -
     outcome
 }
 
-async fn serve_inbound_http<I>(shared: &Shared, ctx: &InboundContext, io: I, mesh: bool) -> Outcome
+async fn serve_inbound_http<I>(
+    shared: &Shared,
+    ctx: &InboundContext,
+    io: I,
+    mesh: Option<(MeshKind, Option<Tunnels>)>,
+) -> Outcome
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = inbound_conn(ctx, mesh);
+    let mut conn = inbound_conn(ctx, mesh.is_some());
+    if let Some((kind, tunnels)) = mesh {
+        // Made here, so the connection's Arc is not shared yet.
+        if let Some(conn) = Arc::get_mut(&mut conn) {
+            conn.tunnels_only = !kind.http;
+            conn.tunnels = tunnels;
+        }
+    }
     let mut revoked = None;
     let stop = drain_or_revoked(shared, ctx, &mut revoked);
     let outcome = crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, stop).await;
@@ -170,6 +236,8 @@ fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
         app: ctx.app.clone(),
         client: ctx.client,
         mesh,
+        tunnels_only: false,
+        tunnels: None,
     })
 }
 
@@ -186,17 +254,22 @@ pub async fn outbound(
 ) -> Outcome {
     // An opaque port is not even peeked at: no detection delay, and what
     // looks like HTTP is carried as bytes like everything else.
+    let mut app = app;
     if ctx.action == OutboundAction::Mtls && !ctx.opaque {
         match detect::peek(&app, OUTBOUND_DETECT).await {
             // Boxed, so opaque TCP connections keep a small task (see inbound).
             Detected::Http1 => return Box::pin(outbound_h1(shared, connector, ctx, app)).await,
-            Detected::Http2 => {
-                return match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
-                    Ok(outcome) => outcome,
-                    Err(app) => super::outbound::forward_tcp(shared, connector, ctx, app).await,
-                }
-            }
+            Detected::Http2 => match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
+                Ok(outcome) => return outcome,
+                Err(back) => app = back,
+            },
             Detected::Opaque | Detected::NeedMore => {}
+        }
+    }
+    if ctx.action == OutboundAction::Mtls && shared.tunnel {
+        match super::tunnel::outbound(shared, mesh, ctx, app).await {
+            Ok(outcome) => return outcome,
+            Err(back) => app = back,
         }
     }
     super::outbound::forward_tcp(shared, connector, ctx, app).await
@@ -253,15 +326,14 @@ async fn outbound_h1(
     }
 }
 
-/// HTTP over the mesh pool; `Err(app)` hands the connection back for opaque
-/// TCP when the peer is not a stepmesh sidecar.
-async fn outbound_http(
+/// The pooled mesh connection to `ctx`'s destination, as the HTTP layer
+/// takes it (HTTP/2 requests and tunnels share it).
+pub(super) fn mesh_conn(
     shared: &Shared,
     mesh: &TlsConnector,
     ctx: &OutboundContext,
-    app: TcpStream,
-) -> Result<Outcome, TcpStream> {
-    let conn = Arc::new(OutboundConn {
+) -> OutboundConn {
+    OutboundConn {
         key: pool_key(ctx),
         dst: ctx.dst.clone(),
         port: ctx.port,
@@ -270,7 +342,18 @@ async fn outbound_http(
         connect_timeout: shared.timeouts.connect,
         handshake_timeout: shared.timeouts.handshake,
         client: ctx.client,
-    });
+    }
+}
+
+/// HTTP over the mesh pool; `Err(app)` hands the connection back for opaque
+/// TCP when the peer is not a stepmesh sidecar.
+async fn outbound_http(
+    shared: &Shared,
+    mesh: &TlsConnector,
+    ctx: &OutboundContext,
+    app: TcpStream,
+) -> Result<Outcome, TcpStream> {
+    let conn = Arc::new(mesh_conn(shared, mesh, ctx));
     match crate::http::outbound::connect(&shared.http, &conn).await {
         Ok(peer) => {
             let peer_id = peer.and_then(|p| crate::policy::SpiffeId::parse(&p).ok());

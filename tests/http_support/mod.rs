@@ -106,6 +106,8 @@ pub async fn start_inbound_draining(
                     app: app.to_string().into(),
                     client,
                     mesh: session.alpn_protocol() == Some(MESH_ALPN),
+                    tunnels_only: false,
+                    tunnels: None,
                 };
                 let drained = async move {
                     // A dropped trigger means "never drain".

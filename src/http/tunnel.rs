@@ -1,0 +1,169 @@
+//! Opaque TCP between sidecars as HTTP/2 CONNECT tunnels (as ztunnel's
+//! HBONE): one stream per app connection on the pooled mesh connection to
+//! the peer, so the peer's cost does not grow by an mTLS connection per
+//! app connection. The outbound half opens a stream ([`open`]); the
+//! inbound half hands each CONNECT request to the sidecar ([`Tunnels`]),
+//! which decides it as it decides an L4 connection. docs/PROXY.md,
+//! "Tunnels between sidecars".
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+
+use super::mesh::{self, Outgoing};
+use super::outbound::{MeshError, OutboundConn};
+use super::{HttpLayer, ProxyBody};
+
+/// The sidecar's handler of the CONNECT requests a peer sidecar sends on a
+/// mesh connection that negotiated tunnels: it decides the stream, answers
+/// (`200` and then serves the upgraded stream, or a refusal) and keeps
+/// the HTTP layer ignorant of the sidecar.
+#[derive(Clone)]
+pub struct Tunnels(pub Arc<dyn Fn(Request<Incoming>) -> Answer + Send + Sync>);
+
+/// The answer to one CONNECT request.
+pub type Answer = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
+impl std::fmt::Debug for Tunnels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tunnels")
+    }
+}
+
+/// A bodiless answer to a CONNECT request: `200` opens the tunnel, `403`
+/// is a policy refusal, anything else a failure.
+pub fn answer(status: StatusCode) -> Response<ProxyBody> {
+    let mut resp = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// An open tunnel to the peer's app, as bytes both ways.
+pub struct Tunnel {
+    /// The stream: EOF is the peer's END_STREAM, shutdown sends ours.
+    pub io: TokioIo<Upgraded>,
+    /// The peer's SPIFFE ID (from the pooled connection's certificate).
+    pub peer: Option<Arc<str>>,
+    _open: OpenGuard,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a tunnel on its pooled connection while it is open.
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why no tunnel was opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The peer does not take tunnels here (a sidecar without them, a
+    /// destination that is not a sidecar, or the pooled connection is
+    /// full): the caller takes the L4 path, an mTLS connection of its own.
+    #[error("no tunnel to this peer")]
+    Unsupported,
+    /// The peer's policy refused the stream (`403`).
+    #[error("the peer refused the tunnel ({0})")]
+    Refused(StatusCode),
+    /// No mesh connection could be made.
+    #[error(transparent)]
+    Unavailable(MeshError),
+    /// The stream failed or was answered with an error.
+    #[error("tunnel: {0}")]
+    Failed(String),
+}
+
+/// Opens a tunnel to `authority` (the original destination, whose port the
+/// peer decides the stream by) on a pooled mesh connection to `conn.dst`
+/// with room for it (dialled if there is none). A stream the peer did not
+/// process (the connection closed first, the stream refused, above a
+/// GOAWAY) is sent once more, as HTTP requests are.
+pub async fn open(
+    layer: &HttpLayer,
+    conn: &OutboundConn,
+    authority: Authority,
+) -> Result<Tunnel, TunnelError> {
+    let mut retried = false;
+    loop {
+        let pooled = match layer.mesh.get_for_tunnel(conn).await {
+            Ok(pooled) => pooled,
+            Err(MeshError::NoMeshAlpn(_)) => return Err(TunnelError::Unsupported),
+            Err(e) => return Err(TunnelError::Unavailable(e)),
+        };
+        if !pooled.kind.tunnels {
+            return Err(TunnelError::Unsupported);
+        }
+        // Counted on it by `get_for_tunnel`: uncounted when this ends.
+        let counted = OpenGuard(pooled.tunnels.clone());
+        let (error, unsent) = match connect_on(&pooled, &authority).await {
+            Ok(resp) => return upgrade(resp, pooled.peer.clone(), counted).await,
+            Err(failed) => failed,
+        };
+        if pooled.sender().is_closed() || mesh::peer_going_away(&error) {
+            // The connection is going away: the next attempt takes another.
+            layer.mesh.retire(&conn.key, pooled.id);
+        }
+        // Never sent twice what the peer may have processed.
+        let unsent = unsent || mesh::never_processed(&error);
+        if retried || !unsent {
+            return Err(TunnelError::Failed(error.to_string()));
+        }
+        tracing::debug!(dst = %conn.dst, error = %error, "tunnel not opened by the peer: once more");
+        retried = true;
+    }
+}
+
+/// Sends the CONNECT request on `pooled` and waits for the answer's head;
+/// a failure says whether hyper never sent the request.
+async fn connect_on(
+    pooled: &mesh::Pooled,
+    authority: &Authority,
+) -> Result<Response<Incoming>, (hyper::Error, bool)> {
+    let mut send = pooled.sender();
+    send.ready().await.map_err(|e| (e, true))?;
+    let req = Outgoing::connect(authority.clone()).first();
+    send.try_send_request(req).await.map_err(|mut e| {
+        let unsent = e.take_message().is_some();
+        (e.into_error(), unsent)
+    })
+}
+
+/// The tunnel a `200` opened, or why the answer refused it.
+async fn upgrade(
+    resp: Response<Incoming>,
+    peer: Option<Arc<str>>,
+    counted: OpenGuard,
+) -> Result<Tunnel, TunnelError> {
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::FORBIDDEN => return Err(TunnelError::Refused(StatusCode::FORBIDDEN)),
+        status => return Err(TunnelError::Failed(format!("the peer answered {status}"))),
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| TunnelError::Failed(e.to_string()))?;
+    Ok(Tunnel {
+        io: TokioIo::new(upgraded),
+        peer,
+        _open: counted,
+    })
+}

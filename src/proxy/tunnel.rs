@@ -1,0 +1,238 @@
+//! Tunnels: opaque TCP between sidecars as HTTP/2 CONNECT streams on the
+//! pooled mesh connection (`crate::http::tunnel`). Each stream is an app
+//! connection and is treated as one: the inbound side decides it by the
+//! mesh connection's peer and the stream's port, logs and counts it as an
+//! L4 connection, re-authorizes it on changes, and serves it through the
+//! same seam as a TLS connection. docs/PROXY.md, "Tunnels between sidecars".
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, OutboundContext};
+use super::conn::{Outcome, Shared};
+use crate::http::tunnel::{answer, Answer, TunnelError, Tunnels};
+use crate::metrics::Direction;
+use crate::net::forward::{forward, ForwardError};
+
+/// The handler of the tunnels on one peer's mesh connection (`conn`: its
+/// authenticated context).
+pub(super) fn inbound(shared: Arc<Shared>, conn: InboundContext) -> Tunnels {
+    let conn = Arc::new(conn);
+    Tunnels(Arc::new(move |req| -> Answer {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        Box::pin(async move { open(shared, &conn, req) })
+    }))
+}
+
+/// Decides one CONNECT stream as an L4 connection to its port, and starts
+/// serving it if allowed. The answer is sent before the app is dialled, as
+/// an L4 connection's handshake completes before: an unreachable app ends
+/// the stream as it ends a TLS connection.
+fn open(
+    shared: Arc<Shared>,
+    conn: &InboundContext,
+    mut req: Request<Incoming>,
+) -> http::Response<crate::http::ProxyBody> {
+    let started = Instant::now();
+    let Some((port, app)) = destination(&shared, conn, &req) else {
+        return answer(StatusCode::BAD_REQUEST);
+    };
+    // Read before the decision: a change after it is re-checked.
+    let generation = shared.reauth.generation();
+    let policy = shared.policy.current();
+    let decision = policy.authorize(&conn.peer_id, port);
+    let protocol = policy.port_protocol(port);
+    drop(policy);
+    let label = decision_label(decision.allow, decision.would_deny);
+    shared
+        .metrics
+        .connection(Direction::Inbound, conn.peer_id.as_str(), label);
+    let log = ConnLog {
+        direction: Direction::Inbound,
+        client: conn.client,
+        dst: &app,
+        port,
+        started,
+    };
+    if !decision.allow && !super::seam::serves_denied(None, protocol) {
+        tracing::info!(client = %conn.client, peer = %conn.peer_id, port, rule = %decision.rule, reason = decision.reason, "inbound tunnel denied");
+        log.write(
+            &shared.access_log,
+            Some(&conn.peer_id),
+            label,
+            decision.reason,
+            Some(&decision.rule),
+            &Outcome::default(),
+        );
+        return answer(StatusCode::FORBIDDEN);
+    }
+    let ctx = InboundContext {
+        port,
+        app: app.clone(),
+        alpn: None,
+        protocol,
+        grant: conn.grant.for_stream(generation, decision.allow),
+        ..conn.clone()
+    };
+    // The mesh connection's peer may have been revoked, or its root
+    // removed, since its handshake: the connection is closing then, and
+    // takes no new stream meanwhile.
+    if let Some(revoked) = ctx.grant.check(&shared, &ctx) {
+        tracing::info!(client = %conn.client, peer = %conn.peer_id, port, rule = %revoked.rule, reason = revoked.reason, "inbound tunnel refused: peer no longer trusted");
+        log.write(
+            &shared.access_log,
+            Some(&conn.peer_id),
+            "deny",
+            revoked.reason,
+            Some(&revoked.rule),
+            &Outcome::default(),
+        );
+        return answer(StatusCode::FORBIDDEN);
+    }
+    // A tunnel is an app connection of the peer: it counts against the
+    // per-peer cap as an L4 connection would.
+    let slot = match shared.peer_cap.acquire(&conn.peer_id) {
+        Ok(slot) => slot,
+        Err(reached) => {
+            shared.metrics.rejected(Direction::Inbound, "peer_limit");
+            if reached.log {
+                tracing::warn!(client = %conn.client, peer = %conn.peer_id, limit = reached.limit, "inbound: per-peer connection cap reached; refusing a tunnel (--max-connections-per-peer)");
+            }
+            return answer(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _open = shared.metrics.open_guard(Direction::Inbound);
+        let outcome = match upgrade.await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                super::seam::inbound(&shared, &ctx, io).await
+            }
+            Err(e) => Outcome::failed("io", e),
+        };
+        if let Some((reason, _)) = &outcome.error {
+            shared.metrics.error(Direction::Inbound, reason);
+        }
+        let log = ConnLog {
+            direction: Direction::Inbound,
+            client: ctx.client,
+            dst: &ctx.app,
+            port: ctx.port,
+            started,
+        };
+        log.write(
+            &shared.access_log,
+            Some(&ctx.peer_id),
+            label,
+            decision.reason,
+            Some(&decision.rule),
+            &outcome,
+        );
+    });
+    answer(StatusCode::OK)
+}
+
+/// The policy port and app a stream is for. Its `:authority` carries the
+/// original destination; only its port is taken from it. Transparent: the
+/// pod's own address (the mesh connection's original destination) on that
+/// port. Explicit listeners: the `--inbound` listener bound to that port,
+/// else the one the mesh connection came to (the peer may know this one
+/// by another port, behind a Service or NAT).
+fn destination(
+    shared: &Shared,
+    conn: &InboundContext,
+    req: &Request<Incoming>,
+) -> Option<(u16, Arc<str>)> {
+    let port = req.uri().authority()?.port_u16()?;
+    if conn.transparent {
+        let mut addr: SocketAddr = conn.app.parse().ok()?;
+        addr.set_port(port);
+        return Some((port, addr.to_string().into()));
+    }
+    let listener = shared.inbound_apps.get().and_then(|apps| apps.get(&port));
+    Some(match listener {
+        Some(app) => (port, app.clone()),
+        None => (conn.port, conn.app.clone()),
+    })
+}
+
+/// An opaque app connection through a tunnel on the pooled mesh
+/// connection; `Err(app)` hands it back for the L4 path when the peer
+/// takes no tunnel (a sidecar without them, or the connection is full).
+pub(super) async fn outbound(
+    shared: &Shared,
+    mesh: &TlsConnector,
+    ctx: &OutboundContext,
+    app: TcpStream,
+) -> Result<Outcome, TcpStream> {
+    let mut app = app;
+    let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
+        return Err(app);
+    };
+    // Boxed: the dial and the stream's opening are large and live only
+    // while connecting (as the L4 path's handshake); inline they would
+    // size every idle connection's task.
+    let opened = Box::pin(async {
+        let conn = super::seam::mesh_conn(shared, mesh, ctx);
+        crate::http::tunnel::open(&shared.http, &conn, authority).await
+    })
+    .await;
+    let mut tunnel = match opened {
+        Ok(tunnel) => tunnel,
+        Err(TunnelError::Unsupported) => return Err(app),
+        Err(TunnelError::Refused(_)) => {
+            close_gracefully(&mut app).await;
+            return Ok(Outcome {
+                refused: true,
+                peer_id: None,
+                ..Outcome::default()
+            });
+        }
+        Err(e @ TunnelError::Unavailable(_)) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: no mesh connection");
+            return Ok(Outcome::failed("peer_connect", e));
+        }
+        Err(e @ TunnelError::Failed(_)) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: tunnel failed");
+            return Ok(Outcome::failed("peer_connect", e));
+        }
+    };
+    let peer_id = tunnel
+        .peer
+        .as_deref()
+        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
+    if let Some(peer) = &peer_id {
+        shared
+            .metrics
+            .connection(Direction::Outbound, peer.as_str(), "allow");
+    }
+    let counters = shared.metrics.byte_counters(Direction::Outbound);
+    let done = forward(&mut app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
+    match &done.error {
+        Some(ForwardError::Idle(_)) => close_gracefully(&mut tunnel.io).await,
+        // The peer's side failed (a reset stream, a lost connection).
+        Some(ForwardError::Io { side, .. }) if side.ends_with("server") => {
+            crate::net::reset_on_close(&app);
+        }
+        _ => {}
+    }
+    // The peer ended the stream without a byte: its seam refused the
+    // connection after the `200` (an `auto` port's opaque bytes denied,
+    // the app unreachable), as it closes a refused L4 connection.
+    let refused = super::outbound::peer_refused(&done);
+    let mut outcome = Outcome::forwarded(done);
+    if refused {
+        outcome.error = None;
+        outcome.refused = true;
+    }
+    outcome.peer_id = peer_id;
+    Ok(outcome)
+}
