@@ -62,7 +62,9 @@ impl Provider {
             config,
         });
         if provider.config.jwks == JwksSource::Mesh {
-            provider.sync_mesh().await;
+            if provider.mesh_changed() {
+                provider.keys.fetch(provider.fetch("start")).await;
+            }
         } else {
             provider.keys.fetch(provider.fetch("start")).await;
             tokio::spawn(refresh_loop(Arc::downgrade(&provider)));
@@ -70,24 +72,24 @@ impl Provider {
         provider
     }
 
-    /// Mesh providers: takes the CertStore's key set when it is not the one
-    /// the keys were parsed from (one pointer comparison per request).
-    async fn sync_mesh(&self) {
+    /// Mesh providers: whether the CertStore holds a key set other than the
+    /// one the keys were parsed from (one pointer comparison per request);
+    /// if so, it is marked seen and the caller parses it.
+    fn mesh_changed(&self) -> bool {
         let Ok(Fetcher::Mesh(Some(read))) = &self.fetcher else {
-            return;
+            return false;
         };
-        let Some(current) = read() else { return };
+        let Some(current) = read() else { return false };
         if self
             .mesh_seen
             .load()
             .as_ref()
             .is_some_and(|seen| Arc::ptr_eq(seen, &current))
         {
-            return;
+            return false;
         }
         self.mesh_seen.store(Some(current));
-        // A bad set is logged and counted; the last good keys stay.
-        self.keys.fetch(self.fetch("mesh_update")).await;
+        true
     }
 
     /// The configuration it was built from.
@@ -116,7 +118,12 @@ impl Provider {
             .get_or_create(&CacheLabel { result: "miss" })
             .inc();
         let peeked = verify::peek(token, &self.config.token)?;
-        self.sync_mesh().await;
+        if self.mesh_changed() {
+            // Boxed, as the refetch below: rare, and the fetch future is
+            // large (it would size every request's future). A bad set is
+            // logged and counted; the last good keys stay.
+            Box::pin(self.keys.fetch(self.fetch("mesh_update"))).await;
+        }
         let keys = self.keys.current();
         let verified = match verify::verify(token, &peeked, &self.config.token, &keys, now) {
             // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.
