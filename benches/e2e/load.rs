@@ -328,22 +328,50 @@ pub async fn bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// How long one idle connection may take to open and answer: a proxy out of
+/// descriptors accepts nothing (the kernel's backlog takes the connection),
+/// so without a bound the benchmark would hang instead of saying so.
+const IDLE_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Opens `n` keep-alive connections, each proven end to end by one request,
-/// and returns them to be held idle.
+/// and returns them to be held idle. Fails, saying which connection, if one
+/// fails or takes longer than [`IDLE_OPEN_TIMEOUT`].
 pub async fn hold_idle(addr: Target, n: usize) -> anyhow::Result<Vec<impl Sized>> {
     let mut held = Vec::with_capacity(n);
     let mut batch = Vec::new();
     for i in 0..n {
         batch.push(tokio::spawn(async move {
-            let mut conn = Conn::open(addr).await?;
-            conn.get().await?;
-            anyhow::Ok(conn.sender)
+            let open = async {
+                let mut conn = Conn::open(addr).await?;
+                conn.get().await?;
+                anyhow::Ok(conn.sender)
+            };
+            match tokio::time::timeout(IDLE_OPEN_TIMEOUT, open).await {
+                Ok(outcome) => outcome.with_context(|| format!("idle connection {}", i + 1)),
+                Err(_) => bail!(
+                    "idle connection {} got no answer within {IDLE_OPEN_TIMEOUT:?}",
+                    i + 1
+                ),
+            }
         }));
         if batch.len() == 64 || i + 1 == n {
             for task in batch.drain(..) {
-                held.push(task.await?.context("opening an idle connection")?);
+                held.push(task.await??);
             }
         }
     }
     Ok(held)
+}
+
+/// Whether a `GET /` at `addr` answers 200 (readiness of a peer proxy pair).
+pub async fn answers(addr: SocketAddr) -> bool {
+    let target = Target {
+        addr,
+        opaque: false,
+    };
+    let mut buf = vec![0u8; 4096];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), one_shot(target, &mut buf)).await,
+        Ok(Ok(()))
+    )
 }

@@ -6,9 +6,11 @@
 
 mod args;
 mod backend;
+mod idle;
 mod load;
 mod mesh;
 mod oha;
+mod peers;
 mod procs;
 mod report;
 mod run;

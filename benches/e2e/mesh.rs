@@ -220,7 +220,16 @@ fn sidecar(
         .arg("--policy")
         .arg(policy)
         .arg("--admin")
-        .arg(admin.to_string());
+        .arg(admin.to_string())
+        // The bench's client is one source address and one peer identity:
+        // the per-source and per-peer caps (4,096 each) would refuse the
+        // idle-connections scenario's 10,000. The total cap stays.
+        .args([
+            "--max-connections-per-source",
+            "0",
+            "--max-connections-per-peer",
+            "0",
+        ]);
     if !resumption {
         cmd.arg("--no-session-resumption");
     }

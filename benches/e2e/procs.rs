@@ -25,6 +25,9 @@ pub struct Memory {
     pub rss: u64,
     /// VmHWM: the peak resident set since start.
     pub hwm: u64,
+    /// RssAnon: the private part of `rss` (heap and stacks; the rest is
+    /// the binary's pages, shared with every process mapping them).
+    pub anon: u64,
 }
 
 /// Reads VmRSS and VmHWM from /proc/PID/status.
@@ -47,6 +50,7 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     Ok(Memory {
         rss: field("VmRSS:")?,
         hwm: field("VmHWM:")?,
+        anon: field("RssAnon:")?,
     })
 }
 
@@ -86,27 +90,61 @@ fn clock_ticks() -> u64 {
     })
 }
 
-/// Raises this process's open-file limit (inherited by every child), so the
-/// idle-connections scenario can hold tens of thousands of sockets. Uses
-/// util-linux `prlimit`; returns the soft limit in force afterwards.
+/// Raises this process's open-file limit (inherited by every child started
+/// afterwards), so the idle-connections scenario can hold tens of thousands
+/// of sockets. Uses util-linux `prlimit`; without CAP_SYS_RESOURCE the hard
+/// limit cannot move, and the soft limit is raised to it. Never lowers
+/// it. Returns the soft limit in force afterwards (at least `want` when it
+/// already was).
 pub fn raise_nofile(want: u64) -> u64 {
     let pid = std::process::id().to_string();
-    let limit = format!("--nofile={want}:{want}");
-    let _ = Command::new("prlimit")
-        .args(["--pid", &pid, &limit])
-        .output();
-    let out = Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid,
-            "--nofile",
-            "--raw",
-            "--noheadings",
-            "--output=SOFT",
-        ])
-        .output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024)
+    let read = |which: &str| -> Option<u64> {
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid, "--nofile", "--raw", "--noheadings"])
+            .arg(format!("--output={which}"))
+            .output()
+            .ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    };
+    let set = |soft: u64, hard: u64| {
+        Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={soft}:{hard}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(soft) = read("SOFT").filter(|soft| *soft >= want) {
+        return soft;
+    }
+    if !set(want, want) {
+        if let Some(hard) = read("HARD") {
+            set(want.min(hard), hard);
+        }
+    }
+    read("SOFT").unwrap_or(1024)
+}
+
+/// Open descriptors of a process (entries of /proc/PID/fd).
+pub fn fds(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .count())
+}
+
+/// The soft open-file limit of a process ("Max open files" in
+/// /proc/PID/limits), None if unreadable or unlimited.
+pub fn nofile_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// "fds/limit" of a process, for error messages about descriptor exhaustion.
+pub fn fd_usage(pid: u32) -> String {
+    let used = fds(pid).map_or_else(|_| "?".to_owned(), |n| n.to_string());
+    let limit = nofile_limit(pid).map_or_else(|| "?".to_owned(), |n| n.to_string());
+    format!("{used}/{limit}")
 }

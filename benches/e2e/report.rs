@@ -29,6 +29,10 @@ pub struct Report {
     pub bulk: Vec<BulkRow>,
     /// Sidecar memory.
     pub memory: Vec<MemoryRow>,
+    /// The idle-connections scenario, per pair (stepmesh's ports, peers).
+    pub idle: Vec<IdleRow>,
+    /// The peer proxies measured, with their version lines.
+    pub peers: Vec<String>,
     /// Sidecar start to `/ready`.
     pub startup: Option<StartupRow>,
     /// The oha cross-check per path.
@@ -138,8 +142,8 @@ pub struct Percentiles {
 /// Fixed-rate latency of one path: every round and the median round.
 #[derive(Debug, Serialize)]
 pub struct LatencyRow {
-    /// The path.
-    pub path: Path,
+    /// The path (stepmesh's, or a peer pair's).
+    pub path: String,
     /// Each round.
     pub rounds: Vec<Percentiles>,
     /// Per field, the median over rounds.
@@ -153,8 +157,8 @@ pub struct LatencyRow {
 /// Saturation throughput of one path.
 #[derive(Debug, Serialize)]
 pub struct ThroughputRow {
-    /// The path.
-    pub path: Path,
+    /// The path (stepmesh's, or a peer pair's).
+    pub path: String,
     /// Requests per second, each round.
     pub rounds_rps: Vec<f64>,
     /// Median requests per second.
@@ -208,16 +212,23 @@ pub struct MemoryRow {
     pub sidecar: String,
     /// RSS right after `/ready`, before any traffic.
     pub idle_mib: f64,
+    /// Its private part (RssAnon).
+    pub idle_anon_mib: f64,
     /// Peak RSS (VmHWM) after the first saturation run.
     pub peak_saturation_mib: Option<f64>,
-    /// RSS holding the idle connections on the L4 port.
-    pub idle_conns_l4_mib: Option<f64>,
-    /// How many were held on the L4 port (bounded by the open-file limit).
-    pub idle_conns_l4: usize,
-    /// RSS holding the idle connections on the HTTP port.
-    pub idle_conns_http_mib: Option<f64>,
-    /// How many were held on the HTTP port.
-    pub idle_conns_http: usize,
+}
+
+/// The idle-connections scenario on one pair.
+#[derive(Debug, Serialize)]
+pub struct IdleRow {
+    /// The pair: "stepmesh, L4 port", "nginx", ...
+    pub pair: String,
+    /// Each round that completed.
+    pub rounds: Vec<crate::idle::Round>,
+    /// Per field, the median round.
+    pub median: Option<crate::idle::Round>,
+    /// Why a round failed (descriptor exhaustion, a proxy that died).
+    pub failure: Option<String>,
 }
 
 /// Sidecar start to `/ready`, with an SVID from the local CA.
@@ -374,26 +385,27 @@ impl Report {
             md.push('\n');
         }
         if !self.memory.is_empty() {
-            let (l4, http) = (self.memory[0].idle_conns_l4, self.memory[0].idle_conns_http);
             let _ = writeln!(md, "Sidecar memory (RSS, MiB)\n");
             let _ = writeln!(
                 md,
-                "| sidecar | idle | peak after saturation ({} conns) | holding {l4} idle conns, L4 port | holding {http} idle conns, HTTP port |",
+                "| sidecar | idle | idle, RssAnon | peak after saturation ({} conns) |",
                 self.settings["sat_connections"]
             );
-            md.push_str("|---|---:|---:|---:|---:|\n");
+            md.push_str("|---|---:|---:|---:|\n");
             for r in &self.memory {
                 let _ = writeln!(
                     md,
-                    "| {} | {:.1} | {} | {} | {} |",
+                    "| {} | {:.1} | {:.1} | {} |",
                     r.sidecar,
                     r.idle_mib,
-                    opt(r.peak_saturation_mib, 1),
-                    opt(r.idle_conns_l4_mib, 1),
-                    opt(r.idle_conns_http_mib, 1)
+                    r.idle_anon_mib,
+                    opt(r.peak_saturation_mib, 1)
                 );
             }
             md.push('\n');
+        }
+        if !self.idle.is_empty() {
+            self.idle_markdown(&mut md);
         }
         if !self.oha.is_empty() {
             let s = &self.settings;
@@ -422,6 +434,9 @@ impl Report {
             }
             md.push('\n');
         }
+        for peer in &self.peers {
+            let _ = writeln!(md, "Peer: {peer}\n");
+        }
         for note in &self.notes {
             let _ = writeln!(md, "Note: {note}\n");
         }
@@ -435,5 +450,59 @@ impl Report {
             );
         }
         md
+    }
+}
+
+impl Report {
+    fn idle_markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "Idle keep-alive connections (one request each), a fresh pair per round: RSS in MiB \
+             before / holding / {} s after the client closed them (RssAnon, the private part, in \
+             brackets), KiB of RSS per connection, descriptors before / holding / after\n",
+            self.settings["close_wait_s"]
+        );
+        md.push_str("| pair | conns | outbound RSS | KiB/conn | inbound RSS | KiB/conn | outbound fds | inbound fds | open s |\n");
+        md.push_str("|---|---:|---|---:|---|---:|---|---|---:|\n");
+        let rss = |s: &crate::idle::Side| {
+            format!(
+                "{:.1} / {:.1} / {:.1} ({:.1} / {:.1} / {:.1})",
+                s.rss_before_mib,
+                s.rss_holding_mib,
+                s.rss_after_close_mib,
+                s.anon_mib[0],
+                s.anon_mib[1],
+                s.anon_mib[2]
+            )
+        };
+        let fds = |s: &crate::idle::Side| {
+            format!(
+                "{} / {} / {}",
+                s.fds_before, s.fds_holding, s.fds_after_close
+            )
+        };
+        for row in &self.idle {
+            if let Some(r) = &row.median {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.1} | {} | {:.1} | {} | {} | {:.1} |",
+                    row.pair,
+                    r.conns,
+                    rss(&r.outbound),
+                    r.outbound.kib_per_conn,
+                    rss(&r.inbound),
+                    r.inbound.kib_per_conn,
+                    fds(&r.outbound),
+                    fds(&r.inbound),
+                    r.open_s
+                );
+            }
+            if let Some(failure) = &row.failure {
+                // The first line says what failed; the logs are in the JSON.
+                let one_line = failure.lines().next().unwrap_or_default();
+                let _ = writeln!(md, "| {} | FAILED: {one_line} |||||||| ", row.pair);
+            }
+        }
+        md.push('\n');
     }
 }

@@ -8,9 +8,11 @@ use anyhow::Context;
 
 use crate::args::{Args, Path, Scenario};
 use crate::backend::{self, Backend};
+use crate::idle;
 use crate::load::{self, Target};
 use crate::mesh::{self, Ca, Pair, SidecarCmd, Upstreams};
 use crate::oha::{self, OhaRun};
+use crate::peers::PeerPair;
 use crate::procs::{self, Proc};
 use crate::report::*;
 
@@ -25,6 +27,18 @@ struct Setup {
     pair_no_resumption: Option<Pair>,
     stepmesh: Option<PathBuf>,
     sidecars: Option<SidecarCmd>,
+    /// Peer proxy pairs for the latency and throughput scenarios.
+    peers: Vec<PeerPair>,
+}
+
+/// A path the latency and throughput scenarios measure.
+struct Measured<'a> {
+    label: String,
+    target: Target,
+    /// (outbound, inbound) proxies, None on the direct path.
+    procs: Option<(&'a Proc, &'a Proc)>,
+    /// Through stepmesh's sidecars.
+    stepmesh: bool,
 }
 
 impl Setup {
@@ -41,8 +55,41 @@ impl Setup {
         Ok(Target { addr, opaque })
     }
 
+    /// stepmesh's paths as asked, then every peer pair.
+    fn measured(&self, args: &Args) -> anyhow::Result<Vec<Measured<'_>>> {
+        let mut all = vec![];
+        for path in &args.paths {
+            let procs = match path {
+                Path::Direct => None,
+                _ => self.pair.as_ref().map(|p| (&p.outbound, &p.inbound)),
+            };
+            all.push(Measured {
+                label: path.to_string(),
+                target: self.addr(*path)?,
+                procs,
+                stepmesh: *path != Path::Direct,
+            });
+        }
+        for peer in &self.peers {
+            all.push(Measured {
+                label: format!("{} pair", peer.peer),
+                target: Target {
+                    addr: peer.addr,
+                    opaque: false,
+                },
+                procs: Some((&peer.outbound, &peer.inbound)),
+                stepmesh: false,
+            });
+        }
+        Ok(all)
+    }
+
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.backend.proc.check_alive()?;
+        for peer in &mut self.peers {
+            peer.outbound.check_alive()?;
+            peer.inbound.check_alive()?;
+        }
         if let Some(ca) = &mut self.ca {
             ca.check_alive()?;
         }
@@ -65,21 +112,26 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             "rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
             "connections": args.connections, "sat_connections": args.sat_connections,
             "conn_concurrency": args.conn_concurrency, "payload_bytes": args.payload,
-            "bulk_mib": args.bulk_mib, "idle_conns": args.idle_conns, "rounds": args.rounds,
+            "bulk_mib": args.bulk_mib, "idle_conns": args.idle_conns,
+            "close_wait_s": args.close_wait, "rounds": args.rounds,
             "sidecar_workers": 1,
         }),
         ..Report::default()
     };
     let mut setup = start(args, dir).await?;
     report.stepmesh = setup.stepmesh.as_ref().map(|p| p.display().to_string());
+    report.peers = setup
+        .peers
+        .iter()
+        .map(|p| format!("{}: {}", p.peer, p.version))
+        .collect();
     let idle = match &setup.pair {
         Some(pair) => Some((procs::mem(&pair.outbound)?, procs::mem(&pair.inbound)?)),
         None => None,
     };
 
-    let mut latency: Vec<(Path, Vec<Percentiles>)> =
-        args.paths.iter().map(|p| (*p, vec![])).collect();
-    let mut throughput: Vec<(Path, Vec<Sat>)> = args.paths.iter().map(|p| (*p, vec![])).collect();
+    let mut latency: Vec<(String, Vec<Percentiles>)> = vec![];
+    let mut throughput: Vec<(String, Vec<Sat>)> = vec![];
     let mut connrate: Vec<((Path, bool), Vec<Sat>)> = vec![];
     let mut bulk: Vec<(Path, Vec<f64>)> = vec![];
     let mut peak = None;
@@ -97,41 +149,31 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
         if args.wants(Scenario::Latency) {
-            for (path, rounds) in &mut latency {
-                eprintln!("  latency, {path}");
+            for m in setup.measured(args)? {
+                eprintln!("  latency, {}", m.label);
                 let run = load::latency(
-                    setup.addr(*path)?,
+                    m.target,
                     args.rate,
                     args.duration(),
                     args.warmup(),
                     args.connections,
                 )
                 .await?;
-                rounds.push(percentiles(&run));
+                push_round(&mut latency, m.label, percentiles(&run));
             }
         }
         if args.wants(Scenario::Throughput) {
-            for (path, rounds) in &mut throughput {
-                eprintln!("  throughput, {path}");
-                let addr = setup.addr(*path)?;
-                let pair = if *path == Path::Direct {
-                    None
-                } else {
-                    setup.pair.as_ref()
-                };
+            for m in setup.measured(args)? {
+                eprintln!("  throughput, {}", m.label);
                 let sat = measure_cpu(
                     &setup.backend.proc,
-                    pair,
-                    load::throughput(addr, args.duration(), args.sat_connections),
+                    m.procs,
+                    load::throughput(m.target, args.duration(), args.sat_connections),
                 )
                 .await?;
-                rounds.push(sat);
-                if peak.is_none() && *path != Path::Direct {
-                    let pair = setup.pair()?;
-                    peak = Some((
-                        procs::mem(&pair.outbound)?.hwm,
-                        procs::mem(&pair.inbound)?.hwm,
-                    ));
+                push_round(&mut throughput, m.label, sat);
+                if let (None, true, Some((outbound, inbound))) = (peak, m.stepmesh, m.procs) {
+                    peak = Some((procs::mem(outbound)?.hwm, procs::mem(inbound)?.hwm));
                 }
             }
         }
@@ -157,7 +199,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
                 };
                 let sat = measure_cpu(
                     &setup.backend.proc,
-                    pair,
+                    pair.map(|p| (&p.outbound, &p.inbound)),
                     load::new_connections(addr, args.duration(), args.conn_concurrency),
                 )
                 .await?;
@@ -238,61 +280,6 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
         .collect();
 
     if let (Some((idle_out, idle_in)), true) = (idle, args.wants(Scenario::Memory)) {
-        let mut with_conns = [[None; 2]; 2];
-        let mut held_counts = [0; 2];
-        // Each sidecar holds two sockets per connection, L4 or HTTP/1 (the
-        // HTTP/1 relay keeps one upstream connection per client
-        // connection); stay under the limit.
-        let nofile = procs::raise_nofile(200_000) as usize;
-        for (i, path) in [Path::L4, Path::Http].into_iter().enumerate() {
-            let fit = nofile.saturating_sub(256) / 2;
-            let n = args.idle_conns.min(fit);
-            if !args.paths.contains(&path) || n == 0 {
-                continue;
-            }
-            if n < args.idle_conns {
-                eprintln!(
-                    "  open-file limit {nofile}: {n} idle connections on the {path} instead of {}",
-                    args.idle_conns
-                );
-            }
-            eprintln!("  memory, {n} idle connections, {path}");
-            held_counts[i] = n;
-            // A fresh pair per port: memory the allocator kept from earlier
-            // scenarios would otherwise be counted.
-            let (Some(ca), Some(sidecars)) = (&setup.ca, &setup.sidecars) else {
-                continue;
-            };
-            let up = Upstreams {
-                http: setup.backend.http,
-                echo: setup.backend.echo,
-                l4: setup.backend.l4,
-            };
-            let label = if path == Path::L4 {
-                "idle-l4"
-            } else {
-                "idle-http"
-            };
-            let pair = Pair::start(sidecars, ca, dir, label, up, true).await?;
-            let addr = match path {
-                Path::L4 => Target {
-                    addr: pair.l4,
-                    opaque: true,
-                },
-                _ => Target {
-                    addr: pair.http,
-                    opaque: false,
-                },
-            };
-            let held = load::hold_idle(addr, n).await?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            with_conns[i] = [
-                Some(procs::mem(&pair.outbound)?.rss as f64 / MIB),
-                Some(procs::mem(&pair.inbound)?.rss as f64 / MIB),
-            ];
-            drop(held);
-            drop(pair);
-        }
         for (i, (name, idle)) in [("outbound", idle_out), ("inbound", idle_in)]
             .into_iter()
             .enumerate()
@@ -300,13 +287,16 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             report.memory.push(MemoryRow {
                 sidecar: name.to_owned(),
                 idle_mib: idle.rss as f64 / MIB,
+                idle_anon_mib: idle.anon as f64 / MIB,
                 peak_saturation_mib: peak.map(|(o, n)| [o, n][i] as f64 / MIB),
-                idle_conns_l4_mib: with_conns[0][i],
-                idle_conns_l4: held_counts[0],
-                idle_conns_http_mib: with_conns[1][i],
-                idle_conns_http: held_counts[1],
             });
         }
+    }
+    if args.wants(Scenario::Memory) {
+        // Peers' pairs stay up between the scenarios: stop them so their
+        // descriptors and memory are not the idle pairs' concern.
+        setup.peers.clear();
+        report.idle = idle_rows(args, &setup, dir, &mut report.peers).await;
     }
 
     if args.wants(Scenario::Startup) {
@@ -344,7 +334,16 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
         pair_no_resumption: None,
         stepmesh: None,
         sidecars: None,
+        peers: vec![],
     };
+    if args.wants(Scenario::Latency) || args.wants(Scenario::Throughput) {
+        for peer in args.peers() {
+            let pair = peer
+                .start(args.envoy.as_deref(), dir, "main", setup.backend.http)
+                .await?;
+            setup.peers.extend(pair);
+        }
+    }
     if !args.needs_mesh() {
         return Ok(setup);
     }
@@ -359,12 +358,9 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
     );
     eprintln!("starting the CA and the sidecars ({})", stepmesh.display());
     let startups = args.rounds.max(5);
-    let ca = Ca::start(
-        &stepmesh,
-        dir,
-        &mesh::identities(&["main", "no-resumption", "idle-l4", "idle-http"], startups),
-    )
-    .await?;
+    let labels = identity_labels(args.rounds);
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let ca = Ca::start(&stepmesh, dir, &mesh::identities(&labels, startups)).await?;
     let up = Upstreams {
         http: setup.backend.http,
         echo: setup.backend.echo,
@@ -416,19 +412,19 @@ struct Sat {
 
 async fn measure_cpu(
     backend: &Proc,
-    pair: Option<&Pair>,
+    pair: Option<(&Proc, &Proc)>,
     run: impl std::future::Future<Output = anyhow::Result<load::Count>>,
 ) -> anyhow::Result<Sat> {
     let cpu = |p: Option<&Proc>| p.map(procs::cpu).transpose();
     let before = (
-        cpu(pair.map(|p| &p.outbound))?,
-        cpu(pair.map(|p| &p.inbound))?,
+        cpu(pair.map(|p| p.0))?,
+        cpu(pair.map(|p| p.1))?,
         procs::cpu(backend)?,
     );
     let count = run.await?;
     let after = (
-        cpu(pair.map(|p| &p.outbound))?,
-        cpu(pair.map(|p| &p.inbound))?,
+        cpu(pair.map(|p| p.0))?,
+        cpu(pair.map(|p| p.1))?,
         procs::cpu(backend)?,
     );
     let per_op = |b: Duration, a: Duration| (a - b).as_secs_f64() * 1e6 / count.ok.max(1) as f64;
@@ -469,20 +465,32 @@ fn percentiles(run: &load::Latency) -> Percentiles {
     }
 }
 
-fn latency_rows(latency: Vec<(Path, Vec<Percentiles>)>) -> Vec<LatencyRow> {
+fn push_round<T>(rows: &mut Vec<(String, Vec<T>)>, label: String, round: T) {
+    match rows.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, rounds)) => rounds.push(round),
+        None => rows.push((label, vec![round])),
+    }
+}
+
+fn is_direct(label: &str) -> bool {
+    label == Path::Direct.to_string()
+}
+
+fn latency_rows(latency: Vec<(String, Vec<Percentiles>)>) -> Vec<LatencyRow> {
     let direct = latency
         .iter()
-        .find(|(p, r)| *p == Path::Direct && !r.is_empty())
+        .find(|(p, r)| is_direct(p) && !r.is_empty())
         .map(|(_, r)| median_percentiles(r));
     latency
         .into_iter()
         .filter(|(_, r)| !r.is_empty())
         .map(|(path, rounds)| {
             let median = median_percentiles(&rounds);
+            let on_direct = is_direct(&path);
             let vs = |f: fn(&Percentiles) -> f64| {
                 direct
                     .as_ref()
-                    .filter(|_| path != Path::Direct)
+                    .filter(|_| !on_direct)
                     .map(|d| f(&median) / f(d))
             };
             LatencyRow {
@@ -496,10 +504,10 @@ fn latency_rows(latency: Vec<(Path, Vec<Percentiles>)>) -> Vec<LatencyRow> {
         .collect()
 }
 
-fn throughput_rows(throughput: Vec<(Path, Vec<Sat>)>) -> Vec<ThroughputRow> {
+fn throughput_rows(throughput: Vec<(String, Vec<Sat>)>) -> Vec<ThroughputRow> {
     let direct = throughput
         .iter()
-        .find(|(p, r)| *p == Path::Direct && !r.is_empty())
+        .find(|(p, r)| is_direct(p) && !r.is_empty())
         .map(|(_, r)| median_sat(r).rate);
     throughput
         .into_iter()
@@ -507,12 +515,10 @@ fn throughput_rows(throughput: Vec<(Path, Vec<Sat>)>) -> Vec<ThroughputRow> {
         .map(|(path, rounds)| {
             let sat = median_sat(&rounds);
             ThroughputRow {
+                vs_direct: direct.filter(|_| !is_direct(&path)).map(|d| sat.rate / d),
                 path,
                 rounds_rps: rounds.iter().map(|s| s.rate).collect(),
                 rps: sat.rate,
-                vs_direct: direct
-                    .filter(|_| path != Path::Direct)
-                    .map(|d| sat.rate / d),
                 cpu_us_per_req_outbound: sat.outbound_us,
                 cpu_us_per_req_inbound: sat.inbound_us,
                 cpu_us_per_req_backend: sat.backend_us,
@@ -554,4 +560,145 @@ fn oha_rows(runs: Vec<(Path, Vec<OhaRun>, Vec<OhaRun>)>) -> Vec<OhaRow> {
             }
         })
         .collect()
+}
+
+/// Pair labels whose identities the CA must know: the main pairs and a
+/// fresh pair per round of the idle-connections scenario on each port.
+fn identity_labels(rounds: usize) -> Vec<String> {
+    let mut labels = vec!["main".to_owned(), "no-resumption".to_owned()];
+    for round in 0..rounds {
+        labels.push(format!("idle-l4-{round}"));
+        labels.push(format!("idle-http-{round}"));
+    }
+    labels
+}
+
+/// The idle-connections scenario on stepmesh's L4 and HTTP ports and on
+/// each installed peer, a fresh pair per round (memory the allocator kept
+/// from earlier traffic would otherwise be counted). A failed round ends
+/// that pair's rounds and is reported in its row; the other pairs go on.
+async fn idle_rows(
+    args: &Args,
+    setup: &Setup,
+    dir: &std::path::Path,
+    versions: &mut Vec<String>,
+) -> Vec<IdleRow> {
+    // The benchmark holds one socket per connection and a sidecar two (L4,
+    // HTTP/1 relay); the sidecars and peers started from here on inherit it.
+    let want = args.idle_conns as u64 * 2 + 1024;
+    let nofile = procs::raise_nofile(want);
+    if nofile < want {
+        eprintln!("  open-file limit {nofile} (wanted {want}): proxies may run out of descriptors");
+    }
+    let mut rows = vec![];
+    let mut subjects: Vec<String> = [Path::L4, Path::Http]
+        .into_iter()
+        .filter(|p| args.paths.contains(p) && setup.sidecars.is_some())
+        .map(|p| format!("stepmesh, {}", short(p)))
+        .collect();
+    subjects.extend(args.peers().iter().map(|p| p.to_string()));
+    for subject in subjects {
+        let mut row = IdleRow {
+            pair: subject.clone(),
+            rounds: vec![],
+            median: None,
+            failure: None,
+        };
+        for round in 0..args.rounds {
+            eprintln!("  idle connections, {subject}, round {}", round + 1);
+            match idle_round(args, setup, dir, &subject, round, versions).await {
+                Ok(Some(r)) => row.rounds.push(r),
+                Ok(None) => break,
+                Err(err) => {
+                    eprintln!("    failed: {err:#}");
+                    row.failure = Some(format!("{err:#}"));
+                    break;
+                }
+            }
+        }
+        if row.rounds.is_empty() && row.failure.is_none() {
+            continue;
+        }
+        row.median = (!row.rounds.is_empty()).then(|| idle::median(&row.rounds));
+        rows.push(row);
+    }
+    rows
+}
+
+fn short(path: Path) -> &'static str {
+    match path {
+        Path::L4 => "L4 port",
+        Path::Http => "HTTP port",
+        Path::Direct => "direct",
+    }
+}
+
+/// One round on a fresh pair; Ok(None) when the peer is not installed.
+async fn idle_round(
+    args: &Args,
+    setup: &Setup,
+    dir: &std::path::Path,
+    subject: &str,
+    round: usize,
+    versions: &mut Vec<String>,
+) -> anyhow::Result<Option<idle::Round>> {
+    let n = args.idle_conns;
+    let wait = args.close_wait();
+    if let Some(path) = [Path::L4, Path::Http]
+        .into_iter()
+        .find(|p| subject == format!("stepmesh, {}", short(*p)))
+    {
+        let (Some(ca), Some(sidecars)) = (&setup.ca, &setup.sidecars) else {
+            return Ok(None);
+        };
+        let up = Upstreams {
+            http: setup.backend.http,
+            echo: setup.backend.echo,
+            l4: setup.backend.l4,
+        };
+        let label = match path {
+            Path::L4 => format!("idle-l4-{round}"),
+            _ => format!("idle-http-{round}"),
+        };
+        let pair = Pair::start(sidecars, ca, dir, &label, up, true).await?;
+        let target = match path {
+            Path::L4 => Target {
+                addr: pair.l4,
+                opaque: true,
+            },
+            _ => Target {
+                addr: pair.http,
+                opaque: false,
+            },
+        };
+        let subject = idle::Subject {
+            target,
+            outbound: &pair.outbound,
+            inbound: &pair.inbound,
+        };
+        return Ok(Some(idle::run(subject, n, wait).await?));
+    }
+    let Some(peer) = args.peers().iter().find(|p| p.to_string() == subject) else {
+        return Ok(None);
+    };
+    let label = format!("idle-{round}");
+    let Some(pair) = peer
+        .start(args.envoy.as_deref(), dir, &label, setup.backend.http)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let line = format!("{}: {}", pair.peer, pair.version);
+    if !versions.contains(&line) {
+        versions.push(line);
+    }
+    let subject = idle::Subject {
+        target: Target {
+            addr: pair.addr,
+            opaque: false,
+        },
+        outbound: &pair.outbound,
+        inbound: &pair.inbound,
+    };
+    Ok(Some(idle::run(subject, n, wait).await?))
 }
