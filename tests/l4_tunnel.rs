@@ -83,10 +83,35 @@ fn two_hundred_app_connections_share_one_mtls_connection() {
     assert_eq!(line["dst"], app.to_string());
 }
 
+/// The established TCP connections process `pid` holds to `port` (its
+/// descriptors' socket inodes looked up in /proc/net/tcp): the mesh
+/// connections an outbound sidecar keeps to its peer's inbound listener.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let remote = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[2].ends_with(&remote) && f[3] == "01")
+        .filter(|f| inodes.contains(f[9]))
+        .count()
+}
+
 #[test]
 fn past_240_tunnels_a_second_mesh_connection_carries_the_rest() {
     let app = echo_server();
     let mesh = Mesh::start(app, &[], &[]);
+    let inbound = mesh.server.listener("inbound").port();
+    let mesh_conns = || connections_to(mesh.client.pid(), inbound);
     let mut conns = hold(mesh.outbound, 200);
     conns.extend(hold(mesh.outbound, 100));
     for (i, conn) in conns.iter_mut().enumerate() {
@@ -98,6 +123,13 @@ fn past_240_tunnels_a_second_mesh_connection_carries_the_rest() {
         2.0,
         "300 app connections: two mTLS connections (240 tunnels each at most)"
     );
+    assert_eq!(mesh_conns(), 2, "the outbound side holds both");
+    // Once its tunnels have ended, the extra connection is let go; the
+    // first stays pooled.
+    drop(conns);
+    eventually("the extra mesh connection closed", || {
+        (mesh_conns() == 1).then_some(())
+    });
 }
 
 #[test]

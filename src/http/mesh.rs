@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,9 +78,43 @@ impl Pooled {
         false
     }
 
+    /// The guard of a tunnel `take_tunnel` counted on this connection;
+    /// `slot`: the destination's, when this is one of its extra connections.
+    fn counted(&self, slot: Option<Weak<Slot>>) -> TunnelCount {
+        TunnelCount {
+            tunnels: self.tunnels.clone(),
+            extra: slot.map(|s| (s, self.id)),
+        }
+    }
+
     /// The connection's HTTP/2 client (a clone: hyper's handle is shared).
     pub(crate) fn sender(&self) -> SendRequest<MeshBody> {
         self.send.clone()
+    }
+}
+
+/// One tunnel counted on a pooled connection while it is open. The last
+/// tunnel of an extra connection (one dialled past [`TUNNEL_LIMIT`]) takes
+/// that connection out of the pool, so that it closes once idle instead
+/// of staying open for good after a burst; the destination's first
+/// connection stays pooled.
+pub(crate) struct TunnelCount {
+    tunnels: Arc<AtomicUsize>,
+    extra: Option<(Weak<Slot>, u64)>,
+}
+
+impl Drop for TunnelCount {
+    fn drop(&mut self) {
+        if self.tunnels.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(slot) = self.extra.as_ref().and_then(|(s, _)| s.upgrade()) else {
+            return;
+        };
+        let id = self.extra.as_ref().map(|(_, id)| *id);
+        let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+        // Re-read under the lock: `more_with_room` counts new tunnels under it.
+        more.retain(|p| Some(p.id) != id || p.tunnels.load(Ordering::Acquire) > 0);
     }
 }
 
@@ -200,30 +234,44 @@ impl MeshPool {
         }
     }
 
-    /// A live connection to `conn.dst` with room for one more tunnel, the
-    /// tunnel counted on it: the pooled connection, else one of the extra
-    /// connections, else a new extra one (one dial at a time per
+    /// A live connection to `conn.dst` with room for one more tunnel, and
+    /// the tunnel counted on it: the pooled connection, else one of the
+    /// extra connections, else a new extra one (one dial at a time per
     /// destination). A connection without tunnels (the peer's ALPN) is
-    /// returned as it is, nothing counted: the caller checks its kind.
-    pub(crate) async fn get_for_tunnel(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+    /// returned with nothing counted: the caller checks its kind.
+    pub(crate) async fn get_for_tunnel(
+        &self,
+        conn: &OutboundConn,
+    ) -> Result<(Pooled, Option<TunnelCount>), MeshError> {
         let first = self.get(conn, None).await?;
-        if !first.kind.tunnels || first.take_tunnel() {
-            return Ok(first);
+        if !first.kind.tunnels {
+            return Ok((first, None));
+        }
+        if first.take_tunnel() {
+            let count = first.counted(None);
+            return Ok((first, Some(count)));
         }
         let slot = self.slot(&conn.key);
+        let extra = |p: Pooled| {
+            let count = p.counted(Some(Arc::downgrade(&slot)));
+            (p, Some(count))
+        };
         if let Some(p) = slot.more_with_room() {
-            return Ok(p);
+            return Ok(extra(p));
         }
         let _one_dial = slot.dial.lock().await;
         if let Some(p) = slot.more_with_room() {
-            return Ok(p);
+            return Ok(extra(p));
         }
         let pooled = self.dial(conn).await?;
-        if pooled.kind.tunnels && pooled.take_tunnel() {
-            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
-            more.push(pooled.clone());
+        if !pooled.kind.tunnels || !pooled.take_tunnel() {
+            return Ok((pooled, None));
         }
-        Ok(pooled)
+        slot.more
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pooled.clone());
+        Ok(extra(pooled))
     }
 
     /// Forgets connection `id` (it is going away), so the next caller

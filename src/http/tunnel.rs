@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-use super::mesh::{self, Outgoing};
+use super::mesh::{self, Outgoing, TunnelCount};
 use super::outbound::{MeshError, OutboundConn};
 use super::{HttpLayer, ProxyBody};
 
@@ -53,7 +52,7 @@ pub struct Tunnel {
     pub io: TokioIo<Upgraded>,
     /// The peer's SPIFFE ID (from the pooled connection's certificate).
     pub peer: Option<Arc<str>>,
-    _open: OpenGuard,
+    _open: TunnelCount,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -61,15 +60,6 @@ impl std::fmt::Debug for Tunnel {
         f.debug_struct("Tunnel")
             .field("peer", &self.peer)
             .finish_non_exhaustive()
-    }
-}
-
-/// Counts a tunnel on its pooled connection while it is open.
-struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -104,16 +94,16 @@ pub async fn open(
 ) -> Result<Tunnel, TunnelError> {
     let mut retried = false;
     loop {
-        let pooled = match layer.mesh.get_for_tunnel(conn).await {
-            Ok(pooled) => pooled,
+        let (pooled, counted) = match layer.mesh.get_for_tunnel(conn).await {
+            Ok(got) => got,
             Err(MeshError::NoMeshAlpn(_)) => return Err(TunnelError::Unsupported),
             Err(e) => return Err(TunnelError::Unavailable(e)),
         };
-        if !pooled.kind.tunnels {
+        // Counted on the connection by `get_for_tunnel` (uncounted when
+        // this ends); nothing counted: the peer takes no tunnels.
+        let Some(counted) = counted else {
             return Err(TunnelError::Unsupported);
-        }
-        // Counted on it by `get_for_tunnel`: uncounted when this ends.
-        let counted = OpenGuard(pooled.tunnels.clone());
+        };
         let (error, unsent) = match connect_on(&pooled, &authority).await {
             Ok(resp) => return upgrade(resp, pooled.peer.clone(), counted).await,
             Err(failed) => failed,
@@ -151,7 +141,7 @@ async fn connect_on(
 async fn upgrade(
     resp: Response<Incoming>,
     peer: Option<Arc<str>>,
-    counted: OpenGuard,
+    counted: TunnelCount,
 ) -> Result<Tunnel, TunnelError> {
     match resp.status() {
         StatusCode::OK => {}
