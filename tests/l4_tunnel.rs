@@ -21,18 +21,6 @@ use stepmesh::http::TUNNEL_ALPN;
 
 const MIB: usize = 1024 * 1024;
 
-/// TLS handshakes the sidecar completed as the inbound side: mTLS
-/// connections accepted from the peer sidecar.
-fn inbound_handshakes(sidecar: &Sidecar) -> f64 {
-    sidecar
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("stepmesh_tls_handshakes_total{"))
-        .filter(|l| l.contains("direction=\"inbound\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Writes `msg` and reads it back from an echo path.
 fn echo(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     conn.write_all(msg).unwrap();
@@ -52,7 +40,7 @@ fn two_hundred_app_connections_share_one_mtls_connection() {
         assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
     }
     assert_eq!(
-        inbound_handshakes(&mesh.server),
+        inbound_handshakes_of(&mesh.server),
         1.0,
         "200 app connections: one mTLS connection between the sidecars"
     );
@@ -119,7 +107,7 @@ fn past_240_tunnels_a_second_mesh_connection_carries_the_rest() {
         assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
     }
     assert_eq!(
-        inbound_handshakes(&mesh.server),
+        inbound_handshakes_of(&mesh.server),
         2.0,
         "300 app connections: two mTLS connections (240 tunnels each at most)"
     );
@@ -170,7 +158,7 @@ fn half_close_and_16_mib_cross_a_tunnel_intact() {
     );
 
     assert_eq!(
-        inbound_handshakes(&mesh.server),
+        inbound_handshakes_of(&mesh.server),
         1.0,
         "both rode the pooled connection"
     );
@@ -240,7 +228,11 @@ fn a_reset_on_either_side_ends_the_other_sides_connection() {
     reset(conn);
     let ended = ended_rx.recv_timeout(PATIENCE).unwrap();
     eprintln!("the app saw the client's reset as: {ended}");
-    assert_eq!(inbound_handshakes(&mesh.server), 1.0, "both were tunnels");
+    assert_eq!(
+        inbound_handshakes_of(&mesh.server),
+        1.0,
+        "both were tunnels"
+    );
 }
 
 #[test]
@@ -279,7 +271,7 @@ fn each_stream_is_decided_by_its_own_port() {
         assert_eq!(status, 200);
         assert_eq!(second.echo(b"second").await, b"second");
     });
-    assert_eq!(inbound_handshakes(&mesh.server), 1.0);
+    assert_eq!(inbound_handshakes_of(&mesh.server), 1.0);
     let line = mesh
         .server
         .wait_access("the denied stream's line", |l| l["port"] == denied);
@@ -306,7 +298,7 @@ fn tunnels_off_on_either_side_fall_back_to_a_connection_each() {
             let msg = format!("fallback {i}");
             assert_eq!(echo(&mut conn, msg.as_bytes()), msg.as_bytes());
         }
-        let handshakes = inbound_handshakes(&mesh.server);
+        let handshakes = inbound_handshakes_of(&mesh.server);
         // One per app connection (plus, towards a sidecar without tunnels,
         // the pooled HTTP connection that told it so).
         assert!(

@@ -172,17 +172,6 @@ impl Http {
     }
 }
 
-/// TLS handshakes the sidecar completed as the inbound side.
-fn inbound_handshakes(sidecar: &Sidecar) -> f64 {
-    sidecar
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("stepmesh_tls_handshakes_total{"))
-        .filter(|l| l.contains("direction=\"inbound\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A fresh one-request HTTP connection's status (0: no answer).
 fn fresh_status(addr: SocketAddr) -> u16 {
     http_get(addr, "/fresh").0
@@ -231,10 +220,10 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     let mut y_http = Http::open(y_web);
     // X's second L4 connection is a second tunnel on the same mesh
     // connection: no new handshake at the server.
-    let handshakes = inbound_handshakes(&server);
+    let handshakes = inbound_handshakes_of(&server);
     let mut x_tunnel = Echo::open(x_l4);
     assert_eq!(
-        inbound_handshakes(&server),
+        inbound_handshakes_of(&server),
         handshakes,
         "a tunnel, not a connection"
     );

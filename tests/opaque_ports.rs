@@ -11,7 +11,7 @@
 mod common;
 mod http_support;
 
-use common::mesh::{free_port, Sidecar, SvidFiles};
+use common::mesh::{free_port, inbound_handshakes_of, Sidecar, SvidFiles};
 use http_support::app::{request, send, TestApp};
 use stepmesh_ca::testing::Pki;
 
@@ -25,16 +25,6 @@ fn http_requests(sidecar: &Sidecar, direction: &str, port: u16) -> f64 {
         .filter(|l| l.starts_with("stepmesh_http_requests_total{"))
         .filter(|l| l.contains(&format!("direction=\"{direction}\"")))
         .filter(|l| l.contains(&format!("port=\"{port}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// TLS handshakes the sidecar completed as the inbound side.
-fn inbound_handshakes(sidecar: &Sidecar) -> f64 {
-    let text = sidecar.metrics();
-    text.lines()
-        .filter(|l| l.starts_with("stepmesh_tls_handshakes_total{"))
-        .filter(|l| l.contains("direction=\"inbound\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -110,9 +100,9 @@ fn tcp_and_opaque_ports_stay_l4_end_to_end() {
     // The tcp port, the client side not told: still bytes end to end (a
     // mesh connection that negotiates tunnels only, and the app's HTTP/2
     // through a tunnel on it).
-    let before = inbound_handshakes(&server);
+    let before = inbound_handshakes_of(&server);
     let seen = call(&to_tcp);
-    assert_eq!(inbound_handshakes(&server) - before, 1.0);
+    assert_eq!(inbound_handshakes_of(&server) - before, 1.0);
     assert_eq!(seen["version"], "HTTP/2.0", "the app's own HTTP/2");
     assert!(seen["headers"].get("x-forwarded-client-cert").is_none());
     assert_eq!(http_requests(&server, "inbound", tcp_port), 0.0);
@@ -120,9 +110,9 @@ fn tcp_and_opaque_ports_stay_l4_end_to_end() {
 
     // The tcp port as an opaque port: never detected, never HTTP (a
     // tunnel, on this sidecar's own mesh connection).
-    let before = inbound_handshakes(&server);
+    let before = inbound_handshakes_of(&server);
     let seen = call(&opaque);
-    assert_eq!(inbound_handshakes(&server) - before, 1.0);
+    assert_eq!(inbound_handshakes_of(&server) - before, 1.0);
     assert!(seen["headers"].get("x-forwarded-client-cert").is_none());
     assert_eq!(http_requests(&opaque, "outbound", tcp_port), 0.0);
     assert_eq!(http_requests(&server, "inbound", tcp_port), 0.0);

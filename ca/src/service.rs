@@ -82,6 +82,21 @@ struct Refusal {
 }
 
 impl Refusal {
+    /// The audit line of a refused `decision` (`sign`, `sign_jwt_svid`).
+    fn audit(&self, decision: &'static str, peer: &str) {
+        tracing::warn!(
+            target: "stepmesh_ca::audit",
+            decision,
+            outcome = self.outcome,
+            identity = self.identity.as_deref().unwrap_or(""),
+            verifier = self.verifier,
+            reason = self.reason,
+            detail = self.status.message(),
+            peer,
+            "refused to sign ({decision})"
+        );
+    }
+
     fn authn(err: AuthnError) -> Self {
         let status = match &err {
             AuthnError::Unavailable { .. } => Status::unavailable(err.to_string()),
@@ -349,17 +364,7 @@ impl CertificateAuthority for CaService {
                 }))
             }
             Err(refusal) => {
-                tracing::warn!(
-                    target: "stepmesh_ca::audit",
-                    decision = "sign",
-                    outcome = refusal.outcome,
-                    identity = refusal.identity.as_deref().unwrap_or(""),
-                    verifier = refusal.verifier,
-                    reason = refusal.reason,
-                    detail = refusal.status.message(),
-                    peer = %peer,
-                    "refused to sign"
-                );
+                refusal.audit("sign", &peer);
                 self.metrics
                     .sign
                     .get_or_create(&SignLabels {
@@ -400,17 +405,7 @@ impl CertificateAuthority for CaService {
                 }))
             }
             Err(refusal) => {
-                tracing::warn!(
-                    target: "stepmesh_ca::audit",
-                    decision = "sign_jwt_svid",
-                    outcome = refusal.outcome,
-                    identity = refusal.identity.as_deref().unwrap_or(""),
-                    verifier = refusal.verifier,
-                    reason = refusal.reason,
-                    detail = refusal.status.message(),
-                    peer = %peer,
-                    "refused to sign a JWT-SVID"
-                );
+                refusal.audit("sign_jwt_svid", &peer);
                 Err(refusal.status)
             }
         }

@@ -17,6 +17,18 @@ use stepmesh_ca::testing::{Leaf, Pki};
 /// Generous deadline for anything a loaded 2-core machine must do.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// TLS handshakes `sidecar` completed as the inbound side: mTLS
+/// connections it accepted (from peer sidecars or other clients).
+pub fn inbound_handshakes_of(sidecar: &Sidecar) -> f64 {
+    sidecar
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("stepmesh_tls_handshakes_total{"))
+        .filter(|l| l.contains("direction=\"inbound\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `f` until it returns `Some` or `PATIENCE` passes.
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
