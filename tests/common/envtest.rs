@@ -510,9 +510,20 @@ impl Envtest {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// `kubectl apply -f -` of `yaml`, which must succeed.
+    /// `kubectl apply -f -` of `yaml`, which must succeed. Tests of one
+    /// binary share the API server and may apply the same object at once:
+    /// kubectl's client-side apply is get-then-create, so the loser of that
+    /// race sees AlreadyExists; applying again then patches, as intended.
     pub fn apply(&self, yaml: &str) -> String {
-        let out = self.kubectl_with_stdin(&["apply", "-f", "-"], yaml.as_bytes());
+        let mut out = self.kubectl_with_stdin(&["apply", "-f", "-"], yaml.as_bytes());
+        for _ in 0..3 {
+            if out.status.success()
+                || !String::from_utf8_lossy(&out.stderr).contains("AlreadyExists")
+            {
+                break;
+            }
+            out = self.kubectl_with_stdin(&["apply", "-f", "-"], yaml.as_bytes());
+        }
         assert!(
             out.status.success(),
             "kubectl apply: {}\n{yaml}",
