@@ -30,6 +30,78 @@ fn connection_limit_closes_the_excess_and_counts_it() {
     });
 }
 
+/// A sidecar with one outbound listener to `peer`, started under
+/// `prlimit --nofile=SOFT:HARD` as a container runtime would start it.
+fn sidecar_with_nofile(nofile: &str, peer: std::net::SocketAddr) -> (Sidecar, tempfile::TempDir) {
+    let pki = stepmesh_ca::testing::Pki::new("mesh.test");
+    let dir = tempfile::tempdir().unwrap();
+    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={peer}@{SERVER_ID}"),
+    ]);
+    let wrapper = ["prlimit".into(), format!("--nofile={nofile}"), "--".into()];
+    (Sidecar::spawn_wrapped(&wrapper, None, &args), dir)
+}
+
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_descriptor_limit_is_raised_and_the_connection_limit_fits_it() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        println!("skipped: no prlimit (util-linux) to start the sidecar under a low limit");
+        return;
+    }
+    // A peer that accepts and never answers: every app connection waits in
+    // its handshake, holding its connection permit.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    // Soft 512 under hard 4,096: raised to 4,096, and 16,384 connections
+    // would need more, so the limit becomes (4,096 - 256) / 2.
+    let (raised, _dir) = sidecar_with_nofile("512:4096", peer_addr);
+    raised.wait_log("raised", |l| {
+        (l["message"] == "descriptor limit raised to the hard limit"
+            && l["from"] == 512
+            && l["to"] == 4096)
+            .then_some(())
+    });
+    assert_eq!(soft_nofile(raised.pid()), 4096);
+    raised.wait_log("connection limit", |l| (l["carried"] == 1920).then_some(()));
+
+    // Hard 300: 22 connections at once, the 23rd closed at accept.
+    let (tight, _dir) = sidecar_with_nofile("300:300", peer_addr);
+    tight.wait_log("connection limit", |l| (l["carried"] == 22).then_some(()));
+    let outbound = tight.listener("outbound");
+    let held: Vec<TcpStream> = (0..22)
+        .map(|_| TcpStream::connect(outbound).unwrap())
+        .collect();
+    let series =
+        r#"stepmesh_connections_rejected_total{direction="outbound",reason="connection_limit"}"#;
+    // Accepted in order: the 22 hold their permits when the 23rd comes.
+    let mut over = TcpStream::connect(outbound).unwrap();
+    over.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(over.read(&mut byte).unwrap_or(0), 0, "the 23rd is closed");
+    eventually(series, || (tight.metric(series) >= 1.0).then_some(()));
+    assert_eq!(tight.metric(series), 1.0, "only the 23rd was refused");
+    for mut c in held {
+        c.set_nonblocking(true).unwrap();
+        let still_open =
+            matches!(c.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(still_open, "a connection within the limit was closed");
+    }
+    drop(peer);
+}
+
 #[test]
 fn idle_connections_are_closed() {
     let app = echo_server();

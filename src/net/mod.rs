@@ -4,6 +4,7 @@
 //! sidecar (`proxy`) and the protocol handlers (`http`) build on it.
 
 pub mod caps;
+pub mod fdlimit;
 pub mod forward;
 
 use std::time::Duration;

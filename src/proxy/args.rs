@@ -99,9 +99,13 @@ pub struct ProxyArgs {
     /// Deadline for dialling the app or the peer.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
-    /// Connections open at once, all listeners together; more are closed at accept.
-    #[arg(long, default_value_t = 16384, env = "STEPMESH_MAX_CONNECTIONS")]
-    pub max_connections: usize,
+    /// Connections open at once, all listeners together; more are closed at
+    /// accept. Default 16384, lowered at start if the descriptor limit (its
+    /// soft limit first raised to the hard one) cannot carry two per
+    /// connection; a value given here is kept (with a warning if it may not
+    /// fit).
+    #[arg(long, env = "STEPMESH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Inbound connections one peer identity may hold open at once (0: no
     /// cap); more are closed after the handshake, counted and logged.
     #[arg(

@@ -16,6 +16,7 @@ use super::listener::accept_loop;
 use super::outbound::{Outbound, OutboundTarget};
 use crate::drain::DrainWatch;
 use crate::metrics::Direction;
+use crate::net::fdlimit;
 use crate::tls::verify::Expected;
 use crate::tls::{self, TlsSettings};
 
@@ -63,9 +64,10 @@ pub async fn listeners(
         http: server_config,
         tcp: tcp_config,
     };
+    let max_connections = fdlimit::connection_limit(args.max_connections, fdlimit::raise());
     let mut launcher = Launcher {
         shared: shared.clone(),
-        permits: Arc::new(Semaphore::new(args.max_connections)),
+        permits: Arc::new(Semaphore::new(max_connections)),
         watch: watch.clone(),
         infos: Vec::new(),
     };
