@@ -178,10 +178,11 @@ pub struct ThroughputRow {
 /// New-connection rate of one path.
 #[derive(Debug, Serialize)]
 pub struct ConnRow {
-    /// The path.
-    pub path: Path,
-    /// Whether the sidecars may resume TLS sessions.
-    pub resumption: bool,
+    /// The path: direct, one of stepmesh's, or a peer pair.
+    pub label: String,
+    /// Whether stepmesh's sidecars may resume TLS sessions (None: direct,
+    /// or a peer pair).
+    pub resumption: Option<bool>,
     /// Connections (requests) per second, each round.
     pub rounds_cps: Vec<f64>,
     /// Median connections per second.
@@ -353,17 +354,15 @@ impl Report {
             md.push_str("| path | session resumption | conn/s | CPU µs/conn outbound | CPU µs/conn inbound | errors |\n");
             md.push_str("|---|---|---:|---:|---:|---:|\n");
             for r in &self.connrate {
-                let resumption = if r.path == Path::Direct {
-                    "–"
-                } else if r.resumption {
-                    "yes"
-                } else {
-                    "no"
+                let resumption = match r.resumption {
+                    None => "–",
+                    Some(true) => "yes",
+                    Some(false) => "no",
                 };
                 let _ = writeln!(
                     md,
                     "| {} | {resumption} | {:.0} | {} | {} | {} |",
-                    r.path,
+                    r.label,
                     r.cps,
                     opt(r.cpu_us_per_conn_outbound, 0),
                     opt(r.cpu_us_per_conn_inbound, 0),

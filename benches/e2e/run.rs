@@ -132,7 +132,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
 
     let mut latency: Vec<(String, Vec<Percentiles>)> = vec![];
     let mut throughput: Vec<(String, Vec<Sat>)> = vec![];
-    let mut connrate: Vec<((Path, bool), Vec<Sat>)> = vec![];
+    let mut connrate: Vec<(ConnKey, Vec<Sat>)> = vec![];
     let mut bulk: Vec<(Path, Vec<f64>)> = vec![];
     let mut peak = None;
     let oha_bin = args
@@ -178,34 +178,18 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
         }
         if args.wants(Scenario::Connrate) {
-            for (path, resumption) in connrate_cases(args, &setup) {
-                eprintln!("  new connections, {path}, resumption {resumption}");
-                let (addr, pair) = match (path, resumption) {
-                    (Path::Direct, _) => (setup.addr(Path::Direct)?, None),
-                    (Path::L4, false) => {
-                        let pair = setup
-                            .pair_no_resumption
-                            .as_ref()
-                            .context("no --no-session-resumption pair")?;
-                        (
-                            Target {
-                                addr: pair.l4,
-                                opaque: true,
-                            },
-                            Some(pair),
-                        )
-                    }
-                    (p, _) => (setup.addr(p)?, setup.pair.as_ref()),
-                };
+            for case in connrate_cases(args, &setup)? {
+                eprintln!("  new connections, {}", case.label);
                 let sat = measure_cpu(
                     &setup.backend.proc,
-                    pair.map(|p| (&p.outbound, &p.inbound)),
-                    load::new_connections(addr, args.duration(), args.conn_concurrency),
+                    case.procs,
+                    load::new_connections(case.target, args.duration(), args.conn_concurrency),
                 )
                 .await?;
-                match connrate.iter_mut().find(|(k, _)| *k == (path, resumption)) {
+                let key = (case.label, case.resumption);
+                match connrate.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, rounds)) => rounds.push(sat),
-                    None => connrate.push(((path, resumption), vec![sat])),
+                    None => connrate.push((key, vec![sat])),
                 }
             }
         }
@@ -257,10 +241,10 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     report.throughput = throughput_rows(throughput);
     report.connrate = connrate
         .into_iter()
-        .map(|((path, resumption), rounds)| {
+        .map(|((label, resumption), rounds)| {
             let sat = median_sat(&rounds);
             ConnRow {
-                path,
+                label,
                 resumption,
                 rounds_cps: rounds.iter().map(|s| s.rate).collect(),
                 cps: sat.rate,
@@ -336,7 +320,10 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
         sidecars: None,
         peers: vec![],
     };
-    if args.wants(Scenario::Latency) || args.wants(Scenario::Throughput) {
+    if [Scenario::Latency, Scenario::Throughput, Scenario::Connrate]
+        .iter()
+        .any(|s| args.wants(*s))
+    {
         for peer in args.peers() {
             let pair = peer
                 .start(args.envoy.as_deref(), dir, "main", setup.backend.http)
@@ -389,15 +376,47 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
     Ok(setup)
 }
 
-fn connrate_cases(args: &Args, setup: &Setup) -> Vec<(Path, bool)> {
+/// A new-connections row: its label and, for stepmesh, whether sessions
+/// resume.
+type ConnKey = (String, Option<bool>);
+
+/// One path the new-connections scenario measures.
+struct ConnCase<'a> {
+    label: String,
+    target: Target,
+    procs: Option<(&'a Proc, &'a Proc)>,
+    /// Whether stepmesh's sidecars may resume TLS sessions (None: not
+    /// stepmesh's sidecars).
+    resumption: Option<bool>,
+}
+
+/// stepmesh's paths (the L4 path also without session resumption), then
+/// every peer pair, each with its own client-side pool of upstream
+/// connections as configured for the other scenarios.
+fn connrate_cases<'a>(args: &Args, setup: &'a Setup) -> anyhow::Result<Vec<ConnCase<'a>>> {
     let mut cases = vec![];
-    for path in &args.paths {
-        cases.push((*path, true));
-        if *path == Path::L4 && setup.pair_no_resumption.is_some() {
-            cases.push((Path::L4, false));
+    for m in setup.measured(args)? {
+        let resumption = m.stepmesh.then_some(true);
+        let l4 = m.stepmesh && m.target.opaque;
+        cases.push(ConnCase {
+            label: m.label,
+            target: m.target,
+            procs: m.procs,
+            resumption,
+        });
+        if let (true, Some(pair)) = (l4, &setup.pair_no_resumption) {
+            cases.push(ConnCase {
+                label: Path::L4.to_string(),
+                target: Target {
+                    addr: pair.l4,
+                    opaque: true,
+                },
+                procs: Some((&pair.outbound, &pair.inbound)),
+                resumption: Some(false),
+            });
         }
     }
-    cases
+    Ok(cases)
 }
 
 /// A closed-loop run with the CPU each process spent on it.
