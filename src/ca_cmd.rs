@@ -214,6 +214,7 @@ pub async fn run(cmd: CaCommand) -> anyhow::Result<()> {
 
 async fn serve(args: CaServeArgs) -> anyhow::Result<()> {
     let config = args.to_config().config_err()?;
+    crate::net::fdlimit::raise();
     let ca = server::start(config)
         .await
         .map_err(exit_class)

@@ -93,6 +93,7 @@ pub async fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
+    crate::net::fdlimit::raise();
     let mut registry = Registry::default();
     let policy = PolicyWatch::start(&args.policy, &mut registry).config_err()?;
     if policy.current().kubernetes().is_none() {

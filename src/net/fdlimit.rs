@@ -42,9 +42,11 @@ impl FdLimit {
     }
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit. A refusal (a
-/// seccomp profile, say) keeps the soft limit as it was: the limit found is
-/// then what the connection limit is sized to.
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and logs it. A
+/// refusal (a seccomp profile, say) keeps the soft limit as it was: the
+/// limit found is then what the connection limit is sized to. Every
+/// long-running server calls it first (the CA holds one stream per
+/// sidecar; the gateway one connection per kubectl).
 pub fn raise() -> FdLimit {
     let found = getrlimit(Resource::Nofile);
     let was = found.current;
@@ -60,7 +62,14 @@ pub fn raise() -> FdLimit {
         maximum: found.maximum,
     };
     match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => FdLimit { was, now: target },
+        Ok(()) => {
+            tracing::info!(
+                from = current,
+                to = target,
+                "descriptor limit raised to the hard limit"
+            );
+            FdLimit { was, now: target }
+        }
         Err(e) => {
             tracing::warn!(error = %e, soft = current, hard = target, "could not raise the descriptor limit");
             FdLimit { was, now: current }
@@ -74,15 +83,8 @@ pub const DEFAULT_CONNECTIONS: usize = 16_384;
 /// The connection limit: the operator's (`configured`), kept even if
 /// `limit` may not carry it (they may know their connections take one
 /// descriptor each, as tunnelled ones do), or else the default, lowered to
-/// what `limit` carries. Logs what it found and decided.
+/// what `limit` carries (and a warning says so).
 pub fn connection_limit(configured: Option<usize>, limit: FdLimit) -> usize {
-    if let Some(was) = limit.was.filter(|was| *was != limit.now) {
-        tracing::info!(
-            from = was,
-            to = limit.now,
-            "descriptor limit raised to the hard limit"
-        );
-    }
     let carried = limit.connections();
     let wanted = configured.unwrap_or(DEFAULT_CONNECTIONS);
     if carried >= wanted {
