@@ -219,6 +219,7 @@ struct OutcomeLabels {
 pub struct IdentityMetrics {
     expiry: Gauge,
     renewals: Family<OutcomeLabels, Counter>,
+    ca_failovers: Counter,
 }
 
 impl IdentityMetrics {
@@ -227,6 +228,7 @@ impl IdentityMetrics {
         let m = Self {
             expiry: Gauge::default(),
             renewals: Family::default(),
+            ca_failovers: Counter::default(),
         };
         registry.register(
             "stepmesh_svid_expiry_timestamp_seconds",
@@ -238,7 +240,17 @@ impl IdentityMetrics {
             "SVID renewals (CA) or reloads (files), by outcome",
             m.renewals.clone(),
         );
+        registry.register(
+            "stepmesh_ca_replica_failovers",
+            "Calls to the CA that a replica could not answer and that went on to the next replica",
+            m.ca_failovers.clone(),
+        );
         m
+    }
+
+    /// The failover counter, for the CA client to count in.
+    pub fn ca_failovers(&self) -> Counter {
+        self.ca_failovers.clone()
     }
 
     /// Records the not-after of the SVID now in use.

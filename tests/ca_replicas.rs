@@ -382,6 +382,10 @@ fn killing_the_replica_a_sidecar_renews_from_loses_no_request() {
     assert_eq!(failed, 0, "no request on a kept connection failed");
     assert_eq!(fresh_failed, 0, "no new connection failed");
     assert!(ok > 100 && fresh_ok > 10, "load ran: {ok} {fresh_ok}");
+    // The first renewal after the kill asked replica 1 (the one that
+    // answered last) and moved on: the operator sees it counted.
+    let failovers = client.metric("stepmesh_ca_replica_failovers_total");
+    assert!(failovers >= 1.0, "failovers counted: {failovers}");
 
     // The trust-bundle streams (on replica 1 before the kill) moved to
     // replica 2: a revocation made there reaches the pair.

@@ -189,6 +189,14 @@ impl CaClient {
         })
     }
 
+    /// Counts in `failovers` every call that a replica could not answer
+    /// and that moved on to the next one (set once; later calls keep the
+    /// first counter).
+    pub fn count_failovers(self, failovers: prometheus_client::metrics::counter::Counter) -> Self {
+        let _ = self.replicas.failovers.set(failovers);
+        self
+    }
+
     /// Refuses SVIDs of any other trust domain.
     pub fn expect_trust_domain(mut self, td: TrustDomain) -> Self {
         self.expect_td = Some(td);

@@ -75,7 +75,10 @@ impl CaSource {
         store: Arc<CertStore>,
         metrics: IdentityMetrics,
     ) -> anyhow::Result<Infallible> {
-        let client = self.client(&store).await?;
+        let client = self
+            .client(&store)
+            .await?
+            .count_failovers(metrics.ca_failovers());
         let renew_now = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(watch_bundle(
             client.clone(),

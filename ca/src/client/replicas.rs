@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Channel, Endpoint};
@@ -66,6 +68,9 @@ pub(super) struct Replicas {
     roots: Arc<rustls::RootCertStore>,
     open: Mutex<HashMap<SocketAddr, Arc<Replica>>>,
     preferred: Mutex<Option<SocketAddr>>,
+    /// Calls moved on from a replica that could not answer (the owner's
+    /// metric, once given).
+    pub(super) failovers: OnceLock<Counter>,
 }
 
 impl Replicas {
@@ -90,6 +95,7 @@ impl Replicas {
             roots,
             open: Mutex::new(HashMap::new()),
             preferred: Mutex::new(None),
+            failovers: OnceLock::new(),
         })
     }
 
@@ -180,6 +186,9 @@ impl Replicas {
                 Err(e) if next(&e) => {
                     if several {
                         tracing::info!(replica = %addr, error = %e, "CA replica did not answer; trying the next");
+                        if let Some(failovers) = self.failovers.get() {
+                            failovers.inc();
+                        }
                     }
                     last = Some(e);
                 }
