@@ -199,6 +199,11 @@ struct Pair {
 }
 
 fn pair() -> Pair {
+    pair_with(&[])
+}
+
+/// [`pair`], the client sidecar started with `client_flags` too.
+fn pair_with(client_flags: &[&str]) -> Pair {
     let app = RawApp::start();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("mesh.test");
@@ -239,6 +244,7 @@ inbound:
         "--outbound".into(),
         format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
     ]);
+    args.extend(client_flags.iter().map(|f| f.to_string()));
     let client = Sidecar::spawn(&args);
     server.wait_ready();
     client.wait_ready();
@@ -462,4 +468,34 @@ fn short_lived_app_connections_reuse_one_peer_connection() {
         1.0,
         "five app connections, one after the other, rode one peer connection"
     );
+}
+
+#[test]
+fn concurrent_app_connections_share_one_mesh_connection_as_tunnels() {
+    // With tunnels (the default) five app connections held at once are
+    // five streams on one mTLS connection; a sidecar without them takes
+    // one mTLS connection per app connection.
+    for (flags, handshakes) in [(&[][..], 1.0), (&["--no-tunnel"][..], 5.0)] {
+        let p = pair_with(flags);
+        let mut held: Vec<_> = (0..5).map(|_| p.connect()).collect();
+        for round in 0..2 {
+            for (i, (s, r)) in held.iter_mut().enumerate() {
+                s.write_all(b"GET /kept HTTP/1.1\r\nHost: api\r\n\r\n")
+                    .unwrap();
+                let resp = read_message(r, true).unwrap();
+                assert_eq!(
+                    resp.status(),
+                    200,
+                    "{flags:?} round {round} conn {i}: {}",
+                    resp.head
+                );
+            }
+        }
+        assert_eq!(
+            outbound_handshakes(&p),
+            handshakes,
+            "{flags:?}: mTLS connections for five concurrent app connections"
+        );
+        assert_eq!(p.app.seen.load(Ordering::SeqCst), 10, "{flags:?}");
+    }
 }

@@ -1,7 +1,8 @@
 //! Outbound HTTP. HTTP/1 from the local app is relayed request by request
-//! ([`relay_h1`]) over an mTLS connection of its own to the peer sidecar,
-//! as the L4 path would carry it, so the request costs what the L4 path
-//! costs plus a head parse. HTTP/2 rides pooled, multiplexed mTLS
+//! ([`relay_h1`]) to the peer sidecar as the L4 path would carry it (a
+//! tunnel on the pooled mesh connection, or an mTLS connection of its own
+//! to a peer without tunnels), so the request costs what the L4 path costs
+//! plus a head parse. HTTP/2 rides pooled, multiplexed mTLS
 //! connections to the peer sidecar (ALPN `stepmesh/h2`, the app's protocol
 //! in `stepmesh-orig-proto`): a new app connection costs no handshake once
 //! the pool holds a connection.
@@ -111,21 +112,26 @@ where
 }
 
 /// Relays the app's HTTP/1 requests (their first bytes still unread in
-/// `app`) over `peer`, the mTLS connection to the destination's sidecar,
-/// which reached `peer_id`. Afterwards `peer` holds the connection if it
-/// can serve another app connection (see [`PeerPool`]).
-pub(crate) async fn relay_h1(
+/// `app`) over `peer` to the destination's sidecar, which reached
+/// `peer_id`: a tunnel on the pooled mesh connection, or an mTLS
+/// connection of its own (a peer without tunnels). Afterwards `peer` holds
+/// the upstream if it can serve another app connection (see [`PeerPool`]).
+pub(crate) async fn relay_h1<U>(
     layer: &HttpLayer,
     port: u16,
     peer_id: Option<&str>,
     app: &mut TcpStream,
-    peer: &mut Option<PeerStream>,
+    peer: &mut Option<U>,
     idle: Duration,
-) -> h1::Relayed {
+) -> h1::Relayed
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let side = PeerSide {
         layer,
         port,
         peer_id,
+        upstream: std::marker::PhantomData,
     };
     h1::relay(&side, app, bytes::Bytes::new(), peer, idle, layer.drained()).await
 }
@@ -200,17 +206,21 @@ fn still_open(stream: &mut PeerStream) -> bool {
 
 /// The outbound end of the HTTP/1 relay: requests counted and logged, and
 /// sent to the one peer connection (the decisions are the far side's).
-struct PeerSide<'a> {
+struct PeerSide<'a, U> {
     layer: &'a HttpLayer,
     port: u16,
     peer_id: Option<&'a str>,
+    upstream: std::marker::PhantomData<fn() -> U>,
 }
 
 /// An mTLS connection to a peer sidecar.
 pub(crate) type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-impl h1::Side for PeerSide<'_> {
-    type Upstream = PeerStream;
+impl<U> h1::Side for PeerSide<'_, U>
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    type Upstream = U;
     const REDIAL: bool = false;
     const DIRECTION: &'static str = "outbound";
 
@@ -251,7 +261,7 @@ impl h1::Side for PeerSide<'_> {
         })
     }
 
-    fn dial(&self) -> impl Future<Output = std::io::Result<PeerStream>> + Send {
+    fn dial(&self) -> impl Future<Output = std::io::Result<U>> + Send {
         std::future::ready(Err(std::io::Error::new(
             std::io::ErrorKind::NotConnected,
             "the peer sidecar closed the connection",

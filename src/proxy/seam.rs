@@ -12,10 +12,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
+use super::tunnel::Opened;
 use crate::http::detect::{self, Detected, Prefixed};
 use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn};
-use crate::http::tunnel::Tunnels;
+use crate::http::tunnel::{Tunnel, Tunnels};
 use crate::http::{MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
@@ -242,9 +243,10 @@ fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
 }
 
 /// The outbound seam: an mTLS destination's HTTP/1 is relayed request by
-/// request over an mTLS connection of its own, HTTP/2 rides the pooled
-/// `stepmesh/h2` connection; anything else (or HTTP/2 to a peer that is not
-/// a stepmesh sidecar) is opaque TCP.
+/// request through a tunnel (or an mTLS connection of its own to a peer
+/// without tunnels), HTTP/2 rides the pooled `stepmesh/h2` connection;
+/// anything else (or HTTP/2 to a peer that is not a stepmesh sidecar) is
+/// opaque TCP.
 pub async fn outbound(
     shared: &Shared,
     connector: &TlsConnector,
@@ -258,7 +260,9 @@ pub async fn outbound(
     if ctx.action == OutboundAction::Mtls && !ctx.opaque {
         match detect::peek(&app, OUTBOUND_DETECT).await {
             // Boxed, so opaque TCP connections keep a small task (see inbound).
-            Detected::Http1 => return Box::pin(outbound_h1(shared, connector, ctx, app)).await,
+            Detected::Http1 => {
+                return Box::pin(outbound_h1(shared, connector, mesh, ctx, app)).await
+            }
             Detected::Http2 => match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
                 Ok(outcome) => return outcome,
                 Err(back) => app = back,
@@ -281,16 +285,25 @@ fn pool_key(ctx: &OutboundContext) -> Arc<str> {
     format!("{}@{}", ctx.expected, ctx.dst).into()
 }
 
-/// HTTP/1 relayed over an mTLS connection to the peer, one at a time per
-/// app connection, as the L4 path would carry it; an idle one left by an
-/// earlier app connection is taken first, and this one is left for the
-/// next when the app closes.
+/// HTTP/1 relayed to the peer as the L4 path would carry it: through a
+/// tunnel on the pooled mesh connection, or, to a peer without tunnels,
+/// over an mTLS connection of its own (an idle one left by an earlier app
+/// connection is taken first, and this one is left for the next when the
+/// app closes).
 async fn outbound_h1(
     shared: &Shared,
     connector: &TlsConnector,
+    mesh: &TlsConnector,
     ctx: &OutboundContext,
     mut app: TcpStream,
 ) -> Outcome {
+    if shared.tunnel {
+        match super::tunnel::open_for(shared, mesh, ctx, &mut app).await {
+            Opened::Tunnel(tunnel) => return h1_through_tunnel(shared, ctx, app, tunnel).await,
+            Opened::Done(outcome) => return outcome,
+            Opened::Unsupported => {}
+        }
+    }
     let key = pool_key(ctx);
     let pooled = shared.http.peers.take(&key);
     let (tls, peer_id) = match pooled {
@@ -316,6 +329,42 @@ async fn outbound_h1(
         shared.http.peers.put(key, tls, peer_id.clone());
     }
     close_gracefully(&mut app).await;
+    h1_outcome(done, peer_id)
+}
+
+/// HTTP/1 relayed through `tunnel`, which ends with the app connection.
+async fn h1_through_tunnel(
+    shared: &Shared,
+    ctx: &OutboundContext,
+    mut app: TcpStream,
+    tunnel: Tunnel,
+) -> Outcome {
+    let peer_id = super::tunnel::allowed_peer(shared, &tunnel);
+    let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
+    // The stream moves into the relay; the rest of `tunnel` (its count on
+    // the pooled connection) lives to the end of this function.
+    let mut upstream = Some(tunnel.io);
+    let done = crate::http::outbound::relay_h1(
+        &shared.http,
+        ctx.port,
+        peer,
+        &mut app,
+        &mut upstream,
+        shared.timeouts.idle,
+    )
+    .await;
+    // Still usable: ended by the app, so the stream ends cleanly too.
+    if let Some(mut io) = upstream {
+        close_gracefully(&mut io).await;
+    }
+    close_gracefully(&mut app).await;
+    h1_outcome(done, peer_id)
+}
+
+/// The access-log outcome of an HTTP/1 relay: a peer that closed before
+/// the first request refused the connection (as it closes a denied L4
+/// one).
+fn h1_outcome(done: crate::http::h1::Relayed, peer_id: Option<crate::policy::SpiffeId>) -> Outcome {
     let refused = done.upstream_closed_first && done.requests == 0;
     Outcome {
         bytes_in: done.bytes_in,

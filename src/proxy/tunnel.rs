@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, OutboundContext};
 use super::conn::{Outcome, Shared};
-use crate::http::tunnel::{answer, Answer, TunnelError, Tunnels};
+use crate::http::tunnel::{answer, Answer, Tunnel, TunnelError, Tunnels};
 use crate::metrics::Direction;
 use crate::net::forward::{forward, ForwardError};
 
@@ -164,6 +164,74 @@ fn destination(
     })
 }
 
+/// What opening a tunnel for an app connection came to.
+pub(super) enum Opened {
+    /// The tunnel, open.
+    Tunnel(Tunnel),
+    /// The peer takes no tunnel here (a sidecar without them, or the
+    /// pooled connection is full): the caller takes an mTLS connection of
+    /// its own.
+    Unsupported,
+    /// Refused by the peer or failed: the app connection is finished with
+    /// this outcome (a refusal closed it gracefully).
+    Done(Outcome),
+}
+
+/// Opens a tunnel for the app connection `app` on the pooled mesh
+/// connection to `ctx`'s destination (dialled if there is none).
+pub(super) async fn open_for(
+    shared: &Shared,
+    mesh: &TlsConnector,
+    ctx: &OutboundContext,
+    app: &mut TcpStream,
+) -> Opened {
+    let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
+        return Opened::Unsupported;
+    };
+    // Boxed: the dial and the stream's opening are large and live only
+    // while connecting (as the L4 path's handshake); inline they would
+    // size every idle connection's task.
+    let opened = Box::pin(async {
+        let conn = super::seam::mesh_conn(shared, mesh, ctx);
+        crate::http::tunnel::open(&shared.http, &conn, authority).await
+    })
+    .await;
+    match opened {
+        Ok(tunnel) => Opened::Tunnel(tunnel),
+        Err(TunnelError::Unsupported) => Opened::Unsupported,
+        Err(TunnelError::Refused(_)) => {
+            close_gracefully(app).await;
+            Opened::Done(Outcome {
+                refused: true,
+                peer_id: None,
+                ..Outcome::default()
+            })
+        }
+        Err(e @ TunnelError::Unavailable(_)) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: no mesh connection");
+            Opened::Done(Outcome::failed("peer_connect", e))
+        }
+        Err(e @ TunnelError::Failed(_)) => {
+            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: tunnel failed");
+            Opened::Done(Outcome::failed("peer_connect", e))
+        }
+    }
+}
+
+/// The peer a tunnel reached, counted as an allowed outbound connection.
+pub(super) fn allowed_peer(shared: &Shared, tunnel: &Tunnel) -> Option<crate::policy::SpiffeId> {
+    let peer_id = tunnel
+        .peer
+        .as_deref()
+        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
+    if let Some(peer) = &peer_id {
+        shared
+            .metrics
+            .connection(Direction::Outbound, peer.as_str(), "allow");
+    }
+    peer_id
+}
+
 /// An opaque app connection through a tunnel on the pooled mesh
 /// connection; `Err(app)` hands it back for the L4 path when the peer
 /// takes no tunnel (a sidecar without them, or the connection is full).
@@ -174,46 +242,12 @@ pub(super) async fn outbound(
     app: TcpStream,
 ) -> Result<Outcome, TcpStream> {
     let mut app = app;
-    let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
-        return Err(app);
+    let mut tunnel = match open_for(shared, mesh, ctx, &mut app).await {
+        Opened::Tunnel(tunnel) => tunnel,
+        Opened::Unsupported => return Err(app),
+        Opened::Done(outcome) => return Ok(outcome),
     };
-    // Boxed: the dial and the stream's opening are large and live only
-    // while connecting (as the L4 path's handshake); inline they would
-    // size every idle connection's task.
-    let opened = Box::pin(async {
-        let conn = super::seam::mesh_conn(shared, mesh, ctx);
-        crate::http::tunnel::open(&shared.http, &conn, authority).await
-    })
-    .await;
-    let mut tunnel = match opened {
-        Ok(tunnel) => tunnel,
-        Err(TunnelError::Unsupported) => return Err(app),
-        Err(TunnelError::Refused(_)) => {
-            close_gracefully(&mut app).await;
-            return Ok(Outcome {
-                refused: true,
-                peer_id: None,
-                ..Outcome::default()
-            });
-        }
-        Err(e @ TunnelError::Unavailable(_)) => {
-            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: no mesh connection");
-            return Ok(Outcome::failed("peer_connect", e));
-        }
-        Err(e @ TunnelError::Failed(_)) => {
-            tracing::warn!(dst = %ctx.dst, error = %e, "outbound: tunnel failed");
-            return Ok(Outcome::failed("peer_connect", e));
-        }
-    };
-    let peer_id = tunnel
-        .peer
-        .as_deref()
-        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
-    if let Some(peer) = &peer_id {
-        shared
-            .metrics
-            .connection(Direction::Outbound, peer.as_str(), "allow");
-    }
+    let peer_id = allowed_peer(shared, &tunnel);
     let counters = shared.metrics.byte_counters(Direction::Outbound);
     let done = forward(&mut app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
     match &done.error {
