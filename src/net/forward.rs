@@ -33,6 +33,27 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUF_SIZE].into_boxed_slice());
 }
 
+/// Polls one read from `io` into this thread's scratch buffer and gives the
+/// bytes read to `take` in the same poll, so a connection waiting for its
+/// next bytes holds no buffer of its own (nothing stays in the scratch:
+/// cancel-safe). `Ok` with an empty slice is EOF.
+pub fn poll_read_scratch<R, T>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    take: impl FnOnce(&[u8]) -> T,
+) -> Poll<io::Result<T>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    SCRATCH.with(|scratch| {
+        // Borrowed only for this synchronous step (see SCRATCH).
+        let mut scratch = scratch.borrow_mut();
+        let mut buf = ReadBuf::new(&mut scratch[..]);
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(take(buf.filled())))
+    })
+}
+
 /// Why a forwarded connection ended before both sides closed cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {

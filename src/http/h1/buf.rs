@@ -1,16 +1,20 @@
-//! A connection side's read buffer: bytes read but not yet relayed. Small
-//! while a connection only carries small messages (an idle connection is
-//! paid for in KiB); grown while reads fill it (a body streaming through
-//! is read a TLS record's worth at a time) or a head does not fit (up to
-//! the head limit), and shrunk back once the connection is idle.
+//! A connection side's read buffer: bytes read but not yet relayed. None
+//! at all while the connection waits between messages (an idle connection
+//! is paid for in KiB: the wait reads into the thread's scratch buffer,
+//! `net::forward::poll_read_scratch`, and the buffer is allocated when
+//! bytes arrive); small while a connection only carries small messages;
+//! grown while reads fill it (a body streaming through is read a TLS
+//! record's worth at a time) or a head does not fit (up to the head
+//! limit), and given back once the connection is between messages.
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::message::MAX_HEAD;
+use crate::net::forward::poll_read_scratch;
 
-/// The size of an idle connection's buffer: a typical head fits.
+/// The size a buffer starts at when bytes arrive: a typical head fits.
 pub const INITIAL: usize = 4 * 1024;
 /// The size reads grow to while they fill the buffer: one maximal TLS
 /// record of plaintext, so a full read becomes one record.
@@ -25,15 +29,33 @@ pub struct Buf {
 }
 
 impl Buf {
-    /// A buffer holding `prefix` (bytes protocol detection already read).
+    /// A buffer holding `prefix` (bytes protocol detection already read);
+    /// none allocated for an empty one.
     pub fn with_prefix(prefix: &[u8]) -> Buf {
-        let mut data = vec![0; INITIAL.max(prefix.len())];
-        data[..prefix.len()].copy_from_slice(prefix);
-        Buf {
-            data,
+        let mut b = Buf {
+            data: Vec::new(),
             start: 0,
-            end: prefix.len(),
+            end: 0,
+        };
+        if !prefix.is_empty() {
+            b.hold(prefix);
         }
+        b
+    }
+
+    /// Takes `bytes` into a released buffer: a read that filled the scratch
+    /// means more is coming, so the buffer starts at a record's size.
+    fn hold(&mut self, bytes: &[u8]) {
+        let size = if bytes.len() >= crate::net::forward::BUF_SIZE {
+            STREAMING.max(bytes.len())
+        } else {
+            INITIAL.max(bytes.len())
+        };
+        let mut data = vec![0; size];
+        data[..bytes.len()].copy_from_slice(bytes);
+        self.data = data;
+        self.start = 0;
+        self.end = bytes.len();
     }
 
     /// The unconsumed bytes.
@@ -61,6 +83,18 @@ impl Buf {
     /// limit it is an error the caller reports as a head too large.
     /// Cancel-safe: what a read returned is in the buffer.
     pub async fn fill<R: AsyncRead + Unpin + ?Sized>(&mut self, io: &mut R) -> io::Result<usize> {
+        if self.data.is_empty() {
+            // Released: wait without a buffer, take what arrives.
+            return std::future::poll_fn(|cx| {
+                poll_read_scratch(io, cx, |bytes| {
+                    if !bytes.is_empty() {
+                        self.hold(bytes);
+                    }
+                    bytes.len()
+                })
+            })
+            .await;
+        }
         if self.end == self.data.len() {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -83,12 +117,11 @@ impl Buf {
         Ok(n)
     }
 
-    /// Gives back what reads grew the buffer to, once it is empty (the
-    /// connection is between messages).
+    /// Gives the buffer back once it is empty (the connection is between
+    /// messages): the next read allocates what it needs.
     pub fn relax(&mut self) {
-        if self.is_empty() && self.data.len() > INITIAL {
-            self.data.truncate(INITIAL);
-            self.data.shrink_to_fit();
+        if self.is_empty() {
+            self.data = Vec::new();
         }
     }
 }
@@ -125,19 +158,31 @@ mod tests {
         assert_eq!(b.bytes().len(), MAX_HEAD + 1);
         b.consume(usize::MAX);
         b.relax();
-        assert_eq!(b.data.capacity(), INITIAL, "an idle buffer shrinks back");
+        assert_eq!(b.data.capacity(), 0, "an idle buffer is given back");
     }
 
     #[tokio::test]
     async fn reads_that_fill_the_buffer_grow_it_to_a_record() {
         let mut b = Buf::with_prefix(&[]);
+        assert_eq!(b.data.capacity(), 0, "nothing held before bytes arrive");
         let body = vec![1u8; 3 * STREAMING];
         let mut src: &[u8] = &body;
-        assert_eq!(b.fill(&mut src).await.unwrap(), INITIAL);
+        // A released buffer reads a scratch's worth and keeps a record's.
+        assert_eq!(b.fill(&mut src).await.unwrap(), STREAMING);
+        assert_eq!(b.data.len(), STREAMING);
         b.consume(usize::MAX);
         assert_eq!(b.fill(&mut src).await.unwrap(), STREAMING);
         b.consume(usize::MAX);
         b.relax();
+        assert_eq!(b.data.capacity(), 0);
+        // A small message: a head's worth, bytes intact; EOF holds nothing.
+        let mut src: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(b.fill(&mut src).await.unwrap(), 18);
+        assert_eq!(b.bytes(), b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(b.data.len(), INITIAL);
+        b.consume(usize::MAX);
+        b.relax();
+        assert_eq!(b.fill(&mut src).await.unwrap(), 0);
+        assert_eq!(b.data.capacity(), 0);
     }
 }

@@ -258,13 +258,10 @@ impl<S: Side> Relay<'_, S> {
                 idle.set_deadline(Some(Instant::now() + limits.header_timeout));
             }
             if between {
+                // Waiting for the next request holds no buffer.
                 cbuf.relax();
                 ubuf.relax();
-                if out.capacity() > buf::INITIAL {
-                    // It gathered a body once; an idle connection keeps
-                    // no more than a head's worth.
-                    *out = Vec::with_capacity(buf::INITIAL);
-                }
+                *out = Vec::new();
             }
             let watch = async {
                 match upstream.as_mut() {
