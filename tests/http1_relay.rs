@@ -499,3 +499,41 @@ fn concurrent_app_connections_share_one_mesh_connection_as_tunnels() {
         assert_eq!(p.app.seen.load(Ordering::SeqCst), 10, "{flags:?}");
     }
 }
+
+#[test]
+fn many_short_app_connections_end_their_tunnels_cleanly() {
+    // Short app connections, 16 at a time, each its own tunnel: each must
+    // end at both ends (the app's `Connection: close` is not passed on, so
+    // the peer's side is still open when the app's ends), all answered,
+    // all on one mesh connection. (The release benchmark's thousands per
+    // second were what reset streams failed: docs/BENCHMARKS.md.)
+    let p = std::sync::Arc::new(pair());
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for i in 0..80 {
+                    let (mut s, mut r) = p.connect();
+                    s.write_all(b"GET /short HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                        .unwrap();
+                    let resp = read_message(&mut r, true)
+                        .unwrap_or_else(|| panic!("worker {w}: no answer to connection {i}"));
+                    assert_eq!(
+                        resp.status(),
+                        200,
+                        "worker {w} connection {i}: {}",
+                        resp.head
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(
+        outbound_handshakes(&p),
+        1.0,
+        "1,280 app connections rode one mesh connection"
+    );
+}

@@ -416,3 +416,50 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
             .supported_schemes()
     }
 }
+
+#[test]
+fn thousands_of_app_connections_reset_mid_stream_leave_the_mesh_connection_up() {
+    // An app that streams to every connection without pause; clients that
+    // reset theirs while data is in flight both ways. Each reset ends its
+    // own tunnel only: the shared mesh connection, and a tunnel held
+    // across them all, go on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let chunk = [7u8; 16 * 1024];
+                while conn.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let mesh = Mesh::start(app, &[], &[]);
+    let open = |first: bool| {
+        let mut c = TcpStream::connect(mesh.outbound).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        // Not HTTP: the outbound side decides at once (no detection wait).
+        c.write_all(&[0]).unwrap();
+        let mut got = vec![0; if first { 64 * 1024 } else { 1024 }];
+        c.read_exact(&mut got).unwrap();
+        c
+    };
+    let mut held = open(true);
+    for i in 0..2600 {
+        let c = open(false);
+        reset(c);
+        if i % 100 == 0 {
+            // The held tunnel keeps streaming throughout.
+            let mut more = vec![0; 64 * 1024];
+            held.read_exact(&mut more)
+                .unwrap_or_else(|e| panic!("after {i} resets: {e}"));
+        }
+    }
+    let mut more = vec![0; 64 * 1024];
+    held.read_exact(&mut more).unwrap();
+    assert_eq!(
+        inbound_handshakes_of(&mesh.server),
+        1.0,
+        "one mesh connection carried them all"
+    );
+}

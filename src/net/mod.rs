@@ -79,6 +79,29 @@ where
     }
 }
 
+/// Ends a stream both ways: ours (for a tunnel, END_STREAM), then the
+/// peer's awaited, up to the same deadline, discarding anything it still
+/// sends. For a tunnel whose app connection ended while the peer's side
+/// may still be open (an HTTP/1 relay stops at the app's `Connection:
+/// close`, which is not passed on): dropped half-open, the stream is reset,
+/// and at thousands of such resets a second the benchmark saw h2 tear the
+/// shared mesh connection down ("locally-reset streams reached limit
+/// (1024)", then GOAWAY) with the requests of other app connections on it.
+pub async fn close_both_ways<S>(stream: &mut S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::AsyncReadExt;
+    close_gracefully(stream).await;
+    let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let mut discard = [0u8; 64];
+        while matches!(stream.read(&mut discard).await, Ok(n) if n > 0) {}
+    });
+    if drained.await.is_err() {
+        tracing::debug!("the peer did not end its side of the stream in time");
+    }
+}
+
 /// Makes the coming close of `stream` a reset (`SO_LINGER` 0): what the
 /// other side of a forwarded connection gets when this side's peer failed
 /// (a reset connection or HTTP/2 stream), so the failure is not mistaken

@@ -353,11 +353,12 @@ async fn h1_through_tunnel(
         shared.timeouts.idle,
     )
     .await;
-    // Still usable: ended by the app, so the stream ends cleanly too.
-    if let Some(mut io) = upstream {
-        close_gracefully(&mut io).await;
-    }
+    // The app first: it may be waiting for the close to end its response.
     close_gracefully(&mut app).await;
+    // Still usable: ended by the app, so the stream ends at both ends.
+    if let Some(mut io) = upstream {
+        crate::net::close_both_ways(&mut io).await;
+    }
     h1_outcome(done, peer_id)
 }
 
