@@ -103,6 +103,8 @@ fn read_message(r: &mut impl BufRead, response: bool) -> Option<Message> {
 struct RawApp {
     addr: SocketAddr,
     seen: Arc<AtomicUsize>,
+    /// Connections it accepted.
+    accepted: Arc<AtomicUsize>,
 }
 
 impl RawApp {
@@ -110,15 +112,21 @@ impl RawApp {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
-        let counter = seen.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (counter, accepts) = (seen.clone(), accepted.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let counter = counter.clone();
                 std::thread::spawn(move || serve_app(conn, &counter));
             }
         });
-        RawApp { addr, seen }
+        RawApp {
+            addr,
+            seen,
+            accepted,
+        }
     }
 }
 
@@ -171,6 +179,11 @@ fn serve_app(conn: TcpStream, seen: &AtomicUsize) {
                     req.trailers.join("|")
                 );
                 w.write_all(text.as_bytes()).unwrap();
+            }
+            "/extra" => {
+                // An answer, and bytes nobody asked for after it.
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforged")
+                    .unwrap();
             }
             "/bye" => {
                 // An idle keep-alive timeout: the answer, then a close
@@ -535,5 +548,57 @@ fn many_short_app_connections_end_their_tunnels_cleanly() {
         outbound_handshakes(&p),
         1.0,
         "1,280 app connections rode one mesh connection"
+    );
+}
+
+/// One keep-alive request on `s`; its status and body.
+fn get(s: &mut TcpStream, r: &mut BufReader<TcpStream>, path: &str) -> (u16, String) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
+        .unwrap();
+    let resp = read_message(r, true).unwrap();
+    (
+        resp.status(),
+        String::from_utf8_lossy(&resp.body).into_owned(),
+    )
+}
+
+#[test]
+fn app_connections_are_shared_between_client_connections_and_never_after_unasked_bytes() {
+    let p = pair();
+    let accepted = || p.app.accepted.load(Ordering::SeqCst);
+    // Client connections one after the other, and two held at once with
+    // their requests alternating: each request takes the app connection
+    // and gives it back, so one serves them all.
+    for _ in 0..3 {
+        let (mut s, mut r) = p.connect();
+        for _ in 0..2 {
+            assert_eq!(get(&mut s, &mut r, "/shared").0, 200);
+        }
+    }
+    let (mut a, mut ar) = p.connect();
+    let (mut b, mut br) = p.connect();
+    for _ in 0..3 {
+        assert_eq!(get(&mut a, &mut ar, "/a").0, 200);
+        assert_eq!(get(&mut b, &mut br, "/b").0, 200);
+    }
+    assert_eq!(
+        accepted(),
+        1,
+        "one app connection for 12 requests of 5 clients"
+    );
+
+    // An app connection that sent more than its answer is handed to no
+    // one: the next client gets its own answer on a new connection.
+    assert_eq!(get(&mut a, &mut ar, "/extra"), (200, "ok".to_owned()));
+    let (status, body) = get(&mut b, &mut br, "/after");
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("GET /after "),
+        "b got its own answer: {body}"
+    );
+    assert_eq!(
+        accepted(),
+        2,
+        "a new app connection after the unasked bytes"
     );
 }

@@ -224,8 +224,24 @@ impl Served {
     }
 }
 
+/// How long an idle app connection waits for another client's request:
+/// under the shortest keep-alive timeout common app servers use (Node.js
+/// 5 s), so a parked connection is rarely one the app is closing.
+pub(crate) const APP_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(4);
+/// The most idle connections kept per app address (nginx's `keepalive`
+/// and Envoy's pools are of this order).
+pub(crate) const APP_POOL_PER_APP: usize = 256;
+
+/// Idle HTTP/1 connections to the app, per app address: a client
+/// connection holds an app connection only while a request is in flight
+/// and gives it back after each response, so idle client connections (and
+/// tunnels) cost the app no connection and the sidecar no descriptor, and
+/// a new client connection costs the app no accept, as behind nginx,
+/// HAProxy or Envoy. One lock per request.
+pub(crate) type AppConnPool = super::idle_pool::IdlePool<TcpStream>;
+
 /// The inbound end of the HTTP/1 relay: requests decided here, relayed to
-/// the app over one connection of their own.
+/// the app over pooled connections (see [`AppConnPool`]).
 struct AppSide {
     layer: Arc<HttpLayer>,
     served: Served,
@@ -259,6 +275,20 @@ impl h1::Side for AppSide {
 
     fn dial(&self) -> impl Future<Output = io::Result<TcpStream>> + Send {
         crate::net::dial(&self.served.conn.app, self.connect)
+    }
+
+    fn reuse(&self) -> Option<TcpStream> {
+        self.layer
+            .app_conns
+            .take(&self.served.conn.app)
+            .map(|(conn, ())| conn)
+    }
+
+    fn release(&self, up: TcpStream) -> Option<TcpStream> {
+        self.layer
+            .app_conns
+            .put(self.served.conn.app.clone(), up, ());
+        None
     }
 
     fn draining(&self) -> bool {

@@ -7,6 +7,7 @@ pub mod detect;
 pub(crate) mod h1;
 mod h2_settings;
 pub mod headers;
+mod idle_pool;
 pub use h1::message::HeadLimits;
 pub mod inbound;
 mod mesh;
@@ -84,6 +85,9 @@ pub struct HttpLayer {
     mesh: mesh::MeshPool,
     /// Idle HTTP/1 connections to peer sidecars.
     pub(crate) peers: outbound::PeerPool,
+    /// Idle HTTP/1 connections to the apps, shared by every client
+    /// connection between its requests.
+    app_conns: inbound::AppConnPool,
     draining: tokio::sync::watch::Sender<bool>,
     draining_now: std::sync::atomic::AtomicBool,
     /// HTTP/1 connections idle this long are closed.
@@ -139,7 +143,8 @@ impl HttpLayer {
             log,
             app: inbound::AppClients::new(),
             mesh: mesh::MeshPool::default(),
-            peers: outbound::PeerPool::default(),
+            peers: outbound::PeerPool::new(outbound::POOL_IDLE, outbound::POOL_PER_DESTINATION),
+            app_conns: inbound::AppConnPool::new(inbound::APP_POOL_IDLE, inbound::APP_POOL_PER_APP),
             draining: tokio::sync::watch::Sender::new(false),
             draining_now: std::sync::atomic::AtomicBool::new(false),
             idle_timeout: std::time::Duration::from_secs(3600),

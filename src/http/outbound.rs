@@ -7,11 +7,10 @@
 //! in `stepmesh-orig-proto`): a new app connection costs no handshake once
 //! the pool holds a connection.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -25,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
+use super::idle_pool::IdlePool;
 use super::mesh::{self, Outgoing, Pooled, SendError};
 use super::record::Exchange;
 use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict};
@@ -138,71 +138,17 @@ where
 
 /// How long an idle peer connection waits in the pool for another app
 /// connection (well under the peer's own idle timeout).
-const POOL_IDLE: Duration = Duration::from_secs(30);
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(30);
 /// The most idle connections kept per destination.
-const POOL_PER_DESTINATION: usize = 64;
+pub(crate) const POOL_PER_DESTINATION: usize = 64;
 
-/// Idle HTTP/1 connections to peer sidecars, per (expected identity,
-/// destination): an app connection that ends leaves its peer connection
-/// here for the next one, so short-lived app connections (`Connection:
-/// close`, HTTP clients without keep-alive) do not cost a TLS handshake
-/// each. One lock per app connection, never per request.
-#[derive(Default)]
-pub(crate) struct PeerPool {
-    idle: Mutex<HashMap<Arc<str>, Vec<Parked>>>,
-}
-
-struct Parked {
-    stream: PeerStream,
-    peer: Option<crate::policy::SpiffeId>,
-    since: std::time::Instant,
-}
-
-impl PeerPool {
-    /// The most recently parked live connection to `key`, if any.
-    pub(crate) fn take(&self, key: &str) -> Option<(PeerStream, Option<crate::policy::SpiffeId>)> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let parked = idle.get_mut(key)?;
-        while let Some(mut p) = parked.pop() {
-            if p.since.elapsed() < POOL_IDLE && still_open(&mut p.stream) {
-                return Some((p.stream, p.peer));
-            }
-        }
-        None
-    }
-
-    /// Parks a connection a relay left idle and reusable.
-    pub(crate) fn put(
-        &self,
-        key: Arc<str>,
-        stream: PeerStream,
-        peer: Option<crate::policy::SpiffeId>,
-    ) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let parked = idle.entry(key).or_default();
-        parked.retain(|p| p.since.elapsed() < POOL_IDLE);
-        if parked.len() < POOL_PER_DESTINATION {
-            parked.push(Parked {
-                stream,
-                peer,
-                since: std::time::Instant::now(),
-            });
-        }
-    }
-}
-
-/// Whether a parked connection is still open: nothing to read yet (a
-/// close, a reset or unasked-for bytes all mean it cannot be used).
-fn still_open(stream: &mut PeerStream) -> bool {
-    use std::task::{Context, Poll, Waker};
-    let mut byte = [0u8; 1];
-    let mut buf = tokio::io::ReadBuf::new(&mut byte);
-    let mut cx = Context::from_waker(Waker::noop());
-    matches!(
-        std::pin::Pin::new(stream).poll_read(&mut cx, &mut buf),
-        Poll::Pending
-    )
-}
+/// Idle HTTP/1 connections to peer sidecars without tunnels, per (expected
+/// identity, destination), with the identity each reached: an app
+/// connection that ends leaves its peer connection here for the next one,
+/// so short-lived app connections (`Connection: close`, HTTP clients
+/// without keep-alive) do not cost a TLS handshake each. One lock per app
+/// connection, never per request.
+pub(crate) type PeerPool = IdlePool<PeerStream, Option<crate::policy::SpiffeId>>;
 
 /// The outbound end of the HTTP/1 relay: requests counted and logged, and
 /// sent to the one peer connection (the decisions are the far side's).

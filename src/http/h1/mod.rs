@@ -82,6 +82,20 @@ pub(crate) trait Side: Send + Sync {
     /// redialled; a peer sidecar's connection is this connection's identity.
     const REDIAL: bool;
 
+    /// An idle upstream connection another client left, for the next
+    /// request (it may have been closed meanwhile: a bodiless request
+    /// failing on it at once is sent again on a new one).
+    fn reuse(&self) -> Option<Self::Upstream> {
+        None
+    }
+
+    /// The upstream connection after a response that left it reusable:
+    /// `Some` keeps it with this client connection, `None` means it went
+    /// back to a pool for any client's next request.
+    fn release(&self, up: Self::Upstream) -> Option<Self::Upstream> {
+        Some(up)
+    }
+
     /// The answer when the upstream cannot be reached or fails.
     fn unavailable(&self) -> Local;
 
@@ -336,7 +350,7 @@ impl<S: Side> Relay<'_, S> {
             self.out.clear();
             message::write_request(&head.parts, &mut self.out);
         }
-        let (mut up, fresh) = match upstream.take() {
+        let (mut up, fresh) = match upstream.take().or_else(|| self.side.reuse()) {
             Some(up) => (up, false),
             None => match self.side.dial().await {
                 Ok(up) => (up, true),
@@ -464,7 +478,14 @@ impl<S: Side> Relay<'_, S> {
         // A request whose body was never sent leaves the upstream expecting
         // it: that connection carries nothing more.
         if resp.keep_alive && !body_unsent {
-            *upstream = Some(up);
+            if S::REDIAL && !self.ubuf.is_empty() {
+                // The app sent more than its answer: that connection
+                // carries no other request, least of all another
+                // client's (its bytes would answer that client).
+                self.ubuf.consume(usize::MAX);
+            } else {
+                *upstream = self.side.release(up);
+            }
         }
         Ok(!close)
     }

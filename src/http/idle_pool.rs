@@ -1,0 +1,129 @@
+//! Idle HTTP/1 upstream connections kept for their next user, per key: the
+//! outbound side's mTLS connections to peers without tunnels (per expected
+//! identity and destination), the inbound side's connections to the app
+//! (per app address). A connection is taken back only if it is still open
+//! (nothing to read: a close, a reset or unasked-for bytes all mean it can
+//! carry no request) and was parked less than the pool's idle time ago.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Idle connections of type `T` with what the caller keeps beside each
+/// (`E`: for example the peer identity it reached).
+pub(crate) struct IdlePool<T, E = ()> {
+    idle: Mutex<ByKey<T, E>>,
+    max_idle: Duration,
+    per_key: usize,
+}
+
+/// The parked connections of each key, oldest first.
+type ByKey<T, E> = HashMap<Arc<str>, Vec<Parked<T, E>>>;
+
+struct Parked<T, E> {
+    conn: T,
+    extra: E,
+    since: Instant,
+}
+
+impl<T: AsyncRead + Unpin, E> IdlePool<T, E> {
+    /// A pool keeping up to `per_key` connections per key, each for up to
+    /// `max_idle` (keep it under the far end's own idle timeout).
+    pub(crate) fn new(max_idle: Duration, per_key: usize) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+            per_key,
+        }
+    }
+
+    /// The most recently parked live connection for `key`, if any.
+    pub(crate) fn take(&self, key: &str) -> Option<(T, E)> {
+        let mut idle = self.lock();
+        let parked = idle.get_mut(key)?;
+        while let Some(mut p) = parked.pop() {
+            if p.since.elapsed() < self.max_idle && still_open(&mut p.conn) {
+                return Some((p.conn, p.extra));
+            }
+        }
+        None
+    }
+
+    /// Parks a connection left idle and reusable (dropped, so closed, if
+    /// the key already holds its share).
+    pub(crate) fn put(&self, key: Arc<str>, conn: T, extra: E) {
+        let mut idle = self.lock();
+        let parked = idle.entry(key).or_default();
+        parked.retain(|p| p.since.elapsed() < self.max_idle);
+        if parked.len() < self.per_key {
+            parked.push(Parked {
+                conn,
+                extra,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByKey<T, E>> {
+        // Each critical section is a push or a pop: never torn.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether a parked connection is still open: nothing to read yet.
+fn still_open<T: AsyncRead + Unpin>(conn: &mut T) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(
+        std::pin::Pin::new(conn).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn only_open_quiet_recent_connections_come_back() {
+        let pool: IdlePool<TcpStream, u8> = IdlePool::new(Duration::from_secs(30), 2);
+        let key: Arc<str> = "app".into();
+        let (quiet, _quiet_far) = pair().await;
+        let (closed, closed_far) = pair().await;
+        let (chatty, mut chatty_far) = pair().await;
+        pool.put(key.clone(), quiet, 1);
+        pool.put(key.clone(), closed, 2);
+        pool.put(key.clone(), chatty, 3);
+        drop(closed_far);
+        chatty_far.write_all(b"unasked").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The third was over the key's share (2) and dropped; the closed
+        // one is skipped; the quiet one comes back, once.
+        assert_eq!(pool.take("app").map(|(_, e)| e), Some(1));
+        assert!(pool.take("app").is_none());
+        assert!(pool.take("other").is_none());
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_not_reused() {
+        let pool: IdlePool<TcpStream> = IdlePool::new(Duration::from_millis(20), 4);
+        let (conn, _far) = pair().await;
+        pool.put("app".into(), conn, ());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(pool.take("app").is_none());
+    }
+}
