@@ -313,23 +313,30 @@ async fn outbound_h1(
             Err(outcome) => return outcome,
         },
     };
-    let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
-    let idle = shared.timeouts.idle;
     let mut upstream = Some(tls);
-    let done = crate::http::outbound::relay_h1(
-        &shared.http,
-        ctx.port,
-        peer,
-        &mut app,
-        &mut upstream,
-        idle,
-    )
-    .await;
+    let done = relay_h1(shared, ctx, &mut app, &mut upstream, peer_id.as_ref()).await;
     if let Some(tls) = upstream {
         shared.http.peers.put(key, tls, peer_id.clone());
     }
     close_gracefully(&mut app).await;
     h1_outcome(done, peer_id)
+}
+
+/// The app's HTTP/1 relayed over `upstream` to the peer that reached
+/// `peer_id`, with this sidecar's idle timeout.
+async fn relay_h1<U>(
+    shared: &Shared,
+    ctx: &OutboundContext,
+    app: &mut TcpStream,
+    upstream: &mut Option<U>,
+    peer_id: Option<&crate::policy::SpiffeId>,
+) -> crate::http::h1::Relayed
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let peer = peer_id.map(crate::policy::SpiffeId::as_str);
+    let idle = shared.timeouts.idle;
+    crate::http::outbound::relay_h1(&shared.http, ctx.port, peer, app, upstream, idle).await
 }
 
 /// HTTP/1 relayed through `tunnel`, which ends with the app connection.
@@ -340,19 +347,10 @@ async fn h1_through_tunnel(
     tunnel: Tunnel,
 ) -> Outcome {
     let peer_id = super::tunnel::allowed_peer(shared, &tunnel);
-    let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
     // The stream moves into the relay; the rest of `tunnel` (its count on
     // the pooled connection) lives to the end of this function.
     let mut upstream = Some(tunnel.io);
-    let done = crate::http::outbound::relay_h1(
-        &shared.http,
-        ctx.port,
-        peer,
-        &mut app,
-        &mut upstream,
-        shared.timeouts.idle,
-    )
-    .await;
+    let done = relay_h1(shared, ctx, &mut app, &mut upstream, peer_id.as_ref()).await;
     // The app first: it may be waiting for the close to end its response.
     close_gracefully(&mut app).await;
     // Still usable: ended by the app, so the stream ends at both ends.
