@@ -95,8 +95,8 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut ab = Half::new("read client", "write server");
-    let mut ba = Half::new("read server", "write client");
+    let mut ab = Half::new(&["read client", "write server"]);
+    let mut ba = Half::new(&["read server", "write client"]);
     let mut active = false;
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
@@ -145,8 +145,9 @@ struct Half {
     read_done: bool,
     need_flush: bool,
     done: bool,
-    read_side: &'static str,
-    write_side: &'static str,
+    /// The read and the write side's names, for errors (one pointer:
+    /// every idle connection's task holds two halves).
+    sides: &'static [&'static str; 2],
 }
 
 /// What one read-and-write-through step did.
@@ -164,7 +165,7 @@ enum Step {
 }
 
 impl Half {
-    fn new(read_side: &'static str, write_side: &'static str) -> Self {
+    fn new(sides: &'static [&'static str; 2]) -> Self {
         Self {
             spill: Vec::new(),
             pos: 0,
@@ -172,8 +173,7 @@ impl Half {
             read_done: false,
             need_flush: false,
             done: false,
-            read_side,
-            write_side,
+            sides,
         }
     }
 
@@ -198,7 +198,7 @@ impl Half {
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
-        let write_side = self.write_side;
+        let write_side = self.sides[1];
         let write_err = |source| ForwardError::Io {
             side: write_side,
             source,
@@ -221,7 +221,7 @@ impl Half {
                 // Half-close: pass the EOF on. A peer that already went away
                 // makes shutdown fail; the other direction decides the outcome.
                 if let Err(e) = ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
-                    tracing::debug!(side = self.write_side, error = %e, "shutdown after EOF");
+                    tracing::debug!(side = write_side, error = %e, "shutdown after EOF");
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -243,7 +243,7 @@ impl Half {
                 }
                 Step::ReadFailed(source) => {
                     return Poll::Ready(Err(ForwardError::Io {
-                        side: self.read_side,
+                        side: self.sides[0],
                         source,
                     }))
                 }

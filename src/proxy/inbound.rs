@@ -242,9 +242,8 @@ impl Inbound {
         }
         let grant = super::reauth::Reauth::grant(generation, anchor, serial, decision.allow);
         let ctx = InboundContext {
-            peer_id,
+            peer_id: Arc::new(peer_id),
             peer_cert_sha256,
-            own_id: shared.store.info().map(|info| info.id),
             port,
             app: app.clone(),
             client,

@@ -109,7 +109,6 @@ fn open(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let _slot = slot;
         let _open = shared.metrics.open_guard(Direction::Inbound);
         let outcome = match upgrade.await {
             Ok(upgraded) => {
@@ -136,6 +135,9 @@ fn open(
             Some(&decision.rule),
             &outcome,
         );
+        // Held to the end, and not moved into a local first: a captured
+        // value moved again is stored twice in the task.
+        drop(slot);
     });
     answer(StatusCode::OK)
 }
@@ -171,9 +173,8 @@ pub(super) async fn outbound(
     shared: &Shared,
     mesh: &TlsConnector,
     ctx: &OutboundContext,
-    app: TcpStream,
+    mut app: TcpStream,
 ) -> Result<Outcome, TcpStream> {
-    let mut app = app;
     let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
         return Err(app);
     };
@@ -205,14 +206,12 @@ pub(super) async fn outbound(
             return Ok(Outcome::failed("peer_connect", e));
         }
     };
-    let peer_id = tunnel
-        .peer
-        .as_deref()
-        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
-    if let Some(peer) = &peer_id {
+    // The peer's ID stays the pooled connection's shared string while the
+    // tunnel is open; it is parsed for the access log only once it ends.
+    if let Some(peer) = tunnel.peer.as_deref() {
         shared
             .metrics
-            .connection(Direction::Outbound, peer.as_str(), "allow");
+            .connection(Direction::Outbound, peer, "allow");
     }
     let counters = shared.metrics.byte_counters(Direction::Outbound);
     let done = forward(&mut app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
@@ -233,6 +232,9 @@ pub(super) async fn outbound(
         outcome.error = None;
         outcome.refused = true;
     }
-    outcome.peer_id = peer_id;
+    outcome.peer_id = tunnel
+        .peer
+        .as_deref()
+        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
     Ok(outcome)
 }
