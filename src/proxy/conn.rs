@@ -41,7 +41,7 @@ pub struct Shared {
     /// The HTTP layer (route and step-up decisions, pools).
     pub http: Arc<crate::http::HttpLayer>,
     /// Inbound connections open at once per peer identity.
-    pub peer_cap: Arc<crate::net::caps::PerKeyCap<SpiffeId>>,
+    pub peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
     /// App-facing (outbound) connections open at once per source address.
     pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
     /// `--opaque-ports`: destination ports kept opaque TCP.
