@@ -13,7 +13,7 @@
 //! keeps flowing until it ends too.
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Bytes read at once: one maximal TLS record of plaintext, so a full read
 /// becomes one record.
@@ -106,53 +106,97 @@ pub struct Forwarded {
 /// Copies `a` ⇄ `b` until both directions saw EOF, an error, or the idle
 /// deadline. Idle detection is coarse on purpose (it fires between one and two
 /// idle periods after the last byte) so the hot path only sets a flag.
-pub async fn forward<A, B>(
-    a: &mut A,
-    b: &mut B,
+pub fn forward<'a, A, B>(
+    a: &'a mut A,
+    b: &'a mut B,
     idle: Duration,
-    counters: &ByteCounters,
-) -> Forwarded
+    counters: &'a ByteCounters,
+) -> impl Future<Output = Forwarded> + 'a
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut ab = Half::new("read client", "write server");
-    let mut ba = Half::new("read server", "write client");
-    let mut active = false;
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    let result = poll_fn(|cx| {
-        if !ab.done {
-            if let Poll::Ready(Err(e)) =
-                ab.poll_copy(cx, &mut *a, &mut *b, &mut active, &counters.forward)
-            {
-                return Poll::Ready(Err(e));
+    Forward {
+        a,
+        b,
+        ab: Half::new(&["read client", "write server"]),
+        ba: Half::new(&["read server", "write client"]),
+        active: false,
+        idle,
+        counters,
+        sleep: tokio::time::sleep(idle),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The copy's state, each part stored once: written out rather than an
+    /// `async fn` around a `poll_fn`, which kept the arguments and the
+    /// closure's references besides (every idle connection's task holds
+    /// this).
+    struct Forward<'a, A: ?Sized, B: ?Sized> {
+        a: &'a mut A,
+        b: &'a mut B,
+        ab: Half,
+        ba: Half,
+        active: bool,
+        idle: Duration,
+        counters: &'a ByteCounters,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl<A, B> Future for Forward<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = Forwarded;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Forwarded> {
+        let mut me = self.project();
+        let result = 'step: {
+            if !me.ab.done {
+                let copied = me.ab.poll_copy(
+                    cx,
+                    &mut **me.a,
+                    &mut **me.b,
+                    me.active,
+                    &me.counters.forward,
+                );
+                if let Poll::Ready(Err(e)) = copied {
+                    break 'step Err(e);
+                }
             }
-        }
-        if !ba.done {
-            if let Poll::Ready(Err(e)) =
-                ba.poll_copy(cx, &mut *b, &mut *a, &mut active, &counters.backward)
-            {
-                return Poll::Ready(Err(e));
+            if !me.ba.done {
+                let copied = me.ba.poll_copy(
+                    cx,
+                    &mut **me.b,
+                    &mut **me.a,
+                    me.active,
+                    &me.counters.backward,
+                );
+                if let Poll::Ready(Err(e)) = copied {
+                    break 'step Err(e);
+                }
             }
-        }
-        if ab.done && ba.done {
-            return Poll::Ready(Ok(()));
-        }
-        while sleep.as_mut().poll(cx).is_ready() {
-            if !std::mem::take(&mut active) {
-                return Poll::Ready(Err(ForwardError::Idle(idle)));
+            if me.ab.done && me.ba.done {
+                break 'step Ok(());
             }
-            sleep.as_mut().reset(Instant::now() + idle);
-        }
-        Poll::Pending
-    })
-    .await;
-    Forwarded {
-        a_to_b: ab.total,
-        b_to_a: ba.total,
-        error: result.err(),
-        b_closed: ba.read_done,
+            while me.sleep.as_mut().poll(cx).is_ready() {
+                if !std::mem::take(me.active) {
+                    break 'step Err(ForwardError::Idle(*me.idle));
+                }
+                me.sleep.as_mut().reset(Instant::now() + *me.idle);
+            }
+            return Poll::Pending;
+        };
+        Poll::Ready(Forwarded {
+            a_to_b: me.ab.total,
+            b_to_a: me.ba.total,
+            error: result.err(),
+            b_closed: me.ba.read_done,
+        })
     }
 }
 
@@ -166,8 +210,9 @@ struct Half {
     read_done: bool,
     need_flush: bool,
     done: bool,
-    read_side: &'static str,
-    write_side: &'static str,
+    /// The read and the write side's names, for errors (one pointer:
+    /// every idle connection's task holds two halves).
+    sides: &'static [&'static str; 2],
 }
 
 /// What one read-and-write-through step did.
@@ -185,7 +230,7 @@ enum Step {
 }
 
 impl Half {
-    fn new(read_side: &'static str, write_side: &'static str) -> Self {
+    fn new(sides: &'static [&'static str; 2]) -> Self {
         Self {
             spill: Vec::new(),
             pos: 0,
@@ -193,8 +238,7 @@ impl Half {
             read_done: false,
             need_flush: false,
             done: false,
-            read_side,
-            write_side,
+            sides,
         }
     }
 
@@ -219,7 +263,7 @@ impl Half {
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
-        let write_side = self.write_side;
+        let write_side = self.sides[1];
         let write_err = |source| ForwardError::Io {
             side: write_side,
             source,
@@ -242,7 +286,7 @@ impl Half {
                 // Half-close: pass the EOF on. A peer that already went away
                 // makes shutdown fail; the other direction decides the outcome.
                 if let Err(e) = ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
-                    tracing::debug!(side = self.write_side, error = %e, "shutdown after EOF");
+                    tracing::debug!(side = write_side, error = %e, "shutdown after EOF");
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -264,7 +308,7 @@ impl Half {
                 }
                 Step::ReadFailed(source) => {
                     return Poll::Ready(Err(ForwardError::Io {
-                        side: self.read_side,
+                        side: self.sides[0],
                         source,
                     }))
                 }

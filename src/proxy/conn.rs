@@ -41,7 +41,7 @@ pub struct Shared {
     /// The HTTP layer (route and step-up decisions, pools).
     pub http: Arc<crate::http::HttpLayer>,
     /// Inbound connections open at once per peer identity.
-    pub peer_cap: Arc<crate::net::caps::PerKeyCap<SpiffeId>>,
+    pub peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
     /// App-facing (outbound) connections open at once per source address.
     pub source_cap: Arc<crate::net::caps::PerKeyCap<std::net::IpAddr>>,
     /// `--opaque-ports`: destination ports kept opaque TCP.
@@ -60,12 +60,11 @@ pub struct Shared {
 /// (L4 forwarding now, HTTP later) receives it.
 #[derive(Debug, Clone)]
 pub struct InboundContext {
-    /// The client workload's verified SPIFFE ID.
-    pub peer_id: SpiffeId,
+    /// The client workload's verified SPIFFE ID (shared: each tunnel on a
+    /// peer's mesh connection holds the connection's).
+    pub peer_id: Arc<SpiffeId>,
     /// SHA-256 of the client's leaf certificate (RFC 8705 `x5t#S256` binding).
     pub peer_cert_sha256: [u8; 32],
-    /// Our own SPIFFE ID (for `x-forwarded-client-cert: By=`).
-    pub own_id: Option<SpiffeId>,
     /// The policy port (listener port, or original destination port).
     pub port: u16,
     /// Where the app listens.
@@ -87,8 +86,6 @@ pub struct InboundContext {
 /// An accepted outbound connection from the local app, before dialling.
 #[derive(Debug, Clone)]
 pub struct OutboundContext {
-    /// Our own SPIFFE ID.
-    pub own_id: Option<SpiffeId>,
     /// The app's socket address.
     pub client: SocketAddr,
     /// The peer (explicit) or original destination (transparent), host:port.

@@ -40,7 +40,8 @@ pub enum InboundTarget {
 
 /// The client a handshake verified.
 struct Peer {
-    id: SpiffeId,
+    /// Shared: the connection's tunnels and its per-peer slot hold it too.
+    id: Arc<SpiffeId>,
     cert_sha256: [u8; 32],
     /// The root key its chain ended at (live re-authorization).
     anchor: Option<stepmesh_ca::svid::AnchorKey>,
@@ -48,7 +49,7 @@ struct Peer {
     serial: u64,
     alpn: Option<Vec<u8>>,
     /// Its place under the per-peer connection cap.
-    _slot: Option<Slot<SpiffeId>>,
+    _slot: Option<Slot<Arc<SpiffeId>>>,
 }
 
 /// The client a completed handshake proved, or why it does not count
@@ -71,7 +72,7 @@ fn verified_peer(
         .zip(store.bundle())
         .and_then(|(chain, bundle)| bundle.anchor_of(chain));
     Ok(Peer {
-        id,
+        id: Arc::new(id),
         cert_sha256: cert_sha256(leaf),
         anchor,
         serial: stepmesh_ca::revocation::serial_key(&serial),
@@ -244,7 +245,6 @@ impl Inbound {
         let ctx = InboundContext {
             peer_id,
             peer_cert_sha256,
-            own_id: shared.store.info().map(|info| info.id),
             port,
             app: app.clone(),
             client,

@@ -160,18 +160,11 @@ impl Outbound {
         else {
             return;
         };
-        let log = ConnLog {
-            direction: Direction::Outbound,
-            client,
-            dst: &dst,
-            port,
-            started,
-        };
         if action == OutboundAction::Deny {
             shared.metrics.connection(Direction::Outbound, "", "deny");
             tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
             let outcome = Outcome::default();
-            log.write(
+            conn_log(client, &dst, port, started).write(
                 &shared.access_log,
                 None,
                 "deny",
@@ -189,9 +182,8 @@ impl Outbound {
         let opaque =
             shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
         let ctx = OutboundContext {
-            own_id: shared.store.info().map(|info| info.id),
             client,
-            dst: dst.clone(),
+            dst,
             port,
             action,
             opaque,
@@ -211,7 +203,7 @@ impl Outbound {
             (None, OutboundAction::Passthrough) => ("allow", "passthrough"),
             (None, _) => ("allow", "mtls"),
         };
-        log.write(
+        conn_log(client, &ctx.dst, port, started).write(
             &shared.access_log,
             outcome.peer_id.as_ref(),
             decision,
@@ -219,6 +211,19 @@ impl Outbound {
             rule.as_deref(),
             &outcome,
         );
+    }
+}
+
+/// The access-log fields known before the protocol phase, gathered where
+/// the line is written: a `ConnLog` kept across the connection would copy
+/// them into every idle connection's task.
+fn conn_log(client: SocketAddr, dst: &str, port: u16, started: Instant) -> ConnLog<'_> {
+    ConnLog {
+        direction: Direction::Outbound,
+        client,
+        dst,
+        port,
+        started,
     }
 }
 

@@ -131,7 +131,7 @@ where
         Err(_) => (Detected::Opaque, bytes::Bytes::new()),
     };
     if detected.is_http() {
-        let conn = inbound_conn(ctx, false);
+        let conn = inbound_conn(shared, ctx, false);
         let mut revoked = None;
         let stop = drain_or_revoked(shared, ctx, &mut revoked);
         let outcome = crate::http::inbound::serve_detected(
@@ -214,7 +214,7 @@ async fn serve_inbound_http<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = inbound_conn(ctx, mesh.is_some());
+    let mut conn = inbound_conn(shared, ctx, mesh.is_some());
     if let Some((kind, tunnels)) = mesh {
         // Made here, so the connection's Arc is not shared yet.
         if let Some(conn) = Arc::get_mut(&mut conn) {
@@ -228,11 +228,14 @@ where
     with_revoked(outcome, revoked)
 }
 
-fn inbound_conn(ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
+/// The HTTP layer's view of an inbound connection. Our own ID is read
+/// here, once per HTTP connection, rather than kept in every connection's
+/// context: an opaque TCP connection (or tunnel) never needs it.
+fn inbound_conn(shared: &Shared, ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
     Arc::new(InboundConn {
-        peer: ctx.peer_id.clone(),
+        peer: (*ctx.peer_id).clone(),
         x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.peer_cert_sha256),
-        own: ctx.own_id.as_ref().map(ToString::to_string),
+        own: shared.store.info().map(|info| info.id.to_string()),
         port: ctx.port,
         app: ctx.app.clone(),
         client: ctx.client,
@@ -252,11 +255,10 @@ pub async fn outbound(
     connector: &TlsConnector,
     mesh: &TlsConnector,
     ctx: &OutboundContext,
-    app: TcpStream,
+    mut app: TcpStream,
 ) -> Outcome {
     // An opaque port is not even peeked at: no detection delay, and what
     // looks like HTTP is carried as bytes like everything else.
-    let mut app = app;
     if ctx.action == OutboundAction::Mtls && !ctx.opaque {
         match detect::peek(&app, OUTBOUND_DETECT).await {
             // Boxed, so opaque TCP connections keep a small task (see inbound).
@@ -276,7 +278,10 @@ pub async fn outbound(
             Err(back) => app = back,
         }
     }
-    super::outbound::forward_tcp(shared, connector, ctx, app).await
+    // Boxed: an mTLS connection of its own (a peer without tunnels,
+    // `--no-tunnel`) holds its TLS state inline; on the tunnel path it
+    // would size every idle connection's task all the same.
+    Box::pin(super::outbound::forward_tcp(shared, connector, ctx, app)).await
 }
 
 /// Where pooled peer connections are kept: the expected identity and the
@@ -346,7 +351,8 @@ async fn h1_through_tunnel(
     mut app: TcpStream,
     tunnel: Tunnel,
 ) -> Outcome {
-    let peer_id = super::tunnel::allowed_peer(shared, &tunnel);
+    super::tunnel::count_allowed(shared, &tunnel);
+    let peer_id = super::tunnel::peer_id(&tunnel);
     // The stream moves into the relay; the rest of `tunnel` (its count on
     // the pooled connection) lives to the end of this function.
     let mut upstream = Some(tunnel.io);

@@ -109,7 +109,6 @@ fn open(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let _slot = slot;
         let _open = shared.metrics.open_guard(Direction::Inbound);
         let outcome = match upgrade.await {
             Ok(upgraded) => {
@@ -136,6 +135,9 @@ fn open(
             Some(&decision.rule),
             &outcome,
         );
+        // Held to the end, and not moved into a local first: a captured
+        // value moved again is stored twice in the task.
+        drop(slot);
     });
     answer(StatusCode::OK)
 }
@@ -218,18 +220,21 @@ pub(super) async fn open_for(
     }
 }
 
-/// The peer a tunnel reached, counted as an allowed outbound connection.
-pub(super) fn allowed_peer(shared: &Shared, tunnel: &Tunnel) -> Option<crate::policy::SpiffeId> {
-    let peer_id = tunnel
-        .peer
-        .as_deref()
-        .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
-    if let Some(peer) = &peer_id {
+/// Counts a tunnel as an allowed outbound connection to its peer.
+pub(super) fn count_allowed(shared: &Shared, tunnel: &Tunnel) {
+    if let Some(peer) = tunnel.peer.as_deref() {
         shared
             .metrics
-            .connection(Direction::Outbound, peer.as_str(), "allow");
+            .connection(Direction::Outbound, peer, "allow");
     }
-    peer_id
+}
+
+/// The peer a tunnel reached, parsed (for the access log).
+pub(super) fn peer_id(tunnel: &Tunnel) -> Option<crate::policy::SpiffeId> {
+    tunnel
+        .peer
+        .as_deref()
+        .and_then(|p| crate::policy::SpiffeId::parse(p).ok())
 }
 
 /// An opaque app connection through a tunnel on the pooled mesh
@@ -239,15 +244,16 @@ pub(super) async fn outbound(
     shared: &Shared,
     mesh: &TlsConnector,
     ctx: &OutboundContext,
-    app: TcpStream,
+    mut app: TcpStream,
 ) -> Result<Outcome, TcpStream> {
-    let mut app = app;
     let mut tunnel = match open_for(shared, mesh, ctx, &mut app).await {
         Opened::Tunnel(tunnel) => tunnel,
         Opened::Unsupported => return Err(app),
         Opened::Done(outcome) => return Ok(outcome),
     };
-    let peer_id = allowed_peer(shared, &tunnel);
+    // The peer's ID stays the pooled connection's shared string while the
+    // tunnel is open; it is parsed for the access log only once it ends.
+    count_allowed(shared, &tunnel);
     let counters = shared.metrics.byte_counters(Direction::Outbound);
     let done = forward(&mut app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
     match &done.error {
@@ -267,6 +273,6 @@ pub(super) async fn outbound(
         outcome.error = None;
         outcome.refused = true;
     }
-    outcome.peer_id = peer_id;
+    outcome.peer_id = peer_id(&tunnel);
     Ok(outcome)
 }
