@@ -10,10 +10,7 @@ use crate::exit::ConfigResult as _;
 /// Runs the chosen subcommand to completion.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Proxy(args) => {
-            let runtime = crate::proxy::runtime(&args)?;
-            runtime.block_on(crate::proxy::run(*args))
-        }
+        Command::Proxy(args) => run_proxy(*args),
         Command::Ca(cmd) => multi_thread()?.block_on(crate::ca_cmd::run(cmd)),
         Command::Init(args) => crate::init::run(args),
         Command::Inject(args) => multi_thread()?.block_on(crate::inject::run(args)),
@@ -33,6 +30,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => crate::login::run(*args),
         Command::Demo(args) => multi_thread()?.block_on(crate::demo::run(args)),
     }
+}
+
+/// Runs the sidecar on the runtime its `--workers` asks for: `stepmesh
+/// proxy` and the sidecar-only `stepmesh-proxy` alike.
+pub fn run_proxy(args: crate::proxy::ProxyArgs) -> anyhow::Result<()> {
+    let runtime = crate::proxy::runtime(&args)?;
+    runtime.block_on(crate::proxy::run(args))
 }
 
 fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {

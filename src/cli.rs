@@ -54,3 +54,22 @@ pub enum Command {
     /// A whole mesh on loopback: CA, identity provider, two workloads.
     Demo(crate::demo::DemoArgs),
 }
+
+/// The sidecar-only binary (`stepmesh-proxy`): the flags of `stepmesh
+/// proxy`, without the subcommand. Its `main` names nothing but the data
+/// plane, so the linker leaves out the CA, gateway, injector, controllers
+/// and tools, and a pod maps less code (docs/BENCHMARKS.md, "Idle RSS").
+#[derive(Debug, Parser)]
+#[command(
+    name = "stepmesh-proxy",
+    version,
+    about = "The stepmesh sidecar alone: the flags of `stepmesh proxy`."
+)]
+pub struct ProxyCli {
+    /// Log line format (the filter comes from RUST_LOG, default `info`).
+    #[arg(long, value_enum, default_value_t, env = "STEPMESH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The sidecar's flags.
+    #[command(flatten)]
+    pub proxy: crate::proxy::ProxyArgs,
+}

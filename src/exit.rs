@@ -57,6 +57,19 @@ pub fn code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// What `main` does with the outcome of a run: 0, or the error on one line
+/// (the whole cause chain: what an operator reads at 3 a.m.) and [`code`].
+/// Shared by `stepmesh` and `stepmesh-proxy`.
+pub fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("stepmesh: {err:#}");
+            ExitCode::from(code(&err))
+        }
+    }
+}
+
 /// What `main` does with a command line clap refused: `--help` and
 /// `--version` print to stdout and exit 0; any other error — a value a
 /// value parser rejects, an unknown flag, a missing argument, including

@@ -1,4 +1,6 @@
-//! The one `stepmesh` binary: parse arguments, set up logging, hand over.
+//! The `stepmesh` binary, every part of the mesh: parse arguments, set up
+//! logging, hand over. The sidecar alone is also `stepmesh-proxy`
+//! (src/bin/stepmesh-proxy.rs).
 
 use std::process::ExitCode;
 
@@ -28,13 +30,6 @@ fn main() -> ExitCode {
         Err(err) => return stepmesh::exit::command_line(&err),
     };
     stepmesh::telemetry::init(cli.log_format);
-    match stepmesh::app::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // One line, the whole cause chain: what an operator reads at 3 a.m.
-            eprintln!("stepmesh: {err:#}");
-            // 64 for a configuration error, 1 for a failed run (src/exit.rs).
-            ExitCode::from(stepmesh::exit::code(&err))
-        }
-    }
+    // 64 for a configuration error, 1 for a failed run (src/exit.rs).
+    stepmesh::exit::finish(stepmesh::app::run(cli))
 }

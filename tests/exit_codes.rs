@@ -652,3 +652,71 @@ fn svid_files_written_after_the_start_are_loaded() {
     });
     assert!(sidecar.try_wait().is_none(), "the sidecar exited");
 }
+
+/// `stepmesh-proxy` is `stepmesh proxy` without the subcommand: the same
+/// flags (the help of each lists the same ones), `--help` and `--version`
+/// 0, a command line it refuses 64 with one `stepmesh: ` line.
+#[test]
+fn stepmesh_proxy_takes_the_flags_and_exit_codes_of_stepmesh_proxy() {
+    const PROXY_BIN: &str = env!("CARGO_BIN_EXE_stepmesh-proxy");
+    let proxy = |args: &[&str]| {
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg(PROXY_BIN)
+            .args(args)
+            .env("RUST_LOG", "error")
+            .env_remove("STEPMESH_DRAIN_TIMEOUT")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let flags = |help: &str| {
+        let mut flags: Vec<String> = help
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(str::to_owned)
+            .collect();
+        flags.sort();
+        flags.dedup();
+        flags
+    };
+    let (code, help, _) = proxy(&["--help"]);
+    assert_eq!(code, Some(0), "{help}");
+    let subcommand_help =
+        String::from_utf8_lossy(&output(&["proxy", "--help"], &[]).stdout).into_owned();
+    assert!(flags(&help).contains(&"--transparent".to_owned()), "{help}");
+    assert_eq!(flags(&help), flags(&subcommand_help));
+    let (code, version, _) = proxy(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(version.starts_with("stepmesh-proxy "), "{version}");
+
+    for (args, needle) in [
+        (
+            &["--drain-timeout", "xyz"][..],
+            "invalid value 'xyz' for '--drain-timeout <DURATION>'",
+        ),
+        (&["--log-format", "xml"], "(possible values: plain, json)"),
+        (&["proxy"], "unexpected argument 'proxy' found"),
+        (&["--ca", "ca:1"], "required arguments were not provided"),
+    ] {
+        let (code, _, stderr) = proxy(args);
+        assert_one_line(
+            code,
+            &stderr,
+            64,
+            &format!("stepmesh-proxy {args:?}"),
+            needle,
+        );
+    }
+    // No listener: a configuration error found after parsing, 64 too.
+    let (code, _, stderr) = proxy(&["--cert", "c", "--key", "k", "--bundle", "b"]);
+    assert_one_line(
+        code,
+        &stderr,
+        64,
+        "stepmesh-proxy without listeners",
+        "no listener",
+    );
+}

@@ -3,7 +3,8 @@
 //! stand-ins for the volumes kubelet would mount (a join token as the
 //! projected token, the CA's bundle.pem as the `stepmesh-ca-bundle`
 //! ConfigMap, deploy/example's frontend policy as `stepmesh-policy`), and
-//! the sidecar must reach `/ready`.
+//! the sidecar must reach `/ready`. The init container runs the built
+//! `stepmesh`, the sidecar the built `stepmesh-proxy`, as in the image.
 //!
 //! As root, in a fresh network namespace (the pod) joined by a veth to a
 //! second one (the node): the init container's args install the rules for
@@ -32,7 +33,7 @@ use std::time::Duration;
 use common::ca::CaProcess;
 use common::mesh::eventually;
 use common::netns::{self, Link, Netns};
-use inject_support::{docs, inject_stdin, BIN};
+use inject_support::{docs, inject_stdin, BIN, PROXY_BIN};
 use serde_json::Value;
 
 const NS: &str = "stepmesh-demo";
@@ -84,10 +85,11 @@ impl Injected {
         Self { spec, init, proxy }
     }
 
-    /// `command` (the image's `stepmesh`, replaced by the built binary) and `args`.
-    fn argv(container: &Value, bin: &Path) -> Vec<String> {
+    /// `command` (the image's `image_command`, replaced by the built
+    /// binary `bin`) and `args`.
+    fn argv(container: &Value, image_command: &str, bin: &Path) -> Vec<String> {
         let command: Vec<String> = serde_json::from_value(container["command"].clone()).unwrap();
-        assert_eq!(command, ["stepmesh"], "{container}");
+        assert_eq!(command, [image_command], "{container}");
         let mut argv = vec![bin.display().to_string()];
         argv.extend(serde_json::from_value::<Vec<String>>(container["args"].clone()).unwrap());
         argv
@@ -345,15 +347,15 @@ fn injected_pod_starts_in_a_network_namespace() {
     let volumes = Volumes::new(&pod, dir.path(), &ca);
 
     // The init container, for real, in the pod's namespace.
-    let init = Injected::argv(&pod.init, Path::new(BIN));
+    let init = Injected::argv(&pod.init, "stepmesh", Path::new(BIN));
     netns::check(link.b.command(&init[0]).args(&init[1..]));
 
     // The proxy: as the container's user, every flag as injected but the
     // mounted paths.
     let uid = pod.proxy["securityContext"]["runAsUser"].as_u64().unwrap();
     let gid = pod.proxy["securityContext"]["runAsGroup"].as_u64().unwrap();
-    let bin = netns::runnable_by(uid as u32, Path::new(BIN), dir.path());
-    let argv: Vec<String> = Injected::argv(&pod.proxy, &bin)
+    let bin = netns::runnable_by(uid as u32, Path::new(PROXY_BIN), dir.path());
+    let argv: Vec<String> = Injected::argv(&pod.proxy, "stepmesh-proxy", &bin)
         .iter()
         .map(|a| volumes.localize(a))
         .collect();
@@ -427,7 +429,7 @@ fn injected_command_lines_are_accepted_without_root() {
     let ca = CaProcess::start("cluster.local", &[(TOKEN, ID)]);
     let volumes = Volumes::new(&pod, dir.path(), &ca);
 
-    let mut init = Injected::argv(&pod.init, Path::new(BIN));
+    let mut init = Injected::argv(&pod.init, "stepmesh", Path::new(BIN));
     init.push("--dry-run".into());
     let out = netns::check(Command::new(&init[0]).args(&init[1..]));
     let rules = String::from_utf8(out.stdout).unwrap();
@@ -449,7 +451,7 @@ fn injected_command_lines_are_accepted_without_root() {
         "--ca" => Some(ca.grpc_host_port()),
         _ => None,
     };
-    let mut argv = Injected::argv(&pod.proxy, Path::new(BIN));
+    let mut argv = Injected::argv(&pod.proxy, "stepmesh-proxy", Path::new(PROXY_BIN));
     for i in 1..argv.len() {
         if let Some(value) = moved(&argv[i - 1]) {
             argv[i] = value;

@@ -62,9 +62,18 @@ pub struct Args {
     /// Paths to measure (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Path::Direct, Path::L4, Path::Http])]
     pub paths: Vec<Path>,
-    /// The stepmesh binary (default: target/release/stepmesh of this workspace).
+    /// The stepmesh binary (default: target/release/stepmesh of this
+    /// workspace): the CA, and the sidecars with `--sidecar-subcommand`.
     #[arg(long)]
     pub stepmesh: Option<PathBuf>,
+    /// The sidecar binary (default: `stepmesh-proxy` beside the stepmesh
+    /// binary, what the injector runs).
+    #[arg(long)]
+    pub stepmesh_proxy: Option<PathBuf>,
+    /// Run the sidecars as `stepmesh proxy` (the all-in-one binary)
+    /// instead of `stepmesh-proxy`.
+    #[arg(long, conflicts_with = "stepmesh_proxy")]
+    pub sidecar_subcommand: bool,
     /// Run each sidecar under this command (e.g. "valgrind --tool=callgrind"), split on spaces.
     #[arg(long)]
     pub sidecar_wrap: Option<String>,

@@ -34,12 +34,25 @@ pub struct Upstreams {
 
 /// How sidecars are started.
 pub struct SidecarCmd {
-    /// The stepmesh binary.
+    /// The sidecar binary: `stepmesh-proxy`, or `stepmesh` with `subcommand`.
     pub program: PathBuf,
+    /// `proxy` when `program` is the all-in-one `stepmesh`.
+    pub subcommand: Option<&'static str>,
     /// A command the sidecar runs under (`valgrind --tool=callgrind`), if any.
     pub wrap: Vec<String>,
     /// Flags added to every sidecar's command line.
     pub extra: Vec<String>,
+}
+
+impl SidecarCmd {
+    /// The program and its subcommand, for the report.
+    pub fn command_line(&self) -> String {
+        let program = self.program.display();
+        match self.subcommand {
+            Some(sub) => format!("{program} {sub}"),
+            None => program.to_string(),
+        }
+    }
 }
 
 /// A running CA.
@@ -210,7 +223,8 @@ fn sidecar(
         }
         None => Command::new(&stepmesh.program),
     };
-    cmd.args(["proxy", "--workers", "1", "--trust-domain", TRUST_DOMAIN])
+    cmd.args(stepmesh.subcommand)
+        .args(["--workers", "1", "--trust-domain", TRUST_DOMAIN])
         .arg("--ca")
         .arg(ca.addr.to_string())
         .arg("--ca-bundle")

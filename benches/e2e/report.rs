@@ -17,6 +17,9 @@ pub struct Report {
     pub command: String,
     /// The stepmesh binary measured (None: direct path only).
     pub stepmesh: Option<String>,
+    /// The sidecars' command: `stepmesh-proxy` (what the injector runs) or
+    /// `stepmesh proxy`.
+    pub sidecar: Option<String>,
     /// The settings in force.
     pub settings: serde_json::Value,
     /// Fixed-rate latency per path.

@@ -120,6 +120,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> anyhow::Result<Report> {
     };
     let mut setup = start(args, dir).await?;
     report.stepmesh = setup.stepmesh.as_ref().map(|p| p.display().to_string());
+    report.sidecar = setup.sidecars.as_ref().map(SidecarCmd::command_line);
     report.peers = setup
         .peers
         .iter()
@@ -360,11 +361,23 @@ async fn start(args: &Args, dir: &std::path::Path) -> anyhow::Result<Setup> {
             .map(str::to_owned)
             .collect()
     };
+    let (program, subcommand) = match (&args.stepmesh_proxy, args.sidecar_subcommand) {
+        (_, true) => (stepmesh.clone(), Some("proxy")),
+        (Some(path), false) => (path.clone(), None),
+        (None, false) => (stepmesh.with_file_name("stepmesh-proxy"), None),
+    };
+    anyhow::ensure!(
+        program.exists(),
+        "{} does not exist: build it with `cargo build --release -j2`, pass --stepmesh-proxy PATH, or run `stepmesh proxy` with --sidecar-subcommand",
+        program.display()
+    );
     let sidecars = SidecarCmd {
-        program: stepmesh.clone(),
+        program,
+        subcommand,
         wrap: words(&args.sidecar_wrap),
         extra: words(&args.sidecar_args),
     };
+    eprintln!("sidecars: {}", sidecars.command_line());
     setup.pair = Some(Pair::start(&sidecars, &ca, dir, "main", up, true).await?);
     if args.wants(Scenario::Connrate) && args.paths.contains(&Path::L4) {
         setup.pair_no_resumption =

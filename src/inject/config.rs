@@ -47,8 +47,13 @@ pub struct InjectorConfig {
     pub image: String,
     /// Pull policy of both containers.
     pub image_pull_policy: String,
-    /// Entrypoint inside the image; `init`/`proxy` args follow.
+    /// Entrypoint of the init container inside the image; `init` args follow.
     pub command: Vec<String>,
+    /// Entrypoint of the sidecar inside the image, the sidecar-only
+    /// `stepmesh-proxy` (the flags of `stepmesh proxy` follow): it maps
+    /// less code than the all-in-one binary in every pod
+    /// (docs/BENCHMARKS.md, "Idle RSS"). `[stepmesh, proxy]` also works.
+    pub proxy_command: Vec<String>,
     /// Where sidecars reach the CA (`host:port`).
     pub ca_address: String,
     /// The mesh's trust domain.
@@ -127,6 +132,7 @@ impl Default for InjectorConfig {
             image: "ghcr.io/stepmesh/stepmesh:0.1.0".into(),
             image_pull_policy: "IfNotPresent".into(),
             command: vec!["stepmesh".into()],
+            proxy_command: vec!["stepmesh-proxy".into()],
             ca_address: "stepmesh-ca-replicas.stepmesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             native_sidecar: true,
@@ -240,6 +246,9 @@ impl InjectorConfig {
         }
         if self.command.is_empty() {
             return Err(("command", "must not be empty".into()));
+        }
+        if self.proxy_command.is_empty() {
+            return Err(("proxyCommand", "must not be empty".into()));
         }
         if !["Always", "IfNotPresent", "Never"].contains(&self.image_pull_policy.as_str()) {
             return Err((
@@ -376,6 +385,7 @@ mod tests {
             ("excludeOutboundCidrs: [10.0.0.1/8]\n", "host bits"),
             ("trustDomain: Bad_Domain\n", "trustDomain"),
             ("tokenExpirationSeconds: 60\n", "600"),
+            ("proxyCommand: []\n", "proxyCommand"),
         ] {
             std::fs::write(&path, text).unwrap();
             let err = InjectorConfig::load(Some(&path)).unwrap_err().to_string();

@@ -113,9 +113,9 @@ pub fn proxy_container(
         "name": PROXY_NAME,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
-        "command": config.command,
+        "command": config.proxy_command,
         "args": [
-            "proxy", "--transparent",
+            "--transparent",
             "--ca", config.ca_address,
             "--ca-bundle", format!("{CA_BUNDLE_DIR}/bundle.pem"),
             "--token-file", format!("{TOKEN_DIR}/token"),

@@ -18,6 +18,8 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
+/// The sidecar-only binary the injected sidecar container runs.
+pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_stepmesh-proxy");
 /// Kubernetes version the validator checks against (native sidecars need >= 1.29).
 pub const K8S_VERSION: &str = "1.33.0";
 
