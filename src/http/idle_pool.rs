@@ -67,6 +67,23 @@ impl<T: AsyncRead + Unpin, E> IdlePool<T, E> {
         }
     }
 
+    /// Closes (drops) every connection parked too long or no longer open,
+    /// so a pool no request visits holds no descriptor past its idle time
+    /// (a connection the far end closed would otherwise wait in
+    /// CLOSE_WAIT).
+    pub(crate) fn sweep(&self) {
+        let mut idle = self.lock();
+        idle.retain(|_, parked| {
+            parked.retain_mut(|p| p.since.elapsed() < self.max_idle && still_open(&mut p.conn));
+            !parked.is_empty()
+        });
+    }
+
+    /// How often [`Self::sweep`] should run: the idle time.
+    pub(crate) fn max_idle(&self) -> Duration {
+        self.max_idle
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ByKey<T, E>> {
         // Each critical section is a push or a pop: never torn.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
@@ -125,5 +142,33 @@ mod tests {
         pool.put("app".into(), conn, ());
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(pool.take("app").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_closes_what_no_request_would_take() {
+        let pool: IdlePool<TcpStream> = IdlePool::new(Duration::from_secs(30), 4);
+        let (open, _open_far) = pair().await;
+        let (closed, closed_far) = pair().await;
+        pool.put("a".into(), open, ());
+        pool.put("b".into(), closed, ());
+        drop(closed_far);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.sweep();
+        assert_eq!(pool.lock().len(), 1, "the closed one's key is gone");
+        assert!(pool.take("a").is_some());
+        let short: IdlePool<TcpStream> = IdlePool::new(Duration::from_millis(20), 4);
+        let (conn, mut far) = pair().await;
+        short.put("a".into(), conn, ());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        short.sweep();
+        assert!(short.lock().is_empty());
+        // Swept means closed: the far end reads EOF.
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            tokio::io::AsyncReadExt::read(&mut far, &mut byte)
+                .await
+                .unwrap(),
+            0
+        );
     }
 }

@@ -183,6 +183,24 @@ impl HttpLayer {
         self
     }
 
+    /// Closes idle pooled HTTP/1 connections (to apps, to peers without
+    /// tunnels) once they have waited their pool's idle time, for as long
+    /// as the layer lives: the sidecar spawns it.
+    pub async fn sweep_idle(layer: std::sync::Weak<HttpLayer>) {
+        let period = match layer.upgrade() {
+            Some(l) => l.app_conns.max_idle().min(l.peers.max_idle()),
+            None => return,
+        };
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(layer) = layer.upgrade() else { return };
+            layer.app_conns.sweep();
+            layer.peers.sweep();
+        }
+    }
+
     /// Starts a graceful drain of every HTTP connection: in-flight requests
     /// finish, then connections close (the process is shutting down).
     pub fn start_drain(&self) {

@@ -211,6 +211,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                 },
             }),
     );
+    tokio::spawn(crate::http::HttpLayer::sweep_idle(Arc::downgrade(&http)));
     let shared = Arc::new(Shared {
         http,
         peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),

@@ -192,7 +192,10 @@ where
         r.draining = r.draining
             || side.draining()
             || futures_util::FutureExt::now_or_never(drain.as_mut()).is_some();
-        match r.exchange(client, upstream, head).await {
+        // Boxed: a request's state (decision, body pipes, response) is the
+        // largest part of the relay and lives only while it runs; inline it
+        // would size every idle keep-alive connection's task.
+        match Box::pin(r.exchange(client, upstream, head)).await {
             Ok(true) => continue,
             Ok(false) => break,
             Err(fail) => {
