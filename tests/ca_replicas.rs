@@ -287,38 +287,15 @@ fn a_revocation_through_one_replica_is_enforced_by_the_others_sidecars() {
     );
     // A replica starting on a malformed object refuses to start, saying why.
     let three = copy_keys(&two.state_dir, &cluster.dir.path().join("replica-3"));
-    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-        .args([
-            "ca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--trust-domain", TD, "--state-dir"])
-        .arg(&three)
-        .args(&flags)
-        .output()
-        .unwrap();
+    let out = common::ca::serve_refused(&three, &[&["--trust-domain", TD][..], &flags].concat());
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("is malformed"), "{}", text(&out));
 
     // A bad --shared-state value: a usage error naming the form, no start.
-    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-        .args([
-            "ca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--trust-domain", TD, "--state-dir"])
-        .arg(cluster.dir.path().join("unused"))
-        .args(["--shared-state", "secret/ns"])
-        .output()
-        .unwrap();
+    let out = common::ca::serve_refused(
+        &cluster.dir.path().join("unused"),
+        &["--trust-domain", TD, "--shared-state", "secret/ns"],
+    );
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(
         text(&out).contains("configmap/NAMESPACE/NAME"),

@@ -491,20 +491,7 @@ async fn intermediate_mode_signs_under_the_outside_intermediate() {
     ];
     // A key others can read is refused, naming the file.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-        .args([
-            "ca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path().join("state"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::ca::serve_refused(&dir.path().join("state"), &args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("int-key.pem") && err.contains("mode 644"),
@@ -586,20 +573,7 @@ fn bad_flags_exit_nonzero_with_one_line() {
         (vec!["--k8s-jwks".into(), "/x.json".into()], "--k8s-issuer"),
     ];
     for (args, needle) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
-            .args([
-                "ca",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--state-dir",
-            ])
-            .arg(dir.path().join("state"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = common::ca::serve_refused(&dir.path().join("state"), &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} accepted");
         assert!(err.contains(needle), "{args:?}: {err}");

@@ -36,31 +36,14 @@ fn start_ca() -> CaProcess {
     )
 }
 
-fn ca_args(ca: &CaProcess, dir: &Path, token: &str, ttl: &str) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    vec![
-        "--ca".into(),
-        ca.grpc_host_port(),
-        "--ca-bundle".into(),
-        ca.bundle_path.display().to_string(),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--trust-domain".into(),
-        TD.into(),
-        "--svid-ttl".into(),
-        ttl.into(),
-    ]
-}
-
 /// Inbound sidecar in front of an echo app, outbound sidecar pointing at it.
 fn ca_mesh(ca: &CaProcess, dir: &Path, ttl: &str) -> (Sidecar, Sidecar, SocketAddr, SocketAddr) {
     let app = echo_server();
-    let mut args = ca_args(ca, dir, "server-token", ttl);
+    let mut args = ca.enrol_args(dir, "server-token", Some(ttl));
     args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
     let server = Sidecar::spawn(&args);
     let inbound = server.listener("inbound");
-    let mut args = ca_args(ca, dir, "client-token", ttl);
+    let mut args = ca.enrol_args(dir, "client-token", Some(ttl));
     args.extend([
         "--outbound".into(),
         format!("127.0.0.1:0={inbound}@{SERVER_ID}"),
@@ -266,7 +249,7 @@ fn a_root_added_at_the_ca_reaches_the_sidecar_without_renewal() {
     let dir = tempfile::tempdir().unwrap();
     let app = echo_server();
     // A long TTL: any change seen comes from the bundle stream, not a renewal.
-    let mut args = ca_args(&ca, dir.path(), "server-token", "1h");
+    let mut args = ca.enrol_args(dir.path(), "server-token", Some("1h"));
     args.extend(["--inbound".into(), format!("127.0.0.1:0={app}")]);
     let server = Sidecar::spawn(&args);
     server.wait_ready();

@@ -52,24 +52,6 @@ inbound:
     )
 }
 
-/// `--ca` flags enrolling with join token `token`.
-fn enrol(ca: &CaProcess, dir: &std::path::Path, token: &str) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    [
-        "--ca",
-        &ca.grpc_host_port(),
-        "--ca-bundle",
-        &ca.bundle_path.display().to_string(),
-        "--token-file",
-        &token_file.display().to_string(),
-        "--trust-domain",
-        TD,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 fn www(a: &Answer) -> String {
     a.headers
         .get("www-authenticate")
@@ -107,7 +89,7 @@ fn a_mesh_jwt_svid_opens_the_route_and_other_tokens_do_not() {
     let port = free_port();
     let policy_file = dir.path().join("policy.yaml");
     std::fs::write(&policy_file, policy(port)).unwrap();
-    let mut args = enrol(&ca, dir.path(), "server-token");
+    let mut args = ca.enrol_args(dir.path(), "server-token", None);
     args.extend([
         "--inbound".into(),
         format!("127.0.0.1:{port}={}", app.addr),
@@ -117,7 +99,7 @@ fn a_mesh_jwt_svid_opens_the_route_and_other_tokens_do_not() {
     let server = Sidecar::spawn(&args);
     let inbound = server.listener("inbound");
     server.wait_ready();
-    let mut args = enrol(&ca, dir.path(), "client-token");
+    let mut args = ca.enrol_args(dir.path(), "client-token", None);
     args.extend([
         "--outbound".into(),
         format!("127.0.0.1:0={inbound}@{SERVER_ID}"),

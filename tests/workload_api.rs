@@ -65,30 +65,11 @@ fn one(out: &Output, lines: &[Value]) -> Value {
     lines[0].clone()
 }
 
-fn ca_args(ca: &CaProcess, dir: &Path, token: &str, ttl: &str) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    [
-        "--ca",
-        &ca.grpc_host_port(),
-        "--ca-bundle",
-        &ca.bundle_path.display().to_string(),
-        "--token-file",
-        &token_file.display().to_string(),
-        "--trust-domain",
-        TD,
-        "--svid-ttl",
-        ttl,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 /// The app's sidecar: an SVID for CLIENT_ID from `ca`, the Workload API on
 /// `dir/workload.sock`, an inbound listener (a sidecar needs one).
 fn app_sidecar(ca: &CaProcess, dir: &Path, ttl: &str, extra: &[&str]) -> (Sidecar, PathBuf) {
     let socket = dir.join("workload.sock");
-    let mut args = ca_args(ca, dir, "client-token", ttl);
+    let mut args = ca.enrol_args(dir, "client-token", Some(ttl));
     args.extend(["--inbound".into(), format!("127.0.0.1:0={}", echo_server())]);
     args.extend(["--workload-api".into(), socket.display().to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -146,7 +127,7 @@ fn py_spiffe_gets_the_svid_and_bundle_and_another_sidecar_accepts_it() {
     let ca = start_ca();
     let dir = tempfile::tempdir().unwrap();
     let (app, socket) = app_sidecar(&ca, dir.path(), "1h", &[]);
-    let mut args = ca_args(&ca, dir.path(), "server-token", "1h");
+    let mut args = ca.enrol_args(dir.path(), "server-token", Some("1h"));
     args.extend(["--inbound".into(), format!("127.0.0.1:0={}", echo_server())]);
     let server = Sidecar::spawn(&args);
     let inbound = server.listener("inbound");

@@ -8,10 +8,11 @@
 //! // ca.grpc_addr, ca.admin_addr, ca.bundle_path, ca.bundle_pem, ca.logs()
 //! ```
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,19 @@ impl CaProcess {
         let _ = self.child.wait();
     }
 
+    /// [`enrol_args`] for this CA: its address, bundle and trust domain.
+    pub fn enrol_args(&self, dir: &Path, token: &str, ttl: Option<&str>) -> Vec<String> {
+        let addr = self.grpc_host_port();
+        enrol_args(
+            &addr,
+            &self.bundle_path,
+            &self.trust_domain,
+            dir,
+            token,
+            ttl,
+        )
+    }
+
     /// The gRPC address as `localhost:<port>`, the name its certificate carries.
     pub fn grpc_host_port(&self) -> String {
         format!("localhost:{}", self.grpc_addr.port())
@@ -197,6 +211,57 @@ impl Drop for CaProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `stepmesh proxy` flags enrolling with the CA at `ca_addr` (one address,
+/// or several replicas) whose roots are `bundle`, for `trust_domain`, by
+/// join token `token` (written to a file in `dir`), asking SVIDs of `ttl`
+/// when given.
+pub fn enrol_args(
+    ca_addr: &str,
+    bundle: &Path,
+    trust_domain: &str,
+    dir: &Path,
+    token: &str,
+    ttl: Option<&str>,
+) -> Vec<String> {
+    let token_file = dir.join(format!("{token}.jwt"));
+    std::fs::write(&token_file, token).unwrap();
+    let mut args: Vec<String> = [
+        "--ca",
+        ca_addr,
+        "--ca-bundle",
+        &bundle.display().to_string(),
+        "--token-file",
+        &token_file.display().to_string(),
+        "--trust-domain",
+        trust_domain,
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(ttl) = ttl {
+        args.extend(["--svid-ttl".into(), ttl.into()]);
+    }
+    args
+}
+
+/// `stepmesh ca serve` on loopback ports with `--state-dir state_dir` and
+/// `args`, for a start that must be refused: its output once it exits.
+pub fn serve_refused<A: AsRef<OsStr>>(state_dir: &Path, args: &[A]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stepmesh"))
+        .args([
+            "ca",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// A minimal blocking HTTP/1.1 GET (admin endpoints are plain HTTP).

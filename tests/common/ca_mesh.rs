@@ -41,22 +41,7 @@ pub fn sidecar_args(
     token: &str,
     ttl: &str,
 ) -> Vec<String> {
-    let token_file = dir.join(format!("{token}.jwt"));
-    std::fs::write(&token_file, token).unwrap();
-    [
-        "--ca",
-        ca_addr,
-        "--ca-bundle",
-        bundle.to_str().unwrap(),
-        "--token-file",
-        token_file.to_str().unwrap(),
-        "--trust-domain",
-        TD,
-        "--svid-ttl",
-        ttl,
-    ]
-    .map(String::from)
-    .to_vec()
+    super::ca::enrol_args(ca_addr, bundle, TD, dir, token, Some(ttl))
 }
 
 /// Server sidecar (→ echo) with a long-lived SVID; client sidecar X (the
