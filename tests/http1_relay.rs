@@ -207,7 +207,7 @@ fn serve_app(conn: TcpStream, seen: &AtomicUsize) {
 struct Pair {
     app: RawApp,
     _dir: tempfile::TempDir,
-    _server: Sidecar,
+    server: Sidecar,
     client: Sidecar,
 }
 
@@ -217,11 +217,23 @@ fn pair() -> Pair {
 
 /// [`pair`], the client sidecar started with `client_flags` too.
 fn pair_with(client_flags: &[&str]) -> Pair {
+    pair_on("http", client_flags)
+}
+
+/// [`pair_with`], the app's port of `protocol` (`http`, `tcp`, `auto`).
+fn pair_on(protocol: &str, client_flags: &[&str]) -> Pair {
     let app = RawApp::start();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("mesh.test");
     let port = free_port();
     let policy = dir.path().join("policy.yaml");
+    // Routes are HTTP's: a `tcp` port has none.
+    let routes = match protocol {
+        "tcp" => String::new(),
+        _ => format!(
+            "      routes:\n        - name: admin\n          match: {{path: /admin/*}}\n          from: [{ADMIN_ID}]\n"
+        ),
+    };
     std::fs::write(
         &policy,
         format!(
@@ -231,13 +243,9 @@ inbound:
   default: deny
   ports:
     - port: {port}
-      protocol: http
+      protocol: {protocol}
       allow: [{{from: [{CLIENT_ID}, {ADMIN_ID}]}}]
-      routes:
-        - name: admin
-          match: {{path: /admin/*}}
-          from: [{ADMIN_ID}]
-"#
+{routes}"#
         ),
     )
     .unwrap();
@@ -264,7 +272,7 @@ inbound:
     Pair {
         app,
         _dir: dir,
-        _server: server,
+        server,
         client,
     }
 }
@@ -600,5 +608,91 @@ fn app_connections_are_shared_between_client_connections_and_never_after_unasked
         accepted(),
         2,
         "a new app connection after the unasked bytes"
+    );
+}
+
+/// Streams the server sidecar accepted from the client sidecar (tunnels).
+fn inbound_tunnels(p: &Pair) -> f64 {
+    p.server.metric(&format!(
+        r#"stepmesh_connections_total{{direction="inbound",peer="{CLIENT_ID}",decision="allow"}}"#
+    ))
+}
+
+#[test]
+fn idle_keep_alive_app_connections_hold_no_tunnel_on_an_http_port() {
+    // Twenty app connections, each answered once and then held idle: on
+    // an `http` port the peer relays a tunnel's HTTP/1 request by request,
+    // so each request took the tunnel the last one left, and the idle
+    // connections hold none. Their next requests, and two connections
+    // taking turns, ride the same one.
+    let p = pair();
+    let mut held: Vec<_> = (0..20)
+        .map(|i| {
+            let (mut s, mut r) = p.connect();
+            assert_eq!(get(&mut s, &mut r, "/first").0, 200, "connection {i}");
+            (s, r)
+        })
+        .collect();
+    assert_eq!(
+        inbound_tunnels(&p),
+        1.0,
+        "one tunnel for 20 app connections"
+    );
+    for (i, (s, r)) in held.iter_mut().enumerate() {
+        let (status, body) = get(s, r, &format!("/again/{i}"));
+        assert_eq!(status, 200);
+        assert!(body.starts_with(&format!("GET /again/{i} ")), "{body}");
+    }
+    assert_eq!(
+        inbound_tunnels(&p),
+        1.0,
+        "the held connections' next requests"
+    );
+    assert_eq!(
+        p.app.accepted.load(Ordering::SeqCst),
+        1,
+        "and one app connection"
+    );
+
+    // A tunnel whose peer sent bytes nobody asked for carries nothing
+    // more: the next request, another client's, gets its own answer on a
+    // new tunnel.
+    let (a, b) = held.split_at_mut(1);
+    let ((a, ar), (b, br)) = (&mut a[0], &mut b[0]);
+    assert_eq!(get(a, ar, "/extra"), (200, "ok".to_owned()));
+    let (status, body) = get(b, br, "/after-extra");
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("GET /after-extra "),
+        "b got its own answer: {body}"
+    );
+    assert_eq!(
+        inbound_tunnels(&p),
+        2.0,
+        "a new tunnel after the unasked bytes"
+    );
+}
+
+#[test]
+fn on_a_tcp_port_each_app_connection_keeps_its_own_tunnel_and_app_connection() {
+    // A `tcp` port is L4 end to end at the peer: its tunnels are app
+    // connections and are never shared, even when the client sidecar
+    // sees HTTP/1 in them.
+    let p = pair_on("tcp", &[]);
+    let mut held: Vec<_> = (0..3)
+        .map(|i| {
+            let (mut s, mut r) = p.connect();
+            assert_eq!(get(&mut s, &mut r, "/first").0, 200, "connection {i}");
+            (s, r)
+        })
+        .collect();
+    for (s, r) in held.iter_mut() {
+        assert_eq!(get(s, r, "/again").0, 200);
+    }
+    assert_eq!(inbound_tunnels(&p), 3.0, "a tunnel per app connection");
+    assert_eq!(
+        p.app.accepted.load(Ordering::SeqCst),
+        3,
+        "an app connection per client connection"
     );
 }

@@ -13,6 +13,11 @@ pub const STEPUP_SUB: HeaderName = HeaderName::from_static("x-stepup-sub");
 /// Between sidecars: the protocol the app spoke (`HTTP/1.1`, `HTTP/2`), as
 /// Linkerd's `l5d-orig-proto`.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("stepmesh-orig-proto");
+/// Between sidecars, on a tunnel's `200`: `http/1.1` when the far end
+/// relays the stream's HTTP/1 request by request (an `http` port), so the
+/// stream can carry another app connection's next request once a response
+/// has ended cleanly. Without it a tunnel is one app connection's alone.
+pub const TUNNEL_RELAYS: HeaderName = HeaderName::from_static("stepmesh-relays");
 
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,

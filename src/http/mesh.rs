@@ -50,6 +50,8 @@ pub(crate) struct Pooled {
     pub(crate) tunnels: Arc<AtomicUsize>,
     /// Tells this connection from its replacement.
     pub(crate) id: u64,
+    /// Closed (`changed` fails) once the connection has ended.
+    ended: tokio::sync::watch::Receiver<()>,
 }
 
 /// Tunnels one pooled connection carries at most; past it an app
@@ -90,6 +92,24 @@ impl Pooled {
     /// The connection's HTTP/2 client (a clone: hyper's handle is shared).
     pub(crate) fn sender(&self) -> SendRequest<MeshBody> {
         self.send.clone()
+    }
+}
+
+/// Watches one mesh connection's end (see [`MeshPool::first_ended`]).
+#[derive(Clone)]
+pub(crate) struct PeerGone(tokio::sync::watch::Receiver<()>);
+
+impl PeerGone {
+    /// Whether the connection has ended.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.0.has_changed().is_err()
+    }
+
+    /// Resolves once the connection has ended.
+    pub(crate) async fn wait(&self) {
+        let mut ended = self.0.clone();
+        // No value is ever sent: only the sender's drop ends this.
+        while ended.changed().await.is_ok() {}
     }
 }
 
@@ -274,6 +294,16 @@ impl MeshPool {
         Ok(extra(pooled))
     }
 
+    /// The end of the destination's first connection (the one HTTP
+    /// requests ride; others only carry tunnels past its limit, and close
+    /// when idle): it ends only when the peer closes it or it fails.
+    /// `None` when there is none.
+    pub(crate) fn first_ended(&self, key: &Arc<str>) -> Option<PeerGone> {
+        let slot = self.slot(key);
+        let ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.as_ref().map(|p| PeerGone(p.ended.clone()))
+    }
+
     /// Forgets connection `id` (it is going away), so the next caller
     /// dials a new one.
     pub(crate) fn retire(&self, key: &Arc<str>, id: u64) {
@@ -348,10 +378,12 @@ impl MeshPool {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
+        let (ending, ended) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
             }
+            drop(ending);
         });
         let id = self.made.fetch_add(1, Ordering::Relaxed);
         Ok(Pooled {
@@ -360,6 +392,7 @@ impl MeshPool {
             kind,
             tunnels: Arc::default(),
             id,
+            ended,
         })
     }
 }

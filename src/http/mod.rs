@@ -85,6 +85,9 @@ pub struct HttpLayer {
     mesh: mesh::MeshPool,
     /// Idle HTTP/1 connections to peer sidecars.
     pub(crate) peers: outbound::PeerPool,
+    /// Idle tunnels to peer sidecars that relay HTTP/1, shared by every
+    /// app connection to the same destination between its requests.
+    pub(crate) tunnels: tunnel::TunnelPool,
     /// Idle HTTP/1 connections to the apps, shared by every client
     /// connection between its requests.
     app_conns: inbound::AppConnPool,
@@ -144,6 +147,7 @@ impl HttpLayer {
             app: inbound::AppClients::new(),
             mesh: mesh::MeshPool::default(),
             peers: outbound::PeerPool::new(outbound::POOL_IDLE, outbound::POOL_PER_DESTINATION),
+            tunnels: tunnel::TunnelPool::new(tunnel::POOL_IDLE, tunnel::POOL_PER_DESTINATION),
             app_conns: inbound::AppConnPool::new(inbound::APP_POOL_IDLE, inbound::APP_POOL_PER_APP),
             draining: tokio::sync::watch::Sender::new(false),
             draining_now: std::sync::atomic::AtomicBool::new(false),
@@ -183,12 +187,16 @@ impl HttpLayer {
         self
     }
 
-    /// Closes idle pooled HTTP/1 connections (to apps, to peers without
-    /// tunnels) once they have waited their pool's idle time, for as long
-    /// as the layer lives: the sidecar spawns it.
+    /// Closes idle pooled HTTP/1 connections (to apps, tunnels and
+    /// connections to peers) once they have waited their pool's idle time,
+    /// for as long as the layer lives: the sidecar spawns it.
     pub async fn sweep_idle(layer: std::sync::Weak<HttpLayer>) {
         let period = match layer.upgrade() {
-            Some(l) => l.app_conns.max_idle().min(l.peers.max_idle()),
+            Some(l) => l
+                .app_conns
+                .max_idle()
+                .min(l.peers.max_idle())
+                .min(l.tunnels.max_idle()),
             None => return,
         };
         let mut tick = tokio::time::interval(period);
@@ -198,6 +206,7 @@ impl HttpLayer {
             let Some(layer) = layer.upgrade() else { return };
             layer.app_conns.sweep();
             layer.peers.sweep();
+            layer.tunnels.sweep();
         }
     }
 

@@ -27,6 +27,7 @@ use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
 use super::idle_pool::IdlePool;
 use super::mesh::{self, Outgoing, Pooled, SendError};
 use super::record::Exchange;
+use super::tunnel::{self, Tunnel};
 use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict};
 
 /// Where an outbound HTTP connection's requests go.
@@ -134,6 +135,148 @@ where
         upstream: std::marker::PhantomData,
     };
     h1::relay(&side, app, bytes::Bytes::new(), peer, idle, layer.drained()).await
+}
+
+/// Relays the app's HTTP/1 requests (their first bytes still unread in
+/// `app`) through tunnels that relay HTTP/1 at the peer (an `http` port):
+/// `first` carries the first request; after each response that leaves it
+/// clean the tunnel goes back to the layer's [`TunnelPool`] for any app
+/// connection to the destination, and the next request takes one from
+/// there (or opens one on the pooled mesh connection `conn`, to
+/// `authority`). An idle keep-alive app connection so holds no stream, and
+/// the peer nothing for it. Afterwards `first` holds a tunnel this
+/// connection kept (one that does not relay HTTP/1 at the peer, reached
+/// after a change of its policy).
+///
+/// [`TunnelPool`]: super::tunnel::TunnelPool
+pub(crate) async fn relay_h1_pooled(
+    layer: &HttpLayer,
+    conn: &OutboundConn,
+    authority: &Authority,
+    peer_id: Option<&str>,
+    app: &mut TcpStream,
+    first: &mut Option<Tunnel>,
+    idle: Duration,
+) -> h1::Relayed {
+    let side = PooledTunnels {
+        peer: PeerSide {
+            layer,
+            port: conn.port,
+            peer_id,
+            upstream: std::marker::PhantomData,
+        },
+        conn,
+        authority,
+        gone: layer.mesh.first_ended(&conn.key),
+    };
+    h1::relay(
+        &side,
+        app,
+        bytes::Bytes::new(),
+        first,
+        idle,
+        layer.drained(),
+    )
+    .await
+}
+
+/// The outbound end of the HTTP/1 relay over pooled tunnels: as
+/// [`PeerSide`], but a request takes whichever tunnel to the destination
+/// is idle, or opens one, and leaves it for the next.
+///
+/// The app connection follows the destination's mesh connection it
+/// started on: once the peer closes that one (a revocation, a drain, a
+/// restart) the app connection takes no further request and, idle, ends,
+/// as it would had it held a tunnel of its own.
+struct PooledTunnels<'a> {
+    peer: PeerSide<'a, Tunnel>,
+    conn: &'a OutboundConn,
+    authority: &'a Authority,
+    gone: Option<mesh::PeerGone>,
+}
+
+impl PooledTunnels<'_> {
+    fn peer_gone(&self) -> bool {
+        self.gone.as_ref().is_some_and(mesh::PeerGone::is_gone)
+    }
+}
+
+impl h1::Side for PooledTunnels<'_> {
+    type Upstream = Tunnel;
+    const REDIAL: bool = true;
+    const DIRECTION: &'static str = "outbound";
+    const DECIDES: bool = false;
+
+    fn layer(&self) -> &HttpLayer {
+        self.peer.layer
+    }
+
+    fn exchange(&self) -> Exchange {
+        self.peer.exchange()
+    }
+
+    fn admit<'a>(
+        &'a self,
+        x: &'a mut Exchange,
+        head: &'a mut h1::RequestHead,
+        raw: &'a [u8],
+    ) -> impl Future<Output = Verdict> + Send + 'a {
+        self.peer.admit(x, head, raw)
+    }
+
+    async fn dial(&self) -> std::io::Result<Tunnel> {
+        if self.peer_gone() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the peer closed the mesh connection this app connection rode",
+            ));
+        }
+        // Boxed: a tunnel's opening is large and rare next to a request.
+        let opened = Box::pin(tunnel::open(
+            self.peer.layer,
+            self.conn,
+            self.authority.clone(),
+        ))
+        .await;
+        opened.map_err(|e| {
+            tracing::warn!(dst = %self.conn.dst, error = %e, "outbound: no tunnel for the next request");
+            std::io::Error::other(e)
+        })
+    }
+
+    fn reuse(&self) -> Option<Tunnel> {
+        if self.peer_gone() {
+            return None;
+        }
+        self.peer
+            .layer
+            .tunnels
+            .take(&self.conn.key)
+            .map(|(t, ())| t)
+    }
+
+    async fn gone(&self) {
+        match &self.gone {
+            Some(gone) => gone.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn release(&self, up: Tunnel) -> Option<Tunnel> {
+        if !up.relays_http {
+            return Some(up);
+        }
+        self.peer.layer.tunnels.put(self.conn.key.clone(), up, ());
+        None
+    }
+
+    fn draining(&self) -> bool {
+        self.peer.draining()
+    }
+
+    fn unavailable(&self) -> Local {
+        peer_request_failed()
+    }
 }
 
 /// How long an idle peer connection waits in the pool for another app

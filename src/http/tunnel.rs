@@ -9,14 +9,20 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::headers::TUNNEL_RELAYS;
+use super::idle_pool::IdlePool;
 
 use super::mesh::{self, Outgoing, TunnelCount};
 use super::outbound::{MeshError, OutboundConn};
@@ -46,19 +52,76 @@ pub fn answer(status: StatusCode) -> Response<ProxyBody> {
     resp
 }
 
+/// The `200` that opens a tunnel whose HTTP/1 this side relays request by
+/// request: the peer may then share it between its app connections
+/// ([`TUNNEL_RELAYS`]).
+pub fn answer_relaying() -> Response<ProxyBody> {
+    let mut resp = answer(StatusCode::OK);
+    resp.headers_mut()
+        .insert(TUNNEL_RELAYS, HeaderValue::from_static("http/1.1"));
+    resp
+}
+
 /// An open tunnel to the peer's app, as bytes both ways.
 pub struct Tunnel {
     /// The stream: EOF is the peer's END_STREAM, shutdown sends ours.
     pub io: TokioIo<Upgraded>,
     /// The peer's SPIFFE ID (from the pooled connection's certificate).
     pub peer: Option<Arc<str>>,
+    /// The peer relays this stream's HTTP/1 request by request: between
+    /// requests it can serve any app connection to the same destination
+    /// ([`TunnelPool`]). Otherwise it is one app connection's (an opaque
+    /// port's app connection at the far end).
+    pub relays_http: bool,
     _open: TunnelCount,
+}
+
+/// Idle tunnels that relay HTTP/1, per pool key (expected identity and
+/// destination), taken by the next request of any app connection there: an
+/// idle keep-alive app connection then holds no stream, and the peer
+/// nothing for it (as nginx and HAProxy hold no upstream connection for an
+/// idle client).
+pub(crate) type TunnelPool = IdlePool<Tunnel>;
+
+/// How long an idle tunnel waits in the pool: a new one costs one round
+/// trip on the pooled mesh connection, so little is kept for long.
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(10);
+/// The most idle tunnels kept per destination.
+pub(crate) const POOL_PER_DESTINATION: usize = 128;
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnel")
             .field("peer", &self.peer)
+            .field("relays_http", &self.relays_http)
             .finish_non_exhaustive()
     }
 }
@@ -148,12 +211,17 @@ async fn upgrade(
         StatusCode::FORBIDDEN => return Err(TunnelError::Refused(StatusCode::FORBIDDEN)),
         status => return Err(TunnelError::Failed(format!("the peer answered {status}"))),
     }
+    let relays_http = resp
+        .headers()
+        .get(TUNNEL_RELAYS)
+        .is_some_and(|v| v.as_bytes() == b"http/1.1");
     let upgraded = hyper::upgrade::on(resp)
         .await
         .map_err(|e| TunnelError::Failed(e.to_string()))?;
     Ok(Tunnel {
         io: TokioIo::new(upgraded),
         peer,
+        relays_http,
         _open: counted,
     })
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -303,10 +304,16 @@ async fn outbound_h1(
     mut app: TcpStream,
 ) -> Outcome {
     if shared.tunnel {
-        match super::tunnel::open_for(shared, mesh, ctx, &mut app).await {
-            Opened::Tunnel(tunnel) => return h1_through_tunnel(shared, ctx, app, tunnel).await,
-            Opened::Done(outcome) => return outcome,
-            Opened::Unsupported => {}
+        if let Ok(authority) = ctx.dst.parse::<Authority>() {
+            let conn = mesh_conn(shared, mesh, ctx);
+            match first_tunnel(shared, &conn, &authority, ctx, &mut app).await {
+                Opened::Tunnel(tunnel) => {
+                    let to = (&conn, &authority);
+                    return h1_through_tunnel(shared, ctx, to, app, tunnel).await;
+                }
+                Opened::Done(outcome) => return outcome,
+                Opened::Unsupported => {}
+            }
         }
     }
     let key = pool_key(ctx);
@@ -344,24 +351,64 @@ where
     crate::http::outbound::relay_h1(&shared.http, ctx.port, peer, app, upstream, idle).await
 }
 
-/// HTTP/1 relayed through `tunnel`, which ends with the app connection.
+/// The tunnel an HTTP/1 app connection starts with: an idle one another
+/// app connection to the destination left, or a new one.
+async fn first_tunnel(
+    shared: &Shared,
+    conn: &OutboundConn,
+    authority: &Authority,
+    ctx: &OutboundContext,
+    app: &mut TcpStream,
+) -> Opened {
+    match shared.http.tunnels.take(&conn.key) {
+        Some((tunnel, ())) => Opened::Tunnel(tunnel),
+        None => super::tunnel::open_on(shared, conn, authority.clone(), ctx, app).await,
+    }
+}
+
+/// HTTP/1 relayed through `tunnel` to the destination `to` (its mesh
+/// connection and authority). A tunnel whose far end relays HTTP/1 is
+/// shared between requests with the destination's other app connections
+/// (`http::outbound::relay_h1_pooled`); any other ends with the app
+/// connection.
 async fn h1_through_tunnel(
     shared: &Shared,
     ctx: &OutboundContext,
+    to: (&OutboundConn, &Authority),
     mut app: TcpStream,
     tunnel: Tunnel,
 ) -> Outcome {
     super::tunnel::count_allowed(shared, &tunnel);
     let peer_id = super::tunnel::peer_id(&tunnel);
-    // The stream moves into the relay; the rest of `tunnel` (its count on
-    // the pooled connection) lives to the end of this function.
-    let mut upstream = Some(tunnel.io);
-    let done = relay_h1(shared, ctx, &mut app, &mut upstream, peer_id.as_ref()).await;
+    let mut upstream = Some(tunnel);
+    let done = if upstream.as_ref().is_some_and(|t| t.relays_http) {
+        let peer = peer_id.as_ref().map(crate::policy::SpiffeId::as_str);
+        let (conn, authority) = to;
+        let idle = shared.timeouts.idle;
+        let http = &shared.http;
+        crate::http::outbound::relay_h1_pooled(
+            http,
+            conn,
+            authority,
+            peer,
+            &mut app,
+            &mut upstream,
+            idle,
+        )
+        .await
+    } else {
+        relay_h1(shared, ctx, &mut app, &mut upstream, peer_id.as_ref()).await
+    };
     // The app first: it may be waiting for the close to end its response.
     close_gracefully(&mut app).await;
-    // Still usable: ended by the app, so the stream ends at both ends.
-    if let Some(mut io) = upstream {
-        crate::net::close_both_ways(&mut io).await;
+    match upstream {
+        // Never used (the app closed before a request): for the next.
+        Some(tunnel) if tunnel.relays_http => {
+            shared.http.tunnels.put(to.0.key.clone(), tunnel, ());
+        }
+        // Still usable: ended by the app, so the stream ends at both ends.
+        Some(mut tunnel) => crate::net::close_both_ways(&mut tunnel).await,
+        None => {}
     }
     h1_outcome(done, peer_id)
 }

@@ -16,9 +16,11 @@ use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, OutboundContext};
 use super::conn::{Outcome, Shared};
-use crate::http::tunnel::{answer, Answer, Tunnel, TunnelError, Tunnels};
+use crate::http::outbound::OutboundConn;
+use crate::http::tunnel::{answer, answer_relaying, Answer, Tunnel, TunnelError, Tunnels};
 use crate::metrics::Direction;
 use crate::net::forward::{forward, ForwardError};
+use crate::policy::Protocol;
 
 /// The handler of the tunnels on one peer's mesh connection (`conn`: its
 /// authenticated context).
@@ -139,6 +141,12 @@ fn open(
         // value moved again is stored twice in the task.
         drop(slot);
     });
+    // An `http` port's stream is relayed request by request (and its app
+    // connections pooled here): the peer may share it between its app
+    // connections. Not an `auto` port's: its stream could be opaque.
+    if protocol == Protocol::Http {
+        return answer_relaying();
+    }
     answer(StatusCode::OK)
 }
 
@@ -190,14 +198,22 @@ pub(super) async fn open_for(
     let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
         return Opened::Unsupported;
     };
+    let conn = super::seam::mesh_conn(shared, mesh, ctx);
+    open_on(shared, &conn, authority, ctx, app).await
+}
+
+/// As [`open_for`], on the mesh connection `conn` to `authority`.
+pub(super) async fn open_on(
+    shared: &Shared,
+    conn: &OutboundConn,
+    authority: http::uri::Authority,
+    ctx: &OutboundContext,
+    app: &mut TcpStream,
+) -> Opened {
     // Boxed: the dial and the stream's opening are large and live only
     // while connecting (as the L4 path's handshake); inline they would
     // size every idle connection's task.
-    let opened = Box::pin(async {
-        let conn = super::seam::mesh_conn(shared, mesh, ctx);
-        crate::http::tunnel::open(&shared.http, &conn, authority).await
-    })
-    .await;
+    let opened = Box::pin(crate::http::tunnel::open(&shared.http, conn, authority)).await;
     match opened {
         Ok(tunnel) => Opened::Tunnel(tunnel),
         Err(TunnelError::Unsupported) => Opened::Unsupported,

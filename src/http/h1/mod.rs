@@ -96,6 +96,15 @@ pub(crate) trait Side: Send + Sync {
         Some(up)
     }
 
+    /// Resolves when the peer this side's requests go to has closed the
+    /// connection they share (a side whose upstream goes back to a pool
+    /// between requests): the client connection, idle and holding no
+    /// upstream, then ends as it would had it held that one. Never, by
+    /// default.
+    fn gone(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
     /// The answer when the upstream cannot be reached or fails.
     fn unavailable(&self) -> Local;
 
@@ -244,7 +253,8 @@ impl<S: Side> Relay<'_, S> {
         C: AsyncRead + AsyncWrite + Unpin + Send,
         D: Future<Output = ()>,
     {
-        let limits = self.side.layer().limits;
+        let side = self.side;
+        let limits = side.layer().limits;
         let Relay {
             cbuf,
             ubuf,
@@ -280,14 +290,20 @@ impl<S: Side> Relay<'_, S> {
                 ubuf.relax();
                 *out = Vec::new();
             }
+            // Whether the peer is gone (`true`: end the client connection
+            // too), or only the held upstream closed.
             let watch = async {
                 match upstream.as_mut() {
                     // Any read outcome (EOF, error, unasked-for bytes)
                     // means this connection can carry no further request.
                     Some(up) => {
                         let _ = ubuf.fill(up).await;
+                        false
                     }
-                    None => std::future::pending().await,
+                    None => {
+                        side.gone().await;
+                        true
+                    }
                 }
             };
             tokio::select! {
@@ -303,9 +319,12 @@ impl<S: Side> Relay<'_, S> {
                     }
                     Some(Err(e)) => return Err(Fail::Client(e)),
                 },
-                () = watch => {
+                gone = watch => {
                     *upstream = None;
                     ubuf.consume(usize::MAX);
+                    if gone {
+                        return Ok(None);
+                    }
                     if !S::REDIAL {
                         if done.requests == 0 {
                             done.upstream_closed_first = true;
