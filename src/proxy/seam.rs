@@ -291,11 +291,9 @@ fn pool_key(ctx: &OutboundContext) -> Arc<str> {
     format!("{}@{}", ctx.expected, ctx.dst).into()
 }
 
-/// HTTP/1 relayed to the peer as the L4 path would carry it: through a
-/// tunnel on the pooled mesh connection, or, to a peer without tunnels,
-/// over an mTLS connection of its own (an idle one left by an earlier app
-/// connection is taken first, and this one is left for the next when the
-/// app closes).
+/// HTTP/1 relayed to the peer as the L4 path would carry it: through
+/// tunnels on the pooled mesh connection, or, to a peer without tunnels,
+/// over an mTLS connection of its own.
 async fn outbound_h1(
     shared: &Shared,
     connector: &TlsConnector,
@@ -316,6 +314,20 @@ async fn outbound_h1(
             }
         }
     }
+    // Boxed: an mTLS connection of its own holds its TLS state inline; in
+    // this future it would size every tunnelled connection's too.
+    Box::pin(h1_over_own_connection(shared, connector, ctx, app)).await
+}
+
+/// HTTP/1 to a peer without tunnels: over an mTLS connection of its own,
+/// an idle one an earlier app connection left (`PeerPool`) if any, left
+/// there in turn when the app closes.
+async fn h1_over_own_connection(
+    shared: &Shared,
+    connector: &TlsConnector,
+    ctx: &OutboundContext,
+    mut app: TcpStream,
+) -> Outcome {
     let key = pool_key(ctx);
     let pooled = shared.http.peers.take(&key);
     let (tls, peer_id) = match pooled {
@@ -362,7 +374,17 @@ async fn first_tunnel(
 ) -> Opened {
     match shared.http.tunnels.take(&conn.key) {
         Some((tunnel, ())) => Opened::Tunnel(tunnel),
-        None => super::tunnel::open_on(shared, conn, authority.clone(), ctx, app).await,
+        // Boxed: see `open_on`.
+        None => {
+            Box::pin(super::tunnel::open_on(
+                shared,
+                conn,
+                authority.clone(),
+                ctx,
+                app,
+            ))
+            .await
+        }
     }
 }
 

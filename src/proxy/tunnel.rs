@@ -198,11 +198,18 @@ pub(super) async fn open_for(
     let Ok(authority) = ctx.dst.parse::<http::uri::Authority>() else {
         return Opened::Unsupported;
     };
-    let conn = super::seam::mesh_conn(shared, mesh, ctx);
-    open_on(shared, &conn, authority, ctx, app).await
+    // Boxed: the mesh connection's description, the dial and the stream's
+    // opening are large and live only while connecting (as the L4 path's
+    // handshake); inline they would size every idle connection's task.
+    Box::pin(async {
+        let conn = super::seam::mesh_conn(shared, mesh, ctx);
+        open_on(shared, &conn, authority, ctx, app).await
+    })
+    .await
 }
 
-/// As [`open_for`], on the mesh connection `conn` to `authority`.
+/// As [`open_for`], on the mesh connection `conn` to `authority` (box
+/// it: as [`open_for`] says).
 pub(super) async fn open_on(
     shared: &Shared,
     conn: &OutboundConn,
@@ -210,10 +217,7 @@ pub(super) async fn open_on(
     ctx: &OutboundContext,
     app: &mut TcpStream,
 ) -> Opened {
-    // Boxed: the dial and the stream's opening are large and live only
-    // while connecting (as the L4 path's handshake); inline they would
-    // size every idle connection's task.
-    let opened = Box::pin(crate::http::tunnel::open(&shared.http, conn, authority)).await;
+    let opened = crate::http::tunnel::open(&shared.http, conn, authority).await;
     match opened {
         Ok(tunnel) => Opened::Tunnel(tunnel),
         Err(TunnelError::Unsupported) => Opened::Unsupported,
