@@ -119,10 +119,7 @@ fn a_plain_login_reads_without_step_up() {
     );
     let line = f
         .gateway
-        .audit_lines()
-        .into_iter()
-        .rev()
-        .find(|l| l["namespace"] == json!(ns) && l["verb"] == "list")
+        .wait_audit_line(|l| l["namespace"] == json!(ns) && l["verb"] == "list")
         .expect("an audit line for the list");
     assert_eq!(line["user"], ALICE);
     assert_eq!(line["groups"], json!(["oidc:developers"]));

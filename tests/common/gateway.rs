@@ -165,4 +165,21 @@ impl Gateway {
             .filter(|v| v["kind"] == "gateway")
             .collect()
     }
+
+    /// The latest audit line matching `pred`, waited for up to 10 s: the
+    /// gateway writes it once the response has ended, which kubectl may
+    /// see first.
+    pub fn wait_audit_line(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.audit_lines().into_iter().rev().find(&pred);
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
