@@ -618,21 +618,25 @@ fn inbound_tunnels(p: &Pair) -> f64 {
     ))
 }
 
-#[test]
-fn idle_keep_alive_app_connections_hold_no_tunnel_on_an_http_port() {
-    // Twenty app connections, each answered once and then held idle: on
-    // an `http` port the peer relays a tunnel's HTTP/1 request by request,
-    // so each request took the tunnel the last one left, and the idle
-    // connections hold none. Their next requests, and two connections
-    // taking turns, ride the same one.
-    let p = pair();
-    let mut held: Vec<_> = (0..20)
+/// `n` app connections, each answered once, held open.
+fn held_after_one_request(p: &Pair, n: usize) -> Vec<(TcpStream, BufReader<TcpStream>)> {
+    (0..n)
         .map(|i| {
             let (mut s, mut r) = p.connect();
             assert_eq!(get(&mut s, &mut r, "/first").0, 200, "connection {i}");
             (s, r)
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn idle_keep_alive_app_connections_hold_no_tunnel_on_an_http_port() {
+    // Twenty app connections, each answered once and then held idle: on
+    // an `http` port the peer relays a tunnel's HTTP/1 request by request,
+    // so each request took the tunnel the last one left, and the idle
+    // connections hold none. Their next requests ride the same one.
+    let p = pair();
+    let mut held = held_after_one_request(&p, 20);
     assert_eq!(
         inbound_tunnels(&p),
         1.0,
@@ -679,13 +683,7 @@ fn on_a_tcp_port_each_app_connection_keeps_its_own_tunnel_and_app_connection() {
     // connections and are never shared, even when the client sidecar
     // sees HTTP/1 in them.
     let p = pair_on("tcp", &[]);
-    let mut held: Vec<_> = (0..3)
-        .map(|i| {
-            let (mut s, mut r) = p.connect();
-            assert_eq!(get(&mut s, &mut r, "/first").0, 200, "connection {i}");
-            (s, r)
-        })
-        .collect();
+    let mut held = held_after_one_request(&p, 3);
     for (s, r) in held.iter_mut() {
         assert_eq!(get(s, r, "/again").0, 200);
     }
