@@ -144,9 +144,10 @@ where
 /// connection to the destination, and the next request takes one from
 /// there (or opens one on the pooled mesh connection `conn`, to
 /// `authority`). An idle keep-alive app connection so holds no stream, and
-/// the peer nothing for it. Afterwards `first` holds a tunnel this
-/// connection kept (one that does not relay HTTP/1 at the peer, reached
-/// after a change of its policy).
+/// the peer nothing for it. Afterwards `first` holds a tunnel still good
+/// for another request, if the relay ended holding one: the first, when
+/// no request came, or one this connection kept because it does not relay
+/// HTTP/1 at the peer (reached after a change of the peer's policy).
 ///
 /// [`TunnelPool`]: super::tunnel::TunnelPool
 pub(crate) async fn relay_h1_pooled(
