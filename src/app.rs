@@ -36,7 +36,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// proxy` and the sidecar-only `stepmesh-proxy` alike.
 pub fn run_proxy(args: crate::proxy::ProxyArgs) -> anyhow::Result<()> {
     let runtime = crate::proxy::runtime(&args)?;
-    runtime.block_on(crate::proxy::run(args))
+    runtime.block_on(async {
+        tokio::spawn(crate::alloc::tick());
+        crate::proxy::run(args).await
+    })
 }
 
 fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -4,6 +4,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod appprobe;
 pub mod ca_admin;

@@ -36,7 +36,9 @@ pub fn runtime(args: &ProxyArgs) -> anyhow::Result<tokio::runtime::Runtime> {
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    Ok(builder.enable_all().build()?)
+    Ok(crate::alloc::release_when_idle(&mut builder)
+        .enable_all()
+        .build()?)
 }
 
 /// The identity source the flags select.
