@@ -704,3 +704,23 @@ fn on_a_tcp_port_each_app_connection_keeps_its_own_tunnel_and_app_connection() {
         "an app connection per client connection"
     );
 }
+
+#[test]
+fn an_idle_app_connection_that_handed_back_its_tunnel_still_ends_at_the_idle_timeout() {
+    // Between requests such a connection waits without the relay's state
+    // (src/http/h1/mod.rs, `relay`): the wait keeps the idle timeout, and
+    // a request within it is served as any other.
+    let p = pair_with(&["--idle-timeout", "400ms"]);
+    let (mut s, mut r) = p.connect();
+    assert_eq!(get(&mut s, &mut r, "/first").0, 200);
+    std::thread::sleep(Duration::from_millis(150));
+    let (status, body) = get(&mut s, &mut r, "/within");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("GET /within "), "{body}");
+    // Past the timeout the sidecar closes it: EOF and no bytes (the 20 s
+    // read timeout would fail the read instead).
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "nothing after the close: {rest:?}");
+    assert_eq!(inbound_tunnels(&p), 1.0, "both requests rode one tunnel");
+}

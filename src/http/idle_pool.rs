@@ -57,7 +57,12 @@ impl<T: AsyncRead + Unpin, E> IdlePool<T, E> {
     pub(crate) fn put(&self, key: Arc<str>, conn: T, extra: E) {
         let mut idle = self.lock();
         let parked = idle.entry(key).or_default();
-        parked.retain(|p| p.since.elapsed() < self.max_idle);
+        // Only a full key makes room by dropping what waited too long:
+        // below the cap `take` and the sweep skip those anyway, and a put
+        // on every request should not read the clock for each parked one.
+        if parked.len() >= self.per_key {
+            parked.retain(|p| p.since.elapsed() < self.max_idle);
+        }
         if parked.len() < self.per_key {
             parked.push(Parked {
                 conn,
@@ -142,6 +147,17 @@ mod tests {
         pool.put("app".into(), conn, ());
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(pool.take("app").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_key_makes_room_by_dropping_what_waited_too_long() {
+        let pool: IdlePool<TcpStream, u8> = IdlePool::new(Duration::from_millis(20), 1);
+        let (stale, _stale_far) = pair().await;
+        let (fresh, _fresh_far) = pair().await;
+        pool.put("app".into(), stale, 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        pool.put("app".into(), fresh, 2);
+        assert_eq!(pool.take("app").map(|(_, e)| e), Some(2));
     }
 
     #[tokio::test]

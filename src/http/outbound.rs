@@ -150,15 +150,17 @@ where
 /// HTTP/1 at the peer (reached after a change of the peer's policy).
 ///
 /// [`TunnelPool`]: super::tunnel::TunnelPool
-pub(crate) async fn relay_h1_pooled(
-    layer: &HttpLayer,
-    conn: &OutboundConn,
-    authority: &Authority,
-    peer_id: Option<&str>,
-    app: &mut TcpStream,
-    first: &mut Option<Tunnel>,
+///
+/// A plain `fn`, as [`h1::relay`]: an idle app connection holds this.
+pub(crate) fn relay_h1_pooled<'a>(
+    layer: &'a HttpLayer,
+    conn: &'a OutboundConn,
+    authority: &'a Authority,
+    peer_id: Option<&'a str>,
+    app: &'a mut TcpStream,
+    first: &'a mut Option<Tunnel>,
     idle: Duration,
-) -> h1::Relayed {
+) -> impl Future<Output = h1::Relayed> + Send + 'a {
     let side = PooledTunnels {
         peer: PeerSide {
             layer,
@@ -170,15 +172,10 @@ pub(crate) async fn relay_h1_pooled(
         authority,
         gone: layer.mesh.first_ended(&conn.key),
     };
-    h1::relay(
-        &side,
-        app,
-        bytes::Bytes::new(),
-        first,
-        idle,
-        layer.drained(),
-    )
-    .await
+    async move {
+        let drain = layer.drained();
+        h1::relay(&side, app, bytes::Bytes::new(), first, idle, drain).await
+    }
 }
 
 /// The outbound end of the HTTP/1 relay over pooled tunnels: as

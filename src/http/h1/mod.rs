@@ -158,32 +158,116 @@ enum Fail {
 /// with, if any; afterwards it holds a connection still good for another
 /// client (idle between messages, kept alive), or `None`. The caller
 /// closes `client` (after parking `upstream`, so the next client finds it).
-pub(crate) async fn relay<S, C>(
-    side: &S,
-    client: &mut C,
+///
+/// A connection between requests that holds no upstream (its upstream went
+/// back to a pool) waits here in a small state: the relay's own state
+/// (buffers, timer, the request in flight) is boxed and lives only while
+/// requests come (see [`burst`]). An idle keep-alive connection is paid
+/// for in its task's size.
+///
+/// A plain `fn` around an `async` block, not an `async fn`: an `async fn`
+/// stores each argument twice (as given and as moved into its body),
+/// and this state is what every idle connection holds.
+pub(crate) fn relay<'a, S, C, D>(
+    side: &'a S,
+    client: &'a mut C,
     prefix: bytes::Bytes,
-    upstream: &mut Option<S::Upstream>,
+    upstream: &'a mut Option<S::Upstream>,
     idle: Duration,
-    drain: impl Future<Output = ()> + Send,
-) -> Relayed
+    drain: D,
+) -> impl Future<Output = Relayed> + Send + 'a
 where
     S: Side,
     C: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Future<Output = ()> + Send + 'a,
+{
+    // Copied: the detection buffer is not kept for the connection's life.
+    let mut cbuf = Buf::with_prefix(&prefix);
+    drop(prefix);
+    let mut drain = Box::pin(drain);
+    async move {
+        let mut kept = Kept {
+            done: Relayed::default(),
+            series: LastSeries::default(),
+            idle: Idle::new(idle),
+        };
+        loop {
+            let (ended, back) = Box::pin(burst(
+                side,
+                client,
+                cbuf,
+                upstream,
+                idle,
+                drain.as_mut(),
+                kept,
+            ))
+            .await;
+            kept = back;
+            if ended {
+                return kept.done;
+            }
+            cbuf = Buf::with_prefix(&[]);
+            let woke = tokio::select! {
+                biased;
+                read = kept.idle.guard(cbuf.fill(client)) => read,
+                () = side.gone() => return kept.done,
+                // `burst` returns here only before the drain resolved.
+                () = drain.as_mut() => return kept.done,
+            };
+            match woke {
+                Some(Ok(n)) if n > 0 => {}
+                // Closed or idle between requests: a clean end.
+                Some(Ok(_)) | None => return kept.done,
+                // As `Relay::fail` labels a client's failed read.
+                Some(Err(e)) => {
+                    kept.done.error = Some(("client_io", e.to_string()));
+                    return kept.done;
+                }
+            }
+        }
+    }
+}
+
+/// What a connection's relay keeps between its bursts of requests.
+struct Kept {
+    done: Relayed,
+    /// The request-metric series of the last answer.
+    series: LastSeries,
+    /// The connection's one timer: kept, not made again per burst (a new
+    /// timer is registered with the runtime's timer wheel, under its lock).
+    idle: Idle,
+}
+
+/// Relays requests (the first's bytes, or some of them, in `cbuf`) until
+/// the connection ends (`true`) or waits between requests holding no
+/// upstream (`false`): the caller then waits for the next request's
+/// bytes without this state.
+async fn burst<S, C, D>(
+    side: &S,
+    client: &mut C,
+    cbuf: Buf,
+    upstream: &mut Option<S::Upstream>,
+    idle: Duration,
+    mut drain: Pin<&mut D>,
+    kept: Kept,
+) -> (bool, Kept)
+where
+    S: Side,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Future<Output = ()> + Send,
 {
     let mut r = Relay {
         side,
-        cbuf: Buf::with_prefix(&prefix),
+        cbuf,
         ubuf: Buf::with_prefix(&[]),
         out: Vec::new(),
-        idle: Idle::new(idle),
+        idle: kept.idle,
         idle_period: idle,
-        done: Relayed::default(),
+        done: kept.done,
         draining: false,
-        series: LastSeries::default(),
+        series: kept.series,
     };
-    // Copied: the detection buffer is not kept for the connection's life.
-    drop(prefix);
-    tokio::pin!(drain);
+    let mut ended = true;
     loop {
         let head = match r.next_request(client, upstream, drain.as_mut()).await {
             Ok(Some(head)) => head,
@@ -197,14 +281,17 @@ where
         // requests: a client that pipelines back to back must still see
         // this connection's own end (a revocation) at its next response.
         // After it resolves it is never polled again (`next_request`
-        // guards on `draining`).
+        // guards on `draining`, and the burst does not return to a wait).
         r.draining = r.draining
             || side.draining()
             || futures_util::FutureExt::now_or_never(drain.as_mut()).is_some();
         // Boxed: a request's state (decision, body pipes, response) is the
-        // largest part of the relay and lives only while it runs; inline it
-        // would size every idle keep-alive connection's task.
+        // largest part of the relay and lives only while it runs.
         match Box::pin(r.exchange(client, upstream, head)).await {
+            Ok(true) if upstream.is_none() && r.cbuf.is_empty() && !r.draining => {
+                ended = false;
+                break;
+            }
             Ok(true) => continue,
             Ok(false) => break,
             Err(fail) => {
@@ -216,7 +303,12 @@ where
     if r.draining || !r.ubuf.is_empty() {
         *upstream = None;
     }
-    r.done
+    let kept = Kept {
+        done: r.done,
+        series: r.series,
+        idle: r.idle,
+    };
+    (ended, kept)
 }
 
 /// One connection's relay state.
