@@ -19,7 +19,8 @@ use clap::Parser;
 /// 11.0 to 11.1 KiB per held connection, about 1 MiB more private memory
 /// at idle, and no CPU or latency difference the machine's noise did not
 /// cover. Its thread caches keep objects up to 4 KiB only (set at build
-/// time in .cargo/config.toml, with the measurements that chose it).
+/// time in .cargo/config.toml, with the measurements that chose it), and
+/// a runtime thread that parks flushes its cache (src/alloc.rs).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
