@@ -8,8 +8,8 @@
 //! 28 to 31 % above idle (docs/BENCHMARKS.md). Turning the caches off gives
 //! that memory back but costs 8 to 15 % CPU per request; flushing them when
 //! a thread parks, at most once per [`PERIOD`], costs one atomic load per
-//! park and gives it back (jemalloc's background thread then returns the
-//! freed pages to the OS after its decay time).
+//! park and gives it back (+18 % after the same burst; see [`thread_idle`]
+//! for how the freed pages reach the OS).
 //!
 //! Written by hand: `thread.idle` is jemalloc's documented hint for this,
 //! and no wrapper crate names it (tikv-jemalloc-ctl has no such call).
@@ -66,8 +66,11 @@ fn on_park() {
     }
 }
 
-/// Tells jemalloc this thread goes idle: it flushes the thread's cache to
-/// the arenas (`thread.idle`, jemalloc 5.3). `Err` holds mallctl's error.
+/// Tells jemalloc this thread goes idle (`thread.idle`, jemalloc 5.3): it
+/// flushes the thread's cache to the arenas and, with jemalloc's default
+/// arena count (more than twice the CPUs), purges the dirty pages of the
+/// thread's arena at once instead of after their decay time. `Err` holds
+/// mallctl's error.
 /// The crate's one `unsafe` block: mallctl is a C function (see the module
 /// doc for why no safe wrapper serves).
 #[allow(unsafe_code)]
