@@ -71,6 +71,7 @@ fn on_park() {
 /// arena count (more than twice the CPUs), purges the dirty pages of the
 /// thread's arena at once instead of after their decay time. `Err` holds
 /// mallctl's error.
+///
 /// The crate's one `unsafe` block: mallctl is a C function (see the module
 /// doc for why no safe wrapper serves).
 #[allow(unsafe_code)]

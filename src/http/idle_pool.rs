@@ -1,9 +1,10 @@
 //! Idle HTTP/1 upstream connections kept for their next user, per key: the
 //! outbound side's tunnels to a peer's `http` port and its mTLS connections
 //! to peers without tunnels (per expected identity and destination), the
-//! inbound side's connections to the app (per app address). A connection is taken back only if it is still open
-//! (nothing to read: a close, a reset or unasked-for bytes all mean it can
-//! carry no request) and was parked less than the pool's idle time ago.
+//! inbound side's connections to the app (per app address). A connection
+//! is taken back only if it is still open (nothing to read: a close, a
+//! reset or unasked-for bytes all mean it can carry no request) and was
+//! parked less than the pool's idle time ago.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

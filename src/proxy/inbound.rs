@@ -362,7 +362,7 @@ mod tests {
     /// the outbound side's paths coming back inline: every idle app
     /// connection pays the largest (the handshake's 4.2 KiB inline, 3.5
     /// boxed; 480 bytes with protocol detection and the tunnel's copy loop
-    /// boxed too, which took HTTP/1's idle connections from 5.0 to 2.9
+    /// boxed too, which took HTTP/1's idle connections from 5.0 to 3.0
     /// KiB each in the e2e bench).
     #[test]
     fn the_connection_task_stays_small() {
