@@ -492,7 +492,8 @@ mod tests {
     /// Every HTTP/1 connection's task holds this future for its whole life,
     /// idle or not: what a rare path awaits inline (a JWKS fetch, a dial)
     /// is paid per connection. 3.3 KiB in a debug build with the step-up
-    /// key fetches boxed, 4.1 KiB with them inline.
+    /// key fetches boxed, 4.1 KiB with them inline; 2,312 bytes on
+    /// 2026-12-05.
     #[tokio::test]
     async fn an_http1_connection_task_stays_small() {
         let policy = Policy::allow_authenticated("mesh.test".parse().unwrap());
