@@ -14,6 +14,9 @@
 //! a change is written there first and applied here only once stored, and
 //! a change another replica stored is applied when the object is polled.
 //! `issued.jsonl` stays local: each replica knows the serials it issued.
+//!
+//! Beside it: `target` (what an admin call names), `sidecar` (the
+//! sidecar's lookups over the streamed list).
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -28,6 +31,12 @@ use crate::proto::v1 as pb;
 use crate::shared_state::{Rotation, SharedError, SharedState, State, Versioned};
 use crate::spiffe_id::SpiffeId;
 use crate::store::{write_atomic, StoreError};
+
+mod sidecar;
+mod target;
+
+pub use self::sidecar::{serial_key, RevokedSet};
+pub use self::target::{normalize_serial, Target};
 
 /// The revocation entries inside the state dir.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
@@ -72,15 +81,6 @@ struct Issued {
     not_after: i64,
 }
 
-/// What a revoke or unrevoke names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// One certificate, by its serial (normalised hex).
-    Serial(String),
-    /// Every certificate of an identity, and its issuance.
-    Id(SpiffeId),
-}
-
 /// Why a revoke or unrevoke was refused (nothing changed).
 #[derive(Debug, thiserror::Error)]
 pub enum RevokeError {
@@ -106,98 +106,6 @@ pub enum RevokeError {
     /// refused rather than applied on this replica alone.
     #[error("{0}; nothing was changed")]
     Shared(#[from] SharedError),
-}
-
-impl Target {
-    /// Exactly one of `serial` and `id` (the other empty), checked against
-    /// `td`.
-    pub fn parse(
-        serial: &str,
-        id: &str,
-        td: &crate::spiffe_id::TrustDomain,
-    ) -> Result<Target, RevokeError> {
-        match (serial.trim(), id.trim()) {
-            (s, "") if !s.is_empty() => normalize_serial(s).map(Target::Serial),
-            ("", i) if !i.is_empty() => {
-                let parsed =
-                    SpiffeId::parse(i).map_err(|e| RevokeError::BadId(i.into(), e.to_string()))?;
-                if parsed.trust_domain() != td {
-                    let why = format!("not of trust domain {td}");
-                    return Err(RevokeError::BadId(i.into(), why));
-                }
-                Ok(Target::Id(parsed))
-            }
-            _ => Err(RevokeError::Target),
-        }
-    }
-}
-
-/// `01:AB:cd` or `0x01abcd` → `1abcd`: the form `svid::serial_hex` prints.
-pub fn normalize_serial(text: &str) -> Result<String, RevokeError> {
-    let bad = || RevokeError::BadSerial(text.to_owned());
-    let hex: String = text
-        .strip_prefix("0x")
-        .unwrap_or(text)
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    let trimmed = hex.trim_start_matches('0');
-    Ok(if trimmed.is_empty() { "0" } else { trimmed }.to_owned())
-}
-
-/// What a sidecar refuses, built from the streamed list: lookups by ID,
-/// by serial, and by [`serial_key`] (what a live connection keeps).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RevokedSet {
-    ids: std::collections::HashSet<String>,
-    serials: std::collections::HashSet<String>,
-    serial_keys: std::collections::HashSet<u64>,
-}
-
-impl RevokedSet {
-    /// From the CA's list (entries with a malformed serial are skipped).
-    pub fn from_proto(list: &[pb::Revocation]) -> RevokedSet {
-        let mut set = RevokedSet::default();
-        for entry in list {
-            if entry.serial.is_empty() {
-                set.ids.insert(entry.id.clone());
-            } else if let Ok(serial) = normalize_serial(&entry.serial) {
-                set.serial_keys.insert(serial_key(&serial));
-                set.serials.insert(serial);
-            }
-        }
-        set
-    }
-
-    /// Whether a certificate of `id` with `serial` (as `svid::serial_hex`
-    /// prints it) is revoked.
-    pub fn refuses(&self, id: &str, serial: &str) -> bool {
-        self.ids.contains(id) || self.serials.contains(serial)
-    }
-
-    /// Whether `id` or the serial with this [`serial_key`] is revoked.
-    pub fn refuses_key(&self, id: &str, key: u64) -> bool {
-        self.ids.contains(id) || self.serial_keys.contains(&key)
-    }
-
-    /// No entry at all (the common case: one branch per handshake).
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty() && self.serials.is_empty()
-    }
-}
-
-/// 8 bytes of the SHA-256 of a normalised serial: what a live connection
-/// keeps to be re-checked against later lists (a collision could only
-/// close a connection early).
-pub fn serial_key(serial: &str) -> u64 {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, serial.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_ref()[..8]);
-    u64::from_be_bytes(first)
 }
 
 /// The revocation list as streamed, with its change counter.
@@ -651,68 +559,4 @@ fn append_issued(mut file: std::fs::File, lines: &mpsc::Receiver<Issued>) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn serials_are_normalised_and_bad_ones_named() {
-        assert_eq!(normalize_serial("00:1A:bc").unwrap(), "1abc");
-        assert_eq!(normalize_serial("0x0").unwrap(), "0");
-        for bad in ["", "xyz", "12 34", &"a".repeat(41)] {
-            let err = normalize_serial(bad).unwrap_err().to_string();
-            assert!(err.contains("not a hex serial"), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn revocations_survive_a_reload_and_lapse_with_their_certificate() {
-        let dir = tempfile::tempdir().unwrap();
-        let td = "td".parse().unwrap();
-        let id = SpiffeId::parse("spiffe://td/ns/a/sa/x").unwrap();
-        let revs = Revocations::load(dir.path()).unwrap();
-        let far = SystemTime::now() + std::time::Duration::from_secs(3600);
-        revs.issued("1abc", &id, far);
-        let unknown = revs
-            .revoke(Target::Serial("ffff".into()), "")
-            .await
-            .unwrap_err();
-        assert!(unknown
-            .to_string()
-            .contains("not a certificate this CA issued"));
-        assert!(revs.list().is_empty(), "a refused revoke changes nothing");
-        let bad = Target::parse("", "spiffe://other/ns/a/sa/x", &td).unwrap_err();
-        assert!(bad.to_string().contains("not of trust domain td"), "{bad}");
-        assert!(matches!(
-            Target::parse("1", "spiffe://td/x", &td),
-            Err(RevokeError::Target)
-        ));
-
-        revs.revoke(Target::Serial("1abc".into()), "stolen")
-            .await
-            .unwrap();
-        revs.revoke(Target::Id(id.clone()), "compromised")
-            .await
-            .unwrap();
-        assert_eq!(revs.subscribe().borrow().entries.len(), 2);
-        assert!(revs.refusing(&id, None).is_some());
-        // Let the writer thread append the issued line.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        drop(revs);
-
-        let again = Revocations::load(dir.path()).unwrap();
-        assert_eq!(again.list().len(), 2, "both kept across a restart");
-        again.unrevoke(Target::Id(id.clone())).await.unwrap();
-        assert!(again.refusing(&id, None).is_none());
-        assert!(again.refusing(&id, Some("1abc")).is_some());
-        let err = again.unrevoke(Target::Id(id.clone())).await.unwrap_err();
-        assert!(err.to_string().contains("is not revoked"), "{err}");
-        // An entry whose certificate expired lapses.
-        let past = SystemTime::now() - std::time::Duration::from_secs(10);
-        again.issued("2", &id, past);
-        again.lock().entries[0].expires_at = 1;
-        again.prune().await.unwrap();
-        assert!(again.list().is_empty());
-        assert!(!again.lock().issued.contains_key("2"));
-    }
-}
+mod tests;

@@ -1,6 +1,8 @@
 //! The gRPC `stepmesh.ca.v1.CertificateAuthority` service: authenticate,
 //! rate-limit, check the CSR, sign, answer — and one audit line per
-//! decision, written in exactly one place.
+//! decision, written in exactly one place. A refusal's status and audit
+//! fields are built in `service/refusal.rs`; the admin calls' token gate
+//! and audit in `service/admin_gate.rs`.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,9 +20,15 @@ use crate::metrics::{CaMetrics, SignLabels};
 use crate::proto::v1 as pb;
 use crate::proto::v1::certificate_authority_server::CertificateAuthority;
 use crate::ratelimit::RateLimiter;
-use crate::revocation::{Revocations, RevokeError, Target};
-use crate::signer::{Csr, CsrError, Issued, Signer};
+use crate::revocation::{Revocations, Target};
+use crate::signer::{Csr, Issued, Signer};
 use crate::spiffe_id::TrustDomain;
+
+mod admin_gate;
+mod refusal;
+
+use self::admin_gate::revoke_status;
+use self::refusal::Refusal;
 
 /// What one connection told us about its peer (a request extension).
 #[derive(Debug, Clone)]
@@ -70,66 +78,6 @@ pub struct AdminState {
     pub revocations: Arc<Revocations>,
     /// `--admin-token-file`; `None`: admin calls refused.
     pub admin_token: Option<std::path::PathBuf>,
-}
-
-/// A refused Sign call: what the caller gets and what the audit line says.
-struct Refusal {
-    status: Status,
-    outcome: &'static str,
-    verifier: &'static str,
-    reason: &'static str,
-    identity: Option<String>,
-}
-
-impl Refusal {
-    /// The audit line of a refused `decision` (`sign`, `sign_jwt_svid`).
-    fn audit(&self, decision: &'static str, peer: &str) {
-        tracing::warn!(
-            target: "stepmesh_ca::audit",
-            decision,
-            outcome = self.outcome,
-            identity = self.identity.as_deref().unwrap_or(""),
-            verifier = self.verifier,
-            reason = self.reason,
-            detail = self.status.message(),
-            peer,
-            "refused to sign ({decision})"
-        );
-    }
-
-    fn authn(err: AuthnError) -> Self {
-        let status = match &err {
-            AuthnError::Unavailable { .. } => Status::unavailable(err.to_string()),
-            _ => Status::unauthenticated(err.to_string()),
-        };
-        let outcome = match &err {
-            AuthnError::Unavailable { .. } => "unavailable",
-            _ => "unauthenticated",
-        };
-        Self {
-            status,
-            outcome,
-            verifier: err.verifier(),
-            reason: err.reason(),
-            identity: None,
-        }
-    }
-
-    fn csr(err: CsrError, who: &Authenticated) -> Self {
-        let (status, outcome) = match &err {
-            CsrError::IdentityMismatch { .. } => {
-                (Status::permission_denied(err.to_string()), "denied")
-            }
-            _ => (Status::invalid_argument(err.to_string()), "invalid"),
-        };
-        Self {
-            status,
-            outcome,
-            verifier: who.verifier,
-            reason: err.reason(),
-            identity: Some(who.id.to_string()),
-        }
-    }
 }
 
 impl CaService {
@@ -541,102 +489,11 @@ impl CertificateAuthority for CaService {
     }
 }
 
-impl CaService {
-    /// Checks the admin bearer token (constant time); a refusal is audited.
-    /// Returns the peer address for the audit line.
-    async fn admin<T>(&self, request: &Request<T>, call: &'static str) -> Result<String, Status> {
-        let peer = request
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|c| c.remote)
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let refused = |reason: &'static str, status: Status| {
-            tracing::warn!(target: "stepmesh_ca::audit", decision = call, outcome = "unauthenticated", reason, peer = %peer, "admin call refused");
-            status
-        };
-        let Some(path) = &self.admin_token else {
-            return Err(refused(
-                "admin_disabled",
-                Status::unauthenticated(
-                    "admin calls are disabled: the CA runs without --admin-token-file",
-                ),
-            ));
-        };
-        let expected = match tokio::fs::read_to_string(path).await {
-            Ok(text) => text.trim().to_owned(),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "reading --admin-token-file");
-                return Err(refused(
-                    "admin_token_unreadable",
-                    Status::unavailable("the CA cannot read its admin token"),
-                ));
-            }
-        };
-        let given = match bearer(request.metadata()) {
-            Ok(Some(token)) => token,
-            _ => {
-                return Err(refused(
-                    "no_admin_token",
-                    Status::unauthenticated(
-                        "admin calls need `authorization: Bearer <admin token>`",
-                    ),
-                ))
-            }
-        };
-        let same = !expected.is_empty()
-            && aws_lc_rs::constant_time::verify_slices_are_equal(
-                given.as_bytes(),
-                expected.as_bytes(),
-            )
-            .is_ok();
-        if !same {
-            return Err(refused(
-                "bad_admin_token",
-                Status::unauthenticated("the admin token is not the CA's"),
-            ));
-        }
-        Ok(peer)
-    }
-
-    fn admin_audit(
-        &self,
-        call: &'static str,
-        serial: &str,
-        id: &str,
-        peer: &str,
-        result: &Result<crate::revocation::Entry, RevokeError>,
-    ) {
-        match result {
-            Ok(entry) => {
-                tracing::info!(target: "stepmesh_ca::audit", decision = call, outcome = "ok", serial = %entry.serial, identity = %entry.id, reason = %entry.reason, expires_at = entry.expires_at, peer, "revocation list changed");
-                self.metrics.revocation(call, "ok");
-            }
-            Err(e) => {
-                tracing::warn!(target: "stepmesh_ca::audit", decision = call, outcome = "refused", serial, identity = id, detail = %e, peer, "revocation call refused");
-                self.metrics.revocation(call, "refused");
-            }
-        }
-    }
-}
-
 /// The serial of a leaf certificate, as the CA records it.
 fn leaf_serial(der: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     Some(crate::svid::serial_hex(cert.raw_serial()))
-}
-
-fn revoke_status(e: RevokeError) -> Status {
-    match e {
-        RevokeError::Store(e) => Status::internal(e.to_string()),
-        // The API server is out of reach: retry later (or at another replica).
-        RevokeError::Shared(_) => Status::unavailable(e.to_string()),
-        RevokeError::UnknownSerial(_) | RevokeError::NotRevoked(_) => {
-            Status::not_found(e.to_string())
-        }
-        e => Status::invalid_argument(e.to_string()),
-    }
 }
 
 fn to_proto(td: &TrustDomain, state: &BundleState, jwt: &JwtSigner) -> pb::TrustBundle {

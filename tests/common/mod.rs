@@ -6,6 +6,7 @@
 pub mod ca;
 pub mod ca_mesh;
 pub mod capture;
+pub mod cli;
 pub mod envtest;
 pub mod gateway;
 pub mod kube_client;

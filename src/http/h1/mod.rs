@@ -20,6 +20,7 @@ mod local;
 pub mod message;
 mod pipe;
 mod response;
+mod side;
 
 use std::future::Future;
 use std::io;
@@ -37,6 +38,7 @@ pub(crate) use self::message::RequestHead;
 use self::message::{Framing, HeadError, ResponseHead};
 use self::pipe::{pipe, pipe_detail, request_pipe_fail, write_flush, PipeError};
 use self::response::{finish_response_head, restore_framing};
+pub(crate) use self::side::{Relayed, Side};
 use super::headers::strip_hop_by_hop;
 use super::metrics::LastSeries;
 use super::record::Exchange;
@@ -45,89 +47,6 @@ use super::{Local, Verdict};
 /// Heads and small bodies are gathered into one write (one TLS record) up
 /// to this size; larger bodies are written straight from the read buffer.
 const COALESCE: usize = 16 * 1024;
-
-/// What differs between the inbound and outbound ends of the relay.
-pub(crate) trait Side: Send + Sync {
-    /// The connection requests are relayed to.
-    type Upstream: AsyncRead + AsyncWrite + Unpin + Send;
-
-    /// A new request's record (direction, port, log, metrics).
-    fn exchange(&self) -> Exchange;
-
-    /// The layer: per-client limits, the refusal counter.
-    fn layer(&self) -> &super::HttpLayer;
-
-    /// `inbound` or `outbound` (metric label).
-    const DIRECTION: &'static str;
-
-    /// Whether requests are decided and rewritten here (inbound): their
-    /// heads are then parsed in full. Otherwise (outbound) a clean head is
-    /// relayed as it came.
-    const DECIDES: bool;
-
-    /// Decides the request and rewrites its head for the upstream; `raw`
-    /// is the head as it came.
-    fn admit<'a>(
-        &'a self,
-        x: &'a mut Exchange,
-        head: &'a mut RequestHead,
-        raw: &'a [u8],
-    ) -> impl Future<Output = Verdict> + Send + 'a;
-
-    /// A new upstream connection, when there is none (first request, or
-    /// the last one closed); an error when this side cannot redial.
-    fn dial(&self) -> impl Future<Output = io::Result<Self::Upstream>> + Send;
-
-    /// Whether a lost upstream connection can be replaced: the app can be
-    /// redialled; a peer sidecar's connection is this connection's identity.
-    const REDIAL: bool;
-
-    /// An idle upstream connection another client left, for the next
-    /// request (it may have been closed meanwhile: a bodiless request
-    /// failing on it at once is sent again on a new one).
-    fn reuse(&self) -> Option<Self::Upstream> {
-        None
-    }
-
-    /// The upstream connection after a response that left it reusable:
-    /// `Some` keeps it with this client connection, `None` means it went
-    /// back to a pool for any client's next request.
-    fn release(&self, up: Self::Upstream) -> Option<Self::Upstream> {
-        Some(up)
-    }
-
-    /// Resolves when the peer this side's requests go to has closed the
-    /// connection they share (a side whose upstream goes back to a pool
-    /// between requests): the client connection, idle and holding no
-    /// upstream, then ends as it would had it held that one. Never, by
-    /// default.
-    fn gone(&self) -> impl Future<Output = ()> + Send {
-        std::future::pending()
-    }
-
-    /// The answer when the upstream cannot be reached or fails.
-    fn unavailable(&self) -> Local;
-
-    /// Whether the process is draining: responses then close their
-    /// connection (checked once per request; an idle connection closes on
-    /// the `drain` future given to [`relay`]).
-    fn draining(&self) -> bool;
-}
-
-/// How a relayed connection ended.
-#[derive(Debug, Default)]
-pub(crate) struct Relayed {
-    /// Bytes written to the upstream.
-    pub bytes_in: u64,
-    /// Bytes written back to the client.
-    pub bytes_out: u64,
-    /// Requests answered.
-    pub requests: u64,
-    /// Why it ended early (stable label, detail).
-    pub error: Option<(&'static str, String)>,
-    /// The upstream closed before the first request was relayed.
-    pub upstream_closed_first: bool,
-}
 
 /// Why one exchange ended the connection.
 enum Fail {
