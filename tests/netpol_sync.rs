@@ -418,6 +418,11 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     wait("c up", Duration::from_secs(10), || {
         metric(port_c, "stepmesh_netpol_leader") == 0.0
     });
+    // It never saw worker valid: a takeover would block, and says so.
+    wait("c would block", Duration::from_secs(5), || {
+        metric(port_c, BLOCKED) == 1.0
+    });
+    assert_eq!(metric(port_b, BLOCKED), 0.0);
     Command::new("kill")
         .args(["-TERM", &b.program_pid().unwrap().to_string()])
         .status()
@@ -426,8 +431,5 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         metric(port_c, "stepmesh_netpol_leader") == 1.0
     });
     println!("handover after SIGTERM: {took:?}");
-    // It never saw worker valid: it applies and prunes nothing.
-    wait("c blocked", Duration::from_secs(5), || {
-        metric(port_c, BLOCKED) == 1.0
-    });
+    assert_eq!(metric(port_c, BLOCKED), 1.0, "the holder c applies nothing");
 }

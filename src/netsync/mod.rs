@@ -266,8 +266,11 @@ impl Sync {
 
     /// A standby's round: learn the valid policies, write nothing, so that
     /// after a takeover a broken ConfigMap still has a version to stand in.
+    /// The blocked gauge is set here too: above 0, a takeover would block.
     async fn observe(&mut self) -> anyhow::Result<()> {
-        self.collect().await.map(drop)
+        let collected = self.collect().await?;
+        self.metrics.blocked.set(count(collected.blocking()));
+        Ok(())
     }
 
     async fn round(&mut self) -> anyhow::Result<()> {
@@ -279,9 +282,7 @@ impl Sync {
             .blocking()
             .map(|r| format!("{}/{}", r.source.namespace, r.source.name))
             .collect();
-        self.metrics
-            .blocked
-            .set(i64::try_from(blocking.len()).unwrap_or(i64::MAX));
+        self.metrics.blocked.set(count(blocking.iter()));
         if !blocking.is_empty() {
             tracing::warn!(configmaps = %blocking.join(", "), "sync blocked: broken policies with no valid version seen by this process; nothing applied or pruned until they are fixed or removed");
             return Ok(());
@@ -447,6 +448,11 @@ impl Sync {
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "posting the Event"),
         }
     }
+}
+
+/// How many, as a gauge value.
+fn count<T>(items: impl Iterator<Item = T>) -> i64 {
+    i64::try_from(items.count()).unwrap_or(i64::MAX)
 }
 
 /// Whether the live object already says what we want: the same spec
