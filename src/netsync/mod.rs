@@ -218,7 +218,7 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         sync.metrics.leader.set(i64::from(leader));
         if !leader {
             if let Err(e) = sync.observe().await {
-                tracing::debug!(error = %format!("{e:#}"), "standby: reading the policies");
+                tracing::warn!(error = %format!("{e:#}"), "standby: reading the policies");
             }
             continue;
         }
