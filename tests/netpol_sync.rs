@@ -2,16 +2,19 @@
 //! skipped with a printed reason without KUBEBUILDER_ASSETS), as the
 //! ServiceAccount of deploy/netpol with exactly its RBAC: it applies what
 //! `policy netpol` prints for the same policies, follows an edit, puts back
-//! a deleted or edited object, never touches a hand-made one, keeps the
-//! objects of a broken policy (and posts an Event), prunes a removed
-//! policy's objects, and with two processes only the Lease holder writes,
-//! the other taking over when it is killed (or at once on SIGTERM).
+//! a deleted or edited object, never touches a hand-made one. A broken
+//! callee policy leaves every object as it was, its callers' egress in
+//! another namespace included (an Event says why), and its fix is followed;
+//! a policy first seen broken blocks applying and pruning until removed. A
+//! removed policy's objects are pruned. With two processes only the Lease
+//! holder writes, the other taking over when it is killed (or at once on
+//! SIGTERM), keeping the last valid version of a policy broken since.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -77,6 +80,57 @@ fn expected(dir: &Path, policies: &[(&str, &str, String)]) -> BTreeSet<String> {
             )
         })
         .collect()
+}
+
+/// A policy that fails validation (and names no workload).
+const BROKEN: &str = "trustDomain: cluster.local\ninbound: {ports: [{port: 0}]}\n";
+const BLOCKED: &str = "stepmesh_netpol_blocked_configmaps";
+
+/// Every owned NetworkPolicy, `ns/name` → its metadata (resourceVersion,
+/// generation, labels, annotations) and spec: equal means untouched.
+fn snapshot(k8s: &Envtest) -> BTreeMap<String, serde_json::Value> {
+    let list: serde_json::Value = serde_json::from_str(&k8s.kubectl_ok(&[
+        "get",
+        "networkpolicies",
+        "-A",
+        "-l",
+        OWNED,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let m = &o["metadata"];
+            let key = format!(
+                "{}/{}",
+                m["namespace"].as_str().unwrap(),
+                m["name"].as_str().unwrap()
+            );
+            let kept = serde_json::json!({
+                "resourceVersion": m["resourceVersion"], "generation": m["generation"],
+                "labels": m["labels"], "annotations": m["annotations"], "spec": o["spec"],
+            });
+            (key, kept)
+        })
+        .collect()
+}
+
+/// The messages of the InvalidPolicy Events on ConfigMap `ns/name`.
+fn events(k8s: &Envtest, ns: &str, name: &str) -> String {
+    k8s.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        &format!("involvedObject.name={name},reason=InvalidPolicy"),
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])
 }
 
 fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
@@ -262,31 +316,40 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     });
     assert!(metric(port_a, "stepmesh_netpol_drift_repaired_total") >= 2.0);
 
-    // A broken policy changes nothing and is reported.
-    k8s.apply(&configmap(
-        "sync-a",
-        "worker",
-        "trustDomain: cluster.local\ninbound: {ports: [{port: 0}]}\n",
-    ));
+    // A broken callee changes nothing: neither its own objects nor the
+    // egress its callers in other namespaces derive from it.
+    let before = snapshot(k8s);
+    let calls = "sync-b/stepmesh-frontend-egress-calls";
+    assert!(before[calls].to_string().contains("9090"), "{before:?}");
+    k8s.apply(&configmap("sync-a", "payments", BROKEN));
     wait("event", Duration::from_secs(5), || {
-        k8s.kubectl_ok(&[
-            "get",
-            "events",
-            "-n",
-            "sync-a",
-            "--field-selector",
-            "involvedObject.name=worker,reason=InvalidPolicy",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ])
-        .contains("inbound.ports[0].port")
+        events(k8s, "sync-a", "payments").contains("inbound.ports[0].port")
     });
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(owned(k8s), want, "a broken policy keeps its objects");
+    std::thread::sleep(Duration::from_millis(1500)); // five sync periods
+    assert_eq!(snapshot(k8s), before, "a broken policy changed objects");
     assert!(metric(port_a, "stepmesh_netpol_policy_errors_total") >= 1.0);
+    assert_eq!(metric(port_a, BLOCKED), 0.0);
 
-    // A removed policy's objects are pruned.
+    // Fixed (9090 closed again), it is followed.
+    set[0].2 = policies()[0].2.clone();
+    k8s.apply(&configmap("sync-a", "payments", &set[0].2));
+    let mut want = expected(dir.path(), &set);
+    want.remove("sync-a/stepmesh-worker-mesh");
+    wait("fix followed", Duration::from_secs(5), || {
+        owned(k8s) == want && !snapshot(k8s)[calls].to_string().contains("9090")
+    });
+
+    // A policy first seen broken blocks the round: a removed policy's
+    // objects stay until it is removed, then they are pruned.
+    k8s.apply(&configmap("sync-b", "newcomer", BROKEN));
+    wait("blocked", Duration::from_secs(5), || {
+        metric(port_a, BLOCKED) == 1.0
+    });
+    assert!(events(k8s, "sync-b", "newcomer").contains("nothing is applied or pruned"));
     k8s.kubectl_ok(&["delete", "configmap", "frontend", "-n", "sync-b"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(owned(k8s), want, "changed while blocked");
+    k8s.kubectl_ok(&["delete", "configmap", "newcomer", "-n", "sync-b"]);
     wait("pruned", Duration::from_secs(5), || {
         !owned(k8s).iter().any(|o| o.starts_with("sync-b/"))
     });
@@ -315,6 +378,11 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         0.0,
         "the standby wrote"
     );
+    // Broken after the standby saw it valid: the standby keeps that version.
+    k8s.apply(&configmap("sync-a", "worker", BROKEN));
+    wait("worker refused", Duration::from_secs(5), || {
+        events(k8s, "sync-a", "worker").contains("last valid version")
+    });
     let pid = a.program_pid().unwrap();
     Command::new("kill")
         .args(["-KILL", &pid.to_string()])
@@ -324,12 +392,12 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     k8s.kubectl_ok(&[
         "delete",
         "networkpolicy",
-        "stepmesh-api-port-9090",
+        "stepmesh-api-port-8080",
         "-n",
         "sync-a",
     ]);
     wait("handover", Duration::from_secs(15), || {
-        owned(k8s).contains("sync-a/stepmesh-api-port-9090")
+        owned(k8s).contains("sync-a/stepmesh-api-port-8080")
     });
     println!("handover: {:?}", killed.elapsed());
     let holder = k8s.kubectl_ok(&[
@@ -350,6 +418,11 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     wait("c up", Duration::from_secs(10), || {
         metric(port_c, "stepmesh_netpol_leader") == 0.0
     });
+    // It never saw worker valid: a takeover would block, and says so.
+    wait("c would block", Duration::from_secs(5), || {
+        metric(port_c, BLOCKED) == 1.0
+    });
+    assert_eq!(metric(port_b, BLOCKED), 0.0);
     Command::new("kill")
         .args(["-TERM", &b.program_pid().unwrap().to_string()])
         .status()
@@ -358,4 +431,5 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         metric(port_c, "stepmesh_netpol_leader") == 1.0
     });
     println!("handover after SIGTERM: {took:?}");
+    assert_eq!(metric(port_c, BLOCKED), 1.0, "the holder c applies nothing");
 }

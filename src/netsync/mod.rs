@@ -2,16 +2,29 @@
 //! the policy ConfigMaps compile to (`policy::netpol`, the same objects
 //! `stepmesh policy netpol` prints). Every `--interval`, the Lease holder
 //! lists the policy ConfigMaps (a label selects them) and the namespaces,
-//! compiles the good policies together, server-side applies what is
-//! missing or differs under its own field manager, and deletes what it owns
-//! that is no longer computed. It owns only objects carrying its label,
-//! never touches others, and leaves the objects of a broken policy as they
-//! are (an Event on the ConfigMap, a metric, a log line naming the field).
+//! compiles the policies together, server-side applies what is missing or
+//! differs under its own field manager, and deletes what it owns that is
+//! no longer computed. It owns only objects carrying its label and never
+//! touches others.
+//!
+//! A policy that fails validation changes nothing: it is reported (an Event
+//! on the ConfigMap, a metric, a log line naming the field) and the last
+//! version of it that validated in this process is compiled in its place,
+//! so neither its own objects nor its callers' egress (derived from its
+//! inbound rules, in other namespaces too) move. Standby replicas learn the
+//! valid versions too, so a takeover keeps them. A ConfigMap first seen
+//! broken (after a restart, or by a standby started after it broke) has no
+//! such version: any set computed without it would miss its contribution,
+//! so the round applies and prunes nothing
+//! (`stepmesh_netpol_blocked_configmaps`) until it is fixed or removed
+//! ([`sources`]).
+//!
 //! Polling lists rather than watch streams: one small list per interval,
 //! and no missed-event bookkeeping.
 
 mod api;
 mod lease;
+mod sources;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -26,8 +39,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use crate::policy::{netpol, Policy};
+use crate::policy::netpol;
 use api::{query, rfc3339};
+use sources::{Collected, LastGood, Refused};
 use stepmesh_ca::kube::Api;
 
 /// The label on every object the controller owns.
@@ -95,6 +109,7 @@ struct Metrics {
     drift: Counter,
     errors: Counter,
     leader: Gauge,
+    blocked: Gauge,
     last_sync: Gauge,
 }
 
@@ -119,6 +134,11 @@ impl Metrics {
             "stepmesh_netpol_policy_errors",
             "policy ConfigMaps refused in a sync",
             self.errors.clone(),
+        );
+        r.register(
+            "stepmesh_netpol_blocked_configmaps",
+            "broken policy ConfigMaps with no valid version seen by this process: above 0, nothing is applied or pruned",
+            self.blocked.clone(),
         );
         r.register(
             "stepmesh_netpol_leader",
@@ -172,6 +192,7 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         metrics,
         applied_before: BTreeSet::new(),
         reported: BTreeMap::new(),
+        last_good: LastGood::default(),
     };
     let mut signals = crate::drain::Signals::new().context("listening for signals")?;
     let mut tick = tokio::time::interval(sync.args.interval);
@@ -196,6 +217,9 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         };
         sync.metrics.leader.set(i64::from(leader));
         if !leader {
+            if let Err(e) = sync.observe().await {
+                tracing::warn!(error = %format!("{e:#}"), "standby: reading the policies");
+            }
             continue;
         }
         if let Err(e) = sync.round().await {
@@ -215,18 +239,13 @@ struct Sync {
     applied_before: BTreeSet<(String, String)>,
     /// ConfigMap → the resourceVersion whose refusal has an Event.
     reported: BTreeMap<(String, String), String>,
-}
-
-/// A policy ConfigMap's identity and content.
-struct Source {
-    namespace: String,
-    name: String,
-    uid: String,
-    version: String,
+    /// Per ConfigMap, the last policy that validated.
+    last_good: LastGood,
 }
 
 impl Sync {
-    async fn round(&mut self) -> anyhow::Result<()> {
+    /// The policies of this moment, as [`LastGood::collect`] judges them.
+    async fn collect(&mut self) -> anyhow::Result<Collected> {
         let active: BTreeSet<String> = self
             .api
             .list("/api/v1/namespaces")
@@ -242,30 +261,33 @@ impl Sync {
                 query(&self.args.configmap_selector)
             ))
             .await?;
-        let mut good: Vec<(Source, Policy)> = Vec::new();
-        let mut broken: BTreeSet<(String, String)> = BTreeSet::new();
-        for cm in &cms {
-            let meta = &cm["metadata"];
-            let src = Source {
-                namespace: meta["namespace"].as_str().unwrap_or_default().to_owned(),
-                name: meta["name"].as_str().unwrap_or_default().to_owned(),
-                uid: meta["uid"].as_str().unwrap_or_default().to_owned(),
-                version: meta["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            };
-            if !active.contains(&src.namespace) {
-                continue;
-            }
-            match self.check(cm, &src, &good) {
-                Ok(p) => good.push((src, p)),
-                Err(why) => {
-                    broken.insert((src.namespace.clone(), src.name.clone()));
-                    self.refuse(&src, &why).await;
-                }
-            }
+        Ok(self.last_good.collect(&cms, &active, &self.args.key))
+    }
+
+    /// A standby's round: learn the valid policies, write nothing, so that
+    /// after a takeover a broken ConfigMap still has a version to stand in.
+    /// The blocked gauge is set here too: above 0, a takeover would block.
+    async fn observe(&mut self) -> anyhow::Result<()> {
+        let collected = self.collect().await?;
+        self.metrics.blocked.set(count(collected.blocking()));
+        Ok(())
+    }
+
+    async fn round(&mut self) -> anyhow::Result<()> {
+        let collected = self.collect().await?;
+        for r in &collected.refused {
+            self.refuse(r).await;
         }
+        let blocking: Vec<String> = collected
+            .blocking()
+            .map(|r| format!("{}/{}", r.source.namespace, r.source.name))
+            .collect();
+        self.metrics.blocked.set(count(blocking.iter()));
+        if !blocking.is_empty() {
+            tracing::warn!(configmaps = %blocking.join(", "), "sync blocked: broken policies with no valid version seen by this process; nothing applied or pruned until they are fixed or removed");
+            return Ok(());
+        }
+        let good = collected.policies;
         let inputs = good
             .iter()
             .map(|(s, p)| {
@@ -343,15 +365,8 @@ impl Sync {
             }
             self.applied_before.insert(key.clone());
         }
-        for (key, obj) in &live {
+        for key in live.keys() {
             if desired.contains_key(key) {
-                continue;
-            }
-            let source = obj["metadata"]["labels"][SOURCE_LABEL]
-                .as_str()
-                .unwrap_or_default();
-            // A broken policy keeps its objects as they were.
-            if broken.contains(&(key.0.clone(), source.to_owned())) {
                 continue;
             }
             let path = format!(
@@ -394,40 +409,18 @@ impl Sync {
         }
     }
 
-    /// The ConfigMap's policy, if it is usable in this set.
-    fn check(&self, cm: &Value, src: &Source, good: &[(Source, Policy)]) -> Result<Policy, String> {
-        let text = cm["data"][&self.args.key]
-            .as_str()
-            .ok_or_else(|| format!("data.{}: missing", self.args.key))?;
-        let policy = Policy::from_yaml(text).map_err(|e| e.to_string())?;
-        let w = policy
-            .workload()
-            .ok_or("workload: missing: name the pods this policy protects")?;
-        // A policy may only write NetworkPolicies in its own namespace.
-        if w.namespace != src.namespace {
-            return Err(format!(
-                "workload.namespace: {:?} is not the ConfigMap's namespace {:?}",
-                w.namespace, src.namespace
-            ));
-        }
-        if let Some((other, _)) = good.iter().find(|(_, p)| {
-            p.workload()
-                .is_some_and(|o| o.namespace == w.namespace && o.selector == w.selector)
-        }) {
-            return Err(format!(
-                "workload: the same pods as ConfigMap {}",
-                other.name
-            ));
-        }
-        Ok(policy)
-    }
-
     /// Reports a refused policy: log line and metric every round, an Event
     /// once per ConfigMap version.
-    async fn refuse(&mut self, src: &Source, why: &str) {
+    async fn refuse(&mut self, refused: &Refused) {
+        let (src, why) = (&refused.source, &refused.why);
+        let outcome = if refused.last_good {
+            "its last valid version stays in force"
+        } else {
+            "no valid version of it seen by this controller: nothing is applied or pruned until it is fixed or removed"
+        };
         self.metrics.errors.inc();
-        tracing::warn!(namespace = %src.namespace, configmap = %src.name, error = %why, "policy refused; its NetworkPolicies are left as they were");
-        let key = (src.namespace.clone(), src.name.clone());
+        tracing::warn!(namespace = %src.namespace, configmap = %src.name, error = %why, "policy refused; {outcome}");
+        let key = src.key();
         if self.reported.get(&key) == Some(&src.version) {
             return;
         }
@@ -438,7 +431,7 @@ impl Sync {
             "involvedObject": {"apiVersion": "v1", "kind": "ConfigMap", "namespace": src.namespace,
                                "name": src.name, "uid": src.uid, "resourceVersion": src.version},
             "reason": "InvalidPolicy", "type": "Warning",
-            "message": format!("{why}; its NetworkPolicies are left as they were"),
+            "message": format!("{why}; {outcome}"),
             "source": {"component": FIELD_MANAGER},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         });
@@ -455,6 +448,11 @@ impl Sync {
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "posting the Event"),
         }
     }
+}
+
+/// How many, as a gauge value.
+fn count<T>(items: impl Iterator<Item = T>) -> i64 {
+    i64::try_from(items.count()).unwrap_or(i64::MAX)
 }
 
 /// Whether the live object already says what we want: the same spec

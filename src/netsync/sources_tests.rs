@@ -1,0 +1,115 @@
+use serde_json::json;
+
+use super::*;
+
+const PAYMENTS: &str = "trustDomain: cluster.local\nworkload: {namespace: a, serviceAccount: api}\ninbound:\n  ports:\n    - port: 8080\n      allow: [{from: [spiffe://cluster.local/ns/b/sa/frontend]}]\n";
+const FRONTEND: &str =
+    "trustDomain: cluster.local\nworkload: {namespace: b, serviceAccount: frontend}\n";
+const BROKEN: &str = "trustDomain: cluster.local\ninbound: {ports: [{port: 0}]}\n";
+
+fn cm(ns: &str, name: &str, version: &str, policy: &str) -> Value {
+    json!({"metadata": {"namespace": ns, "name": name, "uid": "u", "resourceVersion": version},
+           "data": {"policy.yaml": policy}})
+}
+
+fn active() -> BTreeSet<String> {
+    ["a", "b"].iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn names(c: &Collected) -> Vec<String> {
+    c.policies
+        .iter()
+        .map(|(s, p)| format!("{}/{}@{}", s.namespace, s.name, &p.digest()[..8]))
+        .collect()
+}
+
+#[test]
+fn a_broken_policy_is_replaced_by_its_last_valid_version() {
+    let mut last = LastGood::default();
+    let good = last.collect(
+        &[
+            cm("a", "payments", "1", PAYMENTS),
+            cm("b", "frontend", "1", FRONTEND),
+        ],
+        &active(),
+        "policy.yaml",
+    );
+    assert!(good.refused.is_empty());
+    let broken = last.collect(
+        &[
+            cm("a", "payments", "2", BROKEN),
+            cm("b", "frontend", "1", FRONTEND),
+        ],
+        &active(),
+        "policy.yaml",
+    );
+    assert_eq!(
+        names(&broken),
+        names(&good),
+        "the last valid payments stands"
+    );
+    assert_eq!(broken.refused.len(), 1);
+    assert!(broken.refused[0].last_good);
+    assert!(
+        broken.refused[0].why.contains("inbound.ports[0].port"),
+        "{}",
+        broken.refused[0].why
+    );
+    assert_eq!(broken.blocking().count(), 0);
+}
+
+#[test]
+fn a_policy_first_seen_broken_blocks_the_round() {
+    let mut last = LastGood::default();
+    let c = last.collect(
+        &[
+            cm("a", "payments", "2", BROKEN),
+            cm("b", "frontend", "1", FRONTEND),
+        ],
+        &active(),
+        "policy.yaml",
+    );
+    let blocking: Vec<_> = c.blocking().map(|r| r.source.name.as_str()).collect();
+    assert_eq!(blocking, ["payments"]);
+    // A ConfigMap deleted and made again broken is first seen broken too.
+    last.collect(
+        &[cm("a", "payments", "3", PAYMENTS)],
+        &active(),
+        "policy.yaml",
+    );
+    last.collect(&[], &active(), "policy.yaml");
+    let again = last.collect(
+        &[cm("a", "payments", "5", BROKEN)],
+        &active(),
+        "policy.yaml",
+    );
+    assert_eq!(
+        again.blocking().count(),
+        1,
+        "a deleted ConfigMap's policy is forgotten"
+    );
+}
+
+#[test]
+fn namespace_and_duplicate_checks_refuse_and_inactive_namespaces_are_skipped() {
+    let mut last = LastGood::default();
+    let elsewhere = PAYMENTS.replace("namespace: a", "namespace: b");
+    let c = last.collect(
+        &[
+            cm("a", "payments", "1", PAYMENTS),
+            cm("a", "twin", "1", PAYMENTS),
+            cm("a", "other-ns", "1", &elsewhere),
+            cm("gone", "x", "1", PAYMENTS),
+        ],
+        &active(),
+        "policy.yaml",
+    );
+    let why: Vec<_> = c.refused.iter().map(|r| r.why.as_str()).collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(
+        why[0].contains("the same pods as ConfigMap payments"),
+        "{why:?}"
+    );
+    assert!(why[1].starts_with("workload.namespace"), "{why:?}");
+    assert_eq!(names(&c).len(), 1);
+}
