@@ -1,5 +1,6 @@
 //! A foreign client: Python grpcio with stubs generated from proto/ at test
-//! time, verifying the CA with bundle.pem alone.
+//! time, verifying the CA with bundle.pem alone; an admin call it makes with
+//! no credential at all is refused and changes nothing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +10,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::ca::CaProcess;
+use common::ca_mesh::{admin as admin_cli, admin_token, text, ADMIN_TOKEN};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use stepmesh_ca::client::make_csr;
@@ -29,8 +31,13 @@ fn python_grpcio_client_gets_the_bundle_and_an_svid() {
         eprintln!("skipping: python3 with grpcio and grpcio-tools is not installed (pip install -r tests/python/requirements.txt)");
         return;
     }
-    let ca = CaProcess::start("td.test", &[("vm-token-1", ID)]);
     let dir = tempfile::tempdir().unwrap();
+    let admin = admin_token(dir.path(), ADMIN_TOKEN);
+    let ca = CaProcess::start_with(
+        "td.test",
+        &[("vm-token-1", ID)],
+        &["--admin-token-file", admin.to_str().unwrap()],
+    );
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = dir.path().join("req.pem");
     std::fs::write(&csr, make_csr(&key, None).unwrap()).unwrap();
@@ -44,6 +51,7 @@ fn python_grpcio_client_gets_the_bundle_and_an_svid() {
         .arg(&csr)
         .arg("--proto-dir")
         .arg(format!("{root}/proto"))
+        .args(["--revoke-id", ID])
         .output()
         .unwrap();
     assert!(
@@ -57,6 +65,28 @@ fn python_grpcio_client_gets_the_bundle_and_an_svid() {
     assert_eq!(got["bundle_pem"], ca.bundle_pem.as_str());
     assert_eq!(got["sequence"], 1);
     assert_eq!(got["bad_token_code"], "UNAUTHENTICATED");
+    let unauthenticated = &got["revoke_without_credential"];
+    assert_eq!(unauthenticated["code"], "UNAUTHENTICATED", "{got}");
+    assert!(
+        unauthenticated["details"]
+            .as_str()
+            .unwrap()
+            .contains("admin calls need `authorization: Bearer <admin token>`"),
+        "{got}"
+    );
+    let listed = admin_cli(
+        &ca.grpc_host_port(),
+        &ca.bundle_path,
+        &admin,
+        "revocations",
+        &[],
+    );
+    assert!(listed.status.success(), "{}", text(&listed));
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(ID),
+        "the refused revoke changed nothing: {}",
+        text(&listed)
+    );
     let chain: Vec<CertificateDer> = got["cert_chain_pem"]
         .as_array()
         .unwrap()

@@ -131,7 +131,12 @@ fn rotate_renews_under_load_without_failing_a_request() {
     );
     assert_eq!(failed, 0, "no request on a kept connection failed");
     assert_eq!(fresh_failed, 0, "no new connection failed");
-    assert!(ok > 100 && fresh_ok > 0, "load ran: {ok} {fresh_ok}");
+    // The load: at least 1,000 requests/s through X across the
+    // rotation (unpaced, it runs at several times that).
+    assert!(
+        rate >= 1000.0 && fresh_ok > 0,
+        "load ran: {rate:.0} req/s, {fresh_ok} fresh"
+    );
     ca.wait_audit(|v| {
         v["decision"] == "rotate" && v["outcome"] == "ok" && v["identity"] == SERVER_ID
     });

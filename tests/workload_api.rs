@@ -1,7 +1,8 @@
 //! The SPIFFE Workload API on `--workload-api`, against a foreign client:
 //! py-spiffe (the `spiffe` package, unchanged) fetches the X.509-SVID and
 //! bundle through the sidecar's socket, opens mTLS with them to another
-//! sidecar, and sees a rotation arrive on its stream; calls without the
+//! sidecar, and sees a rotation arrive on its stream; gets JWT-SVIDs that
+//! validate for their audience only and not once expired; calls without the
 //! security header or from a UID not listed are refused.
 
 #![allow(clippy::unwrap_used)]
@@ -309,6 +310,43 @@ fn py_spiffe_gets_a_jwt_svid_that_validates_for_its_audience_only() {
         app.metric(r#"stepmesh_workload_api_calls_total{method="ValidateJWTSVID"}"#),
         3.0
     );
+}
+
+/// A JWT-SVID the CA signed for the caller's identity is refused through
+/// the socket once it has expired (past `exp` and the validator's 5 s
+/// leeway); the same request with a fresh token is accepted, so the refusal
+/// is the expiry's.
+#[test]
+fn an_expired_jwt_svid_is_refused_through_the_socket() {
+    if !py_spiffe() {
+        return;
+    }
+    let ca = start_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let (_app, socket) = app_sidecar(&ca, dir.path(), "1h", &[]);
+    let sign = |ttl: u64| {
+        let audience = ["payments-db".to_owned()];
+        let ttl = Some(std::time::Duration::from_secs(ttl));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // The client spawns its connection: made inside the runtime.
+        rt.block_on(async {
+            ca.client()
+                .sign_jwt_svid("client-token", &audience, ttl)
+                .await
+        })
+        .unwrap()
+        .token
+    };
+    let (fresh, short) = (sign(60), sign(1));
+    let (out, lines) = client(&socket, &["validate", &fresh, "payments-db"]);
+    assert_eq!(one(&out, &lines)["validated"], CLIENT_ID);
+
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    let (out, lines) = client(&socket, &["validate", &short, "payments-db"]);
+    let got = one(&out, &lines);
+    let refused = got["refused"].as_str().unwrap_or_else(|| panic!("{got}"));
+    assert!(refused.to_lowercase().contains("expired"), "{got}");
+    assert!(!refused.contains("eyJ"), "no token in the refusal: {got}");
 }
 
 /// The issue's budget: 1,000 open `FetchX509SVID` streams cost at most

@@ -3,7 +3,8 @@
 
 Generates the Python stubs from proto/ with grpc_tools.protoc into a temp
 dir, connects over TLS trusting bundle.pem alone, calls GetTrustBundle and
-Sign (with a join token), and a Sign with a bad token. Prints one JSON object.
+Sign (with a join token), a Sign with a bad token, and a Revoke with no
+credential at all. Prints one JSON object.
 """
 import argparse
 import json
@@ -38,6 +39,7 @@ def main():
     p.add_argument("--token", required=True)
     p.add_argument("--csr", required=True)
     p.add_argument("--proto-dir", required=True)
+    p.add_argument("--revoke-id", required=True)
     a = p.parse_args()
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -65,6 +67,12 @@ def main():
                 bad_code = "OK"
             except grpc.RpcError as e:
                 bad_code = e.code().name
+            try:
+                stub.Revoke(ca_pb2.RevokeRequest(id=a.revoke_id, reason="no credential"),
+                            timeout=30)
+                unauthenticated = {"code": "OK"}
+            except grpc.RpcError as e:
+                unauthenticated = {"code": e.code().name, "details": e.details()}
         print(json.dumps({
             "trust_domain": bundle.trust_domain,
             "bundle_pem": bundle.bundle_pem,
@@ -73,6 +81,7 @@ def main():
             "trust_bundle_pem": signed.trust_bundle_pem,
             "expires_at": signed.expires_at,
             "bad_token_code": bad_code,
+            "revoke_without_credential": unauthenticated,
         }))
 
 

@@ -16,6 +16,9 @@ Subcommands (each prints JSON on stdout, one object per line):
                     audience), verify it with PyJWT against the bundle's key,
                     and have the sidecar validate a token signed by a key of
                     our own under the bundle's kid
+  validate TOKEN AUD
+                    have the sidecar validate TOKEN for AUD; print the SPIFFE
+                    ID or the refusal
   hold N SECONDS    open N FetchX509SVID streams (100 a channel, each read to
                     its first message), print a line, keep them SECONDS
   protocheck PROTO  compare proto/spiffe/workload.proto, compiled here, with
@@ -182,6 +185,17 @@ def jwt_svids(aud):
         pyjwt_other_key=wrong_for_pyjwt)
 
 
+def validate(token, aud):
+    from spiffe import WorkloadApiClient
+
+    with WorkloadApiClient(default_timeout=10) as client:
+        try:
+            svid = client.validate_jwt_svid(token, aud)
+            out(validated=str(svid.spiffe_id))
+        except Exception as e:  # py-spiffe wraps the gRPC error
+            out(refused=type(e).__name__ + ": " + str(e))
+
+
 def hold(n, seconds):
     from spiffe._proto import workload_pb2, workload_pb2_grpc
 
@@ -244,6 +258,8 @@ def main():
         raw(sys.argv[2])
     elif cmd == "jwt":
         jwt_svids(sys.argv[2])
+    elif cmd == "validate":
+        validate(sys.argv[2], sys.argv[3])
     elif cmd == "hold":
         hold(int(sys.argv[2]), float(sys.argv[3]))
     elif cmd == "protocheck":
