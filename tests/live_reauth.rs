@@ -4,7 +4,9 @@
 //! that still allows X, and are closed within 2 s of one that denies X; new
 //! connections from X are refused; workload Y's connections are untouched.
 //! Also: a trust bundle that drops X's root closes X's connections, tunnels
-//! and mTLS connections of their own (`--no-tunnel`) alike.
+//! and mTLS connections of their own (`--no-tunnel`) alike; a request in
+//! flight when X is denied still gets its response, and its connection then
+//! takes no other.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
@@ -13,6 +15,7 @@ mod http_support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mesh::*;
@@ -496,4 +499,90 @@ fn a_pipelining_http1_client_is_closed_too() {
         ),
         2.0
     );
+}
+
+/// An app that answers each request only when the test says so: tells
+/// `arrived` when a request head is in, answers `200` once `release` says.
+fn held_app() -> (SocketAddr, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut reader = BufReader::new(conn);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if line != "\r\n" {
+                    continue;
+                }
+                // A whole head (GETs only: no body) is in.
+                let _ = arrived_tx.send(());
+                if release_rx.recv().is_err() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone";
+                if reader.get_mut().write_all(answer).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (addr, arrived, release)
+}
+
+#[test]
+fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_other() {
+    let (web_app, arrived, release) = held_app();
+    let (l4_port, web_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("mesh.test");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
+    let mut args = files.args();
+    args.extend([
+        "--inbound".into(),
+        format!("127.0.0.1:{web_port}={web_app}"),
+        "--policy".into(),
+        policy_file.display().to_string(),
+    ]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+
+    let conn = TcpStream::connect(x_web).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut http = Http(BufReader::new(conn));
+    let req = b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n";
+    http.0.get_mut().write_all(req).unwrap();
+    arrived
+        .recv_timeout(PATIENCE)
+        .expect("the request reached the app");
+    // X is denied while its request is at the app.
+    reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    std::thread::sleep(Duration::from_millis(300));
+    release.send(()).unwrap();
+    let mut status = String::new();
+    http.0.read_line(&mut status).unwrap();
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "the request in flight got its response: {status:?}"
+    );
+    let mut rest = String::new();
+    while http.0.read_line(&mut rest).unwrap() > 0 && rest != "\r\n" {
+        rest.clear();
+    }
+    let mut body = [0u8; 4];
+    http.0.read_exact(&mut body).unwrap();
+    assert_eq!(&body, b"done");
+    // The connection then takes no other request: closed, or a 403 at most.
+    assert_ne!(http.get(), Some(200), "no new request after the deny");
+    assert_eq!(fresh_status(x_web), 403, "a new request from X is denied");
 }
