@@ -188,6 +188,7 @@ where
     // What every request of the connection shares is made once, here.
     let served = Arc::new(Served::new(conn));
     let mut builder = super::server_builder(&layer.limits, mesh);
+    let io = super::h2_header_deadline(&layer, "inbound", io);
     let svc = service_fn(move |req| {
         let (layer, served) = (layer.clone(), served.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &served, req).await) }

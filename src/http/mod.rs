@@ -5,6 +5,8 @@
 
 pub mod detect;
 pub(crate) mod h1;
+mod h2_deadline;
+mod h2_frames;
 mod h2_settings;
 pub mod headers;
 mod idle_pool;
@@ -253,6 +255,17 @@ pub(crate) fn server_builder(
         .max_header_list_size(u32::try_from(limits.head.bytes).unwrap_or(u32::MAX))
         .timer(hyper_util::rt::TokioTimer::new());
     builder
+}
+
+/// A served HTTP/2 connection's IO under the header deadline
+/// (`--header-timeout`, see [`h2_deadline`]), counted in `direction`.
+pub(crate) fn h2_header_deadline<I>(
+    layer: &HttpLayer,
+    direction: &'static str,
+    io: I,
+) -> h2_deadline::HeaderDeadline<I> {
+    let refusals = layer.metrics.h2_header_timeouts(direction);
+    h2_deadline::HeaderDeadline::new(io, layer.limits.header_timeout, refusals, direction)
 }
 
 /// Runs one server connection; when `drain` resolves, shuts it down
