@@ -108,7 +108,9 @@ pub struct HttpLayer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// A request head must be complete this long after its first byte
-    /// (`--header-timeout`): else 408 and the connection closes.
+    /// (`--header-timeout`): else 408 and the connection closes. HTTP/2:
+    /// the preface and first frame, a header block, any frame (see
+    /// [`h2_deadline`]), else the connection closes.
     pub header_timeout: std::time::Duration,
     /// A request body may pause this long between bytes
     /// (`--body-idle-timeout`): else 408 and the connection closes.

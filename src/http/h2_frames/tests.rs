@@ -202,3 +202,8 @@ fn bytes_that_are_not_a_preface_are_not_tracked() {
     assert_eq!(t.feed(&H2_PREFACE[..10]).open, Some(Open::Preface));
     assert_eq!(t.feed(b"XXXX").open, None);
 }
+
+#[test]
+fn the_tracker_is_a_few_bytes() {
+    assert!(std::mem::size_of::<FrameTracker>() <= 16);
+}
