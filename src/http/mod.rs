@@ -6,7 +6,7 @@
 pub mod detect;
 pub(crate) mod h1;
 mod h2_deadline;
-mod h2_frames;
+pub(crate) mod h2_frames;
 mod h2_settings;
 pub mod headers;
 mod idle_pool;
