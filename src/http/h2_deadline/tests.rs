@@ -121,6 +121,25 @@ async fn bytes_that_are_not_http2_are_passed_through_untimed() {
     assert_eq!(refusals.get(), 0);
 }
 
+#[tokio::test]
+async fn a_write_that_waits_on_a_client_that_does_not_read_meets_the_deadline_too() {
+    let (served, mut client) = tokio::io::duplex(256);
+    let refusals = Counter::default();
+    let mut io = HeaderDeadline::new(served, TIMEOUT, refusals.clone(), "outbound");
+    let mut wire = opening();
+    wire.extend_from_slice(&frame(0x1, 0, 64)[..20]);
+    client.write_all(&wire).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = io.read(&mut buf).await.unwrap();
+    assert_eq!(n, wire.len());
+    // The client reads nothing: the writes wait, and the open header
+    // block's deadline ends them.
+    let e = io.write_all(&[0u8; 4096]).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert_eq!(refusals.get(), 1);
+    drop(client);
+}
+
 /// What the deadline adds to every served HTTP/2 connection, inline (the
 /// timer, made on first need, is on the heap).
 #[test]
