@@ -22,6 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(2);
+/// The error the access log gives a connection the deadline closed.
+const BREACH: &str = "HTTP/2 frame or header block not complete within the header timeout";
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
@@ -299,6 +301,30 @@ fn http2_clients_trickling_a_header_block_are_closed_at_the_deadline() {
         "{}",
         mesh.server.metrics()
     );
+    // The client sidecar's one mesh connection (the good requests') was
+    // not closed with them: the server accepted it and our three.
+    assert_eq!(
+        inbound_handshakes_of(&mesh.server),
+        4.0,
+        "{}",
+        mesh.server.metrics()
+    );
+    // The connections' own lines and error counts say why they ended.
+    for (sidecar, direction) in [(&mesh.client, "outbound"), (&mesh.server, "inbound")] {
+        let ended = || {
+            sidecar
+                .access_log()
+                .iter()
+                .filter(|l| l["direction"] == direction && l["error"] == BREACH)
+                .count()
+        };
+        eventually("the access-log lines", || (ended() >= 2).then_some(()));
+        assert_eq!(ended(), 2, "{direction}: {:?}", sidecar.access_log());
+        let errors = sidecar.metric(&format!(
+            "stepmesh_connection_errors_total{{direction=\"{direction}\",reason=\"h2_header_timeout\"}}"
+        ));
+        assert_eq!(errors, 2.0, "{}", sidecar.metrics());
+    }
     for sidecar in [&mesh.client, &mesh.server] {
         let breaches = || {
             sidecar

@@ -126,11 +126,29 @@ impl<I> HeaderDeadline<I> {
     }
 }
 
+/// What every poll returns once the deadline has passed.
+pub(crate) const BREACH: &str =
+    "HTTP/2 frame or header block not complete within the header timeout";
+
 fn breach_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        "HTTP/2 frame or header block not complete within the header timeout",
-    )
+    io::Error::new(io::ErrorKind::TimedOut, BREACH)
+}
+
+/// Whether the header deadline ended the connection that failed with `e`:
+/// hyper's error holds h2's, which holds a copy of the wrapper's IO error
+/// (h2 keeps its kind and text only, hence the text compared).
+pub(crate) fn closed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let io = e
+            .downcast_ref::<io::Error>()
+            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if io.is_some_and(|io| io.kind() == io::ErrorKind::TimedOut && io.to_string() == BREACH) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {

@@ -200,7 +200,7 @@ where
     }
     match serve_until(&builder, io, svc, drain).await {
         Ok(()) => Outcome::default(),
-        Err(e) => Outcome::failed("http", e),
+        Err(e) => super::served_failure(e),
     }
 }
 

@@ -270,6 +270,16 @@ pub(crate) fn h2_header_deadline<I>(
     h2_deadline::HeaderDeadline::new(io, layer.limits.header_timeout, refusals, direction)
 }
 
+/// How a served connection that failed with `e` ended, as the access log
+/// and `stepmesh_connection_errors_total` say it: `h2_header_timeout` when
+/// the HTTP/2 header deadline closed it, else `http`.
+pub(crate) fn served_failure(e: BoxError) -> crate::net::Outcome {
+    if h2_deadline::closed(&*e) {
+        return crate::net::Outcome::failed(h2_deadline::REASON, h2_deadline::BREACH);
+    }
+    crate::net::Outcome::failed("http", e)
+}
+
 /// Runs one server connection; when `drain` resolves, shuts it down
 /// gracefully (in-flight requests finish, no new ones are taken).
 pub(crate) async fn serve_until<I, S>(
