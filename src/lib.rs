@@ -34,13 +34,15 @@ pub mod units;
 pub mod workload;
 
 /// Entry points for the fuzz targets in `fuzz/` (see docs/FUZZING.md): the
-/// HTTP/1 head and body parsers, which are otherwise internal to the relay.
-/// Not a stable API.
+/// HTTP/1 head and body parsers, which are otherwise internal to the relay,
+/// and the HTTP/2 frame tracker of the header deadline. Not a stable API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::http::detect::H2_PREFACE;
     pub use crate::http::h1::body::{BodyError, Remaining};
     pub use crate::http::h1::message::{
         parse_request, parse_response, write_request, write_response, Framing, HeadError,
         HeadLimits, RequestHead, ResponseHead,
     };
+    pub use crate::http::h2_frames::{FrameTracker, Open};
 }

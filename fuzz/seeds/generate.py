@@ -234,6 +234,32 @@ outbound:
     for i, t in enumerate(targets):
         put("path_canon", f"{i:02}", bytes([(7 * i) % 45]) + t.encode())
 
+    h2_frames()
+
+
+def h2_frame(kind, flags, stream, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def h2_frames():
+    """h2_frames: two cut bytes, then a client's frames after the preface
+    (the shapes of tests/h2_header_deadline.rs and the frame tracker's unit
+    tests)."""
+    settings = h2_frame(0x4, 0, 0, struct.pack(">HI", 0x4, 65535))
+    block = bytes([0x82, 0x86, 0x04, 0x03]) + b"/ok" + bytes([0x41, 0x03]) + b"app"
+    streams = [
+        settings,
+        settings + h2_frame(0x1, 0x5, 1, block),
+        settings + h2_frame(0x1, 0x1, 1, block[:5]) + h2_frame(0x9, 0, 1, b"")
+        + h2_frame(0x9, 0x4, 1, block[5:]),
+        settings + h2_frame(0x1, 0x4 | 0x8 | 0x20, 1, bytes([2]) + bytes(5) + block + bytes(2))
+        + h2_frame(0x0, 0x1, 1, bytes(300)),
+        settings + h2_frame(0x6, 0, 0, bytes(8)) + h2_frame(0x8, 0, 0, struct.pack(">I", 1 << 20)),
+        settings + bytes([0xFF, 0xFF, 0xFF, 0x0, 0x0, 0, 0, 0, 1]) + bytes(40),
+    ]
+    for i, w in enumerate(streams):
+        put("h2_frames", f"{i:02}", bytes([29, 211]) + w)
+
 
 if __name__ == "__main__":
     main()

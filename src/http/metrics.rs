@@ -54,6 +54,10 @@ pub struct HttpMetrics {
     /// request); they share their state with the family's.
     inbound: Histogram,
     outbound: Histogram,
+    /// The HTTP/2 header deadline's refusals by direction, looked up once:
+    /// each served HTTP/2 connection holds one.
+    h2_inbound: Counter,
+    h2_outbound: Counter,
 }
 
 impl Default for HttpMetrics {
@@ -61,9 +65,18 @@ impl Default for HttpMetrics {
         let latency: Family<DirectionLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency);
         let series = |direction| latency.get_or_create(&DirectionLabel { direction }).clone();
+        let refusals: Family<RefusalLabels, Counter> = Family::default();
+        let h2 = |direction| {
+            let reason = super::h2_deadline::REASON;
+            refusals
+                .get_or_create(&RefusalLabels { direction, reason })
+                .clone()
+        };
         HttpMetrics {
             requests: Family::default(),
-            refusals: Family::default(),
+            h2_inbound: h2("inbound"),
+            h2_outbound: h2("outbound"),
+            refusals,
             inbound: series("inbound"),
             outbound: series("outbound"),
             latency,
@@ -132,6 +145,21 @@ impl HttpMetrics {
         self.refusals
             .get_or_create(&RefusalLabels { direction, reason })
             .inc();
+    }
+
+    /// The counter of HTTP/2 header deadline refusals in `direction`.
+    pub(crate) fn h2_header_timeouts(&self, direction: &'static str) -> Counter {
+        match direction {
+            "inbound" => self.h2_inbound.clone(),
+            "outbound" => self.h2_outbound.clone(),
+            _ => self
+                .refusals
+                .get_or_create(&RefusalLabels {
+                    direction,
+                    reason: super::h2_deadline::REASON,
+                })
+                .clone(),
+        }
     }
 
     /// Counts one finished request.

@@ -5,6 +5,8 @@
 
 pub mod detect;
 pub(crate) mod h1;
+mod h2_deadline;
+pub(crate) mod h2_frames;
 mod h2_settings;
 pub mod headers;
 mod idle_pool;
@@ -106,7 +108,9 @@ pub struct HttpLayer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// A request head must be complete this long after its first byte
-    /// (`--header-timeout`): else 408 and the connection closes.
+    /// (`--header-timeout`): else 408 and the connection closes. HTTP/2:
+    /// the preface and first frame, a header block, any frame (see
+    /// [`h2_deadline`]), else the connection closes.
     pub header_timeout: std::time::Duration,
     /// A request body may pause this long between bytes
     /// (`--body-idle-timeout`): else 408 and the connection closes.
@@ -253,6 +257,27 @@ pub(crate) fn server_builder(
         .max_header_list_size(u32::try_from(limits.head.bytes).unwrap_or(u32::MAX))
         .timer(hyper_util::rt::TokioTimer::new());
     builder
+}
+
+/// A served HTTP/2 connection's IO under the header deadline
+/// (`--header-timeout`, see [`h2_deadline`]), counted in `direction`.
+pub(crate) fn h2_header_deadline<I>(
+    layer: &HttpLayer,
+    direction: &'static str,
+    io: I,
+) -> h2_deadline::HeaderDeadline<I> {
+    let refusals = layer.metrics.h2_header_timeouts(direction);
+    h2_deadline::HeaderDeadline::new(io, layer.limits.header_timeout, refusals, direction)
+}
+
+/// How a served connection that failed with `e` ended, as the access log
+/// and `stepmesh_connection_errors_total` say it: `h2_header_timeout` when
+/// the HTTP/2 header deadline closed it, else `http`.
+pub(crate) fn served_failure(e: BoxError) -> crate::net::Outcome {
+    if h2_deadline::closed(&*e) {
+        return crate::net::Outcome::failed(h2_deadline::REASON, h2_deadline::BREACH);
+    }
+    crate::net::Outcome::failed("http", e)
 }
 
 /// Runs one server connection; when `drain` resolves, shuts it down

@@ -105,6 +105,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let builder = super::server_builder(&layer.limits, false);
+    let io = super::h2_header_deadline(&layer, "outbound", io);
     let svc = service_fn(move |req| {
         let (layer, conn) = (layer.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&layer, &conn, req).await) }

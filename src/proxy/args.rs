@@ -123,7 +123,8 @@ pub struct ProxyArgs {
     )]
     pub max_connections_per_source: usize,
     /// An HTTP/1 request head must be complete this long after its first
-    /// byte, else 408 and the connection closes (slow-header clients).
+    /// byte, else 408 and the connection closes (slow-header clients); an
+    /// HTTP/2 frame or header block likewise, else the connection closes.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HEADER_TIMEOUT")]
     pub header_timeout: Duration,
     /// An HTTP/1 request body may pause this long between bytes, else 408

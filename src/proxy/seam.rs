@@ -495,7 +495,7 @@ async fn outbound_http(
             .await
             {
                 Ok(()) => Outcome::default(),
-                Err(e) => Outcome::failed("http", e),
+                Err(e) => crate::http::served_failure(e),
             };
             outcome.peer_id = peer_id;
             Ok(outcome)
