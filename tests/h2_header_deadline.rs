@@ -6,10 +6,14 @@
 //! byte a second. Each connection is closed at the deadline (not before,
 //! long before any idle timeout), counted as `h2_header_timeout` and
 //! logged, while good HTTP/2 clients on other connections are served.
+//! The injector's webhook (hyper's HTTP/2 server, too) closes a trickling
+//! client at its own 10 s deadline; the gateway serves through the same
+//! wrapper.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod inject_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -342,4 +346,35 @@ fn http2_clients_trickling_a_header_block_are_closed_at_the_deadline() {
         });
         assert_eq!(breaches(), 2, "one log line per closed connection");
     }
+}
+
+#[tokio::test]
+async fn the_webhook_closes_a_trickling_http2_client_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = inject_support::pki(dir.path(), "webhook");
+    let webhook = inject_support::Webhook::start(&pki.cert, &pki.key, &[]);
+    let tls = inject_support::client_config(&pki.ca_pem);
+    let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let closed = trickle(conn, slow_headers()).await;
+    // The webhook's header deadline (HTTP/1's too) is 10 s.
+    let closed = closed.expect("the webhook kept a trickling client past its block");
+    assert!(
+        closed >= Duration::from_secs(10) && closed < Duration::from_secs(16),
+        "closed {closed:?} after the header block's first byte"
+    );
+    let (status, body) =
+        inject_support::request(webhook.addr, tls, "GET", "/metrics", None, Vec::new())
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(body).unwrap();
+    assert!(
+        metrics.contains("stepmesh_injector_h2_header_timeouts_total 1"),
+        "{metrics}"
+    );
 }

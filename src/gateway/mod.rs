@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::drain::{self, DrainWatch};
 use crate::exit::{self, ConfigResult as _};
+use crate::http::h2_deadline::HeaderDeadline;
 use crate::policy::PolicyWatch;
 use crate::stepup::{StepUp, StepUpMetrics};
 use crate::tls::serving::{server_config, ReloadingCert};
@@ -205,6 +206,7 @@ async fn serve_connection(
     gateway: Arc<server::Gateway>,
     mut watch: DrainWatch,
 ) {
+    let timeouts = gateway.metrics.h2_header_timeouts();
     let service = hyper::service::service_fn(move |req| {
         let gateway = gateway.clone();
         async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
@@ -214,6 +216,8 @@ async fn serve_connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
+    // hyper's HTTP/2 server has no header deadline: the sidecar's, below it.
+    let tls = HeaderDeadline::new(tls, HANDSHAKE_TIMEOUT, timeouts, "gateway");
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -44,11 +44,13 @@ struct RequestLabels {
 pub struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     upstream_errors: Counter,
+    h2_header_timeouts: Counter,
 }
 
 impl GatewayMetrics {
-    /// Registers `stepmesh_gateway_requests_total{decision,rule}` and
-    /// `stepmesh_gateway_upstream_errors_total`.
+    /// Registers `stepmesh_gateway_requests_total{decision,rule}`,
+    /// `stepmesh_gateway_upstream_errors_total` and
+    /// `stepmesh_gateway_h2_header_timeouts_total`.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register(
@@ -61,7 +63,17 @@ impl GatewayMetrics {
             "Requests the API server could not be reached for (502)",
             m.upstream_errors.clone(),
         );
+        registry.register(
+            "stepmesh_gateway_h2_header_timeouts",
+            "HTTP/2 connections closed because a frame or header block was not whole within 10 s of its first byte (slow clients)",
+            m.h2_header_timeouts.clone(),
+        );
         m
+    }
+
+    /// The counter of HTTP/2 connections the header deadline closed.
+    pub fn h2_header_timeouts(&self) -> Counter {
+        self.h2_header_timeouts.clone()
     }
 }
 

@@ -5,7 +5,7 @@
 
 pub mod detect;
 pub(crate) mod h1;
-mod h2_deadline;
+pub(crate) mod h2_deadline;
 pub(crate) mod h2_frames;
 mod h2_settings;
 pub mod headers;

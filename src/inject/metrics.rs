@@ -16,6 +16,7 @@ pub struct OutcomeLabel {
 #[derive(Debug, Clone, Default)]
 pub struct InjectorMetrics {
     reviews: Family<OutcomeLabel, Counter>,
+    h2_header_timeouts: Counter,
 }
 
 impl InjectorMetrics {
@@ -27,7 +28,17 @@ impl InjectorMetrics {
             "Admission requests answered, by outcome",
             metrics.reviews.clone(),
         );
+        registry.register(
+            "stepmesh_injector_h2_header_timeouts",
+            "HTTP/2 connections closed because a frame or header block was not whole within 10 s of its first byte (slow clients)",
+            metrics.h2_header_timeouts.clone(),
+        );
         metrics
+    }
+
+    /// The counter of HTTP/2 connections the header deadline closed.
+    pub fn h2_header_timeouts(&self) -> Counter {
+        self.h2_header_timeouts.clone()
     }
 
     /// Counts one answered request.

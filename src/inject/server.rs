@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use super::config::InjectorConfig;
 use super::metrics::{render, InjectorMetrics};
 use super::review::{review, Outcome};
+use crate::http::h2_deadline::HeaderDeadline;
 
 /// Deadline for a client's TLS handshake and request headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +140,9 @@ async fn serve_connection(
         Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
     };
+    // hyper's HTTP/2 server has no header deadline: the sidecar's, below it.
+    let timeouts = state.metrics.h2_header_timeouts();
+    let tls = HeaderDeadline::new(tls, HANDSHAKE_TIMEOUT, timeouts, "webhook");
     let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
