@@ -146,48 +146,6 @@ where
     (status, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
-/// Accepts any server certificate: the test is of the inbound sidecar's
-/// deadline, not of the client's verification.
-#[derive(Debug)]
-struct AnyServer;
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// An mTLS connection to the inbound sidecar as the mesh's client
 /// workload, speaking `h2` (an app's HTTP/2, not a peer sidecar's).
 async fn mtls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
@@ -197,7 +155,7 @@ async fn mtls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStr
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_custom_certificate_verifier(Arc::new(common::any_server::AnyServer))
         .with_client_auth_cert(leaf.chain.clone(), leaf.key())
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];

@@ -374,24 +374,9 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
     // decided by the new policy: 403.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt.block_on(http_support::app::TestApp::start(true));
-    let (l4_port, web_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("mesh.test");
-    let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{web_port}={}", app.addr),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    server.wait_ready();
-    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
-    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
-    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+    let web = WebPair::start(dir.path(), app.addr);
+    let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(x_web).await.unwrap();
@@ -405,7 +390,7 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
         let first = send.send_request(get()).await.unwrap();
         assert_eq!(first.status(), 200);
 
-        let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+        let denied = reload(server, policy_file, &web.policy(&[Y]));
         let series =
             "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}";
         let closed = eventually("the mesh connection revoked", || {
@@ -426,30 +411,60 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
     });
 }
 
+/// A server sidecar with one `http` port in front of `web_app`, allowing X
+/// alone, and X's client sidecar: for tests of X's HTTP connections.
+struct WebPair {
+    server: Sidecar,
+    _x: Sidecar,
+    policy_file: std::path::PathBuf,
+    ports: (u16, u16),
+    /// X's outbound listener to the server's `http` port.
+    x_web: SocketAddr,
+}
+
+impl WebPair {
+    fn start(dir: &Path, web_app: SocketAddr) -> WebPair {
+        let (l4_port, web_port) = (free_port(), free_port());
+        let pki = Pki::new("mesh.test");
+        let policy_file = dir.join("policy.yaml");
+        std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
+        let files = SvidFiles::write(dir, "server", &pki, &pki.leaf(SERVER_ID));
+        let mut args = files.args();
+        args.extend([
+            "--inbound".into(),
+            format!("127.0.0.1:{web_port}={web_app}"),
+            "--policy".into(),
+            policy_file.display().to_string(),
+        ]);
+        let server = Sidecar::spawn(&args);
+        server.wait_ready();
+        let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+        let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+        let (x, _, x_web) = client(dir, &pki, X, None, (unused, web));
+        WebPair {
+            server,
+            _x: x,
+            policy_file,
+            ports: (l4_port, web_port),
+            x_web,
+        }
+    }
+
+    /// The policy text allowing `from` on both ports.
+    fn policy(&self, from: &[&str]) -> String {
+        policy(self.ports.0, self.ports.1, from)
+    }
+}
+
 #[test]
 fn a_pipelining_http1_client_is_closed_too() {
     // The client keeps requests queued ahead of the responses, so the
     // connection is rarely idle between requests: the close still comes
     // at the next response.
     let (web_app, _) = http_ok_app();
-    let (l4_port, web_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("mesh.test");
-    let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{web_port}={web_app}"),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    server.wait_ready();
-    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
-    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
-    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+    let web = WebPair::start(dir.path(), web_app);
+    let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     let conn = TcpStream::connect(x_web).unwrap();
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -477,7 +492,7 @@ fn a_pipelining_http1_client_is_closed_too() {
         // The 2-byte body has no newline: a status line may follow it.
         answered += usize::from(line.contains("HTTP/1.1 200"));
     }
-    let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    let denied = reload(server, policy_file, &web.policy(&[Y]));
     loop {
         line.clear();
         match reader.read_line(&mut line) {
@@ -538,24 +553,9 @@ fn held_app() -> (SocketAddr, mpsc::Receiver<()>, mpsc::Sender<()>) {
 #[test]
 fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_other() {
     let (web_app, arrived, release) = held_app();
-    let (l4_port, web_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("mesh.test");
-    let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{web_port}={web_app}"),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    server.wait_ready();
-    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
-    let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
-    let (_x, _, x_web) = client(dir.path(), &pki, X, None, (unused, web));
+    let web = WebPair::start(dir.path(), web_app);
+    let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     let conn = TcpStream::connect(x_web).unwrap();
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -566,7 +566,7 @@ fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_oth
         .recv_timeout(PATIENCE)
         .expect("the request reached the app");
     // X is denied while its request is at the app.
-    reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    reload(server, policy_file, &web.policy(&[Y]));
     std::thread::sleep(Duration::from_millis(300));
     release.send(()).unwrap();
     let mut status = String::new();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod any_server;
 pub mod ca;
 pub mod ca_mesh;
 pub mod capture;
