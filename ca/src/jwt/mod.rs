@@ -1,8 +1,8 @@
 //! The one JWT verifier of stepmesh: JWKS key sets ([`keys`]), the key cache
 //! and its refetch discipline ([`cache`]) and token verification against an
-//! issuer's rules ([`verify`]), used by the
-//! sidecar's step-up providers and by the CA's `k8s-jwks` credential
-//! verifier (and, later, the Kubernetes API gateway).
+//! issuer's rules ([`mod@verify`]), used by the sidecar's step-up
+//! providers, by the CA's `k8s-jwks` credential verifier and by the
+//! Kubernetes API gateway.
 
 pub mod cache;
 pub mod keys;
