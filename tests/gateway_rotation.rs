@@ -9,18 +9,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::ca_mesh::text;
 use common::envtest::Envtest;
 use common::gateway::Gateway;
+use common::mesh::{atomic_write, eventually};
 use serde_json::json;
 use stepmesh::stepup::testing::{base_claims, now, TestIdp};
 
 const ISSUER: &str = "https://idp.stepmesh.test";
 const ALICE: &str = "alice-rotation@example.com";
-/// Far above the gateway's `--reload-interval` (200 ms in tests).
-const WITHIN: Duration = Duration::from_secs(10);
 
 fn policy(jwks: &Path) -> String {
     format!(
@@ -48,35 +47,6 @@ fn alice(idp: &TestIdp) -> String {
     idp.es256(&c).unwrap()
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Retries `check` until it holds, at most [`WITHIN`].
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// Writes `text` to `path` the way the kubelet does: a new file renamed
-/// over the old one.
-fn atomic_write(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn a_rotated_token_is_forwarded_without_a_restart() {
     let Some(k8s) = Envtest::shared() else { return };
@@ -97,20 +67,20 @@ fn a_rotated_token_is_forwarded_without_a_restart() {
     // refuses what the gateway forwards with it, which shows it is used.
     let token_file = gateway.dir.path().join("token");
     let unprivileged = k8s.service_account_token("stepmesh-system", "not-the-gateway", "");
-    atomic_write(&token_file, &unprivileged);
+    atomic_write(&token_file, unprivileged.as_bytes());
     eventually("the gateway forwards with the new token", || {
         let out = get();
         let refused = !out.status.success()
             && String::from_utf8_lossy(&out.stderr).contains("cannot impersonate");
-        refused.then_some(()).ok_or_else(|| text(&out))
+        refused.then_some(())
     });
 
     // The kubelet's next token for the gateway's own account: served again.
     let renewed = k8s.service_account_token("stepmesh-system", "stepmesh-gateway", "");
-    atomic_write(&token_file, &renewed);
+    atomic_write(&token_file, renewed.as_bytes());
     eventually("the renewed token is used", || {
         let out = get();
-        out.status.success().then_some(()).ok_or_else(|| text(&out))
+        out.status.success().then_some(())
     });
     let log = std::fs::read_to_string(&gateway.proc.log).unwrap();
     assert_eq!(
@@ -181,10 +151,12 @@ fn a_renewed_serving_certificate_is_served_without_a_restart() {
         "not yet the new certificate"
     );
 
-    atomic_write(&dir.join("key.pem"), &key);
-    atomic_write(&dir.join("cert.pem"), &cert);
+    atomic_write(&dir.join("key.pem"), key.as_bytes());
+    atomic_write(&dir.join("cert.pem"), cert.as_bytes());
     eventually("the new certificate is served", || {
-        status_trusting(&gateway, &new_ca_file).map(|status| assert_eq!(status, "401"))
+        let status = status_trusting(&gateway, &new_ca_file).ok()?;
+        assert_eq!(status, "401");
+        Some(())
     });
     assert!(
         status_trusting(&gateway, &gateway.ca_file).is_err(),
