@@ -44,3 +44,43 @@ pub(crate) const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// streams at once, which on a shared mesh connection is normal, not the
 /// "rapid reset" attack h2's default of 20 guards against.
 pub(crate) const MESH_RESETS: usize = 1024;
+
+/// Streams a connection may reset locally for its own errors before it is
+/// closed (hyper's default, which the hyper-served connections have).
+const LOCAL_ERROR_RESETS: usize = 1024;
+/// What h2 buffers per stream before it stops taking more (hyper's
+/// default, which the hyper-served connections have).
+const SEND_BUFFER: usize = 400 << 10;
+/// The largest header list the client side accepts (hyper's default).
+const CLIENT_HEADER_LIST: u32 = 16 << 10;
+
+/// The client of a tunnels-only mesh connection, on h2 directly
+/// (`super::h2_stream`): the settings hyper's mesh client has.
+pub(crate) fn tunnel_client() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_reset_streams(MESH_RESETS)
+        .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(CLIENT_HEADER_LIST)
+        .enable_push(false);
+    builder
+}
+
+/// The server of a tunnels-only mesh connection, on h2 directly: the
+/// settings `super::server_builder` gives a peer sidecar's connection;
+/// `header_list`: the head size limit.
+pub(crate) fn tunnel_server(header_list: u32) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_pending_accept_reset_streams(MESH_RESETS)
+        .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(header_list);
+    builder
+}

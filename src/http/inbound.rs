@@ -413,7 +413,7 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     let conn = &*served.conn;
     if req.method() == http::Method::CONNECT {
         if let Some(tunnels) = &conn.tunnels {
-            return (tunnels.0)(req).await;
+            return tunnels.0.open_upgraded(req);
         }
     }
     let mut x = served.exchange(layer);

@@ -19,16 +19,18 @@ use tokio::net::TcpStream;
 use super::outbound::{MeshError, OutboundConn};
 use super::{h2_settings, MeshKind};
 
+mod h2_client;
 mod request;
 
 pub(crate) use self::request::{
-    never_processed, peer_going_away, send, MeshBody, Outgoing, SendError,
+    going_away, never_processed, not_processed, peer_going_away, send, MeshBody, Outgoing,
+    SendError,
 };
 
 /// A pooled connection to a peer sidecar and whom it reached.
 #[derive(Clone)]
 pub(crate) struct Pooled {
-    send: SendRequest<MeshBody>,
+    send: Sender,
     /// The peer's SPIFFE ID (from its certificate).
     pub(crate) peer: Option<Arc<str>>,
     /// What the peer accepts on it (by ALPN): HTTP requests, tunnels.
@@ -53,9 +55,28 @@ pub(crate) const TUNNEL_LIMIT: usize = (h2_settings::MAX_STREAMS - 16) as usize;
 /// each of its app connections would otherwise pay a wasted handshake.
 const NO_MESH_FOR: Duration = Duration::from_secs(30);
 
+/// How streams are opened on a pooled connection.
+#[derive(Clone)]
+pub(crate) enum Sender {
+    /// Through hyper: a connection that carries HTTP requests (and
+    /// tunnels, if it negotiated them).
+    Hyper(SendRequest<MeshBody>),
+    /// On h2 directly: a tunnels-only connection (`h2_client`).
+    Tunnels(h2::client::SendRequest<bytes::Bytes>),
+}
+
 impl Pooled {
     fn usable(&self) -> bool {
-        !self.send.is_closed()
+        !self.is_closed()
+    }
+
+    /// Whether the connection has ended (it takes no new stream).
+    pub(crate) fn is_closed(&self) -> bool {
+        match &self.send {
+            Sender::Hyper(send) => send.is_closed(),
+            // The sender of `ended` goes with the connection's task.
+            Sender::Tunnels(_) => self.ended.has_changed().is_err(),
+        }
     }
 
     /// Counts one more tunnel on this connection, if it has room.
@@ -76,8 +97,8 @@ impl Pooled {
         }
     }
 
-    /// The connection's HTTP/2 client (a clone: hyper's handle is shared).
-    pub(crate) fn sender(&self) -> SendRequest<MeshBody> {
+    /// The connection's HTTP/2 client (a clone: the handle is shared).
+    pub(crate) fn sender(&self) -> Sender {
         self.send.clone()
     }
 }
@@ -354,6 +375,31 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
+        let tunnels = Arc::<AtomicUsize>::default();
+        let (send, ended) = if kind.http {
+            Self::hyper_handshake(tls, &dst).await?
+        } else {
+            let (send, ended) = h2_client::handshake(tls, &dst, tunnels.clone()).await?;
+            (Sender::Tunnels(send), ended)
+        };
+        let id = self.made.fetch_add(1, Ordering::Relaxed);
+        Ok(Pooled {
+            send,
+            peer,
+            kind,
+            tunnels,
+            id,
+            ended,
+        })
+    }
+
+    /// HTTP/2 through hyper on a connection that carries HTTP requests,
+    /// and the task that drives it; the receiver is closed once the
+    /// connection has ended.
+    async fn hyper_handshake(
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        dst: &Arc<str>,
+    ) -> Result<(Sender, tokio::sync::watch::Receiver<()>), MeshError> {
         // Fixed, large windows, no adaptive window: see h2_settings.
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -372,14 +418,6 @@ impl MeshPool {
             }
             drop(ending);
         });
-        let id = self.made.fetch_add(1, Ordering::Relaxed);
-        Ok(Pooled {
-            send,
-            peer,
-            kind,
-            tunnels: Arc::default(),
-            id,
-            ended,
-        })
+        Ok((Sender::Hyper(send), ended))
     }
 }

@@ -8,6 +8,7 @@ pub(crate) mod h1;
 pub(crate) mod h2_deadline;
 pub(crate) mod h2_frames;
 mod h2_settings;
+pub mod h2_stream;
 pub mod headers;
 mod idle_pool;
 pub use h1::message::HeadLimits;
@@ -17,6 +18,7 @@ mod metrics;
 pub mod outbound;
 mod record;
 pub mod tunnel;
+pub(crate) mod tunnels_only;
 
 use std::sync::Arc;
 
@@ -305,11 +307,7 @@ where
     // processed), so the requests that came with the client's preface
     // would be answered: a client that reconnects after each GOAWAY kept
     // being served through a drain, for as long as it raced the GOAWAY.
-    let draining = std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(std::future::Future::poll(drain.as_mut(), cx).is_ready())
-    })
-    .await;
-    if draining {
+    if already(drain.as_mut()).await {
         return Ok(());
     }
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
@@ -319,6 +317,15 @@ where
         () = drain.as_mut() => conn.as_mut().graceful_shutdown(),
     }
     conn.await
+}
+
+/// Whether `drain` has resolved already (polled once, not waited for).
+pub(crate) async fn already<F: std::future::Future>(drain: std::pin::Pin<&mut F>) -> bool {
+    let mut drain = drain;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(drain.as_mut(), cx).is_ready())
+    })
+    .await
 }
 
 /// What the proxy does with a request once decided.

@@ -6,13 +6,14 @@
 //! which decides it as it decides an L4 connection. docs/PROXY.md,
 //! "Tunnels between sidecars".
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -24,19 +25,30 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::headers::TUNNEL_RELAYS;
 use super::idle_pool::IdlePool;
 
-use super::mesh::{self, Outgoing, TunnelCount};
+use super::h2_stream::StreamIo;
+use super::mesh::{self, Outgoing, Sender, TunnelCount};
 use super::outbound::{MeshError, OutboundConn};
 use super::{HttpLayer, ProxyBody};
 
-/// The sidecar's handler of the CONNECT requests a peer sidecar sends on a
-/// mesh connection that negotiated tunnels: it decides the stream, answers
-/// (`200` and then serves the upgraded stream, or a refusal) and keeps
-/// the HTTP layer ignorant of the sidecar.
+/// The sidecar's handler of the CONNECT streams a peer sidecar opens on
+/// a mesh connection that negotiated tunnels: it decides each stream,
+/// answers (`200` and then serves the stream, or a refusal) and keeps the
+/// HTTP layer ignorant of the sidecar.
 #[derive(Clone)]
-pub struct Tunnels(pub Arc<dyn Fn(Request<Incoming>) -> Answer + Send + Sync>);
+pub struct Tunnels(pub Arc<dyn TunnelHandler>);
 
-/// The answer to one CONNECT request.
-pub type Answer = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+/// What the sidecar does with one CONNECT stream, on either kind of mesh
+/// connection.
+pub trait TunnelHandler: Send + Sync {
+    /// A CONNECT request on a connection hyper serves (one that carries
+    /// HTTP requests too): the answer, the stream served once hyper hands
+    /// it over.
+    fn open_upgraded(&self, req: Request<Incoming>) -> Response<ProxyBody>;
+
+    /// A CONNECT stream on a tunnels-only connection, served on h2
+    /// directly: answered through `respond`, then served.
+    fn open_stream(&self, req: Request<RecvStream>, respond: SendResponse<Bytes>);
+}
 
 impl std::fmt::Debug for Tunnels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,28 +56,29 @@ impl std::fmt::Debug for Tunnels {
     }
 }
 
-/// A bodiless answer to a CONNECT request: `200` opens the tunnel, `403`
-/// is a policy refusal, anything else a failure.
-pub fn answer(status: StatusCode) -> Response<ProxyBody> {
-    let mut resp = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+/// A bodiless answer to a CONNECT request: `200` opens the tunnel (with
+/// `relays`, one whose HTTP/1 this side relays request by request: the
+/// peer may then share it between its app connections, [`TUNNEL_RELAYS`]),
+/// `403` is a policy refusal, anything else a failure.
+pub fn head(status: StatusCode, relays: bool) -> Response<()> {
+    let mut resp = Response::new(());
     *resp.status_mut() = status;
+    if relays {
+        resp.headers_mut()
+            .insert(TUNNEL_RELAYS, HeaderValue::from_static("http/1.1"));
+    }
     resp
 }
 
-/// The `200` that opens a tunnel whose HTTP/1 this side relays request by
-/// request: the peer may then share it between its app connections
-/// ([`TUNNEL_RELAYS`]).
-pub fn answer_relaying() -> Response<ProxyBody> {
-    let mut resp = answer(StatusCode::OK);
-    resp.headers_mut()
-        .insert(TUNNEL_RELAYS, HeaderValue::from_static("http/1.1"));
-    resp
+/// [`head`] as hyper sends it.
+pub fn answer(head: Response<()>) -> Response<ProxyBody> {
+    head.map(|()| Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
 }
 
 /// An open tunnel to the peer's app, as bytes both ways.
 pub struct Tunnel {
     /// The stream: EOF is the peer's END_STREAM, shutdown sends ours.
-    pub io: TokioIo<Upgraded>,
+    pub io: TunnelIo,
     /// The peer's SPIFFE ID (from the pooled connection's certificate).
     pub peer: Option<Arc<str>>,
     /// The peer relays this stream's HTTP/1 request by request: between
@@ -88,6 +101,55 @@ pub(crate) type TunnelPool = IdlePool<Tunnel>;
 pub(crate) const POOL_IDLE: Duration = Duration::from_secs(10);
 /// The most idle tunnels kept per destination.
 pub(crate) const POOL_PER_DESTINATION: usize = 128;
+
+/// A tunnel's stream: hyper's upgrade on a connection that carries HTTP
+/// requests too, or the h2 stream itself on a tunnels-only one.
+pub enum TunnelIo {
+    /// Handed over by hyper.
+    Upgraded(TokioIo<Upgraded>),
+    /// Read and written on h2 directly.
+    Stream(StreamIo),
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+            TunnelIo::Stream(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+            TunnelIo::Stream(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_flush(cx),
+            TunnelIo::Stream(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+            TunnelIo::Stream(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
 
 impl AsyncRead for Tunnel {
     fn poll_read(
@@ -167,59 +229,104 @@ pub async fn open(
         let Some(counted) = counted else {
             return Err(TunnelError::Unsupported);
         };
-        let (error, unsent) = match connect_on(&pooled, &authority).await {
-            Ok(resp) => return upgrade(resp, pooled.peer.clone(), counted).await,
+        let failed = match connect_on(pooled.sender(), &authority).await {
+            Ok(answered) => return opened(answered, pooled.peer.clone(), counted).await,
             Err(failed) => failed,
         };
-        if pooled.sender().is_closed() || mesh::peer_going_away(&error) {
+        if pooled.is_closed() || failed.going_away {
             // The connection is going away: the next attempt takes another.
             layer.mesh.retire(&conn.key, pooled.id);
         }
         // Never sent twice what the peer may have processed.
-        let unsent = unsent || mesh::never_processed(&error);
-        if retried || !unsent {
-            return Err(TunnelError::Failed(error.to_string()));
+        if retried || !failed.unsent {
+            return Err(TunnelError::Failed(failed.error));
         }
-        tracing::debug!(dst = %conn.dst, error = %error, "tunnel not opened by the peer: once more");
+        tracing::debug!(dst = %conn.dst, error = %failed.error, "tunnel not opened by the peer: once more");
         retried = true;
     }
 }
 
-/// Sends the CONNECT request on `pooled` and waits for the answer's head;
-/// a failure says whether hyper never sent the request.
-async fn connect_on(
-    pooled: &mesh::Pooled,
-    authority: &Authority,
-) -> Result<Response<Incoming>, (hyper::Error, bool)> {
-    let mut send = pooled.sender();
-    send.ready().await.map_err(|e| (e, true))?;
-    let req = Outgoing::connect(authority.clone()).first();
-    send.try_send_request(req).await.map_err(|mut e| {
-        let unsent = e.take_message().is_some();
-        (e.into_error(), unsent)
-    })
+/// The answer to a CONNECT request, on either kind of connection.
+enum Answered {
+    Hyper(Response<Incoming>),
+    Stream(Response<RecvStream>, SendStream<Bytes>),
+}
+
+/// Why a CONNECT request got no answer.
+struct NotOpened {
+    error: String,
+    /// The peer never processed it: it may be sent again.
+    unsent: bool,
+    /// The connection is going away (the peer's GOAWAY).
+    going_away: bool,
+}
+
+/// Sends the CONNECT request on the connection `send` and waits for the
+/// answer's head.
+async fn connect_on(send: Sender, authority: &Authority) -> Result<Answered, NotOpened> {
+    match send {
+        Sender::Hyper(mut send) => {
+            let hyper_failed = |e: hyper::Error, unsent: bool| NotOpened {
+                unsent: unsent || mesh::never_processed(&e),
+                going_away: mesh::peer_going_away(&e),
+                error: e.to_string(),
+            };
+            send.ready().await.map_err(|e| hyper_failed(e, true))?;
+            let req = Outgoing::connect(authority.clone()).first();
+            let resp = send.try_send_request(req).await.map_err(|mut e| {
+                let unsent = e.take_message().is_some();
+                hyper_failed(e.into_error(), unsent)
+            })?;
+            Ok(Answered::Hyper(resp))
+        }
+        Sender::Tunnels(send) => {
+            let h2_failed = |e: h2::Error, unsent: bool| NotOpened {
+                unsent: unsent || mesh::not_processed(&e),
+                going_away: mesh::going_away(&e),
+                error: e.to_string(),
+            };
+            let mut send = send.ready().await.map_err(|e| h2_failed(e, true))?;
+            let mut req = Request::new(());
+            *req.method_mut() = http::Method::CONNECT;
+            *req.uri_mut() = http::Uri::from(authority.clone());
+            let (resp, stream) = send
+                .send_request(req, false)
+                .map_err(|e| h2_failed(e, true))?;
+            let resp = resp.await.map_err(|e| h2_failed(e, false))?;
+            Ok(Answered::Stream(resp, stream))
+        }
+    }
 }
 
 /// The tunnel a `200` opened, or why the answer refused it.
-async fn upgrade(
-    resp: Response<Incoming>,
+async fn opened(
+    answered: Answered,
     peer: Option<Arc<str>>,
     counted: TunnelCount,
 ) -> Result<Tunnel, TunnelError> {
-    match resp.status() {
+    let (status, headers) = match &answered {
+        Answered::Hyper(resp) => (resp.status(), resp.headers()),
+        Answered::Stream(resp, _) => (resp.status(), resp.headers()),
+    };
+    match status {
         StatusCode::OK => {}
         StatusCode::FORBIDDEN => return Err(TunnelError::Refused(StatusCode::FORBIDDEN)),
         status => return Err(TunnelError::Failed(format!("the peer answered {status}"))),
     }
-    let relays_http = resp
-        .headers()
+    let relays_http = headers
         .get(TUNNEL_RELAYS)
         .is_some_and(|v| v.as_bytes() == b"http/1.1");
-    let upgraded = hyper::upgrade::on(resp)
-        .await
-        .map_err(|e| TunnelError::Failed(e.to_string()))?;
+    let io = match answered {
+        Answered::Hyper(resp) => {
+            let upgraded = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| TunnelError::Failed(e.to_string()))?;
+            TunnelIo::Upgraded(TokioIo::new(upgraded))
+        }
+        Answered::Stream(resp, send) => TunnelIo::Stream(StreamIo::new(send, resp.into_body())),
+    };
     Ok(Tunnel {
-        io: TokioIo::new(upgraded),
+        io,
         peer,
         relays_http,
         _open: counted,

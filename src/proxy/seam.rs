@@ -109,6 +109,13 @@ where
     let tunnels = kind
         .tunnels
         .then(|| super::tunnel::inbound(shared.clone(), ctx.clone()));
+    if let (false, Some(tunnels)) = (kind.http, &tunnels) {
+        // Tunnels only (a `tcp` port): on h2 directly, no HTTP served.
+        let mut revoked = None;
+        let stop = drain_or_revoked(shared, ctx, &mut revoked);
+        let outcome = crate::http::tunnels_only::serve(&shared.http, tunnels, io, stop).await;
+        return with_revoked(outcome, revoked);
+    }
     serve_inbound_http(shared, ctx, io, Some((kind, tunnels))).await
 }
 

@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 
-use super::{MeshPool, Pooled};
+use super::{MeshPool, Pooled, Sender};
 use crate::http::outbound::{MeshError, OutboundConn};
 use crate::http::record::CountIn;
 
@@ -142,12 +142,18 @@ pub(crate) async fn send(
     let mut req = out.first();
     let mut retried = false;
     loop {
-        let mut pooled = pool
+        let pooled = pool
             .get(conn, avoid)
             .await
             .map_err(SendError::Unavailable)?;
         on_peer(&pooled);
-        if let Err(e) = pooled.send.ready().await {
+        let Sender::Hyper(mut send) = pooled.sender() else {
+            // A tunnels-only connection (a `tcp` port's) takes no request.
+            return Err(SendError::Unavailable(MeshError::NoMeshAlpn(
+                conn.dst.clone(),
+            )));
+        };
+        if let Err(e) = send.ready().await {
             // Closed before this request was handed to it: nothing sent.
             pool.retire(&conn.key, pooled.id);
             avoid = Some(pooled.id);
@@ -157,13 +163,13 @@ pub(crate) async fn send(
             retried = true;
             continue;
         }
-        let mut err = match pooled.send.try_send_request(req).await {
+        let mut err = match send.try_send_request(req).await {
             Ok(resp) => return Ok(resp),
             Err(err) => err,
         };
         let unsent = err.take_message();
         let error = err.into_error();
-        if pooled.send.is_closed() || peer_going_away(&error) {
+        if send.is_closed() || peer_going_away(&error) {
             pool.retire(&conn.key, pooled.id);
             avoid = Some(pooled.id);
         }
@@ -189,7 +195,12 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
 
 /// The peer said GOAWAY: the connection takes no new streams.
 pub(crate) fn peer_going_away(e: &hyper::Error) -> bool {
-    h2_error(e).is_some_and(|h2| h2.is_remote() && h2.is_go_away())
+    h2_error(e).is_some_and(going_away)
+}
+
+/// As [`peer_going_away`], for h2's own error.
+pub(crate) fn going_away(e: &h2::Error) -> bool {
+    e.is_remote() && e.is_go_away()
 }
 
 /// The peer says it did not process the stream (RFC 9113 §8.7): it
@@ -197,9 +208,12 @@ pub(crate) fn peer_going_away(e: &hyper::Error) -> bool {
 /// remote GOAWAY only to those streams; the ones at or below it end with
 /// the connection's own error).
 pub(crate) fn never_processed(e: &hyper::Error) -> bool {
-    h2_error(e).is_some_and(|h2| {
-        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
+    h2_error(e).is_some_and(not_processed)
+}
+
+/// As [`never_processed`], for h2's own error.
+pub(crate) fn not_processed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// A request body read whole, sent again as it was: data, then trailers.

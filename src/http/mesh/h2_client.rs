@@ -1,0 +1,92 @@
+//! The client end of a tunnels-only mesh connection (`stepmesh/tunnel`, a
+//! `tcp` port's), on h2 directly: its streams are read and written from
+//! the app connections' own tasks (`crate::http::h2_stream`), with no
+//! bridge task per stream as hyper's upgrades have.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::super::h2_settings;
+use crate::http::outbound::MeshError;
+
+/// How often a connection with open tunnels checks that its peer is
+/// there, and how long it waits for the answer (as hyper's mesh client:
+/// `keep_alive_interval`, `keep_alive_timeout`, not while idle).
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts HTTP/2 on `io` and the task that drives the connection; the
+/// receiver is closed once the connection has ended. `tunnels`: the
+/// connection's open tunnels (it is pinged only while it has some).
+pub(super) async fn handshake<T>(
+    io: T,
+    dst: &Arc<str>,
+    tunnels: Arc<AtomicUsize>,
+) -> Result<
+    (
+        h2::client::SendRequest<Bytes>,
+        tokio::sync::watch::Receiver<()>,
+    ),
+    MeshError,
+>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = h2_settings::tunnel_client()
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
+    let (ending, ended) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        if let Err(e) = drive(connection, &tunnels).await {
+            tracing::debug!(error = %e, "mesh tunnels connection ended");
+        }
+        drop(ending);
+    });
+    Ok((send, ended))
+}
+
+/// Runs the connection until it ends, pinging the peer every
+/// [`KEEP_ALIVE`] while tunnels are open: a peer gone silent (a host that
+/// vanished) ends it, and with it its tunnels, after
+/// [`KEEP_ALIVE_TIMEOUT`].
+async fn drive<T>(
+    mut connection: h2::client::Connection<T, Bytes>,
+    tunnels: &AtomicUsize,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(mut pings) = connection.ping_pong() else {
+        // Only a second call returns none: this is the first.
+        return connection.await;
+    };
+    let mut every = tokio::time::interval(KEEP_ALIVE);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.reset();
+    loop {
+        tokio::select! {
+            done = &mut connection => return done,
+            _ = every.tick() => {}
+        }
+        if tunnels.load(Ordering::Acquire) == 0 {
+            continue;
+        }
+        let pong = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        tokio::select! {
+            done = &mut connection => return done,
+            answered = pong => match answered {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    tracing::warn!("mesh tunnels connection: no answer to a ping in {KEEP_ALIVE_TIMEOUT:?}; closing it");
+                    return Ok(());
+                }
+            },
+        }
+    }
+}
