@@ -4,8 +4,9 @@
 //! half-close and 16 MiB intact; resets end the other side's connection;
 //! each stream decided by its own port (a stand-in outbound sidecar, an h2
 //! client with a real SVID, opens an allowed and a denied stream on one
-//! connection); and the fallback to a connection per app connection when
-//! either side has tunnels off (`--no-tunnel`, as a sidecar without them).
+//! connection, and is refused an HTTP request there); and the fallback to
+//! a connection per app connection when either side has tunnels off
+//! (`--no-tunnel`, as a sidecar without them).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -270,6 +271,10 @@ fn each_stream_is_decided_by_its_own_port() {
         let (mut second, status) = client.open(allowed).await;
         assert_eq!(status, 200);
         assert_eq!(second.echo(b"second").await, b"second");
+        // A `tcp` port's connection carries tunnels only: an HTTP request
+        // on it is refused, and the tunnels on it go on.
+        assert_eq!(client.get(allowed).await, 421);
+        assert_eq!(first.echo(b"after a GET").await, b"after a GET");
     });
     assert_eq!(inbound_handshakes_of(&mesh.server), 1.0);
     let line = mesh
@@ -342,6 +347,17 @@ impl StandIn {
         let (send, conn) = h2::client::handshake(tls).await.unwrap();
         tokio::spawn(conn);
         StandIn { send }
+    }
+
+    /// A GET request on the connection: the answer's status.
+    async fn get(&mut self, port: u16) -> u16 {
+        let req = http::Request::builder()
+            .uri(format!("http://127.0.0.1:{port}/"))
+            .body(())
+            .unwrap();
+        let mut send = self.send.clone().ready().await.unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        resp.await.unwrap().status().as_u16()
     }
 
     /// A CONNECT stream to `port`: the stream and the answer's status.

@@ -1,0 +1,163 @@
+//! A real outbound sidecar's tunnels (opaque TCP on a `tcp` port's
+//! tunnels-only mesh connection, h2 directly) against a stand-in peer
+//! sidecar that misbehaves on purpose: an h2 server with the peer's SVID
+//! and ALPN `stepmesh/tunnel` that refuses its first CONNECT stream
+//! (`REFUSED_STREAM`) and says GOAWAY once it has served two. Asserted:
+//! the refused stream is opened again and the app connection is served;
+//! after the GOAWAY new app connections get a new mesh connection while
+//! the tunnels already open on the old one go on; no app connection sees
+//! an error; each app connection is one processed stream.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::mesh::{Sidecar, SvidFiles, CLIENT_ID, PATIENCE, SERVER_ID};
+use rustls::server::WebPkiClientVerifier;
+use stepmesh::http::TUNNEL_ALPN;
+use stepmesh_ca::testing::Pki;
+
+/// What the stand-in saw.
+#[derive(Default)]
+struct Seen {
+    accepts: AtomicUsize,
+    refused: AtomicUsize,
+    served: AtomicUsize,
+}
+
+/// The stand-in peer sidecar: its first connection refuses its first
+/// stream, serves the next two (echoing their bytes) and then says GOAWAY
+/// (gracefully: the streams open go on); later connections serve all.
+async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let leaf = pki.leaf(SERVER_ID);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root.cert.clone()).unwrap();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(leaf.chain.clone(), leaf.key())
+        .unwrap();
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = seen.accepts.fetch_add(1, Ordering::SeqCst) == 0;
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                let mut streams = 0;
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    streams += 1;
+                    assert_eq!(req.method(), http::Method::CONNECT);
+                    if first && streams == 1 {
+                        seen.refused.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    seen.served.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(echo(req.into_body(), respond));
+                    if first && streams == 3 {
+                        conn.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Answers `200` and sends back what the stream carries, to its end.
+async fn echo(mut body: h2::RecvStream, mut respond: h2::server::SendResponse<Bytes>) {
+    let mut send = respond
+        .send_response(http::Response::new(()), false)
+        .unwrap();
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+        if send.send_data(data, false).is_err() {
+            return;
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// An app connection through the outbound sidecar, checked with one echo.
+fn app_connection(outbound: SocketAddr, msg: &[u8]) -> TcpStream {
+    let mut conn = TcpStream::connect(outbound).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(echo_once(&mut conn, msg), msg);
+    conn
+}
+
+fn echo_once(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    conn.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    conn.read_exact(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
+    let pki = Pki::new("mesh.test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = Arc::new(Seen::default());
+    let peer = rt.block_on(stand_in(&pki, seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={peer}@{SERVER_ID}"),
+    ]);
+    let client = Sidecar::spawn(&args);
+    client.wait_ready();
+    let outbound = client.listener("outbound");
+
+    // Not HTTP (first byte 0): the outbound side takes the tunnel at once.
+    let mut a = app_connection(outbound, b"\0first: refused once");
+    assert_eq!(seen.refused.load(Ordering::SeqCst), 1);
+    let mut b = app_connection(outbound, b"\0second: then GOAWAY");
+    // The GOAWAY reaches the outbound side: the next app connection takes
+    // a new mesh connection (asked once more if it raced the GOAWAY).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = app_connection(outbound, b"\0third: a new connection");
+    let mut d = app_connection(outbound, b"\0fourth");
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        2,
+        "a new mesh connection after the GOAWAY, one only"
+    );
+    // The tunnels on the connection that went away go on.
+    assert_eq!(echo_once(&mut a, b"a again"), b"a again");
+    assert_eq!(echo_once(&mut b, b"b again"), b"b again");
+    assert_eq!(echo_once(&mut c, b"c again"), b"c again");
+    assert_eq!(echo_once(&mut d, b"d again"), b"d again");
+    assert_eq!(
+        seen.served.load(Ordering::SeqCst),
+        4,
+        "each app connection one processed stream"
+    );
+    let allowed = client.metric(&format!(
+        r#"stepmesh_connections_total{{direction="outbound",peer="{SERVER_ID}",decision="allow"}}"#
+    ));
+    assert_eq!(allowed, 4.0, "four tunnels to the peer");
+    let metrics = client.metrics();
+    assert!(
+        !metrics.contains("stepmesh_connection_errors_total{"),
+        "no app connection failed:\n{metrics}"
+    );
+}
