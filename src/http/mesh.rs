@@ -35,8 +35,9 @@ pub(crate) struct Pooled {
     pub(crate) peer: Option<Arc<str>>,
     /// What the peer accepts on it (by ALPN): HTTP requests, tunnels.
     pub(crate) kind: MeshKind,
-    /// Tunnels open on it now (see [`TUNNEL_LIMIT`]).
-    pub(crate) tunnels: Arc<AtomicUsize>,
+    /// What its tunnels share: how many are open now (see
+    /// [`TUNNEL_LIMIT`]), whom they reach.
+    pub(crate) tunnels: Arc<ConnTunnels>,
     /// Tells this connection from its replacement.
     pub(crate) id: u64,
     /// Closed (`changed` fails) once the connection has ended.
@@ -81,20 +82,22 @@ impl Pooled {
 
     /// Counts one more tunnel on this connection, if it has room.
     fn take_tunnel(&self) -> bool {
-        if self.tunnels.fetch_add(1, Ordering::AcqRel) < TUNNEL_LIMIT {
+        let open = &self.tunnels.open;
+        if open.fetch_add(1, Ordering::AcqRel) < TUNNEL_LIMIT {
             return true;
         }
-        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+        open.fetch_sub(1, Ordering::AcqRel);
         false
     }
 
     /// The guard of a tunnel `take_tunnel` counted on this connection;
     /// `slot`: the destination's, when this is one of its extra connections.
     fn counted(&self, slot: Option<Weak<Slot>>) -> TunnelCount {
-        TunnelCount {
-            tunnels: self.tunnels.clone(),
-            extra: slot.map(|s| (s, self.id)),
+        if let Some(slot) = slot {
+            // The same for every tunnel of the connection: set once.
+            let _ = self.tunnels.extra.set((slot, self.id));
         }
+        TunnelCount(self.tunnels.clone())
     }
 
     /// The connection's HTTP/2 client (a clone: the handle is shared).
@@ -121,28 +124,54 @@ impl PeerGone {
     }
 }
 
+/// What the tunnels of one pooled connection share, so that each tunnel
+/// holds one pointer to it (every idle opaque connection holds its tunnel).
+#[derive(Default)]
+pub(crate) struct ConnTunnels {
+    /// Tunnels open on the connection now.
+    open: AtomicUsize,
+    /// The peer's SPIFFE ID (from the connection's certificate).
+    peer: Option<Arc<str>>,
+    /// The destination's slot and the connection's id, when this is one of
+    /// the destination's extra connections (see [`TunnelCount`]).
+    extra: std::sync::OnceLock<(Weak<Slot>, u64)>,
+}
+
+impl ConnTunnels {
+    /// Tunnels open on the connection now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
 /// One tunnel counted on a pooled connection while it is open. The last
 /// tunnel of an extra connection (one dialled past [`TUNNEL_LIMIT`]) takes
 /// that connection out of the pool, so that it closes once idle instead
 /// of staying open for good after a burst; the destination's first
 /// connection stays pooled.
-pub(crate) struct TunnelCount {
-    tunnels: Arc<AtomicUsize>,
-    extra: Option<(Weak<Slot>, u64)>,
+pub(crate) struct TunnelCount(Arc<ConnTunnels>);
+
+impl TunnelCount {
+    /// The peer the tunnel reaches (the pooled connection's).
+    pub(crate) fn peer(&self) -> Option<&Arc<str>> {
+        self.0.peer.as_ref()
+    }
 }
 
 impl Drop for TunnelCount {
     fn drop(&mut self) {
-        if self.tunnels.fetch_sub(1, Ordering::AcqRel) != 1 {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let Some(slot) = self.extra.as_ref().and_then(|(s, _)| s.upgrade()) else {
+        let Some((slot, id)) = self.0.extra.get() else {
             return;
         };
-        let id = self.extra.as_ref().map(|(_, id)| *id);
+        let Some(slot) = slot.upgrade() else {
+            return;
+        };
         let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
         // Re-read under the lock: `more_with_room` counts new tunnels under it.
-        more.retain(|p| Some(p.id) != id || p.tunnels.load(Ordering::Acquire) > 0);
+        more.retain(|p| p.id != *id || p.tunnels.open() > 0);
     }
 }
 
@@ -375,7 +404,10 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
-        let tunnels = Arc::<AtomicUsize>::default();
+        let tunnels = Arc::new(ConnTunnels {
+            peer: peer.clone(),
+            ..ConnTunnels::default()
+        });
         let (send, ended) = if kind.http {
             Self::hyper_handshake(tls, &dst).await?
         } else {

@@ -79,14 +79,13 @@ pub fn answer(head: Response<()>) -> Response<ProxyBody> {
 pub struct Tunnel {
     /// The stream: EOF is the peer's END_STREAM, shutdown sends ours.
     pub io: TunnelIo,
-    /// The peer's SPIFFE ID (from the pooled connection's certificate).
-    pub peer: Option<Arc<str>>,
     /// The peer relays this stream's HTTP/1 request by request: between
     /// requests it can serve any app connection to the same destination
     /// ([`TunnelPool`]). Otherwise it is one app connection's (an opaque
     /// port's app connection at the far end).
     pub relays_http: bool,
-    _open: TunnelCount,
+    /// Counts it on its connection while open; whom it reaches.
+    open: TunnelCount,
 }
 
 /// Idle tunnels that relay HTTP/1, per pool key (expected identity and
@@ -151,6 +150,13 @@ impl AsyncWrite for TunnelIo {
     }
 }
 
+impl Tunnel {
+    /// The peer's SPIFFE ID (from the pooled connection's certificate).
+    pub fn peer(&self) -> Option<&Arc<str>> {
+        self.open.peer()
+    }
+}
+
 impl AsyncRead for Tunnel {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -182,7 +188,7 @@ impl AsyncWrite for Tunnel {
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnel")
-            .field("peer", &self.peer)
+            .field("peer", &self.peer())
             .field("relays_http", &self.relays_http)
             .finish_non_exhaustive()
     }
@@ -230,7 +236,7 @@ pub async fn open(
             return Err(TunnelError::Unsupported);
         };
         let failed = match connect_on(pooled.sender(), &authority).await {
-            Ok(answered) => return opened(answered, pooled.peer.clone(), counted).await,
+            Ok(answered) => return opened(answered, counted).await,
             Err(failed) => failed,
         };
         if pooled.is_closed() || failed.going_away {
@@ -299,11 +305,7 @@ async fn connect_on(send: Sender, authority: &Authority) -> Result<Answered, Not
 }
 
 /// The tunnel a `200` opened, or why the answer refused it.
-async fn opened(
-    answered: Answered,
-    peer: Option<Arc<str>>,
-    counted: TunnelCount,
-) -> Result<Tunnel, TunnelError> {
+async fn opened(answered: Answered, counted: TunnelCount) -> Result<Tunnel, TunnelError> {
     let (status, headers) = match &answered {
         Answered::Hyper(resp) => (resp.status(), resp.headers()),
         Answered::Stream(resp, _) => (resp.status(), resp.headers()),
@@ -327,8 +329,7 @@ async fn opened(
     };
     Ok(Tunnel {
         io,
-        peer,
         relays_http,
-        _open: counted,
+        open: counted,
     })
 }

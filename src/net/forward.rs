@@ -204,8 +204,9 @@ where
 struct Half {
     /// Bytes read but not yet accepted by the writer (backpressure only).
     spill: Vec<u8>,
-    /// How much of `spill` is written.
-    pos: usize,
+    /// How much of `spill` is written (within one read: 32 bits; one
+    /// pointer's width less in every idle connection's two halves).
+    pos: u32,
     total: u64,
     read_done: bool,
     need_flush: bool,
@@ -270,13 +271,14 @@ impl Half {
         };
         loop {
             // Leftovers first: nothing new is read until they are out.
-            while self.pos < self.spill.len() {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.spill[self.pos..]))
-                    .map_err(write_err)?;
+            while (self.pos as usize) < self.spill.len() {
+                let left = &self.spill[self.pos as usize..];
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, left)).map_err(write_err)?;
                 if n == 0 {
                     return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
                 }
-                self.pos += n;
+                // No truncation: the spill holds less than one read.
+                self.pos += n.min(left.len()) as u32;
                 self.written(n, counter, active);
             }
             self.spill.clear(); // keeps the capacity

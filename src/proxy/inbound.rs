@@ -17,6 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, Outcome, Shared};
+use super::listener::ConnGuard;
 use crate::metrics::Direction;
 use crate::net::caps::Slot;
 use crate::net::dial;
@@ -176,8 +177,8 @@ impl Inbound {
         refused.and_then(|(reason, detail)| refuse(reason, &detail))
     }
 
-    /// Handles one accepted connection to its end.
-    pub async fn handle(self: Arc<Self>, tcp: TcpStream, client: SocketAddr) {
+    /// Handles one accepted connection to its end (`_guard` held to it).
+    pub async fn handle(self: Arc<Self>, tcp: TcpStream, client: SocketAddr, _guard: ConnGuard) {
         let shared = &self.shared;
         let started = Instant::now();
         let _open = shared.metrics.open_guard(Direction::Inbound);
@@ -355,6 +356,11 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    /// As [`future_size`], for a function of four arguments.
+    fn future_size4<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
     /// Every connection's task is this future: its size is paid per idle
     /// connection. An `async fn` layer taking the TLS stream by value stores
     /// it twice (rust-lang/rust#62958); this catches such a layer coming
@@ -366,8 +372,8 @@ mod tests {
     /// KiB each in the e2e bench).
     #[test]
     fn the_connection_task_stays_small() {
-        let inbound = future_size(Inbound::handle);
-        let outbound = future_size(super::super::outbound::Outbound::handle);
+        let inbound = future_size4(Inbound::handle);
+        let outbound = future_size4(super::super::outbound::Outbound::handle);
         eprintln!("connection futures: inbound {inbound} B, outbound {outbound} B");
         assert!(inbound <= 4096, "inbound connection future: {inbound} B");
         assert!(outbound <= 1024, "outbound connection future: {outbound} B");

@@ -161,7 +161,7 @@ impl Launcher {
             watch,
             permits,
             metrics,
-            move |tcp, client| handler.clone().handle(tcp, client),
+            move |tcp, client, guard| handler.clone().handle(tcp, client, guard),
         ));
         self.record(info);
     }
@@ -182,7 +182,7 @@ impl Launcher {
             watch,
             permits,
             metrics,
-            move |tcp, client| handler.clone().handle(tcp, client),
+            move |tcp, client, guard| handler.clone().handle(tcp, client, guard),
         ));
         self.record(info);
     }

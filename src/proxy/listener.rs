@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -14,8 +13,8 @@ use crate::drain::DrainWatch;
 use crate::metrics::{Direction, ProxyMetrics};
 
 /// Accepts until a drain starts; each connection runs `handle` in its own
-/// task holding a connection permit and a drain watch. Over the limit, a
-/// connection is closed at once (and counted) rather than left in the backlog.
+/// task, handed its [`ConnGuard`]. Over the limit, a connection is closed
+/// at once (and counted) rather than left in the backlog.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     direction: Direction,
@@ -24,7 +23,7 @@ pub async fn accept_loop<F, Fut>(
     metrics: ProxyMetrics,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, ConnGuard) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut stop = drain.clone();
@@ -52,35 +51,21 @@ pub async fn accept_loop<F, Fut>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        tokio::spawn(Tracked {
-            work: handle(stream, client),
+        let guard = ConnGuard {
             _permit: permit,
             _watch: drain.clone(),
-        });
+        };
+        tokio::spawn(handle(stream, client, guard));
     }
     tracing::debug!(listener = ?listener.local_addr().ok(), "stopped accepting");
 }
 
-pin_project! {
-    /// A connection's work holding its permit and drain watch until it ends.
-    /// A struct rather than an `async` block around `work`: the block would
-    /// store the (large) connection future twice, once as a captured value
-    /// and once as the awaited one, doubling every task's memory.
-    struct Tracked<F> {
-        #[pin]
-        work: F,
-        _permit: OwnedSemaphorePermit,
-        _watch: DrainWatch,
-    }
-}
-
-impl<F: Future> Future for Tracked<F> {
-    type Output = F::Output;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        self.project().work.poll(cx)
-    }
+/// What a connection holds until it ends, in whichever task it ends: its
+/// place under the listener's connection limit, and the drain's watch (a
+/// drain waits for it). Passed to the connection's handler, which may hand
+/// it on with the connection to a task of its own (an outbound tunnel's
+/// copy loop, see `super::outbound`).
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    _watch: DrainWatch,
 }

@@ -18,7 +18,7 @@ use super::tunnel::Opened;
 use crate::http::detect::{self, Detected, Prefixed};
 use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn};
-use crate::http::tunnel::Tunnels;
+use crate::http::tunnel::{Tunnel, Tunnels};
 use crate::http::{MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
@@ -254,18 +254,32 @@ fn inbound_conn(shared: &Shared, ctx: &InboundContext, mesh: bool) -> Arc<Inboun
     })
 }
 
+/// What the outbound seam came to: the connection served to its end, or
+/// an opaque app connection with its tunnel open, whose copy loop the
+/// caller runs in a task of its own. That task holds only the copy loop's
+/// state (a 768-byte allocation), where the connection's first task would
+/// hold every path's (its own 640 bytes and the tunnel path's 640 more,
+/// paid by every idle opaque connection).
+pub enum Served {
+    /// Served to the end.
+    Done(Outcome),
+    /// The app connection and its open tunnel.
+    Tunnel(TcpStream, Tunnel),
+}
+
 /// The outbound seam: an mTLS destination's HTTP/1 is relayed request by
 /// request through a tunnel (or an mTLS connection of its own to a peer
 /// without tunnels), HTTP/2 rides the pooled `stepmesh/h2` connection;
 /// anything else (or HTTP/2 to a peer that is not a stepmesh sidecar) is
-/// opaque TCP.
+/// opaque TCP: through a tunnel (handed back to be carried, see [`Served`])
+/// or over a connection of its own.
 pub async fn outbound(
     shared: &Shared,
     connector: &TlsConnector,
     mesh: &TlsConnector,
     ctx: &OutboundContext,
     mut app: TcpStream,
-) -> Outcome {
+) -> Served {
     // An opaque port is not even peeked at: no detection delay, and what
     // looks like HTTP is carried as bytes like everything else.
     if ctx.action == OutboundAction::Mtls && !ctx.opaque {
@@ -273,25 +287,27 @@ pub async fn outbound(
         // its states, and an idle connection of any kind holds it.
         match Box::pin(detect::peek(&app, OUTBOUND_DETECT)).await {
             Detected::Http1 => {
-                return Box::pin(outbound_h1(shared, connector, mesh, ctx, app)).await
+                let served = Box::pin(outbound_h1(shared, connector, mesh, ctx, app)).await;
+                return Served::Done(served);
             }
             Detected::Http2 => match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
-                Ok(outcome) => return outcome,
+                Ok(outcome) => return Served::Done(outcome),
                 Err(back) => app = back,
             },
             Detected::Opaque | Detected::NeedMore => {}
         }
     }
     if ctx.action == OutboundAction::Mtls && shared.tunnel {
-        match Box::pin(super::tunnel::outbound(shared, mesh, ctx, app)).await {
-            Ok(outcome) => return outcome,
-            Err(back) => app = back,
+        match super::tunnel::open_for(shared, mesh, ctx, &mut app).await {
+            Opened::Tunnel(tunnel) => return Served::Tunnel(app, tunnel),
+            Opened::Done(outcome) => return Served::Done(outcome),
+            Opened::Unsupported => {}
         }
     }
     // Boxed: an mTLS connection of its own (a peer without tunnels,
     // `--no-tunnel`) holds its TLS state inline; on the tunnel path it
     // would size every idle connection's task all the same.
-    Box::pin(super::outbound::forward_tcp(shared, connector, ctx, app)).await
+    Served::Done(Box::pin(super::outbound::forward_tcp(shared, connector, ctx, app)).await)
 }
 
 /// Where pooled peer connections are kept: the expected identity and the

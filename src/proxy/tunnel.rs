@@ -340,7 +340,7 @@ pub(super) async fn open_on(
 
 /// Counts a tunnel as an allowed outbound connection to its peer.
 pub(super) fn count_allowed(shared: &Shared, tunnel: &Tunnel) {
-    if let Some(peer) = tunnel.peer.as_deref() {
+    if let Some(peer) = tunnel.peer() {
         shared
             .metrics
             .connection(Direction::Outbound, peer, "allow");
@@ -350,49 +350,49 @@ pub(super) fn count_allowed(shared: &Shared, tunnel: &Tunnel) {
 /// The peer a tunnel reached, parsed (for the access log).
 pub(super) fn peer_id(tunnel: &Tunnel) -> Option<crate::policy::SpiffeId> {
     tunnel
-        .peer
-        .as_deref()
+        .peer()
         .and_then(|p| crate::policy::SpiffeId::parse(p).ok())
 }
 
-/// An opaque app connection through a tunnel on the pooled mesh
-/// connection; `Err(app)` hands it back for the L4 path when the peer
-/// takes no tunnel (a sidecar without them, or the connection is full).
-pub(super) async fn outbound(
-    shared: &Shared,
-    mesh: &TlsConnector,
-    ctx: &OutboundContext,
-    mut app: TcpStream,
-) -> Result<Outcome, TcpStream> {
-    let mut tunnel = match open_for(shared, mesh, ctx, &mut app).await {
-        Opened::Tunnel(tunnel) => tunnel,
-        Opened::Unsupported => return Err(app),
-        Opened::Done(outcome) => return Ok(outcome),
-    };
-    // The peer's ID stays the pooled connection's shared string while the
-    // tunnel is open; it is parsed for the access log only once it ends.
-    count_allowed(shared, &tunnel);
-    let counters = shared.metrics.byte_counters(Direction::Outbound);
-    let done = forward(&mut app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
-    match &done.error {
-        Some(ForwardError::Idle(_)) => close_gracefully(&mut tunnel.io).await,
-        // The peer's side failed (a reset stream, a lost connection).
-        Some(ForwardError::Io { side, .. }) if side.ends_with("server") => {
-            crate::net::reset_on_close(&app);
+/// Carries an opaque app connection through its open tunnel to the end,
+/// in the task the connection was handed to (`super::outbound`). A plain
+/// `fn` around an `async move` block, its arguments stored once: this is
+/// most of an idle opaque connection's task.
+#[allow(clippy::manual_async_fn)] // on purpose: the arguments are stored once
+pub(super) fn forward_app<'a>(
+    shared: &'a Shared,
+    app: &'a mut TcpStream,
+    tunnel: &'a mut Tunnel,
+) -> impl std::future::Future<Output = Outcome> + Send + 'a {
+    async move {
+        // The peer's ID stays the pooled connection's shared string while
+        // the tunnel is open; it is parsed for the access log only once it
+        // ends.
+        count_allowed(shared, tunnel);
+        let counters = shared.metrics.byte_counters(Direction::Outbound);
+        let done = forward(app, &mut tunnel.io, shared.timeouts.idle, &counters).await;
+        match &done.error {
+            // Boxed: rare, and inline its state would size every tunnel's
+            // task.
+            Some(ForwardError::Idle(_)) => Box::pin(close_gracefully(&mut tunnel.io)).await,
+            // The peer's side failed (a reset stream, a lost connection).
+            Some(ForwardError::Io { side, .. }) if side.ends_with("server") => {
+                crate::net::reset_on_close(app);
+            }
+            _ => {}
         }
-        _ => {}
+        // The peer ended the stream without a byte: its seam refused the
+        // connection after the `200` (an `auto` port's opaque bytes denied,
+        // the app unreachable), as it closes a refused L4 connection.
+        let refused = super::outbound::peer_refused(&done);
+        let mut outcome = Outcome::forwarded(done);
+        if refused {
+            outcome.error = None;
+            outcome.refused = true;
+        }
+        outcome.peer_id = peer_id(tunnel);
+        outcome
     }
-    // The peer ended the stream without a byte: its seam refused the
-    // connection after the `200` (an `auto` port's opaque bytes denied,
-    // the app unreachable), as it closes a refused L4 connection.
-    let refused = super::outbound::peer_refused(&done);
-    let mut outcome = Outcome::forwarded(done);
-    if refused {
-        outcome.error = None;
-        outcome.refused = true;
-    }
-    outcome.peer_id = peer_id(&tunnel);
-    Ok(outcome)
 }
 
 #[cfg(test)]

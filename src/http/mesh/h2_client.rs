@@ -3,7 +3,6 @@
 //! the app connections' own tasks (`crate::http::h2_stream`), with no
 //! bridge task per stream as hyper's upgrades have.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) async fn handshake<T>(
     io: T,
     dst: &Arc<str>,
-    tunnels: Arc<AtomicUsize>,
+    tunnels: Arc<super::ConnTunnels>,
 ) -> Result<
     (
         h2::client::SendRequest<Bytes>,
@@ -56,7 +55,7 @@ where
 /// [`KEEP_ALIVE_TIMEOUT`].
 async fn drive<T>(
     mut connection: h2::client::Connection<T, Bytes>,
-    tunnels: &AtomicUsize,
+    tunnels: &super::ConnTunnels,
 ) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -73,7 +72,7 @@ where
             done = &mut connection => return done,
             _ = every.tick() => {}
         }
-        if tunnels.load(Ordering::Acquire) == 0 {
+        if tunnels.open() == 0 {
             continue;
         }
         let pong = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
