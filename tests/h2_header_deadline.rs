@@ -6,9 +6,10 @@
 //! byte a second. Each connection is closed at the deadline (not before,
 //! long before any idle timeout), counted as `h2_header_timeout` and
 //! logged, while good HTTP/2 clients on other connections are served.
-//! The injector's webhook (hyper's HTTP/2 server, too) closes a trickling
-//! client at its own 10 s deadline; the gateway serves through the same
-//! wrapper.
+//! A peer trickling HEADERS on a `tcp` port's tunnels-only mesh connection
+//! (served on h2 directly) is closed at the same deadline. The injector's
+//! webhook (hyper's HTTP/2 server, too) closes a trickling client at its
+//! own 10 s deadline; the gateway serves through the same wrapper.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -149,6 +150,14 @@ where
 /// An mTLS connection to the inbound sidecar as the mesh's client
 /// workload, speaking `h2` (an app's HTTP/2, not a peer sidecar's).
 async fn mtls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    mtls_alpn(mesh, b"h2").await
+}
+
+/// As [`mtls`], offering `alpn` only.
+async fn mtls_alpn(
+    mesh: &Mesh,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let leaf = mesh.pki.leaf(CLIENT_ID);
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -158,14 +167,14 @@ async fn mtls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStr
         .with_custom_certificate_verifier(Arc::new(common::any_server::AnyServer))
         .with_client_auth_cert(leaf.chain.clone(), leaf.key())
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(mesh.inbound).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
     tls
 }
 
@@ -304,6 +313,41 @@ fn http2_clients_trickling_a_header_block_are_closed_at_the_deadline() {
         });
         assert_eq!(breaches(), 2, "one log line per closed connection");
     }
+}
+
+#[test]
+fn a_peer_trickling_headers_on_a_tcp_ports_tunnels_only_connection_is_closed_at_the_deadline() {
+    // A `tcp` port's mesh connection (ALPN `stepmesh/tunnel`) is served on
+    // h2 directly, under the same deadline as the hyper-served ones.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        l4_policy(port, "enforce", &["spiffe://mesh.test/*"]),
+    )
+    .unwrap();
+    let mut server = vec!["--policy".to_owned(), policy.display().to_string()];
+    server.extend(["--header-timeout".to_owned(), "2s".to_owned()]);
+    let mesh = Mesh::start_on(port, echo_server(), &server, &[]);
+    let closed = rt.block_on(async {
+        let tls = mtls_alpn(&mesh, stepmesh::http::TUNNEL_ALPN).await;
+        trickle(tls, slow_headers()).await
+    });
+    let closed = closed.expect("the slow peer's connection is closed");
+    println!("tunnels-only HEADERS: closed after {closed:?}");
+    assert!(
+        closed >= DEADLINE,
+        "closed before the deadline ({closed:?})"
+    );
+    assert!(closed < DEADLINE * 4, "closed late ({closed:?})");
+    assert_eq!(
+        refusals(&mesh.server, "inbound"),
+        1.0,
+        "{}",
+        mesh.server.metrics()
+    );
 }
 
 #[tokio::test]
