@@ -71,8 +71,9 @@ pub struct InboundContext {
     pub app: Arc<str>,
     /// The client's socket address.
     pub client: SocketAddr,
-    /// ALPN protocol negotiated in the mTLS handshake.
-    pub alpn: Option<Vec<u8>>,
+    /// What a peer sidecar's connection carries, by the ALPN negotiated in
+    /// the mTLS handshake (`None`: not a sidecar-to-sidecar connection).
+    pub mesh: Option<crate::http::MeshKind>,
     /// How the policy says to treat this port.
     pub protocol: Protocol,
     /// Transparent mode: the app is the original destination (a tunnel's

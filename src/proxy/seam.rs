@@ -69,8 +69,8 @@ pub fn mesh_alpn(tunnel: bool) -> Vec<Vec<u8>> {
 /// sidecar's mesh connection (its tunnels are decided one by one), an
 /// `http` port, or an `auto` port (denied and not HTTP, it is closed after
 /// detection).
-pub fn serves_denied(alpn: Option<&[u8]>, protocol: Protocol) -> bool {
-    MeshKind::of(alpn).is_some() || matches!(protocol, Protocol::Http | Protocol::Auto)
+pub fn serves_denied(mesh: Option<MeshKind>, protocol: Protocol) -> bool {
+    mesh.is_some() || matches!(protocol, Protocol::Http | Protocol::Auto)
 }
 
 /// The inbound seam: HTTP for peer sidecars, `http` ports and HTTP-looking
@@ -83,7 +83,7 @@ where
 {
     // The HTTP paths are boxed: an opaque TCP connection's task must stay
     // as small as the L4 path alone (idle connections are counted in KiB).
-    if let Some(kind) = MeshKind::of(ctx.alpn.as_deref()) {
+    if let Some(kind) = ctx.mesh {
         return Box::pin(serve_mesh(shared, ctx, io, kind)).await;
     }
     if ctx.protocol == Protocol::Http {
