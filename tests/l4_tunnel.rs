@@ -22,14 +22,6 @@ use stepmesh::http::TUNNEL_ALPN;
 
 const MIB: usize = 1024 * 1024;
 
-/// Writes `msg` and reads it back from an echo path.
-fn echo(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
-    conn.write_all(msg).unwrap();
-    let mut back = vec![0; msg.len()];
-    conn.read_exact(&mut back).unwrap();
-    back
-}
-
 #[test]
 fn two_hundred_app_connections_share_one_mtls_connection() {
     let app = echo_server();

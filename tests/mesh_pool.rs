@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
 mod http_support;
 
 use std::collections::HashMap;
@@ -21,7 +22,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use http_support::app::{request, send, Body};
 use http_support::{API, FRONTEND, TD};
-use rustls::server::WebPkiClientVerifier;
 use stepmesh::http::MESH_ALPN;
 use stepmesh::policy::Policy;
 use stepmesh_ca::testing::Pki;
@@ -69,21 +69,7 @@ impl Seen {
 /// (INTERNAL_ERROR: processed, not answered); anything else is answered
 /// after `answer_delay` with `seen:<path>:<request body bytes>`.
 async fn stand_in(pki: &Pki, behaviour: Behaviour) -> (SocketAddr, Arc<Seen>) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let leaf = pki.leaf(API);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.root.cert.clone()).unwrap();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(leaf.chain.clone(), leaf.key())
-        .unwrap();
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = common::mesh::peer_acceptor(pki, API, MESH_ALPN);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());

@@ -35,12 +35,7 @@ fn connection_limit_closes_the_excess_and_counts_it() {
 fn sidecar_with_nofile(nofile: &str, peer: std::net::SocketAddr) -> (Sidecar, tempfile::TempDir) {
     let pki = stepmesh_ca::testing::Pki::new("mesh.test");
     let dir = tempfile::tempdir().unwrap();
-    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
-    let mut args = files.args();
-    args.extend([
-        "--outbound".into(),
-        format!("127.0.0.1:0={peer}@{SERVER_ID}"),
-    ]);
+    let args = outbound_args(dir.path(), &pki, peer);
     let wrapper = ["prlimit".into(), format!("--nofile={nofile}"), "--".into()];
     (Sidecar::spawn_wrapped(&wrapper, None, &args), dir)
 }

@@ -12,15 +12,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::mesh::{Sidecar, SvidFiles, CLIENT_ID, PATIENCE, SERVER_ID};
-use rustls::server::WebPkiClientVerifier;
+use common::mesh::{echo, outbound_args, peer_acceptor, Sidecar, PATIENCE, SERVER_ID};
 use stepmesh::http::TUNNEL_ALPN;
 use stepmesh_ca::testing::Pki;
 
@@ -36,21 +34,7 @@ struct Seen {
 /// stream, serves the next two (echoing their bytes) and then says GOAWAY
 /// (gracefully: the streams open go on); later connections serve all.
 async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let leaf = pki.leaf(SERVER_ID);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.root.cert.clone()).unwrap();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(leaf.chain.clone(), leaf.key())
-        .unwrap();
-    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = peer_acceptor(pki, SERVER_ID, TUNNEL_ALPN);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -70,7 +54,7 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
                         continue;
                     }
                     seen.served.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(echo(req.into_body(), respond));
+                    tokio::spawn(echo_stream(req.into_body(), respond));
                     if first && streams == 3 {
                         conn.graceful_shutdown();
                     }
@@ -82,7 +66,7 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
 }
 
 /// Answers `200` and sends back what the stream carries, to its end.
-async fn echo(mut body: h2::RecvStream, mut respond: h2::server::SendResponse<Bytes>) {
+async fn echo_stream(mut body: h2::RecvStream, mut respond: h2::server::SendResponse<Bytes>) {
     let mut send = respond
         .send_response(http::Response::new(()), false)
         .unwrap();
@@ -99,15 +83,8 @@ async fn echo(mut body: h2::RecvStream, mut respond: h2::server::SendResponse<By
 fn app_connection(outbound: SocketAddr, msg: &[u8]) -> TcpStream {
     let mut conn = TcpStream::connect(outbound).unwrap();
     conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    assert_eq!(echo_once(&mut conn, msg), msg);
+    assert_eq!(echo(&mut conn, msg), msg);
     conn
-}
-
-fn echo_once(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
-    conn.write_all(msg).unwrap();
-    let mut back = vec![0; msg.len()];
-    conn.read_exact(&mut back).unwrap();
-    back
 }
 
 #[test]
@@ -117,13 +94,7 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
     let seen = Arc::new(Seen::default());
     let peer = rt.block_on(stand_in(&pki, seen.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let files = SvidFiles::write(dir.path(), "client", &pki, &pki.leaf(CLIENT_ID));
-    let mut args = files.args();
-    args.extend([
-        "--outbound".into(),
-        format!("127.0.0.1:0={peer}@{SERVER_ID}"),
-    ]);
-    let client = Sidecar::spawn(&args);
+    let client = Sidecar::spawn(&outbound_args(dir.path(), &pki, peer));
     client.wait_ready();
     let outbound = client.listener("outbound");
 
@@ -142,10 +113,10 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
         "a new mesh connection after the GOAWAY, one only"
     );
     // The tunnels on the connection that went away go on.
-    assert_eq!(echo_once(&mut a, b"a again"), b"a again");
-    assert_eq!(echo_once(&mut b, b"b again"), b"b again");
-    assert_eq!(echo_once(&mut c, b"c again"), b"c again");
-    assert_eq!(echo_once(&mut d, b"d again"), b"d again");
+    assert_eq!(echo(&mut a, b"a again"), b"a again");
+    assert_eq!(echo(&mut b, b"b again"), b"b again");
+    assert_eq!(echo(&mut c, b"c again"), b"c again");
+    assert_eq!(echo(&mut d, b"d again"), b"d again");
     assert_eq!(
         seen.served.load(Ordering::SeqCst),
         4,

@@ -520,6 +520,50 @@ impl Mesh {
     }
 }
 
+/// The TLS side of a stand-in peer sidecar: TLS 1.3 as `id`, requiring a
+/// client SVID of `pki`, offering `alpn` only.
+pub fn peer_acceptor(pki: &Pki, id: &str, alpn: &[u8]) -> tokio_rustls::TlsAcceptor {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let leaf = pki.leaf(id);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root.cert.clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(leaf.chain.clone(), leaf.key())
+        .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// The flags of a sidecar running as `CLIENT_ID` (its SVID files written
+/// under `dir`) with one outbound listener to `peer`, expected to be
+/// `SERVER_ID`.
+pub fn outbound_args(dir: &Path, pki: &Pki, peer: SocketAddr) -> Vec<String> {
+    let files = SvidFiles::write(dir, "client", pki, &pki.leaf(CLIENT_ID));
+    let mut args = files.args();
+    args.extend([
+        "--outbound".into(),
+        format!("127.0.0.1:0={peer}@{SERVER_ID}"),
+    ]);
+    args
+}
+
+/// Writes `msg` on `conn` and reads as many bytes back (an echo path).
+pub fn echo(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    conn.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    conn.read_exact(&mut back).unwrap();
+    back
+}
+
 /// A port free right now on 127.0.0.1 (for a policy that must name the
 /// listener's port before the listener exists).
 pub fn free_port() -> u16 {
