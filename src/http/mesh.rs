@@ -342,13 +342,17 @@ impl MeshPool {
     }
 
     /// Forgets connection `id` (it is going away), so the next caller
-    /// dials a new one.
+    /// dials a new one: the destination's first connection or one of its
+    /// extra ones (its open tunnels go on).
     pub(crate) fn retire(&self, key: &Arc<str>, id: u64) {
         let slot = self.slot(key);
         let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
         if ready.as_ref().is_some_and(|p| p.id == id) {
             *ready = None;
         }
+        drop(ready);
+        let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+        more.retain(|p| p.id != id);
     }
 
     fn handshake_failed(&self, reason: &'static str) {

@@ -78,11 +78,9 @@ impl TunnelHandler for Handler {
                     decided,
                 ));
             }
-            // The peer reset the stream before its answer: it was never
-            // open (its place under the cap goes with `decided`).
-            Err(e) => {
-                tracing::debug!(peer = %self.conn.peer_id, error = %e, "inbound tunnel gone before its answer")
-            }
+            // The peer reset the stream before its answer: it ends here,
+            // logged as a stream that failed.
+            Err(e) => ended(&self.shared, decided, &Outcome::failed("io", e)),
         }
     }
 }
@@ -233,27 +231,32 @@ where
                 Err(e) => Either::Right(std::future::ready(Outcome::failed("io", e))),
             })
             .await;
-        if let Some((reason, _)) = &outcome.error {
-            shared.metrics.error(Direction::Inbound, reason);
-        }
-        let log = ConnLog {
-            direction: Direction::Inbound,
-            client: ctx.client,
-            dst: &ctx.app,
-            port: ctx.port,
-            started: decided.started,
-        };
-        log.write(
-            &shared.access_log,
-            Some(&ctx.peer_id),
-            decided.label,
-            decided.reason,
-            Some(&decided.rule),
-            &outcome,
-        );
-        // Its count and its place under the peer's cap go with `decided`.
-        drop(decided);
+        ended(&shared, decided, &outcome);
     }
+}
+
+/// An admitted stream's end: its error counted, its access-log line; its
+/// count and its place under the peer's cap go with `decided`.
+fn ended(shared: &Shared, decided: Box<Decided>, outcome: &Outcome) {
+    if let Some((reason, _)) = &outcome.error {
+        shared.metrics.error(Direction::Inbound, reason);
+    }
+    let ctx = &decided.ctx;
+    let log = ConnLog {
+        direction: Direction::Inbound,
+        client: ctx.client,
+        dst: &ctx.app,
+        port: ctx.port,
+        started: decided.started,
+    };
+    log.write(
+        &shared.access_log,
+        Some(&ctx.peer_id),
+        decided.label,
+        decided.reason,
+        Some(&decided.rule),
+        outcome,
+    );
 }
 
 /// The policy port and app a stream is for. Its `:authority` carries the
