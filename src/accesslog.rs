@@ -1,9 +1,11 @@
 //! The JSON access log: one line per connection on stdout, through its own
 //! writer thread (not tracing's stderr), so operators can ship it apart from
-//! diagnostics and a slow stdout never blocks a runtime thread.
+//! diagnostics and a slow stdout never blocks a runtime thread. The writer
+//! takes lines in batches (see [`BATCH_PAUSE`]): a line costs a runtime
+//! thread its JSON and a queue slot, not a wake-up and a `write`.
 
-use std::io::Write;
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::io::{BufWriter, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -11,6 +13,22 @@ use serde::Serialize;
 
 /// Lines waiting for the writer; beyond this, lines are dropped and counted.
 const QUEUE: usize = 2048;
+
+/// How long the writer rests after writing a batch before it takes the
+/// next. Under load the queue fills meanwhile, so the writer is seldom
+/// parked when a runtime thread queues a line (no wake-up, a futex call
+/// and a context switch, per line) and one `write` carries many lines.
+/// At 5 ms the queue drops lines only above 400,000 lines/s, and a line
+/// reaches stdout at most 5 ms later than it would have.
+const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Bytes of lines gathered before a `write` (stdout's own buffer writes
+/// each line on its newline).
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// A line's usual length: serialized into a buffer this large, it is not
+/// grown (copied) as it is written.
+const LINE_BYTES: usize = 512;
 
 /// One connection's record.
 #[derive(Debug, Clone, Serialize)]
@@ -54,8 +72,8 @@ pub struct AccessLog {
 /// What the writer thread receives.
 #[derive(Debug)]
 enum Msg {
-    /// One line, newline included.
-    Line(String),
+    /// One line of JSON, newline included.
+    Line(Vec<u8>),
     /// Everything queued before is written: acknowledge.
     Flush(SyncSender<()>),
 }
@@ -66,26 +84,7 @@ impl AccessLog {
         let (tx, rx) = sync_channel::<Msg>(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                let stdout = std::io::stdout();
-                let mut acks = Vec::new();
-                while let Ok(msg) = rx.recv() {
-                    let mut out = stdout.lock();
-                    // Take what queued meanwhile before the flush syscall.
-                    for msg in std::iter::once(msg).chain(rx.try_iter()) {
-                        match msg {
-                            Msg::Line(line) => {
-                                let _ = out.write_all(line.as_bytes());
-                            }
-                            Msg::Flush(ack) => acks.push(ack),
-                        }
-                    }
-                    let _ = out.flush();
-                    for ack in acks.drain(..) {
-                        let _ = ack.send(());
-                    }
-                }
-            })?;
+            .spawn(move || write_batches(&rx, std::io::stdout()))?;
         let dropped = Counter::default();
         registry.register(
             "stepmesh_access_log_dropped",
@@ -114,10 +113,11 @@ impl AccessLog {
     /// Queues any record as one JSON line (the HTTP layer's request lines).
     pub fn log_json<T: Serialize + ?Sized>(&self, record: &T) {
         let Some(tx) = &self.tx else { return };
-        let Ok(mut line) = serde_json::to_string(record) else {
+        let mut line = Vec::with_capacity(LINE_BYTES);
+        if serde_json::to_writer(&mut line, record).is_err() {
             return;
-        };
-        line.push('\n');
+        }
+        line.push(b'\n');
         if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Line(line)) {
             self.dropped.inc();
         }
@@ -136,6 +136,28 @@ impl AccessLog {
     /// Lines dropped because stdout could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.get()
+    }
+}
+
+/// The writer thread: writes what is queued to `out` in batches, resting
+/// [`BATCH_PAUSE`] after each, until every sender is gone.
+fn write_batches(rx: &Receiver<Msg>, out: impl Write) {
+    let mut out = BufWriter::with_capacity(BATCH_BYTES, out);
+    let mut acks = Vec::new();
+    while let Ok(msg) = rx.recv() {
+        for msg in std::iter::once(msg).chain(rx.try_iter()) {
+            match msg {
+                Msg::Line(line) => {
+                    let _ = out.write_all(&line);
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+        }
+        let _ = out.flush();
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+        std::thread::sleep(BATCH_PAUSE);
     }
 }
 
@@ -197,5 +219,53 @@ mod tests {
         assert!(!line.contains('\n'));
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_709_251_199_123);
         assert_eq!(rfc3339(t), "2024-02-29T23:59:59.123Z");
+    }
+
+    /// A writer whose bytes the test reads.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn batched_lines_are_all_written_in_order_by_a_flush() {
+        let (tx, rx) = sync_channel::<Msg>(QUEUE);
+        let out = Shared::default();
+        let writer = {
+            let out = out.clone();
+            std::thread::spawn(move || write_batches(&rx, out))
+        };
+        let log = AccessLog {
+            tx: Some(tx),
+            dropped: Counter::default(),
+        };
+        // Fewer lines than the queue holds after each flush: none dropped.
+        for n in 0..2000 {
+            log.log_json(&serde_json::json!({ "n": n }));
+            if n == 1000 {
+                // A flush waits for what was queued before it.
+                log.flush(std::time::Duration::from_secs(10));
+                let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+                assert_eq!(text.lines().count(), 1001);
+            }
+        }
+        assert_eq!(log.dropped(), 0);
+        drop(log);
+        writer.join().unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2000);
+        assert!(lines
+            .iter()
+            .enumerate()
+            .all(|(n, l)| *l == format!(r#"{{"n":{n}}}"#)));
     }
 }
