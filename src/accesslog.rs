@@ -180,13 +180,37 @@ pub fn rfc3339(at: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let millis = since.subsec_millis();
+    // Digits by hand, not `format!`: every HTTP request's log line has one,
+    // and the formatting machinery cost nearly as much as serializing the
+    // rest of the line (a profile under load: 3 % and 4 % of the CPU).
+    let year = match u64::try_from(year) {
+        Ok(year) if year <= 9999 => year,
+        _ => {
+            return format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z"
+            )
+        }
+    };
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    put_digits(&mut out[0..4], year);
+    put_digits(&mut out[5..7], month as u64);
+    put_digits(&mut out[8..10], day as u64);
+    put_digits(&mut out[11..13], hour);
+    put_digits(&mut out[14..16], minute);
+    put_digits(&mut out[17..19], second);
+    put_digits(&mut out[20..23], u64::from(millis));
+    // ASCII digits and separators only: nothing is replaced.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `n` as decimal digits filling `to` (zero-padded; `n` fits).
+fn put_digits(to: &mut [u8], mut n: u64) {
+    for d in to.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +243,11 @@ mod tests {
         assert!(!line.contains('\n'));
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_709_251_199_123);
         assert_eq!(rfc3339(t), "2024-02-29T23:59:59.123Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(253_402_300_799_999);
+        assert_eq!(rfc3339(t), "9999-12-31T23:59:59.999Z");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800);
+        assert_eq!(rfc3339(t), "10000-01-01T00:00:00.000Z");
     }
 
     /// A writer whose bytes the test reads.

@@ -1,6 +1,8 @@
 //! HTTP metrics: requests by direction, port, route, decision and status,
 //! and their latency to response headers.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,9 +46,15 @@ pub(crate) struct LastSeries {
     counter: Counter,
 }
 
-/// The HTTP layer's metric families.
+/// The HTTP layer's metric families. One `Arc` around them all: every
+/// request's record holds a handle, and a clone is then one atomic add,
+/// not one per family and series.
 #[derive(Clone, Debug)]
-pub struct HttpMetrics {
+pub struct HttpMetrics(Arc<Families>);
+
+/// What [`HttpMetrics`] shares.
+#[derive(Debug)]
+pub struct Families {
     requests: Family<RequestLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
     latency: Family<DirectionLabel, Histogram, fn() -> Histogram>,
@@ -72,7 +80,7 @@ impl Default for HttpMetrics {
                 .get_or_create(&RefusalLabels { direction, reason })
                 .clone()
         };
-        HttpMetrics {
+        HttpMetrics(Arc::new(Families {
             requests: Family::default(),
             h2_inbound: h2("inbound"),
             h2_outbound: h2("outbound"),
@@ -80,7 +88,15 @@ impl Default for HttpMetrics {
             inbound: series("inbound"),
             outbound: series("outbound"),
             latency,
-        }
+        }))
+    }
+}
+
+impl std::ops::Deref for HttpMetrics {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.0
     }
 }
 
