@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -59,24 +60,44 @@ impl Idle {
 
     /// Runs `f`, or gives up once nothing has completed for the period or
     /// the deadline has passed.
-    pub(super) async fn guard<F: Future>(&mut self, f: F) -> Option<F::Output> {
-        tokio::pin!(f);
-        loop {
-            tokio::select! {
-                biased;
-                out = &mut f => {
-                    self.active = true;
-                    return Some(out);
-                }
-                () = self.sleep.as_mut() => {
-                    if self.past_deadline() || !std::mem::take(&mut self.active) {
-                        return None;
-                    }
-                    let next = Instant::now() + self.period;
-                    let at = self.deadline.map_or(next, |d| d.min(next));
-                    self.sleep.as_mut().reset(at);
-                }
-            }
+    ///
+    /// A future of its own, not an `async fn`: that would store `f` twice
+    /// (as its argument and pinned), and an idle connection's task holds
+    /// this wait.
+    pub(super) fn guard<F: Future>(&mut self, f: F) -> Guard<'_, F> {
+        Guard { idle: self, f }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Idle::guard`]'s future: `f`'s output, or `None` at the idle
+    /// period or the deadline.
+    pub(super) struct Guard<'a, F> {
+        idle: &'a mut Idle,
+        #[pin]
+        f: F,
+    }
+}
+
+impl<F: Future> Future for Guard<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.f.poll(cx) {
+            this.idle.active = true;
+            return Poll::Ready(Some(out));
         }
+        let idle = this.idle;
+        // Until the timer is pending again (registered for its new time).
+        while idle.sleep.as_mut().poll(cx).is_ready() {
+            if idle.past_deadline() || !std::mem::take(&mut idle.active) {
+                return Poll::Ready(None);
+            }
+            let next = Instant::now() + idle.period;
+            let at = idle.deadline.map_or(next, |d| d.min(next));
+            idle.sleep.as_mut().reset(at);
+        }
+        Poll::Pending
     }
 }
