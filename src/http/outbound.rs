@@ -138,25 +138,38 @@ where
     h1::relay(&side, app, bytes::Bytes::new(), peer, idle, layer.drained()).await
 }
 
+/// Where an app connection's HTTP/1 requests go through pooled tunnels:
+/// the pool's key and the policy port, and how to reach the destination
+/// when no tunnel there is idle. The connection's settings are made only
+/// then ([`TunnelDest::conn`]): an idle keep-alive app connection holds
+/// this, and so pays for 40 bytes instead of an [`OutboundConn`].
+pub(crate) struct TunnelDest<'a> {
+    /// The pool key (expected identity and destination).
+    pub key: Arc<str>,
+    /// The policy port (logs, metrics).
+    pub port: u16,
+    /// Makes the mesh connection's settings (for opening a tunnel).
+    pub conn: &'a (dyn Fn() -> OutboundConn + Send + Sync),
+}
+
 /// Relays the app's HTTP/1 requests (their first bytes still unread in
 /// `app`) through tunnels that relay HTTP/1 at the peer (an `http` port):
 /// `first` carries the first request; after each response that leaves it
 /// clean the tunnel goes back to the layer's [`TunnelPool`] for any app
 /// connection to the destination, and the next request takes one from
-/// there (or opens one on the pooled mesh connection `conn`, to
-/// `authority`). An idle keep-alive app connection so holds no stream, and
-/// the peer nothing for it. Afterwards `first` holds a tunnel still good
-/// for another request, if the relay ended holding one: the first, when
-/// no request came, or one this connection kept because it does not relay
-/// HTTP/1 at the peer (reached after a change of the peer's policy).
+/// there (or opens one on the pooled mesh connection to `dest`). An idle
+/// keep-alive app connection so holds no stream, and the peer nothing for
+/// it. Afterwards `first` holds a tunnel still good for another request,
+/// if the relay ended holding one: the first, when no request came, or
+/// one this connection kept because it does not relay HTTP/1 at the peer
+/// (reached after a change of the peer's policy).
 ///
 /// [`TunnelPool`]: super::tunnel::TunnelPool
 ///
 /// A plain `fn`, as [`h1::relay`]: an idle app connection holds this.
 pub(crate) fn relay_h1_pooled<'a>(
     layer: &'a HttpLayer,
-    conn: &'a OutboundConn,
-    authority: &'a Authority,
+    dest: &'a TunnelDest<'a>,
     peer_id: Option<&'a str>,
     app: &'a mut TcpStream,
     first: &'a mut Option<Tunnel>,
@@ -165,13 +178,12 @@ pub(crate) fn relay_h1_pooled<'a>(
     let side = PooledTunnels {
         peer: PeerSide {
             layer,
-            port: conn.port,
+            port: dest.port,
             peer_id,
             upstream: std::marker::PhantomData,
         },
-        conn,
-        authority,
-        gone: layer.mesh.first_ended(&conn.key),
+        dest,
+        gone: layer.mesh.first_ended(&dest.key),
     };
     async move {
         let drain = layer.drained();
@@ -189,8 +201,7 @@ pub(crate) fn relay_h1_pooled<'a>(
 /// as it would had it held a tunnel of its own.
 struct PooledTunnels<'a> {
     peer: PeerSide<'a, Tunnel>,
-    conn: &'a OutboundConn,
-    authority: &'a Authority,
+    dest: &'a TunnelDest<'a>,
     gone: Option<mesh::PeerGone>,
 }
 
@@ -230,15 +241,17 @@ impl h1::Side for PooledTunnels<'_> {
                 "the peer closed the mesh connection this app connection rode",
             ));
         }
+        let conn = (self.dest.conn)();
+        // The original destination, whose port the peer decides the
+        // stream by (the seam checked that it parses).
+        let authority = conn
+            .dst
+            .parse::<Authority>()
+            .map_err(std::io::Error::other)?;
         // Boxed: a tunnel's opening is large and rare next to a request.
-        let opened = Box::pin(tunnel::open(
-            self.peer.layer,
-            self.conn,
-            self.authority.clone(),
-        ))
-        .await;
+        let opened = Box::pin(tunnel::open(self.peer.layer, &conn, authority)).await;
         opened.map_err(|e| {
-            tracing::warn!(dst = %self.conn.dst, error = %e, "outbound: no tunnel for the next request");
+            tracing::warn!(dst = %conn.dst, error = %e, "outbound: no tunnel for the next request");
             std::io::Error::other(e)
         })
     }
@@ -250,7 +263,7 @@ impl h1::Side for PooledTunnels<'_> {
         self.peer
             .layer
             .tunnels
-            .take(&self.conn.key)
+            .take(&self.dest.key)
             .map(|(t, ())| t)
     }
 
@@ -265,7 +278,7 @@ impl h1::Side for PooledTunnels<'_> {
         if !up.relays_http {
             return Some(up);
         }
-        self.peer.layer.tunnels.put(self.conn.key.clone(), up, ());
+        self.peer.layer.tunnels.put(self.dest.key.clone(), up, ());
         None
     }
 

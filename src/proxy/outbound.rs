@@ -140,79 +140,94 @@ impl Outbound {
     /// Handles one accepted connection to its end (`guard` held to it),
     /// or hands it, its tunnel open, to a task of its own (see
     /// `seam::Served`).
-    pub async fn handle(self: Arc<Self>, app: TcpStream, client: SocketAddr, guard: ConnGuard) {
-        let shared = &self.shared;
-        let started = Instant::now();
-        let open = shared.metrics.open_guard(Direction::Outbound);
-        let slot = match shared.source_cap.acquire(&client.ip()) {
-            Ok(slot) => slot,
-            Err(reached) => {
-                shared.metrics.rejected(Direction::Outbound, "source_limit");
-                if reached.log {
-                    tracing::warn!(%client, limit = reached.limit, "outbound: per-source connection cap reached; refusing (--max-connections-per-source)");
+    ///
+    /// A plain `fn` around an `async` block: an `async fn` stores its
+    /// arguments twice (rust-lang/rust#62958), and every outbound
+    /// connection's task holds this future.
+    #[allow(clippy::manual_async_fn)] // Deliberate: see above.
+    pub fn handle(
+        self: Arc<Self>,
+        app: TcpStream,
+        client: SocketAddr,
+        guard: ConnGuard,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let shared = &self.shared;
+            let started = Instant::now();
+            let open = shared.metrics.open_guard(Direction::Outbound);
+            let slot = match shared.source_cap.acquire(&client.ip()) {
+                Ok(slot) => slot,
+                Err(reached) => {
+                    shared.metrics.rejected(Direction::Outbound, "source_limit");
+                    if reached.log {
+                        tracing::warn!(%client, limit = reached.limit, "outbound: per-source connection cap reached; refusing (--max-connections-per-source)");
+                    }
+                    return;
                 }
+            };
+            let Some(Route {
+                dst,
+                port,
+                action,
+                rule,
+                expected,
+                would_deny,
+            }) = self.classify(&app, client)
+            else {
+                return;
+            };
+            if action == OutboundAction::Deny {
+                shared.metrics.connection(Direction::Outbound, "", "deny");
+                tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
+                let outcome = Outcome::default();
+                conn_log(client, &dst, port, started).write(
+                    &shared.access_log,
+                    None,
+                    "deny",
+                    "outbound_deny",
+                    rule.as_deref(),
+                    &outcome,
+                );
                 return;
             }
-        };
-        let Some(Route {
-            dst,
-            port,
-            action,
-            rule,
-            expected,
-            would_deny,
-        }) = self.classify(&app, client)
-        else {
-            return;
-        };
-        if action == OutboundAction::Deny {
-            shared.metrics.connection(Direction::Outbound, "", "deny");
-            tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
-            let outcome = Outcome::default();
-            conn_log(client, &dst, port, started).write(
-                &shared.access_log,
-                None,
-                "deny",
-                "outbound_deny",
-                rule.as_deref(),
-                &outcome,
-            );
-            return;
-        }
-        if would_deny {
-            shared
-                .metrics
-                .connection(Direction::Outbound, "", "would_deny");
-        }
-        let opaque =
-            shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
-        let ctx = OutboundContext {
-            client,
-            dst,
-            port,
-            action,
-            opaque,
-            expected,
-        };
-        let served = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
-        let finish = Finish {
-            client,
-            dst: ctx.dst,
-            port,
-            started,
-            rule,
-            would_deny,
-            action,
-        };
-        match served {
-            Served::Done(outcome) => finish.write(shared, &outcome),
-            Served::Tunnel(app, tunnel) => {
-                let held = Held {
-                    _open: open,
-                    _slot: slot,
-                    _guard: guard,
-                };
-                tokio::spawn(carry(self, app, tunnel, finish, held));
+            if would_deny {
+                shared
+                    .metrics
+                    .connection(Direction::Outbound, "", "would_deny");
+            }
+            let opaque =
+                shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
+            let ctx = OutboundContext {
+                client,
+                dst,
+                port,
+                action,
+                opaque,
+                expected,
+            };
+            let served = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
+            // `self.shared` from here: a reference kept across the wait would
+            // take a place in the task.
+            let shared = &self.shared;
+            let finish = Finish {
+                client,
+                dst: ctx.dst,
+                port,
+                started,
+                rule,
+                would_deny,
+                action,
+            };
+            match served {
+                Served::Done(outcome) => finish.write(shared, &outcome),
+                Served::Tunnel(app, tunnel) => {
+                    let held = Held {
+                        _open: open,
+                        _slot: slot,
+                        _guard: guard,
+                    };
+                    tokio::spawn(carry(self, app, tunnel, finish, held));
+                }
             }
         }
     }
