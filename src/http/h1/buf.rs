@@ -70,7 +70,8 @@ impl Buf {
 
     /// Marks `n` bytes relayed.
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
+        // Saturating: `usize::MAX` means everything held.
+        self.start = self.start.saturating_add(n).min(self.end);
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -141,6 +142,13 @@ mod tests {
         assert_eq!(b.bytes(), b"cdef");
         b.consume(10);
         assert!(b.is_empty());
+        // Everything held, after part was relayed: no overflow, all gone.
+        let mut src: &[u8] = b"ghij";
+        assert_eq!(b.fill(&mut src).await.unwrap(), 4);
+        b.consume(1);
+        b.consume(usize::MAX);
+        assert!(b.is_empty());
+        assert_eq!(b.bytes(), b"");
         b.relax();
         let big = vec![7u8; MAX_HEAD * 2];
         let mut src: &[u8] = &big;
