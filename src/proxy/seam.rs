@@ -559,11 +559,11 @@ mod tests {
     /// flight are boxed again and gone while it waits, so this is what
     /// 10,000 idle keep-alive connections hold. (Release build, from
     /// `-Zprint-type-sizes`: 2,192 bytes with the relay's state and the
-    /// `async fn` argument copies inline, 1,376 without; 992 since the
+    /// `async fn` argument copies inline, 1,376 without; 968 since the
     /// idle timer's wait holds its read once, the mesh connection's
     /// settings are made only to open a tunnel and no value the ending
     /// needs keeps a place beside the wait: a 1 KiB allocation, not 1.5.
-    /// Debug 1,000.)
+    /// Debug 976.)
     #[test]
     fn an_outbound_http1_connection_stays_small() {
         let size = future_size(outbound_h1);
