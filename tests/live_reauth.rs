@@ -14,7 +14,7 @@ mod http_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,33 @@ fn policy(l4: u16, web: u16, from: &[&str]) -> String {
     )
 }
 
-/// A client sidecar for `id` (its SVID from `pki`, its bundle that root or
-/// `bundle`) with one outbound listener per server port: (sidecar, L4
-/// listener, HTTP listener).
+/// The server sidecar (`SERVER_ID`, its SVID files under `dir`, its
+/// bundle `bundle` if given, else `pki`'s): an inbound listener per
+/// `(port, app)`, under `policy` (written to `dir/policy.yaml`); ready.
+/// Its SVID files and policy file are returned for changes.
+fn server(
+    dir: &Path,
+    pki: &Pki,
+    bundle: Option<&str>,
+    inbound: &[(u16, SocketAddr)],
+    policy: &str,
+) -> (Sidecar, SvidFiles, PathBuf) {
+    let policy_file = dir.join("policy.yaml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let files = SvidFiles::write(dir, "server", pki, &pki.leaf(SERVER_ID));
+    if let Some(bundle) = bundle {
+        atomic_write(&files.bundle, bundle.as_bytes());
+    }
+    let mut args = files.args();
+    for (port, app) in inbound {
+        args.extend(["--inbound".into(), format!("127.0.0.1:{port}={app}")]);
+    }
+    args.extend(["--policy".into(), policy_file.display().to_string()]);
+    let server = Sidecar::spawn(&args);
+    server.wait_ready();
+    (server, files, policy_file)
+}
+
 fn client(
     dir: &Path,
     pki: &Pki,
@@ -198,20 +222,9 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     let (l4_port, web_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("mesh.test");
-    let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(l4_port, web_port, &[X, Y])).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{l4_port}={echo}"),
-        "--inbound".into(),
-        format!("127.0.0.1:{web_port}={web_app}"),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    server.wait_ready();
+    let inbound = [(l4_port, echo), (web_port, web_app)];
+    let rules = policy(l4_port, web_port, &[X, Y]);
+    let (server, _, policy_file) = server(dir.path(), &pki, None, &inbound, &rules);
     let l4: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
     let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
     let (_x, x_l4, x_web) = client(dir.path(), &pki, X, None, (l4, web));
@@ -316,20 +329,9 @@ fn a_trust_bundle_without_xs_root_closes_xs_connections() {
     let (l4_port, web_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let (pki, other) = (Pki::new("mesh.test"), Pki::new("mesh.test"));
-    let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(l4_port, web_port, &[X, Y])).unwrap();
-    let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
     let both = format!("{}{}", pki.bundle_pem(), other.bundle_pem());
-    atomic_write(&files.bundle, both.as_bytes());
-    let mut args = files.args();
-    args.extend([
-        "--inbound".into(),
-        format!("127.0.0.1:{l4_port}={echo}"),
-        "--policy".into(),
-        policy_file.display().to_string(),
-    ]);
-    let server = Sidecar::spawn(&args);
-    server.wait_ready();
+    let rules = policy(l4_port, web_port, &[X, Y]);
+    let (server, files, _) = server(dir.path(), &pki, Some(&both), &[(l4_port, echo)], &rules);
     let l4: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
     let unused: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
     // X trusts both roots too (it must accept the server's SVID). One X
@@ -416,7 +418,7 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
 struct WebPair {
     server: Sidecar,
     _x: Sidecar,
-    policy_file: std::path::PathBuf,
+    policy_file: PathBuf,
     ports: (u16, u16),
     /// X's outbound listener to the server's `http` port.
     x_web: SocketAddr,
@@ -426,18 +428,8 @@ impl WebPair {
     fn start(dir: &Path, web_app: SocketAddr) -> WebPair {
         let (l4_port, web_port) = (free_port(), free_port());
         let pki = Pki::new("mesh.test");
-        let policy_file = dir.join("policy.yaml");
-        std::fs::write(&policy_file, policy(l4_port, web_port, &[X])).unwrap();
-        let files = SvidFiles::write(dir, "server", &pki, &pki.leaf(SERVER_ID));
-        let mut args = files.args();
-        args.extend([
-            "--inbound".into(),
-            format!("127.0.0.1:{web_port}={web_app}"),
-            "--policy".into(),
-            policy_file.display().to_string(),
-        ]);
-        let server = Sidecar::spawn(&args);
-        server.wait_ready();
+        let rules = policy(l4_port, web_port, &[X]);
+        let (server, _, policy_file) = server(dir, &pki, None, &[(web_port, web_app)], &rules);
         let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
         let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
         let (x, _, x_web) = client(dir, &pki, X, None, (unused, web));

@@ -314,7 +314,7 @@ where
     // processed), so the requests that came with the client's preface
     // would be answered: a client that reconnects after each GOAWAY kept
     // being served through a drain, for as long as it raced the GOAWAY.
-    if already(drain.as_mut()).await {
+    if futures_util::FutureExt::now_or_never(drain.as_mut()).is_some() {
         return Ok(());
     }
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
@@ -324,15 +324,6 @@ where
         () = drain.as_mut() => conn.as_mut().graceful_shutdown(),
     }
     conn.await
-}
-
-/// Whether `drain` has resolved already (polled once, not waited for).
-pub(crate) async fn already<F: std::future::Future>(drain: std::pin::Pin<&mut F>) -> bool {
-    let mut drain = drain;
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(std::future::Future::poll(drain.as_mut(), cx).is_ready())
-    })
-    .await
 }
 
 /// What the proxy does with a request once decided.

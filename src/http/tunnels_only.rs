@@ -28,7 +28,7 @@ where
     tokio::pin!(drain);
     // As `super::serve_until`: a connection that starts once the drain has
     // begun is closed unserved.
-    if super::already(drain.as_mut()).await {
+    if futures_util::FutureExt::now_or_never(drain.as_mut()).is_some() {
         return Outcome::default();
     }
     let io = super::h2_header_deadline(layer, "inbound", io);

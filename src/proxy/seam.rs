@@ -384,10 +384,7 @@ fn outbound_h1<'a>(
         // One await for the whole ending: what it holds shares its place
         // with the relay's wait.
         end_h1(shared, &dest.key, &mut app, upstream).await;
-        let peer_id = peer
-            .as_deref()
-            .and_then(|p| crate::policy::SpiffeId::parse(p).ok());
-        h1_outcome(done, peer_id)
+        h1_outcome(done, super::tunnel::peer_id(peer.as_deref()))
     }
 }
 

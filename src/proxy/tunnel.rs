@@ -353,11 +353,10 @@ pub(super) fn count_allowed(shared: &Shared, tunnel: &Tunnel) {
     }
 }
 
-/// The peer a tunnel reached, parsed (for the access log).
-pub(super) fn peer_id(tunnel: &Tunnel) -> Option<crate::policy::SpiffeId> {
-    tunnel
-        .peer()
-        .and_then(|p| crate::policy::SpiffeId::parse(p).ok())
+/// A tunnel's peer ID (the mesh connection's shared string), parsed for
+/// the access log once the connection ends.
+pub(super) fn peer_id(peer: Option<&str>) -> Option<crate::policy::SpiffeId> {
+    peer.and_then(|p| crate::policy::SpiffeId::parse(p).ok())
 }
 
 /// Carries an opaque app connection through its open tunnel to the end,
@@ -396,7 +395,7 @@ pub(super) fn forward_app<'a>(
             outcome.error = None;
             outcome.refused = true;
         }
-        outcome.peer_id = peer_id(tunnel);
+        outcome.peer_id = peer_id(tunnel.peer().map(|p| &**p));
         outcome
     }
 }
