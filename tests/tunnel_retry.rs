@@ -6,7 +6,11 @@
 //! the refused stream is opened again and the app connection is served;
 //! after the GOAWAY new app connections get a new mesh connection while
 //! the tunnels already open on the old one go on; no app connection sees
-//! an error; each app connection is one processed stream.
+//! an error; each app connection is one processed stream. And a stand-in
+//! for a sidecar from before tunnels had connections of their own on
+//! `http` ports (it takes `stepmesh/h2+tunnel` only): the tunnels-only
+//! handshake it refuses is tried once, and the tunnels ride its mesh
+//! connection.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::mesh::{echo, outbound_args, peer_acceptor, Sidecar, PATIENCE, SERVER_ID};
-use stepmesh::http::TUNNEL_ALPN;
+use stepmesh::http::{MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use stepmesh_ca::testing::Pki;
 
 /// What the stand-in saw.
@@ -28,6 +32,8 @@ struct Seen {
     accepts: AtomicUsize,
     refused: AtomicUsize,
     served: AtomicUsize,
+    /// Handshakes that failed (no ALPN in common).
+    handshakes_failed: AtomicUsize,
 }
 
 /// The stand-in peer sidecar: its first connection refuses its first
@@ -58,6 +64,33 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
                     if first && streams == 3 {
                         conn.graceful_shutdown();
                     }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A stand-in for an older peer sidecar's `http` port: ALPN
+/// `stepmesh/h2+tunnel` only, every CONNECT stream echoed.
+async fn older_peer(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
+    let acceptor = peer_acceptor(pki, SERVER_ID, MESH_TUNNEL_ALPN);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            seen.accepts.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    seen.handshakes_failed.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    assert_eq!(req.method(), http::Method::CONNECT);
+                    seen.served.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(echo_stream(req.into_body(), respond));
                 }
             });
         }
@@ -130,5 +163,45 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
     assert!(
         !metrics.contains("stepmesh_connection_errors_total{"),
         "no app connection failed:\n{metrics}"
+    );
+}
+
+#[test]
+fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection_carries_them() {
+    let pki = Pki::new("mesh.test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = Arc::new(Seen::default());
+    let peer = rt.block_on(older_peer(&pki, seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let client = Sidecar::spawn(&outbound_args(dir.path(), &pki, peer));
+    client.wait_ready();
+    let outbound = client.listener("outbound");
+
+    let mut conns: Vec<TcpStream> = (0..5)
+        .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))
+        .collect();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let msg = format!("again {i}");
+        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
+    }
+    assert_eq!(
+        seen.handshakes_failed.load(Ordering::SeqCst),
+        1,
+        "the tunnels-only handshake is tried once, and the refusal remembered"
+    );
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        2,
+        "the refused handshake and one mesh connection"
+    );
+    assert_eq!(seen.served.load(Ordering::SeqCst), 5, "five tunnels");
+    let metrics = client.metrics();
+    assert!(
+        !metrics.contains("stepmesh_connection_errors_total{"),
+        "no app connection failed:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("stepmesh_tls_handshake_failures_total{"),
+        "the refusal is not counted as a failed handshake:\n{metrics}"
     );
 }

@@ -1,7 +1,9 @@
-//! The pool of multiplexed HTTP/2 mTLS connections to peer sidecars (ALPN
-//! `stepmesh/h2`): one connection per (expected identity, destination),
-//! dialled once however many callers race for it, replaced when it goes
-//! away; and the sending of one request over it (`mesh/request.rs`),
+//! The pool of multiplexed HTTP/2 mTLS connections to peer sidecars: per
+//! (expected identity, destination) one for HTTP requests (ALPN
+//! `stepmesh/h2`, through hyper) and one for tunnels (`stepmesh/tunnel`,
+//! on h2 directly; see [`Lane`]), each dialled once however many callers
+//! race for it, replaced when it goes away; and the sending of one request
+//! over it (`mesh/request.rs`),
 //! retried once when the peer provably did not process it (RFC 9113 §8.7:
 //! `REFUSED_STREAM`, or a stream above a `GOAWAY`'s last stream ID).
 //! docs/HTTP.md, "Between sidecars", says why the windows are what they
@@ -17,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::outbound::{MeshError, OutboundConn};
-use super::{h2_settings, MeshKind};
+use super::{h2_settings, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 
 mod h2_client;
 mod request;
@@ -40,8 +42,6 @@ pub(crate) struct Pooled {
     pub(crate) tunnels: Arc<ConnTunnels>,
     /// Tells this connection from its replacement.
     pub(crate) id: u64,
-    /// Closed (`changed` fails) once the connection has ended.
-    ended: tokio::sync::watch::Receiver<()>,
 }
 
 /// Tunnels one pooled connection carries at most; past it an app
@@ -55,6 +55,57 @@ pub(crate) const TUNNEL_LIMIT: usize = (h2_settings::MAX_STREAMS - 16) as usize;
 /// tunnels on a `tcp` port, or not a stepmesh sidecar) is not asked again:
 /// each of its app connections would otherwise pay a wasted handshake.
 const NO_MESH_FOR: Duration = Duration::from_secs(30);
+
+/// Which of a destination's pooled connections: tunnels ride a connection
+/// of their own, served on h2 directly at both ends, so that a tunnel's
+/// bytes take no hop through hyper's bridge task; HTTP requests ride the
+/// mesh connection (through hyper). A peer sidecar that takes no
+/// tunnels-only connection on the port (one older than this split, on an
+/// `http` or `auto` port) refuses that handshake; its tunnels then ride
+/// the mesh connection, as they did before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    Mesh,
+    Tunnels,
+}
+
+/// A slot's key: the pool key (expected identity and destination) and
+/// the lane.
+type SlotKey = (Arc<str>, Lane);
+
+/// The TLS settings of a destination's two pooled connections: the same
+/// identity, verifier and session cache, offering different ALPN ids.
+#[derive(Clone)]
+pub struct MeshConnectors {
+    /// The mesh connection's: with tunnels and HTTP first (an `http` or
+    /// `auto` port), then tunnels only (a `tcp` port), then HTTP only (a
+    /// sidecar without tunnels).
+    pub mesh: tokio_rustls::TlsConnector,
+    /// The tunnels' own connection's: `stepmesh/tunnel` alone.
+    pub tunnels: tokio_rustls::TlsConnector,
+}
+
+impl MeshConnectors {
+    /// Both connectors from the sidecar's client `config` (its SVID and
+    /// the expected identity's verifier); `tunnel: false` (`--no-tunnel`)
+    /// offers HTTP only on the mesh connection.
+    pub fn new(config: &rustls::ClientConfig, tunnel: bool) -> MeshConnectors {
+        let with = |alpn: Vec<&[u8]>| {
+            let mut config = config.clone();
+            config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        };
+        let mesh = if tunnel {
+            vec![MESH_TUNNEL_ALPN, TUNNEL_ALPN, MESH_ALPN]
+        } else {
+            vec![MESH_ALPN]
+        };
+        MeshConnectors {
+            mesh: with(mesh),
+            tunnels: with(vec![TUNNEL_ALPN]),
+        }
+    }
+}
 
 /// How streams are opened on a pooled connection.
 #[derive(Clone)]
@@ -76,7 +127,7 @@ impl Pooled {
         match &self.send {
             Sender::Hyper(send) => send.is_closed(),
             // The sender of `ended` goes with the connection's task.
-            Sender::Tunnels(_) => self.ended.has_changed().is_err(),
+            Sender::Tunnels(_) => self.tunnels.ended.has_changed().is_err(),
         }
     }
 
@@ -108,25 +159,28 @@ impl Pooled {
 
 /// Watches one mesh connection's end (see [`MeshPool::first_ended`]).
 #[derive(Clone)]
-pub(crate) struct PeerGone(tokio::sync::watch::Receiver<()>);
+pub(crate) struct PeerGone(Arc<ConnTunnels>);
 
 impl PeerGone {
-    /// Whether the connection has ended.
+    /// Whether the connection has ended or takes no new stream (the pool
+    /// retired it: the peer said GOAWAY).
     pub(crate) fn is_gone(&self) -> bool {
-        self.0.has_changed().is_err()
+        self.0.retired.load(Ordering::Acquire) || self.0.ended.has_changed().is_err()
     }
 
-    /// Resolves once the connection has ended.
+    /// Resolves once the connection has ended (a GOAWAY'd connection ends
+    /// once its streams have: the inbound side closes those a change
+    /// denied).
     pub(crate) async fn wait(&self) {
-        let mut ended = self.0.clone();
+        let mut ended = self.0.ended.clone();
         // No value is ever sent: only the sender's drop ends this.
         while ended.changed().await.is_ok() {}
     }
 }
 
 /// What the tunnels of one pooled connection share, so that each tunnel
-/// holds one pointer to it (every idle opaque connection holds its tunnel).
-#[derive(Default)]
+/// holds one pointer to it (every idle opaque connection holds its tunnel),
+/// and whether the connection is still there.
 pub(crate) struct ConnTunnels {
     /// Tunnels open on the connection now.
     open: AtomicUsize,
@@ -135,6 +189,10 @@ pub(crate) struct ConnTunnels {
     /// The destination's slot and the connection's id, when this is one of
     /// the destination's extra connections (see [`TunnelCount`]).
     extra: std::sync::OnceLock<(Weak<Slot>, u64)>,
+    /// Closed (`changed` fails) once the connection has ended.
+    ended: tokio::sync::watch::Receiver<()>,
+    /// Set when the pool retires the connection ([`MeshPool::retire`]).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl ConnTunnels {
@@ -178,7 +236,7 @@ impl Drop for TunnelCount {
 /// HTTP/2 connections to peer sidecars, one per (identity, destination).
 #[derive(Default)]
 pub(crate) struct MeshPool {
-    slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
+    slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     /// Connections made (ids; tests and logs tell connections apart).
     made: AtomicU64,
     /// The sidecar's identity store and metrics, when it has them.
@@ -193,7 +251,8 @@ pub(crate) struct MeshSidecar {
     pub(crate) metrics: crate::metrics::ProxyMetrics,
 }
 
-/// One destination's connection, and the one dial in progress.
+/// One destination's connection of one [`Lane`], and the one dial in
+/// progress.
 #[derive(Default)]
 struct Slot {
     ready: Mutex<Option<Pooled>>,
@@ -201,8 +260,9 @@ struct Slot {
     dial: tokio::sync::Mutex<LastDial>,
     /// Dials finished (read before waiting for `dial`).
     dials: AtomicU64,
-    /// Until when the destination is known to negotiate no mesh ALPN.
-    no_mesh_until: Mutex<Option<tokio::time::Instant>>,
+    /// Until when the destination is known to negotiate no mesh ALPN (or
+    /// none for this lane), and which error says so meanwhile.
+    no_mesh: Mutex<Option<(tokio::time::Instant, MeshError)>>,
     /// More connections to the destination, dialled for tunnels when the
     /// pooled one is full (HTTP requests keep to `ready`).
     more: Mutex<Vec<Pooled>>,
@@ -233,32 +293,47 @@ impl Slot {
         more.iter().find(|p| p.take_tunnel()).cloned()
     }
 
-    fn known_not_mesh(&self) -> bool {
-        let until = self.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner());
-        until.is_some_and(|t| tokio::time::Instant::now() < t)
+    /// The error of a recent dial that found no ALPN of this lane, while
+    /// it is remembered ([`NO_MESH_FOR`]).
+    fn known_not_mesh(&self) -> Option<MeshError> {
+        let no_mesh = self.no_mesh.lock().unwrap_or_else(|p| p.into_inner());
+        no_mesh
+            .as_ref()
+            .filter(|(until, _)| tokio::time::Instant::now() < *until)
+            .map(|(_, e)| e.clone())
     }
 }
 
 impl MeshPool {
-    fn slot(&self, key: &Arc<str>) -> Arc<Slot> {
+    fn slot(&self, key: &Arc<str>, lane: Lane) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry(key.clone()).or_default().clone()
+        slots.entry((key.clone(), lane)).or_default().clone()
     }
 
-    /// A live connection to `conn.dst` (not the connection `avoid`), made
-    /// if there is none. Callers that race here wait for one dial and
+    /// A live mesh connection to `conn.dst` (not the connection `avoid`),
+    /// made if there is none. Callers that race here wait for one dial and
     /// share its connection, or its error.
     pub(crate) async fn get(
         &self,
         conn: &OutboundConn,
         avoid: Option<u64>,
     ) -> Result<Pooled, MeshError> {
-        let slot = self.slot(&conn.key);
+        self.get_on(conn, Lane::Mesh, avoid).await
+    }
+
+    /// As [`MeshPool::get`], on `lane`.
+    async fn get_on(
+        &self,
+        conn: &OutboundConn,
+        lane: Lane,
+        avoid: Option<u64>,
+    ) -> Result<Pooled, MeshError> {
+        let slot = self.slot(&conn.key, lane);
         if let Some(p) = slot.ready(avoid) {
             return Ok(p);
         }
-        if slot.known_not_mesh() {
-            return Err(MeshError::NoMeshAlpn(conn.dst.clone()));
+        if let Some(e) = slot.known_not_mesh() {
+            return Err(e);
         }
         let seen = slot.dials.load(Ordering::Acquire);
         let mut last = slot.dial.lock().await;
@@ -272,7 +347,7 @@ impl MeshPool {
                 return Err(e.clone());
             }
         }
-        let dialled = self.dial(conn).await;
+        let dialled = self.dial(conn, lane).await;
         let n = slot.dials.fetch_add(1, Ordering::AcqRel) + 1;
         match dialled {
             Ok(pooled) => {
@@ -281,9 +356,10 @@ impl MeshPool {
                 Ok(pooled)
             }
             Err(e) => {
-                if matches!(e, MeshError::NoMeshAlpn(_)) {
-                    *slot.no_mesh_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(tokio::time::Instant::now() + NO_MESH_FOR);
+                if matches!(e, MeshError::NoMeshAlpn(_) | MeshError::NoTunnelsOnly(_)) {
+                    let until = tokio::time::Instant::now() + NO_MESH_FOR;
+                    *slot.no_mesh.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((until, e.clone()));
                 }
                 last.failed = Some((n, e.clone()));
                 Err(e)
@@ -292,15 +368,37 @@ impl MeshPool {
     }
 
     /// A live connection to `conn.dst` with room for one more tunnel, and
-    /// the tunnel counted on it: the pooled connection, else one of the
-    /// extra connections, else a new extra one (one dial at a time per
-    /// destination). A connection without tunnels (the peer's ALPN) is
-    /// returned with nothing counted: the caller checks its kind.
+    /// the tunnel counted on it: the tunnels' own connection (see
+    /// [`Lane`]), or the mesh connection when the peer takes no
+    /// tunnels-only connection here or the mesh connection is one (a `tcp`
+    /// port's). A connection without tunnels (the peer's ALPN) is returned
+    /// with nothing counted: the caller checks its kind.
     pub(crate) async fn get_for_tunnel(
         &self,
         conn: &OutboundConn,
     ) -> Result<(Pooled, Option<TunnelCount>), MeshError> {
-        let first = self.get(conn, None).await?;
+        let mesh_takes_them = self
+            .slot(&conn.key, Lane::Mesh)
+            .ready(None)
+            .is_some_and(|p| !p.kind.http);
+        if !mesh_takes_them {
+            match self.tunnel_on(conn, Lane::Tunnels).await {
+                Err(MeshError::NoTunnelsOnly(_)) => {}
+                got => return got,
+            }
+        }
+        self.tunnel_on(conn, Lane::Mesh).await
+    }
+
+    /// As [`MeshPool::get_for_tunnel`], on `lane`: its pooled connection,
+    /// else one of its extra connections, else a new extra one (one dial
+    /// at a time per destination and lane).
+    async fn tunnel_on(
+        &self,
+        conn: &OutboundConn,
+        lane: Lane,
+    ) -> Result<(Pooled, Option<TunnelCount>), MeshError> {
+        let first = self.get_on(conn, lane, None).await?;
         if !first.kind.tunnels {
             return Ok((first, None));
         }
@@ -308,7 +406,7 @@ impl MeshPool {
             let count = first.counted(None);
             return Ok((first, Some(count)));
         }
-        let slot = self.slot(&conn.key);
+        let slot = self.slot(&conn.key, lane);
         let extra = |p: Pooled| {
             let count = p.counted(Some(Arc::downgrade(&slot)));
             (p, Some(count))
@@ -320,7 +418,7 @@ impl MeshPool {
         if let Some(p) = slot.more_with_room() {
             return Ok(extra(p));
         }
-        let pooled = self.dial(conn).await?;
+        let pooled = self.dial(conn, lane).await?;
         if !pooled.kind.tunnels || !pooled.take_tunnel() {
             return Ok((pooled, None));
         }
@@ -331,28 +429,32 @@ impl MeshPool {
         Ok(extra(pooled))
     }
 
-    /// The end of the destination's first connection (the one HTTP
-    /// requests ride; others only carry tunnels past its limit, and close
-    /// when idle): it ends only when the peer closes it or it fails.
-    /// `None` when there is none.
+    /// The end of the destination's first connection that carries
+    /// tunnels: the tunnels' own, else the mesh connection (others only
+    /// carry tunnels past its limit, and close when idle). It ends only
+    /// when the peer closes it or it fails. `None` when there is none.
     pub(crate) fn first_ended(&self, key: &Arc<str>) -> Option<PeerGone> {
-        let slot = self.slot(key);
-        let ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
-        ready.as_ref().map(|p| PeerGone(p.ended.clone()))
+        [Lane::Tunnels, Lane::Mesh].into_iter().find_map(|lane| {
+            let slot = self.slot(key, lane);
+            let ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready.as_ref().map(|p| PeerGone(p.tunnels.clone()))
+        })
     }
 
     /// Forgets connection `id` (it is going away), so the next caller
-    /// dials a new one: the destination's first connection or one of its
-    /// extra ones (its open tunnels go on).
+    /// dials a new one: one of the destination's first connections or one
+    /// of its extra ones (its open tunnels go on).
     pub(crate) fn retire(&self, key: &Arc<str>, id: u64) {
-        let slot = self.slot(key);
-        let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if ready.as_ref().is_some_and(|p| p.id == id) {
-            *ready = None;
+        for lane in [Lane::Mesh, Lane::Tunnels] {
+            let slot = self.slot(key, lane);
+            let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = ready.take_if(|p| p.id == id) {
+                p.tunnels.retired.store(true, Ordering::Release);
+            }
+            drop(ready);
+            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+            more.retain(|p| p.id != id);
         }
-        drop(ready);
-        let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
-        more.retain(|p| p.id != id);
     }
 
     fn handshake_failed(&self, reason: &'static str) {
@@ -363,8 +465,12 @@ impl MeshPool {
         }
     }
 
-    async fn dial(&self, conn: &OutboundConn) -> Result<Pooled, MeshError> {
+    async fn dial(&self, conn: &OutboundConn, lane: Lane) -> Result<Pooled, MeshError> {
         let dst = conn.dst.clone();
+        let connector = match lane {
+            Lane::Mesh => &conn.connector.mesh,
+            Lane::Tunnels => &conn.connector.tunnels,
+        };
         let tcp = tokio::time::timeout(conn.connect_timeout, TcpStream::connect(&*dst))
             .await
             .map_err(|_| MeshError::Connect(dst.clone(), "timed out".into()))?
@@ -372,11 +478,17 @@ impl MeshPool {
         let _ = tcp.set_nodelay(true);
         let handshake = tokio::time::timeout(
             conn.handshake_timeout,
-            conn.connector.connect(conn.server_name.clone(), tcp),
+            connector.connect(conn.server_name.clone(), tcp),
         )
         .await;
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
+            // A peer that takes no tunnels-only connection here (see
+            // `Lane`): not a failure, the mesh connection is asked next.
+            Ok(Err(e)) if lane == Lane::Tunnels && crate::tls::failure::no_common_alpn(&e) => {
+                tracing::debug!(%dst, "peer takes no tunnels-only connection here: tunnels ride the mesh connection");
+                return Err(MeshError::NoTunnelsOnly(dst));
+            }
             Ok(Err(e)) => {
                 self.handshake_failed(crate::tls::failure::reason(&e));
                 return Err(MeshError::Tls(dst, e.to_string()));
@@ -408,15 +520,20 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
+        // The connection's task holds `ending`: it ends with the connection.
+        let (ending, ended) = tokio::sync::watch::channel(());
         let tunnels = Arc::new(ConnTunnels {
+            open: AtomicUsize::new(0),
             peer: peer.clone(),
-            ..ConnTunnels::default()
+            extra: std::sync::OnceLock::new(),
+            ended,
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
-        let (send, ended) = if kind.http {
-            Self::hyper_handshake(tls, &dst).await?
+        let send = if kind.http {
+            Self::hyper_handshake(tls, &dst, ending).await?
         } else {
-            let (send, ended) = h2_client::handshake(tls, &dst, tunnels.clone()).await?;
-            (Sender::Tunnels(send), ended)
+            let send = h2_client::handshake(tls, &dst, tunnels.clone(), ending).await?;
+            Sender::Tunnels(send)
         };
         let id = self.made.fetch_add(1, Ordering::Relaxed);
         Ok(Pooled {
@@ -425,17 +542,17 @@ impl MeshPool {
             kind,
             tunnels,
             id,
-            ended,
         })
     }
 
     /// HTTP/2 through hyper on a connection that carries HTTP requests,
-    /// and the task that drives it; the receiver is closed once the
+    /// and the task that drives it, which drops `ending` once the
     /// connection has ended.
     async fn hyper_handshake(
         tls: tokio_rustls::client::TlsStream<TcpStream>,
         dst: &Arc<str>,
-    ) -> Result<(Sender, tokio::sync::watch::Receiver<()>), MeshError> {
+        ending: tokio::sync::watch::Sender<()>,
+    ) -> Result<Sender, MeshError> {
         // Fixed, large windows, no adaptive window: see h2_settings.
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -447,13 +564,12 @@ impl MeshPool {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
-        let (ending, ended) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
             }
             drop(ending);
         });
-        Ok((Sender::Hyper(send), ended))
+        Ok(Sender::Hyper(send))
     }
 }

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
+pub use mesh::MeshConnectors;
 pub use metrics::HttpMetrics;
 pub use record::{RequestLog, RequestRecord};
 

@@ -21,11 +21,10 @@ use hyper::service::service_fn;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use super::headers::{absolute, strip_hop_by_hop, ORIG_PROTO};
 use super::idle_pool::IdlePool;
-use super::mesh::{self, Outgoing, Pooled, SendError};
+use super::mesh::{self, MeshConnectors, Outgoing, Pooled, SendError};
 use super::record::Exchange;
 use super::tunnel::{self, Tunnel};
 use super::{h1, serve_until, BoxError, HttpLayer, Local, ProxyBody, Verdict};
@@ -40,8 +39,8 @@ pub struct OutboundConn {
     /// The policy port (logs, metrics).
     pub port: u16,
     /// TLS to the peer: SVID client certificate, verifier of the expected
-    /// identity, ALPN `stepmesh/h2`.
-    pub connector: TlsConnector,
+    /// identity; the mesh ALPNs for HTTP, `stepmesh/tunnel` for tunnels.
+    pub connector: MeshConnectors,
     /// TLS server name (session cache key; identity is checked by SPIFFE ID).
     pub server_name: ServerName<'static>,
     /// Dial deadline.
@@ -73,6 +72,12 @@ pub enum MeshError {
     /// The peer is not a stepmesh sidecar speaking `stepmesh/h2`.
     #[error("{0} does not speak stepmesh/h2")]
     NoMeshAlpn(Arc<str>),
+    /// The peer sidecar refused a tunnels-only connection (`stepmesh/tunnel`
+    /// offered alone) with the `no_application_protocol` alert: a sidecar
+    /// from before tunnels had a connection of their own on `http` and
+    /// `auto` ports; they ride its mesh connection.
+    #[error("{0} takes no stepmesh/tunnel connection on this port")]
+    NoTunnelsOnly(Arc<str>),
     /// The HTTP/2 handshake failed.
     #[error("HTTP/2 with {0}: {1}")]
     H2(Arc<str>, String),
@@ -209,6 +214,17 @@ impl PooledTunnels<'_> {
     fn peer_gone(&self) -> bool {
         self.gone.as_ref().is_some_and(mesh::PeerGone::is_gone)
     }
+
+    /// Fails once the connection this app connection follows has gone.
+    fn still_followed(&self) -> std::io::Result<()> {
+        if self.peer_gone() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the peer closed the mesh connection this app connection rode",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl h1::Side for PooledTunnels<'_> {
@@ -235,12 +251,7 @@ impl h1::Side for PooledTunnels<'_> {
     }
 
     async fn dial(&self) -> std::io::Result<Tunnel> {
-        if self.peer_gone() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "the peer closed the mesh connection this app connection rode",
-            ));
-        }
+        self.still_followed()?;
         let conn = (self.dest.conn)();
         // The original destination, whose port the peer decides the
         // stream by (the seam checked that it parses).
@@ -250,6 +261,9 @@ impl h1::Side for PooledTunnels<'_> {
             .map_err(std::io::Error::other)?;
         // Boxed: a tunnel's opening is large and rare next to a request.
         let opened = Box::pin(tunnel::open(self.peer.layer, &conn, authority)).await;
+        // The opening may have found the followed connection going away
+        // and taken another: this app connection ends all the same.
+        self.still_followed()?;
         opened.map_err(|e| {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: no tunnel for the next request");
             std::io::Error::other(e)

@@ -252,7 +252,12 @@ impl Inbound {
             mesh: kind,
             protocol,
             transparent: matches!(self.target, InboundTarget::OriginalDst),
-            grant: if tunnels_only {
+            // A `tcp` port's tunnels-only connection stays, quiet, for
+            // the tunnels a policy allows (each is an app connection,
+            // decided and closed on its own). An `http` or `auto` port's is
+            // closed as its mesh connection would be: the outbound's idle
+            // keep-alive app connections follow it, and so learn of it.
+            grant: if tunnels_only && protocol == Protocol::Tcp {
                 grant.for_tunnels_only()
             } else {
                 grant

@@ -20,6 +20,7 @@ use super::conn::{close_gracefully, ConnLog, OutboundContext, Outcome, Shared};
 use super::listener::ConnGuard;
 use super::seam::Served;
 use crate::http::tunnel::Tunnel;
+use crate::http::MeshConnectors;
 use crate::metrics::Direction;
 use crate::net::dial;
 use crate::net::forward::{forward, ForwardError, Forwarded};
@@ -57,8 +58,8 @@ pub struct Outbound {
     shared: Arc<Shared>,
     connector: TlsConnector,
     /// The same TLS identity and verifier, offering the mesh ALPNs for the
-    /// pooled sidecar-to-sidecar HTTP/2 connections (HTTP and tunnels).
-    mesh: TlsConnector,
+    /// pooled sidecar-to-sidecar HTTP/2 connections (HTTP, tunnels).
+    mesh: MeshConnectors,
     target: OutboundTarget,
 }
 
@@ -78,12 +79,11 @@ impl Outbound {
         config: Arc<rustls::ClientConfig>,
         target: OutboundTarget,
     ) -> Self {
-        let mut mesh = (*config).clone();
-        mesh.alpn_protocols = super::seam::mesh_alpn(shared.tunnel);
+        let mesh = MeshConnectors::new(&config, shared.tunnel);
         Self {
             shared,
             connector: TlsConnector::from(config),
-            mesh: TlsConnector::from(Arc::new(mesh)),
+            mesh,
             target,
         }
     }
@@ -319,7 +319,7 @@ fn conn_log(client: SocketAddr, dst: &str, port: u16, started: Instant) -> ConnL
 pub fn serve<'a>(
     shared: &'a Shared,
     connector: &'a TlsConnector,
-    mesh: &'a TlsConnector,
+    mesh: &'a MeshConnectors,
     ctx: &'a OutboundContext,
     app: TcpStream,
 ) -> impl std::future::Future<Output = Served> + Send + 'a {

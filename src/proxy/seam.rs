@@ -19,7 +19,7 @@ use crate::http::detect::{self, Detected, Prefixed};
 use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn, TunnelDest};
 use crate::http::tunnel::{Tunnel, Tunnels};
-use crate::http::{MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
+use crate::http::{MeshConnectors, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
 
@@ -30,11 +30,14 @@ pub const OUTBOUND_DETECT: Duration = Duration::from_millis(500);
 pub const INBOUND_DETECT: Duration = Duration::from_secs(10);
 
 /// The ALPN ids `http` and `auto` ports accept: ours first (with tunnels
-/// unless `--no-tunnel`), then the app protocols.
+/// unless `--no-tunnel`), then the app protocols. The server's order
+/// decides (rustls): a peer offering the mesh ALPNs gets HTTP with
+/// tunnels; the tunnels-only id is taken only from a peer offering it
+/// alone, for its tunnels' own connection (`http::MeshConnectors`).
 pub fn server_alpn(tunnel: bool) -> Vec<Vec<u8>> {
-    let mut alpn = Vec::with_capacity(4);
+    let mut alpn = Vec::with_capacity(5);
     if tunnel {
-        alpn.push(MESH_TUNNEL_ALPN.to_vec());
+        alpn.extend([MESH_TUNNEL_ALPN.to_vec(), TUNNEL_ALPN.to_vec()]);
     }
     alpn.extend([MESH_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()]);
     alpn
@@ -46,21 +49,6 @@ pub fn tcp_alpn(tunnel: bool) -> Vec<Vec<u8>> {
         vec![TUNNEL_ALPN.to_vec()]
     } else {
         Vec::new()
-    }
-}
-
-/// The ALPN ids the outbound side offers for its pooled connections to a
-/// peer sidecar: with tunnels first, then HTTP only (a sidecar without
-/// tunnels picks that one).
-pub fn mesh_alpn(tunnel: bool) -> Vec<Vec<u8>> {
-    if tunnel {
-        vec![
-            MESH_TUNNEL_ALPN.to_vec(),
-            TUNNEL_ALPN.to_vec(),
-            MESH_ALPN.to_vec(),
-        ]
-    } else {
-        vec![MESH_ALPN.to_vec()]
     }
 }
 
@@ -276,7 +264,7 @@ pub enum Served {
 pub async fn outbound(
     shared: &Shared,
     connector: &TlsConnector,
-    mesh: &TlsConnector,
+    mesh: &MeshConnectors,
     ctx: &OutboundContext,
     mut app: TcpStream,
 ) -> Served {
@@ -331,7 +319,7 @@ fn pool_key(ctx: &OutboundContext) -> Arc<str> {
 fn outbound_h1<'a>(
     shared: &'a Shared,
     connector: &'a TlsConnector,
-    mesh: &'a TlsConnector,
+    mesh: &'a MeshConnectors,
     ctx: &'a OutboundContext,
     mut app: TcpStream,
 ) -> impl Future<Output = Outcome> + Send + 'a {
@@ -490,7 +478,7 @@ fn h1_outcome(done: crate::http::h1::Relayed, peer_id: Option<crate::policy::Spi
 /// takes it (HTTP/2 requests and tunnels share it).
 pub(super) fn mesh_conn(
     shared: &Shared,
-    mesh: &TlsConnector,
+    mesh: &MeshConnectors,
     ctx: &OutboundContext,
 ) -> OutboundConn {
     OutboundConn {
@@ -509,7 +497,7 @@ pub(super) fn mesh_conn(
 /// TCP when the peer is not a stepmesh sidecar.
 async fn outbound_http(
     shared: &Shared,
-    mesh: &TlsConnector,
+    mesh: &MeshConnectors,
     ctx: &OutboundContext,
     app: TcpStream,
 ) -> Result<Outcome, TcpStream> {

@@ -19,13 +19,13 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 
 use super::conn::{close_gracefully, decision_label, ConnLog, InboundContext, OutboundContext};
 use super::conn::{Outcome, Shared};
 use crate::http::h2_stream::StreamIo;
 use crate::http::outbound::OutboundConn;
 use crate::http::tunnel::{answer, head, Tunnel, TunnelError, TunnelHandler, Tunnels};
+use crate::http::MeshConnectors;
 use crate::http::ProxyBody;
 use crate::metrics::Direction;
 use crate::net::forward::{forward, ForwardError};
@@ -295,7 +295,7 @@ pub(super) enum Opened {
 /// connection to `ctx`'s destination (dialled if there is none).
 pub(super) async fn open_for(
     shared: &Shared,
-    mesh: &TlsConnector,
+    mesh: &MeshConnectors,
     ctx: &OutboundContext,
     app: &mut TcpStream,
 ) -> Opened {

@@ -25,6 +25,18 @@ pub fn reason(err: &io::Error) -> &'static str {
     tls_reason(tls)
 }
 
+/// Whether a handshake failed because the server shares none of the ALPN
+/// ids offered (it said so with the `no_application_protocol` alert).
+pub fn no_common_alpn(err: &io::Error) -> bool {
+    let tls = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+    matches!(
+        tls,
+        Some(Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
+}
+
 /// The label of a rustls error (see [`reason`]).
 pub fn tls_reason(err: &Error) -> &'static str {
     match err {

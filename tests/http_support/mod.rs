@@ -16,7 +16,7 @@ use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use stepmesh::http::inbound::InboundConn;
 use stepmesh::http::outbound::OutboundConn;
-use stepmesh::http::{HttpLayer, HttpMetrics, RequestLog, MESH_ALPN};
+use stepmesh::http::{HttpLayer, HttpMetrics, MeshConnectors, RequestLog, MESH_ALPN};
 use stepmesh::identity::store::{CertStore, Svid};
 use stepmesh::policy::{Policy, PolicyWatch, SpiffeId, SpiffeIdPattern};
 use stepmesh::stepup::{x5t_s256, StepUp, StepUpMetrics};
@@ -152,7 +152,7 @@ pub async fn start_outbound(
         settings,
     )
     .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(config);
+    let connector = MeshConnectors::new(&config, false);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let key: Arc<str> = format!("{}@{peer}", me.id).into();

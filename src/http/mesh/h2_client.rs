@@ -18,20 +18,15 @@ use crate::http::outbound::MeshError;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts HTTP/2 on `io` and the task that drives the connection; the
-/// receiver is closed once the connection has ended. `tunnels`: the
+/// Starts HTTP/2 on `io` and the task that drives the connection, which
+/// drops `ending` once the connection has ended. `tunnels`: the
 /// connection's open tunnels (it is pinged only while it has some).
 pub(super) async fn handshake<T>(
     io: T,
     dst: &Arc<str>,
     tunnels: Arc<super::ConnTunnels>,
-) -> Result<
-    (
-        h2::client::SendRequest<Bytes>,
-        tokio::sync::watch::Receiver<()>,
-    ),
-    MeshError,
->
+    ending: tokio::sync::watch::Sender<()>,
+) -> Result<h2::client::SendRequest<Bytes>, MeshError>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -39,14 +34,13 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
-    let (ending, ended) = tokio::sync::watch::channel(());
     tokio::spawn(async move {
         if let Err(e) = drive(connection, &tunnels).await {
             tracing::debug!(error = %e, "mesh tunnels connection ended");
         }
         drop(ending);
     });
-    Ok((send, ended))
+    Ok(send)
 }
 
 /// Runs the connection until it ends, pinging the peer every
