@@ -177,7 +177,7 @@ pub(crate) fn relay_h1_pooled<'a>(
     dest: &'a TunnelDest<'a>,
     peer_id: Option<&'a str>,
     app: &'a mut TcpStream,
-    first: &'a mut Option<Tunnel>,
+    first: &'a mut Option<Box<Tunnel>>,
     idle: Duration,
 ) -> impl Future<Output = h1::Relayed> + Send + 'a {
     let side = PooledTunnels {
@@ -205,7 +205,7 @@ pub(crate) fn relay_h1_pooled<'a>(
 /// restart) the app connection takes no further request and, idle, ends,
 /// as it would had it held a tunnel of its own.
 struct PooledTunnels<'a> {
-    peer: PeerSide<'a, Tunnel>,
+    peer: PeerSide<'a, Box<Tunnel>>,
     dest: &'a TunnelDest<'a>,
     gone: Option<mesh::PeerGone>,
 }
@@ -228,7 +228,7 @@ impl PooledTunnels<'_> {
 }
 
 impl h1::Side for PooledTunnels<'_> {
-    type Upstream = Tunnel;
+    type Upstream = Box<Tunnel>;
     const REDIAL: bool = true;
     const DIRECTION: &'static str = "outbound";
     const DECIDES: bool = false;
@@ -250,7 +250,7 @@ impl h1::Side for PooledTunnels<'_> {
         self.peer.admit(x, head, raw)
     }
 
-    async fn dial(&self) -> std::io::Result<Tunnel> {
+    async fn dial(&self) -> std::io::Result<Box<Tunnel>> {
         self.still_followed()?;
         let conn = (self.dest.conn)();
         // The original destination, whose port the peer decides the
@@ -264,13 +264,13 @@ impl h1::Side for PooledTunnels<'_> {
         // The opening may have found the followed connection going away
         // and taken another: this app connection ends all the same.
         self.still_followed()?;
-        opened.map_err(|e| {
+        opened.map(Box::new).map_err(|e| {
             tracing::warn!(dst = %conn.dst, error = %e, "outbound: no tunnel for the next request");
             std::io::Error::other(e)
         })
     }
 
-    fn reuse(&self) -> Option<Tunnel> {
+    fn reuse(&self) -> Option<Box<Tunnel>> {
         if self.peer_gone() {
             return None;
         }
@@ -288,7 +288,7 @@ impl h1::Side for PooledTunnels<'_> {
         }
     }
 
-    fn release(&self, up: Tunnel) -> Option<Tunnel> {
+    fn release(&self, up: Box<Tunnel>) -> Option<Box<Tunnel>> {
         if !up.relays_http {
             return Some(up);
         }

@@ -93,7 +93,7 @@ pub struct Tunnel {
 /// idle keep-alive app connection then holds no stream, and the peer
 /// nothing for it (as nginx and HAProxy hold no upstream connection for an
 /// idle client).
-pub(crate) type TunnelPool = IdlePool<Tunnel>;
+pub(crate) type TunnelPool = IdlePool<Box<Tunnel>>;
 
 /// How long an idle tunnel waits in the pool: a new one costs one round
 /// trip on the pooled mesh connection, so little is kept for long.

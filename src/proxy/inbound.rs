@@ -393,14 +393,23 @@ mod tests {
     /// boxed too, which took HTTP/1's idle connections from 5.0 to 3.0
     /// KiB each in the e2e bench; 608 with the connection's guard, 480
     /// with the outbound handler's arguments stored once, which took its
-    /// task from a 768-byte allocation to a 640-byte one).
+    /// task from a 768-byte allocation to a 640-byte one; 400 in a release
+    /// build with the connection admitted before its future is made and
+    /// `seam::outbound` storing its arguments once: a task is the future
+    /// and about 104 bytes rounded up to 128, so within 408 bytes it is a
+    /// 512-byte allocation, which an idle HTTP/1 app connection holds for
+    /// good; debug layouts are larger, 432).
     #[test]
     fn the_connection_task_stays_small() {
         let inbound = future_size4(Inbound::handle);
         let outbound = future_size4(super::super::outbound::Outbound::handle);
         eprintln!("connection futures: inbound {inbound} B, outbound {outbound} B");
         assert!(inbound <= 4096, "inbound connection future: {inbound} B");
-        assert!(outbound <= 512, "outbound connection future: {outbound} B");
+        let limit = if cfg!(debug_assertions) { 440 } else { 408 };
+        assert!(
+            outbound <= limit,
+            "outbound connection future: {outbound} B"
+        );
     }
 
     /// A tunnel's task at the inbound side holds this future for the

@@ -26,6 +26,7 @@ use crate::net::dial;
 use crate::net::forward::{forward, ForwardError, Forwarded};
 use crate::policy::{Mode, OutboundAction, SpiffeId};
 use crate::tls::{failure, spiffe_id_of};
+use futures_util::future::Either;
 
 /// Where an outbound listener's connections go.
 #[derive(Debug, Clone)]
@@ -141,85 +142,50 @@ impl Outbound {
     /// or hands it, its tunnel open, to a task of its own (see
     /// `seam::Served`).
     ///
+    /// The connection is admitted (caps, classification, the policy's
+    /// decision) before its future is made, so that the future keeps what
+    /// the decision made and not also its inputs: every outbound
+    /// connection's task holds this future, an idle HTTP/1 one for good.
     /// A plain `fn` around an `async` block: an `async fn` stores its
-    /// arguments twice (rust-lang/rust#62958), and every outbound
-    /// connection's task holds this future.
-    #[allow(clippy::manual_async_fn)] // Deliberate: see above.
+    /// arguments twice (rust-lang/rust#62958).
     pub fn handle(
         self: Arc<Self>,
         app: TcpStream,
         client: SocketAddr,
         guard: ConnGuard,
     ) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            let shared = &self.shared;
-            let started = Instant::now();
-            let open = shared.metrics.open_guard(Direction::Outbound);
-            let slot = match shared.source_cap.acquire(&client.ip()) {
-                Ok(slot) => slot,
-                Err(reached) => {
-                    shared.metrics.rejected(Direction::Outbound, "source_limit");
-                    if reached.log {
-                        tracing::warn!(%client, limit = reached.limit, "outbound: per-source connection cap reached; refusing (--max-connections-per-source)");
-                    }
-                    return;
-                }
-            };
-            let Some(Route {
-                dst,
-                port,
-                action,
-                rule,
-                expected,
-                would_deny,
-            }) = self.classify(&app, client)
-            else {
-                return;
-            };
-            if action == OutboundAction::Deny {
-                shared.metrics.connection(Direction::Outbound, "", "deny");
-                tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
-                let outcome = Outcome::default();
-                conn_log(client, &dst, port, started).write(
-                    &shared.access_log,
-                    None,
-                    "deny",
-                    "outbound_deny",
-                    rule.as_deref(),
-                    &outcome,
-                );
-                return;
-            }
-            if would_deny {
-                shared
-                    .metrics
-                    .connection(Direction::Outbound, "", "would_deny");
-            }
-            let opaque =
-                shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
-            let ctx = OutboundContext {
-                client,
-                dst,
-                port,
-                action,
-                opaque,
-                expected,
-            };
-            let served = serve(shared, &self.connector, &self.mesh, &ctx, app).await;
-            // `self.shared` from here: a reference kept across the wait would
-            // take a place in the task.
-            let shared = &self.shared;
-            let finish = Finish {
-                client,
-                dst: ctx.dst,
-                port,
+        let Some(admitted) = self.admit(&app, client) else {
+            return Either::Left(std::future::ready(()));
+        };
+        Either::Right(async move {
+            let served = serve(
+                &self.shared,
+                &self.connector,
+                &self.mesh,
+                &admitted.ctx,
+                app,
+            )
+            .await;
+            // Taken apart after the wait: its parts are stored once.
+            let Admitted {
+                ctx,
                 started,
                 rule,
                 would_deny,
-                action,
+                open,
+                slot,
+            } = admitted;
+            let finish = Finish {
+                client: ctx.client,
+                dst: ctx.dst,
+                port: ctx.port,
+                started,
+                rule,
+                would_deny,
+                action: ctx.action,
             };
             match served {
-                Served::Done(outcome) => finish.write(shared, &outcome),
+                Served::Done(outcome) => finish.write(&self.shared, &outcome),
                 Served::Tunnel(app, tunnel) => {
                     let held = Held {
                         _open: open,
@@ -229,8 +195,83 @@ impl Outbound {
                     tokio::spawn(carry(self, app, tunnel, finish, held));
                 }
             }
-        }
+        })
     }
+
+    /// Admits one accepted connection: under the per-source cap, with a
+    /// destination, not denied by the policy (each refusal counted and
+    /// logged here); `None` when it is closed unserved.
+    fn admit(&self, app: &TcpStream, client: SocketAddr) -> Option<Admitted> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let open = shared.metrics.open_guard(Direction::Outbound);
+        let slot = match shared.source_cap.acquire(&client.ip()) {
+            Ok(slot) => slot,
+            Err(reached) => {
+                shared.metrics.rejected(Direction::Outbound, "source_limit");
+                if reached.log {
+                    tracing::warn!(%client, limit = reached.limit, "outbound: per-source connection cap reached; refusing (--max-connections-per-source)");
+                }
+                return None;
+            }
+        };
+        let Route {
+            dst,
+            port,
+            action,
+            rule,
+            expected,
+            would_deny,
+        } = self.classify(app, client)?;
+        if action == OutboundAction::Deny {
+            shared.metrics.connection(Direction::Outbound, "", "deny");
+            tracing::info!(%client, %dst, rule = rule.as_deref(), "outbound denied by policy");
+            let outcome = Outcome::default();
+            conn_log(client, &dst, port, started).write(
+                &shared.access_log,
+                None,
+                "deny",
+                "outbound_deny",
+                rule.as_deref(),
+                &outcome,
+            );
+            return None;
+        }
+        if would_deny {
+            shared
+                .metrics
+                .connection(Direction::Outbound, "", "would_deny");
+        }
+        let opaque =
+            shared.opaque_ports.contains(&port) || shared.policy.current().opaque_port(port);
+        let ctx = OutboundContext {
+            client,
+            dst,
+            port,
+            action,
+            opaque,
+            expected,
+        };
+        Some(Admitted {
+            ctx,
+            started,
+            rule,
+            would_deny,
+            open,
+            slot,
+        })
+    }
+}
+
+/// An admitted outbound connection: where it goes, what its log line will
+/// say of the decision, and what it holds while open.
+struct Admitted {
+    ctx: OutboundContext,
+    started: Instant,
+    rule: Option<Arc<str>>,
+    would_deny: bool,
+    open: crate::metrics::OpenGuard,
+    slot: Option<crate::net::caps::Slot<std::net::IpAddr>>,
 }
 
 /// What an outbound connection holds to its end besides its sockets: its

@@ -261,41 +261,50 @@ pub enum Served {
 /// anything else (or HTTP/2 to a peer that is not a stepmesh sidecar) is
 /// opaque TCP: through a tunnel (handed back to be carried, see [`Served`])
 /// or over a connection of its own.
-pub async fn outbound(
-    shared: &Shared,
-    connector: &TlsConnector,
-    mesh: &MeshConnectors,
-    ctx: &OutboundContext,
-    mut app: TcpStream,
-) -> Served {
-    // An opaque port is not even peeked at: no detection delay, and what
-    // looks like HTTP is carried as bytes like everything else.
-    if ctx.action == OutboundAction::Mtls && !ctx.opaque {
-        // Boxed, as every path below: this task's size is the largest of
-        // its states, and an idle connection of any kind holds it.
-        match Box::pin(detect::peek(&app, OUTBOUND_DETECT)).await {
-            Detected::Http1 => {
-                let served = Box::pin(outbound_h1(shared, connector, mesh, ctx, app)).await;
-                return Served::Done(served);
+///
+/// A plain `fn` around an `async` block, as [`outbound_h1`]: an `async fn`
+/// stores its arguments twice, and every connection's task holds this
+/// while it is served (an idle HTTP/1 one for good): 64 bytes less take
+/// the task's allocation from 640 bytes to 512.
+#[allow(clippy::manual_async_fn)] // Deliberate: see above.
+pub fn outbound<'a>(
+    shared: &'a Shared,
+    connector: &'a TlsConnector,
+    mesh: &'a MeshConnectors,
+    ctx: &'a OutboundContext,
+    app: TcpStream,
+) -> impl Future<Output = Served> + Send + 'a {
+    async move {
+        let mut app = app;
+        // An opaque port is not even peeked at: no detection delay, and
+        // what looks like HTTP is carried as bytes like everything else.
+        if ctx.action == OutboundAction::Mtls && !ctx.opaque {
+            // Boxed, as every path below: this task's size is the largest
+            // of its states, and an idle connection of any kind holds it.
+            match Box::pin(detect::peek(&app, OUTBOUND_DETECT)).await {
+                Detected::Http1 => {
+                    let served = Box::pin(outbound_h1(shared, connector, mesh, ctx, app)).await;
+                    return Served::Done(served);
+                }
+                Detected::Http2 => match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
+                    Ok(outcome) => return Served::Done(outcome),
+                    Err(back) => app = back,
+                },
+                Detected::Opaque | Detected::NeedMore => {}
             }
-            Detected::Http2 => match Box::pin(outbound_http(shared, mesh, ctx, app)).await {
-                Ok(outcome) => return Served::Done(outcome),
-                Err(back) => app = back,
-            },
-            Detected::Opaque | Detected::NeedMore => {}
         }
-    }
-    if ctx.action == OutboundAction::Mtls && shared.tunnel {
-        match super::tunnel::open_for(shared, mesh, ctx, &mut app).await {
-            Opened::Tunnel(tunnel) => return Served::Tunnel(app, tunnel),
-            Opened::Done(outcome) => return Served::Done(outcome),
-            Opened::Unsupported => {}
+        if ctx.action == OutboundAction::Mtls && shared.tunnel {
+            match super::tunnel::open_for(shared, mesh, ctx, &mut app).await {
+                Opened::Tunnel(tunnel) => return Served::Tunnel(app, tunnel),
+                Opened::Done(outcome) => return Served::Done(outcome),
+                Opened::Unsupported => {}
+            }
         }
+        // Boxed: an mTLS connection of its own (a peer without tunnels,
+        // `--no-tunnel`) holds its TLS state inline; on the tunnel path it
+        // would size every idle connection's task all the same.
+        Served::Done(Box::pin(super::outbound::forward_tcp(shared, connector, ctx, app)).await)
     }
-    // Boxed: an mTLS connection of its own (a peer without tunnels,
-    // `--no-tunnel`) holds its TLS state inline; on the tunnel path it
-    // would size every idle connection's task all the same.
-    Served::Done(Box::pin(super::outbound::forward_tcp(shared, connector, ctx, app)).await)
 }
 
 /// Where pooled peer connections are kept: the expected identity and the
@@ -379,7 +388,12 @@ fn outbound_h1<'a>(
 /// Ends an HTTP/1 app connection relayed through tunnels: the app first
 /// (it may be waiting for the close to end its response), then the tunnel
 /// it holds, if any.
-async fn end_h1(shared: &Shared, key: &Arc<str>, app: &mut TcpStream, upstream: Option<Tunnel>) {
+async fn end_h1(
+    shared: &Shared,
+    key: &Arc<str>,
+    app: &mut TcpStream,
+    upstream: Option<Box<Tunnel>>,
+) {
     close_gracefully(app).await;
     match upstream {
         // Never used (the app closed before a request): for the next.
@@ -435,13 +449,15 @@ where
 }
 
 /// The tunnel an HTTP/1 app connection starts with: an idle one another
-/// app connection to the destination left, or a new one.
+/// app connection to the destination left, or a new one. Boxed, as the
+/// pool keeps them: an idle app connection holds a place for one (8
+/// bytes, not 72: its state's allocation is then 896 bytes, not 1,024).
 async fn first_tunnel(
     shared: &Shared,
     dest: &TunnelDest<'_>,
     ctx: &OutboundContext,
     app: &mut TcpStream,
-) -> Opened {
+) -> Opened<Box<Tunnel>> {
     if let Some((tunnel, ())) = shared.http.tunnels.take(&dest.key) {
         return Opened::Tunnel(tunnel);
     }
@@ -458,6 +474,7 @@ async fn first_tunnel(
         app,
     ))
     .await
+    .boxed()
 }
 
 /// The access-log outcome of an HTTP/1 relay: a peer that closed before
@@ -547,12 +564,14 @@ mod tests {
     /// `async fn` argument copies inline, 1,376 without; 968 since the
     /// idle timer's wait holds its read once, the mesh connection's
     /// settings are made only to open a tunnel and no value the ending
-    /// needs keeps a place beside the wait: a 1 KiB allocation, not 1.5.
-    /// Debug 976.)
+    /// needs keeps a place beside the wait: a 1 KiB allocation, not 1.5;
+    /// 896 since the tunnel it may hold is boxed, as the pool keeps it: an
+    /// 896-byte allocation. Debug 904.)
     #[test]
     fn an_outbound_http1_connection_stays_small() {
         let size = future_size(outbound_h1);
         eprintln!("outbound HTTP/1 connection future: {size} B");
-        assert!(size <= 1024, "outbound HTTP/1 connection future: {size} B");
+        let limit = if cfg!(debug_assertions) { 912 } else { 896 };
+        assert!(size <= limit, "outbound HTTP/1 connection future: {size} B");
     }
 }

@@ -278,10 +278,11 @@ fn destination(shared: &Shared, conn: &InboundContext, port: u16) -> Option<(u16
     })
 }
 
-/// What opening a tunnel for an app connection came to.
-pub(super) enum Opened {
+/// What opening a tunnel for an app connection came to (`T`: the tunnel,
+/// or where it is kept).
+pub(super) enum Opened<T = Tunnel> {
     /// The tunnel, open.
-    Tunnel(Tunnel),
+    Tunnel(T),
     /// The peer takes no tunnel here (a sidecar without them, or the
     /// pooled connection is full): the caller takes an mTLS connection of
     /// its own.
@@ -289,6 +290,17 @@ pub(super) enum Opened {
     /// Refused by the peer or failed: the app connection is finished with
     /// this outcome (a refusal closed it gracefully).
     Done(Outcome),
+}
+
+impl Opened {
+    /// The same, the tunnel boxed.
+    pub(super) fn boxed(self) -> Opened<Box<Tunnel>> {
+        match self {
+            Opened::Tunnel(tunnel) => Opened::Tunnel(Box::new(tunnel)),
+            Opened::Unsupported => Opened::Unsupported,
+            Opened::Done(outcome) => Opened::Done(outcome),
+        }
+    }
 }
 
 /// Opens a tunnel for the app connection `app` on the pooled mesh
