@@ -172,7 +172,7 @@ where
         bytes_in: done.bytes_in,
         bytes_out: done.bytes_out,
         peer_id: None,
-        error: done.error,
+        error: done.error.map(|e| *e),
         refused: false,
     }
 }

@@ -126,8 +126,8 @@ impl Pooled {
     pub(crate) fn is_closed(&self) -> bool {
         match &self.send {
             Sender::Hyper(send) => send.is_closed(),
-            // The sender of `ended` goes with the connection's task.
-            Sender::Tunnels(_) => self.tunnels.ended.has_changed().is_err(),
+            // Set as the connection's task ends.
+            Sender::Tunnels(_) => self.tunnels.closed.load(Ordering::Acquire),
         }
     }
 
@@ -165,16 +165,19 @@ impl PeerGone {
     /// Whether the connection has ended or takes no new stream (the pool
     /// retired it: the peer said GOAWAY).
     pub(crate) fn is_gone(&self) -> bool {
-        self.0.retired.load(Ordering::Acquire) || self.0.ended.has_changed().is_err()
+        self.0.retired.load(Ordering::Acquire) || self.0.closed.load(Ordering::Acquire)
     }
 
-    /// Resolves once the connection has ended (a GOAWAY'd connection ends
-    /// once its streams have: the inbound side closes those a change
-    /// denied).
+    /// Resolves once [`PeerGone::is_gone`]. Every idle HTTP/1 app
+    /// connection holds this wait: on a `Notify`, 80 bytes (a `watch`
+    /// receiver's took 152).
     pub(crate) async fn wait(&self) {
-        let mut ended = self.0.ended.clone();
-        // No value is ever sent: only the sender's drop ends this.
-        while ended.changed().await.is_ok() {}
+        // Made before the flags are read: `notify_waiters` wakes every
+        // `Notified` made before it, polled or not.
+        let notified = self.0.gone.notified();
+        if !self.is_gone() {
+            notified.await;
+        }
     }
 }
 
@@ -189,16 +192,35 @@ pub(crate) struct ConnTunnels {
     /// The destination's slot and the connection's id, when this is one of
     /// the destination's extra connections (see [`TunnelCount`]).
     extra: std::sync::OnceLock<(Weak<Slot>, u64)>,
-    /// Closed (`changed` fails) once the connection has ended.
-    ended: tokio::sync::watch::Receiver<()>,
+    /// Set once the connection has ended (see [`Closing`]).
+    closed: std::sync::atomic::AtomicBool,
     /// Set when the pool retires the connection ([`MeshPool::retire`]).
     retired: std::sync::atomic::AtomicBool,
+    /// Wakes the app connections that follow the connection
+    /// ([`PeerGone`]) when it is retired or ends.
+    gone: tokio::sync::Notify,
 }
 
 impl ConnTunnels {
     /// Tunnels open on the connection now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.gone.notify_waiters();
+    }
+}
+
+/// Held by a pooled connection's task: its drop (the task's end, even by
+/// a panic) marks the connection closed and wakes its followers.
+pub(crate) struct Closing(Arc<ConnTunnels>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.gone.notify_waiters();
     }
 }
 
@@ -449,7 +471,7 @@ impl MeshPool {
             let slot = self.slot(key, lane);
             let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = ready.take_if(|p| p.id == id) {
-                p.tunnels.retired.store(true, Ordering::Release);
+                p.tunnels.retire();
             }
             drop(ready);
             let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
@@ -520,15 +542,16 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
-        // The connection's task holds `ending`: it ends with the connection.
-        let (ending, ended) = tokio::sync::watch::channel(());
         let tunnels = Arc::new(ConnTunnels {
             open: AtomicUsize::new(0),
             peer: peer.clone(),
             extra: std::sync::OnceLock::new(),
-            ended,
+            closed: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
+            gone: tokio::sync::Notify::new(),
         });
+        // The connection's task holds `ending`: it ends with the connection.
+        let ending = Closing(tunnels.clone());
         let send = if kind.http {
             Self::hyper_handshake(tls, &dst, ending).await?
         } else {
@@ -551,7 +574,7 @@ impl MeshPool {
     async fn hyper_handshake(
         tls: tokio_rustls::client::TlsStream<TcpStream>,
         dst: &Arc<str>,
-        ending: tokio::sync::watch::Sender<()>,
+        ending: Closing,
     ) -> Result<Sender, MeshError> {
         // Fixed, large windows, no adaptive window: see h2_settings.
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())

@@ -263,7 +263,6 @@ impl DrainSignal {
     }
 }
 
-
 /// The HTTP server settings both directions use: HTTP/2 windows (see
 /// [`h2_settings`]; a peer sidecar's `mesh` connection carries many apps'
 /// streams) and the head size limit as HTTP/2's header list limit.

@@ -485,7 +485,11 @@ fn h1_outcome(done: crate::http::h1::Relayed, peer_id: Option<crate::policy::Spi
     Outcome {
         bytes_in: done.bytes_in,
         bytes_out: done.bytes_out,
-        error: if refused { None } else { done.error },
+        error: if refused {
+            None
+        } else {
+            done.error.map(|e| *e)
+        },
         refused,
         peer_id,
     }
@@ -565,13 +569,15 @@ mod tests {
     /// idle timer's wait holds its read once, the mesh connection's
     /// settings are made only to open a tunnel and no value the ending
     /// needs keeps a place beside the wait: a 1 KiB allocation, not 1.5;
-    /// 896 since the tunnel it may hold is boxed, as the pool keeps it: an
-    /// 896-byte allocation. Debug 904.)
+    /// 896 since the tunnel it may hold is boxed, as the pool keeps it;
+    /// 760 since the followed mesh connection's end is waited for on a
+    /// `Notify` (168 bytes on a `watch`) and the relay's error is boxed: a
+    /// 768-byte allocation. Debug 768.)
     #[test]
     fn an_outbound_http1_connection_stays_small() {
         let size = future_size(outbound_h1);
         eprintln!("outbound HTTP/1 connection future: {size} B");
-        let limit = if cfg!(debug_assertions) { 912 } else { 896 };
+        let limit = if cfg!(debug_assertions) { 776 } else { 768 };
         assert!(size <= limit, "outbound HTTP/1 connection future: {size} B");
     }
 }

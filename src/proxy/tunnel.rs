@@ -150,10 +150,17 @@ fn admit(
         ..conn.clone()
     };
     // The mesh connection's peer may have been revoked, or its root
-    // removed, since its handshake: the connection is closing then, and
-    // takes no new stream meanwhile.
-    if let Some(revoked) = ctx.grant.check(shared, &ctx) {
-        tracing::info!(client = %conn.client, peer = %conn.peer_id, port, rule = %revoked.rule, reason = revoked.reason, "inbound tunnel refused: peer no longer trusted");
+    // removed, since its handshake, or (an `http` or `auto` port's) the
+    // policy may now deny the connection: it is closing then, and takes no
+    // new stream meanwhile. Else a stream opened between the change and
+    // the connection's GOAWAY would be served, denied, for as long as the
+    // peer kept it, and the peer's app connections would never learn.
+    let revoked = ctx
+        .grant
+        .check(shared, &ctx)
+        .or_else(|| conn.grant.check(shared, conn));
+    if let Some(revoked) = revoked {
+        tracing::info!(client = %conn.client, peer = %conn.peer_id, port, rule = %revoked.rule, reason = revoked.reason, "inbound tunnel refused: its mesh connection is closing");
         log.write(
             &shared.access_log,
             Some(&conn.peer_id),

@@ -102,6 +102,6 @@ impl<S: Side> Relay<'_, S> {
             }
             x.ended(0, self.out.len() as u64);
         }
-        self.done.error = label.map(|label| (label, detail));
+        self.done.error = label.map(|label| Box::new((label, detail)));
     }
 }

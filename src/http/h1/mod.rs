@@ -139,7 +139,7 @@ where
                 Some(Ok(_)) | None => return kept.done,
                 // As `Relay::fail` labels a client's failed read.
                 Some(Err(e)) => {
-                    kept.done.error = Some(("client_io", e.to_string()));
+                    kept.done.error = Some(Box::new(("client_io", e.to_string())));
                     return kept.done;
                 }
             }

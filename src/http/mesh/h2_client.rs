@@ -25,7 +25,7 @@ pub(super) async fn handshake<T>(
     io: T,
     dst: &Arc<str>,
     tunnels: Arc<super::ConnTunnels>,
-    ending: tokio::sync::watch::Sender<()>,
+    ending: super::Closing,
 ) -> Result<h2::client::SendRequest<Bytes>, MeshError>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
