@@ -96,14 +96,20 @@ wait "${PIDS[@]}" || true
 # callgrind names an object once (`ob=(id) path`) and a function once
 # (`fn=(id) name`, or first as a callee, `cfn=`); every `fn=` under our
 # binary's `ob=` ran. Kept: the names the binary defines in .text.
+# A function callgrind has no name for is named by its address
+# (`0x0000000000554bd0`: crtbegin's frame_dummy, ML-KEM's AVX2 assembly);
+# it is looked up in the symbol table (every name at that address).
 nm --defined-only "$PROXY" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u >defined
+nm --defined-only "$PROXY" | awk '$2 ~ /^[tTwW]$/ {print "0x" $1, $3}' >addresses
 ran() { # FILE...: the functions of the binary that ran
   awk -v bin="$PROXY" '
     /^c?ob=\(/ { id = $1; sub(/^c?ob=/, "", id); if (NF > 1) ob[id] = $2
                  if ($1 ~ /^ob=/) cur = ob[id]; next }
     /^c?fn=\(/ { id = $1; sub(/^c?fn=/, "", id); if (NF > 1) fn[id] = $2
                  if ($1 ~ /^fn=/ && cur == bin) print fn[id] }
-  ' "$@" | sort -u | comm -12 - defined
+  ' "$@" | awk 'NR == FNR { at[$1] = at[$1] (at[$1] == "" ? "" : "\n") $2; next }
+               /^0x/ && ($0 in at) { print at[$0]; next } { print }' addresses - |
+    sort -u | comm -12 - defined
 }
 # Start-up first (what every idle sidecar maps), then what only traffic
 # runs (what a sidecar maps once it has carried requests).
@@ -111,7 +117,7 @@ ran() { # FILE...: the functions of the binary that ran
 # Added: what runs natively at start-up but not under valgrind, whose
 # emulated CPU lacks BMI2/ADX, SHA-NI and AVX-512, so aws-lc's dispatch
 # picks other code there: x25519 (not its `_alt`), SHA-256 with SHA-NI,
-# all of ML-KEM's AVX2 assembly (30 KiB); and
+# all of ML-KEM's AVX2 assembly (30 KiB; valgrind runs part of it); and
 # `_start`, which callgrind calls "(below main)". Each is a small assembly
 # file; the AVX-512 AES-GCM code an idle sidecar also runs is one 700 KiB
 # section and stays where it is.
