@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///   `.text` (lld's `--symbol-ordering-file`): the kernel maps code in
 ///   whole folios around every page touched, so those 2 MiB of functions,
 ///   scattered through 9 MiB, mapped most of it into every idle sidecar;
+/// - the segments are 64 KiB-aligned, so that the 64 KiB mapped around a
+///   touched page is one 64 KiB block of the file, not parts of two;
 /// - relative relocations are packed (`-z pack-relative-relocs`, DT_RELR):
 ///   400 KiB of `.rela.dyn` that the loader reads at every start become
 ///   5 KiB. The binaries then need glibc 2.36 or later (Debian 12, Ubuntu
