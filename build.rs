@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///   `.text` (lld's `--symbol-ordering-file`): the kernel maps code in
 ///   whole folios around every page touched, so those 2 MiB of functions,
 ///   scattered through 9 MiB, mapped most of it into every idle sidecar;
+/// - the segments are 64 KiB-aligned, so that the 64 KiB mapped around a
+///   touched page is one 64 KiB block of the file, not parts of two;
 /// - relative relocations are packed (`-z pack-relative-relocs`, DT_RELR):
 ///   400 KiB of `.rela.dyn` that the loader reads at every start become
 ///   5 KiB. The binaries then need glibc 2.36 or later (Debian 12, Ubuntu
@@ -62,6 +64,15 @@ fn link_layout() {
         // A name the binary lacks (the list is older than the code) is
         // skipped: a stale list costs RSS, not correctness.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        // Segments 64 KiB-aligned (the kernel then loads the binary at a
+        // 64 KiB boundary, and lld makes address and file offset agree
+        // modulo 64 KiB): the 64 KiB the kernel maps around a touched
+        // page is then one 64 KiB block of the file, not the halves of
+        // two. Where the page cache holds the file in 64 KiB folios (a
+        // binary freshly written or read in), each is mapped whole, and
+        // an unaligned window maps two: 128 KiB for every code spot
+        // touched outside the laid-out start-up code.
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,max-page-size=65536");
     }
     if std::env::var_os("STEPMESH_NO_RELR").is_none() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
