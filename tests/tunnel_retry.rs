@@ -120,16 +120,40 @@ fn app_connection(outbound: SocketAddr, msg: &[u8]) -> TcpStream {
     conn
 }
 
-#[test]
-fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
+/// A real outbound sidecar towards a stand-in peer, and what it saw.
+struct Setup {
+    client: Sidecar,
+    outbound: SocketAddr,
+    seen: Arc<Seen>,
+    _dir: tempfile::TempDir,
+    /// Runs the stand-in.
+    _rt: tokio::runtime::Runtime,
+}
+
+/// Starts the stand-in (`stand_in`: it listens and returns where) and an
+/// outbound sidecar towards it.
+fn start(stand_in: impl FnOnce(&tokio::runtime::Runtime, &Pki, Arc<Seen>) -> SocketAddr) -> Setup {
     let pki = Pki::new("mesh.test");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen = Arc::new(Seen::default());
-    let peer = rt.block_on(stand_in(&pki, seen.clone()));
+    let peer = stand_in(&rt, &pki, seen.clone());
     let dir = tempfile::tempdir().unwrap();
     let client = Sidecar::spawn(&outbound_args(dir.path(), &pki, peer));
     client.wait_ready();
     let outbound = client.listener("outbound");
+    Setup {
+        client,
+        outbound,
+        seen,
+        _dir: dir,
+        _rt: rt,
+    }
+}
+
+#[test]
+fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
+    let setup = start(|rt, pki, seen| rt.block_on(stand_in(pki, seen)));
+    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
     // Not HTTP (first byte 0): the outbound side takes the tunnel at once.
     let mut a = app_connection(outbound, b"\0first: refused once");
@@ -168,14 +192,8 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
 
 #[test]
 fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection_carries_them() {
-    let pki = Pki::new("mesh.test");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let seen = Arc::new(Seen::default());
-    let peer = rt.block_on(older_peer(&pki, seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let client = Sidecar::spawn(&outbound_args(dir.path(), &pki, peer));
-    client.wait_ready();
-    let outbound = client.listener("outbound");
+    let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen)));
+    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
     let mut conns: Vec<TcpStream> = (0..5)
         .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))

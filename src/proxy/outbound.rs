@@ -166,30 +166,21 @@ impl Outbound {
                 app,
             )
             .await;
-            // Taken apart after the wait: its parts are stored once.
-            let Admitted {
-                ctx,
-                started,
-                rule,
-                would_deny,
-                open,
-                slot,
-            } = admitted;
             let finish = Finish {
-                client: ctx.client,
-                dst: ctx.dst,
-                port: ctx.port,
-                started,
-                rule,
-                would_deny,
-                action: ctx.action,
+                client: admitted.ctx.client,
+                dst: admitted.ctx.dst,
+                port: admitted.ctx.port,
+                started: admitted.started,
+                rule: admitted.rule,
+                would_deny: admitted.would_deny,
+                action: admitted.ctx.action,
             };
             match served {
                 Served::Done(outcome) => finish.write(&self.shared, &outcome),
                 Served::Tunnel(app, tunnel) => {
                     let held = Held {
-                        _open: open,
-                        _slot: slot,
+                        _open: admitted.open,
+                        _slot: admitted.slot,
                         _guard: guard,
                     };
                     tokio::spawn(carry(self, app, tunnel, finish, held));
