@@ -255,7 +255,8 @@ impl Drop for TunnelCount {
     }
 }
 
-/// HTTP/2 connections to peer sidecars, one per (identity, destination).
+/// HTTP/2 connections to peer sidecars, one per (identity, destination)
+/// and [`Lane`], with extra ones for tunnels past [`TUNNEL_LIMIT`].
 #[derive(Default)]
 pub(crate) struct MeshPool {
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
@@ -451,10 +452,11 @@ impl MeshPool {
         Ok(extra(pooled))
     }
 
-    /// The end of the destination's first connection that carries
-    /// tunnels: the tunnels' own, else the mesh connection (others only
-    /// carry tunnels past its limit, and close when idle). It ends only
-    /// when the peer closes it or it fails. `None` when there is none.
+    /// Watches the destination's first connection that carries tunnels:
+    /// the tunnels' own, else the mesh connection (others only carry
+    /// tunnels past its limit, and close when idle). It is gone once the
+    /// pool retires it (the peer's GOAWAY) or it ends. `None` when there
+    /// is none.
     pub(crate) fn first_ended(&self, key: &Arc<str>) -> Option<PeerGone> {
         [Lane::Tunnels, Lane::Mesh].into_iter().find_map(|lane| {
             let slot = self.slot(key, lane);

@@ -155,11 +155,10 @@ fn admit(
     // new stream meanwhile. Else a stream opened between the change and
     // the connection's GOAWAY would be served, denied, for as long as the
     // peer kept it, and the peer's app connections would never learn.
-    let revoked = ctx
-        .grant
-        .check(shared, &ctx)
-        .or_else(|| conn.grant.check(shared, conn));
-    if let Some(revoked) = revoked {
+    // The connection's grant holds the same peer (root key, serial) as the
+    // stream's, whose policy decision was made just above: checking it
+    // checks both.
+    if let Some(revoked) = conn.grant.check(shared, conn) {
         tracing::info!(client = %conn.client, peer = %conn.peer_id, port, rule = %revoked.rule, reason = revoked.reason, "inbound tunnel refused: its mesh connection is closing");
         log.write(
             &shared.access_log,

@@ -15,7 +15,7 @@ pub fn reason(err: &io::Error) -> &'static str {
     if err.kind() == io::ErrorKind::TimedOut {
         return "timeout";
     }
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+    let Some(tls) = rustls_error(err) else {
         return match err.kind() {
             io::ErrorKind::UnexpectedEof => "eof",
             io::ErrorKind::ConnectionReset => "reset",
@@ -28,13 +28,17 @@ pub fn reason(err: &io::Error) -> &'static str {
 /// Whether a handshake failed because the server shares none of the ALPN
 /// ids offered (it said so with the `no_application_protocol` alert).
 pub fn no_common_alpn(err: &io::Error) -> bool {
-    let tls = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
     matches!(
-        tls,
+        rustls_error(err),
         Some(Error::AlertReceived(
             rustls::AlertDescription::NoApplicationProtocol
         ))
     )
+}
+
+/// The rustls error a failed handshake's `io::Error` carries, if any.
+fn rustls_error(err: &io::Error) -> Option<&Error> {
+    err.get_ref().and_then(|e| e.downcast_ref::<Error>())
 }
 
 /// The label of a rustls error (see [`reason`]).
