@@ -39,6 +39,18 @@ pub(crate) const MAX_STREAMS: u32 = 256;
 /// (32 MiB), and h2's small-frame budget, half of it, is 16 MiB.
 pub(crate) const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 
+/// The streams a peer sidecar may open on a tunnels-only connection:
+/// 1,024. Every mesh connection holds about 100 KiB of codec and TLS
+/// buffers whether its tunnels are busy or idle; at 256 streams that was
+/// 400 bytes more per idle app connection, on each side (10,000 idle app
+/// connections rode 42 connections; docs/BENCHMARKS.md).
+pub(crate) const TUNNEL_STREAMS: u32 = 1024;
+
+/// A tunnels-only connection's receive window, for the same reason as
+/// [`CONNECTION_WINDOW`]: 128 MiB of credit (not memory), and h2's
+/// small-frame budget 64 MiB.
+const TUNNEL_CONNECTION_WINDOW: u32 = TUNNEL_STREAMS * STREAM_WINDOW;
+
 /// Streams a peer sidecar may reset before we accept them, and streams we
 /// remember as reset: an app connection that goes away cancels all its
 /// streams at once, which on a shared mesh connection is normal, not the
@@ -60,7 +72,7 @@ pub(crate) fn tunnel_client() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(TUNNEL_CONNECTION_WINDOW)
         .max_concurrent_reset_streams(MESH_RESETS)
         .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
         .max_send_buffer_size(SEND_BUFFER)
@@ -76,8 +88,8 @@ pub(crate) fn tunnel_server(header_list: u32) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
+        .initial_connection_window_size(TUNNEL_CONNECTION_WINDOW)
+        .max_concurrent_streams(TUNNEL_STREAMS)
         .max_pending_accept_reset_streams(MESH_RESETS)
         .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
         .max_send_buffer_size(SEND_BUFFER)

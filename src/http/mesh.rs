@@ -44,12 +44,20 @@ pub(crate) struct Pooled {
     pub(crate) id: u64,
 }
 
-/// Tunnels one pooled connection carries at most; past it an app
-/// connection takes its own mTLS connection (the L4 path). Below the
-/// peer's stream limit, so that HTTP requests on the same connection
-/// always find a stream, and so that a long-lived tunnel never waits for
-/// a stream (h2 would queue it until another stream ends).
-pub(crate) const TUNNEL_LIMIT: usize = (h2_settings::MAX_STREAMS - 16) as usize;
+/// Tunnels one mesh connection (HTTP and tunnels) carries at most; past
+/// it another connection to the destination is dialled for tunnels.
+/// Below the peer's stream limit by [`STREAM_HEADROOM`], so that HTTP
+/// requests on the same connection always find a stream, and so that a
+/// long-lived tunnel never waits for a stream (h2 would queue it until
+/// another stream ends). Also a tunnels-only connection's limit until the
+/// peer's `SETTINGS` say its own: every stepmesh sidecar takes 256
+/// streams on either.
+pub(crate) const TUNNEL_LIMIT: usize = h2_settings::MAX_STREAMS as usize - STREAM_HEADROOM;
+
+/// Streams kept below a peer's limit: for HTTP requests on a mesh
+/// connection, and for streams h2 still counts while they close (their
+/// tunnel is gone, the peer's end of the stream not yet in).
+const STREAM_HEADROOM: usize = 16;
 
 /// How long a destination that negotiated no mesh ALPN (a sidecar without
 /// tunnels on a `tcp` port, or not a stepmesh sidecar) is not asked again:
@@ -134,11 +142,28 @@ impl Pooled {
     /// Counts one more tunnel on this connection, if it has room.
     fn take_tunnel(&self) -> bool {
         let open = &self.tunnels.open;
-        if open.fetch_add(1, Ordering::AcqRel) < TUNNEL_LIMIT {
+        if open.fetch_add(1, Ordering::AcqRel) < self.tunnel_limit() {
             return true;
         }
         open.fetch_sub(1, Ordering::AcqRel);
         false
+    }
+
+    /// Tunnels this connection carries at most: [`TUNNEL_LIMIT`] on a mesh
+    /// connection; on a tunnels-only one, once the peer's `SETTINGS` are
+    /// in, its stream limit (ours: [`h2_settings::TUNNEL_STREAMS`]) less
+    /// [`STREAM_HEADROOM`]. Until then h2 knows no limit (`usize::MAX`),
+    /// and the peer may be an older sidecar, which takes 256.
+    fn tunnel_limit(&self) -> usize {
+        match &self.send {
+            Sender::Hyper(_) => TUNNEL_LIMIT,
+            Sender::Tunnels(send) => match send.current_max_send_streams() {
+                usize::MAX => TUNNEL_LIMIT,
+                peer => peer
+                    .min(h2_settings::TUNNEL_STREAMS as usize)
+                    .saturating_sub(STREAM_HEADROOM),
+            },
+        }
     }
 
     /// The guard of a tunnel `take_tunnel` counted on this connection;
@@ -225,7 +250,7 @@ impl Drop for Closing {
 }
 
 /// One tunnel counted on a pooled connection while it is open. The last
-/// tunnel of an extra connection (one dialled past [`TUNNEL_LIMIT`]) takes
+/// tunnel of an extra connection (one dialled past its tunnel limit) takes
 /// that connection out of the pool, so that it closes once idle instead
 /// of staying open for good after a burst; the destination's first
 /// connection stays pooled.
@@ -256,7 +281,8 @@ impl Drop for TunnelCount {
 }
 
 /// HTTP/2 connections to peer sidecars, one per (identity, destination)
-/// and [`Lane`], with extra ones for tunnels past [`TUNNEL_LIMIT`].
+/// and [`Lane`], with extra ones for tunnels past a connection's limit
+/// ([`TUNNEL_LIMIT`], more on a tunnels-only connection).
 #[derive(Default)]
 pub(crate) struct MeshPool {
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,

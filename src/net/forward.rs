@@ -103,6 +103,40 @@ pub struct Forwarded {
     pub b_closed: bool,
 }
 
+pin_project_lite::pin_project! {
+    /// Runs `work` until `stop` resolves first: `Ok` with the work's
+    /// output, or `Err` with the stop's. Written out rather than
+    /// `tokio::select!`, whose polling closure, flags and branch
+    /// randomization took 24 bytes more in every idle connection's task
+    /// (docs/BENCHMARKS.md); `work` is polled first, so a copy that
+    /// finished is never reported as stopped.
+    pub struct Until<W, S> {
+        #[pin]
+        work: W,
+        #[pin]
+        stop: S,
+    }
+}
+
+impl<W, S> Until<W, S> {
+    /// `work`, until `stop`.
+    pub fn new(work: W, stop: S) -> Self {
+        Self { work, stop }
+    }
+}
+
+impl<W: Future, S: Future> Future for Until<W, S> {
+    type Output = Result<W::Output, S::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.project();
+        if let Poll::Ready(done) = me.work.poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        me.stop.poll(cx).map(Err)
+    }
+}
+
 /// Copies `a` ⇄ `b` until both directions saw EOF, an error, or the idle
 /// deadline. Idle detection is coarse on purpose (it fires between one and two
 /// idle periods after the last byte) so the hot path only sets a flag.

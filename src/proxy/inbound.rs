@@ -10,6 +10,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::Either;
+use futures_util::FutureExt as _;
+
 use stepmesh_ca::spiffe_id::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -21,7 +24,7 @@ use super::listener::ConnGuard;
 use crate::metrics::Direction;
 use crate::net::caps::Slot;
 use crate::net::dial;
-use crate::net::forward::{forward, ForwardError};
+use crate::net::forward::{forward, ForwardError, Until};
 use crate::policy::Protocol;
 use crate::tls::{cert_sha256, failure};
 
@@ -245,7 +248,7 @@ impl Inbound {
         let grant = super::reauth::Reauth::grant(generation, anchor, serial, decision.allow);
         let ctx = InboundContext {
             peer_id,
-            peer_cert_sha256,
+            peer_cert_sha256: Arc::new(peer_cert_sha256),
             port,
             app: app.clone(),
             client,
@@ -294,42 +297,60 @@ pub fn serve<'a>(
     super::seam::inbound(shared, ctx, tls)
 }
 
-/// Opaque TCP: dial the app and copy bytes both ways. (A `fn` around an
-/// `async move` block that uses `tls` in place: see [`serve`].)
-/// `tls` is the peer's TLS connection or a tunnel on it. When the peer's
-/// side fails (a reset connection, a reset stream), the app's connection
-/// is reset too rather than closed, so the app sees the failure as such.
-#[allow(clippy::manual_async_fn)] // on purpose: the stream is stored once
+/// Opaque TCP: dial the app and copy bytes both ways. `tls` is the peer's
+/// TLS connection or a tunnel on it. When the peer's side fails (a reset
+/// connection, a reset stream), the app's connection is reset too rather
+/// than closed, so the app sees the failure as such. No `async` block of
+/// its own: the dial's future and the copy's take turns in one place, and
+/// the arguments go from the one to the other (an `async` block around
+/// them kept them, and the dial's result, beside the copy's state in every
+/// connection's task).
 pub fn forward_tcp<'a, I>(
     shared: &'a Shared,
     ctx: &'a InboundContext,
+    tls: I,
+) -> impl Future<Output = Outcome> + Send + 'a
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
+{
+    dial(&ctx.app, shared.timeouts.connect).then(move |dialled| match dialled {
+        Ok(app) => Either::Left(relay(shared, ctx, tls, app)),
+        // Boxed, as every await after the copy loop's: rare, and inline
+        // their states would be laid out beside the loop's.
+        Err(e) => Either::Right(Box::pin(app_unreachable(ctx, tls, e))),
+    })
+}
+
+/// Copies `tls` ⇄ `app` until either ends or a change denies the
+/// connection. (A plain `fn` around an `async move` block, so that its
+/// arguments are stored once: rust-lang/rust#62958.)
+#[allow(clippy::manual_async_fn)] // on purpose: the streams are stored once
+fn relay<'a, I>(
+    shared: &'a Shared,
+    ctx: &'a InboundContext,
     mut tls: I,
+    mut app: TcpStream,
 ) -> impl Future<Output = Outcome> + Send + 'a
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
 {
     async move {
-        let mut app = match dial(&ctx.app, shared.timeouts.connect).await {
-            Ok(app) => app,
-            Err(e) => {
-                tracing::warn!(app = %ctx.app, error = %e, "inbound: app unreachable");
-                // Boxed, as every await after the copy loop's: rare, and
-                // inline their states would be laid out beside the loop's
-                // in every connection's task.
-                Box::pin(close_gracefully(&mut tls)).await;
-                return Outcome::failed("app_connect", e);
-            }
-        };
         let counters = shared.metrics.byte_counters(Direction::Inbound);
-        let done = {
-            let copy = forward(&mut tls, &mut app, shared.timeouts.idle, &counters);
-            tokio::select! {
-                done = copy => Ok(done),
-                revoked = ctx.grant.revoked(shared, ctx) => Err(revoked),
-            }
-        };
+        let copy = forward(&mut tls, &mut app, shared.timeouts.idle, &counters);
+        let done = Until::new(copy, ctx.grant.revoked(shared, ctx)).await;
         Box::pin(forwarded(done, &mut tls, &app)).await
     }
+}
+
+/// The app refused or did not answer the dial: the peer's side is closed
+/// gracefully, as an app's own close would be.
+async fn app_unreachable<I>(ctx: &InboundContext, mut tls: I, e: std::io::Error) -> Outcome
+where
+    I: tokio::io::AsyncWrite + Unpin,
+{
+    tracing::warn!(app = %ctx.app, error = %e, "inbound: app unreachable");
+    close_gracefully(&mut tls).await;
+    Outcome::failed("app_connect", e)
 }
 
 /// How an inbound copy loop ended, with what it takes: an idle connection

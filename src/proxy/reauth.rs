@@ -179,41 +179,50 @@ const NO_ANCHOR: AnchorKey = 0;
 
 impl Grant {
     /// Resolves once a change denies this connection, after logging and
-    /// counting it; pending forever otherwise.
-    pub async fn revoked(&self, shared: &Shared, ctx: &InboundContext) -> Revoked {
-        let mut seen = self.generation;
-        loop {
-            // Made before the generation is read: a bump after the read
-            // wakes it (`notify_waiters` reaches every `Notified` made).
-            let changed = shared.reauth.changed.notified();
-            let now = shared.reauth.generation() as u32;
-            if now == seen {
-                changed.await;
-                continue;
-            }
-            seen = now;
-            if let Some(revoked) = self.check(shared, ctx) {
-                if !self.counted {
-                    tracing::debug!(client = %ctx.client, peer = %ctx.peer_id, rule = %revoked.rule, "mesh connection revoked: closing");
+    /// counting it; pending forever otherwise. Every inbound connection's
+    /// task holds this wait: a plain `fn` around an `async move` block, so
+    /// that its arguments are stored once (rust-lang/rust#62958).
+    #[allow(clippy::manual_async_fn)] // on purpose: the arguments are stored once
+    pub fn revoked<'a>(
+        &'a self,
+        shared: &'a Shared,
+        ctx: &'a InboundContext,
+    ) -> impl std::future::Future<Output = Revoked> + Send + 'a {
+        async move {
+            let mut seen = self.generation;
+            loop {
+                // Made before the generation is read: a bump after the read
+                // wakes it (`notify_waiters` reaches every `Notified` made).
+                let changed = shared.reauth.changed.notified();
+                let now = shared.reauth.generation() as u32;
+                if now == seen {
+                    changed.await;
+                    continue;
+                }
+                seen = now;
+                if let Some(revoked) = self.check(shared, ctx) {
+                    if !self.counted {
+                        tracing::debug!(client = %ctx.client, peer = %ctx.peer_id, rule = %revoked.rule, "mesh connection revoked: closing");
+                        return revoked;
+                    }
+                    tracing::info!(
+                        client = %ctx.client,
+                        peer = %ctx.peer_id,
+                        port = ctx.port,
+                        rule = %revoked.rule,
+                        reason = revoked.reason,
+                        "inbound connection revoked: closing"
+                    );
+                    shared
+                        .reauth
+                        .revoked
+                        .get_or_create(&RevokedLabels {
+                            reason: revoked.reason,
+                            rule: revoked.rule.to_string(),
+                        })
+                        .inc();
                     return revoked;
                 }
-                tracing::info!(
-                    client = %ctx.client,
-                    peer = %ctx.peer_id,
-                    port = ctx.port,
-                    rule = %revoked.rule,
-                    reason = revoked.reason,
-                    "inbound connection revoked: closing"
-                );
-                shared
-                    .reauth
-                    .revoked
-                    .get_or_create(&RevokedLabels {
-                        reason: revoked.reason,
-                        rule: revoked.rule.to_string(),
-                    })
-                    .inc();
-                return revoked;
             }
         }
     }

@@ -20,7 +20,6 @@ use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn, TunnelDest};
 use crate::http::tunnel::{Tunnel, Tunnels};
 use crate::http::{MeshConnectors, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
-use crate::metrics::Direction;
 use crate::policy::{OutboundAction, Protocol};
 
 /// How long the outbound side waits for the app's first bytes before
@@ -157,25 +156,8 @@ where
         close_gracefully(&mut io).await;
         return Outcome::default();
     }
-    let mut app = match crate::net::dial(&ctx.app, shared.timeouts.connect).await {
-        Ok(app) => app,
-        Err(e) => {
-            close_gracefully(&mut io).await;
-            return Outcome::failed("app_connect", e);
-        }
-    };
-    let counters = shared.metrics.byte_counters(Direction::Inbound);
-    let done = {
-        let copy = crate::net::forward::forward(&mut io, &mut app, shared.timeouts.idle, &counters);
-        tokio::select! {
-            done = copy => Ok(done),
-            revoked = ctx.grant.revoked(shared, ctx) => Err(revoked),
-        }
-    };
-    match done {
-        Ok(done) => Outcome::forwarded(done),
-        Err(revoked) => super::inbound::revoked_close(&mut io, revoked).await,
-    }
+    // Opaque bytes on an `auto` port: as a `tcp` port's.
+    super::inbound::forward_tcp(shared, ctx, io).await
 }
 
 /// What ends an inbound HTTP connection gracefully (in-flight requests
@@ -231,7 +213,7 @@ where
 fn inbound_conn(shared: &Shared, ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
     Arc::new(InboundConn {
         peer: (*ctx.peer_id).clone(),
-        x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.peer_cert_sha256),
+        x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*ctx.peer_cert_sha256),
         own: shared.store.info().map(|info| info.id.to_string()),
         port: ctx.port,
         app: ctx.app.clone(),

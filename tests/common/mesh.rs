@@ -381,12 +381,12 @@ pub fn echo_server() -> SocketAddr {
 
 /// Opens `n` connections to an echo path and holds them, each proven
 /// through by one echoed byte.
-pub fn hold(addr: SocketAddr, n: u8) -> Vec<TcpStream> {
+pub fn hold(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     (0..n)
         .map(|i| {
             let mut c = TcpStream::connect(addr).unwrap();
             c.set_read_timeout(Some(PATIENCE)).unwrap();
-            c.write_all(&[i]).unwrap();
+            c.write_all(&[i.to_le_bytes()[0]]).unwrap();
             let mut b = [0u8; 1];
             c.read_exact(&mut b).unwrap();
             c
