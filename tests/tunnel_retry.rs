@@ -10,7 +10,8 @@
 //! for a sidecar from before tunnels had connections of their own on
 //! `http` ports (it takes `stepmesh/h2+tunnel` only): the tunnels-only
 //! handshake it refuses is tried once, and the tunnels ride its mesh
-//! connection.
+//! connection. And an older sidecar's `tcp` port, which takes 256 streams
+//! a connection (ours take 1,024): 300 tunnels take two connections.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -71,10 +72,11 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
     addr
 }
 
-/// A stand-in for an older peer sidecar's `http` port: ALPN
-/// `stepmesh/h2+tunnel` only, every CONNECT stream echoed.
-async fn older_peer(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
-    let acceptor = peer_acceptor(pki, SERVER_ID, MESH_TUNNEL_ALPN);
+/// A stand-in for an older peer sidecar's port (`alpn`: the one ALPN it
+/// takes), which takes 256 streams on a connection, as every sidecar before
+/// tunnels-only connections took 1,024: every CONNECT stream echoed.
+async fn older_peer(pki: &Pki, seen: Arc<Seen>, alpn: &[u8]) -> SocketAddr {
+    let acceptor = peer_acceptor(pki, SERVER_ID, alpn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -86,7 +88,11 @@ async fn older_peer(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
                     seen.handshakes_failed.fetch_add(1, Ordering::SeqCst);
                     return;
                 };
-                let mut conn = h2::server::handshake(tls).await.unwrap();
+                let mut conn = h2::server::Builder::new()
+                    .max_concurrent_streams(256)
+                    .handshake(tls)
+                    .await
+                    .unwrap();
                 while let Some(Ok((req, respond))) = conn.accept().await {
                     assert_eq!(req.method(), http::Method::CONNECT);
                     seen.served.fetch_add(1, Ordering::SeqCst);
@@ -192,7 +198,7 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
 
 #[test]
 fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection_carries_them() {
-    let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen)));
+    let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen, MESH_TUNNEL_ALPN)));
     let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
     let mut conns: Vec<TcpStream> = (0..5)
@@ -221,5 +227,33 @@ fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection
     assert!(
         !metrics.contains("stepmesh_tls_handshake_failures_total{"),
         "the refusal is not counted as a failed handshake:\n{metrics}"
+    );
+}
+
+#[test]
+fn an_older_peers_256_streams_are_kept_to_and_a_second_connection_carries_the_rest() {
+    // An older sidecar's `tcp` port: tunnels-only, 256 streams. Were its
+    // limit not read from its SETTINGS, h2 would hold the 257th tunnel
+    // until another stream ended, and that app connection would hang.
+    let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen, TUNNEL_ALPN)));
+    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
+
+    let mut conns: Vec<TcpStream> = (0..300)
+        .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))
+        .collect();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let msg = format!("again {i}");
+        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
+    }
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        2,
+        "300 tunnels: two connections (240 each at most)"
+    );
+    assert_eq!(seen.served.load(Ordering::SeqCst), 300, "300 tunnels");
+    let metrics = client.metrics();
+    assert!(
+        !metrics.contains("stepmesh_connection_errors_total{"),
+        "no app connection failed:\n{metrics}"
     );
 }
