@@ -11,7 +11,9 @@
 //! `http` ports (it takes `stepmesh/h2+tunnel` only): the tunnels-only
 //! handshake it refuses is tried once, and the tunnels ride its mesh
 //! connection. And an older sidecar's `tcp` port, which takes 256 streams
-//! a connection (ours take 1,024): 300 tunnels take two connections.
+//! a connection (ours take 1,024): 300 tunnels take two connections. And
+//! a peer whose node vanishes (it stops reading, nothing closes): the
+//! mesh connection's pings go unanswered and its tunnels end.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -26,6 +28,8 @@ use bytes::Bytes;
 use common::mesh::{echo, outbound_args, peer_acceptor, Sidecar, PATIENCE, SERVER_ID};
 use stepmesh::http::{MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 use stepmesh_ca::testing::Pki;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 /// What the stand-in saw.
 #[derive(Default)]
@@ -37,39 +41,57 @@ struct Seen {
     handshakes_failed: AtomicUsize,
 }
 
+/// Accepts connections with `acceptor`, counted in `seen` (a failed
+/// handshake too), and serves each with `serve`: its TLS stream, what the
+/// stand-in saw, and whether it is the stand-in's first connection.
+async fn listen<F, Fut>(acceptor: TlsAcceptor, seen: Arc<Seen>, serve: F) -> SocketAddr
+where
+    F: Fn(TlsStream<tokio::net::TcpStream>, Arc<Seen>, bool) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = seen.accepts.fetch_add(1, Ordering::SeqCst) == 0;
+            let (acceptor, seen, serve) = (acceptor.clone(), seen.clone(), serve.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    seen.handshakes_failed.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                serve(tls, seen, first).await;
+            });
+        }
+    });
+    addr
+}
+
 /// The stand-in peer sidecar: its first connection refuses its first
 /// stream, serves the next two (echoing their bytes) and then says GOAWAY
 /// (gracefully: the streams open go on); later connections serve all.
 async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
     let acceptor = peer_acceptor(pki, SERVER_ID, TUNNEL_ALPN);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let first = seen.accepts.fetch_add(1, Ordering::SeqCst) == 0;
-            let (acceptor, seen) = (acceptor.clone(), seen.clone());
-            tokio::spawn(async move {
-                let tls = acceptor.accept(tcp).await.unwrap();
-                let mut conn = h2::server::handshake(tls).await.unwrap();
-                let mut streams = 0;
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    streams += 1;
-                    assert_eq!(req.method(), http::Method::CONNECT);
-                    if first && streams == 1 {
-                        seen.refused.fetch_add(1, Ordering::SeqCst);
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    seen.served.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(echo_stream(req.into_body(), respond));
-                    if first && streams == 3 {
-                        conn.graceful_shutdown();
-                    }
-                }
-            });
+    listen(acceptor, seen, |tls, seen, first| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let mut streams = 0;
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            streams += 1;
+            assert_eq!(req.method(), http::Method::CONNECT);
+            if first && streams == 1 {
+                seen.refused.fetch_add(1, Ordering::SeqCst);
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            seen.served.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(echo_stream(req.into_body(), respond));
+            if first && streams == 3 {
+                conn.graceful_shutdown();
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A stand-in for an older peer sidecar's port (`alpn`: the one ALPN it
@@ -77,31 +99,51 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
 /// tunnels-only connections took 1,024: every CONNECT stream echoed.
 async fn older_peer(pki: &Pki, seen: Arc<Seen>, alpn: &[u8]) -> SocketAddr {
     let acceptor = peer_acceptor(pki, SERVER_ID, alpn);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            seen.accepts.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, seen) = (acceptor.clone(), seen.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    seen.handshakes_failed.fetch_add(1, Ordering::SeqCst);
-                    return;
-                };
-                let mut conn = h2::server::Builder::new()
-                    .max_concurrent_streams(256)
-                    .handshake(tls)
-                    .await
-                    .unwrap();
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    assert_eq!(req.method(), http::Method::CONNECT);
-                    seen.served.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(echo_stream(req.into_body(), respond));
-                }
-            });
+    listen(acceptor, seen, |tls, seen, _| async move {
+        let mut conn = h2::server::Builder::new()
+            .max_concurrent_streams(256)
+            .handshake(tls)
+            .await
+            .unwrap();
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            assert_eq!(req.method(), http::Method::CONNECT);
+            seen.served.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(echo_stream(req.into_body(), respond));
         }
-    });
-    addr
+    })
+    .await
+}
+
+/// A stand-in peer whose node vanishes once it has echoed its first
+/// tunnel's first bytes: its connection stays open and is never read
+/// again (no answer to a PING, no FIN, no reset).
+async fn vanishing_peer(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
+    let acceptor = peer_acceptor(pki, SERVER_ID, TUNNEL_ALPN);
+    listen(acceptor, seen, |tls, seen, _| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let Some(Ok((req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        seen.served.fetch_add(1, Ordering::SeqCst);
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let mut body = req.into_body();
+        let echoed = async {
+            let data = body.data().await.unwrap().unwrap();
+            send.send_data(data, false).unwrap();
+        };
+        // The connection is driven while the bytes come in and go back.
+        tokio::select! {
+            _ = conn.accept() => return,
+            () = echoed => {}
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), conn.accept()).await;
+        // Gone: everything held, nothing polled again.
+        std::future::pending::<()>().await;
+        drop((conn, body, send));
+    })
+    .await
 }
 
 /// Answers `200` and sends back what the stream carries, to its end.
@@ -139,12 +181,22 @@ struct Setup {
 /// Starts the stand-in (`stand_in`: it listens and returns where) and an
 /// outbound sidecar towards it.
 fn start(stand_in: impl FnOnce(&tokio::runtime::Runtime, &Pki, Arc<Seen>) -> SocketAddr) -> Setup {
+    start_with(stand_in, &[])
+}
+
+/// [`start`], the sidecar given `flags` too.
+fn start_with(
+    stand_in: impl FnOnce(&tokio::runtime::Runtime, &Pki, Arc<Seen>) -> SocketAddr,
+    flags: &[&str],
+) -> Setup {
     let pki = Pki::new("mesh.test");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen = Arc::new(Seen::default());
     let peer = stand_in(&rt, &pki, seen.clone());
     let dir = tempfile::tempdir().unwrap();
-    let client = Sidecar::spawn(&outbound_args(dir.path(), &pki, peer));
+    let mut args = outbound_args(dir.path(), &pki, peer);
+    args.extend(flags.iter().map(|f| f.to_string()));
+    let client = Sidecar::spawn(&args);
     client.wait_ready();
     let outbound = client.listener("outbound");
     Setup {
@@ -256,4 +308,40 @@ fn an_older_peers_256_streams_are_kept_to_and_a_second_connection_carries_the_re
         !metrics.contains("stepmesh_connection_errors_total{"),
         "no app connection failed:\n{metrics}"
     );
+}
+
+#[test]
+fn a_peer_that_stops_answering_pings_ends_its_tunnels() {
+    // Pinged every second, answers waited for 333 ms: the app connection
+    // ends about 1.3 to 2.3 s after the peer went silent. Without the
+    // pings it would wait for the idle timeout, an hour.
+    let setup = start_with(
+        |rt, pki, seen| rt.block_on(vanishing_peer(pki, seen)),
+        &["--mesh-keepalive", "1s"],
+    );
+    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
+
+    let mut conn = app_connection(outbound, b"\0hello before the node vanishes");
+    assert_eq!(seen.served.load(Ordering::SeqCst), 1);
+    let silent = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // PATIENCE is the read timeout: a read that times out fails the test.
+    let ended = std::io::Read::read_to_end(&mut conn, &mut rest);
+    assert!(
+        !matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "the app connection still open after {:?}",
+        silent.elapsed()
+    );
+    assert!(rest.is_empty(), "nothing more came: {rest:?}");
+    let waited = silent.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "ended {waited:?} after the peer went silent"
+    );
+    client.wait_log("why the connection closed", |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no answer to a ping in time"))
+            .then_some(())
+    });
 }

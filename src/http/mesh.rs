@@ -290,6 +290,35 @@ pub(crate) struct MeshPool {
     made: AtomicU64,
     /// The sidecar's identity store and metrics, when it has them.
     pub(crate) sidecar: Option<MeshSidecar>,
+    /// How the pooled connections check that their peer is there.
+    pub(crate) keep_alive: KeepAlive,
+}
+
+/// A pooled connection with streams open pings its peer every `interval`
+/// and is closed (its streams with it) when an answer takes longer than
+/// `timeout`: a peer whose host vanished ends its app connections then,
+/// not at the idle timeout (an hour). An idle connection is not pinged.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepAlive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+impl KeepAlive {
+    /// Every `interval`, each answer within a third of it (at most 10 s).
+    pub(crate) fn every(interval: Duration) -> Self {
+        KeepAlive {
+            interval,
+            timeout: (interval / 3).min(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Default for KeepAlive {
+    /// Every 30 s, answers within 10 s (`--mesh-keepalive`'s default).
+    fn default() -> Self {
+        KeepAlive::every(Duration::from_secs(30))
+    }
 }
 
 /// What a mesh dial checks and counts as the L4 path's dial does: a
@@ -581,9 +610,10 @@ impl MeshPool {
         // The connection's task holds `ending`: it ends with the connection.
         let ending = Closing(tunnels.clone());
         let send = if kind.http {
-            Self::hyper_handshake(tls, &dst, ending).await?
+            Self::hyper_handshake(tls, &dst, self.keep_alive, ending).await?
         } else {
-            let send = h2_client::handshake(tls, &dst, tunnels.clone(), ending).await?;
+            let send =
+                h2_client::handshake(tls, &dst, tunnels.clone(), self.keep_alive, ending).await?;
             Sender::Tunnels(send)
         };
         let id = self.made.fetch_add(1, Ordering::Relaxed);
@@ -602,6 +632,7 @@ impl MeshPool {
     async fn hyper_handshake(
         tls: tokio_rustls::client::TlsStream<TcpStream>,
         dst: &Arc<str>,
+        keep_alive: KeepAlive,
         ending: Closing,
     ) -> Result<Sender, MeshError> {
         // Fixed, large windows, no adaptive window: see h2_settings.
@@ -610,8 +641,8 @@ impl MeshPool {
             .initial_stream_window_size(h2_settings::STREAM_WINDOW)
             .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
             .max_concurrent_reset_streams(h2_settings::MESH_RESETS)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_interval(keep_alive.interval)
+            .keep_alive_timeout(keep_alive.timeout)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;

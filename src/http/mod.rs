@@ -192,6 +192,14 @@ impl HttpLayer {
         self
     }
 
+    /// How often pooled mesh connections with streams open ping their peer
+    /// (`--mesh-keepalive`; answers are waited for a third of it, at most
+    /// 10 s) instead of every 30 s.
+    pub fn with_mesh_keepalive(mut self, interval: std::time::Duration) -> HttpLayer {
+        self.mesh.keep_alive = mesh::KeepAlive::every(interval);
+        self
+    }
+
     /// Closes idle pooled HTTP/1 connections (to apps, tunnels and
     /// connections to peers) once they have waited their pool's idle time,
     /// for as long as the layer lives: the sidecar spawns it.

@@ -96,6 +96,12 @@ pub struct ProxyArgs {
     /// A connection with no byte in either direction for this long is closed.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
+    /// A pooled mesh connection with streams open pings its peer this
+    /// often and is closed, with its app connections, when an answer takes
+    /// longer than a third of it (at most 10 s): a peer whose node vanished
+    /// is given up then, not at the idle timeout.
+    #[arg(long, value_name = "DURATION", value_parser = parse_keepalive, default_value = "30s", env = "STEPMESH_MESH_KEEPALIVE")]
+    pub mesh_keepalive: Duration,
     /// Deadline for dialling the app or the peer.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
@@ -240,6 +246,16 @@ impl FromStr for OutboundSpec {
     }
 }
 
+/// A keep-alive interval: at least 1 s (a ping's answer is waited for a
+/// third of it; shorter would close healthy connections on a busy node).
+fn parse_keepalive(s: &str) -> Result<Duration, String> {
+    let interval = parse_duration(s)?;
+    if interval < Duration::from_secs(1) {
+        return Err("at least 1s: an answer is waited for a third of it".into());
+    }
+    Ok(interval)
+}
+
 fn check_host_port(addr: &str) -> Result<(), String> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
@@ -260,5 +276,15 @@ mod tests {
         assert!("127.0.0.1:8443".parse::<InboundSpec>().is_err());
         assert!("nope=127.0.0.1:8080".parse::<InboundSpec>().is_err());
         assert!("127.0.0.1:1=app".parse::<InboundSpec>().is_err());
+    }
+
+    #[test]
+    fn a_keepalive_under_a_second_is_refused() {
+        assert_eq!(parse_keepalive("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_keepalive("1s"), Ok(Duration::from_secs(1)));
+        let refused = parse_keepalive("500ms").unwrap_err();
+        assert!(refused.contains("at least 1s"), "{refused}");
+        assert!(parse_keepalive("0").is_err());
+        assert!(parse_keepalive("soon").is_err());
     }
 }

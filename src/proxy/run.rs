@@ -202,6 +202,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
             .with_timeouts(args.idle_timeout, args.connect_timeout)
             .with_mesh_sidecar(store.clone(), proxy_metrics.clone())
+            .with_mesh_keepalive(args.mesh_keepalive)
             .with_limits(crate::http::HttpLimits {
                 header_timeout: args.header_timeout,
                 body_idle_timeout: args.body_idle_timeout,

@@ -4,7 +4,6 @@
 //! bridge task per stream as hyper's upgrades have.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -12,19 +11,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::super::h2_settings;
 use crate::http::outbound::MeshError;
 
-/// How often a connection with open tunnels checks that its peer is
-/// there, and how long it waits for the answer (as hyper's mesh client:
-/// `keep_alive_interval`, `keep_alive_timeout`, not while idle).
-const KEEP_ALIVE: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Starts HTTP/2 on `io` and the task that drives the connection, which
 /// drops `ending` once the connection has ended. `tunnels`: the
-/// connection's open tunnels (it is pinged only while it has some).
+/// connection's open tunnels (it is pinged only while it has some, as
+/// `keep_alive` says).
 pub(super) async fn handshake<T>(
     io: T,
     dst: &Arc<str>,
     tunnels: Arc<super::ConnTunnels>,
+    keep_alive: super::KeepAlive,
     ending: super::Closing,
 ) -> Result<h2::client::SendRequest<Bytes>, MeshError>
 where
@@ -35,7 +30,7 @@ where
         .await
         .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
     tokio::spawn(async move {
-        if let Err(e) = drive(connection, &tunnels).await {
+        if let Err(e) = drive(connection, &tunnels, keep_alive).await {
             tracing::debug!(error = %e, "mesh tunnels connection ended");
         }
         drop(ending);
@@ -44,12 +39,13 @@ where
 }
 
 /// Runs the connection until it ends, pinging the peer every
-/// [`KEEP_ALIVE`] while tunnels are open: a peer gone silent (a host that
-/// vanished) ends it, and with it its tunnels, after
-/// [`KEEP_ALIVE_TIMEOUT`].
+/// `keep_alive.interval` while tunnels are open: a peer gone silent (a
+/// host that vanished) ends it, and with it its tunnels, after
+/// `keep_alive.timeout`.
 async fn drive<T>(
     mut connection: h2::client::Connection<T, Bytes>,
     tunnels: &super::ConnTunnels,
+    keep_alive: super::KeepAlive,
 ) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -58,7 +54,7 @@ where
         // Only a second call returns none: this is the first.
         return connection.await;
     };
-    let mut every = tokio::time::interval(KEEP_ALIVE);
+    let mut every = tokio::time::interval(keep_alive.interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.reset();
     loop {
@@ -69,14 +65,14 @@ where
         if tunnels.open() == 0 {
             continue;
         }
-        let pong = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        let pong = tokio::time::timeout(keep_alive.timeout, pings.ping(h2::Ping::opaque()));
         tokio::select! {
             done = &mut connection => return done,
             answered = pong => match answered {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    tracing::warn!("mesh tunnels connection: no answer to a ping in {KEEP_ALIVE_TIMEOUT:?}; closing it");
+                    tracing::warn!(timeout = ?keep_alive.timeout, "mesh tunnels connection: no answer to a ping in time; closing it and its tunnels");
                     return Ok(());
                 }
             },
