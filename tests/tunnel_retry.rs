@@ -168,6 +168,29 @@ fn app_connection(outbound: SocketAddr, msg: &[u8]) -> TcpStream {
     conn
 }
 
+/// `n` app connections through `outbound`, each echoed as it opens and
+/// again once all are open (every tunnel still carries bytes).
+fn open_all(outbound: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut conns: Vec<TcpStream> = (0..n)
+        .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))
+        .collect();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let msg = format!("again {i}");
+        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
+    }
+    conns
+}
+
+/// Asserts that no app connection of `client` failed; its metrics.
+fn no_app_connection_failed(client: &Sidecar) -> String {
+    let metrics = client.metrics();
+    assert!(
+        !metrics.contains("stepmesh_connection_errors_total{"),
+        "no app connection failed:\n{metrics}"
+    );
+    metrics
+}
+
 /// A real outbound sidecar towards a stand-in peer, and what it saw.
 struct Setup {
     client: Sidecar,
@@ -241,11 +264,7 @@ fn refused_and_going_away_tunnels_are_opened_again_and_open_ones_go_on() {
         r#"stepmesh_connections_total{{direction="outbound",peer="{SERVER_ID}",decision="allow"}}"#
     ));
     assert_eq!(allowed, 4.0, "four tunnels to the peer");
-    let metrics = client.metrics();
-    assert!(
-        !metrics.contains("stepmesh_connection_errors_total{"),
-        "no app connection failed:\n{metrics}"
-    );
+    no_app_connection_failed(client);
 }
 
 #[test]
@@ -253,13 +272,7 @@ fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection
     let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen, MESH_TUNNEL_ALPN)));
     let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
-    let mut conns: Vec<TcpStream> = (0..5)
-        .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))
-        .collect();
-    for (i, conn) in conns.iter_mut().enumerate() {
-        let msg = format!("again {i}");
-        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
-    }
+    let _conns = open_all(outbound, 5);
     assert_eq!(
         seen.handshakes_failed.load(Ordering::SeqCst),
         1,
@@ -271,11 +284,7 @@ fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection
         "the refused handshake and one mesh connection"
     );
     assert_eq!(seen.served.load(Ordering::SeqCst), 5, "five tunnels");
-    let metrics = client.metrics();
-    assert!(
-        !metrics.contains("stepmesh_connection_errors_total{"),
-        "no app connection failed:\n{metrics}"
-    );
+    let metrics = no_app_connection_failed(client);
     assert!(
         !metrics.contains("stepmesh_tls_handshake_failures_total{"),
         "the refusal is not counted as a failed handshake:\n{metrics}"
@@ -290,24 +299,14 @@ fn an_older_peers_256_streams_are_kept_to_and_a_second_connection_carries_the_re
     let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen, TUNNEL_ALPN)));
     let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
-    let mut conns: Vec<TcpStream> = (0..300)
-        .map(|i| app_connection(outbound, format!("\0app connection {i}").as_bytes()))
-        .collect();
-    for (i, conn) in conns.iter_mut().enumerate() {
-        let msg = format!("again {i}");
-        assert_eq!(echo(conn, msg.as_bytes()), msg.as_bytes());
-    }
+    let _conns = open_all(outbound, 300);
     assert_eq!(
         seen.accepts.load(Ordering::SeqCst),
         2,
         "300 tunnels: two connections (240 each at most)"
     );
     assert_eq!(seen.served.load(Ordering::SeqCst), 300, "300 tunnels");
-    let metrics = client.metrics();
-    assert!(
-        !metrics.contains("stepmesh_connection_errors_total{"),
-        "no app connection failed:\n{metrics}"
-    );
+    no_app_connection_failed(client);
 }
 
 #[test]
