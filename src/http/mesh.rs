@@ -300,7 +300,9 @@ pub(crate) struct MeshPool {
 /// not at the idle timeout (an hour). An idle connection is not pinged.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KeepAlive {
+    /// Between pings (`--mesh-keepalive`).
     pub(crate) interval: Duration,
+    /// How long a ping's answer is waited for.
     pub(crate) timeout: Duration,
 }
 

@@ -52,8 +52,8 @@ impl TunnelHandler for Handler {
         let upgrading = hyper::upgrade::on(&mut req);
         let shared = self.shared.clone();
         // The older peers' path (a mesh connection's tunnels, through
-        // hyper): the upgrade's wait is laid out beside the stream's task,
-        // not in it.
+        // hyper): the upgrade is awaited here, around `serve`, so that the
+        // h2 streams' tasks (every other tunnel) do not carry its wait.
         tokio::spawn(async move {
             match upgrading.await {
                 Ok(io) => serve(shared, TokioIo::new(io), decided).await,
@@ -76,8 +76,8 @@ impl TunnelHandler for Handler {
         match respond.send_response(head(StatusCode::OK, relays), false) {
             Ok(send) => {
                 // Boxed: the task holds the stream in more than one place
-                // (its argument, the seam's), and 48 bytes more there would
-                // take its allocation from 1,024 bytes to 1,280.
+                // (its argument, the seam's, the copy's), and 40 bytes more
+                // in each would take its allocation past 640 bytes.
                 let io = Box::new(StreamIo::new(send, req.into_body()));
                 tokio::spawn(serve(self.shared.clone(), io, decided));
             }
