@@ -10,7 +10,7 @@
 //! are.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,8 +21,11 @@ use tokio::net::TcpStream;
 use super::outbound::{MeshError, OutboundConn};
 use super::{h2_settings, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 
+mod conn_tunnels;
 mod h2_client;
 mod request;
+
+pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, TunnelCount};
 
 pub(crate) use self::request::{
     going_away, never_processed, not_processed, peer_going_away, send, MeshBody, Outgoing,
@@ -179,104 +182,6 @@ impl Pooled {
     /// The connection's HTTP/2 client (a clone: the handle is shared).
     pub(crate) fn sender(&self) -> Sender {
         self.send.clone()
-    }
-}
-
-/// Watches one mesh connection's end (see [`MeshPool::first_ended`]).
-#[derive(Clone)]
-pub(crate) struct PeerGone(Arc<ConnTunnels>);
-
-impl PeerGone {
-    /// Whether the connection has ended or takes no new stream (the pool
-    /// retired it: the peer said GOAWAY).
-    pub(crate) fn is_gone(&self) -> bool {
-        self.0.retired.load(Ordering::Acquire) || self.0.closed.load(Ordering::Acquire)
-    }
-
-    /// Resolves once [`PeerGone::is_gone`]. Every idle HTTP/1 app
-    /// connection holds this wait: on a `Notify`, 80 bytes (a `watch`
-    /// receiver's took 152).
-    pub(crate) async fn wait(&self) {
-        // Made before the flags are read: `notify_waiters` wakes every
-        // `Notified` made before it, polled or not.
-        let notified = self.0.gone.notified();
-        if !self.is_gone() {
-            notified.await;
-        }
-    }
-}
-
-/// What the tunnels of one pooled connection share, so that each tunnel
-/// holds one pointer to it (every idle opaque connection holds its tunnel),
-/// and whether the connection is still there.
-pub(crate) struct ConnTunnels {
-    /// Tunnels open on the connection now.
-    open: AtomicUsize,
-    /// The peer's SPIFFE ID (from the connection's certificate).
-    peer: Option<Arc<str>>,
-    /// The destination's slot and the connection's id, when this is one of
-    /// the destination's extra connections (see [`TunnelCount`]).
-    extra: std::sync::OnceLock<(Weak<Slot>, u64)>,
-    /// Set once the connection has ended (see [`Closing`]).
-    closed: std::sync::atomic::AtomicBool,
-    /// Set when the pool retires the connection ([`MeshPool::retire`]).
-    retired: std::sync::atomic::AtomicBool,
-    /// Wakes the app connections that follow the connection
-    /// ([`PeerGone`]) when it is retired or ends.
-    gone: tokio::sync::Notify,
-}
-
-impl ConnTunnels {
-    /// Tunnels open on the connection now.
-    pub(crate) fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
-        self.gone.notify_waiters();
-    }
-}
-
-/// Held by a pooled connection's task: its drop (the task's end, even by
-/// a panic) marks the connection closed and wakes its followers.
-pub(crate) struct Closing(Arc<ConnTunnels>);
-
-impl Drop for Closing {
-    fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
-        self.0.gone.notify_waiters();
-    }
-}
-
-/// One tunnel counted on a pooled connection while it is open. The last
-/// tunnel of an extra connection (one dialled past its tunnel limit) takes
-/// that connection out of the pool, so that it closes once idle instead
-/// of staying open for good after a burst; the destination's first
-/// connection stays pooled.
-pub(crate) struct TunnelCount(Arc<ConnTunnels>);
-
-impl TunnelCount {
-    /// The peer the tunnel reaches (the pooled connection's).
-    pub(crate) fn peer(&self) -> Option<&Arc<str>> {
-        self.0.peer.as_ref()
-    }
-}
-
-impl Drop for TunnelCount {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
-        }
-        let Some((slot, id)) = self.0.extra.get() else {
-            return;
-        };
-        let Some(slot) = slot.upgrade() else {
-            return;
-        };
-        let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
-        // Re-read under the lock: `more_with_room` counts new tunnels under it.
-        more.retain(|p| p.id != *id || p.tunnels.open() > 0);
     }
 }
 
@@ -601,14 +506,7 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
-        let tunnels = Arc::new(ConnTunnels {
-            open: AtomicUsize::new(0),
-            peer: peer.clone(),
-            extra: std::sync::OnceLock::new(),
-            closed: std::sync::atomic::AtomicBool::new(false),
-            retired: std::sync::atomic::AtomicBool::new(false),
-            gone: tokio::sync::Notify::new(),
-        });
+        let tunnels = ConnTunnels::new(peer.clone());
         // The connection's task holds `ending`: it ends with the connection.
         let ending = Closing(tunnels.clone());
         let send = if kind.http {
