@@ -11,6 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+pub mod json;
+
 /// Lines waiting for the writer; beyond this, lines are dropped and counted.
 const QUEUE: usize = 2048;
 
@@ -114,13 +116,30 @@ impl AccessLog {
         self.log_json(record);
     }
 
-    /// Queues any record as one JSON line (the HTTP layer's request lines).
+    /// Queues any record as one JSON line (connection and audit lines).
     pub fn log_json<T: Serialize + ?Sized>(&self, record: &T) {
-        let Some(tx) = &self.tx else { return };
-        let mut line = Vec::with_capacity(LINE_BYTES);
-        if serde_json::to_writer(&mut line, record).is_err() {
+        if self.tx.is_none() {
             return;
         }
+        let mut line = Vec::with_capacity(LINE_BYTES);
+        if serde_json::to_writer(&mut line, record).is_ok() {
+            self.queue(line);
+        }
+    }
+
+    /// Queues the line `write` puts into an empty buffer (one JSON value,
+    /// see [`json::Object`]): the lines written on every HTTP request.
+    pub fn log_line(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.tx.is_none() {
+            return;
+        }
+        let mut line = Vec::with_capacity(LINE_BYTES);
+        write(&mut line);
+        self.queue(line);
+    }
+
+    fn queue(&self, mut line: Vec<u8>) {
+        let Some(tx) = &self.tx else { return };
         line.push(b'\n');
         if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Line(line)) {
             self.dropped.inc();

@@ -196,7 +196,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let request_log = {
         let log = access_log.clone();
-        crate::http::RequestLog::new(move |record| log.log_json(record))
+        crate::http::RequestLog::new(move |record| log.log_line(|line| record.write_json(line)))
     };
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
