@@ -48,6 +48,12 @@ use super::{Local, Verdict};
 /// to this size; larger bodies are written straight from the read buffer.
 const COALESCE: usize = 16 * 1024;
 
+/// Room a request's head is copied with, for what follows it in the same
+/// buffer: the rewritten head's additions (inbound: XFCC, the step-up
+/// subject), then the response head and a small body gathered with it.
+/// Grown in steps these were one to three reallocations per request.
+const OUT_ROOM: usize = 1024;
+
 /// Why one exchange ended the connection.
 enum Fail {
     /// The client's socket failed or it closed mid-message: nothing can be
@@ -281,6 +287,7 @@ impl<S: Side> Relay<'_, S> {
                     // The head as it came: relayed verbatim when clean,
                     // and where the request target is read for the log.
                     out.clear();
+                    out.reserve(len + OUT_ROOM);
                     out.extend_from_slice(&cbuf.bytes()[..len]);
                     cbuf.consume(len);
                     idle.set_deadline(None);
