@@ -268,8 +268,15 @@ fn version_of(minor: u8) -> Version {
     }
 }
 
+/// Fields a relayed head may gain: XFCC and the step-up subject inbound,
+/// `Connection` and `Transfer-Encoding` when framing is restored. Room for
+/// them is made at once: a map grown by its first insert rehashed every
+/// field (a callgrind profile: 1,100 instructions of the inbound's 31,000
+/// per request).
+const ADDED_FIELDS: usize = 4;
+
 fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_FIELDS);
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Malformed(format!("invalid header name {:?}", field.name)))?;
