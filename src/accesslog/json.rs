@@ -1,7 +1,7 @@
 //! JSON objects written field by field, for the line every HTTP request
 //! logs. Written by hand, not with serde_json, because a measurement said
 //! so: serializing the request line through serde (its string escaping,
-//! float formatting and field dispatch) was about 3 % of both sidecars' CPU
+//! float formatting and field dispatch) was about 2.5 % of both sidecars' CPU
 //! at saturation on the HTTP path (docs/BENCHMARKS.md). Strings are escaped
 //! as RFC 8259 requires and as serde_json does (`"`, `\`, control
 //! characters; everything else as it is); field names are the caller's
