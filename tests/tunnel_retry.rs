@@ -11,7 +11,8 @@
 //! `http` ports (it takes `stepmesh/h2+tunnel` only): the tunnels-only
 //! handshake it refuses is tried once, and the tunnels ride its mesh
 //! connection. And an older sidecar's `tcp` port, which takes 256 streams
-//! a connection (ours take 1,024): 300 tunnels take two connections. And
+//! a connection (ours take 1,024): 300 tunnels take two connections; a
+//! peer that takes 8 streams: 4 tunnels a connection. And
 //! a peer whose node vanishes (it stops reading, nothing closes): the
 //! mesh connection's pings go unanswered and its tunnels end.
 
@@ -98,10 +99,16 @@ async fn stand_in(pki: &Pki, seen: Arc<Seen>) -> SocketAddr {
 /// takes), which takes 256 streams on a connection, as every sidecar before
 /// tunnels-only connections took 1,024: every CONNECT stream echoed.
 async fn older_peer(pki: &Pki, seen: Arc<Seen>, alpn: &[u8]) -> SocketAddr {
+    peer_taking(pki, seen, alpn, 256).await
+}
+
+/// A stand-in peer that takes `streams` streams on a connection (its
+/// `SETTINGS`) on ALPN `alpn`: every CONNECT stream echoed.
+async fn peer_taking(pki: &Pki, seen: Arc<Seen>, alpn: &[u8], streams: u32) -> SocketAddr {
     let acceptor = peer_acceptor(pki, SERVER_ID, alpn);
-    listen(acceptor, seen, |tls, seen, _| async move {
+    listen(acceptor, seen, move |tls, seen, _| async move {
         let mut conn = h2::server::Builder::new()
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(streams)
             .handshake(tls)
             .await
             .unwrap();
@@ -306,6 +313,24 @@ fn an_older_peers_256_streams_are_kept_to_and_a_second_connection_carries_the_re
         "300 tunnels: two connections (240 each at most)"
     );
     assert_eq!(seen.served.load(Ordering::SeqCst), 300, "300 tunnels");
+    no_app_connection_failed(client);
+}
+
+#[test]
+fn a_peer_that_takes_few_streams_still_carries_several_tunnels_a_connection() {
+    // 8 streams: 4 tunnels a connection (half kept as headroom). With the
+    // full headroom of 16 subtracted it would be none, and each app
+    // connection would dial a connection of its own.
+    let setup = start(|rt, pki, seen| rt.block_on(peer_taking(pki, seen, TUNNEL_ALPN, 8)));
+    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
+
+    let _conns = open_all(outbound, 20);
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        5,
+        "20 tunnels: five connections (4 each)"
+    );
+    assert_eq!(seen.served.load(Ordering::SeqCst), 20, "20 tunnels");
     no_app_connection_failed(client);
 }
 

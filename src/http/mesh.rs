@@ -155,16 +155,20 @@ impl Pooled {
     /// Tunnels this connection carries at most: [`TUNNEL_LIMIT`] on a mesh
     /// connection; on a tunnels-only one, once the peer's `SETTINGS` are
     /// in, its stream limit (ours: [`h2_settings::TUNNEL_STREAMS`]) less
-    /// [`STREAM_HEADROOM`]. Until then h2 knows no limit (`usize::MAX`),
-    /// and the peer may be an older sidecar, which takes 256.
+    /// [`STREAM_HEADROOM`] (half of it, when it is below twice that: a
+    /// peer that takes few streams still takes tunnels on each connection,
+    /// not one connection per app connection). Until then h2 knows no
+    /// limit (`usize::MAX`), and the peer may be an older sidecar, which
+    /// takes 256.
     fn tunnel_limit(&self) -> usize {
         match &self.send {
             Sender::Hyper(_) => TUNNEL_LIMIT,
             Sender::Tunnels(send) => match send.current_max_send_streams() {
                 usize::MAX => TUNNEL_LIMIT,
-                peer => peer
-                    .min(h2_settings::TUNNEL_STREAMS as usize)
-                    .saturating_sub(STREAM_HEADROOM),
+                peer => {
+                    let peer = peer.min(h2_settings::TUNNEL_STREAMS as usize);
+                    peer - STREAM_HEADROOM.min(peer / 2)
+                }
             },
         }
     }
