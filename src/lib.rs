@@ -41,8 +41,8 @@ pub mod fuzzing {
     pub use crate::http::detect::H2_PREFACE;
     pub use crate::http::h1::body::{BodyError, Remaining};
     pub use crate::http::h1::message::{
-        parse_request, parse_response, write_request, write_response, Framing, HeadError,
-        HeadLimits, RequestHead, ResponseHead,
+        parse_request, parse_response, splice_request, write_request, write_response, Detail,
+        Framing, HeadError, HeadLimits, RequestHead, ResponseHead,
     };
     pub use crate::http::h2_frames::{FrameTracker, Open};
 }

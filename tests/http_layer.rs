@@ -26,7 +26,28 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
+/// The step-up routes of port 8080 (`world`'s policy; `$FRONTEND` is
+/// [`FRONTEND`]).
+const ROUTES: &str = r#"
+      routes:
+        - name: refunds
+          match: {methods: [POST], path: /refunds/*}
+          from: [$FRONTEND]
+          stepUp: {provider: corp-idp, acr: [urn:stepmesh:acr:mfa], maxAge: 300s, bindToPeer: azp}
+        - name: cnf
+          match: {path: /cnf}
+          stepUp: {provider: corp-idp, bindToPeer: cnf}
+        - name: forward
+          match: {path: /forward}
+          stepUp: {provider: corp-idp, header: x-step-up-token, forward: true}
+"#;
+
 async fn world(caller: &str, app_h2: bool) -> World {
+    world_with(caller, app_h2, &ROUTES.replace("$FRONTEND", FRONTEND)).await
+}
+
+/// A pair whose port 8080 allows `caller`, with `routes` (YAML, or "").
+async fn world_with(caller: &str, app_h2: bool, routes: &str) -> World {
     let idp = TestIdp::new(ISS).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
@@ -47,19 +68,7 @@ inbound:
     - port: 8080
       protocol: http
       allow:
-        - from: [{FRONTEND}, spiffe://cluster.local/ns/ops/*]
-      routes:
-        - name: refunds
-          match: {{methods: [POST], path: /refunds/*}}
-          from: [{FRONTEND}]
-          stepUp: {{provider: corp-idp, acr: [urn:stepmesh:acr:mfa], maxAge: 300s, bindToPeer: azp}}
-        - name: cnf
-          match: {{path: /cnf}}
-          stepUp: {{provider: corp-idp, bindToPeer: cnf}}
-        - name: forward
-          match: {{path: /forward}}
-          stepUp: {{provider: corp-idp, header: x-step-up-token, forward: true}}
-"#,
+        - from: [{FRONTEND}, spiffe://cluster.local/ns/ops/*]{routes}"#,
         jwks.display()
     ))
     .unwrap();
@@ -261,14 +270,23 @@ async fn spoofed_identity_headers_never_reach_the_app() {
         ("x-forwarded-client-cert", "By=spiffe://cluster.local/ns/x/sa/y;URI=spiffe://cluster.local/ns/kube-system/sa/admin"),
         ("x-stepup-sub", "root"),
         ("stepmesh-orig-proto", "HTTP/2"),
+        ("X-Stepup-Sub", "root again"),
     ];
-    for h2 in [false, true] {
+    // On a port with routes and on one without (the identity alone
+    // decides). A real pair's HTTP/1 relay on a port without routes:
+    // tests/http_sidecars.rs.
+    for (h2, routes) in [(false, true), (true, true), (false, false)] {
         let w2;
-        let w = if h2 {
-            w2 = world(FRONTEND, true).await;
-            &w2
-        } else {
-            &w
+        let w = match (h2, routes) {
+            (false, true) => &w,
+            (true, true) => {
+                w2 = world(FRONTEND, true).await;
+                &w2
+            }
+            _ => {
+                w2 = world_with(FRONTEND, false, "").await;
+                &w2
+            }
         };
         let a = send(
             w.pair.outbound,

@@ -72,6 +72,12 @@ inbound:
 }
 
 fn setup(app_h2: bool) -> Setup {
+    setup_with(app_h2, true)
+}
+
+/// [`setup`]; `routes` false: the port's policy has no routes (identity
+/// alone decides; the inbound relay then splices HTTP/1 heads).
+fn setup_with(app_h2: bool, routes: bool) -> Setup {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,7 +90,11 @@ fn setup(app_h2: bool) -> Setup {
     let pki = Pki::new("mesh.test");
     let port = free_port();
     let policy_file = dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, policy(port, &jwks)).unwrap();
+    let mut text = policy(port, &jwks);
+    if !routes {
+        text.truncate(text.find("      routes:").unwrap());
+    }
+    std::fs::write(&policy_file, text).unwrap();
     let files = SvidFiles::write(dir.path(), "server", &pki, &pki.leaf(SERVER_ID));
     let mut args = files.args();
     args.extend([
@@ -323,6 +333,43 @@ fn every_branch_of_the_decision_list_through_a_sidecar_pair() {
             "{metrics}"
         );
     }
+}
+
+#[test]
+fn spoofed_identity_fields_never_reach_an_app_on_a_port_without_routes() {
+    // No field decides here, so the inbound relay passes an HTTP/1 head's
+    // fields as they came but for those it sets itself: any spelling of
+    // them, any number of copies, goes.
+    let s = setup_with(false, false);
+    let spoof = "By=spiffe://mesh.test/ns/x/sa/y;URI=spiffe://mesh.test/ns/kube-system/sa/admin";
+    let a = s.call(
+        &s.frontend,
+        false,
+        "POST",
+        "/refunds/9",
+        &[
+            ("X-Forwarded-Client-Cert", spoof),
+            ("x-stepup-sub", "root"),
+            ("x-keep", "1"),
+            ("X-STEPUP-SUB", "root again"),
+            ("stepmesh-orig-proto", "HTTP/2"),
+            ("x-forwarded-client-cert", spoof),
+        ],
+    );
+    assert_eq!(a.status, 200, "no route, no step-up: {:?}", a.body);
+    let seen = a.json();
+    assert_eq!(
+        seen["headers"]["x-forwarded-client-cert"],
+        json!([format!("By={SERVER_ID};URI={FRONTEND}")]),
+        "{seen}"
+    );
+    assert!(seen["headers"].get("x-stepup-sub").is_none(), "{seen}");
+    assert!(
+        seen["headers"].get("stepmesh-orig-proto").is_none(),
+        "{seen}"
+    );
+    assert_eq!(seen["headers"]["x-keep"], json!(["1"]), "{seen}");
+    assert_eq!(seen["version"], "HTTP/1.1");
 }
 
 #[test]

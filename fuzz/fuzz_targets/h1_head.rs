@@ -5,10 +5,15 @@
 //! Properties besides "no panic":
 //!
 //! - a head is never longer than the input, and its target lies inside it;
-//! - the scan-only parse (`full = false`) and the full parse agree on
+//! - the scan-only parse (`Detail::Scan`) and the full parse agree on
 //!   length, framing, keep-alive, expect-continue, upgrade and cleanliness;
+//! - the target-only parse (`Detail::Target`, the inbound side's on a port
+//!   without routes) accepts exactly what the full parse accepts;
 //! - a head the relay rewrites (`write_request` / `write_response`) parses
-//!   back to the same method / status, headers and framing.
+//!   back to the same method / status, headers and framing;
+//! - a clean head spliced (`splice_request`) parses back to the same
+//!   request line and the same fields in the same order, less the ones
+//!   dropped (and `Transfer-Encoding`).
 //!
 //! Input: byte 0 picks request or response (and the request method a
 //! response answers, or for a request default or small `HeadLimits`); the
@@ -17,13 +22,22 @@
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use stepmesh::fuzzing::{parse_request, parse_response, write_request, write_response, HeadLimits};
+use stepmesh::fuzzing::{
+    parse_request, parse_response, splice_request, write_request, write_response, Detail,
+    HeadLimits,
+};
 
 const METHODS: [Method; 4] = [Method::GET, Method::HEAD, Method::POST, Method::CONNECT];
 
 fn request(wire: &[u8], limits: HeadLimits) {
-    let scanned = parse_request(wire, false, limits);
-    let full = parse_request(wire, true, limits);
+    let scanned = parse_request(wire, Detail::Scan, limits);
+    let full = parse_request(wire, Detail::Full, limits);
+    let target = parse_request(wire, Detail::Target, limits);
+    assert_eq!(
+        full.is_ok(),
+        target.is_ok(),
+        "the target-only parse accepts what the full one does: {full:?} / {target:?}"
+    );
     let (Ok(Some((scan, scan_len))), Ok(Some((head, len)))) = (&scanned, &full) else {
         // The full parse may refuse a target or field the scan never looked at;
         // it never accepts what the scan refuses.
@@ -49,9 +63,12 @@ fn request(wire: &[u8], limits: HeadLimits) {
     assert_eq!(scan.target, head.target);
     assert_eq!(scan.parts.method, head.parts.method);
 
+    if head.clean {
+        spliced(&wire[..*len], head);
+    }
     let mut out = Vec::new();
     write_request(&head.parts, &mut out);
-    let (again, again_len) = match parse_request(&out, true, HeadLimits::default()) {
+    let (again, again_len) = match parse_request(&out, Detail::Full, HeadLimits::default()) {
         Ok(Some(x)) => x,
         other => panic!(
             "a rewritten head does not parse: {other:?}\n{}",
@@ -64,6 +81,35 @@ fn request(wire: &[u8], limits: HeadLimits) {
     assert_eq!(again.parts.headers, head.parts.headers);
     assert_eq!(again.framing, head.framing);
     assert_eq!(again.keep_alive, head.keep_alive);
+}
+
+/// The fields dropped from every spliced head here (the inbound side's).
+const DROPS: [&str; 2] = ["x-forwarded-client-cert", "x-stepup-sub"];
+
+/// `raw`, a clean head (`head` its full parse), spliced with nothing added:
+/// the same request line, the same fields but the dropped ones.
+fn spliced(raw: &[u8], head: &stepmesh::fuzzing::RequestHead) {
+    let mut out = raw.to_vec();
+    splice_request(&mut out, &http::HeaderMap::new(), &DROPS);
+    let (again, again_len) = match parse_request(&out, Detail::Full, HeadLimits::default()) {
+        Ok(Some(x)) => x,
+        other => panic!("a spliced head does not parse: {other:?}\n{}", String::from_utf8_lossy(&out)),
+    };
+    assert_eq!(again_len, out.len(), "the spliced head is one whole head");
+    assert_eq!(again.parts.method, head.parts.method);
+    assert_eq!(again.parts.version, head.parts.version);
+    assert_eq!(&out[again.target.clone()], &raw[head.target.clone()]);
+    let kept = |h: &http::HeaderMap| -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .filter(|(n, _)| !DROPS.contains(&n.as_str()) && *n != http::header::TRANSFER_ENCODING)
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    assert_eq!(kept(&again.parts.headers), kept(&head.parts.headers));
+    assert!(
+        !again.parts.headers.keys().any(|n| DROPS.contains(&n.as_str())),
+        "a dropped field passed"
+    );
 }
 
 fn response(wire: &[u8], method: &Method) {

@@ -7,12 +7,23 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 
 /// `x-forwarded-client-cert` (Envoy's format: `By=<us>;URI=<peer>`).
-pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub const XFCC: HeaderName = HeaderName::from_static(names::XFCC);
 /// The verified step-up subject passed to the app.
-pub const STEPUP_SUB: HeaderName = HeaderName::from_static("x-stepup-sub");
+pub const STEPUP_SUB: HeaderName = HeaderName::from_static(names::STEPUP_SUB);
 /// Between sidecars: the protocol the app spoke (`HTTP/1.1`, `HTTP/2`), as
 /// Linkerd's `l5d-orig-proto`.
-pub const ORIG_PROTO: HeaderName = HeaderName::from_static("stepmesh-orig-proto");
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static(names::ORIG_PROTO);
+
+/// The names of the fields above, as text (a `HeaderName` cannot sit in a
+/// `static` slice).
+pub mod names {
+    /// [`XFCC`](super::XFCC)'s.
+    pub const XFCC: &str = "x-forwarded-client-cert";
+    /// [`STEPUP_SUB`](super::STEPUP_SUB)'s.
+    pub const STEPUP_SUB: &str = "x-stepup-sub";
+    /// [`ORIG_PROTO`](super::ORIG_PROTO)'s.
+    pub const ORIG_PROTO: &str = "stepmesh-orig-proto";
+}
 /// Between sidecars, on a tunnel's `200`: `http/1.1` when the far end
 /// relays the stream's HTTP/1 request by request (an `http` port), so the
 /// stream can carry another app connection's next request once a response

@@ -24,13 +24,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::detect::{self, Detected, Prefixed};
+use super::h1::message::{self, Detail};
 use super::headers::{
-    absolute, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+    absolute, names, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
 use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
 use crate::net::Outcome;
-use crate::policy::SpiffeId;
+use crate::policy::{Policy, SpiffeId};
 use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
 
 /// An authenticated inbound connection, as the HTTP layer needs it.
@@ -261,6 +262,18 @@ impl h1::Side for AppSide {
     }
 
     const DECIDES: bool = true;
+    const REPLACES: &'static [&'static str] = &[names::XFCC, names::STEPUP_SUB, names::ORIG_PROTO];
+
+    /// In full only where the port has routes: elsewhere no field is read
+    /// to decide (the identity decided), and the head is spliced.
+    fn detail(&self) -> Detail {
+        let policy = self.layer.policy.current();
+        if policy.routes_requests(self.served.conn.port) {
+            Detail::Full
+        } else {
+            Detail::Target
+        }
+    }
 
     fn exchange(&self) -> Exchange {
         self.served.exchange(&self.layer)
@@ -270,10 +283,34 @@ impl h1::Side for AppSide {
         &'a self,
         x: &'a mut Exchange,
         head: &'a mut h1::RequestHead,
-        _raw: &'a [u8],
+        raw: &'a [u8],
     ) -> impl Future<Output = Verdict> + Send + 'a {
+        let policy = self.layer.policy.current();
+        if !head.fields && policy.routes_requests(self.served.conn.port) {
+            // The policy gained routes on this port since the head was
+            // read: its fields are collected now, to decide by them.
+            match message::parse_request(raw, Detail::Full, self.layer.limits.head) {
+                Ok(Some((full, _))) => *head = full,
+                _ => {
+                    return futures_util::future::Either::Left(std::future::ready(Verdict::Answer(
+                        Local::error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            "malformed request head\n",
+                        ),
+                    )))
+                }
+            }
+        }
         let version = head.parts.version;
-        admit(&self.layer, &self.served, x, &mut head.parts, version)
+        futures_util::future::Either::Right(admit(
+            &self.layer,
+            policy,
+            &self.served,
+            x,
+            &mut head.parts,
+            version,
+        ))
     }
 
     fn dial(&self) -> impl Future<Output = io::Result<TcpStream>> + Send {
@@ -327,13 +364,13 @@ fn version_label(v: Version) -> &'static str {
 /// removed, `x-stepup-sub` and `x-forwarded-client-cert` set by us.
 async fn admit(
     layer: &HttpLayer,
+    policy: Arc<Policy>,
     served: &Served,
     x: &mut Exchange,
     parts: &mut request::Parts,
     orig: Version,
 ) -> Verdict {
     let conn = &*served.conn;
-    let policy = layer.policy.current();
     if x.logging() {
         x.record.peer_id = Some(conn.peer.as_str().to_owned());
         x.record.method = parts.method.as_str().to_owned();
@@ -436,7 +473,16 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
         req.version()
     };
     let (mut parts, body) = req.into_parts();
-    let (decision, reason) = match admit(layer, served, &mut x, &mut parts, orig).await {
+    let (decision, reason) = match admit(
+        layer,
+        layer.policy.current(),
+        served,
+        &mut x,
+        &mut parts,
+        orig,
+    )
+    .await
+    {
         Verdict::Answer(local) => return local.respond(x),
         Verdict::Forward { decision, reason } => (decision, reason),
     };

@@ -233,6 +233,10 @@ impl h1::Side for PooledTunnels<'_> {
     const DIRECTION: &'static str = "outbound";
     const DECIDES: bool = false;
 
+    fn detail(&self) -> h1::message::Detail {
+        h1::message::Detail::Scan
+    }
+
     fn layer(&self) -> &HttpLayer {
         self.peer.layer
     }
@@ -344,6 +348,10 @@ where
     }
 
     const DECIDES: bool = false;
+
+    fn detail(&self) -> h1::message::Detail {
+        h1::message::Detail::Scan
+    }
 
     fn exchange(&self) -> Exchange {
         let mut x = Exchange::new("outbound", self.port, &self.layer.log, &self.layer.metrics);

@@ -333,6 +333,12 @@ impl Policy {
         self.ports.iter().find(|p| p.port == port)
     }
 
+    /// Whether requests on `port` are routed: any field of theirs may then
+    /// decide; elsewhere the connection's identity alone does.
+    pub fn routes_requests(&self, port: u16) -> bool {
+        self.port(port).is_some_and(|p| !p.routes.is_empty())
+    }
+
     /// What inbound does on ports without rules.
     pub fn inbound_default(&self) -> InboundDefault {
         self.inbound_default

@@ -75,6 +75,20 @@ pub enum Framing {
     UntilClose,
 }
 
+/// How much of a clean request head is parsed (one that is not clean is
+/// always parsed in full: it is rewritten from its parts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Method and version: the head is relayed as it came (outbound).
+    Scan,
+    /// And the target, checked (`policy::target`): the head's fields are
+    /// spliced ([`splice_request`]), not collected (inbound, on a port
+    /// whose policy has no routes: no field is read to decide).
+    Target,
+    /// And every field, in `parts.headers`.
+    Full,
+}
+
 /// A parsed request head and what the proxy needs to know about it beyond
 /// the `http` parts (read before hop-by-hop headers are stripped).
 #[derive(Debug)]
@@ -93,8 +107,12 @@ pub struct RequestHead {
     pub target: std::ops::Range<usize>,
     /// No hop-by-hop field and CRLF line ends: the head can be relayed as
     /// it came. Then, unless parsed in full, `parts` holds only the method
-    /// and version (no URI, no headers: nothing was allocated for them).
+    /// and version (and the URI, with [`Detail::Target`]): nothing was
+    /// allocated for the rest.
     pub clean: bool,
+    /// Whether `parts.headers` holds the head's fields (not clean, or
+    /// [`Detail::Full`]): the head is then written from its parts.
+    pub fields: bool,
 }
 
 /// A parsed response head.
@@ -111,11 +129,11 @@ pub struct ResponseHead {
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` while it is
-/// incomplete, else the head and its length in bytes. With `full` false a
-/// clean head is only scanned (see [`RequestHead::clean`]).
+/// incomplete, else the head and its length in bytes; a clean head in as
+/// much `detail` as asked (see [`RequestHead::clean`]).
 pub fn parse_request(
     buf: &[u8],
-    full: bool,
+    detail: Detail,
     limits: HeadLimits,
 ) -> Result<Option<(RequestHead, usize)>, HeadError> {
     // Uninitialised slots: no per-parse memset of the whole table.
@@ -159,10 +177,22 @@ pub fn parse_request(
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.version = version;
-    if full || !clean {
+    let collected = !clean || detail == Detail::Full;
+    if collected || detail == Detail::Target {
         parts.uri = crate::policy::target::parse(target)
             .map_err(|refusal| HeadError::Malformed(refusal.to_string()))?;
+    }
+    if collected {
         parts.headers = header_map(fields)?;
+    } else if detail == Detail::Target {
+        // What `header_map` would refuse is refused here too: a spliced
+        // head passes on no field the full parse would not.
+        if let Some(bad) = fields.iter().find(|f| !valid_value(f.value)) {
+            return Err(HeadError::Malformed(format!(
+                "invalid value of header {}",
+                bad.name.to_ascii_lowercase()
+            )));
+        }
     }
     // The target is a slice of `buf`.
     let start = target.as_ptr() as usize - buf.as_ptr() as usize;
@@ -175,6 +205,7 @@ pub fn parse_request(
             upgrade,
             target: start..start + target.len(),
             clean,
+            fields: collected,
         },
         len,
     )))
@@ -285,6 +316,64 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
         headers.append(name, value);
     }
     Ok(headers)
+}
+
+/// A field value `HeaderValue::from_bytes` takes: visible ASCII, space,
+/// tab, obs-text; no other control byte.
+fn valid_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+/// Rewrites a clean request head, `head` as it came (read with
+/// [`Detail::Target`]), for the next hop without collecting its fields:
+/// every field named in `drops` or in `added` (case-insensitively) goes,
+/// and `Transfer-Encoding` (hop-by-hop: the relay restores the framing in
+/// `added`; an empty one, no coding, would otherwise pass), `added`'s
+/// fields are appended. The same fields as the head parsed in
+/// full, so changed, and written by [`write_request`], in the order they
+/// came. A clean head's lines end in CRLF and none is folded (httparse
+/// refuses that), so each field is one line.
+pub fn splice_request(head: &mut Vec<u8>, added: &HeaderMap, drops: &[&str]) {
+    let dropped = |name: &[u8]| {
+        drops
+            .iter()
+            .copied()
+            .chain([header::TRANSFER_ENCODING.as_str()])
+            .chain(added.keys().map(HeaderName::as_str))
+            .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+    };
+    if field_lines(head).any(|(name, _)| dropped(name)) {
+        let came = std::mem::take(head);
+        head.reserve(came.len() + ADDED_FIELDS * 64);
+        let request_line = came
+            .split_inclusive(|&b| b == b'\n')
+            .next()
+            .unwrap_or_default();
+        head.extend_from_slice(request_line);
+        for (name, line) in field_lines(&came) {
+            if !dropped(name) {
+                head.extend_from_slice(line);
+            }
+        }
+    } else {
+        // The common case: nothing to drop, the head stays where it is.
+        head.truncate(head.len() - 2);
+    }
+    write_fields(added, head);
+}
+
+/// The field lines of a clean head: each one's name and the whole line,
+/// its CRLF included (the request line skipped, the empty line ends them).
+fn field_lines(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    head.split_inclusive(|&b| b == b'\n')
+        .skip(1)
+        .take_while(|line| line.len() > 2)
+        .map(|line| {
+            let colon = line.iter().position(|&b| b == b':').unwrap_or(0);
+            (&line[..colon], line)
+        })
 }
 
 /// Whether the comma-separated `Connection` values hold `token`.

@@ -3,7 +3,7 @@
 use super::*;
 
 fn req(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
-    parse_request(text.as_bytes(), true, HeadLimits::default())
+    parse_request(text.as_bytes(), Detail::Full, HeadLimits::default())
 }
 
 fn framing(text: &str) -> Result<Framing, HeadError> {
@@ -16,7 +16,7 @@ fn head_limits_are_the_configured_ones() {
         bytes: 64,
         fields: 3,
     };
-    let parse = |t: &str| parse_request(t.as_bytes(), true, limits);
+    let parse = |t: &str| parse_request(t.as_bytes(), Detail::Full, limits);
     assert!(parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n").is_ok());
     assert_eq!(
         parse("GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n").err(),
@@ -34,7 +34,7 @@ fn head_limits_are_the_configured_ones() {
     };
     let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
     assert_eq!(
-        parse_request(text.as_bytes(), true, wide).err(),
+        parse_request(text.as_bytes(), Detail::Full, wide).err(),
         Some(HeadError::TooLarge)
     );
 }
@@ -162,7 +162,7 @@ fn response_framing_follows_rfc_9112() {
 #[test]
 fn clean_heads_are_only_scanned() {
     let text = "GET /a?b HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let (head, _) = parse_request(text.as_bytes(), false, HeadLimits::default())
+    let (head, _) = parse_request(text.as_bytes(), Detail::Scan, HeadLimits::default())
         .unwrap()
         .unwrap();
     assert!(head.clean);
@@ -172,7 +172,7 @@ fn clean_heads_are_only_scanned() {
     );
     assert_eq!(&text[head.target.clone()], "/a?b");
     assert_eq!(head.framing, Framing::Chunked);
-    let (full, _) = parse_request(text.as_bytes(), true, HeadLimits::default())
+    let (full, _) = parse_request(text.as_bytes(), Detail::Full, HeadLimits::default())
         .unwrap()
         .unwrap();
     assert_eq!(full.parts.headers.len(), 2);
@@ -182,7 +182,7 @@ fn clean_heads_are_only_scanned() {
         "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
         "GET / HTTP/1.1\nHost: a\n\n",
     ] {
-        let (head, _) = parse_request(dirty.as_bytes(), false, HeadLimits::default())
+        let (head, _) = parse_request(dirty.as_bytes(), Detail::Scan, HeadLimits::default())
             .unwrap()
             .unwrap();
         assert!(!head.clean, "{dirty:?}");
@@ -210,4 +210,151 @@ fn absolute_form_with_an_empty_path_is_written_with_a_slash() {
         let want = format!("OPTIONS {written} HTTP/1.0\r\n");
         assert!(out.starts_with(want.as_bytes()), "{target}: {out:?}");
     }
+}
+
+/// A head as the next hop sees it: request line, framing, fields.
+type Seen = (String, Framing, Vec<(String, String)>);
+
+/// A clean head as the inbound relay sends it on, both ways: parsed in
+/// full and written from its parts, or read with its target only and
+/// spliced. `subject`: a step-up subject the decision set. Each as the
+/// next hop parses it: request line, framing, and the fields (lower-case
+/// names, in order of name: the map groups a name's values).
+fn both_ways(text: &str, subject: Option<&str>) -> Option<[Seen; 2]> {
+    use crate::http::headers::{names, replace_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
+    let drops = [names::XFCC, names::STEPUP_SUB, names::ORIG_PROTO];
+    let xfcc = HeaderValue::from_static("By=spiffe://t/ns/a/sa/us;URI=spiffe://t/ns/a/sa/peer");
+    let admit = |headers: &mut HeaderMap| {
+        strip_hop_by_hop(headers);
+        headers.remove(ORIG_PROTO);
+        headers.remove(STEPUP_SUB);
+        if let Some(sub) = subject {
+            headers.insert(STEPUP_SUB, HeaderValue::from_str(sub).unwrap());
+        }
+        replace_xfcc(headers, Some(xfcc.clone()));
+    };
+    let limits = HeadLimits::default();
+    let full = parse_request(text.as_bytes(), Detail::Full, limits);
+    let target = parse_request(text.as_bytes(), Detail::Target, limits);
+    assert_eq!(
+        full.is_ok(),
+        target.is_ok(),
+        "{text:?}: {full:?} / {target:?}"
+    );
+    let (Ok(Some((mut full, len))), Ok(Some((mut target, _)))) = (full, target) else {
+        return None;
+    };
+    if !full.clean {
+        return None;
+    }
+    assert!(
+        !target.fields && target.parts.headers.is_empty(),
+        "{text:?}"
+    );
+    assert_eq!(target.parts.uri, full.parts.uri);
+    admit(&mut full.parts.headers);
+    super::super::response::restore_framing(&mut full, true);
+    let mut written = Vec::new();
+    write_request(&full.parts, &mut written);
+    admit(&mut target.parts.headers);
+    super::super::response::restore_framing(&mut target, true);
+    let mut spliced = text.as_bytes()[..len].to_vec();
+    splice_request(&mut spliced, &target.parts.headers, &drops);
+    let seen = |head: &[u8]| {
+        let (again, again_len) = parse_request(head, Detail::Full, limits).unwrap().unwrap();
+        assert_eq!(again_len, head.len());
+        let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\n').unwrap()]);
+        let mut fields: Vec<(String, String)> = again
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        (line.into_owned(), again.framing, fields)
+    };
+    Some([seen(&written), seen(&spliced)])
+}
+
+#[test]
+fn a_spliced_head_carries_the_fields_a_rewritten_one_does() {
+    for (text, subject) in [
+        ("GET /a?b HTTP/1.1\r\nHost: api\r\nAccept: */*\r\n\r\n", None),
+        (
+            "POST /p HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=evil\r\nx-STEPUP-sub: admin\r\nContent-Length: 2\r\nStepmesh-Orig-Proto: HTTP/2\r\nx-forwarded-client-cert: again\r\n\r\n",
+            Some("alice"),
+        ),
+        ("PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nA: 1\r\nB: 2\r\nA: 3\r\n\r\n", None),
+        ("GET / HTTP/1.0\r\nAccept: \u{e9}\t x\r\n\r\n", None),
+        ("GET http://a/x HTTP/1.1\r\nHost: a\r\nEmpty:\r\n\r\n", Some("bob")),
+    ] {
+        let [written, spliced] = both_ways(text, subject).unwrap_or_else(|| panic!("{text:?}"));
+        assert_eq!(spliced.2, written.2, "{text:?}");
+        assert_eq!(spliced.1, written.1, "{text:?}");
+        assert!(!spliced.2.iter().any(|(n, v)| v == "By=evil" || v == "admin" || n == "stepmesh-orig-proto"), "{text:?}");
+    }
+    // The request line as it came (the rewritten one is origin-form).
+    let [_, spliced] = both_ways("GET /a?b HTTP/1.1\r\nHost: api\r\n\r\n", None).unwrap();
+    assert_eq!(spliced.0, "GET /a?b HTTP/1.1\r");
+}
+
+#[test]
+fn random_clean_heads_splice_as_they_are_rewritten() {
+    let names = [
+        "Host",
+        "host",
+        "Accept",
+        "X-Forwarded-Client-Cert",
+        "x-forwarded-client-cert",
+        "X-Stepup-Sub",
+        "stepmesh-orig-proto",
+        "Content-Length",
+        "Transfer-Encoding",
+        "X-A",
+        "x-a",
+        "Cookie",
+        "Expect",
+    ];
+    let values = [
+        "1",
+        "chunked",
+        "gzip, chunked",
+        "",
+        "a b\tc",
+        "0",
+        "100-continue",
+        "\u{e9}",
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut compared = 0;
+    for _ in 0..3000 {
+        let version = if next(4) == 0 { "1.0" } else { "1.1" };
+        let mut text = format!("POST /x?{} HTTP/{version}\r\n", next(100));
+        for _ in 0..next(8) {
+            text += &format!(
+                "{}: {}\r\n",
+                names[next(names.len())],
+                values[next(values.len())]
+            );
+        }
+        text += "\r\n";
+        let subject = (next(2) == 0).then_some("sub");
+        if let Some([written, spliced]) = both_ways(&text, subject) {
+            assert_eq!(spliced.2, written.2, "{text:?}");
+            assert_eq!(spliced.1, written.1, "{text:?}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 500, "only {compared} heads were clean and valid");
 }

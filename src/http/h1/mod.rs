@@ -282,7 +282,7 @@ impl<S: Side> Relay<'_, S> {
             ..
         } = self;
         loop {
-            match message::parse_request(cbuf.bytes(), S::DECIDES, limits.head) {
+            match message::parse_request(cbuf.bytes(), side.detail(), limits.head) {
                 Ok(Some((head, len))) => {
                     // The head as it came: relayed verbatim when clean,
                     // and where the request target is read for the log.
@@ -382,13 +382,18 @@ impl<S: Side> Relay<'_, S> {
             }
             Verdict::Forward { decision, reason } => (decision, reason),
         };
-        if S::DECIDES || !head.clean {
+        if head.fields {
             // The client's `close` is about its own connection: the
             // outbound side keeps its peer connection for another client
             // (HTTP/1.0 asks nothing else: its upstream request is 1.0).
             restore_framing(&mut head, S::DECIDES);
             self.out.clear();
             message::write_request(&head.parts, &mut self.out);
+        } else if S::DECIDES {
+            // Clean, its fields not collected: `parts.headers` holds what
+            // `admit` set, the head as it came is in `out`.
+            restore_framing(&mut head, true);
+            message::splice_request(&mut self.out, &head.parts.headers, S::REPLACES);
         }
         let (mut up, fresh) = match upstream.take().or_else(|| self.side.reuse()) {
             Some(up) => (up, false),

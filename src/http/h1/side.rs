@@ -10,6 +10,7 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::message::Detail;
 use super::RequestHead;
 use crate::http::record::Exchange;
 use crate::http::{HttpLayer, Local, Verdict};
@@ -28,10 +29,18 @@ pub(crate) trait Side: Send + Sync {
     /// `inbound` or `outbound` (metric label).
     const DIRECTION: &'static str;
 
-    /// Whether requests are decided and rewritten here (inbound): their
-    /// heads are then parsed in full. Otherwise (outbound) a clean head is
-    /// relayed as it came.
+    /// Whether requests are decided and rewritten here (inbound).
+    /// Otherwise (outbound) a clean head is relayed as it came.
     const DECIDES: bool;
+
+    /// How much of the next clean request head [`Side::admit`] needs
+    /// (asked per request: a policy reload may change it).
+    fn detail(&self) -> Detail;
+
+    /// The fields a deciding side sets itself, which a request's own
+    /// copies never pass (its clean heads are spliced without them; see
+    /// [`splice_request`](super::message::splice_request)).
+    const REPLACES: &'static [&'static str] = &[];
 
     /// Decides the request and rewrites its head for the upstream; `raw`
     /// is the head as it came.
