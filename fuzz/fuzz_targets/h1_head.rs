@@ -24,7 +24,7 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 use stepmesh::fuzzing::{
     parse_request, parse_response, splice_request, write_request, write_response, Detail,
-    HeadLimits,
+    HeadLimits, RequestHead,
 };
 
 const METHODS: [Method; 4] = [Method::GET, Method::HEAD, Method::POST, Method::CONNECT];
@@ -32,7 +32,7 @@ const METHODS: [Method; 4] = [Method::GET, Method::HEAD, Method::POST, Method::C
 fn request(wire: &[u8], limits: HeadLimits) {
     let scanned = parse_request(wire, Detail::Scan, limits);
     let full = parse_request(wire, Detail::Full, limits);
-    let target = parse_request(wire, Detail::Target, limits);
+    let target = parse_request(wire, Detail::Target(&DROPS), limits);
     assert_eq!(
         full.is_ok(),
         target.is_ok(),
@@ -63,8 +63,9 @@ fn request(wire: &[u8], limits: HeadLimits) {
     assert_eq!(scan.target, head.target);
     assert_eq!(scan.parts.method, head.parts.method);
 
-    if head.clean {
-        spliced(&wire[..*len], head);
+    if let (true, Ok(Some((target, _)))) = (head.clean, &target) {
+        assert_eq!(target.parts.uri, head.parts.uri);
+        spliced(&wire[..*len], head, target);
     }
     let mut out = Vec::new();
     write_request(&head.parts, &mut out);
@@ -86,11 +87,12 @@ fn request(wire: &[u8], limits: HeadLimits) {
 /// The fields dropped from every spliced head here (the inbound side's).
 const DROPS: [&str; 2] = ["x-forwarded-client-cert", "x-stepup-sub"];
 
-/// `raw`, a clean head (`head` its full parse), spliced with nothing added:
-/// the same request line, the same fields but the dropped ones.
-fn spliced(raw: &[u8], head: &stepmesh::fuzzing::RequestHead) {
+/// `raw`, a clean head (`head` its full parse, `target` its target-only
+/// one), spliced with nothing added: the same request line, the same
+/// fields but the dropped ones.
+fn spliced(raw: &[u8], head: &RequestHead, target: &RequestHead) {
     let mut out = raw.to_vec();
-    splice_request(&mut out, &http::HeaderMap::new(), &DROPS);
+    splice_request(&mut out, target);
     let (again, again_len) = match parse_request(&out, Detail::Full, HeadLimits::default()) {
         Ok(Some(x)) => x,
         other => panic!("a spliced head does not parse: {other:?}\n{}", String::from_utf8_lossy(&out)),

@@ -91,10 +91,11 @@ pub fn xfcc_value(own: Option<&str>, peer: &str) -> Option<HeaderValue> {
 
 /// Replaces every caller-sent `x-forwarded-client-cert` with `value`.
 pub fn replace_xfcc(headers: &mut HeaderMap, value: Option<HeaderValue>) {
-    headers.remove(XFCC);
-    if let Some(v) = value {
-        headers.insert(XFCC, v);
-    }
+    // `insert` replaces every value the name had.
+    match value {
+        Some(v) => headers.insert(XFCC, v),
+        None => headers.remove(XFCC),
+    };
 }
 
 /// `http://<authority><path and query of uri>`, built from parts (no

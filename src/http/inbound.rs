@@ -244,6 +244,11 @@ pub(crate) const APP_POOL_PER_APP: usize = 256;
 /// HAProxy or Envoy. One lock per request.
 pub(crate) type AppConnPool = super::idle_pool::IdlePool<TcpStream>;
 
+/// The fields the inbound side sets itself: a request's own copies never
+/// reach the app (a spliced head drops them, a collected one has them
+/// removed in `admit`).
+const SET_HERE: [&str; 3] = [names::XFCC, names::STEPUP_SUB, names::ORIG_PROTO];
+
 /// The inbound end of the HTTP/1 relay: requests decided here, relayed to
 /// the app over pooled connections (see [`AppConnPool`]).
 struct AppSide {
@@ -262,7 +267,6 @@ impl h1::Side for AppSide {
     }
 
     const DECIDES: bool = true;
-    const REPLACES: &'static [&'static str] = &[names::XFCC, names::STEPUP_SUB, names::ORIG_PROTO];
 
     /// In full only where the port has routes: elsewhere no field is read
     /// to decide (the identity decided), and the head is spliced.
@@ -271,7 +275,7 @@ impl h1::Side for AppSide {
         if policy.routes_requests(self.served.conn.port) {
             Detail::Full
         } else {
-            Detail::Target
+            Detail::Target(&SET_HERE)
         }
     }
 
@@ -424,12 +428,16 @@ async fn admit(
         x.record.stepup_sub.clone_from(&d.subject);
     }
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
-    headers.remove(ORIG_PROTO);
-    if let Some(h) = &d.strip {
-        headers.remove(h);
+    // Empty when an HTTP/1 head's fields were not collected (the relay
+    // splices it): nothing to take out here.
+    if !headers.is_empty() {
+        strip_hop_by_hop(headers);
+        headers.remove(ORIG_PROTO);
+        if let Some(h) = &d.strip {
+            headers.remove(h);
+        }
+        headers.remove(STEPUP_SUB);
     }
-    headers.remove(STEPUP_SUB);
     if let Some(sub) = d
         .subject
         .as_deref()

@@ -83,8 +83,9 @@ pub enum Detail {
     Scan,
     /// And the target, checked (`policy::target`): the head's fields are
     /// spliced ([`splice_request`]), not collected (inbound, on a port
-    /// whose policy has no routes: no field is read to decide).
-    Target,
+    /// whose policy has no routes: no field is read to decide). Given the
+    /// names of the fields the splice drops (the ones the side sets).
+    Target(&'static [&'static str]),
     /// And every field, in `parts.headers`.
     Full,
 }
@@ -113,6 +114,17 @@ pub struct RequestHead {
     /// Whether `parts.headers` holds the head's fields (not clean, or
     /// [`Detail::Full`]): the head is then written from its parts.
     pub fields: bool,
+    /// Read with [`Detail::Target`]: how the head is spliced.
+    pub splice: Option<Splice>,
+}
+
+/// How a clean head read with [`Detail::Target`] is spliced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splice {
+    /// The names of the fields it drops (the ones the side sets).
+    pub drops: &'static [&'static str],
+    /// Whether a field so named, or `Transfer-Encoding`, came with it.
+    pub present: bool,
 }
 
 /// A parsed response head.
@@ -178,13 +190,14 @@ pub fn parse_request(
     parts.method = method;
     parts.version = version;
     let collected = !clean || detail == Detail::Full;
-    if collected || detail == Detail::Target {
+    if collected || matches!(detail, Detail::Target(_)) {
         parts.uri = crate::policy::target::parse(target)
             .map_err(|refusal| HeadError::Malformed(refusal.to_string()))?;
     }
+    let mut splice = None;
     if collected {
         parts.headers = header_map(fields)?;
-    } else if detail == Detail::Target {
+    } else if let Detail::Target(drops) = detail {
         // What `header_map` would refuse is refused here too: a spliced
         // head passes on no field the full parse would not.
         if let Some(bad) = fields.iter().find(|f| !valid_value(f.value)) {
@@ -193,6 +206,8 @@ pub fn parse_request(
                 bad.name.to_ascii_lowercase()
             )));
         }
+        let present = fields.iter().any(|f| dropped(drops, f.name.as_bytes()));
+        splice = Some(Splice { drops, present });
     }
     // The target is a slice of `buf`.
     let start = target.as_ptr() as usize - buf.as_ptr() as usize;
@@ -206,6 +221,7 @@ pub fn parse_request(
             target: start..start + target.len(),
             clean,
             fields: collected,
+            splice,
         },
         len,
     )))
@@ -326,42 +342,57 @@ fn valid_value(value: &[u8]) -> bool {
         .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
-/// Rewrites a clean request head, `head` as it came (read with
-/// [`Detail::Target`]), for the next hop without collecting its fields:
-/// every field named in `drops` or in `added` (case-insensitively) goes,
-/// and `Transfer-Encoding` (hop-by-hop: the relay restores the framing in
-/// `added`; an empty one, no coding, would otherwise pass), `added`'s
-/// fields are appended. The same fields as the head parsed in
-/// full, so changed, and written by [`write_request`], in the order they
-/// came. A clean head's lines end in CRLF and none is folded (httparse
-/// refuses that), so each field is one line.
-pub fn splice_request(head: &mut Vec<u8>, added: &HeaderMap, drops: &[&str]) {
-    let dropped = |name: &[u8]| {
-        drops
-            .iter()
-            .copied()
-            .chain([header::TRANSFER_ENCODING.as_str()])
-            .chain(added.keys().map(HeaderName::as_str))
-            .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+/// Whether a field `name` is one `drops` names or `Transfer-Encoding`
+/// (hop-by-hop: the relay restores the framing; an empty one, no coding,
+/// would otherwise pass).
+fn dropped(drops: &[&str], name: &[u8]) -> bool {
+    drops
+        .iter()
+        .chain([&header::TRANSFER_ENCODING.as_str()])
+        .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Rewrites a clean request head, `out` as it came, for the next hop
+/// without collecting its fields (`parsed`: read with [`Detail::Target`],
+/// `parts.headers` holding the fields to add since): every field its
+/// [`Splice::drops`] name or among those added (case-insensitively) goes,
+/// and `Transfer-Encoding`; the added ones are appended. The same fields
+/// as the head parsed in full, so changed, and written by
+/// [`write_request`], in the order they came. A clean head's lines end in
+/// CRLF and none is folded (httparse refuses that), so each field is one
+/// line. A head read otherwise is left as it is.
+pub fn splice_request(out: &mut Vec<u8>, parsed: &RequestHead) {
+    let Some(Splice { drops, present }) = parsed.splice else {
+        return;
     };
-    if field_lines(head).any(|(name, _)| dropped(name)) {
-        let came = std::mem::take(head);
-        head.reserve(came.len() + ADDED_FIELDS * 64);
+    let added = &parsed.parts.headers;
+    let goes = |name: &[u8]| {
+        dropped(drops, name)
+            || added
+                .keys()
+                .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
+    };
+    // Known from the parse: no field to take out, unless one is added that
+    // `drops` does not name (none is, from the inbound side).
+    let keeps_all = !present && added.keys().all(|k| dropped(drops, k.as_str().as_bytes()));
+    if keeps_all {
+        // The common case: the head stays where it is.
+        out.truncate(out.len() - 2);
+    } else {
+        let came = std::mem::take(out);
+        out.reserve(came.len() + ADDED_FIELDS * 64);
         let request_line = came
             .split_inclusive(|&b| b == b'\n')
             .next()
             .unwrap_or_default();
-        head.extend_from_slice(request_line);
+        out.extend_from_slice(request_line);
         for (name, line) in field_lines(&came) {
-            if !dropped(name) {
-                head.extend_from_slice(line);
+            if !goes(name) {
+                out.extend_from_slice(line);
             }
         }
-    } else {
-        // The common case: nothing to drop, the head stays where it is.
-        head.truncate(head.len() - 2);
     }
-    write_fields(added, head);
+    write_fields(added, out);
 }
 
 /// The field lines of a clean head: each one's name and the whole line,

@@ -389,11 +389,11 @@ impl<S: Side> Relay<'_, S> {
             restore_framing(&mut head, S::DECIDES);
             self.out.clear();
             message::write_request(&head.parts, &mut self.out);
-        } else if S::DECIDES {
+        } else if head.splice.is_some() {
             // Clean, its fields not collected: `parts.headers` holds what
             // `admit` set, the head as it came is in `out`.
-            restore_framing(&mut head, true);
-            message::splice_request(&mut self.out, &head.parts.headers, S::REPLACES);
+            restore_framing(&mut head, S::DECIDES);
+            message::splice_request(&mut self.out, &head);
         }
         let (mut up, fresh) = match upstream.take().or_else(|| self.side.reuse()) {
             Some(up) => (up, false),

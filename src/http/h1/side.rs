@@ -37,11 +37,6 @@ pub(crate) trait Side: Send + Sync {
     /// (asked per request: a policy reload may change it).
     fn detail(&self) -> Detail;
 
-    /// The fields a deciding side sets itself, which a request's own
-    /// copies never pass (its clean heads are spliced without them; see
-    /// [`splice_request`](super::message::splice_request)).
-    const REPLACES: &'static [&'static str] = &[];
-
     /// Decides the request and rewrites its head for the upstream; `raw`
     /// is the head as it came.
     fn admit<'a>(
