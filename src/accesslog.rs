@@ -224,8 +224,9 @@ pub fn rfc3339(at: std::time::SystemTime) -> String {
     put_digits(&mut out[14..16], minute);
     put_digits(&mut out[17..19], second);
     put_digits(&mut out[20..23], u64::from(millis));
-    // ASCII digits and separators only: nothing is replaced.
-    String::from_utf8_lossy(&out).into_owned()
+    // ASCII digits and separators only: always valid (and checked a word
+    // at a time, not through the lossy decoder's chunks).
+    String::from_utf8(out.to_vec()).unwrap_or_default()
 }
 
 /// Writes `n` as decimal digits filling `to` (zero-padded; `n` fits).

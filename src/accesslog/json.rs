@@ -20,6 +20,8 @@ impl<'a> Object<'a> {
         Object { out, empty: true }
     }
 
+    // Inlined: each caller's literal name then copies as a constant.
+    #[inline(always)]
     fn key(&mut self, name: &str) {
         debug_assert!(
             name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
@@ -32,6 +34,21 @@ impl<'a> Object<'a> {
         self.out.push(b'"');
         self.out.extend_from_slice(name.as_bytes());
         self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string field whose value is one of the program's own literals
+    /// (a direction, a decision): nothing in it needs escaping, so it is
+    /// not scanned.
+    pub fn known(&mut self, name: &str, value: &'static str) -> &mut Self {
+        debug_assert!(
+            !value.bytes().any(needs_escape),
+            "a known value needs no escape"
+        );
+        self.key(name);
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.push(b'"');
+        self
     }
 
     /// A string field.
