@@ -415,13 +415,22 @@ fn has_token(fields: &Fields<'_>, token: &str) -> bool {
     list(fields, "connection").any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// The comma-separated elements of every `name` field, trimmed.
+/// The comma-separated elements of every `name` field, trimmed of
+/// optional whitespace.
 fn list<'a>(fields: &'a Fields<'a>, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     values(fields, name)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
+}
+
+/// `text` without leading and trailing optional whitespace: spaces and
+/// tabs only (RFC 9110 §5.6.3). `str::trim` would also take Unicode
+/// blanks off (U+00A0, U+0085…), reading `5<NBSP>` as a length an app
+/// behind us may read otherwise: a smuggling shape.
+fn trim_ows(text: &str) -> &str {
+    text.trim_matches([' ', '\t'])
 }
 
 fn keep_alive(version: Version, fields: &Fields<'_>) -> bool {
@@ -454,7 +463,7 @@ fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
     for value in values(fields, "content-length") {
         let text = std::str::from_utf8(value).map_err(|_| HeadError::ContentLength)?;
         for element in text.split(',') {
-            let element = element.trim();
+            let element = trim_ows(element);
             if element.is_empty() || !element.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(HeadError::ContentLength);
             }

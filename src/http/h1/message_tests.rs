@@ -84,6 +84,22 @@ fn smuggling_shapes_are_refused() {
     assert_eq!(framing(signed).unwrap_err(), HeadError::ContentLength);
     let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
     assert_eq!(framing(http10).unwrap_err(), HeadError::TransferEncoding);
+    // Only a space or a tab is optional whitespace (RFC 9110 §5.6.3): a
+    // length or coding padded with any other blank (here U+00A0 and
+    // U+0085, which `str::trim` would take off) is not one an app must
+    // read as we would.
+    for padded in ["5\u{a0}", "\u{a0}5", "5\u{85}"] {
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {padded}\r\n\r\n");
+        assert_eq!(
+            framing(&text).unwrap_err(),
+            HeadError::ContentLength,
+            "{padded:?}"
+        );
+    }
+    let padded = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n";
+    assert_eq!(framing(padded).unwrap_err(), HeadError::TransferEncoding);
+    let tabbed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\t, 5 \r\n\r\n";
+    assert_eq!(framing(tabbed).unwrap(), Framing::Length(5));
     let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
     assert!(matches!(req(folded), Err(HeadError::Malformed(_))));
     assert_eq!(
