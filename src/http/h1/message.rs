@@ -10,6 +10,11 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Method, StatusCode, Version};
 
+use super::fields::{
+    has_field, has_token, list, trim_ows, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
+    TRANSFER_ENCODING, UPGRADE,
+};
+
 /// The most header fields a head may carry by default (hyper's and
 /// Envoy's default is 100 too).
 pub const MAX_HEADERS: usize = 100;
@@ -170,16 +175,16 @@ pub fn parse_request(
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| HeadError::Malformed("invalid method".into()))?;
     let version = version_of(minor);
-    let fields = &*req.headers;
+    let fields = &Fields::new(req.headers);
     let framing = request_framing(version, fields)?;
-    if version == Version::HTTP_11 && !has_field(fields, "host") {
+    if version == Version::HTTP_11 && !has_field(fields, HOST) {
         return Err(HeadError::NoHost);
     }
     let keep_alive = keep_alive(version, fields);
     let expect_continue = version == Version::HTTP_11
-        && values(fields, "expect").any(|v| v.eq_ignore_ascii_case(b"100-continue"));
+        && values(fields, EXPECT).any(|v| v.eq_ignore_ascii_case(b"100-continue"));
     let upgrade = if version == Version::HTTP_11 && has_token(fields, "upgrade") {
-        values(fields, "upgrade")
+        values(fields, UPGRADE)
             .next()
             .and_then(|v| HeaderValue::from_bytes(v).ok())
     } else {
@@ -196,17 +201,20 @@ pub fn parse_request(
     }
     let mut splice = None;
     if collected {
-        parts.headers = header_map(fields)?;
+        parts.headers = header_map(fields.list)?;
     } else if let Detail::Target(drops) = detail {
         // What `header_map` would refuse is refused here too: a spliced
         // head passes on no field the full parse would not.
-        if let Some(bad) = fields.iter().find(|f| !valid_value(f.value)) {
+        if let Some(bad) = fields.list.iter().find(|f| !valid_value(f.value)) {
             return Err(HeadError::Malformed(format!(
                 "invalid value of header {}",
                 bad.name.to_ascii_lowercase()
             )));
         }
-        let present = fields.iter().any(|f| dropped(drops, f.name.as_bytes()));
+        let present = fields
+            .list
+            .iter()
+            .any(|f| dropped(drops, f.name.as_bytes()));
         splice = Some(Splice { drops, present });
     }
     // The target is a slice of `buf`.
@@ -252,7 +260,7 @@ pub fn parse_response(
     let status = StatusCode::from_u16(code)
         .map_err(|_| HeadError::Malformed(format!("invalid status {code}")))?;
     let version = version_of(minor);
-    let fields = &*resp.headers;
+    let fields = &Fields::new(resp.headers);
     let (framing, drop_length) = response_framing(method, status, fields)?;
     let keep_alive = keep_alive(version, fields) && framing != Framing::UntilClose;
     let clean = !drop_length && is_clean(&buf[..len], fields);
@@ -260,7 +268,7 @@ pub fn parse_response(
     parts.status = status;
     parts.version = version;
     if !clean {
-        parts.headers = header_map(fields)?;
+        parts.headers = header_map(fields.list)?;
         if drop_length {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
@@ -276,38 +284,9 @@ pub fn parse_response(
     )))
 }
 
-/// Request or response header fields as the relay sees them.
-type Fields<'a> = [httparse::Header<'a>];
-
-/// The fields hop-by-hop stripping would touch (RFC 9110 §7.6.1;
-/// `Transfer-Encoding` is relayed with its body, so it does not count).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "upgrade",
-];
-
+/// CRLF line ends and no hop-by-hop field: the head can go on as it came.
 fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
-    head.ends_with(b"\r\n\r\n")
-        && !fields
-            .iter()
-            .any(|f| HOP_BY_HOP.iter().any(|h| f.name.eq_ignore_ascii_case(h)))
-}
-
-/// The values of every `name` field.
-fn values<'a>(fields: &'a Fields<'a>, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields
-        .iter()
-        .filter(move |f| f.name.eq_ignore_ascii_case(name))
-        .map(|f| f.value)
-}
-
-fn has_field(fields: &Fields<'_>, name: &str) -> bool {
-    fields.iter().any(|f| f.name.eq_ignore_ascii_case(name))
+    head.ends_with(b"\r\n\r\n") && !fields.has_hop_by_hop()
 }
 
 fn version_of(minor: u8) -> Version {
@@ -410,29 +389,6 @@ fn field_lines(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
         })
 }
 
-/// Whether the comma-separated `Connection` values hold `token`.
-fn has_token(fields: &Fields<'_>, token: &str) -> bool {
-    list(fields, "connection").any(|t| t.eq_ignore_ascii_case(token))
-}
-
-/// The comma-separated elements of every `name` field, trimmed of
-/// optional whitespace.
-fn list<'a>(fields: &'a Fields<'a>, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    values(fields, name)
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .map(trim_ows)
-        .filter(|t| !t.is_empty())
-}
-
-/// `text` without leading and trailing optional whitespace: spaces and
-/// tabs only (RFC 9110 §5.6.3). `str::trim` would also take Unicode
-/// blanks off (U+00A0, U+0085…), reading `5<NBSP>` as a length an app
-/// behind us may read otherwise: a smuggling shape.
-fn trim_ows(text: &str) -> &str {
-    text.trim_matches([' ', '\t'])
-}
-
 fn keep_alive(version: Version, fields: &Fields<'_>) -> bool {
     if has_token(fields, "close") {
         return false;
@@ -443,7 +399,7 @@ fn keep_alive(version: Version, fields: &Fields<'_>) -> bool {
 /// `Some(true)`: codings present and the last is `chunked` (only once);
 /// `Some(false)`: codings present otherwise; `None`: no codings.
 fn chunked_last(fields: &Fields<'_>) -> Option<bool> {
-    let mut codings = list(fields, "transfer-encoding").peekable();
+    let mut codings = list(fields, TRANSFER_ENCODING).peekable();
     codings.peek()?;
     let mut chunked_seen = false;
     let mut last_is_chunked = false;
@@ -460,7 +416,7 @@ fn chunked_last(fields: &Fields<'_>) -> Option<bool> {
 /// decimal number.
 fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
     let mut found = None;
-    for value in values(fields, "content-length") {
+    for value in values(fields, CONTENT_LENGTH) {
         let text = std::str::from_utf8(value).map_err(|_| HeadError::ContentLength)?;
         for element in text.split(',') {
             let element = trim_ows(element);
@@ -474,7 +430,7 @@ fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
             found = Some(n);
         }
     }
-    if has_field(fields, "content-length") && found.is_none() {
+    if has_field(fields, CONTENT_LENGTH) && found.is_none() {
         return Err(HeadError::ContentLength);
     }
     Ok(found)
@@ -483,7 +439,7 @@ fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
 fn request_framing(version: Version, fields: &Fields<'_>) -> Result<Framing, HeadError> {
     match chunked_last(fields) {
         Some(_) if version == Version::HTTP_10 => Err(HeadError::TransferEncoding),
-        Some(_) if has_field(fields, "content-length") => Err(HeadError::TransferAndLength),
+        Some(_) if has_field(fields, CONTENT_LENGTH) => Err(HeadError::TransferAndLength),
         Some(true) => Ok(Framing::Chunked),
         Some(false) => Err(HeadError::TransferEncoding),
         None => Ok(match content_length(fields)? {
@@ -515,7 +471,7 @@ fn response_framing(
             } else {
                 Framing::UntilClose
             };
-            Ok((framing, has_field(fields, "content-length")))
+            Ok((framing, has_field(fields, CONTENT_LENGTH)))
         }
         None => Ok((
             match content_length(fields)? {

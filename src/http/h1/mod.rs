@@ -15,6 +15,7 @@
 
 pub(crate) mod body;
 mod buf;
+mod fields;
 mod idle;
 mod local;
 pub mod message;
