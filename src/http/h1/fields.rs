@@ -25,21 +25,6 @@ const PROXY_AUTHENTICATE: Name = Name::new("proxy-authenticate", 8);
 const PROXY_AUTHORIZATION: Name = Name::new("proxy-authorization", 9);
 const TE: Name = Name::new("te", 10);
 
-/// Every name with a bit: what [`Fields::new`] looks for.
-const TRACKED: [Name; 11] = [
-    HOST,
-    CONTENT_LENGTH,
-    TRANSFER_ENCODING,
-    EXPECT,
-    CONNECTION,
-    UPGRADE,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-    TE,
-];
-
 /// The fields hop-by-hop stripping would touch (RFC 9110 §7.6.1;
 /// `Transfer-Encoding` is relayed with its body, so it does not count).
 const HOP_BY_HOP: [Name; 7] = [
@@ -61,6 +46,29 @@ impl Name {
     }
 }
 
+/// `name`'s bit (any case), 0 for a name no rule asks for. By length
+/// first: one comparison at most for most names (the unit test holds
+/// this table to every name).
+fn tracked_bit(name: &str) -> u16 {
+    let candidates: &[Name] = match name.len() {
+        2 => &[TE],
+        4 => &[HOST],
+        6 => &[EXPECT],
+        7 => &[UPGRADE],
+        10 => &[CONNECTION, KEEP_ALIVE],
+        14 => &[CONTENT_LENGTH],
+        16 => &[PROXY_CONNECTION],
+        17 => &[TRANSFER_ENCODING],
+        18 => &[PROXY_AUTHENTICATE],
+        19 => &[PROXY_AUTHORIZATION],
+        _ => return 0,
+    };
+    candidates
+        .iter()
+        .find(|n| n.text.eq_ignore_ascii_case(name))
+        .map_or(0, |n| n.bit)
+}
+
 /// Request or response header fields, and which [`Name`]s came.
 pub(super) struct Fields<'a> {
     pub(super) list: &'a [httparse::Header<'a>],
@@ -69,15 +77,7 @@ pub(super) struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     pub(super) fn new(list: &'a [httparse::Header<'a>]) -> Self {
-        let mut present = 0;
-        for field in list {
-            // Lengths first: most names match no tracked one's.
-            if let Some(name) = TRACKED.iter().find(|n| {
-                n.text.len() == field.name.len() && n.text.eq_ignore_ascii_case(field.name)
-            }) {
-                present |= name.bit;
-            }
-        }
+        let present = list.iter().fold(0, |bits, f| bits | tracked_bit(f.name));
         Fields { list, present }
     }
 
@@ -105,7 +105,7 @@ pub(super) fn has_field(fields: &Fields<'_>, name: Name) -> bool {
 
 /// Whether the comma-separated `Connection` values hold `token`.
 pub(super) fn has_token(fields: &Fields<'_>, token: &str) -> bool {
-    list(fields, CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+    has_field(fields, CONNECTION) && list(fields, CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The comma-separated elements of every `name` field, trimmed of
@@ -122,14 +122,40 @@ pub(super) fn list<'a>(fields: &'a Fields<'a>, name: Name) -> impl Iterator<Item
 /// tabs only (RFC 9110 §5.6.3). `str::trim` would also take Unicode
 /// blanks off (U+00A0, U+0085…), reading `5<NBSP>` as a length an app
 /// behind us may read otherwise: a smuggling shape.
-pub(super) fn trim_ows(text: &str) -> &str {
+fn trim_ows(text: &str) -> &str {
     text.trim_matches([' ', '\t'])
+}
+
+/// [`trim_ows`] on bytes.
+pub(super) fn trim_ows_bytes(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Every name with a bit.
+    const TRACKED: [Name; 11] = [
+        HOST,
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        EXPECT,
+        CONNECTION,
+        UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+    ];
 
     #[test]
     fn a_name_is_recorded_whatever_its_case_and_only_its_own() {

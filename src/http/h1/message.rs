@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Method, StatusCode, Version};
 
 use super::fields::{
-    has_field, has_token, list, trim_ows, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
+    has_field, has_token, list, trim_ows_bytes, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
     TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -417,21 +417,23 @@ fn chunked_last(fields: &Fields<'_>) -> Option<bool> {
 fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
     let mut found = None;
     for value in values(fields, CONTENT_LENGTH) {
-        let text = std::str::from_utf8(value).map_err(|_| HeadError::ContentLength)?;
-        for element in text.split(',') {
-            let element = trim_ows(element);
-            if element.is_empty() || !element.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(HeadError::ContentLength);
-            }
-            let n: u64 = element.parse().map_err(|_| HeadError::ContentLength)?;
+        // Bytes, not text: a digit, a comma or optional whitespace is
+        // ASCII, and any other byte refuses the field.
+        for element in value.split(|&b| b == b',') {
+            let element = trim_ows_bytes(element);
+            let n = element
+                .iter()
+                .try_fold(0u64, |n, &b| {
+                    let digit = b.is_ascii_digit().then(|| u64::from(b - b'0'))?;
+                    n.checked_mul(10)?.checked_add(digit)
+                })
+                .filter(|_| !element.is_empty())
+                .ok_or(HeadError::ContentLength)?;
             if found.is_some_and(|f| f != n) {
                 return Err(HeadError::ContentLength);
             }
             found = Some(n);
         }
-    }
-    if has_field(fields, CONTENT_LENGTH) && found.is_none() {
-        return Err(HeadError::ContentLength);
     }
     Ok(found)
 }

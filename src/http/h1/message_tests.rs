@@ -98,6 +98,24 @@ fn smuggling_shapes_are_refused() {
     }
     let padded = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n";
     assert_eq!(framing(padded).unwrap_err(), HeadError::TransferEncoding);
+    for huge in ["18446744073709551616", "99999999999999999999999"] {
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {huge}\r\n\r\n");
+        assert_eq!(
+            framing(&text).unwrap_err(),
+            HeadError::ContentLength,
+            "{huge}"
+        );
+    }
+    let max = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n";
+    assert_eq!(framing(max).unwrap(), Framing::Length(u64::MAX));
+    for empty in ["", " ", "5,", ",5", "5,,5"] {
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {empty}\r\n\r\n");
+        assert_eq!(
+            framing(&text).unwrap_err(),
+            HeadError::ContentLength,
+            "{empty:?}"
+        );
+    }
     let tabbed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\t, 5 \r\n\r\n";
     assert_eq!(framing(tabbed).unwrap(), Framing::Length(5));
     let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
