@@ -300,19 +300,35 @@ fn an_older_peer_refuses_the_tunnels_only_handshake_once_and_its_mesh_connection
 
 #[test]
 fn an_older_peers_256_streams_are_kept_to_and_a_second_connection_carries_the_rest() {
-    // An older sidecar's `tcp` port: tunnels-only, 256 streams. Were its
-    // limit not read from its SETTINGS, h2 would hold the 257th tunnel
-    // until another stream ended, and that app connection would hang.
-    let setup = start(|rt, pki, seen| rt.block_on(older_peer(pki, seen, TUNNEL_ALPN)));
+    // An older sidecar's `tcp` port: tunnels-only, 256 streams, 240 of
+    // them taken a connection. Were its limit not read from its SETTINGS,
+    // h2 would hold the 257th tunnel until another stream ended, and that
+    // app connection would hang.
+    tunnels_take_connections(
+        |rt, pki, seen| rt.block_on(older_peer(pki, seen, TUNNEL_ALPN)),
+        300,
+        2,
+    );
+}
+
+/// Opens `tunnels` app connections through an outbound sidecar towards
+/// a stand-in peer, each kept open, and asserts that they took `connections`
+/// connections to it and were all served.
+fn tunnels_take_connections(
+    stand_in: impl FnOnce(&tokio::runtime::Runtime, &Pki, Arc<Seen>) -> SocketAddr,
+    tunnels: usize,
+    connections: usize,
+) {
+    let setup = start(stand_in);
     let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
 
-    let _conns = open_all(outbound, 300);
+    let _conns = open_all(outbound, tunnels);
     assert_eq!(
         seen.accepts.load(Ordering::SeqCst),
-        2,
-        "300 tunnels: two connections (240 each at most)"
+        connections,
+        "{tunnels} tunnels"
     );
-    assert_eq!(seen.served.load(Ordering::SeqCst), 300, "300 tunnels");
+    assert_eq!(seen.served.load(Ordering::SeqCst), tunnels);
     no_app_connection_failed(client);
 }
 
@@ -321,17 +337,11 @@ fn a_peer_that_takes_few_streams_still_carries_several_tunnels_a_connection() {
     // 8 streams: 4 tunnels a connection (half kept as headroom). With the
     // full headroom of 16 subtracted it would be none, and each app
     // connection would dial a connection of its own.
-    let setup = start(|rt, pki, seen| rt.block_on(peer_taking(pki, seen, TUNNEL_ALPN, 8)));
-    let (client, outbound, seen) = (&setup.client, setup.outbound, &setup.seen);
-
-    let _conns = open_all(outbound, 20);
-    assert_eq!(
-        seen.accepts.load(Ordering::SeqCst),
+    tunnels_take_connections(
+        |rt, pki, seen| rt.block_on(peer_taking(pki, seen, TUNNEL_ALPN, 8)),
+        20,
         5,
-        "20 tunnels: five connections (4 each)"
     );
-    assert_eq!(seen.served.load(Ordering::SeqCst), 20, "20 tunnels");
-    no_app_connection_failed(client);
 }
 
 #[test]

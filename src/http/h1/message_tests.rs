@@ -85,37 +85,32 @@ fn smuggling_shapes_are_refused() {
     let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
     assert_eq!(framing(http10).unwrap_err(), HeadError::TransferEncoding);
     // Only a space or a tab is optional whitespace (RFC 9110 §5.6.3): a
-    // length or coding padded with any other blank (here U+00A0 and
-    // U+0085, which `str::trim` would take off) is not one an app must
-    // read as we would.
-    for padded in ["5\u{a0}", "\u{a0}5", "5\u{85}"] {
-        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {padded}\r\n\r\n");
+    // length padded with any other blank (here U+00A0 and U+0085, which
+    // `str::trim` would take off) is not one an app must read as we
+    // would. Nor is one past u64, or a list with an empty element.
+    for bad in [
+        "5\u{a0}",
+        "\u{a0}5",
+        "5\u{85}",
+        "18446744073709551616",
+        "99999999999999999999999",
+        "",
+        " ",
+        "5,",
+        ",5",
+        "5,,5",
+    ] {
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {bad}\r\n\r\n");
         assert_eq!(
             framing(&text).unwrap_err(),
             HeadError::ContentLength,
-            "{padded:?}"
-        );
-    }
-    let padded = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n";
-    assert_eq!(framing(padded).unwrap_err(), HeadError::TransferEncoding);
-    for huge in ["18446744073709551616", "99999999999999999999999"] {
-        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {huge}\r\n\r\n");
-        assert_eq!(
-            framing(&text).unwrap_err(),
-            HeadError::ContentLength,
-            "{huge}"
+            "{bad:?}"
         );
     }
     let max = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n";
     assert_eq!(framing(max).unwrap(), Framing::Length(u64::MAX));
-    for empty in ["", " ", "5,", ",5", "5,,5"] {
-        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {empty}\r\n\r\n");
-        assert_eq!(
-            framing(&text).unwrap_err(),
-            HeadError::ContentLength,
-            "{empty:?}"
-        );
-    }
+    let padded = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n";
+    assert_eq!(framing(padded).unwrap_err(), HeadError::TransferEncoding);
     let tabbed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\t, 5 \r\n\r\n";
     assert_eq!(framing(tabbed).unwrap(), Framing::Length(5));
     let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
