@@ -93,17 +93,21 @@ fn expect_100_continue_is_relayed_before_the_body() {
 #[test]
 fn smuggling_shapes_are_refused_before_the_app() {
     let p = pair();
-    for attack in [
-        &b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api\r\n\r\n"[..],
-        b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
-        b"POST /x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: api\r\nX-Folded: a\r\n b\r\n\r\n",
+    for (attack, status) in [
+        (&b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api\r\n\r\n"[..], 400),
+        (b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd", 400),
+        (b"POST /x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: api\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+        // A length padded with U+00A0: not a number an app must read as 4.
+        ("POST /x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\u{a0}\r\n\r\nabcd".as_bytes(), 400),
+        // Another coding before `chunked`: the app would be told `chunked`.
+        (b"POST /x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
     ] {
         let before = p.app.seen.load(Ordering::SeqCst);
         let (mut s, mut r) = p.connect();
         s.write_all(attack).unwrap();
         let resp = read_message(&mut r, true).unwrap();
-        assert_eq!(resp.status(), 400, "{:?}", String::from_utf8_lossy(attack));
+        assert_eq!(resp.status(), status, "{:?}", String::from_utf8_lossy(attack));
         assert_eq!(resp.header("connection").as_deref(), Some("close"));
         assert!(read_message(&mut r, true).is_none(), "the connection is closed");
         assert_eq!(p.app.seen.load(Ordering::SeqCst), before, "the app saw nothing");

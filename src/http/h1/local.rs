@@ -69,13 +69,15 @@ impl<S: Side> Relay<'_, S> {
             }
             Fail::UpstreamLate(d) => (Some("upstream_io"), d, None),
             Fail::BadRequest(e) => {
-                let (status, reason) = if e == HeadError::TooLarge {
-                    (
+                let (status, reason) = match e {
+                    HeadError::TooLarge => (
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         "head_too_large",
-                    )
-                } else {
-                    (StatusCode::BAD_REQUEST, "malformed_head")
+                    ),
+                    HeadError::UnsupportedCoding => {
+                        (StatusCode::NOT_IMPLEMENTED, "transfer_coding")
+                    }
+                    _ => (StatusCode::BAD_REQUEST, "malformed_head"),
                 };
                 self.side.layer().metrics.refusal(S::DIRECTION, reason);
                 let local = Local::error(status, "bad_request", "malformed HTTP request\n");

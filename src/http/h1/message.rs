@@ -62,6 +62,11 @@ pub enum HeadError {
     /// request with any (its length cannot be known).
     #[error("Transfer-Encoding must end in chunked")]
     TransferEncoding,
+    /// A request with a transfer coding besides `chunked` (`gzip,
+    /// chunked`): the relay would pass on `chunked` alone and the app
+    /// would read the coded bytes as the body (RFC 9112 §6.1: 501).
+    #[error("transfer coding other than chunked")]
+    UnsupportedCoding,
     /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
     #[error("HTTP/1.1 request without Host")]
     NoHost,
@@ -442,6 +447,9 @@ fn request_framing(version: Version, fields: &Fields<'_>) -> Result<Framing, Hea
     match chunked_last(fields) {
         Some(_) if version == Version::HTTP_10 => Err(HeadError::TransferEncoding),
         Some(_) if has_field(fields, CONTENT_LENGTH) => Err(HeadError::TransferAndLength),
+        Some(true) if list(fields, TRANSFER_ENCODING).count() > 1 => {
+            Err(HeadError::UnsupportedCoding)
+        }
         Some(true) => Ok(Framing::Chunked),
         Some(false) => Err(HeadError::TransferEncoding),
         None => Ok(match content_length(fields)? {

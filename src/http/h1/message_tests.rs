@@ -125,8 +125,19 @@ fn smuggling_shapes_are_refused() {
 fn request_framing_follows_rfc_9112() {
     let same = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n";
     assert_eq!(framing(same).unwrap(), Framing::Length(5));
-    let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n";
+    let chunked = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n";
     assert_eq!(framing(chunked).unwrap(), Framing::Chunked);
+    // Another coding before it: the app would be told `chunked` alone.
+    for coded in ["gzip, Chunked", "gzip,chunked", "identity, chunked"] {
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coded}\r\n\r\n");
+        assert_eq!(
+            framing(&text).unwrap_err(),
+            HeadError::UnsupportedCoding,
+            "{coded}"
+        );
+    }
+    let split = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(framing(split).unwrap_err(), HeadError::UnsupportedCoding);
     let zero = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
     assert_eq!(framing(zero).unwrap(), Framing::Empty);
 }
@@ -321,7 +332,7 @@ fn a_spliced_head_carries_the_fields_a_rewritten_one_does() {
             "POST /p HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=evil\r\nx-STEPUP-sub: admin\r\nContent-Length: 2\r\nStepmesh-Orig-Proto: HTTP/2\r\nx-forwarded-client-cert: again\r\n\r\n",
             Some("alice"),
         ),
-        ("PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nA: 1\r\nB: 2\r\nA: 3\r\n\r\n", None),
+        ("PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nA: 1\r\nB: 2\r\nA: 3\r\n\r\n", None),
         ("GET / HTTP/1.0\r\nAccept: \u{e9}\t x\r\n\r\n", None),
         ("GET http://a/x HTTP/1.1\r\nHost: a\r\nEmpty:\r\n\r\n", Some("bob")),
     ] {
