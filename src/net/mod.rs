@@ -6,6 +6,7 @@
 pub mod caps;
 pub mod fdlimit;
 pub mod forward;
+pub mod linger;
 
 use std::time::Duration;
 

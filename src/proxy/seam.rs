@@ -20,6 +20,7 @@ use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn, TunnelDest};
 use crate::http::tunnel::{Tunnel, Tunnels};
 use crate::http::{MeshConnectors, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
+use crate::net::linger::Lingering;
 use crate::policy::{OutboundAction, Protocol};
 
 /// How long the outbound side waits for the app's first bytes before
@@ -93,6 +94,10 @@ async fn serve_mesh<I>(shared: &Arc<Shared>, ctx: &InboundContext, io: I, kind: 
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Ours is the side that ends a mesh connection on a drain or a
+    // revocation, as soon as its last stream does: lingering, the tail of
+    // that stream is not lost to a reset (`net::linger`).
+    let io = Lingering::new(io);
     let tunnels = kind
         .tunnels
         .then(|| super::tunnel::inbound(shared.clone(), ctx.clone()));
