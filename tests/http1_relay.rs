@@ -75,6 +75,24 @@ fn chunked_bodies_and_trailers_pass_through() {
 }
 
 #[test]
+fn a_rewritten_response_keeps_its_transfer_codings() {
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"GET /gzip-chunked HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.head);
+    assert_eq!(resp.header("keep-alive"), None, "hop-by-hop: {}", resp.head);
+    assert_eq!(
+        resp.header("transfer-encoding").as_deref(),
+        Some("gzip, chunked"),
+        "the body is still gzip-coded: {}",
+        resp.head
+    );
+    assert_eq!(resp.body, b"gzip");
+}
+
+#[test]
 fn expect_100_continue_is_relayed_before_the_body() {
     let p = pair();
     let (mut s, mut r) = p.connect();

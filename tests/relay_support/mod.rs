@@ -177,6 +177,12 @@ fn serve_app(conn: TcpStream, seen: &AtomicUsize) {
                 );
                 w.write_all(text.as_bytes()).unwrap();
             }
+            "/gzip-chunked" => {
+                // A coding before `chunked`, and a hop-by-hop field, so
+                // the relay rewrites the head.
+                w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nKeep-Alive: timeout=5\r\n\r\n4\r\ngzip\r\n0\r\n\r\n")
+                    .unwrap();
+            }
             "/extra" => {
                 // An answer, and bytes nobody asked for after it.
                 w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforged")

@@ -202,12 +202,18 @@ pub(super) fn finish_interim(resp: &mut ResponseHead, out: &mut Vec<u8>) {
 
 pub(super) fn finish_response_head(resp: &mut ResponseHead, close: bool, client_version: Version) {
     let headers = &mut resp.parts.headers;
+    // The body is relayed as it came, chunks and any coding before
+    // `chunked` (`gzip, chunked`) included: so are its codings, whatever
+    // else goes as hop-by-hop. (Restored as `chunked` alone, gzip bytes
+    // reached the client as the body.) Without codings, no allocation.
+    let codings: Vec<HeaderValue> = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .cloned()
+        .collect();
     strip_hop_by_hop(headers);
-    if resp.framing == Framing::Chunked {
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+    for coding in codings {
+        headers.append(header::TRANSFER_ENCODING, coding);
     }
     if close {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
