@@ -28,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::drain::{self, DrainWatch};
 use crate::exit::{self, ConfigResult as _};
 use crate::http::h2_deadline::HeaderDeadline;
+use crate::net::linger::Lingering;
 use crate::policy::PolicyWatch;
 use crate::stepup::{StepUp, StepUpMetrics};
 use crate::tls::serving::{server_config, ReloadingCert};
@@ -217,7 +218,8 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
     // hyper's HTTP/2 server has no header deadline: the sidecar's, below it.
-    let tls = HeaderDeadline::new(tls, HANDSHAKE_TIMEOUT, timeouts, "gateway");
+    // Lingering: a drain ends connections on our side (`net::linger`).
+    let tls = HeaderDeadline::new(Lingering::new(tls), HANDSHAKE_TIMEOUT, timeouts, "gateway");
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let result = tokio::select! {

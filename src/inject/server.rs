@@ -21,6 +21,7 @@ use super::config::InjectorConfig;
 use super::metrics::{render, InjectorMetrics};
 use super::review::{review, Outcome};
 use crate::http::h2_deadline::HeaderDeadline;
+use crate::net::linger::Lingering;
 
 /// Deadline for a client's TLS handshake and request headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,7 +143,8 @@ async fn serve_connection(
     };
     // hyper's HTTP/2 server has no header deadline: the sidecar's, below it.
     let timeouts = state.metrics.h2_header_timeouts();
-    let tls = HeaderDeadline::new(tls, HANDSHAKE_TIMEOUT, timeouts, "webhook");
+    // Lingering: a shutdown ends connections on our side (`net::linger`).
+    let tls = HeaderDeadline::new(Lingering::new(tls), HANDSHAKE_TIMEOUT, timeouts, "webhook");
     let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
