@@ -117,6 +117,31 @@ fn smuggling_shapes_are_refused() {
     assert_eq!(framing(max).unwrap(), Framing::Length(u64::MAX));
     let padded = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n";
     assert_eq!(framing(padded).unwrap_err(), HeadError::TransferEncoding);
+    // A coding that is not text (obs-text bytes) is a coding all the same,
+    // and not `chunked`: it was skipped, and the head read as having no
+    // coding at all (the fuzz smoke's find).
+    for coding in [
+        &b"chunked\x92"[..],
+        b"gzip, $chu\x92\x94",
+        b"\xff",
+        b"chunked, \x80",
+    ] {
+        let mut head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ".to_vec();
+        head.extend_from_slice(coding);
+        head.extend_from_slice(b"\r\n\r\n");
+        let parsed = parse_request(&head, Detail::Full, HeadLimits::default());
+        assert_eq!(
+            parsed.unwrap_err(),
+            HeadError::TransferEncoding,
+            "{coding:?}"
+        );
+    }
+    // `Connection: close` beside an element that is not text still closes.
+    let close = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, \xe9\r\n\r\n";
+    let (head, _) = parse_request(close, Detail::Full, HeadLimits::default())
+        .unwrap()
+        .unwrap();
+    assert!(!head.keep_alive);
     let tabbed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\t, 5 \r\n\r\n";
     assert_eq!(framing(tabbed).unwrap(), Framing::Length(5));
     let folded = "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n";
@@ -340,6 +365,11 @@ fn a_spliced_head_carries_the_fields_a_rewritten_one_does() {
         ("PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nA: 1\r\nB: 2\r\nA: 3\r\n\r\n", None),
         ("GET / HTTP/1.0\r\nAccept: \u{e9}\t x\r\n\r\n", None),
         ("GET http://a/x HTTP/1.1\r\nHost: a\r\nEmpty:\r\n\r\n", Some("bob")),
+        // Empty lines before the request line (the fuzz smoke's find: the
+        // spliced head lost every line when a field went).
+        ("\n\r\nPOST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+        ("\r\nGET /e HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=evil\r\n\r\n", None),
+        ("\r\n\r\nGET /e HTTP/1.1\r\nHost: a\r\n\r\n", Some("carol")),
     ] {
         let [written, spliced] = both_ways(text, subject).unwrap_or_else(|| panic!("{text:?}"));
         assert_eq!(spliced.2, written.2, "{text:?}");
@@ -388,7 +418,8 @@ fn random_clean_heads_splice_as_they_are_rewritten() {
     let mut compared = 0;
     for _ in 0..3000 {
         let version = if next(4) == 0 { "1.0" } else { "1.1" };
-        let mut text = format!("POST /x?{} HTTP/{version}\r\n", next(100));
+        let empty_lines = ["", "", "\r\n", "\n"][next(4)];
+        let mut text = format!("{empty_lines}POST /x?{} HTTP/{version}\r\n", next(100));
         for _ in 0..next(8) {
             text += &format!(
                 "{}: {}\r\n",
