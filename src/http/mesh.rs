@@ -336,7 +336,10 @@ impl MeshPool {
                 return Err(e.clone());
             }
         }
-        let dialled = self.dial(conn, lane).await;
+        // Boxed: the dial (TCP, TLS, h2 handshakes) is large and rare; inline
+        // it sized every tunnel's opening, copied whole into its box per
+        // new app connection.
+        let dialled = Box::pin(self.dial(conn, lane)).await;
         let n = slot.dials.fetch_add(1, Ordering::AcqRel) + 1;
         match dialled {
             Ok(pooled) => {
@@ -407,7 +410,7 @@ impl MeshPool {
         if let Some(p) = slot.more_with_room() {
             return Ok(extra(p));
         }
-        let pooled = self.dial(conn, lane).await?;
+        let pooled = Box::pin(self.dial(conn, lane)).await?;
         if !pooled.kind.tunnels || !pooled.take_tunnel() {
             return Ok((pooled, None));
         }
