@@ -271,8 +271,7 @@ impl h1::Side for AppSide {
     /// In full only where the port has routes: elsewhere no field is read
     /// to decide (the identity decided), and the head is spliced.
     fn detail(&self) -> Detail {
-        let policy = self.layer.policy.current();
-        if policy.routes_requests(self.served.conn.port) {
+        if self.layer.policy.routes_requests(self.served.conn.port) {
             Detail::Full
         } else {
             Detail::Target(&SET_HERE)

@@ -96,6 +96,14 @@ impl PolicyWatch {
         self.current.load_full()
     }
 
+    /// Whether the policy in force now routes requests on `port`: a look
+    /// that keeps no reference (asked before every HTTP/1 request's head
+    /// is parsed, where a reference taken and dropped is two atomic
+    /// read-modify-writes on a count every connection shares).
+    pub fn routes_requests(&self, port: u16) -> bool {
+        self.current.load().routes_requests(port)
+    }
+
     /// Changes (its value: the number of swaps so far) after every reload
     /// that replaced the policy: established connections re-check themselves
     /// on it. A refused file changes nothing.
