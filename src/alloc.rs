@@ -72,8 +72,8 @@ fn on_park() {
 /// thread's arena at once instead of after their decay time. `Err` holds
 /// mallctl's error.
 ///
-/// The crate's one `unsafe` block: mallctl is a C function (see the module
-/// doc for why no safe wrapper serves).
+/// The crate's one `unsafe` block outside tests: mallctl is a C function
+/// (see the module doc for why no safe wrapper serves).
 #[allow(unsafe_code)]
 pub fn thread_idle() -> Result<(), i32> {
     const NAME: &CStr = c"thread.idle";
@@ -102,6 +102,43 @@ mod tests {
     #[test]
     fn jemalloc_takes_the_idle_hint() {
         assert_eq!(thread_idle(), Ok(()));
+    }
+
+    /// Reads a `size_t` or `unsigned` setting of jemalloc's.
+    #[allow(unsafe_code)]
+    fn setting<T: Copy + Default>(name: &str) -> T {
+        let name = std::ffi::CString::new(name).expect("no NUL in a mallctl name");
+        let mut value = T::default();
+        let mut len = std::mem::size_of::<T>();
+        // SAFETY: `value` is a `T` and `len` its size, as mallctl requires
+        // for a read (it fails with EINVAL on a size that differs); nothing
+        // is written to jemalloc (null new value, length 0).
+        let code = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(code, 0, "mallctl {name:?}");
+        value
+    }
+
+    /// The build-time settings (.cargo/config.toml) are the ones jemalloc
+    /// runs with: a build without them would keep a burst's large buffers
+    /// in thread caches, refill small caches from the arena several times
+    /// per request and make a slab per 4 KiB buffer.
+    #[test]
+    fn jemalloc_runs_with_the_build_settings() {
+        assert_eq!(setting::<usize>("arenas.tcache_max"), 4096);
+        assert_eq!(setting::<u32>("opt.tcache_nslots_small_min"), 64);
+        let bins = setting::<u32>("arenas.nbins");
+        let slab = (0..bins)
+            .find(|i| setting::<usize>(&format!("arenas.bin.{i}.size")) == 4096)
+            .map(|i| setting::<usize>(&format!("arenas.bin.{i}.slab_size")));
+        assert_eq!(slab, Some(64 * 1024), "the 4 KiB class's slab");
     }
 
     #[test]
