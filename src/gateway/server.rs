@@ -21,7 +21,7 @@ use super::answer::{status, PendingStepUps};
 use super::classify::RequestInfo;
 use super::decide::{authenticate, decide, Decision, Pending, Verdict};
 use super::upstream::{Lane, Upstream};
-use crate::accesslog::{now_rfc3339, AccessLog};
+use crate::accesslog::{AccessLog, Timestamp};
 use crate::policy::PolicyWatch;
 use crate::stepup::gate::unix_now;
 use crate::stepup::StepUp;
@@ -96,7 +96,7 @@ pub struct Gateway {
 /// The audit line of one request.
 #[derive(Debug, Serialize)]
 struct AuditRecord<'a> {
-    ts: String,
+    ts: Timestamp,
     kind: &'static str,
     user: Option<&'a str>,
     groups: &'a [String],
@@ -272,7 +272,7 @@ impl Gateway {
         };
         let person = d.person.as_ref();
         self.audit.log_json(&AuditRecord {
-            ts: now_rfc3339(),
+            ts: Timestamp::now(),
             kind: "gateway",
             user: person.map(|p| p.username.as_str()),
             groups: person.map_or(&[], |p| p.groups.as_slice()),

@@ -21,7 +21,7 @@ use super::{HttpMetrics, ProxyBody};
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RequestRecord {
     /// RFC 3339 UTC time the response ended.
-    pub ts: String,
+    pub ts: crate::accesslog::Timestamp,
     /// Always `http`: tells request lines from connection lines.
     pub kind: &'static str,
     /// `inbound` or `outbound`.
@@ -65,7 +65,7 @@ impl RequestRecord {
     /// [`crate::accesslog::json`] for why).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = crate::accesslog::json::Object::new(out);
-        o.str("ts", &self.ts)
+        o.str("ts", self.ts.as_str())
             .known("kind", self.kind)
             .known("direction", self.direction)
             .opt_str("peer_id", self.peer_id.as_deref())
@@ -256,7 +256,7 @@ impl Exchange {
         self.record.bytes_in = bytes_in;
         self.record.bytes_out = bytes_out;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        self.record.ts = crate::accesslog::now_rfc3339();
+        self.record.ts = crate::accesslog::Timestamp::now();
         self.log.write(&self.record);
     }
 }
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn the_written_line_is_the_serde_line() {
         let record = RequestRecord {
-            ts: "2026-12-06T12:00:00.123Z".into(),
+            ts: crate::accesslog::Timestamp::now(),
             kind: "http",
             direction: "inbound",
             peer_id: Some("spiffe://example.org/ns/a/sa/\"quoted\"".into()),

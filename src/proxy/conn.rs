@@ -8,7 +8,7 @@ use std::time::Duration;
 use stepmesh_ca::spiffe_id::SpiffeId;
 use tokio::time::Instant;
 
-use crate::accesslog::{now_rfc3339, AccessLog, ConnectionRecord};
+use crate::accesslog::{AccessLog, ConnectionRecord, Timestamp};
 use crate::identity::store::CertStore;
 use crate::metrics::{Direction, ProxyMetrics};
 pub use crate::net::{close_gracefully, Outcome};
@@ -132,7 +132,7 @@ impl ConnLog<'_> {
         outcome: &Outcome,
     ) {
         log.log(&ConnectionRecord {
-            ts: now_rfc3339(),
+            ts: Timestamp::now(),
             direction: self.direction.as_str(),
             peer_id: peer.map(SpiffeId::as_str),
             src: self.client.to_string(),
