@@ -144,7 +144,8 @@ impl Drop for Sender {
 fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
     let mut batch = Vec::new();
     loop {
-        let asked = {
+        // The flushes asked before this batch, and whether any is waiting.
+        let (asked, waited) = {
             let mut p = queue.lock();
             while p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
                 p.writer_waiting = true;
@@ -159,17 +160,17 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
                 return;
             }
             std::mem::swap(&mut p.lines, &mut batch);
-            p.asked
+            (p.asked, p.asked != p.done)
         };
         // One `write` for the whole batch (it may take more on a pipe).
         let _ = out.write_all(&batch);
         let _ = out.flush();
         batch.clear();
         batch.shrink_to(KEPT);
-        let mut p = queue.lock();
-        if p.done != asked {
-            p.done = asked;
-            drop(p);
+        if waited {
+            // Taken again only for a flush: the runtime threads' appends
+            // contend for the lock with one swap per batch, no more.
+            queue.lock().done = asked;
             queue.written.notify_all();
         }
         std::thread::sleep(pause);
