@@ -510,7 +510,7 @@ async fn each_request_gets_one_access_log_line_with_bytes_and_durations() {
     );
     assert_eq!(line.peer_id.as_deref(), Some(FRONTEND));
     assert_eq!(
-        (line.method.as_str(), line.path.as_str(), line.status),
+        (&*line.method, line.path.as_str(), line.status),
         ("POST", "/orders", 200)
     );
     assert_eq!(line.bytes_in, 10);

@@ -209,6 +209,8 @@ where
 /// `x-forwarded-client-cert` value and the app's authority.
 struct Served {
     conn: Arc<InboundConn>,
+    /// The client's identity, as every request's log line names it.
+    peer: Arc<str>,
     xfcc: Option<HeaderValue>,
     /// `None`: the app address is not a valid authority (each request 502).
     app: Option<Authority>,
@@ -218,6 +220,7 @@ impl Served {
     fn new(conn: Arc<InboundConn>) -> Served {
         Served {
             xfcc: xfcc_value(conn.own.as_deref(), conn.peer.as_str()),
+            peer: Arc::from(conn.peer.as_str()),
             app: Authority::try_from(&*conn.app).ok(),
             conn,
         }
@@ -375,8 +378,8 @@ async fn admit(
 ) -> Verdict {
     let conn = &*served.conn;
     if x.logging() {
-        x.record.peer_id = Some(conn.peer.as_str().to_owned());
-        x.record.method = parts.method.as_str().to_owned();
+        x.record.peer_id = Some(served.peer.clone());
+        x.record.method = super::record::method_label(&parts.method);
         x.record.path = parts.uri.path().to_owned();
         x.record.version = version_label(orig);
     }
@@ -392,9 +395,9 @@ async fn admit(
     };
     let d = stepup::decide(&policy, &layer.stepup, info, stepup::gate::unix_now()).await;
     drop(policy);
-    x.record.route = d.route.as_deref().map(str::to_owned);
+    x.record.route.clone_from(&d.route);
     if x.logging() {
-        x.record.rule = Some(d.rule.to_string());
+        x.record.rule = Some(d.rule.clone());
     }
     match &d.outcome {
         GateOutcome::BadRequest(refusal) => {

@@ -221,7 +221,7 @@ mod tests {
         RequestRecord {
             direction: "inbound",
             port: 80,
-            route: route.map(str::to_owned),
+            route: route.map(Arc::from),
             decision,
             status,
             ..RequestRecord::default()

@@ -356,7 +356,7 @@ where
     fn exchange(&self) -> Exchange {
         let mut x = Exchange::new("outbound", self.port, &self.layer.log, &self.layer.metrics);
         if x.logging() {
-            x.record.peer_id = self.peer_id.map(str::to_owned);
+            x.record.peer_id = self.peer_id.map(Arc::from);
         }
         x
     }
@@ -371,7 +371,7 @@ where
             let target = raw.get(head.target.clone()).unwrap_or_default();
             let target = String::from_utf8_lossy(target);
             let path = target.split_once('?').map_or(&*target, |(path, _)| path);
-            x.record.method = head.parts.method.as_str().to_owned();
+            x.record.method = super::record::method_label(&head.parts.method);
             x.record.path = path.to_owned();
             x.record.version = orig_proto(head.parts.version);
         }
@@ -425,7 +425,7 @@ async fn handle(
     let mut x = Exchange::new("outbound", conn.port, &layer.log, &layer.metrics);
     let orig = req.version();
     if x.logging() {
-        x.record.method = req.method().as_str().to_owned();
+        x.record.method = super::record::method_label(req.method());
         x.record.path = req.uri().path().to_owned();
         x.record.version = orig_proto(orig);
     }
@@ -472,7 +472,7 @@ async fn handle(
     let mut peer_id = None;
     let mut on_peer = |p: &Pooled| {
         if logging && peer_id.is_none() {
-            peer_id = p.peer.as_deref().map(str::to_owned);
+            peer_id = p.peer.as_deref().map(Arc::from);
         }
     };
     let sent = mesh::send(&layer.mesh, conn, &mut out, &mut on_peer).await;

@@ -3,6 +3,7 @@
 //! client goes away), so it carries the bytes moved both ways and the whole
 //! duration.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,23 +28,23 @@ pub struct RequestRecord {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The client workload (inbound) or the peer sidecar (outbound).
-    pub peer_id: Option<String>,
+    pub peer_id: Option<Arc<str>>,
     /// The policy port.
     pub port: u16,
-    /// Method.
-    pub method: String,
+    /// Method ([`method_label`]).
+    pub method: Cow<'static, str>,
     /// Path (no query: queries may carry secrets).
     pub path: String,
     /// The HTTP version the client spoke.
     pub version: &'static str,
     /// The matched route.
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// `allow`, `deny`, `would_deny`, `error`.
     pub decision: &'static str,
     /// The reason label (see `stepup::GateDecision::reason`).
     pub reason: &'static str,
     /// The deciding rule.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// The verified step-up subject.
     pub stepup_sub: Option<String>,
     /// Response status.
@@ -56,6 +57,27 @@ pub struct RequestRecord {
     pub headers_ms: f64,
     /// Milliseconds to the end of the response.
     pub duration_ms: f64,
+}
+
+/// A method as the record holds it: the standard ones as literals, any
+/// other copied. The record's text fields are shared or literal where they
+/// can be (the peer, route and rule are the connection's and the policy's
+/// own `Arc`s): each copy was an allocation per request.
+pub(crate) fn method_label(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    let known = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(method.as_str().to_owned()),
+    };
+    Cow::Borrowed(known)
 }
 
 impl RequestRecord {
