@@ -53,6 +53,16 @@ impl<'a> Object<'a> {
         self
     }
 
+    /// A time field: digits and separators only, not scanned.
+    #[inline(always)]
+    pub fn time(&mut self, name: &str, value: &super::Timestamp) -> &mut Self {
+        self.key(name);
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.push(b'"');
+        self
+    }
+
     /// A string field.
     #[inline(always)]
     pub fn str(&mut self, name: &str, value: &str) -> &mut Self {

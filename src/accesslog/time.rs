@@ -78,6 +78,11 @@ impl Timestamp {
         Ok(Timestamp(out))
     }
 
+    /// The text's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // ASCII digits and separators only, so always valid (checked, a

@@ -87,7 +87,7 @@ impl RequestRecord {
     /// [`crate::accesslog::json`] for why).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = crate::accesslog::json::Object::new(out);
-        o.str("ts", self.ts.as_str())
+        o.time("ts", &self.ts)
             .known("kind", self.kind)
             .known("direction", self.direction)
             .opt_str("peer_id", self.peer_id.as_deref())
