@@ -164,6 +164,37 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 
 /// A free loopback address: bound, read and released, for a child to bind
 /// a moment later (the children take addresses only on their command line).
+/// Never one this process was given before: the kernel may hand the port
+/// just released to the next bind, and two children told the same address
+/// fail (a benchmark run did: a sidecar's admin and outbound listeners).
 pub fn free_port() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..64 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(addr.port()) {
+            return Ok(addr);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no loopback port this process was not given before, in 64 tries",
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// However the kernel picks ports, no address is handed out twice.
+    #[test]
+    fn free_ports_are_never_given_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let port = super::free_port().unwrap().port();
+            assert!(seen.insert(port), "port {port} given twice");
+        }
+    }
 }
