@@ -28,6 +28,7 @@ pub struct RequestRecord {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The client workload (inbound) or the peer sidecar (outbound).
+    #[serde(serialize_with = "shared_str")]
     pub peer_id: Option<Arc<str>>,
     /// The policy port.
     pub port: u16,
@@ -38,12 +39,14 @@ pub struct RequestRecord {
     /// The HTTP version the client spoke.
     pub version: &'static str,
     /// The matched route.
+    #[serde(serialize_with = "shared_str")]
     pub route: Option<Arc<str>>,
     /// `allow`, `deny`, `would_deny`, `error`.
     pub decision: &'static str,
     /// The reason label (see `stepup::GateDecision::reason`).
     pub reason: &'static str,
     /// The deciding rule.
+    #[serde(serialize_with = "shared_str")]
     pub rule: Option<Arc<str>>,
     /// The verified step-up subject.
     pub stepup_sub: Option<String>,
@@ -57,6 +60,14 @@ pub struct RequestRecord {
     pub headers_ms: f64,
     /// Milliseconds to the end of the response.
     pub duration_ms: f64,
+}
+
+/// Serializes a shared string as the string it is (serde's own impl for
+/// `Arc` is behind its `rc` feature: a feature turned on changes every
+/// symbol's hash in the binary, and with them the start-up order list,
+/// link/README.md).
+fn shared_str<S: serde::Serializer>(value: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    value.as_deref().serialize(s)
 }
 
 /// A method as the record holds it: the standard ones as literals, any
