@@ -172,7 +172,7 @@ mod tests {
 
     /// A writer whose bytes the test reads.
     #[derive(Clone, Default)]
-    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(super) struct Shared(pub(super) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

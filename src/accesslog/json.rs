@@ -46,19 +46,21 @@ impl<'a> Object<'a> {
             !value.bytes().any(needs_escape),
             "a known value needs no escape"
         );
-        self.key(name);
-        self.out.push(b'"');
-        self.out.extend_from_slice(value.as_bytes());
-        self.out.push(b'"');
-        self
+        self.unscanned(name, value.as_bytes())
     }
 
     /// A time field: digits and separators only, not scanned.
     #[inline(always)]
     pub fn time(&mut self, name: &str, value: &super::Timestamp) -> &mut Self {
+        self.unscanned(name, value.as_bytes())
+    }
+
+    /// A string field whose value the caller knows needs no escape.
+    #[inline(always)]
+    fn unscanned(&mut self, name: &str, value: &[u8]) -> &mut Self {
         self.key(name);
         self.out.push(b'"');
-        self.out.extend_from_slice(value.as_bytes());
+        self.out.extend_from_slice(value);
         self.out.push(b'"');
         self
     }

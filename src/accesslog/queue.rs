@@ -267,18 +267,8 @@ mod tests {
     /// lines returns once they are written.
     #[test]
     fn a_flush_waits_for_the_lines_before_it_only() {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        struct To(Arc<Mutex<Vec<u8>>>);
-        impl Write for To {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let (tx, writer) = queue(To(out.clone()), Duration::from_millis(50));
+        let out = super::super::tests::Shared::default();
+        let (tx, writer) = queue(out.clone(), Duration::from_millis(50));
         let writer = std::thread::spawn(writer);
         std::thread::sleep(Duration::from_millis(20));
         let started = Instant::now();
@@ -292,7 +282,7 @@ mod tests {
             assert!(put(&tx, n.to_string().as_bytes()));
         }
         tx.flush(Duration::from_secs(10));
-        assert_eq!(&*out.lock().unwrap(), b"0\n1\n2\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"0\n1\n2\n");
         drop(tx);
         writer.join().unwrap();
     }
