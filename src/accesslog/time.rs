@@ -7,12 +7,12 @@ use serde::Serialize;
 
 /// Now as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
-    rfc3339(std::time::SystemTime::now())
+    rfc3339(SystemTime::now())
 }
 
 /// A time as RFC 3339 UTC with milliseconds; past the year 9999 (which
 /// [`Timestamp`] cannot hold) through `format!`.
-pub fn rfc3339(at: std::time::SystemTime) -> String {
+pub fn rfc3339(at: SystemTime) -> String {
     match Timestamp::at(at) {
         Ok(t) => t.as_str().to_owned(),
         Err(c) => format!(
@@ -58,7 +58,7 @@ impl Timestamp {
     }
 
     /// `at`, or its civil fields when its year has more than four digits.
-    fn at(at: std::time::SystemTime) -> Result<Timestamp, Civil> {
+    fn at(at: SystemTime) -> Result<Timestamp, Civil> {
         let c = Civil::of(at);
         let year = match u64::try_from(c.year) {
             Ok(year) if year <= 9999 => year,
@@ -130,7 +130,7 @@ struct Civil {
 
 impl Civil {
     /// Civil-from-days (H. Hinnant); before the epoch is the epoch.
-    fn of(at: std::time::SystemTime) -> Civil {
+    fn of(at: SystemTime) -> Civil {
         let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let secs = since.as_secs();
         let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
