@@ -37,8 +37,8 @@ use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
 /// An authenticated inbound connection, as the HTTP layer needs it.
 #[derive(Debug, Clone)]
 pub struct InboundConn {
-    /// The client workload.
-    pub peer: SpiffeId,
+    /// The client workload (the mesh connection's, shared by its tunnels).
+    pub peer: Arc<SpiffeId>,
     /// base64url SHA-256 of its leaf certificate (for `bindToPeer: cnf`).
     pub x5t: String,
     /// Our own SPIFFE ID (`x-forwarded-client-cert: By=`).
@@ -564,7 +564,7 @@ mod tests {
             super::super::RequestLog::disabled(),
         ));
         let conn = Arc::new(InboundConn {
-            peer: SpiffeId::parse("spiffe://mesh.test/ns/a/sa/b").unwrap(),
+            peer: Arc::new(SpiffeId::parse("spiffe://mesh.test/ns/a/sa/b").unwrap()),
             x5t: String::new(),
             own: None,
             port: 80,

@@ -217,7 +217,7 @@ where
 /// context: an opaque TCP connection (or tunnel) never needs it.
 fn inbound_conn(shared: &Shared, ctx: &InboundContext, mesh: bool) -> Arc<InboundConn> {
     Arc::new(InboundConn {
-        peer: (*ctx.peer_id).clone(),
+        peer: ctx.peer_id.clone(),
         x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*ctx.peer_cert_sha256),
         own: shared.store.info().map(|info| info.id.to_string()),
         port: ctx.port,

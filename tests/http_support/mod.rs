@@ -99,7 +99,7 @@ pub async fn start_inbound_draining(
                     .unwrap()
                     .id;
                 let conn = InboundConn {
-                    peer,
+                    peer: Arc::new(peer),
                     x5t: x5t_s256(&chain[0]),
                     own: Some(API.to_owned()),
                     port,
