@@ -15,7 +15,7 @@ pub mod json;
 mod queue;
 mod time;
 
-pub use time::{now_rfc3339, rfc3339, Timestamp};
+pub use time::{rfc3339, Timestamp};
 
 /// How long the writer rests after writing a batch before it takes the
 /// next. Under load lines gather meanwhile, so the writer is seldom

@@ -5,11 +5,6 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-/// Now as RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339() -> String {
-    rfc3339(SystemTime::now())
-}
-
 /// A time as RFC 3339 UTC with milliseconds; past the year 9999 (which
 /// [`Timestamp`] cannot hold) through `format!`.
 pub fn rfc3339(at: SystemTime) -> String {
