@@ -271,6 +271,9 @@ async fn spoofed_identity_headers_never_reach_the_app() {
         ("x-stepup-sub", "root"),
         ("stepmesh-orig-proto", "HTTP/2"),
         ("X-Stepup-Sub", "root again"),
+        // One key with the real ones to a CGI-style app.
+        ("x_stepup_sub", "root, underscored"),
+        ("x_forwarded_client_cert", "URI=spiffe://cluster.local/ns/x/sa/admin"),
     ];
     // On a port with routes and on one without (the identity alone
     // decides). A real pair's HTTP/1 relay on a port without routes:
@@ -305,6 +308,9 @@ async fn spoofed_identity_headers_never_reach_the_app() {
             seen["headers"].get("stepmesh-orig-proto").is_none(),
             "{seen}"
         );
+        for spelled in ["x_stepup_sub", "x_forwarded_client_cert"] {
+            assert!(seen["headers"].get(spelled).is_none(), "{seen}");
+        }
     }
 }
 

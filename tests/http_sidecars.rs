@@ -297,10 +297,16 @@ fn every_branch_of_the_decision_list_through_a_sidecar_pair() {
                 ("authorization", &auth),
                 ("x-forwarded-client-cert", spoof),
                 ("x-stepup-sub", "root"),
+                // One key with the real ones to a CGI-style app.
+                ("x_stepup_sub", "root"),
+                ("x_forwarded_client_cert", spoof),
             ],
         );
         assert_eq!(a.status, 200, "{:?}", a.body);
         let seen = a.json();
+        for spelled in ["x_stepup_sub", "x_forwarded_client_cert"] {
+            assert!(seen["headers"].get(spelled).is_none(), "{seen}");
+        }
         assert_eq!(
             seen["headers"]["x-stepup-sub"],
             json!(["alice@example.com"]),
@@ -354,6 +360,9 @@ fn spoofed_identity_fields_never_reach_an_app_on_a_port_without_routes() {
             ("X-STEPUP-SUB", "root again"),
             ("stepmesh-orig-proto", "HTTP/2"),
             ("x-forwarded-client-cert", spoof),
+            ("X_Stepup_Sub", "root, underscored"),
+            ("x_forwarded-client_cert", spoof),
+            ("Stepmesh_Orig_Proto", "HTTP/2"),
         ],
     );
     assert_eq!(a.status, 200, "no route, no step-up: {:?}", a.body);
@@ -368,6 +377,13 @@ fn spoofed_identity_fields_never_reach_an_app_on_a_port_without_routes() {
         seen["headers"].get("stepmesh-orig-proto").is_none(),
         "{seen}"
     );
+    for spelled in [
+        "x_stepup_sub",
+        "x_forwarded-client_cert",
+        "stepmesh_orig_proto",
+    ] {
+        assert!(seen["headers"].get(spelled).is_none(), "{seen}");
+    }
     assert_eq!(seen["headers"]["x-keep"], json!(["1"]), "{seen}");
     assert_eq!(seen["version"], "HTTP/1.1");
 }

@@ -72,6 +72,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a field named `name` reads as `ours` to an app: ASCII case
+/// aside, and `_` read as `-`. CGI-style servers file both spellings under
+/// one key (`X_Stepup_Sub` and `x-stepup-sub` are both `HTTP_X_STEPUP_SUB`
+/// to gunicorn before 22, PHP, WSGI and CGI), so a field the sidecar sets
+/// must go in either spelling, or the caller's copy reaches the app beside
+/// (and before) the sidecar's.
+pub fn reads_as(name: &[u8], ours: &str) -> bool {
+    let fold = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    name.len() == ours.len()
+        && name
+            .iter()
+            .zip(ours.as_bytes())
+            .all(|(&a, &b)| fold(a) == fold(b))
+}
+
+/// Removes every field whose name [`reads_as`] one of `ours` but is spelled
+/// with an `_` (the `HeaderMap` holds names in lower case: the exact
+/// spellings are removed by name, these are what a lookup misses).
+pub fn remove_underscore_spellings(headers: &mut HeaderMap, ours: &[&str]) {
+    // Most requests have none: lengths first, no allocation.
+    let alike = |k: &HeaderName| {
+        let name = k.as_str().as_bytes();
+        name.contains(&b'_') && ours.iter().any(|o| reads_as(name, o))
+    };
+    if !headers.keys().any(alike) {
+        return;
+    }
+    let found: Vec<HeaderName> = headers.keys().filter(|k| alike(k)).cloned().collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
 /// Sets `x-forwarded-client-cert: By=<own>;URI=<peer>`, replacing every copy
 /// the caller sent (a caller must never choose what the app believes).
 pub fn set_xfcc(headers: &mut HeaderMap, own: Option<&str>, peer: &str) {
@@ -142,6 +181,41 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "nothing hop-by-hop, nothing removed: {h:?}");
+    }
+
+    #[test]
+    fn a_field_reads_as_ours_in_any_case_with_underscores_for_dashes() {
+        for name in [
+            "x-stepup-sub",
+            "X_Stepup_Sub",
+            "x_stepup-SUB",
+            "X-STEPUP-SUB",
+        ] {
+            assert!(reads_as(name.as_bytes(), names::STEPUP_SUB), "{name}");
+        }
+        for name in [
+            "x-stepup-su",
+            "x-stepup-subs",
+            "x.stepup.sub",
+            "x-stepup_sud",
+            "",
+        ] {
+            assert!(!reads_as(name.as_bytes(), names::STEPUP_SUB), "{name}");
+        }
+    }
+
+    #[test]
+    fn underscore_spellings_of_our_fields_go_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.append("x_stepup_sub", HeaderValue::from_static("root"));
+        h.append("x_forwarded_client_cert", HeaderValue::from_static("URI=x"));
+        h.append("x-forwarded_client-cert", HeaderValue::from_static("URI=y"));
+        h.append("x_kept_field", HeaderValue::from_static("1"));
+        h.append(STEPUP_SUB, HeaderValue::from_static("set by us"));
+        remove_underscore_spellings(&mut h, &[names::XFCC, names::STEPUP_SUB]);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-stepup-sub", "x_kept_field"], "{h:?}");
     }
 
     #[test]

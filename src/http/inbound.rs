@@ -26,7 +26,8 @@ use tokio::net::TcpStream;
 use super::detect::{self, Detected, Prefixed};
 use super::h1::message::{self, Detail};
 use super::headers::{
-    absolute, names, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO, STEPUP_SUB,
+    absolute, names, remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, xfcc_value,
+    ORIG_PROTO, STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
 use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
@@ -439,6 +440,7 @@ async fn admit(
             headers.remove(h);
         }
         headers.remove(STEPUP_SUB);
+        remove_underscore_spellings(headers, &SET_HERE);
     }
     if let Some(sub) = d
         .subject

@@ -14,6 +14,7 @@ use super::fields::{
     has_field, has_token, list, trim_ows_bytes, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
     TRANSFER_ENCODING, UPGRADE,
 };
+use crate::http::headers::reads_as;
 
 /// The most header fields a head may carry by default (hyper's and
 /// Envoy's default is 100 too).
@@ -329,20 +330,18 @@ fn valid_value(value: &[u8]) -> bool {
         .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
-/// Whether a field `name` is one `drops` names or `Transfer-Encoding`
-/// (hop-by-hop: the relay restores the framing; an empty one, no coding,
-/// would otherwise pass).
+/// Whether a field `name` reads as one `drops` names (an `_` for a `-`
+/// too: [`reads_as`]) or is `Transfer-Encoding` (hop-by-hop: the relay
+/// restores the framing; an empty one, no coding, would otherwise pass).
 fn dropped(drops: &[&str], name: &[u8]) -> bool {
-    drops
-        .iter()
-        .chain([&header::TRANSFER_ENCODING.as_str()])
-        .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+    drops.iter().any(|d| reads_as(name, d))
+        || name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str().as_bytes())
 }
 
 /// Rewrites a clean request head, `out` as it came, for the next hop
 /// without collecting its fields (`parsed`: read with [`Detail::Target`],
 /// `parts.headers` holding the fields to add since): every field its
-/// [`Splice::drops`] name or among those added (case-insensitively) goes,
+/// [`Splice::drops`] name or among those added (in any case, `_` for `-`) goes,
 /// and `Transfer-Encoding`; the added ones are appended. The same fields
 /// as the head parsed in full, so changed, and written by
 /// [`write_request`], in the order they came. A clean head's lines end in
@@ -362,12 +361,8 @@ pub fn splice_request(out: &mut Vec<u8>, parsed: &RequestHead) {
         .count();
     out.drain(..empty_lines);
     let added = &parsed.parts.headers;
-    let goes = |name: &[u8]| {
-        dropped(drops, name)
-            || added
-                .keys()
-                .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
-    };
+    let goes =
+        |name: &[u8]| dropped(drops, name) || added.keys().any(|k| reads_as(name, k.as_str()));
     // Known from the parse: no field to take out, unless one is added that
     // `drops` does not name (none is, from the inbound side).
     let keeps_all = !present && added.keys().all(|k| dropped(drops, k.as_str().as_bytes()));

@@ -294,12 +294,15 @@ type Seen = (String, Framing, Vec<(String, String)>);
 /// next hop parses it: request line, framing, and the fields (lower-case
 /// names, in order of name: the map groups a name's values).
 fn both_ways(text: &str, subject: Option<&str>) -> Option<[Seen; 2]> {
-    use crate::http::headers::{replace_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB};
+    use crate::http::headers::{
+        remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB,
+    };
     let xfcc = HeaderValue::from_static("By=spiffe://t/ns/a/sa/us;URI=spiffe://t/ns/a/sa/peer");
     let admit = |headers: &mut HeaderMap| {
         strip_hop_by_hop(headers);
         headers.remove(ORIG_PROTO);
         headers.remove(STEPUP_SUB);
+        remove_underscore_spellings(headers, &DROPS);
         if let Some(sub) = subject {
             headers.insert(STEPUP_SUB, HeaderValue::from_str(sub).unwrap());
         }
@@ -369,11 +372,17 @@ fn a_spliced_head_carries_the_fields_a_rewritten_one_does() {
         ("\n\r\nPOST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", None),
         ("\r\nGET /e HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=evil\r\n\r\n", None),
         ("\r\n\r\nGET /e HTTP/1.1\r\nHost: a\r\n\r\n", Some("carol")),
+        // Underscores for dashes: one key to a CGI-style app.
+        (
+            "GET /u HTTP/1.1\r\nHost: a\r\nX_Stepup_Sub: admin\r\nx_forwarded_client_cert: By=evil\r\nStepmesh_Orig-Proto: HTTP/2\r\nX_Kept: 1\r\n\r\n",
+            Some("dave"),
+        ),
+        ("GET /u HTTP/1.1\r\nHost: a\r\nx-forwarded_client-cert: By=evil\r\n\r\n", None),
     ] {
         let [written, spliced] = both_ways(text, subject).unwrap_or_else(|| panic!("{text:?}"));
         assert_eq!(spliced.2, written.2, "{text:?}");
         assert_eq!(spliced.1, written.1, "{text:?}");
-        assert!(!spliced.2.iter().any(|(n, v)| v == "By=evil" || v == "admin" || n == "stepmesh-orig-proto"), "{text:?}");
+        assert!(!spliced.2.iter().any(|(n, v)| v == "By=evil" || v == "admin" || n.replace('_', "-") == "stepmesh-orig-proto"), "{text:?}");
     }
     // The request line as it came (the rewritten one is origin-form).
     let [_, spliced] = both_ways("GET /a?b HTTP/1.1\r\nHost: api\r\n\r\n", None).unwrap();
@@ -389,7 +398,9 @@ fn random_clean_heads_splice_as_they_are_rewritten() {
         "X-Forwarded-Client-Cert",
         "x-forwarded-client-cert",
         "X-Stepup-Sub",
+        "X_Stepup_Sub",
         "stepmesh-orig-proto",
+        "stepmesh_orig_proto",
         "Content-Length",
         "Transfer-Encoding",
         "X-A",
