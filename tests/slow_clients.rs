@@ -302,3 +302,46 @@ fn a_stalled_body_meets_its_deadline_and_head_limits_are_configurable() {
     let (line, _) = status(b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nConnection: close\r\n\r\n");
     assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
 }
+
+#[test]
+fn a_trickled_head_is_served_and_one_without_line_ends_meets_the_size_limit() {
+    // The relay parses a head again only when a read brings a line end
+    // (or passes the size limit): a head a byte a read still completes,
+    // and one that never ends a line is refused at the limit, not at
+    // the header deadline.
+    let (mesh, _dir) = http_pair(&[], &["--max-request-header-bytes", "2048"]);
+    let trickle = |pieces: &[&[u8]]| {
+        let mut s = TcpStream::connect(mesh.outbound).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        for piece in pieces {
+            // Refused, the rest is not read: the answer is what matters.
+            if s.write_all(piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        (
+            answer.lines().next().unwrap_or_default().to_owned(),
+            started.elapsed(),
+        )
+    };
+    let head = b"GET /trickled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let bytes: Vec<&[u8]> = head.chunks(1).collect();
+    let (line, _) = trickle(&bytes);
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+
+    // A request line (so the outbound side detects HTTP), then a field
+    // that never ends.
+    let long = [
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: ".as_slice(),
+        &[b'x'; 3000],
+    ]
+    .concat();
+    let (line, took) = trickle(&long.chunks(100).collect::<Vec<_>>());
+    assert!(line.starts_with("HTTP/1.1 431"), "{line:?}");
+    assert!(took < Duration::from_secs(5), "refused after {took:?}");
+}

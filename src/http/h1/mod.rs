@@ -282,9 +282,25 @@ impl<S: Side> Relay<'_, S> {
             draining,
             ..
         } = self;
+        // How many bytes the last parse saw, if they were some but not a
+        // whole head: bytes that bring no line end cannot complete it, and
+        // are not parsed again (parsed at every read, a head trickled a
+        // byte a read cost its length squared: for 64 KiB, 2 G bytes
+        // scanned). The first bytes are always parsed (garbage is refused
+        // at once), and bytes past the size limit (refused).
+        let mut unfinished: Option<usize> = None;
         loop {
-            match message::parse_request(cbuf.bytes(), side.detail(), limits.head) {
-                Ok(Some((head, len))) => {
+            let parse = cbuf.bytes().len() >= limits.head.bytes
+                || unfinished.is_none_or(|seen| {
+                    cbuf.bytes()
+                        .get(seen..)
+                        .is_none_or(|fresh| fresh.contains(&b'\n'))
+                });
+            match parse.then(|| message::parse_request(cbuf.bytes(), side.detail(), limits.head)) {
+                None | Some(Ok(None)) => {
+                    unfinished = (!cbuf.is_empty()).then(|| cbuf.bytes().len());
+                }
+                Some(Ok(Some((head, len)))) => {
                     // The head as it came: relayed verbatim when clean,
                     // and where the request target is read for the log.
                     out.clear();
@@ -294,8 +310,7 @@ impl<S: Side> Relay<'_, S> {
                     idle.set_deadline(None);
                     return Ok(Some(head));
                 }
-                Ok(None) => {}
-                Err(e) => return Err(Fail::BadRequest(e)),
+                Some(Err(e)) => return Err(Fail::BadRequest(e)),
             }
             let between = cbuf.is_empty();
             // The head's deadline runs from its first byte (for the first
