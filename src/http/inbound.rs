@@ -168,6 +168,10 @@ where
         connect,
     };
     let mut io = io;
+    // Polled at every request otherwise (`woken`). 56 bytes a relay: one
+    // per tunnel a peer's outbound side keeps to this port, not one per
+    // app connection (idle ones hand their tunnel back).
+    let drain = super::woken::WokenOnly::new(drain);
     let done = h1::relay(&side, &mut io, prefix, &mut None, idle, drain).await;
     crate::net::close_gracefully(&mut io).await;
     Outcome {

@@ -19,6 +19,7 @@ pub mod outbound;
 mod record;
 pub mod tunnel;
 pub(crate) mod tunnels_only;
+mod woken;
 
 use std::sync::Arc;
 
