@@ -84,7 +84,7 @@ impl Policy {
         };
         let path = target::request_path(method, uri, headers)?;
         let readings = Readings::of(path, p.path_match)?;
-        route_in(p, method, &readings)
+        route_in(p, &target::method_readings(method, headers), &readings)
     }
 
     /// The route the readings of a path agree on: a reading that matches a
@@ -97,7 +97,7 @@ impl Policy {
         readings: &Readings<'_>,
     ) -> Result<Option<&Route>, Refusal> {
         match self.port(port) {
-            Some(p) => route_in(p, method, readings),
+            Some(p) => route_in(p, std::slice::from_ref(method), readings),
             None => Ok(None),
         }
     }
@@ -166,32 +166,41 @@ impl Policy {
     }
 }
 
-/// The route the readings agree on among `p`'s routes (see [`Policy::route`]).
+/// The route the readings agree on among `p`'s routes (see [`Policy::route`]),
+/// the path's readings under each of the request's `methods` (its own
+/// first, then those an override field names: [`target::method_readings`]).
 fn route_in<'p>(
     p: &'p PortPolicy,
-    method: &Method,
+    methods: &[Method],
     readings: &Readings<'_>,
 ) -> Result<Option<&'p Route>, Refusal> {
     let mut chosen: Option<&Route> = None;
-    let mut previous: Option<&str> = None;
-    for reading in readings.iter() {
-        // A folded reading equal to the reading before it finds the same
-        // route when no pattern has upper case: skip the second scan.
-        let same = previous == Some(reading.path.as_ref());
-        previous = Some(reading.path.as_ref());
-        if reading.folded && same && !p.mixed_case_routes {
-            continue;
-        }
-        let found = p
-            .routes
-            .iter()
-            .find(|r| r.matches_method(method) && r.matches_path(reading));
-        match (chosen, found) {
-            (Some(a), Some(b)) if !std::ptr::eq(a, b) => {
-                return Err(Refusal::Ambiguous(a.name.to_string(), b.name.to_string()))
+    for (nth, method) in methods.iter().enumerate() {
+        let mut previous: Option<&str> = None;
+        for reading in readings.iter() {
+            // A folded reading equal to the reading before it finds the same
+            // route when no pattern has upper case: skip the second scan.
+            let same = previous == Some(reading.path.as_ref());
+            previous = Some(reading.path.as_ref());
+            if reading.folded && same && !p.mixed_case_routes {
+                continue;
             }
-            (None, found) => chosen = found,
-            _ => {}
+            let found = p
+                .routes
+                .iter()
+                .find(|r| r.matches_method(method) && r.matches_path(reading));
+            match (chosen, found) {
+                (Some(a), Some(b)) if !std::ptr::eq(a, b) => {
+                    let (a, b) = (a.name.to_string(), b.name.to_string());
+                    return Err(if nth == 0 {
+                        Refusal::Ambiguous(a, b)
+                    } else {
+                        Refusal::MethodOverride(a, b)
+                    });
+                }
+                (None, found) => chosen = found,
+                _ => {}
+            }
         }
     }
     Ok(chosen)

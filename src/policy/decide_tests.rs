@@ -290,6 +290,60 @@ fn readings_that_pick_different_routes_are_refused() {
 }
 
 #[test]
+fn a_method_override_field_is_read_as_an_app_may_read_it() {
+    let p = Policy::from_yaml(
+        "trustDomain: td\ninbound:\n  ports:\n    - port: 80\n      protocol: http\n      allow: [{from: [spiffe://td/*]}]\n      routes:\n        - name: read\n          match: {methods: [GET], path: /orders/*}\n        - name: cancel\n          match: {methods: [DELETE], path: /orders/*}\n        - name: refund\n          match: {methods: [DELETE], path: /refunds/*}\n",
+    )
+    .unwrap();
+    let routed =
+        |method: http::Method, target: &'static str, fields: &[(&'static str, &'static str)]| {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(*name, value.parse().unwrap());
+            }
+            p.route_request(80, &method, &http::Uri::from_static(target), &headers)
+                .map(|r| r.map(|r| r.name.to_string()))
+                .map_err(|r| r.reason())
+        };
+    let (get, post) = (http::Method::GET, http::Method::POST);
+    // A POST no route names, read as the DELETE it says it is: the
+    // DELETE's route, in any of the fields, any case, first or last.
+    for fields in [
+        [("x-http-method-override", "DELETE")],
+        [("X-HTTP-Method", "delete")],
+        [("x-method-override", " PUT , DELETE ")],
+    ] {
+        assert_eq!(
+            routed(post.clone(), "/refunds/1", &fields),
+            Ok(Some("refund".to_owned())),
+            "{fields:?}"
+        );
+    }
+    assert_eq!(routed(post.clone(), "/refunds/1", &[]), Ok(None));
+    // A GET whose override takes another route: the app may read either.
+    assert_eq!(
+        routed(
+            get.clone(),
+            "/orders/1",
+            &[("x-http-method-override", "DELETE")]
+        ),
+        Err("method_override_ambiguous")
+    );
+    // An override that takes the same route, or none, or is no method.
+    for value in ["GET", "HEAD", "PATCH", "DEL ETE", "", ","] {
+        assert_eq!(
+            routed(
+                get.clone(),
+                "/orders/1",
+                &[("x-http-method-override", value)]
+            ),
+            Ok(Some("read".to_owned())),
+            "{value:?}"
+        );
+    }
+}
+
+#[test]
 fn host_must_agree_with_the_target() {
     let p = policy();
     let post = http::Method::POST;

@@ -105,6 +105,9 @@ pub enum Refusal {
     HostMismatch,
     /// Readings of the path match different routes (named).
     Ambiguous(String, String),
+    /// A method-override field names a method whose route (named) is not
+    /// the request's own method's.
+    MethodOverride(String, String),
 }
 
 impl Refusal {
@@ -126,6 +129,7 @@ impl Refusal {
             Refusal::DuplicateHost => "duplicate_host",
             Refusal::HostMismatch => "host_mismatch",
             Refusal::Ambiguous(..) => "path_ambiguous",
+            Refusal::MethodOverride(..) => "method_override_ambiguous",
         }
     }
 }
@@ -151,6 +155,9 @@ impl Refusal {
             Refusal::Ambiguous(..) => {
                 "the request path matches different routes depending on how the app reads it\n"
             }
+            Refusal::MethodOverride(..) => {
+                "a method-override field names a method that takes another route than the request's method\n"
+            }
         }
     }
 }
@@ -162,12 +169,49 @@ impl fmt::Display for Refusal {
                 f,
                 "the request path reads as route {a:?} or as route {b:?}, depending on how the app normalises it"
             ),
+            Refusal::MethodOverride(a, b) => write!(
+                f,
+                "the request takes route {a:?} or route {b:?} depending on whether the app reads its method-override field"
+            ),
             other => f.write_str(other.message().trim_end()),
         }
     }
 }
 
 impl std::error::Error for Refusal {}
+
+/// Fields through which app frameworks take a request's method from its
+/// client instead of the request line: `X-HTTP-Method-Override` (Express's
+/// `method-override`, Symfony, gorilla/handlers, Google's APIs),
+/// `X-HTTP-Method` (OData, ASP.NET), `X-Method-Override`.
+pub const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Every method an app may read a request as: its own first, then each one
+/// a method-override field names (each comma-separated element of each
+/// copy: frameworks take the first or the last). An element that is not a
+/// method token is no method to any app, and skipped. No allocation unless
+/// such a field came.
+pub fn method_readings<'m>(method: &'m Method, headers: &HeaderMap) -> Cow<'m, [Method]> {
+    if !METHOD_OVERRIDES.iter().any(|n| headers.contains_key(*n)) {
+        return Cow::Borrowed(std::slice::from_ref(method));
+    }
+    let mut methods = vec![method.clone()];
+    let named = METHOD_OVERRIDES
+        .iter()
+        .flat_map(|n| headers.get_all(*n))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|m| Method::from_bytes(m.trim_ascii()).ok());
+    for m in named {
+        if !methods.contains(&m) {
+            methods.push(m);
+        }
+    }
+    Cow::Owned(methods)
+}
 
 /// Checks what every route matcher needs of a request besides its path: a
 /// target that is a path, and one `Host` that agrees with the target's
