@@ -35,6 +35,11 @@ const MAX_FRAME: usize = 16_384;
 /// Largest header block (its frames together) and decoded header list; a
 /// Workload API call's headers are a few hundred bytes.
 const MAX_HEADERS: usize = 64 * 1024;
+/// The HPACK dynamic table a client may size: HTTP/2's default
+/// `SETTINGS_HEADER_TABLE_SIZE`, which the server (tonic's h2) keeps. Past
+/// it, a table size update is refused: the decoder's own bound is 2^28
+/// bytes per connection, before any call is authorized.
+const TABLE_SIZE: usize = 4096;
 /// What replaces an authority the server would refuse.
 const LOCALHOST: &[u8] = b"localhost";
 
@@ -62,13 +67,15 @@ struct Block {
 impl<S> AuthorityFix<S> {
     /// Wraps a freshly accepted connection (nothing read from it yet).
     pub fn new(inner: S) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(TABLE_SIZE);
         Self {
             inner,
             preface_left: PREFACE_LEN,
             raw: BytesMut::new(),
             ready: BytesMut::new(),
             block: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             eof: false,
         }
     }
@@ -436,5 +443,22 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend(&[0x01, 0x00, 0x00, 0x0, 0, 0, 0, 0, 1]);
         assert!(through(input).await.is_err(), "64 KiB frame");
+    }
+
+    #[tokio::test]
+    async fn the_dynamic_table_stays_within_the_default_size() {
+        // A table size update (RFC 7541 §6.3) to the default, then an
+        // indexed `:method: GET`: passed on.
+        let block = |update: &[u8]| {
+            let mut input = PREFACE.to_vec();
+            input.extend(frame(HEADERS, END_HEADERS, 1, &[update, &[0x82]].concat()));
+            input
+        };
+        assert!(through(block(&[0x3f, 0xe1, 0x1f])).await.is_ok(), "4,096");
+        // 4,097, and the 2^28 a hostile client would fill entry by entry.
+        assert!(through(block(&[0x3f, 0xe2, 0x1f])).await.is_err(), "4,097");
+        assert!(through(block(&[0x3f, 0xff, 0xff, 0xff, 0x7f]))
+            .await
+            .is_err());
     }
 }
