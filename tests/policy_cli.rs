@@ -88,6 +88,10 @@ kubernetes:
       resources: [pods/exec]
       groups: [developers]
       stepUp: {{provider: corp-idp, acr: [urn:stepmesh:acr:mfa]}}
+    - name: new-bindings
+      verbs: [create]
+      resources: [rolebindings]
+      stepUp: {{provider: corp-idp, acr: [urn:stepmesh:acr:mfa]}}
 "#,
             jwks.display()
         ),
@@ -437,6 +441,21 @@ fn explain_kubernetes_requests_names_the_rule_and_the_gateways_decision() {
         out.contains("decision: forward, impersonating the user\nreason: step_up_ok"),
         "{out}"
     );
+    // Server-side apply of a binding that may not exist: a PATCH, which
+    // the API server authorizes as `create` too, meets the create rule.
+    let apply = "/apis/rbac.authorization.k8s.io/v1/namespaces/prod/rolebindings/x";
+    let out = kube_explain(&s, "PATCH", apply, &[]);
+    assert!(
+        out.contains("rule as create (the object may not exist yet): new-bindings\nneeds: step-up"),
+        "{out}"
+    );
+    let out = kube_explain(&s, "PATCH", apply, &["--token", &pwd]);
+    assert!(
+        out.contains("rule: new-bindings\ndecision: 401 step-up required"),
+        "{out}"
+    );
+    let out = kube_explain(&s, "PATCH", apply, &["--token", &mfa]);
+    assert!(out.contains("reason: step_up_ok"), "{out}");
     // A path the gateway refuses is a 400 here too.
     let out = kube_explain(
         &s,

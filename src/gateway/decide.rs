@@ -144,25 +144,34 @@ pub async fn decide(
     let Some(kube) = policy.kubernetes() else {
         return d;
     };
-    let rule = info
+    let req = request_of(&info);
+    let rules = info
         .is_resource_request
-        .then(|| kube.rule_for(&request_of(&info), &person.groups))
+        .then(|| kube.rules_for(&req, &person.groups))
+        .into_iter()
+        .flatten()
         .flatten();
-    if let Some(rule) = rule {
-        d.rule = Some(rule.name.clone());
-        d.reason = "exempt";
-        if let Some(step_up) = &rule.step_up {
-            match check_step_up(policy, rule, step_up, &person, now) {
-                Ok(()) => d.reason = "step_up_ok",
-                Err((reason, verdict)) => {
-                    d.reason = reason;
-                    match policy.mode() {
-                        Mode::Enforce => d.verdict = verdict,
-                        Mode::Audit => d.would_deny = true,
-                    }
-                }
-            }
+    // The verb's own rule names the decision, unless `create`'s (a PATCH
+    // that may create: `rules_for`) is the one that asks for a step-up.
+    for rule in rules {
+        if d.rule.is_none() || rule.step_up.is_some() {
+            d.rule = Some(rule.name.clone());
         }
+        if d.reason == "allowed" {
+            d.reason = "exempt";
+        }
+        let Some(step_up) = &rule.step_up else {
+            continue;
+        };
+        if let Err((reason, verdict)) = check_step_up(policy, rule, step_up, &person, now) {
+            d.reason = reason;
+            match policy.mode() {
+                Mode::Enforce => d.verdict = verdict,
+                Mode::Audit => d.would_deny = true,
+            }
+            break;
+        }
+        d.reason = "step_up_ok";
     }
     d.person = Some(person);
     d.info = Some(info);

@@ -104,20 +104,25 @@ pub async fn explain(policy: &Policy, req: Request<'_>) -> anyhow::Result<String
         );
     }
     let Some(token) = req.token else {
-        let rule = info
-            .is_resource_request
-            .then(|| kube.rule_for(&request_of(&info), req.groups))
-            .flatten();
-        let _ = match rule {
-            None => writeln!(
+        let rules = if info.is_resource_request {
+            kube.rules_for(&request_of(&info), req.groups)
+        } else {
+            [None, None]
+        };
+        if rules.iter().all(Option::is_none) {
+            let _ = writeln!(
                 out,
                 "rule: (none: no step-up; the API server's RBAC decides)"
-            ),
-            Some(r) => match &r.step_up {
-                None => writeln!(out, "rule: {} (exempt: no step-up)", r.name),
+            );
+        }
+        let labels = ["rule", "rule as create (the object may not exist yet)"];
+        for (label, r) in labels.into_iter().zip(rules) {
+            let Some(r) = r else { continue };
+            let _ = match &r.step_up {
+                None => writeln!(out, "{label}: {} (exempt: no step-up)", r.name),
                 Some(s) => writeln!(
                     out,
-                    "rule: {}\nneeds: step-up with provider {} (acr {:?}, amr {:?}, maxAge {})",
+                    "{label}: {}\nneeds: step-up with provider {} (acr {:?}, amr {:?}, maxAge {})",
                     r.name,
                     s.provider,
                     s.acr,
@@ -125,8 +130,8 @@ pub async fn explain(policy: &Policy, req: Request<'_>) -> anyhow::Result<String
                     s.max_age
                         .map_or("none".to_owned(), crate::units::format_duration)
                 ),
-            },
-        };
+            };
+        }
         let _ = writeln!(
             out,
             "decision: 401 without a token (give --token to decide)"

@@ -85,6 +85,32 @@ impl KubePolicy {
     pub fn rule_for(&self, req: &KubeRequest<'_>, groups: &[String]) -> Option<&KubeRule> {
         self.rules.iter().find(|r| r.matches(req, groups))
     }
+
+    /// The rules deciding `req`: its verb's, and, for an `update` or a
+    /// `patch` of a named object, `create`'s (when another rule). The API
+    /// server creates the object when it does not exist (server-side
+    /// apply, which `kubectl apply --server-side` sends as a PATCH; a PUT
+    /// where the kind allows create-on-update) and authorizes that as
+    /// `create` as well, so a rule written for `create` holds for them too.
+    pub fn rules_for<'p>(
+        &'p self,
+        req: &KubeRequest<'_>,
+        groups: &[String],
+    ) -> [Option<&'p KubeRule>; 2] {
+        let own = self.rule_for(req, groups);
+        let may_create = matches!(req.verb, "update" | "patch")
+            && !req.name.is_empty()
+            && req.subresource.is_empty();
+        let as_create = KubeRequest {
+            verb: "create",
+            ..*req
+        };
+        let create = may_create
+            .then(|| self.rule_for(&as_create, groups))
+            .flatten()
+            .filter(|c| !own.is_some_and(|o| std::ptr::eq(o, *c)));
+        [own, create]
+    }
 }
 
 impl KubeRule {

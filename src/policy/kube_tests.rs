@@ -96,6 +96,71 @@ fn first_matching_rule_decides_like_rbac() {
 }
 
 #[test]
+fn an_update_or_patch_that_may_create_meets_the_create_rule_too() {
+    let p = policy(
+        r#"
+  authentication: {provider: corp, usernameClaim: email}
+  rules:
+  - name: edits
+    verbs: [update, patch]
+    resources: ["*"]
+    namespaces: ["*"]
+  - name: new-bindings
+    verbs: [create]
+    resources: [rolebindings]
+    namespaces: ["*"]
+    stepUp: {provider: corp, acr: [urn:stepmesh:acr:mfa]}
+  - name: everything
+    verbs: ["*"]
+    resources: ["*"]
+    namespaces: ["*"]
+"#,
+    )
+    .unwrap();
+    let k = p.kubernetes().unwrap();
+    let names = |r: KubeRequest<'_>| -> [String; 2] {
+        k.rules_for(&r, &[])
+            .map(|r| r.map_or("-".to_owned(), |r| r.name.to_string()))
+    };
+    // `kubectl apply --server-side` of a binding that may not exist: a
+    // PATCH the API server also authorizes as `create`.
+    for verb in ["patch", "update"] {
+        assert_eq!(
+            names(req(verb, "rolebindings", "", "prod", "x")),
+            ["edits", "new-bindings"]
+        );
+    }
+    // No object named (a collection), a subresource, another verb: the
+    // verb's rule alone.
+    for (r, own) in [
+        (req("patch", "rolebindings", "", "prod", ""), "edits"),
+        (req("patch", "pods", "status", "prod", "x"), "edits"),
+        (req("get", "rolebindings", "", "prod", "x"), "everything"),
+        (
+            req("create", "rolebindings", "", "prod", "x"),
+            "new-bindings",
+        ),
+    ] {
+        assert_eq!(names(r), [own, "-"], "{r:?}");
+    }
+    assert_eq!(
+        names(req("patch", "configmaps", "", "prod", "x")),
+        ["edits", "everything"]
+    );
+    // One rule both ways: once.
+    let one = policy(
+        "  authentication: {provider: corp, usernameClaim: email}\n  rules:\n  - {name: all, verbs: [\"*\"], resources: [\"*\"], namespaces: [\"*\"]}\n",
+    )
+    .unwrap();
+    let [own, create] = one
+        .kubernetes()
+        .unwrap()
+        .rules_for(&req("patch", "pods", "", "prod", "x"), &[]);
+    assert_eq!(own.map(|r| &*r.name), Some("all"));
+    assert!(create.is_none());
+}
+
+#[test]
 fn resource_forms_follow_rbac() {
     let r =
         |rule: &str, res: &str, sub: &str| resource_matches(rule, &req("get", res, sub, "", ""));
