@@ -164,6 +164,27 @@ fn delete_in_prod_needs_mfa_and_the_api_server_audits_who_and_how() {
     assert_eq!(owed["acrValues"], json!([MFA]));
     assert_eq!(owed["maxAge"], 600);
     assert_eq!(owed["issuer"], ISSUER);
+    // Audited as every request, a token tried there included.
+    let line = f
+        .gateway
+        .wait_audit_line(|l| l["path"] == "/stepmesh/v1/challenge" && l["status"] == 200)
+        .expect("an audit line for the challenge");
+    assert_eq!(
+        (&line["user"], &line["decision"]),
+        (&json!(ALICE), &json!("challenge_pending"))
+    );
+    let forged = f.gateway.client().request(
+        "GET",
+        "/stepmesh/v1/challenge",
+        &[("Authorization", "Bearer not.a.token")],
+        b"",
+    );
+    assert_eq!(forged.status, 401);
+    let line = f
+        .gateway
+        .wait_audit_line(|l| l["path"] == "/stepmesh/v1/challenge" && l["status"] == 401)
+        .expect("an audit line for the refused challenge");
+    assert_eq!(line["user"], json!(null), "{line}");
 
     let out = f.gateway.kubectl(
         f.k8s,

@@ -53,7 +53,9 @@ pub struct Decision {
     pub verdict: Verdict,
     /// A stable label: `allowed`, `exempt`, `step_up_ok`, `no_token`, a
     /// token error (`expired`...), an insufficiency (`insufficient_acr`...),
-    /// `impersonation_header`, `bad_username`, a classifier refusal.
+    /// `impersonation_header`, `bad_username`, a classifier refusal; at the
+    /// challenge endpoint `challenge_pending`, `challenge_none`,
+    /// `method_not_allowed`.
     pub reason: &'static str,
     /// Audit mode: enforce mode would have refused the step-up.
     pub would_deny: bool,
@@ -66,6 +68,15 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A request answered without forwarding or deciding (the challenge
+    /// endpoint's): what the audit line and the metric say of it.
+    pub(crate) fn about(reason: &'static str, person: Option<Person>) -> Decision {
+        Decision {
+            person,
+            ..Decision::refuse(Verdict::Forward, reason)
+        }
+    }
+
     fn refuse(verdict: Verdict, reason: &'static str) -> Decision {
         Decision {
             verdict,

@@ -55,7 +55,7 @@ impl GatewayMetrics {
         let m = Self::default();
         registry.register(
             "stepmesh_gateway_requests",
-            "API requests by decision (allowed, exempt, step_up_ok, a refusal reason) and rule",
+            "API requests by decision (allowed, exempt, step_up_ok, challenge_pending, challenge_none, a refusal reason) and rule",
             m.requests.clone(),
         );
         registry.register(
@@ -127,7 +127,17 @@ impl Gateway {
         let now = unix_now();
         let policy = self.policy.current();
         if req.uri().path() == CHALLENGE_PATH {
-            return self.challenge(&req, now).await.map(own_bytes);
+            // Audited as every request: a token tried here is one tried.
+            let (response, d) = self.challenge(&req, now).await;
+            self.record(
+                &d,
+                req.method(),
+                CHALLENGE_PATH,
+                response.status(),
+                started,
+                None,
+            );
+            return response.map(own_bytes);
         }
         let d = decide(
             &policy,
@@ -160,6 +170,20 @@ impl Gateway {
             }
             (verdict, _) => (self.refusal(verdict, &d).map(own_bytes), None),
         };
+        self.record(&d, &method, &path, response.status(), started, error);
+        response
+    }
+
+    /// Counts and audits one answered request.
+    fn record(
+        &self,
+        d: &Decision,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        started: Instant,
+        error: Option<String>,
+    ) {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -167,38 +191,42 @@ impl Gateway {
                 rule: d.rule.as_deref().unwrap_or("").to_owned(),
             })
             .inc();
-        self.audit(&d, &method, &path, response.status(), started, error);
-        response
+        self.audit(d, method, path, status, started, error);
     }
 
-    async fn challenge(&self, req: &Request<Incoming>, now: u64) -> Response<Bytes> {
+    /// The step-up a person owes (`stepmesh login`'s question), and what to
+    /// audit of it: `challenge_pending` (200), `challenge_none` (204), or
+    /// why it was refused.
+    async fn challenge(&self, req: &Request<Incoming>, now: u64) -> (Response<Bytes>, Decision) {
         if req.method() != Method::GET {
-            return status(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+            let answer = status(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+            return (answer, Decision::about("method_not_allowed", None));
         }
         let policy = self.policy.current();
-        match authenticate(&policy, &self.stepup, req.headers(), now).await {
-            Err((_, challenge, message)) => {
+        let person = match authenticate(&policy, &self.stepup, req.headers(), now).await {
+            Ok(person) => person,
+            Err((reason, challenge, message)) => {
                 let mut r = status(StatusCode::UNAUTHORIZED, &message);
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
-                r
+                return (r, Decision::about(reason, None));
             }
-            Ok(person) => match self.pending.get(&person.username, now) {
-                None => {
-                    let mut r = Response::new(Bytes::new());
-                    *r.status_mut() = StatusCode::NO_CONTENT;
-                    r
-                }
-                Some(p) => {
-                    let mut r =
-                        Response::new(Bytes::from(serde_json::to_vec(&p).unwrap_or_default()));
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    r
-                }
-            },
-        }
+        };
+        let (answer, reason) = match self.pending.get(&person.username, now) {
+            None => {
+                let mut r = Response::new(Bytes::new());
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                (r, "challenge_none")
+            }
+            Some(p) => {
+                let mut r = Response::new(Bytes::from(serde_json::to_vec(&p).unwrap_or_default()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                (r, "challenge_pending")
+            }
+        };
+        (answer, Decision::about(reason, Some(person)))
     }
 
     fn refusal(&self, verdict: &Verdict, d: &Decision) -> Response<Bytes> {
