@@ -345,3 +345,36 @@ fn a_trickled_head_is_served_and_one_without_line_ends_meets_the_size_limit() {
     assert!(line.starts_with("HTTP/1.1 431"), "{line:?}");
     assert!(took < Duration::from_secs(5), "refused after {took:?}");
 }
+
+#[test]
+#[ignore = "a measurement, not a check: run by hand against release builds (STEPMESH_BIN), docs/BENCHMARKS.md"]
+fn measure_the_cpu_of_a_head_trickled_a_byte_a_read() {
+    // One 60 KiB head whose last field never ends a line until the end,
+    // sent a byte at a time with a pause after each (so that each is a
+    // read of its own), through the outbound sidecar: its CPU time then.
+    let (mesh, _dir) = http_pair(&[], &[]);
+    let mut s = TcpStream::connect(mesh.outbound).unwrap();
+    s.set_nodelay(true).unwrap();
+    let before = mesh.client.cpu_time();
+    let started = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Long: ")
+        .unwrap();
+    let bytes = 60_000;
+    for i in 0..bytes {
+        s.write_all(b"x").unwrap();
+        // Paced by the clock, not a sleep per byte (which oversleeps).
+        let due = Duration::from_micros(100) * (i + 1);
+        while started.elapsed() < due {
+            std::hint::spin_loop();
+        }
+    }
+    s.write_all(b"\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let cpu = mesh.client.cpu_time() - before;
+    println!(
+        "a {bytes}-byte field a byte a read over {:?}: outbound sidecar CPU {cpu:?}",
+        started.elapsed()
+    );
+}
