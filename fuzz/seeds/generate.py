@@ -198,6 +198,8 @@ outbound:
         b"GET http://a/b HTTP/1.0\nConnection: keep-alive\n\n",
         b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nProxy-Authorization: x\r\n\r\n",
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+        # Underscore spellings of dropped fields (CGI-style apps read them as ours).
+        b"GET /s HTTP/1.1\r\nHost: a\r\nX_Stepup_Sub: root\r\nx-forwarded_client-cert: URI=x\r\nX_Kept: 1\r\n\r\n",
     ]
     for i, r in enumerate(reqs):
         put("h1_head", f"req-{i}", b"\x00" + r)
