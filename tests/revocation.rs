@@ -119,6 +119,45 @@ fn a_revoked_serial_closes_live_connections_and_is_refused_until_renewal() {
     });
 }
 
+#[test]
+fn a_revoked_server_loses_the_connections_already_made_to_it() {
+    // The client side's pooled mesh connection to a server whose serial is
+    // revoked ends, with the tunnels on it, and a new one is refused in the
+    // handshake: the revocation reaches connections made before it.
+    let dir = tempfile::tempdir().unwrap();
+    let token = admin_token(dir.path(), ADMIN_TOKEN);
+    let ca = start_ca(&token);
+    let (server, client, outbound) = mesh(&ca.grpc_host_port(), &ca.bundle_path, dir.path(), "1h");
+    let serial = server.config()["serial"].as_str().unwrap().to_owned();
+    let mut conns = [live(outbound), live(outbound)];
+    let revoked = Instant::now();
+    let out = admin(
+        &ca.grpc_host_port(),
+        &ca.bundle_path,
+        &token,
+        "revoke",
+        &["--serial", &serial, "--reason", "server key leaked"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for conn in &mut conns {
+        let took = closed_at(conn).duration_since(revoked);
+        assert!(
+            took < REVOKE_WITHIN,
+            "a tunnel to the revoked server closed {took:?} after the revoke"
+        );
+    }
+    assert!(
+        !echoes(outbound),
+        "a new connection to the revoked server is refused"
+    );
+    eventually("the client's refusal counted", || {
+        (client.metric(
+            r#"stepmesh_tls_handshake_failures_total{direction="outbound",reason="revoked"}"#,
+        ) >= 1.0)
+            .then_some(())
+    });
+}
+
 /// `stepmesh ca serve` again on the stopped CA's port and state; its log
 /// lines are collected.
 fn restart_on_same_port(ca: &CaProcess, token: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {

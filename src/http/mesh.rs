@@ -25,7 +25,7 @@ mod conn_tunnels;
 mod h2_client;
 mod request;
 
-pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, TunnelCount};
+pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, PeerProof, TunnelCount};
 
 pub(crate) use self::request::{
     going_away, never_processed, not_processed, peer_going_away, send, MeshBody, Outgoing,
@@ -257,6 +257,25 @@ struct Slot {
     more: Mutex<Vec<Pooled>>,
 }
 
+/// What a revocation or a bundle change will check the peer of a new
+/// connection by (as the inbound side's live re-authorization does).
+fn proof_of(
+    session: &rustls::ClientConnection,
+    store: &crate::identity::store::CertStore,
+) -> PeerProof {
+    let chain = session.peer_certificates();
+    let serial = chain
+        .and_then(|c| c.first())
+        .and_then(crate::identity::id_and_serial_of)
+        .map_or(0, |(_, serial)| {
+            stepmesh_ca::revocation::serial_key(&serial)
+        });
+    let anchor = chain
+        .zip(store.bundle())
+        .and_then(|(chain, bundle)| bundle.anchor_of(chain));
+    PeerProof { serial, anchor }
+}
+
 /// The outcome of the latest dial, for the callers that waited on it.
 #[derive(Default)]
 struct LastDial {
@@ -450,6 +469,43 @@ impl MeshPool {
         }
     }
 
+    /// Ends every pooled connection whose peer the identity store now
+    /// refuses (its serial or ID revoked, its root gone from the bundle),
+    /// with its streams: a revocation reaches the connections already made
+    /// to the peer, not only the next handshake. Called on every change of
+    /// the store (`proxy::reauth::follow`); the next caller dials, and the
+    /// handshake decides.
+    pub(crate) fn recheck(&self) {
+        let Some(sidecar) = &self.sidecar else {
+            return;
+        };
+        let revoked = sidecar.store.revoked();
+        let bundle = sidecar.store.bundle();
+        let refused = |p: &Pooled| p.tunnels.refused(&revoked, bundle.as_deref());
+        let slots: Vec<Arc<Slot>> = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.values().cloned().collect()
+        };
+        for slot in slots {
+            let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = ready.take_if(|p| refused(p));
+            drop(ready);
+            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
+            let (kept, refused): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut *more)
+                .into_iter()
+                .partition(|p| !refused(p));
+            *more = kept;
+            drop(more);
+            for p in gone.into_iter().chain(refused) {
+                tracing::info!(
+                    peer = p.peer.as_deref().unwrap_or("?"),
+                    "mesh connection's peer refused by the identity store: closing it"
+                );
+                p.tunnels.revoke();
+            }
+        }
+    }
+
     fn handshake_failed(&self, reason: &'static str) {
         if let Some(sidecar) = &self.sidecar {
             sidecar
@@ -513,7 +569,8 @@ impl MeshPool {
             .and_then(|c| c.first())
             .and_then(|leaf| crate::tls::spiffe_id_of(leaf))
             .map(|id| Arc::from(id.as_str()));
-        let tunnels = ConnTunnels::new(peer.clone());
+        let proof = self.sidecar.as_ref().map(|s| proof_of(session, &s.store));
+        let tunnels = ConnTunnels::new(peer.clone(), proof.unwrap_or_default());
         // The connection's task holds `ending`: it ends with the connection.
         let ending = Closing(tunnels.clone());
         let send = if kind.http {
@@ -553,12 +610,14 @@ impl MeshPool {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
-        tokio::spawn(async move {
+        let tunnels = ending.0.clone();
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "mesh HTTP/2 connection ended");
             }
             drop(ending);
         });
+        tunnels.driven_by(&task);
         Ok(Sender::Hyper(send))
     }
 }

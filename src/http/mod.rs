@@ -224,6 +224,12 @@ impl HttpLayer {
         }
     }
 
+    /// Ends the pooled mesh connections whose peer the identity store now
+    /// refuses (see `MeshPool::recheck`).
+    pub fn recheck_mesh_peers(&self) {
+        self.mesh.recheck();
+    }
+
     /// Starts a graceful drain of every HTTP connection: in-flight requests
     /// finish, then connections close (the process is shutting down).
     pub fn start_drain(&self) {

@@ -125,6 +125,8 @@ pub async fn follow(shared: Arc<Shared>) {
             return;
         }
         shared.reauth.bump();
+        // The outbound side's pooled connections to peers now refused.
+        shared.http.recheck_mesh_peers();
     }
 }
 

@@ -49,13 +49,31 @@ pub(crate) struct ConnTunnels {
     /// Wakes the app connections that follow the connection
     /// ([`PeerGone`]) when it is retired or ends.
     pub(super) gone: tokio::sync::Notify,
+    /// What the peer's certificate is checked again by when the revocation
+    /// list or the trust bundle changes ([`MeshPool::recheck`]).
+    pub(super) proof: PeerProof,
+    /// The connection's task: aborted, its streams with it, when the
+    /// peer is refused ([`ConnTunnels::revoke`]).
+    pub(super) task: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+/// A peer's certificate as a revocation or a bundle change reads it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PeerProof {
+    /// The leaf's serial, as `revocation::serial_key`.
+    pub(crate) serial: u64,
+    /// The root key its chain ended at; `None` (the bundle changed during
+    /// the handshake): refused at the next change, as inbound.
+    pub(crate) anchor: Option<stepmesh_ca::svid::AnchorKey>,
 }
 
 impl ConnTunnels {
     /// A new connection's, reaching `peer`: no tunnel yet, open.
-    pub(super) fn new(peer: Option<Arc<str>>) -> Arc<Self> {
+    pub(super) fn new(peer: Option<Arc<str>>, proof: PeerProof) -> Arc<Self> {
         Arc::new(ConnTunnels {
             open: AtomicUsize::new(0),
+            proof,
+            task: std::sync::OnceLock::new(),
             peer,
             extra: std::sync::OnceLock::new(),
             closed: AtomicBool::new(false),
@@ -72,6 +90,35 @@ impl ConnTunnels {
     pub(super) fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.gone.notify_waiters();
+    }
+
+    /// Whether the store, as it is now, refuses the peer: its serial or ID
+    /// revoked, or its root gone from the bundle.
+    pub(super) fn refused(
+        &self,
+        revoked: &stepmesh_ca::revocation::RevokedSet,
+        bundle: Option<&stepmesh_ca::svid::TrustBundle>,
+    ) -> bool {
+        let id = self.peer.as_deref().unwrap_or_default();
+        revoked.refuses_key(id, self.proof.serial)
+            || !self
+                .proof
+                .anchor
+                .is_some_and(|a| bundle.is_some_and(|b| b.trusts(a)))
+    }
+
+    /// Retires the connection and ends it now, with every stream on it
+    /// (its peer was refused).
+    pub(super) fn revoke(&self) {
+        self.retire();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+
+    /// Notes the connection's task, for [`ConnTunnels::revoke`].
+    pub(super) fn driven_by(&self, task: &tokio::task::JoinHandle<()>) {
+        let _ = self.task.set(task.abort_handle());
     }
 }
 

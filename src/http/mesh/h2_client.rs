@@ -29,12 +29,16 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| MeshError::H2(dst.clone(), e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = drive(connection, &tunnels, keep_alive).await {
-            tracing::debug!(error = %e, "mesh tunnels connection ended");
+    let task = tokio::spawn({
+        let tunnels = tunnels.clone();
+        async move {
+            if let Err(e) = drive(connection, &tunnels, keep_alive).await {
+                tracing::debug!(error = %e, "mesh tunnels connection ended");
+            }
+            drop(ending);
         }
-        drop(ending);
     });
+    tunnels.driven_by(&task);
     Ok(send)
 }
 
