@@ -16,9 +16,22 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connections served at once. Past it, a new one is closed as soon as it
+/// is accepted: the port is reachable from the whole cluster (the kubelet's
+/// probes come to it), and each connection held a task and a buffer for as
+/// long as its client liked. The kubelet and a scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// A request head (or the next one on a kept-alive connection) must be
+/// whole within this: a client that connects and sends nothing holds its
+/// connection no longer (hyper's own default, 30 s, needs a timer, which
+/// this server had not given it: no deadline at all).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An extra route: gets the request head, returns a whole response.
 pub type Handler = Arc<dyn Fn(&http::request::Parts) -> Response<Bytes> + Send + Sync>;
@@ -58,6 +71,8 @@ pub struct Admin {
     ready: ReadyCheck,
     routes: HashMap<String, Handler>,
     prefix: Option<(String, PrefixHandler)>,
+    max_connections: usize,
+    header_timeout: std::time::Duration,
 }
 
 impl Admin {
@@ -68,7 +83,16 @@ impl Admin {
             ready,
             routes: HashMap::new(),
             prefix: None,
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
         }
+    }
+
+    /// Other limits than [`MAX_CONNECTIONS`] and [`HEADER_TIMEOUT`].
+    pub fn limits(mut self, max_connections: usize, header_timeout: std::time::Duration) -> Self {
+        self.max_connections = max_connections;
+        self.header_timeout = header_timeout;
+        self
     }
 
     /// Adds an exact-path route.
@@ -83,9 +107,13 @@ impl Admin {
         self
     }
 
-    /// Serves until `shutdown` resolves; each connection in its own task.
+    /// Serves until `shutdown` resolves; each connection in its own task,
+    /// at most [`MAX_CONNECTIONS`] at once, each request head within
+    /// [`HEADER_TIMEOUT`] (unless [`Admin::limits`] says otherwise).
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) {
+        let (max_connections, header_timeout) = (self.max_connections, self.header_timeout);
         let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(max_connections));
         tokio::pin!(shutdown);
         loop {
             let (stream, _) = tokio::select! {
@@ -100,13 +128,21 @@ impl Admin {
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!("admin: {max_connections} connections open, closing a new one");
+                drop(stream);
+                continue;
+            };
             let this = this.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req).await.map(Full::new)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "admin connection");
@@ -166,4 +202,58 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Reads until the server closes (or 5 s): what it sent.
+    async fn until_closed(s: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_capped_and_closed_at_the_header_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = Admin::new(Arc::new(Registry::default()), Readiness::default().check())
+            .limits(2, Duration::from_millis(300));
+        tokio::spawn(admin.serve(listener, std::future::pending()));
+        // Two silent clients take both places; a third is closed at once.
+        let mut silent = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(until_closed(&mut third).await, "");
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        // The silent ones end at the header deadline, and a client is served.
+        for s in &mut silent {
+            until_closed(s).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = until_closed(&mut probe).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
 }
