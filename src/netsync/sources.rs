@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::policy::Policy;
+use crate::policy::{netpol, Policy};
 
 /// A policy ConfigMap's identity and version.
 #[derive(Debug, Clone)]
@@ -143,17 +143,21 @@ fn check(cm: &Value, key: &str, src: &Source) -> Result<Policy, String> {
     Ok(policy)
 }
 
-/// Ok unless a policy already taken protects the same pods.
+/// Ok unless a policy already taken would write NetworkPolicies of the
+/// same names (the same pods, or label values that read the same once
+/// lower-cased and cut): compiled together, the pair would fail the
+/// whole round, every namespace's.
 fn unclaimed(policy: &Policy, taken: &[(Source, Arc<Policy>)]) -> Result<(), String> {
     let Some(w) = policy.workload() else {
         return Ok(());
     };
+    let prefix = netpol::object_prefix(w);
     match taken.iter().find(|(_, p)| {
         p.workload()
-            .is_some_and(|o| o.namespace == w.namespace && o.selector == w.selector)
+            .is_some_and(|o| o.namespace == w.namespace && netpol::object_prefix(o) == prefix)
     }) {
         Some((other, _)) => Err(format!(
-            "workload: the same pods as ConfigMap {}",
+            "workload: its NetworkPolicies would be named as ConfigMap {}'s ({prefix}-*)",
             other.name
         )),
         None => Ok(()),

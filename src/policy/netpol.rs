@@ -104,14 +104,17 @@ impl<'a> Input<'a> {
 
     /// `stepmesh-<label values>`: the prefix of this workload's objects.
     fn base(&self) -> String {
-        let values: Vec<&str> = self
-            .workload
-            .selector
-            .values()
-            .map(String::as_str)
-            .collect();
-        format!("stepmesh-{}", name_part(&values.join("-")))
+        object_prefix(&self.workload)
     }
+}
+
+/// `stepmesh-<label values>`: the prefix of the NetworkPolicies protecting
+/// `workload`, lower case, cut to 40 characters. Two workloads with the
+/// same prefix in a namespace cannot both be compiled (the controller
+/// refuses the second ConfigMap by it).
+pub fn object_prefix(workload: &Workload) -> String {
+    let values: Vec<&str> = workload.selector.values().map(String::as_str).collect();
+    format!("stepmesh-{}", name_part(&values.join("-")))
 }
 
 /// Whether selected workloads' egress is denied by default.
@@ -195,12 +198,21 @@ fn peers(policy: &Policy, pattern: &SpiffeIdPattern) -> Peers {
         return Peers::Anywhere(format!("{text}: another trust domain"));
     };
     let segs: Vec<&str> = path.split('/').collect();
+    // A segment that is no label value (a SPIFFE ID may hold one, `-x` or
+    // 64 characters) would make the API server refuse the object, and with
+    // it the controller's whole round: such a peer is not selectable.
+    let label = super::workload::is_label_value;
     match segs.as_slice() {
-        ["ns", ns, "sa", sa] if *sa != "*" => Peers::ServiceAccount {
+        ["ns", ns, "sa", sa] if *sa != "*" && label(ns) && label(sa) => Peers::ServiceAccount {
             ns: (*ns).into(),
             sa: (*sa).into(),
         },
-        ["ns", ns, "sa", "*"] | ["ns", ns, "*"] if *ns != "*" => Peers::Namespace((*ns).into()),
+        ["ns", ns, "sa", "*"] | ["ns", ns, "*"] if *ns != "*" && label(ns) => {
+            Peers::Namespace((*ns).into())
+        }
+        ["ns", ns, "sa", _] | ["ns", ns, "*"] if *ns != "*" => Peers::Anywhere(format!(
+            "{text}: its namespace or service account is not a label value"
+        )),
         _ => Peers::Anywhere(format!("{text}: not a /ns/<ns>/sa/<sa> identity")),
     }
 }

@@ -60,6 +60,25 @@ fn identities_become_label_selectors() {
 }
 
 #[test]
+fn a_peer_whose_names_are_no_label_values_is_not_selected() {
+    // Valid SPIFFE IDs, but `-x` and a 64-character name are no label
+    // values: the API server would refuse the object (and the
+    // controller's round with it).
+    let long = "s".repeat(64);
+    let p = Policy::from_yaml(&format!(
+        "trustDomain: cluster.local\ninbound:\n  default: deny\n  ports:\n    - port: 8080\n      allow:\n        - from: [spiffe://cluster.local/ns/-x/sa/y, spiffe://cluster.local/ns/ok/sa/{long}, spiffe://cluster.local/ns/-x/*]\n"
+    ))
+    .unwrap();
+    let out = render(&p, "payments", "app=api").unwrap();
+    let d = docs(&out);
+    assert!(d[1]["spec"]["ingress"][0].get("from").is_none(), "{out}");
+    assert!(
+        out.contains("spiffe://cluster.local/ns/-x/sa/y: its namespace or service account is not a label value"),
+        "{out}"
+    );
+}
+
+#[test]
 fn bad_arguments() {
     let p = Policy::from_yaml(P).unwrap();
     assert!(render(&p, "Payments", "app=api").is_err());

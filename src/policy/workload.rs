@@ -123,7 +123,7 @@ fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-fn is_label_value(v: &str) -> bool {
+pub(super) fn is_label_value(v: &str) -> bool {
     v.len() <= 63
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
