@@ -23,9 +23,11 @@ use super::{h2_settings, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
 
 mod conn_tunnels;
 mod h2_client;
+mod recheck;
 mod request;
 
 pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, PeerProof, TunnelCount};
+use self::recheck::proof_of;
 
 pub(crate) use self::request::{
     going_away, never_processed, not_processed, peer_going_away, send, MeshBody, Outgoing,
@@ -257,25 +259,6 @@ struct Slot {
     more: Mutex<Vec<Pooled>>,
 }
 
-/// What a revocation or a bundle change will check the peer of a new
-/// connection by (as the inbound side's live re-authorization does).
-fn proof_of(
-    session: &rustls::ClientConnection,
-    store: &crate::identity::store::CertStore,
-) -> PeerProof {
-    let chain = session.peer_certificates();
-    let serial = chain
-        .and_then(|c| c.first())
-        .and_then(crate::identity::id_and_serial_of)
-        .map_or(0, |(_, serial)| {
-            stepmesh_ca::revocation::serial_key(&serial)
-        });
-    let anchor = chain
-        .zip(store.bundle())
-        .and_then(|(chain, bundle)| bundle.anchor_of(chain));
-    PeerProof { serial, anchor }
-}
-
 /// The outcome of the latest dial, for the callers that waited on it.
 #[derive(Default)]
 struct LastDial {
@@ -466,43 +449,6 @@ impl MeshPool {
             drop(ready);
             let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
             more.retain(|p| p.id != id);
-        }
-    }
-
-    /// Ends every pooled connection whose peer the identity store now
-    /// refuses (its serial or ID revoked, its root gone from the bundle),
-    /// with its streams: a revocation reaches the connections already made
-    /// to the peer, not only the next handshake. Called on every change of
-    /// the store (`proxy::reauth::follow`); the next caller dials, and the
-    /// handshake decides.
-    pub(crate) fn recheck(&self) {
-        let Some(sidecar) = &self.sidecar else {
-            return;
-        };
-        let revoked = sidecar.store.revoked();
-        let bundle = sidecar.store.bundle();
-        let refused = |p: &Pooled| p.tunnels.refused(&revoked, bundle.as_deref());
-        let slots: Vec<Arc<Slot>> = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.values().cloned().collect()
-        };
-        for slot in slots {
-            let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
-            let gone = ready.take_if(|p| refused(p));
-            drop(ready);
-            let mut more = slot.more.lock().unwrap_or_else(|p| p.into_inner());
-            let (kept, refused): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(&mut *more)
-                .into_iter()
-                .partition(|p| !refused(p));
-            *more = kept;
-            drop(more);
-            for p in gone.into_iter().chain(refused) {
-                tracing::info!(
-                    peer = p.peer.as_deref().unwrap_or("?"),
-                    "mesh connection's peer refused by the identity store: closing it"
-                );
-                p.tunnels.revoke();
-            }
         }
     }
 
