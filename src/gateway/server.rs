@@ -174,26 +174,6 @@ impl Gateway {
         response
     }
 
-    /// Counts and audits one answered request.
-    fn record(
-        &self,
-        d: &Decision,
-        method: &Method,
-        path: &str,
-        status: StatusCode,
-        started: Instant,
-        error: Option<String>,
-    ) {
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                decision: d.reason,
-                rule: d.rule.as_deref().unwrap_or("").to_owned(),
-            })
-            .inc();
-        self.audit(d, method, path, status, started, error);
-    }
-
     /// The step-up a person owes (`stepmesh login`'s question), and what to
     /// audit of it: `challenge_pending` (200), `challenge_none` (204), or
     /// why it was refused.
@@ -284,7 +264,8 @@ impl Gateway {
         (resp.map(Either::Right), None)
     }
 
-    fn audit(
+    /// Counts one answered request and writes its audit line.
+    fn record(
         &self,
         d: &Decision,
         method: &Method,
@@ -293,6 +274,13 @@ impl Gateway {
         started: Instant,
         error: Option<String>,
     ) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                decision: d.reason,
+                rule: d.rule.as_deref().unwrap_or("").to_owned(),
+            })
+            .inc();
         let info = d.info.as_ref();
         let res = |f: fn(&super::classify::RequestInfo) -> &String| {
             info.filter(|i| i.is_resource_request)
