@@ -26,7 +26,8 @@ mod h2_client;
 mod recheck;
 mod request;
 
-pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, PeerProof, TunnelCount};
+use self::conn_tunnels::PeerProof;
+pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, TunnelCount};
 use self::recheck::proof_of;
 
 pub(crate) use self::request::{

@@ -101,11 +101,6 @@ impl<'a> Input<'a> {
             workload,
         })
     }
-
-    /// `stepmesh-<label values>`: the prefix of this workload's objects.
-    fn base(&self) -> String {
-        object_prefix(&self.workload)
-    }
 }
 
 /// `stepmesh-<label values>`: the prefix of the NetworkPolicies protecting
@@ -257,7 +252,10 @@ fn name_part(s: &str) -> String {
 pub fn compile(inputs: &[Input<'_>], opts: &Options) -> Result<Vec<Object>, NetpolError> {
     let mut seen: BTreeMap<(String, String), &str> = BTreeMap::new();
     for input in inputs {
-        let key = (input.workload.namespace.clone(), input.base());
+        let key = (
+            input.workload.namespace.clone(),
+            object_prefix(&input.workload),
+        );
         if let Some(first) = seen.insert(key.clone(), &input.source) {
             return Err(NetpolError::Duplicate(
                 first.to_owned(),
@@ -279,7 +277,7 @@ pub fn compile(inputs: &[Input<'_>], opts: &Options) -> Result<Vec<Object>, Netp
 
 fn workload_objects(input: &Input<'_>, all: &[Input<'_>], opts: &Options, out: &mut Vec<Object>) {
     let policy = input.policy;
-    let base = input.base();
+    let base = object_prefix(&input.workload);
     let pods = json!({"matchLabels": input.workload.selector});
     let deny_egress = opts.egress == EgressMode::Deny;
     let meta = |name: String| {

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::{pods_json, Input, Object};
+use super::{object_prefix, pods_json, Input, Object};
 use crate::cidr::Cidr;
 use crate::policy::{InboundDefault, OutboundAction, Policy, SpiffeId, SpiffeIdPattern};
 
@@ -58,7 +58,7 @@ pub(super) fn calls(
         notes.push(format!(
             "  {}/{} ({}): {}.",
             callee.workload.namespace,
-            callee.base(),
+            object_prefix(&callee.workload),
             callee.source,
             why.join(", ")
         ));

@@ -59,12 +59,12 @@ pub(crate) struct ConnTunnels {
 
 /// A peer's certificate as a revocation or a bundle change reads it.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct PeerProof {
+pub(super) struct PeerProof {
     /// The leaf's serial, as `revocation::serial_key`.
-    pub(crate) serial: u64,
+    pub(super) serial: u64,
     /// The root key its chain ended at; `None` (the bundle changed during
     /// the handshake): refused at the next change, as inbound.
-    pub(crate) anchor: Option<stepmesh_ca::svid::AnchorKey>,
+    pub(super) anchor: Option<stepmesh_ca::svid::AnchorKey>,
 }
 
 impl ConnTunnels {
