@@ -23,7 +23,7 @@
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use stepmesh::http::headers::reads_as;
+use stepmesh::policy::target::reads_as;
 use stepmesh::fuzzing::{
     parse_request, parse_response, splice_request, write_request, write_response, Detail,
     HeadLimits, RequestHead,

@@ -6,6 +6,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 
+use crate::policy::target::reads_as;
+
 /// `x-forwarded-client-cert` (Envoy's format: `By=<us>;URI=<peer>`).
 pub const XFCC: HeaderName = HeaderName::from_static(names::XFCC);
 /// The verified step-up subject passed to the app.
@@ -70,35 +72,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-}
-
-/// Whether a field named `name` reads as `ours` to an app: ASCII case
-/// aside, and `_` read as `-`. CGI-style servers file both spellings under
-/// one key (`X_Stepup_Sub` and `x-stepup-sub` are both `HTTP_X_STEPUP_SUB`
-/// to gunicorn before 22, PHP, WSGI and CGI), so a field the sidecar sets
-/// must go in either spelling, or the caller's copy reaches the app beside
-/// (and before) the sidecar's.
-#[inline]
-pub fn reads_as(name: &[u8], ours: &str) -> bool {
-    // Every field of every request is asked against each name the inbound
-    // side sets: the lengths first, then the common spelling (compared in
-    // chunks), the byte-by-byte fold only for a name with an `_` (which
-    // made it 500 instructions a request, callgrind).
-    name.len() == ours.len()
-        && (name.eq_ignore_ascii_case(ours.as_bytes())
-            || (name.contains(&b'_') && folds_to(name, ours.as_bytes())))
-}
-
-/// `name` and `ours` equal with ASCII case ignored and `_` read as `-`.
-fn folds_to(name: &[u8], ours: &[u8]) -> bool {
-    let fold = |b: u8| {
-        if b == b'_' {
-            b'-'
-        } else {
-            b.to_ascii_lowercase()
-        }
-    };
-    name.iter().zip(ours).all(|(&a, &b)| fold(a) == fold(b))
 }
 
 /// Removes every field whose name [`reads_as`] one of `ours` but is spelled

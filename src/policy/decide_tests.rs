@@ -312,6 +312,9 @@ fn a_method_override_field_is_read_as_an_app_may_read_it() {
         [("x-http-method-override", "DELETE")],
         [("X-HTTP-Method", "delete")],
         [("x-method-override", " PUT , DELETE ")],
+        // Spelled with `_`: the dashed name's key to CGI-style servers.
+        [("X_HTTP_Method_Override", "DELETE")],
+        [("x_method-override", "DELETE")],
     ] {
         assert_eq!(
             routed(post.clone(), "/refunds/1", &fields),

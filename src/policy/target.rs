@@ -30,7 +30,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderName, Method, Uri};
 use serde::Deserialize;
 
 /// How the app behind a port treats letter case in paths.
@@ -192,18 +192,23 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
 
 /// Every method an app may read a request as: its own first, then each one
 /// a method-override field names (each comma-separated element of each
-/// copy: frameworks take the first or the last). An element that is not a
-/// method token is no method to any app, and skipped. No allocation unless
-/// such a field came.
+/// copy: frameworks take the first or the last), the field spelled with
+/// `-` or `_` ([`reads_as`]). An element that is not a method token is no
+/// method to any app, and skipped. No allocation unless such a field came.
 pub fn method_readings<'m>(method: &'m Method, headers: &HeaderMap) -> Cow<'m, [Method]> {
-    if !METHOD_OVERRIDES.iter().any(|n| headers.contains_key(*n)) {
+    let is_override = |name: &HeaderName| {
+        METHOD_OVERRIDES
+            .iter()
+            .any(|o| reads_as(name.as_str().as_bytes(), o))
+    };
+    if !headers.keys().any(is_override) {
         return Cow::Borrowed(std::slice::from_ref(method));
     }
     let mut methods = vec![method.clone()];
-    let named = METHOD_OVERRIDES
+    let named = headers
         .iter()
-        .flat_map(|n| headers.get_all(*n))
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter(|(name, _)| is_override(name))
+        .flat_map(|(_, v)| v.as_bytes().split(|&b| b == b','))
         .filter_map(|m| Method::from_bytes(m.trim_ascii()).ok());
     for m in named {
         if !methods.contains(&m) {
@@ -211,6 +216,36 @@ pub fn method_readings<'m>(method: &'m Method, headers: &HeaderMap) -> Cow<'m, [
         }
     }
     Cow::Owned(methods)
+}
+
+/// Whether a field named `name` reads as `ours` to an app: ASCII case
+/// aside, and `_` read as `-`. CGI-style servers file both spellings under
+/// one key (`X_Stepup_Sub` and `x-stepup-sub` are both `HTTP_X_STEPUP_SUB`
+/// to gunicorn before 22, PHP, WSGI and CGI), so a field the sidecar sets
+/// must go in either spelling, or the caller's copy reaches the app beside
+/// (and before) the sidecar's; and a field whose meaning the sidecar reads
+/// (a method override) must be found in either.
+#[inline]
+pub fn reads_as(name: &[u8], ours: &str) -> bool {
+    // Every field of every request is asked against each name the inbound
+    // side sets: the lengths first, then the common spelling (compared in
+    // chunks), the byte-by-byte fold only for a name with an `_` (which
+    // made it 500 instructions a request, callgrind).
+    name.len() == ours.len()
+        && (name.eq_ignore_ascii_case(ours.as_bytes())
+            || (name.contains(&b'_') && folds_to(name, ours.as_bytes())))
+}
+
+/// `name` and `ours` equal with ASCII case ignored and `_` read as `-`.
+fn folds_to(name: &[u8], ours: &[u8]) -> bool {
+    let fold = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    name.iter().zip(ours).all(|(&a, &b)| fold(a) == fold(b))
 }
 
 /// Checks what every route matcher needs of a request besides its path: a

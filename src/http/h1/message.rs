@@ -14,7 +14,7 @@ use super::fields::{
     has_field, has_token, list, trim_ows_bytes, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
     TRANSFER_ENCODING, UPGRADE,
 };
-use crate::http::headers::reads_as;
+use crate::policy::target::reads_as;
 
 /// The most header fields a head may carry by default (hyper's and
 /// Envoy's default is 100 too).
