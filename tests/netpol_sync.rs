@@ -5,7 +5,10 @@
 //! a deleted or edited object, never touches a hand-made one. A broken
 //! callee policy leaves every object as it was, its callers' egress in
 //! another namespace included (an Event says why), and its fix is followed;
-//! a policy first seen broken blocks applying and pruning until removed. A
+//! a policy first seen broken blocks applying and pruning until removed.
+//! An object an admission policy refuses is reported on its ConfigMap while
+//! the other ConfigMaps' objects are applied, and its ConfigMap's old
+//! objects stay until the refusal is lifted. A
 //! removed policy's objects are pruned. With two processes only the Lease
 //! holder writes, the other taking over when it is killed (or at once on
 //! SIGTERM), keeping the last valid version of a policy broken since.
@@ -33,6 +36,31 @@ fn policies() -> [(&'static str, &'static str, String); 3] {
         ("sync-b", "frontend", "trustDomain: cluster.local\nworkload: {namespace: sync-b, serviceAccount: frontend}\n".into()),
     ]
 }
+
+/// An admission policy the cluster may have: no NetworkPolicy for port
+/// 7070 of `api` (the API server refuses it, 403 or 422).
+const RESERVED_PORT: &str = "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: reserved-port}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - apiGroups: [networking.k8s.io]
+        apiVersions: [v1]
+        operations: [CREATE, UPDATE]
+        resources: [networkpolicies]
+  validations:
+    - expression: \"object.metadata.name != 'stepmesh-api-port-7070'\"
+      message: port 7070 is reserved
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: reserved-port}
+spec:
+  policyName: reserved-port
+  validationActions: [Deny]
+";
 
 fn configmap(ns: &str, name: &str, policy: &str) -> String {
     format!(
@@ -337,6 +365,70 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     want.remove("sync-a/stepmesh-worker-mesh");
     wait("fix followed", Duration::from_secs(5), || {
         owned(k8s) == want && !snapshot(k8s)[calls].to_string().contains("9090")
+    });
+
+    // An object the API server refuses (here an admission policy) is
+    // reported on its ConfigMap; the others' objects are applied, and the
+    // refused ConfigMap's old objects are not pruned until its new ones
+    // all land.
+    k8s.apply(RESERVED_PORT);
+    let reserved = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: stepmesh-api-port-7070, namespace: sync-a}\nspec: {podSelector: {}}\n";
+    wait("admission policy in force", Duration::from_secs(10), || {
+        let o = k8s.kubectl_with_stdin(
+            &["apply", "--dry-run=server", "-f", "-"],
+            reserved.as_bytes(),
+        );
+        String::from_utf8_lossy(&o.stderr).contains("port 7070 is reserved")
+    });
+    let mut edited = set.clone();
+    edited[0].2 = edited[0].2.replace("port: 8080", "port: 7070");
+    edited[1].2.push_str("inbound:\n  ports:\n    - port: 6060\n      allow: [{from: [spiffe://cluster.local/ns/sync-b/sa/frontend]}]\n");
+    for (ns, name, text) in &edited[..2] {
+        k8s.apply(&configmap(ns, name, text));
+    }
+    wait(
+        "the other ConfigMap applied",
+        Duration::from_secs(5),
+        || owned(k8s).contains("sync-a/stepmesh-worker-port-6060"),
+    );
+    wait("refusal reported", Duration::from_secs(5), || {
+        k8s.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "sync-a",
+            "--field-selector",
+            "involvedObject.name=payments,reason=NetworkPolicyRefused",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])
+        .contains("port 7070 is reserved")
+    });
+    std::thread::sleep(Duration::from_millis(1000)); // three sync periods
+    let now = owned(k8s);
+    assert!(
+        now.contains("sync-a/stepmesh-api-port-8080"),
+        "pruned: {now:?}"
+    );
+    assert!(!now.contains("sync-a/stepmesh-api-port-7070"), "{now:?}");
+    assert!(metric(port_a, "stepmesh_netpol_objects_refused_total") >= 1.0);
+    k8s.kubectl_ok(&[
+        "delete",
+        "validatingadmissionpolicybinding",
+        "reserved-port",
+    ]);
+    let mut edited_want = expected(dir.path(), &edited);
+    edited_want.remove("sync-a/stepmesh-worker-mesh");
+    wait(
+        "the refused object applied once allowed",
+        Duration::from_secs(10),
+        || owned(k8s) == edited_want,
+    );
+    for (ns, name, text) in &set[..2] {
+        k8s.apply(&configmap(ns, name, text));
+    }
+    wait("back to the policies", Duration::from_secs(5), || {
+        owned(k8s) == want
     });
 
     // A policy first seen broken blocks the round: a removed policy's

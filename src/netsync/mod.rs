@@ -19,6 +19,13 @@
 //! (`stepmesh_netpol_blocked_configmaps`) until it is fixed or removed
 //! ([`sources`]).
 //!
+//! An object the API server refuses (an admission policy, a quota, RBAC in
+//! its namespace: a 4xx) is reported on the ConfigMap it was compiled from
+//! (an Event, a metric, a log line) and the round goes on with the others;
+//! that ConfigMap's objects are not pruned in that round, so its old ones
+//! stay in force until its new ones all land. An API server that does not
+//! answer, or answers 5xx, 408 or 429, ends the round: the next retries.
+//!
 //! Polling lists rather than watch streams: one small list per interval,
 //! and no missed-event bookkeeping.
 
@@ -42,7 +49,7 @@ use serde_json::{json, Value};
 use crate::policy::netpol;
 use api::{query, rfc3339};
 use sources::{Collected, LastGood, Refused};
-use stepmesh_ca::kube::Api;
+use stepmesh_ca::kube::{Api, KubeError};
 
 /// The label on every object the controller owns.
 pub const OWNER_LABEL: &str = "stepmesh.io/netpol-owner";
@@ -108,6 +115,7 @@ struct Metrics {
     pruned: Counter,
     drift: Counter,
     errors: Counter,
+    refused: Counter,
     leader: Gauge,
     blocked: Gauge,
     last_sync: Gauge,
@@ -136,6 +144,11 @@ impl Metrics {
             self.errors.clone(),
         );
         r.register(
+            "stepmesh_netpol_objects_refused",
+            "NetworkPolicy applies or deletes the API server refused (reported on the policy ConfigMap)",
+            self.refused.clone(),
+        );
+        r.register(
             "stepmesh_netpol_blocked_configmaps",
             "broken policy ConfigMaps with no valid version seen by this process: above 0, nothing is applied or pruned",
             self.blocked.clone(),
@@ -147,7 +160,7 @@ impl Metrics {
         );
         r.register(
             "stepmesh_netpol_last_sync_timestamp_seconds",
-            "end of the last complete sync (unix time)",
+            "end of the last sync that applied and pruned everything (unix time)",
             self.last_sync.clone(),
         );
     }
@@ -192,6 +205,7 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         metrics,
         applied_before: BTreeSet::new(),
         reported: BTreeMap::new(),
+        reported_refusals: BTreeMap::new(),
         last_good: LastGood::default(),
     };
     let mut signals = crate::drain::Signals::new().context("listening for signals")?;
@@ -239,6 +253,8 @@ struct Sync {
     applied_before: BTreeSet<(String, String)>,
     /// ConfigMap → the resourceVersion whose refusal has an Event.
     reported: BTreeMap<(String, String), String>,
+    /// ConfigMap → the resourceVersion whose refused objects have an Event.
+    reported_refusals: BTreeMap<(String, String), String>,
     /// Per ConfigMap, the last policy that validated.
     last_good: LastGood,
 }
@@ -295,7 +311,9 @@ impl Sync {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let objects = netpol::compile(&inputs, &self.options)?;
-        let mut desired: BTreeMap<(String, String), Value> = BTreeMap::new();
+        // Each object with the index (in `good`) of the ConfigMap it is
+        // compiled from.
+        let mut desired: BTreeMap<(String, String), (Value, usize)> = BTreeMap::new();
         for o in objects.into_iter().filter(|o| !o.value.is_null()) {
             let mut v = o.value;
             let src = &good[o.input].0;
@@ -308,7 +326,7 @@ impl Sync {
                     .unwrap_or_default()
                     .to_owned(),
             );
-            desired.insert(key, v);
+            desired.insert(key, (v, o.input));
         }
         let live: BTreeMap<(String, String), Value> = self
             .api
@@ -329,7 +347,9 @@ impl Sync {
                 )
             })
             .collect();
-        for (key, want) in &desired {
+        // ConfigMaps (indices in `good`) with an object refused this round.
+        let mut incomplete: BTreeSet<usize> = BTreeSet::new();
+        for (key, (want, input)) in &desired {
             let current = live.get(key);
             if current.is_some_and(|c| same(c, want)) {
                 self.applied_before.insert(key.clone());
@@ -343,13 +363,20 @@ impl Sync {
                 "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}?fieldManager={FIELD_MANAGER}&force=true",
                 key.0, key.1
             );
-            self.api
+            let applied = self
+                .api
                 .ok(
                     Method::PATCH,
                     &path,
                     Some(("application/apply-patch+yaml", serde_json::to_vec(want)?)),
                 )
-                .await?;
+                .await;
+            if let Err(e) = applied {
+                let src = &good[*input].0;
+                self.refused_object(src, key, e).await?;
+                incomplete.insert(*input);
+                continue;
+            }
             self.metrics.applied.inc();
             let digest =
                 |v: &Value| v["metadata"]["annotations"]["stepmesh.io/policy-digest"].clone();
@@ -365,24 +392,40 @@ impl Sync {
             }
             self.applied_before.insert(key.clone());
         }
-        for key in live.keys() {
-            if desired.contains_key(key) {
+        // A ConfigMap with a refused object keeps its old objects.
+        let kept: BTreeSet<(&str, &str)> = incomplete
+            .iter()
+            .map(|&i| (good[i].0.namespace.as_str(), good[i].0.name.as_str()))
+            .collect();
+        let mut undeleted = 0;
+        for (key, object) in &live {
+            let source = object["metadata"]["labels"][SOURCE_LABEL]
+                .as_str()
+                .unwrap_or_default();
+            if desired.contains_key(key) || kept.contains(&(key.0.as_str(), source)) {
                 continue;
             }
             let path = format!(
                 "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}",
                 key.0, key.1
             );
-            let (status, v) = self.api.call(Method::DELETE, &path, None).await?;
-            if !status.is_success() && status != http::StatusCode::NOT_FOUND {
-                anyhow::bail!(
-                    "DELETE {path}: {status}: {}",
-                    v["message"].as_str().unwrap_or("")
-                );
+            match self.api.ok(Method::DELETE, &path, None).await {
+                Ok(_) => {}
+                Err(KubeError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
+                Err(e) if refused_by_server(&e) => {
+                    self.metrics.refused.inc();
+                    tracing::warn!(error = %e, "a NetworkPolicy no longer computed could not be deleted; retried next round");
+                    undeleted += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             self.applied_before.remove(key);
             self.metrics.pruned.inc();
             tracing::info!(namespace = %key.0, name = %key.1, "pruned");
+        }
+        if !incomplete.is_empty() || undeleted > 0 {
+            return Ok(());
         }
         let now = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -420,18 +463,57 @@ impl Sync {
         };
         self.metrics.errors.inc();
         tracing::warn!(namespace = %src.namespace, configmap = %src.name, error = %why, "policy refused; {outcome}");
-        let key = src.key();
-        if self.reported.get(&key) == Some(&src.version) {
+        if self.reported.get(&src.key()) == Some(&src.version)
+            || !self
+                .event(src, "InvalidPolicy", format!("{why}; {outcome}"))
+                .await
+        {
             return;
         }
+        self.reported.insert(src.key(), src.version.clone());
+    }
+
+    /// Reports an object of `src` the API server refused (log line and
+    /// metric every round, an Event once per ConfigMap version); an error
+    /// that is no refusal of this object ends the round.
+    async fn refused_object(
+        &mut self,
+        src: &sources::Source,
+        key: &(String, String),
+        e: KubeError,
+    ) -> anyhow::Result<()> {
+        if !refused_by_server(&e) {
+            return Err(e.into());
+        }
+        let message = match &e {
+            KubeError::Status {
+                status, message, ..
+            } => format!("{status}: {message}"),
+            other => other.to_string(),
+        };
+        self.metrics.refused.inc();
+        tracing::warn!(namespace = %key.0, name = %key.1, configmap = %src.name, error = %message, "the API server refused a NetworkPolicy; the ConfigMap's other objects are applied, none of its old ones pruned");
+        if self.reported_refusals.get(&src.key()) == Some(&src.version) {
+            return Ok(());
+        }
+        let text = format!("the API server refused NetworkPolicy {}/{} ({message}); this policy's old NetworkPolicies stay until its new ones are all applied", key.0, key.1);
+        if self.event(src, "NetworkPolicyRefused", text).await {
+            self.reported_refusals
+                .insert(src.key(), src.version.clone());
+        }
+        Ok(())
+    }
+
+    /// Posts a Warning Event on ConfigMap `src`; whether it was taken.
+    async fn event(&self, src: &sources::Source, reason: &str, message: String) -> bool {
         let now = rfc3339(SystemTime::now(), false);
         let event = json!({
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": format!("{}.", src.name), "namespace": src.namespace},
             "involvedObject": {"apiVersion": "v1", "kind": "ConfigMap", "namespace": src.namespace,
                                "name": src.name, "uid": src.uid, "resourceVersion": src.version},
-            "reason": "InvalidPolicy", "type": "Warning",
-            "message": format!("{why}; {outcome}"),
+            "reason": reason, "type": "Warning",
+            "message": message,
             "source": {"component": FIELD_MANAGER},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         });
@@ -442,12 +524,24 @@ impl Sync {
             .ok(Method::POST, &path, Some(("application/json", body)))
             .await
         {
-            Ok(_) => {
-                self.reported.insert(key, src.version.clone());
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "posting the Event");
+                false
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "posting the Event"),
         }
     }
+}
+
+/// Whether the API server refused the one object (4xx: its content, an
+/// admission policy, a quota, RBAC in its namespace) rather than failed to
+/// answer or asked us to wait (5xx, 408, 429, no answer): the first is
+/// that object's, the second ends the round.
+fn refused_by_server(e: &KubeError) -> bool {
+    matches!(e, KubeError::Status { status, .. }
+        if status.is_client_error()
+            && *status != http::StatusCode::REQUEST_TIMEOUT
+            && *status != http::StatusCode::TOO_MANY_REQUESTS)
 }
 
 /// How many, as a gauge value.
