@@ -24,8 +24,8 @@ use std::process::Command;
 
 use common::ca::CaProcess;
 use common::capture::{find_bytes, Capture};
-use common::mesh::{random_bytes, PATIENCE};
-use common::netns::{check, Link};
+use common::mesh::{metric_value, random_bytes, PATIENCE};
+use common::netns::{check, Link, Netns};
 use transparent_support::*;
 
 #[test]
@@ -234,6 +234,82 @@ fn the_sidecar_never_dials_its_own_listener() {
     assert_closed(&mut conn, "a peer's connection to B's port 15001");
     sidecar_b.assert_refused_once("a peer's connection to B's port 15001");
 
+    for sidecar in [&mut sidecar_a, &mut sidecar_b] {
+        assert!(
+            sidecar.child.try_wait().unwrap().is_none(),
+            "a sidecar exited"
+        );
+    }
+}
+
+/// A neighbour on B's link holding an allowed identity routes an address
+/// that is not B's through B (as any host on a bridge can): B's REDIRECT
+/// catches the connection, and forwarding it to its original destination
+/// would make B's sidecar dial a host of the neighbour's choosing (V, which
+/// only B can reach) from B's address. It is refused and counted; V gets
+/// nothing; B's own address still works.
+#[test]
+fn the_sidecar_never_forwards_to_an_address_not_its_own() {
+    let Some(link) = Link::create("smtf", &["iptables", "iptables-restore", "setpriv"]) else {
+        return;
+    };
+    let v = Netns::add(format!("smtfV{}", std::process::id())).unwrap();
+    check(Command::new("ip").args([
+        "link",
+        "add",
+        "veth-bv",
+        "netns",
+        link.b.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth-v",
+        "netns",
+        v.name(),
+    ]));
+    for (ns, dev, cidr) in [
+        (link.b.name(), "veth-bv", "10.204.0.2/24"),
+        (v.name(), "veth-v", "10.204.0.9/24"),
+    ] {
+        check(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]));
+        check(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
+    }
+    let behind_b = Ipv4Addr::new(10, 204, 0, 9);
+    check(Command::new("ip").args([
+        "-n",
+        link.a.name(),
+        "route",
+        "add",
+        "10.204.0.0/24",
+        "via",
+        &Link::B_IP.to_string(),
+    ]));
+    let ca = CaProcess::start(TD, &[("a-token", A_ID), ("b-token", B_ID)]);
+    let files = SidecarFiles::new(&ca);
+    check(link.a.command(&files.bin).arg("init"));
+    check(link.b.command(&files.bin).arg("init"));
+    let mut sidecar_a = NsSidecar::spawn(&link.a, &files, "a", Some("a-policy.yaml"), &[]);
+    // No --policy: inbound allows every SVID of the trust domain, A's too.
+    let mut sidecar_b = NsSidecar::spawn(&link.b, &files, "b", None, &[]);
+    sidecar_a.wait_ready();
+    sidecar_b.wait_ready();
+    let victim = listen(&v, APP_PORT);
+    victim.set_nonblocking(true).unwrap();
+
+    let mut conn = connect(&link.a, behind_b, APP_PORT);
+    let _ = conn.write_all(b"GET /internal HTTP/1.0\r\n\r\n");
+    assert_closed(&mut conn, "A's connection to an address behind B");
+    let foreign =
+        r#"stepmesh_connection_errors_total{direction="inbound",reason="foreign_original_dst"}"#;
+    assert_eq!(metric_value(&sidecar_b.get("/metrics"), foreign), 1.0);
+    assert_idle(&victim, "the host behind B");
+
+    // B's own address is still served.
+    let got = answer_once(listen(&link.b, APP_PORT), b"ok".to_vec());
+    let back = exchange(&link.a, Link::B_IP, APP_PORT, b"hello").unwrap();
+    assert_eq!(got.recv_timeout(PATIENCE).unwrap(), b"hello");
+    assert_eq!(back, b"ok");
     for sidecar in [&mut sidecar_a, &mut sidecar_b] {
         assert!(
             sidecar.child.try_wait().unwrap().is_none(),

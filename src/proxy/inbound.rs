@@ -188,7 +188,16 @@ impl Inbound {
         let (port, app): (u16, Arc<str>) = match &self.target {
             InboundTarget::App { port, app } => (*port, app.clone()),
             InboundTarget::OriginalDst => match super::transparent::original_dst(&tcp) {
-                Ok(dst) => (dst.port(), dst.to_string().into()),
+                Ok(dst) if super::transparent::is_own_address(&tcp, dst.ip()) => {
+                    (dst.port(), dst.to_string().into())
+                }
+                Ok(dst) => {
+                    shared
+                        .metrics
+                        .error(Direction::Inbound, "foreign_original_dst");
+                    tracing::warn!(%client, %dst, "inbound: refused: the original destination is not an address of this pod (a neighbour routed it here)");
+                    return;
+                }
                 Err(e) => {
                     shared.metrics.error(Direction::Inbound, "original_dst");
                     tracing::warn!(%client, error = %e, "inbound: no original destination");

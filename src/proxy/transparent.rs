@@ -3,7 +3,7 @@
 //! REDIRECT sent it to 15006 (inbound) or 15001 (outbound).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::TcpStream;
 
@@ -35,6 +35,33 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         ));
     }
     Ok(addr)
+}
+
+/// Whether `dst`, the original destination of a connection `stream`
+/// accepted on the inbound listener, is an address of this pod (network
+/// namespace). A neighbour on the pod's link can route packets for any
+/// address to the pod's interface; PREROUTING's REDIRECT catches them all,
+/// and forwarding to a foreign destination would make the sidecar dial a
+/// host of the neighbour's choosing from the pod's address.
+///
+/// REDIRECT rewrites the destination to the incoming interface's primary
+/// address, so a connection to that address is the pod's at a glance. Any
+/// other (a secondary address) is asked of the kernel: binding a socket to
+/// an address succeeds only for a local one (one socket, one `bind`, both
+/// non-blocking, only off the common path). Loopback never arrives from
+/// outside (the kernel drops it as martian) and is refused too.
+pub fn is_own_address(stream: &TcpStream, dst: IpAddr) -> bool {
+    let dst = dst.to_canonical();
+    if stream
+        .local_addr()
+        .is_ok_and(|local| local.ip().to_canonical() == dst)
+    {
+        return true;
+    }
+    !dst.is_loopback()
+        && !dst.is_unspecified()
+        && !dst.is_multicast()
+        && std::net::UdpSocket::bind((dst, 0)).is_ok()
 }
 
 /// `addr` with a v4-mapped IPv6 address (`[::ffff:10.0.0.1]:80`, how a
