@@ -240,6 +240,42 @@ async fn renewal_by_a_valid_svid_keeps_the_identity() {
     ca.wait_audit(|v| v["verifier"] == "svid" && v["outcome"] == "issued");
 }
 
+/// An SVID renewing itself gets a new key and serial, never more time: a
+/// stolen key would otherwise renew forever, each serial revoked too late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_by_an_svid_never_outlives_it() {
+    let ca = ca();
+    let client = ca.client();
+    let first = client
+        .issue(
+            &Credential::Token("tok-web".to_owned()),
+            Some(Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    let mut cred = Credential::Svid {
+        chain: first.chain.clone(),
+        key: first.key.clone_key(),
+    };
+    for round in 0..3 {
+        let next = client
+            .issue(&cred, Some(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert_ne!(next.serial, first.serial);
+        assert!(
+            next.not_after <= first.not_after,
+            "round {round}: {:?} outlives {:?}",
+            next.not_after,
+            first.not_after
+        );
+        cred = Credential::Svid {
+            chain: next.chain.clone(),
+            key: next.key.clone_key(),
+        };
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_ca_keeps_serving() {
     let ca = ca();

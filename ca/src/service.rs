@@ -116,7 +116,7 @@ impl CaService {
         req: &pb::SignJwtSvidRequest,
     ) -> Result<(Authenticated, MintedJwt), Refusal> {
         let who = self.admit(cred).await?;
-        let ttl = JwtSigner::ttl_for(req.ttl_seconds);
+        let ttl = who.cap(JwtSigner::ttl_for(req.ttl_seconds));
         let minted = self.jwt.mint(&who.id, &req.audience, ttl).map_err(|e| {
             let (status, outcome, reason) = match &e {
                 JwtSvidError::Audience(_) => (
@@ -150,6 +150,7 @@ impl CaService {
             .signer
             .ttl_for(req.ttl_seconds)
             .map_err(|e| Refusal::csr(e, &who))?;
+        let ttl = who.cap(ttl);
         let issued = self.signer.sign(&csr, &who.id, ttl).map_err(|e| Refusal {
             status: Status::internal(e.to_string()),
             outcome: "error",

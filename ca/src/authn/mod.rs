@@ -12,6 +12,7 @@ pub mod k8s_jwks;
 pub mod k8s_tokenreview;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -35,6 +36,20 @@ pub struct Authenticated {
     pub id: SpiffeId,
     /// Which verifier proved it (`join-token`, `k8s-jwks`, `k8s-tokenreview`, `svid`).
     pub verifier: &'static str,
+    /// When what it proves must end: an SVID renewing itself (else a
+    /// stolen key would renew forever, one new serial after another, and
+    /// revoking a serial would not end it).
+    pub expires: Option<SystemTime>,
+}
+
+impl Authenticated {
+    /// `ttl`, cut to end no later than the credential ([`Self::expires`]).
+    pub fn cap(&self, ttl: Duration) -> Duration {
+        match self.expires {
+            Some(end) => ttl.min(end.duration_since(SystemTime::now()).unwrap_or_default()),
+            None => ttl,
+        }
+    }
 }
 
 /// Why a credential proves nothing.
@@ -142,6 +157,7 @@ impl Authenticator {
                     .map(|v| Authenticated {
                         id: v.id,
                         verifier: "svid",
+                        expires: Some(v.not_after),
                     })
                     .map_err(|e| AuthnError::rejected("svid", e.reason(), e.to_string()))
             }
@@ -155,6 +171,7 @@ impl Authenticator {
                 return Ok(Authenticated {
                     id,
                     verifier: join_token::NAME,
+                    expires: None,
                 });
             }
         }
@@ -170,6 +187,7 @@ impl Authenticator {
                     return jwks.verify(token).await.map(|id| Authenticated {
                         id,
                         verifier: k8s_jwks::NAME,
+                        expires: None,
                     });
                 }
             }
@@ -177,6 +195,7 @@ impl Authenticator {
                 return review.verify(token).await.map(|id| Authenticated {
                     id,
                     verifier: k8s_tokenreview::NAME,
+                    expires: None,
                 });
             }
         }
