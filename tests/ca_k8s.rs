@@ -16,6 +16,7 @@ use aws_lc_rs::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use base64::Engine;
 use bytes::Bytes;
 use common::ca::CaProcess;
+use common::envtest::Envtest;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use stepmesh_ca::client::{make_csr, Credential};
@@ -370,8 +371,15 @@ async fn api_answer(
     }
     let spec = review["spec"].clone();
     let audiences = spec["audiences"].clone();
-    let status = match spec["token"].as_str().unwrap_or("") {
-        "good.sa.token" => json!({
+    // The stand-in's answer is chosen by the token's last part.
+    let status = match spec["token"]
+        .as_str()
+        .unwrap_or("")
+        .rsplit('.')
+        .next()
+        .unwrap_or("")
+    {
+        "good" => json!({
             "authenticated": true,
             "user": {
                 "username": "system:serviceaccount:payments:api",
@@ -381,15 +389,15 @@ async fn api_answer(
             },
             "audiences": audiences,
         }),
-        "wrong.aud.token" => json!({
+        "wrong-aud" => json!({
             "user": {},
             "error": "[invalid bearer token, token audiences [\"other\"] is invalid for the target audiences [\"stepmesh-ca\"], unknown]"
         }),
-        "unaware.server.token" => json!({
+        "unaware-server" => json!({
             "authenticated": true,
             "user": {"username": "system:serviceaccount:payments:api", "groups": ["system:authenticated"]}
         }),
-        "a.user.token" => json!({
+        "a-user" => json!({
             "authenticated": true,
             "user": {"username": "jane@example.com", "groups": ["system:authenticated"]},
             "audiences": audiences,
@@ -410,11 +418,32 @@ async fn api_answer(
     )
 }
 
+/// A token shaped as a projected ServiceAccount token for the CA's
+/// audience, its last part naming the stand-in's answer (`good`, ...).
+fn review_token(answer: &str) -> String {
+    let claims = json!({"aud": ["stepmesh-ca"], "exp": now() + 600, "iat": now(),
+                        "sub": "system:serviceaccount:payments:api"});
+    shaped(&json!({"alg": "RS256", "kid": "k"}), &claims, answer)
+}
+
+fn shaped(header: &Value, claims: &Value, signature: &str) -> String {
+    format!(
+        "{}.{}.{signature}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    )
+}
+
 fn tokenreview_ca(url: &str, dir: &Path, ca_pem: &str) -> CaProcess {
+    tokenreview_ca_as(url, dir, ca_pem, OWN_TOKEN)
+}
+
+/// A CA verifying tokens by TokenReview at `url`, asking with `own_token`.
+fn tokenreview_ca_as(url: &str, dir: &Path, ca_pem: &str, own_token: &str) -> CaProcess {
     let ca_file = dir.join("api-ca.pem");
     let token_file = dir.join("token");
     std::fs::write(&ca_file, ca_pem).unwrap();
-    std::fs::write(&token_file, format!("{OWN_TOKEN}\n")).unwrap();
+    std::fs::write(&token_file, format!("{own_token}\n")).unwrap();
     let args = [
         "--k8s-tokenreview",
         url,
@@ -438,7 +467,7 @@ async fn tokenreview_verifier_speaks_the_real_api() {
 
     let svid = ca
         .client()
-        .issue(&Credential::Token("good.sa.token".into()), None)
+        .issue(&Credential::Token(review_token("good")), None)
         .await
         .unwrap();
     assert_eq!(svid.id.as_str(), "spiffe://td.test/ns/payments/sa/api");
@@ -454,16 +483,64 @@ async fn tokenreview_verifier_speaks_the_real_api() {
 
     let mut grpc = ca.client().grpc();
     for (token, reason) in [
-        ("wrong.aud.token", "wrong_audience"),
-        ("unaware.server.token", "wrong_audience"),
-        ("a.user.token", "not_a_service_account"),
-        ("forged.jwt.token", "not_authenticated"),
+        ("wrong-aud", "wrong_audience"),
+        ("unaware-server", "wrong_audience"),
+        ("a-user", "not_a_service_account"),
+        ("forged", "not_authenticated"),
     ] {
-        let err = grpc.sign(sign_req(token)).await.unwrap_err();
+        let err = grpc.sign(sign_req(&review_token(token))).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token}: {err:?}");
         let line = ca.wait_audit(|v| v["reason"] == reason);
         assert_eq!(line["verifier"], "k8s-tokenreview");
     }
+    // Tokens a review would refuse cost none: the API server never sees them.
+    let reviews = api.requests.lock().unwrap().len();
+    let claims = |aud: &str, exp: i64| json!({"aud": [aud], "exp": exp, "sub": "system:serviceaccount:payments:api"});
+    let rs256 = json!({"alg": "RS256"});
+    for (token, reason) in [
+        ("a.b.c".to_owned(), "malformed"),
+        (
+            shaped(&rs256, &claims("stepmesh-ca", now() - 120), "good"),
+            "expired",
+        ),
+        (
+            shaped(
+                &rs256,
+                &claims("https://kubernetes.default.svc", now() + 600),
+                "good",
+            ),
+            "wrong_audience",
+        ),
+        (
+            shaped(
+                &json!({"alg": "none"}),
+                &claims("stepmesh-ca", now() + 600),
+                "good",
+            ),
+            "alg_not_allowed",
+        ),
+        (
+            shaped(
+                &json!({"alg": "HS256"}),
+                &claims("stepmesh-ca", now() + 600),
+                "good",
+            ),
+            "alg_not_allowed",
+        ),
+    ] {
+        let err = grpc.sign(sign_req(&token)).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::Unauthenticated,
+            "{reason}: {err:?}"
+        );
+        assert!(err.message().contains("before review"), "{}", err.message());
+    }
+    assert_eq!(
+        api.requests.lock().unwrap().len(),
+        reviews,
+        "garbage was reviewed"
+    );
     assert_eq!(
         ca.audit()
             .iter()
@@ -487,7 +564,7 @@ async fn tokenreview_server_down_is_a_clear_unavailable_error() {
     let err = ca
         .client()
         .grpc()
-        .sign(sign_req("good.sa.token"))
+        .sign(sign_req(&review_token("good")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -529,4 +606,92 @@ async fn jwks_from_the_issuer_url() {
         .await
         .unwrap();
     assert_eq!(svid.id.as_str(), "spiffe://td.test/ns/default/sa/default");
+}
+
+/// The TokenReview verifier against a real kube-apiserver (envtest), as the
+/// CA's ServiceAccount with exactly deploy/ca/rbac.yaml: a projected token
+/// for the CA's audience becomes its ServiceAccount's SVID; a forged one is
+/// refused by the API server; tokens a review would refuse (garbage,
+/// expired, a real token for the API server's own audience) are refused
+/// without one, counted in the API server's audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenreview_against_the_real_api_server_reviews_only_plausible_tokens() {
+    let Some(k8s) = Envtest::shared() else { return };
+    k8s.create_namespace("stepmesh-system");
+    k8s.create_namespace("ca-review");
+    let rbac =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ca/rbac.yaml"))
+            .unwrap();
+    k8s.apply(&rbac);
+    let own = k8s.service_account_token("stepmesh-system", "stepmesh-ca", "");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tokenreview_ca_as(&k8s.url, dir.path(), &k8s.ca_pem, &own);
+    let reviews = || {
+        k8s.audit()
+            .events()
+            .iter()
+            .filter(|e| {
+                e.request_uri
+                    .starts_with("/apis/authentication.k8s.io/v1/tokenreviews")
+                    && e.user.username == "system:serviceaccount:stepmesh-system:stepmesh-ca"
+                    && e.stage == "ResponseComplete"
+            })
+            .count()
+    };
+    let web = k8s.service_account_token("ca-review", "web", "stepmesh-ca");
+    let svid = ca
+        .client()
+        .issue(&Credential::Token(web.clone()), None)
+        .await
+        .unwrap();
+    assert_eq!(svid.id.as_str(), "spiffe://td.test/ns/ca-review/sa/web");
+
+    let mut grpc = ca.client().grpc();
+    // Forged: the right shape and claims, no valid signature.
+    let (head, rest) = web.split_once('.').unwrap();
+    let (body, _) = rest.split_once('.').unwrap();
+    let forged = format!("{head}.{body}.{}", b64(b"not the signature"));
+    let err = grpc.sign(sign_req(&forged)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    ca.wait_audit(|v| v["reason"] == "not_authenticated");
+
+    let for_the_api_server = k8s.service_account_token("ca-review", "web", "");
+    let expired = {
+        let mut claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["exp"] = json!(now() - 3600);
+        format!(
+            "{head}.{}.{}",
+            b64(claims.to_string().as_bytes()),
+            b64(b"x")
+        )
+    };
+    for (token, reason) in [
+        ("a.b.c".to_owned(), "malformed"),
+        (expired, "expired"),
+        (for_the_api_server, "wrong_audience"),
+    ] {
+        let err = grpc.sign(sign_req(&token)).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::Unauthenticated,
+            "{reason}: {err:?}"
+        );
+        assert!(
+            err.message().contains("before review"),
+            "{reason}: {}",
+            err.message()
+        );
+        ca.wait_audit(|v| v["reason"] == reason);
+    }
+    let start = std::time::Instant::now();
+    while reviews() < 2 && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(reviews(), 2, "the good and the forged token, nothing else");
 }

@@ -10,4 +10,6 @@ pub mod verify;
 
 pub use cache::KeyCache;
 pub use keys::{alg_name, JwksError, KeySet, Lookup};
-pub use verify::{peek, verify, Peeked, Rules, TokenError, VerifiedToken, MAX_TOKEN};
+pub use verify::{
+    check_unsigned, peek, verify, Peeked, Rules, TokenError, VerifiedToken, MAX_TOKEN,
+};
