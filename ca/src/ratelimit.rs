@@ -68,7 +68,8 @@ impl RateLimiter {
             Ok(())
         } else {
             let wait = (1.0 - bucket.tokens) / self.limit.per_second;
-            Err(Duration::from_secs_f64(wait))
+            // A rate so small that the wait overflows a Duration: forever.
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
 }
@@ -93,6 +94,17 @@ mod tests {
         let wait = rl.check(&a).unwrap_err();
         assert!(wait > Duration::from_secs(100), "{wait:?}");
         assert!(rl.check(&b).is_ok(), "another identity has its own bucket");
+    }
+
+    #[test]
+    fn a_tiny_rate_waits_forever_without_panicking() {
+        let rl = RateLimiter::new(RateLimit {
+            per_second: 1e-30,
+            burst: 1,
+        });
+        let a = SpiffeId::parse("spiffe://td/a").unwrap();
+        assert!(rl.check(&a).is_ok());
+        assert_eq!(rl.check(&a), Err(Duration::MAX));
     }
 
     #[test]

@@ -198,13 +198,11 @@ pub fn mutate(
         .or_else(|| spec.get("serviceAccount"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    // A label value is at most 63 characters; a longer name gets no label and
-    // so matches no NetworkPolicy allow (deny, the safe side).
-    let labels: Vec<(&str, Value)> = if sa.len() <= 63 {
-        vec![(ann::SERVICE_ACCOUNT_LABEL, json!(sa))]
-    } else {
-        Vec::new()
-    };
+    // A label value is at most 63 characters; a longer name gets the empty
+    // value, which no NetworkPolicy allow selects (deny, the safe side),
+    // over whatever value the pod brought (it must not choose its own).
+    let label = if sa.len() <= 63 { sa } else { "" };
+    let labels = vec![(ann::SERVICE_ACCOUNT_LABEL, json!(label))];
     if metadata.is_none() {
         ops.push(PatchOp::add("/metadata", json!({})));
     }

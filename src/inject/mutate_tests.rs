@@ -251,6 +251,23 @@ fn skips_and_idempotence() {
 }
 
 #[test]
+fn a_pod_never_keeps_a_service_account_label_of_its_choosing() {
+    let long = "s".repeat(64);
+    for (sa, want) in [("web", "web"), (long.as_str(), "")] {
+        let pod = json!({
+            "metadata": {"labels": {"stepmesh.io/service-account": "payments", "app": "x"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "a", "image": "x"}]}
+        });
+        let out = apply(&pod, &InjectorConfig::default());
+        assert_eq!(
+            out["metadata"]["labels"]["stepmesh.io/service-account"], want,
+            "{sa}"
+        );
+        assert_eq!(out["metadata"]["labels"]["app"], "x");
+    }
+}
+
+#[test]
 fn no_metadata_and_bad_input() {
     let out = apply(
         &json!({"spec": {"containers": [{"name": "a", "image": "x"}]}}),
