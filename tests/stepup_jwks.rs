@@ -1,5 +1,6 @@
 //! JWKS over HTTPS from a separate process: a flood of made-up kids stays
-//! within the refetch rate; a rotated key is accepted after one refetch; a
+//! within the refetch rate; a rotated key is accepted after one refetch,
+//! and a token cached under the key it replaced is refused; a
 //! 500, an empty set and garbage never replace the last good keys.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
@@ -55,7 +56,8 @@ async fn made_up_kids_are_rate_limited_and_a_rotated_key_needs_one_refetch() {
     let provider = stepup.provider(&cfg).await;
     assert_eq!(provider.key_count(), 2);
     assert_eq!(server.hits(), 1, "one fetch at start");
-    assert!(provider.verify(&token(&idp), now()).await.is_ok());
+    let old = token(&idp);
+    assert!(provider.verify(&old, now()).await.is_ok());
 
     // Flood: 64 concurrent streams of tokens with made-up kids for ~3 s.
     let started = Instant::now();
@@ -111,6 +113,11 @@ async fn made_up_kids_are_rate_limited_and_a_rotated_key_needs_one_refetch() {
     // The next token with the new kid needs no fetch at all.
     provider.verify(&token(&rotated), now()).await.unwrap();
     assert_eq!(server.hits() - before, 1);
+    // A token verified (and cached) under the old key is not valid now.
+    assert_eq!(
+        provider.verify(&old, now()).await.unwrap_err(),
+        TokenError::UnknownKid
+    );
     let m = metrics(&reg);
     assert!(m.contains(r#"stepmesh_stepup_jwks_fetches_total{provider="idp",trigger="unknown_kid",result="ok"}"#), "{m}");
 }

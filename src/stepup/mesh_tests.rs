@@ -102,11 +102,14 @@ async fn keys_follow_the_mesh_key_set_and_sub_must_be_a_named_workload() {
     assert_eq!(d.reason, "wrong_subject");
 
     // The CA's key rotates: the new key's tokens are accepted at once, the
-    // old key's (no longer published) are not.
+    // old key's (no longer published) are not, a token verified (and
+    // cached) before the rotation included.
+    assert_eq!(ask(&policy, &sidecar, &good).await.reason, "step_up_ok");
     let next = signer();
     held.store(Some(Arc::new(next.jwks_json().to_owned())));
     let d = ask(&policy, &sidecar, &token(&next, JOB)).await;
     assert_eq!(d.reason, "step_up_ok");
+    assert_eq!(ask(&policy, &sidecar, &good).await.reason, "unknown_kid");
     let d = ask(
         &policy,
         &sidecar,

@@ -102,11 +102,19 @@ impl Provider {
         self.keys.current().len()
     }
 
-    /// Verifies `token` (cached until `exp`); an unknown `kid` triggers one
-    /// refetch, at most once per `minRefreshInterval` across all requests.
+    /// Verifies `token` (cached until `exp`, while the keys that verified
+    /// it are the provider's); an unknown `kid` triggers one refetch, at
+    /// most once per `minRefreshInterval` across all requests.
     pub async fn verify(&self, token: &str, now: u64) -> Result<Arc<VerifiedToken>, TokenError> {
         let leeway = self.config.token.leeway.as_secs();
-        if let Some(hit) = self.cache.get(token, now, leeway) {
+        if self.mesh_changed() {
+            // Boxed, as the refetch below: rare, and the fetch future is
+            // large (it would size every request's future). A bad set is
+            // logged and counted; the last good keys stay.
+            Box::pin(self.keys.fetch(self.fetch("mesh_update"))).await;
+        }
+        let keys = self.keys.current();
+        if let Some(hit) = self.cache.get(token, &keys, now, leeway) {
             self.metrics
                 .cache
                 .get_or_create(&CacheLabel { result: "hit" })
@@ -118,30 +126,21 @@ impl Provider {
             .get_or_create(&CacheLabel { result: "miss" })
             .inc();
         let peeked = verify::peek(token, &self.config.token)?;
-        if self.mesh_changed() {
-            // Boxed, as the refetch below: rare, and the fetch future is
-            // large (it would size every request's future). A bad set is
-            // logged and counted; the last good keys stay.
-            Box::pin(self.keys.fetch(self.fetch("mesh_update"))).await;
-        }
-        let keys = self.keys.current();
-        let verified = match verify::verify(token, &peeked, &self.config.token, &keys, now) {
+        let (verified, keys) = match verify::verify(token, &peeked, &self.config.token, &keys, now)
+        {
             // Boxed, as `StepUp::provider`'s start: the fetch is rare and large.
             Err(TokenError::UnknownKid | TokenError::NoKeys)
                 if Box::pin(self.keys.refetch(&keys, || self.fetch("unknown_kid"))).await =>
             {
-                verify::verify(
-                    token,
-                    &peeked,
-                    &self.config.token,
-                    &self.keys.current(),
-                    now,
-                )?
+                let keys = self.keys.current();
+                let verified = verify::verify(token, &peeked, &self.config.token, &keys, now)?;
+                (verified, keys)
             }
-            other => other?,
+            other => (other?, keys),
         };
         let verified = Arc::new(verified);
-        self.cache.insert(token, verified.clone(), now, leeway);
+        self.cache
+            .insert(token, verified.clone(), &keys, now, leeway);
         Ok(verified)
     }
 
