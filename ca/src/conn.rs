@@ -2,9 +2,11 @@
 //! client cannot stall the accept loop) and each connection carries its
 //! peer address and client certificate chain into request extensions.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,13 +25,57 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections (handshaking or open) beyond this are closed at once, so a
 /// flood cannot exhaust memory or file descriptors.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections from one source address beyond this are closed at once, so
+/// one pod cannot take every slot above (a sidecar holds one or two; a
+/// node whose pods are masqueraded to its address, about 110 pods, fits).
+pub const MAX_PER_SOURCE: usize = 256;
 
 /// One accepted, handshaken connection.
 pub struct CaConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
-    // Released when tonic drops the connection.
+    // Both released when tonic drops the connection.
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
+/// Open connections per source address (taken on the accept loop, given
+/// back on close: never on the data path).
+type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's place in its source's count.
+struct SourceSlot {
+    sources: Sources,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    /// A place for a connection from `ip`, or `None` when it has
+    /// [`MAX_PER_SOURCE`] open.
+    fn take(sources: &Sources, ip: IpAddr) -> Option<SourceSlot> {
+        let mut open = sources.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: sources.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Connected for CaConn {
@@ -88,6 +134,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<CaConn>> {
     let (tx, rx) = mpsc::channel(128);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = Sources::default();
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -101,6 +148,10 @@ pub fn incoming(
                         continue;
                     }
                 },
+            };
+            let Some(source) = SourceSlot::take(&sources, remote.ip().to_canonical()) else {
+                tracing::warn!(%remote, "CA connection limit per source ({MAX_PER_SOURCE}) reached; closing");
+                continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%remote, "CA connection limit ({MAX_CONNECTIONS}) reached; closing");
@@ -123,6 +174,7 @@ pub fn incoming(
                             stream,
                             info,
                             _permit: permit,
+                            _source: source,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }

@@ -9,6 +9,8 @@ pub mod admin;
 pub mod authn;
 pub mod client;
 mod conn;
+/// The gRPC port's connection caps (documented in docs/CA.md; tests hold them).
+pub use conn::{MAX_CONNECTIONS, MAX_PER_SOURCE};
 pub mod https;
 pub mod jwt;
 pub mod jwtsvid;
