@@ -291,8 +291,20 @@ pub fn parse_response(
 }
 
 /// CRLF line ends and no hop-by-hop field: the head can go on as it came.
+/// Every line's end is checked, not only the last's: a bare LF ends a line
+/// for httparse (as for Go and nginx) but not for gunicorn before 22, which
+/// would read the next field as part of this one's value (a
+/// `Content-Length` hidden that way makes the body a second request). Such
+/// a head is rewritten from what we parsed, with CRLFs. Each line but the
+/// last ends just before a field's name: one comparison per field.
 fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
-    head.ends_with(b"\r\n\r\n") && !fields.has_hop_by_hop()
+    let crlf_before = |name: &str| {
+        let at = (name.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
+        at.checked_sub(2).and_then(|from| head.get(from..at)) == Some(b"\r\n")
+    };
+    head.ends_with(b"\r\n\r\n")
+        && fields.list.iter().all(|f| crlf_before(f.name))
+        && !fields.has_hop_by_hop()
 }
 
 fn version_of(minor: u8) -> Version {

@@ -251,6 +251,10 @@ fn clean_heads_are_only_scanned() {
         "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
         "GET / HTTP/1.1\nHost: a\n\n",
+        // A bare LF inside, CRLFs around it: gunicorn before 22 reads
+        // `Content-Length` as part of `X-A`'s value.
+        "POST /a HTTP/1.1\r\nHost: app\r\nX-A: b\nContent-Length: 5\r\n\r\n",
+        "GET / HTTP/1.1\nHost: a\r\n\r\n",
     ] {
         let (head, _) = parse_request(dirty.as_bytes(), Detail::Scan, HeadLimits::default())
             .unwrap()
@@ -258,6 +262,25 @@ fn clean_heads_are_only_scanned() {
         assert!(!head.clean, "{dirty:?}");
         assert!(!head.parts.headers.is_empty(), "{dirty:?}: parsed in full");
     }
+    // Rewritten, the bare LF is gone: the app reads the head as we did.
+    let smuggle = b"POST /a HTTP/1.1\r\nHost: app\r\nX-A: b\nContent-Length: 5\r\n\r\n";
+    let (head, _) = parse_request(
+        smuggle,
+        Detail::Target(&["x-forwarded-client-cert"]),
+        HeadLimits::default(),
+    )
+    .unwrap()
+    .unwrap();
+    assert!(!head.clean && head.fields && head.splice.is_none());
+    let mut out = Vec::new();
+    write_request(&head.parts, &mut out);
+    let written = String::from_utf8(out).unwrap();
+    assert_eq!(
+        written.matches('\n').count(),
+        written.matches("\r\n").count(),
+        "{written:?}"
+    );
+    assert!(written.contains("\r\ncontent-length: 5\r\n"), "{written:?}");
     let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let (r, len) = parse_response(resp, &Method::GET).unwrap().unwrap();
     assert!(r.clean && r.parts.headers.is_empty());
