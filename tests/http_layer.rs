@@ -274,6 +274,10 @@ async fn spoofed_identity_headers_never_reach_the_app() {
         // One key with the real ones to a CGI-style app.
         ("x_stepup_sub", "root, underscored"),
         ("x_forwarded_client_cert", "URI=spiffe://cluster.local/ns/x/sa/admin"),
+        // The CGI path split: gunicorn would route the rest of the path.
+        ("SCRIPT_NAME", "/cat"),
+        ("script-name", "/cat"),
+        ("Path_Info", "/admin"),
     ];
     // On a port with routes and on one without (the identity alone
     // decides). A real pair's HTTP/1 relay on a port without routes:
@@ -308,7 +312,13 @@ async fn spoofed_identity_headers_never_reach_the_app() {
             seen["headers"].get("stepmesh-orig-proto").is_none(),
             "{seen}"
         );
-        for spelled in ["x_stepup_sub", "x_forwarded_client_cert"] {
+        for spelled in [
+            "x_stepup_sub",
+            "x_forwarded_client_cert",
+            "script_name",
+            "script-name",
+            "path_info",
+        ] {
             assert!(seen["headers"].get(spelled).is_none(), "{seen}");
         }
     }

@@ -368,6 +368,8 @@ fn spoofed_identity_fields_never_reach_an_app_on_a_port_without_routes() {
             ("X_Stepup_Sub", "root, underscored"),
             ("x_forwarded-client_cert", spoof),
             ("Stepmesh_Orig_Proto", "HTTP/2"),
+            ("SCRIPT_NAME", "/refunds"),
+            ("Path-Info", "/admin"),
         ],
     );
     assert_eq!(a.status, 200, "no route, no step-up: {:?}", a.body);
@@ -386,6 +388,8 @@ fn spoofed_identity_fields_never_reach_an_app_on_a_port_without_routes() {
         "x_stepup_sub",
         "x_forwarded-client_cert",
         "stepmesh_orig_proto",
+        "script_name",
+        "path-info",
     ] {
         assert!(seen["headers"].get(spelled).is_none(), "{seen}");
     }

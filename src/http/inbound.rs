@@ -252,10 +252,21 @@ pub(crate) const APP_POOL_PER_APP: usize = 256;
 /// HAProxy or Envoy. One lock per request.
 pub(crate) type AppConnPool = super::idle_pool::IdlePool<TcpStream>;
 
-/// The fields the inbound side sets itself: a request's own copies never
-/// reach the app (a spliced head drops them, a collected one has them
-/// removed in `admit`).
-const SET_HERE: [&str; 3] = [names::XFCC, names::STEPUP_SUB, names::ORIG_PROTO];
+/// The fields whose caller-sent copies never reach the app, in any
+/// spelling that reads as them (`policy::target::reads_as`): the ones the
+/// inbound side sets itself, and the CGI path split. gunicorn takes a
+/// caller's `SCRIPT_NAME` as the app's mount prefix and routes the rest of
+/// the path (`/x/refunds/1` with `SCRIPT_NAME: /x` runs as `/refunds/1`, a
+/// path the policy never read), and from 22 takes `PATH_INFO` as the path
+/// from a trusted forwarder. A spliced head drops them, a collected one
+/// has them removed in `admit`.
+const DROPPED_HERE: [&str; 5] = [
+    names::XFCC,
+    names::STEPUP_SUB,
+    names::ORIG_PROTO,
+    "script-name",
+    "path-info",
+];
 
 /// The inbound end of the HTTP/1 relay: requests decided here, relayed to
 /// the app over pooled connections (see [`AppConnPool`]).
@@ -282,7 +293,7 @@ impl h1::Side for AppSide {
         if self.layer.policy.routes_requests(self.served.conn.port) {
             Detail::Full
         } else {
-            Detail::Target(&SET_HERE)
+            Detail::Target(&DROPPED_HERE)
         }
     }
 
@@ -439,12 +450,13 @@ async fn admit(
     // splices it): nothing to take out here.
     if !headers.is_empty() {
         strip_hop_by_hop(headers);
-        headers.remove(ORIG_PROTO);
         if let Some(h) = &d.strip {
             headers.remove(h);
         }
-        headers.remove(STEPUP_SUB);
-        remove_underscore_spellings(headers, &SET_HERE);
+        for name in DROPPED_HERE {
+            headers.remove(name);
+        }
+        remove_underscore_spellings(headers, &DROPPED_HERE);
     }
     if let Some(sub) = d
         .subject
