@@ -84,7 +84,7 @@ impl Policy {
         };
         let path = target::request_path(method, uri, headers)?;
         let readings = Readings::of(path, p.path_match)?;
-        route_in(p, &target::method_readings(method, headers), &readings)
+        route_in(p, &target::method_readings(method, uri, headers), &readings)
     }
 
     /// The route the readings of a path agree on: a reading that matches a

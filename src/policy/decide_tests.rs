@@ -344,6 +344,47 @@ fn a_method_override_field_is_read_as_an_app_may_read_it() {
             "{value:?}"
         );
     }
+    // Padded as Node and WSGI decode it (0xA0: NBSP, which their trim
+    // takes away): still the DELETE.
+    for padded in [&b"\xa0DELETE"[..], b"DELETE\x85", b"\xa0 DELETE\t"] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-http-method-override",
+            http::HeaderValue::from_bytes(padded).unwrap(),
+        );
+        let uri = http::Uri::from_static("/refunds/1");
+        let route = p.route_request(80, &post, &uri, &headers).unwrap();
+        assert_eq!(
+            route.map(|r| r.name.to_string()).as_deref(),
+            Some("refund"),
+            "{padded:?}"
+        );
+    }
+    // `_method` in the query (Express's methodOverride('_method'),
+    // gorilla/handlers), however it is escaped; other keys are not it.
+    for target in [
+        "/refunds/1?_method=DELETE",
+        "/refunds/1?a=1&_method=delete",
+        "/refunds/1?_m%65thod=DEL%45TE",
+        "/refunds/1?_method=+DELETE+",
+    ] {
+        assert_eq!(
+            routed(post.clone(), target, &[]),
+            Ok(Some("refund".to_owned())),
+            "{target}"
+        );
+    }
+    for target in [
+        "/refunds/1?method=DELETE",
+        "/refunds/1?_method",
+        "/refunds/1?x=_method=DELETE",
+    ] {
+        assert_eq!(routed(post.clone(), target, &[]), Ok(None), "{target}");
+    }
+    assert_eq!(
+        routed(get.clone(), "/orders/1?_method=DELETE", &[]),
+        Err("method_override_ambiguous")
+    );
 }
 
 #[test]

@@ -191,31 +191,94 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
 ];
 
 /// Every method an app may read a request as: its own first, then each one
-/// a method-override field names (each comma-separated element of each
-/// copy: frameworks take the first or the last), the field spelled with
-/// `-` or `_` ([`reads_as`]). An element that is not a method token is no
-/// method to any app, and skipped. No allocation unless such a field came.
-pub fn method_readings<'m>(method: &'m Method, headers: &HeaderMap) -> Cow<'m, [Method]> {
+/// a method override names. Overrides are fields (each name spelled with
+/// `-` or `_`: [`reads_as`]) and `_method` query parameters (Express's
+/// `methodOverride('_method')` and gorilla/handlers read the query), each
+/// comma-separated element of each, trimmed as the app's own trim would:
+/// ASCII whitespace, and the Latin-1 NBSP and NEL that Node and WSGI decode
+/// header bytes 0xA0 and 0x85 into (JavaScript's and Python's trim take
+/// them). An element that is then no method token is no method to any app,
+/// and skipped. No allocation unless an override came.
+pub fn method_readings<'m>(
+    method: &'m Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Cow<'m, [Method]> {
     let is_override = |name: &HeaderName| {
         METHOD_OVERRIDES
             .iter()
             .any(|o| reads_as(name.as_str().as_bytes(), o))
     };
-    if !headers.keys().any(is_override) {
+    let query = uri.query().unwrap_or("");
+    let params = || {
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .filter(|(key, _)| *query_decode(key) == *b"_method")
+            .map(|(_, value)| query_decode(value))
+    };
+    let fields = headers.keys().any(is_override);
+    if !fields && params().next().is_none() {
         return Cow::Borrowed(std::slice::from_ref(method));
     }
     let mut methods = vec![method.clone()];
     let named = headers
         .iter()
         .filter(|(name, _)| is_override(name))
-        .flat_map(|(_, v)| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|m| Method::from_bytes(m.trim_ascii()).ok());
-    for m in named {
+        .map(|(_, v)| Cow::Borrowed(v.as_bytes()))
+        .chain(params())
+        .collect::<Vec<_>>();
+    let elements = named
+        .iter()
+        .flat_map(|v| v.split(|&b| b == b','))
+        .filter_map(|m| Method::from_bytes(trim_as_apps_do(m)).ok());
+    for m in elements {
         if !methods.contains(&m) {
             methods.push(m);
         }
     }
     Cow::Owned(methods)
+}
+
+/// `bytes` without the leading and trailing bytes an app's trim removes
+/// from a header value it decoded as Latin-1: ASCII whitespace, 0x85 (NEL)
+/// and 0xA0 (NBSP).
+fn trim_as_apps_do(bytes: &[u8]) -> &[u8] {
+    let blank = |b: &u8| b.is_ascii_whitespace() || *b == 0x0b || *b == 0x85 || *b == 0xa0;
+    let start = bytes.iter().position(|b| !blank(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !blank(b))
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+/// A query key or value as Node's `querystring` and Go's `ParseQuery` read
+/// it: `+` is a space, `%XX` a byte (a malformed escape stays as it is).
+fn query_decode(part: &str) -> Cow<'_, [u8]> {
+    let bytes = part.as_bytes();
+    if !bytes.iter().any(|&b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex_pair(bytes.get(i + 1..i + 3))) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Whether a field named `name` reads as `ours` to an app: ASCII case
