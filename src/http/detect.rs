@@ -56,16 +56,15 @@ pub fn classify(bytes: &[u8]) -> Detected {
             Detected::NeedMore
         };
     }
-    // METHOD SP target SP HTTP/1.x: a token of upper-case letters, a space.
-    let method_len = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    // METHOD SP target SP HTTP/1.x. The method is any token, in any case
+    // and of any length, as Go's server reads it (`get`, a made-up verb):
+    // what an app would serve as HTTP must not pass as opaque bytes, with
+    // the caller's identity fields in it.
+    let method_len = bytes.iter().take_while(|b| is_tchar(**b)).count();
     if method_len == bytes.len() {
-        return if method_len <= 16 {
-            Detected::NeedMore
-        } else {
-            Detected::Opaque
-        };
+        return still_http(bytes);
     }
-    if method_len == 0 || method_len > 16 || bytes[method_len] != b' ' {
+    if method_len == 0 || bytes[method_len] != b' ' {
         return Detected::Opaque;
     }
     // Look for " HTTP/1." before the end of the first line.
@@ -76,9 +75,26 @@ pub fn classify(bytes: &[u8]) -> Detected {
     }
     match line_end {
         Some(_) => Detected::Opaque,
-        None if bytes.len() < MAX_SNIFF => Detected::NeedMore,
-        None => Detected::Opaque,
+        None => still_http(bytes),
     }
+}
+
+/// A first line that may still be a request line when no more bytes come:
+/// more are needed, or, past what detection looks at, it is taken as
+/// HTTP/1 (Go reads a request line of up to 1 MiB, Node of 16 KiB), so the
+/// relay refuses it (431) instead of letting it through unread. A protocol
+/// whose first 8 KiB are one such line belongs on a `tcp` port.
+fn still_http(bytes: &[u8]) -> Detected {
+    if bytes.len() < MAX_SNIFF {
+        Detected::NeedMore
+    } else {
+        Detected::Http1
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`: what a method (a token) is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Reads from `io` until the bytes classify (or EOF, or 8 KiB), returning
@@ -104,7 +120,8 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<(Detected, By
 /// Peeks (without consuming) at a plaintext socket's first bytes until they
 /// classify, EOF, or `wait` passes; a silent client (a server-speaks-first
 /// protocol) is `Opaque` after `wait`. Up to 8 KiB are examined: an HTTP/1
-/// request line must show ` HTTP/1.` within them.
+/// request line shows ` HTTP/1.` within them, or is still a method and a
+/// target at their end (then taken as HTTP/1: see `classify`).
 pub async fn peek(tcp: &tokio::net::TcpStream, wait: std::time::Duration) -> Detected {
     // On the heap, and only during detection: the connection's task keeps
     // no buffer. Not zeroed: the kernel writes what is peeked, and only
@@ -223,7 +240,20 @@ mod tests {
             "a TLS ClientHello"
         );
         assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Detected::Opaque);
-        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Detected::Opaque);
+        // Any token is a method to Go: lower case, made up, long.
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Detected::Http1);
+        assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Detected::Http1);
+        let long_method = [&[b'A'; 40][..], b" / HTTP/1.1\r\n"].concat();
+        assert_eq!(classify(&long_method), Detected::Http1);
+        // A request line longer than detection looks at is HTTP to the
+        // relay, which refuses it; as long a run of token bytes too.
+        let long_line = [&b"GET /"[..], &[b'a'; MAX_SNIFF]].concat();
+        assert_eq!(classify(&long_line), Detected::Http1);
+        assert_eq!(classify(&[b'A'; MAX_SNIFF]), Detected::Http1);
+        assert_eq!(classify(&[b'A'; 100]), Detected::NeedMore);
+        // Not a request line: no space after the token, or no HTTP/1.
+        assert_eq!(classify(b"HELO mail.example.com\r\n"), Detected::Opaque);
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Detected::Opaque);
         assert_eq!(classify(b"GET / FOO\r\n"), Detected::Opaque);
         assert_eq!(
             classify(b"PRX"),
@@ -287,13 +317,14 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
         client.write_all(b" HTTP/1.1\r\n\r\n").await.unwrap();
         assert_eq!(detected.await.unwrap(), Detected::Http1);
-        // A first line longer than detection looks: opaque at 8 KiB.
+        // A first line longer than detection looks: HTTP at 8 KiB (for the
+        // relay to refuse), not bytes passed on unread.
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let mut long = b"GET /".to_vec();
         long.extend(std::iter::repeat_n(b'a', MAX_SNIFF));
         client.write_all(&long).await.unwrap();
-        assert_eq!(peek(&server, wait).await, Detected::Opaque);
+        assert_eq!(peek(&server, wait).await, Detected::Http1);
         // A silent client: opaque once the wait is over.
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
