@@ -61,6 +61,31 @@ impl CaProcess {
         ca
     }
 
+    /// A CA verifying bearer tokens by TokenReview at `url` (an API server
+    /// trusted through `ca_pem`), asking with `own_token`; its files in
+    /// `dir`.
+    pub fn start_reviewing(
+        trust_domain: &str,
+        url: &str,
+        dir: &Path,
+        ca_pem: &str,
+        own_token: &str,
+    ) -> Self {
+        let ca_file = dir.join("api-ca.pem");
+        let token_file = dir.join("token");
+        std::fs::write(&ca_file, ca_pem).unwrap();
+        std::fs::write(&token_file, format!("{own_token}\n")).unwrap();
+        let args = [
+            "--k8s-tokenreview",
+            url,
+            "--k8s-tokenreview-ca",
+            ca_file.to_str().unwrap(),
+            "--k8s-tokenreview-token-file",
+            token_file.to_str().unwrap(),
+        ];
+        Self::start_with(trust_domain, &[], &args)
+    }
+
     /// Starts a CA on an existing state dir and join-tokens file.
     pub fn spawn(trust_domain: &str, state_dir: &Path, join_tokens: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stepmesh"))
@@ -286,4 +311,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A Sign request for a fresh key, authenticated by bearer `token`.
+pub fn sign_request(token: &str) -> tonic::Request<stepmesh_ca::proto::v1::SignRequest> {
+    let csr_pem =
+        stepmesh_ca::client::make_csr(&rcgen::KeyPair::generate().unwrap(), None).unwrap();
+    let mut req = tonic::Request::new(stepmesh_ca::proto::v1::SignRequest {
+        csr_pem,
+        ttl_seconds: 0,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
 }

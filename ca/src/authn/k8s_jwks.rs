@@ -25,7 +25,7 @@ pub const NAME: &str = "k8s-jwks";
 /// Least time between two fetches caused by unknown `kid`s.
 const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 /// Allowed clock difference for exp/nbf.
-pub(super) const LEEWAY: Duration = Duration::from_secs(30);
+const LEEWAY: Duration = Duration::from_secs(30);
 /// The asymmetric algorithms a ServiceAccount issuer may sign with.
 pub(super) const ALGORITHMS: [Algorithm; 9] = [
     Algorithm::RS256,

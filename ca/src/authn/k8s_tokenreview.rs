@@ -22,6 +22,10 @@ pub const MAX_IN_FLIGHT: usize = 32;
 /// How long a token waits for a review slot before the call is answered
 /// UNAVAILABLE (the sidecar retries).
 const SLOT_WAIT: Duration = Duration::from_secs(2);
+/// Clock difference allowed by the checks made before a review: generous,
+/// so they never refuse what the API server (its own clock, its own
+/// leeway) would accept; they only keep what could never pass from it.
+const PRE_CHECK_LEEWAY: Duration = Duration::from_secs(300);
 
 /// The verifier's name in audit lines and metrics.
 pub const NAME: &str = "k8s-tokenreview";
@@ -86,7 +90,7 @@ impl TokenReview {
                 audiences: vec![audience],
                 algorithms: super::k8s_jwks::ALGORITHMS.to_vec(),
                 typ: None,
-                leeway: super::k8s_jwks::LEEWAY,
+                leeway: PRE_CHECK_LEEWAY,
             },
             slots: Semaphore::new(MAX_IN_FLIGHT),
         }
