@@ -72,7 +72,7 @@ fn bare_pod_gets_everything_with_containers_created() {
 fn existing_init_containers_run_after_init_and_proxy() {
     let mut pod = bare();
     pod["metadata"]["annotations"] = json!({"a/b": "c"});
-    pod["metadata"]["labels"] = json!({"app": "x"});
+    pod["metadata"]["labels"] = json!({"app": "x", "stepmesh.io/service-account": "payments"});
     pod["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m"}]);
     pod["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
     pod["spec"]["serviceAccountName"] = json!("api");
@@ -89,6 +89,9 @@ fn existing_init_containers_run_after_init_and_proxy() {
         out["metadata"]["labels"]["stepmesh.io/service-account"],
         "api"
     );
+    pod["spec"]["serviceAccountName"] = json!("s".repeat(64));
+    let out = apply(&pod, &InjectorConfig::default());
+    assert_eq!(out["metadata"]["labels"]["stepmesh.io/service-account"], "");
 }
 
 #[test]
@@ -248,23 +251,6 @@ fn skips_and_idempotence() {
         mutate(&windows, &config, "apps").unwrap(),
         Mutation::Skipped(Skip::Windows)
     );
-}
-
-#[test]
-fn a_pod_never_keeps_a_service_account_label_of_its_choosing() {
-    let long = "s".repeat(64);
-    for (sa, want) in [("web", "web"), (long.as_str(), "")] {
-        let pod = json!({
-            "metadata": {"labels": {"stepmesh.io/service-account": "payments", "app": "x"}},
-            "spec": {"serviceAccountName": sa, "containers": [{"name": "a", "image": "x"}]}
-        });
-        let out = apply(&pod, &InjectorConfig::default());
-        assert_eq!(
-            out["metadata"]["labels"]["stepmesh.io/service-account"], want,
-            "{sa}"
-        );
-        assert_eq!(out["metadata"]["labels"]["app"], "x");
-    }
 }
 
 #[test]
