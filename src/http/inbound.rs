@@ -371,16 +371,6 @@ fn app_unavailable() -> Local {
     )
 }
 
-fn version_label(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
-    }
-}
-
 /// The route and step-up decision for one request (the app spoke `orig`),
 /// and its headers rewritten for the app: hop-by-hop and step-up headers
 /// removed, `x-stepup-sub` and `x-forwarded-client-cert` set by us.
@@ -397,7 +387,7 @@ async fn admit(
         x.record.peer_id = Some(served.peer.clone());
         x.record.method = super::record::method_label(&parts.method);
         x.record.path = parts.uri.path().to_owned();
-        x.record.version = version_label(orig);
+        x.record.version = super::record::version_label(orig);
     }
     let info = RequestInfo {
         peer: Peer {

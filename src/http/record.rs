@@ -70,6 +70,18 @@ fn shared_str<S: serde::Serializer>(value: &Option<Arc<str>>, s: S) -> Result<S:
     value.as_deref().serialize(s)
 }
 
+/// The protocol a client spoke, as the record holds it.
+pub(crate) fn version_label(v: http::Version) -> &'static str {
+    use http::Version;
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
 /// A method as the record holds it: the standard ones as literals, any
 /// other copied. The record's text fields are shared or literal where they
 /// can be (the peer, route and rule are the connection's and the policy's
@@ -273,7 +285,7 @@ impl Exchange {
         .boxed()
     }
 
-    fn finish(self, bytes_out: u64) {
+    fn finish(mut self, bytes_out: u64) {
         let bytes_in = self
             .bytes_in
             .as_ref()
@@ -282,7 +294,7 @@ impl Exchange {
     }
 
     /// The exchange is over: writes its access-log line (if logging).
-    pub(crate) fn ended(mut self, bytes_in: u64, bytes_out: u64) {
+    pub(crate) fn ended(&mut self, bytes_in: u64, bytes_out: u64) {
         if !self.log.enabled() {
             return;
         }
