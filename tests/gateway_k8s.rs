@@ -422,8 +422,13 @@ fn bad_credentials_and_impersonation_are_refused_before_the_api_server() {
     assert!(reached.is_empty(), "reached the API server: {reached:?}");
 }
 
+/// A watch's events stream through the gateway while the watch is open
+/// (a proxy buffering the response would hold them until the watch ends,
+/// minutes later). The lag is printed; its bound is for streaming, not
+/// speed (a timed bound of 1 s, `kubectl create` included, failed once on
+/// a loaded 2-core machine).
 #[test]
-fn a_watch_sees_a_change_within_a_second() {
+fn a_watch_event_streams_through_while_the_watch_is_open() {
     let Some(f) = fixture() else { return };
     let ns = fresh_namespace(f, "dev");
     let mut watch = f
@@ -469,7 +474,7 @@ fn a_watch_sees_a_change_within_a_second() {
     let _ = watch.wait();
     let lag = seen.saturating_duration_since(changed);
     println!("watch event {line:?} {lag:?} after the change (including kubectl apply)");
-    assert!(lag < Duration::from_secs(1), "{lag:?}");
+    assert!(lag < Duration::from_secs(5), "{lag:?}");
 }
 
 #[test]
