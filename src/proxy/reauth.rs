@@ -150,8 +150,9 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// The grant of a tunnel on this grant's connection: the same peer
-    /// (root key, serial), its own decision made under `generation`.
+    /// The grant of an app connection within this grant's connection (a
+    /// tunnel on it, or its opaque bytes decided once detected): the same
+    /// peer (root key, serial), its own decision made under `generation`.
     pub fn for_stream(&self, generation: u64, policy_allowed: bool) -> Grant {
         Grant {
             generation: generation as u32,

@@ -155,14 +155,24 @@ where
         .port(ctx.port)
         .is_some_and(|p| !p.routes.is_empty());
     let mut io = io;
+    // Read before the decision: a change after it is re-checked.
+    let generation = shared.reauth.generation();
     // Deliberate closes say so with close_notify, so the peer sidecar logs a
     // refusal rather than an I/O error.
     if has_routes || !allowed(shared, ctx) {
         close_gracefully(&mut io).await;
         return Outcome::default();
     }
-    // Opaque bytes on an `auto` port: as a `tcp` port's.
-    super::inbound::forward_tcp(shared, ctx, io).await
+    // Opaque bytes on an `auto` port: as a `tcp` port's, under this
+    // decision. The handshake's may have been a deny (an HTTP connection
+    // is served denied, each request answered 403) that a reload lifted
+    // while the first bytes were awaited: its grant would not re-check the
+    // policy, and a later deny would leave the connection open.
+    let ctx = InboundContext {
+        grant: ctx.grant.for_stream(generation, true),
+        ..ctx.clone()
+    };
+    super::inbound::forward_tcp(shared, &ctx, io).await
 }
 
 /// What ends an inbound HTTP connection gracefully (in-flight requests
