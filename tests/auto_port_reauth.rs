@@ -25,17 +25,6 @@ fn policy(port: u16, from: &str) -> String {
     format!("trustDomain: mesh.test\ninbound:\n  default: deny\n  ports:\n    - port: {port}\n      protocol: auto\n      allow:\n        - name: clients\n          from: [{from}]\n")
 }
 
-/// Writes `text` as the policy and waits until `server` has loaded it.
-fn reload(server: &Sidecar, file: &std::path::Path, text: &str) -> Instant {
-    let before = server.config()["policy_digest"].clone();
-    atomic_write(file, text.as_bytes());
-    let written = Instant::now();
-    eventually("the policy reloaded", || {
-        (server.config()["policy_digest"] != before).then_some(())
-    });
-    written
-}
-
 #[test]
 fn opaque_bytes_allowed_after_a_denied_handshake_are_closed_by_the_next_deny() {
     let echo = echo_server();
@@ -73,13 +62,13 @@ fn opaque_bytes_allowed_after_a_denied_handshake_are_closed_by_the_next_deny() {
     eventually("X's handshake at the server", || {
         (inbound_handshakes_of(&server) >= 1.0).then_some(())
     });
-    reload(&server, &policy_file, &policy(port, X));
+    reload_policy(&server, &policy_file, &policy(port, X));
     conn.write_all(b"opaque, now allowed").unwrap();
     let mut back = [0u8; 19];
     conn.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"opaque, now allowed");
 
-    let denied = reload(&server, &policy_file, &policy(port, Y));
+    let denied = reload_policy(&server, &policy_file, &policy(port, Y));
     let mut buf = [0u8; 16];
     let closed = loop {
         match conn.read(&mut buf) {

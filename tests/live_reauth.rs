@@ -204,17 +204,6 @@ fn fresh_status(addr: SocketAddr) -> u16 {
     http_get(addr, "/fresh").0
 }
 
-/// Writes `text` as the policy and waits until the server has loaded it.
-fn reload(server: &Sidecar, file: &Path, text: &str) -> Instant {
-    let before = server.config()["policy_digest"].clone();
-    atomic_write(file, text.as_bytes());
-    let written = Instant::now();
-    eventually("the policy reloaded", || {
-        (server.config()["policy_digest"] != before).then_some(())
-    });
-    written
-}
-
 #[test]
 fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     let echo = echo_server();
@@ -245,7 +234,7 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     );
 
     // A reload that still allows X: nothing is closed.
-    reload(
+    reload_policy(
         &server,
         &policy_file,
         &policy(l4_port, web_port, &[X, Y, Z]),
@@ -261,7 +250,7 @@ fn a_reload_that_denies_x_closes_its_live_connections_and_spares_others() {
     assert_eq!(revoked_before, 0.0, "nothing revoked by an allowing reload");
 
     // A reload that denies X.
-    let denied = reload(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
+    let denied = reload_policy(&server, &policy_file, &policy(l4_port, web_port, &[Y]));
     let stream_closed = x_stream.closed_at();
     let tunnel_closed = x_tunnel.closed_at();
     let http_closed = x_http.closed_at();
@@ -392,7 +381,7 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
         let first = send.send_request(get()).await.unwrap();
         assert_eq!(first.status(), 200);
 
-        let denied = reload(server, policy_file, &web.policy(&[Y]));
+        let denied = reload_policy(server, policy_file, &web.policy(&[Y]));
         let series =
             "stepmesh_connections_revoked_total{reason=\"not_allowed\",rule=\"inbound.ports[1]\"}";
         let closed = eventually("the mesh connection revoked", || {
@@ -484,7 +473,7 @@ fn a_pipelining_http1_client_is_closed_too() {
         // The 2-byte body has no newline: a status line may follow it.
         answered += usize::from(line.contains("HTTP/1.1 200"));
     }
-    let denied = reload(server, policy_file, &web.policy(&[Y]));
+    let denied = reload_policy(server, policy_file, &web.policy(&[Y]));
     loop {
         line.clear();
         match reader.read_line(&mut line) {
@@ -558,7 +547,7 @@ fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_oth
         .recv_timeout(PATIENCE)
         .expect("the request reached the app");
     // X is denied while its request is at the app.
-    reload(server, policy_file, &web.policy(&[Y]));
+    reload_policy(server, policy_file, &web.policy(&[Y]));
     std::thread::sleep(Duration::from_millis(300));
     release.send(()).unwrap();
     let mut status = String::new();

@@ -588,3 +588,15 @@ pub fn l4_policy(port: u16, mode: &str, from: &[&str]) -> String {
         "trustDomain: mesh.test\nmode: {mode}\ninbound:\n  default: deny\n  ports:\n    - port: {port}\n      protocol: tcp\n      allow:\n        - from: [{from}]\n"
     )
 }
+
+/// Writes `text` as `server`'s policy file `file` and waits until the
+/// server has loaded it (its `/config` digest changed); when it was written.
+pub fn reload_policy(server: &Sidecar, file: &Path, text: &str) -> std::time::Instant {
+    let before = server.config()["policy_digest"].clone();
+    atomic_write(file, text.as_bytes());
+    let written = std::time::Instant::now();
+    eventually("the policy reloaded", || {
+        (server.config()["policy_digest"] != before).then_some(())
+    });
+    written
+}
