@@ -422,11 +422,9 @@ fn bad_credentials_and_impersonation_are_refused_before_the_api_server() {
     assert!(reached.is_empty(), "reached the API server: {reached:?}");
 }
 
-/// A watch's events stream through the gateway while the watch is open
-/// (a proxy buffering the response would hold them until the watch ends,
-/// minutes later). The lag is printed; its bound is for streaming, not
-/// speed (a timed bound of 1 s, `kubectl create` included, failed once on
-/// a loaded 2-core machine).
+/// A watch's events stream through the gateway while the watch is open (a
+/// buffering proxy would hold them until it ends). The lag is printed; the
+/// bound is for streaming, not speed (1 s failed once on a loaded machine).
 #[test]
 fn a_watch_event_streams_through_while_the_watch_is_open() {
     let Some(f) = fixture() else { return };

@@ -589,14 +589,12 @@ pub fn l4_policy(port: u16, mode: &str, from: &[&str]) -> String {
     )
 }
 
-/// Writes `text` as `server`'s policy file `file` and waits until the
-/// server has loaded it (its `/config` digest changed); when it was written.
+/// Writes `server`'s policy `file`, waits until it is loaded; when written.
 pub fn reload_policy(server: &Sidecar, file: &Path, text: &str) -> std::time::Instant {
     let before = server.config()["policy_digest"].clone();
     atomic_write(file, text.as_bytes());
     let written = std::time::Instant::now();
-    eventually("the policy reloaded", || {
-        (server.config()["policy_digest"] != before).then_some(())
-    });
+    let loaded = || (server.config()["policy_digest"] != before).then_some(());
+    eventually("the policy reloaded", loaded);
     written
 }
