@@ -24,7 +24,8 @@
 //! (an Event, a metric, a log line) and the round goes on with the others;
 //! that ConfigMap's objects are not pruned in that round, so its old ones
 //! stay in force until its new ones all land. An API server that does not
-//! answer, or answers 5xx, 408 or 429, ends the round: the next retries.
+//! answer, or answers 5xx, 401, 408 or 429, ends the round: the next
+//! retries.
 //!
 //! Polling lists rather than watch streams: one small list per interval,
 //! and no missed-event bookkeeping.
@@ -535,13 +536,15 @@ impl Sync {
 
 /// Whether the API server refused the one object (4xx: its content, an
 /// admission policy, a quota, RBAC in its namespace) rather than failed to
-/// answer or asked us to wait (5xx, 408, 429, no answer): the first is
-/// that object's, the second ends the round.
+/// answer, asked us to wait, or refused us (5xx, 408, 429, 401: an expired
+/// token, no answer): the first is that object's, the second ends the
+/// round.
 fn refused_by_server(e: &KubeError) -> bool {
+    use http::StatusCode;
     matches!(e, KubeError::Status { status, .. }
         if status.is_client_error()
-            && *status != http::StatusCode::REQUEST_TIMEOUT
-            && *status != http::StatusCode::TOO_MANY_REQUESTS)
+            && ![StatusCode::UNAUTHORIZED, StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS]
+                .contains(status))
 }
 
 /// How many, as a gauge value.
