@@ -57,12 +57,22 @@ pub fn classify(bytes: &[u8]) -> Detected {
         };
     }
     // METHOD SP target SP HTTP/1.x. The method is any token, in any case
-    // and of any length, as Go's server reads it (`get`, a made-up verb):
-    // what an app would serve as HTTP must not pass as opaque bytes, with
-    // the caller's identity fields in it.
+    // and of any length, as Go's server reads it (`get`, a made-up verb),
+    // once a space follows it: what an app would serve as HTTP must not
+    // pass as opaque bytes, with the caller's identity fields in it.
     let method_len = bytes.iter().take_while(|b| is_tchar(**b)).count();
+    // More bytes are waited for only after a common method (upper case, 16
+    // at most): an opaque protocol whose first message is a word or a line
+    // that then waits for an answer (`000123`, `hello world`) would
+    // otherwise wait for the detection deadline. Any other token is a
+    // method when the request line shows ` HTTP/1.` in what came.
+    let common = method_len <= 16 && bytes[..method_len].iter().all(u8::is_ascii_uppercase);
     if method_len == bytes.len() {
-        return still_http(bytes);
+        return if common {
+            Detected::NeedMore
+        } else {
+            Detected::Opaque
+        };
     }
     if method_len == 0 || bytes[method_len] != b' ' {
         return Detected::Opaque;
@@ -74,8 +84,8 @@ pub fn classify(bytes: &[u8]) -> Detected {
         return Detected::Http1;
     }
     match line_end {
-        Some(_) => Detected::Opaque,
-        None => still_http(bytes),
+        None if common => still_http(bytes),
+        _ => Detected::Opaque,
     }
 }
 
@@ -242,6 +252,7 @@ mod tests {
         assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Detected::Opaque);
         // Any token is a method to Go: lower case, made up, long.
         assert_eq!(classify(b"get / HTTP/1.1\r\n"), Detected::Http1);
+        assert_eq!(classify(b"hello world"), Detected::Opaque);
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Detected::Http1);
         let long_method = [&[b'A'; 40][..], b" / HTTP/1.1\r\n"].concat();
         assert_eq!(classify(&long_method), Detected::Http1);
@@ -249,8 +260,12 @@ mod tests {
         // relay, which refuses it; as long a run of token bytes too.
         let long_line = [&b"GET /"[..], &[b'a'; MAX_SNIFF]].concat();
         assert_eq!(classify(&long_line), Detected::Http1);
-        assert_eq!(classify(&[b'A'; MAX_SNIFF]), Detected::Http1);
-        assert_eq!(classify(&[b'A'; 100]), Detected::NeedMore);
+        // A word with no space yet: waited for only while it may be a
+        // common method, so a word-long opaque message is not held.
+        assert_eq!(classify(b"DELE"), Detected::NeedMore);
+        assert_eq!(classify(b"000123"), Detected::Opaque);
+        assert_eq!(classify(b"hello"), Detected::Opaque);
+        assert_eq!(classify(&[b'A'; 17]), Detected::Opaque);
         // Not a request line: no space after the token, or no HTTP/1.
         assert_eq!(classify(b"HELO mail.example.com\r\n"), Detected::Opaque);
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Detected::Opaque);

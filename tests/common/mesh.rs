@@ -567,14 +567,12 @@ pub fn echo(conn: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     back
 }
 
-/// A port free right now on 127.0.0.1 (for a policy that must name the
-/// listener's port before the listener exists).
+/// A port free now on 127.0.0.1 for a later listener, drawn below the
+/// ephemeral range (32768+): one from `:0` was often a client's by then.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let free = |port: &u16| TcpListener::bind(("127.0.0.1", *port)).is_ok();
+    let mut ports = std::iter::repeat_with(|| fastrand::u16(20_000..32_768));
+    ports.find(free).unwrap() // an endless draw; 12,768 ports to find one in
 }
 
 /// An L4 policy for `port`, allowing `from`, in `mode`.
