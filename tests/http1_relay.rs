@@ -481,3 +481,26 @@ fn an_idle_app_connection_that_handed_back_its_tunnel_still_ends_at_the_idle_tim
     assert!(rest.is_empty(), "nothing after the close: {rest:?}");
     assert_eq!(inbound_tunnels(&p), 1.0, "both requests rode one tunnel");
 }
+
+#[test]
+fn the_pool_keeps_a_mesh_connection_an_idle_app_connection_follows() {
+    // An unused mesh connection is let go (`--mesh-pool-idle`), but an
+    // idle keep-alive app connection that follows one (it ends when that
+    // connection ends: docs/HTTP.md) uses it: letting it go would end the
+    // app connection for a close no peer made.
+    let p = pair_with(&["--mesh-pool-idle", "1s"]);
+    // The second follows the mesh connection the first one's request made.
+    let mut held = held_after_one_request(&p, 2);
+    // The tunnel they shared stays parked for 10 s (`tunnel::POOL_IDLE`);
+    // then nothing but the follower holds the mesh connection, past its
+    // 1 s idle time and the sweep's period (1 s).
+    std::thread::sleep(Duration::from_secs(14));
+    let (s, r) = &mut held[1];
+    assert_eq!(get(s, r, "/later").0, 200, "the follower still serves");
+    assert_eq!(inbound_tunnels(&p), 2.0, "the parked tunnel had closed");
+    assert_eq!(
+        outbound_handshakes(&p),
+        1.0,
+        "and the new one rode the same mesh connection"
+    );
+}

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use http_support::app::{request, send, Body};
 use http_support::{API, FRONTEND, TD};
-use stepmesh::http::MESH_ALPN;
+use stepmesh::http::{HttpLayer, MESH_ALPN};
 use stepmesh::policy::Policy;
 use stepmesh_ca::testing::Pki;
 use tokio::net::TcpListener;
@@ -53,6 +53,8 @@ impl Behaviour {
 #[derive(Default)]
 struct Seen {
     accepts: AtomicUsize,
+    /// Connections the sidecar closed (or that failed).
+    ended: AtomicUsize,
     /// Requests per path (each processed or refused stream counts).
     paths: Mutex<HashMap<String, usize>>,
 }
@@ -67,7 +69,8 @@ impl Seen {
 /// `/refuse-once/*` is refused the first time it is seen, `/refuse-always`
 /// every time, `/reset-after-read` is read whole and then reset
 /// (INTERNAL_ERROR: processed, not answered); anything else is answered
-/// after `answer_delay` with `seen:<path>:<request body bytes>`.
+/// after `answer_delay` (`/slow*`: 4 s more) with
+/// `seen:<path>:<request body bytes>`.
 async fn stand_in(pki: &Pki, behaviour: Behaviour) -> (SocketAddr, Arc<Seen>) {
     let acceptor = common::mesh::peer_acceptor(pki, API, MESH_ALPN);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,6 +99,7 @@ async fn stand_in(pki: &Pki, behaviour: Behaviour) -> (SocketAddr, Arc<Seen>) {
                     let delay = behaviour.answer_delay;
                     tokio::spawn(answer(req, respond, seen.clone(), delay));
                 }
+                seen.ended.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
@@ -129,7 +133,12 @@ async fn answer(
         respond.send_reset(h2::Reason::INTERNAL_ERROR);
         return;
     }
-    tokio::time::sleep(delay).await;
+    let slow = if path.starts_with("/slow") {
+        Duration::from_secs(4)
+    } else {
+        Duration::ZERO
+    };
+    tokio::time::sleep(delay + slow).await;
     let Ok(mut stream) = respond.send_response(http::Response::new(()), false) else {
         return;
     };
@@ -272,5 +281,41 @@ async fn racing_callers_to_one_peer_open_one_connection() {
         seen.accepts.load(Ordering::SeqCst),
         1,
         "64 racing callers, one connection accepted at the peer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_pooled_connection_is_let_go_after_its_last_stream_and_dialled_again() {
+    let pki = Pki::new(TD);
+    let (peer, seen) = stand_in(&pki, Behaviour::PLAIN).await;
+    let open = Policy::allow_authenticated(TD.parse().unwrap());
+    // Fresh: nothing else holds it.
+    let layer = Arc::into_inner(http_support::layer(open))
+        .unwrap()
+        .with_mesh_pool_idle(Duration::from_secs(1));
+    let layer = Arc::new(layer);
+    tokio::spawn(HttpLayer::sweep_idle(Arc::downgrade(&layer)));
+    let outbound = http_support::start_outbound(&pki, &pki.leaf(FRONTEND), layer, peer).await;
+
+    // Swept every second: the pool lets the connection go about two
+    // seconds in, while this request is still in flight; it finishes.
+    let slow = send(outbound, true, get("/slow")).await;
+    assert_eq!((slow.status, &slow.body[..]), (200, &b"seen:/slow:0"[..]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while seen.ended.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unused connection was not closed after its last stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 1);
+
+    let next = send(outbound, true, get("/next")).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(
+        seen.accepts.load(Ordering::SeqCst),
+        2,
+        "the next request dials a new connection"
     );
 }

@@ -25,6 +25,7 @@ mod conn_tunnels;
 mod h2_client;
 mod recheck;
 mod request;
+mod sweep;
 
 use self::conn_tunnels::PeerProof;
 pub(crate) use self::conn_tunnels::{Closing, ConnTunnels, PeerGone, TunnelCount};
@@ -195,7 +196,6 @@ impl Pooled {
 /// HTTP/2 connections to peer sidecars, one per (identity, destination)
 /// and [`Lane`], with extra ones for tunnels past a connection's limit
 /// ([`TUNNEL_LIMIT`], more on a tunnels-only connection).
-#[derive(Default)]
 pub(crate) struct MeshPool {
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     /// Connections made (ids; tests and logs tell connections apart).
@@ -204,6 +204,27 @@ pub(crate) struct MeshPool {
     pub(crate) sidecar: Option<MeshSidecar>,
     /// How the pooled connections check that their peer is there.
     pub(crate) keep_alive: KeepAlive,
+    /// How long a destination's connection stays pooled unused (see
+    /// [`MeshPool::sweep`]).
+    pub(crate) idle: Duration,
+}
+
+/// How long an unused pooled connection stays (`--mesh-pool-idle`'s
+/// default): long enough that a caller every few minutes keeps its
+/// connection warm, short enough that the peers of a day of pod churn do
+/// not all stay connected.
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(300);
+
+impl Default for MeshPool {
+    fn default() -> Self {
+        MeshPool {
+            slots: Mutex::default(),
+            made: AtomicU64::default(),
+            sidecar: None,
+            keep_alive: KeepAlive::default(),
+            idle: POOL_IDLE,
+        }
+    }
 }
 
 /// A pooled connection with streams open pings its peer every `interval`
@@ -258,6 +279,9 @@ struct Slot {
     /// More connections to the destination, dialled for tunnels when the
     /// pooled one is full (HTTP requests keep to `ready`).
     more: Mutex<Vec<Pooled>>,
+    /// Since when the sweep has found `ready` unused (see
+    /// [`MeshPool::sweep`]).
+    unused_since: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The outcome of the latest dial, for the callers that waited on it.
@@ -269,10 +293,11 @@ struct LastDial {
 impl Slot {
     fn ready(&self, avoid: Option<u64>) -> Option<Pooled> {
         let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        ready
+        let p = ready
             .as_ref()
-            .filter(|p| p.usable() && Some(p.id) != avoid)
-            .cloned()
+            .filter(|p| p.usable() && Some(p.id) != avoid)?;
+        p.tunnels.mark_used();
+        Some(p.clone())
     }
 }
 
@@ -372,10 +397,14 @@ impl MeshPool {
         &self,
         conn: &OutboundConn,
     ) -> Result<(Pooled, Option<TunnelCount>), MeshError> {
+        // Read, not taken: the mesh connection is not used by the asking.
         let mesh_takes_them = self
             .slot(&conn.key, Lane::Mesh)
-            .ready(None)
-            .is_some_and(|p| !p.kind.http);
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.usable() && !p.kind.http);
         if !mesh_takes_them {
             match self.tunnel_on(conn, Lane::Tunnels).await {
                 Err(MeshError::NoTunnelsOnly(_)) => {}
@@ -433,7 +462,7 @@ impl MeshPool {
         [Lane::Tunnels, Lane::Mesh].into_iter().find_map(|lane| {
             let slot = self.slot(key, lane);
             let ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
-            ready.as_ref().map(|p| PeerGone(p.tunnels.clone()))
+            ready.as_ref().map(|p| PeerGone::following(&p.tunnels))
         })
     }
 

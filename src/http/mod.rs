@@ -201,16 +201,28 @@ impl HttpLayer {
         self
     }
 
+    /// How long a pooled mesh connection stays unused before it is closed
+    /// (`--mesh-pool-idle`) instead of 5 minutes.
+    pub fn with_mesh_pool_idle(mut self, idle: std::time::Duration) -> HttpLayer {
+        self.mesh.idle = idle;
+        self
+    }
+
     /// Closes idle pooled HTTP/1 connections (to apps, tunnels and
     /// connections to peers) once they have waited their pool's idle time,
-    /// for as long as the layer lives: the sidecar spawns it.
+    /// and lets go of unused pooled mesh connections and forgotten
+    /// destinations (`MeshPool::sweep`), for as long as the layer lives:
+    /// the sidecar spawns it.
     pub async fn sweep_idle(layer: std::sync::Weak<HttpLayer>) {
         let period = match layer.upgrade() {
             Some(l) => l
                 .app_conns
                 .max_idle()
                 .min(l.peers.max_idle())
-                .min(l.tunnels.max_idle()),
+                .min(l.tunnels.max_idle())
+                // A short mesh idle time is met within about itself (a
+                // zero period would not tick).
+                .min(l.mesh.idle.max(std::time::Duration::from_secs(1))),
             None => return,
         };
         let mut tick = tokio::time::interval(period);
@@ -221,6 +233,7 @@ impl HttpLayer {
             layer.app_conns.sweep();
             layer.peers.sweep();
             layer.tunnels.sweep();
+            layer.mesh.sweep();
         }
     }
 

@@ -102,6 +102,12 @@ pub struct ProxyArgs {
     /// is given up then, not at the idle timeout.
     #[arg(long, value_name = "DURATION", value_parser = parse_keepalive, default_value = "30s", env = "STEPMESH_MESH_KEEPALIVE")]
     pub mesh_keepalive: Duration,
+    /// A pooled mesh connection to a peer that nothing has used for this
+    /// long (no request, no tunnel, no app connection following it) is
+    /// closed, and the peer forgotten, so that the peers of past pods do
+    /// not stay connected. Checked every few seconds.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5m", env = "STEPMESH_MESH_POOL_IDLE")]
+    pub mesh_pool_idle: Duration,
     /// Deadline for dialling the app or the peer.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,

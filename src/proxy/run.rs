@@ -203,6 +203,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             .with_timeouts(args.idle_timeout, args.connect_timeout)
             .with_mesh_sidecar(store.clone(), proxy_metrics.clone())
             .with_mesh_keepalive(args.mesh_keepalive)
+            .with_mesh_pool_idle(args.mesh_pool_idle)
             .with_limits(crate::http::HttpLimits {
                 header_timeout: args.header_timeout,
                 body_idle_timeout: args.body_idle_timeout,

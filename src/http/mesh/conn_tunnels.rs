@@ -7,11 +7,19 @@ use std::sync::{Arc, Weak};
 
 use super::Slot;
 
-/// Watches one mesh connection's end (see [`MeshPool::first_ended`]).
-#[derive(Clone)]
-pub(crate) struct PeerGone(pub(super) Arc<ConnTunnels>);
+/// Watches one mesh connection's end (see [`MeshPool::first_ended`]),
+/// and while it does the pool keeps the connection however long it idles
+/// (see `MeshPool::sweep`): the app connection that follows it learns of
+/// the peer's end, not of the pool's housekeeping.
+pub(crate) struct PeerGone(Arc<ConnTunnels>);
 
 impl PeerGone {
+    /// Follows the connection of `tunnels`.
+    pub(super) fn following(tunnels: &Arc<ConnTunnels>) -> PeerGone {
+        tunnels.followers.fetch_add(1, Ordering::AcqRel);
+        PeerGone(tunnels.clone())
+    }
+
     /// Whether the connection has ended or takes no new stream (the pool
     /// retired it: the peer said GOAWAY).
     pub(crate) fn is_gone(&self) -> bool {
@@ -31,12 +39,23 @@ impl PeerGone {
     }
 }
 
+impl Drop for PeerGone {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What the tunnels of one pooled connection share, so that each tunnel
 /// holds one pointer to it (every idle opaque connection holds its tunnel),
 /// and whether the connection is still there.
 pub(crate) struct ConnTunnels {
     /// Tunnels open on the connection now.
     pub(super) open: AtomicUsize,
+    /// App connections following the connection ([`PeerGone`]).
+    pub(super) followers: AtomicUsize,
+    /// Taken from the pool since the last sweep looked (see
+    /// `MeshPool::sweep`).
+    pub(super) used: AtomicBool,
     /// The peer's SPIFFE ID (from the connection's certificate).
     pub(super) peer: Option<Arc<str>>,
     /// The destination's slot and the connection's id, when this is one of
@@ -72,6 +91,8 @@ impl ConnTunnels {
     pub(super) fn new(peer: Option<Arc<str>>, proof: PeerProof) -> Arc<Self> {
         Arc::new(ConnTunnels {
             open: AtomicUsize::new(0),
+            followers: AtomicUsize::new(0),
+            used: AtomicBool::new(true),
             proof,
             task: std::sync::OnceLock::new(),
             peer,
@@ -85,6 +106,23 @@ impl ConnTunnels {
     /// Tunnels open on the connection now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Notes a use for the pool's sweep: a load, and a store only when
+    /// the sweep has cleared the flag since (no cache line bounced per
+    /// request between the cores).
+    pub(super) fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether anything holds or took the connection since the last call:
+    /// a tunnel open, an app connection following it, a caller that took
+    /// it from the pool. Clears the last.
+    pub(super) fn in_use(&self) -> bool {
+        let used = self.used.swap(false, Ordering::Relaxed);
+        used || self.open() > 0 || self.followers.load(Ordering::Acquire) > 0
     }
 
     pub(super) fn retire(&self) {
