@@ -229,6 +229,27 @@ fn one_workload_meets_its_per_peer_cap_and_another_still_connects() {
 }
 
 #[test]
+fn tunnels_count_against_the_process_connection_limit() {
+    let app = echo_server();
+    let mesh = Mesh::start(app, &["--max-connections".into(), "3".into()], &[]);
+    // Three places: the mesh connection's socket and two tunnels on it
+    // (each opens an app connection, a descriptor).
+    let held = hold(mesh.outbound, 2);
+    let over = roundtrip(mesh.outbound, b"third").unwrap_or_default();
+    assert!(
+        over.is_empty(),
+        "a third tunnel got through a limit of three connections"
+    );
+    let series =
+        r#"stepmesh_connections_rejected_total{direction="inbound",reason="connection_limit"}"#;
+    eventually(series, || (mesh.server.metric(series) >= 1.0).then_some(()));
+    drop(held);
+    eventually("a place again", || {
+        (roundtrip(mesh.outbound, b"again").unwrap_or_default() == b"again").then_some(())
+    });
+}
+
+#[test]
 fn one_source_meets_its_per_source_cap() {
     let app = echo_server();
     let mesh = Mesh::start(

@@ -1,6 +1,7 @@
 //! Connections open at once per key: per peer identity on inbound listeners,
 //! per source address on the app-facing ones, so that one workload (or one
-//! local client) cannot use up the process-wide `--max-connections`.
+//! local client) cannot use up the process-wide `--max-connections`; and
+//! that limit itself ([`ConnectionBudget`]).
 //!
 //! A mutex-guarded map, taken once when a connection opens and once when it
 //! closes — never per byte or per request. A map of our own rather than a
@@ -10,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,6 +113,48 @@ impl<K: Eq + Hash> Drop for Slot<K> {
     }
 }
 
+/// The process-wide connection limit (`--max-connections`): accepted
+/// sockets and the app connections a peer's tunnels open draw on it, so
+/// that a few mesh connections carrying a thousand tunnels each cannot
+/// take the descriptors the limit was sized to leave.
+///
+/// A counter of our own rather than tokio's `Semaphore`: its owned permit
+/// is an `Arc` and a count (16 bytes), held by every open connection and
+/// tunnel; [`Spent`] is the `Arc` alone (a tunnel's decision box stays in
+/// its 192-byte class). Nothing waits on it: over the limit is refused.
+#[derive(Debug)]
+pub struct ConnectionBudget {
+    left: AtomicUsize,
+}
+
+/// One connection's place under the [`ConnectionBudget`]; given back on
+/// drop.
+#[derive(Debug)]
+pub struct Spent(Arc<ConnectionBudget>);
+
+impl ConnectionBudget {
+    /// A budget of `limit` connections at once.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(ConnectionBudget {
+            left: AtomicUsize::new(limit),
+        })
+    }
+
+    /// A place for one more connection, or `None` at the limit.
+    pub fn try_spend(self: &Arc<Self>) -> Option<Spent> {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| Spent(self.clone()))
+    }
+}
+
+impl Drop for Spent {
+    fn drop(&mut self) {
+        self.0.left.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
@@ -150,5 +194,16 @@ mod tests {
             cap.map().is_empty(),
             "a key with no connection holds no memory"
         );
+    }
+
+    #[test]
+    fn the_budget_refuses_past_its_limit_and_takes_back_what_ends() {
+        let budget = ConnectionBudget::new(2);
+        let a = budget.try_spend();
+        let b = budget.try_spend();
+        assert!(a.is_some() && b.is_some());
+        assert!(budget.try_spend().is_none(), "a third at a limit of two");
+        drop(a);
+        assert!(budget.try_spend().is_some(), "a place again once one ends");
     }
 }

@@ -111,8 +111,8 @@ pub struct ProxyArgs {
     /// Deadline for dialling the app or the peer.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", env = "STEPMESH_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
-    /// Connections open at once, all listeners together; more are closed at
-    /// accept. Default 16384, lowered at start if the descriptor limit (its
+    /// Connections open at once, all listeners and inbound tunnels
+    /// together; more are closed at accept (a tunnel: refused, 503). Default 16384, lowered at start if the descriptor limit (its
     /// soft limit first raised to the hard one) cannot carry two per
     /// connection; a value given here is kept (with a warning if it may not
     /// fit).

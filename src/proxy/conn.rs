@@ -40,6 +40,9 @@ pub struct Shared {
     pub timeouts: Timeouts,
     /// The HTTP layer (route and step-up decisions, pools).
     pub http: Arc<crate::http::HttpLayer>,
+    /// Connections open at once, all listeners and inbound tunnels
+    /// together (`--max-connections`).
+    pub connections: Arc<crate::net::caps::ConnectionBudget>,
     /// Inbound connections open at once per peer identity.
     pub peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
     /// App-facing (outbound) connections open at once per source address.

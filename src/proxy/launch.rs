@@ -7,7 +7,6 @@ use anyhow::Context;
 use rustls::crypto::CryptoProvider;
 use stepmesh_ca::spiffe_id::{SpiffeIdPattern, TrustDomain};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::args::ProxyArgs;
 use super::conn::Shared;
@@ -16,7 +15,6 @@ use super::listener::accept_loop;
 use super::outbound::{Outbound, OutboundTarget};
 use crate::drain::DrainWatch;
 use crate::metrics::Direction;
-use crate::net::fdlimit;
 use crate::tls::verify::Expected;
 use crate::tls::{self, TlsSettings};
 
@@ -64,10 +62,8 @@ pub async fn listeners(
         http: server_config,
         tcp: tcp_config,
     };
-    let max_connections = fdlimit::connection_limit(args.max_connections, fdlimit::raise());
     let mut launcher = Launcher {
         shared: shared.clone(),
-        permits: Arc::new(Semaphore::new(max_connections)),
         watch: watch.clone(),
         infos: Vec::new(),
     };
@@ -139,7 +135,6 @@ type Info = (SocketAddr, &'static str, String, Option<String>);
 
 struct Launcher {
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
     watch: DrainWatch,
     infos: Vec<ListenerInfo>,
 }
@@ -153,13 +148,13 @@ impl Launcher {
         info: Info,
     ) {
         let handler = Arc::new(Inbound::new(self.shared.clone(), configs, target));
-        let (watch, permits) = (self.watch.clone(), self.permits.clone());
+        let (watch, budget) = (self.watch.clone(), self.shared.connections.clone());
         let metrics = self.shared.metrics.clone();
         tokio::spawn(accept_loop(
             listener,
             Direction::Inbound,
             watch,
-            permits,
+            budget,
             metrics,
             move |tcp, client, guard| handler.clone().handle(tcp, client, guard),
         ));
@@ -174,13 +169,13 @@ impl Launcher {
         info: Info,
     ) {
         let handler = Arc::new(Outbound::new(self.shared.clone(), config, target));
-        let (watch, permits) = (self.watch.clone(), self.permits.clone());
+        let (watch, budget) = (self.watch.clone(), self.shared.connections.clone());
         let metrics = self.shared.metrics.clone();
         tokio::spawn(accept_loop(
             listener,
             Direction::Outbound,
             watch,
-            permits,
+            budget,
             metrics,
             move |tcp, client, guard| handler.clone().handle(tcp, client, guard),
         ));

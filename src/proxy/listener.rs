@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::drain::DrainWatch;
 use crate::metrics::{Direction, ProxyMetrics};
+use crate::net::caps::{ConnectionBudget, Spent};
 
 /// Accepts until a drain starts; each connection runs `handle` in its own
 /// task, handed its [`ConnGuard`]. Over the limit, a connection is closed
@@ -19,7 +19,7 @@ pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     direction: Direction,
     drain: DrainWatch,
-    permits: Arc<Semaphore>,
+    budget: Arc<ConnectionBudget>,
     metrics: ProxyMetrics,
     handle: F,
 ) where
@@ -43,7 +43,7 @@ pub async fn accept_loop<F, Fut>(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(spent) = budget.try_spend() else {
             metrics.rejected(direction, "connection_limit");
             tracing::debug!(%client, "connection limit reached; closing");
             continue;
@@ -52,7 +52,7 @@ pub async fn accept_loop<F, Fut>(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
         let guard = ConnGuard {
-            _permit: permit,
+            _spent: spent,
             _watch: drain.clone(),
         };
         tokio::spawn(handle(stream, client, guard));
@@ -66,6 +66,6 @@ pub async fn accept_loop<F, Fut>(
 /// it on with the connection to a task of its own (an outbound tunnel's
 /// copy loop, see `super::outbound`).
 pub struct ConnGuard {
-    _permit: OwnedSemaphorePermit,
+    _spent: Spent,
     _watch: DrainWatch,
 }

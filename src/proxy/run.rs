@@ -216,6 +216,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::http::HttpLayer::sweep_idle(Arc::downgrade(&http)));
     let shared = Arc::new(Shared {
         http,
+        connections: crate::net::caps::ConnectionBudget::new(
+            crate::net::fdlimit::connection_limit(
+                args.max_connections,
+                crate::net::fdlimit::raise(),
+            ),
+        ),
         peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         opaque_ports: args.opaque_ports.clone(),

@@ -173,6 +173,15 @@ fn admit(
             return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    // And against the process's limit: its app connection takes a
+    // descriptor as an accepted socket does.
+    let Some(spent) = shared.connections.try_spend() else {
+        shared
+            .metrics
+            .rejected(Direction::Inbound, "connection_limit");
+        tracing::debug!(client = %conn.client, peer = %conn.peer_id, "connection limit reached; refusing a tunnel (--max-connections)");
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    };
     let decided = Box::new(Decided {
         ctx,
         _open: shared.metrics.open_guard(Direction::Inbound),
@@ -181,6 +190,7 @@ fn admit(
         reason: decision.reason,
         rule: decision.rule,
         _slot: slot,
+        _spent: spent,
     });
     // An `http` port's stream is relayed request by request (and its app
     // connections pooled here): the peer may share it between its app
@@ -189,8 +199,8 @@ fn admit(
 }
 
 /// An admitted stream: its context, its decision (for its access-log
-/// line), its count in `stepmesh_connections_open` and its place under the
-/// peer's cap. Boxed, one allocation per stream beside its task: inline,
+/// line), its count in `stepmesh_connections_open` and its places under the
+/// peer's cap and the process's limit. Boxed, one allocation per stream beside its task: inline,
 /// these 200-odd bytes would take the task's allocation from 768 bytes to
 /// 1,024 (tokio's task cell rounds to 128, and jemalloc's classes).
 struct Decided {
@@ -202,6 +212,8 @@ struct Decided {
     _open: crate::metrics::OpenGuard,
     /// Held to the end: the stream counts against the peer's cap.
     _slot: Option<crate::net::caps::Slot<Arc<SpiffeId>>>,
+    /// And against `--max-connections`.
+    _spent: crate::net::caps::Spent,
 }
 
 /// Serves an admitted stream (`io`: the h2 stream itself, or hyper's
