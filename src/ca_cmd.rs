@@ -104,6 +104,14 @@ pub struct CaServeArgs {
     /// Signings per identity allowed at once.
     #[arg(long, default_value_t = 20, env = "STEPMESH_CA_SIGN_BURST")]
     pub sign_burst: u32,
+    /// Sustained Sign and SignJwtSvid requests per second allowed per
+    /// source address, counted before authentication (0 = no limit), so
+    /// that forged tokens from one client cannot keep the verifier busy.
+    #[arg(long, default_value_t = 20.0, env = "STEPMESH_CA_SOURCE_RATE")]
+    pub source_rate: f64,
+    /// Requests per source address allowed at once.
+    #[arg(long, default_value_t = 256, env = "STEPMESH_CA_SOURCE_BURST")]
+    pub source_burst: u32,
     /// How often the bundle sources and join-token file are re-read.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
     pub poll_interval: Duration,
@@ -172,13 +180,8 @@ impl CaServeArgs {
         c.default_ttl = self.default_ttl;
         c.max_ttl = self.max_ttl;
         c.dns_names.clone_from(&self.dns_names);
-        if !(self.sign_rate >= 0.0 && self.sign_rate.is_finite()) {
-            anyhow::bail!("--sign-rate must be a number >= 0, got {}", self.sign_rate);
-        }
-        c.rate_limit = RateLimit {
-            per_second: self.sign_rate,
-            burst: self.sign_burst,
-        };
+        c.rate_limit = rate_limit("--sign-rate", self.sign_rate, self.sign_burst)?;
+        c.source_rate_limit = rate_limit("--source-rate", self.source_rate, self.source_burst)?;
         c.poll_interval = self.poll_interval.max(Duration::from_millis(50));
         c.admin_token_file.clone_from(&self.admin_token_file);
         if let Some(object) = &self.shared_state {
@@ -251,4 +254,12 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// A rate limit from its flags: `per_second` must be a finite number >= 0.
+fn rate_limit(flag: &str, per_second: f64, burst: u32) -> anyhow::Result<RateLimit> {
+    if !(per_second >= 0.0 && per_second.is_finite()) {
+        anyhow::bail!("{flag} must be a number >= 0, got {per_second}");
+    }
+    Ok(RateLimit { per_second, burst })
 }

@@ -1,6 +1,7 @@
 //! What a stolen SVID key or a greedy client can get from a real `stepmesh
 //! ca serve`: an SVID renewing itself gets a new key, never more time; one
-//! source address cannot take every connection.
+//! source address cannot take every connection, nor send requests
+//! without end.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -8,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::ca::CaProcess;
+use common::ca::{sign_request, CaProcess};
 use stepmesh_ca::client::Credential;
 
 const TD: &str = "td.test";
@@ -93,4 +94,40 @@ async fn one_source_cannot_take_every_connection() {
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     assert!(!closed_at_once(from("127.0.0.2")), "places not given back");
+}
+
+/// One source address sending forged tokens is slowed before they are
+/// verified: past its burst even a good token from it is refused, with
+/// the source named, before authentication (no identity in the audit
+/// line), while a request of the same kind was served before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_is_rate_limited_before_authentication() {
+    let ca = CaProcess::start_with(
+        TD,
+        &[("tok-web", WEB)],
+        &["--source-rate", "0.01", "--source-burst", "4"],
+    );
+    let mut grpc = ca.client().grpc();
+    assert!(grpc.sign(sign_request("tok-web")).await.is_ok());
+    for _ in 0..3 {
+        let forged = grpc.sign(sign_request("forged")).await.unwrap_err();
+        assert_eq!(forged.code(), tonic::Code::Unauthenticated, "{forged:?}");
+    }
+    let limited = grpc.sign(sign_request("tok-web")).await.unwrap_err();
+    assert_eq!(
+        limited.code(),
+        tonic::Code::ResourceExhausted,
+        "{limited:?}"
+    );
+    assert!(
+        limited
+            .message()
+            .starts_with("too many requests from 127.0.0.1"),
+        "{limited:?}"
+    );
+    let line = ca.wait_audit(|l| l["reason"] == "source_rate_limited");
+    assert_eq!(
+        line["identity"], "",
+        "refused before authentication: {line}"
+    );
 }

@@ -1,7 +1,10 @@
-//! Per-identity rate limit on signing: a token bucket per SPIFFE ID, so one
-//! misbehaving workload cannot make the CA sign without end.
+//! Rate limits on signing: a token bucket per key — per SPIFFE ID, so one
+//! misbehaving workload cannot make the CA sign without end, and per
+//! source address before authentication, so one client cannot turn forged
+//! credentials into verifier work (TokenReviews) without end.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -10,12 +13,12 @@ use crate::spiffe_id::SpiffeId;
 /// Above this many tracked identities, full buckets are dropped.
 const PRUNE_ABOVE: usize = 10_000;
 
-/// Signings allowed per identity: `burst` at once, refilled at `per_second`.
+/// Requests allowed per key: `burst` at once, refilled at `per_second`.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
-    /// Sustained signings per second per identity; 0 disables the limit.
+    /// Sustained requests per second per key; 0 disables the limit.
     pub per_second: f64,
-    /// How many signings may come at once.
+    /// How many requests may come at once.
     pub burst: u32,
 }
 
@@ -24,14 +27,15 @@ struct Bucket {
     at: Instant,
 }
 
-/// The buckets. The lock is held for a few arithmetic operations only; the
-/// CA signs at most thousands per second, far below contention.
-pub struct RateLimiter {
+/// The buckets, by key (a SPIFFE ID unless said). The lock is held for a
+/// few arithmetic operations only; the CA signs at most thousands per
+/// second, far below contention.
+pub struct RateLimiter<K = SpiffeId> {
     limit: RateLimit,
-    buckets: Mutex<HashMap<SpiffeId, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl RateLimiter {
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
     /// A limiter enforcing `limit`.
     pub fn new(limit: RateLimit) -> Self {
         Self {
@@ -41,7 +45,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `id`; `Err(retry_after)` when none is left.
-    pub fn check(&self, id: &SpiffeId) -> Result<(), Duration> {
+    pub fn check(&self, id: &K) -> Result<(), Duration> {
         if self.limit.per_second <= 0.0 {
             return Ok(());
         }
@@ -94,6 +98,18 @@ mod tests {
         let wait = rl.check(&a).unwrap_err();
         assert!(wait > Duration::from_secs(100), "{wait:?}");
         assert!(rl.check(&b).is_ok(), "another identity has its own bucket");
+    }
+
+    #[test]
+    fn source_addresses_have_buckets_of_their_own() {
+        let rl = RateLimiter::<std::net::IpAddr>::new(RateLimit {
+            per_second: 0.001,
+            burst: 2,
+        });
+        let (a, b) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        assert!(rl.check(&a).is_ok() && rl.check(&a).is_ok());
+        assert!(rl.check(&a).is_err(), "a third at a burst of two");
+        assert!(rl.check(&b).is_ok(), "another source has its own bucket");
     }
 
     #[test]

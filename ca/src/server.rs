@@ -77,6 +77,9 @@ pub struct CaConfig {
     pub dns_names: Vec<String>,
     /// Per-identity signing rate limit.
     pub rate_limit: RateLimit,
+    /// Per-source-address rate limit on Sign and SignJwtSvid, before
+    /// authentication.
+    pub source_rate_limit: RateLimit,
     /// How often bundle sources and the join-token file are re-read.
     pub poll_interval: Duration,
     /// Largest gRPC request accepted.
@@ -101,6 +104,16 @@ pub struct SharedStateConfig {
     /// The bearer token file (re-read on every call).
     pub token_file: PathBuf,
 }
+
+/// The per-source limit's default: a node of 110 pods starting at once
+/// (their addresses masqueraded to the node's) fits the burst, and their
+/// renewals (each SVID renewed at half its life) are a small fraction of
+/// the rate; a client sending forged tokens gets 20 verifications a
+/// second, not as many as it can send.
+pub const SOURCE_RATE_LIMIT: RateLimit = RateLimit {
+    per_second: 20.0,
+    burst: 256,
+};
 
 impl CaConfig {
     /// Defaults for an embedded or test CA: loopback, free ports, root mode,
@@ -128,6 +141,7 @@ impl CaConfig {
                 per_second: 1.0,
                 burst: 20,
             },
+            source_rate_limit: SOURCE_RATE_LIMIT,
             poll_interval: Duration::from_secs(5),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             admin_token_file: None,
@@ -289,7 +303,10 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
             jwt: Arc::new(jwt),
         },
         authn.clone(),
-        RateLimiter::new(config.rate_limit),
+        crate::service::Limits {
+            identity: RateLimiter::new(config.rate_limit),
+            source: RateLimiter::new(config.source_rate_limit),
+        },
         metrics.clone(),
         bundle_rx.clone(),
         crate::service::AdminState {

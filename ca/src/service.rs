@@ -4,7 +4,7 @@
 //! fields are built in `service/refusal.rs`; the admin calls' token gate
 //! and audit in `service/admin_gate.rs`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -53,7 +53,7 @@ pub struct CaService {
     td: TrustDomain,
     signer: Arc<Signer>,
     authn: Arc<Authenticator>,
-    limiter: RateLimiter,
+    limits: Limits,
     metrics: CaMetrics,
     bundle: watch::Receiver<Arc<BundleState>>,
     revocations: Arc<Revocations>,
@@ -71,6 +71,16 @@ pub struct Signers {
     pub jwt: Arc<JwtSigner>,
 }
 
+/// The rate limits on Sign and SignJwtSvid.
+pub struct Limits {
+    /// Per authenticated identity (`--sign-rate`, `--sign-burst`).
+    pub identity: RateLimiter,
+    /// Per source address, before authentication (`--source-rate`,
+    /// `--source-burst`): a client sending forged tokens is slowed before
+    /// they cost a TokenReview or a signature check.
+    pub source: RateLimiter<IpAddr>,
+}
+
 /// What the admin calls work on.
 #[derive(Debug)]
 pub struct AdminState {
@@ -86,7 +96,7 @@ impl CaService {
         td: TrustDomain,
         signers: Signers,
         authn: Arc<Authenticator>,
-        limiter: RateLimiter,
+        limits: Limits,
         metrics: CaMetrics,
         bundle: watch::Receiver<Arc<BundleState>>,
         admin: AdminState,
@@ -100,7 +110,7 @@ impl CaService {
             td,
             signer,
             authn,
-            limiter,
+            limits,
             metrics,
             bundle,
             revocations,
@@ -112,10 +122,10 @@ impl CaService {
     /// SignJwtSvid's decision: the caller's identity, then the token.
     async fn decide_jwt(
         &self,
-        cred: Result<Credential<'_>, AuthnError>,
+        caller: Caller<'_>,
         req: &pb::SignJwtSvidRequest,
     ) -> Result<(Authenticated, MintedJwt), Refusal> {
-        let who = self.admit(cred).await?;
+        let who = self.admit(caller).await?;
         let ttl = who.cap(JwtSigner::ttl_for(req.ttl_seconds));
         let minted = self.jwt.mint(&who.id, &req.audience, ttl).map_err(|e| {
             let (status, outcome, reason) = match &e {
@@ -139,10 +149,10 @@ impl CaService {
 
     async fn decide(
         &self,
-        cred: Result<Credential<'_>, AuthnError>,
+        caller: Caller<'_>,
         req: &pb::SignRequest,
     ) -> Result<(Authenticated, Issued, &'static str), Refusal> {
-        let who = self.admit(cred).await?;
+        let who = self.admit(caller).await?;
         let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
         csr.check_identity(&who.id)
             .map_err(|e| Refusal::csr(e, &who))?;
@@ -161,13 +171,17 @@ impl CaService {
         Ok((who, issued, csr.key_type()))
     }
 
-    /// Authenticates the credential, refuses a revoked identity or a
-    /// revoked renewing SVID, and applies the caller's rate limit (Sign and
-    /// SignJwtSvid alike).
-    async fn admit(
-        &self,
-        cred: Result<Credential<'_>, AuthnError>,
-    ) -> Result<Authenticated, Refusal> {
+    /// Applies the source's rate limit, authenticates the credential,
+    /// refuses a revoked identity or a revoked renewing SVID, and applies
+    /// the caller's rate limit (Sign and SignJwtSvid alike).
+    async fn admit(&self, caller: Caller<'_>) -> Result<Authenticated, Refusal> {
+        if let Some(source) = caller.source {
+            self.limits
+                .source
+                .check(&source)
+                .map_err(|wait| Refusal::source_limited(source, wait))?;
+        }
+        let cred = caller.cred;
         // Renewal by SVID: that SVID's serial must not be revoked.
         let renewing = match &cred {
             Ok(Credential::PeerChain(chain)) => chain.first().and_then(leaf_serial),
@@ -192,7 +206,7 @@ impl CaService {
                 identity: Some(who.id.to_string()),
             });
         }
-        if let Err(wait) = self.limiter.check(&who.id) {
+        if let Err(wait) = self.limits.identity.check(&who.id) {
             return Err(Refusal {
                 status: Status::resource_exhausted(format!(
                     "rate limit for {}: retry in {:.1}s",
@@ -209,14 +223,19 @@ impl CaService {
     }
 }
 
-/// The caller's credential (a bearer token, else the TLS client chain) and
-/// its address, for the audit line.
-fn credential<T>(request: &Request<T>) -> (Result<Credential<'_>, AuthnError>, String) {
+/// Who calls: the credential (a bearer token, else the TLS client chain)
+/// and the source address it came from.
+struct Caller<'r> {
+    cred: Result<Credential<'r>, AuthnError>,
+    /// Canonical (an IPv4 client of a dual-stack listener as IPv4).
+    source: Option<IpAddr>,
+}
+
+/// The request's [`Caller`] and its address, for the audit line.
+fn caller<T>(request: &Request<T>) -> (Caller<'_>, String) {
     let conn = request.extensions().get::<ConnInfo>();
-    let peer = conn
-        .and_then(|c| c.remote)
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let remote = conn.and_then(|c| c.remote);
+    let peer = remote.map(|p| p.to_string()).unwrap_or_default();
     let chain = conn.and_then(|c| c.peer_chain.as_deref());
     let cred = match (bearer(request.metadata()), chain) {
         (Err(e), _) => Err(e),
@@ -224,7 +243,8 @@ fn credential<T>(request: &Request<T>) -> (Result<Credential<'_>, AuthnError>, S
         (Ok(None), Some(chain)) => Ok(Credential::PeerChain(chain.as_slice())),
         (Ok(None), None) => Err(AuthnError::NoCredential),
     };
-    (cred, peer)
+    let source = remote.map(|r| r.ip().to_canonical());
+    (Caller { cred, source }, peer)
 }
 
 /// The bearer token of `authorization`, if any; a malformed header is an error.
@@ -262,20 +282,11 @@ impl CertificateAuthority for CaService {
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
         let start = Instant::now();
-        let conn = request.extensions().get::<ConnInfo>().cloned();
-        let peer = conn.as_ref().and_then(|c| c.remote);
-        let chain = conn.and_then(|c| c.peer_chain);
-        let cred = match (bearer(request.metadata()), &chain) {
-            (Err(e), _) => Err(e),
-            (Ok(Some(token)), _) => Ok(Credential::Bearer(token)),
-            (Ok(None), Some(chain)) => Ok(Credential::PeerChain(chain.as_slice())),
-            (Ok(None), None) => Err(AuthnError::NoCredential),
-        };
-        let result = self.decide(cred, request.get_ref()).await;
+        let (caller, peer) = caller(&request);
+        let result = self.decide(caller, request.get_ref()).await;
         self.metrics
             .sign_duration
             .observe(start.elapsed().as_secs_f64());
-        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
         match result {
             Ok((who, issued, key_type)) => {
                 self.revocations
@@ -331,8 +342,8 @@ impl CertificateAuthority for CaService {
         &self,
         request: Request<pb::SignJwtSvidRequest>,
     ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
-        let (cred, peer) = credential(&request);
-        let result = self.decide_jwt(cred, request.get_ref()).await;
+        let (caller, peer) = caller(&request);
+        let result = self.decide_jwt(caller, request.get_ref()).await;
         match result {
             Ok((who, minted)) => {
                 let expires_at = unix_secs(minted.expires_at);

@@ -51,6 +51,21 @@ impl Refusal {
         }
     }
 
+    /// The source address's requests exceed its rate (checked before
+    /// authentication: no identity, no verifier).
+    pub(super) fn source_limited(source: std::net::IpAddr, wait: std::time::Duration) -> Self {
+        Self {
+            status: Status::resource_exhausted(format!(
+                "too many requests from {source}: retry in {:.1}s",
+                wait.as_secs_f64()
+            )),
+            outcome: "rate_limited",
+            verifier: "none",
+            reason: "source_rate_limited",
+            identity: None,
+        }
+    }
+
     pub(super) fn csr(err: CsrError, who: &Authenticated) -> Self {
         let (status, outcome) = match &err {
             CsrError::IdentityMismatch { .. } => {
