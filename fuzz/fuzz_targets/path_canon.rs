@@ -12,13 +12,19 @@
 //!   elsewhere); with `any`, only paths equal up to case to one of the
 //!   path's readings; and case folding is a fixed point
 //!   (`fold(fold(x)) == fold(x)`);
-//! - routing agrees with a plain oracle: the route chosen is the first route
-//!   matching some reading and no reading's first match is another route;
-//!   "no route" means no reading matches any; "ambiguous" names two routes
-//!   that two readings really match.
+//! - routing agrees with a plain oracle over every method the app may read
+//!   the request as and every reading of its path: the route chosen is the
+//!   first route matching some pair and no pair's first match is another
+//!   route; "no route" means no pair matches any; "ambiguous" (or "method
+//!   override") names two routes that two pairs really match;
+//! - the methods an app may read the request as (`method_readings`) start
+//!   with its own, hold no method twice, take every method token a
+//!   method-override field holds (in either spelling of its name), and
+//!   nothing that no override field or the query holds.
 //!
 //! Input: byte 0 picks `pathMatch` (case × params) and the method; the rest
-//! is UTF-8: the request target, then optional `Host` values, one a line.
+//! is UTF-8: the request target, then two optional `Host` values, then
+//! fields, one a line (names taken in turn from [`FIELDS`]).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -69,6 +75,82 @@ fn policy() -> &'static Policy {
     })
 }
 
+/// The names the fields of the input's later lines take in turn: override
+/// fields spelled both ways, and one that is no override.
+const FIELDS: [&str; 4] = [
+    "x-http-method-override",
+    "x_http_method",
+    "x-method-override",
+    "x-forwarded-method",
+];
+
+/// The methods an app may read the request as, checked against the fields
+/// and the query they came from.
+fn check_method_readings(method: &Method, uri: &http::Uri, headers: &HeaderMap) {
+    let readings = target::method_readings(method, uri, headers);
+    assert_eq!(&readings[0], method, "the request's own method first");
+    for (i, m) in readings.iter().enumerate() {
+        assert!(!readings[..i].contains(m), "{m} read twice: {readings:?}");
+    }
+    let overrides: Vec<&[u8]> = headers
+        .iter()
+        .filter(|(name, _)| {
+            target::METHOD_OVERRIDES
+                .iter()
+                .any(|o| target::reads_as(name.as_str().as_bytes(), o))
+        })
+        .map(|(_, v)| v.as_bytes())
+        .collect();
+    // A token needs no trim: each one an override field holds is read.
+    for element in overrides.iter().flat_map(|v| v.split(|&b| b == b',')) {
+        if let Ok(m) = Method::from_bytes(element) {
+            assert!(readings.contains(&m), "{m} missed: {readings:?}");
+        }
+    }
+    // And nothing else: each reading is in a field or in the query (the
+    // whole query decoded at once, which holds each part decoded).
+    let query = decode_query(uri.query().unwrap_or(""));
+    let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for m in &readings[1..] {
+        let m = m.as_str().as_bytes();
+        assert!(
+            overrides.iter().any(|v| holds(v, m)) || holds(&query, m),
+            "{} read from nowhere",
+            String::from_utf8_lossy(m)
+        );
+    }
+}
+
+/// `+` as a space and each `%XX` as its byte (others kept), independently
+/// of the code under test.
+fn decode_query(query: &str) -> Vec<u8> {
+    let bytes = query.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn first_match<'p>(
     routes: &'p [Route],
     method: &Method,
@@ -105,9 +187,14 @@ fuzz_target!(|data: &[u8]| {
     let mut lines = text.split('\n');
     let raw = lines.next().unwrap_or_default();
     let mut headers = HeaderMap::new();
-    for host in lines.take(2) {
+    for host in lines.by_ref().take(2) {
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.append(HOST, v);
+        }
+    }
+    for (name, value) in FIELDS.iter().cycle().zip(lines) {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.append(*name, v);
         }
     }
 
@@ -120,6 +207,7 @@ fuzz_target!(|data: &[u8]| {
         // Refused before any Uri exists: nothing can be routed.
         return;
     };
+    check_method_readings(method, &uri, &headers);
     let checked: Result<Readings<'_>, Refusal> =
         target::request_path(method, &uri, &headers).and_then(|p| Readings::of(p, options));
     let routed = policy.route_request(port, method, &uri, &headers);
@@ -147,10 +235,12 @@ fuzz_target!(|data: &[u8]| {
         "an accepted path has a reading"
     );
 
-    // Routing against the oracle.
-    let firsts: Vec<Option<&Route>> = readings
+    // Routing against the oracle, over every method the app may read the
+    // request as and every reading of its path.
+    let methods = target::method_readings(method, &uri, &headers);
+    let firsts: Vec<Option<&Route>> = methods
         .iter()
-        .map(|r| first_match(routes, method, r))
+        .flat_map(|m| readings.iter().map(move |r| first_match(routes, m, r)))
         .collect();
     match &routed {
         Ok(Some(route)) => {
@@ -173,7 +263,7 @@ fuzz_target!(|data: &[u8]| {
             firsts.iter().all(Option::is_none),
             "a matching route was missed"
         ),
-        Err(Refusal::Ambiguous(a, b)) => {
+        Err(Refusal::Ambiguous(a, b) | Refusal::MethodOverride(a, b)) => {
             assert_ne!(a, b);
             for name in [a, b] {
                 assert!(
