@@ -131,3 +131,30 @@ async fn one_source_is_rate_limited_before_authentication() {
         "refused before authentication: {line}"
     );
 }
+
+/// JWT-SVIDs asked for without end run out their own bucket, not the
+/// identity's X.509 signings: a pod whose app loops on its Workload API
+/// cannot hold back every pod of its identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_without_end_do_not_hold_back_x509_svids() {
+    let ca = CaProcess::start_with(
+        TD,
+        &[("tok-web", WEB)],
+        &["--sign-rate", "0.01", "--sign-burst", "2"],
+    );
+    let client = ca.client();
+    let audience = ["db".to_owned()];
+    for _ in 0..2 {
+        client
+            .sign_jwt_svid("tok-web", &audience, None)
+            .await
+            .unwrap();
+    }
+    let limited = client.sign_jwt_svid("tok-web", &audience, None).await;
+    assert!(
+        format!("{limited:?}").contains("rate limit"),
+        "a third JWT-SVID at a burst of two: {limited:?}"
+    );
+    let svid = ca.issue("tok-web").await;
+    assert_eq!(svid.id.as_str(), WEB, "the X.509 bucket is untouched");
+}

@@ -312,6 +312,31 @@ fn py_spiffe_gets_a_jwt_svid_that_validates_for_its_audience_only() {
     );
 }
 
+/// A JWT-SVID is handed out again for the same audiences while half its
+/// life is left: an app that asks per request costs the CA one signing,
+/// not one per request (nor runs out its identity's rate limit there).
+/// Other audiences get a token of their own.
+#[test]
+fn a_jwt_svid_is_handed_out_again_for_the_same_audiences() {
+    if !py_spiffe() {
+        return;
+    }
+    let ca = start_ca();
+    let dir = tempfile::tempdir().unwrap();
+    let (_app, socket) = app_sidecar(&ca, dir.path(), "1h", &[]);
+    let signed = || {
+        ca.audit()
+            .iter()
+            .filter(|l| l["decision"] == "sign_jwt_svid")
+            .count()
+    };
+    for aud in ["payments-db", "payments-db", "orders"] {
+        let (out, lines) = client(&socket, &["jwt", aud]);
+        assert_eq!(one(&out, &lines)["validated"], CLIENT_ID, "{aud}");
+    }
+    assert_eq!(signed(), 2, "one signing per audience");
+}
+
 /// A JWT-SVID the CA signed for the caller's identity is refused through
 /// the socket once it has expired (past `exp` and the validator's 5 s
 /// leeway); the same request with a fresh token is accepted, so the refusal

@@ -305,6 +305,7 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
         authn.clone(),
         crate::service::Limits {
             identity: RateLimiter::new(config.rate_limit),
+            jwt: RateLimiter::new(config.rate_limit),
             source: RateLimiter::new(config.source_rate_limit),
         },
         metrics.clone(),

@@ -73,8 +73,13 @@ pub struct Signers {
 
 /// The rate limits on Sign and SignJwtSvid.
 pub struct Limits {
-    /// Per authenticated identity (`--sign-rate`, `--sign-burst`).
+    /// Sign per authenticated identity (`--sign-rate`, `--sign-burst`).
     pub identity: RateLimiter,
+    /// SignJwtSvid per authenticated identity, at the same rate: a bucket
+    /// of its own, so that an app asking for JWT-SVIDs without end (each
+    /// pod's Workload API mints for its apps) cannot hold back the X.509
+    /// SVIDs of every pod of its identity.
+    pub jwt: RateLimiter,
     /// Per source address, before authentication (`--source-rate`,
     /// `--source-burst`): a client sending forged tokens is slowed before
     /// they cost a TokenReview or a signature check.
@@ -125,7 +130,7 @@ impl CaService {
         caller: Caller<'_>,
         req: &pb::SignJwtSvidRequest,
     ) -> Result<(Authenticated, MintedJwt), Refusal> {
-        let who = self.admit(caller).await?;
+        let who = self.admit(caller, &self.limits.jwt).await?;
         let ttl = who.cap(JwtSigner::ttl_for(req.ttl_seconds));
         let minted = self.jwt.mint(&who.id, &req.audience, ttl).map_err(|e| {
             let (status, outcome, reason) = match &e {
@@ -152,7 +157,7 @@ impl CaService {
         caller: Caller<'_>,
         req: &pb::SignRequest,
     ) -> Result<(Authenticated, Issued, &'static str), Refusal> {
-        let who = self.admit(caller).await?;
+        let who = self.admit(caller, &self.limits.identity).await?;
         let csr = Csr::from_pem(&req.csr_pem).map_err(|e| Refusal::csr(e, &who))?;
         csr.check_identity(&who.id)
             .map_err(|e| Refusal::csr(e, &who))?;
@@ -173,8 +178,12 @@ impl CaService {
 
     /// Applies the source's rate limit, authenticates the credential,
     /// refuses a revoked identity or a revoked renewing SVID, and applies
-    /// the caller's rate limit (Sign and SignJwtSvid alike).
-    async fn admit(&self, caller: Caller<'_>) -> Result<Authenticated, Refusal> {
+    /// the caller's rate limit in `bucket` (Sign and SignJwtSvid alike).
+    async fn admit(
+        &self,
+        caller: Caller<'_>,
+        bucket: &RateLimiter,
+    ) -> Result<Authenticated, Refusal> {
         if let Some(source) = caller.source {
             self.limits
                 .source
@@ -206,7 +215,7 @@ impl CaService {
                 identity: Some(who.id.to_string()),
             });
         }
-        if let Err(wait) = self.limits.identity.check(&who.id) {
+        if let Err(wait) = bucket.check(&who.id) {
             return Err(Refusal {
                 status: Status::resource_exhausted(format!(
                     "rate limit for {}: retry in {:.1}s",

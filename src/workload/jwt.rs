@@ -2,8 +2,10 @@
 //! sidecar's own credential, verified here against the CA's JWK set (the
 //! one the trust bundle stream carries).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use stepmesh_ca::client::CaClient;
@@ -13,14 +15,33 @@ use tokio::sync::OnceCell;
 /// Clock skew allowed on `exp` (tokens live 5 minutes at most).
 const LEEWAY: Duration = Duration::from_secs(5);
 
+/// Audience sets whose tokens are kept at once; past it, the one closest
+/// to its end goes.
+const CACHED_AUDIENCES: usize = 64;
+
 /// Mints JWT-SVIDs at the CA, as the sidecar: the same CA, bundle and token
-/// file the identity source uses. Connects on first use.
+/// file the identity source uses. Connects on first use. A token is
+/// handed out again, to any caller asking for the same audiences, while
+/// at least half its life is left (as SPIRE's agent does): an app that
+/// asks per request (go-spiffe's `JWTSource` calls the Workload API each
+/// time) costs the CA a signing per half-life, not one per request, and
+/// cannot run out its identity's rate limit at the CA.
 pub struct JwtMinter {
     addr: String,
     ca_bundle: PathBuf,
     token_file: PathBuf,
     trust_domain: TrustDomain,
     client: OnceCell<CaClient>,
+    /// By audience set (sorted, each once).
+    minted: Mutex<HashMap<Vec<String>, Minted>>,
+}
+
+/// A token the CA minted, and when it stops being handed out.
+struct Minted {
+    spiffe_id: String,
+    token: String,
+    /// Unix seconds: half-way from minting to `exp`.
+    reuse_until: i64,
 }
 
 /// Why a JWT-SVID could not be minted.
@@ -50,11 +71,49 @@ impl JwtMinter {
             token_file,
             trust_domain: td,
             client: OnceCell::new(),
+            minted: Mutex::default(),
         }
     }
 
-    /// A JWT-SVID for `audience` (the token itself; never log it).
+    /// A JWT-SVID for `audience` (the token itself; never log it): one
+    /// minted for the same audiences while half its life is left, else a
+    /// new one.
     pub async fn mint(&self, audience: &[String]) -> Result<(String, String), MintError> {
+        let mut key = audience.to_vec();
+        key.sort_unstable();
+        key.dedup();
+        let now = unix_now();
+        if let Some(m) = self.cache().get(&key).filter(|m| now < m.reuse_until) {
+            return Ok((m.spiffe_id.clone(), m.token.clone()));
+        }
+        let (spiffe_id, token, expires_at) = self.mint_at_ca(audience).await?;
+        let mut cache = self.cache();
+        cache.retain(|_, m| now < m.reuse_until);
+        if cache.len() >= CACHED_AUDIENCES {
+            let soonest = cache
+                .iter()
+                .min_by_key(|(_, m)| m.reuse_until)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = soonest {
+                cache.remove(&k);
+            }
+        }
+        let minted = Minted {
+            spiffe_id: spiffe_id.clone(),
+            token: token.clone(),
+            reuse_until: now + (expires_at - now) / 2,
+        };
+        cache.insert(key, minted);
+        Ok((spiffe_id, token))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Minted>> {
+        // Each critical section is a lookup or an insert: never torn.
+        self.minted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new JWT-SVID from the CA: the ID, the token and its `exp`.
+    async fn mint_at_ca(&self, audience: &[String]) -> Result<(String, String, i64), MintError> {
         let client = self
             .client
             .get_or_try_init(|| async {
@@ -69,8 +128,14 @@ impl JwtMinter {
             .await
             .map_err(|e| MintError::Local(format!("--token-file: {e}")))?;
         let jwt = client.sign_jwt_svid(token.trim(), audience, None).await?;
-        Ok((jwt.spiffe_id, jwt.token))
+        Ok((jwt.spiffe_id, jwt.token, jwt.expires_at))
     }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Checks a JWT-SVID for `audience`: ES256 signature by a key of `jwks`
