@@ -264,7 +264,8 @@ fn bearer_invalid() -> HeaderValue {
 
 /// kube-apiserver's claim mapping, plus what impersonation makes
 /// dangerous: a `system:` name or group would let the IdP's users act as
-/// the cluster's own components (`system:masters`), so it is refused.
+/// the cluster's own components (`system:masters`), so it is refused, as
+/// is a name the API server reads as another (blanks around it).
 fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Person, String> {
     let claim = &auth.username_claim;
     let name = match token.claims.get(claim) {
@@ -290,6 +291,14 @@ fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Per
         }
     };
     for n in std::iter::once(&username).chain(&groups) {
+        // The API server reads an HTTP/1 field's value without its leading
+        // and trailing blanks: " system:masters" would pass the check
+        // below and be `system:masters` there (tests/gateway_names.rs).
+        if n.trim_matches([' ', '\t']) != n {
+            return Err(format!(
+                "{n:?} begins or ends with a blank, which the API server drops; the gateway does not impersonate it"
+            ));
+        }
         if n.starts_with("system:") {
             return Err(format!(
                 "{n:?} is reserved for the cluster's own components; the gateway does not impersonate it"
