@@ -465,3 +465,47 @@ fn explain_kubernetes_requests_names_the_rule_and_the_gateways_decision() {
     );
     assert!(out.contains("decision: 400 bad request"), "{out}");
 }
+
+/// The shipped gateway policy asks for a fresh MFA login before what
+/// amounts to a shell in production (exec and its equivalents: the API
+/// server's proxy to a pod, a service or a node's kubelet, an ephemeral
+/// container), a delete there (an eviction too), and any answer that
+/// carries a Secret's data (a patch, even an empty dry run, and a delete
+/// answer with the object); a routine read needs none.
+#[test]
+fn the_shipped_gateway_policy_steps_up_what_equals_a_shell_a_delete_or_a_secret() {
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gateway/policy.yaml");
+    let explain = |method: &str, path: &str| {
+        let args = [
+            "policy",
+            "explain",
+            policy,
+            "--kubernetes",
+            "--method",
+            method,
+            "--path",
+            path,
+        ];
+        stdout(&stepmesh(&args))
+    };
+    for (method, path) in [
+        ("GET", "/api/v1/namespaces/prod/pods/web/exec?command=sh"),
+        ("GET", "/api/v1/namespaces/prod/pods/web/proxy/"),
+        ("GET", "/api/v1/namespaces/prod-eu/services/web:80/proxy/x"),
+        ("POST", "/api/v1/nodes/n1/proxy/run/prod/web/app"),
+        (
+            "PATCH",
+            "/api/v1/namespaces/prod/pods/web/ephemeralcontainers",
+        ),
+        ("POST", "/api/v1/namespaces/prod/pods/web/eviction"),
+        ("DELETE", "/api/v1/namespaces/prod/configmaps/x"),
+        ("PATCH", "/api/v1/namespaces/dev/secrets/db?dryRun=All"),
+        ("DELETE", "/api/v1/namespaces/dev/secrets/db"),
+        ("GET", "/api/v1/namespaces/dev/secrets?watch=1"),
+    ] {
+        let out = explain(method, path);
+        assert!(out.contains("needs: step-up"), "{method} {path}: {out}");
+    }
+    let out = explain("GET", "/api/v1/namespaces/prod/configmaps/x");
+    assert!(out.contains("rule: (none"), "{out}");
+}

@@ -258,6 +258,9 @@ fn authentication(
     })
 }
 
+/// The subresources a request reaches as a tunnel (`connect`).
+const TUNNELS: [&str; 4] = ["exec", "attach", "portforward", "proxy"];
+
 fn rule(
     path: &str,
     r: RawKubeRule,
@@ -316,6 +319,45 @@ fn rule(
     for (field, list) in [("names", &r.names), ("groups", &r.groups)] {
         if let Some(i) = list.iter().flatten().position(String::is_empty) {
             return Err(invalid(format!("{path}.{field}[{i}]"), "empty pattern"));
+        }
+    }
+    // Rules that can never match are refused: a step-up rule that matches
+    // nothing is the step-up switched off without a word.
+    for (field, list) in [
+        ("apiGroups", &r.api_groups),
+        ("namespaces", &r.namespaces),
+        ("names", &r.names),
+        ("groups", &r.groups),
+    ] {
+        if list.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                format!("{path}.{field}"),
+                "an empty list matches nothing: leave the field out to match all",
+            ));
+        }
+    }
+    if let Some(i) = r.api_groups.iter().flatten().position(|g| g == "core") {
+        return Err(invalid(
+            format!("{path}.apiGroups[{i}]"),
+            "the core API group is \"\", not \"core\"",
+        ));
+    }
+    let reaches_tunnels = r
+        .verbs
+        .iter()
+        .any(|v| matches!(v.as_str(), "connect" | "*"));
+    if let Some(i) = r.resources.iter().position(|res| {
+        res.split_once('/')
+            .is_some_and(|(_, sub)| TUNNELS.contains(&sub))
+    }) {
+        if !reaches_tunnels {
+            return Err(invalid(
+                format!("{path}.resources[{i}]"),
+                format!(
+                    "{:?} is a tunnel, which only the verbs connect and * match: add connect",
+                    r.resources[i]
+                ),
+            ));
         }
     }
     let step_up = match r.step_up {

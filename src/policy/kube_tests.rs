@@ -215,3 +215,62 @@ fn errors_name_the_field() {
         .to_string();
     assert!(err.contains("nmespaces"), "{err}");
 }
+
+#[test]
+fn rules_that_can_never_match_are_refused() {
+    let head = "  authentication: {provider: corp}\n  rules:\n  - {name: a, ";
+    for (rule, field, says) in [
+        (
+            "verbs: [create], resources: [pods/exec]",
+            "resources[0]",
+            "add connect",
+        ),
+        (
+            "verbs: [get], resources: [pods, services/proxy]",
+            "resources[1]",
+            "add connect",
+        ),
+        (
+            "verbs: [get], resources: [pods], namespaces: []",
+            "namespaces",
+            "matches nothing",
+        ),
+        (
+            "verbs: [get], resources: [pods], apiGroups: []",
+            "apiGroups",
+            "matches nothing",
+        ),
+        (
+            "verbs: [get], resources: [pods], names: []",
+            "names",
+            "matches nothing",
+        ),
+        (
+            "verbs: [get], resources: [pods], groups: []",
+            "groups",
+            "matches nothing",
+        ),
+        (
+            "verbs: [get], resources: [pods], apiGroups: [core]",
+            "apiGroups[0]",
+            "is \"\"",
+        ),
+    ] {
+        let err = policy(&format!("{head}{rule}}}\n"))
+            .unwrap_err()
+            .to_string();
+        let field = format!("kubernetes.rules[0].{field}:");
+        assert!(
+            err.starts_with(&field) && err.contains(says),
+            "{rule}\n=> {err}"
+        );
+    }
+    // What they should have said loads.
+    for rule in [
+        "verbs: [connect], resources: [pods/exec]",
+        "verbs: [\"*\"], resources: [nodes/proxy]",
+        "verbs: [get], resources: [pods], apiGroups: [\"\"]",
+    ] {
+        policy(&format!("{head}{rule}}}\n")).unwrap_or_else(|e| panic!("{rule}: {e}"));
+    }
+}
