@@ -3,8 +3,10 @@
 //! from the gateway is refused before it. Go's HTTP/1 header reading drops
 //! a value's leading and trailing blanks, so a group " system:masters"
 //! from the IdP, past a check for `system:`, was `system:masters` (every
-//! permission) at the API server. Skips (printing why) without
-//! `KUBEBUILDER_ASSETS`.
+//! permission) at the API server. And what else the API server reads of
+//! the person as it does: `email_verified` must be the boolean true; a
+//! client's `Audit-ID` does not name the API server's audit event. Skips
+//! (printing why) without `KUBEBUILDER_ASSETS`.
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
@@ -48,12 +50,18 @@ fn names_the_api_server_reads_otherwise_are_never_impersonated() {
     std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
     let gateway = Gateway::start(k8s, &k8s.url, &k8s.ca_file, &policy(&jwks));
     let client = gateway.client();
-    // A watch: HTTP/1.1 to the API server (the gateway's stream lane).
-    let watch = |email: &str, groups: Value| {
+    let bearer = |email: &str, groups: Value, verified: Option<Value>| {
         let mut c = base_claims(ISSUER, "kubectl", "mallory");
         c["email"] = json!(email);
         c["groups"] = groups;
-        let auth = format!("Bearer {}", idp.es256(&c).unwrap());
+        if let Some(v) = verified {
+            c["email_verified"] = v;
+        }
+        format!("Bearer {}", idp.es256(&c).unwrap())
+    };
+    // A watch: HTTP/1.1 to the API server (the gateway's stream lane).
+    let watch = |email: &str, groups: Value| {
+        let auth = bearer(email, groups, None);
         let target = "/api/v1/namespaces/kube-system/secrets?watch=1";
         client.request_head("GET", target, &[("Authorization", &auth)])
     };
@@ -86,4 +94,48 @@ fn names_the_api_server_reads_otherwise_are_never_impersonated() {
         let r = watch(email, groups);
         assert_eq!(r.status, 401, "{what}: {}", r.body_text());
     }
+
+    // `email_verified`, when present, must be the boolean true.
+    let target = "/api/v1/namespaces/default/configmaps/marker";
+    for (verified, status) in [
+        (json!(true), 403),
+        (json!(false), 401),
+        (json!("false"), 401),
+    ] {
+        let auth = bearer("mallory@example.com", json!([]), Some(verified.clone()));
+        let r = client.request("GET", target, &[("Authorization", &auth)], b"");
+        assert_eq!(
+            r.status,
+            status,
+            "email_verified {verified}: {}",
+            r.body_text()
+        );
+    }
+
+    // A client's Audit-ID does not name the API server's event.
+    let auth = bearer("mallory@example.com", json!([]), None);
+    let target = "/api/v1/namespaces/default/configmaps/audit-id-marker";
+    let chosen = "0b7e5e1c-chosen-by-the-client";
+    let r = client.request(
+        "GET",
+        target,
+        &[("Authorization", &auth), ("Audit-ID", chosen)],
+        b"",
+    );
+    assert_eq!(r.status, 403, "{}", r.body_text());
+    let ids = |k: &Envtest| -> Vec<String> {
+        k.audit()
+            .events()
+            .into_iter()
+            .filter(|e| e.request_uri.ends_with("audit-id-marker"))
+            .map(|e| e.audit_id)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ids(k8s).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let seen = ids(k8s);
+    assert!(!seen.is_empty(), "the request reached the API server");
+    assert!(!seen.iter().any(|id| id == chosen), "{seen:?}");
 }

@@ -272,8 +272,11 @@ fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Per
         Some(Value::String(s)) if !s.is_empty() => s,
         _ => return Err(format!("the token has no {claim:?} claim to name you by")),
     };
-    if claim == "email" && token.claims.get("email_verified") == Some(&Value::Bool(false)) {
-        return Err("the token's email is not verified (email_verified: false)".to_owned());
+    // As the API server: when present, `email_verified` must be the
+    // boolean true (a string "false" is not a verification).
+    let verified = token.claims.get("email_verified");
+    if claim == "email" && verified.is_some_and(|v| *v != Value::Bool(true)) {
+        return Err("the token's email is not verified (email_verified is not true)".to_owned());
     }
     let username = format!("{}{name}", auth.username_prefix);
     let groups = match auth.groups_claim.as_ref().map(|c| (c, token.claims.get(c))) {

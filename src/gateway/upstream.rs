@@ -184,6 +184,9 @@ impl Upstream {
         strip_hop_by_hop(headers, upgrade);
         headers.remove(header::HOST);
         headers.remove(header::COOKIE);
+        // The API server files its audit events under a client's Audit-ID
+        // when one comes: a person could file theirs under another's.
+        headers.remove("audit-id");
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::clone(&self.token.load()),

@@ -240,6 +240,12 @@ async fn weak_or_stale_authentication_gets_the_rfc9470_challenge() {
         d.reason, "stale_auth_time",
         "no auth_time cannot prove freshness"
     );
+    // A login in the future (past the leeway) would stay fresh until the
+    // token expires: it proves nothing either.
+    let mut c = good_claims();
+    c["auth_time"] = json!(now() + 3600);
+    let d = f.with_token("/refunds/1", &f.idp.es256(&c).unwrap()).await;
+    assert_eq!(d.reason, "stale_auth_time", "a login in the future");
 }
 
 #[tokio::test]

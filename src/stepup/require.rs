@@ -110,9 +110,12 @@ pub fn check(
         }
     }
     if let Some(max_age) = rule.max_age {
-        let fresh = token
-            .auth_time
-            .is_some_and(|t| now.saturating_sub(t) <= max_age.as_secs().saturating_add(leeway));
+        // A login in the future (past the leeway) is no login: it would
+        // stay "fresh" until the token expires.
+        let fresh = token.auth_time.is_some_and(|t| {
+            t <= now.saturating_add(leeway)
+                && now.saturating_sub(t) <= max_age.as_secs().saturating_add(leeway)
+        });
         if !fresh {
             return Err(Failure::Insufficient(Unmet::MaxAge));
         }
