@@ -250,6 +250,58 @@ fn a_uid_not_listed_is_permission_denied() {
     assert_eq!(one(&out, &lines)["code"], "OK");
 }
 
+/// A UID the list refuses gets at most 16 connections at once (each
+/// answered `PERMISSION_DENIED` per call): more are closed at accept, so
+/// that half-sent header blocks (up to 80 KiB each) cannot grow the
+/// sidecar without end. Runs without Python: raw sockets.
+#[test]
+fn a_refused_uid_holds_at_most_sixteen_connections() {
+    use std::io::{Read, Write};
+    let other = (my_uid() + 4242).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, socket) = files_sidecar(dir.path(), &["--workload-api-uid", &other]);
+    // The HTTP/2 preface and a HEADERS frame without END_HEADERS: a header
+    // block left open.
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    opening.extend_from_slice(&[0, 0, 4, 1, 0, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41]);
+    let held: Vec<_> = (0..40)
+        .map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            let _ = s.write_all(&opening);
+            s
+        })
+        .collect();
+    // Served: the server's SETTINGS come, then nothing (the block is
+    // open) until the read times out. Closed at accept: EOF (or a reset).
+    let readers: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let mut buf = [0; 256];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => return true,
+                        Ok(_) => continue,
+                        Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+                    }
+                }
+            })
+        })
+        .collect();
+    let closed = readers
+        .into_iter()
+        .map(|r| r.join().unwrap())
+        .filter(|&c| c)
+        .count();
+    assert_eq!(closed, 40 - 16, "16 served, the rest closed");
+    assert_eq!(
+        sidecar.metric(r#"stepmesh_workload_api_refused_total{reason="uid_connections"}"#),
+        24.0
+    );
+}
+
 #[test]
 fn a_file_in_the_sockets_place_is_a_configuration_error_and_kept() {
     let dir = tempfile::tempdir().unwrap();

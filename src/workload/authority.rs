@@ -56,6 +56,9 @@ pub struct AuthorityFix<S> {
     block: Option<Block>,
     decoder: loona_hpack::Decoder<'static>,
     eof: bool,
+    /// Held while the connection lives: its place among those of refused
+    /// UIDs (see `workload::serve`).
+    _place: Option<std::sync::Arc<()>>,
 }
 
 struct Block {
@@ -77,7 +80,14 @@ impl<S> AuthorityFix<S> {
             block: None,
             decoder,
             eof: false,
+            _place: None,
         }
+    }
+
+    /// Holds `place` for as long as the connection lives.
+    pub fn holding(mut self, place: Option<std::sync::Arc<()>>) -> Self {
+        self._place = place;
+        self
     }
 
     /// Moves every whole frame of `raw` to `ready`, header blocks mended.

@@ -116,6 +116,13 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Connections open at once from UIDs `--workload-api-uid` does not list:
+/// served up to this many (each call answered `PERMISSION_DENIED`, which
+/// says why), more closed at accept. Each may hold a header block being
+/// read (up to 80 KiB), so a process the list does not trust cannot grow
+/// the sidecar past about 1.3 MiB this way.
+const REFUSED_CONNECTIONS: usize = 16;
+
 /// Serves the Workload API on `listener` until the process ends.
 pub async fn serve(
     listener: UnixListener,
@@ -125,6 +132,27 @@ pub async fn serve(
     jwt: Option<Arc<jwt::JwtMinter>>,
 ) -> Result<(), tonic::transport::Error> {
     let service = WorkloadService::new(store, metrics.clone(), jwt);
+    // Each connection of a refused UID holds a clone: counted by the
+    // pointer's strong count.
+    let refused = Arc::new(());
+    let (listed, counted) = (callers.clone(), metrics.clone());
+    let incoming =
+        tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |accepted| {
+            let conn = accepted.map(|stream| {
+                let allowed = stream.peer_cred().is_ok_and(|c| listed.allows(c.uid()));
+                let hold = (!allowed).then(|| refused.clone());
+                (stream, hold)
+            });
+            let over = matches!(&conn, Ok((_, Some(_))))
+                && Arc::strong_count(&refused) > REFUSED_CONNECTIONS + 1;
+            if over {
+                counted.refuse("uid_connections");
+                tracing::debug!("Workload API: too many connections of refused UIDs; closing one");
+            }
+            let conn =
+                conn.map(|(stream, hold)| authority::AuthorityFix::new(stream).holding(hold));
+            futures_util::future::ready((!over).then_some(conn))
+        });
     let admit = move |request: Request<()>| admit(request, &callers, &metrics);
     tonic::transport::Server::builder()
         .add_service(
@@ -132,10 +160,7 @@ pub async fn serve(
                 service, admit,
             ),
         )
-        .serve_with_incoming(
-            tokio_stream::wrappers::UnixListenerStream::new(listener)
-                .map(|accepted| accepted.map(authority::AuthorityFix::new)),
-        )
+        .serve_with_incoming(incoming)
         .await
 }
 
