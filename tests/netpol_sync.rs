@@ -343,6 +343,23 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         port() == "8080"
     });
     assert!(metric(port_a, "stepmesh_netpol_drift_repaired_total") >= 2.0);
+    // A field another manager adds (server-side apply keeps what it does
+    // not own) is removed too: here egress rules on an ingress object.
+    let np = ["networkpolicy", "stepmesh-api-port-8080", "-n", "sync-a"];
+    let added = r#"{"spec":{"egress":[{"ports":[{"port":53}]}]}}"#;
+    k8s.kubectl_ok(&[&["patch"], &np[..], &["--type=merge", "-p", added]].concat());
+    let egress =
+        || k8s.kubectl_ok(&[&["get"], &np[..], &["-o", "jsonpath={.spec.egress}"]].concat());
+    wait("added field removed", Duration::from_secs(5), || {
+        !egress().contains("53")
+    });
+    let repaired = metric(port_a, "stepmesh_netpol_drift_repaired_total");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        metric(port_a, "stepmesh_netpol_drift_repaired_total"),
+        repaired,
+        "repaired once, then left alone"
+    );
 
     // A broken callee changes nothing: neither its own objects nor the
     // egress its callers in other namespaces derive from it.

@@ -360,16 +360,28 @@ impl Sync {
                 tracing::warn!(namespace = %key.0, name = %key.1, "a NetworkPolicy of that name exists and is not ours: left alone");
                 continue;
             }
-            let path = format!(
-                "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}?fieldManager={FIELD_MANAGER}&force=true",
+            // New: server-side apply. Existing and different: replaced
+            // whole, since an apply keeps the fields another manager added
+            // (an egress rule on an ingress object stayed, and the object
+            // was "repaired" every round for ever).
+            let object = format!(
+                "/apis/networking.k8s.io/v1/namespaces/{}/networkpolicies/{}?fieldManager={FIELD_MANAGER}",
                 key.0, key.1
             );
+            let (method, path, content_type) = match current {
+                None => (
+                    Method::PATCH,
+                    format!("{object}&force=true"),
+                    "application/apply-patch+yaml",
+                ),
+                Some(_) => (Method::PUT, object, "application/json"),
+            };
             let applied = self
                 .api
                 .ok(
-                    Method::PATCH,
+                    method,
                     &path,
-                    Some(("application/apply-patch+yaml", serde_json::to_vec(want)?)),
+                    Some((content_type, serde_json::to_vec(want)?)),
                 )
                 .await;
             if let Err(e) = applied {
