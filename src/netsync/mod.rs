@@ -319,7 +319,7 @@ impl Sync {
             let mut v = o.value;
             let src = &good[o.input].0;
             v["metadata"]["labels"][OWNER_LABEL] = json!(OWNER);
-            v["metadata"]["labels"][SOURCE_LABEL] = json!(src.name);
+            v["metadata"]["labels"][SOURCE_LABEL] = json!(src.label_value());
             let key = (
                 src.namespace.clone(),
                 v["metadata"]["name"]
@@ -406,16 +406,21 @@ impl Sync {
             self.applied_before.insert(key.clone());
         }
         // A ConfigMap with a refused object keeps its old objects.
-        let kept: BTreeSet<(&str, &str)> = incomplete
+        let kept: BTreeSet<(&str, String)> = incomplete
             .iter()
-            .map(|&i| (good[i].0.namespace.as_str(), good[i].0.name.as_str()))
+            .map(|&i| {
+                (
+                    good[i].0.namespace.as_str(),
+                    good[i].0.label_value().into_owned(),
+                )
+            })
             .collect();
         let mut undeleted = 0;
         for (key, object) in &live {
             let source = object["metadata"]["labels"][SOURCE_LABEL]
                 .as_str()
                 .unwrap_or_default();
-            if desired.contains_key(key) || kept.contains(&(key.0.as_str(), source)) {
+            if desired.contains_key(key) || kept.contains(&(key.0.as_str(), source.to_owned())) {
                 continue;
             }
             let path = format!(

@@ -27,6 +27,25 @@ pub struct Source {
 }
 
 impl Source {
+    /// Its name as a label value (`SOURCE_LABEL` on each object compiled
+    /// from it): the name, or for a name past a label value's 63
+    /// characters (a ConfigMap's may have 253) its first 46, less any
+    /// trailing `-` or `.`, and 16 hex digits of its SHA-256. Else every
+    /// object of such a ConfigMap was refused by the API server.
+    pub fn label_value(&self) -> std::borrow::Cow<'_, str> {
+        if self.name.len() <= 63 {
+            return std::borrow::Cow::Borrowed(&self.name);
+        }
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.name.as_bytes());
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // A ConfigMap's name is lower-case ASCII: any byte is a boundary.
+        let head = self.name[..46].trim_end_matches(['-', '.']);
+        std::borrow::Cow::Owned(format!("{head}-{hex}"))
+    }
+
     fn of(cm: &Value) -> Source {
         let meta = &cm["metadata"];
         let text = |k: &str| meta[k].as_str().unwrap_or_default().to_owned();

@@ -119,3 +119,26 @@ fn namespace_and_duplicate_checks_refuse_and_inactive_namespaces_are_skipped() {
     assert!(why[2].starts_with("workload.namespace"), "{why:?}");
     assert_eq!(names(&c).len(), 1);
 }
+
+#[test]
+fn a_long_configmap_name_is_a_valid_label_value_of_its_own() {
+    let source = |name: &str| Source {
+        namespace: "a".into(),
+        name: name.into(),
+        uid: String::new(),
+        version: String::new(),
+    };
+    assert_eq!(source("payments").label_value(), "payments");
+    let long = format!("{}-policy", "x".repeat(40)); // 47: still itself
+    assert_eq!(source(&long).label_value(), long.as_str());
+    let a = format!("{}.a", "p-".repeat(60));
+    let b = format!("{}.b", "p-".repeat(60));
+    for name in [&a, &b] {
+        let v = source(name).label_value().into_owned();
+        assert!(v.len() <= 63, "{v}");
+        let ok_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        assert!(ok_end(v.chars().next()) && ok_end(v.chars().last()), "{v}");
+        assert!(!v.contains("--"), "the cut's trailing '-' dropped: {v}");
+    }
+    assert_ne!(source(&a).label_value(), source(&b).label_value());
+}
