@@ -361,6 +361,35 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         "repaired once, then left alone"
     );
 
+    // Policies of 1.2 MiB together (each readable alone) do not stop the
+    // rounds: the ConfigMaps are listed as metadata and read one by one
+    // (one list of their data was past the client's 1 MiB, every round).
+    k8s.create_namespace("sync-c");
+    for pad in ["pad-1", "pad-2"] {
+        let text = format!(
+            "trustDomain: cluster.local\nworkload: {{namespace: sync-c, serviceAccount: {pad}}}\n# {}\n",
+            "x".repeat(600 << 10)
+        );
+        let o = k8s.kubectl_with_stdin(
+            &["create", "-f", "-"],
+            configmap("sync-c", pad, &text).as_bytes(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    wait(
+        "policies past 1 MiB together applied",
+        Duration::from_secs(10),
+        || {
+            owned(k8s)
+                .iter()
+                .any(|o| o.starts_with("sync-c/stepmesh-pad-2"))
+        },
+    );
+    k8s.kubectl_ok(&["delete", "configmap", "pad-1", "pad-2", "-n", "sync-c"]);
+    wait("their objects pruned", Duration::from_secs(10), || {
+        !owned(k8s).iter().any(|o| o.starts_with("sync-c/"))
+    });
+
     // A broken callee changes nothing: neither its own objects nor the
     // egress its callers in other namespaces derive from it.
     let before = snapshot(k8s);

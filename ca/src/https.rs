@@ -45,6 +45,9 @@ pub enum HttpError {
     /// The request failed or timed out.
     #[error("{0}")]
     Request(String),
+    /// The answer's body is larger than the client reads.
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// A response: status, headers and body (redirects are not followed).
@@ -131,11 +134,26 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Response, HttpError> {
+        let accept = "application/json, application/jwk-set+json";
+        self.request_accepting(method, url, bearer, body, accept)
+            .await
+    }
+
+    /// As [`HttpsClient::request`], asking for `accept` (a Kubernetes
+    /// metadata-only list, for one).
+    pub async fn request_accepting(
+        &self,
+        method: http::Method,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+        accept: &str,
+    ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
-        let mut req = http::Request::builder().method(method).uri(uri).header(
-            http::header::ACCEPT,
-            "application/json, application/jwk-set+json",
-        );
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(http::header::ACCEPT, accept);
         if let Some(token) = bearer {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -157,7 +175,13 @@ impl HttpsClient {
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| HttpError::Request(format!("reading the body: {e}")))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        HttpError::TooLarge(MAX_BODY)
+                    } else {
+                        HttpError::Request(format!("reading the body: {e}"))
+                    }
+                })?
                 .to_bytes();
             Ok(Response {
                 status,

@@ -84,6 +84,16 @@ impl Api {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<(StatusCode, Value), KubeError> {
+        self.call_accepting(method, path, body, JSON).await
+    }
+
+    async fn call_accepting(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        accept: &str,
+    ) -> Result<(StatusCode, Value), KubeError> {
         let token = tokio::fs::read_to_string(&self.token_file)
             .await
             .map_err(|source| KubeError::Token {
@@ -93,7 +103,7 @@ impl Api {
         let url = format!("{}{path}", self.server);
         let r = self
             .client
-            .request(method.clone(), &url, Some(token.trim()), body)
+            .request_accepting(method.clone(), &url, Some(token.trim()), body, accept)
             .await
             .map_err(|source| KubeError::Request {
                 method,
@@ -113,7 +123,19 @@ impl Api {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Value, KubeError> {
-        let (status, v) = self.call(method.clone(), path, body).await?;
+        self.ok_accepting(method, path, body, JSON).await
+    }
+
+    async fn ok_accepting(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        accept: &str,
+    ) -> Result<Value, KubeError> {
+        let (status, v) = self
+            .call_accepting(method.clone(), path, body, accept)
+            .await?;
         if !status.is_success() {
             return Err(KubeError::Status {
                 method,
@@ -125,9 +147,52 @@ impl Api {
         Ok(v)
     }
 
-    /// The `items` of a list.
+    /// The `items` of a list, read in pages of [`PAGE`] (each answer
+    /// within the client's body limit for longer).
     pub async fn list(&self, path: &str) -> Result<Vec<Value>, KubeError> {
-        let v = self.ok(Method::GET, path, None).await?;
-        Ok(v["items"].as_array().cloned().unwrap_or_default())
+        self.pages(path, JSON).await
+    }
+
+    /// As [`Api::list`], each item's `metadata` alone (a
+    /// `PartialObjectMetadataList`): a list of ConfigMaps whose data would
+    /// not fit the body limit together.
+    pub async fn list_metadata(&self, path: &str) -> Result<Vec<Value>, KubeError> {
+        self.pages(path, METADATA_LIST).await
+    }
+
+    async fn pages(&self, path: &str, accept: &str) -> Result<Vec<Value>, KubeError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut items = Vec::new();
+        let mut next = String::new();
+        loop {
+            let page = format!("{path}{sep}limit={PAGE}{next}");
+            let mut v = self.ok_accepting(Method::GET, &page, None, accept).await?;
+            // An answer without `items` is no list: never read as empty
+            // (which a controller would take as "nothing exists").
+            let Some(these) = v.get_mut("items").and_then(Value::as_array_mut) else {
+                return Err(KubeError::Status {
+                    method: Method::GET,
+                    path: page,
+                    status: StatusCode::OK,
+                    message: "the answer is not a list".to_owned(),
+                });
+            };
+            items.append(these);
+            match v["metadata"]["continue"].as_str().filter(|c| !c.is_empty()) {
+                Some(token) => {
+                    next = format!("&{}", crate::https::form_encode(&[("continue", token)]));
+                }
+                None => return Ok(items),
+            }
+        }
     }
 }
+
+/// What every call asks for.
+const JSON: &str = "application/json";
+
+/// A list's items as metadata alone.
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+
+/// Items per list page.
+const PAGE: usize = 500;

@@ -32,6 +32,7 @@
 
 mod api;
 mod lease;
+mod read;
 mod sources;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,6 +209,7 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
         reported: BTreeMap::new(),
         reported_refusals: BTreeMap::new(),
         last_good: LastGood::default(),
+        configmaps: read::ConfigMaps::default(),
     };
     let mut signals = crate::drain::Signals::new().context("listening for signals")?;
     let mut tick = tokio::time::interval(sync.args.interval);
@@ -258,6 +260,8 @@ struct Sync {
     reported_refusals: BTreeMap<(String, String), String>,
     /// Per ConfigMap, the last policy that validated.
     last_good: LastGood,
+    /// The policy ConfigMaps as last read.
+    configmaps: read::ConfigMaps,
 }
 
 impl Sync {
@@ -271,13 +275,8 @@ impl Sync {
             .filter(|n| n["status"]["phase"] != "Terminating")
             .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_owned))
             .collect();
-        let cms = self
-            .api
-            .list(&format!(
-                "/api/v1/configmaps?labelSelector={}",
-                query(&self.args.configmap_selector)
-            ))
-            .await?;
+        let selector = &self.args.configmap_selector;
+        let cms = self.configmaps.read(&self.api, selector).await?;
         Ok(self.last_good.collect(&cms, &active, &self.args.key))
     }
 

@@ -143,8 +143,14 @@ impl LastGood {
     }
 }
 
+/// Set (to why) on a ConfigMap that could not be read (see `read.rs`).
+pub const UNREADABLE: &str = "stepmesh.io/unreadable";
+
 /// The ConfigMap's policy, if it is valid on its own.
 fn check(cm: &Value, key: &str, src: &Source) -> Result<Policy, String> {
+    if let Some(why) = cm[UNREADABLE].as_str() {
+        return Err(why.to_owned());
+    }
     let text = cm["data"][key]
         .as_str()
         .ok_or_else(|| format!("data.{key}: missing"))?;
