@@ -30,13 +30,7 @@ fn start() -> Option<(ExecStandin, Gateway, TestIdp, std::path::PathBuf)> {
     let k8s = Envtest::shared()?;
     let kubectl = kubectl()?;
     let standin = ExecStandin::start();
-    let idp = TestIdp::new(ISSUER).unwrap();
-    let jwks = tempfile::NamedTempFile::new()
-        .unwrap()
-        .into_temp_path()
-        .keep()
-        .unwrap();
-    std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+    let (idp, jwks) = common::gateway::idp_with_jwks(ISSUER);
     let policy = format!(
         r#"trustDomain: example.org
 stepUp:

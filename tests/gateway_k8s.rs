@@ -62,9 +62,7 @@ fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Fixture> = OnceLock::new();
     let k8s = Envtest::shared()?;
     Some(F.get_or_init(|| {
-        let idp = TestIdp::new(ISSUER).unwrap();
-        let jwks = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
-        std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+        let (idp, jwks) = common::gateway::idp_with_jwks(ISSUER);
         // Alice may do anything: RBAC is not what these tests are about.
         k8s.apply(&format!(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: alice-admin\n\

@@ -15,7 +15,7 @@ mod common;
 use common::envtest::Envtest;
 use common::gateway::Gateway;
 use serde_json::{json, Value};
-use stepmesh::stepup::testing::{base_claims, TestIdp};
+use stepmesh::stepup::testing::base_claims;
 
 const ISSUER: &str = "https://idp.stepmesh.test";
 
@@ -41,13 +41,7 @@ kubernetes:
 #[test]
 fn names_the_api_server_reads_otherwise_are_never_impersonated() {
     let Some(k8s) = Envtest::shared() else { return };
-    let idp = TestIdp::new(ISSUER).unwrap();
-    let jwks = tempfile::NamedTempFile::new()
-        .unwrap()
-        .into_temp_path()
-        .keep()
-        .unwrap();
-    std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+    let (idp, jwks) = common::gateway::idp_with_jwks(ISSUER);
     let gateway = Gateway::start(k8s, &k8s.url, &k8s.ca_file, &policy(&jwks));
     let client = gateway.client();
     let bearer = |email: &str, groups: Value, verified: Option<Value>| {

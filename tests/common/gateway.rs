@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use stepmesh::stepup::testing::TestIdp;
+
 use super::envtest::{Envtest, KubeClient, Supervised};
 
 /// The impersonate-only ClusterRole of deploy/gateway, bound to the
@@ -182,4 +184,17 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A test identity provider for `issuer`, and a file holding its JWK set
+/// for the gateway's policy (kept: the gateway reads it for its life).
+pub fn idp_with_jwks(issuer: &str) -> (TestIdp, PathBuf) {
+    let idp = TestIdp::new(issuer).unwrap();
+    let jwks = tempfile::NamedTempFile::new()
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap();
+    std::fs::write(&jwks, idp.jwks().to_string()).unwrap();
+    (idp, jwks)
 }
