@@ -492,6 +492,20 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         !owned(k8s).iter().any(|o| o.starts_with("sync-b/"))
     });
     assert!(metric(port_a, "stepmesh_netpol_pruned_total") >= 1.0);
+    // No policy ConfigMap at all is a list of nothing (the API server's
+    // metadata list says `items: null`): every owned object is pruned.
+    k8s.kubectl_ok(&["delete", "configmap", "payments", "worker", "-n", "sync-a"]);
+    wait("all pruned", Duration::from_secs(10), || {
+        owned(k8s).is_empty()
+    });
+    for (ns, name, text) in &set[..2] {
+        k8s.apply(&configmap(ns, name, text));
+    }
+    let in_a = |o: &&String| o.starts_with("sync-a/");
+    let want_a: BTreeSet<String> = want.iter().filter(in_a).cloned().collect();
+    wait("back again", Duration::from_secs(10), || {
+        owned(k8s) == want_a
+    });
     assert!(metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds") > 1.7e9);
     assert_eq!(
         hand_rv(),

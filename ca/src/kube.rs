@@ -168,7 +168,13 @@ impl Api {
             let page = format!("{path}{sep}limit={PAGE}{next}");
             let mut v = self.ok_accepting(Method::GET, &page, None, accept).await?;
             // An answer without `items` is no list: never read as empty
-            // (which a controller would take as "nothing exists").
+            // (which a controller would take as "nothing exists"). A list
+            // of nothing may say `items: null` (the API server's metadata
+            // list does): that is a list, of nothing.
+            let is_list = v["kind"].as_str().is_some_and(|k| k.ends_with("List"));
+            if is_list && v["items"].is_null() {
+                v["items"] = Value::Array(Vec::new());
+            }
             let Some(these) = v.get_mut("items").and_then(Value::as_array_mut) else {
                 return Err(KubeError::Status {
                     method: Method::GET,

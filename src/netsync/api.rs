@@ -46,6 +46,12 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// Whether a call failed because its object does not exist (404).
+pub fn not_found<T>(result: &Result<T, stepmesh_ca::kube::KubeError>) -> bool {
+    matches!(result, Err(stepmesh_ca::kube::KubeError::Status { status, .. })
+        if *status == http::StatusCode::NOT_FOUND)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,6 +383,11 @@ impl Sync {
                     Some((content_type, serde_json::to_vec(want)?)),
                 )
                 .await;
+            // Deleted since the list (a replace does not create): the next
+            // round creates it; not the API server refusing it.
+            if current.is_some() && api::not_found(&applied) {
+                continue;
+            }
             if let Err(e) = applied {
                 let src = &good[*input].0;
                 self.refused_object(src, key, e).await?;
