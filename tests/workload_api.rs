@@ -386,6 +386,11 @@ fn a_jwt_svid_is_handed_out_again_for_the_same_audiences() {
         let (out, lines) = client(&socket, &["jwt", aud]);
         assert_eq!(one(&out, &lines)["validated"], CLIENT_ID, "{aud}");
     }
+    // The CA writes each audit line before it answers; the reader may not
+    // have them all yet.
+    ca.wait_audit(|l| {
+        l["decision"] == "sign_jwt_svid" && l["audience"].to_string().contains("orders")
+    });
     assert_eq!(signed(), 2, "one signing per audience");
 }
 

@@ -34,6 +34,10 @@ pub struct JwtMinter {
     client: OnceCell<CaClient>,
     /// By audience set (sorted, each once).
     minted: Mutex<HashMap<Vec<String>, Minted>>,
+    /// Held while a token is minted at the CA: callers that miss the
+    /// cache together wait for one signing, not one each (the CA's
+    /// bucket for JWT-SVIDs is the identity's, shared by all its pods).
+    minting: tokio::sync::Mutex<()>,
 }
 
 /// A token the CA minted, and when it stops being handed out.
@@ -72,6 +76,7 @@ impl JwtMinter {
             trust_domain: td,
             client: OnceCell::new(),
             minted: Mutex::default(),
+            minting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -82,11 +87,16 @@ impl JwtMinter {
         let mut key = audience.to_vec();
         key.sort_unstable();
         key.dedup();
-        let now = unix_now();
-        if let Some(m) = self.cache().get(&key).filter(|m| now < m.reuse_until) {
-            return Ok((m.spiffe_id.clone(), m.token.clone()));
+        if let Some(hit) = self.cached(&key) {
+            return Ok(hit);
+        }
+        let _one = self.minting.lock().await;
+        // Another caller may have minted it while this one waited.
+        if let Some(hit) = self.cached(&key) {
+            return Ok(hit);
         }
         let (spiffe_id, token, expires_at) = self.mint_at_ca(audience).await?;
+        let now = unix_now();
         let mut cache = self.cache();
         cache.retain(|_, m| now < m.reuse_until);
         if cache.len() >= CACHED_AUDIENCES {
@@ -105,6 +115,14 @@ impl JwtMinter {
         };
         cache.insert(key, minted);
         Ok((spiffe_id, token))
+    }
+
+    /// The token for `key` while half its life is left.
+    fn cached(&self, key: &[String]) -> Option<(String, String)> {
+        let now = unix_now();
+        let cache = self.cache();
+        let m = cache.get(key).filter(|m| now < m.reuse_until)?;
+        Some((m.spiffe_id.clone(), m.token.clone()))
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Minted>> {
