@@ -317,7 +317,24 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
         .as_str()
         .unwrap();
     let policy = stepmesh::policy::Policy::from_yaml(gateway_policy).unwrap();
-    assert_eq!(policy.kubernetes().unwrap().rules.len(), 3);
+    let rules: Vec<&str> = policy
+        .kubernetes()
+        .unwrap()
+        .rules
+        .iter()
+        .map(|r| &*r.name)
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "exec-in-prod",
+            "debug-in-prod",
+            "node-proxy",
+            "delete-in-prod",
+            "evict-in-prod",
+            "read-secrets"
+        ]
+    );
     assert_eq!(
         find("Namespace", "stepmesh-demo")["metadata"]["labels"]["stepmesh.io/inject"],
         "enabled"

@@ -41,9 +41,17 @@ impl Source {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        // A ConfigMap's name is lower-case ASCII: any byte is a boundary.
-        let head = self.name[..46].trim_end_matches(['-', '.']);
-        std::borrow::Cow::Owned(format!("{head}-{hex}"))
+        // A ConfigMap's name is lower-case ASCII (a DNS subdomain); were it
+        // not, the cut falls back to the whole name's digest alone.
+        let head = self
+            .name
+            .get(..46)
+            .unwrap_or_default()
+            .trim_end_matches(['-', '.']);
+        match head {
+            "" => std::borrow::Cow::Owned(hex),
+            head => std::borrow::Cow::Owned(format!("{head}-{hex}")),
+        }
     }
 
     fn of(cm: &Value) -> Source {

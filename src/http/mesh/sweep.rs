@@ -31,7 +31,9 @@ impl MeshPool {
 
 impl Slot {
     /// Drops the pooled connection if it has ended or nothing has used it
-    /// for `idle` (as the sweeps saw it: within one sweep's period).
+    /// for `idle` as the sweeps see it: the sweep after a use clears its
+    /// flag, the next starts the count, so it goes between `idle` and
+    /// `idle` plus two sweep periods after its last use.
     fn let_go_unused(&self, now: tokio::time::Instant, idle: std::time::Duration) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         let mut since = self.unused_since.lock().unwrap_or_else(|p| p.into_inner());
