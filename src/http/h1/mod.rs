@@ -218,11 +218,12 @@ where
         r.draining = r.draining
             || side.draining()
             || futures_util::FutureExt::now_or_never(drain.as_mut()).is_some();
-        // Inline: the burst is boxed, and lives only while requests come,
-        // so a request's state (decision, body pipes, response) is not
-        // held by an idle connection either way; a box of its own cost an
-        // allocation and a copy per request.
-        let exchanged = r.exchange(client, upstream, head).await;
+        // Boxed: a request's state (decision, body pipes, response) is the
+        // largest part of the relay and lives only while it runs. Inline in
+        // the burst's box it cost an allocation less per request, but a
+        // side that keeps its upstream waits inside the burst: 16.4 to 21.8
+        // KiB per idle connection (`--no-tunnel`, docs/BENCHMARKS.md).
+        let exchanged = Box::pin(r.exchange(client, upstream, head)).await;
         // Its fields are not held while the connection waits.
         slot = None;
         match exchanged {
