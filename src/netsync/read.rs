@@ -6,12 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use http::{Method, StatusCode};
+use http::Method;
 use serde_json::{json, Value};
 use stepmesh_ca::https::HttpError;
 use stepmesh_ca::kube::{Api, KubeError};
 
-use super::sources::UNREADABLE;
+use super::sources::{Source, UNREADABLE};
 
 /// The policy ConfigMaps as last read, by namespace and name, with the
 /// resourceVersion read.
@@ -32,24 +32,23 @@ impl ConfigMaps {
         let mut out = Vec::with_capacity(metas.len());
         let mut seen = BTreeSet::new();
         for meta in metas {
-            let m = &meta["metadata"];
-            let text = |k: &str| m[k].as_str().unwrap_or_default().to_owned();
-            let (key, version) = ((text("namespace"), text("name")), text("resourceVersion"));
+            let src = Source::of(&meta);
+            let key = src.key();
             seen.insert(key.clone());
-            if let Some((_, cm)) = self.0.get(&key).filter(|(v, _)| *v == version) {
+            if let Some((_, cm)) = self.0.get(&key).filter(|(v, _)| *v == src.version) {
                 out.push(cm.clone());
                 continue;
             }
             let one = format!("/api/v1/namespaces/{}/configmaps/{}", key.0, key.1);
-            match api.ok(Method::GET, &one, None).await {
+            let got = api.ok(Method::GET, &one, None).await;
+            if super::api::not_found(&got) {
+                continue;
+            }
+            match got {
                 Ok(cm) => {
-                    self.0.insert(key, (version, cm.clone()));
+                    self.0.insert(key, (src.version, cm.clone()));
                     out.push(cm);
                 }
-                Err(KubeError::Status {
-                    status: StatusCode::NOT_FOUND,
-                    ..
-                }) => {}
                 Err(KubeError::Request {
                     source: HttpError::TooLarge(limit),
                     ..
@@ -57,7 +56,7 @@ impl ConfigMaps {
                     let why = format!(
                         "the ConfigMap is larger than the {limit} bytes the controller reads"
                     );
-                    out.push(json!({"metadata": m.clone(), UNREADABLE: why}));
+                    out.push(json!({"metadata": meta["metadata"].clone(), UNREADABLE: why}));
                 }
                 Err(e) => return Err(e),
             }

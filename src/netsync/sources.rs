@@ -54,7 +54,8 @@ impl Source {
         }
     }
 
-    fn of(cm: &Value) -> Source {
+    /// The ConfigMap (or its metadata) `cm`'s identity and version.
+    pub(super) fn of(cm: &Value) -> Source {
         let meta = &cm["metadata"];
         let text = |k: &str| meta[k].as_str().unwrap_or_default().to_owned();
         Source {

@@ -58,7 +58,7 @@ pub struct AuthorityFix<S> {
     eof: bool,
     /// Held while the connection lives: its place among those of refused
     /// UIDs (see `workload::serve`).
-    _place: Option<std::sync::Arc<()>>,
+    _place: Option<crate::net::caps::Spent>,
 }
 
 struct Block {
@@ -85,8 +85,8 @@ impl<S> AuthorityFix<S> {
     }
 
     /// Holds `place` for as long as the connection lives.
-    pub fn holding(mut self, place: Option<std::sync::Arc<()>>) -> Self {
-        self._place = place;
+    pub fn holding(mut self, place: crate::net::caps::Spent) -> Self {
+        self._place = Some(place);
         self
     }
 

@@ -132,26 +132,25 @@ pub async fn serve(
     jwt: Option<Arc<jwt::JwtMinter>>,
 ) -> Result<(), tonic::transport::Error> {
     let service = WorkloadService::new(store, metrics.clone(), jwt);
-    // Each connection of a refused UID holds a clone: counted by the
-    // pointer's strong count.
-    let refused = Arc::new(());
+    let refused = crate::net::caps::ConnectionBudget::new(REFUSED_CONNECTIONS);
     let (listed, counted) = (callers.clone(), metrics.clone());
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |accepted| {
-            let conn = accepted.map(|stream| {
+            let admitted = accepted.map(|stream| {
                 let allowed = stream.peer_cred().is_ok_and(|c| listed.allows(c.uid()));
-                let hold = (!allowed).then(|| refused.clone());
-                (stream, hold)
+                if allowed {
+                    return Some(authority::AuthorityFix::new(stream));
+                }
+                let Some(place) = refused.try_spend() else {
+                    counted.refuse("uid_connections");
+                    tracing::debug!(
+                        "Workload API: too many connections of refused UIDs; closing one"
+                    );
+                    return None;
+                };
+                Some(authority::AuthorityFix::new(stream).holding(place))
             });
-            let over = matches!(&conn, Ok((_, Some(_))))
-                && Arc::strong_count(&refused) > REFUSED_CONNECTIONS + 1;
-            if over {
-                counted.refuse("uid_connections");
-                tracing::debug!("Workload API: too many connections of refused UIDs; closing one");
-            }
-            let conn =
-                conn.map(|(stream, hold)| authority::AuthorityFix::new(stream).holding(hold));
-            futures_util::future::ready((!over).then_some(conn))
+            futures_util::future::ready(admitted.transpose())
         });
     let admit = move |request: Request<()>| admit(request, &callers, &metrics);
     tonic::transport::Server::builder()
