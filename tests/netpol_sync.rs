@@ -5,7 +5,8 @@
 //! a deleted or edited object, never touches a hand-made one. A broken
 //! callee policy leaves every object as it was, its callers' egress in
 //! another namespace included (an Event says why), and its fix is followed;
-//! a policy first seen broken blocks applying and pruning until removed.
+//! a policy first seen broken keeps its own objects and lets egress to
+//! callees only grow until removed, the rest kept as usual.
 //! An object an admission policy refuses is reported on its ConfigMap while
 //! the other ConfigMaps' objects are applied, and its ConfigMap's old
 //! objects stay until the refusal is lifted. A
@@ -17,15 +18,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::envtest::{Envtest, Supervised};
+#[path = "netpol_sync/support.rs"]
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
-const OWNED: &str = "stepmesh.io/netpol-owner=sync";
+use common::envtest::Envtest;
+use support::*;
 
 /// Two namespaces, three workloads: payments admits sync-b/frontend on
 /// 8080; worker admits nobody; frontend calls payments.
@@ -61,169 +63,6 @@ spec:
   policyName: reserved-port
   validationActions: [Deny]
 ";
-
-fn configmap(ns: &str, name: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{stepmesh.io/policy: netpol}}\ndata:\n  policy.yaml: {}\n",
-        serde_json::to_string(policy).unwrap()
-    )
-}
-
-/// `ns/name` of every owned NetworkPolicy.
-fn owned(k8s: &Envtest) -> BTreeSet<String> {
-    k8s.kubectl_ok(&[
-        "get",
-        "networkpolicies",
-        "-A",
-        "-l",
-        OWNED,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
-/// What `policy netpol` prints for `files`, as `ns/name`.
-fn expected(dir: &Path, policies: &[(&str, &str, String)]) -> BTreeSet<String> {
-    let mut args = vec!["policy".to_owned(), "netpol".to_owned()];
-    for (ns, name, text) in policies {
-        let f = dir.join(format!("{ns}-{name}.yaml"));
-        std::fs::write(&f, text).unwrap();
-        args.push(f.to_str().unwrap().to_owned());
-    }
-    let out = Command::new(BIN).args(&args).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split("---\n")
-        .filter(|d| d.contains("kind:"))
-        .map(|d| {
-            let v: serde_json::Value = serde_norway::from_str(d).unwrap();
-            format!(
-                "{}/{}",
-                v["metadata"]["namespace"].as_str().unwrap(),
-                v["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
-
-/// A policy that fails validation (and names no workload).
-const BROKEN: &str = "trustDomain: cluster.local\ninbound: {ports: [{port: 0}]}\n";
-const BLOCKED: &str = "stepmesh_netpol_blocked_configmaps";
-
-/// Every owned NetworkPolicy, `ns/name` → its metadata (resourceVersion,
-/// generation, labels, annotations) and spec: equal means untouched.
-fn snapshot(k8s: &Envtest) -> BTreeMap<String, serde_json::Value> {
-    let list: serde_json::Value = serde_json::from_str(&k8s.kubectl_ok(&[
-        "get",
-        "networkpolicies",
-        "-A",
-        "-l",
-        OWNED,
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            let m = &o["metadata"];
-            let key = format!(
-                "{}/{}",
-                m["namespace"].as_str().unwrap(),
-                m["name"].as_str().unwrap()
-            );
-            let kept = serde_json::json!({
-                "resourceVersion": m["resourceVersion"], "generation": m["generation"],
-                "labels": m["labels"], "annotations": m["annotations"], "spec": o["spec"],
-            });
-            (key, kept)
-        })
-        .collect()
-}
-
-/// The messages of the InvalidPolicy Events on ConfigMap `ns/name`.
-fn events(k8s: &Envtest, ns: &str, name: &str) -> String {
-    k8s.kubectl_ok(&[
-        "get",
-        "events",
-        "-n",
-        ns,
-        "--field-selector",
-        &format!("involvedObject.name={name},reason=InvalidPolicy"),
-        "-o",
-        "jsonpath={.items[*].message}",
-    ])
-}
-
-fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
-fn metric(port: u16, name: &str) -> f64 {
-    let out = Command::new("curl")
-        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{name} "))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(-1.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn controller(k8s: &Envtest, dir: &Path, token: &Path, id: &str, admin: u16) -> Supervised {
-    let args: Vec<String> = [
-        "netpol",
-        "sync",
-        "--server",
-        &k8s.url,
-        "--ca-file",
-        k8s.ca_file.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-        "--identity",
-        id,
-        "--interval",
-        "300ms",
-        "--lease-duration",
-        "4s",
-        "--lease-namespace",
-        "stepmesh-system",
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    Supervised::spawn(
-        id,
-        Path::new(BIN),
-        &args,
-        &dir.join(format!("{id}.log")),
-        None,
-    )
-}
 
 #[test]
 fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
@@ -477,19 +316,41 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         owned(k8s) == want
     });
 
-    // A policy first seen broken blocks the round: a removed policy's
-    // objects stay until it is removed, then they are pruned.
+    // A policy first seen broken blocks the round in part: its own
+    // objects stay as they are (it has none yet) and egress to callees
+    // only grows, since it may be a callee; the rest is kept as usual,
+    // in its own namespace too (before, nothing was applied or pruned).
     k8s.apply(&configmap("sync-b", "newcomer", BROKEN));
     wait("blocked", Duration::from_secs(5), || {
         metric(port_a, BLOCKED) == 1.0
     });
-    assert!(events(k8s, "sync-b", "newcomer").contains("nothing is applied or pruned"));
+    assert!(events(k8s, "sync-b", "newcomer").contains("stay as they are"));
+    let last_sync = metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds");
+    let moved = set[0].2.replace("port: 8080", "port: 9191");
+    k8s.apply(&configmap("sync-a", "payments", &moved));
+    let frontend_egress = || snapshot(k8s)[calls].to_string();
+    wait("followed while blocked", Duration::from_secs(5), || {
+        let now = owned(k8s);
+        now.contains("sync-a/stepmesh-api-port-9191")
+            && !now.contains("sync-a/stepmesh-api-port-8080")
+            && frontend_egress().contains("9191")
+    });
+    assert!(
+        frontend_egress().contains("8080"),
+        "egress shrank while blocked"
+    );
     k8s.kubectl_ok(&["delete", "configmap", "frontend", "-n", "sync-b"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(owned(k8s), want, "changed while blocked");
-    k8s.kubectl_ok(&["delete", "configmap", "newcomer", "-n", "sync-b"]);
-    wait("pruned", Duration::from_secs(5), || {
+    wait("a removed policy pruned", Duration::from_secs(5), || {
         !owned(k8s).iter().any(|o| o.starts_with("sync-b/"))
+    });
+    assert_eq!(
+        metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds"),
+        last_sync,
+        "a blocked round is no complete sync"
+    );
+    k8s.kubectl_ok(&["delete", "configmap", "newcomer", "-n", "sync-b"]);
+    wait("unblocked", Duration::from_secs(5), || {
+        metric(port_a, BLOCKED) == 0.0
     });
     assert!(metric(port_a, "stepmesh_netpol_pruned_total") >= 1.0);
     // No policy ConfigMap at all is a list of nothing (the API server's
@@ -575,6 +436,13 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         metric(port_c, BLOCKED) == 1.0
     });
     assert_eq!(metric(port_b, BLOCKED), 0.0);
+    let of_worker = || {
+        let mut s = snapshot(k8s);
+        s.retain(|k, _| k.starts_with("sync-a/stepmesh-worker-"));
+        s
+    };
+    let worker_before = of_worker();
+    assert!(!worker_before.is_empty());
     Command::new("kill")
         .args(["-TERM", &b.program_pid().unwrap().to_string()])
         .status()
@@ -583,5 +451,21 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
         metric(port_c, "stepmesh_netpol_leader") == 1.0
     });
     println!("handover after SIGTERM: {took:?}");
-    assert_eq!(metric(port_c, BLOCKED), 1.0, "the holder c applies nothing");
+    assert_eq!(metric(port_c, BLOCKED), 1.0);
+    // c keeps worker's objects as they are and the rest as usual.
+    k8s.kubectl_ok(&[
+        "delete",
+        "networkpolicy",
+        "stepmesh-api-port-8080",
+        "-n",
+        "sync-a",
+    ]);
+    wait("repaired by c", Duration::from_secs(5), || {
+        owned(k8s).contains("sync-a/stepmesh-api-port-8080")
+    });
+    assert_eq!(
+        of_worker(),
+        worker_before,
+        "the blocking policy's objects moved"
+    );
 }

@@ -15,9 +15,10 @@
 //! valid versions too, so a takeover keeps them. A ConfigMap first seen
 //! broken (after a restart, or by a standby started after it broke) has no
 //! such version: any set computed without it would miss its contribution,
-//! so the round applies and prunes nothing
-//! (`stepmesh_netpol_blocked_configmaps`) until it is fixed or removed
-//! ([`sources`]).
+//! so until it is fixed or removed (`stepmesh_netpol_blocked_configmaps`)
+//! its own objects stay as they are and egress to callees, the one object
+//! derived from other policies, only grows ([`objects`]); the rest is kept
+//! as usual.
 //!
 //! An object the API server refuses (an admission policy, a quota, RBAC in
 //! its namespace: a 4xx) is reported on the ConfigMap it was compiled from
@@ -32,6 +33,7 @@
 
 mod api;
 mod lease;
+mod objects;
 mod read;
 mod sources;
 
@@ -50,6 +52,7 @@ use serde_json::{json, Value};
 
 use crate::policy::netpol;
 use api::{query, rfc3339};
+use objects::{same, Blocked};
 use sources::{Collected, LastGood, Refused};
 use stepmesh_ca::kube::{Api, KubeError};
 
@@ -152,7 +155,7 @@ impl Metrics {
         );
         r.register(
             "stepmesh_netpol_blocked_configmaps",
-            "broken policy ConfigMaps with no valid version seen by this process: above 0, nothing is applied or pruned",
+            "broken policy ConfigMaps with no valid version seen by this process: their NetworkPolicies stay as they are and egress to callees only grows",
             self.blocked.clone(),
         );
         r.register(
@@ -299,11 +302,14 @@ impl Sync {
             .map(|r| format!("{}/{}", r.source.namespace, r.source.name))
             .collect();
         self.metrics.blocked.set(count(blocking.iter()));
-        if !blocking.is_empty() {
-            tracing::warn!(configmaps = %blocking.join(", "), "sync blocked: broken policies with no valid version seen by this process; nothing applied or pruned until they are fixed or removed");
-            return Ok(());
+        let good = &collected.policies;
+        let blocked = Blocked::new(
+            collected.blocking().map(|r| &r.source),
+            good.iter().map(|(s, _)| s),
+        );
+        if blocked.is_some() {
+            tracing::warn!(configmaps = %blocking.join(", "), "sync blocked in part: broken policies with no valid version seen by this process; their NetworkPolicies stay as they are and egress to callees only grows until they are fixed or removed");
         }
-        let good = collected.policies;
         let inputs = good
             .iter()
             .map(|(s, p)| {
@@ -355,6 +361,18 @@ impl Sync {
                 self.applied_before.insert(key.clone());
                 continue;
             }
+            let grown;
+            let want = match (&blocked, current) {
+                (Some(b), Some(c)) if b.keeps(c, true) => continue,
+                (Some(b), Some(c)) if objects::is_egress_calls(&key.1) => match b.grown(c, want) {
+                    Some(g) => {
+                        grown = g;
+                        &grown
+                    }
+                    None => continue,
+                },
+                _ => want,
+            };
             if current.is_none() && !self.applied_before.contains(key) && self.foreign(key).await? {
                 tracing::warn!(namespace = %key.0, name = %key.1, "a NetworkPolicy of that name exists and is not ours: left alone");
                 continue;
@@ -424,7 +442,10 @@ impl Sync {
             let source = object["metadata"]["labels"][SOURCE_LABEL]
                 .as_str()
                 .unwrap_or_default();
-            if desired.contains_key(key) || kept.contains(&(key.0.as_str(), source.to_owned())) {
+            if desired.contains_key(key)
+                || kept.contains(&(key.0.as_str(), source.to_owned()))
+                || blocked.as_ref().is_some_and(|b| b.keeps(object, false))
+            {
                 continue;
             }
             let path = format!(
@@ -446,7 +467,7 @@ impl Sync {
             self.metrics.pruned.inc();
             tracing::info!(namespace = %key.0, name = %key.1, "pruned");
         }
-        if !incomplete.is_empty() || undeleted > 0 {
+        if !incomplete.is_empty() || undeleted > 0 || blocked.is_some() {
             return Ok(());
         }
         let now = SystemTime::now()
@@ -481,7 +502,7 @@ impl Sync {
         let outcome = if refused.last_good {
             "its last valid version stays in force"
         } else {
-            "no valid version of it seen by this controller: nothing is applied or pruned until it is fixed or removed"
+            "no valid version of it seen by this controller: its NetworkPolicies stay as they are, and other workloads' egress to callees only grows, until it is fixed or removed"
         };
         self.metrics.errors.inc();
         tracing::warn!(namespace = %src.namespace, configmap = %src.name, error = %why, "policy refused; {outcome}");
@@ -571,30 +592,4 @@ fn refused_by_server(e: &KubeError) -> bool {
 /// How many, as a gauge value.
 fn count<T>(items: impl Iterator<Item = T>) -> i64 {
     i64::try_from(items.count()).unwrap_or(i64::MAX)
-}
-
-/// Whether the live object already says what we want: the same spec
-/// (empty lists and maps dropped, as the API server drops them) and our
-/// labels and digest.
-fn same(live: &Value, want: &Value) -> bool {
-    let labels_ok = want["metadata"]["labels"]
-        .as_object()
-        .is_some_and(|w| w.iter().all(|(k, v)| live["metadata"]["labels"][k] == *v));
-    labels_ok
-        && live["metadata"]["annotations"]["stepmesh.io/policy-digest"]
-            == want["metadata"]["annotations"]["stepmesh.io/policy-digest"]
-        && prune_empty(&live["spec"]) == prune_empty(&want["spec"])
-}
-
-fn prune_empty(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| (k.clone(), prune_empty(v)))
-                .filter(|(_, v)| !matches!(v, Value::Null) && v != &json!([]) && v != &json!({}))
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(prune_empty).collect()),
-        other => other.clone(),
-    }
 }

@@ -1,10 +1,9 @@
 //! The policies a sync round compiles: the policy ConfigMaps of the active
 //! namespaces, each validated, or, while one is broken, the last version of
 //! it that validated in this process. A broken ConfigMap with no such
-//! version (first seen broken: after a restart, say) blocks
-//! the round, because any set computed without it would miss its
-//! contribution (its own objects, its callers' egress): the round then
-//! applies and prunes nothing.
+//! version (first seen broken: after a restart, say) blocks the round in
+//! part, because any set computed without it would miss its contribution
+//! (its own objects, its callers' egress): see `objects::Blocked`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -80,7 +79,7 @@ pub struct Refused {
     /// The field and what is wrong with it.
     pub why: String,
     /// Whether its last valid version stands in for it (else the round is
-    /// blocked).
+    /// blocked in part).
     pub last_good: bool,
 }
 
@@ -96,7 +95,7 @@ pub struct Collected {
 
 impl Collected {
     /// The refused ConfigMaps that have no last valid version: while any
-    /// remains, nothing is applied or pruned.
+    /// remains, their objects stay and egress to callees only grows.
     pub fn blocking(&self) -> impl Iterator<Item = &Refused> {
         self.refused.iter().filter(|r| !r.last_good)
     }

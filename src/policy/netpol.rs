@@ -31,6 +31,10 @@ const NS_LABEL: &str = "kubernetes.io/metadata.name";
 pub const ADMIN_PORT: u16 = 15020;
 /// The CA's gRPC port.
 pub const CA_PORT: u16 = 15012;
+/// The name suffix of a workload's egress to its callees: the one object
+/// derived from other policies of the set (their inbound rules), so the
+/// one a policy missing from the set changes in other namespaces.
+pub const EGRESS_CALLS: &str = "egress-calls";
 
 /// Why NetworkPolicies could not be generated.
 #[derive(Debug, thiserror::Error)]

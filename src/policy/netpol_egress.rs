@@ -81,7 +81,7 @@ pub(super) fn calls(
     Object {
         input: 0,
         notes,
-        value: netpol("egress-calls", &["Egress"], json!({"egress": rules})),
+        value: netpol(super::EGRESS_CALLS, &["Egress"], json!({"egress": rules})),
     }
 }
 
