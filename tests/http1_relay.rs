@@ -133,6 +133,36 @@ fn smuggling_shapes_are_refused_before_the_app() {
 }
 
 #[test]
+fn connection_cannot_name_the_length_or_the_host_away() {
+    // Before, `Connection: Content-Length` removed the length while the
+    // body was relayed by it: the app read the body as a second request
+    // no policy saw.
+    let p = pair();
+    let smuggled = "GET /admin/reset HTTP/1.1\r\nHost: api\r\n\r\n";
+    let attack = format!(
+        "POST /hello HTTP/1.1\r\nHost: api\r\nConnection: keep-alive, Content-Length, Host\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let before = p.app.seen.load(Ordering::SeqCst);
+    let (mut s, mut r) = p.connect();
+    s.write_all(attack.as_bytes()).unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.head);
+    let seen = String::from_utf8_lossy(&resp.body).to_ascii_lowercase();
+    assert!(
+        seen.contains(&format!("content-length: {}", smuggled.len())),
+        "{seen}"
+    );
+    assert!(seen.contains("host: api"), "{seen}");
+    assert!(
+        seen.ends_with(&format!("body={}", smuggled.len())),
+        "{seen}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.app.seen.load(Ordering::SeqCst), before + 1, "one request");
+}
+
+#[test]
 fn a_denied_request_keeps_the_connection_and_hop_headers_stay_behind() {
     let p = pair();
     let (mut s, mut r) = p.connect();

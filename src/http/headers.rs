@@ -42,8 +42,16 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and those the `Connection` header names. `TE:
-/// trailers` survives (gRPC needs it); any other TE goes.
+/// Fields a `Connection` header may name that stay all the same: they
+/// frame or route the message, and whoever reads it after us reads them.
+/// `Connection: Content-Length` had the length removed while the body was
+/// still relayed by it: the app read the body as a second request that no
+/// policy saw (request smuggling).
+const NEVER_HOP_BY_HOP: [HeaderName; 2] = [header::CONTENT_LENGTH, header::HOST];
+
+/// Removes hop-by-hop headers and those the `Connection` header names (but
+/// `Content-Length` and `Host`). `TE: trailers` survives (gRPC needs it);
+/// any other TE goes.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, no lookups.
     if !headers
@@ -58,6 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !NEVER_HOP_BY_HOP.contains(n))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);

@@ -159,15 +159,28 @@ impl<S: Side> Relay<'_, S> {
 
 /// Puts back the framing and connection headers hop-by-hop stripping
 /// removed, as this hop relays them: chunked bodies pass through as they
-/// are, an upgrade request keeps asking, HTTP/1.0 keep-alive stays asked,
-/// and the client's `close` is passed on when `passes_close`.
+/// are, a head rewritten from its fields says the length its body is
+/// relayed by (whatever a field said), an upgrade request keeps asking,
+/// HTTP/1.0 keep-alive stays asked, and the client's `close` is passed on
+/// when `passes_close`.
 pub(super) fn restore_framing(head: &mut RequestHead, passes_close: bool) {
     let headers = &mut head.parts.headers;
-    if head.framing == Framing::Chunked {
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+    match head.framing {
+        Framing::Chunked => {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        // Only where none is left (the parser took those there as this
+        // length); a spliced head keeps its own: one more would be a
+        // second.
+        Framing::Length(n) if head.fields => {
+            headers
+                .entry(header::CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(n));
+        }
+        _ => {}
     }
     if let Some(protocol) = &head.upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
