@@ -49,6 +49,20 @@ fn a_websocket_upgrade_is_tunnelled_end_to_end() {
 }
 
 #[test]
+fn an_h2c_upgrade_is_not_passed_on_and_an_app_switching_anyway_is_refused() {
+    // An app that takes `h2c` would serve HTTP/2 requests past every
+    // policy after its `101`. The upgrade is dropped; this app (`/ws`)
+    // switches whatever it is asked, and the relay refuses to follow.
+    let p = pair();
+    let (mut s, mut r) = p.connect();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        .unwrap();
+    let resp = read_message(&mut r, true).unwrap();
+    assert_eq!(resp.status(), 502, "{}", resp.head);
+    assert!(resp.header("upgrade").is_none(), "{}", resp.head);
+}
+
+#[test]
 fn chunked_bodies_and_trailers_pass_through() {
     let p = pair();
     let (mut s, mut r) = p.connect();

@@ -113,7 +113,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for a 100 before the body.
     pub expect_continue: bool,
-    /// `Upgrade` (with `Connection: upgrade`): the protocol asked for.
+    /// `Upgrade: websocket` (with `Connection: upgrade`): the protocol asked
+    /// for, the only one passed on.
     pub upgrade: Option<HeaderValue>,
     /// The request target's bytes within the head.
     pub target: std::ops::Range<usize>,
@@ -189,9 +190,15 @@ pub fn parse_request(
     let keep_alive = keep_alive(version, fields);
     let expect_continue = version == Version::HTTP_11
         && values(fields, EXPECT).any(|v| v.eq_ignore_ascii_case(b"100-continue"));
+    // Only a WebSocket upgrade is passed on: after a `101` the connection
+    // is opaque, and an app that takes `h2c` (hypercorn does, on `Upgrade`
+    // alone) then serves HTTP/2 requests no policy sees. Another protocol
+    // asked for goes with the hop-by-hop fields and the request as plain
+    // HTTP/1.1: a server may always decline an upgrade.
     let upgrade = if version == Version::HTTP_11 && has_token(fields, "upgrade") {
         values(fields, UPGRADE)
             .next()
+            .filter(|v| v.trim_ascii().eq_ignore_ascii_case(b"websocket"))
             .and_then(|v| HeaderValue::from_bytes(v).ok())
     } else {
         None

@@ -187,6 +187,15 @@ fn connection_semantics() {
     let (h, _) = req(text).unwrap().unwrap();
     assert_eq!(h.upgrade.unwrap(), "websocket");
     assert!(h.expect_continue);
+    // Only WebSocket is passed on (an `h2c` app would serve HTTP/2 past
+    // every policy after its `101`).
+    for other in ["h2c", "websocket, h2c", "TLS/1.2", "tcp"] {
+        let text =
+            format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: {other}\r\n\r\n");
+        assert!(req(&text).unwrap().unwrap().0.upgrade.is_none(), "{other}");
+    }
+    let spelled = "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: WebSocket \r\n\r\n";
+    assert!(req(spelled).unwrap().unwrap().0.upgrade.is_some());
     let no_token = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
     assert!(req(no_token).unwrap().unwrap().0.upgrade.is_none());
 }
