@@ -57,7 +57,14 @@ fn main() {
     let ca = ca::CaProcess::start_with(
         "bench.local",
         &[("bench-token", "spiffe://bench.local/ns/bench/sa/client")],
-        &["--sign-rate", "0", "--source-rate", "0"],
+        &[
+            "--sign-rate",
+            "0",
+            "--source-rate",
+            "0",
+            "--source-calls",
+            "0",
+        ],
     );
     rt.block_on(async move {
         let clients: Vec<CertificateAuthorityClient<Channel>> =

@@ -112,6 +112,11 @@ pub struct CaServeArgs {
     /// Requests per source address allowed at once.
     #[arg(long, default_value_t = 256, env = "STEPMESH_CA_SOURCE_BURST")]
     pub source_burst: u32,
+    /// Calls one source address may have in flight (0 = no limit): more
+    /// are refused before their bodies are read, so unfinished calls
+    /// cannot hold the CA's memory.
+    #[arg(long, default_value_t = stepmesh_ca::calls::MAX_CALLS_PER_SOURCE, env = "STEPMESH_CA_SOURCE_CALLS")]
+    pub source_calls: usize,
     /// How often the bundle sources and join-token file are re-read.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_CA_POLL_INTERVAL")]
     pub poll_interval: Duration,
@@ -182,6 +187,7 @@ impl CaServeArgs {
         c.dns_names.clone_from(&self.dns_names);
         c.rate_limit = rate_limit("--sign-rate", self.sign_rate, self.sign_burst)?;
         c.source_rate_limit = rate_limit("--source-rate", self.source_rate, self.source_burst)?;
+        c.calls_per_source = self.source_calls;
         c.poll_interval = self.poll_interval.max(Duration::from_millis(50));
         c.admin_token_file.clone_from(&self.admin_token_file);
         if let Some(object) = &self.shared_state {

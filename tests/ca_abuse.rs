@@ -1,7 +1,8 @@
 //! What a stolen SVID key or a greedy client can get from a real `stepmesh
 //! ca serve`: an SVID renewing itself gets a new key, never more time; one
 //! source address cannot take every connection, nor send requests
-//! without end.
+//! without end, nor make the CA hold the bodies of calls it never
+//! finishes.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -157,4 +158,66 @@ async fn jwt_svids_without_end_do_not_hold_back_x509_svids() {
     );
     let svid = ca.issue("tok-web").await;
     assert_eq!(svid.id.as_str(), WEB, "the X.509 bucket is untouched");
+}
+
+/// Calls whose bodies never finish cannot make the CA hold their memory:
+/// one source's calls in flight are capped, each message at 16 KiB, each
+/// connection's streams at 16 (before, 16 connections of 256 calls, each
+/// declaring 64 KiB, took a CA from 17 to 343 MB: found by review), and
+/// another source is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_never_finish_do_not_hold_the_cas_memory() {
+    let ca = ca();
+    let before = ca.rss_kib();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in stepmesh_ca::pem::decode_certs(ca.bundle_pem.as_bytes()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let (mut held, mut clients, mut refused) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..16 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let tcp = s.connect(ca.grpc_addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        for declared in [64 << 10, 16 << 10].into_iter().cycle().take(64) {
+            let ready = tokio::time::timeout(Duration::from_millis(200), client.clone().ready());
+            let Ok(Ok(mut client)) = ready.await else {
+                break;
+            };
+            let req = http::Request::post("/stepmesh.ca.v1.CertificateAuthority/Sign")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let Ok((answer, mut body)) = client.send_request(req, false) else {
+                refused += 1;
+                continue;
+            };
+            // A message of `declared` bytes, all but its last sent.
+            let mut frame = vec![0x41u8; 4 + declared];
+            frame[0] = 0;
+            frame[1..5].copy_from_slice(&u32::try_from(declared).unwrap().to_be_bytes());
+            body.reserve_capacity(frame.len());
+            let _ = body.send_data(frame.into(), false);
+            held.push((answer, body));
+        }
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let svid = ca.issue("tok-web").await;
+    assert_eq!(svid.id.as_str(), WEB, "another source is served");
+    let grown = ca.rss_kib().saturating_sub(before);
+    println!(
+        "{} calls started, {refused} refused at once; CA memory +{grown} KiB",
+        held.len()
+    );
+    assert!(grown < 24 << 10, "the CA grew by {grown} KiB");
 }

@@ -39,23 +39,23 @@ pub struct CaConn {
     _source: SourceSlot,
 }
 
-/// Open connections per source address (taken on the accept loop, given
-/// back on close: never on the data path).
-type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// What each source address holds open: connections (taken on the accept
+/// loop, given back on close) or calls (`calls.rs`); never on the data
+/// path.
+pub(crate) type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-/// One connection's place in its source's count.
-struct SourceSlot {
+/// One connection's (or call's) place in its source's count.
+pub(crate) struct SourceSlot {
     sources: Sources,
     ip: IpAddr,
 }
 
 impl SourceSlot {
-    /// A place for a connection from `ip`, or `None` when it has
-    /// [`MAX_PER_SOURCE`] open.
-    fn take(sources: &Sources, ip: IpAddr) -> Option<SourceSlot> {
+    /// A place for one more from `ip`, or `None` when it holds `cap`.
+    pub(crate) fn take(sources: &Sources, ip: IpAddr, cap: usize) -> Option<SourceSlot> {
         let mut open = sources.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if *n >= MAX_PER_SOURCE {
+        if *n >= cap {
             return None;
         }
         *n += 1;
@@ -149,7 +149,9 @@ pub fn incoming(
                     }
                 },
             };
-            let Some(source) = SourceSlot::take(&sources, remote.ip().to_canonical()) else {
+            let Some(source) =
+                SourceSlot::take(&sources, remote.ip().to_canonical(), MAX_PER_SOURCE)
+            else {
                 tracing::warn!(%remote, "CA connection limit per source ({MAX_PER_SOURCE}) reached; closing");
                 continue;
             };

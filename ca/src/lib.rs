@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod authn;
+pub mod calls;
 pub mod client;
 mod conn;
 /// The gRPC port's connection caps (documented in docs/CA.md; tests hold them).

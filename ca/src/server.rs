@@ -35,8 +35,15 @@ use crate::tls::{self, ServingCert};
 /// How long shutdown waits for open calls before closing connections.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Largest gRPC request accepted (a CSR is about 1 KiB).
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest gRPC request accepted (a CSR is about 1 KiB): tonic buffers a
+/// message of its declared size before any check runs.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Calls (HTTP/2 streams) one connection may have open: a sidecar makes
+/// one or two at a time and watches revocations on one more. With the
+/// windows below, what one connection can make the CA buffer is bounded:
+/// 16 KiB per stream, 32 KiB of the connection's unread.
+pub const MAX_CALLS_PER_CONNECTION: u32 = 16;
 
 /// Everything `ca serve` takes.
 #[derive(Debug, Clone)]
@@ -80,6 +87,8 @@ pub struct CaConfig {
     /// Per-source-address rate limit on Sign and SignJwtSvid, before
     /// authentication.
     pub source_rate_limit: RateLimit,
+    /// Calls one source address may have in flight (0: no limit).
+    pub calls_per_source: usize,
     /// How often bundle sources and the join-token file are re-read.
     pub poll_interval: Duration,
     /// Largest gRPC request accepted.
@@ -142,6 +151,7 @@ impl CaConfig {
                 burst: 20,
             },
             source_rate_limit: SOURCE_RATE_LIMIT,
+            calls_per_source: crate::calls::MAX_CALLS_PER_SOURCE,
             poll_interval: Duration::from_secs(5),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             admin_token_file: None,
@@ -333,7 +343,11 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, StartError> {
     let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .concurrency_limit_per_connection(256)
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION as usize)
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(32 * 1024)
+        .layer(crate::calls::CallsPerSource::new(config.calls_per_source))
         .add_service(health_svc)
         .add_service(
             CertificateAuthorityServer::new(service)

@@ -178,6 +178,17 @@ impl CaProcess {
         )
     }
 
+    /// The process's resident memory, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
     /// The gRPC address as `localhost:<port>`, the name its certificate carries.
     pub fn grpc_host_port(&self) -> String {
         format!("localhost:{}", self.grpc_addr.port())
