@@ -567,3 +567,29 @@ fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_oth
     assert_ne!(http.get(), Some(200), "no new request after the deny");
     assert_eq!(fresh_status(x_web), 403, "a new request from X is denied");
 }
+
+#[test]
+fn an_answer_that_never_ends_is_cut_at_the_grace_when_x_is_denied() {
+    // Before, an answer without end (a WebSocket, a stream) kept a denied
+    // or revoked peer's connection for as long as it lasted.
+    let (web_app, arrived, _release) = held_app();
+    let dir = tempfile::tempdir().unwrap();
+    let web = WebPair::start(dir.path(), web_app);
+    let conn = TcpStream::connect(web.x_web).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut http = Http(BufReader::new(conn));
+    let req = b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n";
+    http.0.get_mut().write_all(req).unwrap();
+    arrived.recv_timeout(PATIENCE).expect("at the app");
+    let denied = reload_policy(&web.server, &web.policy_file, &web.policy(&[Y]));
+    let mut status = String::new();
+    let _ = http.0.read_line(&mut status);
+    let took = denied.elapsed();
+    assert!(!status.starts_with("HTTP/1.1 200"), "{status:?}");
+    let grace = stepmesh::proxy::seam::REVOKED_GRACE;
+    assert!(took >= grace, "cut before its grace: {took:?}");
+    assert!(
+        took < grace + REVOKE_WITHIN + Duration::from_secs(1),
+        "{took:?}"
+    );
+}

@@ -36,7 +36,7 @@ use crate::policy::{Policy, SpiffeId};
 use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
 
 /// An authenticated inbound connection, as the HTTP layer needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InboundConn {
     /// The client workload (the mesh connection's, shared by its tunnels).
     pub peer: Arc<SpiffeId>,
@@ -60,6 +60,11 @@ pub struct InboundConn {
     /// Who serves the CONNECT tunnels of a peer sidecar (`None`: a CONNECT
     /// is an ordinary request, refused as not a path).
     pub tunnels: Option<super::tunnel::Tunnels>,
+    /// Set once a policy or trust change (a revoked peer, a removed root)
+    /// denied the connection: it is closing, and a request that still
+    /// arrives is answered `403` (an HTTP/2 client that never acknowledges
+    /// the GOAWAY kept opening streams, each served).
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 /// Deadline for dialling the app, unless the proxy sets its own.
@@ -383,6 +388,13 @@ async fn admit(
     orig: Version,
 ) -> Verdict {
     let conn = &*served.conn;
+    if conn.closing.load(std::sync::atomic::Ordering::Acquire) {
+        return Verdict::Answer(Local::deny(
+            StatusCode::FORBIDDEN,
+            "connection_revoked",
+            "forbidden: a policy or trust change denied this connection; it is closing\n",
+        ));
+    }
     if x.logging() {
         x.record.peer_id = Some(served.peer.clone());
         x.record.method = super::record::method_label(&parts.method);
@@ -581,6 +593,7 @@ mod tests {
             mesh: false,
             tunnels_only: false,
             tunnels: None,
+            closing: Default::default(),
         });
         let (io, _peer) = tokio::io::duplex(64);
         let fut = serve_detected(

@@ -4,6 +4,7 @@
 //! sits above both; neither imports the sidecar.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,10 +104,11 @@ where
         .then(|| super::tunnel::inbound(shared.clone(), ctx.clone()));
     if let (false, Some(tunnels)) = (kind.http, &tunnels) {
         // Tunnels only (a `tcp` port): on h2 directly, no HTTP served.
+        let closing = AtomicBool::new(false);
         let mut revoked = None;
-        let stop = drain_or_revoked(shared, ctx, &mut revoked);
-        let outcome = crate::http::tunnels_only::serve(&shared.http, tunnels, io, stop).await;
-        return with_revoked(outcome, revoked);
+        let stop = drain_or_revoked(shared, ctx, &closing, &mut revoked);
+        let serve = crate::http::tunnels_only::serve(&shared.http, tunnels, io, stop);
+        return with_revoked(within_grace(serve, &closing).await, revoked);
     }
     serve_inbound_http(shared, ctx, io, Some((kind, tunnels))).await
 }
@@ -133,18 +135,18 @@ where
     };
     if detected.is_http() {
         let conn = inbound_conn(shared, ctx, false);
+        let watched = Arc::clone(&conn);
         let mut revoked = None;
-        let stop = drain_or_revoked(shared, ctx, &mut revoked);
-        let outcome = crate::http::inbound::serve_detected(
+        let stop = drain_or_revoked(shared, ctx, &watched.closing, &mut revoked);
+        let serve = crate::http::inbound::serve_detected(
             shared.http.clone(),
             conn,
             tls,
             detected,
             prefix,
             stop,
-        )
-        .await;
-        return with_revoked(outcome, revoked);
+        );
+        return with_revoked(within_grace(serve, &watched.closing).await, revoked);
     }
     let io = Prefixed::new(prefix, tls);
     // A port with routes is HTTP by the operator's word: opaque bytes must
@@ -175,22 +177,55 @@ where
     super::inbound::forward_tcp(shared, &ctx, io).await
 }
 
+/// How long an inbound HTTP connection a change denied has for the
+/// requests in flight before it is closed: a WebSocket, a response
+/// streamed without end, or an HTTP/2 client that never acknowledges the
+/// GOAWAY, no longer outlives a revocation.
+pub const REVOKED_GRACE: Duration = Duration::from_secs(5);
+
 /// What ends an inbound HTTP connection gracefully (in-flight requests
 /// finish, no new ones are taken): the process draining, or a policy or
-/// trust bundle change denying it (then `revoked` says why).
+/// trust bundle change denying it (then `revoked` says why, and `closing`
+/// is set: an HTTP request that still arrives is answered `403`).
 async fn drain_or_revoked(
     shared: &Shared,
     ctx: &InboundContext,
+    closing: &AtomicBool,
     revoked: &mut Option<super::reauth::Revoked>,
 ) {
     tokio::select! {
         () = shared.http.drained() => {}
-        denied = ctx.grant.revoked(shared, ctx) => *revoked = Some(denied),
+        denied = ctx.grant.revoked(shared, ctx) => {
+            closing.store(true, Ordering::Release);
+            *revoked = Some(denied);
+        }
     }
 }
 
-/// The access-log outcome of an HTTP connection a change closed.
-fn with_revoked(mut outcome: Outcome, revoked: Option<super::reauth::Revoked>) -> Outcome {
+/// Runs `serve` to its end, or until `REVOKED_GRACE` after `closing` is
+/// set (by `serve`'s own stop future: a poll that sets it is followed by
+/// the check below, so no wake-up is missed); `None` when cut short. The
+/// timer exists only once the connection is closing.
+async fn within_grace<F: Future>(serve: F, closing: &AtomicBool) -> Option<F::Output> {
+    let mut serve = std::pin::pin!(serve);
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = serve.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        if !closing.load(Ordering::Acquire) {
+            return std::task::Poll::Pending;
+        }
+        let grace = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(REVOKED_GRACE)));
+        grace.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+/// The access-log outcome of an HTTP connection a change closed (`None`:
+/// closed at the end of its grace).
+fn with_revoked(outcome: Option<Outcome>, revoked: Option<super::reauth::Revoked>) -> Outcome {
+    let mut outcome = outcome.unwrap_or_default();
     if let Some(revoked) = revoked {
         if outcome.error.is_none() {
             outcome.error = Some(("revoked", revoked.to_string()));
@@ -216,10 +251,11 @@ where
             conn.tunnels = tunnels;
         }
     }
+    let watched = Arc::clone(&conn);
     let mut revoked = None;
-    let stop = drain_or_revoked(shared, ctx, &mut revoked);
-    let outcome = crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, stop).await;
-    with_revoked(outcome, revoked)
+    let stop = drain_or_revoked(shared, ctx, &watched.closing, &mut revoked);
+    let serve = crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, stop);
+    with_revoked(within_grace(serve, &watched.closing).await, revoked)
 }
 
 /// The HTTP layer's view of an inbound connection. Our own ID is read
@@ -236,6 +272,7 @@ fn inbound_conn(shared: &Shared, ctx: &InboundContext, mesh: bool) -> Arc<Inboun
         mesh,
         tunnels_only: false,
         tunnels: None,
+        closing: Default::default(),
     })
 }
 

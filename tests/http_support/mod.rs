@@ -108,6 +108,7 @@ pub async fn start_inbound_draining(
                     mesh: session.alpn_protocol() == Some(MESH_ALPN),
                     tunnels_only: false,
                     tunnels: None,
+                    closing: Default::default(),
                 };
                 let drained = async move {
                     // A dropped trigger means "never drain".
