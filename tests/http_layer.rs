@@ -541,3 +541,54 @@ async fn each_request_gets_one_access_log_line_with_bytes_and_durations() {
         "queries stay out of the log: {json}"
     );
 }
+
+/// Each HTTP/2 stream relayed to an HTTP/1 app takes an app connection of
+/// its own, counted against the process's connection limit while its
+/// answer lasts: over it, 503 (before, 256 streams per mesh connection,
+/// each with its app connection, were outside `--max-connections`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_an_http1_app_count_against_the_connection_limit() {
+    let budget = stepmesh::net::caps::ConnectionBudget::new(2);
+    let policy = Policy::allow_authenticated(http_support::TD.parse().unwrap());
+    let inbound = http_support::layer_with_budget(policy, budget.clone());
+    let pair = Pair::start_with(inbound, FRONTEND, false).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        // A body that stays open: the app reads it until it ends.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+        let req = hyper::Request::post("/upload")
+            .header("host", "api")
+            .body(body)
+            .unwrap();
+        held.push((tx, tokio::spawn(send(pair.outbound, false, req))));
+    }
+    for _ in 0..100 {
+        if budget.try_spend().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let over = send(
+        pair.outbound,
+        false,
+        request(false, "GET", "/fast", &[], b""),
+    )
+    .await;
+    assert_eq!(over.status, 503, "a third app connection at a limit of two");
+    for (tx, answer) in held {
+        drop(tx);
+        assert_eq!(answer.await.unwrap().status, 200);
+    }
+    let again = send(
+        pair.outbound,
+        false,
+        request(false, "GET", "/fast", &[], b""),
+    )
+    .await;
+    assert_eq!(again.status, 200, "the places are given back");
+}

@@ -538,6 +538,23 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
     } else {
         Version::HTTP_11
     };
+    // An HTTP/1 app takes a connection per stream in flight: counted
+    // against `--max-connections` until its answer ends.
+    let spent = match (&layer.connections, to_h2) {
+        (Some(budget), false) => match budget.try_spend() {
+            Some(spent) => Some(spent),
+            None => {
+                layer.metrics.refusal("inbound", "connection_limit");
+                let local = Local::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection_limit",
+                    "the sidecar is at its connection limit\n",
+                );
+                return local.respond(x);
+            }
+        },
+        _ => None,
+    };
     let upstream = Request::from_parts(parts, x.count_request(body));
     let answer = if to_h2 {
         layer.app.h2.request(upstream).await
@@ -548,13 +565,48 @@ async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> R
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = x.respond(parts.status, decision, reason, body.boxed());
+            let body = match spent {
+                Some(spent) => Holding {
+                    body,
+                    _spent: spent,
+                }
+                .boxed(),
+                None => body.boxed(),
+            };
+            let body = x.respond(parts.status, decision, reason, body);
             Response::from_parts(parts, body)
         }
         Err(e) => {
             tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
             app_unavailable().respond(x)
         }
+    }
+}
+
+/// An app's answer with its place under the connection limit, given back
+/// when the answer ends (or is dropped).
+struct Holding<B> {
+    body: B,
+    _spent: crate::net::caps::Spent,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -104,6 +104,9 @@ pub struct HttpLayer {
     connect_timeout: std::time::Duration,
     /// What one client may hold of the proxy.
     pub(crate) limits: HttpLimits,
+    /// The process's `--max-connections`: an HTTP/2 stream relayed to an
+    /// HTTP/1 app takes an app connection of its own while it lasts.
+    pub(crate) connections: Option<Arc<crate::net::caps::ConnectionBudget>>,
 }
 
 /// What one HTTP/1 client may hold of the proxy, so that slow or greedy
@@ -160,6 +163,7 @@ impl HttpLayer {
             idle_timeout: std::time::Duration::from_secs(3600),
             connect_timeout: inbound::APP_CONNECT_TIMEOUT,
             limits: HttpLimits::default(),
+            connections: None,
         }
     }
 
@@ -198,6 +202,17 @@ impl HttpLayer {
     /// 10 s) instead of every 30 s.
     pub fn with_mesh_keepalive(mut self, interval: std::time::Duration) -> HttpLayer {
         self.mesh.keep_alive = mesh::KeepAlive::every(interval);
+        self
+    }
+
+    /// Counts each app connection an HTTP/2 stream takes against the
+    /// process's connection limit (else 256 streams per connection, each
+    /// with its app connection, were outside `--max-connections`).
+    pub fn with_connection_budget(
+        mut self,
+        budget: Arc<crate::net::caps::ConnectionBudget>,
+    ) -> HttpLayer {
+        self.connections = Some(budget);
         self
     }
 

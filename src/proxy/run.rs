@@ -198,8 +198,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         let log = access_log.clone();
         crate::http::RequestLog::new(move |record| log.log_line(|line| record.write_json(line)))
     };
+    let connections = crate::net::caps::ConnectionBudget::new(
+        crate::net::fdlimit::connection_limit(args.max_connections, crate::net::fdlimit::raise()),
+    );
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
+            .with_connection_budget(connections.clone())
             .with_timeouts(args.idle_timeout, args.connect_timeout)
             .with_mesh_sidecar(store.clone(), proxy_metrics.clone())
             .with_mesh_keepalive(args.mesh_keepalive)
@@ -216,12 +220,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::http::HttpLayer::sweep_idle(Arc::downgrade(&http)));
     let shared = Arc::new(Shared {
         http,
-        connections: crate::net::caps::ConnectionBudget::new(
-            crate::net::fdlimit::connection_limit(
-                args.max_connections,
-                crate::net::fdlimit::raise(),
-            ),
-        ),
+        connections,
         peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         opaque_ports: args.opaque_ports.clone(),

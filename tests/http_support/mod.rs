@@ -47,6 +47,21 @@ pub fn layer_with_log(policy: Policy, log: RequestLog) -> Arc<HttpLayer> {
     ))
 }
 
+/// As [`layer`], counting app connections against `budget`.
+pub fn layer_with_budget(
+    policy: Policy,
+    budget: Arc<stepmesh::net::caps::ConnectionBudget>,
+) -> Arc<HttpLayer> {
+    let stepup = Arc::new(StepUp::new(StepUpMetrics::default()));
+    let layer = HttpLayer::new(
+        PolicyWatch::fixed(policy),
+        stepup,
+        HttpMetrics::default(),
+        RequestLog::disabled(),
+    );
+    Arc::new(layer.with_connection_budget(budget))
+}
+
 /// The inbound side: mTLS (client SVID required), then `http::inbound::serve`.
 pub async fn start_inbound(
     pki: &Pki,
@@ -194,10 +209,15 @@ pub struct Pair {
 
 impl Pair {
     pub async fn start(policy: Policy, caller: &str, app_h2: bool) -> Pair {
+        Pair::start_with(layer(policy), caller, app_h2).await
+    }
+
+    /// As [`Pair::start`], the inbound side's layer given.
+    pub async fn start_with(inbound_layer: Arc<HttpLayer>, caller: &str, app_h2: bool) -> Pair {
         let pki = Pki::new(TD);
         let app = app::TestApp::start(app_h2).await;
         let port = 8080;
-        let inbound = start_inbound(&pki, layer(policy), port, app.addr).await;
+        let inbound = start_inbound(&pki, inbound_layer, port, app.addr).await;
         let me = pki.leaf(caller);
         let outbound = start_outbound(
             &pki,
