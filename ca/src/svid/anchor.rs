@@ -46,31 +46,51 @@ fn key_of(spki: &[u8]) -> AnchorKey {
 
 /// The key of the root in `roots` that `chain` (verified against these
 /// roots already) ends at; `None` if none fits (the bundle changed since).
+///
+/// The walk starts at the leaf and follows each certificate's issuer, as
+/// path building does: certificates the peer sent past the path are not
+/// read. (Taken from the last certificate sent, a peer under an old root
+/// that appended the public new root was recorded under the new one, and
+/// kept its connections when the old root was removed.)
 pub(super) fn anchor_of(roots: &[RootKey], chain: &[CertificateDer<'_>]) -> Option<AnchorKey> {
-    let top = chain.last()?;
-    let (_, cert) = X509Certificate::from_der(top).ok()?;
-    // A peer may send the root itself as the last certificate.
-    let own = key_of(cert.public_key().raw);
-    if roots
+    let parsed: Vec<X509Certificate<'_>> = chain
         .iter()
-        .any(|r| r.key == own && r.subject == cert.subject().as_raw())
-    {
-        return Some(own);
+        .map(|c| X509Certificate::from_der(c).ok().map(|(_, cert)| cert))
+        .collect::<Option<_>>()?;
+    let mut cert = parsed.first()?;
+    // Each step goes one certificate up; a path is no longer than the chain.
+    for _ in 0..parsed.len() {
+        let issuer = cert.issuer().as_raw();
+        let mut named = roots.iter().filter(|r| r.subject == issuer);
+        if let Some(first) = named.next() {
+            if named.next().is_none() {
+                // Path building matches anchors by name: with one root of
+                // that name, a path verified against these roots ends at it.
+                return Some(first.key);
+            }
+            // Several roots share the name (a root re-keyed under the same
+            // name): the signature tells which one signed.
+            return roots.iter().filter(|r| r.subject == issuer).find_map(|r| {
+                let (_, spki) = SubjectPublicKeyInfo::from_der(&r.spki).ok()?;
+                cert.verify_signature(Some(&spki)).ok().map(|()| r.key)
+            });
+        }
+        // An intermediate the peer sent: the one of that name (by name, as
+        // for roots: no signature check on every handshake), or, with
+        // several of that name, the one that signed.
+        let mut named = parsed[1..]
+            .iter()
+            .filter(|up| up.subject().as_raw() == issuer);
+        let first = named.next()?;
+        cert = match named.next() {
+            None => first,
+            Some(_) => parsed[1..].iter().find(|up| {
+                up.subject().as_raw() == issuer
+                    && cert.verify_signature(Some(up.public_key())).is_ok()
+            })?,
+        };
     }
-    let issuer = cert.issuer().as_raw();
-    let mut named = roots.iter().filter(|r| r.subject == issuer);
-    let first = named.next()?;
-    if named.next().is_none() {
-        // Path building matches anchors by name: with one root of that
-        // name, a chain verified against these roots ends at it.
-        return Some(first.key);
-    }
-    // Several roots share the name (a root re-keyed under the same name):
-    // the signature tells which one signed.
-    roots.iter().filter(|r| r.subject == issuer).find_map(|r| {
-        let (_, spki) = SubjectPublicKeyInfo::from_der(&r.spki).ok()?;
-        cert.verify_signature(Some(&spki)).ok().map(|()| r.key)
-    })
+    None
 }
 
 /// Whether `key` is one of `roots`.

@@ -148,4 +148,12 @@ fn anchor_of_names_the_root_key_a_chain_ends_at() {
     let mut with_root = leaf.chain.clone();
     with_root.push(a.root.cert.clone());
     assert_eq!(both.anchor_of(&with_root), Some(key));
+    // Another root appended (public: anyone has it) is not the anchor: the
+    // connection stays under a's root, and ends when a's root is removed
+    // (before, the last certificate sent was taken; found by review).
+    let mut spoofed = leaf.chain.clone();
+    spoofed.push(b.root.cert.clone());
+    verify(&spoofed, &both, UnixTime::now()).unwrap();
+    assert_eq!(both.anchor_of(&spoofed), Some(key));
+    assert!(!b.bundle().trusts(both.anchor_of(&spoofed).unwrap()));
 }
