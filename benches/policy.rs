@@ -65,6 +65,11 @@ fn decisions(c: &mut Criterion) {
         ("no route matches", "/health"),
         // Upper case, a `;` parameter and an escape: 8 readings, each matched.
         ("hostile path, 8 readings", "/API4/Refunds;v=1/caf%C3%A9"),
+        // The same with a format suffix (`.json`): 16 readings.
+        (
+            "hostile path with a format, 16 readings",
+            "/API4/Refunds;v=1/caf%C3%A9.json",
+        ),
     ] {
         let uri = http::Uri::from_static(target);
         group.bench_function(format!("authorize_request/{name}"), |b| {

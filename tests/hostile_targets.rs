@@ -25,6 +25,9 @@ const TABLE: &[(&str, &str, &str, u16)] = &[
     ("POST", "/REFUNDS/1", "", 401),
     ("POST", "/Refunds/1", "", 401),
     ("POST", "/rEfUnDs", "", 401),
+    // Rails routes `/refunds.json` as `/refunds` (its `(.:format)`).
+    ("POST", "/refunds.json", "", 401),
+    ("POST", "/refunds/1.json", "", 401),
     ("POST", "/refunds;x", "", 401),
     ("POST", "/refunds;jsessionid=abc/1", "", 401),
     ("POST", "/refunds/1;v=2", "", 401),

@@ -22,7 +22,7 @@ use std::fmt;
 
 use http::Method;
 
-use crate::policy::target::{CaseMatch, ParamsMatch, PathOptions, Readings, Refusal};
+use crate::policy::target::{CaseMatch, FormatMatch, ParamsMatch, PathOptions, Readings, Refusal};
 
 /// One request as the API server's authorizer sees it (`RequestInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -115,10 +115,12 @@ impl ClassifyError {
     }
 }
 
-/// The API server reads paths exactly: case and `;` are ordinary.
+/// The API server reads paths exactly: case, `;` and `.` are ordinary
+/// (a pod may be named `web.1`).
 const KUBERNETES_PATHS: PathOptions = PathOptions {
     case: CaseMatch::Sensitive,
     params: ParamsMatch::Kept,
+    format: FormatMatch::Kept,
 };
 
 /// Classifies `method path?query` as the API server would.

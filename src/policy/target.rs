@@ -16,7 +16,9 @@
 //!   absolute-form, HTTP/2 `:authority`) or appears twice.
 //! - **Read every way the app might** ([`Readings`]): as sent and
 //!   percent-decoded; with `;` parameters kept and stripped (Tomcat, Jetty,
-//!   Spring strip them); case kept and folded (ASP.NET, IIS, Express fold).
+//!   Spring strip them); case kept and folded (ASP.NET, IIS, Express fold);
+//!   the last segment with and without a format suffix (Rails routes
+//!   `/refunds.json` as `/refunds`, Spring's suffix patterns too).
 //!   One trailing slash never matters. The route of the request is the route
 //!   those readings agree on; a reading that matches a route beats one that
 //!   matches none (a route only ever adds requirements); two readings that
@@ -59,6 +61,21 @@ pub enum ParamsMatch {
     Stripped,
 }
 
+/// How the app behind a port treats a format suffix on the last segment
+/// (`/refunds.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatMatch {
+    /// Unknown: a request must meet its route's requirement read either way.
+    #[default]
+    Any,
+    /// `.` is an ordinary path character to the app.
+    Kept,
+    /// The app routes `/x.json` as `/x` (Rails' `(.:format)`, Spring's
+    /// suffix patterns): the suffix, from the segment's first `.`, goes.
+    Stripped,
+}
+
 /// A port's `pathMatch`: how its app reads paths. The default assumes
 /// nothing and is safe for every common framework.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -70,6 +87,9 @@ pub struct PathOptions {
     /// `;` parameters.
     #[serde(default)]
     pub params: ParamsMatch,
+    /// A format suffix on the last segment.
+    #[serde(default)]
+    pub format: FormatMatch,
 }
 
 /// Why a request target was refused (400), before any route was matched.
@@ -353,7 +373,7 @@ pub fn parse(raw: &str) -> Result<Uri, Refusal> {
 
 /// At most 2 (raw, decoded) × 2 (params kept, stripped) × 2 (case kept,
 /// folded) readings.
-const MAX_READINGS: usize = 8;
+const MAX_READINGS: usize = 16;
 
 /// The ways an app may read one checked path, each trimmed of one trailing
 /// slash. A path in the common form (lower case, no escapes, no `;`) has one
@@ -401,24 +421,35 @@ impl<'a> Readings<'a> {
             for form in [kept, stripped].into_iter().flatten() {
                 check_segments(&form)?;
                 let form = trim_trailing_slash(form);
-                let needs_fold = form.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80);
-                if options.case != CaseMatch::Insensitive {
-                    out.push(Reading {
-                        path: form.clone(),
-                        folded: false,
-                    });
-                }
-                if options.case != CaseMatch::Sensitive {
-                    let path = if needs_fold {
-                        Cow::Owned(fold(&form))
-                    } else {
-                        form
-                    };
-                    out.push(Reading { path, folded: true });
+                let without_format = (options.format != FormatMatch::Kept)
+                    .then(|| strip_format(&form))
+                    .flatten();
+                let keep = options.format != FormatMatch::Stripped || without_format.is_none();
+                for form in [keep.then_some(form), without_format].into_iter().flatten() {
+                    out.push_case_readings(form, options.case);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// `form` as the app reads it under `case`: as it is, folded, or both.
+    fn push_case_readings(&mut self, form: Cow<'a, str>, case: CaseMatch) {
+        let needs_fold = form.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80);
+        if case != CaseMatch::Insensitive {
+            self.push(Reading {
+                path: form.clone(),
+                folded: false,
+            });
+        }
+        if case != CaseMatch::Sensitive {
+            let path = if needs_fold {
+                Cow::Owned(fold(&form))
+            } else {
+                form
+            };
+            self.push(Reading { path, folded: true });
+        }
     }
 
     fn push(&mut self, reading: Reading<'a>) {
@@ -526,6 +557,22 @@ fn check_segments(path: &str) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// `path` without the format suffix of its last segment (from the
+/// segment's first `.`, so that reading it again strips nothing more), or
+/// `None` when it has none: no `.`, or one that starts the segment (a
+/// dot-file is a name, not a format).
+fn strip_format<'a>(path: &Cow<'a, str>) -> Option<Cow<'a, str>> {
+    let start = path.rfind('/')? + 1;
+    let dot = path[start..].find('.')?;
+    if dot == 0 {
+        return None;
+    }
+    Some(match path {
+        Cow::Borrowed(p) => Cow::Borrowed(&p[..start + dot]),
+        Cow::Owned(p) => Cow::Owned(p[..start + dot].to_owned()),
+    })
 }
 
 fn trim_trailing_slash(path: Cow<'_, str>) -> Cow<'_, str> {

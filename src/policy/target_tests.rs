@@ -22,6 +22,41 @@ fn common_paths_have_one_reading_and_borrow() {
 }
 
 #[test]
+fn a_format_suffix_is_read_with_and_without_it() {
+    let options = |format| PathOptions {
+        case: CaseMatch::Sensitive,
+        format,
+        ..PathOptions::default()
+    };
+    let paths = |path, format| -> Vec<String> {
+        readings(path, options(format))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect()
+    };
+    assert_eq!(
+        paths("/refunds.json", FormatMatch::Any),
+        ["/refunds.json", "/refunds"]
+    );
+    assert_eq!(
+        paths("/refunds/1.json/", FormatMatch::Any),
+        ["/refunds/1.json", "/refunds/1"]
+    );
+    assert_eq!(paths("/refunds.json", FormatMatch::Kept), ["/refunds.json"]);
+    assert_eq!(paths("/refunds.json", FormatMatch::Stripped), ["/refunds"]);
+    assert_eq!(paths("/refunds", FormatMatch::Stripped), ["/refunds"]);
+    // From the first `.`: read again, nothing more goes.
+    assert_eq!(paths("/a.tar.gz", FormatMatch::Any), ["/a.tar.gz", "/a"]);
+    assert_eq!(paths("/a", FormatMatch::Any), ["/a"]);
+    // Only the last segment; a dot-file is a name.
+    assert_eq!(paths("/v1.2/x", FormatMatch::Any), ["/v1.2/x"]);
+    assert_eq!(paths("/x/.env", FormatMatch::Any), ["/x/.env"]);
+    // Encoded, the decoded reading loses its format too.
+    assert!(paths("/refunds%2Ejson", FormatMatch::Any).contains(&"/refunds".to_owned()));
+}
+
+#[test]
 fn readings_cover_case_params_and_escapes() {
     let got = readings("/A;x/caf%C3%A9/", PathOptions::default()).unwrap();
     for want in [
@@ -43,6 +78,7 @@ fn readings_cover_case_params_and_escapes() {
     let exact = PathOptions {
         case: CaseMatch::Sensitive,
         params: ParamsMatch::Kept,
+        format: FormatMatch::Kept,
     };
     assert_eq!(
         readings("/A;x/b", exact).unwrap(),
@@ -51,6 +87,7 @@ fn readings_cover_case_params_and_escapes() {
     let tomcat_iis = PathOptions {
         case: CaseMatch::Insensitive,
         params: ParamsMatch::Stripped,
+        format: FormatMatch::Any,
     };
     assert_eq!(
         readings("/A;x/b", tomcat_iis).unwrap(),
