@@ -172,6 +172,7 @@ fn main() {
             Limits {
                 max_body: 4 << 20,
                 body_timeout: Duration::from_secs(30),
+                bodies_in_flight: 32 << 20,
             },
         )
         .await

@@ -5,12 +5,15 @@
 //! certificate reload; TLS 1.3 only.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+#[path = "inject_webhook/checks.rs"]
+mod checks;
 mod inject_support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use checks::case_checks;
 use inject_support::{client_config, pki, post_review, raw_request, request, validate, Webhook};
 use serde_json::{json, Value};
 
@@ -71,121 +74,6 @@ fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
 }
 
 /// The proxy's `STEPMESH_APP_PROBES`, checked with the sidecar's own parser.
-fn app_probes(proxy: &Value) -> Option<Value> {
-    let env = proxy["env"].as_array().unwrap();
-    let value = env.iter().find(|e| e["name"] == "STEPMESH_APP_PROBES")?["value"]
-        .as_str()
-        .unwrap();
-    stepmesh::appprobe::parse(value).unwrap();
-    Some(serde_json::from_str(value).unwrap())
-}
-
-/// The probes of the fixtures' pod-probes* app container after rewriting.
-fn check_rewritten_probes(pod: &Value, proxy: &Value) {
-    let app = container(pod, "containers", "app");
-    let admin = |kind: &str| json!({"path": format!("/app-health/app/{kind}"), "port": 15020, "scheme": "HTTP"});
-    let ready = &app["readinessProbe"];
-    assert_eq!(ready["httpGet"], admin("readyz"));
-    assert_eq!(
-        (
-            ready["timeoutSeconds"].clone(),
-            ready["periodSeconds"].clone()
-        ),
-        (json!(2), json!(5))
-    );
-    assert_eq!(app["livenessProbe"]["httpGet"], admin("livez"));
-    assert!(app["livenessProbe"].get("tcpSocket").is_none());
-    assert_eq!(app["livenessProbe"]["initialDelaySeconds"], 15);
-    assert_eq!(app["startupProbe"]["httpGet"], admin("startupz"));
-    assert!(app["startupProbe"].get("grpc").is_none());
-    assert_eq!(app["startupProbe"]["failureThreshold"], 30);
-    let logger = container(pod, "containers", "logger");
-    assert_eq!(
-        logger["readinessProbe"]["exec"]["command"],
-        json!(["cat", "/tmp/ready"])
-    );
-    assert_eq!(
-        app_probes(proxy).unwrap(),
-        json!({
-            "/app-health/app/readyz": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP",
-                "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}, "timeoutSeconds": 2},
-            "/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
-            "/app-health/app/startupz": {"grpc": {"port": 9090}, "timeoutSeconds": 1},
-        })
-    );
-}
-
-fn case_checks(name: &str, pod: &Value) {
-    let init = names(&pod["spec"]["initContainers"]);
-    let containers = names(&pod["spec"]["containers"]);
-    match name {
-        "pod-probes" => {
-            assert_eq!(init, ["stepmesh-init", "stepmesh-proxy"]);
-            assert_eq!(containers, ["app", "logger"]);
-            check_rewritten_probes(pod, container(pod, "initContainers", "stepmesh-proxy"));
-        }
-        "pod-probes-classic" => {
-            // The probe operations indexed the containers before the proxy
-            // was put first: they must have landed on the app, not the proxy.
-            assert_eq!(containers, ["stepmesh-proxy", "app", "logger"]);
-            let proxy = container(pod, "containers", "stepmesh-proxy");
-            assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
-            check_rewritten_probes(pod, proxy);
-        }
-        "pod-probes-not-rewritten" => {
-            let app = container(pod, "containers", "app");
-            assert_eq!(app["readinessProbe"]["httpGet"]["port"], "http");
-            assert_eq!(app["livenessProbe"]["tcpSocket"]["port"], 8080);
-            assert_eq!(app["startupProbe"]["grpc"]["port"], 9090);
-            let proxy = container(pod, "initContainers", "stepmesh-proxy");
-            assert_eq!(app_probes(proxy), None);
-        }
-        "pod-init-and-volumes" => {
-            assert_eq!(init, ["stepmesh-init", "stepmesh-proxy", "migrate"]);
-            assert_eq!(names(&pod["spec"]["volumes"]).len(), 5);
-            assert_eq!(
-                pod["metadata"]["annotations"]["example.com/owner"],
-                "team-a"
-            );
-            assert_eq!(
-                pod["metadata"]["labels"]["stepmesh.io/service-account"],
-                "api"
-            );
-        }
-        "pod-classic-sidecar" => {
-            assert_eq!(init, ["stepmesh-init"]);
-            assert_eq!(containers, ["stepmesh-proxy", "app"]);
-        }
-        "pod-exclusions" => {
-            let args = pod["spec"]["initContainers"][0]["args"].to_string();
-            assert!(
-                args.contains(r#""--exclude-inbound-ports","9090,9091""#),
-                "{args}"
-            );
-            assert!(
-                args.contains(r#""--exclude-outbound-ports","5432""#),
-                "{args}"
-            );
-            assert!(args.contains("169.254.169.254/32,10.96.0.0/12"), "{args}");
-            let proxy = &pod["spec"]["initContainers"][1];
-            assert_eq!(proxy["resources"]["limits"]["cpu"], "500m");
-            assert_eq!(proxy["resources"]["limits"]["memory"], "128Mi");
-            assert!(proxy["env"]
-                .to_string()
-                .contains(r#""name":"RUST_LOG","value":"debug""#));
-        }
-        _ => {
-            assert_eq!(init, ["stepmesh-init", "stepmesh-proxy"], "{name}");
-            assert_eq!(pod["spec"]["initContainers"][1]["restartPolicy"], "Always");
-            assert_eq!(containers, ["app"]);
-        }
-    }
-    assert_eq!(
-        pod["metadata"]["annotations"]["stepmesh.io/injected"],
-        "true"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixtures_get_valid_patches_and_reinjection_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -562,25 +450,50 @@ async fn sigterm_drains_an_in_flight_review_then_exits() {
     assert!(hook.child.wait().unwrap().success());
 }
 
+/// A body that never arrives gets 408; bodies held at once are bounded: a
+/// request for which there is no room within the deadline gets 503 (it
+/// was read into memory before, whatever the others held: found by
+/// review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_never_arrives_gets_408() {
+async fn a_body_that_never_arrives_gets_408_and_bodies_held_are_bounded() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), "slow");
-    let mut hook = Webhook::start(&pki.cert, &pki.key, &["--body-timeout", "1s"]);
-    let tls = client_config(&pki.ca_pem);
-    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let head = "POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.flush().await.unwrap();
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response);
+    let room = ["--max-body-bytes-in-flight", "1048576"];
+    let mut hook = Webhook::start(
+        &pki.cert,
+        &pki.key,
+        &[&["--body-timeout", "2s"], &room[..]].concat(),
+    );
+    let (tls, addr) = (client_config(&pki.ca_pem), hook.addr);
+    // A request declaring `declared` bytes whose body stops after one.
+    let stalled = |declared: usize| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let head = format!("POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n{{");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            let mut response = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+                    .await;
+            String::from_utf8_lossy(&response).into_owned()
+        }
+    };
+    let held = tokio::spawn(stalled(1_000_000));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = stalled(500_000).await;
+    assert!(
+        waiting.starts_with("HTTP/1.1 503") && waiting.contains("busy"),
+        "{waiting}"
+    );
+    let text = held.await.unwrap();
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("not received in time"), "{text}");
     assert!(hook.alive());

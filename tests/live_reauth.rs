@@ -586,7 +586,7 @@ fn an_answer_that_never_ends_is_cut_at_the_grace_when_x_is_denied() {
     let _ = http.0.read_line(&mut status);
     let took = denied.elapsed();
     assert!(!status.starts_with("HTTP/1.1 200"), "{status:?}");
-    let grace = stepmesh::proxy::seam::REVOKED_GRACE;
+    let grace = stepmesh::proxy::closing::REVOKED_GRACE;
     assert!(took >= grace, "cut before its grace: {took:?}");
     assert!(
         took < grace + REVOKE_WITHIN + Duration::from_secs(1),

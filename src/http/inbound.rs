@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{request, HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
+use http::{request, HeaderValue, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,14 +25,16 @@ use tokio::net::TcpStream;
 use super::detect::{self, Detected, Prefixed};
 use super::h1::message::{self, Detail};
 use super::headers::{
-    absolute, names, remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, xfcc_value,
-    ORIG_PROTO, STEPUP_SUB,
+    names, remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO,
+    STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
-use super::{h1, serve_until, HttpLayer, Local, ProxyBody, Verdict};
+use super::{h1, serve_until, HttpLayer, Local, Verdict};
 use crate::net::Outcome;
 use crate::policy::{Policy, SpiffeId};
 use crate::stepup::{self, Outcome as GateOutcome, Peer, RequestInfo};
+
+mod hyper_request;
 
 /// An authenticated inbound connection, as the HTTP layer needs it.
 #[derive(Debug)]
@@ -204,7 +205,7 @@ where
     let io = super::h2_header_deadline(&layer, "inbound", io);
     let svc = service_fn(move |req| {
         let (layer, served) = (layer.clone(), served.clone());
-        async move { Ok::<_, Infallible>(handle(&layer, &served, req).await) }
+        async move { Ok::<_, Infallible>(hyper_request::handle(&layer, &served, req).await) }
     });
     if mesh {
         builder = builder.http2_only();
@@ -471,142 +472,6 @@ async fn admit(
     Verdict::Forward {
         decision: if d.would_deny { "would_deny" } else { "allow" },
         reason: d.reason,
-    }
-}
-
-/// One request on a hyper-served connection (HTTP/2, or HTTP/1 from a peer
-/// sidecar's HTTP/2): decided, then sent over the pooled app client.
-async fn handle(layer: &HttpLayer, served: &Served, req: Request<Incoming>) -> Response<ProxyBody> {
-    let conn = &*served.conn;
-    if req.method() == http::Method::CONNECT {
-        if let Some(tunnels) = &conn.tunnels {
-            return tunnels.0.open_upgraded(req);
-        }
-    }
-    let mut x = served.exchange(layer);
-    if conn.tunnels_only {
-        let local = Local::error(
-            StatusCode::MISDIRECTED_REQUEST,
-            "not_http",
-            "this port is not HTTP: tunnels only\n",
-        );
-        return local.respond(x);
-    }
-    // From a peer sidecar, the app's protocol rides in a header.
-    let orig = if conn.mesh {
-        match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
-            Some(b"HTTP/2") => Version::HTTP_2,
-            Some(b"HTTP/1.0") => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        }
-    } else {
-        req.version()
-    };
-    let (mut parts, body) = req.into_parts();
-    let (decision, reason) = match admit(
-        layer,
-        layer.policy.current(),
-        served,
-        &mut x,
-        &mut parts,
-        orig,
-    )
-    .await
-    {
-        Verdict::Answer(local) => return local.respond(x),
-        Verdict::Forward { decision, reason } => (decision, reason),
-    };
-    let to_h2 = orig == Version::HTTP_2;
-    if !to_h2 && !parts.headers.contains_key(http::header::HOST) {
-        if let Some(authority) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(http::header::HOST, authority);
-        }
-    }
-    parts.uri = match served.app.clone().and_then(|app| absolute(app, &parts.uri)) {
-        Some(uri) => uri,
-        None => {
-            let local = Local::error(StatusCode::BAD_GATEWAY, "bad_target", "bad app address\n");
-            return local.respond(x);
-        }
-    };
-    parts.version = if to_h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    // An HTTP/1 app takes a connection per stream in flight: counted
-    // against `--max-connections` until its answer ends.
-    let spent = match (&layer.connections, to_h2) {
-        (Some(budget), false) => match budget.try_spend() {
-            Some(spent) => Some(spent),
-            None => {
-                layer.metrics.refusal("inbound", "connection_limit");
-                let local = Local::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "connection_limit",
-                    "the sidecar is at its connection limit\n",
-                );
-                return local.respond(x);
-            }
-        },
-        _ => None,
-    };
-    let upstream = Request::from_parts(parts, x.count_request(body));
-    let answer = if to_h2 {
-        layer.app.h2.request(upstream).await
-    } else {
-        layer.app.h1.request(upstream).await
-    };
-    match answer {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = match spent {
-                Some(spent) => Holding {
-                    body,
-                    _spent: spent,
-                }
-                .boxed(),
-                None => body.boxed(),
-            };
-            let body = x.respond(parts.status, decision, reason, body);
-            Response::from_parts(parts, body)
-        }
-        Err(e) => {
-            tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
-            app_unavailable().respond(x)
-        }
-    }
-}
-
-/// An app's answer with its place under the connection limit, given back
-/// when the answer ends (or is dropped).
-struct Holding<B> {
-    body: B,
-    _spent: crate::net::caps::Spent,
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
     }
 }
 

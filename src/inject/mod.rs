@@ -63,8 +63,10 @@ pub struct ServeArgs {
     /// How often the certificate files are checked, e.g. `2s` or `500ms`.
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// Deadline for receiving a request body (408 beyond).
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    /// Deadline for receiving a request body, a wait (at most 1 s) for room
+    /// under `--max-body-bytes-in-flight` included (408 or 503 beyond); the API
+    /// server gives up after the webhook's `timeoutSeconds` (5 s) anyway.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// After SIGTERM, how long in-flight reviews may finish.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
@@ -72,6 +74,11 @@ pub struct ServeArgs {
     /// Largest request body accepted (bytes); the API server sends at most ~3 MiB.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Request bodies held at once, all connections together (bytes; each
+    /// request reserves its declared length, or `--max-body-bytes`, before
+    /// reading): the webhook's memory stays bounded whoever sends.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_body_bytes_in_flight: usize,
 }
 
 /// Runs the webhook or offline injection.
@@ -112,6 +119,7 @@ async fn run_server(args: ServeArgs, config: InjectorConfig) -> anyhow::Result<(
     let limits = server::Limits {
         max_body: args.max_body_bytes,
         body_timeout: args.body_timeout,
+        bodies_in_flight: args.max_body_bytes_in_flight,
     };
     let server = server::Server::bind(args.listen, tls_config, config, limits)
         .await

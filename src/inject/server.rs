@@ -27,15 +27,22 @@ use crate::net::linger::Lingering;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 1024;
+/// How long a request waits for room for its body: the room runs out only
+/// when someone holds bodies on purpose (32 MiB is thousands of reviews),
+/// and the API server gives up after 5 s.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// Per-request limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest body accepted (413 beyond).
     pub max_body: usize,
-    /// Deadline for receiving the body (408 beyond): a slow sender cannot
-    /// hold a connection slot.
+    /// Deadline for receiving the body (408 beyond), the wait (at most 1 s)
+    /// for room under `bodies_in_flight` included (503 beyond): a slow
+    /// sender cannot hold a connection slot.
     pub body_timeout: Duration,
+    /// Bytes of request bodies held at once, all requests together.
+    pub bodies_in_flight: usize,
 }
 
 /// What every request handler shares.
@@ -43,6 +50,12 @@ pub struct Limits {
 struct State {
     config: InjectorConfig,
     limits: Limits,
+    /// Room for request bodies, in KiB: each request reserves its declared
+    /// length (or the largest body) before reading it. Unbounded, 32
+    /// connections sending 4 MiB bodies slowly took the webhook past its
+    /// 128 MiB limit, and a killed webhook refuses every pod (found by
+    /// review).
+    bodies: Arc<Semaphore>,
     metrics: InjectorMetrics,
     registry: prometheus_client::registry::Registry,
 }
@@ -70,6 +83,7 @@ impl Server {
             state: Arc::new(State {
                 config,
                 limits,
+                bodies: Arc::new(Semaphore::new(limits.bodies_in_flight.div_ceil(1024))),
                 metrics,
                 registry,
             }),
@@ -223,8 +237,26 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
     if declared.is_some_and(|len| len > state.limits.max_body as u64) {
         return too_big();
     }
+    let deadline = tokio::time::Instant::now() + state.limits.body_timeout;
+    // What the body may take, in KiB, reserved before a byte is read (a
+    // body larger than all of the room reserves all of it).
+    let reserve = declared
+        .unwrap_or(state.limits.max_body as u64)
+        .div_ceil(1024)
+        .max(1);
+    let reserve = u32::try_from(reserve)
+        .unwrap_or(u32::MAX)
+        .min(u32::try_from(state.limits.bodies_in_flight.div_ceil(1024)).unwrap_or(u32::MAX));
+    let room = state.bodies.clone().acquire_many_owned(reserve);
+    let Ok(Ok(_room)) = tokio::time::timeout(ROOM_WAIT.min(state.limits.body_timeout), room).await
+    else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: request bodies in flight are at their limit; try again",
+        );
+    };
     let collect = Limited::new(req.into_body(), state.limits.max_body).collect();
-    let Ok(collected) = tokio::time::timeout(state.limits.body_timeout, collect).await else {
+    let Ok(collected) = tokio::time::timeout_at(deadline, collect).await else {
         return error(
             StatusCode::REQUEST_TIMEOUT,
             "request body not received in time",

@@ -2,6 +2,7 @@
 //! authorization, forwarding, drain. See docs/PROXY.md.
 
 pub mod args;
+pub mod closing;
 pub mod conn;
 pub mod inbound;
 mod launch;

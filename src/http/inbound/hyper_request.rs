@@ -1,0 +1,152 @@
+//! One request on a hyper-served inbound connection (HTTP/2, or HTTP/1
+//! from a peer sidecar's HTTP/2): decided, then sent over the pooled app
+//! client; an HTTP/1 app's connection counted against the process's
+//! connection limit while the answer lasts.
+
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{admit, app_unavailable, Served, ORIG_PROTO};
+use crate::http::headers::{absolute, strip_hop_by_hop};
+use crate::http::{HttpLayer, Local, ProxyBody, Verdict};
+
+/// One request on a hyper-served connection (HTTP/2, or HTTP/1 from a peer
+/// sidecar's HTTP/2): decided, then sent over the pooled app client.
+pub(super) async fn handle(
+    layer: &HttpLayer,
+    served: &Served,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let conn = &*served.conn;
+    if req.method() == http::Method::CONNECT {
+        if let Some(tunnels) = &conn.tunnels {
+            return tunnels.0.open_upgraded(req);
+        }
+    }
+    let mut x = served.exchange(layer);
+    if conn.tunnels_only {
+        let local = Local::error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_http",
+            "this port is not HTTP: tunnels only\n",
+        );
+        return local.respond(x);
+    }
+    // From a peer sidecar, the app's protocol rides in a header.
+    let orig = if conn.mesh {
+        match req.headers().get(ORIG_PROTO).map(HeaderValue::as_bytes) {
+            Some(b"HTTP/2") => Version::HTTP_2,
+            Some(b"HTTP/1.0") => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        }
+    } else {
+        req.version()
+    };
+    let (mut parts, body) = req.into_parts();
+    let (decision, reason) = match admit(
+        layer,
+        layer.policy.current(),
+        served,
+        &mut x,
+        &mut parts,
+        orig,
+    )
+    .await
+    {
+        Verdict::Answer(local) => return local.respond(x),
+        Verdict::Forward { decision, reason } => (decision, reason),
+    };
+    let to_h2 = orig == Version::HTTP_2;
+    if !to_h2 && !parts.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(http::header::HOST, authority);
+        }
+    }
+    parts.uri = match served.app.clone().and_then(|app| absolute(app, &parts.uri)) {
+        Some(uri) => uri,
+        None => {
+            let local = Local::error(StatusCode::BAD_GATEWAY, "bad_target", "bad app address\n");
+            return local.respond(x);
+        }
+    };
+    parts.version = if to_h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    // An HTTP/1 app takes a connection per stream in flight: counted
+    // against `--max-connections` until its answer ends.
+    let spent = match (&layer.connections, to_h2) {
+        (Some(budget), false) => match budget.try_spend() {
+            Some(spent) => Some(spent),
+            None => {
+                layer.metrics.refusal("inbound", "connection_limit");
+                let local = Local::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection_limit",
+                    "the sidecar is at its connection limit\n",
+                );
+                return local.respond(x);
+            }
+        },
+        _ => None,
+    };
+    let upstream = Request::from_parts(parts, x.count_request(body));
+    let answer = if to_h2 {
+        layer.app.h2.request(upstream).await
+    } else {
+        layer.app.h1.request(upstream).await
+    };
+    match answer {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = match spent {
+                Some(spent) => Holding {
+                    body,
+                    _spent: spent,
+                }
+                .boxed(),
+                None => body.boxed(),
+            };
+            let body = x.respond(parts.status, decision, reason, body);
+            Response::from_parts(parts, body)
+        }
+        Err(e) => {
+            tracing::warn!(app = %conn.app, error = %e, "inbound: app request failed");
+            app_unavailable().respond(x)
+        }
+    }
+}
+
+/// An app's answer with its place under the connection limit, given back
+/// when the answer ends (or is dropped).
+struct Holding<B> {
+    body: B,
+    _spent: crate::net::caps::Spent,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
