@@ -62,6 +62,10 @@ pub enum MutateError {
     /// The pod already uses a name the injector needs.
     #[error("the pod already has a volume named {0:?}")]
     VolumeNameTaken(String),
+    /// An app container would run as the proxy's UID, whose traffic the
+    /// interception lets through untouched.
+    #[error("container {0:?} runs as UID {1}, the sidecar's: its traffic would bypass the mesh; run it as another user")]
+    ProxyUid(String, u32),
     /// An app container already mounts something where the Workload API
     /// socket's volume goes.
     #[error("container {container:?} already mounts {path} (stepmesh.io/workload-api needs it)")]
@@ -108,6 +112,7 @@ pub fn mutate(
     )? {
         return Ok(Mutation::Skipped(skip));
     }
+    as_proxy_uid(config, spec, containers, init_containers)?;
     let mut settings = PodSettings::new(config, annotations)?;
     // Probe operations index the containers as they are now: they come
     // before the classic sidecar is inserted at `/spec/containers/0`.
@@ -214,6 +219,37 @@ pub fn mutate(
 /// Mounts the Workload API socket's directory into every app container and
 /// points SPIFFE libraries at it; a container that sets
 /// `SPIFFE_ENDPOINT_SOCKET` itself keeps its own value.
+/// Refuses a pod with an app container (or app init container) running as
+/// the proxy's UID, by its own `runAsUser` or the pod's: the iptables rules
+/// let that UID's traffic out untouched, so it would leave the mesh and the
+/// outbound policy behind. (A UID only the image's `USER` names is not seen
+/// here.)
+fn as_proxy_uid(
+    config: &InjectorConfig,
+    spec: &Map<String, Value>,
+    containers: &[Value],
+    init_containers: Option<&Vec<Value>>,
+) -> Result<(), MutateError> {
+    let uid = |v: &Value| {
+        v.pointer("/securityContext/runAsUser")
+            .and_then(Value::as_u64)
+    };
+    let pod_uid = spec
+        .get("securityContext")
+        .and_then(|s| s.get("runAsUser"))
+        .and_then(Value::as_u64);
+    for c in containers
+        .iter()
+        .chain(init_containers.into_iter().flatten())
+    {
+        if uid(c).or(pod_uid) == Some(u64::from(config.proxy_uid)) {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            return Err(MutateError::ProxyUid(name.to_owned(), config.proxy_uid));
+        }
+    }
+    Ok(())
+}
+
 fn workload_api_ops(containers: &[Value]) -> Result<Vec<PatchOp>, MutateError> {
     let mut ops = Vec::new();
     for (i, c) in containers.iter().enumerate() {

@@ -209,4 +209,30 @@ mod tests {
         let msg = out["response"]["status"]["message"].as_str().unwrap();
         assert!(msg.contains("stepmesh.io/exclude-outbound-ports"), "{msg}");
     }
+
+    /// An app container running as the proxy's UID would bypass the mesh
+    /// (the interception lets that UID out): refused, by the container's
+    /// `runAsUser` or the pod's; another UID passes.
+    #[test]
+    fn an_app_running_as_the_proxy_uid_is_denied() {
+        let config = InjectorConfig::default();
+        let decide = |pod_uid: Value, container_uid: Value| {
+            let mut v = fixture();
+            v["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": pod_uid});
+            v["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+                json!({"runAsUser": container_uid});
+            review(&serde_json::to_vec(&v).unwrap(), &config).unwrap()
+        };
+        for (pod_uid, container_uid) in [(json!(1000), json!(1337)), (json!(1337), json!(null))] {
+            let (out, outcome) = decide(pod_uid, container_uid);
+            assert!(matches!(outcome, Outcome::Denied(_)), "{out}");
+            let msg = out["response"]["status"]["message"].as_str().unwrap();
+            assert!(msg.contains("UID 1337"), "{msg}");
+        }
+        let (_, outcome) = decide(json!(1337), json!(1000));
+        assert!(
+            matches!(outcome, Outcome::Injected),
+            "the container's own UID wins"
+        );
+    }
 }
