@@ -98,10 +98,11 @@ pub struct CaServeArgs {
         value_delimiter = ','
     )]
     pub dns_names: Vec<String>,
-    /// Sustained signings per second allowed per identity (0 = no limit).
+    /// Sustained signings per second allowed per identity and source
+    /// address, i.e. per pod (0 = no limit).
     #[arg(long, default_value_t = 1.0, env = "STEPMESH_CA_SIGN_RATE")]
     pub sign_rate: f64,
-    /// Signings per identity allowed at once.
+    /// Signings per identity and source address allowed at once.
     #[arg(long, default_value_t = 20, env = "STEPMESH_CA_SIGN_BURST")]
     pub sign_burst: u32,
     /// Sustained Sign and SignJwtSvid requests per second allowed per

@@ -169,23 +169,11 @@ async fn jwt_svids_without_end_do_not_hold_back_x509_svids() {
 async fn calls_that_never_finish_do_not_hold_the_cas_memory() {
     let ca = ca();
     let before = ca.rss_kib();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in stepmesh_ca::pem::decode_certs(ca.bundle_pem.as_bytes()).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let (mut held, mut clients, mut refused) = (Vec::new(), Vec::new(), 0);
     for _ in 0..16 {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let tcp = s.connect(ca.grpc_addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
-        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        let (client, conn) = h2::client::handshake(tls_from(&ca, "127.0.0.2").await)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         for declared in [64 << 10, 16 << 10].into_iter().cycle().take(64) {
             let ready = tokio::time::timeout(Duration::from_millis(200), client.clone().ready());
@@ -220,4 +208,84 @@ async fn calls_that_never_finish_do_not_hold_the_cas_memory() {
         held.len()
     );
     assert!(grown < 24 << 10, "the CA grew by {grown} KiB");
+}
+
+/// Each pod of an identity has its own signing bucket (per identity and
+/// source address): one that ran out its burst leaves another pod of the
+/// same identity served. Before, one pod calling in a loop locked every pod
+/// of its service account out (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pod_cannot_use_up_its_identitys_signings() {
+    let ca = CaProcess::start_with(
+        TD,
+        &[("tok-web", WEB)],
+        &["--sign-rate", "0.01", "--sign-burst", "2"],
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            sign_from(&ca, "127.0.0.2", "tok-web").await,
+            tonic::Code::Ok
+        );
+    }
+    let limited = sign_from(&ca, "127.0.0.2", "tok-web").await;
+    assert_eq!(limited, tonic::Code::ResourceExhausted);
+    let other = sign_from(&ca, "127.0.0.3", "tok-web").await;
+    assert_eq!(
+        other,
+        tonic::Code::Ok,
+        "another pod of the identity is served"
+    );
+}
+
+/// A TLS connection (ALPN h2) to the CA from source address `ip`.
+async fn tls_from(
+    ca: &CaProcess,
+    ip: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in stepmesh_ca::pem::decode_certs(ca.bundle_pem.as_bytes()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(ca.grpc_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// The gRPC status of a Sign call with `token` from source address `ip`,
+/// made by hand on h2: tonic's client cannot pick its source address.
+async fn sign_from(ca: &CaProcess, ip: &str, token: &str) -> tonic::Code {
+    let (client, conn) = h2::client::handshake(tls_from(ca, ip).await).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let message = prost::Message::encode_to_vec(sign_request(token).get_ref());
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let req = http::Request::post("/stepmesh.ca.v1.CertificateAuthority/Sign")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (answer, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(frame.into(), true).unwrap();
+    let answer = answer.await.unwrap();
+    let status = |v: &http::HeaderValue| tonic::Code::from_bytes(v.as_bytes());
+    if let Some(code) = answer.headers().get("grpc-status") {
+        return status(code);
+    }
+    let mut body = answer.into_body();
+    while let Some(data) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.unwrap().len());
+    }
+    status(&body.trailers().await.unwrap().unwrap()["grpc-status"])
 }

@@ -22,7 +22,7 @@ use crate::proto::v1::certificate_authority_server::CertificateAuthority;
 use crate::ratelimit::RateLimiter;
 use crate::revocation::{Revocations, Target};
 use crate::signer::{Csr, Issued, Signer};
-use crate::spiffe_id::TrustDomain;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 mod admin_gate;
 mod refusal;
@@ -73,18 +73,25 @@ pub struct Signers {
 
 /// The rate limits on Sign and SignJwtSvid.
 pub struct Limits {
-    /// Sign per authenticated identity (`--sign-rate`, `--sign-burst`).
-    pub identity: RateLimiter,
-    /// SignJwtSvid per authenticated identity, at the same rate: a bucket
-    /// of its own, so that an app asking for JWT-SVIDs without end (each
-    /// pod's Workload API mints for its apps) cannot hold back the X.509
-    /// SVIDs of every pod of its identity.
-    pub jwt: RateLimiter,
+    /// Sign per authenticated identity and source address (`--sign-rate`,
+    /// `--sign-burst`): each pod of an identity has a bucket of its own.
+    /// Per identity alone, one pod calling in a loop locked every other
+    /// pod of its service account out, and a rollout of more replicas
+    /// than the burst waited past their startup probes (found by review).
+    pub identity: RateLimiter<Bucketed>,
+    /// SignJwtSvid likewise, at the same rate: a bucket of its own, so
+    /// that an app asking for JWT-SVIDs without end (each pod's Workload
+    /// API mints for its apps) cannot hold back X.509 SVIDs.
+    pub jwt: RateLimiter<Bucketed>,
     /// Per source address, before authentication (`--source-rate`,
     /// `--source-burst`): a client sending forged tokens is slowed before
     /// they cost a TokenReview or a signature check.
     pub source: RateLimiter<IpAddr>,
 }
+
+/// The key of a signing bucket: who asks, and from where (none: an
+/// address the connection did not carry).
+pub type Bucketed = (SpiffeId, Option<IpAddr>);
 
 /// What the admin calls work on.
 #[derive(Debug)]
@@ -182,7 +189,7 @@ impl CaService {
     async fn admit(
         &self,
         caller: Caller<'_>,
-        bucket: &RateLimiter,
+        bucket: &RateLimiter<Bucketed>,
     ) -> Result<Authenticated, Refusal> {
         if let Some(source) = caller.source {
             self.limits
@@ -215,7 +222,7 @@ impl CaService {
                 identity: Some(who.id.to_string()),
             });
         }
-        if let Err(wait) = bucket.check(&who.id) {
+        if let Err(wait) = bucket.check(&(who.id.clone(), caller.source)) {
             return Err(Refusal {
                 status: Status::resource_exhausted(format!(
                     "rate limit for {}: retry in {:.1}s",
