@@ -21,6 +21,9 @@ pub struct Lease {
     identity: String,
     duration: Duration,
     observed: Option<(String, Instant)>,
+    /// When this process last began a renewal that succeeded (before its
+    /// read: no other replica can have seen the new renew time earlier).
+    renewed: Option<Instant>,
 }
 
 impl Lease {
@@ -32,6 +35,7 @@ impl Lease {
             identity,
             duration,
             observed: None,
+            renewed: None,
         }
     }
 
@@ -45,6 +49,36 @@ impl Lease {
     /// Renews or takes the Lease; whether this process holds it now. An
     /// error (the API server unreachable) means it does not: write nothing.
     pub async fn hold(&mut self, api: &Api) -> anyhow::Result<bool> {
+        let started = Instant::now();
+        self.renewed = None;
+        let held = self.renew(api).await?;
+        if held {
+            self.renewed = Some(started);
+        }
+        Ok(held)
+    }
+
+    /// Whether this process may still write: within two thirds of the
+    /// duration of its last renewal (as client-go's renew deadline is
+    /// short of its lease duration). Another replica takes over only after
+    /// seeing the same renew time for the whole duration, on its clock, so
+    /// a round slower than that stops rather than writes beside it.
+    pub fn may_write(&self) -> bool {
+        self.renewed
+            .is_some_and(|at| at.elapsed() < self.duration * 2 / 3)
+    }
+
+    /// [`Lease::may_write`], as the error that ends a round.
+    pub fn writable(&self) -> anyhow::Result<()> {
+        if self.may_write() {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "the round outlasted its Lease renewal; stopped before another replica may write"
+        )
+    }
+
+    async fn renew(&mut self, api: &Api) -> anyhow::Result<bool> {
         let now = rfc3339(SystemTime::now(), true);
         let secs = self.duration.as_secs().max(1);
         let (status, mut current) = api.call(Method::GET, &self.path(), None).await?;
@@ -122,5 +156,22 @@ impl Lease {
             anyhow::bail!("releasing the Lease: {status}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_stop_two_thirds_into_the_duration_of_the_last_renewal() {
+        let duration = Duration::from_secs(9);
+        let mut lease = Lease::new("ns".into(), "l".into(), "me".into(), duration);
+        assert!(!lease.may_write(), "never renewed");
+        lease.renewed = Some(Instant::now());
+        assert!(lease.may_write() && lease.writable().is_ok());
+        lease.renewed = Instant::now().checked_sub(Duration::from_secs(6));
+        assert!(!lease.may_write(), "6 s of 9: another replica may be near");
+        assert!(lease.writable().is_err());
     }
 }

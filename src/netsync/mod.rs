@@ -33,6 +33,7 @@
 
 mod api;
 mod lease;
+mod metrics;
 mod objects;
 mod read;
 mod sources;
@@ -45,13 +46,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use http::Method;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use crate::policy::netpol;
 use api::{query, rfc3339};
+use metrics::Metrics;
 use objects::{same, Blocked};
 use sources::{Collected, LastGood, Refused};
 use stepmesh_ca::kube::{Api, KubeError};
@@ -111,64 +111,6 @@ pub struct SyncArgs {
     /// The compiler's options.
     #[command(flatten)]
     pub options: crate::policy_cmd::NetpolOptionArgs,
-}
-
-/// The controller's metrics.
-#[derive(Debug, Clone, Default)]
-struct Metrics {
-    applied: Counter,
-    pruned: Counter,
-    drift: Counter,
-    errors: Counter,
-    refused: Counter,
-    leader: Gauge,
-    blocked: Gauge,
-    last_sync: Gauge,
-}
-
-impl Metrics {
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "stepmesh_netpol_applied",
-            "NetworkPolicies applied (created or changed)",
-            self.applied.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_pruned",
-            "owned NetworkPolicies deleted: no longer computed",
-            self.pruned.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_drift_repaired",
-            "owned NetworkPolicies put back after an edit or a delete",
-            self.drift.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_policy_errors",
-            "policy ConfigMaps refused in a sync",
-            self.errors.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_objects_refused",
-            "NetworkPolicy applies or deletes the API server refused (reported on the policy ConfigMap)",
-            self.refused.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_blocked_configmaps",
-            "broken policy ConfigMaps with no valid version seen by this process: their NetworkPolicies stay as they are and egress to callees only grows",
-            self.blocked.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_leader",
-            "1 while this replica holds the Lease",
-            self.leader.clone(),
-        );
-        r.register(
-            "stepmesh_netpol_last_sync_timestamp_seconds",
-            "end of the last sync that applied and pruned everything (unix time)",
-            self.last_sync.clone(),
-        );
-    }
 }
 
 /// Runs the controller until SIGTERM/SIGINT (then gives up the Lease).
@@ -242,7 +184,7 @@ pub async fn run(cmd: NetpolCommand) -> anyhow::Result<()> {
             }
             continue;
         }
-        if let Err(e) = sync.round().await {
+        if let Err(e) = sync.round(&lease).await {
             tracing::warn!(error = %format!("{e:#}"), "sync failed; nothing more changed this round");
         }
     }
@@ -292,7 +234,7 @@ impl Sync {
         Ok(())
     }
 
-    async fn round(&mut self) -> anyhow::Result<()> {
+    async fn round(&mut self, lease: &Lease) -> anyhow::Result<()> {
         let collected = self.collect().await?;
         for r in &collected.refused {
             self.refuse(r).await;
@@ -356,6 +298,7 @@ impl Sync {
         // ConfigMaps (indices in `good`) with an object refused this round.
         let mut incomplete: BTreeSet<usize> = BTreeSet::new();
         for (key, (want, input)) in &desired {
+            lease.writable()?;
             let current = live.get(key);
             if current.is_some_and(|c| same(c, want)) {
                 self.applied_before.insert(key.clone());
@@ -439,6 +382,7 @@ impl Sync {
             .collect();
         let mut undeleted = 0;
         for (key, object) in &live {
+            lease.writable()?;
             let source = object["metadata"]["labels"][SOURCE_LABEL]
                 .as_str()
                 .unwrap_or_default();
