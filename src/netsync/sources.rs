@@ -29,10 +29,8 @@ impl Source {
     /// Its name as a label value (`SOURCE_LABEL` on each object compiled
     /// from it): the name, or for a name past a label value's 63
     /// characters (a ConfigMap's may have 253) its first 46, less any
-    /// trailing `-` or `.`, an `_` and 16 hex digits of its SHA-256. Else
-    /// every object of such a ConfigMap was refused by the API server.
-    /// The `_`, which a ConfigMap's name cannot hold, keeps a short name
-    /// from ever being a long one's label (it could, with a `-`).
+    /// trailing `-` or `.`, and 16 hex digits of its SHA-256. Else every
+    /// object of such a ConfigMap was refused by the API server.
     pub fn label_value(&self) -> std::borrow::Cow<'_, str> {
         if self.name.len() <= 63 {
             return std::borrow::Cow::Borrowed(&self.name);
@@ -51,7 +49,7 @@ impl Source {
             .trim_end_matches(['-', '.']);
         match head {
             "" => std::borrow::Cow::Owned(hex),
-            head => std::borrow::Cow::Owned(format!("{head}_{hex}")),
+            head => std::borrow::Cow::Owned(format!("{head}-{hex}")),
         }
     }
 
