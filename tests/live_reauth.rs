@@ -366,7 +366,7 @@ fn an_http2_mesh_connection_is_ended_gracefully_and_requests_then_get_403() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt.block_on(http_support::app::TestApp::start(true));
     let dir = tempfile::tempdir().unwrap();
-    let web = WebPair::start(dir.path(), app.addr);
+    let web = WebPair::start_with(dir.path(), app.addr, &[]);
     let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     rt.block_on(async {
@@ -414,14 +414,14 @@ struct WebPair {
 }
 
 impl WebPair {
-    fn start(dir: &Path, web_app: SocketAddr) -> WebPair {
+    fn start_with(dir: &Path, web_app: SocketAddr, x_flags: &[&str]) -> WebPair {
         let (l4_port, web_port) = (free_port(), free_port());
         let pki = Pki::new("mesh.test");
         let rules = policy(l4_port, web_port, &[X]);
         let (server, _, policy_file) = server(dir, &pki, None, &[(web_port, web_app)], &rules);
         let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
         let unused: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
-        let (x, _, x_web) = client(dir, &pki, X, None, (unused, web));
+        let (x, _, x_web) = client_with(dir, &pki, X, None, (unused, web), x_flags);
         WebPair {
             server,
             _x: x,
@@ -444,7 +444,7 @@ fn a_pipelining_http1_client_is_closed_too() {
     // at the next response.
     let (web_app, _) = http_ok_app();
     let dir = tempfile::tempdir().unwrap();
-    let web = WebPair::start(dir.path(), web_app);
+    let web = WebPair::start_with(dir.path(), web_app, &[]);
     let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     let conn = TcpStream::connect(x_web).unwrap();
@@ -535,7 +535,7 @@ fn held_app() -> (SocketAddr, mpsc::Receiver<()>, mpsc::Sender<()>) {
 fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_other() {
     let (web_app, arrived, release) = held_app();
     let dir = tempfile::tempdir().unwrap();
-    let web = WebPair::start(dir.path(), web_app);
+    let web = WebPair::start_with(dir.path(), web_app, &[]);
     let (server, policy_file, x_web) = (&web.server, &web.policy_file, web.x_web);
 
     let conn = TcpStream::connect(x_web).unwrap();
@@ -571,25 +571,28 @@ fn a_request_in_flight_when_x_is_denied_finishes_and_its_connection_takes_no_oth
 #[test]
 fn an_answer_that_never_ends_is_cut_at_the_grace_when_x_is_denied() {
     // Before, an answer without end (a WebSocket, a stream) kept a denied
-    // or revoked peer's connection for as long as it lasted.
-    let (web_app, arrived, _release) = held_app();
-    let dir = tempfile::tempdir().unwrap();
-    let web = WebPair::start(dir.path(), web_app);
-    let conn = TcpStream::connect(web.x_web).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut http = Http(BufReader::new(conn));
-    let req = b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n";
-    http.0.get_mut().write_all(req).unwrap();
-    arrived.recv_timeout(PATIENCE).expect("at the app");
-    let denied = reload_policy(&web.server, &web.policy_file, &web.policy(&[Y]));
-    let mut status = String::new();
-    let _ = http.0.read_line(&mut status);
-    let took = denied.elapsed();
-    assert!(!status.starts_with("HTTP/1.1 200"), "{status:?}");
-    let grace = stepmesh::proxy::closing::REVOKED_GRACE;
-    assert!(took >= grace, "cut before its grace: {took:?}");
-    assert!(
-        took < grace + REVOKE_WITHIN + Duration::from_secs(1),
-        "{took:?}"
-    );
+    // or revoked peer's connection for as long as it lasted: with
+    // `--no-tunnel`, the HTTP/1 relay at the server saw the change only
+    // between requests.
+    for x_flags in [&[][..], &["--no-tunnel"]] {
+        let (web_app, arrived, _release) = held_app();
+        let dir = tempfile::tempdir().unwrap();
+        let web = WebPair::start_with(dir.path(), web_app, x_flags);
+        let mut http = Http(BufReader::new(TcpStream::connect(web.x_web).unwrap()));
+        http.0.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
+        let req = b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n";
+        http.0.get_mut().write_all(req).unwrap();
+        arrived.recv_timeout(PATIENCE).expect("at the app");
+        let denied = reload_policy(&web.server, &web.policy_file, &web.policy(&[Y]));
+        let mut status = String::new();
+        let _ = http.0.read_line(&mut status);
+        let (took, grace) = (denied.elapsed(), stepmesh::proxy::closing::REVOKED_GRACE);
+        assert!(
+            !status.starts_with("HTTP/1.1 200"),
+            "{x_flags:?}: {status:?}"
+        );
+        assert!(took >= grace, "{x_flags:?}: cut before its grace: {took:?}");
+        let limit = grace + REVOKE_WITHIN + Duration::from_secs(1);
+        assert!(took < limit, "{x_flags:?}: {took:?}");
+    }
 }

@@ -65,7 +65,7 @@ pub struct InboundConn {
     /// denied the connection: it is closing, and a request that still
     /// arrives is answered `403` (an HTTP/2 client that never acknowledges
     /// the GOAWAY kept opening streams, each served).
-    pub closing: std::sync::atomic::AtomicBool,
+    pub closing: crate::net::close_signal::CloseSignal,
 }
 
 /// Deadline for dialling the app, unless the proxy sets its own.
@@ -389,7 +389,7 @@ async fn admit(
     orig: Version,
 ) -> Verdict {
     let conn = &*served.conn;
-    if conn.closing.load(std::sync::atomic::Ordering::Acquire) {
+    if conn.closing.is_set() {
         return Verdict::Answer(Local::deny(
             StatusCode::FORBIDDEN,
             "connection_revoked",

@@ -4,6 +4,7 @@
 //! sidecar (`proxy`) and the protocol handlers (`http`) build on it.
 
 pub mod caps;
+pub mod close_signal;
 pub mod fdlimit;
 pub mod forward;
 pub mod linger;

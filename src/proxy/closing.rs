@@ -1,12 +1,20 @@
 //! How an inbound HTTP connection ends when a policy or trust change
-//! denies it (`reauth`): gracefully, a request that still arrives answered
-//! `403`, and closed once `REVOKED_GRACE` has passed, whatever it carries.
+//! denies it (`reauth`): the change is watched beside the serving loop,
+//! not inside it (the HTTP/1 relay looks at its stop future only between
+//! requests: a WebSocket or an endless answer never let it see one). On a
+//! denial the connection's [`CloseSignal`] is set: the serving loop ends
+//! gracefully as for a drain, a request that still arrives is answered
+//! `403`, and the connection is closed once `REVOKED_GRACE` has passed,
+//! whatever it carries.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::{pin, Pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use super::conn::{InboundContext, Outcome, Shared};
+use super::reauth::Revoked;
+use crate::net::close_signal::CloseSignal;
 
 /// How long an inbound HTTP connection a change denied has for the
 /// requests in flight before it is closed: a WebSocket, a response
@@ -14,51 +22,47 @@ use super::conn::{InboundContext, Outcome, Shared};
 /// GOAWAY, no longer outlives a revocation.
 pub const REVOKED_GRACE: Duration = Duration::from_secs(5);
 
-/// What ends an inbound HTTP connection gracefully (in-flight requests
-/// finish, no new ones are taken): the process draining, or a policy or
-/// trust bundle change denying it (then `revoked` says why, and `closing`
-/// is set: an HTTP request that still arrives is answered `403`).
-pub(super) async fn drain_or_revoked(
-    shared: &Shared,
-    ctx: &InboundContext,
-    closing: &AtomicBool,
-    revoked: &mut Option<super::reauth::Revoked>,
-) {
+/// The stop future of a revocable connection's serving loop: the process
+/// draining, or `closing` set.
+pub(super) async fn drained_or_closing(shared: &Shared, closing: &CloseSignal) {
     tokio::select! {
         () = shared.http.drained() => {}
-        denied = ctx.grant.revoked(shared, ctx) => {
-            closing.store(true, Ordering::Release);
-            *revoked = Some(denied);
-        }
+        () = closing.wait() => {}
     }
 }
 
-/// Runs `serve` to its end, or until `REVOKED_GRACE` after `closing` is
-/// set (by `serve`'s own stop future: a poll that sets it is followed by
-/// the check below, so no wake-up is missed); `None` when cut short. The
-/// timer exists only once the connection is closing.
-pub(super) async fn within_grace<F: Future>(serve: F, closing: &AtomicBool) -> Option<F::Output> {
-    let mut serve = std::pin::pin!(serve);
-    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(out) = serve.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Some(out));
+/// Runs `serve` (stopped by [`drained_or_closing`] on `closing`) while
+/// watching `ctx`'s grant: a change that denies the connection sets
+/// `closing` and starts `REVOKED_GRACE`, at whose end `serve` is dropped
+/// (the connection closed). The access-log outcome says why.
+pub(super) async fn revocable<F: Future<Output = Outcome>>(
+    shared: &Shared,
+    ctx: &InboundContext,
+    closing: &CloseSignal,
+    serve: F,
+) -> Outcome {
+    let mut serve = pin!(serve);
+    let mut watch = pin!(ctx.grant.revoked(shared, ctx));
+    let mut revoked: Option<Revoked> = None;
+    // Made only once the connection is closing.
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let outcome = std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = serve.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-        if !closing.load(Ordering::Acquire) {
-            return std::task::Poll::Pending;
+        if revoked.is_none() {
+            let Poll::Ready(denied) = watch.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            revoked = Some(denied);
+            // Wakes the serving loop's stop future: polled again, it
+            // ends gracefully.
+            closing.set();
         }
         let grace = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(REVOKED_GRACE)));
         grace.as_mut().poll(cx).map(|()| None)
     })
-    .await
-}
-
-/// The access-log outcome of an HTTP connection a change closed (`None`:
-/// closed at the end of its grace).
-pub(super) fn with_revoked(
-    outcome: Option<Outcome>,
-    revoked: Option<super::reauth::Revoked>,
-) -> Outcome {
+    .await;
     let mut outcome = outcome.unwrap_or_default();
     if let Some(revoked) = revoked {
         if outcome.error.is_none() {

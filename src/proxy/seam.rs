@@ -4,7 +4,6 @@
 //! sits above both; neither imports the sidecar.
 
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::closing::{drain_or_revoked, with_revoked, within_grace};
+use super::closing::{drained_or_closing, revocable};
 use super::conn::{close_gracefully, InboundContext, OutboundContext, Outcome, Shared};
 use super::tunnel::Opened;
 use crate::http::detect::{self, Detected, Prefixed};
@@ -22,6 +21,7 @@ use crate::http::inbound::InboundConn;
 use crate::http::outbound::{MeshError, OutboundConn, TunnelDest};
 use crate::http::tunnel::{Tunnel, Tunnels};
 use crate::http::{MeshConnectors, MeshKind, MESH_ALPN, MESH_TUNNEL_ALPN, TUNNEL_ALPN};
+use crate::net::close_signal::CloseSignal;
 use crate::net::linger::Lingering;
 use crate::policy::{OutboundAction, Protocol};
 
@@ -105,11 +105,10 @@ where
         .then(|| super::tunnel::inbound(shared.clone(), ctx.clone()));
     if let (false, Some(tunnels)) = (kind.http, &tunnels) {
         // Tunnels only (a `tcp` port): on h2 directly, no HTTP served.
-        let closing = AtomicBool::new(false);
-        let mut revoked = None;
-        let stop = drain_or_revoked(shared, ctx, &closing, &mut revoked);
+        let closing = CloseSignal::default();
+        let stop = drained_or_closing(shared, &closing);
         let serve = crate::http::tunnels_only::serve(&shared.http, tunnels, io, stop);
-        return with_revoked(within_grace(serve, &closing).await, revoked);
+        return revocable(shared, ctx, &closing, serve).await;
     }
     serve_inbound_http(shared, ctx, io, Some((kind, tunnels))).await
 }
@@ -137,8 +136,7 @@ where
     if detected.is_http() {
         let conn = inbound_conn(shared, ctx, false);
         let watched = Arc::clone(&conn);
-        let mut revoked = None;
-        let stop = drain_or_revoked(shared, ctx, &watched.closing, &mut revoked);
+        let stop = drained_or_closing(shared, &watched.closing);
         let serve = crate::http::inbound::serve_detected(
             shared.http.clone(),
             conn,
@@ -147,7 +145,7 @@ where
             prefix,
             stop,
         );
-        return with_revoked(within_grace(serve, &watched.closing).await, revoked);
+        return revocable(shared, ctx, &watched.closing, serve).await;
     }
     let io = Prefixed::new(prefix, tls);
     // A port with routes is HTTP by the operator's word: opaque bytes must
@@ -196,10 +194,9 @@ where
         }
     }
     let watched = Arc::clone(&conn);
-    let mut revoked = None;
-    let stop = drain_or_revoked(shared, ctx, &watched.closing, &mut revoked);
+    let stop = drained_or_closing(shared, &watched.closing);
     let serve = crate::http::inbound::serve_outcome(shared.http.clone(), conn, io, stop);
-    with_revoked(within_grace(serve, &watched.closing).await, revoked)
+    revocable(shared, ctx, &watched.closing, serve).await
 }
 
 /// The HTTP layer's view of an inbound connection. Our own ID is read
