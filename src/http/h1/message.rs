@@ -113,8 +113,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for a 100 before the body.
     pub expect_continue: bool,
-    /// `Upgrade: websocket` (with `Connection: upgrade`): the protocol asked
-    /// for, the only one passed on.
+    /// `Upgrade` (with `Connection: upgrade`): the protocol asked for, unless
+    /// it is HTTP itself (`h2c`), which is not passed on.
     pub upgrade: Option<HeaderValue>,
     /// The request target's bytes within the head.
     pub target: std::ops::Range<usize>,
@@ -190,15 +190,16 @@ pub fn parse_request(
     let keep_alive = keep_alive(version, fields);
     let expect_continue = version == Version::HTTP_11
         && values(fields, EXPECT).any(|v| v.eq_ignore_ascii_case(b"100-continue"));
-    // Only a WebSocket upgrade is passed on: after a `101` the connection
-    // is opaque, and an app that takes `h2c` (hypercorn does, on `Upgrade`
-    // alone) then serves HTTP/2 requests no policy sees. Another protocol
-    // asked for goes with the hop-by-hop fields and the request as plain
-    // HTTP/1.1: a server may always decline an upgrade.
+    // An upgrade to HTTP itself is not passed on: after a `101` the
+    // connection is opaque, and an app that takes `h2c` (hypercorn does, on
+    // `Upgrade` alone) then serves HTTP/2 requests no policy sees. It goes
+    // with the hop-by-hop fields and the request as plain HTTP/1.1 (a
+    // server may always decline an upgrade). Other protocols (WebSocket,
+    // SPDY for `kubectl exec`, Docker's `tcp`) are passed on.
     let upgrade = if version == Version::HTTP_11 && has_token(fields, "upgrade") {
-        values(fields, UPGRADE)
-            .next()
-            .filter(|v| v.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        let first = values(fields, UPGRADE).next();
+        first
+            .filter(|v| !upgrades_to_http(v))
             .and_then(|v| HeaderValue::from_bytes(v).ok())
     } else {
         None
@@ -312,6 +313,18 @@ fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
     head.ends_with(b"\r\n\r\n")
         && fields.list.iter().all(|f| crlf_before(f.name))
         && !fields.has_hop_by_hop()
+}
+
+/// Whether an `Upgrade` value names HTTP among its protocols (`h2c`, `h2`,
+/// `HTTP/2.0`, any `HTTP/...`), each element trimmed and compared without
+/// case.
+fn upgrades_to_http(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|p| {
+        let p = p.trim_ascii();
+        p.eq_ignore_ascii_case(b"h2c")
+            || p.eq_ignore_ascii_case(b"h2")
+            || p.get(..5).is_some_and(|h| h.eq_ignore_ascii_case(b"http/"))
+    })
 }
 
 fn version_of(minor: u8) -> Version {
