@@ -5,8 +5,8 @@
 //! a deleted or edited object, never touches a hand-made one. A broken
 //! callee policy leaves every object as it was, its callers' egress in
 //! another namespace included (an Event says why), and its fix is followed;
-//! a policy first seen broken keeps its own objects and lets egress to
-//! callees only grow until removed, the rest kept as usual.
+//! a policy first seen broken keeps its own objects and other namespaces'
+//! egress towards its namespace until removed, the rest kept as usual.
 //! An object an admission policy refuses is reported on its ConfigMap while
 //! the other ConfigMaps' objects are applied, and its ConfigMap's old
 //! objects stay until the refusal is lifted. A
@@ -317,14 +317,15 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     });
 
     // A policy first seen broken blocks the round in part: its own
-    // objects stay as they are (it has none yet) and egress to callees
-    // only grows, since it may be a callee; the rest is kept as usual,
-    // in its own namespace too (before, nothing was applied or pruned).
-    k8s.apply(&configmap("sync-b", "newcomer", BROKEN));
+    // objects stay as they are (it has none yet), and other namespaces'
+    // egress keeps its rules towards its namespace (a callee there may be
+    // it); the rest is kept as usual, in its own namespace too (before,
+    // nothing was applied or pruned).
+    k8s.apply(&configmap("sync-a", "newcomer", BROKEN));
     wait("blocked", Duration::from_secs(5), || {
         metric(port_a, BLOCKED) == 1.0
     });
-    assert!(events(k8s, "sync-b", "newcomer").contains("stay as they are"));
+    assert!(events(k8s, "sync-a", "newcomer").contains("stay as they are"));
     let last_sync = metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds");
     let moved = set[0].2.replace("port: 8080", "port: 9191");
     k8s.apply(&configmap("sync-a", "payments", &moved));
@@ -335,27 +336,33 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
             && !now.contains("sync-a/stepmesh-api-port-8080")
             && frontend_egress().contains("9191")
     });
+    let kept = frontend_egress();
     assert!(
-        frontend_egress().contains("8080"),
-        "egress shrank while blocked"
+        kept.contains("8080"),
+        "egress towards sync-a shrank: {kept}"
     );
-    k8s.kubectl_ok(&["delete", "configmap", "frontend", "-n", "sync-b"]);
+    k8s.kubectl_ok(&["delete", "configmap", "worker", "-n", "sync-a"]);
     wait("a removed policy pruned", Duration::from_secs(5), || {
-        !owned(k8s).iter().any(|o| o.starts_with("sync-b/"))
+        !owned(k8s)
+            .iter()
+            .any(|o| o.starts_with("sync-a/stepmesh-worker"))
     });
     assert_eq!(
         metric(port_a, "stepmesh_netpol_last_sync_timestamp_seconds"),
         last_sync,
         "a blocked round is no complete sync"
     );
-    k8s.kubectl_ok(&["delete", "configmap", "newcomer", "-n", "sync-b"]);
-    wait("unblocked", Duration::from_secs(5), || {
-        metric(port_a, BLOCKED) == 0.0
-    });
+    k8s.kubectl_ok(&["delete", "configmap", "newcomer", "-n", "sync-a"]);
+    wait(
+        "unblocked, egress as computed",
+        Duration::from_secs(5),
+        || metric(port_a, BLOCKED) == 0.0 && !frontend_egress().contains("8080"),
+    );
     assert!(metric(port_a, "stepmesh_netpol_pruned_total") >= 1.0);
     // No policy ConfigMap at all is a list of nothing (the API server's
     // metadata list says `items: null`): every owned object is pruned.
-    k8s.kubectl_ok(&["delete", "configmap", "payments", "worker", "-n", "sync-a"]);
+    k8s.kubectl_ok(&["delete", "configmap", "payments", "-n", "sync-a"]);
+    k8s.kubectl_ok(&["delete", "configmap", "frontend", "-n", "sync-b"]);
     wait("all pruned", Duration::from_secs(10), || {
         owned(k8s).is_empty()
     });

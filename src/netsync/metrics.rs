@@ -46,7 +46,7 @@ impl Metrics {
         );
         r.register(
             "stepmesh_netpol_blocked_configmaps",
-            "broken policy ConfigMaps with no valid version seen by this process: their NetworkPolicies stay as they are and egress to callees only grows",
+            "broken policy ConfigMaps with no valid version seen by this process: their NetworkPolicies stay as they are and other workloads' egress towards their namespaces is kept",
             self.blocked.clone(),
         );
         r.register(

@@ -17,8 +17,8 @@
 //! such version: any set computed without it would miss its contribution,
 //! so until it is fixed or removed (`stepmesh_netpol_blocked_configmaps`)
 //! its own objects stay as they are and egress to callees, the one object
-//! derived from other policies, only grows ([`objects`]); the rest is kept
-//! as usual.
+//! derived from other policies, keeps its rules towards that ConfigMap's
+//! namespace ([`objects`]); the rest is kept as usual.
 //!
 //! An object the API server refuses (an admission policy, a quota, RBAC in
 //! its namespace: a 4xx) is reported on the ConfigMap it was compiled from
@@ -250,7 +250,7 @@ impl Sync {
             good.iter().map(|(s, _)| s),
         );
         if blocked.is_some() {
-            tracing::warn!(configmaps = %blocking.join(", "), "sync blocked in part: broken policies with no valid version seen by this process; their NetworkPolicies stay as they are and egress to callees only grows until they are fixed or removed");
+            tracing::warn!(configmaps = %blocking.join(", "), "sync blocked in part: broken policies with no valid version seen by this process; their NetworkPolicies stay as they are and other workloads' egress towards their namespaces is kept until they are fixed or removed");
         }
         let inputs = good
             .iter()
@@ -446,7 +446,7 @@ impl Sync {
         let outcome = if refused.last_good {
             "its last valid version stays in force"
         } else {
-            "no valid version of it seen by this controller: its NetworkPolicies stay as they are, and other workloads' egress to callees only grows, until it is fixed or removed"
+            "no valid version of it seen by this controller: its NetworkPolicies stay as they are, and other workloads' egress towards its namespace is kept, until it is fixed or removed"
         };
         self.metrics.errors.inc();
         tracing::warn!(namespace = %src.namespace, configmap = %src.name, error = %why, "policy refused; {outcome}");

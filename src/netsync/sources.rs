@@ -95,7 +95,7 @@ pub struct Collected {
 
 impl Collected {
     /// The refused ConfigMaps that have no last valid version: while any
-    /// remains, their objects stay and egress to callees only grows.
+    /// remains, their objects stay and egress towards their namespaces is kept.
     pub fn blocking(&self) -> impl Iterator<Item = &Refused> {
         self.refused.iter().filter(|r| !r.last_good)
     }
