@@ -203,9 +203,22 @@ async fn calls_that_never_finish_do_not_hold_the_cas_memory() {
     let svid = ca.issue("tok-web").await;
     assert_eq!(svid.id.as_str(), WEB, "another source is served");
     let grown = ca.rss_kib().saturating_sub(before);
+    // Past the source's 32 calls in flight, answered at once, unread.
+    let mut exhausted = 0;
+    for (answer, _body) in held.iter_mut() {
+        let now = tokio::time::timeout(Duration::from_millis(5), answer);
+        if let Ok(Ok(answer)) = now.await {
+            let code = answer.headers().get("grpc-status");
+            exhausted += usize::from(code.is_some_and(|c| c == "8"));
+        }
+    }
     println!(
-        "{} calls started, {refused} refused at once; CA memory +{grown} KiB",
+        "{} calls started, {refused} not sent, {exhausted} RESOURCE_EXHAUSTED; CA memory +{grown} KiB",
         held.len()
+    );
+    assert!(
+        exhausted >= 64,
+        "calls past the source's cap: {exhausted} refused"
     );
     assert!(grown < 24 << 10, "the CA grew by {grown} KiB");
 }
