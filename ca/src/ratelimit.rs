@@ -1,7 +1,10 @@
-//! Rate limits on signing: a token bucket per key — per SPIFFE ID, so one
-//! misbehaving workload cannot make the CA sign without end, and per
-//! source address before authentication, so one client cannot turn forged
-//! credentials into verifier work (TokenReviews) without end.
+//! Rate limits on signing: a token bucket per key — per SPIFFE ID and
+//! source address (a pod), so one misbehaving workload cannot make the CA
+//! sign without end nor lock its service account's other pods out, and
+//! per source address before authentication, so one client cannot turn
+//! forged credentials into verifier work (TokenReviews) without end. An
+//! identity used from N addresses signs N times as often: each address is
+//! a pod, which whoever holds the identity's credential could create.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -64,7 +64,7 @@ pub enum MutateError {
     VolumeNameTaken(String),
     /// An app container would run as the proxy's UID, whose traffic the
     /// interception lets through untouched.
-    #[error("container {0:?} runs as UID {1}, the sidecar's: its traffic would bypass the mesh; run it as another user")]
+    #[error("container {0:?} runs as UID {1}, the sidecar's: its traffic would bypass the mesh; run it as another user, or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
     ProxyUid(String, u32),
     /// An app container already mounts something where the Workload API
     /// socket's volume goes.
@@ -216,9 +216,6 @@ pub fn mutate(
     Ok(Mutation::Patch(ops))
 }
 
-/// Mounts the Workload API socket's directory into every app container and
-/// points SPIFFE libraries at it; a container that sets
-/// `SPIFFE_ENDPOINT_SOCKET` itself keeps its own value.
 /// Refuses a pod with an app container (or app init container) running as
 /// the proxy's UID, by its own `runAsUser` or the pod's: the iptables rules
 /// let that UID's traffic out untouched, so it would leave the mesh and the
@@ -250,6 +247,9 @@ fn as_proxy_uid(
     Ok(())
 }
 
+/// Mounts the Workload API socket's directory into every app container and
+/// points SPIFFE libraries at it; a container that sets
+/// `SPIFFE_ENDPOINT_SOCKET` itself keeps its own value.
 fn workload_api_ops(containers: &[Value]) -> Result<Vec<PatchOp>, MutateError> {
     let mut ops = Vec::new();
     for (i, c) in containers.iter().enumerate() {
