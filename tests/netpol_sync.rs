@@ -459,14 +459,10 @@ fn the_controller_keeps_networkpolicies_equal_to_the_policies() {
     });
     println!("handover after SIGTERM: {took:?}");
     assert_eq!(metric(port_c, BLOCKED), 1.0);
-    // c keeps worker's objects as they are and the rest as usual.
-    k8s.kubectl_ok(&[
-        "delete",
-        "networkpolicy",
-        "stepmesh-api-port-8080",
-        "-n",
-        "sync-a",
-    ]);
+    // c keeps worker's objects as they are and repairs the rest (the
+    // object the handover above repaired, deleted again).
+    let np = ["networkpolicy", "stepmesh-api-port-8080", "-n", "sync-a"];
+    k8s.kubectl_ok(&[&["delete"], &np[..]].concat());
     wait("repaired by c", Duration::from_secs(5), || {
         owned(k8s).contains("sync-a/stepmesh-api-port-8080")
     });

@@ -180,13 +180,7 @@ impl CaProcess {
 
     /// The process's resident memory, in KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
+        rss_kib_of(self.child.id())
     }
 
     /// The gRPC address as `localhost:<port>`, the name its certificate carries.
@@ -335,4 +329,15 @@ pub fn sign_request(token: &str) -> tonic::Request<stepmesh_ca::proto::v1::SignR
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
+}
+
+/// Process `pid`'s resident set size now, KiB (from /proc).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
 }

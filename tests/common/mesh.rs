@@ -166,13 +166,7 @@ impl Sidecar {
 
     /// Resident set size now, KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
+        super::ca::rss_kib_of(self.child.id())
     }
 
     /// Whether the process has exited, and how.

@@ -18,20 +18,15 @@ pub fn configmap(ns: &str, name: &str, policy: &str) -> String {
     )
 }
 
+/// Every owned NetworkPolicy, as kubectl's `-o output` prints them.
+fn owned_as(k8s: &Envtest, output: &str) -> String {
+    k8s.kubectl_ok(&["get", "networkpolicies", "-A", "-l", OWNED, "-o", output])
+}
+
 /// `ns/name` of every owned NetworkPolicy.
 pub fn owned(k8s: &Envtest) -> BTreeSet<String> {
-    k8s.kubectl_ok(&[
-        "get",
-        "networkpolicies",
-        "-A",
-        "-l",
-        OWNED,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .map(str::to_owned)
-    .collect()
+    let names = "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}";
+    owned_as(k8s, names).lines().map(str::to_owned).collect()
 }
 
 /// What `policy netpol` prints for `files`, as `ns/name`.
@@ -66,16 +61,7 @@ pub const BLOCKED: &str = "stepmesh_netpol_blocked_configmaps";
 /// Every owned NetworkPolicy, `ns/name` → its metadata (resourceVersion,
 /// generation, labels, annotations) and spec: equal means untouched.
 pub fn snapshot(k8s: &Envtest) -> BTreeMap<String, serde_json::Value> {
-    let list: serde_json::Value = serde_json::from_str(&k8s.kubectl_ok(&[
-        "get",
-        "networkpolicies",
-        "-A",
-        "-l",
-        OWNED,
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let list: serde_json::Value = serde_json::from_str(&owned_as(k8s, "json")).unwrap();
     list["items"]
         .as_array()
         .unwrap()
