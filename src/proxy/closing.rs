@@ -43,6 +43,11 @@ pub(super) async fn revocable<F: Future<Output = Outcome>>(
 ) -> Outcome {
     let mut serve = pin!(serve);
     let mut watch = pin!(ctx.grant.revoked(shared, ctx));
+    // The generation `watch` was last polled at: it is polled again only
+    // once that changed (one atomic load per wake-up). Polled at every
+    // wake-up, its `Notify` took a lock per poll, three per request.
+    // Skipping is safe: a task's waker stays the same, and a bump wakes it.
+    let mut watched_at: Option<u64> = None;
     let mut revoked: Option<Revoked> = None;
     // Made only once the connection is closing.
     let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -51,6 +56,11 @@ pub(super) async fn revocable<F: Future<Output = Outcome>>(
             return Poll::Ready(Some(out));
         }
         if revoked.is_none() {
+            let now = shared.reauth.generation();
+            if watched_at == Some(now) {
+                return Poll::Pending;
+            }
+            watched_at = Some(now);
             let Poll::Ready(denied) = watch.as_mut().poll(cx) else {
                 return Poll::Pending;
             };
