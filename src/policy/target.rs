@@ -560,12 +560,20 @@ fn check_segments(path: &str) -> Result<(), Refusal> {
 }
 
 /// `path` without the format suffix of its last segment (from the
-/// segment's first `.`, so that reading it again strips nothing more), or
-/// `None` when it has none: no `.`, or one that starts the segment (a
-/// dot-file is a name, not a format).
+/// segment's first `.`, so that reading it again strips nothing more; an
+/// encoded `%2e` counts, else the raw reading, decoded, would be a path
+/// no reading has), or `None` when it has none: no `.`, or one that starts
+/// the segment (a dot-file is a name, not a format).
 fn strip_format<'a>(path: &Cow<'a, str>) -> Option<Cow<'a, str>> {
     let start = path.rfind('/')? + 1;
-    let dot = path[start..].find('.')?;
+    let segment = path[start..].as_bytes();
+    let encoded = segment
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'e'));
+    let dot = match (segment.iter().position(|&b| b == b'.'), encoded) {
+        (Some(plain), Some(encoded)) => plain.min(encoded),
+        (plain, encoded) => plain.or(encoded)?,
+    };
     if dot == 0 {
         return None;
     }

@@ -52,8 +52,14 @@ fn a_format_suffix_is_read_with_and_without_it() {
     // Only the last segment; a dot-file is a name.
     assert_eq!(paths("/v1.2/x", FormatMatch::Any), ["/v1.2/x"]);
     assert_eq!(paths("/x/.env", FormatMatch::Any), ["/x/.env"]);
-    // Encoded, the decoded reading loses its format too.
+    // Encoded, the decoded reading loses its format too; and the raw
+    // reading is cut at the encoded dot, so that decoding it gives a
+    // path among the readings (found by the fuzz smoke).
     assert!(paths("/refunds%2Ejson", FormatMatch::Any).contains(&"/refunds".to_owned()));
+    assert_eq!(
+        paths("/a%2eb.c", FormatMatch::Any),
+        ["/a%2eb.c", "/a", "/a.b.c"]
+    );
 }
 
 #[test]
