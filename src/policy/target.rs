@@ -559,11 +559,10 @@ fn check_segments(path: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// `path` without the format suffix of its last segment (from the
-/// segment's first `.`, so that reading it again strips nothing more; an
-/// encoded `%2e` counts, else the raw reading, decoded, would be a path
-/// no reading has), or `None` when it has none: no `.`, or one that starts
-/// the segment (a dot-file is a name, not a format).
+/// `path` without the format suffix of its last segment, from its first
+/// `.` or `%2e` (read again, nothing more goes; decoded, the raw reading
+/// stays among the readings); `None` without one, or when it starts the
+/// segment (a dot-file is a name, not a format).
 fn strip_format<'a>(path: &Cow<'a, str>) -> Option<Cow<'a, str>> {
     let start = path.rfind('/')? + 1;
     let segment = path[start..].as_bytes();
@@ -574,9 +573,7 @@ fn strip_format<'a>(path: &Cow<'a, str>) -> Option<Cow<'a, str>> {
         (Some(plain), Some(encoded)) => plain.min(encoded),
         (plain, encoded) => plain.or(encoded)?,
     };
-    if dot == 0 {
-        return None;
-    }
+    (dot > 0).then_some(())?;
     Some(match path {
         Cow::Borrowed(p) => Cow::Borrowed(&p[..start + dot]),
         Cow::Owned(p) => Cow::Owned(p[..start + dot].to_owned()),
