@@ -56,6 +56,8 @@ struct State {
     /// 128 MiB limit, and a killed webhook refuses every pod (found by
     /// review).
     bodies: Arc<Semaphore>,
+    /// All of that room, in KiB: what a body larger than it reserves.
+    room_kib: u32,
     metrics: InjectorMetrics,
     registry: prometheus_client::registry::Registry,
 }
@@ -77,13 +79,15 @@ impl Server {
     ) -> std::io::Result<Self> {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = InjectorMetrics::new(&mut registry);
+        let room_kib = u32::try_from(limits.bodies_in_flight.div_ceil(1024)).unwrap_or(u32::MAX);
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             state: Arc::new(State {
                 config,
                 limits,
-                bodies: Arc::new(Semaphore::new(limits.bodies_in_flight.div_ceil(1024))),
+                bodies: Arc::new(Semaphore::new(room_kib as usize)),
+                room_kib,
                 metrics,
                 registry,
             }),
@@ -246,7 +250,7 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
         .max(1);
     let reserve = u32::try_from(reserve)
         .unwrap_or(u32::MAX)
-        .min(u32::try_from(state.limits.bodies_in_flight.div_ceil(1024)).unwrap_or(u32::MAX));
+        .min(state.room_kib);
     let room = state.bodies.clone().acquire_many_owned(reserve);
     let Ok(Ok(_room)) = tokio::time::timeout(ROOM_WAIT.min(state.limits.body_timeout), room).await
     else {

@@ -371,23 +371,15 @@ impl Sync {
             self.applied_before.insert(key.clone());
         }
         // A ConfigMap with a refused object keeps its old objects.
-        let kept: BTreeSet<(&str, String)> = incomplete
+        let kept: BTreeSet<(String, String)> = incomplete
             .iter()
-            .map(|&i| {
-                (
-                    good[i].0.namespace.as_str(),
-                    good[i].0.label_value().into_owned(),
-                )
-            })
+            .map(|&i| objects::source_key(&good[i].0))
             .collect();
         let mut undeleted = 0;
         for (key, object) in &live {
             lease.writable()?;
-            let source = object["metadata"]["labels"][SOURCE_LABEL]
-                .as_str()
-                .unwrap_or_default();
             if desired.contains_key(key)
-                || kept.contains(&(key.0.as_str(), source.to_owned()))
+                || kept.contains(&objects::source_of(object))
                 || blocked.as_ref().is_some_and(|b| b.keeps(object, false))
             {
                 continue;

@@ -50,13 +50,14 @@ pub(super) fn is_egress_calls(name: &str) -> bool {
 }
 
 /// `(namespace, source label)` of an object in the cluster.
-fn source_of(live: &Value) -> (String, String) {
+pub(super) fn source_of(live: &Value) -> (String, String) {
     let m = &live["metadata"];
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     (text(&m["namespace"]), text(&m["labels"][SOURCE_LABEL]))
 }
 
-fn source_key(s: &Source) -> (String, String) {
+/// `(namespace, source label)` of the objects compiled from `s`.
+pub(super) fn source_key(s: &Source) -> (String, String) {
     (s.namespace.clone(), s.label_value().into_owned())
 }
 
