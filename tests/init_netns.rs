@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::netns::{check, Link, Netns};
 
+/// `--non-tcp`: what passes beside the sidecar.
+#[path = "init_netns/non_tcp.rs"]
+mod non_tcp;
+
 const BIN: &str = env!("CARGO_BIN_EXE_stepmesh");
 const A_IP: Ipv4Addr = Link::A_IP;
 const B_IP: Ipv4Addr = Link::B_IP;

@@ -1,15 +1,22 @@
 //! `stepmesh init`: iptables rules of transparent interception, installed in
 //! the pod's network namespace by the injected init container.
 
+pub mod non_tcp;
 pub mod rules;
 
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use clap::Args;
 
 pub use crate::cidr::Cidr;
+pub use non_tcp::NonTcp;
 pub use rules::{Family, RuleConfig};
+
+/// Where `--non-tcp dns` finds the pod's nameservers by default: kubelet
+/// mounts the pod's resolv.conf in every container, the init one included.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Flags of `stepmesh init`.
 #[derive(Debug, Args)]
@@ -35,6 +42,16 @@ pub struct InitArgs {
     /// Outbound destination networks not redirected (comma-separated IPv4 or IPv6 CIDRs).
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// What the pod may send and receive that is not TCP (UDP, SCTP, ICMP:
+    /// the sidecar cannot carry it): `allow` all of it, `dns` only DNS
+    /// queries over UDP to the pod's nameservers and their answers, `drop`
+    /// all of it. The sidecar's UID is exempt, as from interception.
+    #[arg(long, value_enum, default_value_t = NonTcp::Allow)]
+    pub non_tcp: NonTcp,
+    /// Nameservers `--non-tcp dns` lets queries out to (comma-separated;
+    /// default: the `nameserver` lines of /etc/resolv.conf).
+    #[arg(long, value_delimiter = ',')]
+    pub dns_servers: Option<Vec<IpAddr>>,
     /// Print the rules (iptables-restore format) instead of installing them.
     #[arg(long)]
     pub dry_run: bool,
@@ -67,8 +84,18 @@ pub enum InitError {
 }
 
 impl InitArgs {
-    /// The rule configuration these flags describe.
+    /// The rule configuration these flags describe; with `--non-tcp dns`
+    /// and no `--dns-servers`, the nameservers are read from
+    /// /etc/resolv.conf (none there, or no file: no DNS server to let
+    /// queries out to, which glibc's resolver would not ask anyway).
     pub fn rule_config(&self) -> RuleConfig {
+        let dns_servers = match (&self.dns_servers, self.non_tcp) {
+            (Some(servers), _) => servers.clone(),
+            (None, NonTcp::Dns) => {
+                non_tcp::nameservers(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default())
+            }
+            (None, _) => Vec::new(),
+        };
         RuleConfig {
             proxy_uid: self.proxy_uid,
             inbound_port: self.inbound_port,
@@ -77,6 +104,8 @@ impl InitArgs {
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),
             exclude_outbound_ports: self.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            non_tcp: self.non_tcp,
+            dns_servers,
         }
     }
 }
@@ -84,13 +113,13 @@ impl InitArgs {
 /// Installs, prints or removes the rules: IPv4 always, IPv6 too when
 /// `ip6tables-restore` is present (a pod's IPv6 traffic must not bypass the
 /// sidecar; without the tool there is nothing to bypass through it, and that
-/// is logged).
+/// is logged). Each family's nat and filter rules go in one restore input.
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let config = args.rule_config();
     if args.dry_run && !args.cleanup {
-        print!("{}", rules::install(&config, Family::V4));
+        print!("{}", fresh(&config, Family::V4));
         println!("# IPv6 (ip6tables-restore)");
-        print!("{}", rules::install(&config, Family::V6));
+        print!("{}", fresh(&config, Family::V6));
         return Ok(());
     }
     for family in [Family::V4, Family::V6] {
@@ -100,34 +129,49 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             continue;
         }
         let tools = Tools::of(family);
-        let existing = match save(tools) {
-            Ok(existing) => existing,
-            Err(InitError::Spawn { cause, .. })
-                if family == Family::V6 && cause.kind() == std::io::ErrorKind::NotFound =>
-            {
-                tracing::warn!("ip6tables-restore not found: IPv6 traffic is not intercepted");
-                continue;
-            }
-            Err(err) => return Err(err.into()),
-        };
-        match (args.dry_run, args.cleanup) {
-            (true, _) => match rules::cleanup(&existing) {
-                Some(input) => print!("# {}\n{input}", tools.restore),
-                None => println!("# {}: nothing to remove", tools.restore),
-            },
-            (false, true) => {
-                if let Some(input) = rules::cleanup(&existing) {
-                    restore(tools, &input)?;
+        let (nat, filter) =
+            match save(tools, "nat").and_then(|nat| Ok((nat, save(tools, "filter")?))) {
+                Ok(tables) => tables,
+                Err(InitError::Spawn { cause, .. })
+                    if family == Family::V6 && cause.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    tracing::warn!("ip6tables-restore not found: IPv6 traffic is not intercepted");
+                    continue;
                 }
+                Err(err) => return Err(err.into()),
+            };
+        if args.cleanup {
+            let input: String = [
+                rules::cleanup(&nat),
+                rules::cleanup_of("filter", &non_tcp::CHAINS, &filter),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            match (args.dry_run, input.is_empty()) {
+                (true, true) => println!("# {}: nothing to remove", tools.restore),
+                (true, false) => print!("# {}\n{input}", tools.restore),
+                (false, true) => {}
+                (false, false) => restore(tools, &input)?,
+            }
+            if !args.dry_run {
                 tracing::info!(?family, "interception rules removed");
             }
-            (false, false) => {
-                restore(tools, &rules::install_over(&config, family, &existing))?;
-                tracing::info!(?family, ?config, "interception rules installed");
-            }
+            continue;
         }
+        let mut input = rules::install_over(&config, family, &nat);
+        input.extend(non_tcp::filter_over(&config, family, &filter));
+        restore(tools, &input)?;
+        tracing::info!(?family, ?config, "interception rules installed");
     }
     Ok(())
+}
+
+/// A family's whole rule set over empty tables, for `--dry-run`.
+fn fresh(config: &RuleConfig, family: Family) -> String {
+    let mut input = rules::install(config, family);
+    input.extend(non_tcp::filter_over(config, family, ""));
+    input
 }
 
 /// The save/restore programs of one family.
@@ -152,11 +196,11 @@ impl Tools {
     }
 }
 
-/// The current nat table, as `iptables-save -t nat` prints it.
-fn save(tools: Tools) -> Result<String, InitError> {
+/// The current `table`, as `iptables-save -t table` prints it.
+fn save(tools: Tools, table: &str) -> Result<String, InitError> {
     let tool = tools.save;
     let out = Command::new(tool)
-        .args(["-t", "nat"])
+        .args(["-t", table])
         .stdin(Stdio::null())
         .output()
         .map_err(|cause| InitError::Spawn { tool, cause })?;

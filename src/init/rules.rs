@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::non_tcp::NonTcp;
 use crate::cidr::Cidr;
 
 /// Chain that decides which inbound TCP goes to the sidecar.
@@ -37,8 +38,12 @@ pub struct RuleConfig {
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound destination ports left alone.
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination networks left alone.
+    /// Outbound destination networks left alone (by the non-TCP rules too).
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// What the pod's non-TCP traffic may do (`non_tcp.rs`).
+    pub non_tcp: NonTcp,
+    /// The nameservers `NonTcp::Dns` lets queries out to.
+    pub dns_servers: Vec<std::net::IpAddr>,
 }
 
 impl Default for RuleConfig {
@@ -51,6 +56,8 @@ impl Default for RuleConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            non_tcp: NonTcp::Allow,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -140,7 +147,7 @@ pub fn install_over(config: &RuleConfig, family: Family, existing: &str) -> Stri
     }
     rule(OUTPUT, &format!("-p tcp -j {REDIRECT_OUT}"));
 
-    let present = jumps_present(existing);
+    let present = jumps_present(existing, &CHAINS);
     for (chain, spec) in JUMPS {
         if !present.iter().any(|(c, s)| *c == chain && *s == spec) {
             rule(chain, spec);
@@ -150,17 +157,24 @@ pub fn install_over(config: &RuleConfig, family: Family, existing: &str) -> Stri
     out
 }
 
-/// The input that removes every trace of ours from `existing`, or `None` when
-/// there is nothing to remove.
+/// The input that removes every trace of ours from `existing` (the nat
+/// table), or `None` when there is nothing to remove.
 pub fn cleanup(existing: &str) -> Option<String> {
-    let mut out = String::from("*nat\n");
+    cleanup_of("nat", &CHAINS, existing)
+}
+
+/// The input that removes `chains` and every jump into them from `existing`,
+/// the `-save -t table` output of `table`, or `None` when none is there.
+pub(super) fn cleanup_of(table: &str, chains: &[&str], existing: &str) -> Option<String> {
+    let mut out = format!("*{table}\n");
     let mut any = false;
-    for (chain, spec) in jumps_present(existing) {
+    for (chain, spec) in jumps_present(existing, chains) {
         let _ = writeln!(out, "-D {chain} {spec}");
         any = true;
     }
-    let ours: Vec<&str> = CHAINS
-        .into_iter()
+    let ours: Vec<&str> = chains
+        .iter()
+        .copied()
         .filter(|c| existing.lines().any(|l| l.starts_with(&format!(":{c} "))))
         .collect();
     // Flush all before deleting any: our chains jump into each other.
@@ -175,14 +189,14 @@ pub fn cleanup(existing: &str) -> Option<String> {
     any.then_some(out)
 }
 
-/// Rules in built-in chains that jump to one of ours, as `(chain, spec)`.
-fn jumps_present(existing: &str) -> Vec<(&str, &str)> {
+/// Rules in built-in chains that jump to one of `chains`, as `(chain, spec)`.
+pub(super) fn jumps_present<'a>(existing: &'a str, chains: &[&str]) -> Vec<(&'a str, &'a str)> {
     existing
         .lines()
         .filter_map(|l| l.strip_prefix("-A "))
         .filter_map(|l| l.split_once(' '))
         .filter(|(chain, spec)| {
-            !CHAINS.contains(chain) && spec.split_whitespace().any(|word| CHAINS.contains(&word))
+            !chains.contains(chain) && spec.split_whitespace().any(|word| chains.contains(&word))
         })
         .collect()
 }

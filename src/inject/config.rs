@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::init::Cidr;
+use crate::init::{Cidr, NonTcp};
 
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,11 @@ pub struct InjectorConfig {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound networks (IPv4 or IPv6 CIDRs) never redirected, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
+    /// What pods may send and receive that is not TCP, which the sidecar
+    /// cannot carry (`stepmesh init --non-tcp`): `dns` by default, so UDP
+    /// and ICMP do not pass beside the mesh except DNS queries to the pod's
+    /// nameservers (docs/INIT.md).
+    pub non_tcp: NonTcp,
     /// Namespaces never injected, whatever the webhook configuration says.
     pub excluded_namespaces: Vec<String>,
     /// Leave the app's probe ports out of inbound interception so kubelet's
@@ -150,6 +155,7 @@ impl Default for InjectorConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            non_tcp: NonTcp::Dns,
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
             exclude_probe_ports: false,
             rewrite_probes: true,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::config::{check_log_level, quantity, InjectorConfig, Resources};
-use crate::init::Cidr;
+use crate::init::{Cidr, NonTcp};
 
 /// `"false"` opts a pod out (also `"disabled"`).
 pub const INJECT: &str = "stepmesh.io/inject";
@@ -28,6 +28,8 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "stepmesh.io/exclude-inbound-ports";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "stepmesh.io/exclude-outbound-ports";
 /// Comma-separated outbound CIDRs (IPv4 or IPv6) not redirected (added to the config's).
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "stepmesh.io/exclude-outbound-cidrs";
+/// `allow`, `dns` or `drop`: what the pod may send that is not TCP.
+pub const NON_TCP: &str = "stepmesh.io/non-tcp";
 /// `"true"`/`"false"`: leave the app's probe ports out of interception.
 pub const EXCLUDE_PROBE_PORTS: &str = "stepmesh.io/exclude-probe-ports";
 /// `"true"`/`"false"`: move the app's probes to the sidecar's admin port.
@@ -73,6 +75,8 @@ pub struct PodSettings {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound networks not redirected.
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// What the pod's non-TCP traffic may do.
+    pub non_tcp: NonTcp,
     /// Add the app's probe ports to the inbound exclusions.
     pub exclude_probe_ports: bool,
     /// Rewrite the app's probes to the sidecar's admin port.
@@ -112,6 +116,7 @@ impl PodSettings {
             exclude_outbound_ports: config.exclude_outbound_ports.clone(),
             // Checked when the configuration was loaded; a bad entry is dropped.
             exclude_outbound_cidrs: config.cidrs().unwrap_or_default(),
+            non_tcp: config.non_tcp,
             exclude_probe_ports: config.exclude_probe_ports,
             rewrite_probes: config.rewrite_probes,
             resources: config.resources.clone(),
@@ -149,6 +154,14 @@ impl PodSettings {
                     .map_err(|e: String| bad(EXCLUDE_OUTBOUND_CIDRS, v, &e))?;
                 s.exclude_outbound_cidrs.push(cidr);
             }
+        }
+        if let Some(v) = get(NON_TCP) {
+            s.non_tcp = match v {
+                "allow" => NonTcp::Allow,
+                "dns" => NonTcp::Dns,
+                "drop" => NonTcp::Drop,
+                other => return Err(bad(NON_TCP, other, "is not allow, dns or drop")),
+            };
         }
         let r = &mut s.resources;
         for (key, slot) in [
@@ -270,6 +283,10 @@ mod tests {
         assert_eq!(s.resources.requests.memory, "128Mi");
         assert_eq!(s.log_level, "stepmesh=debug");
         assert!(!s.workload_api, "off unless asked");
+        assert_eq!(s.non_tcp, NonTcp::Dns, "the config's default");
+        for (v, mode) in [("allow", NonTcp::Allow), ("drop", NonTcp::Drop)] {
+            assert_eq!(settings(json!({NON_TCP: v})).unwrap().non_tcp, mode);
+        }
         for (v, on) in [
             ("enabled", true),
             ("true", true),
@@ -303,6 +320,7 @@ mod tests {
             (json!({POLICY_CONFIG_MAP: "Bad_Name"}), POLICY_CONFIG_MAP),
             (json!({PROXY_DRAIN_TIMEOUT: "30"}), PROXY_DRAIN_TIMEOUT),
             (json!({WORKLOAD_API: "yes"}), WORKLOAD_API),
+            (json!({NON_TCP: "udp"}), NON_TCP),
         ] {
             let err = settings(ann).unwrap_err();
             assert_eq!(err.key, key, "{err}");

@@ -45,6 +45,8 @@ pub fn init_container(config: &InjectorConfig, s: &PodSettings) -> Value {
         config.outbound_port.to_string(),
         "--admin-port".into(),
         config.admin_port.to_string(),
+        "--non-tcp".into(),
+        s.non_tcp.as_str().into(),
     ];
     let joined = |items: Vec<String>| items.join(",");
     if !s.exclude_inbound_ports.is_empty() {
