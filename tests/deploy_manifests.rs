@@ -21,6 +21,10 @@ use common::envtest::Envtest;
 use inject_support::{docs, have, validate, BIN};
 use serde_json::Value;
 
+/// deploy/injector/pod-security.yaml admits the injected pod, refuses the rest.
+#[path = "deploy_manifests/pod_security.rs"]
+mod pod_security;
+
 /// Files in a manifest directory that no kustomization lists, and why.
 const NOT_APPLIED: &[(&str, &str)] = &[(
     "gateway/kubeconfig-example.yaml",

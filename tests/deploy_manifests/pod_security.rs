@@ -1,0 +1,231 @@
+//! deploy/injector/pod-security.yaml on a real API server (envtest): Pod
+//! Security baseline for meshed namespaces, with exactly the injected init
+//! container's NET_ADMIN and NET_RAW let through. The pod is the injector's
+//! own output (`stepmesh inject`); each hostile variant is refused with its
+//! reason, and the same variant is admitted where the policy is not bound.
+//! Skips with a printed reason without `KUBEBUILDER_ASSETS`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::envtest::Envtest;
+use crate::inject_support::{docs, run_stdin};
+
+const MESHED: &str = "psa-meshed";
+const PLAIN: &str = "psa-plain";
+
+fn deployed(file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/injector")
+        .join(file);
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// An app pod as the injector deploy/ ships (its config.yaml) injects it.
+fn injected_pod() -> Value {
+    let app = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  \
+               - name: app\n    image: nginx\n    ports:\n    - containerPort: 80\n";
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/injector/config.yaml");
+    let out = run_stdin(
+        &["inject", "-f", "-", "--config", config.to_str().unwrap()],
+        app,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docs(&String::from_utf8(out.stdout).unwrap()).remove(0)
+}
+
+/// `kubectl create --dry-run=server` of `pod` in `namespace`: `Ok` when
+/// admitted, else what the server said.
+fn admit(env: &Envtest, namespace: &str, pod: &Value) -> Result<(), String> {
+    let mut pod = pod.clone();
+    pod["metadata"]["namespace"] = json!(namespace);
+    let out = env.kubectl_with_stdin(
+        &["create", "--dry-run=server", "-f", "-"],
+        pod.to_string().as_bytes(),
+    );
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn container<'a>(pod: &'a mut Value, list: &str, name: &str) -> &'a mut Value {
+    pod["spec"][list]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {list} {name}"))
+}
+
+#[test]
+fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
+    let Some(env) = Envtest::shared() else { return };
+    env.apply(&deployed("pod-security.yaml"));
+    for namespace in [MESHED, PLAIN] {
+        env.create_namespace(namespace);
+    }
+    env.kubectl_ok(&["label", "namespace", MESHED, "stepmesh.io/inject=enabled"]);
+
+    let pod = injected_pod();
+    let init = container(&mut pod.clone(), "initContainers", "stepmesh-init").clone();
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        json!(["NET_ADMIN", "NET_RAW"])
+    );
+
+    // The policy takes effect shortly after it is created: wait until a pod
+    // it refuses is refused.
+    let mut host_network = pod.clone();
+    host_network["spec"]["hostNetwork"] = json!(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admit(env, MESHED, &host_network).is_ok() {
+        assert!(Instant::now() < deadline, "the policy never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    admit(env, MESHED, &pod).expect("the injected pod is admitted");
+
+    type Change = fn(&mut Value);
+    let hostile: [(&str, Change, &str); 14] = [
+        (
+            "hostNetwork",
+            |p| p["spec"]["hostNetwork"] = json!(true),
+            "host namespaces",
+        ),
+        (
+            "hostPID",
+            |p| p["spec"]["hostPID"] = json!(true),
+            "host namespaces",
+        ),
+        (
+            "a privileged app",
+            |p| container(p, "containers", "app")["securityContext"] = json!({"privileged": true}),
+            "privileged containers",
+        ),
+        (
+            "NET_ADMIN for the app",
+            |p| {
+                container(p, "containers", "app")["securityContext"] =
+                    json!({"capabilities": {"add": ["NET_ADMIN"]}})
+            },
+            "beyond Pod Security baseline",
+        ),
+        (
+            "SYS_ADMIN beside the init container's two",
+            |p| {
+                let init = container(p, "initContainers", "stepmesh-init");
+                init["securityContext"]["capabilities"]["add"] =
+                    json!(["NET_ADMIN", "NET_RAW", "SYS_ADMIN"])
+            },
+            "beyond Pod Security baseline",
+        ),
+        (
+            "another image as stepmesh-init",
+            |p| container(p, "initContainers", "stepmesh-init")["image"] = json!("evil:latest"),
+            "beyond Pod Security baseline",
+        ),
+        (
+            "another command in the injector's image",
+            |p| container(p, "initContainers", "stepmesh-init")["command"] = json!(["sh"]),
+            "beyond Pod Security baseline",
+        ),
+        (
+            "the injector's binary, not `init`",
+            |p| container(p, "initContainers", "stepmesh-init")["args"] = json!(["proxy"]),
+            "beyond Pod Security baseline",
+        ),
+        (
+            "the init container's capabilities under another name",
+            |p| container(p, "initContainers", "stepmesh-init")["name"] = json!("net-setup"),
+            "beyond Pod Security baseline",
+        ),
+        (
+            "a hostPath volume",
+            |p| {
+                let volumes = p["spec"]["volumes"].as_array_mut().unwrap();
+                volumes.push(json!({"name": "root", "hostPath": {"path": "/"}}))
+            },
+            "hostPath volumes",
+        ),
+        (
+            "a hostPort",
+            |p| {
+                container(p, "containers", "app")["ports"] =
+                    json!([{"containerPort": 80, "hostPort": 80}])
+            },
+            "hostPort",
+        ),
+        (
+            "seccomp Unconfined",
+            |p| p["spec"]["securityContext"] = json!({"seccompProfile": {"type": "Unconfined"}}),
+            "Unconfined seccomp",
+        ),
+        (
+            "an unsafe sysctl",
+            |p| {
+                p["spec"]["securityContext"] =
+                    json!({"sysctls": [{"name": "kernel.msgmax", "value": "1"}]})
+            },
+            "safe sysctls",
+        ),
+        (
+            "an SELinux user",
+            |p| {
+                container(p, "containers", "app")["securityContext"] =
+                    json!({"seLinuxOptions": {"user": "system_u"}})
+            },
+            "SELinux",
+        ),
+    ];
+    for (what, change, reason) in hostile {
+        let mut bad = pod.clone();
+        change(&mut bad);
+        let refused = admit(env, MESHED, &bad).expect_err(what);
+        assert!(
+            refused.contains("stepmesh-pod-security") && refused.contains(reason),
+            "{what}: {refused}"
+        );
+        admit(env, PLAIN, &bad)
+            .unwrap_or_else(|e| panic!("{what} outside a meshed namespace: {e}"));
+    }
+
+    // What baseline allows stays allowed: a safe sysctl, baseline's own
+    // capabilities, an ephemeral-free pod without the injector.
+    let mut fine = pod.clone();
+    fine["spec"]["securityContext"] =
+        json!({"sysctls": [{"name": "net.ipv4.tcp_syncookies", "value": "1"}]});
+    container(&mut fine, "containers", "app")["securityContext"] =
+        json!({"capabilities": {"add": ["NET_BIND_SERVICE", "CHOWN"]}});
+    admit(env, MESHED, &fine).expect("baseline's own settings are admitted");
+}
+
+#[test]
+fn the_exception_names_the_injectors_image_and_command() {
+    let policy = deployed("pod-security.yaml");
+    let config: Value = serde_norway::from_str(&deployed("config.yaml")).unwrap();
+    let image = config["image"].as_str().unwrap();
+    assert!(
+        policy.contains(&format!("expression: \"'{image}'\"")),
+        "initImage in pod-security.yaml is not config.yaml's image {image}"
+    );
+    let command: Vec<String> = config["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("'{}'", c.as_str().unwrap()))
+        .collect();
+    assert!(
+        policy.contains(&format!("expression: \"[{}]\"", command.join(", "))),
+        "initCommand in pod-security.yaml is not config.yaml's command {command:?}"
+    );
+    let injected = injected_pod();
+    let init = &injected["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "stepmesh-init");
+    assert_eq!(init["args"][0], "init");
+}
