@@ -31,7 +31,7 @@ stepUp:
       audiences: [kubectl]
       algorithms: [ES256]
 kubernetes:
-  authentication: {{provider: corp, usernameClaim: email, groupsClaim: groups}}
+  authentication: {{provider: corp, usernameClaim: email, groupsClaim: groups, groupsPrefix: "-"}}
   rules: []
 "#,
         jwks = jwks.display()
@@ -83,6 +83,11 @@ fn names_the_api_server_reads_otherwise_are_never_impersonated() {
             "a group named system:",
             "mallory@example.com",
             json!(["system:masters"]),
+        ),
+        (
+            "kubeadm's cluster-admin group",
+            "mallory@example.com",
+            json!(["kubeadm:cluster-admins"]),
         ),
     ] {
         let r = watch(email, groups);

@@ -330,6 +330,7 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
             "exec-in-prod",
             "debug-in-prod",
             "node-proxy",
+            "change-workloads-in-prod",
             "delete-in-prod",
             "evict-in-prod",
             "read-secrets"

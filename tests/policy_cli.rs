@@ -76,7 +76,7 @@ inbound:
       allow:
         - from: [spiffe://cluster.local/ns/payments/sa/api]
 kubernetes:
-  authentication: {{provider: corp-idp, usernameClaim: email, groupsClaim: groups}}
+  authentication: {{provider: corp-idp, usernameClaim: email, groupsClaim: groups, groupsPrefix: "-"}}
   rules:
     - name: delete-in-prod
       verbs: [delete, deletecollection]
@@ -502,10 +502,21 @@ fn the_shipped_gateway_policy_steps_up_what_equals_a_shell_a_delete_or_a_secret(
         ("PATCH", "/api/v1/namespaces/dev/secrets/db?dryRun=All"),
         ("DELETE", "/api/v1/namespaces/dev/secrets/db"),
         ("GET", "/api/v1/namespaces/dev/secrets?watch=1"),
+        // What runs in prod changed: a pod, a new image, a template, a token.
+        ("POST", "/api/v1/namespaces/prod/pods"),
+        ("PATCH", "/api/v1/namespaces/prod/pods/web"),
+        ("PATCH", "/apis/apps/v1/namespaces/prod-eu/deployments/web"),
+        ("PUT", "/apis/batch/v1/namespaces/prod/cronjobs/nightly"),
+        ("POST", "/api/v1/namespaces/prod/serviceaccounts/web/token"),
     ] {
         let out = explain(method, path);
         assert!(out.contains("needs: step-up"), "{method} {path}: {out}");
     }
-    let out = explain("GET", "/api/v1/namespaces/prod/configmaps/x");
-    assert!(out.contains("rule: (none"), "{out}");
+    for (method, path) in [
+        ("GET", "/api/v1/namespaces/prod/configmaps/x"),
+        ("POST", "/api/v1/namespaces/dev/pods"),
+    ] {
+        let out = explain(method, path);
+        assert!(out.contains("rule: (none"), "{method} {path}: {out}");
+    }
 }

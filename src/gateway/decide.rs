@@ -266,6 +266,11 @@ fn bearer_invalid() -> HeaderValue {
 /// dangerous: a `system:` name or group would let the IdP's users act as
 /// the cluster's own components (`system:masters`), so it is refused, as
 /// is a name the API server reads as another (blanks around it).
+/// Name prefixes of the cluster's own users and groups, which no person is
+/// impersonated as: `system:` (`system:masters`, nodes, controllers) and
+/// `kubeadm:` (`kubeadm:cluster-admins`, cluster-admin since kubeadm 1.29).
+const RESERVED_PREFIXES: [&str; 2] = ["system:", "kubeadm:"];
+
 fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Person, String> {
     let claim = &auth.username_claim;
     let name = match token.claims.get(claim) {
@@ -302,7 +307,7 @@ fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Per
                 "{n:?} begins or ends with a blank, which the API server drops; the gateway does not impersonate it"
             ));
         }
-        if n.starts_with("system:") {
+        if RESERVED_PREFIXES.iter().any(|p| n.starts_with(p)) {
             return Err(format!(
                 "{n:?} is reserved for the cluster's own components; the gateway does not impersonate it"
             ));

@@ -158,15 +158,19 @@ impl Gateway {
                     }
                 }
                 let upgrade = is_upgrade(&req);
-                self.upstream.rewrite(&mut req, person, upgrade);
-                let lane = if upgrade {
-                    Lane::Upgrade
-                } else if d.info.as_ref().is_some_and(is_long_running) {
-                    Lane::Stream
-                } else {
-                    Lane::Shared
-                };
-                self.forward(req, lane).await
+                match self.upstream.rewrite(&mut req, person, upgrade) {
+                    Ok(()) => {
+                        let lane = if upgrade {
+                            Lane::Upgrade
+                        } else if d.info.as_ref().is_some_and(is_long_running) {
+                            Lane::Stream
+                        } else {
+                            Lane::Shared
+                        };
+                        self.forward(req, lane).await
+                    }
+                    Err(why) => (status(StatusCode::BAD_REQUEST, why).map(own_bytes), None),
+                }
             }
             (verdict, _) => (self.refusal(verdict, &d).map(own_bytes), None),
         };

@@ -170,15 +170,21 @@ impl Upstream {
 
     /// Points `req` at the API server as `person`: hop-by-hop headers (but
     /// an upgrade's own) and the person's credentials removed, the
-    /// gateway's token and the impersonation headers set.
-    pub fn rewrite(&self, req: &mut Request<Incoming>, person: &Person, upgrade: bool) {
+    /// gateway's token and the impersonation headers set. Refused, with
+    /// `req` untouched, when its target cannot be aimed at the API server
+    /// (no path: the classifier refuses those first, and the client's own
+    /// authority must never be kept with the gateway's token).
+    pub fn rewrite(
+        &self,
+        req: &mut Request<Incoming>,
+        person: &Person,
+        upgrade: bool,
+    ) -> Result<(), &'static str> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = req.uri().path_and_query().cloned();
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "the request target has no path")?;
         *req.version_mut() = http::Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade);
@@ -192,6 +198,7 @@ impl Upstream {
             HeaderValue::clone(&self.token.load()),
         );
         impersonate(headers, person);
+        Ok(())
     }
 }
 

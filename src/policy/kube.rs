@@ -80,6 +80,21 @@ pub struct KubeRequest<'a> {
     pub name: &'a str,
 }
 
+impl KubeRequest<'_> {
+    /// A list, watch or collection delete without a namespace: of a
+    /// namespaced kind, it reaches every namespace (`kubectl get secrets
+    /// -A`), so a step-up rule for any namespace holds for it; an exemption
+    /// holds only when its patterns take every namespace (`*`). A
+    /// cluster-scoped kind (nodes) reads the same and meets such step-up
+    /// rules too: the policy cannot tell the two apart, and asking is the
+    /// closed side.
+    pub fn spans_namespaces(&self) -> bool {
+        self.namespace.is_empty()
+            && self.name.is_empty()
+            && matches!(self.verb, "list" | "watch" | "deletecollection")
+    }
+}
+
 impl KubePolicy {
     /// The rule deciding `req` for a person in `groups`, if any matches.
     pub fn rule_for(&self, req: &KubeRequest<'_>, groups: &[String]) -> Option<&KubeRule> {
@@ -132,7 +147,8 @@ impl KubeRule {
             .iter()
             .any(|g| g == "*" || g == req.api_group);
         let resource = self.resources.iter().any(|r| resource_matches(r, req));
-        let namespace = self.namespaces.iter().any(|p| glob(p, req.namespace));
+        let namespace = self.namespaces.iter().any(|p| glob(p, req.namespace))
+            || (req.spans_namespaces() && self.step_up.is_some());
         let name = self
             .names
             .as_ref()
@@ -249,12 +265,27 @@ fn authentication(
     if a.groups_claim.as_deref() == Some("") {
         return Err(invalid(format!("{path}.groupsClaim"), "empty claim name"));
     }
+    // The gateway impersonates the groups it reads: without a prefix, a
+    // group someone can create at the IdP is any RBAC group of the cluster
+    // (`kubeadm:cluster-admins` is cluster-admin). So no prefix must be
+    // asked for, as `-`, never had by omission.
+    let groups_prefix = match (a.groups_prefix.as_deref(), &a.groups_claim) {
+        (Some("-"), _) | (None, None) => String::new(),
+        (Some(p), _) => p.to_owned(),
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{path}.groupsPrefix"),
+                "required with groupsClaim: the IdP's groups become RBAC groups \
+                 (\"oidc:\" keeps them apart from the cluster's; \"-\" for none)",
+            ))
+        }
+    };
     Ok(KubeAuthentication {
         provider: provider.name.clone(),
         username_claim,
         username_prefix,
         groups_claim: a.groups_claim,
-        groups_prefix: a.groups_prefix.unwrap_or_default(),
+        groups_prefix,
     })
 }
 

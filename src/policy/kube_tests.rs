@@ -274,3 +274,57 @@ fn rules_that_can_never_match_are_refused() {
         policy(&format!("{head}{rule}}}\n")).unwrap_or_else(|e| panic!("{rule}: {e}"));
     }
 }
+
+#[test]
+fn groups_need_a_prefix_asked_for() {
+    let err = policy("  authentication: {provider: corp, groupsClaim: groups}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("kubernetes.authentication.groupsPrefix:")
+            && err.contains("\"-\" for none"),
+        "{err}"
+    );
+    let none =
+        policy("  authentication: {provider: corp, groupsClaim: groups, groupsPrefix: \"-\"}\n")
+            .unwrap();
+    assert_eq!(none.kubernetes().unwrap().authentication.groups_prefix, "");
+    let without_groups = policy("  authentication: {provider: corp}\n").unwrap();
+    assert_eq!(
+        without_groups
+            .kubernetes()
+            .unwrap()
+            .authentication
+            .groups_prefix,
+        ""
+    );
+}
+
+#[test]
+fn a_list_across_namespaces_meets_step_up_rules_of_any_namespace() {
+    let p = policy(
+        "  authentication: {provider: corp}\n  rules:\n\
+         \x20 - {name: dev-reads, verbs: [list, watch], resources: [secrets], namespaces: [dev]}\n\
+         \x20 - {name: prod-secrets, verbs: [get, list, watch], resources: [secrets], namespaces: [prod], \
+         stepUp: {provider: corp, acr: [urn:stepmesh:acr:mfa]}}\n",
+    )
+    .unwrap();
+    let k = p.kubernetes().unwrap();
+    let decided = |r: KubeRequest<'_>| k.rule_for(&r, &[]).map(|rule| &*rule.name);
+    // `kubectl get secrets -A` and its watch read prod's too; the dev
+    // exemption does not cover every namespace, so it does not decide.
+    for verb in ["list", "watch"] {
+        assert_eq!(
+            decided(req(verb, "secrets", "", "", "")),
+            Some("prod-secrets"),
+            "{verb}"
+        );
+    }
+    assert_eq!(
+        decided(req("list", "secrets", "", "dev", "")),
+        Some("dev-reads")
+    );
+    assert_eq!(decided(req("list", "secrets", "", "staging", "")), None);
+    // A named get has a namespace: only its own.
+    assert_eq!(decided(req("get", "secrets", "", "staging", "db")), None);
+}
