@@ -86,14 +86,22 @@ pub enum InitError {
 impl InitArgs {
     /// The rule configuration these flags describe; with `--non-tcp dns`
     /// and no `--dns-servers`, the nameservers are read from
-    /// /etc/resolv.conf (none there, or no file: no DNS server to let
-    /// queries out to, which glibc's resolver would not ask anyway).
+    /// /etc/resolv.conf (none there: no DNS server to let queries out to,
+    /// and glibc's resolver would ask only loopback; no file: the same,
+    /// with a warning).
     pub fn rule_config(&self) -> RuleConfig {
         let dns_servers = match (&self.dns_servers, self.non_tcp) {
             (Some(servers), _) => servers.clone(),
-            (None, NonTcp::Dns) => {
-                non_tcp::nameservers(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default())
-            }
+            (None, NonTcp::Dns) => match std::fs::read_to_string(RESOLV_CONF) {
+                Ok(text) => non_tcp::nameservers(&text),
+                Err(e) => {
+                    tracing::warn!(
+                        "reading {RESOLV_CONF}: {e}: no nameserver, so no DNS over UDP \
+                         (--dns-servers names them)"
+                    );
+                    Vec::new()
+                }
+            },
             (None, _) => Vec::new(),
         };
         RuleConfig {

@@ -49,12 +49,24 @@ const JUMPS: [(&str, &str); 2] = [
     ("OUTPUT", "-j STEPMESH_NONTCP_OUT"),
 ];
 
-/// ICMPv6 that IPv6 cannot work without: router solicitation and
-/// advertisement, neighbour solicitation and advertisement (133-136), and
-/// multicast listener queries and reports (130-132, 143) that bridges with
-/// snooping forward neighbour discovery by. Conntrack does not track them,
-/// so they are not "related" to anything.
-const IPV6_LINK_ICMP: [u8; 8] = [130, 131, 132, 133, 134, 135, 136, 143];
+/// ICMPv6 that IPv6 cannot work without, with the hop limit that keeps it
+/// on the link (RFC 4861 §7.1.1, RFC 3810 §5): router solicitation and
+/// advertisement, neighbour solicitation and advertisement (133-136, hop
+/// limit 255: never forwarded), and multicast listener queries and reports
+/// (130-132, 143, hop limit 1) that bridges with snooping forward neighbour
+/// discovery by. Conntrack does not track them, so they are not "related"
+/// to anything; the hop limit keeps them from being a way to or from any
+/// host beyond the link.
+const IPV6_LINK_ICMP: [(u8, u8); 8] = [
+    (130, 1),
+    (131, 1),
+    (132, 1),
+    (133, 255),
+    (134, 255),
+    (135, 255),
+    (136, 255),
+    (143, 1),
+];
 
 /// The `iptables-restore --noflush` input (filter table) that makes the
 /// pod's non-TCP traffic what `config.non_tcp` says over the current filter
@@ -85,10 +97,12 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
             "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         );
         if family == Family::V6 {
-            for kind in IPV6_LINK_ICMP {
+            for (kind, hops) in IPV6_LINK_ICMP {
                 rule(
                     chain,
-                    &format!("-p ipv6-icmp -m icmp6 --icmpv6-type {kind} -j RETURN"),
+                    &format!(
+                        "-p ipv6-icmp -m icmp6 --icmpv6-type {kind} -m hl --hl-eq {hops} -j RETURN"
+                    ),
                 );
             }
         }
@@ -124,11 +138,14 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
     }
     rule(NONTCP_OUT, "-j DROP");
 
-    let present = jumps_present(existing, &CHAINS);
+    // Taken out and put back first each time: a rule inserted above ours
+    // since the last run (by the app, with NET_ADMIN it lacks, or by a CNI)
+    // does not stay ahead of them.
+    for (chain, spec) in jumps_present(existing, &CHAINS) {
+        let _ = writeln!(out, "-D {chain} {spec}");
+    }
     for (chain, spec) in JUMPS {
-        if !present.iter().any(|(c, s)| *c == chain && *s == spec) {
-            let _ = writeln!(out, "-I {chain} 1 {spec}");
-        }
+        let _ = writeln!(out, "-I {chain} 1 {spec}");
     }
     out.push_str("COMMIT\n");
     Some(out)
@@ -204,8 +221,9 @@ COMMIT
             "{v6}"
         );
         for chain in CHAINS {
-            let neighbour =
-                format!("-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN\n");
+            let neighbour = format!(
+                "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type 135 -m hl --hl-eq 255 -j RETURN\n"
+            );
             assert!(v6.contains(&neighbour), "{v6}");
         }
     }
@@ -218,12 +236,14 @@ COMMIT
     }
 
     #[test]
-    fn jumps_are_inserted_once_and_allow_removes_them() {
+    fn jumps_are_put_back_first_and_allow_removes_them() {
         let existing = "*filter\n:INPUT ACCEPT [0:0]\n:STEPMESH_NONTCP_IN - [0:0]\n\
                         :STEPMESH_NONTCP_OUT - [0:0]\n-A INPUT -j STEPMESH_NONTCP_IN\n\
                         -A OUTPUT -j STEPMESH_NONTCP_OUT\nCOMMIT\n";
         let again = filter_over(&config(NonTcp::Drop), Family::V4, existing).unwrap();
-        assert!(!again.contains("-I "), "{again}");
+        let moved = "-D INPUT -j STEPMESH_NONTCP_IN\n-D OUTPUT -j STEPMESH_NONTCP_OUT\n\
+                     -I INPUT 1 -j STEPMESH_NONTCP_IN\n-I OUTPUT 1 -j STEPMESH_NONTCP_OUT\n";
+        assert!(again.ends_with(&format!("{moved}COMMIT\n")), "{again}");
         let undo = filter_over(&config(NonTcp::Allow), Family::V4, existing).unwrap();
         assert!(undo.contains("-D INPUT -j STEPMESH_NONTCP_IN\n"), "{undo}");
         assert!(undo.contains("-X STEPMESH_NONTCP_OUT\n"), "{undo}");
