@@ -5,6 +5,7 @@
 pub mod config;
 pub mod metrics;
 pub mod mutate;
+pub mod net_raw;
 pub mod offline;
 pub mod overrides;
 pub mod patch;

@@ -5,6 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::config::InjectorConfig;
+use super::net_raw;
 use super::overrides::{self as ann, BadAnnotation, PodSettings};
 use super::patch::{escape, PatchOp};
 use super::probes::{self, probe_ports};
@@ -66,6 +67,9 @@ pub enum MutateError {
     /// interception lets through untouched.
     #[error("container {0:?} runs as UID {1}, the sidecar's: its traffic would bypass the mesh; run it as another user, or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
     ProxyUid(String, u32),
+    /// An app container adds `NET_RAW`, which sends around the sidecar.
+    #[error(transparent)]
+    NetRaw(#[from] super::net_raw::AddsNetRaw),
     /// An app container already mounts something where the Workload API
     /// socket's volume goes.
     #[error("container {container:?} already mounts {path} (stepmesh.io/workload-api needs it)")]
@@ -146,6 +150,12 @@ pub fn mutate(
         // app containers' indices.
         ops.extend(workload_api_ops(containers)?);
     }
+    // The same: before our init containers move the app's.
+    ops.extend(net_raw::drop_ops("containers", containers)?);
+    ops.extend(net_raw::drop_ops(
+        "initContainers",
+        init_containers.map_or(&[][..], Vec::as_slice),
+    )?);
 
     // Order matters: the iptables init first; with native sidecars the proxy
     // next, so the app's own init containers already run in the mesh.

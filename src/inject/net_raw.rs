@@ -1,0 +1,168 @@
+//! `NET_RAW` taken from the app's containers. Container runtimes grant it by
+//! default (containerd and CRI-O do), and Pod Security `baseline` allows
+//! that. With it an app opens packet sockets, whose frames pass no iptables
+//! rule, and raw IP sockets, whose hand-made TCP conntrack finds invalid
+//! and the nat table never sees: both go around the sidecar's interception
+//! and the `--non-tcp` rules alike, in and out. The sidecar and the init
+//! container are ours and made without it (the init container adds it back
+//! for iptables).
+
+use serde_json::{json, Value};
+
+use super::patch::PatchOp;
+
+/// The capability taken.
+const NET_RAW: &str = "NET_RAW";
+
+/// Why a container keeps a capability the mesh cannot allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("container {0:?} adds NET_RAW: raw and packet sockets send around the sidecar; remove it (ping works without it where net.ipv4.ping_group_range allows), or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
+pub struct AddsNetRaw(pub String);
+
+/// The operations that drop `NET_RAW` from each container of `list`
+/// (`containers` or `initContainers`, as the pod has them now), whatever
+/// of `securityContext.capabilities.drop` exists; none for a container that
+/// already drops it or `ALL`. Refused when a container adds it.
+pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNetRaw> {
+    let mut ops = Vec::new();
+    for (i, c) in containers.iter().enumerate() {
+        let named = |key: &str| {
+            c.pointer(&format!("/securityContext/capabilities/{key}"))
+                .and_then(Value::as_array)
+                .is_some_and(|caps| caps.iter().any(|cap| cap == NET_RAW || cap == "ALL"))
+        };
+        if named("add") {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            return Err(AddsNetRaw(name.to_owned()));
+        }
+        if named("drop") {
+            continue;
+        }
+        let at = format!("/spec/{list}/{i}/securityContext");
+        let context = c.get("securityContext");
+        let capabilities = context.and_then(|s| s.get("capabilities"));
+        ops.push(
+            match (
+                context,
+                capabilities,
+                capabilities.and_then(|c| c.get("drop")),
+            ) {
+                (None, ..) => PatchOp::add(at, json!({"capabilities": {"drop": [NET_RAW]}})),
+                (Some(_), None, _) => {
+                    PatchOp::add(format!("{at}/capabilities"), json!({"drop": [NET_RAW]}))
+                }
+                (Some(_), Some(_), None) => {
+                    PatchOp::add(format!("{at}/capabilities/drop"), json!([NET_RAW]))
+                }
+                (Some(_), Some(_), Some(_)) => {
+                    PatchOp::add(format!("{at}/capabilities/drop/-"), json!(NET_RAW))
+                }
+            },
+        );
+    }
+    Ok(ops)
+}
+
+/// `containers` (a pod's array) as the injector leaves them: `NET_RAW`
+/// dropped from each. For tests that compare app containers.
+#[cfg(test)]
+pub(crate) fn dropped(containers: &Value) -> Value {
+    let mut pod = json!({"spec": {"containers": containers}});
+    let list = containers.as_array().map_or(&[][..], Vec::as_slice);
+    // Test fixtures: no container there adds NET_RAW, and the ops apply.
+    let ops = drop_ops("containers", list).unwrap_or_default();
+    let _ = super::patch::apply(&mut pod, &ops);
+    pod["spec"]["containers"].take()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::inject::patch::apply;
+
+    #[test]
+    fn every_form_of_security_context_ends_dropping_net_raw() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "bare"},
+            {"name": "context", "securityContext": {"runAsUser": 1000}},
+            {"name": "caps", "securityContext": {"capabilities": {"add": ["CHOWN"]}}},
+            {"name": "drops", "securityContext": {"capabilities": {"drop": ["MKNOD"]}}},
+            {"name": "all", "securityContext": {"capabilities": {"drop": ["ALL"]}}},
+            {"name": "already", "securityContext": {"capabilities": {"drop": ["NET_RAW"]}}},
+        ]}});
+        let containers = pod["spec"]["containers"].as_array().unwrap().clone();
+        let ops = drop_ops("containers", &containers).unwrap();
+        assert_eq!(ops.len(), 4, "{ops:?}");
+        apply(&mut pod, &ops).unwrap();
+        let drops: Vec<Value> = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["securityContext"]["capabilities"]["drop"].clone())
+            .collect();
+        assert_eq!(
+            drops,
+            [
+                json!(["NET_RAW"]),
+                json!(["NET_RAW"]),
+                json!(["NET_RAW"]),
+                json!(["MKNOD", "NET_RAW"]),
+                json!(["ALL"]),
+                json!(["NET_RAW"]),
+            ]
+        );
+        assert_eq!(
+            pod["spec"]["containers"][1]["securityContext"]["runAsUser"],
+            1000
+        );
+        assert_eq!(
+            pod["spec"]["containers"][2]["securityContext"]["capabilities"]["add"],
+            json!(["CHOWN"])
+        );
+    }
+
+    #[test]
+    fn the_injected_pod_drops_net_raw_from_the_apps_containers_only() {
+        use crate::inject::config::InjectorConfig;
+        use crate::inject::mutate::{mutate, MutateError, Mutation};
+        let mut pod = json!({"metadata": {"name": "web"}, "spec": {
+            "initContainers": [{"name": "migrate", "image": "app"}],
+            "containers": [{"name": "app", "image": "app"}],
+        }});
+        let Mutation::Patch(ops) = mutate(&pod, &InjectorConfig::default(), "apps").unwrap() else {
+            panic!("expected a patch");
+        };
+        apply(&mut pod, &ops).unwrap();
+        let caps =
+            |list: &str, i: usize| pod["spec"][list][i]["securityContext"]["capabilities"].clone();
+        let names: Vec<&str> = pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["stepmesh-init", "stepmesh-proxy", "migrate"]);
+        assert_eq!(caps("initContainers", 2), json!({"drop": ["NET_RAW"]}));
+        assert_eq!(caps("containers", 0), json!({"drop": ["NET_RAW"]}));
+        assert_eq!(
+            caps("initContainers", 0),
+            json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+        );
+
+        let adds = json!({"spec": {"containers": [
+            {"name": "pinger", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}}
+        ]}});
+        let err = mutate(&adds, &InjectorConfig::default(), "apps").unwrap_err();
+        assert!(matches!(err, MutateError::NetRaw(_)), "{err}");
+    }
+
+    #[test]
+    fn a_container_adding_net_raw_is_refused_by_name() {
+        let containers =
+            [json!({"name": "pinger", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}})];
+        let err = drop_ops("initContainers", &containers).unwrap_err();
+        assert_eq!(err, AddsNetRaw("pinger".into()));
+        assert!(err.to_string().contains("stepmesh.io/inject"), "{err}");
+    }
+}
