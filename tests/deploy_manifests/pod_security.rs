@@ -92,7 +92,7 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
     admit(env, MESHED, &pod).expect("the injected pod is admitted");
 
     type Change = fn(&mut Value);
-    let hostile: [(&str, Change, &str); 14] = [
+    let hostile: &[(&str, Change, &str)] = &[
         (
             "hostNetwork",
             |p| p["spec"]["hostNetwork"] = json!(true),
@@ -182,8 +182,38 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
             },
             "SELinux",
         ),
+        (
+            "PATH pointed elsewhere in stepmesh-init",
+            |p| {
+                container(p, "initContainers", "stepmesh-init")["env"] =
+                    json!([{"name": "PATH", "value": "/x"}])
+            },
+            "beyond Pod Security baseline",
+        ),
+        (
+            "stepmesh-init kept running with a hook",
+            |p| {
+                let init = container(p, "initContainers", "stepmesh-init");
+                init["restartPolicy"] = json!("Always");
+                init["lifecycle"] = json!({"postStart": {"exec": {"command": ["sh"]}}})
+            },
+            "beyond Pod Security baseline",
+        ),
+        (
+            "the app as the sidecar's UID",
+            |p| container(p, "containers", "app")["securityContext"] = json!({"runAsUser": 1337}),
+            "sidecar's UID",
+        ),
+        (
+            "a probe aimed at another host",
+            |p| {
+                container(p, "containers", "app")["readinessProbe"] =
+                    json!({"tcpSocket": {"port": 80, "host": "10.0.0.1"}})
+            },
+            "probe or lifecycle hook with a host",
+        ),
     ];
-    for (what, change, reason) in hostile {
+    for &(what, change, reason) in hostile {
         let mut bad = pod.clone();
         change(&mut bad);
         let refused = admit(env, MESHED, &bad).expect_err(what);
@@ -224,8 +254,99 @@ fn the_exception_names_the_injectors_image_and_command() {
         policy.contains(&format!("expression: \"[{}]\"", command.join(", "))),
         "initCommand in pod-security.yaml is not config.yaml's command {command:?}"
     );
+    let proxy: Vec<String> = config["proxyCommand"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("'{}'", c.as_str().unwrap()))
+        .collect();
+    assert!(
+        policy.contains(&format!("expression: \"[{}]\"", proxy.join(", "))),
+        "proxyCommand in pod-security.yaml is not config.yaml's {proxy:?}"
+    );
+    let uid = &config["proxyUid"];
+    assert!(
+        policy.contains(&format!("expression: \"{uid}\"")),
+        "proxyUid in pod-security.yaml is not config.yaml's {uid}"
+    );
     let injected = injected_pod();
     let init = &injected["spec"]["initContainers"][0];
     assert_eq!(init["name"], "stepmesh-init");
     assert_eq!(init["args"][0], "init");
+}
+
+#[test]
+fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
+    let Some(env) = Envtest::shared() else { return };
+    env.apply(&deployed("pod-security.yaml"));
+    let namespace = "psa-live";
+    env.create_namespace(namespace);
+    env.kubectl_ok(&[
+        "label",
+        "namespace",
+        namespace,
+        "stepmesh.io/inject=enabled",
+    ]);
+    let mut pod = injected_pod();
+    pod["metadata"]["namespace"] = json!(namespace);
+    // Created for real (no kubelet here: it stays Pending, which updates allow).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.kubectl_with_stdin(&["create", "-f", "-"], pod.to_string().as_bytes());
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let patch = |kind: &str, body: &str, sub: Option<&str>| {
+        let mut args = vec![
+            "-n", namespace, "patch", "pod", "web", "--type", kind, "-p", body,
+        ];
+        if let Some(sub) = sub {
+            args.extend(["--subresource", sub]);
+        }
+        env.kubectl(&args)
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let refused = |out: std::process::Output, reason: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(reason), "{stderr}");
+    };
+    ok(patch(
+        "merge",
+        r#"{"metadata":{"labels":{"tier":"web"}}}"#,
+        None,
+    ));
+    ok(patch(
+        "json",
+        r#"[{"op":"replace","path":"/spec/containers/0/image","value":"nginx:2"}]"#,
+        None,
+    ));
+    refused(
+        patch(
+            "json",
+            r#"[{"op":"replace","path":"/spec/initContainers/0/image","value":"evil:1"}]"#,
+            None,
+        ),
+        "cannot be changed",
+    );
+    let debug = |caps: Value| {
+        let body = json!({"spec": {"ephemeralContainers": [
+            {"name": "debugger", "image": "busybox", "securityContext": {"capabilities": {"add": caps}}}
+        ]}});
+        patch("strategic", &body.to_string(), Some("ephemeralcontainers"))
+    };
+    refused(debug(json!(["NET_ADMIN"])), "beyond Pod Security baseline");
+    ok(debug(json!(["KILL"])));
 }
