@@ -156,14 +156,23 @@ pub async fn decide(
         return d;
     };
     let req = request_of(&info);
-    let rules = info
-        .is_resource_request
-        .then(|| kube.rules_for(&req, &person.groups))
-        .into_iter()
-        .flatten()
-        .flatten();
+    let mut rules: Vec<&KubeRule> = Vec::new();
+    if info.is_resource_request {
+        let across = kube.step_ups_across(&req, &person.groups);
+        for rule in kube
+            .rules_for(&req, &person.groups)
+            .into_iter()
+            .flatten()
+            .chain(across)
+        {
+            if !rules.iter().any(|r| std::ptr::eq(*r, rule)) {
+                rules.push(rule);
+            }
+        }
+    }
     // The verb's own rule names the decision, unless `create`'s (a PATCH
-    // that may create: `rules_for`) is the one that asks for a step-up.
+    // that may create: `rules_for`) or another namespace's (a list across
+    // namespaces: `step_ups_across`) is the one that asks for a step-up.
     for rule in rules {
         if d.rule.is_none() || rule.step_up.is_some() {
             d.rule = Some(rule.name.clone());
@@ -262,15 +271,15 @@ fn bearer_invalid() -> HeaderValue {
     challenge::invalid_token(TokenError::Malformed)
 }
 
-/// kube-apiserver's claim mapping, plus what impersonation makes
-/// dangerous: a `system:` name or group would let the IdP's users act as
-/// the cluster's own components (`system:masters`), so it is refused, as
-/// is a name the API server reads as another (blanks around it).
 /// Name prefixes of the cluster's own users and groups, which no person is
 /// impersonated as: `system:` (`system:masters`, nodes, controllers) and
 /// `kubeadm:` (`kubeadm:cluster-admins`, cluster-admin since kubeadm 1.29).
 const RESERVED_PREFIXES: [&str; 2] = ["system:", "kubeadm:"];
 
+/// kube-apiserver's claim mapping, plus what impersonation makes
+/// dangerous: a `system:` name or group would let the IdP's users act as
+/// the cluster's own components (`system:masters`), so it is refused, as
+/// is a name the API server reads as another (blanks around it).
 fn person_of(auth: &KubeAuthentication, token: Arc<VerifiedToken>) -> Result<Person, String> {
     let claim = &auth.username_claim;
     let name = match token.claims.get(claim) {

@@ -115,9 +115,21 @@ pub async fn explain(policy: &Policy, req: Request<'_>) -> anyhow::Result<String
                 "rule: (none: no step-up; the API server's RBAC decides)"
             );
         }
+        let across = if info.is_resource_request {
+            kube.step_ups_across(&request_of(&info), req.groups)
+        } else {
+            Vec::new()
+        };
         let labels = ["rule", "rule as create (the object may not exist yet)"];
-        for (label, r) in labels.into_iter().zip(rules) {
-            let Some(r) = r else { continue };
+        let listed = labels
+            .into_iter()
+            .zip(rules)
+            .filter_map(|(l, r)| Some((l, r?)));
+        let also = across
+            .into_iter()
+            .filter(|a| !rules.iter().flatten().any(|r| std::ptr::eq(*r, *a)))
+            .map(|r| ("also (the request spans namespaces)", r));
+        for (label, r) in listed.chain(also) {
             let _ = match &r.step_up {
                 None => writeln!(out, "{label}: {} (exempt: no step-up)", r.name),
                 Some(s) => writeln!(

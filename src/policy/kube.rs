@@ -83,15 +83,14 @@ pub struct KubeRequest<'a> {
 impl KubeRequest<'_> {
     /// A list, watch or collection delete without a namespace: of a
     /// namespaced kind, it reaches every namespace (`kubectl get secrets
-    /// -A`), so a step-up rule for any namespace holds for it; an exemption
-    /// holds only when its patterns take every namespace (`*`). A
-    /// cluster-scoped kind (nodes) reads the same and meets such step-up
-    /// rules too: the policy cannot tell the two apart, and asking is the
-    /// closed side.
+    /// -A`, also with a `metadata.name` field selector, which names the
+    /// object in every namespace), so a step-up rule for any namespace
+    /// holds for it; an exemption holds only when its patterns take every
+    /// namespace (`*`). A cluster-scoped kind (nodes) reads the same and
+    /// meets such step-up rules too: the policy cannot tell the two apart,
+    /// and asking is the closed side.
     pub fn spans_namespaces(&self) -> bool {
-        self.namespace.is_empty()
-            && self.name.is_empty()
-            && matches!(self.verb, "list" | "watch" | "deletecollection")
+        self.namespace.is_empty() && matches!(self.verb, "list" | "watch" | "deletecollection")
     }
 }
 
@@ -99,6 +98,25 @@ impl KubePolicy {
     /// The rule deciding `req` for a person in `groups`, if any matches.
     pub fn rule_for(&self, req: &KubeRequest<'_>, groups: &[String]) -> Option<&KubeRule> {
         self.rules.iter().find(|r| r.matches(req, groups))
+    }
+
+    /// Every step-up rule `req` meets when it spans namespaces (see
+    /// [`KubeRequest::spans_namespaces`]), in order; none otherwise. Its
+    /// answer holds each namespace's objects, so each namespace's step-up
+    /// holds for it, not only the first matching rule's (which may be a
+    /// weaker one, for another namespace).
+    pub fn step_ups_across<'p>(
+        &'p self,
+        req: &KubeRequest<'_>,
+        groups: &[String],
+    ) -> Vec<&'p KubeRule> {
+        if !req.spans_namespaces() {
+            return Vec::new();
+        }
+        self.rules
+            .iter()
+            .filter(|r| r.step_up.is_some() && r.matches(req, groups))
+            .collect()
     }
 
     /// The rules deciding `req`: its verb's, and, for an `update` or a

@@ -324,7 +324,37 @@ fn a_list_across_namespaces_meets_step_up_rules_of_any_namespace() {
         decided(req("list", "secrets", "", "dev", "")),
         Some("dev-reads")
     );
+    // A field selector naming `db` still lists every namespace's `db`.
+    assert_eq!(
+        decided(req("list", "secrets", "", "", "db")),
+        Some("prod-secrets")
+    );
     assert_eq!(decided(req("list", "secrets", "", "staging", "")), None);
     // A named get has a namespace: only its own.
     assert_eq!(decided(req("get", "secrets", "", "staging", "db")), None);
+}
+
+#[test]
+fn a_list_across_namespaces_meets_every_step_up_rule_not_the_first_alone() {
+    let p = policy(
+        "  authentication: {provider: corp}\n  rules:\n\
+         \x20 - {name: dev, verbs: [list], resources: [secrets], namespaces: [dev], \
+         stepUp: {provider: corp, maxAge: 12h}}\n\
+         \x20 - {name: prod, verbs: [list], resources: [secrets], namespaces: [prod], \
+         stepUp: {provider: corp, acr: [urn:stepmesh:acr:mfa], maxAge: 10m}}\n",
+    )
+    .unwrap();
+    let k = p.kubernetes().unwrap();
+    let names = |r: KubeRequest<'_>| -> Vec<String> {
+        k.step_ups_across(&r, &[])
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect()
+    };
+    assert_eq!(names(req("list", "secrets", "", "", "")), ["dev", "prod"]);
+    assert!(
+        names(req("list", "secrets", "", "prod", "")).is_empty(),
+        "one namespace: first match"
+    );
+    assert!(names(req("get", "secrets", "", "", "x")).is_empty());
 }
