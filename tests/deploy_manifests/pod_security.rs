@@ -55,6 +55,18 @@ fn admit(env: &Envtest, namespace: &str, pod: &Value) -> Result<(), String> {
     Err(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Waits until the policy holds in `namespace`: it takes effect shortly
+/// after it is created, and after the namespace's label is seen.
+fn in_force(env: &Envtest, namespace: &str, pod: &Value) {
+    let mut host_network = pod.clone();
+    host_network["spec"]["hostNetwork"] = json!(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admit(env, namespace, &host_network).is_ok() {
+        assert!(Instant::now() < deadline, "the policy never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn container<'a>(pod: &'a mut Value, list: &str, name: &str) -> &'a mut Value {
     pod["spec"][list]
         .as_array_mut()
@@ -80,15 +92,7 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
         json!(["NET_ADMIN", "NET_RAW"])
     );
 
-    // The policy takes effect shortly after it is created: wait until a pod
-    // it refuses is refused.
-    let mut host_network = pod.clone();
-    host_network["spec"]["hostNetwork"] = json!(true);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admit(env, MESHED, &host_network).is_ok() {
-        assert!(Instant::now() < deadline, "the policy never took effect");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    in_force(env, MESHED, &pod);
     admit(env, MESHED, &pod).expect("the injected pod is admitted");
 
     type Change = fn(&mut Value);
@@ -213,6 +217,28 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
             "probe or lifecycle hook with a host",
         ),
     ];
+    // Not injected: refused unless opted out (the webhook skips a pod
+    // marked injected; envtest has no webhook, as if it had skipped).
+    let mut bare = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"},
+        "spec": {"containers": [{"name": "app", "image": "nginx"}]}});
+    for marked in [json!({}), json!({"stepmesh.io/injected": "true"})] {
+        bare["metadata"]["annotations"] = marked;
+        let refused = admit(env, MESHED, &bare).expect_err("a pod without the sidecar");
+        assert!(
+            refused.contains("runs the injected stepmesh-init"),
+            "{refused}"
+        );
+    }
+    bare["metadata"]["annotations"] = json!({"stepmesh.io/inject": "false"});
+    admit(env, MESHED, &bare).expect("an opted-out pod is admitted");
+    let mut impostor = pod.clone();
+    container(&mut impostor, "initContainers", "stepmesh-proxy")["image"] = json!("evil:latest");
+    let refused = admit(env, MESHED, &impostor).expect_err("a stepmesh-proxy of another image");
+    assert!(
+        refused.contains("runs the injected stepmesh-init"),
+        "{refused}"
+    );
+
     for &(what, change, reason) in hostile {
         let mut bad = pod.clone();
         change(&mut bad);
@@ -288,6 +314,7 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         "stepmesh.io/inject=enabled",
     ]);
     let mut pod = injected_pod();
+    in_force(env, namespace, &pod);
     pod["metadata"]["namespace"] = json!(namespace);
     // Created for real (no kubelet here: it stays Pending, which updates allow).
     let deadline = Instant::now() + Duration::from_secs(30);
