@@ -149,7 +149,9 @@ impl Pooled {
     /// Counts one more tunnel on this connection, if it has room.
     fn take_tunnel(&self) -> bool {
         let open = &self.tunnels.open;
-        if open.fetch_add(1, Ordering::AcqRel) < self.tunnel_limit() {
+        let before = open.fetch_add(1, Ordering::AcqRel);
+        if before < self.tunnel_limit() {
+            self.tunnels.note_open(before + 1);
             return true;
         }
         open.fetch_sub(1, Ordering::AcqRel);
@@ -372,6 +374,8 @@ impl MeshPool {
         match dialled {
             Ok(pooled) => {
                 last.failed = None;
+                // Set once: a connection is dialled as one slot's first.
+                let _ = pooled.tunnels.first.set((Arc::downgrade(&slot), pooled.id));
                 *slot.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(pooled.clone());
                 Ok(pooled)
             }

@@ -61,6 +61,12 @@ pub(crate) struct ConnTunnels {
     /// The destination's slot and the connection's id, when this is one of
     /// the destination's extra connections (see [`TunnelCount`]).
     pub(super) extra: std::sync::OnceLock<(Weak<Slot>, u64)>,
+    /// The destination's slot and the connection's id, when this is the
+    /// destination's pooled (first) connection: let go after a burst (see
+    /// [`RECYCLE_PEAK`]).
+    pub(super) first: std::sync::OnceLock<(Weak<Slot>, u64)>,
+    /// Most tunnels open at once on the connection so far.
+    pub(super) peak: AtomicUsize,
     /// Set once the connection has ended (see [`Closing`]).
     pub(super) closed: AtomicBool,
     /// Set when the pool retires the connection ([`MeshPool::retire`]).
@@ -97,6 +103,8 @@ impl ConnTunnels {
             task: std::sync::OnceLock::new(),
             peer,
             extra: std::sync::OnceLock::new(),
+            first: std::sync::OnceLock::new(),
+            peak: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             gone: tokio::sync::Notify::new(),
@@ -106,6 +114,14 @@ impl ConnTunnels {
     /// Tunnels open on the connection now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Notes that `open` tunnels are open now (for [`RECYCLE_PEAK`]): a
+    /// load, and a store only past the highest so far.
+    pub(super) fn note_open(&self, open: usize) {
+        if open > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(open, Ordering::Relaxed);
+        }
     }
 
     /// Notes a use for the pool's sweep: a load, and a store only when
@@ -171,11 +187,22 @@ impl Drop for Closing {
     }
 }
 
+/// Tunnels open at once past which the destination's first connection is
+/// let go when its last tunnel ends and no app connection follows it. h2
+/// keeps a slot for every stream of a connection's busiest moment (its
+/// stream store, and the frame buffers beside it) for as long as the
+/// connection lives, on both sides: after 10,000 opaque connections to one
+/// peer, about 1 MiB each side stayed until the pool's idle time let the
+/// connection go (docs/BENCHMARKS.md). Below this, the next tunnel would
+/// pay a handshake to give back less than it costs.
+pub(super) const RECYCLE_PEAK: usize = 256;
+
 /// One tunnel counted on a pooled connection while it is open. The last
 /// tunnel of an extra connection (one dialled past its tunnel limit) takes
 /// that connection out of the pool, so that it closes once idle instead
 /// of staying open for good after a burst; the destination's first
-/// connection stays pooled.
+/// connection stays pooled, unless it carried more than [`RECYCLE_PEAK`]
+/// tunnels at once.
 pub(crate) struct TunnelCount(pub(super) Arc<ConnTunnels>);
 
 impl TunnelCount {
@@ -188,6 +215,29 @@ impl TunnelCount {
 impl Drop for TunnelCount {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some((slot, id)) = self.0.first.get() {
+            let burst = self.0.peak.load(Ordering::Relaxed) > RECYCLE_PEAK;
+            if !burst || self.0.followers.load(Ordering::Acquire) > 0 {
+                return;
+            }
+            let Some(slot) = slot.upgrade() else {
+                return;
+            };
+            let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+            // Still this connection, still idle: a tunnel taken since goes
+            // on, the connection with it, and the next dials anew.
+            if ready
+                .as_ref()
+                .is_some_and(|p| p.id == *id && p.tunnels.open() == 0)
+            {
+                tracing::debug!(
+                    peak = self.0.peak.load(Ordering::Relaxed),
+                    "pooled mesh connection drained after a burst: letting it go"
+                );
+                *ready = None;
+            }
             return;
         }
         let Some((slot, id)) = self.0.extra.get() else {
