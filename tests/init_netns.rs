@@ -127,12 +127,22 @@ fn init(ns: &Netns, args: &[&str]) -> Output {
     check(ns.command(BIN).arg("init").args(args))
 }
 
+/// Runs the bash `script` in `ns` as the sidecar's UID (1337).
+fn as_proxy_uid(ns: &Netns, script: &str) {
+    let uid = ["--reuid", "1337", "--regid", "1337", "--clear-groups"];
+    check(ns.command("setpriv").args(uid).args(["bash", "-c", script]));
+}
+
 /// The nat tables (IPv4 then IPv6) without comments and counters.
 fn nat_rules(ns: &Netns) -> String {
-    let out = check(ns.command("sh").args([
-        "-c",
-        "iptables-save -t nat && echo '# v6' && ip6tables-save -t nat",
-    ]));
+    saved(ns, "nat")
+}
+
+/// `table` of both families (IPv4, a `# v6` line, IPv6) without comments
+/// and counters.
+fn saved(ns: &Netns, table: &str) -> String {
+    let script = format!("iptables-save -t {table} && echo '# v6' && ip6tables-save -t {table}");
+    let out = check(ns.command("sh").args(["-c", &script]));
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -304,17 +314,10 @@ fn connections_are_redirected_except_exclusions_and_proxy_uid() {
     assert_idle(&outbound);
 
     // The proxy's own traffic (UID 1337) is never redirected.
-    let script = format!("exec 3<>/dev/tcp/{A_IP}/8080 && printf proxy-uid >&3");
-    check(b.command("setpriv").args([
-        "--reuid",
-        "1337",
-        "--regid",
-        "1337",
-        "--clear-groups",
-        "bash",
-        "-c",
-        &script,
-    ]));
+    as_proxy_uid(
+        b,
+        &format!("exec 3<>/dev/tcp/{A_IP}/8080 && printf proxy-uid >&3"),
+    );
     accept(&peer, "proxy-uid");
     assert_idle(&outbound);
 

@@ -270,26 +270,23 @@ fn the_exception_names_the_injectors_image_and_command() {
         policy.contains(&format!("expression: \"'{image}'\"")),
         "initImage in pod-security.yaml is not config.yaml's image {image}"
     );
-    let command: Vec<String> = config["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| format!("'{}'", c.as_str().unwrap()))
-        .collect();
-    assert!(
-        policy.contains(&format!("expression: \"[{}]\"", command.join(", "))),
-        "initCommand in pod-security.yaml is not config.yaml's command {command:?}"
-    );
-    let proxy: Vec<String> = config["proxyCommand"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| format!("'{}'", c.as_str().unwrap()))
-        .collect();
-    assert!(
-        policy.contains(&format!("expression: \"[{}]\"", proxy.join(", "))),
-        "proxyCommand in pod-security.yaml is not config.yaml's {proxy:?}"
-    );
+    // A command of config.yaml as the policy's CEL list spells it.
+    let cel_list = |key: &str| -> String {
+        let items: Vec<String> = config[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("'{}'", c.as_str().unwrap()))
+            .collect();
+        format!("expression: \"[{}]\"", items.join(", "))
+    };
+    for (key, variable) in [("command", "initCommand"), ("proxyCommand", "proxyCommand")] {
+        let want = cel_list(key);
+        assert!(
+            policy.contains(&want),
+            "{variable} in pod-security.yaml is not config.yaml's {key}: {want}"
+        );
+    }
     let uid = &config["proxyUid"];
     assert!(
         policy.contains(&format!("expression: \"{uid}\"")),

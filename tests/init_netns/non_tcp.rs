@@ -42,16 +42,7 @@ fn send_from_b(b: &Netns, to: SocketAddr, payload: &str) -> std::io::Result<UdpS
 
 /// The filter tables (IPv4 then IPv6) without comments and counters.
 fn filter_rules(ns: &Netns) -> String {
-    let out = check(ns.command("sh").args([
-        "-c",
-        "iptables-save -t filter && echo '# v6' && ip6tables-save -t filter",
-    ]));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with("# ") || *l == "# v6")
-        .map(|l| l.split(" [").next().unwrap_or(l).to_owned() + "\n")
-        .collect()
+    super::saved(ns, "filter")
 }
 
 #[test]
@@ -101,17 +92,7 @@ fn dns_mode_lets_out_dns_to_the_nameservers_and_nothing_else() {
     assert_eq!(received(&not_dns), None);
 
     // The sidecar's UID is exempt, as from interception.
-    let script = format!("printf proxy-uid > /dev/udp/{A_IP}/5353");
-    check(b.command("setpriv").args([
-        "--reuid",
-        "1337",
-        "--regid",
-        "1337",
-        "--clear-groups",
-        "bash",
-        "-c",
-        &script,
-    ]));
+    super::as_proxy_uid(b, &format!("printf proxy-uid > /dev/udp/{A_IP}/5353"));
     assert_eq!(
         received(&other).map(|(text, _)| text).as_deref(),
         Some("proxy-uid")
