@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::http2::SendRequest;
@@ -146,18 +146,6 @@ impl Pooled {
         }
     }
 
-    /// Counts one more tunnel on this connection, if it has room.
-    fn take_tunnel(&self) -> bool {
-        let open = &self.tunnels.open;
-        let before = open.fetch_add(1, Ordering::AcqRel);
-        if before < self.tunnel_limit() {
-            self.tunnels.note_open(before + 1);
-            return true;
-        }
-        open.fetch_sub(1, Ordering::AcqRel);
-        false
-    }
-
     /// Tunnels this connection carries at most: [`TUNNEL_LIMIT`] on a mesh
     /// connection; on a tunnels-only one, once the peer's `SETTINGS` are
     /// in, its stream limit (ours: [`h2_settings::TUNNEL_STREAMS`]) less
@@ -177,16 +165,6 @@ impl Pooled {
                 }
             },
         }
-    }
-
-    /// The guard of a tunnel `take_tunnel` counted on this connection;
-    /// `slot`: the destination's, when this is one of its extra connections.
-    fn counted(&self, slot: Option<Weak<Slot>>) -> TunnelCount {
-        if let Some(slot) = slot {
-            // The same for every tunnel of the connection: set once.
-            let _ = self.tunnels.extra.set((slot, self.id));
-        }
-        TunnelCount(self.tunnels.clone())
     }
 
     /// The connection's HTTP/2 client (a clone: the handle is shared).

@@ -67,6 +67,11 @@ pub(crate) struct ConnTunnels {
     pub(super) first: std::sync::OnceLock<(Weak<Slot>, u64)>,
     /// Most tunnels open at once on the connection so far.
     pub(super) peak: AtomicUsize,
+    /// Set while the pool lets the connection go after a burst: a tunnel
+    /// counted on it meanwhile is taken back and rides another, so that
+    /// every tunnel rides a connection the pool knows (revocation
+    /// rechecks and retires only those).
+    pub(super) let_go: AtomicBool,
     /// Set once the connection has ended (see [`Closing`]).
     pub(super) closed: AtomicBool,
     /// Set when the pool retires the connection ([`MeshPool::retire`]).
@@ -105,6 +110,7 @@ impl ConnTunnels {
             extra: std::sync::OnceLock::new(),
             first: std::sync::OnceLock::new(),
             peak: AtomicUsize::new(0),
+            let_go: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             gone: tokio::sync::Notify::new(),
@@ -176,6 +182,31 @@ impl ConnTunnels {
     }
 }
 
+impl super::Pooled {
+    /// Counts one more tunnel on this connection, if it has room.
+    pub(super) fn take_tunnel(&self) -> bool {
+        let open = &self.tunnels.open;
+        // SeqCst: see `ConnTunnels::let_go`.
+        let before = open.fetch_add(1, Ordering::SeqCst);
+        if before < self.tunnel_limit() && !self.tunnels.let_go.load(Ordering::SeqCst) {
+            self.tunnels.note_open(before + 1);
+            return true;
+        }
+        open.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    /// The guard of a tunnel `take_tunnel` counted on this connection;
+    /// `slot`: the destination's, when this is one of its extra connections.
+    pub(super) fn counted(&self, slot: Option<Weak<Slot>>) -> TunnelCount {
+        if let Some(slot) = slot {
+            // The same for every tunnel of the connection: set once.
+            let _ = self.tunnels.extra.set((slot, self.id));
+        }
+        TunnelCount(self.tunnels.clone())
+    }
+}
+
 /// Held by a pooled connection's task: its drop (the task's end, even by
 /// a panic) marks the connection closed and wakes its followers.
 pub(crate) struct Closing(pub(super) Arc<ConnTunnels>);
@@ -192,7 +223,7 @@ impl Drop for Closing {
 /// keeps a slot for every stream of a connection's busiest moment (its
 /// stream store, and the frame buffers beside it) for as long as the
 /// connection lives, on both sides: after 10,000 opaque connections to one
-/// peer, about 1 MiB each side stayed until the pool's idle time let the
+/// peer, 0.6 to 0.8 MiB each side stayed until the pool's idle time let the
 /// connection go (docs/BENCHMARKS.md). Below this, the next tunnel would
 /// pay a handshake to give back less than it costs.
 pub(super) const RECYCLE_PEAK: usize = 256;
@@ -218,26 +249,34 @@ impl Drop for TunnelCount {
             return;
         }
         if let Some((slot, id)) = self.0.first.get() {
-            let burst = self.0.peak.load(Ordering::Relaxed) > RECYCLE_PEAK;
-            if !burst || self.0.followers.load(Ordering::Acquire) > 0 {
+            if self.0.peak.load(Ordering::Relaxed) <= RECYCLE_PEAK {
                 return;
             }
             let Some(slot) = slot.upgrade() else {
                 return;
             };
             let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
-            // Still this connection, still idle: a tunnel taken since goes
-            // on, the connection with it, and the next dials anew.
-            if ready
-                .as_ref()
-                .is_some_and(|p| p.id == *id && p.tunnels.open() == 0)
+            // Followers are read under the lock, where alone they are added
+            // (see `MeshPool::first_ended`).
+            if ready.as_ref().is_none_or(|p| p.id != *id)
+                || self.0.followers.load(Ordering::Acquire) > 0
             {
-                tracing::debug!(
-                    peak = self.0.peak.load(Ordering::Relaxed),
-                    "pooled mesh connection drained after a burst: letting it go"
-                );
-                *ready = None;
+                return;
             }
+            // With `Pooled::take_tunnel`, each side stores, then loads what
+            // the other stores (SeqCst): either this sees its tunnel and
+            // keeps the connection, or it sees `let_go` and takes its
+            // tunnel elsewhere.
+            self.0.let_go.store(true, Ordering::SeqCst);
+            if self.0.open.load(Ordering::SeqCst) > 0 {
+                self.0.let_go.store(false, Ordering::SeqCst);
+                return;
+            }
+            tracing::debug!(
+                peak = self.0.peak.load(Ordering::Relaxed),
+                "pooled mesh connection drained after a burst: letting it go"
+            );
+            *ready = None;
             return;
         }
         let Some((slot, id)) = self.0.extra.get() else {
