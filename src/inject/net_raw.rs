@@ -19,6 +19,12 @@ const NET_RAW: &str = "NET_RAW";
 #[error("container {0:?} adds NET_RAW: raw and packet sockets send around the sidecar; remove it (ping works without it where net.ipv4.ping_group_range allows), or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
 pub struct AddsNetRaw(pub String);
 
+/// `v`'s member `key`; a field left empty in a YAML file (null) is absent:
+/// the patch sets it.
+fn field<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a Value> {
+    v?.get(key).filter(|f| !f.is_null())
+}
+
 /// The operations that drop `NET_RAW` from each container of `list`
 /// (`containers` or `initContainers`, as the pod has them now), whatever
 /// of `securityContext.capabilities.drop` exists; none for a container that
@@ -26,39 +32,42 @@ pub struct AddsNetRaw(pub String);
 pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNetRaw> {
     let mut ops = Vec::new();
     for (i, c) in containers.iter().enumerate() {
-        let named = |key: &str| {
-            c.pointer(&format!("/securityContext/capabilities/{key}"))
+        let context = field(Some(c), "securityContext");
+        let capabilities = field(context, "capabilities");
+        let caps = |key: &str| {
+            field(capabilities, key)
                 .and_then(Value::as_array)
-                .is_some_and(|caps| caps.iter().any(|cap| cap == NET_RAW || cap == "ALL"))
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .filter_map(Value::as_str)
         };
-        if named("add") {
+        // Added in any spelling a runtime might take (CRI-O also takes a
+        // `CAP_` prefix): refused. Dropped only as Kubernetes spells it:
+        // anything else gets our own drop too.
+        if caps("add").any(|cap| {
+            let cap = cap.to_ascii_uppercase();
+            let cap = cap.strip_prefix("CAP_").unwrap_or(&cap);
+            cap == NET_RAW || cap == "ALL"
+        }) {
             let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
             return Err(AddsNetRaw(name.to_owned()));
         }
-        if named("drop") {
+        if caps("drop").any(|cap| cap == NET_RAW || cap == "ALL") {
             continue;
         }
         let at = format!("/spec/{list}/{i}/securityContext");
-        let context = c.get("securityContext");
-        let capabilities = context.and_then(|s| s.get("capabilities"));
-        ops.push(
-            match (
-                context,
-                capabilities,
-                capabilities.and_then(|c| c.get("drop")),
-            ) {
-                (None, ..) => PatchOp::add(at, json!({"capabilities": {"drop": [NET_RAW]}})),
-                (Some(_), None, _) => {
-                    PatchOp::add(format!("{at}/capabilities"), json!({"drop": [NET_RAW]}))
-                }
-                (Some(_), Some(_), None) => {
-                    PatchOp::add(format!("{at}/capabilities/drop"), json!([NET_RAW]))
-                }
-                (Some(_), Some(_), Some(_)) => {
-                    PatchOp::add(format!("{at}/capabilities/drop/-"), json!(NET_RAW))
-                }
-            },
-        );
+        ops.push(match (context, capabilities, field(capabilities, "drop")) {
+            (None, ..) => PatchOp::add(at, json!({"capabilities": {"drop": [NET_RAW]}})),
+            (Some(_), None, _) => {
+                PatchOp::add(format!("{at}/capabilities"), json!({"drop": [NET_RAW]}))
+            }
+            (Some(_), Some(_), None) => {
+                PatchOp::add(format!("{at}/capabilities/drop"), json!([NET_RAW]))
+            }
+            (Some(_), Some(_), Some(_)) => {
+                PatchOp::add(format!("{at}/capabilities/drop/-"), json!(NET_RAW))
+            }
+        });
     }
     Ok(ops)
 }
@@ -155,6 +164,38 @@ mod tests {
         ]}});
         let err = mutate(&adds, &InjectorConfig::default(), "apps").unwrap_err();
         assert!(matches!(err, MutateError::NetRaw(_)), "{err}");
+    }
+
+    #[test]
+    fn any_spelling_of_an_added_net_raw_is_refused_and_empty_fields_are_filled() {
+        for cap in ["net_raw", "CAP_NET_RAW", "cap_net_raw", "all"] {
+            let containers = [
+                json!({"name": "c", "securityContext": {"capabilities": {"drop": ["ALL"], "add": [cap]}}}),
+            ];
+            assert!(drop_ops("containers", &containers).is_err(), "{cap}");
+        }
+        // A drop spelled otherwise than Kubernetes does gets ours beside it.
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "lower", "securityContext": {"capabilities": {"drop": ["all"]}}},
+            {"name": "null", "securityContext": null},
+            {"name": "nulls", "securityContext": {"capabilities": null}},
+        ]}});
+        let containers = pod["spec"]["containers"].as_array().unwrap().clone();
+        let ops = drop_ops("containers", &containers).unwrap();
+        apply(&mut pod, &ops).unwrap();
+        for (i, drop) in [
+            json!(["all", "NET_RAW"]),
+            json!(["NET_RAW"]),
+            json!(["NET_RAW"]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(
+                &pod["spec"]["containers"][i]["securityContext"]["capabilities"]["drop"],
+                drop
+            );
+        }
     }
 
     #[test]
