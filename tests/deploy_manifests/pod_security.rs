@@ -204,8 +204,13 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
             "beyond Pod Security baseline",
         ),
         (
+            "the app keeping NET_RAW",
+            |p| container(p, "containers", "app")["securityContext"] = json!({}),
+            "drops NET_RAW",
+        ),
+        (
             "the app as the sidecar's UID",
-            |p| container(p, "containers", "app")["securityContext"] = json!({"runAsUser": 1337}),
+            |p| container(p, "containers", "app")["securityContext"]["runAsUser"] = json!(1337),
             "sidecar's UID",
         ),
         (
@@ -231,6 +236,10 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
     }
     bare["metadata"]["annotations"] = json!({"stepmesh.io/inject": "false"});
     admit(env, MESHED, &bare).expect("an opted-out pod is admitted");
+    // A Windows pod, which the injector skips.
+    bare["metadata"]["annotations"] = json!({});
+    bare["spec"]["os"] = json!({"name": "windows"});
+    admit(env, MESHED, &bare).expect("a Windows pod is admitted");
     let mut impostor = pod.clone();
     container(&mut impostor, "initContainers", "stepmesh-proxy")["image"] = json!("evil:latest");
     let refused = admit(env, MESHED, &impostor).expect_err("a stepmesh-proxy of another image");
@@ -252,12 +261,12 @@ fn meshed_namespaces_get_baseline_but_for_the_injected_init_container() {
     }
 
     // What baseline allows stays allowed: a safe sysctl, baseline's own
-    // capabilities, an ephemeral-free pod without the injector.
+    // capabilities.
     let mut fine = pod.clone();
     fine["spec"]["securityContext"] =
         json!({"sysctls": [{"name": "net.ipv4.tcp_syncookies", "value": "1"}]});
-    container(&mut fine, "containers", "app")["securityContext"] =
-        json!({"capabilities": {"add": ["NET_BIND_SERVICE", "CHOWN"]}});
+    container(&mut fine, "containers", "app")["securityContext"]["capabilities"]["add"] =
+        json!(["NET_BIND_SERVICE", "CHOWN"]);
     admit(env, MESHED, &fine).expect("baseline's own settings are admitted");
 }
 
@@ -357,14 +366,18 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         r#"[{"op":"replace","path":"/spec/containers/0/image","value":"nginx:2"}]"#,
         None,
     ));
-    refused(
-        patch(
-            "json",
-            r#"[{"op":"replace","path":"/spec/initContainers/0/image","value":"evil:1"}]"#,
-            None,
-        ),
-        "cannot be changed",
-    );
+    for swapped in ["stepmesh-init", "stepmesh-proxy"] {
+        let at = pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c["name"] == swapped)
+            .unwrap();
+        let body = format!(
+            r#"[{{"op":"replace","path":"/spec/initContainers/{at}/image","value":"evil:1"}}]"#
+        );
+        refused(patch("json", &body, None), "cannot be changed");
+    }
     let debug = |caps: Value| {
         let body = json!({"spec": {"ephemeralContainers": [
             {"name": "debugger", "image": "busybox", "securityContext": {"capabilities": {"add": caps}}}
