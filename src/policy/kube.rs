@@ -110,7 +110,13 @@ impl KubePolicy {
         req: &KubeRequest<'_>,
         groups: &[String],
     ) -> Vec<&'p KubeRule> {
-        if !req.spans_namespaces() {
+        // An exemption that matches it first takes every namespace (`*`):
+        // it holds, as written.
+        let exempt = || {
+            self.rule_for(req, groups)
+                .is_some_and(|r| r.step_up.is_none())
+        };
+        if !req.spans_namespaces() || exempt() {
             return Vec::new();
         }
         self.rules

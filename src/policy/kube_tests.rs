@@ -352,6 +352,18 @@ fn a_list_across_namespaces_meets_every_step_up_rule_not_the_first_alone() {
             .collect()
     };
     assert_eq!(names(req("list", "secrets", "", "", "")), ["dev", "prod"]);
+    // An exemption for every namespace, first, holds as written.
+    let on_call = policy(
+        "  authentication: {provider: corp}\n  rules:\n\
+         \x20 - {name: on-call, verbs: [list], resources: [secrets], namespaces: [\"*\"]}\n\
+         \x20 - {name: prod, verbs: [list], resources: [secrets], namespaces: [prod], \
+         stepUp: {provider: corp}}\n",
+    )
+    .unwrap();
+    let k2 = on_call.kubernetes().unwrap();
+    assert!(k2
+        .step_ups_across(&req("list", "secrets", "", "", ""), &[])
+        .is_empty());
     assert!(
         names(req("list", "secrets", "", "prod", "")).is_empty(),
         "one namespace: first match"
