@@ -52,6 +52,10 @@ pub struct InitArgs {
     /// default: the `nameserver` lines of /etc/resolv.conf).
     #[arg(long, value_delimiter = ',')]
     pub dns_servers: Option<Vec<IpAddr>>,
+    /// UDP destination ports `--non-tcp dns` and `drop` still let out, to
+    /// any host (comma-separated): a StatsD or tracing agent on the node.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_udp_ports: Vec<u16>,
     /// Print the rules (iptables-restore format) instead of installing them.
     #[arg(long)]
     pub dry_run: bool,
@@ -114,6 +118,7 @@ impl InitArgs {
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
             non_tcp: self.non_tcp,
             dns_servers,
+            allow_udp_ports: self.allow_udp_ports.clone(),
         }
     }
 }

@@ -110,8 +110,9 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
     rule(NONTCP_IN, "-j DROP");
 
     // Outbound: the sidecar's own (it is exempt from interception too; it
-    // resolves the CA's name), DNS to the nameservers, the networks the
-    // operator left outside the mesh; nothing else.
+    // resolves the CA's name), DNS to the nameservers, the UDP ports
+    // allowed (a StatsD or tracing agent), the networks the operator left
+    // outside the mesh; nothing else.
     rule(
         NONTCP_OUT,
         &format!("-m owner --uid-owner {} -j RETURN", config.proxy_uid),
@@ -128,6 +129,12 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
                 &format!("-d {server}/{host} -p udp -m udp --dport 53 -j RETURN"),
             );
         }
+    }
+    for port in super::rules::dedup(config.allow_udp_ports.clone()) {
+        rule(
+            NONTCP_OUT,
+            &format!("-p udp -m udp --dport {port} -j RETURN"),
+        );
     }
     for cidr in config
         .exclude_outbound_cidrs
@@ -225,6 +232,19 @@ COMMIT
                 "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type 135 -m hl --hl-eq 255 -j RETURN\n"
             );
             assert!(v6.contains(&neighbour), "{v6}");
+        }
+    }
+
+    #[test]
+    fn allowed_udp_ports_go_out_to_any_host_in_either_mode() {
+        for mode in [NonTcp::Dns, NonTcp::Drop] {
+            let config = RuleConfig {
+                allow_udp_ports: vec![8125, 6831, 8125],
+                ..config(mode)
+            };
+            let rules = filter_over(&config, Family::V6, "").unwrap();
+            assert!(rules.contains("-A STEPMESH_NONTCP_OUT -p udp -m udp --dport 8125 -j RETURN\n-A STEPMESH_NONTCP_OUT -p udp -m udp --dport 6831 -j RETURN\n-A STEPMESH_NONTCP_OUT -j DROP"), "{rules}");
+            assert_eq!(rules.matches("--dport 8125").count(), 1);
         }
     }
 

@@ -44,6 +44,8 @@ pub struct RuleConfig {
     pub non_tcp: NonTcp,
     /// The nameservers `NonTcp::Dns` lets queries out to.
     pub dns_servers: Vec<std::net::IpAddr>,
+    /// UDP destination ports let out, to any host, whatever `non_tcp` says.
+    pub allow_udp_ports: Vec<u16>,
 }
 
 impl Default for RuleConfig {
@@ -58,6 +60,7 @@ impl Default for RuleConfig {
             exclude_outbound_cidrs: Vec::new(),
             non_tcp: NonTcp::Allow,
             dns_servers: Vec::new(),
+            allow_udp_ports: Vec::new(),
         }
     }
 }
@@ -201,7 +204,7 @@ pub(super) fn jumps_present<'a>(existing: &'a str, chains: &[&str]) -> Vec<(&'a 
         .collect()
 }
 
-fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
+pub(super) fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
     let mut seen = Vec::with_capacity(ports.len());
     ports.retain(|p| {
         let new = !seen.contains(p);

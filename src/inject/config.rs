@@ -94,6 +94,10 @@ pub struct InjectorConfig {
     /// and ICMP do not pass beside the mesh except DNS queries to the pod's
     /// nameservers (docs/INIT.md).
     pub non_tcp: NonTcp,
+    /// UDP destination ports every pod may send to beside the sidecar
+    /// whatever `non_tcp` says (`stepmesh init --allow-udp-ports`): a
+    /// StatsD or tracing agent on the node.
+    pub allow_udp_ports: Vec<u16>,
     /// Namespaces never injected, whatever the webhook configuration says.
     pub excluded_namespaces: Vec<String>,
     /// Leave the app's probe ports out of inbound interception so kubelet's
@@ -156,6 +160,7 @@ impl Default for InjectorConfig {
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             non_tcp: NonTcp::Dns,
+            allow_udp_ports: Vec::new(),
             excluded_namespaces: vec!["kube-system".into(), "stepmesh-system".into()],
             exclude_probe_ports: false,
             rewrite_probes: true,

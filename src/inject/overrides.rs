@@ -30,6 +30,8 @@ pub const EXCLUDE_OUTBOUND_PORTS: &str = "stepmesh.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "stepmesh.io/exclude-outbound-cidrs";
 /// `allow`, `dns` or `drop`: what the pod may send that is not TCP.
 pub const NON_TCP: &str = "stepmesh.io/non-tcp";
+/// Comma-separated UDP ports the pod may send to (added to the config's).
+pub const ALLOW_UDP_PORTS: &str = "stepmesh.io/allow-udp-ports";
 /// `"true"`/`"false"`: leave the app's probe ports out of interception.
 pub const EXCLUDE_PROBE_PORTS: &str = "stepmesh.io/exclude-probe-ports";
 /// `"true"`/`"false"`: move the app's probes to the sidecar's admin port.
@@ -77,6 +79,8 @@ pub struct PodSettings {
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// What the pod's non-TCP traffic may do.
     pub non_tcp: NonTcp,
+    /// UDP destination ports let out whatever `non_tcp` says.
+    pub allow_udp_ports: Vec<u16>,
     /// Add the app's probe ports to the inbound exclusions.
     pub exclude_probe_ports: bool,
     /// Rewrite the app's probes to the sidecar's admin port.
@@ -117,6 +121,7 @@ impl PodSettings {
             // Checked when the configuration was loaded; a bad entry is dropped.
             exclude_outbound_cidrs: config.cidrs().unwrap_or_default(),
             non_tcp: config.non_tcp,
+            allow_udp_ports: config.allow_udp_ports.clone(),
             exclude_probe_ports: config.exclude_probe_ports,
             rewrite_probes: config.rewrite_probes,
             resources: config.resources.clone(),
@@ -154,6 +159,9 @@ impl PodSettings {
                     .map_err(|e: String| bad(EXCLUDE_OUTBOUND_CIDRS, v, &e))?;
                 s.exclude_outbound_cidrs.push(cidr);
             }
+        }
+        if let Some(v) = get(ALLOW_UDP_PORTS) {
+            s.allow_udp_ports.extend(ports(ALLOW_UDP_PORTS, v)?);
         }
         if let Some(v) = get(NON_TCP) {
             s.non_tcp = match v {
@@ -284,6 +292,8 @@ mod tests {
         assert_eq!(s.log_level, "stepmesh=debug");
         assert!(!s.workload_api, "off unless asked");
         assert_eq!(s.non_tcp, NonTcp::Dns, "the config's default");
+        let udp = settings(json!({ALLOW_UDP_PORTS: "8125, 6831"})).unwrap();
+        assert_eq!(udp.allow_udp_ports, [8125, 6831]);
         for (v, mode) in [("allow", NonTcp::Allow), ("drop", NonTcp::Drop)] {
             assert_eq!(settings(json!({NON_TCP: v})).unwrap().non_tcp, mode);
         }
@@ -321,6 +331,7 @@ mod tests {
             (json!({PROXY_DRAIN_TIMEOUT: "30"}), PROXY_DRAIN_TIMEOUT),
             (json!({WORKLOAD_API: "yes"}), WORKLOAD_API),
             (json!({NON_TCP: "udp"}), NON_TCP),
+            (json!({ALLOW_UDP_PORTS: "statsd"}), ALLOW_UDP_PORTS),
         ] {
             let err = settings(ann).unwrap_err();
             assert_eq!(err.key, key, "{err}");

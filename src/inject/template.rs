@@ -64,6 +64,12 @@ pub fn init_container(config: &InjectorConfig, s: &PodSettings) -> Value {
                 .collect(),
         ));
     }
+    if !s.allow_udp_ports.is_empty() {
+        args.push("--allow-udp-ports".into());
+        args.push(joined(
+            s.allow_udp_ports.iter().map(u16::to_string).collect(),
+        ));
+    }
     if !s.exclude_outbound_cidrs.is_empty() {
         args.push("--exclude-outbound-cidrs".into());
         args.push(joined(

@@ -137,7 +137,7 @@ fn dns_mode_lets_out_dns_to_the_nameservers_and_nothing_else() {
 }
 
 #[test]
-fn drop_allow_and_cleanup_change_the_rules_in_place() {
+fn drop_allow_and_cleanup_change_the_rules_in_place_and_allowed_udp_ports_pass() {
     let Some(link) = pair() else { return };
     let (a, b) = (&link.a, &link.b);
     // Someone else's rules must survive us, and come after our jumps.
@@ -150,15 +150,23 @@ fn drop_allow_and_cleanup_change_the_rules_in_place() {
     let server = udp(a, SocketAddr::new(A_IP.into(), 53));
     let to = server.local_addr().unwrap();
 
-    // drop: not even DNS (the nameserver given is ignored).
+    // drop: not even DNS (the nameserver given is ignored); an allowed UDP
+    // port still goes out.
+    let drop = ["--non-tcp", "drop", "--allow-udp-ports", "8125"];
     init(
         b,
-        &["--non-tcp", "drop", "--dns-servers", &A_IP.to_string()],
+        &[&drop[..], &["--dns-servers", &A_IP.to_string()]].concat(),
     );
     let dropped = filter_rules(b);
     assert_eq!(
         send_from_b(b, to, "query").unwrap_err().kind(),
         ErrorKind::PermissionDenied
+    );
+    let statsd = udp(a, SocketAddr::new(A_IP.into(), 8125));
+    send_from_b(b, statsd.local_addr().unwrap(), "metric").unwrap();
+    assert_eq!(
+        received(&statsd).map(|(text, _)| text).as_deref(),
+        Some("metric")
     );
     let foreign = udp(b, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 9999));
     let from_a = udp(a, "0.0.0.0:0".parse().unwrap());
@@ -181,7 +189,7 @@ fn drop_allow_and_cleanup_change_the_rules_in_place() {
             "{table}"
         );
     }
-    init(b, &["--non-tcp", "drop"]);
+    init(b, &drop);
     assert_eq!(filter_rules(b), dropped, "applying twice changed the rules");
 
     // allow (init's default): our chains go, UDP passes.
