@@ -89,6 +89,14 @@ impl FromStr for Cidr {
     }
 }
 
+impl From<IpAddr> for Cidr {
+    /// The host `addr` alone (`/32`, `/128`).
+    fn from(addr: IpAddr) -> Self {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, len }
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)

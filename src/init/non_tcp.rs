@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::rules::{cleanup_of, jumps_present, Family, RuleConfig};
+use super::rules::{cleanup_of, dedup, jumps_present, Family, RuleConfig};
+use crate::cidr::Cidr;
 
 /// What happens to the pod's traffic that is not TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -121,16 +122,16 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
         for server in config
             .dns_servers
             .iter()
-            .filter(|ip| family_of(ip) == family)
+            .map(|ip| Cidr::from(*ip))
+            .filter(|host| Family::of(host) == family)
         {
-            let host = if server.is_ipv4() { 32 } else { 128 };
             rule(
                 NONTCP_OUT,
-                &format!("-d {server}/{host} -p udp -m udp --dport 53 -j RETURN"),
+                &format!("-d {server} -p udp -m udp --dport 53 -j RETURN"),
             );
         }
     }
-    for port in super::rules::dedup(config.allow_udp_ports.clone()) {
+    for port in dedup(config.allow_udp_ports.clone()) {
         rule(
             NONTCP_OUT,
             &format!("-p udp -m udp --dport {port} -j RETURN"),
@@ -156,14 +157,6 @@ pub fn filter_over(config: &RuleConfig, family: Family, existing: &str) -> Optio
     }
     out.push_str("COMMIT\n");
     Some(out)
-}
-
-fn family_of(ip: &IpAddr) -> Family {
-    if ip.is_ipv4() {
-        Family::V4
-    } else {
-        Family::V6
-    }
 }
 
 /// The nameservers of a resolv.conf (`nameserver ADDR` lines; a zone after

@@ -164,12 +164,9 @@ impl PodSettings {
             s.allow_udp_ports.extend(ports(ALLOW_UDP_PORTS, v)?);
         }
         if let Some(v) = get(NON_TCP) {
-            s.non_tcp = match v {
-                "allow" => NonTcp::Allow,
-                "dns" => NonTcp::Dns,
-                "drop" => NonTcp::Drop,
-                other => return Err(bad(NON_TCP, other, "is not allow, dns or drop")),
-            };
+            // The spellings of `stepmesh init --non-tcp` itself.
+            s.non_tcp = <NonTcp as clap::ValueEnum>::from_str(v, false)
+                .map_err(|_| bad(NON_TCP, v, "is not allow, dns or drop"))?;
         }
         let r = &mut s.resources;
         for (key, slot) in [
