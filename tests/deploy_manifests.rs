@@ -25,6 +25,11 @@ use serde_json::Value;
 #[path = "deploy_manifests/pod_security.rs"]
 mod pod_security;
 
+/// deploy/injector/service-account-label.yaml keeps the label the
+/// NetworkPolicies select on true.
+#[path = "deploy_manifests/service_account_label.rs"]
+mod service_account_label;
+
 /// Files in a manifest directory that no kustomization lists, and why.
 const NOT_APPLIED: &[(&str, &str)] = &[(
     "gateway/kubeconfig-example.yaml",

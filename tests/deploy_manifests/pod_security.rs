@@ -16,7 +16,7 @@ use crate::inject_support::{docs, run_stdin};
 const MESHED: &str = "psa-meshed";
 const PLAIN: &str = "psa-plain";
 
-fn deployed(file: &str) -> String {
+pub(super) fn deployed(file: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy/injector")
         .join(file);
@@ -24,7 +24,7 @@ fn deployed(file: &str) -> String {
 }
 
 /// An app pod as the injector deploy/ ships (its config.yaml) injects it.
-fn injected_pod() -> Value {
+pub(super) fn injected_pod() -> Value {
     let app = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  \
                - name: app\n    image: nginx\n    ports:\n    - containerPort: 80\n";
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/injector/config.yaml");
@@ -42,7 +42,7 @@ fn injected_pod() -> Value {
 
 /// `kubectl create --dry-run=server` of `pod` in `namespace`: `Ok` when
 /// admitted, else what the server said.
-fn admit(env: &Envtest, namespace: &str, pod: &Value) -> Result<(), String> {
+pub(super) fn admit(env: &Envtest, namespace: &str, pod: &Value) -> Result<(), String> {
     let mut pod = pod.clone();
     pod["metadata"]["namespace"] = json!(namespace);
     let out = env.kubectl_with_stdin(
