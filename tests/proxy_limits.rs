@@ -119,10 +119,46 @@ fn idle_connections_are_closed() {
     assert!(line["error"].as_str().unwrap().contains("idle"), "{line}");
 }
 
+/// The inbound side's copy counts the process's idle periods (no timer of
+/// its own): a connection idle at the server's `--idle-timeout` is closed
+/// there, between one and two periods after its last byte, whether it came
+/// as a tunnel on the pooled mesh connection or on its own mTLS connection.
+#[test]
+fn idle_connections_are_closed_by_the_inbound_side() {
+    let idle = Duration::from_millis(300);
+    for client_extra in [vec![], vec!["--no-tunnel".to_owned()]] {
+        let app = echo_server();
+        let server_extra = ["--idle-timeout".to_owned(), "300ms".to_owned()];
+        let mesh = Mesh::start(app, &server_extra, &client_extra);
+        let mut c = TcpStream::connect(mesh.outbound).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).unwrap();
+        let last_byte = Instant::now();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        let closed_after = last_byte.elapsed();
+        assert!(rest.is_empty());
+        assert!(
+            closed_after >= idle - Duration::from_millis(50) && closed_after < PATIENCE,
+            "{client_extra:?}: closed {closed_after:?} after the last byte"
+        );
+        let series =
+            r#"stepmesh_connection_errors_total{direction="inbound",reason="idle_timeout"}"#;
+        eventually(series, || (mesh.server.metric(series) == 1.0).then_some(()));
+        let line = mesh
+            .server
+            .wait_access("idle line", |l| l["error"].is_string());
+        assert!(line["error"].as_str().unwrap().contains("idle"), "{line}");
+    }
+}
+
 #[test]
 fn bad_flags_exit_with_a_reason() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--inbound", "127.0.0.1:0"], "LISTEN=APP_ADDR"),
+        (&["--idle-timeout", "0"], "above 0"),
         (
             &["--outbound", "127.0.0.1:0=127.0.0.1:1@spiffe://td/a/*/b"],
             "SPIFFE_ID",

@@ -21,11 +21,14 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+
+use super::idle::IdleClock;
 
 /// Bytes read at once: one maximal TLS record of plaintext, so a full read
 /// becomes one record.
 pub const BUF_SIZE: usize = 16 * 1024;
+// A spill's offsets are 16-bit.
+const _: () = assert!(BUF_SIZE <= u16::MAX as usize);
 
 thread_local! {
     /// The read buffer of every connection polled on this thread. Borrowed
@@ -138,28 +141,29 @@ impl<W: Future, S: Future> Future for Until<W, S> {
     }
 }
 
-/// Copies `a` ⇄ `b` until both directions saw EOF, an error, or the idle
-/// deadline. Idle detection is coarse on purpose (it fires between one and two
-/// idle periods after the last byte) so the hot path only sets a flag.
-pub fn forward<'a, A, B>(
+/// Copies `a` ⇄ `b` until both directions saw EOF, an error, or a whole
+/// period of `idle` without a byte. Idle detection is coarse on purpose (it
+/// fires between one and two idle periods after the last byte) so the hot
+/// path only sets a flag.
+pub fn forward<'a, A, B, C>(
     a: &'a mut A,
     b: &'a mut B,
-    idle: Duration,
+    idle: C,
     counters: &'a ByteCounters,
 ) -> impl Future<Output = Forwarded> + 'a
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: IdleClock + 'a,
 {
     Forward {
         a,
         b,
         ab: Half::new(&["read client", "write server"]),
         ba: Half::new(&["read server", "write client"]),
-        active: false,
-        idle,
+        active: C::STARTS_ACTIVE,
         counters,
-        sleep: tokio::time::sleep(idle),
+        idle,
     }
 }
 
@@ -168,23 +172,23 @@ pin_project_lite::pin_project! {
     /// `async fn` around a `poll_fn`, which kept the arguments and the
     /// closure's references besides (every idle connection's task holds
     /// this).
-    struct Forward<'a, A: ?Sized, B: ?Sized> {
+    struct Forward<'a, A: ?Sized, B: ?Sized, C> {
         a: &'a mut A,
         b: &'a mut B,
         ab: Half,
         ba: Half,
         active: bool,
-        idle: Duration,
         counters: &'a ByteCounters,
         #[pin]
-        sleep: Sleep,
+        idle: C,
     }
 }
 
-impl<A, B> Future for Forward<'_, A, B>
+impl<A, B, C> Future for Forward<'_, A, B, C>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: IdleClock,
 {
     type Output = Forwarded;
 
@@ -218,11 +222,10 @@ where
             if me.ab.done && me.ba.done {
                 break 'step Ok(());
             }
-            while me.sleep.as_mut().poll(cx).is_ready() {
+            while me.idle.as_mut().poll_period(cx).is_ready() {
                 if !std::mem::take(me.active) {
-                    break 'step Err(ForwardError::Idle(*me.idle));
+                    break 'step Err(ForwardError::Idle(me.idle.period()));
                 }
-                me.sleep.as_mut().reset(Instant::now() + *me.idle);
             }
             return Poll::Pending;
         };
@@ -235,13 +238,15 @@ where
     }
 }
 
-/// One direction of the copy.
+/// One direction of the copy. Every idle connection's task holds two.
 struct Half {
-    /// Bytes read but not yet accepted by the writer (backpressure only).
-    spill: Vec<u8>,
-    /// How much of `spill` is written (within one read: 32 bits; one
-    /// pointer's width less in every idle connection's two halves).
-    pos: u32,
+    /// Bytes read but not yet accepted by the writer (backpressure only),
+    /// `spill[pos..len]`: allocated on first need and kept. A thin pointer
+    /// and two 16-bit offsets (what is left of one read), 16 bytes where a
+    /// `Vec` and its offset took 32.
+    spill: Option<Box<[u8; BUF_SIZE]>>,
+    pos: u16,
+    len: u16,
     total: u64,
     read_done: bool,
     need_flush: bool,
@@ -268,8 +273,9 @@ enum Step {
 impl Half {
     fn new(sides: &'static [&'static str; 2]) -> Self {
         Self {
-            spill: Vec::new(),
+            spill: None,
             pos: 0,
+            len: 0,
             total: 0,
             read_done: false,
             need_flush: false,
@@ -306,18 +312,21 @@ impl Half {
         };
         loop {
             // Leftovers first: nothing new is read until they are out.
-            while (self.pos as usize) < self.spill.len() {
-                let left = &self.spill[self.pos as usize..];
+            while self.pos < self.len {
+                // `len` is above 0 only once the spill is allocated.
+                let Some(spill) = &self.spill else { break };
+                let left = &spill[usize::from(self.pos)..usize::from(self.len)];
                 let n = ready!(Pin::new(&mut *writer).poll_write(cx, left)).map_err(write_err)?;
                 if n == 0 {
                     return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
                 }
-                // No truncation: the spill holds less than one read.
-                self.pos += n.min(left.len()) as u32;
+                // No truncation: at most what is left, below BUF_SIZE.
+                let taken = n.min(left.len()) as u16;
+                self.pos += taken;
                 self.written(n, counter, active);
             }
-            self.spill.clear(); // keeps the capacity
             self.pos = 0;
+            self.len = 0;
             if self.read_done {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
                 // Half-close: pass the EOF on. A peer that already went away
@@ -387,12 +396,14 @@ impl Half {
                     Poll::Pending => break,
                 }
             }
-            // Backpressure: keep the rest (the only copy, and the spill's
-            // capacity is reused, so this allocates at most once).
-            if written < n && self.spill.capacity() == 0 {
-                self.spill.reserve_exact(BUF_SIZE);
+            // Backpressure: keep the rest (the only copy; the spill is
+            // empty here, and allocated at most once).
+            if written < n {
+                let spill = self.spill.get_or_insert_with(|| Box::new([0; BUF_SIZE]));
+                spill[..n - written].copy_from_slice(&scratch[written..n]);
+                // No truncation: below BUF_SIZE, which fits (see below).
+                self.len = (n - written) as u16;
             }
-            self.spill.extend_from_slice(&scratch[written..n]);
             Step::Moved { written }
         })
     }
@@ -402,6 +413,7 @@ impl Half {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::net::idle::{IdleTicks, OwnTimer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -410,7 +422,13 @@ mod tests {
         let (mut b, mut server) = tokio::io::duplex(1024);
         let counters = ByteCounters::default();
         let task = tokio::spawn(async move {
-            forward(&mut a, &mut b, Duration::from_secs(30), &counters).await
+            forward(
+                &mut a,
+                &mut b,
+                OwnTimer::new(Duration::from_secs(30)),
+                &counters,
+            )
+            .await
         });
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let sent = payload.clone();
@@ -441,11 +459,48 @@ mod tests {
         let done = forward(
             &mut a,
             &mut b,
-            Duration::from_millis(100),
+            OwnTimer::new(Duration::from_millis(100)),
             &ByteCounters::default(),
         )
         .await;
         assert!(matches!(done.error, Some(ForwardError::Idle(_))));
         assert!(!done.b_closed);
+    }
+
+    /// With the process's periods, a copy that just started lets the first
+    /// period pass, a byte lets the next pass, and two without one end it.
+    #[tokio::test]
+    async fn shared_periods_end_a_copy_after_a_whole_period_without_a_byte() {
+        let ticks = IdleTicks::new(Duration::from_secs(60));
+        let (mut client, mut a) = tokio::io::duplex(64);
+        let (mut b, mut server) = tokio::io::duplex(64);
+        let counters = ByteCounters::default();
+        let mut copy = std::pin::pin!(forward(&mut a, &mut b, ticks.periods(), &counters));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        ticks.tick();
+        assert!(
+            copy.as_mut().poll(&mut cx).is_pending(),
+            "the period it started in"
+        );
+        client.write_all(b"x").await.unwrap();
+        assert!(copy.as_mut().poll(&mut cx).is_pending());
+        let mut byte = [0; 1];
+        server.read_exact(&mut byte).await.unwrap();
+        ticks.tick();
+        assert!(
+            copy.as_mut().poll(&mut cx).is_pending(),
+            "a byte moved in that one"
+        );
+        ticks.tick();
+        match copy.as_mut().poll(&mut cx) {
+            Poll::Ready(done) => {
+                assert!(
+                    matches!(done.error, Some(ForwardError::Idle(p)) if p == Duration::from_secs(60))
+                );
+                assert_eq!(done.a_to_b, 1);
+            }
+            Poll::Pending => panic!("a whole period passed without a byte"),
+        }
     }
 }

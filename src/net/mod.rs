@@ -7,6 +7,7 @@ pub mod caps;
 pub mod close_signal;
 pub mod fdlimit;
 pub mod forward;
+pub mod idle;
 pub mod linger;
 
 use std::time::Duration;

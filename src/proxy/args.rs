@@ -94,7 +94,7 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s", env = "STEPMESH_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Duration,
     /// A connection with no byte in either direction for this long is closed.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle, default_value = "1h", env = "STEPMESH_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
     /// A pooled mesh connection with streams open pings its peer this
     /// often and is closed, with its app connections, when an answer takes
@@ -260,6 +260,16 @@ fn parse_keepalive(s: &str) -> Result<Duration, String> {
         return Err("at least 1s: an answer is waited for a third of it".into());
     }
     Ok(interval)
+}
+
+/// An idle timeout: above zero (zero would close every connection at its
+/// first poll).
+fn parse_idle(s: &str) -> Result<Duration, String> {
+    let idle = parse_duration(s)?;
+    if idle.is_zero() {
+        return Err("above 0: a connection would be closed before its first byte".into());
+    }
+    Ok(idle)
 }
 
 fn check_host_port(addr: &str) -> Result<(), String> {

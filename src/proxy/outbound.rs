@@ -24,6 +24,7 @@ use crate::http::MeshConnectors;
 use crate::metrics::Direction;
 use crate::net::dial;
 use crate::net::forward::{forward, ForwardError, Forwarded};
+use crate::net::idle::OwnTimer;
 use crate::policy::{Mode, OutboundAction, SpiffeId};
 use crate::tls::{failure, spiffe_id_of};
 use futures_util::future::Either;
@@ -372,7 +373,13 @@ pub async fn forward_tcp(
             Err(outcome) => return outcome,
         };
         return Outcome::forwarded(
-            forward(&mut app, &mut tcp, shared.timeouts.idle, &counters).await,
+            forward(
+                &mut app,
+                &mut tcp,
+                OwnTimer::new(shared.timeouts.idle),
+                &counters,
+            )
+            .await,
         );
     }
     // Boxed: the dial and handshake states are large and live only while
@@ -381,7 +388,13 @@ pub async fn forward_tcp(
         Ok(connected) => connected,
         Err(outcome) => return outcome,
     };
-    let done = forward(&mut app, &mut tls, shared.timeouts.idle, &counters).await;
+    let done = forward(
+        &mut app,
+        &mut tls,
+        OwnTimer::new(shared.timeouts.idle),
+        &counters,
+    )
+    .await;
     if matches!(done.error, Some(ForwardError::Idle(_))) {
         close_gracefully(&mut tls).await;
     }

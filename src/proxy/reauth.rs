@@ -18,9 +18,11 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use stepmesh_ca::svid::AnchorKey;
 
+use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::conn::{InboundContext, Shared};
+use crate::net::idle::{IdleTicks, SharedPeriods};
 
 /// Why a live connection was closed.
 #[derive(Debug, Clone)]
@@ -51,14 +53,18 @@ struct RevokedLabels {
 #[derive(Debug)]
 pub struct Reauth {
     generation: AtomicU64,
-    /// Woken (all waiters) after each bump of `generation`.
+    /// Woken (all waiters) after each bump of `generation`, and at each
+    /// idle period's end: the inbound relay's copy, awaited beside this
+    /// wait, counts `idle` instead of keeping a timer.
     changed: Notify,
+    idle: IdleTicks,
     revoked: Family<RevokedLabels, Counter>,
 }
 
 impl Reauth {
-    /// Registers `stepmesh_connections_revoked_total{reason,rule}`.
-    pub fn new(registry: &mut Registry) -> Reauth {
+    /// Registers `stepmesh_connections_revoked_total{reason,rule}`; `idle`:
+    /// the idle timeout the inbound relay's copies count periods of.
+    pub fn new(registry: &mut Registry, idle: Duration) -> Reauth {
         let revoked = Family::<RevokedLabels, Counter>::default();
         registry.register(
             "stepmesh_connections_revoked",
@@ -68,8 +74,22 @@ impl Reauth {
         Reauth {
             generation: AtomicU64::new(0),
             changed: Notify::new(),
+            idle: IdleTicks::new(idle),
             revoked,
         }
+    }
+
+    /// The idle periods of a copy awaited beside [`Grant::revoked`] (which
+    /// wakes at each period's end): the inbound relay's.
+    pub fn idle_periods(&self) -> SharedPeriods<'_> {
+        self.idle.periods()
+    }
+
+    /// Ends an idle period: every live connection's wait wakes, its copy
+    /// counts the period, and its re-check finds the generation unchanged.
+    fn tick_idle(&self) {
+        self.idle.tick();
+        self.changed.notify_waiters();
     }
 
     /// Tells every live connection to re-check itself.
@@ -127,6 +147,20 @@ pub async fn follow(shared: Arc<Shared>) {
         shared.reauth.bump();
         // The outbound side's pooled connections to peers now refused.
         shared.http.recheck_mesh_peers();
+    }
+}
+
+/// Ends an idle period of the inbound relays' copies every idle timeout
+/// ([`Reauth::idle_periods`]); runs for the life of the process. One wake
+/// of every live connection per period (an hour by default) instead of a
+/// timer in each.
+pub async fn tick_idle_periods(shared: Arc<Shared>) {
+    let period = shared.reauth.idle.period();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        shared.reauth.tick_idle();
     }
 }
 

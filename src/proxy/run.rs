@@ -68,7 +68,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let stepup_metrics = crate::stepup::StepUpMetrics::register(&mut registry);
     let http_metrics = crate::http::HttpMetrics::register(&mut registry);
-    let reauth = super::reauth::Reauth::new(&mut registry);
+    let reauth = super::reauth::Reauth::new(&mut registry, args.idle_timeout);
     let probe_paths: Vec<String> = probe_table.keys().cloned().collect();
     let probes = crate::appprobe::Prober::new(probe_table, &mut registry);
     let workload_metrics = crate::workload::WorkloadMetrics::new(&mut registry);
@@ -238,6 +238,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         },
     });
     tokio::spawn(super::reauth::follow(shared.clone()));
+    tokio::spawn(super::reauth::tick_idle_periods(shared.clone()));
     let (trigger, watch) = drain::channel();
     let infos = super::launch::listeners(&args, expected, &td, &provider, &shared, &watch).await?;
     let _ = listener_infos.set(infos);

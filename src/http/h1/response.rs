@@ -1,6 +1,7 @@
 //! The upstream half of an exchange: redial, `Expect: 100-continue`, the
 //! response head, upgrades; and the head rewrites each hop makes.
 
+use crate::net::idle::OwnTimer;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -149,7 +150,9 @@ impl<S: Side> Relay<'_, S> {
             .map_err(|e| Fail::UpstreamLate(e.to_string()))?;
         self.cbuf.consume(usize::MAX);
         let counters = crate::net::forward::ByteCounters::default();
-        let done = crate::net::forward::forward(client, up, self.idle_period, &counters).await;
+        let done =
+            crate::net::forward::forward(client, up, OwnTimer::new(self.idle_period), &counters)
+                .await;
         self.done.bytes_in += done.a_to_b;
         self.done.bytes_out += done.b_to_a;
         self.done.requests += 1;
