@@ -208,15 +208,7 @@ pub fn mutate(
         let app = containers[0].get("name").cloned().unwrap_or(Value::Null);
         add_annotations.push((default_container, app));
     }
-    let sa = spec
-        .get("serviceAccountName")
-        .or_else(|| spec.get("serviceAccount"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    // A label value is at most 63 characters; a longer name gets the empty
-    // value, which no NetworkPolicy allow selects (deny, the safe side),
-    // over whatever value the pod brought (it must not choose its own).
-    let label = if sa.len() <= 63 { sa } else { "" };
+    let label = service_account_label(spec);
     let labels = vec![(ann::SERVICE_ACCOUNT_LABEL, json!(label))];
     if metadata.is_none() {
         ops.push(PatchOp::add("/metadata", json!({})));
@@ -224,6 +216,29 @@ pub fn mutate(
     add_map_entries(&mut ops, metadata, "annotations", add_annotations);
     add_map_entries(&mut ops, metadata, "labels", labels);
     Ok(Mutation::Patch(ops))
+}
+
+/// The `stepmesh.io/service-account` label of a pod running as `spec`'s
+/// ServiceAccount, read as the API server reads it (the deprecated
+/// `serviceAccount` when `serviceAccountName` is empty or absent; `default`
+/// without either). A label value is at most 63 characters: a longer name
+/// gets the empty value, which no NetworkPolicy allow selects (deny, the
+/// safe side), over whatever value the pod brought (it must not choose its
+/// own). deploy/injector/service-account-label.yaml holds every pod to it.
+fn service_account_label(spec: &Map<String, Value>) -> &str {
+    let named = |key: &str| {
+        spec.get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let sa = named("serviceAccountName")
+        .or_else(|| named("serviceAccount"))
+        .unwrap_or("default");
+    if sa.len() <= 63 {
+        sa
+    } else {
+        ""
+    }
 }
 
 /// Refuses a pod with an app container (or app init container) running as
@@ -374,3 +389,31 @@ fn add_map_entries(
 #[allow(clippy::unwrap_used)]
 #[path = "mutate_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod label_tests {
+    use serde_json::{json, Value};
+
+    fn label(spec: Value) -> String {
+        super::service_account_label(spec.as_object().unwrap_or(&Default::default())).to_owned()
+    }
+
+    #[test]
+    fn the_label_is_the_account_the_api_server_runs_the_pod_as() {
+        assert_eq!(label(json!({"serviceAccountName": "api"})), "api");
+        assert_eq!(label(json!({})), "default");
+        assert_eq!(label(json!({"serviceAccount": "old"})), "old");
+        let both = json!({"serviceAccountName": "", "serviceAccount": "old"});
+        assert_eq!(
+            label(both),
+            "old",
+            "an empty name falls back as the API server does"
+        );
+        let long = "s".repeat(64);
+        assert_eq!(label(json!({"serviceAccountName": long})), "");
+        assert_eq!(
+            label(json!({"serviceAccountName": &long[..63]})),
+            &long[..63]
+        );
+    }
+}

@@ -34,6 +34,23 @@ fn pod(name: &str, sa: Option<&str>, label: Option<&str>) -> Value {
     pod
 }
 
+/// Waits until the policy refuses `forged`: it takes effect shortly after
+/// it is created (another error, such as the namespace not there yet, is
+/// not the policy).
+fn in_force(env: &Envtest, forged: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admit(env, NAMESPACE, forged) {
+            Err(e) if e.contains("stepmesh-service-account-label") => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "the policy never took effect: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn a_pods_label_names_only_its_own_service_account() {
     let Some(env) = Envtest::shared() else { return };
@@ -46,12 +63,7 @@ fn a_pods_label_names_only_its_own_service_account() {
             "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {sa}\n  namespace: {NAMESPACE}\n"
         ));
     }
-    let forged = pod("forged", Some("web"), Some("db"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admit(env, NAMESPACE, &forged).is_ok() {
-        assert!(Instant::now() < deadline, "the policy never took effect");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    in_force(env, &pod("forged", Some("web"), Some("db")));
 
     let cut = &long[..63];
     let cases: &[(&str, Option<&str>, Option<&str>, bool)] = &[
@@ -82,6 +94,18 @@ fn a_pods_label_names_only_its_own_service_account() {
             (true, Ok(())) => {}
         }
     }
+    // A static pod's mirror runs as no account: only the empty value.
+    for (label, admitted) in [("default", false), ("", true)] {
+        let mut mirror = pod("mirror", None, Some(label));
+        mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "hash"});
+        mirror["spec"]["nodeName"] = json!("node-1");
+        let result = admit(env, NAMESPACE, &mirror);
+        assert_eq!(
+            result.is_ok(),
+            admitted,
+            "a mirror pod labelled {label:?}: {result:?}"
+        );
+    }
     // The injector's own output (its default account) passes.
     let injected = injected_pod();
     assert_eq!(injected["metadata"]["labels"][LABEL], "default");
@@ -95,12 +119,7 @@ fn a_live_pod_cannot_be_relabelled_as_another_account() {
     env.create_namespace(NAMESPACE);
     // Created for real (no kubelet here: it stays Pending), as soon as the
     // policy holds (a forged creation refused).
-    let forged = pod("live", None, Some("db"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admit(env, NAMESPACE, &forged).is_ok() {
-        assert!(Instant::now() < deadline, "the policy never took effect");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    in_force(env, &pod("live", None, Some("db")));
     let live = pod("live", None, Some("default"));
     let out = env.kubectl_with_stdin(&["create", "-f", "-"], live.to_string().as_bytes());
     assert!(
@@ -137,6 +156,21 @@ fn a_live_pod_cannot_be_relabelled_as_another_account() {
         );
     };
     refused(relabel(json!("db")));
+    // Through the status subresource, which keeps new labels.
+    let body = json!({"metadata": {"labels": { LABEL: "db" }}}).to_string();
+    refused(env.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "patch",
+        "pod",
+        "live",
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        &body,
+    ]));
     // Other labels change freely; the account's stays.
     ok(env.kubectl(&["-n", NAMESPACE, "label", "pod", "live", "tier=web"]));
     // Dropped (no allow selects it), then back only as its own.
