@@ -27,7 +27,7 @@ use super::idle::IdleClock;
 /// Bytes read at once: one maximal TLS record of plaintext, so a full read
 /// becomes one record.
 pub const BUF_SIZE: usize = 16 * 1024;
-// A spill's offsets are 16-bit.
+// A spill's offsets are 16-bit (`Spill`).
 const _: () = assert!(BUF_SIZE <= u16::MAX as usize);
 
 thread_local! {
@@ -111,9 +111,11 @@ pin_project_lite::pin_project! {
     /// output, or `Err` with the stop's. Written out rather than
     /// `tokio::select!`, whose polling closure, flags and branch
     /// randomization took 24 bytes more in every idle inbound connection's
-    /// task (the relay's future: 456 → 432 bytes, `-Zprint-type-sizes`);
-    /// `work` is polled first, so a copy that finished is never reported
-    /// as stopped.
+    /// task (the relay's future: 456 → 432 bytes, `-Zprint-type-sizes`).
+    /// `stop` is polled first, so what it waits on is registered before
+    /// `work` reads what that wakes it for (the inbound relay's copy reads
+    /// the idle periods `stop`'s wait is woken at); a work that finished in
+    /// the same poll is still never reported as stopped.
     pub struct Until<W, S> {
         #[pin]
         work: W,
@@ -134,10 +136,11 @@ impl<W: Future, S: Future> Future for Until<W, S> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let me = self.project();
+        let stopped = me.stop.poll(cx);
         if let Poll::Ready(done) = me.work.poll(cx) {
             return Poll::Ready(Ok(done));
         }
-        me.stop.poll(cx).map(Err)
+        stopped.map(Err)
     }
 }
 
@@ -240,13 +243,10 @@ where
 
 /// One direction of the copy. Every idle connection's task holds two.
 struct Half {
-    /// Bytes read but not yet accepted by the writer (backpressure only),
-    /// `spill[pos..len]`: allocated on first need and kept. A thin pointer
-    /// and two 16-bit offsets (what is left of one read), 16 bytes where a
-    /// `Vec` and its offset took 32.
-    spill: Option<Box<[u8; BUF_SIZE]>>,
-    pos: u16,
-    len: u16,
+    /// Bytes read but not yet accepted by the writer (backpressure only):
+    /// allocated on first need and kept. One pointer in the task, where a
+    /// `Vec` and its offset took 32 bytes.
+    spill: Option<Box<Spill>>,
     total: u64,
     read_done: bool,
     need_flush: bool,
@@ -254,6 +254,14 @@ struct Half {
     /// The read and the write side's names, for errors (one pointer:
     /// every idle connection's task holds two halves).
     sides: &'static [&'static str; 2],
+}
+
+/// What is left of one read: `bytes[pos..len]` (16-bit: within
+/// [`BUF_SIZE`]).
+struct Spill {
+    bytes: [u8; BUF_SIZE],
+    pos: u16,
+    len: u16,
 }
 
 /// What one read-and-write-through step did.
@@ -274,8 +282,6 @@ impl Half {
     fn new(sides: &'static [&'static str; 2]) -> Self {
         Self {
             spill: None,
-            pos: 0,
-            len: 0,
             total: 0,
             read_done: false,
             need_flush: false,
@@ -285,12 +291,7 @@ impl Half {
     }
 
     fn written(&mut self, n: usize, counter: &Counter, active: &mut bool) {
-        if n > 0 {
-            self.total += n as u64;
-            counter.inc_by(n as u64);
-            self.need_flush = true;
-            *active = true;
-        }
+        count(&mut self.total, &mut self.need_flush, n, counter, active);
     }
 
     fn poll_copy<R, W>(
@@ -312,21 +313,21 @@ impl Half {
         };
         loop {
             // Leftovers first: nothing new is read until they are out.
-            while self.pos < self.len {
-                // `len` is above 0 only once the spill is allocated.
-                let Some(spill) = &self.spill else { break };
-                let left = &spill[usize::from(self.pos)..usize::from(self.len)];
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, left)).map_err(write_err)?;
-                if n == 0 {
-                    return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+            if let Some(spill) = self.spill.as_deref_mut() {
+                while spill.pos < spill.len {
+                    let left = &spill.bytes[usize::from(spill.pos)..usize::from(spill.len)];
+                    let n =
+                        ready!(Pin::new(&mut *writer).poll_write(cx, left)).map_err(write_err)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+                    }
+                    // No truncation: at most what is left, within BUF_SIZE.
+                    spill.pos += n.min(left.len()) as u16;
+                    count(&mut self.total, &mut self.need_flush, n, counter, active);
                 }
-                // No truncation: at most what is left, below BUF_SIZE.
-                let taken = n.min(left.len()) as u16;
-                self.pos += taken;
-                self.written(n, counter, active);
+                spill.pos = 0;
+                spill.len = 0;
             }
-            self.pos = 0;
-            self.len = 0;
             if self.read_done {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(write_err)?;
                 // Half-close: pass the EOF on. A peer that already went away
@@ -399,13 +400,31 @@ impl Half {
             // Backpressure: keep the rest (the only copy; the spill is
             // empty here, and allocated at most once).
             if written < n {
-                let spill = self.spill.get_or_insert_with(|| Box::new([0; BUF_SIZE]));
-                spill[..n - written].copy_from_slice(&scratch[written..n]);
-                // No truncation: below BUF_SIZE, which fits (see below).
-                self.len = (n - written) as u16;
+                let spill = self.spill.get_or_insert_with(|| {
+                    Box::new(Spill {
+                        bytes: [0; BUF_SIZE],
+                        pos: 0,
+                        len: 0,
+                    })
+                });
+                spill.bytes[..n - written].copy_from_slice(&scratch[written..n]);
+                // No truncation: within BUF_SIZE, which fits.
+                spill.len = (n - written) as u16;
             }
             Step::Moved { written }
         })
+    }
+}
+
+/// `n` bytes written: counted, and the direction marked for a flush and
+/// the copy as active (fields, not `&mut Half`: the spill is borrowed
+/// beside them while its bytes go out).
+fn count(total: &mut u64, need_flush: &mut bool, n: usize, counter: &Counter, active: &mut bool) {
+    if n > 0 {
+        *total += n as u64;
+        counter.inc_by(n as u64);
+        *need_flush = true;
+        *active = true;
     }
 }
 
