@@ -30,6 +30,11 @@ mod pod_security;
 #[path = "deploy_manifests/service_account_label.rs"]
 mod service_account_label;
 
+/// The webhook called by the API server: a pod injected, a debug
+/// container's NET_RAW dropped.
+#[path = "deploy_manifests/webhook_live.rs"]
+mod webhook_live;
+
 /// Files in a manifest directory that no kustomization lists, and why.
 const NOT_APPLIED: &[(&str, &str)] = &[(
     "gateway/kubeconfig-example.yaml",

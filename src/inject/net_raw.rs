@@ -32,31 +32,39 @@ fn field<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a Value> {
 pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNetRaw> {
     let mut ops = Vec::new();
     for (i, c) in containers.iter().enumerate() {
-        let context = field(Some(c), "securityContext");
-        let capabilities = field(context, "capabilities");
-        let caps = |key: &str| {
-            field(capabilities, key)
-                .and_then(Value::as_array)
-                .map_or(&[][..], Vec::as_slice)
-                .iter()
-                .filter_map(Value::as_str)
-        };
-        // Added in any spelling a runtime might take (CRI-O also takes a
-        // `CAP_` prefix): refused. Dropped only as Kubernetes spells it:
-        // anything else gets our own drop too.
-        if caps("add").any(|cap| {
-            let cap = cap.to_ascii_uppercase();
-            let cap = cap.strip_prefix("CAP_").unwrap_or(&cap);
-            cap == NET_RAW || cap == "ALL"
-        }) {
-            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-            return Err(AddsNetRaw(name.to_owned()));
-        }
-        if caps("drop").any(|cap| cap == NET_RAW || cap == "ALL") {
-            continue;
-        }
-        let at = format!("/spec/{list}/{i}/securityContext");
-        ops.push(match (context, capabilities, field(capabilities, "drop")) {
+        ops.extend(drop_op(list, i, c)?);
+    }
+    Ok(ops)
+}
+
+/// As [`drop_ops`], for the one container `c` at index `i` of `list`.
+pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, AddsNetRaw> {
+    let context = field(Some(c), "securityContext");
+    let capabilities = field(context, "capabilities");
+    let caps = |key: &str| {
+        field(capabilities, key)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter_map(Value::as_str)
+    };
+    // Added in any spelling a runtime might take (CRI-O also takes a
+    // `CAP_` prefix): refused. Dropped only as Kubernetes spells it:
+    // anything else gets our own drop too.
+    if caps("add").any(|cap| {
+        let cap = cap.to_ascii_uppercase();
+        let cap = cap.strip_prefix("CAP_").unwrap_or(&cap);
+        cap == NET_RAW || cap == "ALL"
+    }) {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+        return Err(AddsNetRaw(name.to_owned()));
+    }
+    if caps("drop").any(|cap| cap == NET_RAW || cap == "ALL") {
+        return Ok(None);
+    }
+    let at = format!("/spec/{list}/{i}/securityContext");
+    Ok(Some(
+        match (context, capabilities, field(capabilities, "drop")) {
             (None, ..) => PatchOp::add(at, json!({"capabilities": {"drop": [NET_RAW]}})),
             (Some(_), None, _) => {
                 PatchOp::add(format!("{at}/capabilities"), json!({"drop": [NET_RAW]}))
@@ -67,7 +75,29 @@ pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNe
             (Some(_), Some(_), Some(_)) => {
                 PatchOp::add(format!("{at}/capabilities/drop/-"), json!(NET_RAW))
             }
-        });
+        },
+    ))
+}
+
+/// The operations that drop `NET_RAW` from the ephemeral containers
+/// `kubectl debug` adds to a pod (those `old`, the pod before, does not
+/// have): an ephemeral container joins the pod's network namespace, and
+/// with the runtime's `NET_RAW` it sends around the sidecar as an app
+/// container would. Those already there are left alone: the API server
+/// refuses any change to them. Refused when a new one adds it.
+pub fn ephemeral_drop_ops(pod: &Value, old: Option<&Value>) -> Result<Vec<PatchOp>, AddsNetRaw> {
+    fn list(pod: Option<&Value>) -> &[Value] {
+        pod.and_then(|p| p.pointer("/spec/ephemeralContainers"))
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+    }
+    let name = |c: &Value| c.get("name").and_then(Value::as_str).map(str::to_owned);
+    let before: Vec<Option<String>> = list(old).iter().map(name).collect();
+    let mut ops = Vec::new();
+    for (i, c) in list(Some(pod)).iter().enumerate() {
+        if !before.contains(&name(c)) {
+            ops.extend(drop_op("ephemeralContainers", i, c)?);
+        }
     }
     Ok(ops)
 }
@@ -196,6 +226,34 @@ mod tests {
                 drop
             );
         }
+    }
+
+    /// `kubectl debug`: only the ephemeral containers the request adds get
+    /// the drop, at their index; those already there cannot change.
+    #[test]
+    fn new_ephemeral_containers_drop_net_raw_and_old_ones_are_left() {
+        let old = json!({"spec": {"ephemeralContainers": [{"name": "debugger-a"}]}});
+        let mut pod = json!({"spec": {"ephemeralContainers": [
+            {"name": "debugger-a"},
+            {"name": "debugger-b", "image": "busybox"},
+            {"name": "debugger-c", "securityContext": {"capabilities": {"drop": ["ALL"]}}},
+        ]}});
+        let ops = ephemeral_drop_ops(&pod, Some(&old)).unwrap();
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        apply(&mut pod, &ops).unwrap();
+        let list = &pod["spec"]["ephemeralContainers"];
+        assert_eq!(list[0], json!({"name": "debugger-a"}));
+        assert_eq!(
+            list[1]["securityContext"]["capabilities"]["drop"],
+            json!(["NET_RAW"])
+        );
+        // No pod before (a first debug session): every one is new.
+        assert_eq!(ephemeral_drop_ops(&old, None).unwrap().len(), 1);
+        let adds = json!({"spec": {"ephemeralContainers": [
+            {"name": "sniffer", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
+        ]}});
+        let err = ephemeral_drop_ops(&adds, Some(&old)).unwrap_err();
+        assert_eq!(err, AddsNetRaw("sniffer".into()));
     }
 
     #[test]

@@ -8,6 +8,9 @@ use serde_json::{json, Value};
 
 use super::config::InjectorConfig;
 use super::mutate::{mutate, Mutation};
+use super::net_raw::ephemeral_drop_ops;
+use super::patch::PatchOp;
+use super::template::PROXY_NAME;
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
@@ -37,6 +40,9 @@ pub enum ReviewError {
 pub enum Outcome {
     /// A patch was returned.
     Injected,
+    /// `kubectl debug`'s new ephemeral containers were made to drop
+    /// `NET_RAW`.
+    Debugged,
     /// Allowed unchanged, and why.
     Unchanged(String),
     /// Denied, and why.
@@ -73,9 +79,14 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<(Value, Outcome), 
         return Ok((allow(&uid, None, Some(&why)), Outcome::Unchanged(why)));
     }
     let operation = text(request, "operation").ok_or(ReviewError::Field("request.operation"))?;
-    if operation != "CREATE" {
-        let why = format!("operation {operation} is not injected");
-        return Ok((allow(&uid, None, None), Outcome::Unchanged(why)));
+    let sub_resource = text(request, "subResource");
+    match (operation.as_str(), sub_resource.as_deref()) {
+        ("CREATE", None) => {}
+        ("UPDATE", Some("ephemeralcontainers")) => return debugged(&uid, request),
+        _ => {
+            let why = format!("operation {operation} is not injected");
+            return Ok((allow(&uid, None, None), Outcome::Unchanged(why)));
+        }
     }
     let pod = request
         .get("object")
@@ -92,30 +103,63 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<(Value, Outcome), 
         .ok_or(ReviewError::Field("request.namespace"))?;
 
     match mutate(pod, config, &namespace) {
-        Ok(Mutation::Patch(ops)) => {
-            // Serializing our own PatchOp values cannot fail.
-            let bytes = serde_json::to_vec(&ops).unwrap_or_default();
-            let patch = base64::engine::general_purpose::STANDARD.encode(bytes);
-            Ok((allow(&uid, Some(patch), None), Outcome::Injected))
-        }
+        Ok(Mutation::Patch(ops)) => Ok((allow(&uid, Some(encoded(&ops)), None), Outcome::Injected)),
         Ok(Mutation::Skipped(skip)) => Ok((
             allow(&uid, None, None),
             Outcome::Unchanged(skip.reason().to_owned()),
         )),
-        Err(err) => {
-            let message = format!("stepmesh injection: {err}");
-            let response = json!({
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "response": {
-                    "uid": uid,
-                    "allowed": false,
-                    "status": {"code": 400, "reason": "BadRequest", "message": message},
-                },
-            });
-            Ok((response, Outcome::Denied(message)))
-        }
+        Err(err) => Ok(denied(&uid, format!("stepmesh injection: {err}"))),
     }
+}
+
+/// `kubectl debug` on a pod (an UPDATE of `pods/ephemeralcontainers`): on a
+/// meshed one (it runs our sidecar: its containers cannot change, where an
+/// annotation could), the new ephemeral containers drop `NET_RAW`.
+fn debugged(uid: &str, request: &Value) -> Result<(Value, Outcome), ReviewError> {
+    let pod = request
+        .get("object")
+        .filter(|o| o.is_object())
+        .ok_or(ReviewError::Field("request.object"))?;
+    let meshed = ["containers", "initContainers"].iter().any(|list| {
+        pod.pointer(&format!("/spec/{list}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|c| c.get("name").and_then(Value::as_str) == Some(PROXY_NAME))
+    });
+    if !meshed {
+        let why = "ephemeral containers of a pod without the sidecar".to_owned();
+        return Ok((allow(uid, None, None), Outcome::Unchanged(why)));
+    }
+    match ephemeral_drop_ops(pod, request.get("oldObject")) {
+        Ok(ops) if ops.is_empty() => {
+            let why = "no new ephemeral container keeps NET_RAW".to_owned();
+            Ok((allow(uid, None, None), Outcome::Unchanged(why)))
+        }
+        Ok(ops) => Ok((allow(uid, Some(encoded(&ops)), None), Outcome::Debugged)),
+        Err(err) => Ok(denied(uid, format!("stepmesh: {err}"))),
+    }
+}
+
+/// The patch as the response carries it.
+fn encoded(ops: &[PatchOp]) -> String {
+    // Serializing our own PatchOp values cannot fail.
+    let bytes = serde_json::to_vec(ops).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A refusal the user sees in `kubectl`, and its outcome.
+fn denied(uid: &str, message: String) -> (Value, Outcome) {
+    let response = json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "response": {
+            "uid": uid,
+            "allowed": false,
+            "status": {"code": 400, "reason": "BadRequest", "message": message},
+        },
+    });
+    (response, Outcome::Denied(message))
 }
 
 fn allow(uid: &str, patch: Option<String>, warning: Option<&str>) -> Value {
@@ -158,6 +202,65 @@ mod tests {
             .unwrap();
         let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
         assert!(ops.iter().all(|op| op["op"] == "add"));
+    }
+
+    /// `kubectl debug`'s review, made from the captured CREATE review as
+    /// the API server sends it for `pods/ephemeralcontainers`: an UPDATE of
+    /// the pod with the subresource named and the pod before in
+    /// `oldObject`.
+    fn debug_review(meshed: bool) -> Value {
+        let mut v = fixture();
+        let request = &mut v["request"];
+        request["operation"] = json!("UPDATE");
+        request["subResource"] = json!("ephemeralcontainers");
+        if meshed {
+            let containers = request["object"]["spec"]["containers"]
+                .as_array_mut()
+                .unwrap();
+            containers.insert(0, json!({"name": PROXY_NAME, "image": "stepmesh"}));
+        }
+        request["oldObject"] = request["object"].clone();
+        request["object"]["spec"]["ephemeralContainers"] =
+            json!([{"name": "debugger", "image": "busybox"}]);
+        v
+    }
+
+    #[test]
+    fn a_meshed_pods_new_ephemeral_container_drops_net_raw() {
+        let config = InjectorConfig::default();
+        let body = serde_json::to_vec(&debug_review(true)).unwrap();
+        let (out, outcome) = review(&body, &config).unwrap();
+        assert_eq!(outcome, Outcome::Debugged);
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(out["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+        assert_eq!(
+            ops,
+            [
+                json!({"op": "add", "path": "/spec/ephemeralContainers/0/securityContext",
+                    "value": {"capabilities": {"drop": ["NET_RAW"]}}})
+            ]
+        );
+        // A pod without the sidecar is left as it is.
+        let body = serde_json::to_vec(&debug_review(false)).unwrap();
+        let (out, outcome) = review(&body, &config).unwrap();
+        assert!(matches!(outcome, Outcome::Unchanged(_)), "{outcome:?}");
+        assert!(out["response"].get("patch").is_none());
+        // One that adds NET_RAW is refused, by name.
+        let mut v = debug_review(true);
+        v["request"]["object"]["spec"]["ephemeralContainers"][0]["securityContext"] =
+            json!({"capabilities": {"add": ["NET_RAW"]}});
+        let (out, outcome) = review(&serde_json::to_vec(&v).unwrap(), &config).unwrap();
+        assert!(matches!(outcome, Outcome::Denied(_)), "{outcome:?}");
+        assert_eq!(out["response"]["allowed"], false);
+        let message = out["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains("\"debugger\" adds NET_RAW"), "{message}");
+        // Other subresources' updates are not ours.
+        let mut v = debug_review(true);
+        v["request"]["subResource"] = json!("status");
+        let (_, outcome) = review(&serde_json::to_vec(&v).unwrap(), &config).unwrap();
+        assert!(matches!(outcome, Outcome::Unchanged(_)), "{outcome:?}");
     }
 
     #[test]

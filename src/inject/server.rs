@@ -279,11 +279,15 @@ async fn inject(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> 
                 .unwrap_or("");
             match &outcome {
                 Outcome::Injected => tracing::info!(uid, "injected"),
+                Outcome::Debugged => {
+                    tracing::info!(uid, "NET_RAW dropped from new ephemeral containers")
+                }
                 Outcome::Unchanged(why) => tracing::debug!(uid, why, "not injected"),
                 Outcome::Denied(why) => tracing::warn!(uid, why, "denied"),
             }
             state.metrics.count(match outcome {
                 Outcome::Injected => "injected",
+                Outcome::Debugged => "debugged",
                 Outcome::Unchanged(_) => "unchanged",
                 Outcome::Denied(_) => "denied",
             });

@@ -378,12 +378,18 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         );
         refused(patch("json", &body, None), "cannot be changed");
     }
-    let debug = |caps: Value| {
+    let debug = |capabilities: Value| {
         let body = json!({"spec": {"ephemeralContainers": [
-            {"name": "debugger", "image": "busybox", "securityContext": {"capabilities": {"add": caps}}}
+            {"name": "debugger", "image": "busybox", "securityContext": {"capabilities": capabilities}}
         ]}});
         patch("strategic", &body.to_string(), Some("ephemeralcontainers"))
     };
-    refused(debug(json!(["NET_ADMIN"])), "beyond Pod Security baseline");
-    ok(debug(json!(["KILL"])));
+    let drops = json!(["NET_RAW"]);
+    refused(
+        debug(json!({"add": ["NET_ADMIN"], "drop": drops})),
+        "beyond Pod Security baseline",
+    );
+    // The webhook (not running here) adds the drop; without it, refused.
+    refused(debug(json!({"add": ["KILL"]})), "drops NET_RAW");
+    ok(debug(json!({"add": ["KILL"], "drop": drops})));
 }
