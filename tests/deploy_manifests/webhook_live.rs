@@ -116,36 +116,27 @@ fn the_api_server_injects_a_pod_and_its_debug_container_drops_net_raw() {
         ephemeral[0]["securityContext"]["capabilities"]["drop"],
         json!(["NET_RAW"])
     );
-    // kubectl's `general` profile adds SYS_PTRACE: beyond baseline.
-    let out = env.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "debug",
-        "web",
-        "--image=busybox",
-        "--container=tracer",
-        "--profile=general",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("beyond Pod Security baseline"),
-        "{stderr}"
-    );
-    // One that asks for NET_RAW (the netadmin profile) is refused.
-    let out = env.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "debug",
-        "web",
-        "--image=busybox",
-        "--container=sniffer",
-        "--profile=netadmin",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("NET_RAW"),
-        "{stderr}"
-    );
+    // kubectl's `general` profile adds SYS_PTRACE, beyond baseline; the
+    // `netadmin` one NET_RAW.
+    for (container, profile, reason) in [
+        ("tracer", "general", "beyond Pod Security baseline"),
+        ("sniffer", "netadmin", "NET_RAW"),
+    ] {
+        let out = env.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "debug",
+            "web",
+            "--image=busybox",
+            &format!("--container={container}"),
+            &format!("--profile={profile}"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(reason),
+            "{profile}: {stderr}"
+        );
+    }
 
     env.kubectl_ok(&[
         "delete",
