@@ -113,15 +113,23 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<(Value, Outcome), 
 }
 
 /// `kubectl debug` on a pod (an UPDATE of `pods/ephemeralcontainers`): on a
-/// meshed one (it runs our sidecar: its containers cannot change, where an
-/// annotation could), the new ephemeral containers drop `NET_RAW`.
+/// meshed one (the stored pod, `oldObject`, runs our sidecar: its
+/// containers cannot change, where an annotation could; the request's own
+/// `object` is the caller's until the API server drops what this
+/// subresource may not change), the new ephemeral containers drop
+/// `NET_RAW`.
 fn debugged(uid: &str, request: &Value) -> Result<(Value, Outcome), ReviewError> {
-    let pod = request
-        .get("object")
-        .filter(|o| o.is_object())
-        .ok_or(ReviewError::Field("request.object"))?;
+    let object = |key: &'static str, field: &'static str| {
+        request
+            .get(key)
+            .filter(|o| o.is_object())
+            .ok_or(ReviewError::Field(field))
+    };
+    let pod = object("object", "request.object")?;
+    let stored = object("oldObject", "request.oldObject")?;
     let meshed = ["containers", "initContainers"].iter().any(|list| {
-        pod.pointer(&format!("/spec/{list}"))
+        stored
+            .pointer(&format!("/spec/{list}"))
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -131,7 +139,7 @@ fn debugged(uid: &str, request: &Value) -> Result<(Value, Outcome), ReviewError>
         let why = "ephemeral containers of a pod without the sidecar".to_owned();
         return Ok((allow(uid, None, None), Outcome::Unchanged(why)));
     }
-    match ephemeral_drop_ops(pod, request.get("oldObject")) {
+    match ephemeral_drop_ops(pod, Some(stored)) {
         Ok(ops) if ops.is_empty() => {
             let why = "no new ephemeral container keeps NET_RAW".to_owned();
             Ok((allow(uid, None, None), Outcome::Unchanged(why)))
@@ -220,6 +228,13 @@ mod tests {
             containers.insert(0, json!({"name": PROXY_NAME, "image": "stepmesh"}));
         }
         request["oldObject"] = request["object"].clone();
+        if !meshed {
+            // The caller's object claims a sidecar the stored pod lacks.
+            let containers = request["object"]["spec"]["containers"]
+                .as_array_mut()
+                .unwrap();
+            containers.insert(0, json!({"name": PROXY_NAME, "image": "stepmesh"}));
+        }
         request["object"]["spec"]["ephemeralContainers"] =
             json!([{"name": "debugger", "image": "busybox"}]);
         v
@@ -242,11 +257,16 @@ mod tests {
                     "value": {"capabilities": {"drop": ["NET_RAW"]}}})
             ]
         );
-        // A pod without the sidecar is left as it is.
+        // A pod without the sidecar is left as it is, whatever the
+        // request's object says; and the stored pod is required.
         let body = serde_json::to_vec(&debug_review(false)).unwrap();
         let (out, outcome) = review(&body, &config).unwrap();
         assert!(matches!(outcome, Outcome::Unchanged(_)), "{outcome:?}");
         assert!(out["response"].get("patch").is_none());
+        let mut v = debug_review(true);
+        v["request"]["oldObject"] = Value::Null;
+        let err = review(&serde_json::to_vec(&v).unwrap(), &config).unwrap_err();
+        assert!(err.to_string().contains("request.oldObject"), "{err}");
         // One that adds NET_RAW is refused, by name.
         let mut v = debug_review(true);
         v["request"]["object"]["spec"]["ephemeralContainers"][0]["securityContext"] =

@@ -116,11 +116,11 @@ fn the_api_server_injects_a_pod_and_its_debug_container_drops_net_raw() {
         ephemeral[0]["securityContext"]["capabilities"]["drop"],
         json!(["NET_RAW"])
     );
-    // kubectl's `general` profile adds SYS_PTRACE, beyond baseline; the
-    // `netadmin` one NET_RAW.
+    // kubectl's `general` profile adds SYS_PTRACE, beyond baseline (the
+    // policy refuses it); the `netadmin` one NET_RAW (the webhook does).
     for (container, profile, reason) in [
         ("tracer", "general", "beyond Pod Security baseline"),
-        ("sniffer", "netadmin", "NET_RAW"),
+        ("sniffer", "netadmin", "\"sniffer\" adds NET_RAW"),
     ] {
         let out = env.kubectl(&[
             "-n",
