@@ -34,19 +34,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
     match outcome {
         Outcome::Injected => {
-            assert_eq!(answer["response"]["allowed"], true);
-            assert_eq!(answer["response"]["patchType"], "JSONPatch");
-            let b64 = answer["response"]["patch"]
-                .as_str()
-                .expect("a patch string");
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .expect("the patch is base64");
-            let patch: json_patch::Patch =
-                serde_json::from_slice(&bytes).expect("the patch is a JSON Patch");
-            let mut pod = request["object"].clone();
-            json_patch::patch(&mut pod, &patch)
-                .unwrap_or_else(|e| panic!("the patch does not apply to its pod: {e}"));
+            let pod = patched(&answer, request);
             let namespace = request["namespace"]
                 .as_str()
                 .or_else(|| {
@@ -61,6 +49,17 @@ fuzz_target!(|data: &[u8]| {
                 other => panic!("the injected pod is not seen as injected: {other:?}"),
             }
         }
+        Outcome::Debugged => {
+            // The new ephemeral containers' drop, once: the pod it leaves
+            // asks for none.
+            let mut again: Value = serde_json::from_slice(data).expect("answered bodies are JSON");
+            again["request"]["object"] = patched(&answer, request);
+            let body = serde_json::to_vec(&again).expect("a JSON value serializes");
+            match review(&body, config()) {
+                Ok((_, Outcome::Unchanged(_))) => {}
+                other => panic!("a debugged pod asks for another drop: {other:?}"),
+            }
+        }
         Outcome::Unchanged(_) => {
             assert_eq!(answer["response"]["allowed"], true);
             assert!(answer["response"].get("patch").is_none());
@@ -70,3 +69,22 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The pod of `request` with the answer's patch applied, which must be a
+/// base64 JSON Patch that applies cleanly.
+fn patched(answer: &Value, request: &Value) -> Value {
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let b64 = answer["response"]["patch"]
+        .as_str()
+        .expect("a patch string");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("the patch is base64");
+    let patch: json_patch::Patch =
+        serde_json::from_slice(&bytes).expect("the patch is a JSON Patch");
+    let mut pod = request["object"].clone();
+    json_patch::patch(&mut pod, &patch)
+        .unwrap_or_else(|e| panic!("the patch does not apply to its pod: {e}"));
+    pod
+}

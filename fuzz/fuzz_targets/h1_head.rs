@@ -24,11 +24,11 @@
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use stepmesh::policy::target::reads_as;
 use stepmesh::fuzzing::{
     parse_request, parse_response, splice_request, write_request, write_response, Detail,
     HeadLimits, RequestHead,
 };
+use stepmesh::policy::target::reads_as;
 
 const METHODS: [Method; 4] = [Method::GET, Method::HEAD, Method::POST, Method::CONNECT];
 
@@ -67,11 +67,19 @@ fn request(wire: &[u8], limits: HeadLimits) {
         // Clean means every line ends in CRLF (a bare LF inside would end
         // a line for us and not for gunicorn before 22); leading empty
         // lines are skipped, not passed on.
-        let skipped = wire.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+        let skipped = wire
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
         let text = &wire[skipped.min(*len)..*len];
         let lf = text.iter().filter(|&&b| b == b'\n').count();
         let crlf = text.windows(2).filter(|w| w == b"\r\n").count();
-        assert_eq!(lf, crlf, "a clean head with a bare LF: {:?}", String::from_utf8_lossy(text));
+        assert_eq!(
+            lf,
+            crlf,
+            "a clean head with a bare LF: {:?}",
+            String::from_utf8_lossy(text)
+        );
     }
     assert_eq!(scan.target, head.target);
     assert_eq!(scan.parts.method, head.parts.method);
@@ -108,7 +116,10 @@ fn spliced(raw: &[u8], head: &RequestHead, target: &RequestHead) {
     splice_request(&mut out, target);
     let (again, again_len) = match parse_request(&out, Detail::Full, HeadLimits::default()) {
         Ok(Some(x)) => x,
-        other => panic!("a spliced head does not parse: {other:?}\n{}", String::from_utf8_lossy(&out)),
+        other => panic!(
+            "a spliced head does not parse: {other:?}\n{}",
+            String::from_utf8_lossy(&out)
+        ),
     };
     assert_eq!(again_len, out.len(), "the spliced head is one whole head");
     assert_eq!(again.parts.method, head.parts.method);
@@ -122,7 +133,10 @@ fn spliced(raw: &[u8], head: &RequestHead, target: &RequestHead) {
             .collect()
     };
     assert_eq!(kept(&again.parts.headers), kept(&head.parts.headers));
-    assert!(!again.parts.headers.keys().any(dropped), "a dropped field passed");
+    assert!(
+        !again.parts.headers.keys().any(dropped),
+        "a dropped field passed"
+    );
 }
 
 fn response(wire: &[u8], method: &Method) {

@@ -67,9 +67,10 @@ pub enum MutateError {
     /// interception lets through untouched.
     #[error("container {0:?} runs as UID {1}, the sidecar's: its traffic would bypass the mesh; run it as another user, or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
     ProxyUid(String, u32),
-    /// An app container adds `NET_RAW`, which sends around the sidecar.
+    /// An app container adds `NET_RAW`, which sends around the sidecar, or
+    /// its capabilities cannot be read.
     #[error(transparent)]
-    NetRaw(#[from] super::net_raw::AddsNetRaw),
+    NetRaw(#[from] super::net_raw::NetRawError),
     /// An app container already mounts something where the Workload API
     /// socket's volume goes.
     #[error("container {container:?} already mounts {path} (stepmesh.io/workload-api needs it)")]

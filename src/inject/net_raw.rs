@@ -14,10 +14,24 @@ use super::patch::PatchOp;
 /// The capability taken.
 const NET_RAW: &str = "NET_RAW";
 
-/// Why a container keeps a capability the mesh cannot allow.
+/// Why `NET_RAW` cannot be dropped from a container.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("container {0:?} adds NET_RAW: raw and packet sockets send around the sidecar; remove it (ping works without it where net.ipv4.ping_group_range allows), or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
-pub struct AddsNetRaw(pub String);
+pub enum NetRawError {
+    /// It adds the capability, which the mesh cannot allow.
+    #[error("container {0:?} adds NET_RAW: raw and packet sockets send around the sidecar; remove it (ping works without it where net.ipv4.ping_group_range allows), or opt the pod out with the annotation stepmesh.io/inject: \"false\"")]
+    Adds(String),
+    /// A field on the way to its capabilities has the wrong type (no API
+    /// server sends one; a file given to `inject -f` may).
+    #[error("container {container:?}: {field} is not {expected}")]
+    Malformed {
+        /// The container.
+        container: String,
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+    },
+}
 
 /// `v`'s member `key`; a field left empty in a YAML file (null) is absent:
 /// the patch sets it.
@@ -29,7 +43,7 @@ fn field<'a>(v: Option<&'a Value>, key: &str) -> Option<&'a Value> {
 /// (`containers` or `initContainers`, as the pod has them now), whatever
 /// of `securityContext.capabilities.drop` exists; none for a container that
 /// already drops it or `ALL`. Refused when a container adds it.
-pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNetRaw> {
+pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, NetRawError> {
     let mut ops = Vec::new();
     for (i, c) in containers.iter().enumerate() {
         ops.extend(drop_op(list, i, c)?);
@@ -38,9 +52,36 @@ pub fn drop_ops(list: &str, containers: &[Value]) -> Result<Vec<PatchOp>, AddsNe
 }
 
 /// As [`drop_ops`], for the one container `c` at index `i` of `list`.
-pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, AddsNetRaw> {
+pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, NetRawError> {
+    let name = || {
+        c.get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let malformed = |field, expected| NetRawError::Malformed {
+        container: name(),
+        field,
+        expected,
+    };
     let context = field(Some(c), "securityContext");
     let capabilities = field(context, "capabilities");
+    for (value, what) in [
+        (context, "securityContext"),
+        (capabilities, "securityContext.capabilities"),
+    ] {
+        if value.is_some_and(|v| !v.is_object()) {
+            return Err(malformed(what, "an object"));
+        }
+    }
+    for (key, what) in [
+        ("add", "securityContext.capabilities.add"),
+        ("drop", "securityContext.capabilities.drop"),
+    ] {
+        if field(capabilities, key).is_some_and(|v| !v.is_array()) {
+            return Err(malformed(what, "a list"));
+        }
+    }
     let caps = |key: &str| {
         field(capabilities, key)
             .and_then(Value::as_array)
@@ -56,8 +97,7 @@ pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, AddsN
         let cap = cap.strip_prefix("CAP_").unwrap_or(&cap);
         cap == NET_RAW || cap == "ALL"
     }) {
-        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-        return Err(AddsNetRaw(name.to_owned()));
+        return Err(NetRawError::Adds(name()));
     }
     if caps("drop").any(|cap| cap == NET_RAW || cap == "ALL") {
         return Ok(None);
@@ -85,7 +125,7 @@ pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, AddsN
 /// with the runtime's `NET_RAW` it sends around the sidecar as an app
 /// container would. Those already there are left alone: the API server
 /// refuses any change to them. Refused when a new one adds it.
-pub fn ephemeral_drop_ops(pod: &Value, old: Option<&Value>) -> Result<Vec<PatchOp>, AddsNetRaw> {
+pub fn ephemeral_drop_ops(pod: &Value, old: Option<&Value>) -> Result<Vec<PatchOp>, NetRawError> {
     fn list(pod: Option<&Value>) -> &[Value] {
         pod.and_then(|p| p.pointer("/spec/ephemeralContainers"))
             .and_then(Value::as_array)
@@ -253,7 +293,7 @@ mod tests {
             {"name": "sniffer", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
         ]}});
         let err = ephemeral_drop_ops(&adds, Some(&old)).unwrap_err();
-        assert_eq!(err, AddsNetRaw("sniffer".into()));
+        assert_eq!(err, NetRawError::Adds("sniffer".into()));
     }
 
     #[test]
@@ -261,7 +301,29 @@ mod tests {
         let containers =
             [json!({"name": "pinger", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}})];
         let err = drop_ops("initContainers", &containers).unwrap_err();
-        assert_eq!(err, AddsNetRaw("pinger".into()));
+        assert_eq!(err, NetRawError::Adds("pinger".into()));
+        // A field of the wrong type is named, not patched.
+        for (bad, field) in [
+            (
+                json!({"securityContext": "x"}),
+                "securityContext is not an object",
+            ),
+            (
+                json!({"securityContext": {"capabilities": 1}}),
+                "capabilities is not an object",
+            ),
+            (
+                json!({"securityContext": {"capabilities": {"drop": "ALL"}}}),
+                "drop is not a list",
+            ),
+            (
+                json!({"securityContext": {"capabilities": {"add": {}}}}),
+                "add is not a list",
+            ),
+        ] {
+            let err = drop_ops("containers", &[bad]).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
         assert!(err.to_string().contains("stepmesh.io/inject"), "{err}");
     }
 }
