@@ -486,6 +486,33 @@ mod tests {
         assert!(!done.b_closed);
     }
 
+    /// `Until` polls its stop before its work (the inbound relay's wait is
+    /// registered before the copy reads the periods it is woken at), and a
+    /// work that finished in the same poll wins.
+    #[test]
+    fn until_polls_the_stop_first_and_a_finished_work_wins() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let step = |name: &'static str, ready: bool| {
+            let order = &order;
+            std::future::poll_fn(move |_| {
+                order.borrow_mut().push(name);
+                if ready {
+                    Poll::Ready(name)
+                } else {
+                    Poll::Pending
+                }
+            })
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let until = std::pin::pin!(Until::new(step("work", false), step("stop", false)));
+        assert!(until.poll(&mut cx).is_pending());
+        assert_eq!(*order.borrow(), ["stop", "work"]);
+        let both = std::pin::pin!(Until::new(step("work", true), step("stop", true)));
+        assert_eq!(both.poll(&mut cx), Poll::Ready(Ok("work")));
+        let stopped = std::pin::pin!(Until::new(step("work", false), step("stop", true)));
+        assert_eq!(stopped.poll(&mut cx), Poll::Ready(Err("stop")));
+    }
+
     /// With the process's periods, a copy that just started lets the first
     /// period pass, a byte lets the next pass, and two without one end it.
     #[tokio::test]
