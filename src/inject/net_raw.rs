@@ -120,21 +120,21 @@ pub fn drop_op(list: &str, i: usize, c: &Value) -> Result<Option<PatchOp>, NetRa
 }
 
 /// The operations that drop `NET_RAW` from the ephemeral containers
-/// `kubectl debug` adds to a pod (those `old`, the pod before, does not
+/// `kubectl debug` adds to a pod (those `old`, the stored pod, does not
 /// have): an ephemeral container joins the pod's network namespace, and
 /// with the runtime's `NET_RAW` it sends around the sidecar as an app
 /// container would. Those already there are left alone: the API server
 /// refuses any change to them. Refused when a new one adds it.
-pub fn ephemeral_drop_ops(pod: &Value, old: Option<&Value>) -> Result<Vec<PatchOp>, NetRawError> {
-    fn list(pod: Option<&Value>) -> &[Value] {
-        pod.and_then(|p| p.pointer("/spec/ephemeralContainers"))
+pub fn ephemeral_drop_ops(pod: &Value, old: &Value) -> Result<Vec<PatchOp>, NetRawError> {
+    fn list(pod: &Value) -> &[Value] {
+        pod.pointer("/spec/ephemeralContainers")
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice)
     }
     let name = |c: &Value| c.get("name").and_then(Value::as_str).map(str::to_owned);
     let before: Vec<Option<String>> = list(old).iter().map(name).collect();
     let mut ops = Vec::new();
-    for (i, c) in list(Some(pod)).iter().enumerate() {
+    for (i, c) in list(pod).iter().enumerate() {
         if !before.contains(&name(c)) {
             ops.extend(drop_op("ephemeralContainers", i, c)?);
         }
@@ -278,7 +278,7 @@ mod tests {
             {"name": "debugger-b", "image": "busybox"},
             {"name": "debugger-c", "securityContext": {"capabilities": {"drop": ["ALL"]}}},
         ]}});
-        let ops = ephemeral_drop_ops(&pod, Some(&old)).unwrap();
+        let ops = ephemeral_drop_ops(&pod, &old).unwrap();
         assert_eq!(ops.len(), 1, "{ops:?}");
         apply(&mut pod, &ops).unwrap();
         let list = &pod["spec"]["ephemeralContainers"];
@@ -287,12 +287,12 @@ mod tests {
             list[1]["securityContext"]["capabilities"]["drop"],
             json!(["NET_RAW"])
         );
-        // No pod before (a first debug session): every one is new.
-        assert_eq!(ephemeral_drop_ops(&old, None).unwrap().len(), 1);
+        // No ephemeral container before (a first debug session): every one is new.
+        assert_eq!(ephemeral_drop_ops(&old, &json!({})).unwrap().len(), 1);
         let adds = json!({"spec": {"ephemeralContainers": [
             {"name": "sniffer", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
         ]}});
-        let err = ephemeral_drop_ops(&adds, Some(&old)).unwrap_err();
+        let err = ephemeral_drop_ops(&adds, &old).unwrap_err();
         assert_eq!(err, NetRawError::Adds("sniffer".into()));
     }
 

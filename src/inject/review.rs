@@ -139,7 +139,7 @@ fn debugged(uid: &str, request: &Value) -> Result<(Value, Outcome), ReviewError>
         let why = "ephemeral containers of a pod without the sidecar".to_owned();
         return Ok((allow(uid, None, None), Outcome::Unchanged(why)));
     }
-    match ephemeral_drop_ops(pod, Some(stored)) {
+    match ephemeral_drop_ops(pod, stored) {
         Ok(ops) if ops.is_empty() => {
             let why = "no new ephemeral container keeps NET_RAW".to_owned();
             Ok((allow(uid, None, None), Outcome::Unchanged(why)))

@@ -290,10 +290,6 @@ impl Half {
         }
     }
 
-    fn written(&mut self, n: usize, counter: &Counter, active: &mut bool) {
-        count(&mut self.total, &mut self.need_flush, n, counter, active);
-    }
-
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -351,7 +347,13 @@ impl Half {
                 Step::Eof => self.read_done = true,
                 Step::Moved { written } => {
                     *active = true;
-                    self.written(written, counter, active);
+                    count(
+                        &mut self.total,
+                        &mut self.need_flush,
+                        written,
+                        counter,
+                        active,
+                    );
                 }
                 Step::ReadFailed(source) => {
                     return Poll::Ready(Err(ForwardError::Io {
@@ -360,7 +362,13 @@ impl Half {
                     }))
                 }
                 Step::WriteFailed { written, error } => {
-                    self.written(written, counter, active);
+                    count(
+                        &mut self.total,
+                        &mut self.need_flush,
+                        written,
+                        counter,
+                        active,
+                    );
                     return Poll::Ready(Err(write_err(error)));
                 }
             }
