@@ -20,13 +20,15 @@ pub use time::{rfc3339, Timestamp};
 /// How long the writer rests after writing a batch before it takes the
 /// next. Under load lines gather meanwhile, so the writer is seldom
 /// parked when a runtime thread queues a line (no wake-up, a futex call
-/// and a context switch, per line) and one `write` carries many lines.
-/// Short, because the queue must hold every line that comes during the
-/// pause ([`queue::PENDING_MAX`], 1 MiB): 1 ms drops lines only above
-/// about 2,000,000 lines/s; and a line reaches stdout at most 1 ms later
-/// than it would have. Still at most 1,000 wake-ups and `write`s a second,
-/// however many lines.
-const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+/// and a context switch, per line) and one `write` carries many lines: a
+/// `write` to a file costs ext4 its inode update and journal work
+/// whatever its length, so at 47,000 lines a second of 370 bytes a writer
+/// resting 1 ms used 11.7 % of a core, one resting 10 ms 3.6 % (to a pipe,
+/// as a container runtime reads stdout: 3.0 % and 1.0 %; docs/BENCHMARKS.md).
+/// A line reaches stdout at most 10 ms later than it would have, well
+/// under Envoy's 1 s access-log flush. A burst is not dropped for the
+/// rest: half a queue of lines ends it at once ([`queue::PENDING_MAX`]).
+const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// One connection's record.
 #[derive(Debug, Clone, Serialize)]

@@ -15,15 +15,20 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Bytes of lines waiting for the writer: once this many wait, lines are
-/// dropped (and counted by the caller) until the writer takes them. 2,048
-/// lines of 512 bytes, what the queue of lines this replaced held.
-pub const PENDING_MAX: usize = 1024 * 1024;
+/// dropped (and counted by the caller) until the writer takes them. Half
+/// of it cuts the writer's rest short ([`EARLY`]), so a burst has the
+/// other half to fill while its first half is written.
+pub const PENDING_MAX: usize = 2 * 1024 * 1024;
 
-/// What a batch's buffer is cut back to after a burst made it larger: no
-/// more than this is kept between bursts, twice (the buffer being written
-/// and the one being filled); the writer's `BufWriter` this replaced kept
-/// as much, once. At 20,000 lines a second of under 512 bytes, a batch
-/// (1 ms of them) is under 10 KiB.
+/// Lines this many bytes long end the writer's rest at once.
+const EARLY: usize = PENDING_MAX / 2;
+
+/// The least a batch's buffer is cut back to: a buffer larger than twice
+/// the batch it just carried is cut to that (but not below this), so a
+/// steady load keeps its buffers (no regrowth, each a copy under the lock,
+/// per batch) and a burst's are given back by the next quieter batches, or
+/// down to this once no line comes. Twice (the buffer being written and the
+/// one being filled); the writer's `BufWriter` of before kept as much, once.
 const KEPT: usize = 32 * 1024;
 
 /// The runtime threads' side of the queue; the writer ends when the last
@@ -49,10 +54,22 @@ struct Pending {
     /// last finished a batch: a flush is done once `done` reaches its own.
     asked: u64,
     done: u64,
-    /// Whether the writer is waiting on `to_writer`: only then is it
-    /// signalled (a signal is a system call, waiter or not).
-    writer_waiting: bool,
+    /// What the writer waits for on `to_writer`, if it waits: only then
+    /// is it signalled (a signal is a system call, waiter or not).
+    writer: Parked,
     senders: usize,
+}
+
+/// What the writer is parked for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Parked {
+    /// Writing, or about to look at the queue: nothing to signal.
+    #[default]
+    No,
+    /// The queue is empty: the first line wakes it.
+    ForLines,
+    /// Resting after a batch: only [`EARLY`] bytes of lines wake it.
+    Resting,
 }
 
 impl Queue {
@@ -91,7 +108,11 @@ impl Sender {
             return false;
         }
         p.lines.push(b'\n');
-        let wake = start == 0 && p.writer_waiting;
+        let wake = match p.writer {
+            Parked::No => false,
+            Parked::ForLines => start == 0,
+            Parked::Resting => start < EARLY && p.lines.len() >= EARLY,
+        };
         drop(p);
         if wake {
             self.0.to_writer.notify_one();
@@ -106,7 +127,7 @@ impl Sender {
         let mut p = self.0.lock();
         p.asked += 1;
         let mine = p.asked;
-        if p.writer_waiting {
+        if p.writer != Parked::No {
             self.0.to_writer.notify_one();
         }
         while p.done < mine {
@@ -135,7 +156,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         let mut p = self.0.lock();
         p.senders -= 1;
-        let wake = p.senders == 0 && p.writer_waiting;
+        let wake = p.senders == 0 && p.writer != Parked::No;
         drop(p);
         if wake {
             self.0.to_writer.notify_one();
@@ -150,12 +171,15 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
         let (asked, waited) = {
             let mut p = queue.lock();
             while p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
-                p.writer_waiting = true;
+                // No load: a burst's buffers are given back.
+                batch.shrink_to(KEPT);
+                p.lines.shrink_to(KEPT);
+                p.writer = Parked::ForLines;
                 p = queue
                     .to_writer
                     .wait(p)
                     .unwrap_or_else(PoisonError::into_inner);
-                p.writer_waiting = false;
+                p.writer = Parked::No;
             }
             if p.lines.is_empty() && p.asked == p.done {
                 // The last sender is gone and everything is written.
@@ -167,15 +191,35 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
         // One `write` for the whole batch (it may take more on a pipe).
         let _ = out.write_all(&batch);
         let _ = out.flush();
+        let carried = batch.len();
         batch.clear();
-        batch.shrink_to(KEPT);
+        batch.shrink_to(KEPT.max(2 * carried));
+        let mut p = queue.lock();
         if waited {
-            // Taken again only for a flush: the runtime threads' appends
-            // contend for the lock with one swap per batch, no more.
-            queue.lock().done = asked;
+            p.done = asked;
             queue.written.notify_all();
         }
-        std::thread::sleep(pause);
+        rest(queue, p, pause);
+    }
+}
+
+/// Rests `pause` after a batch, so lines gather into the next one; cut
+/// short by a flush asked, the last sender gone, or [`EARLY`] bytes of
+/// lines (a burst must not fill the queue while the writer rests).
+fn rest(queue: &Queue, mut p: MutexGuard<'_, Pending>, pause: Duration) {
+    let until = Instant::now() + pause;
+    while p.lines.len() < EARLY && p.asked == p.done && p.senders > 0 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        p.writer = Parked::Resting;
+        p = queue
+            .to_writer
+            .wait_timeout(p, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        p.writer = Parked::No;
     }
 }
 
@@ -263,6 +307,69 @@ mod tests {
         assert!(!failed);
         assert!(put(&tx, b"two"));
         assert_eq!(tx.0.lock().lines, b"one\ntwo\n");
+    }
+
+    /// A writer resting after a batch (here for an hour) is woken by a
+    /// flush, by half a queue of lines, and by the last sender leaving.
+    #[test]
+    fn a_resting_writer_wakes_for_a_flush_a_burst_and_the_end() {
+        let out = super::super::tests::Shared::default();
+        let (tx, writer) = queue(out.clone(), Duration::from_secs(3600));
+        let (ended, end) = mpsc::channel();
+        std::thread::spawn(move || {
+            writer();
+            let _ = ended.send(());
+        });
+        let written = || out.0.lock().unwrap().len();
+        let soon = Duration::from_secs(10);
+        // The first line wakes a waiting writer, which then rests.
+        assert!(put(&tx, b"a"));
+        tx.flush(soon);
+        assert_eq!(written(), 2);
+        let started = Instant::now();
+        assert!(put(&tx, b"b"));
+        tx.flush(soon);
+        assert_eq!(written(), 4, "a flush cuts the rest short");
+        assert!(started.elapsed() < soon);
+        // Half a queue of lines, no flush: written while it rests.
+        let line = [b'x'; 999];
+        let mut queued = 4;
+        while queued < 4 + EARLY {
+            assert!(put(&tx, &line), "refused at {queued}");
+            queued += line.len() + 1;
+        }
+        while written() < queued && started.elapsed() < soon {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(written(), queued, "a burst cuts the rest short");
+        drop(tx);
+        assert!(end.recv_timeout(soon).is_ok(), "the writer ends at once");
+    }
+
+    /// A burst's buffers are given back once no line comes.
+    #[test]
+    fn an_idle_writer_holds_no_burst_buffer() {
+        let (tx, writer) = queue(std::io::sink(), Duration::from_millis(1));
+        std::thread::spawn(writer);
+        let line = [b'x'; 999];
+        // Two bursts: each of the two buffers carries one.
+        for _ in 0..2 {
+            for _ in 0..EARLY / 1000 {
+                assert!(put(&tx, &line));
+            }
+            tx.flush(Duration::from_secs(10));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = tx.0.lock();
+            if p.writer == Parked::ForLines {
+                assert!(p.lines.capacity() <= KEPT, "{}", p.lines.capacity());
+                break;
+            }
+            drop(p);
+            assert!(Instant::now() < deadline, "the writer never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// A flush on an idle writer wakes it and returns at once; one after
