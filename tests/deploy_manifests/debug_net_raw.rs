@@ -1,0 +1,138 @@
+//! deploy/injector/debug-net-raw.yaml on a real API server (envtest): in
+//! every namespace, `kubectl debug` on a pod running the sidecar adds only
+//! ephemeral containers that drop NET_RAW, so none can send around the
+//! sidecar with raw or packet sockets; a pod without the sidecar is
+//! debugged as before. Skips with a printed reason without
+//! `KUBEBUILDER_ASSETS`.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::pod_security::{deployed, injected_pod};
+use crate::common::envtest::Envtest;
+
+/// Not labelled for injection, as a namespace unlabelled after its pods
+/// were injected: neither the webhook nor the Pod Security policy is
+/// called here.
+const NAMESPACE: &str = "debug-unlabelled";
+
+/// Creates `pod` in the namespace (retried while the namespace is new).
+fn create(env: &Envtest, mut pod: Value) {
+    pod["metadata"]["namespace"] = json!(NAMESPACE);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.kubectl_with_stdin(&["create", "-f", "-"], pod.to_string().as_bytes());
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `kubectl debug` of `pod` with kubectl's `profile`.
+fn debug(env: &Envtest, pod: &str, container: &str, profile: &str) -> Output {
+    env.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "debug",
+        pod,
+        "--image=busybox",
+        &format!("--container={container}"),
+        &format!("--profile={profile}"),
+    ])
+}
+
+fn refused(out: &Output) -> bool {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    !out.status.success() && stderr.contains("stepmesh-debug-net-raw")
+}
+
+#[test]
+fn debugging_a_pod_with_the_sidecar_drops_net_raw_in_every_namespace() {
+    let Some(env) = Envtest::shared() else { return };
+    env.apply(&deployed("debug-net-raw.yaml"));
+    env.create_namespace(NAMESPACE);
+    create(env, injected_pod());
+    create(
+        env,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "plain"},
+            "spec": {"containers": [{"name": "app", "image": "nginx"}]},
+        }),
+    );
+
+    // kubectl's `baseline` profile leaves the runtime's NET_RAW: refused
+    // once the policy takes effect (shortly after it is created; a session
+    // admitted before then does not block the next).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        let out = debug(env, "web", &format!("early-{n}"), "baseline");
+        if refused(&out) {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("--profile=restricted"), "{stderr}");
+            break;
+        }
+        assert!(
+            out.status.success() && Instant::now() < deadline,
+            "the policy never took effect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // `netadmin` adds it; `restricted` drops ALL.
+    assert!(refused(&debug(env, "web", "sniffer", "netadmin")));
+    let out = debug(env, "web", "debugger", "restricted");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A custom drop of NET_RAW alone, after other capabilities, is enough.
+    let patch = |container: &str, capabilities: Value| {
+        let body = json!({"spec": {"ephemeralContainers": [{
+            "name": container, "image": "busybox",
+            "securityContext": {"capabilities": capabilities},
+        }]}});
+        env.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "pod",
+            "web",
+            "--subresource",
+            "ephemeralcontainers",
+            "--type",
+            "strategic",
+            "-p",
+            &body.to_string(),
+        ])
+    };
+    assert!(refused(&patch("kill", json!({"add": ["KILL"]}))));
+    let out = patch(
+        "kill",
+        json!({"add": ["KILL"], "drop": ["CHOWN", "NET_RAW"]}),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A pod without the sidecar is not the policy's.
+    let out = debug(env, "plain", "debugger", "baseline");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
