@@ -30,10 +30,10 @@ mod pod_security;
 #[path = "deploy_manifests/service_account_label.rs"]
 mod service_account_label;
 
-/// deploy/injector/debug-net-raw.yaml: no ephemeral container keeps
-/// NET_RAW in a pod with the sidecar, in any namespace.
-#[path = "deploy_manifests/debug_net_raw.rs"]
-mod debug_net_raw;
+/// deploy/injector/debug-containers.yaml: no ephemeral container of a pod
+/// with the sidecar can send around it, in any namespace.
+#[path = "deploy_manifests/debug_containers.rs"]
+mod debug_containers;
 
 /// The webhook called by the API server: a pod injected, a debug
 /// container's NET_RAW dropped.

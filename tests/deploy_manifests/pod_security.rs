@@ -297,10 +297,12 @@ fn the_exception_names_the_injectors_image_and_command() {
         );
     }
     let uid = &config["proxyUid"];
-    assert!(
-        policy.contains(&format!("expression: \"{uid}\"")),
-        "proxyUid in pod-security.yaml is not config.yaml's {uid}"
-    );
+    for file in ["pod-security.yaml", "debug-containers.yaml"] {
+        assert!(
+            deployed(file).contains(&format!("expression: \"{uid}\"")),
+            "proxyUid in {file} is not config.yaml's {uid}"
+        );
+    }
     let injected = injected_pod();
     let init = &injected["spec"]["initContainers"][0];
     assert_eq!(init["name"], "stepmesh-init");
@@ -389,6 +391,6 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         debug(json!({"add": ["NET_ADMIN"], "drop": drops})),
         "beyond Pod Security baseline",
     );
-    // (That it drops NET_RAW is debug-net-raw.yaml's: debug_net_raw.rs.)
+    // (That it drops NET_RAW is debug-containers.yaml's: debug_containers.rs.)
     ok(debug(json!({"add": ["KILL"], "drop": drops})));
 }

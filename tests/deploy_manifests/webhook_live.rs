@@ -38,7 +38,7 @@ fn the_api_server_injects_a_pod_and_its_debug_container_drops_net_raw() {
         json!({"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}});
     env.apply(&hook.to_string());
     env.apply(&deployed("pod-security.yaml"));
-    env.apply(&deployed("debug-net-raw.yaml"));
+    env.apply(&deployed("debug-containers.yaml"));
     env.create_namespace(NAMESPACE);
     env.kubectl_ok(&[
         "label",
@@ -98,7 +98,7 @@ fn the_api_server_injects_a_pod_and_its_debug_container_drops_net_raw() {
     );
 
     // `kubectl debug` with Pod Security baseline's profile: the webhook adds the drop,
-    // and debug-net-raw.yaml (which refuses an ephemeral container keeping
+    // and debug-containers.yaml (which refuses an ephemeral container keeping
     // NET_RAW in a pod with the sidecar) admits it.
     env.kubectl_ok(&[
         "-n",

@@ -1,8 +1,8 @@
-//! deploy/injector/debug-net-raw.yaml on a real API server (envtest): in
-//! every namespace, `kubectl debug` on a pod running the sidecar adds only
-//! ephemeral containers that drop NET_RAW, so none can send around the
-//! sidecar with raw or packet sockets; a pod without the sidecar is
-//! debugged as before. Skips with a printed reason without
+//! deploy/injector/debug-containers.yaml on a real API server (envtest):
+//! in every namespace, `kubectl debug` on a pod running the sidecar adds
+//! only ephemeral containers that cannot send around it (NET_RAW dropped,
+//! no NET_ADMIN or other capability beyond baseline's, not privileged, not
+//! the sidecar's UID); a pod without the sidecar is debugged as before. Skips with a printed reason without
 //! `KUBEBUILDER_ASSETS`.
 
 use std::process::Output;
@@ -51,13 +51,13 @@ fn debug(env: &Envtest, pod: &str, container: &str, profile: &str) -> Output {
 
 fn refused(out: &Output) -> bool {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    !out.status.success() && stderr.contains("stepmesh-debug-net-raw")
+    !out.status.success() && stderr.contains("stepmesh-debug-containers")
 }
 
 #[test]
-fn debugging_a_pod_with_the_sidecar_drops_net_raw_in_every_namespace() {
+fn a_debug_container_cannot_go_around_the_sidecar_in_any_namespace() {
     let Some(env) = Envtest::shared() else { return };
-    env.apply(&deployed("debug-net-raw.yaml"));
+    env.apply(&deployed("debug-containers.yaml"));
     env.create_namespace(NAMESPACE);
     create(env, injected_pod());
     create(
@@ -97,11 +97,11 @@ fn debugging_a_pod_with_the_sidecar_drops_net_raw_in_every_namespace() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // A custom drop of NET_RAW alone, after other capabilities, is enough.
-    let patch = |container: &str, capabilities: Value| {
+    // Custom profiles: a drop of NET_RAW with baseline's capabilities is
+    // enough; what would still go around the sidecar is refused by name.
+    let patch = |container: &str, context: Value| {
         let body = json!({"spec": {"ephemeralContainers": [{
-            "name": container, "image": "busybox",
-            "securityContext": {"capabilities": capabilities},
+            "name": container, "image": "busybox", "securityContext": context,
         }]}});
         env.kubectl(&[
             "-n",
@@ -117,10 +117,37 @@ fn debugging_a_pod_with_the_sidecar_drops_net_raw_in_every_namespace() {
             &body.to_string(),
         ])
     };
-    assert!(refused(&patch("kill", json!({"add": ["KILL"]}))));
+    let drop = json!(["CHOWN", "NET_RAW"]);
+    for (context, why) in [
+        (json!({"capabilities": {"add": ["KILL"]}}), "drops NET_RAW"),
+        (
+            json!({"capabilities": {"drop": ["net_raw"]}}),
+            "drops NET_RAW",
+        ),
+        (
+            json!({"capabilities": {"drop": ["ALL"], "add": ["NET_RAW"]}}),
+            "beyond Pod Security baseline",
+        ),
+        (
+            json!({"capabilities": {"drop": drop, "add": ["NET_ADMIN"]}}),
+            "beyond Pod Security baseline",
+        ),
+        (
+            json!({"capabilities": {"drop": drop}, "privileged": true}),
+            "is not privileged",
+        ),
+        (
+            json!({"capabilities": {"drop": drop}, "runAsUser": 1337}),
+            "the sidecar's UID",
+        ),
+    ] {
+        let out = patch("custom", context.clone());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(refused(&out) && stderr.contains(why), "{context}: {stderr}");
+    }
     let out = patch(
-        "kill",
-        json!({"add": ["KILL"], "drop": ["CHOWN", "NET_RAW"]}),
+        "custom",
+        json!({"capabilities": {"add": ["KILL"], "drop": drop}, "runAsUser": 1000}),
     );
     assert!(
         out.status.success(),
