@@ -31,7 +31,7 @@ pub use mesh::MeshConnectors;
 pub use metrics::HttpMetrics;
 pub use record::{RequestLog, RequestRecord};
 
-use crate::policy::PolicyWatch;
+use crate::policy::{PolicyWatch, SpiffeId};
 use crate::stepup::StepUp;
 
 /// The ALPN id of sidecar-to-sidecar HTTP/2 (never offered by apps): HTTP
@@ -107,6 +107,9 @@ pub struct HttpLayer {
     /// The process's `--max-connections`: an HTTP/2 stream relayed to an
     /// HTTP/1 app takes an app connection of its own while it lasts.
     pub(crate) connections: Option<Arc<crate::net::caps::ConnectionBudget>>,
+    /// `--max-connections-per-peer`: such a stream counts against its
+    /// peer's cap too, so one peer cannot take the whole process limit.
+    pub(crate) peer_cap: Option<Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>>,
 }
 
 /// What one HTTP/1 client may hold of the proxy, so that slow or greedy
@@ -164,6 +167,7 @@ impl HttpLayer {
             connect_timeout: inbound::APP_CONNECT_TIMEOUT,
             limits: HttpLimits::default(),
             connections: None,
+            peer_cap: None,
         }
     }
 
@@ -206,13 +210,16 @@ impl HttpLayer {
     }
 
     /// Counts each app connection an HTTP/2 stream takes against the
-    /// process's connection limit (else 256 streams per connection, each
-    /// with its app connection, were outside `--max-connections`).
-    pub fn with_connection_budget(
+    /// process's connection limit and its peer's cap (else 256 streams per
+    /// connection, each with its app connection, were outside
+    /// `--max-connections`, and one peer's could take all of it).
+    pub fn with_connection_limits(
         mut self,
         budget: Arc<crate::net::caps::ConnectionBudget>,
+        peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
     ) -> HttpLayer {
         self.connections = Some(budget);
+        self.peer_cap = Some(peer_cap);
         self
     }
 

@@ -201,9 +201,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let connections = crate::net::caps::ConnectionBudget::new(
         crate::net::fdlimit::connection_limit(args.max_connections, crate::net::fdlimit::raise()),
     );
+    let peer_cap = crate::net::caps::PerKeyCap::new(args.max_connections_per_peer);
     let http = Arc::new(
         crate::http::HttpLayer::new(policy.clone(), stepup, http_metrics, request_log)
-            .with_connection_budget(connections.clone())
+            .with_connection_limits(connections.clone(), peer_cap.clone())
             .with_timeouts(args.idle_timeout, args.connect_timeout)
             .with_mesh_sidecar(store.clone(), proxy_metrics.clone())
             .with_mesh_keepalive(args.mesh_keepalive)
@@ -221,7 +222,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         http,
         connections,
-        peer_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_peer),
+        peer_cap,
         source_cap: crate::net::caps::PerKeyCap::new(args.max_connections_per_source),
         opaque_ports: args.opaque_ports.clone(),
         reauth,

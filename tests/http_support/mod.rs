@@ -47,10 +47,11 @@ pub fn layer_with_log(policy: Policy, log: RequestLog) -> Arc<HttpLayer> {
     ))
 }
 
-/// As [`layer`], counting app connections against `budget`.
-pub fn layer_with_budget(
+/// As [`layer`], counting app connections against `budget` and `peers`.
+pub fn layer_with_limits(
     policy: Policy,
     budget: Arc<stepmesh::net::caps::ConnectionBudget>,
+    peers: Arc<stepmesh::net::caps::PerKeyCap<Arc<stepmesh::policy::SpiffeId>>>,
 ) -> Arc<HttpLayer> {
     let stepup = Arc::new(StepUp::new(StepUpMetrics::default()));
     let layer = HttpLayer::new(
@@ -59,7 +60,7 @@ pub fn layer_with_budget(
         HttpMetrics::default(),
         RequestLog::disabled(),
     );
-    Arc::new(layer.with_connection_budget(budget))
+    Arc::new(layer.with_connection_limits(budget, peers))
 }
 
 /// The inbound side: mTLS (client SVID required), then `http::inbound::serve`.

@@ -1,15 +1,19 @@
 //! One request on a hyper-served inbound connection (HTTP/2, or HTTP/1
 //! from a peer sidecar's HTTP/2): decided, then sent over the pooled app
 //! client; an HTTP/1 app's connection counted against the process's
-//! connection limit while the answer lasts.
+//! connection limit and its peer's cap while the answer lasts.
 
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{admit, app_unavailable, Served, ORIG_PROTO};
+use std::sync::Arc;
+
+use super::{admit, app_unavailable, InboundConn, Served, ORIG_PROTO};
 use crate::http::headers::{absolute, strip_hop_by_hop};
 use crate::http::{HttpLayer, Local, ProxyBody, Verdict};
+use crate::net::caps::{Slot, Spent};
+use crate::policy::SpiffeId;
 
 /// One request on a hyper-served connection (HTTP/2, or HTTP/1 from a peer
 /// sidecar's HTTP/2): decided, then sent over the pooled app client.
@@ -80,21 +84,14 @@ pub(super) async fn handle(
         Version::HTTP_11
     };
     // An HTTP/1 app takes a connection per stream in flight: counted
-    // against `--max-connections` until its answer ends.
-    let spent = match (&layer.connections, to_h2) {
-        (Some(budget), false) => match budget.try_spend() {
-            Some(spent) => Some(spent),
-            None => {
-                layer.metrics.refusal("inbound", "connection_limit");
-                let local = Local::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "connection_limit",
-                    "the sidecar is at its connection limit\n",
-                );
-                return local.respond(x);
-            }
-        },
-        _ => None,
+    // against `--max-connections` and the peer's cap until its answer ends.
+    let places = if to_h2 {
+        None
+    } else {
+        match Places::take(layer, conn) {
+            Ok(places) => Some(places),
+            Err(local) => return local.respond(x),
+        }
     };
     let upstream = Request::from_parts(parts, x.count_request(body));
     let answer = if to_h2 {
@@ -106,10 +103,10 @@ pub(super) async fn handle(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = match spent {
-                Some(spent) => Holding {
+            let body = match places {
+                Some(places) => Holding {
                     body,
-                    _spent: spent,
+                    _places: places,
                 }
                 .boxed(),
                 None => body.boxed(),
@@ -124,11 +121,50 @@ pub(super) async fn handle(
     }
 }
 
-/// An app's answer with its place under the connection limit, given back
-/// when the answer ends (or is dropped).
+/// An HTTP/1 app connection's places under the process's connection limit
+/// and under its peer's cap (as a tunnel's: docs/PROXY.md).
+struct Places {
+    _spent: Option<Spent>,
+    _slot: Option<Slot<Arc<SpiffeId>>>,
+}
+
+impl Places {
+    /// Both places, or the `503` that says which limit is reached.
+    fn take(layer: &HttpLayer, conn: &InboundConn) -> Result<Places, Local> {
+        let refused = |reason: &'static str, body: &'static str| {
+            layer.metrics.refusal("inbound", reason);
+            Local::error(StatusCode::SERVICE_UNAVAILABLE, reason, body)
+        };
+        let spent = match &layer.connections {
+            Some(budget) => Some(budget.try_spend().ok_or_else(|| {
+                refused(
+                    "connection_limit",
+                    "the sidecar is at its connection limit\n",
+                )
+            })?),
+            None => None,
+        };
+        let slot = match &layer.peer_cap {
+            Some(cap) => cap.acquire(&conn.peer).map_err(|reached| {
+                if reached.log {
+                    tracing::warn!(client = %conn.client, peer = %conn.peer, limit = reached.limit, "inbound: per-peer connection cap reached; refusing a request to an HTTP/1 app (--max-connections-per-peer)");
+                }
+                refused("peer_limit", "the peer is at its connection limit\n")
+            })?,
+            None => None,
+        };
+        Ok(Places {
+            _spent: spent,
+            _slot: slot,
+        })
+    }
+}
+
+/// An app's answer with its places under the connection limits, given
+/// back when the answer ends (or is dropped).
 struct Holding<B> {
     body: B,
-    _spent: crate::net::caps::Spent,
+    _places: Places,
 }
 
 impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
