@@ -22,12 +22,14 @@ pub use time::{rfc3339, Timestamp};
 /// parked when a runtime thread queues a line (no wake-up, a futex call
 /// and a context switch, per line) and one `write` carries many lines: a
 /// `write` to a file costs ext4 its inode update and journal work
-/// whatever its length, so at 47,000 lines a second of 370 bytes a writer
-/// resting 1 ms used 11.7 % of a core, one resting 10 ms 3.6 % (to a pipe,
-/// as a container runtime reads stdout: 3.0 % and 1.0 %; docs/BENCHMARKS.md).
-/// A line reaches stdout at most 10 ms later than it would have, well
-/// under Envoy's 1 s access-log flush. A burst is not dropped for the
-/// rest: half a queue of lines ends it at once ([`queue::PENDING_MAX`]).
+/// whatever its length: writing 47,000 lines a second of 370 bytes, a C
+/// writer resting 1 ms used 11.7 % of a core, one resting 10 ms 3.6 % (to
+/// a pipe, as a container runtime reads stdout: 3.0 % and 1.0 %), and this
+/// writer's share of the sidecar's CPU under the bench's HTTP saturation
+/// went from 8.6 % to 4.6 % (docs/BENCHMARKS.md). A line reaches stdout at
+/// most 10 ms later than it would have, well under Envoy's 1 s access-log
+/// flush. A burst is not dropped for the rest: half a queue of lines ends
+/// it at once ([`queue::PENDING_MAX`]).
 const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// One connection's record.

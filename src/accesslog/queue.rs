@@ -15,12 +15,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Bytes of lines waiting for the writer: once this many wait, lines are
-/// dropped (and counted by the caller) until the writer takes them. Half
+/// dropped (and counted by the caller) until the writer takes them. 2,048
+/// lines of 512 bytes, what the queue of lines this replaced held. Half
 /// of it cuts the writer's rest short ([`EARLY`]), so a burst has the
 /// other half to fill while its first half is written.
-pub const PENDING_MAX: usize = 2 * 1024 * 1024;
+pub const PENDING_MAX: usize = 1024 * 1024;
 
-/// Lines this many bytes long end the writer's rest at once.
+/// This many bytes of queued lines end the writer's rest at once.
 const EARLY: usize = PENDING_MAX / 2;
 
 /// The least a batch's buffer is cut back to: a buffer larger than twice
@@ -54,8 +55,9 @@ struct Pending {
     /// last finished a batch: a flush is done once `done` reaches its own.
     asked: u64,
     done: u64,
-    /// What the writer waits for on `to_writer`, if it waits: only then
-    /// is it signalled (a signal is a system call, waiter or not).
+    /// What the writer waits for on `to_writer`, if it waits (lines, or
+    /// the end of its rest): only then is it signalled (a signal is a
+    /// system call, waiter or not).
     writer: Parked,
     senders: usize,
 }
@@ -68,7 +70,8 @@ enum Parked {
     No,
     /// The queue is empty: the first line wakes it.
     ForLines,
-    /// Resting after a batch: only [`EARLY`] bytes of lines wake it.
+    /// Resting after a batch: [`EARLY`] bytes of lines wake it (not each
+    /// line), as do a flush and the last sender leaving.
     Resting,
 }
 
@@ -322,12 +325,22 @@ mod tests {
         });
         let written = || out.0.lock().unwrap().len();
         let soon = Duration::from_secs(10);
-        // The first line wakes a waiting writer, which then rests.
-        assert!(put(&tx, b"a"));
-        tx.flush(soon);
-        assert_eq!(written(), 2);
         let started = Instant::now();
+        // The first line wakes a writer waiting for lines, no flush asked;
+        // then it rests.
+        while tx.0.lock().writer != Parked::ForLines {
+            assert!(started.elapsed() < soon, "the writer never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(put(&tx, b"a"));
+        while written() < 2 {
+            assert!(started.elapsed() < soon, "the first line stayed queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A line alone does not end the rest; a flush does.
         assert!(put(&tx, b"b"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(written(), 2, "a line ended the rest");
         tx.flush(soon);
         assert_eq!(written(), 4, "a flush cuts the rest short");
         assert!(started.elapsed() < soon);
