@@ -29,7 +29,7 @@ async fn third_refused_until_two_end(
     peers: Arc<PerKeyCap<Arc<SpiffeId>>>,
     full: impl Fn() -> bool,
     reason: &str,
-) {
+) -> Pair {
     let policy = Policy::allow_authenticated(http_support::TD.parse().unwrap());
     let inbound = http_support::layer_with_limits(policy, budget, peers);
     let pair = Pair::start_with(inbound, FRONTEND, false).await;
@@ -78,6 +78,7 @@ async fn third_refused_until_two_end(
     )
     .await;
     assert_eq!(again.status, 200, "the places are given back");
+    pair
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +88,7 @@ async fn streams_to_an_http1_app_count_against_the_connection_limit() {
     third_refused_until_two_end(
         budget,
         PerKeyCap::new(0),
-        move || probe.try_spend().is_none(),
+        move || probe.left() == 0,
         "the sidecar is at its connection limit",
     )
     .await;
@@ -98,11 +99,54 @@ async fn streams_to_an_http1_app_count_against_their_peers_cap() {
     let peers = PerKeyCap::new(2);
     let probe = peers.clone();
     let frontend = Arc::new(SpiffeId::parse(FRONTEND).unwrap());
-    third_refused_until_two_end(
+    let open = move || probe.open(&frontend);
+    let full = open.clone();
+    let pair = third_refused_until_two_end(
         ConnectionBudget::new(1000),
         peers,
-        move || probe.open(&frontend) == 2,
+        move || full() == 2,
         "the peer is at its connection limit",
     )
     .await;
+
+    // A place is held while the answer streams, not only until its head:
+    // the app answers this call in five messages 20 ms apart (HTTP/1 from
+    // the client too: an HTTP/2 client's requests go to the app as HTTP/2).
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let call = tokio::spawn(send(
+        pair.outbound,
+        false,
+        request(
+            false,
+            "POST",
+            "/grpc.Echo/Stream",
+            &grpc,
+            b"\x00\x00\x00\x00\x00",
+        ),
+    ));
+    let started = std::time::Instant::now();
+    while pair.app.streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        if call.is_finished() {
+            let a = call.await.unwrap();
+            panic!(
+                "answered before the stream began: {} {:?}",
+                a.status, a.body
+            );
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the stream never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(open(), 1, "held while the answer streams");
+    assert_eq!(call.await.unwrap().status, 200);
+    for _ in 0..100 {
+        if open() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(open(), 0, "given back when the answer ends");
 }

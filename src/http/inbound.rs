@@ -84,11 +84,16 @@ impl AppClients {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
         let mut builder = Client::builder(TokioExecutor::new());
+        // Idle HTTP/1 app connections as the relay's own pool keeps them
+        // (under Node.js's 5 s keep-alive, at most 256 per app): hyper's
+        // default kept any number for 90 s, outside every limit.
         builder
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(APP_POOL_IDLE)
+            .pool_max_idle_per_host(APP_POOL_PER_APP)
             .pool_timer(TokioTimer::new());
         let h1 = builder.build(connector.clone());
         builder
+            .pool_idle_timeout(Duration::from_secs(90))
             .http2_only(true)
             .http2_initial_stream_window_size(super::h2_settings::STREAM_WINDOW)
             .http2_initial_connection_window_size(super::h2_settings::CONNECTION_WINDOW);

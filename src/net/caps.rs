@@ -147,6 +147,11 @@ impl ConnectionBudget {
             .ok()
             .map(|_| Spent(self.clone()))
     }
+
+    /// Places left now (a reading, which the next spend may change).
+    pub fn left(&self) -> usize {
+        self.left.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Spent {

@@ -129,20 +129,13 @@ struct Places {
 }
 
 impl Places {
-    /// Both places, or the `503` that says which limit is reached.
+    /// Both places, or the `503` that says which limit is reached: the
+    /// peer's first, as a tunnel takes them, so a peer over its cap takes
+    /// no place under the process limit from the others even for a moment.
     fn take(layer: &HttpLayer, conn: &InboundConn) -> Result<Places, Local> {
         let refused = |reason: &'static str, body: &'static str| {
             layer.metrics.refusal("inbound", reason);
             Local::error(StatusCode::SERVICE_UNAVAILABLE, reason, body)
-        };
-        let spent = match &layer.connections {
-            Some(budget) => Some(budget.try_spend().ok_or_else(|| {
-                refused(
-                    "connection_limit",
-                    "the sidecar is at its connection limit\n",
-                )
-            })?),
-            None => None,
         };
         let slot = match &layer.peer_cap {
             Some(cap) => cap.acquire(&conn.peer).map_err(|reached| {
@@ -151,6 +144,15 @@ impl Places {
                 }
                 refused("peer_limit", "the peer is at its connection limit\n")
             })?,
+            None => None,
+        };
+        let spent = match &layer.connections {
+            Some(budget) => Some(budget.try_spend().ok_or_else(|| {
+                refused(
+                    "connection_limit",
+                    "the sidecar is at its connection limit\n",
+                )
+            })?),
             None => None,
         };
         Ok(Places {
