@@ -338,9 +338,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         // A line alone does not end the rest; a flush does.
+        while tx.0.lock().writer != Parked::Resting {
+            assert!(started.elapsed() < soon, "the writer never rested");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(put(&tx, b"b"));
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(written(), 2, "a line ended the rest");
+        {
+            let p = tx.0.lock();
+            assert_eq!(p.writer, Parked::Resting, "a line ended the rest");
+            assert_eq!(p.lines, b"b\n");
+        }
+        assert_eq!(written(), 2);
         tx.flush(soon);
         assert_eq!(written(), 4, "a flush cuts the rest short");
         assert!(started.elapsed() < soon);
