@@ -55,12 +55,14 @@ async fn third_refused_until_two_end(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(full(), "two held requests take two places");
-    let over = send(
-        pair.outbound,
-        false,
-        request(false, "GET", "/fast", &[], b""),
-    )
-    .await;
+    let fast = || {
+        send(
+            pair.outbound,
+            false,
+            request(false, "GET", "/fast", &[], b""),
+        )
+    };
+    let over = fast().await;
     assert_eq!(over.status, 503, "a third app connection at a limit of two");
     assert!(
         String::from_utf8_lossy(&over.body).contains(reason),
@@ -71,12 +73,7 @@ async fn third_refused_until_two_end(
         drop(tx);
         assert_eq!(answer.await.unwrap().status, 200);
     }
-    let again = send(
-        pair.outbound,
-        false,
-        request(false, "GET", "/fast", &[], b""),
-    )
-    .await;
+    let again = fast().await;
     assert_eq!(again.status, 200, "the places are given back");
     pair
 }

@@ -10,31 +10,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::pod_security::{deployed, injected_pod};
+use super::pod_security::{create, deployed, injected_pod};
 use crate::common::envtest::Envtest;
 
 /// Not labelled for injection, as a namespace unlabelled after its pods
 /// were injected: neither the webhook nor the Pod Security policy is
 /// called here.
 const NAMESPACE: &str = "debug-unlabelled";
-
-/// Creates `pod` in the namespace (retried while the namespace is new).
-fn create(env: &Envtest, mut pod: Value) {
-    pod["metadata"]["namespace"] = json!(NAMESPACE);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = env.kubectl_with_stdin(&["create", "-f", "-"], pod.to_string().as_bytes());
-        if out.status.success() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// `kubectl debug` of `pod` with kubectl's `profile`.
 fn debug(env: &Envtest, pod: &str, container: &str, profile: &str) -> Output {
@@ -59,9 +41,10 @@ fn a_debug_container_cannot_go_around_the_sidecar_in_any_namespace() {
     let Some(env) = Envtest::shared() else { return };
     env.apply(&deployed("debug-containers.yaml"));
     env.create_namespace(NAMESPACE);
-    create(env, injected_pod());
+    create(env, NAMESPACE, injected_pod());
     create(
         env,
+        NAMESPACE,
         json!({
             "apiVersion": "v1",
             "kind": "Pod",

@@ -55,6 +55,25 @@ pub(super) fn admit(env: &Envtest, namespace: &str, pod: &Value) -> Result<(), S
     Err(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Creates `pod` in `namespace` for real (no kubelet here: it stays
+/// Pending, which updates allow), retried while the namespace is new.
+pub(super) fn create(env: &Envtest, namespace: &str, mut pod: Value) {
+    pod["metadata"]["namespace"] = json!(namespace);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.kubectl_with_stdin(&["create", "-f", "-"], pod.to_string().as_bytes());
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until the policy holds in `namespace`: it takes effect shortly
 /// after it is created, and after the namespace's label is seen.
 fn in_force(env: &Envtest, namespace: &str, pod: &Value) {
@@ -321,23 +340,9 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         namespace,
         "stepmesh.io/inject=enabled",
     ]);
-    let mut pod = injected_pod();
+    let pod = injected_pod();
     in_force(env, namespace, &pod);
-    pod["metadata"]["namespace"] = json!(namespace);
-    // Created for real (no kubelet here: it stays Pending, which updates allow).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = env.kubectl_with_stdin(&["create", "-f", "-"], pod.to_string().as_bytes());
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    create(env, namespace, pod.clone());
     let patch = |kind: &str, body: &str, sub: Option<&str>| {
         let mut args = vec![
             "-n", namespace, "patch", "pod", "web", "--type", kind, "-p", body,
