@@ -30,8 +30,8 @@ mod pod_security;
 #[path = "deploy_manifests/service_account_label.rs"]
 mod service_account_label;
 
-/// deploy/injector/debug-containers.yaml: no ephemeral container of a pod
-/// with the sidecar can send around it, in any namespace.
+/// deploy/injector/debug-containers.yaml: an ephemeral container of a pod
+/// with the sidecar is held as its app containers are, in any namespace.
 #[path = "deploy_manifests/debug_containers.rs"]
 mod debug_containers;
 

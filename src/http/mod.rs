@@ -108,7 +108,9 @@ pub struct HttpLayer {
     /// HTTP/1 app takes an app connection of its own while it lasts.
     pub(crate) connections: Option<Arc<crate::net::caps::ConnectionBudget>>,
     /// `--max-connections-per-peer`: such a stream counts against its
-    /// peer's cap too, so one peer cannot take the whole process limit.
+    /// peer's cap too, so one peer takes no more of the process limit than
+    /// its cap (when the cap is below the limit: a low descriptor limit can
+    /// lower `--max-connections` under it).
     pub(crate) peer_cap: Option<Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>>,
 }
 

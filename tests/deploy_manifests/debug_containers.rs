@@ -1,8 +1,9 @@
 //! deploy/injector/debug-containers.yaml on a real API server (envtest):
 //! in every namespace, `kubectl debug` on a pod running the sidecar adds
-//! only ephemeral containers that cannot send around it (NET_RAW dropped,
-//! no NET_ADMIN or other capability beyond baseline's, not privileged, not
-//! the sidecar's UID); a pod without the sidecar is debugged as before. Skips with a printed reason without
+//! only ephemeral containers held as its app containers are (NET_RAW
+//! dropped, no NET_ADMIN or other capability beyond baseline's, not
+//! privileged, not the sidecar's UID); a pod without the sidecar is
+//! debugged as before. Skips with a printed reason without
 //! `KUBEBUILDER_ASSETS`.
 
 use std::process::Output;
@@ -37,7 +38,7 @@ fn refused(out: &Output) -> bool {
 }
 
 #[test]
-fn a_debug_container_cannot_go_around_the_sidecar_in_any_namespace() {
+fn a_debug_container_is_held_as_an_app_container_in_any_namespace() {
     let Some(env) = Envtest::shared() else { return };
     env.apply(&deployed("debug-containers.yaml"));
     env.create_namespace(NAMESPACE);
@@ -81,7 +82,7 @@ fn a_debug_container_cannot_go_around_the_sidecar_in_any_namespace() {
     );
 
     // Custom profiles: a drop of NET_RAW with baseline's capabilities is
-    // enough; what would still go around the sidecar is refused by name.
+    // enough; each rule's breach is refused by its own message.
     let patch = |container: &str, context: Value| {
         let body = json!({"spec": {"ephemeralContainers": [{
             "name": container, "image": "busybox", "securityContext": context,

@@ -385,17 +385,45 @@ fn a_live_pod_keeps_its_init_image_and_is_debugged_under_baseline() {
         );
         refused(patch("json", &body, None), "cannot be changed");
     }
-    let debug = |capabilities: Value| {
+    let debug = |pod: &str, capabilities: Value| {
         let body = json!({"spec": {"ephemeralContainers": [
             {"name": "debugger", "image": "busybox", "securityContext": {"capabilities": capabilities}}
         ]}});
-        patch("strategic", &body.to_string(), Some("ephemeralcontainers"))
+        env.kubectl(&[
+            "-n",
+            namespace,
+            "patch",
+            "pod",
+            pod,
+            "--type",
+            "strategic",
+            "-p",
+            &body.to_string(),
+            "--subresource",
+            "ephemeralcontainers",
+        ])
     };
     let drops = json!(["NET_RAW"]);
+    // (debug-containers.yaml, if another test applied it, refuses this in a
+    // pod with the sidecar too, and that NET_RAW is dropped: debug_containers.rs.)
     refused(
-        debug(json!({"add": ["NET_ADMIN"], "drop": drops})),
+        debug("web", json!({"add": ["NET_ADMIN"], "drop": drops})),
         "beyond Pod Security baseline",
     );
-    // (That it drops NET_RAW is debug-containers.yaml's: debug_containers.rs.)
-    ok(debug(json!({"add": ["KILL"], "drop": drops})));
+    ok(debug("web", json!({"add": ["KILL"], "drop": drops})));
+    // This policy's own refusal: a pod opted out has no sidecar, which
+    // debug-containers.yaml leaves alone.
+    let plain = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "opted-out", "annotations": {"stepmesh.io/inject": "false"}},
+        "spec": {"containers": [{"name": "app", "image": "nginx"}]},
+    });
+    create(env, namespace, plain);
+    let out = debug("opted-out", json!({"add": ["NET_ADMIN"]}));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("stepmesh-pod-security"),
+        "{stderr}"
+    );
 }
