@@ -48,13 +48,7 @@ async fn third_refused_until_two_end(
             .unwrap();
         held.push((tx, tokio::spawn(send(pair.outbound, false, req))));
     }
-    for _ in 0..100 {
-        if full() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(full(), "two held requests take two places");
+    wait_until(full, "two held requests take two places").await;
     let fast = || {
         send(
             pair.outbound,
@@ -107,43 +101,34 @@ async fn streams_to_an_http1_app_count_against_their_peers_cap() {
     .await;
 
     // A place is held while the answer streams, not only until its head:
-    // the app answers this call in five messages 20 ms apart (HTTP/1 from
-    // the client too: an HTTP/2 client's requests go to the app as HTTP/2).
-    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    // the app answers `/held` with a head and a byte, and ends it when
+    // told (HTTP/1 from the client too: an HTTP/2 client's requests go to
+    // the app as HTTP/2).
     let call = tokio::spawn(send(
         pair.outbound,
         false,
-        request(
-            false,
-            "POST",
-            "/grpc.Echo/Stream",
-            &grpc,
-            b"\x00\x00\x00\x00\x00",
-        ),
+        request(false, "GET", "/held", &[], b""),
     ));
-    let started = std::time::Instant::now();
-    while pair.app.streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        if call.is_finished() {
-            let a = call.await.unwrap();
-            panic!(
-                "answered before the stream began: {} {:?}",
-                a.status, a.body
-            );
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "the stream never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
+    let app = &pair.app;
+    let begun = || app.streams.load(std::sync::atomic::Ordering::SeqCst) > 0;
+    wait_until(begun, "the answer never began").await;
+    // The head is on its way back meanwhile: places given back at the head
+    // would be gone by now.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(open(), 1, "held while the answer streams");
+    app.release.notify_one();
     assert_eq!(call.await.unwrap().status, 200);
-    for _ in 0..100 {
-        if open() == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    wait_until(|| open() == 0, "given back when the answer ends").await;
+}
+
+/// Waits up to 30 s for `done`, else fails with `what`.
+async fn wait_until(done: impl Fn() -> bool, what: &str) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert_eq!(open(), 0, "given back when the answer ends");
 }

@@ -40,8 +40,9 @@ pub struct Sender(Arc<Queue>);
 #[derive(Debug, Default)]
 struct Queue {
     pending: Mutex<Pending>,
-    /// The writer waits here: lines after an empty buffer, a flush asked,
-    /// the last sender gone.
+    /// The writer waits here, for lines or resting after a batch: woken by
+    /// the first line after an empty buffer (or, resting, by half a queue
+    /// of lines), a flush asked, the last sender gone.
     to_writer: Condvar,
     /// Flushes wait here for the writer to finish a batch.
     written: Condvar,
@@ -99,7 +100,8 @@ pub fn queue(out: impl Write, pause: Duration) -> (Sender, impl FnOnce()) {
 impl Sender {
     /// Appends the line `write` writes, and its newline; `false` (nothing
     /// appended) when the queue is full or `write` failed. Never blocks
-    /// beyond the lock, which is held only for appends and swaps.
+    /// beyond the lock, which the writer holds only to swap buffers and to
+    /// start or end a wait.
     pub fn line<E>(&self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> bool {
         let mut p = self.0.lock();
         let start = p.lines.len();
@@ -173,10 +175,16 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
         // The flushes asked before this batch, and whether any is waiting.
         let (asked, waited) = {
             let mut p = queue.lock();
-            while p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
-                // No load: a burst's buffers are given back.
+            if p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
+                // No load: a burst's buffers are given back, the work of
+                // it outside the lock.
+                let burst = (p.lines.capacity() > KEPT).then(|| std::mem::take(&mut p.lines));
+                drop(p);
+                drop(burst);
                 batch.shrink_to(KEPT);
-                p.lines.shrink_to(KEPT);
+                p = queue.lock();
+            }
+            while p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
                 p.writer = Parked::ForLines;
                 p = queue
                     .to_writer

@@ -22,8 +22,10 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 pub struct TestApp {
     pub addr: SocketAddr,
-    /// `/grpc.Echo/Stream` calls this app has begun answering.
+    /// `/grpc.Echo/Stream` and `/held` calls this app has begun answering.
     pub streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Ends the answers to `/held`, which stay open until then.
+    pub release: Arc<tokio::sync::Notify>,
 }
 
 fn grpc_frame(msg: &[u8]) -> Bytes {
@@ -44,6 +46,7 @@ fn grpc_trailers() -> HeaderMap {
 async fn app(
     req: Request<Incoming>,
     streams: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let version = format!("{:?}", req.version());
@@ -71,6 +74,17 @@ async fn app(
                 .header("content-type", "application/grpc")
                 .body(body)
                 .unwrap())
+        }
+        "/held" => {
+            // A head and one byte now, the end once the test says.
+            streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await;
+                release.notified().await;
+            });
+            let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+            Ok(Response::new(body))
         }
         "/grpc.Echo/Stream" => {
             let _ = req.into_body().collect().await.unwrap();
@@ -114,14 +128,17 @@ impl TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
         let counter = streams.clone();
+        let released = release.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let counter = counter.clone();
-                let app = service_fn(move |req| app(req, counter.clone()));
+                let released = released.clone();
+                let app = service_fn(move |req| app(req, counter.clone(), released.clone()));
                 tokio::spawn(async move {
                     let io = TokioIo::new(tcp);
                     if h2 {
@@ -136,7 +153,11 @@ impl TestApp {
                 });
             }
         });
-        TestApp { addr, streams }
+        TestApp {
+            addr,
+            streams,
+            release,
+        }
     }
 }
 
