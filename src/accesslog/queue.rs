@@ -76,6 +76,13 @@ enum Parked {
     Resting,
 }
 
+impl Pending {
+    /// No line queued and no flush waiting.
+    fn nothing_to_write(&self) -> bool {
+        self.lines.is_empty() && self.asked == self.done
+    }
+}
+
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // A panic while the lock was held (none of the writes under it can
@@ -175,7 +182,7 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
         // The flushes asked before this batch, and whether any is waiting.
         let (asked, waited) = {
             let mut p = queue.lock();
-            if p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
+            if p.nothing_to_write() && p.senders > 0 {
                 // No load: a burst's buffers are given back, the work of
                 // it outside the lock.
                 let burst = (p.lines.capacity() > KEPT).then(|| std::mem::take(&mut p.lines));
@@ -184,7 +191,7 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
                 batch.shrink_to(KEPT);
                 p = queue.lock();
             }
-            while p.lines.is_empty() && p.asked == p.done && p.senders > 0 {
+            while p.nothing_to_write() && p.senders > 0 {
                 p.writer = Parked::ForLines;
                 p = queue
                     .to_writer
@@ -192,7 +199,7 @@ fn write_batches(queue: &Queue, mut out: impl Write, pause: Duration) {
                     .unwrap_or_else(PoisonError::into_inner);
                 p.writer = Parked::No;
             }
-            if p.lines.is_empty() && p.asked == p.done {
+            if p.nothing_to_write() {
                 // The last sender is gone and everything is written.
                 return;
             }

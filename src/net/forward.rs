@@ -334,7 +334,17 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            match self.step(cx, reader, writer) {
+            let step = self.step(cx, reader, writer);
+            if let Step::Moved { written } | Step::WriteFailed { written, .. } = &step {
+                count(
+                    &mut self.total,
+                    &mut self.need_flush,
+                    *written,
+                    counter,
+                    active,
+                );
+            }
+            match step {
                 Step::Pending => {
                     // Nothing more to read now: push out what the writer
                     // buffered (a TLS stream holds records until flushed).
@@ -345,32 +355,15 @@ impl Half {
                     return Poll::Pending;
                 }
                 Step::Eof => self.read_done = true,
-                Step::Moved { written } => {
-                    *active = true;
-                    count(
-                        &mut self.total,
-                        &mut self.need_flush,
-                        written,
-                        counter,
-                        active,
-                    );
-                }
+                // Bytes were read, whether or not the writer took any.
+                Step::Moved { .. } => *active = true,
                 Step::ReadFailed(source) => {
                     return Poll::Ready(Err(ForwardError::Io {
                         side: self.sides[0],
                         source,
                     }))
                 }
-                Step::WriteFailed { written, error } => {
-                    count(
-                        &mut self.total,
-                        &mut self.need_flush,
-                        written,
-                        counter,
-                        active,
-                    );
-                    return Poll::Ready(Err(write_err(error)));
-                }
+                Step::WriteFailed { error, .. } => return Poll::Ready(Err(write_err(error))),
             }
         }
     }
