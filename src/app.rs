@@ -9,6 +9,7 @@ use crate::exit::ConfigResult as _;
 
 /// Runs the chosen subcommand to completion.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    keep_memory_private()?;
     match cli.command {
         Command::Proxy(args) => run_proxy(*args),
         Command::Ca(cmd) => multi_thread()?.block_on(crate::ca_cmd::run(cmd)),
@@ -35,11 +36,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Runs the sidecar on the runtime its `--workers` asks for: `stepmesh
 /// proxy` and the sidecar-only `stepmesh-proxy` alike.
 pub fn run_proxy(args: crate::proxy::ProxyArgs) -> anyhow::Result<()> {
+    keep_memory_private()?;
     let runtime = crate::proxy::runtime(&args)?;
     runtime.block_on(async {
         tokio::spawn(crate::alloc::tick());
         crate::proxy::run(args).await
     })
+}
+
+/// Makes the process not dumpable (`PR_SET_DUMPABLE` 0), before any key
+/// is made or read: no core file holds an SVID, CA or serving key, and
+/// another process running as the same UID cannot read this one's memory
+/// (`/proc/PID/mem`), nor its environment, descriptors or maps, without
+/// `CAP_SYS_PTRACE`. Another container of a pod that shares its process
+/// namespace, running as the sidecar's UID (an app container that was
+/// root and called `setuid`: SECURITY.md), would otherwise read the
+/// sidecar's private key. Every subcommand, the tools too: they read keys
+/// and tokens as well. A child (`iptables`) is dumpable again after its
+/// `exec`: the kernel resets the flag.
+fn keep_memory_private() -> anyhow::Result<()> {
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .context("making the process not dumpable (prctl PR_SET_DUMPABLE)")
 }
 
 fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {

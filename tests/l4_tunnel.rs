@@ -69,26 +69,19 @@ fn two_hundred_app_connections_share_one_mtls_connection() {
     assert_eq!(inbound_handshakes_of(&mesh.server), 1.0);
 }
 
-/// The established TCP connections process `pid` holds to `port` (its
-/// descriptors' socket inodes looked up in /proc/net/tcp): the mesh
-/// connections an outbound sidecar keeps to its peer's inbound listener.
-fn connections_to(pid: u32, port: u16) -> usize {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|t| {
-            let t = t.to_string_lossy().into_owned();
-            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-        })
-        .collect();
+/// The established TCP connections to `port` on 127.0.0.1 (rows of
+/// /proc/net/tcp): the mesh connections an outbound sidecar keeps to its
+/// peer's inbound listener, the only process that dials it. (Its
+/// descriptors are not listed: the sidecar is not dumpable, so only root
+/// could list them.)
+fn connections_to(port: u16) -> usize {
     let remote = format!(":{port:04X}");
     std::fs::read_to_string("/proc/net/tcp")
         .unwrap()
         .lines()
         .skip(1)
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 9 && f[2].ends_with(&remote) && f[3] == "01")
-        .filter(|f| inodes.contains(f[9]))
+        .filter(|f| f.len() > 3 && f[2].ends_with(&remote) && f[3] == "01")
         .count()
 }
 
@@ -107,7 +100,7 @@ fn past_a_tunnels_only_connections_limit_a_second_one_carries_the_rest() {
     let app = echo_server();
     let mesh = Mesh::start(app, &[], &[]);
     let inbound = mesh.server.listener("inbound").port();
-    let mesh_conns = || connections_to(mesh.client.pid(), inbound);
+    let mesh_conns = || connections_to(inbound);
     let mut conns = hold(mesh.outbound, 1100);
     for (i, conn) in conns.iter_mut().enumerate() {
         let msg = format!("connection {i} of 1,100");

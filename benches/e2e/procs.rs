@@ -126,7 +126,11 @@ pub fn raise_nofile(want: u64) -> u64 {
 /// Open descriptors of a process (entries of /proc/PID/fd).
 pub fn fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .with_context(|| {
+            format!(
+                "listing /proc/{pid}/fd (stepmesh is not dumpable: needs root or CAP_SYS_PTRACE)"
+            )
+        })?
         .count())
 }
 

@@ -113,13 +113,19 @@ impl Sidecar {
         // STEPMESH_BIN points measurements at a release build.
         let bin = std::env::var("STEPMESH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stepmesh").to_owned());
+        Self::spawn_bin(Path::new(&bin), wrapper, netns, args)
+    }
+
+    /// As [`Sidecar::spawn_wrapped`], running the `stepmesh` binary `bin`
+    /// (a copy another UID may run: `netns::runnable_by`).
+    pub fn spawn_bin(bin: &Path, wrapper: &[String], netns: Option<&str>, args: &[String]) -> Self {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut cmd = Command::new(first);
-                cmd.args(rest).arg(&bin);
+                cmd.args(rest).arg(bin);
                 cmd
             }
-            None => Command::new(&bin),
+            None => Command::new(bin),
         };
         cmd.arg("--log-format").arg("json").arg("proxy");
         if !args.iter().any(|a| a == "--admin") {
