@@ -106,12 +106,13 @@ pub struct HttpLayer {
     pub(crate) limits: HttpLimits,
     /// The process's `--max-connections`: an HTTP/2 stream relayed to an
     /// HTTP/1 app takes an app connection of its own while it lasts.
-    pub(crate) connections: Option<Arc<crate::net::caps::ConnectionBudget>>,
+    /// (Unlimited until [`HttpLayer::with_connection_limits`].)
+    pub(crate) connections: Arc<crate::net::caps::ConnectionBudget>,
     /// `--max-connections-per-peer`: such a stream counts against its
     /// peer's cap too, so one peer takes no more of the process limit than
     /// its cap (when the cap is below the limit: a low descriptor limit can
     /// lower `--max-connections` under it).
-    pub(crate) peer_cap: Option<Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>>,
+    pub(crate) peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
 }
 
 /// What one HTTP/1 client may hold of the proxy, so that slow or greedy
@@ -168,8 +169,8 @@ impl HttpLayer {
             idle_timeout: std::time::Duration::from_secs(3600),
             connect_timeout: inbound::APP_CONNECT_TIMEOUT,
             limits: HttpLimits::default(),
-            connections: None,
-            peer_cap: None,
+            connections: crate::net::caps::ConnectionBudget::new(usize::MAX),
+            peer_cap: crate::net::caps::PerKeyCap::new(0),
         }
     }
 
@@ -220,8 +221,8 @@ impl HttpLayer {
         budget: Arc<crate::net::caps::ConnectionBudget>,
         peer_cap: Arc<crate::net::caps::PerKeyCap<Arc<SpiffeId>>>,
     ) -> HttpLayer {
-        self.connections = Some(budget);
-        self.peer_cap = Some(peer_cap);
+        self.connections = budget;
+        self.peer_cap = peer_cap;
         self
     }
 

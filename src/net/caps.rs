@@ -160,6 +160,43 @@ impl Drop for Spent {
     }
 }
 
+/// One app connection's places under its key's cap and under the process's
+/// [`ConnectionBudget`], given back on drop: what a tunnel and an HTTP/2
+/// stream relayed to an HTTP/1 app each hold while their app connection
+/// lasts.
+#[derive(Debug)]
+pub struct Places<K: Eq + Hash> {
+    _slot: Option<Slot<K>>,
+    _spent: Spent,
+}
+
+/// Which limit refused a connection its [`Places`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum LimitReached {
+    /// The key's cap (`--max-connections-per-peer`).
+    Key(CapReached),
+    /// The process's limit (`--max-connections`).
+    Process,
+}
+
+impl<K: Eq + Hash + Clone> Places<K> {
+    /// Both places, or which limit is reached: the key's first, so that a
+    /// key over its cap takes no place under the process's limit from the
+    /// others, even for a moment.
+    pub fn take(
+        cap: &Arc<PerKeyCap<K>>,
+        budget: &Arc<ConnectionBudget>,
+        key: &K,
+    ) -> Result<Self, LimitReached> {
+        let slot = cap.acquire(key).map_err(LimitReached::Key)?;
+        let spent = budget.try_spend().ok_or(LimitReached::Process)?;
+        Ok(Places {
+            _slot: slot,
+            _spent: spent,
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
@@ -210,5 +247,25 @@ mod tests {
         assert!(budget.try_spend().is_none(), "a third at a limit of two");
         drop(a);
         assert!(budget.try_spend().is_some(), "a place again once one ends");
+    }
+
+    #[test]
+    fn places_are_taken_under_the_key_first_and_given_back_together() {
+        let (cap, budget) = (PerKeyCap::new(1), ConnectionBudget::new(2));
+        let held = Places::take(&cap, &budget, &"a").unwrap();
+        let over = Places::take(&cap, &budget, &"a").unwrap_err();
+        assert!(matches!(
+            over,
+            LimitReached::Key(CapReached { limit: 1, .. })
+        ));
+        assert_eq!(budget.left(), 1, "a key over its cap spends nothing");
+        let other = Places::take(&cap, &budget, &"b").unwrap();
+        assert_eq!(
+            Places::take(&cap, &budget, &"c").unwrap_err(),
+            LimitReached::Process
+        );
+        assert_eq!(cap.open(&"c"), 0, "refused by the process: no slot kept");
+        drop((held, other));
+        assert_eq!((budget.left(), cap.open(&"a")), (2, 0));
     }
 }

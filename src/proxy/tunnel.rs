@@ -26,6 +26,7 @@ use crate::http::tunnel::{answer, head, Tunnel, TunnelError, TunnelHandler, Tunn
 use crate::http::MeshConnectors;
 use crate::http::ProxyBody;
 use crate::metrics::Direction;
+use crate::net::caps::{LimitReached, Places};
 use crate::net::forward::{forward, ForwardError};
 use crate::net::idle::OwnTimer;
 use crate::policy::Protocol;
@@ -163,25 +164,25 @@ fn admit(
         return Err(StatusCode::FORBIDDEN);
     }
     // A tunnel is an app connection of the peer: it counts against the
-    // per-peer cap as an L4 connection would.
-    let slot = match shared.peer_cap.acquire(&conn.peer_id) {
-        Ok(slot) => slot,
-        Err(reached) => {
+    // per-peer cap as an L4 connection would, and against the process's
+    // limit, as its app connection takes a descriptor as an accepted
+    // socket does.
+    let places = match Places::take(&shared.peer_cap, &shared.connections, &conn.peer_id) {
+        Ok(places) => places,
+        Err(LimitReached::Key(reached)) => {
             shared.metrics.rejected(Direction::Inbound, "peer_limit");
             if reached.log {
                 tracing::warn!(client = %conn.client, peer = %conn.peer_id, limit = reached.limit, "inbound: per-peer connection cap reached; refusing a tunnel (--max-connections-per-peer)");
             }
             return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
-    };
-    // And against the process's limit: its app connection takes a
-    // descriptor as an accepted socket does.
-    let Some(spent) = shared.connections.try_spend() else {
-        shared
-            .metrics
-            .rejected(Direction::Inbound, "connection_limit");
-        tracing::debug!(client = %conn.client, peer = %conn.peer_id, "connection limit reached; refusing a tunnel (--max-connections)");
-        return Err(StatusCode::SERVICE_UNAVAILABLE);
+        Err(LimitReached::Process) => {
+            shared
+                .metrics
+                .rejected(Direction::Inbound, "connection_limit");
+            tracing::debug!(client = %conn.client, peer = %conn.peer_id, "connection limit reached; refusing a tunnel (--max-connections)");
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
+        }
     };
     let decided = Box::new(Decided {
         ctx,
@@ -190,8 +191,7 @@ fn admit(
         label,
         reason: decision.reason,
         rule: decision.rule,
-        _slot: slot,
-        _spent: spent,
+        _places: places,
     });
     // An `http` port's stream is relayed request by request (and its app
     // connections pooled here): the peer may share it between its app
@@ -211,10 +211,9 @@ struct Decided {
     reason: &'static str,
     rule: Arc<str>,
     _open: crate::metrics::OpenGuard,
-    /// Held to the end: the stream counts against the peer's cap.
-    _slot: Option<crate::net::caps::Slot<Arc<SpiffeId>>>,
-    /// And against `--max-connections`.
-    _spent: crate::net::caps::Spent,
+    /// Held to the end: the stream counts against the peer's cap and
+    /// `--max-connections`.
+    _places: Places<Arc<SpiffeId>>,
 }
 
 /// Serves an admitted stream (`io`: the h2 stream itself, or hyper's

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::{admit, app_unavailable, InboundConn, Served, ORIG_PROTO};
 use crate::http::headers::{absolute, strip_hop_by_hop};
 use crate::http::{HttpLayer, Local, ProxyBody, Verdict};
-use crate::net::caps::{Slot, Spent};
+use crate::net::caps::{LimitReached, Places};
 use crate::policy::SpiffeId;
 
 /// One request on a hyper-served connection (HTTP/2, or HTTP/1 from a peer
@@ -88,7 +88,7 @@ pub(super) async fn handle(
     let places = if to_h2 {
         None
     } else {
-        match Places::take(layer, conn) {
+        match take_places(layer, conn) {
             Ok(places) => Some(places),
             Err(local) => return local.respond(x),
         }
@@ -121,52 +121,33 @@ pub(super) async fn handle(
     }
 }
 
-/// An HTTP/1 app connection's places under the process's connection limit
-/// and under its peer's cap (as a tunnel's: docs/PROXY.md).
-struct Places {
-    _spent: Option<Spent>,
-    _slot: Option<Slot<Arc<SpiffeId>>>,
-}
-
-impl Places {
-    /// Both places, or the `503` that says which limit is reached: the
-    /// peer's first, as a tunnel takes them, so a peer over its cap takes
-    /// no place under the process limit from the others even for a moment.
-    fn take(layer: &HttpLayer, conn: &InboundConn) -> Result<Places, Local> {
-        let refused = |reason: &'static str, body: &'static str| {
-            layer.metrics.refusal("inbound", reason);
-            Local::error(StatusCode::SERVICE_UNAVAILABLE, reason, body)
-        };
-        let slot = match &layer.peer_cap {
-            Some(cap) => cap.acquire(&conn.peer).map_err(|reached| {
-                if reached.log {
-                    tracing::warn!(client = %conn.client, peer = %conn.peer, limit = reached.limit, "inbound: per-peer connection cap reached; refusing a request to an HTTP/1 app (--max-connections-per-peer)");
-                }
-                refused("peer_limit", "the peer is at its connection limit\n")
-            })?,
-            None => None,
-        };
-        let spent = match &layer.connections {
-            Some(budget) => Some(budget.try_spend().ok_or_else(|| {
-                refused(
-                    "connection_limit",
-                    "the sidecar is at its connection limit\n",
-                )
-            })?),
-            None => None,
-        };
-        Ok(Places {
-            _spent: spent,
-            _slot: slot,
-        })
-    }
+/// An HTTP/1 app connection's places under its peer's cap and the
+/// process's connection limit (as a tunnel's: docs/PROXY.md), or the `503`
+/// that says which limit is reached.
+fn take_places(layer: &HttpLayer, conn: &InboundConn) -> Result<Places<Arc<SpiffeId>>, Local> {
+    let refused = |reason: &'static str, body: &'static str| {
+        layer.metrics.refusal("inbound", reason);
+        Local::error(StatusCode::SERVICE_UNAVAILABLE, reason, body)
+    };
+    Places::take(&layer.peer_cap, &layer.connections, &conn.peer).map_err(|limit| match limit {
+        LimitReached::Key(reached) => {
+            if reached.log {
+                tracing::warn!(client = %conn.client, peer = %conn.peer, limit = reached.limit, "inbound: per-peer connection cap reached; refusing a request to an HTTP/1 app (--max-connections-per-peer)");
+            }
+            refused("peer_limit", "the peer is at its connection limit\n")
+        }
+        LimitReached::Process => refused(
+            "connection_limit",
+            "the sidecar is at its connection limit\n",
+        ),
+    })
 }
 
 /// An app's answer with its places under the connection limits, given
 /// back when the answer ends (or is dropped).
 struct Holding<B> {
     body: B,
-    _places: Places,
+    _places: Places<Arc<SpiffeId>>,
 }
 
 impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
