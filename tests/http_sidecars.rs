@@ -419,12 +419,6 @@ fn grpc_shaped_calls_keep_trailers_through_the_pair() {
     assert_eq!(a.trailers.as_ref().unwrap()["grpc-message"], "done");
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_100_mib_body_streams_with_flat_sidecar_memory() {
     const MIB: usize = 1 << 20;
@@ -432,7 +426,10 @@ fn a_100_mib_body_streams_with_flat_sidecar_memory() {
         let s = setup(app_h2);
         // Warm both sidecars (pools, TLS) before measuring.
         assert_eq!(s.call(&s.frontend, h2, "GET", "/warm", &[]).status, 200);
-        let before = (vm_hwm_kib(s.frontend.pid()), vm_hwm_kib(s.server.pid()));
+        let before = (
+            common::ca::proc_status(s.frontend.pid(), "VmHWM:"),
+            common::ca::proc_status(s.server.pid(), "VmHWM:"),
+        );
         let chunk = Bytes::from(vec![1u8; 64 * 1024]);
         let frames = (0..(100 * MIB / chunk.len()))
             .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
@@ -440,7 +437,10 @@ fn a_100_mib_body_streams_with_flat_sidecar_memory() {
         *req.body_mut() = StreamBody::new(futures_util::stream::iter(frames)).boxed();
         let a = s.rt.block_on(send(s.out(&s.frontend), h2, req));
         assert_eq!(a.json()["received"], json!(100 * MIB));
-        let after = (vm_hwm_kib(s.frontend.pid()), vm_hwm_kib(s.server.pid()));
+        let after = (
+            common::ca::proc_status(s.frontend.pid(), "VmHWM:"),
+            common::ca::proc_status(s.server.pid(), "VmHWM:"),
+        );
         let grown = (
             after.0.saturating_sub(before.0),
             after.1.saturating_sub(before.1),

@@ -49,12 +49,6 @@ fn read_as_proxy_uid(path: &str) -> Result<Vec<u8>, String> {
     }
 }
 
-fn uid_of(pid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_process_running_as_the_sidecars_uid_cannot_read_its_memory() {
     if !rustix::process::geteuid().is_root() {
@@ -82,7 +76,11 @@ fn a_process_running_as_the_sidecars_uid_cannot_read_its_memory() {
     let sidecar = Sidecar::spawn_bin(&bin, &as_proxy_uid(), None, &args);
     sidecar.wait_ready();
     let pid = sidecar.pid();
-    assert_eq!(uid_of(pid), PROXY_UID, "the sidecar runs as the proxy UID");
+    assert_eq!(
+        common::ca::proc_status(pid, "Uid:"),
+        u64::from(PROXY_UID),
+        "the sidecar runs as the proxy UID"
+    );
 
     // The control: a process of that UID that did not opt out is readable
     // by another of the same UID (no LSM in the way on this machine).

@@ -333,10 +333,16 @@ pub fn sign_request(token: &str) -> tonic::Request<stepmesh_ca::proto::v1::SignR
 
 /// Process `pid`'s resident set size now, KiB (from /proc).
 pub fn rss_kib_of(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+/// The first number of a field of /proc/PID/status (`VmRSS:` and
+/// `VmHWM:` in KiB, `Uid:` the real UID).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
