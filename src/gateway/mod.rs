@@ -8,6 +8,7 @@
 
 pub mod answer;
 pub mod classify;
+mod conn;
 pub mod decide;
 pub mod explain;
 pub mod server;
@@ -20,22 +21,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::drain::{self, DrainWatch};
+use crate::drain;
 use crate::exit::{self, ConfigResult as _};
-use crate::http::h2_deadline::HeaderDeadline;
-use crate::net::linger::Lingering;
 use crate::policy::PolicyWatch;
 use crate::stepup::{StepUp, StepUpMetrics};
 use crate::tls::serving::{server_config, ReloadingCert};
 use crate::units::parse_duration;
-
-/// Deadline for a client's TLS handshake and request headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `stepmesh gateway` subcommands.
 #[derive(Debug, Subcommand)]
@@ -84,6 +79,25 @@ pub struct ServeArgs {
     /// Write no audit lines on stdout.
     #[arg(long)]
     pub no_audit_log: bool,
+    /// A client connection with no request in flight this long is closed,
+    /// as the API server closes its own (its first request must come
+    /// within 10 s of the handshake, or this if shorter).
+    #[arg(long, default_value = "90s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_GATEWAY_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
+    /// Client connections open at once; more are closed at accept. Default
+    /// 16384, lowered at start if the descriptor limit (its soft limit
+    /// first raised to the hard one) cannot carry two per connection.
+    #[arg(long, env = "STEPMESH_GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Client connections one source address may hold open at once (0: no
+    /// cap); more are closed at accept. Raise it (or 0) where a load
+    /// balancer in front puts every client behind a few addresses.
+    #[arg(
+        long,
+        default_value_t = 256,
+        env = "STEPMESH_GATEWAY_MAX_CONNECTIONS_PER_SOURCE"
+    )]
+    pub max_connections_per_source: usize,
 }
 
 /// Runs a `stepmesh gateway` subcommand.
@@ -95,7 +109,7 @@ pub async fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut signals = drain::Signals::new().context("listening for SIGTERM/SIGINT")?;
-    crate::net::fdlimit::raise();
+    let fds = crate::net::fdlimit::raise();
     let mut registry = Registry::default();
     let policy = PolicyWatch::start(&args.policy, &mut registry).config_err()?;
     if policy.current().kubernetes().is_none() {
@@ -121,6 +135,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stepup = StepUp::new(StepUpMetrics::register(&mut registry));
     stepup.sync(&policy.current()).await;
     let metrics = server::GatewayMetrics::new(&mut registry);
+    let limits = Arc::new(conn::Limits::new(
+        crate::net::fdlimit::connection_limit(args.max_connections, fds),
+        args.max_connections_per_source,
+        args.idle_timeout,
+        &mut registry,
+    ));
     let gateway = Arc::new(server::Gateway {
         policy: policy.clone(),
         stepup,
@@ -155,7 +175,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Tests and scripts read the bound ports from this line.
     println!("listening on {addr} admin {admin_addr}");
 
-    let accept = accept_loop(listener, acceptor, gateway, watch);
+    let accept = conn::accept_loop(listener, acceptor, gateway, limits, watch);
     let signal = signals.recv();
     tokio::pin!(accept);
     tokio::select! {
@@ -167,69 +187,4 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     audit.flush(Duration::from_secs(2));
     Ok(())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    gateway: Arc<server::Gateway>,
-    mut watch: DrainWatch,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = watch.signaled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(err) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, gateway, conn_watch) = (acceptor.clone(), gateway.clone(), watch.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
-            serve_connection(tls, gateway, conn_watch).await;
-        });
-    }
-}
-
-async fn serve_connection(
-    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    gateway: Arc<server::Gateway>,
-    mut watch: DrainWatch,
-) {
-    let timeouts = gateway.metrics.h2_header_timeouts();
-    let service = hyper::service::service_fn(move |req| {
-        let gateway = gateway.clone();
-        async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
-    // hyper's HTTP/2 server has no header deadline: the sidecar's, below it.
-    // Lingering: a drain ends connections on our side (`net::linger`).
-    let tls = HeaderDeadline::new(Lingering::new(tls), HANDSHAKE_TIMEOUT, timeouts, "gateway");
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = watch.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(err) = result {
-        tracing::debug!(%err, "gateway connection ended with an error");
-    }
 }

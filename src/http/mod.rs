@@ -10,6 +10,7 @@ pub(crate) mod h2_frames;
 mod h2_settings;
 pub mod h2_stream;
 pub mod headers;
+pub(crate) mod holding;
 mod idle_pool;
 pub use h1::message::HeadLimits;
 pub mod inbound;

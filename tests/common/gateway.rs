@@ -38,6 +38,33 @@ impl Gateway {
     /// Starts a gateway to `upstream` (its CA in `upstream_ca`) with
     /// `policy`; the ServiceAccount token comes from `k8s`.
     pub fn start(k8s: &Envtest, upstream: &str, upstream_ca: &Path, policy: &str) -> Gateway {
+        Self::start_with(k8s, upstream, upstream_ca, policy, &[])
+    }
+
+    /// As [`Gateway::start`], with `extra` flags.
+    pub fn start_with(
+        k8s: &Envtest,
+        upstream: &str,
+        upstream_ca: &Path,
+        policy: &str,
+        extra: &[&str],
+    ) -> Gateway {
+        k8s.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: stepmesh-system\n");
+        k8s.apply(GATEWAY_RBAC);
+        let token = k8s.service_account_token("stepmesh-system", "stepmesh-gateway", "");
+        Self::spawn(&token, upstream, Some(upstream_ca), policy, extra)
+    }
+
+    /// A gateway with `token` as its ServiceAccount token, trusting
+    /// `upstream_ca` for `upstream` (None: its own serving CA, for an
+    /// upstream never reached), with `policy` and `extra` flags.
+    pub fn spawn(
+        token: &str,
+        upstream: &str,
+        upstream_ca: Option<&Path>,
+        policy: &str,
+        extra: &[&str],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -55,11 +82,9 @@ impl Gateway {
         std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
-        k8s.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: stepmesh-system\n");
-        k8s.apply(GATEWAY_RBAC);
-        let token = k8s.service_account_token("stepmesh-system", "stepmesh-gateway", "");
         std::fs::write(path("token"), token).unwrap();
         std::fs::write(path("policy.yaml"), policy).unwrap();
+        let upstream_ca = upstream_ca.map_or_else(|| path("ca.pem"), Path::to_path_buf);
         let args: Vec<String> = [
             "gateway",
             "serve",
@@ -88,6 +113,7 @@ impl Gateway {
             "--upstream-ca".to_owned(),
             upstream_ca.display().to_string(),
         ])
+        .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let proc = Supervised::spawn(
             "stepmesh gateway",

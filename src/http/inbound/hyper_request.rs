@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::{admit, app_unavailable, InboundConn, Served, ORIG_PROTO};
 use crate::http::headers::{absolute, strip_hop_by_hop};
+use crate::http::holding::Holding;
 use crate::http::{HttpLayer, Local, ProxyBody, Verdict};
 use crate::net::caps::{LimitReached, Places};
 use crate::policy::SpiffeId;
@@ -103,12 +104,9 @@ pub(super) async fn handle(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // Its places are given back when the answer ends.
             let body = match places {
-                Some(places) => Holding {
-                    body,
-                    _places: places,
-                }
-                .boxed(),
+                Some(places) => Holding::new(body, places).boxed(),
                 None => body.boxed(),
             };
             let body = x.respond(parts.status, decision, reason, body);
@@ -141,31 +139,4 @@ fn take_places(layer: &HttpLayer, conn: &InboundConn) -> Result<Places<Arc<Spiff
             "the sidecar is at its connection limit\n",
         ),
     })
-}
-
-/// An app's answer with its places under the connection limits, given
-/// back when the answer ends (or is dropped).
-struct Holding<B> {
-    body: B,
-    _places: Places<Arc<SpiffeId>>,
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for Holding<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
 }
