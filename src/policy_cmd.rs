@@ -145,6 +145,11 @@ pub struct ExplainArgs {
     /// authority; give it twice to explain a request with two).
     #[arg(long)]
     pub host: Vec<String>,
+    /// Another header field of the request, `NAME: VALUE` (repeatable): a
+    /// method override (`X-HTTP-Method-Override: DELETE`), a field the
+    /// sidecar would drop.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
     /// Step-up token, sent in the header the matched route reads.
     #[arg(long)]
     pub token: Option<String>,
@@ -364,6 +369,17 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         headers.append(
             http::header::HOST,
             http::HeaderValue::from_str(host).context("--host")?,
+        );
+    }
+    for field in &args.headers {
+        let (name, value) = field
+            .split_once(':')
+            .with_context(|| format!("--header {field:?}: not NAME: VALUE"))?;
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("--header {field:?}: not a field name"))?,
+            http::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("--header {field:?}: not a field value"))?,
         );
     }
     let uri = match target::parse(path) {

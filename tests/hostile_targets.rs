@@ -36,9 +36,36 @@ const TABLE: &[(&str, &str, &str, u16)] = &[
     ("POST", "/refund%73/1", "", 401),
     ("POST", "/%52EFUNDS/1", "", 401),
     ("POST", "/refunds/%E2%82%AC", "", 401),
+    // `ſ`, upper case `S`: `/refunds` to Java's equalsIgnoreCase and Go's
+    // EqualFold.
+    ("POST", "/refund%C5%BF/1", "", 401),
+    ("POST", "/REFUND%C5%BF", "", 401),
     ("POST", "/refunds?next=/../public", "", 401),
     ("post", "/refunds/1", "", 401),
     ("HEAD", "/statements/1", "", 401),
+    // A POST an app's method override runs as the GET route: the field in
+    // any spelling a server files under its key, `_method` in the query as
+    // Express reads it and as PHP files `.method`.
+    (
+        "POST",
+        "/statements/1",
+        "X-HTTP-Method-Override: GET\r\n",
+        401,
+    ),
+    (
+        "POST",
+        "/statements/1",
+        "X_HTTP_Method_Override: GET\r\n",
+        401,
+    ),
+    (
+        "POST",
+        "/statements/1",
+        "X.HTTP.Method.Override: GET\r\n",
+        401,
+    ),
+    ("POST", "/statements/1?_method=GET", "", 401),
+    ("POST", "/statements/1?.method=GET", "", 401),
     ("GET", "/Statements/1/", "", 401),
     ("POST", "http://payments/refunds/1", "", 401),
     // Refused before matching.
@@ -129,9 +156,11 @@ fn explain(policy: &Path, port: u16, method: &str, target: &str, extra: &str) ->
         .arg(policy)
         .args(["--from", CLIENT_ID, "--port", &port.to_string()])
         .args(["--method", method, "--path", target, "--host", "payments"]);
-    if !extra.is_empty() {
-        // The table's only extra header is a second Host.
-        cmd.args(["--host", "payments"]);
+    for field in extra.lines() {
+        match field.strip_prefix("Host: ") {
+            Some(host) => cmd.args(["--host", host]),
+            None => cmd.args(["--header", field]),
+        };
     }
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -6,7 +6,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 
-use crate::policy::target::reads_as;
+use crate::policy::target::{reads_as, spelled_otherwise};
 
 /// `x-forwarded-client-cert` (Envoy's format: `By=<us>;URI=<peer>`).
 pub const XFCC: HeaderName = HeaderName::from_static(names::XFCC);
@@ -84,13 +84,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes every field whose name [`reads_as`] one of `ours` but is spelled
-/// with an `_` (the `HeaderMap` holds names in lower case: the exact
-/// spellings are removed by name, these are what a lookup misses).
-pub fn remove_underscore_spellings(headers: &mut HeaderMap, ours: &[&str]) {
+/// otherwise (an `_` or a `.` for a `-`: the `HeaderMap` holds names in
+/// lower case, so the exact spellings are removed by name; these are what
+/// a lookup misses).
+pub fn remove_other_spellings(headers: &mut HeaderMap, ours: &[&str]) {
     // Most requests have none: lengths first, no allocation.
     let alike = |k: &HeaderName| {
         let name = k.as_str().as_bytes();
-        name.contains(&b'_') && ours.iter().any(|o| reads_as(name, o))
+        spelled_otherwise(name) && ours.iter().any(|o| reads_as(name, o))
     };
     if !headers.keys().any(alike) {
         return;
@@ -174,19 +175,21 @@ mod tests {
     }
 
     #[test]
-    fn a_field_reads_as_ours_in_any_case_with_underscores_for_dashes() {
+    fn a_field_reads_as_ours_in_any_case_with_other_bytes_for_dashes() {
         for name in [
             "x-stepup-sub",
             "X_Stepup_Sub",
             "x_stepup-SUB",
             "X-STEPUP-SUB",
+            "x.stepup.sub",
+            "X~Stepup|Sub",
         ] {
             assert!(reads_as(name.as_bytes(), names::STEPUP_SUB), "{name}");
         }
         for name in [
             "x-stepup-su",
             "x-stepup-subs",
-            "x.stepup.sub",
+            "xxstepup-sub",
             "x-stepup_sud",
             "",
         ] {
@@ -195,14 +198,15 @@ mod tests {
     }
 
     #[test]
-    fn underscore_spellings_of_our_fields_go_and_nothing_else() {
+    fn other_spellings_of_our_fields_go_and_nothing_else() {
         let mut h = HeaderMap::new();
         h.append("x_stepup_sub", HeaderValue::from_static("root"));
         h.append("x_forwarded_client_cert", HeaderValue::from_static("URI=x"));
         h.append("x-forwarded_client-cert", HeaderValue::from_static("URI=y"));
+        h.append("x.stepup.sub", HeaderValue::from_static("root"));
         h.append("x_kept_field", HeaderValue::from_static("1"));
         h.append(STEPUP_SUB, HeaderValue::from_static("set by us"));
-        remove_underscore_spellings(&mut h, &[names::XFCC, names::STEPUP_SUB]);
+        remove_other_spellings(&mut h, &[names::XFCC, names::STEPUP_SUB]);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["x-stepup-sub", "x_kept_field"], "{h:?}");

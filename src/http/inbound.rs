@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use super::detect::{self, Detected, Prefixed};
 use super::h1::message::{self, Detail};
 use super::headers::{
-    names, remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO,
+    names, remove_other_spellings, replace_xfcc, strip_hop_by_hop, xfcc_value, ORIG_PROTO,
     STEPUP_SUB,
 };
 use super::record::{CountIn, Exchange};
@@ -464,7 +464,7 @@ async fn admit(
         for name in DROPPED_HERE {
             headers.remove(name);
         }
-        remove_underscore_spellings(headers, &DROPPED_HERE);
+        remove_other_spellings(headers, &DROPPED_HERE);
     }
     if let Some(sub) = d
         .subject

@@ -7,6 +7,7 @@
 
 mod compile;
 mod decide;
+mod fields;
 pub mod kube;
 pub mod lint;
 mod model;

@@ -32,7 +32,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use http::{HeaderMap, HeaderName, Method, Uri};
+use http::{HeaderMap, Method, Uri};
 use serde::Deserialize;
 
 /// How the app behind a port treats letter case in paths.
@@ -200,136 +200,7 @@ impl fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// Fields through which app frameworks take a request's method from its
-/// client instead of the request line: `X-HTTP-Method-Override` (Express's
-/// `method-override`, Symfony, gorilla/handlers, Google's APIs),
-/// `X-HTTP-Method` (OData, ASP.NET), `X-Method-Override`.
-pub const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
-
-/// Every method an app may read a request as: its own first, then each one
-/// a method override names. Overrides are fields (each name spelled with
-/// `-` or `_`: [`reads_as`]) and `_method` query parameters (Express's
-/// `methodOverride('_method')` and gorilla/handlers read the query), each
-/// comma-separated element of each, trimmed as the app's own trim would:
-/// ASCII whitespace, and the Latin-1 NBSP and NEL that Node and WSGI decode
-/// header bytes 0xA0 and 0x85 into (JavaScript's and Python's trim take
-/// them). An element that is then no method token is no method to any app,
-/// and skipped. No allocation unless an override came.
-pub fn method_readings<'m>(
-    method: &'m Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Cow<'m, [Method]> {
-    let is_override = |name: &HeaderName| {
-        METHOD_OVERRIDES
-            .iter()
-            .any(|o| reads_as(name.as_str().as_bytes(), o))
-    };
-    let query = uri.query().unwrap_or("");
-    let params = || {
-        query
-            .split('&')
-            .filter_map(|p| p.split_once('='))
-            .filter(|(key, _)| *query_decode(key) == *b"_method")
-            .map(|(_, value)| query_decode(value))
-    };
-    let fields = headers.keys().any(is_override);
-    if !fields && params().next().is_none() {
-        return Cow::Borrowed(std::slice::from_ref(method));
-    }
-    let mut methods = vec![method.clone()];
-    let named = headers
-        .iter()
-        .filter(|(name, _)| is_override(name))
-        .map(|(_, v)| Cow::Borrowed(v.as_bytes()))
-        .chain(params())
-        .collect::<Vec<_>>();
-    let elements = named
-        .iter()
-        .flat_map(|v| v.split(|&b| b == b','))
-        .filter_map(|m| Method::from_bytes(trim_as_apps_do(m)).ok());
-    for m in elements {
-        if !methods.contains(&m) {
-            methods.push(m);
-        }
-    }
-    Cow::Owned(methods)
-}
-
-/// `bytes` without the leading and trailing bytes an app's trim removes
-/// from a header value it decoded as Latin-1: ASCII whitespace, 0x85 (NEL)
-/// and 0xA0 (NBSP).
-fn trim_as_apps_do(bytes: &[u8]) -> &[u8] {
-    let blank = |b: &u8| b.is_ascii_whitespace() || *b == 0x0b || *b == 0x85 || *b == 0xa0;
-    let start = bytes.iter().position(|b| !blank(b)).unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !blank(b))
-        .map_or(start, |i| i + 1);
-    &bytes[start..end]
-}
-
-/// A query key or value as Node's `querystring` and Go's `ParseQuery` read
-/// it: `+` is a space, `%XX` a byte (a malformed escape stays as it is).
-fn query_decode(part: &str) -> Cow<'_, [u8]> {
-    let bytes = part.as_bytes();
-    if !bytes.iter().any(|&b| b == b'%' || b == b'+') {
-        return Cow::Borrowed(bytes);
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], hex_pair(bytes.get(i + 1..i + 3))) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// Whether a field named `name` reads as `ours` to an app: ASCII case
-/// aside, and `_` read as `-`. CGI-style servers file both spellings under
-/// one key (`X_Stepup_Sub` and `x-stepup-sub` are both `HTTP_X_STEPUP_SUB`
-/// to gunicorn before 22, PHP, WSGI and CGI), so a field the sidecar sets
-/// must go in either spelling, or the caller's copy reaches the app beside
-/// (and before) the sidecar's; and a field whose meaning the sidecar reads
-/// (a method override) must be found in either.
-#[inline]
-pub fn reads_as(name: &[u8], ours: &str) -> bool {
-    // Every field of every request is asked against each name the inbound
-    // side sets: the lengths first, then the common spelling (compared in
-    // chunks), the byte-by-byte fold only for a name with an `_` (which
-    // made it 500 instructions a request, callgrind).
-    name.len() == ours.len()
-        && (name.eq_ignore_ascii_case(ours.as_bytes())
-            || (name.contains(&b'_') && folds_to(name, ours.as_bytes())))
-}
-
-/// `name` and `ours` equal with ASCII case ignored and `_` read as `-`.
-fn folds_to(name: &[u8], ours: &[u8]) -> bool {
-    let fold = |b: u8| {
-        if b == b'_' {
-            b'-'
-        } else {
-            b.to_ascii_lowercase()
-        }
-    };
-    name.iter().zip(ours).all(|(&a, &b)| fold(a) == fold(b))
-}
+pub use super::fields::{method_readings, reads_as, spelled_otherwise, METHOD_OVERRIDES};
 
 /// Checks what every route matcher needs of a request besides its path: a
 /// target that is a path, and one `Host` that agrees with the target's
@@ -471,13 +342,29 @@ impl<'a> Readings<'a> {
     }
 }
 
-/// Letter case folded the way route patterns are folded at load.
+/// Letter case folded the way route patterns are folded at load: to lower
+/// case, and a letter whose upper case is ASCII (`ſ` is `S`, `ı` is `I`,
+/// `ß` is `SS`, `ﬁ` is `FI`), or `İ` (`i` to Java), to those ASCII
+/// letters. An app that compares without case through upper case (Java's
+/// `equalsIgnoreCase`, Go's `EqualFold`, .NET's `OrdinalIgnoreCase`) reads
+/// `/refundſ` as `/refunds`, which lower case alone leaves apart (found by
+/// review).
 pub fn fold(s: &str) -> String {
     if s.is_ascii() {
-        s.to_ascii_lowercase()
-    } else {
-        s.to_lowercase()
+        return s.to_ascii_lowercase();
     }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let upper = c.to_uppercase();
+        if c == '\u{130}' {
+            out.push('i');
+        } else if upper.clone().all(|u| u.is_ascii()) {
+            out.extend(upper.map(|u| u.to_ascii_lowercase()));
+        } else {
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
 }
 
 /// Raw bytes: visible ASCII, no backslash or fragment, well-formed escapes
@@ -511,7 +398,8 @@ fn scan(path: &str) -> Result<bool, Refusal> {
     Ok(escapes)
 }
 
-fn hex_pair(pair: Option<&[u8]>) -> Option<u8> {
+/// The byte a `%XX` escape's two hex digits (`pair`) stand for.
+pub(super) fn hex_pair(pair: Option<&[u8]>) -> Option<u8> {
     let pair = pair?;
     let digit = |c: u8| (c as char).to_digit(16);
     Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)

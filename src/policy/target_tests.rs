@@ -102,6 +102,24 @@ fn readings_cover_case_params_and_escapes() {
 }
 
 #[test]
+fn a_fold_reads_letters_apps_fold_into_ascii_as_that_ascii() {
+    for (path, folded) in [
+        ("/REFUNDS", "/refunds"),
+        ("/refund\u{17f}", "/refunds"), // ſ: upper case S
+        ("/l\u{131}st", "/list"),       // ı (dotless): upper case I
+        ("/\u{130}tems", "/items"),     // İ: i to Java's toLowerCase
+        ("/\u{212a}eys", "/keys"),      // Kelvin sign: lower case k
+        ("/stra\u{df}e", "/strasse"),   // ß: upper case SS
+        ("/\u{fb01}les", "/files"),     // ﬁ: upper case FI
+        ("/Caf\u{c9}", "/caf\u{e9}"),   // É: no ASCII in its case
+    ] {
+        assert_eq!(fold(path), folded, "{path}");
+    }
+    let got = readings("/refund%C5%BF/1", PathOptions::default()).unwrap();
+    assert!(got.contains(&("/refunds/1".to_owned(), true)), "{got:?}");
+}
+
+#[test]
 fn hostile_forms_are_refused() {
     for (path, reason) in [
         ("", "target_not_a_path"),

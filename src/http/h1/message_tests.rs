@@ -332,14 +332,14 @@ type Seen = (String, Framing, Vec<(String, String)>);
 /// names, in order of name: the map groups a name's values).
 fn both_ways(text: &str, subject: Option<&str>) -> Option<[Seen; 2]> {
     use crate::http::headers::{
-        remove_underscore_spellings, replace_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB,
+        remove_other_spellings, replace_xfcc, strip_hop_by_hop, ORIG_PROTO, STEPUP_SUB,
     };
     let xfcc = HeaderValue::from_static("By=spiffe://t/ns/a/sa/us;URI=spiffe://t/ns/a/sa/peer");
     let admit = |headers: &mut HeaderMap| {
         strip_hop_by_hop(headers);
         headers.remove(ORIG_PROTO);
         headers.remove(STEPUP_SUB);
-        remove_underscore_spellings(headers, &DROPS);
+        remove_other_spellings(headers, &DROPS);
         if let Some(sub) = subject {
             headers.insert(STEPUP_SUB, HeaderValue::from_str(sub).unwrap());
         }
