@@ -111,30 +111,52 @@ fn names_the_api_server_reads_otherwise_are_never_impersonated() {
         );
     }
 
-    // A client's Audit-ID does not name the API server's event.
+    // A client's Audit-ID does not name the API server's event, nor do its
+    // X-Forwarded-For and X-Real-Ip say where it came from: the address the
+    // gateway saw does, in the API server's audit and in the gateway's.
     let auth = bearer("mallory@example.com", json!([]), None);
     let target = "/api/v1/namespaces/default/configmaps/audit-id-marker";
     let chosen = "0b7e5e1c-chosen-by-the-client";
     let r = client.request(
         "GET",
         target,
-        &[("Authorization", &auth), ("Audit-ID", chosen)],
+        &[
+            ("Authorization", &auth),
+            ("Audit-ID", chosen),
+            ("X-Forwarded-For", "10.0.0.5"),
+            ("X-Real-Ip", "10.0.0.6"),
+        ],
         b"",
     );
     assert_eq!(r.status, 403, "{}", r.body_text());
-    let ids = |k: &Envtest| -> Vec<String> {
+    let events = |k: &Envtest| -> Vec<(String, Vec<String>)> {
         k.audit()
             .events()
             .into_iter()
             .filter(|e| e.request_uri.ends_with("audit-id-marker"))
-            .map(|e| e.audit_id)
+            .map(|e| (e.audit_id, e.source_ips))
             .collect()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ids(k8s).is_empty() && std::time::Instant::now() < deadline {
+    while events(k8s).is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let seen = ids(k8s);
+    let seen = events(k8s);
     assert!(!seen.is_empty(), "the request reached the API server");
-    assert!(!seen.iter().any(|id| id == chosen), "{seen:?}");
+    for (id, sources) in &seen {
+        assert_ne!(id, chosen);
+        assert_eq!(
+            sources.first().map(String::as_str),
+            Some("127.0.0.1"),
+            "{sources:?}"
+        );
+        assert!(
+            !sources.iter().any(|ip| ip.starts_with("10.0.0.")),
+            "{sources:?}"
+        );
+    }
+    let line = gateway
+        .wait_audit_line(|l| l["name"] == "audit-id-marker")
+        .expect("the gateway's audit line");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
 }

@@ -126,7 +126,7 @@ pub(super) async fn accept_loop(
                 Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
-            serve_connection(tls, gateway, idle, conn_watch).await;
+            serve_connection(tls, peer.ip(), gateway, idle, conn_watch).await;
             drop(places);
         });
     }
@@ -134,6 +134,7 @@ pub(super) async fn accept_loop(
 
 async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    client: IpAddr,
     gateway: Arc<Gateway>,
     idle: Duration,
     mut watch: DrainWatch,
@@ -145,7 +146,7 @@ async fn serve_connection(
         let gateway = gateway.clone();
         let busy = requests.begin();
         async move {
-            let response = gateway.handle(req).await;
+            let response = gateway.handle(req, client).await;
             // In flight until its answer has gone out whole (a watch, a
             // pod's log followed).
             Ok::<_, std::convert::Infallible>(response.map(|body| Holding::new(body, busy)))

@@ -3,6 +3,7 @@
 //! stream the answer back (watches and long lists chunk by chunk; an
 //! upgrade's two halves spliced byte for byte). One JSON audit line each.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -98,6 +99,9 @@ pub struct Gateway {
 struct AuditRecord<'a> {
     ts: Timestamp,
     kind: &'static str,
+    /// The connection's peer address: what the API server's audit records
+    /// as the first of `sourceIPs` (the gateway sets `X-Forwarded-For`).
+    client: IpAddr,
     user: Option<&'a str>,
     groups: &'a [String],
     verb: Option<&'a str>,
@@ -121,8 +125,12 @@ struct AuditRecord<'a> {
 }
 
 impl Gateway {
-    /// Answers one request.
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request from `client` (the connection's peer address).
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: IpAddr,
+    ) -> Response<Body> {
         let started = Instant::now();
         let now = unix_now();
         let policy = self.policy.current();
@@ -131,6 +139,7 @@ impl Gateway {
             let (response, d) = self.challenge(&req, now).await;
             self.record(
                 &d,
+                client,
                 req.method(),
                 CHALLENGE_PATH,
                 response.status(),
@@ -158,7 +167,7 @@ impl Gateway {
                     }
                 }
                 let upgrade = is_upgrade(&req);
-                match self.upstream.rewrite(&mut req, person, upgrade) {
+                match self.upstream.rewrite(&mut req, person, client, upgrade) {
                     Ok(()) => {
                         let lane = if upgrade {
                             Lane::Upgrade
@@ -174,7 +183,15 @@ impl Gateway {
             }
             (verdict, _) => (self.refusal(verdict, &d).map(own_bytes), None),
         };
-        self.record(&d, &method, &path, response.status(), started, error);
+        self.record(
+            &d,
+            client,
+            &method,
+            &path,
+            response.status(),
+            started,
+            error,
+        );
         response
     }
 
@@ -269,9 +286,11 @@ impl Gateway {
     }
 
     /// Counts one answered request and writes its audit line.
+    #[allow(clippy::too_many_arguments)] // one audit line's fields, each its own
     fn record(
         &self,
         d: &Decision,
+        client: IpAddr,
         method: &Method,
         path: &str,
         status: StatusCode,
@@ -294,6 +313,7 @@ impl Gateway {
         self.audit.log_json(&AuditRecord {
             ts: Timestamp::now(),
             kind: "gateway",
+            client,
             user: person.map(|p| p.username.as_str()),
             groups: person.map_or(&[], |p| p.groups.as_slice()),
             verb: info.map(|i| i.verb.as_str()),

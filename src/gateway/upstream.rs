@@ -7,6 +7,7 @@
 //! rotates it. Requests are rewritten here: hop-by-hop headers and the
 //! person's token out, the gateway's token and impersonation in.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,9 +169,10 @@ impl Upstream {
         }
     }
 
-    /// Points `req` at the API server as `person`: hop-by-hop headers (but
-    /// an upgrade's own) and the person's credentials removed, the
-    /// gateway's token and the impersonation headers set. Refused, with
+    /// Points `req` at the API server as `person` from `client`: hop-by-hop
+    /// headers (but an upgrade's own) and the person's credentials removed,
+    /// the gateway's token, the impersonation headers and `client` as
+    /// `X-Forwarded-For` set. Refused, with
     /// `req` untouched, when its target cannot be aimed at the API server
     /// (no path: the classifier refuses those first, and the client's own
     /// authority must never be kept with the gateway's token).
@@ -178,6 +180,7 @@ impl Upstream {
         &self,
         req: &mut Request<Incoming>,
         person: &Person,
+        client: IpAddr,
         upgrade: bool,
     ) -> Result<(), &'static str> {
         let mut parts = http::uri::Parts::default();
@@ -193,6 +196,16 @@ impl Upstream {
         // The API server files its audit events under a client's Audit-ID
         // when one comes: a person could file theirs under another's.
         headers.remove("audit-id");
+        // It files `X-Forwarded-For`'s first address, else `X-Real-Ip`'s,
+        // first in an event's `sourceIPs`: a client's own would stand for
+        // where it came from (found by review). Ours is the connection's.
+        headers.remove("x-real-ip");
+        headers.remove("forwarded");
+        headers.remove("x-forwarded-for");
+        // An address's text (digits, hex, `.`, `:`) is always a valid value.
+        if let Ok(value) = HeaderValue::try_from(client.to_string()) {
+            headers.insert("x-forwarded-for", value);
+        }
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::clone(&self.token.load()),

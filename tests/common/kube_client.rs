@@ -291,6 +291,10 @@ pub struct AuditEvent {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub user_agent: String,
+    /// Where the API server reads the request came from (`X-Forwarded-For`
+    /// first, then the connection's peer).
+    #[serde(default, rename = "sourceIPs")]
+    pub source_ips: Vec<String>,
 }
 
 /// The API server's audit log file.
