@@ -173,15 +173,34 @@ impl KubeRule {
         let resource = self.resources.iter().any(|r| resource_matches(r, req));
         let namespace = self.namespaces.iter().any(|p| glob(p, req.namespace))
             || (req.spans_namespaces() && self.step_up.is_some());
-        let name = self
-            .names
-            .as_ref()
-            .is_none_or(|names| names.iter().any(|p| glob(p, req.name)));
+        let proxied = proxied_name(req);
+        let name = self.names.as_ref().is_none_or(|names| {
+            names
+                .iter()
+                .any(|p| glob(p, req.name) || proxied.is_some_and(|n| glob(p, n)))
+        });
         let person = self
             .groups
             .as_ref()
             .is_none_or(|want| want.iter().any(|p| groups.iter().any(|g| glob(p, g))));
         verb && group && resource && namespace && name && person
+    }
+}
+
+/// The object a `proxy` subresource names, where its name carries a scheme
+/// or a port (`https:db:443` is service `db`, `db:8080` too: the API
+/// server's `SplitSchemeNamePort`): a rule naming `db` meets its proxy
+/// however the client spells it (RBAC's `resourceNames` would not; found
+/// by review).
+fn proxied_name<'r>(req: &KubeRequest<'r>) -> Option<&'r str> {
+    if req.subresource != "proxy" || !req.name.contains(':') {
+        return None;
+    }
+    let parts: Vec<&str> = req.name.split(':').collect();
+    match parts.as_slice() {
+        [name, _port] => Some(name),
+        [_scheme, name, _port] => Some(name),
+        _ => None,
     }
 }
 

@@ -173,6 +173,34 @@ fn resource_forms_follow_rbac() {
 }
 
 #[test]
+fn a_rule_naming_an_object_meets_its_proxy_however_spelled() {
+    let p = policy(
+        r#"
+  authentication: {provider: corp, usernameClaim: email}
+  rules:
+  - name: db-proxy
+    verbs: ["*"]
+    resources: [services/proxy, pods/proxy]
+    names: [db]
+    namespaces: ["*"]
+    stepUp: {provider: corp}
+"#,
+    )
+    .unwrap();
+    let rules = &p.kubernetes().unwrap().rules;
+    for name in ["db", "db:5432", "https:db:443", "http:db:", ":db:5432"] {
+        let r = req("get", "services", "proxy", "prod", name);
+        assert!(rules[0].matches(&r, &[]), "{name}");
+    }
+    for name in ["dbx:5432", "https:other:443", "a:b:c:d"] {
+        let r = req("get", "services", "proxy", "prod", name);
+        assert!(!rules[0].matches(&r, &[]), "{name}");
+    }
+    let plain = req("get", "services", "", "prod", "https:db:443");
+    assert!(!rules[0].matches(&plain, &[]), "not a proxy request");
+}
+
+#[test]
 fn globs() {
     assert!(glob("prod-*", "prod-eu"));
     assert!(!glob("prod-*", "prod"));
