@@ -510,9 +510,15 @@ fn the_shipped_gateway_policy_steps_up_what_equals_a_shell_a_delete_or_a_secret(
         ("POST", "/api/v1/namespaces/prod/serviceaccounts/web/token"),
         // A scale to zero; an owner that does not exist (a delete by the
         // garbage collector), on any object or the namespace itself.
-        ("PATCH", "/apis/apps/v1/namespaces/prod/deployments/web/scale"),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/prod/deployments/web/scale",
+        ),
         ("PUT", "/apis/apps/v1/namespaces/prod/statefulsets/db/scale"),
-        ("PATCH", "/api/v1/namespaces/prod/persistentvolumeclaims/data"),
+        (
+            "PATCH",
+            "/api/v1/namespaces/prod/persistentvolumeclaims/data",
+        ),
         ("PATCH", "/api/v1/namespaces/prod"),
     ] {
         let out = explain(method, path);

@@ -53,6 +53,7 @@ fn each_risky_case_is_reported_with_file_field_and_code() {
             format!("{p}: inbound.default: SM001"),
             format!("{p}: inbound.ports[0].allow[0].from[1]: SM004"),
             format!("{p}: inbound.ports[0].routes[1].match.methods: SM002"),
+            format!("{p}: inbound.ports[0].routes[2].stepUp.bindToPeer: SM009"),
             format!("{p}: inbound.ports[0].routes[2]: SM005"),
             format!("{e}: mode: SM003"),
             format!("{e}: outbound.rules[0].to.cidrs: SM006"),
@@ -66,7 +67,7 @@ fn each_risky_case_is_reported_with_file_field_and_code() {
         text.contains("\"one-refund\" never matches: \"refunds\""),
         "{text}"
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("7 finding(s) (1 warning(s))"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("7 finding(s) (2 warning(s))"));
 }
 
 #[test]
@@ -116,7 +117,9 @@ fn json_lists_the_same_findings() {
     assert_eq!(rows[0]["field"], "inbound.default");
     assert_eq!(rows[0]["code"], "SM001");
     assert_eq!(rows[0]["severity"], "error");
-    assert_eq!(rows[4]["severity"], "warning");
+    assert_eq!(rows[3]["code"], "SM009");
+    assert_eq!(rows[3]["severity"], "warning");
+    assert_eq!(rows[5]["severity"], "warning");
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! field path it is about. Pure functions of a checked [`Policy`].
 
 use super::kube::{glob, KubeRule};
-use super::{InboundDefault, Mode, OutboundAction, PathMatch, Policy, Route, SpiffeIdPattern};
+use super::{
+    BindToPeer, InboundDefault, Mode, OutboundAction, PathMatch, Policy, Route, SpiffeIdPattern,
+};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +31,7 @@ pub struct Finding {
 }
 
 /// Every code with its one-line summary (docs/POLICY.md has the same list).
-pub const CODES: [(&str, &str); 8] = [
+pub const CODES: [(&str, &str); 9] = [
     (
         "SM001",
         "inbound.default allow-authenticated in a policy with step-up routes",
@@ -53,6 +55,10 @@ pub const CODES: [(&str, &str); 8] = [
         "SM008",
         "a kubernetes exemption listed before a step-up rule it shadows",
     ),
+    (
+        "SM009",
+        "a step-up route whose token is not bound to the calling workload (warning)",
+    ),
 ];
 
 const MUTATING: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
@@ -61,7 +67,7 @@ const MUTATING: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
 pub fn lint(policy: &Policy) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut add = |code, field: String, message: String| {
-        let severity = if code == "SM003" {
+        let severity = if matches!(code, "SM003" | "SM009") {
             Severity::Warning
         } else {
             Severity::Error
@@ -120,6 +126,19 @@ pub fn lint(policy: &Policy) -> Vec<Finding> {
                             route.name,
                             risky.join("/"),
                             route.path
+                        ),
+                    );
+                }
+            }
+            // A JWT-SVID route is bound by its `from` (the token's `sub`).
+            if let Some(s) = route.step_up.as_ref().filter(|s| s.from.is_none()) {
+                if s.bind == BindToPeer::None {
+                    add(
+                        "SM009",
+                        format!("{rpath}.stepUp.bindToPeer"),
+                        format!(
+                            "route {:?}: a step-up token of {:?} is not bound to the workload that presents it: one leaked from any allowed peer works from every other (bindToPeer: azp or cnf)",
+                            route.name, s.provider
                         ),
                     );
                 }

@@ -43,7 +43,7 @@ inbound:
       allow:
         - from: [spiffe://cluster.local/ns/web/sa/a, spiffe://cluster.local/*]
       routes:
-        - {name: refunds, match: {methods: [POST], path: /refunds/*}, stepUp: {provider: idp}}
+        - {name: refunds, match: {methods: [POST], path: /refunds/*}, stepUp: {provider: idp, bindToPeer: azp}}
         - {name: wipe, match: {methods: [delete], path: /admin/wipe}}
         - {name: one-refund, match: {methods: [POST], path: /refunds/7}, stepUp: {provider: idp}}
         - {name: reads, match: {methods: [GET], path: /refunds/*}, from: ["spiffe://cluster.local/ns/*"]}
@@ -62,6 +62,7 @@ inbound:
             ("SM001", "inbound.default"),
             ("SM004", "inbound.ports[0].allow[0].from[1]"),
             ("SM002", "inbound.ports[0].routes[1].match.methods"),
+            ("SM009", "inbound.ports[0].routes[2].stepUp.bindToPeer"),
             ("SM005", "inbound.ports[0].routes[2]"),
             ("SM004", "inbound.ports[0].routes[3].from[0]"),
             ("SM005", "inbound.ports[0].routes[4]"),
@@ -115,8 +116,8 @@ inbound:
       protocol: http
       allow: [{from: [spiffe://cluster.local/ns/web/sa/a, "spiffe://cluster.local/ns/ops/*"]}]
       routes:
-        - {name: one, match: {methods: [DELETE], path: /refunds/7}, stepUp: {provider: idp}}
-        - {name: refunds, match: {methods: [POST, DELETE], path: /refunds/*}, stepUp: {provider: idp}}
+        - {name: one, match: {methods: [DELETE], path: /refunds/7}, stepUp: {provider: idp, bindToPeer: cnf}}
+        - {name: refunds, match: {methods: [POST, DELETE], path: /refunds/*}, stepUp: {provider: idp, bindToPeer: azp}}
         - {name: reads, match: {methods: [GET], path: /refunds/*}}
 outbound:
   rules:
@@ -131,5 +132,5 @@ kubernetes:
         ),
         []
     );
-    assert_eq!(CODES.len(), 8);
+    assert_eq!(CODES.len(), 9);
 }
