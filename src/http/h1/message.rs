@@ -204,7 +204,9 @@ pub fn parse_request(
     } else {
         None
     };
-    let clean = is_clean(&buf[..len], fields);
+    // A length given as a list or in copies (all equal, or refused above)
+    // is relayed as one number: RFC 9110 §8.6 forbids passing it on.
+    let clean = is_clean(&buf[..len], fields) && one_length(fields);
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.version = version;
@@ -313,6 +315,12 @@ fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
     head.ends_with(b"\r\n\r\n")
         && fields.list.iter().all(|f| crlf_before(f.name))
         && !fields.has_hop_by_hop()
+}
+
+/// At most one `Content-Length` field, holding one number.
+fn one_length(fields: &Fields<'_>) -> bool {
+    let mut lengths = values(fields, CONTENT_LENGTH);
+    lengths.next().is_none_or(|v| !v.contains(&b',')) && lengths.next().is_none()
 }
 
 /// Whether an `Upgrade` value names HTTP among its protocols (`h2c`, `h2`,

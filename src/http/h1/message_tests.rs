@@ -172,6 +172,39 @@ fn request_framing_follows_rfc_9112() {
 }
 
 #[test]
+fn a_length_given_as_a_list_or_in_copies_is_relayed_as_one_number() {
+    for text in [
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+    ] {
+        let (mut head, _) = parse_request(
+            text.as_bytes(),
+            Detail::Target(&["x-forwarded-client-cert"]),
+            HeadLimits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            head.fields && head.splice.is_none(),
+            "not spliced: {text:?}"
+        );
+        super::super::response::restore_framing(&mut head, true);
+        let mut out = Vec::new();
+        write_request(&head.parts, &mut out);
+        let written = String::from_utf8(out).unwrap();
+        assert_eq!(
+            written
+                .to_ascii_lowercase()
+                .matches("content-length")
+                .count(),
+            1,
+            "{written:?}"
+        );
+        assert!(written.contains("content-length: 5\r\n"), "{written:?}");
+    }
+}
+
+#[test]
 fn connection_semantics() {
     let (h, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
     assert!(!h.keep_alive, "HTTP/1.0 closes by default");

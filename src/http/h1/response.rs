@@ -175,13 +175,11 @@ pub(super) fn restore_framing(head: &mut RequestHead, passes_close: bool) {
                 HeaderValue::from_static("chunked"),
             );
         }
-        // Only where none is left (the parser took those there as this
-        // length); a spliced head keeps its own: one more would be a
-        // second.
+        // One number, whatever list or copies came (the parser took them
+        // as this length; such a head is never spliced); a spliced head
+        // keeps its own: one more would be a second.
         Framing::Length(n) if head.fields => {
-            headers
-                .entry(header::CONTENT_LENGTH)
-                .or_insert_with(|| HeaderValue::from(n));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         _ => {}
     }
