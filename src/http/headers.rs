@@ -91,7 +91,9 @@ pub fn remove_other_spellings(headers: &mut HeaderMap, ours: &[&str]) {
     // Most requests have none: lengths first, no allocation.
     let alike = |k: &HeaderName| {
         let name = k.as_str().as_bytes();
-        spelled_otherwise(name) && ours.iter().any(|o| reads_as(name, o))
+        ours.iter().any(|o| o.len() == name.len())
+            && spelled_otherwise(name)
+            && ours.iter().any(|o| reads_as(name, o))
     };
     if !headers.keys().any(alike) {
         return;
