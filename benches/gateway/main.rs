@@ -135,8 +135,18 @@ impl Setup {
         Ok(v)
     }
 
+    /// The gateway, without its per-source cap: every watch of the bench
+    /// comes from 127.0.0.1, as from behind one load balancer (1,000
+    /// HTTP/1.1 watches are 1,000 connections).
     fn gateway(&self) -> Gateway {
-        Gateway::start(&self.k8s, &self.k8s.url, &self.k8s.ca_file, &self.policy)
+        let uncapped = ["--max-connections-per-source", "0"];
+        Gateway::start_with(
+            &self.k8s,
+            &self.k8s.url,
+            &self.k8s.ca_file,
+            &self.policy,
+            &uncapped,
+        )
     }
 }
 
