@@ -32,6 +32,16 @@ const NANOS_PER_SEC: u128 = 1_000_000_000;
 const MAX_FRACTION_DIGITS: u32 = 18;
 const EXPECTED: &str = "expected a duration like 500ms, 1.5s, 10m, 1h30m or 7d";
 
+/// An idle timeout: a duration above zero (zero would close every
+/// connection at its first poll).
+pub fn parse_idle(s: &str) -> Result<Duration, String> {
+    let idle = parse_duration(s)?;
+    if idle.is_zero() {
+        return Err("above 0: a connection would be closed before its first byte".into());
+    }
+    Ok(idle)
+}
+
 /// Parses a duration in the grammar of this module. The error is one line
 /// without the input (clap, the policy loader and the injector each say
 /// where the value came from).

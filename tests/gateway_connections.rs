@@ -35,8 +35,8 @@ fn gateway(extra: &[&str]) -> Gateway {
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// A TLS connection to the gateway offering `alpn`, handshake done.
-fn connect(gw: &Gateway, alpn: &[&[u8]]) -> std::io::Result<Tls> {
+/// A client of the gateway's serving CA, offering `alpn`.
+fn client_config(gw: &Gateway, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(gw.ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -48,8 +48,13 @@ fn connect(gw: &Gateway, alpn: &[&[u8]]) -> std::io::Result<Tls> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A TLS connection to the gateway offering `alpn`, handshake done.
+fn connect(gw: &Gateway, alpn: &[&[u8]]) -> std::io::Result<Tls> {
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(gw, alpn), name).unwrap();
     let mut tcp = TcpStream::connect(("127.0.0.1", gw.port))?;
     tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
     while conn.is_handshaking() {
@@ -128,4 +133,45 @@ fn one_source_address_holds_at_most_its_cap() {
     // Places come back when connections end.
     drop(held);
     eventually("a place again", || connect(&gw, &[b"h2"]).ok());
+}
+
+/// A TLS connection to the gateway with ALPN h2, for the h2 crate.
+async fn h2_tls(gw: &Gateway) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(client_config(gw, &[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_never_takes_its_refusal_does_not_keep_its_connection() {
+    let gw = gateway(&["--idle-timeout", "2s"]);
+    // A window of 0: the gateway's 401 head goes out, its body never can.
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(h2_tls(&gw).await)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("https://127.0.0.1:{}/version", gw.port))
+        .body(())
+        .unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 401, "no token: refused");
+    // Closed once idle (2 s), after the grace a closing connection gets
+    // (10 s), not held for as long as the client keeps the window shut.
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn).await;
+    assert!(ended.is_ok(), "still open after 30 s");
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -66,6 +66,7 @@ const TABLE: &[(&str, &str, &str, u16)] = &[
     ),
     ("POST", "/statements/1?_method=GET", "", 401),
     ("POST", "/statements/1?.method=GET", "", 401),
+    ("POST", "/statements/1?_method%00x=GET", "", 401),
     ("GET", "/Statements/1/", "", 401),
     ("POST", "http://payments/refunds/1", "", 401),
     // Refused before matching.

@@ -69,19 +69,19 @@ fn two_hundred_app_connections_share_one_mtls_connection() {
     assert_eq!(inbound_handshakes_of(&mesh.server), 1.0);
 }
 
-/// The established TCP connections to `port` on 127.0.0.1 (rows of
+/// The established TCP connections to 127.0.0.1:`port` (rows of
 /// /proc/net/tcp): the mesh connections an outbound sidecar keeps to its
 /// peer's inbound listener, the only process that dials it. (Its
 /// descriptors are not listed: the sidecar is not dumpable, so only root
 /// could list them.)
 fn connections_to(port: u16) -> usize {
-    let remote = format!(":{port:04X}");
+    let remote = format!("0100007F:{port:04X}");
     std::fs::read_to_string("/proc/net/tcp")
         .unwrap()
         .lines()
         .skip(1)
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 3 && f[2].ends_with(&remote) && f[3] == "01")
+        .filter(|f| f.len() > 3 && f[2] == remote && f[3] == "01")
         .count()
 }
 

@@ -14,7 +14,7 @@
 //!   back to the same method / status, headers and framing;
 //! - a clean head spliced (`splice_request`) parses back to the same
 //!   request line and the same fields in the same order, less the ones
-//!   dropped (in any case, `_` for `-`: `reads_as`) and
+//!   dropped (in any case, any byte but a letter or digit for `-`: `reads_as`) and
 //!   `Transfer-Encoding`.
 //!
 //! Input: byte 0 picks request or response (and the request method a

@@ -16,11 +16,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Either;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -73,7 +75,7 @@ impl Limits {
     /// The connection's places, or `None` (counted, and logged at most
     /// once a second per source) when a limit is reached.
     fn admit(&self, peer: SocketAddr) -> Option<Places<IpAddr>> {
-        let refused = match Places::take(&self.per_source, &self.budget, &peer.ip()) {
+        let refused = match Places::take(&self.per_source, &self.budget, &source(peer.ip())) {
             Ok(places) => return Some(places),
             Err(LimitReached::Key(reached)) => {
                 if reached.log {
@@ -90,6 +92,24 @@ impl Limits {
         None
     }
 }
+
+/// The source a connection counts under: its IPv4 address (an IPv4-mapped
+/// IPv6 one read as such), or its IPv6 address's /64, the least a host is
+/// given (one cap per address let a host with a /64 open 2^64 times the
+/// cap: found by review).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & !u128::from(u64::MAX),
+        )),
+        v4 => v4,
+    }
+}
+
+/// A connection's places under the limits, shared with the sessions its
+/// upgrades start (`kubectl exec`): an upgraded stream outlives the
+/// connection's HTTP serving, and holds its descriptors until it ends.
+pub(super) type ConnectionPlaces = Arc<Places<IpAddr>>;
 
 /// Accepts connections until the drain starts, each served in a task of
 /// its own.
@@ -117,6 +137,7 @@ pub(super) async fn accept_loop(
         let Some(places) = limits.admit(peer) else {
             continue;
         };
+        let places = Arc::new(places);
         let _ = tcp.set_nodelay(true);
         let (acceptor, gateway, conn_watch) = (acceptor.clone(), gateway.clone(), watch.clone());
         let idle = limits.idle;
@@ -126,8 +147,7 @@ pub(super) async fn accept_loop(
                 Ok(Err(err)) => return tracing::debug!(%peer, %err, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
-            serve_connection(tls, peer.ip(), gateway, idle, conn_watch).await;
-            drop(places);
+            serve_connection(tls, peer.ip(), places, gateway, idle, conn_watch).await;
         });
     }
 }
@@ -135,6 +155,7 @@ pub(super) async fn accept_loop(
 async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     client: IpAddr,
+    places: ConnectionPlaces,
     gateway: Arc<Gateway>,
     idle: Duration,
     mut watch: DrainWatch,
@@ -142,13 +163,18 @@ async fn serve_connection(
     let timeouts = gateway.metrics.h2_header_timeouts();
     let activity = Activity::new();
     let requests = activity.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
         let gateway = gateway.clone();
         let busy = requests.begin();
+        req.extensions_mut().insert(places.clone());
         async move {
             let response = gateway.handle(req, client).await;
-            // In flight until its answer has gone out whole (a watch, a
-            // pod's log followed).
+            // A forwarded answer is in flight until it has gone out whole
+            // (a watch, a pod's log followed). Our own (a refusal, the
+            // challenge) is not: a client that never takes it (an HTTP/2
+            // window of 0) held its connection past every deadline, with
+            // no token (found by review).
+            let busy = matches!(response.body(), Either::Right(_)).then_some(busy);
             Ok::<_, std::convert::Infallible>(response.map(|body| Holding::new(body, busy)))
         }
     });
@@ -191,6 +217,8 @@ struct Activity {
     /// Milliseconds from `start` to the end of the last request; `u64::MAX`
     /// before the first.
     last_end_ms: AtomicU64,
+    /// Told when the last request in flight ends.
+    quiet: Notify,
 }
 
 /// One request in flight; its end is recorded on drop.
@@ -202,6 +230,7 @@ impl Activity {
             start: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(u64::MAX),
+            quiet: Notify::new(),
         })
     }
 
@@ -224,15 +253,16 @@ impl Activity {
     }
 
     /// Ready once the connection has been idle that long (checked at
-    /// each deadline, and every `idle` while requests are in flight: no
-    /// timer is reset per request).
+    /// each deadline, and when the last request in flight ends: no timer
+    /// is reset per request).
     async fn idled(&self, first: Duration, idle: Duration) {
         loop {
             let now = Instant::now();
             match self.idle_at(first, idle) {
                 Some(at) if at <= now => return,
                 Some(at) => tokio::time::sleep_until(at).await,
-                None => tokio::time::sleep(idle).await,
+                // A permit left by an earlier end only costs one more look.
+                None => self.quiet.notified().await,
             }
         }
     }
@@ -242,7 +272,9 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.0.last_end_ms.store(ms, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.quiet.notify_one();
+        }
     }
 }
 
@@ -250,6 +282,19 @@ impl Drop for Busy {
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source(ip("2001:db8:1:2::7"))
+        );
+        assert_ne!(source(ip("2001:db8:1:3::1")), source(ip("2001:db8:1:2::1")));
+    }
 
     #[tokio::test]
     async fn a_connection_idles_after_its_first_wait_then_after_its_last_request() {

@@ -82,7 +82,7 @@ pub struct ServeArgs {
     /// A client connection with no request in flight this long is closed,
     /// as the API server closes its own (its first request must come
     /// within 10 s of the handshake, or this if shorter).
-    #[arg(long, default_value = "90s", value_name = "DURATION", value_parser = parse_duration, env = "STEPMESH_GATEWAY_IDLE_TIMEOUT")]
+    #[arg(long, default_value = "90s", value_name = "DURATION", value_parser = crate::units::parse_idle, env = "STEPMESH_GATEWAY_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
     /// Client connections open at once; more are closed at accept. Default
     /// 16384, lowered at start if the descriptor limit (its soft limit

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use super::answer::{status, PendingStepUps};
 use super::classify::RequestInfo;
+use super::conn::ConnectionPlaces;
 use super::decide::{authenticate, decide, Decision, Pending, Verdict};
 use super::upstream::{Lane, Upstream};
 use crate::accesslog::{AccessLog, Timestamp};
@@ -260,6 +261,8 @@ impl Gateway {
         mut req: Request<Incoming>,
         lane: Lane,
     ) -> (Response<Body>, Option<String>) {
+        // Not sent on: an upgrade's session holds them until it ends.
+        let places = req.extensions_mut().remove::<ConnectionPlaces>();
         let client_upgrade = (lane == Lane::Upgrade).then(|| hyper::upgrade::on(&mut req));
         let mut resp = match self.upstream.send(req, lane).await {
             Ok(r) => r,
@@ -277,7 +280,7 @@ impl Gateway {
         if let Some(client_upgrade) = client_upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(splice(client_upgrade, upstream_upgrade));
+                tokio::spawn(splice(client_upgrade, upstream_upgrade, places));
             }
         } else {
             super::upstream::strip_hop_by_hop(resp.headers_mut(), false);
@@ -362,8 +365,14 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Copies both ways between the client's and the API server's upgraded
-/// connections until both sides are done.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// connections until both sides are done, holding the client connection's
+/// places under the connection limits (`None` outside a served
+/// connection) until then.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _places: Option<ConnectionPlaces>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => return tracing::debug!(error = %e, "upgrade did not complete"),

@@ -84,7 +84,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes every field whose name [`reads_as`] one of `ours` but is spelled
-/// otherwise (an `_` or a `.` for a `-`: the `HeaderMap` holds names in
+/// otherwise (an `_`, a `.` or another byte for a `-`: the `HeaderMap` holds names in
 /// lower case, so the exact spellings are removed by name; these are what
 /// a lookup misses).
 pub fn remove_other_spellings(headers: &mut HeaderMap, ours: &[&str]) {

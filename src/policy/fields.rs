@@ -22,8 +22,9 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
 
 /// Every method an app may read a request as: its own first, then each one
 /// a method override names. Overrides are fields (each name spelled with
-/// `-` or `_`: [`reads_as`]) and `_method` query parameters (Express's
-/// `methodOverride('_method')` and gorilla/handlers read the query), each
+/// `-`, `_` or another byte: [`reads_as`]) and `_method` query parameters
+/// (Express's `methodOverride('_method')` and gorilla/handlers read the
+/// query; PHP's spellings too: `is_method_key`), each
 /// comma-separated element of each, trimmed as the app's own trim would:
 /// ASCII whitespace, and the Latin-1 NBSP and NEL that Node and WSGI decode
 /// header bytes 0xA0 and 0x85 into (JavaScript's and Python's trim take
@@ -71,18 +72,14 @@ pub fn method_readings<'m>(
 }
 
 /// Whether a decoded query key reads as `_method`: as sent (Express,
-/// gorilla/handlers), or as PHP files it, leading blanks dropped and `.`,
-/// ` ` and `[` read as `_` (`?.method=DELETE` is `$_GET['_method']`, which
-/// Laravel and Symfony read: found by review).
+/// gorilla/handlers), or as PHP files it, which Laravel and Symfony read:
+/// cut at its first NUL (PHP takes the name as a C string), leading blanks
+/// dropped, `.` and ` ` read as `_` (`?.method=DELETE` and
+/// `?_method%00x=DELETE` are both `$_GET['_method']`: found by review).
 fn is_method_key(key: &[u8]) -> bool {
+    let key = &key[..key.iter().position(|&b| b == 0).unwrap_or(key.len())];
     let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
-    let php = |b: u8| {
-        if matches!(b, b'.' | b' ' | b'[') {
-            b'_'
-        } else {
-            b
-        }
-    };
+    let php = |b: u8| if matches!(b, b'.' | b' ') { b'_' } else { b };
     key[start..].len() == 7
         && key[start..]
             .iter()

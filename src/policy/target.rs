@@ -343,25 +343,31 @@ impl<'a> Readings<'a> {
 }
 
 /// Letter case folded the way route patterns are folded at load: to lower
-/// case, and a letter whose upper case is ASCII (`ſ` is `S`, `ı` is `I`,
-/// `ß` is `SS`, `ﬁ` is `FI`), or `İ` (`i` to Java), to those ASCII
-/// letters. An app that compares without case through upper case (Java's
-/// `equalsIgnoreCase`, Go's `EqualFold`, .NET's `OrdinalIgnoreCase`) reads
-/// `/refundſ` as `/refunds`, which lower case alone leaves apart (found by
-/// review).
+/// case, then each letter whose upper case is ASCII (`ſ` is `S`, `ı` is
+/// `I`, `ß` is `SS`, `ﬁ` is `FI`) to those ASCII letters, and `İ` to `i`.
+/// An app that compares without case through upper case, one character
+/// at a time (Java's `equalsIgnoreCase`, .NET's `OrdinalIgnoreCase`; Go's
+/// `EqualFold` for `ſ`) or whole (Java's `toUpperCase`, Python's
+/// `casefold`), reads `/refundſ` as `/refunds`, which lower case alone
+/// leaves apart (found by review). Its own fixed point: a folded path
+/// folds to itself (`ẞ` lower-cases to `ß`, which goes on to `ss`).
 pub fn fold(s: &str) -> String {
     if s.is_ascii() {
         return s.to_ascii_lowercase();
     }
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        let upper = c.to_uppercase();
         if c == '\u{130}' {
             out.push('i');
-        } else if upper.clone().all(|u| u.is_ascii()) {
-            out.extend(upper.map(|u| u.to_ascii_lowercase()));
-        } else {
-            out.extend(c.to_lowercase());
+            continue;
+        }
+        for lower in c.to_lowercase() {
+            let upper = lower.to_uppercase();
+            if !lower.is_ascii() && upper.clone().all(|u| u.is_ascii()) {
+                out.extend(upper.map(|u| u.to_ascii_lowercase()));
+            } else {
+                out.push(lower);
+            }
         }
     }
     out

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::units::parse_duration;
+use crate::units::{parse_duration, parse_idle};
 
 /// Flags of `stepmesh proxy`: identity source, listeners, limits.
 #[derive(Debug, Clone, Args)]
@@ -260,16 +260,6 @@ fn parse_keepalive(s: &str) -> Result<Duration, String> {
         return Err("at least 1s: an answer is waited for a third of it".into());
     }
     Ok(interval)
-}
-
-/// An idle timeout: above zero (zero would close every connection at its
-/// first poll).
-fn parse_idle(s: &str) -> Result<Duration, String> {
-    let idle = parse_duration(s)?;
-    if idle.is_zero() {
-        return Err("above 0: a connection would be closed before its first byte".into());
-    }
-    Ok(idle)
 }
 
 fn check_host_port(addr: &str) -> Result<(), String> {

@@ -10,10 +10,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Method, StatusCode, Version};
 
-use super::fields::{
-    has_field, has_token, list, trim_ows_bytes, values, Fields, CONTENT_LENGTH, EXPECT, HOST,
-    TRANSFER_ENCODING, UPGRADE,
-};
+use super::fields::{has_field, has_token, values, Fields, EXPECT, HOST, UPGRADE};
+use super::framing::{one_length, request_framing, response_framing};
 use crate::policy::target::reads_as;
 
 /// The most header fields a head may carry by default (hyper's and
@@ -317,12 +315,6 @@ fn is_clean(head: &[u8], fields: &Fields<'_>) -> bool {
         && !fields.has_hop_by_hop()
 }
 
-/// At most one `Content-Length` field, holding one number.
-fn one_length(fields: &Fields<'_>) -> bool {
-    let mut lengths = values(fields, CONTENT_LENGTH);
-    lengths.next().is_none_or(|v| !v.contains(&b',')) && lengths.next().is_none()
-}
-
 /// Whether an `Upgrade` value names HTTP among its protocols (`h2c`, `h2`,
 /// `HTTP/2.0`, any `HTTP/...`), each element trimmed and compared without
 /// case.
@@ -370,7 +362,7 @@ fn valid_value(value: &[u8]) -> bool {
         .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
-/// Whether a field `name` reads as one `drops` names (an `_` for a `-`
+/// Whether a field `name` reads as one `drops` names (any byte but a letter or digit for a `-`
 /// too: [`reads_as`]) or is `Transfer-Encoding` (hop-by-hop: the relay
 /// restores the framing; an empty one, no coding, would otherwise pass).
 fn dropped(drops: &[&str], name: &[u8]) -> bool {
@@ -381,7 +373,7 @@ fn dropped(drops: &[&str], name: &[u8]) -> bool {
 /// Rewrites a clean request head, `out` as it came, for the next hop
 /// without collecting its fields (`parsed`: read with [`Detail::Target`],
 /// `parts.headers` holding the fields to add since): every field its
-/// [`Splice::drops`] name or among those added (in any case, `_` for `-`) goes,
+/// [`Splice::drops`] name or among those added (in any case, any byte but a letter or digit for `-`) goes,
 /// and `Transfer-Encoding`; the added ones are appended. The same fields
 /// as the head parsed in full, so changed, and written by
 /// [`write_request`], in the order they came. A clean head's lines end in
@@ -443,99 +435,6 @@ fn keep_alive(version: Version, fields: &Fields<'_>) -> bool {
         return false;
     }
     version == Version::HTTP_11 || has_token(fields, "keep-alive")
-}
-
-/// `Some(true)`: codings present and the last is `chunked` (only once);
-/// `Some(false)`: codings present otherwise; `None`: no codings.
-fn chunked_last(fields: &Fields<'_>) -> Option<bool> {
-    let mut codings = list(fields, TRANSFER_ENCODING).peekable();
-    codings.peek()?;
-    let mut chunked_seen = false;
-    let mut last_is_chunked = false;
-    for coding in codings {
-        last_is_chunked = coding.eq_ignore_ascii_case(b"chunked");
-        if last_is_chunked && std::mem::replace(&mut chunked_seen, true) {
-            return Some(false);
-        }
-    }
-    Some(last_is_chunked)
-}
-
-/// The `Content-Length`: every copy and list element must be the same
-/// decimal number.
-fn content_length(fields: &Fields<'_>) -> Result<Option<u64>, HeadError> {
-    let mut found = None;
-    for value in values(fields, CONTENT_LENGTH) {
-        // Bytes, not text: a digit, a comma or optional whitespace is
-        // ASCII, and any other byte refuses the field.
-        for element in value.split(|&b| b == b',') {
-            let element = trim_ows_bytes(element);
-            let n = element
-                .iter()
-                .try_fold(0u64, |n, &b| {
-                    let digit = b.is_ascii_digit().then(|| u64::from(b - b'0'))?;
-                    n.checked_mul(10)?.checked_add(digit)
-                })
-                .filter(|_| !element.is_empty())
-                .ok_or(HeadError::ContentLength)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(HeadError::ContentLength);
-            }
-            found = Some(n);
-        }
-    }
-    Ok(found)
-}
-
-fn request_framing(version: Version, fields: &Fields<'_>) -> Result<Framing, HeadError> {
-    match chunked_last(fields) {
-        Some(_) if version == Version::HTTP_10 => Err(HeadError::TransferEncoding),
-        Some(_) if has_field(fields, CONTENT_LENGTH) => Err(HeadError::TransferAndLength),
-        Some(true) if list(fields, TRANSFER_ENCODING).count() > 1 => {
-            Err(HeadError::UnsupportedCoding)
-        }
-        Some(true) => Ok(Framing::Chunked),
-        Some(false) => Err(HeadError::TransferEncoding),
-        None => Ok(match content_length(fields)? {
-            None | Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-        }),
-    }
-}
-
-/// RFC 9112 §6.3, for a response; `true` beside the framing when a
-/// `Content-Length` sits beside `Transfer-Encoding` and must go (the coding
-/// wins).
-fn response_framing(
-    method: &Method,
-    status: StatusCode,
-    fields: &Fields<'_>,
-) -> Result<(Framing, bool), HeadError> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Empty, false));
-    }
-    match chunked_last(fields) {
-        Some(chunked) => {
-            let framing = if chunked {
-                Framing::Chunked
-            } else {
-                Framing::UntilClose
-            };
-            Ok((framing, has_field(fields, CONTENT_LENGTH)))
-        }
-        None => Ok((
-            match content_length(fields)? {
-                None => Framing::UntilClose,
-                Some(0) => Framing::Empty,
-                Some(n) => Framing::Length(n),
-            },
-            false,
-        )),
-    }
 }
 
 /// Appends a request head to `out`: origin-form target, the headers as

@@ -16,6 +16,7 @@
 pub(crate) mod body;
 mod buf;
 mod fields;
+mod framing;
 mod idle;
 mod local;
 pub mod message;

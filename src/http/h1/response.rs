@@ -181,6 +181,9 @@ pub(super) fn restore_framing(head: &mut RequestHead, passes_close: bool) {
         Framing::Length(n) if head.fields => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
+        Framing::Empty if head.fields && headers.contains_key(header::CONTENT_LENGTH) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         _ => {}
     }
     if let Some(protocol) = &head.upgrade {
