@@ -331,6 +331,7 @@ fn kustomize_base_renders_validates_and_is_scoped_safely() {
             "debug-in-prod",
             "node-proxy",
             "change-workloads-in-prod",
+            "change-in-prod",
             "delete-in-prod",
             "evict-in-prod",
             "read-secrets"
