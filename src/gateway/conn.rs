@@ -121,18 +121,9 @@ pub(super) async fn accept_loop(
     mut watch: DrainWatch,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = watch.signaled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(err) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+            accepted = crate::net::accept(&listener, Duration::from_millis(50)) => accepted,
         };
         let Some(places) = limits.admit(peer) else {
             continue;

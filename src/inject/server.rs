@@ -114,18 +114,9 @@ impl Server {
             };
             // The semaphore is never closed.
             let Ok(permit) = permit else { break };
-            let accepted = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    // EMFILE and friends: back off rather than spin.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+                accepted = crate::net::accept(&self.listener, Duration::from_millis(50)) => accepted,
             };
             let _ = tcp.set_nodelay(true);
             let (acceptor, state) = (self.acceptor.clone(), self.state.clone());

@@ -10,12 +10,29 @@ pub mod forward;
 pub mod idle;
 pub mod linger;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use stepmesh_ca::spiffe_id::SpiffeId;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use self::forward::Forwarded;
+
+/// The next connection `listener` accepts: the one accept step of every
+/// server (the sidecar's listeners, the webhook, the gateway). An error
+/// (EMFILE and friends) is logged and waited out for `pause` rather than
+/// spun on.
+pub async fn accept(listener: &TcpListener, pause: Duration) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
 
 /// Dials `addr` (host:port) with a deadline and TCP_NODELAY: the one dialer
 /// both directions use (the app inbound, the peer outbound).

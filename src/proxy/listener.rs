@@ -28,21 +28,13 @@ pub async fn accept_loop<F, Fut>(
 {
     let mut stop = drain.clone();
     loop {
-        let accepted = tokio::select! {
+        let (stream, client) = tokio::select! {
             biased;
             () = stop.signaled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = crate::net::accept(&listener, Duration::from_millis(20)) => accepted,
         };
-        let (stream, client) = match accepted {
-            // A dual-stack listener shows IPv4 clients as v4-mapped IPv6.
-            Ok((stream, client)) => (stream, super::transparent::canonical(client)),
-            Err(e) => {
-                // EMFILE and friends: back off rather than spin on the error.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        // A dual-stack listener shows IPv4 clients as v4-mapped IPv6.
+        let client = super::transparent::canonical(client);
         let Some(spent) = budget.try_spend() else {
             metrics.rejected(direction, "connection_limit");
             tracing::debug!(%client, "connection limit reached; closing");
