@@ -34,11 +34,18 @@ fn as_proxy_uid() -> Vec<String> {
     .to_vec()
 }
 
+/// `program` run as `PROXY_UID`.
+fn command_as_proxy_uid(program: &str) -> Command {
+    let wrapper = as_proxy_uid();
+    let mut cmd = Command::new(&wrapper[0]);
+    cmd.args(&wrapper[1..]).arg(program);
+    cmd
+}
+
 /// `cat PATH` as `PROXY_UID`: its output, or its error message.
 fn read_as_proxy_uid(path: &str) -> Result<Vec<u8>, String> {
-    let out = Command::new("setpriv")
-        .args(&as_proxy_uid()[1..])
-        .args(["cat", path])
+    let out = command_as_proxy_uid("cat")
+        .arg(path)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -84,11 +91,12 @@ fn a_process_running_as_the_sidecars_uid_cannot_read_its_memory() {
 
     // The control: a process of that UID that did not opt out is readable
     // by another of the same UID (no LSM in the way on this machine).
-    let mut plain = Command::new("setpriv")
-        .args(&as_proxy_uid()[1..])
-        .args(["sleep", "60"])
-        .spawn()
-        .unwrap();
+    let mut plain = command_as_proxy_uid("sleep").arg("60").spawn().unwrap();
+    // Until setpriv has exec'd it, the process is root's.
+    let comm = format!("/proc/{}/comm", plain.id());
+    common::mesh::eventually("sleep running as the proxy UID", || {
+        (std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep")).then_some(())
+    });
     let environ = read_as_proxy_uid(&format!("/proc/{}/environ", plain.id()));
     plain.kill().unwrap();
     plain.wait().unwrap();
